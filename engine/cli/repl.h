@@ -1,0 +1,31 @@
+/* `luatron repl`: an interactive read-eval-print loop over a Lua state, in the
+ * manner of the stand-alone `lua` interpreter (lua.c).
+ *
+ * Each input line is first compiled as `return <line>` so that expressions print
+ * their values (tab-separated, through the global `print`); otherwise it is
+ * compiled as a statement, reading continuation lines (prompt ">> ") while the
+ * chunk is incomplete. A line starting with '=' is read as `return`. Errors are
+ * reported on stderr with a traceback and the session goes on. Prompts can be
+ * changed with the globals _PROMPT and _PROMPT2.
+ *
+ * Ctrl-C while a chunk runs interrupts it ("interrupted!", raised from a hook at
+ * the next Lua instruction; a second Ctrl-C before then kills the process, for
+ * code stuck in C). Ctrl-C at a prompt discards the input typed so far.
+ *
+ * When stdin is a terminal, GNU readline (line editing, history) is loaded at
+ * run time with dlopen, so the binary never depends on it; the library name can
+ * be overridden with $LUATRON_READLINELIB, and an empty value disables it.
+ * Without readline, or when stdin is not a terminal, lines are read with fgets
+ * and prompts written to stdout, which is flushed after every prompt and result,
+ * so the loop can be driven through a pipe. */
+#ifndef LT_REPL_H
+#define LT_REPL_H
+#include <lua.h>
+
+/* Runs the loop on stdin/stdout with state L (standard libraries and modules
+ * already set up by the caller). Prints `banner` and a newline first unless it
+ * is NULL or empty. Returns 0 at end of input (Ctrl-D). The caller's stack is
+ * left as it was; the SIGINT disposition is restored on return. */
+int lt_repl_run(lua_State *L, const char *banner);
+
+#endif

@@ -1,0 +1,204 @@
+#include "engine/core/tensor.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/core/alloc.h"
+
+size_t lt_dtype_size(lt_dtype dtype) {
+    switch (dtype) {
+    case LT_F32: return 4;
+    case LT_BF16: return 2;
+    case LT_I32: return 4;
+    case LT_I64: return 8;
+    }
+    return 0;
+}
+
+const char *lt_dtype_name(lt_dtype dtype) {
+    switch (dtype) {
+    case LT_F32: return "float32";
+    case LT_BF16: return "bfloat16";
+    case LT_I32: return "int32";
+    case LT_I64: return "int64";
+    }
+    return "?";
+}
+
+int lt_dtype_parse(const char *name) {
+    static const struct { const char *name; lt_dtype dtype; } names[] = {
+        {"f32", LT_F32}, {"float32", LT_F32}, {"float", LT_F32}, {"bf16", LT_BF16}, {"bfloat16", LT_BF16},
+        {"i32", LT_I32}, {"int32", LT_I32},   {"int", LT_I32},   {"i64", LT_I64},   {"int64", LT_I64},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(name, names[i].name) == 0) return (int)names[i].dtype;
+    return -1;
+}
+
+void lt_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride) {
+    int64_t s = 1;
+    for (int d = ndim - 1; d >= 0; d--) {
+        stride[d] = s;
+        s *= shape[d];
+    }
+}
+
+static lt_tensor *tensor_header(lt_dtype dtype, int ndim, const int64_t *shape) {
+    if (ndim < 0 || ndim > LT_MAX_DIMS) return NULL;
+    for (int d = 0; d < ndim; d++)
+        if (shape[d] < 0) return NULL;
+    lt_tensor *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->dtype = dtype;
+    t->ndim = ndim;
+    memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+    return t;
+}
+
+lt_tensor *lt_tensor_new(lt_dtype dtype, int ndim, const int64_t *shape) {
+    lt_tensor *t = tensor_header(dtype, ndim, shape);
+    if (!t) return NULL;
+    lt_contiguous_strides(ndim, shape, t->stride);
+    size_t nbytes = (size_t)lt_tensor_numel(t) * lt_dtype_size(dtype);
+    lt_storage *s = calloc(1, sizeof *s);
+    void *data = lt_alloc(nbytes);
+    if (!s || !data) {
+        free(s);
+        lt_release(data, nbytes);
+        free(t);
+        return NULL;
+    }
+    memset(data, 0, nbytes);
+    *s = (lt_storage){.data = data, .nbytes = nbytes, .refs = 1, .device = LT_CPU, .owns = 1};
+    t->storage = s;
+    return t;
+}
+
+lt_tensor *lt_tensor_view(const lt_tensor *base, int ndim, const int64_t *shape, const int64_t *stride,
+                          int64_t offset) {
+    lt_tensor *t = tensor_header(base->dtype, ndim, shape);
+    if (!t) return NULL;
+    memcpy(t->stride, stride, sizeof(int64_t) * (size_t)ndim);
+    t->offset = offset;
+    /* Bounds: the furthest element reachable must lie inside the storage. */
+    int64_t last = offset;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] == 0) { last = offset; break; }
+        if (stride[d] < 0) { free(t); return NULL; }
+        last += (shape[d] - 1) * stride[d];
+    }
+    if (offset < 0 || (size_t)(last + 1) * lt_dtype_size(base->dtype) > base->storage->nbytes) {
+        if (!(lt_tensor_numel(t) == 0 && offset >= 0)) {
+            free(t);
+            return NULL;
+        }
+    }
+    t->storage = base->storage;
+    t->storage->refs++;
+    return t;
+}
+
+lt_tensor *lt_tensor_reshape(const lt_tensor *t, int ndim, const int64_t *shape) {
+    if (!lt_tensor_is_contiguous(t) || ndim > LT_MAX_DIMS) return NULL;
+    int64_t n = 1, stride[LT_MAX_DIMS];
+    for (int d = 0; d < ndim; d++) n *= shape[d];
+    if (n != lt_tensor_numel(t)) return NULL;
+    lt_contiguous_strides(ndim, shape, stride);
+    return lt_tensor_view(t, ndim, shape, stride, t->offset);
+}
+
+lt_tensor *lt_tensor_narrow(const lt_tensor *t, int dim, int64_t start, int64_t length) {
+    if (dim < 0 || dim >= t->ndim || start < 0 || length < 0 || start + length > t->shape[dim]) return NULL;
+    int64_t shape[LT_MAX_DIMS];
+    memcpy(shape, t->shape, sizeof shape);
+    shape[dim] = length;
+    return lt_tensor_view(t, t->ndim, shape, t->stride, t->offset + start * t->stride[dim]);
+}
+
+lt_tensor *lt_tensor_clone(const lt_tensor *t) {
+    lt_tensor *c = lt_tensor_new(t->dtype, t->ndim, t->shape);
+    if (!c) return NULL;
+    int64_t n = lt_tensor_numel(t);
+    if (lt_tensor_is_contiguous(t)) {
+        memcpy(lt_tensor_data(c), lt_tensor_data(t), (size_t)n * lt_dtype_size(t->dtype));
+    } else {
+        for (int64_t i = 0; i < n; i++) lt_tensor_set_flat(c, i, lt_tensor_get_flat(t, i));
+    }
+    return c;
+}
+
+void lt_tensor_free(lt_tensor *t) {
+    if (!t) return;
+    lt_storage *s = t->storage;
+    if (s && --s->refs == 0) {
+        if (s->owns) lt_release(s->data, s->nbytes);
+        free(s);
+    }
+    free(t);
+}
+
+int64_t lt_tensor_numel(const lt_tensor *t) {
+    int64_t n = 1;
+    for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
+    return n;
+}
+
+int lt_tensor_is_contiguous(const lt_tensor *t) {
+    int64_t s = 1;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        if (t->shape[d] != 1 && t->stride[d] != s) return 0;
+        s *= t->shape[d];
+    }
+    return 1;
+}
+
+void *lt_tensor_data(const lt_tensor *t) {
+    return (char *)t->storage->data + (size_t)t->offset * lt_dtype_size(t->dtype);
+}
+
+static int64_t flat_to_offset(const lt_tensor *t, int64_t i) {
+    int64_t off = 0;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        off += (i % t->shape[d]) * t->stride[d];
+        i /= t->shape[d];
+    }
+    return off;
+}
+
+double lt_tensor_get_flat(const lt_tensor *t, int64_t i) {
+    void *p = lt_tensor_data(t);
+    int64_t o = flat_to_offset(t, i);
+    switch (t->dtype) {
+    case LT_F32: return ((float *)p)[o];
+    case LT_BF16: return lt_bf16_to_f32(((uint16_t *)p)[o]);
+    case LT_I32: return ((int32_t *)p)[o];
+    case LT_I64: return (double)((int64_t *)p)[o];
+    }
+    return 0;
+}
+
+void lt_tensor_set_flat(lt_tensor *t, int64_t i, double v) {
+    void *p = lt_tensor_data(t);
+    int64_t o = flat_to_offset(t, i);
+    switch (t->dtype) {
+    case LT_F32: ((float *)p)[o] = (float)v; break;
+    case LT_BF16: ((uint16_t *)p)[o] = lt_f32_to_bf16((float)v); break;
+    case LT_I32: ((int32_t *)p)[o] = (int32_t)v; break;
+    case LT_I64: ((int64_t *)p)[o] = (int64_t)v; break;
+    }
+}
+
+uint16_t lt_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float lt_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}

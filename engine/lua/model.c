@@ -1,0 +1,289 @@
+/* luatron.GPT: a GPT model built from a provider table, and luatron.GPTContext, the saved
+ * activations of one microbatch between forward and backward. */
+#include <string.h>
+
+#include "engine/lua/bindings.h"
+#include "engine/model/gpt.h"
+
+#define GPT_MT "luatron.GPT"
+#define CTX_MT "luatron.GPTContext"
+
+typedef struct {
+    lt_gpt *m;
+} gpt_box;
+
+typedef struct {
+    lt_gpt_ctx *ctx;
+    int B, T, V;
+} ctx_box;
+
+static lt_gpt *check_gpt(lua_State *L, int idx) {
+    gpt_box *b = luaL_checkudata(L, idx, GPT_MT);
+    if (!b->m) luaL_argerror(L, idx, "model was already closed");
+    return b->m;
+}
+
+static lua_Integer field_int(lua_State *L, int idx, const char *name, int required, lua_Integer dflt) {
+    lua_getfield(L, idx, name);
+    lua_Integer v = dflt;
+    if (!lua_isnil(L, -1)) {
+        int ok;
+        v = lua_tointegerx(L, -1, &ok);
+        if (!ok) luaL_error(L, "model config: %s must be an integer", name);
+    } else if (required) {
+        luaL_error(L, "model config: %s is required", name);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static double field_num(lua_State *L, int idx, const char *name, double dflt) {
+    lua_getfield(L, idx, name);
+    double v = lua_isnil(L, -1) ? dflt : luaL_checknumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static int field_bool(lua_State *L, int idx, const char *name, int dflt) {
+    lua_getfield(L, idx, name);
+    int v = lua_isnil(L, -1) ? dflt : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.gpt{num_layers=..., hidden_size=..., ...}: the fields are the resolved provider's
+ * (vocab_size already padded; activation and norm given as booleans). */
+static int l_gpt_new(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lt_gpt_config c;
+    memset(&c, 0, sizeof c);
+    c.num_layers = (int)field_int(L, 1, "num_layers", 1, 0);
+    c.hidden_size = (int)field_int(L, 1, "hidden_size", 1, 0);
+    c.num_attention_heads = (int)field_int(L, 1, "num_attention_heads", 1, 0);
+    c.num_query_groups = (int)field_int(L, 1, "num_query_groups", 0, c.num_attention_heads);
+    c.kv_channels = (int)field_int(L, 1, "kv_channels", 0, c.num_attention_heads ? c.hidden_size / c.num_attention_heads : 0);
+    c.ffn_hidden_size = (int)field_int(L, 1, "ffn_hidden_size", 0, 4 * c.hidden_size);
+    c.seq_length = (int)field_int(L, 1, "seq_length", 1, 0);
+    c.vocab_size = (int)field_int(L, 1, "vocab_size", 1, 0);
+    c.rmsnorm = field_bool(L, 1, "rmsnorm", 0);
+    c.layernorm_epsilon = (float)field_num(L, 1, "layernorm_epsilon", 1e-5);
+    c.gated_linear_unit = field_bool(L, 1, "gated_linear_unit", 0);
+    c.rope = field_bool(L, 1, "rope", 0);
+    c.rotary_base = (float)field_num(L, 1, "rotary_base", 10000);
+    c.share_embeddings_and_output_weights = field_bool(L, 1, "share_embeddings_and_output_weights", 1);
+    c.add_bias_linear = field_bool(L, 1, "add_bias_linear", 1);
+    c.init_method_std = (float)field_num(L, 1, "init_method_std", 0.02);
+    c.hidden_dropout = (float)field_num(L, 1, "hidden_dropout", 0);
+    c.attention_dropout = (float)field_num(L, 1, "attention_dropout", 0);
+    c.seed = (uint64_t)field_int(L, 1, "seed", 0, 1234);
+    char err[256] = "";
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->m = NULL;
+    luaL_setmetatable(L, GPT_MT);
+    b->m = lt_gpt_new(&c, err, sizeof err);
+    if (!b->m) luaL_error(L, "cannot build the model: %s", err);
+    return 1;
+}
+
+/* Reads a [B, T+1] int32 batch into tokens (first T) and targets (last T). */
+static void split_batch(lua_State *L, lt_tensor *batch, int32_t *tokens, int32_t *targets, int B, int T) {
+    const int32_t *src = lt_tensor_data(batch);
+    (void)L;
+    for (int b = 0; b < B; b++) {
+        memcpy(tokens + (size_t)b * T, src + (size_t)b * (T + 1), sizeof(int32_t) * (size_t)T);
+        memcpy(targets + (size_t)b * T, src + (size_t)b * (T + 1) + 1, sizeof(int32_t) * (size_t)T);
+    }
+}
+
+/* model:forward(batch [, dropout_seed]) → ctx, mean loss, valid tokens.
+ * batch: int32 [B, T+1] (inputs are columns 1..T, targets 2..T+1), or forward(tokens, targets, seed)
+ * with two int32 [B, T] tensors (targets may be nil). */
+static int m_forward(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    lt_tensor *a = lt_lua_check_tensor(L, 2);
+    lt_tensor *targets_t = lua_isuserdata(L, 3) ? lt_lua_check_tensor(L, 3) : NULL;
+    int seed_idx = lua_isuserdata(L, 3) || (lua_isnil(L, 3) && !lua_isnone(L, 4)) ? 4 : 3;
+    uint64_t seed = (uint64_t)luaL_optinteger(L, seed_idx, 0);
+    if (a->dtype != LT_I32 || a->ndim != 2 || !lt_tensor_is_contiguous(a))
+        luaL_argerror(L, 2, "expected a contiguous int32 tensor [batch, tokens]");
+    int B = (int)a->shape[0];
+    int two_tensors = targets_t != NULL || seed_idx == 4;
+    int T = two_tensors ? (int)a->shape[1] : (int)a->shape[1] - 1;
+    if (targets_t && (targets_t->dtype != LT_I32 || !lt_tensor_is_contiguous(targets_t) ||
+                      lt_tensor_numel(targets_t) != lt_tensor_numel(a)))
+        luaL_argerror(L, 3, "targets must be a contiguous int32 tensor shaped like the tokens");
+    if (T <= 0) luaL_argerror(L, 2, "batch needs at least 2 columns (inputs and a shifted target)");
+    int32_t *buf = NULL;
+    const int32_t *tokens, *targets;
+    if (two_tensors) {
+        tokens = lt_tensor_data(a);
+        targets = targets_t ? lt_tensor_data(targets_t) : NULL;
+    } else {
+        buf = lua_newuserdatauv(L, sizeof(int32_t) * 2 * (size_t)B * T, 0); /* scratch owned by Lua */
+        split_batch(L, a, buf, buf + (size_t)B * T, B, T);
+        tokens = buf;
+        targets = buf + (size_t)B * T;
+    }
+    float loss = 0;
+    int64_t valid = 0;
+    char err[256] = "";
+    ctx_box *cb = lua_newuserdatauv(L, sizeof *cb, 0);
+    cb->ctx = NULL;
+    luaL_setmetatable(L, CTX_MT);
+    cb->ctx = lt_gpt_forward(m, tokens, targets, B, T, seed, &loss, &valid, err, sizeof err);
+    if (!cb->ctx) luaL_error(L, "forward: %s", err);
+    cb->B = B;
+    cb->T = T;
+    cb->V = lt_gpt_get_config(m)->vocab_size;
+    lua_pushnumber(L, loss);
+    lua_pushinteger(L, valid);
+    return 3;
+}
+
+/* model:backward(ctx, grad_scale): accumulates gradients and releases ctx. */
+static int m_backward(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
+    float scale = (float)luaL_checknumber(L, 3);
+    if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
+    lt_gpt_backward(m, cb->ctx, scale);
+    cb->ctx = NULL;
+    return 0;
+}
+
+/* model:logits(ctx) → float32 [B, T, V] copy. */
+static int m_logits(lua_State *L) {
+    check_gpt(L, 1);
+    ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
+    if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
+    int64_t shape[3] = {cb->B, cb->T, cb->V};
+    lt_tensor *t = lt_tensor_new(LT_F32, 3, shape);
+    lt_lua_push_tensor(L, t);
+    memcpy(lt_tensor_data(t), lt_gpt_ctx_logits(cb->ctx), sizeof(float) * (size_t)lt_tensor_numel(t));
+    return 1;
+}
+
+static int m_zero_grad(lua_State *L) { lt_gpt_zero_grad(check_gpt(L, 1)); return 0; }
+static int m_init_weights(lua_State *L) { lt_gpt_init_weights(check_gpt(L, 1)); return 0; }
+
+static void push_param_view(lua_State *L, lt_gpt *m, lt_tensor *flat, const lt_gpt_param *p) {
+    int64_t stride[2];
+    lt_contiguous_strides(p->ndim, p->shape, stride);
+    lt_lua_push_tensor(L, lt_tensor_view(flat, p->ndim, p->shape, stride, p->offset));
+    (void)m;
+}
+
+static const lt_gpt_param *check_param(lua_State *L, lt_gpt *m, int idx) {
+    const char *name = luaL_checkstring(L, idx);
+    int i = lt_gpt_find_param(m, name);
+    if (i < 0) luaL_error(L, "the model has no parameter named '%s'", name);
+    return lt_gpt_param_info(m, i);
+}
+
+/* model:param(name) / model:grad(name): views sharing the model's memory. */
+static int m_param(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    push_param_view(L, m, lt_gpt_weights(m), check_param(L, m, 2));
+    return 1;
+}
+
+static int m_grad(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    push_param_view(L, m, lt_gpt_grads(m), check_param(L, m, 2));
+    return 1;
+}
+
+/* model:parameters() → array of {name=, shape={...}, numel=, offset=, no_weight_decay=} in model order. */
+static int m_parameters(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    int n = lt_gpt_num_params(m);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        const lt_gpt_param *p = lt_gpt_param_info(m, i);
+        lua_createtable(L, 0, 5);
+        lua_pushstring(L, p->name);
+        lua_setfield(L, -2, "name");
+        lua_createtable(L, p->ndim, 0);
+        for (int d = 0; d < p->ndim; d++) {
+            lua_pushinteger(L, p->shape[d]);
+            lua_rawseti(L, -2, d + 1);
+        }
+        lua_setfield(L, -2, "shape");
+        lua_pushinteger(L, p->numel);
+        lua_setfield(L, -2, "numel");
+        lua_pushinteger(L, p->offset);
+        lua_setfield(L, -2, "offset");
+        lua_pushboolean(L, p->no_weight_decay);
+        lua_setfield(L, -2, "no_weight_decay");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+/* Flat views of all weights / all gradients. */
+static int m_flat_weights(lua_State *L) {
+    lt_tensor *w = lt_gpt_weights(check_gpt(L, 1));
+    lt_lua_push_tensor(L, lt_tensor_view(w, w->ndim, w->shape, w->stride, w->offset));
+    return 1;
+}
+
+static int m_flat_grads(lua_State *L) {
+    lt_tensor *g = lt_gpt_grads(check_gpt(L, 1));
+    lt_lua_push_tensor(L, lt_tensor_view(g, g->ndim, g->shape, g->stride, g->offset));
+    return 1;
+}
+
+static int m_num_parameters(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    lua_Integer n = 0;
+    for (int i = 0; i < lt_gpt_num_params(m); i++) n += lt_gpt_param_info(m, i)->numel;
+    lua_pushinteger(L, n);
+    return 1;
+}
+
+static int m_flops_per_token(lua_State *L) {
+    lua_pushnumber(L, lt_gpt_flops_per_token(check_gpt(L, 1)));
+    return 1;
+}
+
+static int m_tostring(lua_State *L) {
+    gpt_box *b = luaL_checkudata(L, 1, GPT_MT);
+    if (!b->m) { lua_pushliteral(L, "GPT(closed)"); return 1; }
+    const lt_gpt_config *c = lt_gpt_get_config(b->m);
+    lua_pushfstring(L, "GPT(layers=%d, hidden=%d, heads=%d, vocab=%d, seq=%d)", c->num_layers, c->hidden_size,
+                    c->num_attention_heads, c->vocab_size, c->seq_length);
+    return 1;
+}
+
+static int m_free(lua_State *L) {
+    gpt_box *b = luaL_checkudata(L, 1, GPT_MT);
+    lt_gpt_free(b->m);
+    b->m = NULL;
+    return 0;
+}
+
+static int ctx_free(lua_State *L) {
+    ctx_box *cb = luaL_checkudata(L, 1, CTX_MT);
+    lt_gpt_ctx_free(cb->ctx);
+    cb->ctx = NULL;
+    return 0;
+}
+
+/* The raw model pointer for other bindings (the optimizer). */
+lt_gpt *lt_lua_check_gpt(lua_State *L, int idx) { return check_gpt(L, idx); }
+
+void lt_lua_open_model(lua_State *L) {
+    static const luaL_Reg methods[] = {
+        {"forward", m_forward},       {"backward", m_backward},         {"logits", m_logits},
+        {"zero_grad", m_zero_grad},   {"init_weights", m_init_weights}, {"param", m_param},
+        {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
+        {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
+        {"flops_per_token", m_flops_per_token}, {"close", m_free},      {NULL, NULL}};
+    static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
+    lt_lua_new_type(L, GPT_MT, methods, meta);
+    static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};
+    static const luaL_Reg ctx_meta[] = {{"__gc", ctx_free}, {"__close", ctx_free}, {NULL, NULL}};
+    lt_lua_new_type(L, CTX_MT, ctx_methods, ctx_meta);
+    lua_pushcfunction(L, l_gpt_new);
+    lua_setfield(L, -2, "gpt");
+}

@@ -1,0 +1,116 @@
+/* luatron.Optimizer: AdamW or SGD over a model's flat parameter buffer. */
+#include <string.h>
+
+#include "engine/lua/bindings.h"
+#include "engine/model/gpt.h"
+#include "engine/optim/optimizer.h"
+
+#define OPTIM_MT "luatron.Optimizer"
+
+typedef struct {
+    lt_optimizer *o;
+} optim_box;
+
+static lt_optimizer *check_optim(lua_State *L, int idx) {
+    optim_box *b = luaL_checkudata(L, idx, OPTIM_MT);
+    if (!b->o) luaL_argerror(L, idx, "optimizer was already closed");
+    return b->o;
+}
+
+static float opt_num(lua_State *L, int idx, const char *name, double dflt) {
+    lua_getfield(L, idx, name);
+    double v = lua_isnil(L, -1) ? dflt : luaL_checknumber(L, -1);
+    lua_pop(L, 1);
+    return (float)v;
+}
+
+/* core.optimizer(model, {optimizer="adam"|"sgd", adam_beta1=, adam_beta2=, adam_eps=, sgd_momentum=,
+ * weight_decay=}). The model must stay alive as long as the optimizer (the Lua side keeps both). */
+static int l_optimizer_new(lua_State *L) {
+    lt_gpt *m = lt_lua_check_gpt(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_getfield(L, 2, "optimizer");
+    const char *kind = luaL_optstring(L, -1, "adam");
+    lt_optim_config c = {0};
+    if (strcmp(kind, "adam") == 0) c.kind = LT_OPTIM_ADAM;
+    else if (strcmp(kind, "sgd") == 0) c.kind = LT_OPTIM_SGD;
+    else luaL_error(L, "optimizer '%s' is not supported (adam or sgd)", kind);
+    lua_pop(L, 1);
+    c.beta1 = opt_num(L, 2, "adam_beta1", 0.9);
+    c.beta2 = opt_num(L, 2, "adam_beta2", 0.999);
+    c.eps = opt_num(L, 2, "adam_eps", 1e-8);
+    c.momentum = opt_num(L, 2, "sgd_momentum", 0.9);
+    c.weight_decay = opt_num(L, 2, "weight_decay", 0.01);
+    int n = lt_gpt_num_params(m);
+    lt_optim_segment *segs = lua_newuserdatauv(L, sizeof *segs * (size_t)n, 0); /* scratch */
+    for (int i = 0; i < n; i++) {
+        const lt_gpt_param *p = lt_gpt_param_info(m, i);
+        segs[i] = (lt_optim_segment){p->offset, p->numel, p->no_weight_decay};
+    }
+    optim_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    b->o = NULL;
+    luaL_setmetatable(L, OPTIM_MT);
+    lua_pushvalue(L, 1); /* keep the model alive while the optimizer lives */
+    lua_setiuservalue(L, -2, 1);
+    b->o = lt_optimizer_new(&c, lt_gpt_weights(m), lt_gpt_grads(m), segs, n);
+    if (!b->o) luaL_error(L, "out of memory for the optimizer state");
+    return 1;
+}
+
+static int m_step(lua_State *L) {
+    lt_optimizer_step(check_optim(L, 1), (float)luaL_checknumber(L, 2));
+    return 0;
+}
+
+static int m_num_steps(lua_State *L) {
+    lt_optimizer *o = check_optim(L, 1);
+    if (!lua_isnoneornil(L, 2)) lt_optimizer_set_num_steps(o, luaL_checkinteger(L, 2));
+    lua_pushinteger(L, lt_optimizer_num_steps(o));
+    return 1;
+}
+
+/* optimizer:state_names() → {"exp_avg", "exp_avg_sq"}; optimizer:state(name) → flat view. */
+static int m_state_names(lua_State *L) {
+    const char *const *names = lt_optimizer_state_names(check_optim(L, 1));
+    lua_newtable(L);
+    for (int i = 0; names[i]; i++) {
+        lua_pushstring(L, names[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int m_state(lua_State *L) {
+    lt_optimizer *o = check_optim(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    lt_tensor *s = lt_optimizer_state(o, name);
+    if (!s) luaL_error(L, "the optimizer has no state named '%s'", name);
+    lt_lua_push_tensor(L, lt_tensor_view(s, s->ndim, s->shape, s->stride, s->offset));
+    return 1;
+}
+
+static int m_free(lua_State *L) {
+    optim_box *b = luaL_checkudata(L, 1, OPTIM_MT);
+    lt_optimizer_free(b->o);
+    b->o = NULL;
+    return 0;
+}
+
+/* core.clip_grad_norm(grads, max_norm) → norm before clipping. */
+static int l_clip_grad_norm(lua_State *L) {
+    lt_tensor *g = lt_lua_check_tensor(L, 1);
+    if (g->dtype != LT_F32 || !lt_tensor_is_contiguous(g)) luaL_argerror(L, 1, "needs a contiguous float32 tensor");
+    lua_pushnumber(L, lt_clip_grad_norm(g, luaL_optnumber(L, 2, 0)));
+    return 1;
+}
+
+void lt_lua_open_optim(lua_State *L) {
+    static const luaL_Reg methods[] = {{"step", m_step},   {"num_steps", m_num_steps}, {"state_names", m_state_names},
+                                       {"state", m_state}, {"close", m_free},          {NULL, NULL}};
+    static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {NULL, NULL}};
+    lt_lua_new_type(L, OPTIM_MT, methods, meta);
+    lua_pushcfunction(L, l_optimizer_new);
+    lua_setfield(L, -2, "optimizer");
+    lua_pushcfunction(L, l_clip_grad_norm);
+    lua_setfield(L, -2, "clip_grad_norm");
+}

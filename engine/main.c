@@ -1,0 +1,118 @@
+/* The luatron command: run a recipe, open a REPL, preprocess data. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/cli/repl.h"
+#include "engine/data/preprocess.h"
+#include "engine/lua/bindings.h"
+
+#define LT_VERSION "0.1.0"
+
+static const char *usage =
+    "usage: luatron <command> [arguments]\n"
+    "\n"
+    "commands:\n"
+    "  run FILE [ARGS]     run a recipe (a Lua file); ARGS reach it as the global `arg`.\n"
+    "                      Recipes that call luatron.pretrain accept overrides such as\n"
+    "                      train.train_iters=50 optimizer.lr=3e-4 checkpoint.save=runs/x\n"
+    "  repl                interactive Lua 5.4 with `lt = require \"luatron\"` loaded\n"
+    "  preprocess ...      write Megatron indexed data (.bin/.idx) from text or JSONL\n"
+    "                      (luatron preprocess --help)\n"
+    "  --help, -h          this text\n"
+    "  --version           the version\n"
+    "\n"
+    "examples:\n"
+    "  luatron run recipes/gpt_tiny.lua\n"
+    "  luatron run recipes/gpt_tiny.lua train.train_iters=20 checkpoint.save=runs/tiny\n"
+    "  luatron preprocess --input corpus.jsonl --output-prefix data/corpus --append-eod\n"
+    "\n"
+    "environment:\n"
+    "  LUATRON_LUA_DIR     load the Lua library from this folder instead of the embedded copy\n"
+    "  OMP_NUM_THREADS     threads for the CPU kernels\n";
+
+static int traceback_handler(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (!msg) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+static lua_State *new_state(void) {
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        fprintf(stderr, "luatron: cannot create the Lua state (out of memory)\n");
+        exit(1);
+    }
+    luaL_openlibs(L);
+    lt_lua_install(L);
+    return L;
+}
+
+static int run_recipe(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "luatron run: which recipe? usage: luatron run FILE [ARGS]\n");
+        return 2;
+    }
+    const char *file = argv[2];
+    lua_State *L = new_state();
+    /* arg[0] = the recipe, arg[1..] = its arguments, arg[-1] = the program, as lua does. */
+    lua_createtable(L, argc - 3, 2);
+    for (int i = 1; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i - 2);
+    }
+    lua_setglobal(L, "arg");
+    lua_pushcfunction(L, traceback_handler);
+    int status = luaL_loadfile(L, file);
+    if (status == LUA_OK) {
+        for (int i = 3; i < argc; i++) lua_pushstring(L, argv[i]);
+        status = lua_pcall(L, argc - 3, 0, 1);
+    }
+    if (status != LUA_OK) {
+        fprintf(stderr, "luatron: %s\n", lua_tostring(L, -1));
+        lua_close(L);
+        return 1;
+    }
+    lua_close(L);
+    return 0;
+}
+
+static int run_repl(void) {
+    lua_State *L = new_state();
+    lua_pushcfunction(L, traceback_handler);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "luatron");
+    if (lua_pcall(L, 1, 1, -3) != LUA_OK) {
+        fprintf(stderr, "luatron: %s\n", lua_tostring(L, -1));
+        return 1;
+    }
+    lua_setglobal(L, "lt");
+    lua_pop(L, 1);
+    int rc = lt_repl_run(L, "luatron " LT_VERSION " (" LUA_RELEASE "), `lt` is require \"luatron\"; Ctrl-D quits");
+    lua_close(L);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        fputs(usage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+        printf("luatron %s (%s)\n", LT_VERSION, LUA_RELEASE);
+        return 0;
+    }
+    if (strcmp(argv[1], "run") == 0) return run_recipe(argc, argv);
+    if (strcmp(argv[1], "repl") == 0) return run_repl();
+    if (strcmp(argv[1], "preprocess") == 0) return lt_preprocess_main(argc - 1, argv + 1);
+    fprintf(stderr, "luatron: unknown command '%s' (see luatron --help)\n", argv[1]);
+    return 2;
+}

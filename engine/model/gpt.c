@@ -1,0 +1,508 @@
+#include "engine/model/gpt.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/core/alloc.h"
+#include "engine/core/rng.h"
+#include "engine/ops/ops.h"
+
+/* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. */
+typedef struct {
+    int64_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+} layer_offsets;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+} layer_weights;
+
+typedef struct {
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+} layer_grads;
+
+struct lt_gpt {
+    lt_gpt_config cfg;
+    int num_params, cap_params;
+    lt_gpt_param *params;
+    int64_t total;
+    lt_tensor *weights, *grads;
+    int64_t wte, wpe, lnf_w, lnf_b, out_w; /* offsets; -1 when absent */
+    layer_offsets *layers;
+    int qkv_dim, fc1_dim; /* widths of the fused QKV and fc1 outputs */
+};
+
+/* Saved activations of one layer for one microbatch. */
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *lse, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc1, *act;
+} layer_acts;
+
+struct lt_gpt_ctx {
+    int B, T;
+    uint64_t dropout_seed;
+    void *arena;
+    size_t arena_bytes;
+    int32_t *tokens, *targets;
+    float **x; /* residual stream: x[0] embeddings, x[l+1] output of layer l */
+    layer_acts *acts;
+    float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses, *ce_lse;
+    int64_t num_valid;
+};
+
+static void set_err(char *err, int errlen, const char *fmt, ...) {
+    if (!err || errlen <= 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, (size_t)errlen, fmt, ap);
+    va_end(ap);
+}
+
+static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd, const char *fmt, ...) {
+    if (m->num_params == m->cap_params) {
+        m->cap_params = m->cap_params ? 2 * m->cap_params : 64;
+        m->params = realloc(m->params, sizeof(lt_gpt_param) * (size_t)m->cap_params);
+    }
+    lt_gpt_param *p = &m->params[m->num_params++];
+    memset(p, 0, sizeof *p);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->name, sizeof p->name, fmt, ap);
+    va_end(ap);
+    p->ndim = ndim;
+    p->shape[0] = d0;
+    p->shape[1] = ndim == 2 ? d1 : 1;
+    p->numel = d0 * (ndim == 2 ? d1 : 1);
+    p->offset = m->total;
+    p->no_weight_decay = no_wd;
+    /* Keep each parameter 16-float aligned so kernels see aligned rows. */
+    m->total += (p->numel + 15) / 16 * 16;
+    return p->offset;
+}
+
+static int check_config(const lt_gpt_config *c, char *err, int errlen) {
+#define REQUIRE(cond, ...) \
+    do { if (!(cond)) { set_err(err, errlen, __VA_ARGS__); return 0; } } while (0)
+    REQUIRE(c->num_layers > 0, "num_layers must be positive (got %d)", c->num_layers);
+    REQUIRE(c->hidden_size > 0, "hidden_size must be positive (got %d)", c->hidden_size);
+    REQUIRE(c->num_attention_heads > 0, "num_attention_heads must be positive");
+    REQUIRE(c->num_query_groups > 0 && c->num_attention_heads % c->num_query_groups == 0,
+            "num_attention_heads (%d) must be a multiple of num_query_groups (%d)", c->num_attention_heads,
+            c->num_query_groups);
+    REQUIRE(c->kv_channels > 0, "kv_channels must be positive");
+    REQUIRE(!c->rope || c->kv_channels % 2 == 0, "rotary embeddings need an even kv_channels (got %d)",
+            c->kv_channels);
+    REQUIRE(c->ffn_hidden_size > 0, "ffn_hidden_size must be positive");
+    REQUIRE(c->seq_length > 0 && c->vocab_size > 0, "seq_length and vocab_size must be positive");
+    REQUIRE(c->hidden_dropout >= 0 && c->hidden_dropout < 1, "hidden_dropout must be in [0, 1)");
+    REQUIRE(c->attention_dropout >= 0 && c->attention_dropout < 1, "attention_dropout must be in [0, 1)");
+#undef REQUIRE
+    return 1;
+}
+
+lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
+    if (!check_config(cfg, err, errlen)) return NULL;
+    lt_gpt *m = calloc(1, sizeof *m);
+    m->cfg = *cfg;
+    const int C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
+    const int HD = cfg->num_attention_heads * cfg->kv_channels;
+    const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm;
+    m->qkv_dim = (cfg->num_attention_heads + 2 * cfg->num_query_groups) * cfg->kv_channels;
+    m->fc1_dim = cfg->gated_linear_unit ? 2 * cfg->ffn_hidden_size : cfg->ffn_hidden_size;
+
+    m->wte = add_param(m, 2, V, C, 0, "embedding.word_embeddings.weight");
+    m->wpe = cfg->rope ? -1 : add_param(m, 2, cfg->seq_length, C, 0, "embedding.position_embeddings.weight");
+    m->layers = calloc((size_t)L, sizeof *m->layers);
+    for (int l = 0; l < L; l++) {
+        layer_offsets *o = &m->layers[l];
+        const char *pre = "decoder.layers";
+        o->ln1_w = add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.weight", pre, l);
+        o->ln1_b = rms ? -1 : add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.bias", pre, l);
+        o->qkv_w = add_param(m, 2, m->qkv_dim, C, 0, "%s.%d.self_attention.linear_qkv.weight", pre, l);
+        o->qkv_b = bias ? add_param(m, 1, m->qkv_dim, 0, 1, "%s.%d.self_attention.linear_qkv.bias", pre, l) : -1;
+        o->proj_w = add_param(m, 2, C, HD, 0, "%s.%d.self_attention.linear_proj.weight", pre, l);
+        o->proj_b = bias ? add_param(m, 1, C, 0, 1, "%s.%d.self_attention.linear_proj.bias", pre, l) : -1;
+        o->ln2_w = add_param(m, 1, C, 0, 1, "%s.%d.pre_mlp_layernorm.weight", pre, l);
+        o->ln2_b = rms ? -1 : add_param(m, 1, C, 0, 1, "%s.%d.pre_mlp_layernorm.bias", pre, l);
+        o->fc1_w = add_param(m, 2, m->fc1_dim, C, 0, "%s.%d.mlp.linear_fc1.weight", pre, l);
+        o->fc1_b = bias ? add_param(m, 1, m->fc1_dim, 0, 1, "%s.%d.mlp.linear_fc1.bias", pre, l) : -1;
+        o->fc2_w = add_param(m, 2, C, cfg->ffn_hidden_size, 0, "%s.%d.mlp.linear_fc2.weight", pre, l);
+        o->fc2_b = bias ? add_param(m, 1, C, 0, 1, "%s.%d.mlp.linear_fc2.bias", pre, l) : -1;
+    }
+    m->lnf_w = add_param(m, 1, C, 0, 1, "decoder.final_layernorm.weight");
+    m->lnf_b = rms ? -1 : add_param(m, 1, C, 0, 1, "decoder.final_layernorm.bias");
+    m->out_w = cfg->share_embeddings_and_output_weights ? -1 : add_param(m, 2, V, C, 0, "output_layer.weight");
+
+    int64_t shape[1] = {m->total};
+    m->weights = lt_tensor_new(LT_F32, 1, shape);
+    m->grads = lt_tensor_new(LT_F32, 1, shape);
+    if (!m->weights || !m->grads) {
+        set_err(err, errlen, "out of memory allocating %lld parameters", (long long)m->total);
+        lt_gpt_free(m);
+        return NULL;
+    }
+    lt_gpt_init_weights(m);
+    return m;
+}
+
+void lt_gpt_free(lt_gpt *m) {
+    if (!m) return;
+    lt_tensor_free(m->weights);
+    lt_tensor_free(m->grads);
+    free(m->layers);
+    free(m->params);
+    free(m);
+}
+
+const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m) { return &m->cfg; }
+int lt_gpt_num_params(const lt_gpt *m) { return m->num_params; }
+const lt_gpt_param *lt_gpt_param_info(const lt_gpt *m, int i) {
+    return i >= 0 && i < m->num_params ? &m->params[i] : NULL;
+}
+int lt_gpt_find_param(const lt_gpt *m, const char *name) {
+    for (int i = 0; i < m->num_params; i++)
+        if (strcmp(m->params[i].name, name) == 0) return i;
+    return -1;
+}
+lt_tensor *lt_gpt_weights(lt_gpt *m) { return m->weights; }
+lt_tensor *lt_gpt_grads(lt_gpt *m) { return m->grads; }
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+void lt_gpt_init_weights(lt_gpt *m) {
+    float *w = lt_tensor_data(m->weights);
+    memset(w, 0, sizeof(float) * (size_t)m->total);
+    const float std = m->cfg.init_method_std;
+    /* Megatron's output_layer_init_method: std / sqrt(2 * num_layers) for the layers that feed the residual. */
+    const float scaled_std = std / sqrtf(2.0f * (float)m->cfg.num_layers);
+    for (int i = 0; i < m->num_params; i++) {
+        const lt_gpt_param *p = &m->params[i];
+        float *dst = w + p->offset;
+        if (ends_with(p->name, "layernorm.weight")) {
+            for (int64_t j = 0; j < p->numel; j++) dst[j] = 1.0f;
+        } else if (ends_with(p->name, ".bias")) {
+            /* zero */
+        } else {
+            int scaled = ends_with(p->name, "linear_proj.weight") || ends_with(p->name, "linear_fc2.weight");
+            lt_rng_fill_normal(dst, p->numel, lt_rng_key(m->cfg.seed, p->name), 0, 0.0f, scaled ? scaled_std : std);
+        }
+    }
+}
+
+void lt_gpt_zero_grad(lt_gpt *m) { memset(lt_tensor_data(m->grads), 0, sizeof(float) * (size_t)m->total); }
+
+#define PTR(base, off) ((off) < 0 ? NULL : (base) + (off))
+
+static layer_weights weights_of(const lt_gpt *m, int l) {
+    const float *w = lt_tensor_data(m->weights);
+    const layer_offsets *o = &m->layers[l];
+    return (layer_weights){PTR(w, o->ln1_w), PTR(w, o->ln1_b), PTR(w, o->qkv_w),  PTR(w, o->qkv_b),
+                           PTR(w, o->proj_w), PTR(w, o->proj_b), PTR(w, o->ln2_w), PTR(w, o->ln2_b),
+                           PTR(w, o->fc1_w), PTR(w, o->fc1_b), PTR(w, o->fc2_w), PTR(w, o->fc2_b)};
+}
+
+static layer_grads grads_of(lt_gpt *m, int l) {
+    float *g = lt_tensor_data(m->grads);
+    const layer_offsets *o = &m->layers[l];
+    return (layer_grads){PTR(g, o->ln1_w), PTR(g, o->ln1_b), PTR(g, o->qkv_w),  PTR(g, o->qkv_b),
+                         PTR(g, o->proj_w), PTR(g, o->proj_b), PTR(g, o->ln2_w), PTR(g, o->ln2_b),
+                         PTR(g, o->fc1_w), PTR(g, o->fc1_b), PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
+}
+
+/* ---- normalisation dispatch: LayerNorm or RMSNorm with the same call shape ---- */
+
+static void norm_forward(const lt_gpt *m, float *out, float *mean, float *rstd, const float *inp, const float *w,
+                         const float *b, int N) {
+    const int C = m->cfg.hidden_size;
+    if (m->cfg.rmsnorm) lt_rmsnorm_forward(out, rstd, inp, w, N, C, m->cfg.layernorm_epsilon);
+    else lt_layernorm_forward(out, mean, rstd, inp, w, b, N, C, m->cfg.layernorm_epsilon);
+}
+
+static void norm_backward(const lt_gpt *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                          const float *w, const float *mean, const float *rstd, int N) {
+    const int C = m->cfg.hidden_size;
+    if (m->cfg.rmsnorm) lt_rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+    else lt_layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+}
+
+/* Dropout stream keys: one per (microbatch seed, site). */
+static uint64_t dropout_key(uint64_t seed, int layer, const char *site) {
+    char name[96];
+    snprintf(name, sizeof name, "dropout.%d.%s", layer, site);
+    return lt_rng_key(seed, name);
+}
+
+/* ---- context memory: one arena per microbatch ---- */
+
+typedef struct {
+    char *base;
+    size_t used;
+} arena;
+
+static void *take(arena *a, size_t nbytes) {
+    void *p = a->base ? a->base + a->used : NULL;
+    a->used += (nbytes + 63) & ~(size_t)63;
+    return p;
+}
+
+/* Lays out the context twice: first to measure (base NULL), then for real. */
+static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
+    const lt_gpt_config *cfg = &m->cfg;
+    const size_t N = (size_t)c->B * c->T, C = cfg->hidden_size, F = 4;
+    const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
+    c->tokens = take(a, N * 4);
+    c->targets = take(a, N * 4);
+    for (int l = 0; l <= cfg->num_layers; l++) c->x[l] = take(a, N * C * F);
+    for (int l = 0; l < cfg->num_layers; l++) {
+        layer_acts *s = &c->acts[l];
+        s->ln1 = take(a, N * C * F);
+        s->ln1_mean = take(a, N * F);
+        s->ln1_rstd = take(a, N * F);
+        s->qkv = take(a, N * m->qkv_dim * F);
+        s->att = take(a, N * HD * F);
+        s->lse = take(a, (size_t)c->B * cfg->num_attention_heads * c->T * F);
+        s->res1 = take(a, N * C * F);
+        s->ln2 = take(a, N * C * F);
+        s->ln2_mean = take(a, N * F);
+        s->ln2_rstd = take(a, N * F);
+        s->fc1 = take(a, N * m->fc1_dim * F);
+        s->act = take(a, N * cfg->ffn_hidden_size * F);
+    }
+    c->lnf = take(a, N * C * F);
+    c->lnf_mean = take(a, N * F);
+    c->lnf_rstd = take(a, N * F);
+    c->logits = take(a, N * cfg->vocab_size * F);
+    c->losses = take(a, N * F);
+    c->ce_lse = take(a, N * F);
+}
+
+static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
+    lt_gpt_ctx *c = calloc(1, sizeof *c);
+    c->B = B;
+    c->T = T;
+    c->x = calloc((size_t)m->cfg.num_layers + 1, sizeof *c->x);
+    c->acts = calloc((size_t)m->cfg.num_layers, sizeof *c->acts);
+    arena a = {NULL, 0};
+    layout_ctx(m, c, &a);
+    c->arena_bytes = a.used;
+    c->arena = lt_alloc(a.used);
+    if (!c->arena) {
+        lt_gpt_ctx_free(c);
+        return NULL;
+    }
+    a = (arena){c->arena, 0};
+    layout_ctx(m, c, &a);
+    return c;
+}
+
+void lt_gpt_ctx_free(lt_gpt_ctx *c) {
+    if (!c) return;
+    lt_release(c->arena, c->arena_bytes);
+    free(c->x);
+    free(c->acts);
+    free(c);
+}
+
+const float *lt_gpt_ctx_logits(const lt_gpt_ctx *c) { return c->logits; }
+
+/* ---- forward ---- */
+
+static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, float *out) {
+    const lt_gpt_config *cfg = &m->cfg;
+    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size;
+    const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
+    const layer_weights w = weights_of(m, l);
+    layer_acts *s = &c->acts[l];
+
+    norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
+    lt_linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, N, C, m->qkv_dim);
+    if (cfg->rope) lt_rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
+    lt_attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
+                         dropout_key(c->dropout_seed, l, "attention"));
+    lt_linear_forward(s->res1, s->att, w.proj_w, w.proj_b, N, H * D, C);
+    if (cfg->hidden_dropout > 0)
+        lt_dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
+                           dropout_key(c->dropout_seed, l, "attention_out"), 0);
+    lt_add_forward(s->res1, s->res1, x, (int64_t)N * C);
+
+    norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
+    lt_linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
+    if (cfg->gated_linear_unit) lt_swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
+    else lt_gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
+    lt_linear_forward(out, s->act, w.fc2_w, w.fc2_b, N, cfg->ffn_hidden_size, C);
+    if (cfg->hidden_dropout > 0)
+        lt_dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout,
+                           dropout_key(c->dropout_seed, l, "mlp_out"), 0);
+    lt_add_forward(out, out, s->res1, (int64_t)N * C);
+}
+
+lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
+                           uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen) {
+    const lt_gpt_config *cfg = &m->cfg;
+    const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
+    if (B <= 0 || T <= 0 || T > cfg->seq_length) {
+        set_err(err, errlen, "batch shape [%d, %d] is invalid: need B > 0 and 0 < T <= seq_length (%d)", B, T,
+                cfg->seq_length);
+        return NULL;
+    }
+    for (int i = 0; i < N; i++) {
+        if (tokens[i] < 0 || tokens[i] >= V) {
+            set_err(err, errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i, V);
+            return NULL;
+        }
+        if (targets && targets[i] >= V) {
+            set_err(err, errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+            return NULL;
+        }
+    }
+    lt_gpt_ctx *c = ctx_new(m, B, T);
+    if (!c) {
+        set_err(err, errlen, "out of memory for the activations of a [%d, %d] microbatch", B, T);
+        return NULL;
+    }
+    c->dropout_seed = dropout_seed;
+    memcpy(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
+    if (targets) memcpy(c->targets, targets, sizeof(int32_t) * (size_t)N);
+    else for (int i = 0; i < N; i++) c->targets[i] = -1;
+
+    const float *w = lt_tensor_data(m->weights);
+    lt_embedding_forward(c->x[0], c->tokens, w + m->wte, N, C);
+    if (m->wpe >= 0) lt_position_embedding_forward(c->x[0], w + m->wpe, B, T, C);
+    if (cfg->hidden_dropout > 0)
+        lt_dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
+                           dropout_key(dropout_seed, -1, "embedding"), 0);
+    for (int l = 0; l < L; l++) layer_forward(m, l, c, c->x[l], c->x[l + 1]);
+
+    norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], w + m->lnf_w, PTR(w, m->lnf_b), N);
+    lt_linear_forward(c->logits, c->lnf, w + (m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);
+
+    c->num_valid = 0;
+    double sum = 0;
+    if (targets) {
+        lt_cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
+        for (int i = 0; i < N; i++)
+            if (c->targets[i] >= 0) {
+                sum += c->losses[i];
+                c->num_valid++;
+            }
+    }
+    if (loss) *loss = c->num_valid ? (float)(sum / (double)c->num_valid) : 0.0f;
+    if (num_valid) *num_valid = c->num_valid;
+    return c;
+}
+
+/* ---- backward ---- */
+
+typedef struct {
+    float *d_c, *d_c2, *d_qkv, *d_att, *d_fc1, *d_act; /* scratch gradients */
+    size_t bytes;
+    void *base;
+} scratch;
+
+static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
+
+static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, float *dx, scratch *s) {
+    const lt_gpt_config *cfg = &m->cfg;
+    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, F = cfg->ffn_hidden_size;
+    const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
+    const size_t NC = (size_t)N * C;
+    const layer_weights w = weights_of(m, l);
+    const layer_grads g = grads_of(m, l);
+    const layer_acts *a = &c->acts[l];
+
+    /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
+    const float *d_fc2 = dx;
+    if (cfg->hidden_dropout > 0) {
+        zero(s->d_c, NC);
+        lt_dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                            dropout_key(c->dropout_seed, l, "mlp_out"), 0);
+        d_fc2 = s->d_c;
+    }
+    zero(s->d_act, (size_t)N * F);
+    lt_linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
+    zero(s->d_fc1, (size_t)N * m->fc1_dim);
+    if (cfg->gated_linear_unit) lt_swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
+    else lt_gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
+    zero(s->d_c2, NC);
+    lt_linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
+    norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
+
+    /* res1 = x + dropout(proj(att)). */
+    const float *d_proj = dx;
+    if (cfg->hidden_dropout > 0) {
+        zero(s->d_c, NC);
+        lt_dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                            dropout_key(c->dropout_seed, l, "attention_out"), 0);
+        d_proj = s->d_c;
+    }
+    zero(s->d_att, (size_t)N * H * D);
+    lt_linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
+    zero(s->d_qkv, (size_t)N * m->qkv_dim);
+    lt_attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
+                          dropout_key(c->dropout_seed, l, "attention"));
+    if (cfg->rope) lt_rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
+    zero(s->d_c2, NC);
+    lt_linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
+    norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
+}
+
+void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
+    const lt_gpt_config *cfg = &m->cfg;
+    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
+    const size_t NC = (size_t)N * C;
+    const float *w = lt_tensor_data(m->weights);
+    float *g = lt_tensor_data(m->grads);
+
+    scratch s;
+    size_t widest = (size_t)m->qkv_dim;
+    if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
+    s.bytes = sizeof(float) * ((size_t)N * (3 * C + (size_t)cfg->num_attention_heads * cfg->kv_channels +
+                                            widest + cfg->ffn_hidden_size) + (size_t)N * widest);
+    s.base = lt_alloc(s.bytes);
+    float *p = s.base;
+    s.d_c = p; p += NC;
+    s.d_c2 = p; p += NC;
+    float *dx = p; p += NC;
+    s.d_att = p; p += (size_t)N * cfg->num_attention_heads * cfg->kv_channels;
+    s.d_qkv = p; p += (size_t)N * widest;
+    s.d_fc1 = p; p += (size_t)N * widest;
+    s.d_act = p;
+
+    /* Loss → logits, in place: the logits buffer becomes its own gradient. */
+    float *dloss = s.d_c; /* N floats of scratch */
+    for (int i = 0; i < N; i++) dloss[i] = c->targets[i] >= 0 ? grad_scale : 0.0f;
+    lt_cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
+    const float *w_out = w + (m->out_w >= 0 ? m->out_w : m->wte);
+    float *g_out = g + (m->out_w >= 0 ? m->out_w : m->wte);
+    zero(s.d_c2, NC);
+    lt_linear_backward(s.d_c2, g_out, NULL, c->logits, c->lnf, w_out, N, C, V);
+    zero(dx, NC);
+    norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], w + m->lnf_w, c->lnf_mean, c->lnf_rstd,
+                  N);
+
+    for (int l = L - 1; l >= 0; l--) layer_backward(m, l, c, c->x[l], dx, &s);
+
+    const float *d_emb = dx;
+    if (cfg->hidden_dropout > 0) {
+        zero(s.d_c, NC);
+        lt_dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                            dropout_key(c->dropout_seed, -1, "embedding"), 0);
+        d_emb = s.d_c;
+    }
+    lt_embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
+    if (m->wpe >= 0) lt_position_embedding_backward(g + m->wpe, d_emb, B, T, C);
+
+    lt_release(s.base, s.bytes);
+    lt_gpt_ctx_free(c);
+}
+
+double lt_gpt_flops_per_token(const lt_gpt *m) {
+    double n = 0;
+    for (int i = 0; i < m->num_params; i++) n += (double)m->params[i].numel;
+    const lt_gpt_config *c = &m->cfg;
+    return 6.0 * n + 6.0 * c->num_layers * c->hidden_size * (double)c->seq_length;
+}

@@ -1,0 +1,75 @@
+/* A GPT decoder (Megatron-Core's GPTModel with the local layer spec), forward and backward.
+ *
+ * All parameters live in one flat fp32 buffer (and their gradients in another), so the
+ * optimizer, gradient clipping and, later, gradient buckets work on contiguous memory.
+ * Each parameter keeps Megatron's state-dict name and is initialised from
+ * (seed, name, element index) alone, so any layout of the same model starts identical.
+ *
+ * Forward returns a per-microbatch context holding exactly what backward needs;
+ * backward consumes and frees it, so a pipeline schedule can keep several in flight. */
+#ifndef LT_GPT_H
+#define LT_GPT_H
+#include <stdint.h>
+
+#include "engine/core/tensor.h"
+
+typedef struct {
+    int num_layers, hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size;
+    int seq_length;
+    int vocab_size; /* already padded to make_vocab_size_divisible_by */
+    int rmsnorm;    /* 0: LayerNorm, 1: RMSNorm */
+    float layernorm_epsilon;
+    int gated_linear_unit; /* 1: SwiGLU, 0: GELU */
+    int rope;              /* 1: rotary, 0: learned absolute positions */
+    float rotary_base;
+    int share_embeddings_and_output_weights;
+    int add_bias_linear;
+    float init_method_std;
+    float hidden_dropout, attention_dropout;
+    uint64_t seed;
+} lt_gpt_config;
+
+typedef struct {
+    char name[96];
+    int ndim;
+    int64_t shape[2];
+    int64_t offset, numel; /* in the flat buffers */
+    int no_weight_decay;   /* biases and norm weights, as Megatron */
+} lt_gpt_param;
+
+typedef struct lt_gpt lt_gpt;
+typedef struct lt_gpt_ctx lt_gpt_ctx;
+
+/* NULL on invalid config or out of memory, with the reason in err. */
+lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen);
+void lt_gpt_free(lt_gpt *m);
+const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m);
+
+int lt_gpt_num_params(const lt_gpt *m);
+const lt_gpt_param *lt_gpt_param_info(const lt_gpt *m, int i);
+int lt_gpt_find_param(const lt_gpt *m, const char *name); /* index or -1 */
+/* Flat fp32 buffers of all weights and all gradients (borrowed; the model owns them). */
+lt_tensor *lt_gpt_weights(lt_gpt *m);
+lt_tensor *lt_gpt_grads(lt_gpt *m);
+
+/* (Re)initialise every parameter from the config's seed. */
+void lt_gpt_init_weights(lt_gpt *m);
+void lt_gpt_zero_grad(lt_gpt *m);
+
+/* Forward on tokens[B, T] with next-token targets[B, T] (targets < 0 are ignored; targets may be
+ * NULL for inference, then the loss is not computed). dropout_seed selects this microbatch's dropout
+ * masks. Returns the context, or NULL with err set (bad token id, shape, memory). *loss receives the
+ * mean loss over valid targets, *num_valid their count. */
+lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
+                           uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
+/* Logits [B*T, V] of a context (valid until backward or free). */
+const float *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
+/* Backward: accumulates into the model's gradients, scaling d(loss of each valid token) by
+ * grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context. */
+void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *ctx, float grad_scale);
+void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
+
+/* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters). */
+double lt_gpt_flops_per_token(const lt_gpt *m);
+
+#endif

@@ -1,0 +1,110 @@
+/* Every numeric operation of the model, forward and backward (CPU backend).
+ *
+ * Conventions, llm.c style:
+ * - Plain pointers to contiguous row-major fp32 arrays; N = rows (batch * seq), C = features.
+ * - Every backward ACCUMULATES (+=) into each gradient it writes (dinp, dweight, dbias, ...):
+ *   the caller zeroes gradients once, and residual branches add up for free.
+ *   Gradient pointers documented as nullable may be NULL to skip that gradient.
+ * - Weights follow the PyTorch/Megatron layout: a linear weight is [out_features, in_features].
+ * - No allocation inside an op unless stated; scratch comes from the caller.
+ * - OpenMP where it pays; results must not depend on the thread count beyond float rounding.
+ */
+#ifndef LT_OPS_H
+#define LT_OPS_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- embeddings ---- */
+/* out[n, :] = table[ids[n], :]. ids are validated by the caller (0 <= id < rows). */
+void lt_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C);
+/* dtable[ids[n], :] += dout[n, :]. Deterministic (no atomics): rows are owned by one thread. */
+void lt_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C);
+/* Learned absolute positions: out[b, t, :] += wpe[t, :]. */
+void lt_position_embedding_forward(float *out, const float *wpe, int B, int T, int C);
+/* dwpe[t, :] += sum_b dout[b, t, :]. */
+void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C);
+
+/* ---- normalisation ---- */
+/* LayerNorm over the last dim. bias nullable. Saves mean[N], rstd[N] for backward. */
+void lt_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                          const float *bias, int N, int C, float eps);
+/* dbias nullable. */
+void lt_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                           const float *weight, const float *mean, const float *rstd, int N, int C);
+/* RMSNorm: out = inp * rstd * weight, rstd = 1/sqrt(mean(inp^2) + eps). Saves rstd[N]. */
+void lt_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
+void lt_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                         const float *rstd, int N, int C);
+
+/* ---- linear (OpenBLAS sgemm) ---- */
+/* out[N, OUT] = inp[N, IN] @ weight[OUT, IN]^T + bias[OUT]. bias nullable. */
+void lt_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN, int OUT);
+/* dinp[N, IN] += dout @ weight; dweight[OUT, IN] += dout^T @ inp; dbias[OUT] += sum_n dout. dinp, dbias nullable. */
+void lt_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                        const float *weight, int N, int IN, int OUT);
+/* General matmul: c[M, N] = alpha * op(a) @ op(b) + beta * c, op(x) = x or x^T (row-major). */
+void lt_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a, int trans_b, float alpha,
+               float beta);
+
+/* ---- attention ----
+ * Fused QKV in Megatron's layout: each token row of qkv holds, for each of the G query groups,
+ * the group's H/G query heads, then its key head, then its value head, each of D values:
+ *   qkv[B, T, G, H/G + 2, D].   out[B, T, H, D].   lse[B, H, T] (log-sum-exp of each score row).
+ * Causal, scale 1/sqrt(D), grouped query attention (query head h uses kv group h / (H/G)).
+ * No T x T matrix is kept between forward and backward: backward recomputes scores from q, k, lse.
+ * Attention dropout (p in [0, 1)) drops probabilities with mask element (b, h, i, j) drawn from
+ * lt_rng_uniform(dropout_key, ((b*H + h)*T + i)*T + j) < p, kept ones scaled by 1/(1-p); backward
+ * regenerates the same mask. p = 0 disables it. */
+void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
+                          float dropout_p, uint64_t dropout_key);
+/* dqkv (same layout as qkv) += gradient. */
+void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                           int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
+
+/* Rotary position embedding, in place on the query and key heads of a fused qkv buffer (layout above).
+ * Non-interleaved ("rotate half"): pairs (i, i + D/2), angle t * base^(-2i/D), i < D/2. D must be even.
+ * Backward applies the inverse rotation to the query and key parts of dqkv, in place. */
+void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base);
+void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base);
+
+/* ---- activations and elementwise ---- */
+/* Softmax over the last dim of inp[N, C]. */
+void lt_softmax_forward(float *out, const float *inp, int N, int C);
+void lt_softmax_backward(float *dinp, const float *dout, const float *out, int N, int C);
+/* Exact (erf) GELU, as torch.nn.functional.gelu. */
+void lt_gelu_forward(float *out, const float *inp, int64_t n);
+void lt_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
+/* SwiGLU on inp[N, 2F] (Megatron's gated fc1 output): out[N, F] = silu(inp[:, :F]) * inp[:, F:]. */
+void lt_swiglu_forward(float *out, const float *inp, int N, int F);
+void lt_swiglu_backward(float *dinp, const float *dout, const float *inp, int N, int F);
+/* out = a + b (out may alias a or b). Backward: da += dout, db += dout (either nullable). */
+void lt_add_forward(float *out, const float *a, const float *b, int64_t n);
+void lt_add_backward(float *da, float *db, const float *dout, int64_t n);
+/* Inverted dropout; element i kept when lt_rng_uniform(key, first + i) >= p, then scaled by 1/(1-p).
+ * out may alias inp. Backward regenerates the mask from (key, first). */
+void lt_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t key, uint64_t first);
+void lt_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first);
+
+/* ---- loss ----
+ * Softmax cross-entropy fused over logits[N, V]: forward writes losses[N] and lse[N] and keeps no
+ * probabilities. Targets < 0 are ignored (loss 0, no gradient).
+ * Backward writes (not accumulates) dlogits = (softmax(logits) - onehot(target)) * dloss[n], and may be
+ * called with dlogits == logits, so the logits buffer becomes its own gradient: the V-wide tensor
+ * exists once. */
+void lt_cross_entropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets, int N, int V);
+void lt_cross_entropy_backward(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
+                               const float *dloss, int N, int V);
+
+/* ---- optimizer kernels ---- */
+/* AdamW (decoupled weight decay, PyTorch semantics), bias correction with 1-based step. */
+void lt_adamw_update(float *param, const float *grad, float *exp_avg, float *exp_avg_sq, int64_t n, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int64_t step);
+/* SGD with momentum (PyTorch semantics: buf = momentum*buf + grad + wd*param; param -= lr*buf).
+ * momentum_buf nullable when momentum == 0. */
+void lt_sgd_update(float *param, const float *grad, float *momentum_buf, int64_t n, float lr, float momentum,
+                   float weight_decay);
+/* Sum of squares in double (for global-norm clipping), and in-place scaling. */
+double lt_sum_squares(const float *x, int64_t n);
+void lt_scale(float *x, int64_t n, float s);
+
+#endif

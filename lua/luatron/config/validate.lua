@@ -1,0 +1,541 @@
+-- luatron.config.validate: the cross-field rules of Megatron-Core / Megatron Bridge, run before
+-- any work. validate(container, opts, to_table) returns the resolved config (plain tables, every
+-- default and derived field filled in) and the derived values; it raises the first rule that
+-- fails as a config error whose message names the field(s), the value(s), the rule and the fix.
+-- Where Megatron has a message for a rule, its text is kept (so it can be searched for) and the
+-- fix is appended.
+local util = require "luatron.config.util"
+util.register_source()
+local schema = require "luatron.config.schema"
+
+local fail, fmt = util.fail, util.fmt
+
+local V = {}
+
+function V.padded_vocab_size(vocab_size, divisible_by, tp)
+  for _, p in ipairs({ { "vocab_size", vocab_size }, { "make_vocab_size_divisible_by", divisible_by },
+    { "tensor_model_parallel_size", tp } }) do
+    if math.type(p[2]) ~= "integer" or p[2] <= 0 then
+      fail("%s must be a positive integer, got %s", p[1], fmt(p[2]))
+    end
+  end
+  local multiple = divisible_by * tp
+  return ((vocab_size + multiple - 1) // multiple) * multiple
+end
+
+-- Megatron's get_blend_from_list, stricter: an even-length list whose odd entries are all
+-- numbers (or numeric strings) is weighted; otherwise every entry must be a prefix string.
+function V.parse_blend(list)
+  if list == nil then return nil end
+  local n = #list
+  local function is_weight(x) return type(x) == "number" or (type(x) == "string" and tonumber(x) ~= nil) end
+  local weighted = false
+  if n % 2 == 0 then
+    local nw = 0
+    for i = 1, n, 2 do if is_weight(list[i]) then nw = nw + 1 end end
+    if nw == n // 2 then
+      weighted = true
+    elseif nw > 0 then
+      fail("dataset.data_path = %s mixes weights and prefixes: give {weight1, 'prefix1', weight2, 'prefix2', ...} "
+        .. "or {'prefix1', 'prefix2', ...}", fmt(list))
+    end
+  end
+  local prefixes, weights = {}, weighted and {} or nil
+  if weighted then
+    local sum = 0
+    for i = 1, n, 2 do
+      local w, p = tonumber(list[i]), list[i + 1]
+      if type(p) ~= "string" then
+        fail("dataset.data_path = %s: entry %d must be a dataset prefix (a string) after weight %s, got %s",
+          fmt(list), i + 1, fmt(list[i]), fmt(p))
+      end
+      if w < 0 or w ~= w or w == math.huge then
+        fail("dataset.data_path = %s: weight %s for '%s' must be a non-negative number", fmt(list), fmt(list[i]), p)
+      end
+      sum = sum + w
+      prefixes[#prefixes + 1] = p:match("^%s*(.-)%s*$")
+      weights[#weights + 1] = w + 0.0
+    end
+    if sum <= 0 then
+      fail("dataset.data_path = %s: the weights sum to 0; at least one dataset needs a positive weight", fmt(list))
+    end
+  else
+    for i = 1, n do
+      local p = list[i]
+      if type(p) ~= "string" then
+        fail("dataset.data_path = %s: entry %d (%s) is a number but the list is not {weight, prefix, ...} pairs; "
+          .. "give {weight1, 'prefix1', weight2, 'prefix2', ...} or only prefixes", fmt(list), i, fmt(p))
+      end
+      prefixes[#prefixes + 1] = p:match("^%s*(.-)%s*$")
+    end
+  end
+  return { prefixes = prefixes, weights = weights }
+end
+
+-- Megatron's parse_and_normalize_split: up to three weights, padded with zeros, normalized.
+function V.parse_split(s)
+  local v = {}
+  for x in s:gmatch("[.0-9]+") do
+    local n = tonumber(x)
+    if not n then fail("dataset.split = %s: '%s' is not a number", fmt(s), x) end
+    v[#v + 1] = n + 0.0
+  end
+  if #v > 3 then fail("dataset.split = %s: give at most three weights (train, valid, test)", fmt(s)) end
+  while #v < 3 do v[#v + 1] = 0.0 end
+  local sum = v[1] + v[2] + v[3]
+  if sum <= 0 then fail("dataset.split = %s: the weights sum to 0; give e.g. '969,30,1'", fmt(s)) end
+  return { v[1] / sum, v[2] / sum, v[3] / sum }
+end
+
+local LOAD_BALANCING_WITH_CAPACITY = { aux_loss = true, seq_aux_loss = true, global_aux_loss = true, none = true }
+
+function V.validate(c, opts, to_table)
+  -- options
+  local world_size, assumed
+  if type(opts) == "number" then opts = { world_size = opts } end
+  if opts ~= nil and type(opts) ~= "table" then
+    fail("validate: expected a world size or { world_size = N }, got %s", fmt(opts))
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if k ~= "world_size" then
+      fail("validate: unknown option '%s'%s", tostring(k), util.did_you_mean(k, { "world_size" }))
+    end
+  end
+
+  local r = to_table(c)
+  local m, t, o, s, ddp = r.model, r.train, r.optimizer, r.scheduler, r.ddp
+  local d, tok, lg, ck, rng = r.dataset, r.tokenizer, r.logger, r.checkpoint, r.rng
+  local warnings = {}
+  r.warnings = warnings
+  local function warn(msg, ...) warnings[#warnings + 1] = string.format(msg, ...) end
+
+  -- required model fields -------------------------------------------------------------------
+  for _, name in ipairs({ "num_layers", "hidden_size", "num_attention_heads" }) do
+    if m[name] == nil then
+      fail("model.%s is not set: GPTModelProvider needs num_layers, hidden_size and num_attention_heads", name)
+    end
+  end
+
+  -- precision ----------------------------------------------------------------------------------
+  if r.mixed_precision == "bf16_mixed" then
+    m.bf16, m.fp16, m.params_dtype, m.pipeline_dtype = true, false, "bf16", "bf16"
+    o.bf16, o.fp16 = true, false
+    ddp.grad_reduce_in_fp32 = true
+  elseif r.mixed_precision == "fp16_mixed" then
+    m.bf16, m.fp16, m.params_dtype, m.pipeline_dtype = false, true, "fp16", "fp16"
+    o.bf16, o.fp16 = false, true
+    ddp.grad_reduce_in_fp32 = false
+  end
+  if m.bf16 and m.fp16 then
+    fail("model.bf16 = true and model.fp16 = true: only one of fp16 and bf16 can be enabled; set the other to false")
+  end
+  if o.bf16 and o.fp16 then
+    fail("optimizer.bf16 = true and optimizer.fp16 = true: only one of fp16 and bf16 can be enabled; set the other to false")
+  end
+
+  -- parallel sizes -----------------------------------------------------------------------------
+  local TP, PP, CP = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+  local EP = m.expert_model_parallel_size
+  local ETP = m.expert_tensor_parallel_size or TP
+  m.expert_tensor_parallel_size = ETP
+  local model_size = TP * PP * CP
+
+  if opts.world_size == nil then
+    world_size, assumed = model_size, true
+  else
+    world_size = schema.as_int(opts.world_size)
+    if not world_size or world_size <= 0 then
+      fail("validate: world_size = %s: must be a positive integer (the number of ranks)", fmt(opts.world_size))
+    end
+  end
+  r.world_size = world_size
+  r.world_size_assumed = assumed or nil
+
+  if m.sequence_parallel and TP <= 1 then
+    fail("sequence_parallel=true requires tensor_model_parallel_size > 1 (got tensor_model_parallel_size = %d): "
+      .. "Cannot use sequence parallelism without tensor parallelism. Set sequence_parallel = false or "
+      .. "tensor_model_parallel_size >= 2", TP)
+  end
+
+  m.pipeline_dtype = m.pipeline_dtype or m.params_dtype
+
+  local VPP = m.virtual_pipeline_model_parallel_size
+  if VPP == 1 then VPP = nil end
+  m.virtual_pipeline_model_parallel_size = VPP
+  if VPP then
+    if PP <= 1 then
+      fail("virtual_pipeline_model_parallel_size = %d requires pipeline_model_parallel_size > 1 (got %d): "
+        .. "pipeline-model-parallel size should be greater than 1 with interleaved schedule. Unset "
+        .. "virtual_pipeline_model_parallel_size or raise pipeline_model_parallel_size", VPP, PP)
+    end
+    if not m.overlap_p2p_comm and PP <= 2 then
+      fail("virtual_pipeline_model_parallel_size = %d with pipeline_model_parallel_size = %d and overlap_p2p_comm = false: "
+        .. "When interleaved schedule is used and p2p communication overlap is disabled, pipeline-model-parallel "
+        .. "size should be greater than 2 to avoid having multiple p2p sends and recvs between same 2 ranks per "
+        .. "communication batch. Set overlap_p2p_comm = true, use pipeline_model_parallel_size > 2, or unset "
+        .. "virtual_pipeline_model_parallel_size", VPP, PP)
+    end
+  end
+
+  if world_size % model_size ~= 0 then
+    fail("world_size (%d) is not divisible by tensor_model_parallel_size (%d) * pipeline_model_parallel_size (%d) "
+      .. "* context_parallel_size (%d) = %d: run on a multiple of %d ranks or change the parallel sizes",
+      world_size, TP, PP, CP, model_size, model_size)
+  end
+  local DP = world_size // model_size
+  r.model_parallel_size = model_size
+  r.data_parallel_size = DP
+
+  -- attention and MLP shapes ---------------------------------------------------------------------
+  local L, H, NH = m.num_layers, m.hidden_size, m.num_attention_heads
+  if NH % TP ~= 0 then
+    fail("num_attention_heads (%d) must be a multiple of tensor_model_parallel_size (%d). Change "
+      .. "model.num_attention_heads or model.tensor_model_parallel_size", NH, TP)
+  end
+  m.ffn_hidden_size = m.ffn_hidden_size or 4 * H
+  if m.kv_channels == nil then
+    if H % NH ~= 0 then
+      fail("hidden_size (%d) must be divisible by num_attention_heads (%d) when kv_channels is not set "
+        .. "(kv_channels defaults to hidden_size / num_attention_heads). Change hidden_size or "
+        .. "num_attention_heads, or set kv_channels explicitly", H, NH)
+    end
+    m.kv_channels = H // NH
+  end
+  local G = m.num_query_groups or NH
+  m.num_query_groups = G
+  if G % TP ~= 0 and TP % G ~= 0 then
+    fail("num_query_groups (%d) must be a multiple or divisor of tensor_model_parallel_size (%d). Change "
+      .. "model.num_query_groups or model.tensor_model_parallel_size", G, TP)
+  end
+  if NH % G ~= 0 then
+    fail("num_attention_heads (%d) must be divisible by num_query_groups (%d): each query group serves "
+      .. "num_attention_heads / num_query_groups heads. Set num_query_groups to a divisor of %d", NH, G, NH)
+  end
+  if m.position_embedding_type == "rope" then
+    local rot = math.floor(m.kv_channels * m.rotary_percent)
+    r.rotary_dim = rot
+    if rot < 2 or rot % 2 ~= 0 then
+      fail("position_embedding_type = 'rope' needs an even rotary dimension, but kv_channels (%d) * rotary_percent "
+        .. "(%s) = %d is %s. Make kv_channels even (it defaults to hidden_size / num_attention_heads) or change "
+        .. "rotary_percent", m.kv_channels, fmt(m.rotary_percent), rot, rot < 2 and "too small" or "odd")
+    end
+  end
+  local af, glu = m.activation_func, m.gated_linear_unit
+  if not ((af == "gelu" and not glu) or (af == "silu" and glu)) then
+    fail("activation_func = %s with gated_linear_unit = %s is not supported: luatron's GPT layer implements "
+      .. "GELU MLPs (activation_func = 'gelu', gated_linear_unit = false) and SwiGLU MLPs (activation_func = "
+      .. "'silu', gated_linear_unit = true)", fmt(af), tostring(glu))
+  end
+
+  -- pipeline split ---------------------------------------------------------------------------------
+  if L % PP ~= 0 then
+    fail("num_layers (%d) is not divisible by pipeline_model_parallel_size (%d): Number of layers should be "
+      .. "divisible by the pipeline-model-parallel size. Make num_layers a multiple of %d", L, PP, PP)
+  end
+  local per_stage = L // PP
+  if VPP and per_stage % VPP ~= 0 then
+    fail("num_layers (%d) / pipeline_model_parallel_size (%d) = %d layers per pipeline stage is not divisible by "
+      .. "virtual_pipeline_model_parallel_size (%d): number of layers per pipeline stage must be divisible by the "
+      .. "number of virtual stages. Make num_layers a multiple of %d (PP * VPP) or change "
+      .. "virtual_pipeline_model_parallel_size", L, PP, per_stage, VPP, PP * VPP)
+  end
+  r.num_layers_per_pipeline_stage = per_stage
+  r.num_layers_per_virtual_stage = per_stage // (VPP or 1)
+
+  -- context parallel -------------------------------------------------------------------------------
+  if CP > 1 and m.seq_length % (2 * CP) ~= 0 then
+    fail("seq_length (%d) must be a multiple of 2 * context_parallel_size (2 * %d = %d) when "
+      .. "context_parallel_size > 1 (seq-length should be a multiple of 2 * context-parallel-size). Change "
+      .. "seq_length or context_parallel_size", m.seq_length, CP, 2 * CP)
+  end
+
+  -- mixture of experts -----------------------------------------------------------------------------
+  local E = m.num_moe_experts
+  if EP > 1 and E == nil then
+    fail("expert_model_parallel_size = %d requires num_moe_experts: num_moe_experts must be non None to use "
+      .. "expert-parallel. Set num_moe_experts (a multiple of %d) or expert_model_parallel_size = 1", EP, EP)
+  end
+  if E then
+    if E % EP ~= 0 then
+      fail("num_moe_experts (%d) is not a multiple of expert_model_parallel_size (%d): Number of experts should be "
+        .. "a multiple of expert model parallel_size. Change num_moe_experts or expert_model_parallel_size", E, EP)
+    end
+    local exp_size = ETP * EP * PP
+    if world_size % exp_size ~= 0 then
+      fail("world_size (%d) is not divisible by expert_tensor_parallel_size (%d) * expert_model_parallel_size (%d) "
+        .. "* pipeline_model_parallel_size (%d) = %d (expert_tensor_model_pipeline_parallel size). Run on a multiple "
+        .. "of %d ranks or change the expert parallel sizes", world_size, ETP, EP, PP, exp_size, exp_size)
+    end
+    r.expert_data_parallel_size = world_size // exp_size
+    r.num_local_experts = E // EP
+    if m.moe_router_topk > E then
+      fail("moe_router_topk (%d) must be <= num_moe_experts (%d): each token is routed to moe_router_topk "
+        .. "different experts. Lower moe_router_topk or add experts", m.moe_router_topk, E)
+    end
+    if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax" and not m.moe_router_pre_softmax
+      and m.moe_router_load_balancing_type ~= "sinkhorn" then
+      fail("moe_router_topk = 1 with moe_router_score_function = 'softmax' needs moe_router_pre_softmax = true "
+        .. "(Please use --moe-router-pre-softmax when topk is 1: a softmax over a single selected logit has "
+        .. "zero gradient)")
+    end
+    local cf = m.moe_expert_capacity_factor
+    if cf ~= nil and cf < 0 then cf = nil end
+    m.moe_expert_capacity_factor = cf
+    if cf ~= nil and not LOAD_BALANCING_WITH_CAPACITY[m.moe_router_load_balancing_type] then
+      fail("moe_expert_capacity_factor = %s with moe_router_load_balancing_type = %s: moe_expert_capacity_factor "
+        .. "only works with aux_loss, seq_aux_loss, global_aux_loss or none load balancing", fmt(cf),
+        fmt(m.moe_router_load_balancing_type))
+    end
+    if m.moe_pad_expert_input_to_capacity and cf == nil then
+      fail("moe_pad_expert_input_to_capacity = true needs a capacity: moe_expert_capacity_factor must be set to use "
+        .. "moe_pad_expert_input_to_capacity (set it to e.g. 1.0, or set moe_pad_expert_input_to_capacity = false)")
+    end
+    if m.add_bias_linear and ETP ~= 1 then
+      fail("add_bias_linear = true with num_moe_experts set and expert_tensor_parallel_size = %d: Bias in Moe is "
+        .. "only supported when ETP==1 (expert_tensor_parallel_size defaults to tensor_model_parallel_size). Set "
+        .. "add_bias_linear = false or expert_tensor_parallel_size = 1", ETP)
+    end
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function ~= "sigmoid" then
+      fail("moe_router_enable_expert_bias = true with moe_router_score_function = %s: expert bias for aux-loss-free "
+        .. "routing only supports the 'sigmoid' score function. Set moe_router_score_function = 'sigmoid' or "
+        .. "moe_router_enable_expert_bias = false", fmt(m.moe_router_score_function))
+    end
+    if m.moe_shared_expert_overlap and m.moe_token_dispatcher_type == "allgather" then
+      fail("moe_shared_expert_overlap = true with moe_token_dispatcher_type = 'allgather': moe_shared_expert_overlap "
+        .. "only works with alltoall or flex token dispatcher")
+    end
+    if m.moe_shared_expert_overlap and m.moe_shared_expert_intermediate_size == nil then
+      fail("moe_shared_expert_overlap = true needs shared experts: set moe_shared_expert_intermediate_size")
+    end
+    m.moe_ffn_hidden_size = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    if EP > 1 and TP > 1 and not m.sequence_parallel then
+      warn("When using expert parallelism and tensor parallelism for training, sequence parallelism must be used "
+        .. "(expert_model_parallel_size = %d, tensor_model_parallel_size = %d, sequence_parallel = false)", EP, TP)
+    end
+  else
+    for _, f in ipairs({ "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_expert_capacity_factor" }) do
+      if m[f] ~= nil then
+        fail("%s is set (%s) but num_moe_experts is None. Please set num_moe_experts or remove %s.", f, fmt(m[f]), f)
+      end
+    end
+    if m.moe_pad_expert_input_to_capacity then
+      fail("moe_pad_expert_input_to_capacity = true but num_moe_experts is None. Please set num_moe_experts or "
+        .. "remove moe_pad_expert_input_to_capacity.")
+    end
+  end
+
+  -- tokenizer and vocabulary ----------------------------------------------------------------------
+  local natural = schema.TOKENIZERS[tok.tokenizer_type]
+  if tok.tokenizer_model ~= nil then
+    fail("tokenizer.tokenizer_model = %s: the %s tokenizer takes no model file (only SentencePiece/HuggingFace "
+      .. "tokenizers do, and luatron has only the byte-level one offline). Remove tokenizer_model",
+      fmt(tok.tokenizer_model), tok.tokenizer_type)
+  end
+  local tok_vocab = tok.vocab_size or natural
+  if tok_vocab < natural then
+    fail("tokenizer.vocab_size (%d) is smaller than the %s tokenizer's %d ids (256 bytes and the end-of-document "
+      .. "token). Set tokenizer.vocab_size >= %d or leave it nil", tok_vocab, tok.tokenizer_type, natural, natural)
+  end
+  tok.vocab_size = tok_vocab
+  local vocab = m.vocab_size or tok_vocab
+  -- Only real (tokenized) data carries the tokenizer's ids; mock data draws ids below vocab_size.
+  if vocab < tok_vocab and d.data_path ~= nil and not d.mock then
+    fail("model.vocab_size (%d) is smaller than the tokenizer's vocabulary (%d): token ids would fall outside the "
+      .. "embedding. Set model.vocab_size >= %d or leave it nil to take the tokenizer's", vocab, tok_vocab, tok_vocab)
+  end
+  m.vocab_size = vocab
+  r.padded_vocab_size = V.padded_vocab_size(vocab, m.make_vocab_size_divisible_by, TP)
+
+  -- dataset ------------------------------------------------------------------------------------------
+  if d.seq_length == nil then
+    d.seq_length = m.seq_length
+  elseif d.seq_length ~= m.seq_length then
+    fail("model.seq_length (%d) and dataset.seq_length (%d) differ: Please ensure sequence length configuration in "
+      .. "model config and dataset config match. Set one of them (the other follows) or make them equal",
+      m.seq_length, d.seq_length)
+  end
+  r.blend = V.parse_blend(d.data_path)
+  if d.mock == nil then
+    d.mock = (d.data_path == nil)
+  elseif d.mock and d.data_path ~= nil then
+    fail("dataset.mock = true but dataset.data_path = %s is set: mock data ignores data_path. Remove one of them",
+      fmt(d.data_path))
+  elseif not d.mock and d.data_path == nil then
+    fail("dataset.mock = false but dataset.data_path is nil: give data_path (indexed dataset prefixes) or leave "
+      .. "mock nil to train on mock data")
+  end
+  r.mock = d.mock
+  r.split_vector = V.parse_split(d.split)
+  if d.random_seed == nil then d.random_seed = rng.seed end
+  d.dataloader_type = d.dataloader_type or "single"
+
+  -- training loop and batch sizes ------------------------------------------------------------------
+  if t.micro_batch_size == nil then
+    fail("train.micro_batch_size is not set: give TrainingConfig{micro_batch_size = ...} (sequences per "
+      .. "microbatch per data-parallel rank)")
+  end
+  if t.train_iters == nil and not t.skip_train then
+    fail("train.train_iters is not set: give TrainingConfig{train_iters = ...} (number of optimizer steps)")
+  end
+  local MBS = t.micro_batch_size
+  if t.global_batch_size == nil then t.global_batch_size = MBS * DP end
+  local GBS = t.global_batch_size
+  if GBS % (MBS * DP) ~= 0 then
+    fail("global batch size (%d) is not divisible by micro batch size (%d) times data parallel size (%d). Set "
+      .. "train.global_batch_size to a multiple of %d, or change train.micro_batch_size or the data-parallel "
+      .. "size (world_size %d / (TP %d * PP %d * CP %d))", GBS, MBS, DP, MBS * DP, world_size, TP, PP, CP)
+  end
+  local M = GBS // (MBS * DP)
+  if M < 1 then fail("number of microbatches should be at least 1, got %d.", M) end
+  r.num_microbatches = M
+  if t.eval_interval == 0 and t.eval_iters > 0 then
+    fail("train.eval_interval = 0 with train.eval_iters = %d: eval_interval must be > 0 when eval_iters > 0. Set "
+      .. "eval_interval to the number of iterations between evaluations, or eval_iters = 0 to disable evaluation",
+      t.eval_iters)
+  end
+  if VPP then
+    local N = m.microbatch_group_size_per_vp_stage or PP
+    m.microbatch_group_size_per_vp_stage = N
+    if N < PP or N > M then
+      fail("The number of contiguous micro-batches in a virtual pipeline stage should range in [PP=%d , M=%d] "
+        .. "(microbatch_group_size_per_vp_stage = %d, num_microbatches = %d). %s", PP, M, N, M,
+        M < PP and string.format("Raise train.global_batch_size so that num_microbatches >= %d", PP)
+        or "Change microbatch_group_size_per_vp_stage")
+    end
+    local rem = M % N
+    if rem > 0 and rem < PP then
+      fail("The remainder of M (the total micro-batches, %d) divided by N (number of contiguous micro-batches in a "
+        .. "virtual pipeline stage, microbatch_group_size_per_vp_stage = %d) should be 0, or larger than or equal to "
+        .. "the pipeline-parallel size (%d), but it is %d. Make num_microbatches a multiple of %d", M, N, PP, rem, N)
+    end
+  end
+
+  -- optimizer ---------------------------------------------------------------------------------------
+  if o.lr == nil then
+    fail("optimizer.lr is not set: give OptimizerConfig{lr = <peak learning rate>}")
+  end
+  if o.min_lr == nil then o.min_lr = 0.0 end
+  if o.min_lr > o.lr then
+    fail("optimizer.min_lr (%s) must be <= optimizer.lr (%s): the schedule decays from lr down to min_lr. Lower "
+      .. "min_lr or raise lr", fmt(o.min_lr), fmt(o.lr))
+  end
+  if s.lr_warmup_init > o.lr then
+    fail("scheduler.lr_warmup_init (%s) must be <= optimizer.lr (%s): warmup rises from lr_warmup_init to lr",
+      fmt(s.lr_warmup_init), fmt(o.lr))
+  end
+  if ddp.use_distributed_optimizer ~= o.use_distributed_optimizer then
+    warn("Distributed optimizer settings were not in sync: ddp.use_distributed_optimizer=%s, "
+      .. "optimizer.use_distributed_optimizer=%s. Automatically enabling distributed optimizer for both settings.",
+      tostring(ddp.use_distributed_optimizer), tostring(o.use_distributed_optimizer))
+    ddp.use_distributed_optimizer, o.use_distributed_optimizer = true, true
+  end
+  if ddp.overlap_param_gather ~= o.overlap_param_gather then
+    warn("overlap_param_gather settings were not in sync: ddp.overlap_param_gather=%s, "
+      .. "optimizer.overlap_param_gather=%s. Automatically enabling overlap_param_gather for both settings.",
+      tostring(ddp.overlap_param_gather), tostring(o.overlap_param_gather))
+    ddp.overlap_param_gather, o.overlap_param_gather = true, true
+  end
+  if ddp.overlap_param_gather then
+    if not ddp.use_distributed_optimizer then
+      fail("overlap_param_gather = true needs the distributed optimizer: --overlap-param-gather only supported with "
+        .. "distributed optimizer. Set use_distributed_optimizer = true or overlap_param_gather = false")
+    end
+    if not ddp.overlap_grad_reduce then
+      fail("ddp.overlap_param_gather = true with ddp.overlap_grad_reduce = false: Must use --overlap-param-gather "
+        .. "with --overlap-grad-reduce. Set ddp.overlap_grad_reduce = true or overlap_param_gather = false")
+    end
+  end
+
+  -- scheduler ---------------------------------------------------------------------------------------
+  local train_iters = t.train_iters or 0
+  if s.max_steps ~= nil and s.max_steps < train_iters then
+    fail("scheduler.max_steps (%d) must be greater than or equal to train.train_iters (%d)", s.max_steps, train_iters)
+  end
+  local decay_from_train = s.max_steps == nil and s.lr_decay_iters == nil
+  local decay = s.max_steps or s.lr_decay_iters or t.train_iters
+  if decay == nil then
+    fail("scheduler.lr_decay_iters is not set and train.train_iters is nil: set one of them")
+  end
+  s.lr_decay_iters = decay
+  if s.lr_warmup_fraction ~= nil and s.lr_warmup_iters ~= 0 then
+    fail("scheduler.lr_warmup_fraction (%s) and scheduler.lr_warmup_iters (%d) are both set: use either "
+      .. "lr_warmup_fraction or lr_warmup_iters", fmt(s.lr_warmup_fraction), s.lr_warmup_iters)
+  end
+  local warm = s.lr_warmup_fraction and s.lr_warmup_fraction * decay or s.lr_warmup_iters
+  if warm > 0 and warm >= decay then
+    fail("scheduler.lr_warmup_iters (%s) must be less than scheduler.lr_decay_iters (%d)%s: warmup has to end "
+      .. "before the decay does. Lower lr_warmup_iters or raise lr_decay_iters", fmt(warm), decay,
+      decay_from_train and " (lr_decay_iters defaults to train.train_iters)" or "")
+  end
+  s.lr_warmup_iters = warm
+  if s.lr_decay_style == "WSD" then
+    s.lr_wsd_decay_iters = s.lr_wsd_decay_iters or decay
+    if s.lr_wsd_decay_iters > decay then
+      fail("scheduler.lr_wsd_decay_iters (%d) must be <= lr_decay_iters (%d): the WSD annealing phase is the end "
+        .. "of the decay", s.lr_wsd_decay_iters, decay)
+    end
+  end
+  local GB = t.global_batch_size
+  s.lr_decay_steps = decay * GB
+  s.lr_warmup_steps = warm * GB
+  s.wd_incr_steps = (s.max_steps or train_iters) * GB
+  if s.lr_wsd_decay_iters then s.wsd_decay_steps = s.lr_wsd_decay_iters * GB end
+  s.start_weight_decay = s.start_weight_decay or o.weight_decay
+  s.end_weight_decay = s.end_weight_decay or o.weight_decay
+  if s.end_weight_decay < s.start_weight_decay then
+    fail("scheduler.end_weight_decay (%s) must be >= scheduler.start_weight_decay (%s)",
+      fmt(s.end_weight_decay), fmt(s.start_weight_decay))
+  end
+  if s.weight_decay_incr_style == "constant" and s.start_weight_decay ~= s.end_weight_decay then
+    fail("scheduler.weight_decay_incr_style = 'constant' needs start_weight_decay (%s) == end_weight_decay (%s): "
+      .. "set weight_decay_incr_style = 'linear' or 'cosine' to change weight decay during training",
+      fmt(s.start_weight_decay), fmt(s.end_weight_decay))
+  end
+  if s.override_opt_param_scheduler and s.use_checkpoint_opt_param_scheduler then
+    fail("scheduler.override_opt_param_scheduler and scheduler.use_checkpoint_opt_param_scheduler are both true: "
+      .. "both override and use-checkpoint are set; choose one")
+  end
+
+  -- data-parallel buckets ---------------------------------------------------------------------------
+  if ddp.bucket_size ~= nil and ddp.num_buckets ~= nil then
+    fail("ddp.bucket_size (%d) and ddp.num_buckets (%d) are both set: Cannot specify both num_buckets and "
+      .. "bucket_size", ddp.bucket_size, ddp.num_buckets)
+  end
+  if ddp.bucket_size == nil and ddp.num_buckets == nil and ddp.overlap_grad_reduce then
+    ddp.bucket_size = math.max(40000000, 1000000 * DP)
+  end
+  if (DP * CP) % ddp.num_distributed_optimizer_instances ~= 0 then
+    fail("data_parallel_size (%d) * context_parallel_size (%d) = %d is not divisible by "
+      .. "ddp.num_distributed_optimizer_instances (%d): Data parallel size should be divisible by partial DistOpt "
+      .. "shard factor", DP, CP, DP * CP, ddp.num_distributed_optimizer_instances)
+  end
+  if ddp.num_distributed_optimizer_instances > 1 and not ddp.use_distributed_optimizer then
+    fail("ddp.num_distributed_optimizer_instances = %d needs use_distributed_optimizer = true",
+      ddp.num_distributed_optimizer_instances)
+  end
+
+  -- logger, checkpoint ------------------------------------------------------------------------------
+  if lg.metrics_file == nil and lg.log_dir ~= nil then
+    lg.metrics_file = lg.log_dir .. "/metrics.jsonl"
+  end
+  if ck.async_save then
+    fail("checkpoint.async_save = true is not supported: luatron saves checkpoints synchronously (to a temporary "
+      .. "name, then renamed into place). Set async_save = false")
+  end
+  if ck.ckpt_step ~= nil and ck.load == nil then
+    fail("ckpt_step=%d specified but checkpoint.load is None. Please set checkpoint.load to the base checkpoint "
+      .. "directory.", ck.ckpt_step)
+  end
+  if ck.save_interval ~= nil and ck.save == nil then
+    warn("checkpoint.save_interval = %d but checkpoint.save is nil: no checkpoints will be written", ck.save_interval)
+  end
+  if ck.finetune and ck.load == nil and ck.pretrained_checkpoint == nil then
+    warn("checkpoint.finetune = true but neither checkpoint.load nor checkpoint.pretrained_checkpoint is set: "
+      .. "the model starts from random weights")
+  end
+
+  return r
+end
+
+return V

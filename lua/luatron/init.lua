@@ -1,0 +1,37 @@
+-- luatron: `local lt = require "luatron"`.
+-- Config containers with Megatron Bridge's names, the training loop, and the engine's pieces
+-- (tensors, models, optimizers, datasets) for recipes that write their own loops.
+local core = require "luatron.core"
+local config = require "luatron.config"
+local pretrain = require "luatron.pretrain"
+
+local lt = {
+  version = "0.1.0",
+  core = core,
+  tensor = core.tensor,
+  config = config,
+  model = require "luatron.model",
+  scheduler = require "luatron.scheduler",
+  checkpoint = require "luatron.checkpoint",
+  json = require "luatron.json",
+  pretrain = pretrain.pretrain,
+  training = pretrain,
+}
+
+for _, name in ipairs {
+  "ConfigContainer", "GPTModelProvider", "TrainingConfig", "OptimizerConfig", "SchedulerConfig",
+  "DistributedDataParallelConfig", "GPTDatasetConfig", "LoggerConfig", "TokenizerConfig", "CheckpointConfig",
+  "RNGConfig",
+} do
+  lt[name] = config[name]
+end
+
+-- lt.build_model(provider [, seed]): a model from a GPTModelProvider.
+function lt.build_model(provider, seed)
+  return lt.model.build(provider, seed)
+end
+
+-- lt.optimizer(model, OptimizerConfig): AdamW or SGD over the model's parameters.
+lt.optimizer = core.optimizer
+
+return lt

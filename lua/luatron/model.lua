@@ -1,0 +1,51 @@
+-- Builds the engine's GPT model from a GPTModelProvider (Megatron names) and a padded vocab size.
+local core = require "luatron.core"
+
+local M = {}
+
+-- Megatron's _vocab_size_with_padding: the smallest multiple of divisible_by * TP >= vocab.
+function M.padded_vocab_size(vocab_size, divisible_by, tp)
+  local multiple = (divisible_by or 128) * (tp or 1)
+  return math.ceil(vocab_size / multiple) * multiple
+end
+
+-- The engine's view of a provider: every default resolved, names kept.
+function M.engine_config(provider, seed)
+  local heads = provider.num_attention_heads
+  local hidden = provider.hidden_size
+  -- Validation admits exactly two MLPs: GELU, or SiLU gated (SwiGLU).
+  local gated = provider.gated_linear_unit
+  return {
+    num_layers = provider.num_layers,
+    hidden_size = hidden,
+    num_attention_heads = heads,
+    num_query_groups = provider.num_query_groups or heads,
+    kv_channels = provider.kv_channels or hidden // heads,
+    ffn_hidden_size = provider.ffn_hidden_size or 4 * hidden,
+    seq_length = provider.seq_length,
+    vocab_size = M.padded_vocab_size(provider.vocab_size, provider.make_vocab_size_divisible_by,
+      provider.tensor_model_parallel_size),
+    rmsnorm = provider.normalization == "RMSNorm",
+    layernorm_epsilon = provider.layernorm_epsilon,
+    gated_linear_unit = gated and true or false,
+    rope = provider.position_embedding_type == "rope",
+    rotary_base = provider.rotary_base,
+    share_embeddings_and_output_weights = provider.share_embeddings_and_output_weights,
+    add_bias_linear = provider.add_bias_linear,
+    init_method_std = provider.init_method_std,
+    hidden_dropout = provider.hidden_dropout,
+    attention_dropout = provider.attention_dropout,
+    seed = seed or 1234,
+  }
+end
+
+-- A model on the CPU backend. `seed` makes the initial weights (layout-independent).
+function M.build(provider, seed)
+  local device = provider.device or "cpu"
+  if device ~= "cpu" then
+    error(("GPTModelProvider.device = %q: only the cpu backend is built into this binary yet"):format(device), 2)
+  end
+  return core.gpt(M.engine_config(provider, seed))
+end
+
+return M

@@ -1,0 +1,195 @@
+-- The training loop behind luatron.pretrain(config): Megatron's pretrain() on one rank.
+-- Every piece is a plain function so a recipe can assemble its own loop from them
+-- (see recipes/custom_loop.lua).
+local core = require "luatron.core"
+local config = require "luatron.config"
+local model_lib = require "luatron.model"
+local scheduler = require "luatron.scheduler"
+local checkpoint = require "luatron.checkpoint"
+local logger_lib = require "luatron.logger"
+
+local M = {}
+
+local function parse_value(s)
+  if s == "true" then return true end
+  if s == "false" then return false end
+  if s == "nil" or s == "null" then return nil end
+  return math.tointeger(tonumber(s)) or tonumber(s) or s
+end
+
+-- Applies command-line overrides "group.field=value" (e.g. train.train_iters=20) to a
+-- ConfigContainer; other arguments are returned untouched.
+function M.apply_overrides(cfg, args)
+  local rest = {}
+  for _, a in ipairs(args or {}) do
+    local group, field, value = a:match("^([%w_]+)%.([%w_]+)=(.*)$")
+    if group then
+      if cfg[group] == nil then
+        error(("override %q: ConfigContainer has no group '%s'"):format(a, group), 0)
+      end
+      cfg[group][field] = parse_value(value)
+    else
+      rest[#rest + 1] = a
+    end
+  end
+  return rest
+end
+
+-- Samples of one split ("train", "valid" or "test") of the resolved config `r`.
+function M.build_dataset(r, split, num_samples)
+  local ds = r.dataset
+  local data_path = ds.data_path
+  if type(data_path) == "table" then
+    local parts = {}
+    for i, p in ipairs(data_path) do parts[i] = tostring(p) end
+    data_path = table.concat(parts, " ")
+  end
+  return core.dataset {
+    data_path = not ds.mock and data_path or nil,
+    split = ds.split,
+    split_index = split,
+    seq_length = ds.seq_length,
+    seed = ds.random_seed,
+    num_samples = num_samples,
+    vocab_size = r.padded_vocab_size,
+  }
+end
+
+-- Everything a run needs: the validated config (r: every default resolved), model, optimizer,
+-- datasets and the state that checkpoints carry.
+function M.setup(cfg)
+  local r = config.validate(cfg, 1)
+  local seed = r.rng.seed
+  local model = model_lib.build(r.model, seed)
+  local optimizer = core.optimizer(model, r.optimizer)
+  local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
+  local run = {
+    cfg = cfg,
+    r = r,
+    model = model,
+    optimizer = optimizer,
+    train_data = M.build_dataset(r, "train", train_iters * gbs),
+    state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
+  }
+  if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
+    run.valid_data = M.build_dataset(r, "valid", r.train.eval_iters * gbs)
+  end
+  return run
+end
+
+-- Dropout masks depend only on (seed, first sample of the microbatch): any layout or a
+-- resumed run draws the same ones.
+local function dropout_seed(seed, first_sample)
+  return (seed << 32) ~ first_sample
+end
+
+-- One optimizer step over the global batch. Returns the mean loss, the gradient norm before
+-- clipping and the learning rate used.
+function M.train_step(run)
+  local r, model = run.r, run.model
+  local mbs, n_micro = r.train.micro_batch_size, r.num_microbatches
+  local lr = scheduler.lr_at(run.state.optimizer_steps, r.optimizer, r.scheduler, r.train.train_iters)
+  model:zero_grad()
+  local loss_sum = 0
+  for mb = 0, n_micro - 1 do
+    local first = run.state.consumed_samples + mb * mbs
+    local batch <close> = run.train_data:batch(first, mbs)
+    local ctx, loss, valid = model:forward(batch, dropout_seed(run.state.seed, first))
+    model:backward(ctx, 1 / (math.max(valid, 1) * n_micro))
+    loss_sum = loss_sum + loss
+  end
+  local loss = loss_sum / n_micro
+  local grad_norm = core.clip_grad_norm(model:flat_grads(), r.optimizer.clip_grad or 0)
+  if loss ~= loss or grad_norm ~= grad_norm or math.abs(loss) == math.huge or grad_norm == math.huge then
+    error(("NaN or infinite %s at iteration %d (loss %s, grad norm %s): stopping without saving; the last "
+      .. "good checkpoint is untouched. Lower optimizer.lr or set optimizer.clip_grad.")
+      :format(loss ~= loss and "loss" or "gradient", run.state.iteration + 1, loss, grad_norm), 0)
+  end
+  run.optimizer:step(lr)
+  run.state.iteration = run.state.iteration + 1
+  run.state.optimizer_steps = run.state.optimizer_steps + 1
+  run.state.consumed_samples = run.state.consumed_samples + r.train.global_batch_size
+  return loss, grad_norm, lr
+end
+
+-- Mean validation loss over eval_iters global batches (always the same samples, so
+-- evaluations are comparable across a run and across resumes).
+function M.evaluate(run)
+  local r, model = run.r, run.model
+  local mbs, gbs = r.train.micro_batch_size, r.train.global_batch_size
+  local total, count = 0, 0
+  for i = 0, r.train.eval_iters * gbs // mbs - 1 do
+    local batch <close> = run.valid_data:batch(i * mbs, mbs)
+    local ctx <close>, loss = model:forward(batch)
+    total, count = total + loss, count + 1
+  end
+  return total / count
+end
+
+function M.save(run)
+  local root = run.r.checkpoint.save
+  return checkpoint.save(root, run.model, run.optimizer, run.state, config.to_table(run.cfg))
+end
+
+-- Resumes from checkpoint.load (or from checkpoint.save when it already holds a run).
+function M.maybe_resume(run, log)
+  local ck = run.r.checkpoint
+  local root = ck.load or ck.save
+  if not root then return false end
+  local state, dir = checkpoint.load(root, run.model, run.optimizer)
+  if not state then
+    if ck.load then log:info("no checkpoint in %s: starting from scratch", ck.load) end
+    return false
+  end
+  if state.seed ~= run.state.seed then
+    error(("checkpoint %s was trained with seed %s but rng.seed is %s: use the same seed to resume")
+      :format(dir, tostring(state.seed), tostring(run.state.seed)), 0)
+  end
+  run.state = state
+  log:info("resumed from %s (iteration %d, %d samples consumed)", dir, state.iteration, state.consumed_samples)
+  return true
+end
+
+-- pretrain(config [, args]): train config.train.train_iters steps, logging, evaluating and
+-- checkpointing as the config says. args: command-line overrides (see apply_overrides).
+function M.pretrain(cfg, args)
+  if getmetatable(cfg) == nil then cfg = config.ConfigContainer(cfg) end
+  M.apply_overrides(cfg, args)
+  local run = M.setup(cfg)
+  local r = run.r
+  local train, ck, lg = r.train, r.checkpoint, r.logger
+  local metrics_path = lg.metrics_file or (lg.tensorboard_dir and lg.tensorboard_dir .. "/metrics.jsonl")
+    or (ck.save and ck.save .. "/metrics.jsonl")
+  local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
+    metrics_path = metrics_path }
+  local resumed = M.maybe_resume(run, log)
+  log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step%s",
+    tostring(run.model), run.model:num_parameters(), r.num_microbatches, train.micro_batch_size,
+    r.model.seq_length, resumed and "" or " | from scratch")
+  for _, w in ipairs(r.warnings or {}) do log:info("warning: %s", w) end
+  local tokens_per_step = train.global_batch_size * r.model.seq_length
+  local last_loss
+  while run.state.iteration < train.train_iters do
+    local t0 = core.clock()
+    local loss, grad_norm, lr = M.train_step(run)
+    last_loss = loss
+    log:step { iteration = run.state.iteration, loss = loss, lr = lr, grad_norm = grad_norm,
+      step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples }
+    local it = run.state.iteration
+    if run.valid_data and it % train.eval_interval == 0 then
+      local vloss = M.evaluate(run)
+      log:info("validation at iteration %d | loss %.4f | perplexity %.2f", it, vloss, math.exp(vloss))
+      log:record { iteration = it, validation_loss = vloss }
+    end
+    if ck.save and ck.save_interval and it % ck.save_interval == 0 then
+      log:info("saved checkpoint %s", M.save(run))
+    end
+  end
+  if ck.save and (not ck.save_interval or run.state.iteration % ck.save_interval ~= 0) and last_loss then
+    log:info("saved checkpoint %s", M.save(run))
+  end
+  log:close()
+  return { iteration = run.state.iteration, loss = last_loss, run = run }
+end
+
+return M

@@ -1,0 +1,170 @@
+/* Attention: forward against a naive full T x T reference (in double), backward against a naive
+ * reference and against finite differences; MHA, MQA, GQA; odd T and D; dropout with its mask. */
+#include <math.h>
+#include <stdio.h>
+
+#include "engine/ops/ops.h"
+#include "tests/ops/testutil.h"
+
+typedef struct {
+    int B, T, H, G, D;
+    float p;
+    uint64_t key;
+} shape;
+
+static size_t qkv_n(const shape *s) { return (size_t)s->B * s->T * (s->H + 2 * s->G) * s->D; }
+static size_t out_n(const shape *s) { return (size_t)s->B * s->T * s->H * s->D; }
+
+static size_t qoff(const shape *s, int b, int t, int h) {
+    int hpg = s->H / s->G, g = h / hpg;
+    return (((size_t)b * s->T + t) * (s->H + 2 * s->G) + g * (hpg + 2) + h % hpg) * s->D;
+}
+static size_t koff(const shape *s, int b, int t, int g) {
+    int hpg = s->H / s->G;
+    return (((size_t)b * s->T + t) * (s->H + 2 * s->G) + g * (hpg + 2) + hpg) * s->D;
+}
+static double keep_factor(const shape *s, int b, int h, int i, int j) {
+    if (s->p <= 0.0f) return 1.0;
+    uint64_t idx = (((uint64_t)b * s->H + h) * s->T + i) * (uint64_t)s->T + j;
+    return lt_rng_uniform(s->key, idx) < s->p ? 0.0 : 1.0 / (1.0 - (double)s->p);
+}
+
+/* Naive reference: full score matrix per (b, h), double precision; forward and (if dout) backward. */
+static void naive(const shape *s, const float *qkv, const float *dout, double *out, double *lse, double *dqkv) {
+    const int T = s->T, D = s->D, H = s->H, hpg = s->H / s->G;
+    const double scale = 1.0 / sqrt((double)D);
+    double *P = malloc(sizeof(double) * T * T), *Pd = malloc(sizeof(double) * T * T);
+    for (int b = 0; b < s->B; b++)
+        for (int h = 0; h < H; h++) {
+            const int g = h / hpg;
+            for (int i = 0; i < T; i++) {
+                const float *q = qkv + qoff(s, b, i, h);
+                double m = -INFINITY;
+                for (int j = 0; j <= i; j++) {
+                    const float *k = qkv + koff(s, b, j, g);
+                    double d = 0;
+                    for (int e = 0; e < D; e++) d += (double)q[e] * k[e];
+                    P[i * T + j] = d * scale;
+                    if (d * scale > m) m = d * scale;
+                }
+                double l = 0;
+                for (int j = 0; j <= i; j++) l += exp(P[i * T + j] - m);
+                lse[((size_t)b * H + h) * T + i] = m + log(l);
+                for (int j = 0; j <= i; j++) {
+                    P[i * T + j] = exp(P[i * T + j] - m) / l;
+                    Pd[i * T + j] = P[i * T + j] * keep_factor(s, b, h, i, j);
+                }
+                double *o = out + (((size_t)b * T + i) * H + h) * D;
+                for (int e = 0; e < D; e++) o[e] = 0;
+                for (int j = 0; j <= i; j++) {
+                    const float *v = qkv + koff(s, b, j, g) + D;
+                    for (int e = 0; e < D; e++) o[e] += Pd[i * T + j] * v[e];
+                }
+            }
+            if (!dout) continue;
+            for (int i = 0; i < T; i++) {
+                const float *go = dout + (((size_t)b * T + i) * H + h) * D;
+                const float *q = qkv + qoff(s, b, i, h);
+                double *dq = dqkv + qoff(s, b, i, h);
+                double *dp = malloc(sizeof(double) * (i + 1)), di = 0;
+                for (int j = 0; j <= i; j++) {
+                    const float *v = qkv + koff(s, b, j, g) + D;
+                    double *dv = dqkv + koff(s, b, j, g) + D;
+                    double d = 0;
+                    for (int e = 0; e < D; e++) d += (double)go[e] * v[e], dv[e] += Pd[i * T + j] * go[e];
+                    dp[j] = d * keep_factor(s, b, h, i, j);
+                    di += P[i * T + j] * dp[j];
+                }
+                for (int j = 0; j <= i; j++) {
+                    const double ds = P[i * T + j] * (dp[j] - di) * scale;
+                    const float *k = qkv + koff(s, b, j, g);
+                    double *dk = dqkv + koff(s, b, j, g);
+                    for (int e = 0; e < D; e++) dq[e] += ds * k[e], dk[e] += ds * q[e];
+                }
+                free(dp);
+            }
+        }
+    free(P);
+    free(Pd);
+}
+
+static double max_rel_d(const float *a, const double *b, size_t n) { return tu_rel_err(a, b, n); }
+
+/* Forward and backward vs the naive reference; backward also accumulates onto a prefilled dqkv. */
+static void check_vs_naive(const char *name, shape s) {
+    const size_t nq = qkv_n(&s), no = out_n(&s), nl = (size_t)s.B * s.H * s.T;
+    float *qkv = tu_new_randn(nq, 1.0f), *dout = tu_new_randn(no, 1.0f);
+    float *out = tu_alloc(no), *lse = tu_alloc(nl), *pre, *dqkv = tu_new_grad(nq, &pre);
+    double *rout = calloc(no, sizeof(double)), *rlse = calloc(nl, sizeof(double)), *rd = calloc(nq, sizeof(double));
+    lt_attention_forward(out, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, s.key);
+    naive(&s, qkv, dout, rout, rlse, rd);
+    TAP_CHECK(max_rel_d(out, rout, no) < 2e-5, "%s: forward out vs naive (rel %.2e)", name, max_rel_d(out, rout, no));
+    TAP_CHECK(max_rel_d(lse, rlse, nl) < 2e-6, "%s: forward lse vs naive (rel %.2e)", name, max_rel_d(lse, rlse, nl));
+    lt_attention_backward(dqkv, dout, qkv, out, lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key);
+    for (size_t i = 0; i < nq; i++) dqkv[i] -= pre[i];
+    double e = max_rel_d(dqkv, rd, nq);
+    TAP_CHECK(e < 1e-4, "%s: backward dqkv (accumulated) vs naive (rel %.2e)", name, e);
+    free(qkv), free(dout), free(out), free(lse), free(pre), free(dqkv), free(rout), free(rlse), free(rd);
+}
+
+/* Finite differences of L = sum(out * R) through the real forward. */
+typedef struct {
+    shape s;
+    float *qkv, *out, *lse, *R;
+} fd_ctx;
+
+static double fd_loss(void *p) {
+    fd_ctx *c = p;
+    lt_attention_forward(c->out, c->lse, c->qkv, c->s.B, c->s.T, c->s.H, c->s.G, c->s.D, c->s.p, c->s.key);
+    return tu_dot(c->out, c->R, out_n(&c->s));
+}
+
+static void check_fd(const char *name, shape s) {
+    const size_t nq = qkv_n(&s), no = out_n(&s);
+    fd_ctx c = {s, tu_new_randn(nq, 1.0f), tu_alloc(no), tu_alloc((size_t)s.B * s.H * s.T), tu_new_randn(no, 1.0f)};
+    float *pre, *dqkv = tu_new_grad(nq, &pre);
+    fd_loss(&c);
+    lt_attention_backward(dqkv, c.R, c.qkv, c.out, c.lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key);
+    char what[128];
+    snprintf(what, sizeof what, "%s: dqkv", name);
+    tu_check_fd(what, dqkv, pre, c.qkv, nq, 1e-2f, fd_loss, &c, 5e-4);
+    free(c.qkv), free(c.out), free(c.lse), free(c.R), free(dqkv), free(pre);
+}
+
+int main(void) {
+    /* naive-reference checks, block boundaries crossed: BR = 64 query rows, 16-wide tiles */
+    check_vs_naive("MHA B2 T37 H3 G3 D16", (shape){2, 37, 3, 3, 16, 0.0f, 0});
+    check_vs_naive("MQA B1 T70 H4 G1 D12", (shape){1, 70, 4, 1, 12, 0.0f, 0});
+    check_vs_naive("GQA B2 T130 H4 G2 D8", (shape){2, 130, 4, 2, 8, 0.0f, 0});
+    check_vs_naive("MHA B1 T128 H2 G2 D64", (shape){1, 128, 2, 2, 64, 0.0f, 0});
+    check_vs_naive("T1 B3 H2 G1 D20", (shape){3, 1, 2, 1, 20, 0.0f, 0});
+    check_vs_naive("dropout 0.3 GQA B2 T70 H4 G2 D8", (shape){2, 70, 4, 2, 8, 0.3f, 12345});
+    /* finite differences through the real forward */
+    check_fd("fd MHA B2 T9 H2 G2 D4", (shape){2, 9, 2, 2, 4, 0.0f, 0});
+    check_fd("fd MQA B1 T11 H3 G1 D6", (shape){1, 11, 3, 1, 6, 0.0f, 0});
+    check_fd("fd GQA B1 T10 H4 G2 D4", (shape){1, 10, 4, 2, 4, 0.0f, 0});
+    check_fd("fd GQA B1 T67 H2 G1 D2", (shape){1, 67, 2, 1, 2, 0.0f, 0});
+    check_fd("fd dropout 0.25 GQA B2 T12 H4 G2 D4", (shape){2, 12, 4, 2, 4, 0.25f, 777});
+
+    /* dropout: rate of dropped probabilities, and key changes the mask */
+    {
+        shape s = {2, 64, 2, 2, 8, 0.2f, 99};
+        const shape big = {1, 256, 2, 2, 8, 0.2f, 99}; /* 65792 causal entries: std of the rate ~0.0016 */
+        size_t dropped = 0, total = 0;
+        for (int h = 0; h < big.H; h++)
+            for (int i = 0; i < big.T; i++)
+                for (int j = 0; j <= i; j++) dropped += keep_factor(&big, 0, h, i, j) == 0.0, total++;
+        double rate = (double)dropped / total;
+        TAP_CHECK(fabs(rate - 0.2) < 0.008, "attention dropout mask rate %.4f ~ 0.2", rate);
+        const size_t nq = qkv_n(&s), no = out_n(&s);
+        float *qkv = tu_new_randn(nq, 1.0f), *o1 = tu_alloc(no), *o2 = tu_alloc(no), *o3 = tu_alloc(no);
+        float *lse = tu_alloc((size_t)s.B * s.H * s.T);
+        lt_attention_forward(o1, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 99);
+        lt_attention_forward(o2, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 99);
+        lt_attention_forward(o3, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 100);
+        TAP_CHECK(memcmp(o1, o2, no * sizeof(float)) == 0, "attention dropout: same key, identical output");
+        TAP_CHECK(tu_max_abs_diff(o1, o3, no) > 1e-3, "attention dropout: another key, another mask");
+        free(qkv), free(o1), free(o2), free(o3), free(lse);
+    }
+    return tap_done();
+}

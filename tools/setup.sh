@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the system packages luatron builds with (Debian 12), once: a second run costs nothing.
+set -euo pipefail
+packages=(bazel-bootstrap lua5.4 liblua5.4-dev lua-busted libopenblas-dev pkg-config gcc g++)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "luatron needs these Debian packages: ${missing[*]}" >&2
+  echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+echo "luatron: installing ${missing[*]} ..." >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq "${missing[@]}" >/dev/null

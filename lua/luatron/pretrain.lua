@@ -169,6 +169,7 @@ function M.pretrain(cfg, args)
   for _, w in ipairs(r.warnings or {}) do log:info("warning: %s", w) end
   local tokens_per_step = train.global_batch_size * r.model.seq_length
   local last_loss
+  local started = core.clock()
   while run.state.iteration < train.train_iters do
     local t0 = core.clock()
     local loss, grad_norm, lr = M.train_step(run)
@@ -181,8 +182,18 @@ function M.pretrain(cfg, args)
       log:info("validation at iteration %d | loss %.4f | perplexity %.2f", it, vloss, math.exp(vloss))
       log:record { iteration = it, validation_loss = vloss }
     end
+    local saved = false
     if ck.save and ck.save_interval and it % ck.save_interval == 0 then
       log:info("saved checkpoint %s", M.save(run))
+      saved = true
+    end
+    local minutes = (core.clock() - started) / 60
+    if (train.exit_interval and it % train.exit_interval == 0)
+        or (train.exit_duration_in_mins and minutes >= train.exit_duration_in_mins) then
+      if ck.save and not saved then log:info("saved checkpoint %s", M.save(run)) end
+      log:info("exiting at iteration %d (train.exit_interval / exit_duration_in_mins)", it)
+      log:close()
+      return { iteration = it, loss = last_loss, run = run, exited_early = true }
     end
   end
   if ck.save and (not ck.save_interval or run.state.iteration % ck.save_interval ~= 0) and last_loss then

@@ -1,0 +1,202 @@
+-- End to end through the luatron command: training, resuming, real data, and bad input.
+-- Needs LUATRON (the binary); tests/lua/BUILD provides it under Bazel.
+local json = require "luatron.json"
+
+local LUATRON = os.getenv("LUATRON")
+
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- Runs the command; returns exit code and the combined output.
+local function luatron(args)
+  assert(LUATRON, "LUATRON is not set: point it at the luatron binary (e.g. LUATRON=bazel-bin/luatron)")
+  local p = io.popen(q(LUATRON) .. " " .. args .. " 2>&1; echo \"EXIT:$?\"")
+  local out = p:read("a")
+  p:close()
+  local code = tonumber(out:match("EXIT:(%d+)%s*$"))
+  return code, out:gsub("EXIT:%d+%s*$", "")
+end
+
+local function tmpdir()
+  local path = os.tmpname()
+  os.remove(path)
+  assert(os.execute("mkdir -p " .. q(path)))
+  return path
+end
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+local function read_metrics(path)
+  local rows = {}
+  for line in io.lines(path) do
+    local r = json.decode(line)
+    if r.loss then rows[r.iteration] = r end
+  end
+  return rows
+end
+
+-- The tiny recipe, shortened, with everything a test needs written into dir.
+local function tiny(dir, extra)
+  return ("run recipes/gpt_tiny.lua train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_iters=0 "
+    .. "logger.metrics_file=%s %s")
+    :format(q(dir .. "/metrics.jsonl"), extra or "")
+end
+
+describe("luatron command", function()
+  it("prints help and version", function()
+    local code, out = luatron("--help")
+    assert.are.equal(0, code)
+    assert.truthy(out:find("run FILE", 1, true))
+    assert.truthy(out:find("repl", 1, true))
+    assert.truthy(out:find("preprocess", 1, true))
+    code, out = luatron("--version")
+    assert.are.equal(0, code)
+    assert.truthy(out:match("^luatron %d+%.%d+%.%d+"))
+    code, out = luatron("frobnicate")
+    assert.are.equal(2, code)
+    assert.truthy(out:find("unknown command 'frobnicate'", 1, true))
+  end)
+
+  it("trains the tiny recipe: the loss falls well below its initial value", function()
+    local dir = tmpdir()
+    local code, out = luatron(tiny(dir, "train.train_iters=80 optimizer.lr=3e-3 scheduler.lr_warmup_iters=10"))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("tokens/s", 1, true), out)
+    assert.truthy(out:find("peak memory", 1, true), out)
+    local m = read_metrics(dir .. "/metrics.jsonl")
+    assert.is_true(m[1].loss > 5.0, "initial loss near log(256): " .. m[1].loss)
+    local last = (m[78].loss + m[79].loss + m[80].loss) / 3
+    assert.is_true(last < m[1].loss - 1.5, ("loss %.3f -> %.3f"):format(m[1].loss, last))
+    for _, k in ipairs { "lr", "grad_norm", "tokens_per_s", "step_time_ms", "peak_memory_mib" } do
+      assert.is_number(m[80][k], k)
+    end
+  end)
+
+  it("resumes from a checkpoint with the same losses as an uninterrupted run", function()
+    local a, b = tmpdir(), tmpdir()
+    local common = "train.train_iters=12 model.hidden_dropout=0.1 model.attention_dropout=0.1 "
+      .. "checkpoint.save_interval=6 "
+    local code, out = luatron(tiny(a, common .. "checkpoint.save=" .. q(a .. "/ckpt")))
+    assert.are.equal(0, code, out)
+    -- Stop after 6 iterations (as a preempted job would), then run again: it picks up the saved state.
+    code, out = luatron(tiny(b, common .. "train.exit_interval=6 checkpoint.save=" .. q(b .. "/ckpt")))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(b, common .. "checkpoint.save=" .. q(b .. "/ckpt")))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("resumed from", 1, true), out)
+    local ma, mb = read_metrics(a .. "/metrics.jsonl"), read_metrics(b .. "/metrics.jsonl")
+    for it = 1, 12 do
+      assert.are.equal(ma[it].loss, mb[it].loss, "loss at iteration " .. it)
+      assert.are.equal(ma[it].grad_norm, mb[it].grad_norm, "grad norm at iteration " .. it)
+    end
+    local f = assert(io.open(b .. "/ckpt/latest_checkpointed_iteration.txt"))
+    assert.are.equal("12", f:read("l"))
+    f:close()
+  end)
+
+  it("preprocesses JSONL into Megatron's indexed format and trains on it", function()
+    local dir = tmpdir()
+    local lines = {}
+    for i = 1, 200 do
+      lines[i] = json.encode { text = ("document %d: the quick brown fox jumps over the lazy dog.\n"):format(i)
+        .. ("abc "):rep(i % 7 + 3) }
+    end
+    write(dir .. "/corpus.jsonl", table.concat(lines, "\n") .. "\n")
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --append-eod")
+      :format(q(dir .. "/corpus.jsonl"), q(dir .. "/corpus")))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(dir, ("train.train_iters=25 model.vocab_size=nil dataset.data_path=%s "
+      .. "dataset.split=98,2,0 train.eval_interval=25"):format(q(dir .. "/corpus"))))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("validation at iteration 25", 1, true), out)
+    local m = read_metrics(dir .. "/metrics.jsonl")
+    assert.is_true(m[25].loss < m[1].loss - 1.0, ("loss %.3f -> %.3f"):format(m[1].loss, m[25].loss))
+  end)
+end)
+
+describe("bad input", function()
+  it("names an unknown config field, suggests the nearest one and points at the recipe line", function()
+    local dir = tmpdir()
+    write(dir .. "/bad.lua", 'local lt = require "luatron"\n\nlocal p = lt.GPTModelProvider { num_layer = 2 }\n')
+    local code, out = luatron("run " .. q(dir .. "/bad.lua"))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("unknown field 'num_layer'", 1, true), out)
+    assert.truthy(out:find("did you mean 'num_layers'", 1, true), out)
+    assert.truthy(out:find("bad.lua:3:", 1, true), out)
+  end)
+
+  it("reports a recipe syntax error with file:line", function()
+    local dir = tmpdir()
+    write(dir .. "/syntax.lua", "local x = 1\nlocal y = = 2\n")
+    local code, out = luatron("run " .. q(dir .. "/syntax.lua"))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("syntax.lua:2:", 1, true), out)
+  end)
+
+  it("reports a missing recipe", function()
+    local code, out = luatron("run /nonexistent/recipe.lua")
+    assert.are.equal(1, code)
+    assert.truthy(out:find("/nonexistent/recipe.lua", 1, true), out)
+  end)
+
+  it("rejects an invalid value and an unknown override before any work", function()
+    local dir = tmpdir()
+    local code, out = luatron(tiny(dir, "model.hidden_size=-3"))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("hidden_size = -3", 1, true), out)
+    code, out = luatron(tiny(dir, "trian.train_iters=3"))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("unknown field 'trian' (did you mean 'train'?)", 1, true), out)
+  end)
+
+  it("reports a missing and a truncated dataset clearly", function()
+    local dir = tmpdir()
+    local code, out = luatron(tiny(dir, "train.train_iters=2 model.vocab_size=nil dataset.data_path="
+      .. q(dir .. "/missing")))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("missing", 1, true), out)
+    write(dir .. "/c.jsonl", '{"text": "hello world, hello data"}\n{"text": "second document here"}\n')
+    assert.are.equal(0, (luatron(("preprocess --input %s --output-prefix %s"):format(q(dir .. "/c.jsonl"),
+      q(dir .. "/c")))))
+    assert(os.execute(("truncate -s 5 %s"):format(q(dir .. "/c.bin"))))
+    code, out = luatron(tiny(dir, "train.train_iters=2 model.vocab_size=nil dataset.data_path=" .. q(dir .. "/c")))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("c.bin", 1, true), out)
+    assert.falsy(out:find("Segmentation", 1, true), out)
+  end)
+
+  it("refuses a corrupt checkpoint with a clear message", function()
+    local dir = tmpdir()
+    local ck = dir .. "/ckpt"
+    assert.are.equal(0, (luatron(tiny(dir, "train.train_iters=2 checkpoint.save=" .. q(ck)))))
+    local file = ck .. "/iter_0000002/model.safetensors"
+    local f = assert(io.open(file, "r+b"))
+    f:seek("set", 400)
+    local byte = f:read(1)
+    f:seek("set", 400)
+    f:write(string.char(byte:byte() ~ 0x5a))
+    f:close()
+    local code, out = luatron(tiny(dir, "train.train_iters=4 checkpoint.save=" .. q(ck)))
+    assert.are.equal(1, code)
+    assert.truthy(out:find("corrupt checkpoint", 1, true), out)
+    assert.truthy(out:find("model.safetensors", 1, true), out)
+  end)
+
+  it("stops at a NaN loss, naming the step, without overwriting the last good checkpoint", function()
+    local dir = tmpdir()
+    local ck = dir .. "/ckpt"
+    assert.are.equal(0, (luatron(tiny(dir, "train.train_iters=2 checkpoint.save=" .. q(ck)))))
+    local code, out = luatron(tiny(dir, "train.train_iters=40 checkpoint.save_interval=1 optimizer.lr=1e30 "
+      .. "scheduler.lr_warmup_iters=0 optimizer.clip_grad=0 checkpoint.save=" .. q(ck)))
+    assert.are.equal(1, code, out)
+    local step = out:match("NaN or infinite %a+ at iteration (%d+)")
+    assert.truthy(step, out)
+    local f = assert(io.open(ck .. "/latest_checkpointed_iteration.txt"))
+    local latest = tonumber(f:read("l"))
+    f:close()
+    assert.is_true(latest < tonumber(step), ("latest checkpoint %d, NaN at %s"):format(latest, step))
+  end)
+end)

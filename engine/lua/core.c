@@ -1,12 +1,26 @@
 /* require "luatron.core": the C side of the engine as one Lua module, plus the searcher that
  * finds the embedded Lua library. */
+#define _GNU_SOURCE /* dladdr, RTLD_NODELETE */
+#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine/lua/bindings.h"
 #include "engine/lua/embedded.h"
 
+/* Loaded as a C module by a stock lua5.4, this library is dlclose'd when the Lua state closes,
+ * which unmaps it and (with it) libgomp and OpenBLAS while their worker threads still run:
+ * the process then crashes at exit (SIGSEGV after the script finished, so busted fails).
+ * Marking the library RTLD_NODELETE keeps it and its dependencies mapped until the process ends.
+ * In the luatron binary this finds the executable itself, where it is a harmless no-op. */
+static void pin_library(void) {
+    Dl_info info;
+    if (dladdr((void *)luaopen_luatron_core, &info) && info.dli_fname && *info.dli_fname)
+        (void)dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE); /* deliberately never closed */
+}
+
 int luaopen_luatron_core(lua_State *L) {
+    pin_library();
     lua_newtable(L);
     lt_lua_open_tensor(L);
     lt_lua_open_model(L);

@@ -9,6 +9,9 @@
 
 typedef struct {
     lt_optimizer *o;
+    /* The optimizer's own views of the model's flat weights and gradients: they hold a reference
+     * to the storage, so model:close() before the optimizer is done cannot leave it writing freed memory. */
+    lt_tensor *params, *grads;
 } optim_box;
 
 static lt_optimizer *check_optim(lua_State *L, int idx) {
@@ -49,10 +52,14 @@ static int l_optimizer_new(lua_State *L) {
     }
     optim_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->o = NULL;
+    b->params = b->grads = NULL;
     luaL_setmetatable(L, OPTIM_MT);
     lua_pushvalue(L, 1); /* keep the model alive while the optimizer lives */
     lua_setiuservalue(L, -2, 1);
-    b->o = lt_optimizer_new(&c, lt_gpt_weights(m), lt_gpt_grads(m), segs, n);
+    lt_tensor *w = lt_gpt_weights(m), *g = lt_gpt_grads(m);
+    b->params = lt_tensor_view(w, w->ndim, w->shape, w->stride, w->offset);
+    b->grads = lt_tensor_view(g, g->ndim, g->shape, g->stride, g->offset);
+    if (b->params && b->grads) b->o = lt_optimizer_new(&c, b->params, b->grads, segs, n);
     if (!b->o) luaL_error(L, "out of memory for the optimizer state");
     return 1;
 }
@@ -92,7 +99,10 @@ static int m_state(lua_State *L) {
 static int m_free(lua_State *L) {
     optim_box *b = luaL_checkudata(L, 1, OPTIM_MT);
     lt_optimizer_free(b->o);
+    lt_tensor_free(b->params);
+    lt_tensor_free(b->grads);
     b->o = NULL;
+    b->params = b->grads = NULL;
     return 0;
 }
 

@@ -57,7 +57,26 @@ end
 
 -- Everything a run needs: the validated config (r: every default resolved), model, optimizer,
 -- datasets and the state that checkpoints carry.
+-- What this build cannot run yet, said plainly before the rules about world sizes would.
+local function check_supported(m)
+  for _, f in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size" } do
+    if (m[f] or 1) > 1 then
+      error(("GPTModelProvider.%s = %d: this build trains on a single rank; the multi-rank runtime "
+        .. "(luatron launch, mpirun) is not implemented yet. Set %s = 1"):format(f, m[f], f), 0)
+    end
+  end
+  if m.num_moe_experts then
+    error("GPTModelProvider.num_moe_experts is set: MoE layers are not implemented yet. Remove num_moe_experts", 0)
+  end
+  if m.bf16 or m.fp16 then
+    error(("GPTModelProvider.%s = true: mixed precision comes with the CUDA backend, which is not built yet. "
+      .. "Train in fp32 (remove %s)"):format(m.bf16 and "bf16" or "fp16", m.bf16 and "bf16" or "fp16"), 0)
+  end
+end
+
 function M.setup(cfg)
+  check_supported(cfg.model)
   local r = config.validate(cfg, 1)
   local seed = r.rng.seed
   local model = model_lib.build(r.model, seed)

@@ -1,0 +1,691 @@
+/* End-to-end tests of the GPT decoder (engine/model/gpt.h):
+ *   1. backward against central finite differences of the mean loss, for every parameter tensor of
+ *      several configurations (LayerNorm/GELU/learned positions/tied/bias; RMSNorm/SwiGLU/RoPE/untied/
+ *      no bias; GQA with kv_channels != hidden/heads; ignored targets), plus gradient accumulation;
+ *   2. dropout: same seed → same loss, other seed → other loss, finite differences still match;
+ *   3. layout-independent init and init statistics;
+ *   4. errors (bad token id, T > seq_length, invalid config);
+ *   5. Megatron parameter names and shapes;
+ *   6. a few SGD steps overfit one batch. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/core/rng.h"
+#include "engine/core/tensor.h"
+#include "engine/model/gpt.h"
+#include "engine/ops/ops.h"
+#include "tests/tap.h"
+
+/* ---- helpers ---- */
+
+static lt_gpt_config small_config(void) {
+    lt_gpt_config c;
+    memset(&c, 0, sizeof c);
+    c.num_layers = 2;
+    c.hidden_size = 16;
+    c.num_attention_heads = 4;
+    c.num_query_groups = 4;
+    c.kv_channels = 4;
+    c.ffn_hidden_size = 32;
+    c.seq_length = 8;
+    c.vocab_size = 32;
+    c.rmsnorm = 0;
+    c.layernorm_epsilon = 1e-5f;
+    c.gated_linear_unit = 0;
+    c.rope = 0;
+    c.rotary_base = 10000.0f;
+    c.share_embeddings_and_output_weights = 1;
+    c.add_bias_linear = 1;
+    c.init_method_std = 0.2f;
+    c.hidden_dropout = 0.0f;
+    c.attention_dropout = 0.0f;
+    c.seed = 1234;
+    return c;
+}
+
+static lt_gpt *new_model(const lt_gpt_config *c) {
+    char err[256] = "";
+    lt_gpt *m = lt_gpt_new(c, err, sizeof err);
+    if (!m) {
+        TAP_CHECK(0, "lt_gpt_new failed: %s", err);
+        exit(tap_done() | 1);
+    }
+    return m;
+}
+
+static float *wdata(lt_gpt *m) { return lt_tensor_data(lt_gpt_weights(m)); }
+static float *gdata(lt_gpt *m) { return lt_tensor_data(lt_gpt_grads(m)); }
+
+static int64_t flat_total(lt_gpt *m) {
+    const lt_gpt_param *p = lt_gpt_param_info(m, lt_gpt_num_params(m) - 1);
+    return p->offset + p->numel;
+}
+
+typedef struct {
+    int B, T;
+    int32_t tokens[64], targets[64];
+} batch;
+
+/* Deterministic random batch; targets[i] = -1 where ignore_every divides i + 1 (0: none ignored). */
+static batch make_batch(int B, int T, int V, uint64_t key, int ignore_every) {
+    batch b;
+    b.B = B;
+    b.T = T;
+    for (int i = 0; i < B * T; i++) {
+        b.tokens[i] = (int32_t)(lt_rng_uniform(key, 2 * (uint64_t)i) * (float)V) % V;
+        b.targets[i] = (int32_t)(lt_rng_uniform(key, 2 * (uint64_t)i + 1) * (float)V) % V;
+        if (ignore_every && (i + 1) % ignore_every == 0) b.targets[i] = (i % 2) ? -1 : -100;
+    }
+    return b;
+}
+
+/* Mean loss of one forward (the context is freed). */
+static float loss_of(lt_gpt *m, const batch *b, uint64_t dseed) {
+    char err[256] = "";
+    float loss = NAN;
+    int64_t nv = 0;
+    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, dseed, &loss, &nv, err, sizeof err);
+    if (!c) {
+        TAP_CHECK(0, "forward failed: %s", err);
+        return NAN;
+    }
+    lt_gpt_ctx_free(c);
+    return loss;
+}
+
+/* Forward + backward with grad_scale = 1 / num_valid (so the gradient is d(mean loss)), accumulating. */
+static float fwd_bwd(lt_gpt *m, const batch *b, uint64_t dseed, int64_t *num_valid) {
+    char err[256] = "";
+    float loss = NAN;
+    int64_t nv = 0;
+    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, dseed, &loss, &nv, err, sizeof err);
+    if (!c) {
+        TAP_CHECK(0, "forward failed: %s", err);
+        return NAN;
+    }
+    lt_gpt_backward(m, c, nv ? 1.0f / (float)nv : 0.0f);
+    if (num_valid) *num_valid = nv;
+    return loss;
+}
+
+/* Tolerances of the finite-difference comparison (fp32 forward, eps = 1e-2 on weights of std 0.2):
+ * the loss is ~3.5, so its rounding noise (~1e-6) divided by 2 eps gives ~5e-5 of noise, and the
+ * O(eps^2) truncation error is of the same order. */
+#define FD_EPS 1e-2f
+#define FD_ATOL 3e-4
+#define FD_RTOL 2e-2
+
+/* Central difference of the loss along the perturbation w[idx[k]] += eps * dir[k] (in place, restored).
+ * Returns fd and sets *an to the analytic g . delta / (2 eps), using the deltas fp32 actually applied. */
+static double fd_along(lt_gpt *m, const batch *b, uint64_t dseed, const float *g, const int64_t *idx,
+                       const float *dir, int n, float eps, double *an) {
+    float *w = wdata(m);
+    float *w0 = malloc(sizeof(float) * (size_t)n);
+    double *dp = malloc(sizeof(double) * (size_t)n), *dm = malloc(sizeof(double) * (size_t)n);
+    for (int k = 0; k < n; k++) w0[k] = w[idx[k]];
+    for (int k = 0; k < n; k++) {
+        w[idx[k]] = w0[k] + eps * dir[k];
+        dp[k] = (double)w[idx[k]] - w0[k];
+    }
+    double lp = loss_of(m, b, dseed);
+    for (int k = 0; k < n; k++) {
+        w[idx[k]] = w0[k] - eps * dir[k];
+        dm[k] = (double)w0[k] - w[idx[k]];
+    }
+    double lm = loss_of(m, b, dseed);
+    for (int k = 0; k < n; k++) w[idx[k]] = w0[k];
+    double a = 0;
+    for (int k = 0; k < n; k++) a += (double)g[idx[k]] * (dp[k] + dm[k]);
+    *an = a / (2.0 * eps);
+    free(w0);
+    free(dp);
+    free(dm);
+    return (lp - lm) / (2.0 * eps);
+}
+
+static int close_enough(double fd, double an, double *ratio) {
+    double tol = FD_ATOL + FD_RTOL * fmax(fabs(fd), fabs(an));
+    double r = fabs(fd - an) / tol;
+    if (isnan(r)) r = INFINITY;
+    if (r > *ratio) *ratio = r;
+    return r <= 1.0;
+}
+
+/* Gradient check of every parameter tensor: 5 sampled elements (first, last, 3 random) and one
+ * random direction over the whole tensor; then gradient accumulation (two backwards = 2x). */
+static void grad_check(const char *label, lt_gpt *m, const batch *b, uint64_t dseed) {
+    lt_gpt_zero_grad(m);
+    int64_t nv = 0;
+    float loss = fwd_bwd(m, b, dseed, &nv);
+    TAP_CHECK(isfinite(loss) && nv > 0, "%s: forward gives a finite loss %.4f over %lld valid targets", label,
+              loss, (long long)nv);
+    const int64_t total = flat_total(m);
+    float *g = malloc(sizeof(float) * (size_t)total);
+    memcpy(g, gdata(m), sizeof(float) * (size_t)total);
+
+    /* Loss recomputed in double from the returned logits matches the returned mean loss. */
+    {
+        char err[256];
+        float l2 = NAN;
+        int64_t nv2 = 0;
+        lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, dseed, &l2, &nv2, err, sizeof err);
+        const float *logits = lt_gpt_ctx_logits(c);
+        const int V = lt_gpt_get_config(m)->vocab_size;
+        double sum = 0;
+        int64_t cnt = 0;
+        for (int i = 0; i < b->B * b->T; i++) {
+            if (b->targets[i] < 0) continue;
+            const float *row = logits + (size_t)i * V;
+            double mx = row[0], s = 0;
+            for (int v = 1; v < V; v++) mx = fmax(mx, row[v]);
+            for (int v = 0; v < V; v++) s += exp((double)row[v] - mx);
+            sum += mx + log(s) - row[b->targets[i]];
+            cnt++;
+        }
+        double ref = sum / (double)cnt;
+        TAP_CHECK(l2 == loss && nv2 == nv && cnt == nv && fabs(ref - loss) <= 1e-5 * fabs(ref) + 1e-6,
+                  "%s: mean loss %.6f = mean cross-entropy of the logits %.6f over %lld targets", label, loss, ref,
+                  (long long)cnt);
+        lt_gpt_ctx_free(c);
+    }
+
+    uint64_t key = lt_rng_key(7, label);
+    for (int i = 0; i < lt_gpt_num_params(m); i++) {
+        const lt_gpt_param *p = lt_gpt_param_info(m, i);
+        double ratio = 0, max_g = 0, sumsq = 0;
+        int ok = 1;
+        for (int64_t j = 0; j < p->numel; j++) {
+            double v = g[p->offset + j];
+            sumsq += v * v;
+            if (!isfinite(v)) ok = 0;
+        }
+        /* Elements: first, last and three random ones. */
+        int64_t sample[5] = {0, p->numel - 1, 0, 0, 0};
+        for (int k = 2; k < 5; k++)
+            sample[k] = (int64_t)(lt_rng_uniform(key, (uint64_t)(i * 8 + k)) * (float)p->numel) % p->numel;
+        double worst_fd = 0, worst_an = 0;
+        for (int k = 0; k < 5; k++) {
+            int64_t idx = p->offset + sample[k];
+            float one = 1.0f;
+            double an;
+            double fd = fd_along(m, b, dseed, g, &idx, &one, 1, FD_EPS, &an);
+            double before = ratio;
+            if (!close_enough(fd, an, &ratio)) ok = 0;
+            if (ratio > before) worst_fd = fd, worst_an = an;
+            if (fabs(an) > max_g) max_g = fabs(an);
+        }
+        /* One random direction (unit norm) over the whole tensor. */
+        int64_t *idx = malloc(sizeof(int64_t) * (size_t)p->numel);
+        float *dir = malloc(sizeof(float) * (size_t)p->numel);
+        lt_rng_fill_normal(dir, p->numel, key ^ 0x5eedull, (uint64_t)i << 32, 0.0f, 1.0f);
+        double nrm = 0;
+        for (int64_t j = 0; j < p->numel; j++) nrm += (double)dir[j] * dir[j];
+        for (int64_t j = 0; j < p->numel; j++) {
+            idx[j] = p->offset + j;
+            dir[j] = (float)(dir[j] / sqrt(nrm));
+        }
+        double dan;
+        double dfd = fd_along(m, b, dseed, g, idx, dir, (int)p->numel, FD_EPS, &dan);
+        double dratio = 0;
+        if (!close_enough(dfd, dan, &dratio)) ok = 0;
+        free(idx);
+        free(dir);
+        if (!(sumsq > 0)) ok = 0; /* every tensor takes part in the loss */
+        TAP_CHECK(ok,
+                  "%s: d(mean loss)/d %s matches finite differences (elements: worst err/tol %.2f, fd %.3g vs "
+                  "%.3g, max |g| %.2e; direction: fd %.4g vs %.4g; |g| %.2e)",
+                  label, p->name, ratio, worst_fd, worst_an, max_g, dfd, dan, sqrt(sumsq));
+    }
+
+    /* Gradients accumulate: a second backward without zeroing doubles them. */
+    fwd_bwd(m, b, dseed, NULL);
+    const float *g2 = gdata(m);
+    double maxdiff = 0, maxg = 0;
+    for (int64_t j = 0; j < total; j++) {
+        maxdiff = fmax(maxdiff, fabs((double)g2[j] - 2.0 * g[j]));
+        maxg = fmax(maxg, fabs((double)g[j]));
+    }
+    TAP_CHECK(maxg > 0 && maxdiff <= 1e-6 * maxg, "%s: two backwards accumulate twice the gradient (max diff %.2e)",
+              label, maxdiff);
+    lt_gpt_zero_grad(m);
+    double zs = 0;
+    for (int64_t j = 0; j < total; j++) zs += fabs((double)gdata(m)[j]);
+    TAP_CHECK(zs == 0, "%s: zero_grad clears the gradients", label);
+    free(g);
+}
+
+/* ---- 1. gradient checks ---- */
+
+static void test_gradients(void) {
+    /* (a) LayerNorm + GELU + learned positions + tied embeddings + bias. */
+    lt_gpt_config a = small_config();
+    lt_gpt *m = new_model(&a);
+    batch b = make_batch(2, 8, a.vocab_size, 11, 0);
+    grad_check("(a) layernorm/gelu/learned-pos/tied/bias", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (b) RMSNorm + SwiGLU + RoPE + untied output + no bias. */
+    lt_gpt_config c = small_config();
+    c.rmsnorm = 1;
+    c.gated_linear_unit = 1;
+    c.rope = 1;
+    c.share_embeddings_and_output_weights = 0;
+    c.add_bias_linear = 0;
+    c.seed = 99;
+    m = new_model(&c);
+    b = make_batch(2, 8, c.vocab_size, 12, 0);
+    grad_check("(b) rmsnorm/swiglu/rope/untied/no-bias", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (c) GQA: 4 heads in 2 query groups, kv_channels 6 != 16 / 4, with RoPE, bias and T < seq_length. */
+    lt_gpt_config q = small_config();
+    q.num_query_groups = 2;
+    q.kv_channels = 6;
+    q.rope = 1;
+    q.gated_linear_unit = 1;
+    q.share_embeddings_and_output_weights = 0;
+    q.seed = 5;
+    m = new_model(&q);
+    b = make_batch(2, 7, q.vocab_size, 13, 0);
+    grad_check("(c) gqa 4 heads/2 groups, kv_channels 6", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (d) Ignored targets (-1 and -100), GQA with learned positions and GELU. */
+    lt_gpt_config d = small_config();
+    d.num_query_groups = 2;
+    d.kv_channels = 8;
+    d.seed = 77;
+    m = new_model(&d);
+    b = make_batch(2, 8, d.vocab_size, 14, 3);
+    int expected = 0;
+    for (int i = 0; i < 16; i++) expected += b.targets[i] >= 0;
+    int64_t nv = 0;
+    float loss = NAN;
+    char err[128];
+    lt_gpt_ctx *ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    TAP_CHECK(ctx && nv == expected && expected < 16, "(d) num_valid counts only targets >= 0 (%lld of 16)",
+              (long long)nv);
+    lt_gpt_ctx_free(ctx);
+    /* Changing the target of a valid position changes the loss; an ignored one stays ignored. */
+    grad_check("(d) ignored targets", m, &b, 0);
+
+    /* Inference: no targets → loss 0, num_valid 0, the same logits. */
+    lt_gpt_ctx *c1 = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    float l0 = -1;
+    int64_t nv0 = -1;
+    lt_gpt_ctx *c0 = lt_gpt_forward(m, b.tokens, NULL, 2, 8, 0, &l0, &nv0, err, sizeof err);
+    TAP_CHECK(c0 && c1 && l0 == 0.0f && nv0 == 0 &&
+                  memcmp(lt_gpt_ctx_logits(c0), lt_gpt_ctx_logits(c1), sizeof(float) * 16 * d.vocab_size) == 0,
+              "inference forward (targets NULL): loss 0, num_valid 0, same logits");
+    lt_gpt_ctx_free(c0);
+    lt_gpt_ctx_free(c1);
+    lt_gpt_free(m);
+}
+
+/* ---- 2. dropout ---- */
+
+static void test_dropout(void) {
+    lt_gpt_config c = small_config();
+    c.hidden_dropout = 0.2f;
+    c.attention_dropout = 0.25f;
+    lt_gpt *m = new_model(&c);
+    batch b = make_batch(2, 8, c.vocab_size, 21, 0);
+    float l1 = loss_of(m, &b, 42), l2 = loss_of(m, &b, 42), l3 = loss_of(m, &b, 43);
+    TAP_CHECK(l1 == l2, "dropout: the same dropout seed gives the identical loss (%.7f, %.7f)", l1, l2);
+    TAP_CHECK(l1 != l3, "dropout: another dropout seed gives another loss (%.7f, %.7f)", l1, l3);
+    lt_gpt_config nod = c;
+    nod.hidden_dropout = nod.attention_dropout = 0;
+    lt_gpt *m0 = new_model(&nod);
+    float ln = loss_of(m0, &b, 42);
+    TAP_CHECK(ln != l1 && ln == loss_of(m0, &b, 43), "dropout: p = 0 ignores the seed and differs from p > 0");
+    lt_gpt_free(m0);
+    grad_check("(e) dropout seed 42", m, &b, 42);
+    lt_gpt_free(m);
+
+    /* Dropout with RMSNorm/SwiGLU/RoPE/GQA too. */
+    c.rmsnorm = c.gated_linear_unit = c.rope = 1;
+    c.num_query_groups = 2;
+    c.add_bias_linear = 0;
+    c.share_embeddings_and_output_weights = 0;
+    m = new_model(&c);
+    grad_check("(f) dropout + rmsnorm/swiglu/rope/gqa", m, &b, 1234567);
+    lt_gpt_free(m);
+}
+
+/* ---- 3. initialisation ---- */
+
+static const float *param_ptr(lt_gpt *m, const char *name, int64_t *numel) {
+    int i = lt_gpt_find_param(m, name);
+    if (i < 0) return NULL;
+    const lt_gpt_param *p = lt_gpt_param_info(m, i);
+    if (numel) *numel = p->numel;
+    return wdata(m) + p->offset;
+}
+
+static void stats(const float *x, int64_t n, double *mean, double *std) {
+    double s = 0, ss = 0;
+    for (int64_t i = 0; i < n; i++) s += x[i];
+    *mean = s / (double)n;
+    for (int64_t i = 0; i < n; i++) ss += ((double)x[i] - *mean) * ((double)x[i] - *mean);
+    *std = sqrt(ss / (double)n);
+}
+
+static int std_close(lt_gpt *m, const char *name, double want, double rtol) {
+    int64_t n = 0;
+    const float *x = param_ptr(m, name, &n);
+    if (!x) return 0;
+    double mean, std;
+    stats(x, n, &mean, &std);
+    int ok = fabs(std / want - 1.0) <= rtol && fabs(mean) <= 4.0 * want / sqrt((double)n);
+    TAP_CHECK(ok, "init: %s has mean %.2e and std %.5f ~ %.5f (%lld values)", name, mean, std, want, (long long)n);
+    return ok;
+}
+
+static int all_equal(lt_gpt *m, const char *name, float v) {
+    int64_t n = 0;
+    const float *x = param_ptr(m, name, &n);
+    if (!x) return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] != v) return 0;
+    return 1;
+}
+
+static int same_values(lt_gpt *a, lt_gpt *b, const char *name, int64_t n) {
+    int64_t na = 0, nb = 0;
+    const float *x = param_ptr(a, name, &na), *y = param_ptr(b, name, &nb);
+    if (!x || !y) return 0;
+    if (n < 0) {
+        if (na != nb) return 0;
+        n = na;
+    }
+    return n <= na && n <= nb && memcmp(x, y, sizeof(float) * (size_t)n) == 0;
+}
+
+static void test_init(void) {
+    lt_gpt_config c = small_config();
+    c.hidden_size = 64;
+    c.ffn_hidden_size = 256;
+    c.kv_channels = 16;
+    c.vocab_size = 512;
+    c.seq_length = 64;
+    c.init_method_std = 0.02f;
+    c.share_embeddings_and_output_weights = 0;
+    lt_gpt *m2 = new_model(&c), *m2b = new_model(&c);
+    const int64_t total = flat_total(m2);
+    TAP_CHECK(memcmp(wdata(m2), wdata(m2b), sizeof(float) * (size_t)total) == 0,
+              "init: two models with the same seed have bit-identical weights");
+    lt_gpt_config cs = c;
+    cs.seed = c.seed + 1;
+    lt_gpt *ms = new_model(&cs);
+    int64_t n = 0, same = 0;
+    const float *x = param_ptr(m2, "embedding.word_embeddings.weight", &n);
+    const float *y = param_ptr(ms, "embedding.word_embeddings.weight", NULL);
+    for (int64_t i = 0; i < n; i++) same += x[i] == y[i];
+    int fc_same = same_values(m2, ms, "decoder.layers.0.mlp.linear_fc1.weight", -1);
+    TAP_CHECK(same < n / 100 && !fc_same, "init: another seed gives other weights (%lld of %lld equal)",
+              (long long)same, (long long)n);
+    /* Re-initialising restores the same values. */
+    float *w = wdata(m2b);
+    for (int64_t i = 0; i < total; i++) w[i] = 3.0f;
+    lt_gpt_init_weights(m2b);
+    TAP_CHECK(memcmp(wdata(m2), wdata(m2b), sizeof(float) * (size_t)total) == 0,
+              "init: lt_gpt_init_weights restores the same weights");
+
+    /* Layout independence: a 3-layer model, a smaller vocabulary, RoPE (no position table). */
+    lt_gpt_config c3 = c;
+    c3.num_layers = 3;
+    lt_gpt *m3 = new_model(&c3);
+    TAP_CHECK(same_values(m2, m3, "embedding.word_embeddings.weight", -1) &&
+                  same_values(m2, m3, "embedding.position_embeddings.weight", -1) &&
+                  same_values(m2, m3, "decoder.layers.0.mlp.linear_fc1.weight", -1) &&
+                  same_values(m2, m3, "decoder.layers.1.self_attention.linear_qkv.weight", -1) &&
+                  same_values(m2, m3, "output_layer.weight", -1),
+              "init: 2-layer and 3-layer models share word/position embeddings, fc1, qkv and output weights");
+    TAP_CHECK(lt_gpt_param_info(m2, lt_gpt_find_param(m2, "output_layer.weight"))->offset !=
+                  lt_gpt_param_info(m3, lt_gpt_find_param(m3, "output_layer.weight"))->offset,
+              "init: ... although they sit at different offsets in the flat buffer");
+    lt_gpt_config cv = c;
+    cv.vocab_size = 384;
+    cv.rope = 1;
+    lt_gpt *mv = new_model(&cv);
+    TAP_CHECK(same_values(m2, mv, "embedding.word_embeddings.weight", 384LL * 64) &&
+                  same_values(m2, mv, "output_layer.weight", 384LL * 64) &&
+                  same_values(m2, mv, "decoder.layers.1.mlp.linear_fc2.weight", -1) &&
+                  lt_gpt_find_param(mv, "embedding.position_embeddings.weight") < 0,
+              "init: a smaller vocabulary (and RoPE) keeps the first 384 embedding/output rows and the layers");
+
+    /* Statistics: init_method_std, scaled std / sqrt(2 L) for linear_proj and linear_fc2. */
+    const double s = c.init_method_std;
+    std_close(m2, "embedding.word_embeddings.weight", s, 0.03);
+    std_close(m2, "embedding.position_embeddings.weight", s, 0.06);
+    std_close(m2, "output_layer.weight", s, 0.03);
+    std_close(m2, "decoder.layers.0.self_attention.linear_qkv.weight", s, 0.05);
+    std_close(m2, "decoder.layers.1.mlp.linear_fc1.weight", s, 0.04);
+    std_close(m2, "decoder.layers.0.self_attention.linear_proj.weight", s / sqrt(4.0), 0.06);
+    std_close(m2, "decoder.layers.1.mlp.linear_fc2.weight", s / sqrt(4.0), 0.04);
+    std_close(m3, "decoder.layers.2.self_attention.linear_proj.weight", s / sqrt(6.0), 0.06);
+    std_close(m3, "decoder.layers.0.mlp.linear_fc2.weight", s / sqrt(6.0), 0.04);
+    int ones = 1, zeros = 1, nb = 0, nn = 0;
+    for (int i = 0; i < lt_gpt_num_params(m3); i++) {
+        const char *name = lt_gpt_param_info(m3, i)->name;
+        size_t len = strlen(name);
+        if (len > 16 && strcmp(name + len - 16, "layernorm.weight") == 0) ones &= all_equal(m3, name, 1.0f), nn++;
+        if (len > 5 && strcmp(name + len - 5, ".bias") == 0) zeros &= all_equal(m3, name, 0.0f), nb++;
+    }
+    TAP_CHECK(ones && nn == 7, "init: all %d layernorm weights are 1", nn);
+    TAP_CHECK(zeros && nb == 3 * 6 + 1, "init: all %d biases are 0", nb);
+    lt_gpt_free(m2);
+    lt_gpt_free(m2b);
+    lt_gpt_free(ms);
+    lt_gpt_free(m3);
+    lt_gpt_free(mv);
+}
+
+/* ---- 4. errors ---- */
+
+static void test_errors(void) {
+    lt_gpt_config c = small_config();
+    lt_gpt *m = new_model(&c);
+    batch b = make_batch(2, 8, c.vocab_size, 31, 0);
+    char err[256];
+    float loss;
+    int64_t nv;
+
+    b.tokens[5] = 37;
+    strcpy(err, "");
+    lt_gpt_ctx *ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    TAP_CHECK(!ctx && strstr(err, "37") && strstr(err, "token"), "error: token id out of range: \"%s\"", err);
+    lt_gpt_ctx_free(ctx);
+
+    b.tokens[5] = -3;
+    strcpy(err, "");
+    ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    TAP_CHECK(!ctx && strstr(err, "-3"), "error: negative token id: \"%s\"", err);
+    lt_gpt_ctx_free(ctx);
+    b.tokens[5] = 1;
+
+    b.targets[3] = 32;
+    strcpy(err, "");
+    ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    TAP_CHECK(!ctx && strstr(err, "32") && strstr(err, "target"), "error: target id out of range: \"%s\"", err);
+    lt_gpt_ctx_free(ctx);
+    b.targets[3] = 1;
+
+    batch big = make_batch(1, 9, c.vocab_size, 32, 0);
+    strcpy(err, "");
+    ctx = lt_gpt_forward(m, big.tokens, big.targets, 1, 9, 0, &loss, &nv, err, sizeof err);
+    TAP_CHECK(!ctx && strstr(err, "seq_length") && strstr(err, "9"), "error: T > seq_length: \"%s\"", err);
+    lt_gpt_ctx_free(ctx);
+
+    strcpy(err, "");
+    ctx = lt_gpt_forward(m, b.tokens, b.targets, 0, 8, 0, &loss, &nv, err, sizeof err);
+    TAP_CHECK(!ctx && err[0], "error: B = 0: \"%s\"", err);
+    lt_gpt_ctx_free(ctx);
+
+    /* The model still works after the errors. */
+    TAP_CHECK(isfinite(loss_of(m, &b, 0)), "forward works after rejected batches");
+    lt_gpt_free(m);
+
+    lt_gpt_config bad = small_config();
+    bad.num_query_groups = 3;
+    strcpy(err, "");
+    lt_gpt *mb = lt_gpt_new(&bad, err, sizeof err);
+    TAP_CHECK(!mb && strstr(err, "num_query_groups"), "error: 4 heads in 3 query groups: \"%s\"", err);
+    lt_gpt_free(mb);
+
+    bad = small_config();
+    bad.rope = 1;
+    bad.kv_channels = 5;
+    strcpy(err, "");
+    mb = lt_gpt_new(&bad, err, sizeof err);
+    TAP_CHECK(!mb && strstr(err, "kv_channels"), "error: RoPE with odd kv_channels: \"%s\"", err);
+    lt_gpt_free(mb);
+
+    bad = small_config();
+    bad.num_layers = 0;
+    strcpy(err, "");
+    mb = lt_gpt_new(&bad, err, sizeof err);
+    TAP_CHECK(!mb && strstr(err, "num_layers"), "error: num_layers 0: \"%s\"", err);
+    lt_gpt_free(mb);
+}
+
+/* ---- 5. parameter names and shapes ---- */
+
+typedef struct {
+    const char *name;
+    int ndim;
+    int64_t d0, d1;
+} expected_param;
+
+static void check_names(const char *label, const lt_gpt_config *c, const expected_param *want, int n) {
+    lt_gpt *m = new_model(c);
+    int ok = lt_gpt_num_params(m) == n;
+    int64_t end = 0;
+    for (int i = 0; ok && i < n; i++) {
+        const lt_gpt_param *p = lt_gpt_param_info(m, i);
+        if (strcmp(p->name, want[i].name) != 0 || p->ndim != want[i].ndim || p->shape[0] != want[i].d0 ||
+            (p->ndim == 2 && p->shape[1] != want[i].d1) || p->numel != want[i].d0 * (p->ndim == 2 ? want[i].d1 : 1) ||
+            p->offset < end || lt_gpt_find_param(m, want[i].name) != i) {
+            printf("# param %d: got %s [%lld, %lld] at %lld, want %s [%lld, %lld]\n", i, p->name,
+                   (long long)p->shape[0], (long long)p->shape[1], (long long)p->offset, want[i].name,
+                   (long long)want[i].d0, (long long)want[i].d1);
+            ok = 0;
+        }
+        int nwd = strstr(p->name, "layernorm") != NULL || strstr(p->name, ".bias") != NULL;
+        if (p->no_weight_decay != nwd) {
+            printf("# param %s: no_weight_decay %d\n", p->name, p->no_weight_decay);
+            ok = 0;
+        }
+        end = p->offset + p->numel;
+    }
+    ok = ok && end <= lt_tensor_numel(lt_gpt_weights(m)) &&
+         lt_tensor_numel(lt_gpt_grads(m)) == lt_tensor_numel(lt_gpt_weights(m)) &&
+         lt_gpt_find_param(m, "no.such.param") == -1 && lt_gpt_param_info(m, n) == NULL &&
+         lt_gpt_param_info(m, -1) == NULL;
+    TAP_CHECK(ok, "names: %s: %d parameters with Megatron's names, shapes and no_weight_decay, in order", label, n);
+    lt_gpt_free(m);
+}
+
+static void test_names(void) {
+    /* LayerNorm, learned positions, bias, untied, GELU; H = 4, G = 2, D = 8, C = 16, F = 24, L = 2. */
+    lt_gpt_config c = small_config();
+    c.num_query_groups = 2;
+    c.kv_channels = 8;
+    c.ffn_hidden_size = 24;
+    c.share_embeddings_and_output_weights = 0;
+    const int64_t V = 32, C = 16, S = 8, QKV = (4 + 2 * 2) * 8, HD = 4 * 8, F = 24;
+    expected_param full[] = {
+        {"embedding.word_embeddings.weight", 2, V, C},
+        {"embedding.position_embeddings.weight", 2, S, C},
+        {"decoder.layers.0.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.input_layernorm.bias", 1, C, 0},
+        {"decoder.layers.0.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.0.self_attention.linear_qkv.bias", 1, QKV, 0},
+        {"decoder.layers.0.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.0.self_attention.linear_proj.bias", 1, C, 0},
+        {"decoder.layers.0.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.pre_mlp_layernorm.bias", 1, C, 0},
+        {"decoder.layers.0.mlp.linear_fc1.weight", 2, F, C},
+        {"decoder.layers.0.mlp.linear_fc1.bias", 1, F, 0},
+        {"decoder.layers.0.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.layers.0.mlp.linear_fc2.bias", 1, C, 0},
+        {"decoder.layers.1.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.1.input_layernorm.bias", 1, C, 0},
+        {"decoder.layers.1.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.1.self_attention.linear_qkv.bias", 1, QKV, 0},
+        {"decoder.layers.1.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.1.self_attention.linear_proj.bias", 1, C, 0},
+        {"decoder.layers.1.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.1.pre_mlp_layernorm.bias", 1, C, 0},
+        {"decoder.layers.1.mlp.linear_fc1.weight", 2, F, C},
+        {"decoder.layers.1.mlp.linear_fc1.bias", 1, F, 0},
+        {"decoder.layers.1.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.layers.1.mlp.linear_fc2.bias", 1, C, 0},
+        {"decoder.final_layernorm.weight", 1, C, 0},
+        {"decoder.final_layernorm.bias", 1, C, 0},
+        {"output_layer.weight", 2, V, C},
+    };
+    check_names("layernorm/gelu/learned-pos/bias/untied/gqa", &c, full, (int)(sizeof full / sizeof full[0]));
+
+    /* RMSNorm, RoPE, no bias, tied, SwiGLU (fc1 is [2F, C]), one layer. */
+    c.num_layers = 1;
+    c.rmsnorm = 1;
+    c.rope = 1;
+    c.add_bias_linear = 0;
+    c.share_embeddings_and_output_weights = 1;
+    c.gated_linear_unit = 1;
+    expected_param lean[] = {
+        {"embedding.word_embeddings.weight", 2, V, C},
+        {"decoder.layers.0.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.0.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.0.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.mlp.linear_fc1.weight", 2, 2 * F, C},
+        {"decoder.layers.0.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.final_layernorm.weight", 1, C, 0},
+    };
+    check_names("rmsnorm/swiglu/rope/no-bias/tied", &c, lean, (int)(sizeof lean / sizeof lean[0]));
+}
+
+/* ---- 6. a few SGD steps overfit one batch ---- */
+
+static void test_sgd(void) {
+    lt_gpt_config c = small_config();
+    c.init_method_std = 0.02f;
+    c.rmsnorm = 1;
+    c.gated_linear_unit = 1;
+    c.rope = 1;
+    c.share_embeddings_and_output_weights = 0;
+    lt_gpt *m = new_model(&c);
+    batch b = make_batch(2, 8, c.vocab_size, 41, 0);
+    const int64_t n = lt_tensor_numel(lt_gpt_weights(m));
+    float first = NAN, last = NAN;
+    int finite = 1;
+    for (int step = 0; step < 30; step++) {
+        lt_gpt_zero_grad(m);
+        float loss = fwd_bwd(m, &b, 0, NULL);
+        if (!isfinite(loss)) finite = 0;
+        if (step == 0) first = loss;
+        last = loss;
+        lt_sgd_update(wdata(m), gdata(m), NULL, n, 1.0f, 0.0f, 0.0f);
+    }
+    float final = loss_of(m, &b, 0);
+    TAP_CHECK(finite && fabsf(first - logf(32.0f)) < 0.1f, "sgd: initial loss %.4f ~ log(V) = %.4f", first,
+              logf(32.0f));
+    TAP_CHECK(finite && final < 0.5f * first && final <= last, "sgd: 30 steps on one batch: loss %.4f -> %.4f",
+              first, final);
+    lt_gpt_free(m);
+}
+
+int main(void) {
+    test_gradients();
+    test_dropout();
+    test_init();
+    test_errors();
+    test_names();
+    test_sgd();
+    return tap_done();
+}

@@ -28,6 +28,7 @@ int luaopen_luatron_core(lua_State *L) {
     lt_lua_open_data(L);
     lt_lua_open_checkpoint(L);
     lt_lua_open_system(L);
+    lt_lua_open_parallel(L);
     return 1;
 }
 

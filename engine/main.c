@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/cli/launch.h"
 #include "engine/cli/repl.h"
 #include "engine/data/preprocess.h"
 #include "engine/lua/bindings.h"
@@ -21,6 +22,9 @@ static const char *usage =
     "                      Recipes that call luatron.pretrain accept overrides such as\n"
     "                      train.train_iters=50 optimizer.lr=3e-4 checkpoint.save=runs/x\n"
     "  repl                interactive Lua 5.4 with `lt = require \"luatron\"` loaded\n"
+    "  launch -n N FILE    run a recipe as N ranks on this machine, output prefixed \"[rank R]\";\n"
+    "                      --repl instead of FILE: every line typed runs on every rank\n"
+    "                      (luatron launch --help)\n"
     "  preprocess ...      write Megatron indexed data (.bin/.idx) from text or JSONL\n"
     "                      (luatron preprocess --help)\n"
     "  --help, -h          this text\n"
@@ -29,6 +33,7 @@ static const char *usage =
     "examples:\n"
     "  luatron run recipes/gpt_tiny.lua\n"
     "  luatron run recipes/gpt_tiny.lua train.train_iters=20 checkpoint.save=runs/tiny\n"
+    "  luatron launch -n 2 recipes/gpt_tiny.lua\n"
     "  luatron preprocess --input corpus.jsonl --output-prefix data/corpus --append-eod\n"
     "\n"
     "environment:\n"
@@ -112,6 +117,7 @@ int main(int argc, char **argv) {
     }
     if (strcmp(argv[1], "run") == 0) return run_recipe(argc, argv);
     if (strcmp(argv[1], "repl") == 0) return run_repl();
+    if (strcmp(argv[1], "launch") == 0) return lt_launch_main(argc - 1, argv + 1, "/proc/self/exe");
     if (strcmp(argv[1], "preprocess") == 0) return lt_preprocess_main(argc - 1, argv + 1);
     fprintf(stderr, "luatron: unknown command '%s' (see luatron --help)\n", argv[1]);
     return 2;

@@ -10,7 +10,9 @@
  *    loop can be driven through a pipe;
  *  - the loop runs inside a protected C function, so the caller's stack is not
  *    touched and an error outside a chunk (out of memory, say) does not end it;
- *  - a hook installed by the user is put back after an interrupt. */
+ *  - a hook installed by the user is put back after an interrupt;
+ *  - an SPMD mode for the ranks of `luatron launch --repl` (repl.h): no prompts,
+ *    a marker line after each line read. */
 #define _POSIX_C_SOURCE 200809L
 
 #include "engine/cli/repl.h"
@@ -39,6 +41,21 @@ enum { READ_OK, READ_EOF, READ_CANCEL };
 /* Results of loadline besides the LUA_* load statuses. */
 #define LOAD_EOF    (-1)
 #define LOAD_CANCEL (-2)
+
+/* ------------------------------------------------------------ SPMD mode */
+
+/* The launcher's token when running as a rank of `luatron launch --repl`, else NULL. */
+static const char *spmd_token = NULL;
+/* Set when Ctrl-C discarded a chunk at a continuation line (SPMD: then "done"). */
+static int cancel_in_chunk = 0;
+
+/* Writes the marker line "<mark><token>:<what>" after everything written so far. */
+static void spmd_mark(const char *what) {
+    if (spmd_token == NULL) return;
+    fflush(stderr);
+    fprintf(stdout, "%s%s:%s\n", LT_REPL_SPMD_MARK, spmd_token, what);
+    fflush(stdout);
+}
 
 /* ---------------------------------------------------------------- signals */
 
@@ -303,8 +320,12 @@ static int read_plain(lua_State *L, const char *prompt) {
     char chunk[512];
     size_t got = 0;
     luaL_Buffer b;
-    fputs(prompt, stdout);
-    fflush(stdout);
+    if (spmd_token == NULL) {
+        fputs(prompt, stdout);
+        fflush(stdout);
+    } else if (input_interrupted) { /* SIGINT came just before the read */
+        return READ_CANCEL;
+    }
     luaL_buffinit(L, &b);
     for (;;) {
         size_t n;
@@ -331,8 +352,10 @@ static int read_plain(lua_State *L, const char *prompt) {
     luaL_pushresult(&b);
     if (input_interrupted) {
         lua_pop(L, 1);
-        fputs("\n", stdout);
-        fflush(stdout);
+        if (spmd_token == NULL) {
+            fputs("\n", stdout);
+            fflush(stdout);
+        }
         return READ_CANCEL;
     }
     return READ_OK;
@@ -432,9 +455,13 @@ static int multiline(lua_State *L) {
     for (;;) {
         int status = luaL_loadbufferx(L, line, len, REPL_CHUNKNAME, "t"), more;
         if (!incomplete(L, status)) return status;
+        spmd_mark("more");
         more = pushline(L, 0);
         if (more == READ_EOF) return status; /* report the incomplete chunk */
-        if (more == READ_CANCEL) return LOAD_CANCEL;
+        if (more == READ_CANCEL) {
+            cancel_in_chunk = 1;
+            return LOAD_CANCEL;
+        }
         lua_remove(L, -2); /* error message */
         lua_pushliteral(L, "\n");
         lua_insert(L, -2);
@@ -469,12 +496,17 @@ static int loadline(lua_State *L) {
 static int repl_loop(lua_State *L) {
     int status;
     while ((status = loadline(L)) != LOAD_EOF) {
-        if (status == LOAD_CANCEL) continue;
+        if (status == LOAD_CANCEL) {
+            if (cancel_in_chunk) spmd_mark("done");
+            cancel_in_chunk = 0;
+            continue;
+        }
         if (status == LUA_OK) status = docall(L, 0, LUA_MULTRET);
         if (status == LUA_OK)
             l_print(L);
         else
             report(L, status);
+        spmd_mark("done");
     }
     lua_settop(L, 0);
     return 0;
@@ -483,9 +515,13 @@ static int repl_loop(lua_State *L) {
 int lt_repl_run(lua_State *L, const char *banner) {
     struct sigaction old_int;
     int top = lua_gettop(L);
+    const char *token = getenv(LT_REPL_SPMD_ENV);
     sigaction(SIGINT, NULL, &old_int);
+    spmd_token = token != NULL && token[0] != '\0' ? token : NULL;
+    cancel_in_chunk = 0;
     use_readline = 0;
-    if (isatty(STDIN_FILENO)) {
+    if (spmd_token != NULL) banner = NULL;
+    if (spmd_token == NULL && isatty(STDIN_FILENO)) {
         rl_load();
         use_readline = rl.ok;
     }
@@ -502,7 +538,7 @@ int lt_repl_run(lua_State *L, const char *banner) {
         if (status == LUA_OK) break;
         report(L, status); /* e.g. out of memory outside a chunk: go on */
     }
-    fputs("\n", stdout); /* leave the terminal on a fresh line */
+    if (spmd_token == NULL) fputs("\n", stdout); /* leave the terminal on a fresh line */
     fflush(stdout);
     sigaction(SIGINT, &old_int, NULL);
     lua_settop(L, top);

@@ -22,6 +22,18 @@
 #define LT_REPL_H
 #include <lua.h>
 
+/* SPMD mode, for the ranks of `luatron launch --repl` (engine/cli/launch.h): when the
+ * environment variable LT_REPL_SPMD_ENV holds a token (any non-empty string), the loop prints
+ * no banner and no prompts, never uses readline, and after each line it reads writes a marker
+ * line on stdout (stdout and stderr flushed first):
+ *     LT_REPL_SPMD_MARK <token> ":more"   the chunk is incomplete: send the next line
+ *     LT_REPL_SPMD_MARK <token> ":done"   the chunk ran (or failed, or was interrupted)
+ * A marker may follow output without a final newline on the same line. SIGINT while a chunk
+ * runs interrupts it (then "done"); SIGINT while waiting for a continuation line discards the
+ * chunk (then "done"); SIGINT while waiting for a first line does nothing (no marker). */
+#define LT_REPL_SPMD_ENV "LUATRON_REPL_SPMD"
+#define LT_REPL_SPMD_MARK "\036luatron-spmd:"
+
 /* Runs the loop on stdin/stdout with state L (standard libraries and modules
  * already set up by the caller). Prints `banner` and a newline first unless it
  * is NULL or empty. Returns 0 at end of input (Ctrl-D). The caller's stack is

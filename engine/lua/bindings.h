@@ -29,6 +29,8 @@ void lt_lua_open_data(lua_State *L);
 void lt_lua_open_checkpoint(lua_State *L);
 void lt_lua_open_system(lua_State *L);
 void lt_lua_open_parallel(lua_State *L);
+void lt_lua_open_bootstrap(lua_State *L);
+void lt_lua_open_comm(lua_State *L);
 
 /* luaopen function of the whole C core: require "luatron.core". */
 int luaopen_luatron_core(lua_State *L);

@@ -29,6 +29,8 @@ int luaopen_luatron_core(lua_State *L) {
     lt_lua_open_checkpoint(L);
     lt_lua_open_system(L);
     lt_lua_open_parallel(L);
+    lt_lua_open_bootstrap(L);
+    lt_lua_open_comm(L);
     return 1;
 }
 

@@ -14,6 +14,7 @@ typedef struct {
 
 typedef struct {
     lt_gpt_ctx *ctx;
+    const lt_gpt *owner; /* the model whose forward made it: backward must be that model's */
     int B, T, V;
 } ctx_box;
 
@@ -132,6 +133,7 @@ static int m_forward(lua_State *L) {
     luaL_setmetatable(L, CTX_MT);
     cb->ctx = lt_gpt_forward(m, tokens, targets, B, T, seed, &loss, &valid, err, sizeof err);
     if (!cb->ctx) luaL_error(L, "forward: %s", err);
+    cb->owner = m;
     cb->B = B;
     cb->T = T;
     cb->V = lt_gpt_get_config(m)->vocab_size;
@@ -146,6 +148,7 @@ static int m_backward(lua_State *L) {
     ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
     float scale = (float)luaL_checknumber(L, 3);
     if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
+    if (cb->owner != m) luaL_argerror(L, 2, "context comes from another model's forward");
     lt_gpt_backward(m, cb->ctx, scale);
     cb->ctx = NULL;
     return 0;
@@ -153,9 +156,10 @@ static int m_backward(lua_State *L) {
 
 /* model:logits(ctx) → float32 [B, T, V] copy. */
 static int m_logits(lua_State *L) {
-    check_gpt(L, 1);
+    lt_gpt *m = check_gpt(L, 1);
     ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
     if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
+    if (cb->owner != m) luaL_argerror(L, 2, "context comes from another model's forward");
     int64_t shape[3] = {cb->B, cb->T, cb->V};
     lt_tensor *t = lt_tensor_new(LT_F32, 3, shape);
     lt_lua_push_tensor(L, t);

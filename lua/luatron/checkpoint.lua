@@ -1,25 +1,24 @@
 -- Checkpoints: a folder per iteration, as Megatron's iter_XXXXXXX, holding
---   model.safetensors      the parameters under Megatron's names
---   optimizer.safetensors  the optimizer state as "<state>.<param name>" (e.g. exp_avg.decoder...)
---   state.json             iteration, consumed samples, optimizer steps, seed, luatron version
---   config.json            the run's ConfigContainer
+--   model.safetensors        the parameters under Megatron's names
+--   optimizer.safetensors    the optimizer state as "<state>.<param name>" (e.g. exp_avg.decoder...)
+--     or optimizer_shard_<r>.safetensors, one per data-parallel rank with the distributed
+--     optimizer: that rank's slice of the flat state buffers ("exp_avg", "exp_avg_sq")
+--   state.json               iteration, consumed samples, optimizer steps, seed
+--   config.json              the run's ConfigContainer
 -- and latest_checkpointed_iteration.txt beside them. A folder is written under a temporary
 -- name and renamed into place, and the tracker file is replaced the same way, so a crash
 -- never leaves a half-written checkpoint where a reader would look.
+--
+-- In a multi-rank job, `ranks` = {rank =, barrier = function() end, dp_rank =, dp_size =}:
+-- rank 0 writes the shared files, each data-parallel rank its optimizer shard.
 local core = require "luatron.core"
 local json = require "luatron.json"
 
 local M = {}
 
-local function iter_dir(root, iteration)
-  return ("%s/iter_%07d"):format(root, iteration)
-end
+local SINGLE = { rank = 0, dp_rank = 0, dp_size = 1, barrier = function() end }
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok
-end
-
+local function iter_dir(root, iteration) return ("%s/iter_%07d"):format(root, iteration) end
 local function quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
 local function write_file(path, text)
@@ -38,14 +37,15 @@ local function read_file(path)
   return s
 end
 
--- Tensors of the model and the optimizer, keyed by their checkpoint names (views: no copies).
 local function model_tensors(model)
   local t = {}
   for _, p in ipairs(model:parameters()) do t[p.name] = model:param(p.name) end
   return t
 end
 
-local function optimizer_tensors(model, optimizer)
+-- {name = tensor}, sharded? of a data_parallel optimizer, or of a plain core optimizer over a model.
+local function optimizer_state(model, optimizer)
+  if optimizer.state_tensors then return optimizer:state_tensors() end
   local t = {}
   for _, state in ipairs(optimizer:state_names()) do
     local flat = optimizer:state(state)
@@ -53,26 +53,46 @@ local function optimizer_tensors(model, optimizer)
       t[state .. "." .. p.name] = flat:narrow(1, p.offset + 1, p.numel):reshape(p.shape)
     end
   end
-  return t
+  return t, false
 end
 
--- Saves iteration `state.iteration` under root; returns the folder.
-function M.save(root, model, optimizer, state, config_table)
-  sh("mkdir -p " .. quote(root))
+local function shard_file(dir, dp_rank) return ("%s/optimizer_shard_%d.safetensors"):format(dir, dp_rank) end
+
+-- Saves iteration state.iteration under root; returns the folder. `optimizer` is a
+-- data_parallel optimizer (anything with :state_tensors()) or nil.
+function M.save(root, model, optimizer, state, config_table, ranks)
+  ranks = ranks or SINGLE
   local final = iter_dir(root, state.iteration)
   local tmp = final .. ".tmp"
-  sh("rm -rf " .. quote(tmp))
-  assert(sh("mkdir -p " .. quote(tmp)), "cannot create " .. tmp)
-  local meta = { format = "luatron", iteration = tostring(state.iteration) }
-  core.save_tensors(tmp .. "/model.safetensors", model_tensors(model), meta)
-  if optimizer then
-    core.save_tensors(tmp .. "/optimizer.safetensors", optimizer_tensors(model, optimizer), meta)
+  if ranks.rank == 0 then
+    os.execute("rm -rf " .. quote(tmp) .. " && mkdir -p " .. quote(tmp))
   end
-  write_file(tmp .. "/state.json", json.encode(state))
-  write_file(tmp .. "/config.json", json.encode(config_table or {}))
-  sh("rm -rf " .. quote(final))
-  assert(os.rename(tmp, final), "cannot move " .. tmp .. " into place")
-  write_file(root .. "/latest_checkpointed_iteration.txt", tostring(state.iteration) .. "\n")
+  ranks.barrier()
+  local meta = { format = "luatron", iteration = tostring(state.iteration) }
+  if optimizer then
+    local tensors, sharded = optimizer_state(model, optimizer)
+    if sharded then
+      local m = { format = "luatron", iteration = meta.iteration, dp_rank = tostring(ranks.dp_rank),
+        dp_size = tostring(ranks.dp_size) }
+      if ranks.rank == ranks.dp_rank then -- one writer per data-parallel rank (tp/pp rank 0)
+        core.save_tensors(shard_file(tmp, ranks.dp_rank), tensors, m)
+      end
+    elseif ranks.rank == 0 then
+      core.save_tensors(tmp .. "/optimizer.safetensors", tensors, meta)
+    end
+  end
+  if ranks.rank == 0 then
+    core.save_tensors(tmp .. "/model.safetensors", model_tensors(model), meta)
+    write_file(tmp .. "/state.json", json.encode(state))
+    write_file(tmp .. "/config.json", json.encode(config_table or {}))
+  end
+  ranks.barrier()
+  if ranks.rank == 0 then
+    os.execute("rm -rf " .. quote(final))
+    assert(os.rename(tmp, final), "cannot move " .. tmp .. " into place")
+    write_file(root .. "/latest_checkpointed_iteration.txt", tostring(state.iteration) .. "\n")
+  end
+  ranks.barrier()
   return final
 end
 
@@ -95,7 +115,7 @@ local function check_all(dst_tensors, loaded, file)
     if not src then error(("%s: missing tensor '%s'"):format(file, name), 0) end
     local a, b = table.concat(dst:shape(), "x"), table.concat(src:shape(), "x")
     if a ~= b then
-      error(("%s: tensor '%s' has shape [%s], the model expects [%s]"):format(file, name, b, a), 0)
+      error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(file, name, b, a), 0)
     end
   end
 end
@@ -104,10 +124,17 @@ local function copy_all(dst_tensors, loaded)
   for name, dst in pairs(dst_tensors) do dst:copy(loaded[name]) end
 end
 
+local function load_file(path)
+  local t, meta_or_err = core.load_tensors(path)
+  if not t then error("corrupt checkpoint: " .. meta_or_err, 0) end
+  return t, meta_or_err
+end
+
 -- Loads the latest checkpoint of root into model (and optimizer). Returns the saved state
--- table, or nil when root has none. Everything is read and checked before the model changes,
--- so a corrupt checkpoint raises a clear error and leaves the model as it was.
-function M.load(root, model, optimizer)
+-- table and the folder, or nil when root has none. Everything is read and checked before
+-- anything changes, so a corrupt checkpoint raises a clear error and leaves the run as it was.
+function M.load(root, model, optimizer, ranks)
+  ranks = ranks or SINGLE
   local iteration = M.latest_iteration(root)
   if not iteration then return nil end
   local dir = iter_dir(root, iteration)
@@ -115,22 +142,31 @@ function M.load(root, model, optimizer)
   if not state_text then error(("checkpoint %s has no state.json"):format(dir), 0) end
   local ok, state = pcall(json.decode, state_text)
   if not ok then error(("checkpoint %s/state.json is corrupt: %s"):format(dir, state), 0) end
-  local weights, err = core.load_tensors(dir .. "/model.safetensors")
-  if not weights then error("corrupt checkpoint: " .. err, 0) end
-  local opt_state
-  if optimizer then
-    opt_state, err = core.load_tensors(dir .. "/optimizer.safetensors")
-    if not opt_state then error("corrupt checkpoint: " .. err, 0) end
-  end
-  -- Check every name and shape first, then copy: a bad file changes nothing.
+  local weights = load_file(dir .. "/model.safetensors")
   local model_dst = model_tensors(model)
   check_all(model_dst, weights, dir .. "/model.safetensors")
-  local opt_dst = optimizer and optimizer_tensors(model, optimizer)
-  if optimizer then check_all(opt_dst, opt_state, dir .. "/optimizer.safetensors") end
+  local opt_dst, opt_src
+  if optimizer then
+    local sharded
+    opt_dst, sharded = optimizer_state(model, optimizer)
+    local file = sharded and shard_file(dir, ranks.dp_rank) or dir .. "/optimizer.safetensors"
+    if sharded and not io.open(file) then
+      error(("checkpoint %s has no %s: it was not saved with the distributed optimizer at data-parallel size %d. "
+        .. "Resume with the layout it was saved with"):format(dir, file:match("[^/]+$"), ranks.dp_size), 0)
+    end
+    local meta
+    opt_src, meta = load_file(file)
+    if sharded and tonumber(meta.dp_size) ~= ranks.dp_size then
+      error(("%s was saved by %s data-parallel ranks, this run has %d: resume with the same data-parallel size")
+        :format(file, tostring(meta.dp_size), ranks.dp_size), 0)
+    end
+    check_all(opt_dst, opt_src, file)
+  end
   copy_all(model_dst, weights)
   if optimizer then
-    copy_all(opt_dst, opt_state)
+    copy_all(opt_dst, opt_src)
     optimizer:num_steps(state.optimizer_steps or iteration)
+    if optimizer.after_load then optimizer:after_load() end
   end
   return state, dir
 end

@@ -9,9 +9,11 @@ M.__index = M
 
 local function mib(bytes) return bytes / (1024 * 1024) end
 
--- opts: log_interval, train_iters, metrics_path (nil: no file), out (default io.stdout).
+-- opts: log_interval, train_iters, metrics_path (nil: no file), out (default io.stdout),
+-- quiet (print nothing: the ranks other than the one that reports).
 function M.new(opts)
   local self = setmetatable({
+    quiet = opts.quiet,
     log_interval = opts.log_interval or 1,
     train_iters = opts.train_iters,
     out = opts.out or io.stdout,
@@ -27,6 +29,7 @@ function M.new(opts)
 end
 
 function M:info(fmt, ...)
+  if self.quiet then return end
   if self.tty then self.out:write("\r\27[K") end
   self.out:write(fmt:format(...), "\n")
   self.out:flush()
@@ -41,6 +44,7 @@ end
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
+  if self.quiet then return end
   if r.iteration % self.log_interval ~= 0 and r.iteration ~= self.train_iters then
     if self.tty then
       self.out:write("\r", bar(r.iteration, self.train_iters, 30), (" loss %.4f"):format(r.loss))
@@ -59,10 +63,17 @@ function M:step(r)
     tokens_per_s = w.tokens / w.time,
     peak_memory_mib = mib(mem.peak),
     rss_peak_mib = mib(mem.rss_peak),
+    comm_bytes_per_step = r.comm_bytes,
+    comm_expected_bytes = r.comm_expected,
   }
   self:info("iteration %6d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB (rss %.0f MiB)", rec.iteration, self.train_iters, rec.loss, rec.lr, rec.grad_norm,
     rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, rec.rss_peak_mib)
+  if r.comm_bytes then
+    self:info("  data-parallel traffic %.3f MB/step (ring formula %.3f MB, measured/expected %.4f), %.1f ms/step in "
+      .. "collectives", rec.comm_bytes_per_step / 1e6, r.comm_expected / 1e6,
+      rec.comm_bytes_per_step / math.max(r.comm_expected, 1), 1000 * r.comm_seconds)
+  end
   self:record(rec)
   self.window = { steps = 0, time = 0, tokens = 0 }
 end

@@ -1,12 +1,15 @@
--- The training loop behind luatron.pretrain(config): Megatron's pretrain() on one rank.
--- Every piece is a plain function so a recipe can assemble its own loop from them
--- (see recipes/custom_loop.lua).
+-- The training loop behind luatron.pretrain(config): Megatron's pretrain(). Every piece is a
+-- plain function so a recipe can assemble its own loop from them (see recipes/custom_loop.lua).
+-- Multi-rank (luatron launch, mpirun): data parallelism over the dp-cp group, with DDP or the
+-- distributed optimizer (luatron.data_parallel).
 local core = require "luatron.core"
 local config = require "luatron.config"
 local model_lib = require "luatron.model"
 local scheduler = require "luatron.scheduler"
 local checkpoint = require "luatron.checkpoint"
 local logger_lib = require "luatron.logger"
+local parallel = require "luatron.parallel"
+local data_parallel = require "luatron.data_parallel"
 
 local M = {}
 
@@ -24,10 +27,16 @@ function M.apply_overrides(cfg, args)
   for _, a in ipairs(args or {}) do
     local group, field, value = a:match("^([%w_]+)%.([%w_]+)=(.*)$")
     if group then
-      if cfg[group] == nil then
-        error(("override %q: ConfigContainer has no group '%s'"):format(a, group), 0)
+      -- A ConfigContainer raises on an unknown field (with a "did you mean"), so look the group up
+      -- under pcall and name the override in the message; a plain `cfg[group] == nil` never ran.
+      local function fail(e)
+        error(("override %q: %s"):format(a, (tostring(e):gsub("^[^\n]-:%d+: ", "", 1))), 0)
       end
-      cfg[group][field] = parse_value(value)
+      local found, grp = pcall(function() return cfg[group] end)
+      if not found then fail(grp) end
+      if not config.is_config(grp) then fail(("ConfigContainer.%s is not a group of fields"):format(group)) end
+      local ok, e = pcall(function() grp[field] = parse_value(value) end)
+      if not ok then fail(e) end
     else
       rest[#rest + 1] = a
     end
@@ -55,15 +64,13 @@ function M.build_dataset(r, split, num_samples)
   }
 end
 
--- Everything a run needs: the validated config (r: every default resolved), model, optimizer,
--- datasets and the state that checkpoints carry.
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 local function check_supported(m)
   for _, f in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
     "expert_model_parallel_size" } do
     if (m[f] or 1) > 1 then
-      error(("GPTModelProvider.%s = %d: this build trains on a single rank; the multi-rank runtime "
-        .. "(luatron launch, mpirun) is not implemented yet. Set %s = 1"):format(f, m[f], f), 0)
+      error(("GPTModelProvider.%s = %d: this build parallelises over data only (tensor, pipeline, context and "
+        .. "expert parallelism are not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
     end
   end
   if m.num_moe_experts then
@@ -75,21 +82,29 @@ local function check_supported(m)
   end
 end
 
+-- Everything a run needs: the validated config (r: every default resolved), this rank's place
+-- in the job, model, optimizer, datasets and the state that checkpoints carry.
 function M.setup(cfg)
   check_supported(cfg.model)
-  local r = config.validate(cfg, 1)
+  local ps = parallel.initialize(cfg.model)
+  local r = config.validate(cfg, ps.world_size)
   local seed = r.rng.seed
   local model = model_lib.build(r.model, seed)
-  local optimizer = core.optimizer(model, r.optimizer)
+  local dp_group = ps.groups["dp-cp"]
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
     r = r,
+    ps = ps,
+    dp_rank = dp_group and dp_group:rank() or 0,
+    dp_size = dp_group and dp_group:size() or 1,
     model = model,
-    optimizer = optimizer,
+    optimizer = data_parallel.new(model, r, dp_group),
     train_data = M.build_dataset(r, "train", train_iters * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
+  run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size,
+    barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
     run.valid_data = M.build_dataset(r, "valid", r.train.eval_iters * gbs)
   end
@@ -102,29 +117,39 @@ local function dropout_seed(seed, first_sample)
   return (seed << 32) ~ first_sample
 end
 
--- One optimizer step over the global batch. Returns the mean loss, the gradient norm before
+-- Mean of a number over the data-parallel ranks.
+local function dp_mean(run, x)
+  local g = run.ps.groups["dp-cp"]
+  if not g or g:size() == 1 then return x end
+  local t <close> = core.tensor.from({ x }, "float32")
+  return g:all_reduce(t, "avg"):item()
+end
+
+-- One optimizer step over the global batch: this rank runs its share of the microbatches
+-- (Megatron's sampler: microbatch m of data-parallel rank d holds global samples
+-- consumed + (m * DP + d) * mbs ...). Returns the mean loss, the gradient norm before
 -- clipping and the learning rate used.
 function M.train_step(run)
   local r, model = run.r, run.model
-  local mbs, n_micro = r.train.micro_batch_size, r.num_microbatches
+  local mbs, n_micro, dp = r.train.micro_batch_size, r.num_microbatches, run.dp_size
   local lr = scheduler.lr_at(run.state.optimizer_steps, r.optimizer, r.scheduler, r.train.train_iters)
   model:zero_grad()
   local loss_sum = 0
   for mb = 0, n_micro - 1 do
-    local first = run.state.consumed_samples + mb * mbs
+    local first = run.state.consumed_samples + (mb * dp + run.dp_rank) * mbs
     local batch <close> = run.train_data:batch(first, mbs)
     local ctx, loss, valid = model:forward(batch, dropout_seed(run.state.seed, first))
     model:backward(ctx, 1 / (math.max(valid, 1) * n_micro))
     loss_sum = loss_sum + loss
   end
-  local loss = loss_sum / n_micro
-  local grad_norm = core.clip_grad_norm(model:flat_grads(), r.optimizer.clip_grad or 0)
+  local loss = dp_mean(run, loss_sum / n_micro)
+  local grad_norm = run.optimizer:step(lr) -- reduces the gradients across data-parallel ranks, clips
   if loss ~= loss or grad_norm ~= grad_norm or math.abs(loss) == math.huge or grad_norm == math.huge then
     error(("NaN or infinite %s at iteration %d (loss %s, grad norm %s): stopping without saving; the last "
       .. "good checkpoint is untouched. Lower optimizer.lr or set optimizer.clip_grad.")
       :format(loss ~= loss and "loss" or "gradient", run.state.iteration + 1, loss, grad_norm), 0)
   end
-  run.optimizer:step(lr)
+  run.optimizer:apply(lr)
   run.state.iteration = run.state.iteration + 1
   run.state.optimizer_steps = run.state.optimizer_steps + 1
   run.state.consumed_samples = run.state.consumed_samples + r.train.global_batch_size
@@ -132,22 +157,22 @@ function M.train_step(run)
 end
 
 -- Mean validation loss over eval_iters global batches (always the same samples, so
--- evaluations are comparable across a run and across resumes).
+-- evaluations are comparable across a run, across resumes and across layouts).
 function M.evaluate(run)
   local r, model = run.r, run.model
-  local mbs, gbs = r.train.micro_batch_size, r.train.global_batch_size
+  local mbs, gbs, dp = r.train.micro_batch_size, r.train.global_batch_size, run.dp_size
   local total, count = 0, 0
-  for i = 0, r.train.eval_iters * gbs // mbs - 1 do
-    local batch <close> = run.valid_data:batch(i * mbs, mbs)
+  for i = 0, r.train.eval_iters * gbs // (mbs * dp) - 1 do
+    local batch <close> = run.valid_data:batch((i * dp + run.dp_rank) * mbs, mbs)
     local ctx <close>, loss = model:forward(batch)
     total, count = total + loss, count + 1
   end
-  return total / count
+  return dp_mean(run, total / count)
 end
 
 function M.save(run)
-  local root = run.r.checkpoint.save
-  return checkpoint.save(root, run.model, run.optimizer, run.state, config.to_table(run.cfg))
+  return checkpoint.save(run.r.checkpoint.save, run.model, run.optimizer, run.state, config.to_table(run.cfg),
+    run.ranks)
 end
 
 -- Resumes from checkpoint.load (or from checkpoint.save when it already holds a run).
@@ -155,7 +180,7 @@ function M.maybe_resume(run, log)
   local ck = run.r.checkpoint
   local root = ck.load or ck.save
   if not root then return false end
-  local state, dir = checkpoint.load(root, run.model, run.optimizer)
+  local state, dir = checkpoint.load(root, run.model, run.optimizer, run.ranks)
   if not state then
     if ck.load then log:info("no checkpoint in %s: starting from scratch", ck.load) end
     return false
@@ -169,6 +194,27 @@ function M.maybe_resume(run, log)
   return true
 end
 
+local function mib(bytes) return bytes / 2 ^ 20 end
+
+-- Per-rank memory of the training state and the bytes data parallelism moves per step.
+local function describe_parallel(run, log)
+  local ps, opt = run.ps, run.optimizer
+  local m = opt:memory()
+  log:info("%s | data parallel %d (%s)", parallel.describe(ps), run.dp_size,
+    m.sharded and "distributed optimizer" or "DDP")
+  log:info("memory per rank: parameters %.2f MiB, gradients %.2f MiB, optimizer state %.2f MiB "
+    .. "(formula %.2f MiB%s)", mib(m.params), mib(m.grads), mib(m.optimizer), mib(m.formula),
+    m.sharded and " = 12 bytes x parameters / DP" or " = 8 bytes x parameters")
+end
+
+local function comm_report(run)
+  local g = run.ps.groups["dp-cp"]
+  if not g or g:size() == 1 then return nil end
+  local s = g:stats()
+  g:reset_stats()
+  return s
+end
+
 -- pretrain(config [, args]): train config.train.train_iters steps, logging, evaluating and
 -- checkpointing as the config says. args: command-line overrides (see apply_overrides).
 function M.pretrain(cfg, args)
@@ -177,29 +223,36 @@ function M.pretrain(cfg, args)
   local run = M.setup(cfg)
   local r = run.r
   local train, ck, lg = r.train, r.checkpoint, r.logger
+  local lead = run.ps.rank == 0
   local metrics_path = lg.metrics_file or (lg.tensorboard_dir and lg.tensorboard_dir .. "/metrics.jsonl")
     or (ck.save and ck.save .. "/metrics.jsonl")
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
-    metrics_path = metrics_path }
+    metrics_path = lead and metrics_path or nil, quiet = not lead }
   local resumed = M.maybe_resume(run, log)
-  log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step%s",
+  log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step per rank%s",
     tostring(run.model), run.model:num_parameters(), r.num_microbatches, train.micro_batch_size,
     r.model.seq_length, resumed and "" or " | from scratch")
+  if run.ps.world_size > 1 then describe_parallel(run, log) end
   for _, w in ipairs(r.warnings or {}) do log:info("warning: %s", w) end
   local tokens_per_step = train.global_batch_size * r.model.seq_length
   local last_loss
   local started = core.clock()
+  comm_report(run)
   while run.state.iteration < train.train_iters do
     local t0 = core.clock()
     local loss, grad_norm, lr = M.train_step(run)
     last_loss = loss
+    local comm = comm_report(run)
     log:step { iteration = run.state.iteration, loss = loss, lr = lr, grad_norm = grad_norm,
-      step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples }
+      step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples,
+      comm_bytes = comm and comm.bytes, comm_expected = comm and run.optimizer:expected_bytes(),
+      comm_seconds = comm and comm.seconds }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = M.evaluate(run)
       log:info("validation at iteration %d | loss %.4f | perplexity %.2f", it, vloss, math.exp(vloss))
       log:record { iteration = it, validation_loss = vloss }
+      comm_report(run) -- evaluation traffic is not the step's
     end
     local saved = false
     if ck.save and ck.save_interval and it % ck.save_interval == 0 then

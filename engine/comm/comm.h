@@ -1,0 +1,81 @@
+/* Communicators: the collectives every parallelism is built from, one interface, several
+ * backends (shm: CPU ranks on one machine, now; nccl: GPUs, later).
+ *
+ * Conventions:
+ * - Every rank of a communicator calls the same collectives in the same order.
+ * - Functions return 0 on success, or -1 with a message in err[errlen] naming the collective,
+ *   the communicator and (for a timeout) the ranks that did not arrive. After a failure the
+ *   communicator is unusable; the caller reports and exits (the launcher then stops the job).
+ * - Results never depend on timing: reductions add contributions in rank order 0, 1, ..., so a
+ *   run is repeatable bit for bit.
+ * - Counts are in elements of `dtype` (engine/core/tensor.h: LT_F32, LT_BF16, LT_I32, LT_I64;
+ *   bf16 reduces through fp32). In-place is allowed where noted.
+ * - Every collective adds the bytes this rank moved to the communicator's statistics, counted as
+ *   the ring algorithms move them (all-reduce 2(N-1)/N of the buffer, reduce-scatter and all-gather
+ *   (N-1)/N of the full buffer, broadcast the buffer, send/recv the message), so reports can be
+ *   compared with the textbook formulas. */
+#ifndef LT_COMM_H
+#define LT_COMM_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/core/tensor.h"
+
+typedef enum { LT_REDUCE_SUM = 0, LT_REDUCE_AVG = 1, LT_REDUCE_MAX = 2 } lt_reduce_op;
+
+typedef struct lt_comm lt_comm;
+
+typedef struct {
+    uint64_t calls;      /* collectives and point-to-point calls */
+    uint64_t bytes;      /* bytes this rank sent (ring accounting, see above) */
+    double seconds;      /* wall time spent inside calls */
+} lt_comm_stats;
+
+/* How a world communicator finds its peers: filled by lt_bootstrap (bootstrap.h) from the
+ * launcher's environment or PMIx. */
+typedef struct {
+    int rank, world_size, local_rank, local_size;
+    char job_id[64];  /* unique per job: names shared-memory segments */
+    double timeout_s; /* a collective waits at most this long for the other ranks */
+} lt_comm_world_info;
+
+/* The world communicator of the shm backend (all ranks on this machine). */
+lt_comm *lt_comm_shm_world(const lt_comm_world_info *info, char *err, size_t errlen);
+
+/* A communicator over a subset of `parent`'s ranks (given as parent ranks, ascending, including
+ * the caller). Only the members call it, all with the same list; `name` (e.g. "dp", "tp") appears
+ * in messages and statistics. The new rank is the caller's position in the list. */
+lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *name, char *err, size_t errlen);
+
+void lt_comm_free(lt_comm *c);
+int lt_comm_rank(const lt_comm *c);
+int lt_comm_size(const lt_comm *c);
+const char *lt_comm_name(const lt_comm *c);
+/* The world rank of group rank r (for messages). */
+int lt_comm_world_rank(const lt_comm *c, int r);
+
+/* buf (count elements) reduced across ranks, in place. */
+int lt_comm_all_reduce(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, lt_reduce_op op, char *err, size_t errlen);
+/* send holds size * recv_count elements; rank r receives the reduction of block r. */
+int lt_comm_reduce_scatter(lt_comm *c, const void *send, void *recv, int64_t recv_count, lt_dtype dtype,
+                           lt_reduce_op op, char *err, size_t errlen);
+/* recv holds size * send_count elements: block r is rank r's send. recv may alias block rank of itself. */
+int lt_comm_all_gather(lt_comm *c, const void *send, void *recv, int64_t send_count, lt_dtype dtype, char *err,
+                       size_t errlen);
+/* send_counts[r] elements go to rank r (blocks laid out in rank order in send); recv_counts[r] come
+ * from rank r (laid out in rank order in recv). Counts must agree pairwise across ranks. */
+int lt_comm_all_to_all(lt_comm *c, const void *send, const int64_t *send_counts, void *recv,
+                       const int64_t *recv_counts, lt_dtype dtype, char *err, size_t errlen);
+int lt_comm_broadcast(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int root, char *err, size_t errlen);
+/* Blocking point-to-point; a send completes when the matching recv has copied the data. */
+int lt_comm_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen);
+int lt_comm_recv(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen);
+int lt_comm_barrier(lt_comm *c, char *err, size_t errlen);
+/* Marks the communicator (and every communicator of the job) failed: peers waiting in a collective
+ * return an error naming this rank and the reason instead of waiting for the timeout. */
+void lt_comm_abort(lt_comm *c, const char *reason);
+
+lt_comm_stats lt_comm_get_stats(const lt_comm *c);
+void lt_comm_reset_stats(lt_comm *c);
+
+#endif

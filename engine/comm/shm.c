@@ -1,0 +1,1057 @@
+/* The shm backend: ranks are processes on one machine that exchange data through a POSIX
+ * shared-memory segment per communicator and synchronise with C11 atomics inside it.
+ *
+ * Segment "/luatron-<job_id>-world" (and "/luatron-<job_id>-g-<name>-<hash of the world ranks>"
+ * for a group), all offsets fixed by (N, S = staging half size, P = mailbox half size):
+ *   [0, 4096)        header: futex word + sleeper count, barrier arrival total, "unlinked" flag,
+ *                    abort word (world rank + 1 of the first aborter) and reason, layout words
+ *   N x 384 bytes    per-rank control: arrival sequence number, the call header of each staging
+ *                    half (which collective, count, dtype, op, root, call number), the rank's
+ *                    outgoing mailbox descriptors (two halves) and the receivers' ack counter
+ *   then per rank    two staging halves of S bytes (collectives), two mailbox halves of P bytes
+ *                    (send/recv), page aligned.
+ * S defaults to 4 MiB and P to 2 MiB (12 MiB a rank, tmpfs pages are only used once touched);
+ * LUATRON_SHM_SLOT_BYTES sets S (P = S/2), e.g. for a small /dev/shm. Larger transfers go in
+ * chunks ("rounds").
+ *
+ * Creation and unlinking: every member shm_open(O_CREAT)s the name, ftruncates it to the layout
+ * size (idempotent, zero-filled, so no rank has to be first) and maps it, then the members meet in
+ * a barrier; member 0 shm_unlinks the name and raises "unlinked", which the others wait for. From
+ * then on the segment has no name: nothing is left in /dev/shm however the processes end (the
+ * memory goes when the last mapping does), and a later group with the same name and members
+ * gets a fresh segment. When creation fails (a rank never arrives) the rank unlinks the name itself.
+ *
+ * Barrier: rank r stores its barrier number k in arrive[r], then adds 1 to `total`; the barrier is
+ * complete when total >= k N (ranks run at most one barrier apart, so this is "every arrive >= k").
+ * arrive[] names the ranks that did not arrive when a wait times out. Waiting spins briefly (not
+ * at all when there are more ranks than CPUs; 20 us otherwise, LUATRON_SHM_SPIN_US overrides),
+ * yields, then sleeps on the segment's futex word,
+ * which every completing barrier, mailbox post and ack bumps (waking sleepers only when there are
+ * any). Sleeps are capped at 20 ms, so every wait also notices its deadline (timeout_s) and the
+ * job's abort word (kept in the world segment, shared by all communicators of the job).
+ *
+ * Collectives are sequences of rounds; round i uses staging half i % 2. A round writes into the
+ * rank's own half, then barriers, then reads the other ranks' halves; a half is written again two
+ * rounds later, after the barrier of the round in between, by which time every rank has finished
+ * reading it, so no trailing barrier is needed. The first round of each call also publishes a call
+ * header which every rank checks against its own after the barrier: ranks that call different
+ * collectives (or counts, dtypes, ops, roots) all fail at once with a message naming them instead
+ * of exchanging garbage.
+ *   all_reduce: each rank copies its chunk (except its own block) into its half; barrier; rank r
+ *     reduces block r (64-byte aligned blocks) reading the N contributions in rank order 0..N-1
+ *     (its own straight from its buffer), writes it into its buffer and its half; barrier; every
+ *     rank copies the other blocks from their owners' halves. Results are bit-identical on all
+ *     ranks and independent of timing and chunking.
+ *   reduce_scatter: one barrier a round (reduce block r in rank order straight into recv).
+ *   all_gather, broadcast: one barrier a round. all_to_all: a first round exchanges the count
+ *     matrix (checked pairwise), then rounds move up to S/N bytes per pair.
+ * Reductions: fp32 sums in fp32; bf16 accumulates in fp32 and rounds once (nearest even); AVG is
+ * the sum divided by N (integer division for integers); MAX propagates NaN; integer sums wrap.
+ *
+ * send/recv: each rank has one outgoing mailbox (two halves) because a send blocks until its
+ * receiver has copied the data. Chunk g of everything the rank sends goes into half g % 2 with a
+ * descriptor (destination, message size, offset); the receiver of chunk g copies it out and sets
+ * acked = g; the sender reuses a half once acked >= g - 2 and returns once the last chunk is acked.
+ * A receiver waits for the chunk acked + 1 to be addressed to it. The usual pipeline patterns
+ * (a sends while b receives, chains, pairwise exchange with the lower rank sending first) work;
+ * two ranks that both send to each other first deadlock (and time out), as blocking sends do. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+#include "engine/comm/internal.h"
+
+#define SHM_MAGIC 0x6c7473686d763100ull /* "ltshmv1" */
+#define HDR_BYTES 4096
+#define CTL_BYTES 384
+#define DEFAULT_SLOT (4u << 20)
+#define MIN_SLOT 4096
+#define ABORT_REASON_MAX 256
+#define SLEEP_SLICE_S 0.02
+#define DEFAULT_TIMEOUT_S 600.0
+#define DEFAULT_SPIN_US 20.0
+
+/* ---- shared layout ---- */
+
+typedef struct {
+    _Alignas(64) atomic_uint gen; /* futex word: bumped on every event that may end a wait */
+    atomic_uint sleepers;         /* ranks sleeping on gen */
+    _Alignas(64) atomic_uint_least64_t total; /* barrier arrivals, all ranks together */
+    _Alignas(64) atomic_int unlinked;         /* member 0 removed the name (creation) */
+    _Alignas(64) atomic_int abort_claim;      /* CAS 0 -> 1 by the first aborter */
+    atomic_int abort_rank1;                   /* world rank + 1 of the aborter, after the reason */
+    char abort_reason[ABORT_REASON_MAX];
+    _Alignas(64) atomic_uint_least64_t layout[4]; /* magic, N, S, P: set by the first, checked by all */
+} seg_hdr;
+
+typedef struct {
+    uint64_t call_seq;
+    int32_t kind, dtype, op, root;
+    int64_t count;
+} call_hdr;
+
+typedef struct {
+    atomic_uint_least64_t seq; /* chunk number g, published last */
+    int32_t dst;               /* receiver (communicator rank) */
+    int64_t msg_bytes;         /* size of the whole message */
+    int64_t offset, len;       /* this chunk's place in it */
+} box_desc;
+
+typedef struct {
+    _Alignas(64) atomic_uint_least64_t arrive; /* barriers this rank reached */
+    int32_t pid;
+    _Alignas(64) call_hdr hdr[2];              /* call header per staging half */
+    _Alignas(64) box_desc box[2];              /* outgoing mailbox, written by this rank */
+    _Alignas(64) atomic_uint_least64_t acked;  /* written by the receivers of this rank's chunks */
+} rank_ctl;
+
+_Static_assert(sizeof(seg_hdr) <= HDR_BYTES, "segment header too large");
+_Static_assert(sizeof(rank_ctl) <= CTL_BYTES, "rank control too large");
+
+/* ---- process-local state ---- */
+
+typedef struct {
+    int refs;
+    void *base;
+    size_t size;
+    seg_hdr *hdr;
+    rank_ctl *ctl; /* N entries of CTL_BYTES */
+    uint8_t *data;
+    int n;
+    size_t slot, p2p, per_rank;
+} shm_seg;
+
+typedef struct {
+    shm_seg *seg;   /* this communicator's segment */
+    shm_seg *world; /* the world segment (abort word); == seg for the world */
+    int me, n;
+    double timeout;
+    double spin_s; /* waiting policy: spin this long, then yield `yields` times, then sleep */
+    int yields;
+    uint64_t bar_seq, round, call_seq, posted;
+    char job[80]; /* sanitized job id: names the group segments */
+} shm_comm;
+
+enum { K_BARRIER = 1, K_ALL_REDUCE, K_REDUCE_SCATTER, K_ALL_GATHER, K_ALL_TO_ALL, K_BROADCAST };
+static const char *kind_name(int k) {
+    switch (k) {
+    case K_BARRIER: return "barrier";
+    case K_ALL_REDUCE: return "all_reduce";
+    case K_REDUCE_SCATTER: return "reduce_scatter";
+    case K_ALL_GATHER: return "all_gather";
+    case K_ALL_TO_ALL: return "all_to_all";
+    case K_BROADCAST: return "broadcast";
+    }
+    return "nothing";
+}
+
+static inline rank_ctl *ctl_of(shm_seg *g, int r) { return (rank_ctl *)((uint8_t *)g->ctl + (size_t)r * CTL_BYTES); }
+static inline uint8_t *slot_of(shm_seg *g, int r, int h) { return g->data + (size_t)r * g->per_rank + (size_t)h * g->slot; }
+static inline uint8_t *box_of(shm_seg *g, int r, int h) {
+    return g->data + (size_t)r * g->per_rank + 2 * g->slot + (size_t)h * g->p2p;
+}
+
+/* ---- waiting ---- */
+
+static void seg_notify(shm_seg *g) {
+    atomic_fetch_add(&g->hdr->gen, 1u);
+    if (atomic_load(&g->hdr->sleepers) > 0) {
+#ifdef __linux__
+        syscall(SYS_futex, (uint32_t *)&g->hdr->gen, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+#endif
+    }
+}
+
+static void seg_sleep(shm_seg *g, unsigned seen, double seconds) {
+    if (seconds > SLEEP_SLICE_S) seconds = SLEEP_SLICE_S;
+    if (seconds < 0) seconds = 0;
+    struct timespec ts = {0, (long)(seconds * 1e9)};
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)&g->hdr->gen, FUTEX_WAIT, seen, &ts, NULL, 0);
+#else
+    (void)seen;
+    ts.tv_nsec = ts.tv_nsec > 200000 ? 200000 : ts.tv_nsec;
+    nanosleep(&ts, NULL);
+#endif
+}
+
+static int aborted(const shm_comm *s) { return atomic_load_explicit(&s->world->hdr->abort_rank1, memory_order_acquire); }
+
+enum { W_BARRIER, W_UNLINKED, W_ACKED, W_POSTED };
+typedef struct {
+    int kind;
+    uint64_t target; /* W_BARRIER: total; W_ACKED: acked */
+    int peer;        /* W_POSTED: sender */
+    uint64_t got;    /* W_POSTED: the chunk number found */
+} wait_t;
+
+static int cond_ok(shm_comm *s, wait_t *w) {
+    shm_seg *g = s->seg;
+    switch (w->kind) {
+    case W_BARRIER: return atomic_load_explicit(&g->hdr->total, memory_order_acquire) >= w->target;
+    case W_UNLINKED: return atomic_load_explicit(&g->hdr->unlinked, memory_order_acquire) != 0;
+    case W_ACKED: return atomic_load_explicit(&ctl_of(g, s->me)->acked, memory_order_acquire) >= w->target;
+    case W_POSTED: {
+        rank_ctl *p = ctl_of(g, w->peer);
+        uint64_t a = atomic_load_explicit(&p->acked, memory_order_acquire);
+        box_desc *d = &p->box[(a + 1) & 1];
+        if (atomic_load_explicit(&d->seq, memory_order_acquire) != a + 1 || d->dst != s->me) return 0;
+        w->got = a + 1;
+        return 1;
+    }
+    }
+    return 0;
+}
+
+/* 0 when the condition holds, 1 on timeout, 2 when the job was aborted. */
+static int shm_wait(shm_comm *s, wait_t *w) {
+    if (cond_ok(s, w)) return 0;
+    double t0 = lt_comm_now_(), deadline = t0 + s->timeout;
+    if (s->spin_s > 0) {
+        double until = t0 + s->spin_s;
+        for (int i = 1;; i++) {
+            CPU_RELAX();
+            if (cond_ok(s, w)) return 0;
+            if ((i & 63) == 0 && lt_comm_now_() > until) break;
+        }
+    }
+    for (int i = 0; i < s->yields; i++) {
+        sched_yield();
+        if (cond_ok(s, w)) return 0;
+    }
+    shm_seg *g = s->seg;
+    for (;;) {
+        if (aborted(s)) return 2;
+        double now = lt_comm_now_();
+        if (now >= deadline) return cond_ok(s, w) ? 0 : 1;
+        atomic_fetch_add(&g->hdr->sleepers, 1u);
+        unsigned seen = atomic_load(&g->hdr->gen);
+        if (cond_ok(s, w)) {
+            atomic_fetch_sub(&g->hdr->sleepers, 1u);
+            return 0;
+        }
+        seg_sleep(g, seen, deadline - now);
+        atomic_fetch_sub(&g->hdr->sleepers, 1u);
+        if (cond_ok(s, w)) return 0;
+    }
+}
+
+static shm_comm *impl(lt_comm *c) { return (shm_comm *)c->impl; }
+
+static void abort_message(lt_comm *c, const char *what, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    char desc[256], reason[ABORT_REASON_MAX];
+    int r1 = atomic_load_explicit(&s->world->hdr->abort_rank1, memory_order_acquire);
+    memcpy(reason, s->world->hdr->abort_reason, sizeof reason);
+    reason[sizeof reason - 1] = '\0';
+    lt_comm_describe_(c, desc, sizeof desc);
+    lt_comm_errf_(err, errlen, "%s on %s failed: rank %d aborted: %s", what, desc, r1 - 1, reason);
+}
+
+/* Barrier over the communicator's segment; `what` names the collective in messages. */
+static int sync_ranks(lt_comm *c, const char *what, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    uint64_t k = ++s->bar_seq;
+    atomic_store(&ctl_of(g, s->me)->arrive, k);
+    uint64_t t = atomic_fetch_add(&g->hdr->total, 1) + 1;
+    uint64_t target = k * (uint64_t)s->n;
+    if (t >= target) seg_notify(g);
+    wait_t w = {W_BARRIER, target, 0, 0};
+    int rc = shm_wait(s, &w);
+    if (rc == 0) return 0;
+    if (rc == 2) {
+        abort_message(c, what, err, errlen);
+        return -1;
+    }
+    int *late = malloc(sizeof(int) * (size_t)s->n), nl = 0;
+    if (late)
+        for (int r = 0; r < s->n; r++)
+            if (atomic_load(&ctl_of(g, r)->arrive) < k) late[nl++] = c->world_ranks[r];
+    char desc[256], lst[160];
+    lt_comm_describe_(c, desc, sizeof desc);
+    lt_comm_format_ranks_(late, nl, lst, sizeof lst);
+    lt_comm_errf_(err, errlen, "%s on %s timed out after %.1f s: rank%s %s did not arrive", what, desc, s->timeout,
+                  nl == 1 ? "" : "s", nl ? lst : "?");
+    free(late);
+    return -1;
+}
+
+/* ---- segments ---- */
+
+static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+static void seg_unref(shm_seg *g) {
+    if (!g || --g->refs > 0) return;
+    munmap(g->base, g->size);
+    free(g);
+}
+
+static void sanitize(char *out, size_t outlen, const char *in) {
+    size_t i = 0;
+    for (; in && in[i] && i + 1 < outlen; i++) {
+        char ch = in[i];
+        int ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '-' ||
+                 ch == '_' || ch == '.';
+        out[i] = ok ? ch : '_';
+    }
+    out[i] = '\0';
+}
+
+static size_t env_slot_bytes(void) {
+    const char *e = getenv("LUATRON_SHM_SLOT_BYTES");
+    if (e && *e) {
+        char *end;
+        unsigned long long v = strtoull(e, &end, 10);
+        if (end != e && v > 0) return (size_t)v;
+    }
+    return DEFAULT_SLOT;
+}
+
+static int cpus_available(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+/* Opens (creating) the segment `name` for n ranks, meets the other members and unlinks the name.
+ * On success s->seg is set and s->bar_seq counts the creation barrier. */
+static int seg_create(lt_comm *c, shm_comm *s, const char *name, size_t slot, char *err, size_t errlen) {
+    int n = s->n;
+    char desc[256];
+    lt_comm_describe_(c, desc, sizeof desc);
+    size_t min_slot = round_up(16 * (size_t)n + 64, 4096);
+    if (slot < min_slot) slot = min_slot;
+    slot = round_up(slot, 4096);
+    size_t p2p = round_up(slot / 2 > MIN_SLOT ? slot / 2 : MIN_SLOT, 4096);
+    size_t per_rank = 2 * slot + 2 * p2p;
+    size_t ctl_bytes = round_up((size_t)n * CTL_BYTES, 4096);
+    size_t size = HDR_BYTES + ctl_bytes + (size_t)n * per_rank;
+
+    struct statvfs vfs;
+    if (statvfs("/dev/shm", &vfs) == 0) {
+        unsigned long long avail = (unsigned long long)vfs.f_bavail * vfs.f_frsize;
+        if (avail < size) {
+            lt_comm_errf_(err, errlen,
+                          "creating %s: /dev/shm has %.1f MiB free, the segment needs %.1f MiB "
+                          "(enlarge /dev/shm, e.g. docker --shm-size, or lower LUATRON_SHM_SLOT_BYTES)",
+                          desc, avail / 1048576.0, size / 1048576.0);
+            return -1;
+        }
+    }
+    int fd = shm_open(name, O_RDWR | O_CREAT, 0600);
+    if (fd < 0) {
+        lt_comm_errf_(err, errlen, "creating %s: shm_open %s: %s", desc, name, strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (size_t)st.st_size != size && st.st_size != 0) {
+        close(fd);
+        lt_comm_errf_(err, errlen,
+                      "creating %s: shared memory %s exists with another size (%lld bytes, expected %zu): "
+                      "another job with the same id, or ranks with different LUATRON_SHM_SLOT_BYTES",
+                      desc, name, (long long)st.st_size, size);
+        return -1;
+    }
+    if (ftruncate(fd, (off_t)size) != 0) {
+        int e = errno;
+        close(fd);
+        shm_unlink(name);
+        lt_comm_errf_(err, errlen, "creating %s: ftruncate %s to %zu bytes: %s", desc, name, size, strerror(e));
+        return -1;
+    }
+    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) {
+        int e = errno;
+        shm_unlink(name);
+        lt_comm_errf_(err, errlen, "creating %s: mmap %s: %s", desc, name, strerror(e));
+        return -1;
+    }
+    shm_seg *g = calloc(1, sizeof *g);
+    if (!g) {
+        munmap(base, size);
+        shm_unlink(name);
+        lt_comm_errf_(err, errlen, "creating %s: out of memory", desc);
+        return -1;
+    }
+    g->refs = 1;
+    g->base = base;
+    g->size = size;
+    g->hdr = (seg_hdr *)base;
+    g->ctl = (rank_ctl *)((uint8_t *)base + HDR_BYTES);
+    g->data = (uint8_t *)base + HDR_BYTES + ctl_bytes;
+    g->n = n;
+    g->slot = slot;
+    g->p2p = p2p;
+    g->per_rank = per_rank;
+    s->seg = g;
+    if (!s->world) s->world = g;
+
+    uint64_t want[4] = {SHM_MAGIC, (uint64_t)n, slot, p2p};
+    for (int i = 0; i < 4; i++) {
+        uint64_t expected = 0;
+        if (!atomic_compare_exchange_strong(&g->hdr->layout[i], &expected, want[i]) && expected != want[i]) {
+            lt_comm_errf_(err, errlen,
+                          "creating %s: shared memory %s has another layout (word %d is %llu, expected %llu): "
+                          "another job with the same id, or ranks with different LUATRON_SHM_SLOT_BYTES",
+                          desc, name, i, (unsigned long long)expected, (unsigned long long)want[i]);
+            shm_unlink(name);
+            return -1;
+        }
+    }
+    if (atomic_load(&ctl_of(g, s->me)->arrive) != 0) { /* we have not arrived yet: stale segment */
+        lt_comm_errf_(err, errlen,
+                      "creating %s: shared memory %s was already joined by rank %d (left over from an earlier "
+                      "run with the same job id, or two processes with the same rank); it is removed now, "
+                      "start again with a fresh job id",
+                      desc, name, c->world_ranks[s->me]);
+        shm_unlink(name);
+        return -1;
+    }
+    ctl_of(g, s->me)->pid = (int32_t)getpid();
+    if (sync_ranks(c, "setup", err, errlen) != 0) {
+        shm_unlink(name); /* nobody else may be left to do it */
+        return -1;
+    }
+    if (s->me == 0) {
+        shm_unlink(name);
+        atomic_store(&g->hdr->unlinked, 1);
+        seg_notify(g);
+    } else {
+        wait_t w = {W_UNLINKED, 0, 0, 0};
+        int rc = shm_wait(s, &w);
+        if (rc == 1) {
+            shm_unlink(name);
+            lt_comm_errf_(err, errlen, "creating %s timed out after %.1f s: rank %d did not finish creating it",
+                          desc, s->timeout, c->world_ranks[0]);
+            return -1;
+        }
+        if (rc == 2) {
+            abort_message(c, "setup", err, errlen);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- reductions ---- */
+
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* same as lt_f32_to_bf16: nearest even, quiet NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#define TILE 1024
+
+/* d1[i] (and d2[i]) = reduction over j = 0..n-1 in order of srcs[j][i], i < len. d2 may alias a
+ * source: each tile is reduced completely before it is written. */
+static void reduce_f32(int n, const void *const *srcs, int64_t len, lt_reduce_op op, float *d1, float *d2) {
+    float acc[TILE];
+    for (int64_t o = 0; o < len; o += TILE) {
+        int m = (int)(len - o < TILE ? len - o : TILE);
+        const float *s0 = (const float *)srcs[0] + o;
+        for (int i = 0; i < m; i++) acc[i] = s0[i];
+        for (int j = 1; j < n; j++) {
+            const float *restrict sj = (const float *)srcs[j] + o;
+            if (op == LT_REDUCE_MAX)
+                for (int i = 0; i < m; i++) {
+                    float x = sj[i], a = acc[i];
+                    acc[i] = ((x > a) | (x != x)) ? x : a;
+                }
+            else
+                for (int i = 0; i < m; i++) acc[i] += sj[i];
+        }
+        if (op == LT_REDUCE_AVG) {
+            float fn = (float)n;
+            for (int i = 0; i < m; i++) acc[i] /= fn;
+        }
+        if (d1) memcpy(d1 + o, acc, (size_t)m * 4);
+        if (d2) memcpy(d2 + o, acc, (size_t)m * 4);
+    }
+}
+
+static void reduce_bf16(int n, const void *const *srcs, int64_t len, lt_reduce_op op, uint16_t *d1, uint16_t *d2) {
+    float acc[TILE];
+    uint16_t out[TILE];
+    for (int64_t o = 0; o < len; o += TILE) {
+        int m = (int)(len - o < TILE ? len - o : TILE);
+        const uint16_t *s0 = (const uint16_t *)srcs[0] + o;
+        for (int i = 0; i < m; i++) acc[i] = bf2f(s0[i]);
+        for (int j = 1; j < n; j++) {
+            const uint16_t *restrict sj = (const uint16_t *)srcs[j] + o;
+            if (op == LT_REDUCE_MAX)
+                for (int i = 0; i < m; i++) {
+                    float x = bf2f(sj[i]), a = acc[i];
+                    acc[i] = ((x > a) | (x != x)) ? x : a;
+                }
+            else
+                for (int i = 0; i < m; i++) acc[i] += bf2f(sj[i]);
+        }
+        if (op == LT_REDUCE_AVG) {
+            float fn = (float)n;
+            for (int i = 0; i < m; i++) acc[i] /= fn;
+        }
+        for (int i = 0; i < m; i++) out[i] = f2bf(acc[i]);
+        if (d1) memcpy(d1 + o, out, (size_t)m * 2);
+        if (d2) memcpy(d2 + o, out, (size_t)m * 2);
+    }
+}
+
+#define REDUCE_INT(NAME, T, U)                                                                           \
+    static void NAME(int n, const void *const *srcs, int64_t len, lt_reduce_op op, T *d1, T *d2) {       \
+        T acc[TILE];                                                                                     \
+        for (int64_t o = 0; o < len; o += TILE) {                                                        \
+            int m = (int)(len - o < TILE ? len - o : TILE);                                              \
+            const T *s0 = (const T *)srcs[0] + o;                                                        \
+            for (int i = 0; i < m; i++) acc[i] = s0[i];                                                  \
+            for (int j = 1; j < n; j++) {                                                                \
+                const T *restrict sj = (const T *)srcs[j] + o;                                           \
+                if (op == LT_REDUCE_MAX)                                                                 \
+                    for (int i = 0; i < m; i++) acc[i] = sj[i] > acc[i] ? sj[i] : acc[i];                \
+                else                                                                                     \
+                    for (int i = 0; i < m; i++) acc[i] = (T)((U)acc[i] + (U)sj[i]);                      \
+            }                                                                                            \
+            if (op == LT_REDUCE_AVG)                                                                     \
+                for (int i = 0; i < m; i++) acc[i] = (T)(acc[i] / (T)n);                                 \
+            if (d1) memcpy(d1 + o, acc, (size_t)m * sizeof(T));                                          \
+            if (d2) memcpy(d2 + o, acc, (size_t)m * sizeof(T));                                          \
+        }                                                                                                \
+    }
+REDUCE_INT(reduce_i32, int32_t, uint32_t)
+REDUCE_INT(reduce_i64, int64_t, uint64_t)
+
+static void reduce(lt_dtype dt, int n, const void *const *srcs, int64_t len, lt_reduce_op op, void *d1, void *d2) {
+    switch (dt) {
+    case LT_F32: reduce_f32(n, srcs, len, op, d1, d2); break;
+    case LT_BF16: reduce_bf16(n, srcs, len, op, d1, d2); break;
+    case LT_I32: reduce_i32(n, srcs, len, op, d1, d2); break;
+    case LT_I64: reduce_i64(n, srcs, len, op, d1, d2); break;
+    }
+}
+
+/* ---- call headers ---- */
+
+static void describe_call(const call_hdr *h, char *out, size_t outlen) {
+    const char *dt = lt_dtype_name((lt_dtype)h->dtype);
+    switch (h->kind) {
+    case K_ALL_REDUCE:
+    case K_REDUCE_SCATTER:
+        snprintf(out, outlen, "%s(count %lld, %s, %s) as call %llu", kind_name(h->kind), (long long)h->count, dt,
+                 lt_comm_op_name_((lt_reduce_op)h->op), (unsigned long long)h->call_seq);
+        break;
+    case K_BROADCAST:
+        snprintf(out, outlen, "broadcast(count %lld, %s, root %d) as call %llu", (long long)h->count, dt, h->root,
+                 (unsigned long long)h->call_seq);
+        break;
+    case K_ALL_GATHER:
+        snprintf(out, outlen, "all_gather(count %lld, %s) as call %llu", (long long)h->count, dt,
+                 (unsigned long long)h->call_seq);
+        break;
+    case K_ALL_TO_ALL:
+        snprintf(out, outlen, "all_to_all(%s) as call %llu", dt, (unsigned long long)h->call_seq);
+        break;
+    default:
+        snprintf(out, outlen, "%s as call %llu", kind_name(h->kind), (unsigned long long)h->call_seq);
+    }
+}
+
+/* Starts a call: publishes its header in the half of the round about to begin. */
+static call_hdr call_begin(shm_comm *s, int kind, lt_dtype dt, lt_reduce_op op, int root, int64_t count) {
+    call_hdr h = {++s->call_seq, kind, (int32_t)dt, (int32_t)op, root, count};
+    ctl_of(s->seg, s->me)->hdr[s->round & 1] = h;
+    return h;
+}
+
+/* After the first barrier of a call: every rank's header of half h must equal ours. */
+static int call_check(lt_comm *c, const call_hdr *mine, int h, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    for (int r = 0; r < s->n; r++) {
+        call_hdr o = ctl_of(s->seg, r)->hdr[h];
+        if (memcmp(&o, mine, sizeof o) == 0) continue;
+        char desc[256], a[160], b[160];
+        lt_comm_describe_(c, desc, sizeof desc);
+        describe_call(&o, a, sizeof a);
+        describe_call(mine, b, sizeof b);
+        lt_comm_errf_(err, errlen, "%s on %s: ranks disagree: rank %d called %s, this rank (%d) called %s",
+                      kind_name(mine->kind), desc, c->world_ranks[r], a, c->world_ranks[s->me], b);
+        return -1;
+    }
+    return 0;
+}
+
+static int entry_check(lt_comm *c, const char *what, char *err, size_t errlen) {
+    if (!aborted(impl(c))) return 0;
+    abort_message(c, what, err, errlen);
+    return -1;
+}
+
+/* ---- collectives ---- */
+
+/* memcpy that accepts (NULL, 0) */
+static inline void copy(void *dst, const void *src, size_t n) {
+    if (n) memcpy(dst, src, n);
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Block r of a chunk of len elements: 64-byte aligned pieces, the last ones possibly shorter/empty. */
+static void block_of(int64_t len, int n, size_t esz, int r, int64_t *start, int64_t *size) {
+    int64_t unit = (int64_t)(64 / esz);
+    int64_t bs = ceil_div(ceil_div(len, n), unit) * unit;
+    int64_t a = bs * r, b = a + bs;
+    if (a > len) a = len;
+    if (b > len) b = len;
+    *start = a;
+    *size = b - a;
+}
+
+static uint8_t mine_dummy[64]; /* stands in for a NULL buffer of 0 elements */
+
+static int shm_all_reduce(lt_comm *c, void *buf, int64_t count, lt_dtype dt, lt_reduce_op op, char *err,
+                          size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (entry_check(c, "all_reduce", err, errlen)) return -1;
+    size_t esz = lt_dtype_size(dt);
+    int64_t chunk = (int64_t)(g->slot / esz);
+    int64_t rounds = count > 0 ? ceil_div(count, chunk) : 1;
+    call_hdr mine = call_begin(s, K_ALL_REDUCE, dt, op, 0, count);
+    const void **srcs = malloc(sizeof(void *) * (size_t)s->n);
+    if (!srcs) {
+        lt_comm_errf_(err, errlen, "all_reduce: out of memory");
+        return -1;
+    }
+    uint8_t *b = buf ? buf : mine_dummy;
+    int rc = 0;
+    for (int64_t k = 0; k < rounds && rc == 0; k++) {
+        int h = (int)(s->round++ & 1);
+        int64_t off = k * chunk, len = count - off < chunk ? count - off : chunk;
+        if (len < 0) len = 0;
+        int64_t ms, mz;
+        block_of(len, s->n, esz, s->me, &ms, &mz);
+        uint8_t *mine_slot = slot_of(g, s->me, h);
+        /* everything but our own block, which we reduce straight from buf */
+        copy(mine_slot, b + off * esz, (size_t)ms * esz);
+        copy(mine_slot + (ms + mz) * esz, b + (off + ms + mz) * esz, (size_t)(len - ms - mz) * esz);
+        if ((rc = sync_ranks(c, "all_reduce", err, errlen))) break;
+        if (k == 0 && (rc = call_check(c, &mine, h, err, errlen))) break;
+        if (len == 0) break;
+        for (int j = 0; j < s->n; j++)
+            srcs[j] = j == s->me ? (const void *)(b + (off + ms) * esz) : (const void *)(slot_of(g, j, h) + ms * esz);
+        reduce(dt, s->n, srcs, mz, op, mine_slot + ms * esz, b + (off + ms) * esz);
+        if ((rc = sync_ranks(c, "all_reduce", err, errlen))) break;
+        for (int j = 0; j < s->n; j++) {
+            if (j == s->me) continue;
+            int64_t js, jz;
+            block_of(len, s->n, esz, j, &js, &jz);
+            copy(b + (off + js) * esz, slot_of(g, j, h) + js * esz, (size_t)jz * esz);
+        }
+    }
+    free(srcs);
+    return rc;
+}
+
+static int shm_reduce_scatter(lt_comm *c, const void *send, void *recv, int64_t rc_count, lt_dtype dt,
+                              lt_reduce_op op, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (entry_check(c, "reduce_scatter", err, errlen)) return -1;
+    size_t esz = lt_dtype_size(dt);
+    int64_t chunk = (int64_t)(g->slot / (esz * (size_t)s->n));
+    int64_t rounds = rc_count > 0 ? ceil_div(rc_count, chunk) : 1;
+    call_hdr mine = call_begin(s, K_REDUCE_SCATTER, dt, op, 0, rc_count);
+    const void **srcs = malloc(sizeof(void *) * (size_t)s->n);
+    if (!srcs) {
+        lt_comm_errf_(err, errlen, "reduce_scatter: out of memory");
+        return -1;
+    }
+    const uint8_t *sb = send ? send : mine_dummy;
+    uint8_t *rb = recv ? recv : mine_dummy;
+    int rc = 0;
+    for (int64_t k = 0; k < rounds && rc == 0; k++) {
+        int h = (int)(s->round++ & 1);
+        int64_t off = k * chunk, len = rc_count - off < chunk ? rc_count - off : chunk;
+        if (len < 0) len = 0;
+        uint8_t *ms = slot_of(g, s->me, h);
+        for (int bl = 0; bl < s->n; bl++)
+            if (bl != s->me) copy(ms + bl * len * esz, sb + (bl * rc_count + off) * esz, (size_t)len * esz);
+        if ((rc = sync_ranks(c, "reduce_scatter", err, errlen))) break;
+        if (k == 0 && (rc = call_check(c, &mine, h, err, errlen))) break;
+        for (int j = 0; j < s->n; j++)
+            srcs[j] = j == s->me ? (const void *)(sb + (s->me * rc_count + off) * esz)
+                                 : (const void *)(slot_of(g, j, h) + s->me * len * esz);
+        reduce(dt, s->n, srcs, len, op, rb + off * esz, NULL);
+    }
+    free(srcs);
+    return rc;
+}
+
+static int shm_all_gather(lt_comm *c, const void *send, void *recv, int64_t sc, lt_dtype dt, char *err,
+                          size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (entry_check(c, "all_gather", err, errlen)) return -1;
+    size_t esz = lt_dtype_size(dt);
+    int64_t chunk = (int64_t)(g->slot / esz);
+    int64_t rounds = sc > 0 ? ceil_div(sc, chunk) : 1;
+    call_hdr mine = call_begin(s, K_ALL_GATHER, dt, 0, 0, sc);
+    const uint8_t *sb = send ? send : mine_dummy;
+    uint8_t *rb = recv ? recv : mine_dummy;
+    int in_place = sc > 0 && sb == rb + (size_t)s->me * (size_t)sc * esz;
+    for (int64_t k = 0; k < rounds; k++) {
+        int h = (int)(s->round++ & 1);
+        int64_t off = k * chunk, len = sc - off < chunk ? sc - off : chunk;
+        if (len < 0) len = 0;
+        copy(slot_of(g, s->me, h), sb + off * esz, (size_t)len * esz);
+        if (sync_ranks(c, "all_gather", err, errlen)) return -1;
+        if (k == 0 && call_check(c, &mine, h, err, errlen)) return -1;
+        for (int j = 0; j < s->n; j++) {
+            uint8_t *dst = rb + ((size_t)j * (size_t)sc + (size_t)off) * esz;
+            if (j == s->me) {
+                if (!in_place) memmove(dst, sb + off * esz, (size_t)len * esz);
+            } else {
+                copy(dst, slot_of(g, j, h), (size_t)len * esz);
+            }
+        }
+    }
+    return 0;
+}
+
+static int shm_broadcast(lt_comm *c, void *buf, int64_t count, lt_dtype dt, int root, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (entry_check(c, "broadcast", err, errlen)) return -1;
+    size_t esz = lt_dtype_size(dt);
+    int64_t chunk = (int64_t)(g->slot / esz);
+    int64_t rounds = count > 0 ? ceil_div(count, chunk) : 1;
+    call_hdr mine = call_begin(s, K_BROADCAST, dt, 0, root, count);
+    uint8_t *b = buf ? buf : mine_dummy;
+    for (int64_t k = 0; k < rounds; k++) {
+        int h = (int)(s->round++ & 1);
+        int64_t off = k * chunk, len = count - off < chunk ? count - off : chunk;
+        if (len < 0) len = 0;
+        if (s->me == root) copy(slot_of(g, root, h), b + off * esz, (size_t)len * esz);
+        if (sync_ranks(c, "broadcast", err, errlen)) return -1;
+        if (k == 0 && call_check(c, &mine, h, err, errlen)) return -1;
+        if (s->me != root) copy(b + off * esz, slot_of(g, root, h), (size_t)len * esz);
+    }
+    return 0;
+}
+
+static int shm_all_to_all(lt_comm *c, const void *send, const int64_t *scounts, void *recv, const int64_t *rcounts,
+                          lt_dtype dt, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    int n = s->n, me = s->me;
+    if (entry_check(c, "all_to_all", err, errlen)) return -1;
+    size_t esz = lt_dtype_size(dt);
+    call_hdr mine = call_begin(s, K_ALL_TO_ALL, dt, 0, 0, 0);
+    /* round 0: the count matrix (send row then recv row of every rank) */
+    int h = (int)(s->round++ & 1);
+    int64_t *row = (int64_t *)slot_of(g, me, h);
+    copy(row, scounts, sizeof(int64_t) * (size_t)n);
+    copy(row + n, rcounts, sizeof(int64_t) * (size_t)n);
+    if (sync_ranks(c, "all_to_all", err, errlen)) return -1;
+    if (call_check(c, &mine, h, err, errlen)) return -1;
+    int64_t q = (int64_t)(g->slot / ((size_t)n * esz)); /* elements per pair and round */
+    int64_t maxc = 0;
+    for (int a = 0; a < n; a++) {
+        const int64_t *ra = (const int64_t *)slot_of(g, a, h);
+        for (int b = 0; b < n; b++) {
+            int64_t sent = ra[b], expect = ((const int64_t *)slot_of(g, b, h))[n + a];
+            if (sent != expect) {
+                char desc[256];
+                lt_comm_describe_(c, desc, sizeof desc);
+                lt_comm_errf_(err, errlen,
+                              "all_to_all on %s: rank %d sends %lld elements to rank %d, which expects %lld",
+                              desc, c->world_ranks[a], (long long)sent, c->world_ranks[b], (long long)expect);
+                return -1;
+            }
+            if (sent > maxc) maxc = sent;
+        }
+    }
+    int64_t rounds = ceil_div(maxc, q);
+    int64_t *sdisp = malloc(sizeof(int64_t) * 2 * (size_t)n);
+    if (!sdisp) {
+        lt_comm_errf_(err, errlen, "all_to_all: out of memory");
+        return -1;
+    }
+    int64_t *rdisp = sdisp + n;
+    int64_t so = 0, ro = 0;
+    for (int r = 0; r < n; r++) {
+        sdisp[r] = so;
+        rdisp[r] = ro;
+        so += scounts[r];
+        ro += rcounts[r];
+    }
+    const uint8_t *sb = send ? send : mine_dummy;
+    uint8_t *rb = recv ? recv : mine_dummy;
+    int rc = 0;
+    for (int64_t k = 0; k < rounds; k++) {
+        h = (int)(s->round++ & 1);
+        int64_t off = k * q;
+        uint8_t *ms = slot_of(g, me, h);
+        for (int d = 0; d < n; d++) {
+            int64_t len = scounts[d] - off < q ? scounts[d] - off : q;
+            if (d == me || len <= 0) continue;
+            copy(ms + (size_t)d * (size_t)q * esz, sb + (sdisp[d] + off) * esz, (size_t)len * esz);
+        }
+        if ((rc = sync_ranks(c, "all_to_all", err, errlen))) break;
+        for (int src = 0; src < n; src++) {
+            int64_t len = rcounts[src] - off < q ? rcounts[src] - off : q;
+            if (len <= 0) continue;
+            const uint8_t *from = src == me ? sb + (sdisp[me] + off) * esz : slot_of(g, src, h) + (size_t)me * (size_t)q * esz;
+            memmove(rb + (rdisp[src] + off) * esz, from, (size_t)len * esz);
+        }
+    }
+    free(sdisp);
+    return rc;
+}
+
+static int shm_barrier(lt_comm *c, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    if (entry_check(c, "barrier", err, errlen)) return -1;
+    call_hdr mine = call_begin(s, K_BARRIER, LT_F32, 0, 0, 0);
+    int h = (int)(s->round++ & 1);
+    if (sync_ranks(c, "barrier", err, errlen)) return -1;
+    return call_check(c, &mine, h, err, errlen);
+}
+
+/* ---- point to point ---- */
+
+static void p2p_fail(lt_comm *c, int rc, const char *what, int peer, char *err, size_t errlen) {
+    char w[64];
+    snprintf(w, sizeof w, "%s %s rank %d", what, strcmp(what, "send") == 0 ? "to" : "from", c->world_ranks[peer]);
+    if (rc == 2) {
+        abort_message(c, w, err, errlen);
+        return;
+    }
+    char desc[256];
+    lt_comm_describe_(c, desc, sizeof desc);
+    lt_comm_errf_(err, errlen, "%s on %s timed out after %.1f s: rank %d did not %s", w, desc, impl(c)->timeout,
+                  c->world_ranks[peer], strcmp(what, "send") == 0 ? "receive" : "send");
+}
+
+static int shm_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dt, int peer, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (entry_check(c, "send", err, errlen)) return -1;
+    int64_t bytes = count * (int64_t)lt_dtype_size(dt), chunk = (int64_t)g->p2p;
+    int64_t chunks = bytes > 0 ? ceil_div(bytes, chunk) : 1;
+    rank_ctl *me = ctl_of(g, s->me);
+    const uint8_t *b = buf ? buf : mine_dummy;
+    uint64_t gnum = 0;
+    for (int64_t k = 0; k < chunks; k++) {
+        gnum = ++s->posted;
+        int h = (int)(gnum & 1);
+        if (gnum > 2) {
+            wait_t w = {W_ACKED, gnum - 2, 0, 0};
+            int rc = shm_wait(s, &w);
+            if (rc) {
+                p2p_fail(c, rc, "send", peer, err, errlen);
+                return -1;
+            }
+        }
+        int64_t off = k * chunk, len = bytes - off < chunk ? bytes - off : chunk;
+        if (len > 0) memcpy(box_of(g, s->me, h), b + off, (size_t)len);
+        box_desc *d = &me->box[h];
+        d->dst = peer;
+        d->msg_bytes = bytes;
+        d->offset = off;
+        d->len = len;
+        atomic_store_explicit(&d->seq, gnum, memory_order_release);
+        seg_notify(g);
+    }
+    wait_t w = {W_ACKED, gnum, 0, 0};
+    int rc = shm_wait(s, &w);
+    if (rc) {
+        p2p_fail(c, rc, "send", peer, err, errlen);
+        return -1;
+    }
+    return 0;
+}
+
+static int shm_recv(lt_comm *c, void *buf, int64_t count, lt_dtype dt, int peer, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (entry_check(c, "recv", err, errlen)) return -1;
+    int64_t bytes = count * (int64_t)lt_dtype_size(dt), chunk = (int64_t)g->p2p;
+    int64_t chunks = bytes > 0 ? ceil_div(bytes, chunk) : 1;
+    rank_ctl *p = ctl_of(g, peer);
+    uint8_t *b = buf ? buf : mine_dummy;
+    for (int64_t k = 0; k < chunks; k++) {
+        wait_t w = {W_POSTED, 0, peer, 0};
+        int rc = shm_wait(s, &w);
+        if (rc) {
+            p2p_fail(c, rc, "recv", peer, err, errlen);
+            return -1;
+        }
+        int h = (int)(w.got & 1);
+        box_desc *d = &p->box[h];
+        int64_t off = k * chunk, len = bytes - off < chunk ? bytes - off : chunk;
+        if (d->msg_bytes != bytes || d->offset != off || d->len != len) {
+            char desc[256];
+            lt_comm_describe_(c, desc, sizeof desc);
+            lt_comm_errf_(err, errlen,
+                          "recv from rank %d on %s: rank %d sent a message of %lld bytes, this rank expects %lld",
+                          c->world_ranks[peer], desc, c->world_ranks[peer], (long long)d->msg_bytes, (long long)bytes);
+            return -1;
+        }
+        if (len > 0) memcpy(b + off, box_of(g, peer, h), (size_t)len);
+        atomic_store_explicit(&p->acked, w.got, memory_order_release);
+        seg_notify(g);
+    }
+    return 0;
+}
+
+/* ---- lifetime ---- */
+
+static void shm_abort(lt_comm *c, const char *reason) {
+    shm_comm *s = impl(c);
+    seg_hdr *w = s->world->hdr;
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&w->abort_claim, &expected, 1)) {
+        snprintf(w->abort_reason, sizeof w->abort_reason, "%s", reason);
+        atomic_store_explicit(&w->abort_rank1, c->world_ranks[s->me] + 1, memory_order_release);
+    }
+    seg_notify(s->world);
+    if (s->seg != s->world) seg_notify(s->seg);
+}
+
+static void shm_free(lt_comm *c) {
+    shm_comm *s = impl(c);
+    if (!s) return;
+    shm_seg *seg = s->seg, *world = s->world;
+    if (seg && seg != world) seg_unref(seg);
+    seg_unref(world);
+    free(s);
+    c->impl = NULL;
+}
+
+static void *shm_group(lt_comm *parent, lt_comm *child, char *err, size_t errlen);
+
+static const lt_comm_ops shm_ops = {
+    "shm",          shm_all_reduce, shm_reduce_scatter, shm_all_gather, shm_all_to_all, shm_broadcast,
+    shm_send,       shm_recv,       shm_barrier,        shm_abort,      shm_group,      shm_free,
+};
+
+static void *shm_group(lt_comm *parent, lt_comm *child, char *err, size_t errlen) {
+    shm_comm *ps = impl(parent);
+    if (aborted(ps)) {
+        abort_message(child, "setup", err, errlen);
+        return NULL;
+    }
+    shm_comm *s = calloc(1, sizeof *s);
+    if (!s) {
+        lt_comm_errf_(err, errlen, "group '%s': out of memory", child->name);
+        return NULL;
+    }
+    s->me = child->rank;
+    s->n = child->size;
+    s->timeout = ps->timeout;
+    s->spin_s = ps->spin_s;
+    s->yields = ps->yields;
+    s->world = ps->world;
+    s->world->refs++;
+    /* name: job, group name, FNV-1a of the world ranks */
+    uint64_t hash = 1469598103934665603ull;
+    for (int i = 0; i < child->size; i++) {
+        uint32_t v = (uint32_t)child->world_ranks[i];
+        for (int k = 0; k < 4; k++) hash = (hash ^ ((v >> (8 * k)) & 0xff)) * 1099511628211ull;
+    }
+    hash = (hash ^ (uint64_t)child->size) * 1099511628211ull;
+    char nm[LT_COMM_NAME_MAX], name[256];
+    sanitize(nm, sizeof nm, child->name);
+    memcpy(s->job, ps->job, sizeof s->job);
+    snprintf(name, sizeof name, "/luatron-%s-g-%s-%016llx", s->job, nm, (unsigned long long)hash);
+    child->impl = s;
+    if (seg_create(child, s, name, s->world->slot, err, errlen) != 0) {
+        child->impl = NULL;
+        if (s->seg && s->seg != s->world) seg_unref(s->seg);
+        seg_unref(s->world);
+        free(s);
+        return NULL;
+    }
+    child->impl = NULL; /* set by lt_comm_group from our return value */
+    return s;
+}
+
+lt_comm *lt_comm_shm_world(const lt_comm_world_info *info, char *err, size_t errlen) {
+    if (!info || info->world_size < 1 || info->rank < 0 || info->rank >= info->world_size) {
+        lt_comm_errf_(err, errlen, "lt_comm_shm_world: invalid rank %d of world size %d", info ? info->rank : -1,
+                      info ? info->world_size : 0);
+        return NULL;
+    }
+    char job[80];
+    sanitize(job, sizeof job, info->job_id);
+    if (!job[0]) {
+        lt_comm_errf_(err, errlen, "lt_comm_shm_world: empty job id");
+        return NULL;
+    }
+    lt_comm *c = lt_comm_alloc_(&shm_ops, info->rank, info->world_size, NULL, "world",
+                                info->timeout_s > 0 ? info->timeout_s : DEFAULT_TIMEOUT_S);
+    shm_comm *s = c ? calloc(1, sizeof *s) : NULL;
+    if (!s) {
+        lt_comm_free_shell_(c);
+        lt_comm_errf_(err, errlen, "lt_comm_shm_world: out of memory");
+        return NULL;
+    }
+    s->me = info->rank;
+    s->n = info->world_size;
+    s->timeout = c->timeout_s;
+    int local = info->local_size > 0 ? info->local_size : info->world_size;
+    int over = local > cpus_available();
+    s->spin_s = over ? 0 : DEFAULT_SPIN_US * 1e-6;
+    s->yields = over ? 1 : 4;
+    const char *spin_env = getenv("LUATRON_SHM_SPIN_US");
+    if (spin_env && *spin_env) s->spin_s = atof(spin_env) * 1e-6;
+    c->impl = s;
+    memcpy(s->job, job, sizeof s->job);
+    char name[160];
+    snprintf(name, sizeof name, "/luatron-%s-world", job);
+    if (seg_create(c, s, name, env_slot_bytes(), err, errlen) != 0) {
+        if (s->seg) seg_unref(s->seg);
+        free(s);
+        lt_comm_free_shell_(c);
+        return NULL;
+    }
+    return c;
+}

@@ -1,0 +1,229 @@
+/* luatron.Communicator: collectives on tensors from Lua. The world communicator comes from the
+ * launcher's bootstrap (luatron launch, or PMIx under mpirun/srun); groups are made from it. */
+#include <string.h>
+
+#include "engine/comm/bootstrap.h"
+#include "engine/comm/comm.h"
+#include "engine/lua/bindings.h"
+
+#define COMM_MT "luatron.Communicator"
+
+typedef struct {
+    lt_comm *c;
+    int is_world;
+} comm_box;
+
+static lt_comm *world_comm; /* one per process, never freed: groups refer to it */
+
+static lt_comm *check_comm(lua_State *L, int idx) {
+    comm_box *b = luaL_checkudata(L, idx, COMM_MT);
+    if (!b->c) luaL_argerror(L, idx, "communicator was already closed");
+    return b->c;
+}
+
+static void push_comm(lua_State *L, lt_comm *c, int is_world) {
+    comm_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->c = c;
+    b->is_world = is_world;
+    luaL_setmetatable(L, COMM_MT);
+}
+
+/* core.comm_world() → the world communicator (created on first call). */
+static int l_comm_world(lua_State *L) {
+    if (!world_comm) {
+        lt_comm_world_info info;
+        char err[512] = "";
+        if (lt_bootstrap(&info, err, sizeof err) != 0) return luaL_error(L, "bootstrap: %s", err);
+        world_comm = lt_comm_shm_world(&info, err, sizeof err);
+        if (!world_comm) return luaL_error(L, "cannot create the world communicator: %s", err);
+    }
+    push_comm(L, world_comm, 1);
+    return 1;
+}
+
+/* comm:group({ranks...}, name) → a communicator over those ranks of comm (0-based, ascending). */
+static int m_group(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    const char *name = luaL_optstring(L, 3, "group");
+    int n = (int)luaL_len(L, 2);
+    int *ranks = lua_newuserdatauv(L, sizeof(int) * (size_t)(n > 0 ? n : 1), 0);
+    for (int i = 0; i < n; i++) {
+        lua_geti(L, 2, i + 1);
+        ranks[i] = (int)luaL_checkinteger(L, -1);
+        lua_pop(L, 1);
+    }
+    char err[512] = "";
+    lt_comm *g = lt_comm_group(c, ranks, n, name, err, sizeof err);
+    if (!g) return luaL_error(L, "%s", err);
+    push_comm(L, g, 0);
+    return 1;
+}
+
+static int m_rank(lua_State *L) { lua_pushinteger(L, lt_comm_rank(check_comm(L, 1))); return 1; }
+static int m_size(lua_State *L) { lua_pushinteger(L, lt_comm_size(check_comm(L, 1))); return 1; }
+static int m_name(lua_State *L) { lua_pushstring(L, lt_comm_name(check_comm(L, 1))); return 1; }
+
+static lt_tensor *check_buffer(lua_State *L, int idx) {
+    lt_tensor *t = lt_lua_check_tensor(L, idx);
+    if (!lt_tensor_is_contiguous(t)) luaL_argerror(L, idx, "collectives need a contiguous tensor");
+    return t;
+}
+
+static lt_reduce_op check_op(lua_State *L, int idx) {
+    static const char *const names[] = {"sum", "avg", "max", NULL};
+    return (lt_reduce_op)luaL_checkoption(L, idx, "sum", names);
+}
+
+#define CHECKED(call)                                  \
+    do {                                               \
+        char err[512] = "";                            \
+        if ((call) != 0) return luaL_error(L, "%s", err); \
+    } while (0)
+
+/* comm:all_reduce(t [, "sum"|"avg"|"max"]) in place; returns t. */
+static int m_all_reduce(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *t = check_buffer(L, 2);
+    lt_reduce_op op = check_op(L, 3);
+    CHECKED(lt_comm_all_reduce(c, lt_tensor_data(t), lt_tensor_numel(t), t->dtype, op, err, sizeof err));
+    lua_settop(L, 2);
+    return 1;
+}
+
+/* comm:reduce_scatter(send, recv [, op]): send has size * numel(recv) elements. */
+static int m_reduce_scatter(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *s = check_buffer(L, 2), *r = check_buffer(L, 3);
+    lt_reduce_op op = check_op(L, 4);
+    if (s->dtype != r->dtype || lt_tensor_numel(s) != lt_tensor_numel(r) * lt_comm_size(c))
+        return luaL_error(L, "reduce_scatter: send must hold size (%d) x numel(recv) elements of recv's dtype",
+                          lt_comm_size(c));
+    CHECKED(lt_comm_reduce_scatter(c, lt_tensor_data(s), lt_tensor_data(r), lt_tensor_numel(r), r->dtype, op, err,
+                                   sizeof err));
+    lua_settop(L, 3);
+    return 1;
+}
+
+/* comm:all_gather(send, recv): recv has size * numel(send) elements. */
+static int m_all_gather(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *s = check_buffer(L, 2), *r = check_buffer(L, 3);
+    if (s->dtype != r->dtype || lt_tensor_numel(r) != lt_tensor_numel(s) * lt_comm_size(c))
+        return luaL_error(L, "all_gather: recv must hold size (%d) x numel(send) elements of send's dtype",
+                          lt_comm_size(c));
+    CHECKED(lt_comm_all_gather(c, lt_tensor_data(s), lt_tensor_data(r), lt_tensor_numel(s), s->dtype, err,
+                               sizeof err));
+    lua_settop(L, 3);
+    return 1;
+}
+
+static int64_t *check_counts(lua_State *L, int idx, int n) {
+    luaL_checktype(L, idx, LUA_TTABLE);
+    if ((int)luaL_len(L, idx) != n) luaL_argerror(L, idx, "needs one count per rank");
+    int64_t *counts = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_geti(L, idx, i + 1);
+        counts[i] = luaL_checkinteger(L, -1);
+        lua_pop(L, 1);
+    }
+    return counts;
+}
+
+/* comm:all_to_all(send, send_counts, recv, recv_counts). */
+static int m_all_to_all(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *s = check_buffer(L, 2), *r = check_buffer(L, 4);
+    int n = lt_comm_size(c);
+    int64_t *sc = check_counts(L, 3, n), *rc = check_counts(L, 5, n);
+    int64_t st = 0, rt = 0;
+    for (int i = 0; i < n; i++) st += sc[i], rt += rc[i];
+    if (s->dtype != r->dtype || st > lt_tensor_numel(s) || rt > lt_tensor_numel(r))
+        return luaL_error(L, "all_to_all: counts exceed the tensors (or dtypes differ)");
+    CHECKED(lt_comm_all_to_all(c, lt_tensor_data(s), sc, lt_tensor_data(r), rc, s->dtype, err, sizeof err));
+    lua_pushvalue(L, 4);
+    return 1;
+}
+
+static int m_broadcast(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *t = check_buffer(L, 2);
+    int root = (int)luaL_optinteger(L, 3, 0);
+    CHECKED(lt_comm_broadcast(c, lt_tensor_data(t), lt_tensor_numel(t), t->dtype, root, err, sizeof err));
+    lua_settop(L, 2);
+    return 1;
+}
+
+static int m_send(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *t = check_buffer(L, 2);
+    int peer = (int)luaL_checkinteger(L, 3);
+    CHECKED(lt_comm_send(c, lt_tensor_data(t), lt_tensor_numel(t), t->dtype, peer, err, sizeof err));
+    return 0;
+}
+
+static int m_recv(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    lt_tensor *t = check_buffer(L, 2);
+    int peer = (int)luaL_checkinteger(L, 3);
+    CHECKED(lt_comm_recv(c, lt_tensor_data(t), lt_tensor_numel(t), t->dtype, peer, err, sizeof err));
+    lua_settop(L, 2);
+    return 1;
+}
+
+static int m_barrier(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    CHECKED(lt_comm_barrier(c, err, sizeof err));
+    return 0;
+}
+
+static int m_abort(lua_State *L) {
+    lt_comm_abort(check_comm(L, 1), luaL_optstring(L, 2, "aborted from Lua"));
+    return 0;
+}
+
+/* comm:stats() → {calls=, bytes=, seconds=}; comm:reset_stats(). */
+static int m_stats(lua_State *L) {
+    lt_comm_stats s = lt_comm_get_stats(check_comm(L, 1));
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, (lua_Integer)s.calls);
+    lua_setfield(L, -2, "calls");
+    lua_pushinteger(L, (lua_Integer)s.bytes);
+    lua_setfield(L, -2, "bytes");
+    lua_pushnumber(L, s.seconds);
+    lua_setfield(L, -2, "seconds");
+    return 1;
+}
+
+static int m_reset_stats(lua_State *L) {
+    lt_comm_reset_stats(check_comm(L, 1));
+    return 0;
+}
+
+static int m_tostring(lua_State *L) {
+    comm_box *b = luaL_checkudata(L, 1, COMM_MT);
+    if (!b->c) lua_pushliteral(L, "Communicator(closed)");
+    else lua_pushfstring(L, "Communicator(%s, rank %d of %d)", lt_comm_name(b->c), lt_comm_rank(b->c), lt_comm_size(b->c));
+    return 1;
+}
+
+static int m_free(lua_State *L) {
+    comm_box *b = luaL_checkudata(L, 1, COMM_MT);
+    if (b->c && !b->is_world) lt_comm_free(b->c);
+    b->c = NULL;
+    return 0;
+}
+
+void lt_lua_open_comm(lua_State *L) {
+    static const luaL_Reg methods[] = {
+        {"group", m_group},         {"rank", m_rank},           {"size", m_size},
+        {"name", m_name},           {"all_reduce", m_all_reduce}, {"reduce_scatter", m_reduce_scatter},
+        {"all_gather", m_all_gather}, {"all_to_all", m_all_to_all}, {"broadcast", m_broadcast},
+        {"send", m_send},           {"recv", m_recv},           {"barrier", m_barrier},
+        {"abort", m_abort},         {"stats", m_stats},         {"reset_stats", m_reset_stats},
+        {"close", m_free},          {NULL, NULL}};
+    static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
+    lt_lua_new_type(L, COMM_MT, methods, meta);
+    lua_pushcfunction(L, l_comm_world);
+    lua_setfield(L, -2, "comm_world");
+}

@@ -1,0 +1,219 @@
+-- Data parallelism proven by equivalence: DP = 2 and 4, with DDP and with the distributed
+-- optimizer, launched by `luatron launch` and by mpirun, reproduce the single-rank run's losses
+-- and gradient norms; the traffic matches the ring formulas, the distributed optimizer's state
+-- shrinks as 1/DP, sharded checkpoints resume exactly, and a dead or stalled rank ends the job
+-- with a clear message. Needs LUATRON (tests/lua/BUILD provides it).
+local json = require "luatron.json"
+
+local LUATRON = os.getenv("LUATRON")
+
+-- Tolerance of the equivalence (fp32): data-parallel ranks add their gradients in another order
+-- than one rank does, so results differ in the last bits and Adam carries that on.
+local LOSS_RTOL, NORM_RTOL = 1e-5, 1e-4
+
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+local function run(cmd)
+  local p = io.popen(cmd .. " 2>&1; echo \"EXIT:$?\"")
+  local out = p:read("a")
+  p:close()
+  return tonumber(out:match("EXIT:(%d+)%s*$")), out:gsub("EXIT:%d+%s*$", "")
+end
+
+local function tmpdir()
+  local path = os.tmpname()
+  os.remove(path)
+  assert(os.execute("mkdir -p " .. q(path)))
+  return path
+end
+
+local function read_metrics(path)
+  local rows = {}
+  for line in io.lines(path) do
+    local r = json.decode(line)
+    if r.loss then rows[#rows + 1] = r end
+  end
+  return rows
+end
+
+-- A small model, 20 steps, dropout on: global batch 16 in microbatches of 4, so DP 1, 2 and 4
+-- all see the same samples.
+local STEPS = 20
+local function recipe_args(dir, name, extra)
+  return ("recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=16 train.micro_batch_size=4 "
+    .. "model.num_layers=2 model.hidden_size=64 model.hidden_dropout=0.1 model.attention_dropout=0.1 "
+    .. "train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_iters=2 logger.metrics_file=%s %s")
+    :format(STEPS, q(dir .. "/" .. name .. ".jsonl"), extra or "")
+end
+
+local function launch(n, dir, name, extra)
+  local code, out = run(("%s launch -n %d --timeout 60 %s"):format(q(LUATRON), n, recipe_args(dir, name, extra)))
+  assert.are.equal(0, code, out)
+  return read_metrics(dir .. "/" .. name .. ".jsonl"), out
+end
+
+local function assert_close(a, b, rtol, what)
+  local d = math.abs(a - b)
+  assert.is_true(d <= rtol * math.max(math.abs(a), math.abs(b)), ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, rtol))
+end
+
+local function assert_equivalent(ref, got, label)
+  assert.are.equal(#ref, #got, label .. ": number of steps")
+  for i = 1, #ref do
+    assert_close(ref[i].loss, got[i].loss, LOSS_RTOL, ("%s loss at iteration %d"):format(label, i))
+    assert_close(ref[i].grad_norm, got[i].grad_norm, NORM_RTOL, ("%s grad norm at iteration %d"):format(label, i))
+  end
+end
+
+describe("data parallelism", function()
+  assert(LUATRON, "LUATRON is not set: point it at the luatron binary")
+  local dir = tmpdir()
+  local ref
+
+  setup(function()
+    local code, out = run(("%s run %s"):format(q(LUATRON), recipe_args(dir, "single")))
+    assert(code == 0, out)
+    ref = read_metrics(dir .. "/single.jsonl")
+  end)
+
+  it("DP=2 and DP=4 with DDP reproduce the single-rank losses and gradient norms", function()
+    assert.are.equal(STEPS, #ref)
+    assert.is_true(ref[STEPS].loss < ref[1].loss - 0.5, "the reference run learns")
+    for _, n in ipairs { 2, 4 } do
+      local m, out = launch(n, dir, "ddp" .. n)
+      assert_equivalent(ref, m, "DDP DP=" .. n)
+      assert.truthy(out:find("data parallel " .. n .. " (DDP)", 1, true), out)
+    end
+  end)
+
+  it("DP=2 and DP=4 with the distributed optimizer reproduce them too, with state shrinking as 1/DP", function()
+    local state = {}
+    for _, n in ipairs { 1, 2, 4 } do
+      local m, out = launch(n, dir, "distopt" .. n, "ddp.use_distributed_optimizer=true")
+      assert_equivalent(ref, m, "distributed optimizer DP=" .. n)
+      if n > 1 then
+        state[n] = tonumber(out:match("optimizer state ([%d.]+) MiB"))
+        assert.truthy(out:find("data parallel " .. n .. " (distributed optimizer)", 1, true), out)
+      end
+    end
+    -- 12 bytes (main parameter, exp_avg, exp_avg_sq) x parameters / DP, within 5%.
+    assert.is_true(math.abs(state[4] / state[2] - 0.5) < 0.025, ("state DP4/DP2 = %.4f"):format(state[4] / state[2]))
+  end)
+
+  it("moves the bytes the ring formulas predict", function()
+    for _, name in ipairs { "ddp2", "ddp4", "distopt2", "distopt4" } do
+      for i, r in ipairs(read_metrics(dir .. "/" .. name .. ".jsonl")) do
+        assert.is_true(r.comm_expected_bytes > 0, name)
+        assert_close(r.comm_bytes_per_step, r.comm_expected_bytes, 0.01, ("%s traffic at step %d"):format(name, i))
+      end
+    end
+  end)
+
+  it("runs under mpirun (PMIx) with the same results", function()
+    local code, out = run("command -v mpirun")
+    if code ~= 0 then
+      pending("mpirun is not installed (Debian's openmpi-bin)")
+      return
+    end
+    code, out = run(("mpirun --allow-run-as-root --oversubscribe -n 2 %s run %s"):format(q(LUATRON),
+      recipe_args(dir, "mpirun2")))
+    assert.are.equal(0, code, out)
+    assert_equivalent(ref, read_metrics(dir .. "/mpirun2.jsonl"), "mpirun DP=2")
+  end)
+
+  it("resumes a distributed-optimizer run from its sharded checkpoint with the same losses", function()
+    local ck = dir .. "/ck"
+    launch(2, dir, "resume", ("ddp.use_distributed_optimizer=true checkpoint.save=%s train.exit_interval=10"):format(q(ck)))
+    local m, out = launch(2, dir, "resume", ("ddp.use_distributed_optimizer=true checkpoint.save=%s"):format(q(ck)))
+    assert.truthy(out:find("resumed from", 1, true), out)
+    assert.truthy(io.open(ck .. "/iter_0000010/optimizer_shard_1.safetensors"), "a shard per data-parallel rank")
+    local uninterrupted = read_metrics(dir .. "/distopt2.jsonl")
+    for i = 1, STEPS do
+      assert.are.equal(uninterrupted[i].loss, m[i].loss, "loss at iteration " .. i)
+    end
+    -- Another data-parallel size cannot take these shards: a clear message, not garbage.
+    local code
+    code, out = run(("%s launch -n 4 --timeout 60 %s"):format(q(LUATRON), recipe_args(dir, "resume4",
+      ("ddp.use_distributed_optimizer=true checkpoint.load=%s train.train_iters=%d"):format(q(ck), STEPS + 2))))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("data-parallel", 1, true), out)
+  end)
+end)
+
+describe("faults", function()
+  -- A recipe that records its pid, then trains; rank 1 can be told to stall before a collective.
+  local function fault_recipe(dir)
+    local path = dir .. "/fault.lua"
+    local f = assert(io.open(path, "w"))
+    f:write(([[
+local lt = require "luatron"
+local rank = os.getenv("LUATRON_RANK")
+local pidf = io.open(%q .. "/pid" .. rank, "w")
+pidf:write(io.open("/proc/self/stat"):read("n")); pidf:close()
+local training = lt.training
+local step = training.train_step
+training.train_step = function(run)
+  if rank == "1" and os.getenv("STALL") and run.state.iteration == 3 then os.execute("sleep 30") end
+  return step(run)
+end
+arg = { "train.train_iters=100000", "model.num_layers=2", "model.hidden_size=64", "logger.log_interval=1",
+  "logger.metrics_file=" .. %q .. "/m.jsonl", "scheduler.lr_warmup_iters=0" }
+dofile("recipes/gpt_tiny.lua")
+]]):format(dir, dir))
+    f:close()
+    return path
+  end
+
+  local function no_rank_left(dir)
+    for _, r in ipairs { "0", "1" } do
+      local f = io.open(dir .. "/pid" .. r)
+      if f then
+        local pid = f:read("n")
+        f:close()
+        local stat = io.open("/proc/" .. pid .. "/stat")
+        local state = stat and stat:read("a"):match("^%d+ %b() (%a)")
+        if stat then stat:close() end
+        assert.is_true(state == nil or state == "Z", "rank " .. r .. " (pid " .. pid .. ") is still running")
+      end
+    end
+  end
+
+  it("kill -9 of a rank mid-training ends the job naming the rank, with nothing left behind", function()
+    local dir = tmpdir()
+    local recipe = fault_recipe(dir)
+    local t0 = os.time()
+    local code, out = run(([[
+%s launch -n 2 --timeout 20 %s > %s/out 2>&1 &
+l=$!
+i=0; while [ ! -s %s/m.jsonl ] || [ $(wc -l < %s/m.jsonl) -lt 3 ]; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.05; done
+kill -9 $(cat %s/pid1)
+wait $l; echo "launcher=$?"; cat %s/out]]):format(q(LUATRON), q(recipe), q(dir), q(dir), q(dir), q(dir), q(dir)))
+    assert.truthy(out:find("launcher=1", 1, true), out)
+    assert.truthy(out:find("rank 1 failed (killed by signal 9)", 1, true), out)
+    assert.is_true(os.time() - t0 < 20, "stopped well within the timeout")
+    no_rank_left(dir)
+  end)
+
+  it("a rank that stops arriving at a collective ends the job within the timeout, naming it", function()
+    local dir = tmpdir()
+    local recipe = fault_recipe(dir)
+    local t0 = os.time()
+    local code, out = run(("STALL=1 %s launch -n 2 --timeout 4 %s"):format(q(LUATRON), q(recipe)))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("timed out after 4", 1, true), out)
+    assert.truthy(out:find("ranks 1 did not arrive", 1, true) or out:find("rank 1 did not arrive", 1, true), out)
+    assert.truthy(out:find("rank 0 failed", 1, true), out)
+    assert.is_true(os.time() - t0 < 20, "ended within the timeout and the launcher's grace period")
+    no_rank_left(dir)
+  end)
+end)
+
+describe("SPMD REPL", function()
+  it("runs each line on every rank, so a collective typed there works", function()
+    local code, out = run(("printf '%%s\\n' 'c = lt.core.comm_world()' 't = lt.tensor.from({c:rank() + 1})' "
+      .. "'c:all_reduce(t)' 't:item()' | %s launch -n 2 --repl"):format(q(LUATRON)))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("[rank 0] 3.0", 1, true), out)
+    assert.truthy(out:find("[rank 1] 3.0", 1, true), out)
+  end)
+end)

@@ -34,4 +34,13 @@ end
 -- lt.optimizer(model, OptimizerConfig): AdamW or SGD over the model's parameters.
 lt.optimizer = core.optimizer
 
+-- The job: lt.parallel_state([provider]) → rank, world size, grid coordinates and a communicator
+-- per group (built on first use, for `provider`'s layout or a pure data-parallel one).
+local parallel = require "luatron.parallel"
+lt.parallel = parallel
+function lt.parallel_state(provider)
+  return parallel.get() or parallel.initialize(provider or {})
+end
+lt.comm_world = core.comm_world
+
 return lt

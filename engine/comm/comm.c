@@ -103,6 +103,7 @@ void lt_comm_free_shell_(lt_comm *c) {
 
 void lt_comm_free(lt_comm *c) {
     if (!c) return;
+    lt_comm_async_free_(c);
     if (c->ops && c->ops->free) c->ops->free(c);
     lt_comm_free_shell_(c);
 }
@@ -182,6 +183,7 @@ static int precheck(lt_comm *c, const char *what, lt_dtype dtype, int check_dtyp
         lt_comm_errf_(err, errlen, "%s: no communicator", what);
         return -1;
     }
+    lt_comm_async_drain_(c); /* keep the order of collectives the same on every rank */
     if (c->failed) {
         lt_comm_errf_(err, errlen, "%s: the communicator is unusable after an earlier failure: %s", what,
                       c->failure);

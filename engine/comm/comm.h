@@ -78,4 +78,23 @@ void lt_comm_abort(lt_comm *c, const char *reason);
 lt_comm_stats lt_comm_get_stats(const lt_comm *c);
 void lt_comm_reset_stats(lt_comm *c);
 
+/* ---- non-blocking collectives (async.c) ----
+ * Served in issue order by one background thread per communicator, so computation can go on
+ * while data moves (DDP's overlap of gradient reduction with backward). The buffers belong to
+ * the request until lt_comm_wait returns. A blocking call on the same communicator first waits
+ * for every pending request, so all ranks see the same order of collectives. Statistics count
+ * them like the blocking calls (seconds: time on the background thread). */
+typedef struct lt_comm_request lt_comm_request;
+
+/* NULL only when out of memory (then nothing was started). */
+lt_comm_request *lt_comm_all_reduce_async(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, lt_reduce_op op);
+lt_comm_request *lt_comm_reduce_scatter_async(lt_comm *c, const void *send, void *recv, int64_t recv_count,
+                                              lt_dtype dtype, lt_reduce_op op);
+lt_comm_request *lt_comm_all_gather_async(lt_comm *c, const void *send, void *recv, int64_t send_count,
+                                          lt_dtype dtype);
+/* Blocks until the request is done, frees it; 0, or -1 with the collective's message. */
+int lt_comm_wait(lt_comm_request *r, char *err, size_t errlen);
+/* 1 when the request has finished (lt_comm_wait will not block). */
+int lt_comm_test(lt_comm_request *r);
+
 #endif

@@ -51,7 +51,13 @@ struct lt_comm {
     lt_comm_stats stats;
     int failed;                  /* a call failed: the communicator is unusable */
     char failure[LT_COMM_ERR_MAX]; /* the first failure, repeated by later calls */
+    struct lt_comm_async *async;   /* the background thread of non-blocking calls (async.c), or NULL */
 };
+
+/* Waits until no non-blocking request of c is pending (a no-op on its own background thread). */
+void lt_comm_async_drain_(lt_comm *c);
+/* Stops and joins c's background thread (after draining). */
+void lt_comm_async_free_(lt_comm *c);
 
 /* A communicator shell (ops/impl filled by the caller); NULL when out of memory. world_ranks is
  * copied; NULL means the identity (a world communicator). */

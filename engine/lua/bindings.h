@@ -20,6 +20,9 @@ void lt_lua_new_type(lua_State *L, const char *name, const luaL_Reg *methods, co
 /* The model behind a luatron.GPT userdata (for the optimizer binding). */
 struct lt_gpt;
 struct lt_gpt *lt_lua_check_gpt(lua_State *L, int idx);
+/* The communicator behind a luatron.Communicator userdata. */
+struct lt_comm;
+struct lt_comm *lt_lua_check_comm(lua_State *L, int idx);
 
 /* Each binding file registers its functions into the module table on the stack top. */
 void lt_lua_open_tensor(lua_State *L);
@@ -31,6 +34,7 @@ void lt_lua_open_system(lua_State *L);
 void lt_lua_open_parallel(lua_State *L);
 void lt_lua_open_bootstrap(lua_State *L);
 void lt_lua_open_comm(lua_State *L);
+void lt_lua_open_ddp(lua_State *L);
 
 /* luaopen function of the whole C core: require "luatron.core". */
 int luaopen_luatron_core(lua_State *L);

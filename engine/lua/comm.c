@@ -21,6 +21,8 @@ static lt_comm *check_comm(lua_State *L, int idx) {
     return b->c;
 }
 
+lt_comm *lt_lua_check_comm(lua_State *L, int idx) { return check_comm(L, idx); }
+
 static void push_comm(lua_State *L, lt_comm *c, int is_world) {
     comm_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->c = c;

@@ -31,6 +31,7 @@ int luaopen_luatron_core(lua_State *L) {
     lt_lua_open_parallel(L);
     lt_lua_open_bootstrap(L);
     lt_lua_open_comm(L);
+    lt_lua_open_ddp(L);
     return 1;
 }
 

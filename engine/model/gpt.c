@@ -32,6 +32,8 @@ struct lt_gpt {
     int64_t wte, wpe, lnf_w, lnf_b, out_w; /* offsets; -1 when absent */
     layer_offsets *layers;
     int qkv_dim, fc1_dim; /* widths of the fused QKV and fc1 outputs */
+    lt_gpt_grad_ready_fn grad_ready;
+    void *grad_ready_ud;
 };
 
 /* Saved activations of one layer for one microbatch. */
@@ -191,6 +193,15 @@ void lt_gpt_init_weights(lt_gpt *m) {
             lt_rng_fill_normal(dst, p->numel, lt_rng_key(m->cfg.seed, p->name), 0, 0.0f, scaled ? scaled_std : std);
         }
     }
+}
+
+void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud) {
+    m->grad_ready = fn;
+    m->grad_ready_ud = ud;
+}
+
+static void grads_ready_from(lt_gpt *m, int64_t offset) {
+    if (m->grad_ready) m->grad_ready(m->grad_ready_ud, offset);
 }
 
 void lt_gpt_zero_grad(lt_gpt *m) { memset(lt_tensor_data(m->grads), 0, sizeof(float) * (size_t)m->total); }
@@ -484,7 +495,13 @@ void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
     norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], w + m->lnf_w, c->lnf_mean, c->lnf_rstd,
                   N);
 
-    for (int l = L - 1; l >= 0; l--) layer_backward(m, l, c, c->x[l], dx, &s);
+    /* Untied output layer and final norm are done (the tied output weight is the embedding,
+     * which finishes last). */
+    grads_ready_from(m, m->lnf_w);
+    for (int l = L - 1; l >= 0; l--) {
+        layer_backward(m, l, c, c->x[l], dx, &s);
+        grads_ready_from(m, m->layers[l].ln1_w);
+    }
 
     const float *d_emb = dx;
     if (cfg->hidden_dropout > 0) {
@@ -495,6 +512,7 @@ void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
     }
     lt_embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
     if (m->wpe >= 0) lt_position_embedding_backward(g + m->wpe, d_emb, B, T, C);
+    grads_ready_from(m, 0);
 
     lt_release(s.base, s.bytes);
     lt_gpt_ctx_free(c);

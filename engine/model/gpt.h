@@ -69,6 +69,14 @@ const float *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
 void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *ctx, float grad_scale);
 void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
 
+/* Called during backward each time more gradients are final: every gradient at a flat offset
+ * >= first_ready will not change again in this backward. Parameters are laid out in forward
+ * order and backward runs in reverse, so the ready region grows from the end of the buffer down
+ * to 0 (the embeddings, final last). Data parallelism uses it to start reducing gradient buckets
+ * while backward goes on. NULL removes the hook. */
+typedef void (*lt_gpt_grad_ready_fn)(void *ud, int64_t first_ready);
+void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud);
+
 /* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters). */
 double lt_gpt_flops_per_token(const lt_gpt *m);
 

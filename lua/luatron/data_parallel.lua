@@ -1,6 +1,8 @@
 -- Data parallelism over the dp-cp group, as Megatron's DDP and distributed optimizer:
 --   DDP:                   gradients averaged with all-reduce in buckets of ddp.bucket_size
---                          elements, then every rank runs the same optimizer step.
+--                          elements, then every rank runs the same optimizer step. With
+--                          ddp.overlap_grad_reduce the buckets are reduced on the communicator's
+--                          thread while the last microbatch's backward still runs.
 --   distributed optimizer: gradients reduce-scattered, each rank updates only its shard of the
 --                          fp32 main parameters with its shard of the Adam moments, then the
 --                          parameters are all-gathered.
@@ -50,6 +52,7 @@ function M.new(model, r, group)
     setmetatable(self, Replicated)
     self.opt = core.optimizer(model, r.optimizer)
     self.bucket = r.ddp.bucket_size or self.numel
+    if r.ddp.overlap_grad_reduce and dp > 1 then self.ddp = core.ddp(model, group, self.bucket) end
   end
   return self
 end
@@ -88,9 +91,17 @@ local function clip_coeff(norm, max_norm)
   return nil
 end
 
+-- Called before the backward of the step's last microbatch (the earlier ones only accumulate,
+-- like Megatron's no_sync): from here on finished buckets start reducing.
+function Replicated:before_last_backward()
+  if self.ddp then self.ddp:begin() end
+end
+
 function Replicated:step(lr)
   local grads = self.model:flat_grads()
-  if self.group and self.dp > 1 then
+  if self.ddp then
+    self.exposed_seconds = self.ddp:finish()
+  elseif self.group and self.dp > 1 then
     for first = 0, self.numel - 1, self.bucket do
       local n = math.min(self.bucket, self.numel - first)
       self.group:all_reduce(grads:narrow(1, first + 1, n), "avg")
@@ -158,6 +169,8 @@ function Sharded:after_load()
     self.main:narrow(1, 1, hi - self.lo):copy(self.model:flat_weights():narrow(1, self.lo + 1, hi - self.lo))
   end
 end
+
+function Sharded:before_last_backward() end
 
 for _, cls in ipairs { Replicated, Sharded } do
   cls.expected_bytes = M.expected_bytes

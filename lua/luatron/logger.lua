@@ -65,6 +65,9 @@ function M:step(r)
     rss_peak_mib = mib(mem.rss_peak),
     comm_bytes_per_step = r.comm_bytes,
     comm_expected_bytes = r.comm_expected,
+    comm_seconds = r.comm_seconds,
+    comm_hidden_fraction = r.comm_exposed_seconds and r.comm_seconds and r.comm_seconds > 0
+      and math.max(0, 1 - r.comm_exposed_seconds / r.comm_seconds) or nil,
   }
   self:info("iteration %6d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB (rss %.0f MiB)", rec.iteration, self.train_iters, rec.loss, rec.lr, rec.grad_norm,
@@ -73,6 +76,10 @@ function M:step(r)
     self:info("  data-parallel traffic %.3f MB/step (ring formula %.3f MB, measured/expected %.4f), %.1f ms/step in "
       .. "collectives", rec.comm_bytes_per_step / 1e6, r.comm_expected / 1e6,
       rec.comm_bytes_per_step / math.max(r.comm_expected, 1), 1000 * r.comm_seconds)
+    if rec.comm_hidden_fraction then
+      self:info("  gradient reduction overlapped with backward: %.0f%% of it hidden (%.1f ms exposed)",
+        100 * rec.comm_hidden_fraction, 1000 * r.comm_exposed_seconds)
+    end
   end
   self:record(rec)
   self.window = { steps = 0, time = 0, tokens = 0 }

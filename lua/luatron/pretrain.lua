@@ -139,11 +139,14 @@ function M.train_step(run)
     local first = run.state.consumed_samples + (mb * dp + run.dp_rank) * mbs
     local batch <close> = run.train_data:batch(first, mbs)
     local ctx, loss, valid = model:forward(batch, dropout_seed(run.state.seed, first))
+    if mb == n_micro - 1 then run.optimizer:before_last_backward() end
     model:backward(ctx, 1 / (math.max(valid, 1) * n_micro))
     loss_sum = loss_sum + loss
   end
-  local loss = dp_mean(run, loss_sum / n_micro)
+  -- Gradients first: with overlap their reduction is in flight, and the loss's all-reduce on the
+  -- same communicator would otherwise wait for it and hide the exposed time from the report.
   local grad_norm = run.optimizer:step(lr) -- reduces the gradients across data-parallel ranks, clips
+  local loss = dp_mean(run, loss_sum / n_micro)
   if loss ~= loss or grad_norm ~= grad_norm or math.abs(loss) == math.huge or grad_norm == math.huge then
     error(("NaN or infinite %s at iteration %d (loss %s, grad norm %s): stopping without saving; the last "
       .. "good checkpoint is untouched. Lower optimizer.lr or set optimizer.clip_grad.")
@@ -246,7 +249,7 @@ function M.pretrain(cfg, args)
     log:step { iteration = run.state.iteration, loss = loss, lr = lr, grad_norm = grad_norm,
       step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples,
       comm_bytes = comm and comm.bytes, comm_expected = comm and run.optimizer:expected_bytes(),
-      comm_seconds = comm and comm.seconds }
+      comm_seconds = comm and comm.seconds, comm_exposed_seconds = run.optimizer.exposed_seconds }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = M.evaluate(run)

@@ -86,6 +86,16 @@ describe("data parallelism", function()
     end
   end)
 
+  it("DDP with overlap_grad_reduce (buckets reduced during backward) gives the same results", function()
+    local m, out = launch(2, dir, "overlap2", "ddp.overlap_grad_reduce=true ddp.bucket_size=20000")
+    assert_equivalent(ref, m, "DDP DP=2 overlap")
+    assert.truthy(out:find("gradient reduction overlapped with backward", 1, true), out)
+    for _, r in ipairs(m) do
+      assert.is_true(r.comm_hidden_fraction >= 0 and r.comm_hidden_fraction <= 1, "hidden fraction in [0, 1]")
+      assert_close(r.comm_bytes_per_step, r.comm_expected_bytes, 0.01, "overlap traffic")
+    end
+  end)
+
   it("DP=2 and DP=4 with the distributed optimizer reproduce them too, with state shrinking as 1/DP", function()
     local state = {}
     for _, n in ipairs { 1, 2, 4 } do

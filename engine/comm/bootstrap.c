@@ -1,6 +1,7 @@
 /* Bootstrap of a job's ranks: `luatron launch`'s environment, else PMIx, else one rank
  * (see bootstrap.h). */
 #define _GNU_SOURCE /* environ, getrandom */
+#include "engine/core/error.h"
 #include "engine/comm/bootstrap.h"
 
 #include <errno.h>
@@ -31,16 +32,6 @@ static int pmix_atexit;              /* lt_bootstrap_finalize registered with at
 static pmix_proc_t me;               /* this process under PMIx */
 static unsigned exchange_seq;        /* counts exchanges: the n in their names */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -53,7 +44,7 @@ static int parse_int(const char *name, const char *s, long lo, long hi, int *out
     errno = 0;
     long v = strtol(s, &end, 10);
     if (s[0] == '\0' || *end != '\0' || errno || v < lo || v > hi)
-        return fail(err, errlen, "%s=%s is not an integer in [%ld, %ld]", name, s, lo, hi);
+        return lt_fail(err, errlen, "%s=%s is not an integer in [%ld, %ld]", name, s, lo, hi);
     *out = (int)v;
     return 0;
 }
@@ -94,7 +85,7 @@ static int read_timeout(double *out, char *err, size_t errlen) {
     errno = 0;
     double v = strtod(s, &end);
     if (*end != '\0' || errno || !(v > 0) || !isfinite(v))
-        return fail(err, errlen, "LUATRON_COMM_TIMEOUT=%s is not a positive number of seconds", s);
+        return lt_fail(err, errlen, "LUATRON_COMM_TIMEOUT=%s is not a positive number of seconds", s);
     *out = v;
     return 0;
 }
@@ -105,7 +96,7 @@ static int from_launch_env(lt_comm_world_info *w, char *err, size_t errlen) {
     const char *rank = getenv("LUATRON_RANK"), *size = getenv("LUATRON_WORLD_SIZE");
     const char *lrank = getenv("LUATRON_LOCAL_RANK"), *lsize = getenv("LUATRON_LOCAL_WORLD_SIZE");
     const char *job = getenv("LUATRON_JOB_ID");
-    if (!size || !*size) return fail(err, errlen, "LUATRON_RANK is set but LUATRON_WORLD_SIZE is not");
+    if (!size || !*size) return lt_fail(err, errlen, "LUATRON_RANK is set but LUATRON_WORLD_SIZE is not");
     if (parse_int("LUATRON_WORLD_SIZE", size, 1, INT_MAX, &w->world_size, err, errlen)) return -1;
     if (parse_int("LUATRON_RANK", rank, 0, w->world_size - 1, &w->rank, err, errlen)) return -1;
     if (lsize && *lsize) {
@@ -118,17 +109,17 @@ static int from_launch_env(lt_comm_world_info *w, char *err, size_t errlen) {
     } else if (w->local_size == w->world_size) {
         w->local_rank = w->rank;
     } else {
-        return fail(err, errlen, "LUATRON_LOCAL_WORLD_SIZE is set but LUATRON_LOCAL_RANK is not");
+        return lt_fail(err, errlen, "LUATRON_LOCAL_WORLD_SIZE is set but LUATRON_LOCAL_RANK is not");
     }
     if (job && *job) {
         if (!valid_name(job, sizeof w->job_id - 1))
-            return fail(err, errlen, "LUATRON_JOB_ID=%s: want 1 to %d characters of A-Z a-z 0-9 _ . -", job,
+            return lt_fail(err, errlen, "LUATRON_JOB_ID=%s: want 1 to %d characters of A-Z a-z 0-9 _ . -", job,
                         (int)sizeof w->job_id - 1);
         snprintf(w->job_id, sizeof w->job_id, "%s", job);
     } else if (w->world_size == 1) {
         fresh_job_id(w->job_id, sizeof w->job_id, "");
     } else {
-        return fail(err, errlen, "LUATRON_RANK is set but LUATRON_JOB_ID is not (every rank needs the same one)");
+        return lt_fail(err, errlen, "LUATRON_RANK is set but LUATRON_JOB_ID is not (every rank needs the same one)");
     }
     return 0;
 }
@@ -164,11 +155,11 @@ static int pmix_get_number(const pmix_proc_t *proc, const char *key, long *out, 
     pmix_value_t *v = NULL;
     pmix_status_t rc = PMIx_Get(proc, key, NULL, 0, &v);
     if (rc != PMIX_SUCCESS || !v)
-        return fail(err, errlen, "PMIx_Get(%s) failed: %s", key, PMIx_Error_string(rc));
+        return lt_fail(err, errlen, "PMIx_Get(%s) failed: %s", key, PMIx_Error_string(rc));
     *out = pmix_number(v);
     int type = v->type;
     PMIX_VALUE_RELEASE(v);
-    if (*out < 0) return fail(err, errlen, "PMIx_Get(%s): not a number (PMIx type %d)", key, type);
+    if (*out < 0) return lt_fail(err, errlen, "PMIx_Get(%s): not a number (PMIx type %d)", key, type);
     return 0;
 }
 
@@ -185,7 +176,7 @@ static int pmix_fence(double timeout_s, const char *what, char *err, size_t errl
     PMIX_INFO_DESTRUCT(&info[0]);
     PMIX_INFO_DESTRUCT(&info[1]);
     if (rc != PMIX_SUCCESS)
-        return fail(err, errlen, "PMIx_Fence (%s) failed: %s%s", what, PMIx_Error_string(rc),
+        return lt_fail(err, errlen, "PMIx_Fence (%s) failed: %s%s", what, PMIx_Error_string(rc),
                     rc == PMIX_ERR_TIMEOUT ? " (a rank did not arrive within LUATRON_COMM_TIMEOUT)" : "");
     return 0;
 }
@@ -195,7 +186,7 @@ static int from_pmix(lt_comm_world_info *w, char *err, size_t errlen) {
     if (!pmix_env_present()) return 1;
     pmix_status_t rc = PMIx_Init(&me, NULL, 0);
     if (rc == PMIX_ERR_UNREACH) return 1; /* "UNREACHABLE": no PMIx server behind us */
-    if (rc != PMIX_SUCCESS) return fail(err, errlen, "PMIx_Init failed: %s", PMIx_Error_string(rc));
+    if (rc != PMIX_SUCCESS) return lt_fail(err, errlen, "PMIx_Init failed: %s", PMIx_Error_string(rc));
     pmix_up = 1;
     if (!pmix_atexit && atexit(lt_bootstrap_finalize) == 0) pmix_atexit = 1;
 
@@ -208,7 +199,7 @@ static int from_pmix(lt_comm_world_info *w, char *err, size_t errlen) {
         pmix_get_number(&job, PMIX_LOCAL_SIZE, &lsize, err, errlen))
         goto fail;
     if (size < 1 || size > INT_MAX || me.rank >= (pmix_rank_t)size || lsize < 1 || lsize > size || lrank >= lsize) {
-        fail(err, errlen, "PMIx gave rank %u of %ld, local rank %ld of %ld", (unsigned)me.rank, size, lrank, lsize);
+        lt_fail(err, errlen, "PMIx gave rank %u of %ld, local rank %ld of %ld", (unsigned)me.rank, size, lrank, lsize);
         goto fail;
     }
     w->rank = (int)me.rank;
@@ -232,13 +223,13 @@ static int from_pmix(lt_comm_world_info *w, char *err, size_t errlen) {
         v.data.string = id;
         rc = PMIx_Put(PMIX_GLOBAL, JOB_ID_KEY, &v); /* copies the value */
         if (rc != PMIX_SUCCESS) {
-            fail(err, errlen, "PMIx_Put(%s) failed: %s", JOB_ID_KEY, PMIx_Error_string(rc));
+            lt_fail(err, errlen, "PMIx_Put(%s) failed: %s", JOB_ID_KEY, PMIx_Error_string(rc));
             goto fail;
         }
     }
     rc = PMIx_Commit();
     if (rc != PMIX_SUCCESS) {
-        fail(err, errlen, "PMIx_Commit failed: %s", PMIx_Error_string(rc));
+        lt_fail(err, errlen, "PMIx_Commit failed: %s", PMIx_Error_string(rc));
         goto fail;
     }
     if (pmix_fence(w->timeout_s, "job id", err, errlen)) goto fail;
@@ -249,7 +240,7 @@ static int from_pmix(lt_comm_world_info *w, char *err, size_t errlen) {
     rc = PMIx_Get(&root, JOB_ID_KEY, NULL, 0, &v);
     if (rc != PMIX_SUCCESS || !v || v->type != PMIX_STRING || !v->data.string ||
         !valid_name(v->data.string, sizeof w->job_id - 1)) {
-        fail(err, errlen, "PMIx_Get(%s) from rank 0 failed: %s", JOB_ID_KEY,
+        lt_fail(err, errlen, "PMIx_Get(%s) from rank 0 failed: %s", JOB_ID_KEY,
              rc != PMIX_SUCCESS ? PMIx_Error_string(rc) : "not a job id");
         if (v) PMIX_VALUE_RELEASE(v);
         goto fail;
@@ -335,7 +326,7 @@ static int exchange_file(const char *key, const void *value, size_t len, int roo
     if (world.rank == root) {
         snprintf(tmp, sizeof tmp, "%s.tmp", path);
         int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-        if (fd < 0) return fail(err, errlen, "bootstrap exchange '%s': cannot create %s: %s", key, tmp, strerror(errno));
+        if (fd < 0) return lt_fail(err, errlen, "bootstrap exchange '%s': cannot create %s: %s", key, tmp, strerror(errno));
         int bad = write_all(fd, value, len);
         int e = errno;
         if (close(fd) != 0 && !bad) {
@@ -345,7 +336,7 @@ static int exchange_file(const char *key, const void *value, size_t len, int roo
         if (bad || rename(tmp, path) != 0) {
             if (!bad) e = errno;
             unlink(tmp);
-            return fail(err, errlen, "bootstrap exchange '%s': cannot write %s: %s", key, path, strerror(e));
+            return lt_fail(err, errlen, "bootstrap exchange '%s': cannot write %s: %s", key, path, strerror(e));
         }
         memmove(out, value, len);
         return 0;
@@ -359,11 +350,11 @@ static int exchange_file(const char *key, const void *value, size_t len, int roo
             if (fstat(fd, &st) != 0) {
                 int e = errno;
                 close(fd);
-                return fail(err, errlen, "bootstrap exchange '%s': cannot stat %s: %s", key, path, strerror(e));
+                return lt_fail(err, errlen, "bootstrap exchange '%s': cannot stat %s: %s", key, path, strerror(e));
             }
             if ((size_t)st.st_size != outlen) {
                 close(fd);
-                return fail(err, errlen, "bootstrap exchange '%s': rank %d published %lld bytes, this rank expects %zu",
+                return lt_fail(err, errlen, "bootstrap exchange '%s': rank %d published %lld bytes, this rank expects %zu",
                             key, root, (long long)st.st_size, outlen);
             }
             size_t got = 0;
@@ -374,12 +365,12 @@ static int exchange_file(const char *key, const void *value, size_t len, int roo
                 got += (size_t)k;
             }
             close(fd);
-            if (got != outlen) return fail(err, errlen, "bootstrap exchange '%s': short read of %s", key, path);
+            if (got != outlen) return lt_fail(err, errlen, "bootstrap exchange '%s': short read of %s", key, path);
             return 0;
         }
-        if (errno != ENOENT) return fail(err, errlen, "bootstrap exchange '%s': cannot open %s: %s", key, path, strerror(errno));
+        if (errno != ENOENT) return lt_fail(err, errlen, "bootstrap exchange '%s': cannot open %s: %s", key, path, strerror(errno));
         if (now_s() > deadline)
-            return fail(err, errlen, "bootstrap exchange '%s': rank %d did not publish within %g s (LUATRON_COMM_TIMEOUT)",
+            return lt_fail(err, errlen, "bootstrap exchange '%s': rank %d did not publish within %g s (LUATRON_COMM_TIMEOUT)",
                         key, root, world.timeout_s);
         struct timespec ts = {0, sleep_ns};
         nanosleep(&ts, NULL);
@@ -399,22 +390,22 @@ static int exchange_pmix(const char *key, const void *value, size_t len, int roo
         v.data.bo.bytes = (char *)value;
         v.data.bo.size = len;
         rc = PMIx_Put(PMIX_GLOBAL, pkey, &v); /* copies the bytes */
-        if (rc != PMIX_SUCCESS) return fail(err, errlen, "bootstrap exchange '%s': PMIx_Put failed: %s", key, PMIx_Error_string(rc));
+        if (rc != PMIX_SUCCESS) return lt_fail(err, errlen, "bootstrap exchange '%s': PMIx_Put failed: %s", key, PMIx_Error_string(rc));
     }
     rc = PMIx_Commit();
-    if (rc != PMIX_SUCCESS) return fail(err, errlen, "bootstrap exchange '%s': PMIx_Commit failed: %s", key, PMIx_Error_string(rc));
+    if (rc != PMIX_SUCCESS) return lt_fail(err, errlen, "bootstrap exchange '%s': PMIx_Commit failed: %s", key, PMIx_Error_string(rc));
     if (pmix_fence(world.timeout_s, key, err, errlen)) return -1;
     pmix_proc_t r;
     PMIX_PROC_CONSTRUCT(&r);
     PMIX_LOAD_PROCID(&r, me.nspace, (pmix_rank_t)root);
     pmix_value_t *v = NULL;
     rc = PMIx_Get(&r, pkey, NULL, 0, &v);
-    if (rc != PMIX_SUCCESS || !v) return fail(err, errlen, "bootstrap exchange '%s': PMIx_Get from rank %d failed: %s", key, root, PMIx_Error_string(rc));
+    if (rc != PMIX_SUCCESS || !v) return lt_fail(err, errlen, "bootstrap exchange '%s': PMIx_Get from rank %d failed: %s", key, root, PMIx_Error_string(rc));
     int ok = v->type == PMIX_BYTE_OBJECT && v->data.bo.size == outlen;
     if (ok && outlen) memcpy(out, v->data.bo.bytes, outlen);
     size_t got = v->type == PMIX_BYTE_OBJECT ? v->data.bo.size : 0;
     PMIX_VALUE_RELEASE(v);
-    if (!ok) return fail(err, errlen, "bootstrap exchange '%s': rank %d published %zu bytes, this rank expects %zu", key, root, got, outlen);
+    if (!ok) return lt_fail(err, errlen, "bootstrap exchange '%s': rank %d published %zu bytes, this rank expects %zu", key, root, got, outlen);
     return 0;
 }
 
@@ -423,17 +414,17 @@ int lt_bootstrap_exchange(const char *key, const void *value, size_t len, int ro
     lt_comm_world_info w;
     if (lt_bootstrap(&w, err, errlen)) return -1;
     if (!key || !valid_name(key, MAX_KEY))
-        return fail(err, errlen, "bootstrap exchange: bad key '%s' (1 to %d characters of A-Z a-z 0-9 _ . -)",
+        return lt_fail(err, errlen, "bootstrap exchange: bad key '%s' (1 to %d characters of A-Z a-z 0-9 _ . -)",
                     key ? key : "(null)", MAX_KEY);
     if (root < 0 || root >= w.world_size)
-        return fail(err, errlen, "bootstrap exchange '%s': root %d outside the world of %d", key, root, w.world_size);
-    if (outlen && !out) return fail(err, errlen, "bootstrap exchange '%s': no output buffer", key);
+        return lt_fail(err, errlen, "bootstrap exchange '%s': root %d outside the world of %d", key, root, w.world_size);
+    if (outlen && !out) return lt_fail(err, errlen, "bootstrap exchange '%s': no output buffer", key);
     if (w.rank == root && len != outlen)
-        return fail(err, errlen, "bootstrap exchange '%s': root publishes %zu bytes but out holds %zu", key, len, outlen);
-    if (w.rank == root && len && !value) return fail(err, errlen, "bootstrap exchange '%s': no value", key);
+        return lt_fail(err, errlen, "bootstrap exchange '%s': root publishes %zu bytes but out holds %zu", key, len, outlen);
+    if (w.rank == root && len && !value) return lt_fail(err, errlen, "bootstrap exchange '%s': no value", key);
     unsigned seq = exchange_seq++;
     if (launcher[0] == 'p') {
-        if (!pmix_up) return fail(err, errlen, "bootstrap exchange '%s': PMIx was finalized", key);
+        if (!pmix_up) return lt_fail(err, errlen, "bootstrap exchange '%s': PMIx was finalized", key);
         return exchange_pmix(key, value, len, root, out, outlen, seq, err, errlen);
     }
     if (w.world_size == 1) {

@@ -1,3 +1,4 @@
+#include "engine/core/error.h"
 #include "engine/data/gpt_dataset.h"
 
 #include <ctype.h>
@@ -16,16 +17,6 @@
 #define MAX_DATASETS 32767 /* Megatron keeps the blend's dataset index in int16 */
 
 static const char *const SPLIT_NAMES[3] = {"train", "valid", "test"};
-
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 void lt_gpt_dataset_config_defaults(lt_gpt_dataset_config *cfg) {
     memset(cfg, 0, sizeof *cfg);
@@ -82,7 +73,7 @@ void lt_gpt_dataset_close(lt_gpt_dataset *ds) {
 int lt_gpt_split_range(const char *split, int which, int64_t n, int64_t *begin, int64_t *end, char *err,
                        size_t errlen) {
     if (!split || !*split) split = DEFAULT_SPLIT;
-    if (which < 0 || which > 2) return fail(err, errlen, "split index %d is not train/valid/test", which);
+    if (which < 0 || which > 2) return lt_fail(err, errlen, "split index %d is not train/valid/test", which);
     /* Megatron: every run of [.0-9] is a number; missing ones are 0; then normalise. */
     double v[3] = {0, 0, 0};
     int nv = 0;
@@ -93,18 +84,18 @@ int lt_gpt_split_range(const char *split, int which, int64_t n, int64_t *begin, 
         char num[64];
         size_t len = (size_t)(e - s);
         char *stop;
-        if (len >= sizeof num) return fail(err, errlen, "split \"%s\": number too long", split);
+        if (len >= sizeof num) return lt_fail(err, errlen, "split \"%s\": number too long", split);
         memcpy(num, s, len);
         num[len] = 0;
         double x = strtod(num, &stop);
-        if (*stop || stop == num) return fail(err, errlen, "split \"%s\": \"%s\" is not a number", split, num);
-        if (nv == 3) return fail(err, errlen, "split \"%s\": more than 3 parts (train,valid,test)", split);
+        if (*stop || stop == num) return lt_fail(err, errlen, "split \"%s\": \"%s\" is not a number", split, num);
+        if (nv == 3) return lt_fail(err, errlen, "split \"%s\": more than 3 parts (train,valid,test)", split);
         v[nv++] = x;
         s = e;
     }
     double sum = v[0] + v[1] + v[2];
     if (nv == 0 || !(sum > 0) || !isfinite(sum))
-        return fail(err, errlen, "split \"%s\": needs positive weights like \"969,30,1\"", split);
+        return lt_fail(err, errlen, "split \"%s\": needs positive weights like \"969,30,1\"", split);
     for (int i = 0; i < 3; i++) v[i] /= sum;
     double lo = 0, hi = 0;
     for (int i = 0; i <= which; i++) { lo = hi; hi = hi + v[i]; }
@@ -124,19 +115,19 @@ static int build_part(gpt_part *p, int64_t num_samples, uint32_t seed, int64_t L
     int64_t T = p->tokens_per_epoch, ndocs = p->end - p->beg;
     /* Several epochs may make up a sample when num_samples asks for it, as in Megatron. */
     if (T <= extra || (num_samples == 0 && T - extra < L))
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "%s: the %lld sequences of this split hold %lld tokens, fewer than one sample of %lld",
                     name, (long long)ndocs, (long long)T, (long long)(L + extra));
     int64_t epochs = 1;
     if (num_samples > 0) {
         if (num_samples > (INT64_MAX - extra) / L)
-            return fail(err, errlen, "%s: num_samples %lld is too large", name, (long long)num_samples);
+            return lt_fail(err, errlen, "%s: num_samples %lld is too large", name, (long long)num_samples);
         int64_t want = num_samples * L + extra;
         epochs = (want + T - 1) / T; /* Megatron adds epochs until epochs * T >= want */
         if (epochs < 1) epochs = 1;
     }
     if (epochs > INT64_MAX / T || epochs > (INT64_MAX / 16) / ndocs)
-        return fail(err, errlen, "%s: %lld epochs are too many to index", name, (long long)epochs);
+        return lt_fail(err, errlen, "%s: %lld epochs are too many to index", name, (long long)epochs);
     int separate_final = 0;
     int64_t sans_final = 0;
     if (epochs > 1) {
@@ -156,7 +147,7 @@ static int build_part(gpt_part *p, int64_t num_samples, uint32_t seed, int64_t L
     p->shuffle = malloc(sizeof(int64_t) * (size_t)p->nsamples);
     if (!p->doc_index || !p->sample_doc || !p->sample_off || !p->shuffle) {
         part_free_index(p);
-        return fail(err, errlen, "%s: out of memory for the index of %lld samples", name, (long long)p->nsamples);
+        return lt_fail(err, errlen, "%s: out of memory for the index of %lld samples", name, (long long)p->nsamples);
     }
     for (int64_t e = 0, k = 0; e < epochs; e++)
         for (int64_t d = p->beg; d < p->end; d++) p->doc_index[k++] = (int32_t)d;
@@ -183,7 +174,7 @@ static int build_part(gpt_part *p, int64_t num_samples, uint32_t seed, int64_t L
                 if (di == p->ndoc_index - 1) {
                     if (s != p->nsamples) {
                         part_free_index(p);
-                        return fail(err, errlen, "%s: internal error: documents ran out at sample %lld of %lld",
+                        return lt_fail(err, errlen, "%s: internal error: documents ran out at sample %lld of %lld",
                                     name, (long long)s, (long long)p->nsamples);
                     }
                     off = lt_indexed_sequence_length(p->ix, p->doc_index[di]) - extra;
@@ -215,19 +206,19 @@ static int part_read(const lt_gpt_dataset *ds, const gpt_part *p, int64_t s, int
         int64_t off = i == db ? p->sample_off[s] : 0;
         int64_t n = i < de ? lt_indexed_sequence_length(p->ix, seq) - off : p->sample_off[s + 1] + ds->extra - off;
         if (n < 0 || n > need - got)
-            return fail(err, errlen, "%s: internal error: sample %lld spans more than %lld tokens", name,
+            return lt_fail(err, errlen, "%s: internal error: sample %lld spans more than %lld tokens", name,
                         (long long)s, (long long)need);
         if (lt_indexed_read(p->ix, seq, off, n, out + got, err, errlen) != 0) return -1;
         if (ds->vocab_size > 0)
             for (int64_t k = 0; k < n; k++)
                 if (out[got + k] >= ds->vocab_size)
-                    return fail(err, errlen, "%s: sequence %lld token %lld has id %d, outside vocab_size %lld",
+                    return lt_fail(err, errlen, "%s: sequence %lld token %lld has id %d, outside vocab_size %lld",
                                 name, (long long)seq, (long long)(off + k), out[got + k],
                                 (long long)ds->vocab_size);
         got += n;
     }
     if (got != need)
-        return fail(err, errlen, "%s: internal error: sample %lld has %lld tokens, expected %lld", name,
+        return lt_fail(err, errlen, "%s: internal error: sample %lld has %lld tokens, expected %lld", name,
                     (long long)s, (long long)got, (long long)need);
     return 0;
 }
@@ -338,7 +329,7 @@ static int spec_from_config(const lt_gpt_dataset_config *cfg, blend_spec *b, cha
                 words = nwords ? nwords : words;
                 for (int i = 0; i < nw; i++) free(words[i]);
                 free(words);
-                return fail(err, errlen, "data path: out of memory");
+                return lt_fail(err, errlen, "data path: out of memory");
             }
             words = nwords;
             nw++;
@@ -353,7 +344,7 @@ static int spec_from_config(const lt_gpt_dataset_config *cfg, blend_spec *b, cha
             else if (nnum != 0) {
                 for (int i = 0; i < nw; i++) free(words[i]);
                 free(words);
-                return fail(err, errlen,
+                return lt_fail(err, errlen,
                             "data path \"%s\": expected \"weight prefix weight prefix ...\" or only prefixes",
                             cfg->data_path);
             }
@@ -367,7 +358,7 @@ static int spec_from_config(const lt_gpt_dataset_config *cfg, blend_spec *b, cha
                 free(words);
                 free(b->paths); free(b->weights);
                 memset(b, 0, sizeof *b);
-                return fail(err, errlen, "data path: out of memory");
+                return lt_fail(err, errlen, "data path: out of memory");
             }
             for (int i = 0; i < b->n; i++) {
                 parse_number(words[2 * i], &b->weights[i]);
@@ -380,19 +371,19 @@ static int spec_from_config(const lt_gpt_dataset_config *cfg, blend_spec *b, cha
             b->n = nw;
         }
     } else if (cfg->n_paths > 0) {
-        if (!cfg->paths) return fail(err, errlen, "config: n_paths = %d but paths is NULL", cfg->n_paths);
+        if (!cfg->paths) return lt_fail(err, errlen, "config: n_paths = %d but paths is NULL", cfg->n_paths);
         b->paths = calloc((size_t)cfg->n_paths, sizeof(char *));
         if (cfg->weights) b->weights = malloc(sizeof(double) * (size_t)cfg->n_paths);
         if (!b->paths || (cfg->weights && !b->weights)) {
             free(b->paths); free(b->weights);
             memset(b, 0, sizeof *b);
-            return fail(err, errlen, "data path: out of memory");
+            return lt_fail(err, errlen, "data path: out of memory");
         }
         b->n = cfg->n_paths;
         for (int i = 0; i < b->n; i++) {
             if (!cfg->paths[i] || !(b->paths[i] = dup_n(cfg->paths[i], strlen(cfg->paths[i])))) {
                 spec_free(b);
-                return fail(err, errlen, "config: paths[%d] is NULL", i);
+                return lt_fail(err, errlen, "config: paths[%d] is NULL", i);
             }
             if (cfg->weights) b->weights[i] = cfg->weights[i];
         }
@@ -400,11 +391,11 @@ static int spec_from_config(const lt_gpt_dataset_config *cfg, blend_spec *b, cha
     if (b->n > MAX_DATASETS) {
         int n = b->n;
         spec_free(b);
-        return fail(err, errlen, "data path: %d datasets, at most %d can be blended", n, MAX_DATASETS);
+        return lt_fail(err, errlen, "data path: %d datasets, at most %d can be blended", n, MAX_DATASETS);
     }
     for (int i = 0; b->weights && i < b->n; i++)
         if (!(b->weights[i] > 0) || !isfinite(b->weights[i])) {
-            fail(err, errlen, "data path: weight %g of %s must be positive", b->weights[i], b->paths[i]);
+            lt_fail(err, errlen, "data path: weight %g of %s must be positive", b->weights[i], b->paths[i]);
             spec_free(b);
             return -1;
         }
@@ -419,13 +410,13 @@ static int open_part(lt_gpt_dataset *ds, gpt_part *p, const char *prefix, const 
     if (!p->ix) return -1;
     int64_t n = lt_indexed_num_sequences(p->ix);
     if (n > INT32_MAX)
-        return fail(err, errlen, "%s: %lld sequences; the document index holds at most 2^31-1", prefix,
+        return lt_fail(err, errlen, "%s: %lld sequences; the document index holds at most 2^31-1", prefix,
                     (long long)n);
     char e2[256];
     if (lt_gpt_split_range(cfg->split, ds->split_index, n, &p->beg, &p->end, e2, sizeof e2) != 0)
-        return fail(err, errlen, "%s: %s", prefix, e2);
+        return lt_fail(err, errlen, "%s: %s", prefix, e2);
     if (p->end <= p->beg)
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "%s: the %s split of \"%s\" has no documents (%lld sequences in the dataset)", prefix,
                     SPLIT_NAMES[ds->split_index], cfg->split && *cfg->split ? cfg->split : DEFAULT_SPLIT,
                     (long long)n);
@@ -438,7 +429,7 @@ static int open_part(lt_gpt_dataset *ds, gpt_part *p, const char *prefix, const 
 static int64_t ceil_i64(double x) { return (int64_t)ceil(x); }
 
 lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err, size_t errlen) {
-    if (!cfg) { fail(err, errlen, "gpt dataset: no config"); return NULL; }
+    if (!cfg) { lt_fail(err, errlen, "gpt dataset: no config"); return NULL; }
     const char *why = cfg->seq_length < 1 ? "seq_length must be positive"
                       : (cfg->add_extra_token != 0 && cfg->add_extra_token != 1) ? "add_extra_token must be 0 or 1"
                       : cfg->num_samples < 0 ? "num_samples must be non-negative"
@@ -447,9 +438,9 @@ lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err,
                       : (cfg->split_index < 0 || cfg->split_index > 2) ? "split_index must be train, valid or test"
                       : cfg->seq_length > INT32_MAX - 1 ? "seq_length is too large"
                       : NULL;
-    if (why) { fail(err, errlen, "gpt dataset: %s", why); return NULL; }
+    if (why) { lt_fail(err, errlen, "gpt dataset: %s", why); return NULL; }
     lt_gpt_dataset *ds = calloc(1, sizeof *ds);
-    if (!ds) { fail(err, errlen, "gpt dataset: out of memory"); return NULL; }
+    if (!ds) { lt_fail(err, errlen, "gpt dataset: out of memory"); return NULL; }
     ds->split_index = cfg->split_index;
     ds->extra = cfg->add_extra_token;
     ds->seed = cfg->seed;
@@ -461,7 +452,7 @@ lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err,
     if (cfg->mock || b.n == 0) {
         spec_free(&b);
         if (cfg->vocab_size < 2) {
-            fail(err, errlen, "mock dataset: vocab_size must be at least 2 (got %lld)", (long long)cfg->vocab_size);
+            lt_fail(err, errlen, "mock dataset: vocab_size must be at least 2 (got %lld)", (long long)cfg->vocab_size);
             free(ds);
             return NULL;
         }
@@ -476,7 +467,7 @@ lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err,
     int64_t *want = calloc((size_t)b.n, sizeof(int64_t));
     double *w = calloc((size_t)b.n, sizeof(double));
     if (!ds->parts || !count || !want || !w) {
-        fail(err, errlen, "gpt dataset: out of memory");
+        lt_fail(err, errlen, "gpt dataset: out of memory");
         goto bad;
     }
     ds->nparts = b.n;
@@ -493,7 +484,7 @@ lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err,
         int exhaustive = 0;
         if (b.weights) {
             if (N == 0) {
-                fail(err, errlen, "gpt dataset: weighted blend \"%s\" needs num_samples",
+                lt_fail(err, errlen, "gpt dataset: weighted blend \"%s\" needs num_samples",
                      cfg->data_path ? cfg->data_path : "");
                 goto bad;
             }
@@ -522,7 +513,7 @@ lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err,
         ds->blend_ds = malloc(sizeof(int16_t) * (size_t)S);
         ds->blend_sample = malloc(sizeof(int64_t) * (size_t)S);
         if (!ds->blend_ds || !ds->blend_sample) {
-            fail(err, errlen, "gpt dataset: out of memory for a blend of %lld samples", (long long)S);
+            lt_fail(err, errlen, "gpt dataset: out of memory for a blend of %lld samples", (long long)S);
             goto bad;
         }
         if (exhaustive) blend_exhaustive(ds->blend_ds, ds->blend_sample, want, b.n, count);
@@ -565,7 +556,7 @@ int lt_gpt_dataset_split_range(const lt_gpt_dataset *ds, int dataset, int64_t *b
 
 int lt_gpt_dataset_get(const lt_gpt_dataset *ds, int64_t idx, int32_t *tokens, char *err, size_t errlen) {
     if (idx < 0 || idx >= ds->size)
-        return fail(err, errlen, "gpt dataset: sample %lld out of range [0, %lld)", (long long)idx,
+        return lt_fail(err, errlen, "gpt dataset: sample %lld out of range [0, %lld)", (long long)idx,
                     (long long)ds->size);
     if (ds->mock)
         return lt_mock_sample(ds->seed, ds->split_index, ds->vocab_size, ds->seq_length + ds->extra, idx, tokens,

@@ -1,4 +1,5 @@
 #define _POSIX_C_SOURCE 200809L
+#include "engine/core/error.h"
 #include "engine/data/indexed.h"
 
 #include <errno.h>
@@ -18,16 +19,6 @@
 
 #define HEADER_BYTES 34 /* magic 9 + version 8 + dtype 1 + counts 16 */
 static const char MAGIC[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', 0, 0};
-
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 int lt_indexed_dtype_size(int dtype) {
     switch (dtype) {
@@ -73,16 +64,16 @@ static char *cat(const char *a, const char *b) {
 /* Maps a whole file read-only; an empty file gives data NULL and size 0. */
 static int map_file(const char *path, const uint8_t **data, size_t *size, char *err, size_t errlen) {
     int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+    if (fd < 0) return lt_fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);
-        return fail(err, errlen, "%s: cannot stat: %s", path, strerror(e));
+        return lt_fail(err, errlen, "%s: cannot stat: %s", path, strerror(e));
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return fail(err, errlen, "%s: not a regular file", path);
+        return lt_fail(err, errlen, "%s: not a regular file", path);
     }
     *size = (size_t)st.st_size;
     *data = NULL;
@@ -91,7 +82,7 @@ static int map_file(const char *path, const uint8_t **data, size_t *size, char *
         if (m == MAP_FAILED) {
             int e = errno;
             close(fd);
-            return fail(err, errlen, "%s: cannot mmap %zu bytes: %s", path, *size, strerror(e));
+            return lt_fail(err, errlen, "%s: cannot mmap %zu bytes: %s", path, *size, strerror(e));
         }
         *data = m;
     }
@@ -114,36 +105,36 @@ static int validate(lt_indexed *ds, char *err, size_t errlen) {
     const uint8_t *h = ds->idx;
     size_t size = ds->idx_size;
     if (size < HEADER_BYTES)
-        return fail(err, errlen, "%s: truncated: %zu bytes, the header alone needs %d", ip, size,
+        return lt_fail(err, errlen, "%s: truncated: %zu bytes, the header alone needs %d", ip, size,
                     HEADER_BYTES);
     if (memcmp(h, MAGIC, 9) != 0)
-        return fail(err, errlen, "%s: bad magic: not a Megatron indexed dataset (expected \"MMIDIDX\\0\\0\")", ip);
+        return lt_fail(err, errlen, "%s: bad magic: not a Megatron indexed dataset (expected \"MMIDIDX\\0\\0\")", ip);
     uint64_t version = ld_u64(h + 9);
     if (version != 1)
-        return fail(err, errlen, "%s: unsupported version %llu (expected 1)", ip,
+        return lt_fail(err, errlen, "%s: unsupported version %llu (expected 1)", ip,
                     (unsigned long long)version);
     ds->dtype = h[17];
     ds->itemsize = lt_indexed_dtype_size(ds->dtype);
     if (!ds->itemsize)
-        return fail(err, errlen, "%s: unknown dtype code %d (expected 1..8)", ip, ds->dtype);
+        return lt_fail(err, errlen, "%s: unknown dtype code %d (expected 1..8)", ip, ds->dtype);
     uint64_t S = ld_u64(h + 18), D = ld_u64(h + 26);
     if (D == 0)
-        return fail(err, errlen, "%s: document index is empty (it needs at least its leading 0)", ip);
+        return lt_fail(err, errlen, "%s: document index is empty (it needs at least its leading 0)", ip);
     /* Compare counts with the room the file has, never multiply untrusted counts first. */
     uint64_t avail = size - HEADER_BYTES;
     if (D > avail / 8)
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "%s: truncated: header says %llu document-index entries but file has room for %llu",
                     ip, (unsigned long long)D, (unsigned long long)(avail / 8));
     avail -= D * 8;
     if (S > avail / 12)
-        return fail(err, errlen, "%s: truncated: header says %llu sequences but file has room for %llu",
+        return lt_fail(err, errlen, "%s: truncated: header says %llu sequences but file has room for %llu",
                     ip, (unsigned long long)S, (unsigned long long)(avail / 12));
     uint64_t rest = avail - S * 12;
     if (rest == S && S > 0) {
         ds->multimodal = 1;
     } else if (rest != 0) {
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "%s: %llu unexpected bytes after the document index (expected 0, or %llu sequence modes)",
                     ip, (unsigned long long)rest, (unsigned long long)S);
     }
@@ -158,13 +149,13 @@ static int validate(lt_indexed *ds, char *err, size_t errlen) {
     for (int64_t i = 0; i < ds->nseq; i++) {
         int32_t len = ld_i32(ds->lens + 4 * i);
         int64_t ptr = ld_i64(ds->ptrs + 8 * i);
-        if (len < 0) return fail(err, errlen, "%s: sequence %lld has negative length %d", ip, (long long)i, len);
+        if (len < 0) return lt_fail(err, errlen, "%s: sequence %lld has negative length %d", ip, (long long)i, len);
         if (ptr < 0)
-            return fail(err, errlen, "%s: sequence %lld has negative byte offset %lld", ip, (long long)i,
+            return lt_fail(err, errlen, "%s: sequence %lld has negative byte offset %lld", ip, (long long)i,
                         (long long)ptr);
         uint64_t end = (uint64_t)ptr + (uint64_t)len * isz; /* < 2^63 + 2^34: no overflow */
         if (end > bsize)
-            return fail(err, errlen,
+            return lt_fail(err, errlen,
                         "%s: sequence %lld (%d tokens of %s at byte %lld) ends at byte %llu, past the end of %s (%llu bytes)",
                         ip, (long long)i, len, lt_indexed_dtype_name(ds->dtype), (long long)ptr,
                         (unsigned long long)end, bp, (unsigned long long)bsize);
@@ -173,29 +164,29 @@ static int validate(lt_indexed *ds, char *err, size_t errlen) {
     ds->ntokens = total;
     int64_t prev = ld_i64(ds->docs);
     if (prev != 0)
-        return fail(err, errlen, "%s: document index starts at %lld, expected 0", ip, (long long)prev);
+        return lt_fail(err, errlen, "%s: document index starts at %lld, expected 0", ip, (long long)prev);
     for (int64_t d = 1; d < ds->ndocidx; d++) {
         int64_t v = ld_i64(ds->docs + 8 * d);
         if (v < prev)
-            return fail(err, errlen, "%s: document index decreases at entry %lld (%lld after %lld)", ip,
+            return lt_fail(err, errlen, "%s: document index decreases at entry %lld (%lld after %lld)", ip,
                         (long long)d, (long long)v, (long long)prev);
         prev = v;
     }
     if (prev != ds->nseq)
-        return fail(err, errlen, "%s: document index ends at sequence %lld but there are %lld sequences",
+        return lt_fail(err, errlen, "%s: document index ends at sequence %lld but there are %lld sequences",
                     ip, (long long)prev, (long long)ds->nseq);
     return 0;
 }
 
 lt_indexed *lt_indexed_open(const char *prefix, char *err, size_t errlen) {
     if (!prefix || !*prefix) {
-        fail(err, errlen, "indexed dataset: empty path prefix");
+        lt_fail(err, errlen, "indexed dataset: empty path prefix");
         return NULL;
     }
     lt_indexed *ds = calloc(1, sizeof *ds);
     if (!ds || !(ds->prefix = cat(prefix, "")) || !(ds->idx_path = cat(prefix, ".idx")) ||
         !(ds->bin_path = cat(prefix, ".bin"))) {
-        fail(err, errlen, "%s: out of memory", prefix);
+        lt_fail(err, errlen, "%s: out of memory", prefix);
         lt_indexed_close(ds);
         return NULL;
     }
@@ -228,11 +219,11 @@ int64_t lt_indexed_document_start(const lt_indexed *ds, int64_t d) {
 int lt_indexed_read(const lt_indexed *ds, int64_t i, int64_t offset, int64_t count, int32_t *out,
                     char *err, size_t errlen) {
     if (i < 0 || i >= ds->nseq)
-        return fail(err, errlen, "%s: sequence %lld out of range (%lld sequences)", ds->prefix,
+        return lt_fail(err, errlen, "%s: sequence %lld out of range (%lld sequences)", ds->prefix,
                     (long long)i, (long long)ds->nseq);
     int64_t len = ld_i32(ds->lens + 4 * i);
     if (offset < 0 || count < 0 || offset > len || count > len - offset)
-        return fail(err, errlen, "%s: tokens [%lld, %lld) out of range of sequence %lld (%lld tokens)",
+        return lt_fail(err, errlen, "%s: tokens [%lld, %lld) out of range of sequence %lld (%lld tokens)",
                     ds->prefix, (long long)offset, (long long)offset + count, (long long)i,
                     (long long)len);
     const uint8_t *p = ds->bin + ld_i64(ds->ptrs + 8 * i) + offset * ds->itemsize;
@@ -250,13 +241,13 @@ int lt_indexed_read(const lt_indexed *ds, int64_t i, int64_t offset, int64_t cou
             if (ds->dtype == LT_DTYPE_FLOAT32) { float f; memcpy(&f, p, 4); x = f; }
             else memcpy(&x, p, 8);
             if (!(x >= 0.0 && x <= 2147483647.0) || x != floor(x))
-                return fail(err, errlen, "%s: sequence %lld token %lld is %g, not a token id", ds->prefix,
+                return lt_fail(err, errlen, "%s: sequence %lld token %lld is %g, not a token id", ds->prefix,
                             (long long)i, (long long)(offset + k), x);
             v = (int64_t)x;
         }
         }
         if (v < 0 || v > INT32_MAX)
-            return fail(err, errlen, "%s: sequence %lld token %lld has id %lld, outside [0, 2^31)",
+            return lt_fail(err, errlen, "%s: sequence %lld token %lld has id %lld, outside [0, 2^31)",
                         ds->prefix, (long long)i, (long long)(offset + k), (long long)v);
         out[k] = (int32_t)v;
     }
@@ -296,11 +287,11 @@ void lt_indexed_writer_abort(lt_indexed_writer *w) {
 
 lt_indexed_writer *lt_indexed_writer_open(const char *prefix, int dtype, char *err, size_t errlen) {
     if (!prefix || !*prefix) {
-        fail(err, errlen, "indexed writer: empty output prefix");
+        lt_fail(err, errlen, "indexed writer: empty output prefix");
         return NULL;
     }
     if (dtype == LT_DTYPE_FLOAT32 || dtype == LT_DTYPE_FLOAT64 || !lt_indexed_dtype_size(dtype)) {
-        fail(err, errlen, "%s: indexed writer needs an integer dtype, got code %d (%s)", prefix, dtype,
+        lt_fail(err, errlen, "%s: indexed writer needs an integer dtype, got code %d (%s)", prefix, dtype,
              lt_indexed_dtype_name(dtype));
         return NULL;
     }
@@ -309,7 +300,7 @@ lt_indexed_writer *lt_indexed_writer_open(const char *prefix, int dtype, char *e
     snprintf(tail, sizeof tail, ".tmp.%ld", (long)getpid());
     if (!w || !(w->bin_path = cat(prefix, ".bin")) || !(w->idx_path = cat(prefix, ".idx")) ||
         !(w->bin_tmp = cat(w->bin_path, tail)) || !(w->idx_tmp = cat(w->idx_path, tail))) {
-        fail(err, errlen, "%s: out of memory", prefix);
+        lt_fail(err, errlen, "%s: out of memory", prefix);
         writer_free(w);
         return NULL;
     }
@@ -318,14 +309,14 @@ lt_indexed_writer *lt_indexed_writer_open(const char *prefix, int dtype, char *e
     w->dcap = 16;
     w->docs = malloc(sizeof(int64_t) * (size_t)w->dcap);
     if (!w->docs) {
-        fail(err, errlen, "%s: out of memory", prefix);
+        lt_fail(err, errlen, "%s: out of memory", prefix);
         writer_free(w);
         return NULL;
     }
     w->docs[w->ndocs++] = 0;
     w->bin = fopen(w->bin_tmp, "wb");
     if (!w->bin) {
-        fail(err, errlen, "%s: cannot create: %s", w->bin_tmp, strerror(errno));
+        lt_fail(err, errlen, "%s: cannot create: %s", w->bin_tmp, strerror(errno));
         writer_free(w);
         return NULL;
     }
@@ -344,25 +335,25 @@ static int64_t dtype_max(int dtype) {
 
 int lt_indexed_writer_add(lt_indexed_writer *w, const int32_t *tokens, int64_t n, char *err, size_t errlen) {
     if (n < 0 || n > INT32_MAX)
-        return fail(err, errlen, "%s: sequence length %lld does not fit the int32 length field", w->bin_path,
+        return lt_fail(err, errlen, "%s: sequence length %lld does not fit the int32 length field", w->bin_path,
                     (long long)n);
     int64_t maxv = dtype_max(w->dtype);
     for (int64_t k = 0; k < n; k++)
         if (tokens[k] < 0 || tokens[k] > maxv)
-            return fail(err, errlen, "%s: token %lld of sequence %lld has id %d, outside [0, %lld] of dtype %s",
+            return lt_fail(err, errlen, "%s: token %lld of sequence %lld has id %d, outside [0, %lld] of dtype %s",
                         w->bin_path, (long long)k, (long long)w->nseq, tokens[k], (long long)maxv,
                         lt_indexed_dtype_name(w->dtype));
     if (w->nseq == w->lcap) {
         int64_t cap = w->lcap ? 2 * w->lcap : 1024;
         int32_t *p = realloc(w->lens, sizeof(int32_t) * (size_t)cap);
-        if (!p) return fail(err, errlen, "%s: out of memory", w->bin_path);
+        if (!p) return lt_fail(err, errlen, "%s: out of memory", w->bin_path);
         w->lens = p;
         w->lcap = cap;
     }
     size_t need = (size_t)n * (size_t)w->itemsize;
     if (need > w->bufcap) {
         uint8_t *b = realloc(w->buf, need);
-        if (!b) return fail(err, errlen, "%s: out of memory", w->bin_path);
+        if (!b) return lt_fail(err, errlen, "%s: out of memory", w->bin_path);
         w->buf = b;
         w->bufcap = need;
     }
@@ -376,7 +367,7 @@ int lt_indexed_writer_add(lt_indexed_writer *w, const int32_t *tokens, int64_t n
         }
     }
     if (need && fwrite(w->buf, 1, need, w->bin) != need)
-        return fail(err, errlen, "%s: write failed: %s", w->bin_tmp, strerror(errno));
+        return lt_fail(err, errlen, "%s: write failed: %s", w->bin_tmp, strerror(errno));
     w->lens[w->nseq++] = (int32_t)n;
     w->ntokens += n;
     return 0;
@@ -386,7 +377,7 @@ int lt_indexed_writer_end_document(lt_indexed_writer *w, char *err, size_t errle
     if (w->ndocs == w->dcap) {
         int64_t cap = 2 * w->dcap;
         int64_t *p = realloc(w->docs, sizeof(int64_t) * (size_t)cap);
-        if (!p) return fail(err, errlen, "%s: out of memory", w->idx_path);
+        if (!p) return lt_fail(err, errlen, "%s: out of memory", w->idx_path);
         w->docs = p;
         w->dcap = cap;
     }
@@ -403,7 +394,7 @@ static int close_synced(FILE *f, const char *path, char *err, size_t errlen) {
     int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
     int e = errno;
     if (fclose(f) != 0 && !bad) { bad = 1; e = errno; }
-    return bad ? fail(err, errlen, "%s: write failed: %s", path, strerror(e)) : 0;
+    return bad ? lt_fail(err, errlen, "%s: write failed: %s", path, strerror(e)) : 0;
 }
 
 int lt_indexed_writer_finalize(lt_indexed_writer *w, char *err, size_t errlen) {
@@ -412,7 +403,7 @@ int lt_indexed_writer_finalize(lt_indexed_writer *w, char *err, size_t errlen) {
     w->bin = NULL;
     if (close_synced(bin, w->bin_tmp, err, errlen) != 0) goto bad;
     FILE *f = fopen(w->idx_tmp, "wb");
-    if (!f) { fail(err, errlen, "%s: cannot create: %s", w->idx_tmp, strerror(errno)); goto bad; }
+    if (!f) { lt_fail(err, errlen, "%s: cannot create: %s", w->idx_tmp, strerror(errno)); goto bad; }
     uint8_t hdr[HEADER_BYTES];
     uint64_t version = 1, S = (uint64_t)w->nseq, D = (uint64_t)w->ndocs;
     memcpy(hdr, MAGIC, 9);
@@ -429,18 +420,18 @@ int lt_indexed_writer_finalize(lt_indexed_writer *w, char *err, size_t errlen) {
     }
     if (ok) ok = fwrite(w->docs, sizeof(int64_t), (size_t)w->ndocs, f) == (size_t)w->ndocs;
     if (!ok) {
-        fail(err, errlen, "%s: write failed: %s", w->idx_tmp, strerror(errno));
+        lt_fail(err, errlen, "%s: write failed: %s", w->idx_tmp, strerror(errno));
         fclose(f);
         goto bad;
     }
     if (close_synced(f, w->idx_tmp, err, errlen) != 0) goto bad;
     /* .bin first: a visible .idx always has its .bin. */
     if (rename(w->bin_tmp, w->bin_path) != 0) {
-        fail(err, errlen, "%s: cannot rename to %s: %s", w->bin_tmp, w->bin_path, strerror(errno));
+        lt_fail(err, errlen, "%s: cannot rename to %s: %s", w->bin_tmp, w->bin_path, strerror(errno));
         goto bad;
     }
     if (rename(w->idx_tmp, w->idx_path) != 0) {
-        fail(err, errlen, "%s: cannot rename to %s: %s", w->idx_tmp, w->idx_path, strerror(errno));
+        lt_fail(err, errlen, "%s: cannot rename to %s: %s", w->idx_tmp, w->idx_path, strerror(errno));
         goto bad;
     }
     writer_free(w);

@@ -1,4 +1,5 @@
 #define _POSIX_C_SOURCE 200809L
+#include "engine/core/error.h"
 #include "engine/data/preprocess.h"
 
 #include <errno.h>
@@ -10,16 +11,6 @@
 #include <sys/stat.h>
 
 #include "engine/data/indexed.h"
-
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 /* ---- growable byte buffer ---- */
 typedef struct {
@@ -56,7 +47,7 @@ typedef struct {
 #define JSON_MAX_DEPTH 512
 
 static int jfail(json_t *j, const char *what) {
-    return fail(j->err, j->errlen, "column %zu: %s", (size_t)(j->p - j->s) + 1, what);
+    return lt_fail(j->err, j->errlen, "column %zu: %s", (size_t)(j->p - j->s) + 1, what);
 }
 
 static void jws(json_t *j) {
@@ -235,7 +226,7 @@ int lt_json_get_string(const char *text, size_t len, const char *key, char **out
             jws(&j);
             if (k.n == keylen && memcmp(k.d, key, keylen) == 0) {
                 if (j.p >= j.end || *j.p != '"') {
-                    fail(err, errlen, "column %zu: value of \"%s\" is not a string", (size_t)(j.p - text) + 1, key);
+                    lt_fail(err, errlen, "column %zu: value of \"%s\" is not a string", (size_t)(j.p - text) + 1, key);
                     goto done;
                 }
                 if (jstring(&j, &v) != 0) goto done;
@@ -304,10 +295,10 @@ typedef struct {
 static int emit(sink_t *s, const char *bytes, size_t n, char *err, size_t errlen) {
     size_t total = n + (s->append_eod ? 1 : 0);
     if (total == 0) { s->skipped++; return 0; }
-    if (total > (size_t)INT32_MAX) return fail(err, errlen, "document of %zu tokens is too long", total);
+    if (total > (size_t)INT32_MAX) return lt_fail(err, errlen, "document of %zu tokens is too long", total);
     if (total > s->tokcap) {
         int32_t *t = realloc(s->tok, total * sizeof(int32_t));
-        if (!t) return fail(err, errlen, "out of memory for a document of %zu tokens", total);
+        if (!t) return lt_fail(err, errlen, "out of memory for a document of %zu tokens", total);
         s->tok = t;
         s->tokcap = total;
     }
@@ -353,7 +344,7 @@ static int run_text(FILE *in, const char *path, sink_t *s, char *err, size_t err
     }
     if (rc == 0 && ferror(in)) { snprintf(e2, sizeof e2, "read error: %s", strerror(errno)); rc = -1; }
     if (rc == 0 && have && emit(s, doc.d, doc.n, e2, sizeof e2) != 0) rc = -1;
-    if (rc != 0) fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
+    if (rc != 0) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
     free(line);
     free(doc.d);
     return rc;
@@ -383,7 +374,7 @@ static int run_jsonl(FILE *in, const char *path, const char *key, sink_t *s, cha
         if (e != 0) { rc = -1; break; }
     }
     if (rc == 0 && ferror(in)) { snprintf(e2, sizeof e2, "read error: %s", strerror(errno)); rc = -1; }
-    if (rc != 0) fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
+    if (rc != 0) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
     free(line);
     return rc;
 }

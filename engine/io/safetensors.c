@@ -1,5 +1,6 @@
 /* safetensors reader (mmap + strict validation) and writer (tmp + fsync + rename). */
 #define _POSIX_C_SOURCE 200809L
+#include "engine/core/error.h"
 #include "engine/io/safetensors.h"
 
 #include <errno.h>
@@ -48,16 +49,6 @@ uint64_t lt_st_fnv1a(uint64_t h, const void *data, size_t n) {
         h *= 0x100000001b3ull;
     }
     return h;
-}
-
-static int seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
 }
 
 /* a*b into *out; 0 on success, -1 on overflow. */
@@ -130,39 +121,39 @@ static char *dupstr(const char *s) {
 
 int lt_st_writer_add(lt_st_writer *w, const char *name, lt_st_dtype dtype, int ndim,
                      const int64_t *shape, const void *data, char *err, size_t errlen) {
-    if (!w || !name) return seterr(err, errlen, "safetensors writer: NULL writer or name");
-    if (!*name) return seterr(err, errlen, "safetensors writer: empty tensor name");
+    if (!w || !name) return lt_fail(err, errlen, "safetensors writer: NULL writer or name");
+    if (!*name) return lt_fail(err, errlen, "safetensors writer: empty tensor name");
     if (!lt_json_utf8_valid(name, strlen(name)))
-        return seterr(err, errlen, "safetensors writer: tensor name is not valid UTF-8");
+        return lt_fail(err, errlen, "safetensors writer: tensor name is not valid UTF-8");
     if (strcmp(name, "__metadata__") == 0)
-        return seterr(err, errlen, "safetensors writer: tensor name '__metadata__' is reserved");
+        return lt_fail(err, errlen, "safetensors writer: tensor name '__metadata__' is reserved");
     if (!lt_st_dtype_name(dtype))
-        return seterr(err, errlen, "safetensors writer: tensor '%s': invalid dtype %d", name, (int)dtype);
+        return lt_fail(err, errlen, "safetensors writer: tensor '%s': invalid dtype %d", name, (int)dtype);
     if (ndim < 0 || ndim > LT_ST_MAX_DIMS || (ndim && !shape))
-        return seterr(err, errlen, "safetensors writer: tensor '%s': rank %d outside [0, %d]", name, ndim,
+        return lt_fail(err, errlen, "safetensors writer: tensor '%s': rank %d outside [0, %d]", name, ndim,
                       LT_ST_MAX_DIMS);
     wtensor t = {0};
     t.dtype = dtype;
     t.ndim = ndim;
     for (int i = 0; i < ndim; i++) {
         if (shape[i] < 0)
-            return seterr(err, errlen, "safetensors writer: tensor '%s': negative dimension %lld", name,
+            return lt_fail(err, errlen, "safetensors writer: tensor '%s': negative dimension %lld", name,
                           (long long)shape[i]);
         t.shape[i] = shape[i];
     }
     uint64_t numel;
     if (shape_bytes(ndim, t.shape, dtypes[dtype].size, &numel, &t.nbytes) || t.nbytes > (uint64_t)SIZE_MAX)
-        return seterr(err, errlen, "safetensors writer: tensor '%s': size overflows", name);
-    if (t.nbytes && !data) return seterr(err, errlen, "safetensors writer: tensor '%s': NULL data", name);
+        return lt_fail(err, errlen, "safetensors writer: tensor '%s': size overflows", name);
+    if (t.nbytes && !data) return lt_fail(err, errlen, "safetensors writer: tensor '%s': NULL data", name);
     t.data = data;
     if (w->nt == w->ct) {
         size_t c = w->ct ? w->ct * 2 : 16;
         wtensor *nt = realloc(w->t, c * sizeof *nt);
-        if (!nt) return seterr(err, errlen, "safetensors writer: out of memory");
+        if (!nt) return lt_fail(err, errlen, "safetensors writer: out of memory");
         w->t = nt;
         w->ct = c;
     }
-    if (!(t.name = dupstr(name))) return seterr(err, errlen, "safetensors writer: out of memory");
+    if (!(t.name = dupstr(name))) return lt_fail(err, errlen, "safetensors writer: out of memory");
     w->t[w->nt++] = t;
     return 0;
 }
@@ -186,12 +177,12 @@ static int meta_push(lt_st_writer *w, const char *key, const char *value) {
 }
 
 int lt_st_writer_meta(lt_st_writer *w, const char *key, const char *value, char *err, size_t errlen) {
-    if (!w || !key || !value) return seterr(err, errlen, "safetensors writer: NULL writer, key or value");
+    if (!w || !key || !value) return lt_fail(err, errlen, "safetensors writer: NULL writer, key or value");
     if (!lt_json_utf8_valid(key, strlen(key)) || !lt_json_utf8_valid(value, strlen(value)))
-        return seterr(err, errlen, "safetensors writer: metadata '%s' is not valid UTF-8", key);
+        return lt_fail(err, errlen, "safetensors writer: metadata '%s' is not valid UTF-8", key);
     if (strcmp(key, LT_ST_CHECKSUM_KEY) == 0)
-        return seterr(err, errlen, "safetensors writer: metadata key '%s' is reserved", key);
-    if (meta_push(w, key, value)) return seterr(err, errlen, "safetensors writer: out of memory");
+        return lt_fail(err, errlen, "safetensors writer: metadata key '%s' is reserved", key);
+    if (meta_push(w, key, value)) return lt_fail(err, errlen, "safetensors writer: out of memory");
     return 0;
 }
 
@@ -248,7 +239,7 @@ static int build_header(lt_st_writer *w, lt_json_buf *b, size_t *ck_pos, uint64_
         lt_json_buf_puts(b, "],\"data_offsets\":[");
         lt_json_buf_u64(b, off);
         lt_json_buf_raw(b, ",", 1);
-        if (off + t->nbytes < off) return seterr(err, errlen, "%s: total data size overflows", path);
+        if (off + t->nbytes < off) return lt_fail(err, errlen, "%s: total data size overflows", path);
         off += t->nbytes;
         lt_json_buf_u64(b, off);
         lt_json_buf_puts(b, "]}");
@@ -256,8 +247,8 @@ static int build_header(lt_st_writer *w, lt_json_buf *b, size_t *ck_pos, uint64_
     lt_json_buf_raw(b, "}", 1);
     /* Spaces up to a multiple of 8 so the data section is 8-byte aligned in the file. */
     while (!b->oom && b->n % 8) lt_json_buf_raw(b, " ", 1);
-    if (b->oom) return seterr(err, errlen, "%s: out of memory building header", path);
-    if (b->n > LT_ST_MAX_HEADER) return seterr(err, errlen, "%s: header of %zu bytes is too large", path, b->n);
+    if (b->oom) return lt_fail(err, errlen, "%s: out of memory building header", path);
+    if (b->n > LT_ST_MAX_HEADER) return lt_fail(err, errlen, "%s: header of %zu bytes is too large", path, b->n);
     *data_len = off;
     return 0;
 }
@@ -283,16 +274,16 @@ static void sync_dir(const char *path) {
 }
 
 int lt_st_writer_write(lt_st_writer *w, const char *path, char *err, size_t errlen) {
-    if (!w || !path) return seterr(err, errlen, "safetensors writer: NULL writer or path");
+    if (!w || !path) return lt_fail(err, errlen, "safetensors writer: NULL writer or path");
     /* qsort/bsearch get no NULL arrays, even with zero elements (undefined behaviour). */
     if (w->nt > 1) qsort(w->t, w->nt, sizeof *w->t, cmp_wtensor);
     if (w->nm > 1) qsort(w->m, w->nm, sizeof *w->m, cmp_wmeta);
     for (size_t i = 1; i < w->nt; i++)
         if (strcmp(w->t[i - 1].name, w->t[i].name) == 0)
-            return seterr(err, errlen, "%s: duplicate tensor name '%s'", path, w->t[i].name);
+            return lt_fail(err, errlen, "%s: duplicate tensor name '%s'", path, w->t[i].name);
     for (size_t i = 1; i < w->nm; i++)
         if (strcmp(w->m[i - 1].key, w->m[i].key) == 0)
-            return seterr(err, errlen, "%s: duplicate metadata key '%s'", path, w->m[i].key);
+            return lt_fail(err, errlen, "%s: duplicate metadata key '%s'", path, w->m[i].key);
 
     lt_json_buf hdr = {0};
     size_t ck_pos = 0;
@@ -308,7 +299,7 @@ int lt_st_writer_write(lt_st_writer *w, const char *path, char *err, size_t errl
     char *tmp = malloc(plen + 32);
     if (!tmp) {
         lt_json_buf_free(&hdr);
-        return seterr(err, errlen, "%s: out of memory", path);
+        return lt_fail(err, errlen, "%s: out of memory", path);
     }
     snprintf(tmp, plen + 32, "%s.tmp.%ld", path, (long)getpid());
 
@@ -316,12 +307,12 @@ int lt_st_writer_write(lt_st_writer *w, const char *path, char *err, size_t errl
     FILE *fp = NULL;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
-        seterr(err, errlen, "%s: cannot create %s: %s", path, tmp, strerror(errno));
+        lt_fail(err, errlen, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto out;
     }
     fp = fdopen(fd, "wb");
     if (!fp) {
-        seterr(err, errlen, "%s: fdopen %s: %s", path, tmp, strerror(errno));
+        lt_fail(err, errlen, "%s: fdopen %s: %s", path, tmp, strerror(errno));
         close(fd);
         goto fail;
     }
@@ -349,12 +340,12 @@ int lt_st_writer_write(lt_st_writer *w, const char *path, char *err, size_t errl
         FILE *f = fp;
         fp = NULL;
         if (fclose(f)) {
-            seterr(err, errlen, "%s: closing %s: %s", path, tmp, strerror(errno));
+            lt_fail(err, errlen, "%s: closing %s: %s", path, tmp, strerror(errno));
             goto fail;
         }
     }
     if (rename(tmp, path)) {
-        seterr(err, errlen, "%s: rename from %s: %s", path, tmp, strerror(errno));
+        lt_fail(err, errlen, "%s: rename from %s: %s", path, tmp, strerror(errno));
         goto fail;
     }
     sync_dir(path);
@@ -362,7 +353,7 @@ int lt_st_writer_write(lt_st_writer *w, const char *path, char *err, size_t errl
     rc = 0;
     goto out;
 io_fail:
-    seterr(err, errlen, "%s: writing %s: %s", path, tmp, errno ? strerror(errno) : "I/O error");
+    lt_fail(err, errlen, "%s: writing %s: %s", path, tmp, errno ? strerror(errno) : "I/O error");
 fail:
     if (fp) fclose(fp);
     unlink(tmp);
@@ -416,7 +407,7 @@ static int read_tensor(const lt_json_doc *doc, size_t nd, const char *name, cons
                        uint64_t dlen, lt_st_tensor *t, const char *path, char *err, size_t errlen) {
     const lt_json_node *obj = &doc->nodes[nd];
     if (obj->type != LT_JSON_OBJECT)
-        return seterr(err, errlen, "%s: tensor '%s': entry is not an object", path, name);
+        return lt_fail(err, errlen, "%s: tensor '%s': entry is not an object", path, name);
     size_t n_dtype = LT_JSON_NONE, n_shape = LT_JSON_NONE, n_off = LT_JSON_NONE;
     for (size_t c = obj->first; c != LT_JSON_NONE; c = doc->nodes[c].next) {
         const char *k = lt_json_key(doc, c);
@@ -424,55 +415,55 @@ static int read_tensor(const lt_json_doc *doc, size_t nd, const char *name, cons
                        : strcmp(k, "shape") == 0 ? &n_shape
                        : strcmp(k, "data_offsets") == 0 ? &n_off
                                                         : NULL;
-        if (!slot) return seterr(err, errlen, "%s: tensor '%s': unknown field '%s'", path, name, k);
+        if (!slot) return lt_fail(err, errlen, "%s: tensor '%s': unknown field '%s'", path, name, k);
         if (*slot != LT_JSON_NONE)
-            return seterr(err, errlen, "%s: tensor '%s': duplicate field '%s'", path, name, k);
+            return lt_fail(err, errlen, "%s: tensor '%s': duplicate field '%s'", path, name, k);
         *slot = c;
     }
     if (n_dtype == LT_JSON_NONE || n_shape == LT_JSON_NONE || n_off == LT_JSON_NONE)
-        return seterr(err, errlen, "%s: tensor '%s': missing %s", path, name,
+        return lt_fail(err, errlen, "%s: tensor '%s': missing %s", path, name,
                       n_dtype == LT_JSON_NONE ? "dtype" : n_shape == LT_JSON_NONE ? "shape" : "data_offsets");
     t->name = name;
 
     const char *dt = lt_json_str(doc, n_dtype);
-    if (!dt) return seterr(err, errlen, "%s: tensor '%s': dtype is not a string", path, name);
+    if (!dt) return lt_fail(err, errlen, "%s: tensor '%s': dtype is not a string", path, name);
     if (lt_st_dtype_parse(dt, &t->dtype))
-        return seterr(err, errlen, "%s: tensor '%s': unknown dtype '%s'", path, name, dt);
+        return lt_fail(err, errlen, "%s: tensor '%s': unknown dtype '%s'", path, name, dt);
 
     const lt_json_node *sh = &doc->nodes[n_shape];
-    if (sh->type != LT_JSON_ARRAY) return seterr(err, errlen, "%s: tensor '%s': shape is not an array", path, name);
+    if (sh->type != LT_JSON_ARRAY) return lt_fail(err, errlen, "%s: tensor '%s': shape is not an array", path, name);
     if (sh->len > LT_ST_MAX_DIMS)
-        return seterr(err, errlen, "%s: tensor '%s': shape has %zu dimensions (at most %d)", path, name, sh->len,
+        return lt_fail(err, errlen, "%s: tensor '%s': shape has %zu dimensions (at most %d)", path, name, sh->len,
                       LT_ST_MAX_DIMS);
     t->ndim = 0;
     for (size_t c = sh->first; c != LT_JSON_NONE; c = doc->nodes[c].next) {
         const lt_json_node *d = &doc->nodes[c];
         if (d->type != LT_JSON_INT || d->neg || d->mag > (uint64_t)INT64_MAX)
-            return seterr(err, errlen, "%s: tensor '%s': shape entry %d is not a non-negative integer", path, name,
+            return lt_fail(err, errlen, "%s: tensor '%s': shape entry %d is not a non-negative integer", path, name,
                           t->ndim);
         t->shape[t->ndim++] = (int64_t)d->mag;
     }
 
     const lt_json_node *of = &doc->nodes[n_off];
     if (of->type != LT_JSON_ARRAY || of->len != 2)
-        return seterr(err, errlen, "%s: tensor '%s': data_offsets is not [begin, end]", path, name);
+        return lt_fail(err, errlen, "%s: tensor '%s': data_offsets is not [begin, end]", path, name);
     const lt_json_node *b = &doc->nodes[of->first], *e = &doc->nodes[b->next];
     if (b->type != LT_JSON_INT || e->type != LT_JSON_INT || b->neg || e->neg)
-        return seterr(err, errlen, "%s: tensor '%s': data_offsets are not non-negative integers", path, name);
+        return lt_fail(err, errlen, "%s: tensor '%s': data_offsets are not non-negative integers", path, name);
     if (b->mag > e->mag)
-        return seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] end before they begin", path,
+        return lt_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] end before they begin", path,
                       name, (unsigned long long)b->mag, (unsigned long long)e->mag);
     if (e->mag > dlen)
-        return seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] run past the %llu-byte data section",
+        return lt_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] run past the %llu-byte data section",
                       path, name, (unsigned long long)b->mag, (unsigned long long)e->mag, (unsigned long long)dlen);
 
     char shs[256];
     uint64_t bytes;
     fmt_shape(shs, sizeof shs, t->ndim, t->shape);
     if (shape_bytes(t->ndim, t->shape, dtypes[t->dtype].size, &t->numel, &bytes))
-        return seterr(err, errlen, "%s: tensor '%s': size of shape %s of %s overflows", path, name, shs, dt);
+        return lt_fail(err, errlen, "%s: tensor '%s': size of shape %s of %s overflows", path, name, shs, dt);
     if (e->mag - b->mag != bytes)
-        return seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] do not match shape %s of %s (%llu bytes)",
+        return lt_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] do not match shape %s of %s (%llu bytes)",
                       path, name, (unsigned long long)b->mag, (unsigned long long)e->mag, shs, dt,
                       (unsigned long long)bytes);
     t->offset = b->mag;
@@ -488,14 +479,14 @@ static int check_checksum(const lt_json_node *vn, const unsigned char *map, size
     size_t pos = 8 + vn->pos + 1; /* first digit, in file coordinates */
     uint64_t want = 0;
     if (vn->type != LT_JSON_STRING || vn->end - vn->pos != 18)
-        return seterr(err, errlen, "%s: malformed %s (want 16 lowercase hex digits)", path, LT_ST_CHECKSUM_KEY);
+        return lt_fail(err, errlen, "%s: malformed %s (want 16 lowercase hex digits)", path, LT_ST_CHECKSUM_KEY);
     for (int i = 0; i < 16; i++) {
         unsigned char c = map[pos + i];
         unsigned v;
         if (c >= '0' && c <= '9') v = c - '0';
         else if (c >= 'a' && c <= 'f') v = c - 'a' + 10;
         else
-            return seterr(err, errlen, "%s: malformed %s (want 16 lowercase hex digits)", path,
+            return lt_fail(err, errlen, "%s: malformed %s (want 16 lowercase hex digits)", path,
                           LT_ST_CHECKSUM_KEY);
         want = (want << 4) | v;
     }
@@ -505,7 +496,7 @@ static int check_checksum(const lt_json_node *vn, const unsigned char *map, size
     h = lt_st_fnv1a(h, zeros, 16);
     h = lt_st_fnv1a(h, map + pos + 16, size - pos - 16);
     if (h != want)
-        return seterr(err, errlen, "%s: checksum mismatch (file says %016llx, contents hash to %016llx): file is corrupt",
+        return lt_fail(err, errlen, "%s: checksum mismatch (file says %016llx, contents hash to %016llx): file is corrupt",
                       path, (unsigned long long)want, (unsigned long long)h);
     return 0;
 }
@@ -515,13 +506,13 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
     uint64_t hlen = 0;
     for (int i = 0; i < 8; i++) hlen |= (uint64_t)map[i] << (8 * i);
     if (hlen > size - 8)
-        return seterr(err, errlen, "%s: header size %llu exceeds the %zu bytes after the size field", path,
+        return lt_fail(err, errlen, "%s: header size %llu exceeds the %zu bytes after the size field", path,
                       (unsigned long long)hlen, size - 8);
     if (hlen > LT_ST_MAX_HEADER)
-        return seterr(err, errlen, "%s: header size %llu is over the %u-byte limit", path, (unsigned long long)hlen,
+        return lt_fail(err, errlen, "%s: header size %llu is over the %u-byte limit", path, (unsigned long long)hlen,
                       LT_ST_MAX_HEADER);
-    if (hlen < 2) return seterr(err, errlen, "%s: header size %llu is too small", path, (unsigned long long)hlen);
-    if (map[8] != '{') return seterr(err, errlen, "%s: header does not start with '{'", path);
+    if (hlen < 2) return lt_fail(err, errlen, "%s: header size %llu is too small", path, (unsigned long long)hlen);
+    if (map[8] != '{') return lt_fail(err, errlen, "%s: header does not start with '{'", path);
 
     const unsigned char *data = map + 8 + hlen;
     uint64_t dlen = size - 8 - hlen;
@@ -532,21 +523,21 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
      * bounding memory for hostile headers. */
     if (lt_json_parse(&doc, (const char *)map + 8, (size_t)hlen, 4, (size_t)1 << 22, jerr, sizeof jerr)) {
         lt_json_free(&doc);
-        return seterr(err, errlen, "%s: bad header JSON: %s", path, jerr);
+        return lt_fail(err, errlen, "%s: bad header JSON: %s", path, jerr);
     }
     int rc = -1;
     lt_st_tensor **by_off = NULL;
     const lt_json_node *root = &doc.nodes[0];
     size_t meta_node = LT_JSON_NONE, ck_node = LT_JSON_NONE;
     if (root->type != LT_JSON_OBJECT) {
-        seterr(err, errlen, "%s: header is not a JSON object", path);
+        lt_fail(err, errlen, "%s: header is not a JSON object", path);
         goto out;
     }
     size_t ntens = root->len;
     for (size_t c = root->first; c != LT_JSON_NONE; c = doc.nodes[c].next)
         if (strcmp(lt_json_key(&doc, c), "__metadata__") == 0) {
             if (meta_node != LT_JSON_NONE) {
-                seterr(err, errlen, "%s: duplicate __metadata__", path);
+                lt_fail(err, errlen, "%s: duplicate __metadata__", path);
                 goto out;
             }
             meta_node = c;
@@ -555,7 +546,7 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
     f->t = calloc(ntens ? ntens : 1, sizeof *f->t);
     by_off = malloc((ntens ? ntens : 1) * sizeof *by_off);
     if (!f->t || !by_off) {
-        seterr(err, errlen, "%s: out of memory", path);
+        lt_fail(err, errlen, "%s: out of memory", path);
         goto out;
     }
     for (size_t c = root->first; c != LT_JSON_NONE; c = doc.nodes[c].next) {
@@ -568,18 +559,18 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
     if (meta_node != LT_JSON_NONE) {
         const lt_json_node *mo = &doc.nodes[meta_node];
         if (mo->type != LT_JSON_OBJECT) {
-            seterr(err, errlen, "%s: __metadata__ is not an object", path);
+            lt_fail(err, errlen, "%s: __metadata__ is not an object", path);
             goto out;
         }
         f->m = calloc(mo->len ? mo->len : 1, sizeof *f->m);
         if (!f->m) {
-            seterr(err, errlen, "%s: out of memory", path);
+            lt_fail(err, errlen, "%s: out of memory", path);
             goto out;
         }
         for (size_t c = mo->first; c != LT_JSON_NONE; c = doc.nodes[c].next) {
             const char *k = lt_json_key(&doc, c), *v = lt_json_str(&doc, c);
             if (!v) {
-                seterr(err, errlen, "%s: __metadata__ value of '%s' is not a string", path, k);
+                lt_fail(err, errlen, "%s: __metadata__ value of '%s' is not a string", path, k);
                 goto out;
             }
             if (strcmp(k, LT_ST_CHECKSUM_KEY) == 0) ck_node = c;
@@ -590,7 +581,7 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
         qsort(f->m, f->nm, sizeof *f->m, cmp_rmeta);
         for (size_t i = 1; i < f->nm; i++)
             if (strcmp(f->m[i - 1].key, f->m[i].key) == 0) {
-                seterr(err, errlen, "%s: duplicate metadata key '%s'", path, f->m[i].key);
+                lt_fail(err, errlen, "%s: duplicate metadata key '%s'", path, f->m[i].key);
                 goto out;
             }
     }
@@ -598,7 +589,7 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
     qsort(f->t, f->nt, sizeof *f->t, cmp_tensor_name);
     for (size_t i = 1; i < f->nt; i++)
         if (strcmp(f->t[i - 1].name, f->t[i].name) == 0) {
-            seterr(err, errlen, "%s: duplicate tensor name '%s'", path, f->t[i].name);
+            lt_fail(err, errlen, "%s: duplicate tensor name '%s'", path, f->t[i].name);
             goto out;
         }
 
@@ -610,12 +601,12 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
     for (size_t i = 0; i < f->nt; i++) {
         const lt_st_tensor *t = by_off[i];
         if (t->offset < cur) {
-            seterr(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] overlap tensor '%s'", path, t->name,
+            lt_fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] overlap tensor '%s'", path, t->name,
                    (unsigned long long)t->offset, (unsigned long long)(t->offset + t->nbytes), by_off[i - 1]->name);
             goto out;
         }
         if (t->offset > cur) {
-            seterr(err, errlen, "%s: tensor '%s': gap of %llu unused bytes before data_offsets [%llu, %llu]", path,
+            lt_fail(err, errlen, "%s: tensor '%s': gap of %llu unused bytes before data_offsets [%llu, %llu]", path,
                    t->name, (unsigned long long)(t->offset - cur), (unsigned long long)t->offset,
                    (unsigned long long)(t->offset + t->nbytes));
             goto out;
@@ -623,7 +614,7 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
         cur = t->offset + t->nbytes;
     }
     if (cur != dlen) {
-        seterr(err, errlen, "%s: data section has %llu bytes but tensors cover %llu (truncated or trailing bytes)",
+        lt_fail(err, errlen, "%s: data section has %llu bytes but tensors cover %llu (truncated or trailing bytes)",
                path, (unsigned long long)dlen, (unsigned long long)cur);
         goto out;
     }
@@ -633,7 +624,7 @@ static int parse_file(lt_st_file *f, const unsigned char *map, size_t size, unsi
         if (check_checksum(&doc.nodes[ck_node], map, size, verify, path, err, errlen)) goto out;
         f->verified = verify;
     } else if (flags & LT_ST_REQUIRE_CHECKSUM) {
-        seterr(err, errlen, "%s: no %s in metadata", path, LT_ST_CHECKSUM_KEY);
+        lt_fail(err, errlen, "%s: no %s in metadata", path, LT_ST_CHECKSUM_KEY);
         goto out;
     }
     rc = 0;
@@ -650,33 +641,33 @@ lt_st_file *lt_st_open(const char *path, char *err, size_t errlen) { return lt_s
 
 lt_st_file *lt_st_open_ex(const char *path, unsigned flags, char *err, size_t errlen) {
     if (!path) {
-        seterr(err, errlen, "safetensors: NULL path");
+        lt_fail(err, errlen, "safetensors: NULL path");
         return NULL;
     }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        seterr(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        lt_fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
     struct stat st;
     if (fstat(fd, &st)) {
-        seterr(err, errlen, "%s: stat: %s", path, strerror(errno));
+        lt_fail(err, errlen, "%s: stat: %s", path, strerror(errno));
         close(fd);
         return NULL;
     }
     if (!S_ISREG(st.st_mode)) {
-        seterr(err, errlen, "%s: not a regular file", path);
+        lt_fail(err, errlen, "%s: not a regular file", path);
         close(fd);
         return NULL;
     }
     if (st.st_size < 8) {
-        seterr(err, errlen, "%s: file is %lld bytes, too short for the 8-byte header size", path,
+        lt_fail(err, errlen, "%s: file is %lld bytes, too short for the 8-byte header size", path,
                (long long)st.st_size);
         close(fd);
         return NULL;
     }
     if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
-        seterr(err, errlen, "%s: file too large to map", path);
+        lt_fail(err, errlen, "%s: file too large to map", path);
         close(fd);
         return NULL;
     }
@@ -684,13 +675,13 @@ lt_st_file *lt_st_open_ex(const char *path, unsigned flags, char *err, size_t er
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd); /* the mapping keeps the file alive */
     if (map == MAP_FAILED) {
-        seterr(err, errlen, "%s: mmap: %s", path, strerror(errno));
+        lt_fail(err, errlen, "%s: mmap: %s", path, strerror(errno));
         return NULL;
     }
     lt_st_file *f = calloc(1, sizeof *f);
     if (!f) {
         munmap(map, size);
-        seterr(err, errlen, "%s: out of memory", path);
+        lt_fail(err, errlen, "%s: out of memory", path);
         return NULL;
     }
     f->map = map;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "engine/core/alloc.h"
+#include "engine/core/error.h"
 #include "engine/core/rng.h"
 #include "engine/ops/ops.h"
 
@@ -53,14 +54,6 @@ struct lt_gpt_ctx {
     int64_t num_valid;
 };
 
-static void set_err(char *err, int errlen, const char *fmt, ...) {
-    if (!err || errlen <= 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, (size_t)errlen, fmt, ap);
-    va_end(ap);
-}
-
 static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd, const char *fmt, ...) {
     if (m->num_params == m->cap_params) {
         m->cap_params = m->cap_params ? 2 * m->cap_params : 64;
@@ -85,7 +78,7 @@ static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd,
 
 static int check_config(const lt_gpt_config *c, char *err, int errlen) {
 #define REQUIRE(cond, ...) \
-    do { if (!(cond)) { set_err(err, errlen, __VA_ARGS__); return 0; } } while (0)
+    do { if (!(cond)) { lt_fail(err, (size_t)errlen, __VA_ARGS__); return 0; } } while (0)
     REQUIRE(c->num_layers > 0, "num_layers must be positive (got %d)", c->num_layers);
     REQUIRE(c->hidden_size > 0, "hidden_size must be positive (got %d)", c->hidden_size);
     REQUIRE(c->num_attention_heads > 0, "num_attention_heads must be positive");
@@ -140,7 +133,7 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     m->weights = lt_tensor_new(LT_F32, 1, shape);
     m->grads = lt_tensor_new(LT_F32, 1, shape);
     if (!m->weights || !m->grads) {
-        set_err(err, errlen, "out of memory allocating %lld parameters", (long long)m->total);
+        lt_fail(err, (size_t)errlen, "out of memory allocating %lld parameters", (long long)m->total);
         lt_gpt_free(m);
         return NULL;
     }
@@ -356,23 +349,23 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     const lt_gpt_config *cfg = &m->cfg;
     const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
     if (B <= 0 || T <= 0 || T > cfg->seq_length) {
-        set_err(err, errlen, "batch shape [%d, %d] is invalid: need B > 0 and 0 < T <= seq_length (%d)", B, T,
+        lt_fail(err, (size_t)errlen, "batch shape [%d, %d] is invalid: need B > 0 and 0 < T <= seq_length (%d)", B, T,
                 cfg->seq_length);
         return NULL;
     }
     for (int i = 0; i < N; i++) {
         if (tokens[i] < 0 || tokens[i] >= V) {
-            set_err(err, errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i, V);
+            lt_fail(err, (size_t)errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i, V);
             return NULL;
         }
         if (targets && targets[i] >= V) {
-            set_err(err, errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+            lt_fail(err, (size_t)errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
             return NULL;
         }
     }
     lt_gpt_ctx *c = ctx_new(m, B, T);
     if (!c) {
-        set_err(err, errlen, "out of memory for the activations of a [%d, %d] microbatch", B, T);
+        lt_fail(err, (size_t)errlen, "out of memory for the activations of a [%d, %d] microbatch", B, T);
         return NULL;
     }
     c->dropout_seed = dropout_seed;

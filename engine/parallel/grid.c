@@ -1,5 +1,6 @@
 /* The rank grid (see grid.h): Megatron's RankGenerator and generate_masked_orthogonal_rank_groups,
  * computed per group instead of materializing every list. */
+#include "engine/core/error.h"
 #include "engine/parallel/grid.h"
 
 #include <stdarg.h>
@@ -50,16 +51,6 @@ int lt_group_kind_parse(const char *name) {
     return -1;
 }
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 int lt_grid_init(lt_grid *g, const lt_grid_config *cfg, char *err, size_t errlen) {
     if (err && errlen)
         err[0] = '\0';
@@ -78,24 +69,24 @@ int lt_grid_init(lt_grid *g, const lt_grid_config *cfg, char *err, size_t errlen
     };
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
         if (sizes[i].value < sizes[i].min)
-            return fail(err, errlen, "%s must be >= %d (got %d)", sizes[i].name, sizes[i].min, sizes[i].value);
+            return lt_fail(err, errlen, "%s must be >= %d (got %d)", sizes[i].name, sizes[i].min, sizes[i].value);
 
     int64_t world = cfg->world_size;
     int64_t model_size = (int64_t)cfg->tp * cfg->pp * cfg->cp;
     if (world % model_size != 0)
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "world_size (%d) is not divisible by tensor_model_parallel_size (%d) x "
                     "pipeline_model_parallel_size (%d) x context_parallel_size (%d) = %lld",
                     cfg->world_size, cfg->tp, cfg->pp, cfg->cp, (long long)model_size);
     if (cfg->vpp > 0 && cfg->pp <= 1)
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "virtual_pipeline_model_parallel_size (%d) needs pipeline_model_parallel_size > 1 "
                     "(got %d): the interleaved schedule runs only with pipeline parallelism",
                     cfg->vpp, cfg->pp);
     int etp = cfg->etp ? cfg->etp : cfg->tp;
     int64_t expert_size = (int64_t)etp * cfg->ep * cfg->pp;
     if (world % expert_size != 0)
-        return fail(err, errlen,
+        return lt_fail(err, errlen,
                     "world_size (%d) is not divisible by expert_tensor_parallel_size (%d%s) x "
                     "expert_model_parallel_size (%d) x pipeline_model_parallel_size (%d) = %lld",
                     cfg->world_size, etp, cfg->etp ? "" : ", from tensor_model_parallel_size", cfg->ep, cfg->pp,

@@ -103,6 +103,15 @@ function M.setup(cfg)
     train_data = M.build_dataset(r, "train", train_iters * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
+  r.warnings = r.warnings or {}
+  if r.ddp.overlap_param_gather or r.optimizer.overlap_param_gather then
+    table.insert(r.warnings, "overlap_param_gather = true: the parameter all-gather runs right after the optimizer "
+      .. "step, not yet overlapped with the next forward")
+  end
+  if r.ddp.overlap_grad_reduce and (r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer) then
+    table.insert(r.warnings, "overlap_grad_reduce = true with the distributed optimizer: the reduce-scatter runs "
+      .. "after backward, not yet overlapped with it (DDP overlaps)")
+  end
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size,
     barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then

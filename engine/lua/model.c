@@ -77,6 +77,7 @@ static int l_gpt_new(lua_State *L) {
     c.hidden_dropout = (float)field_num(L, 1, "hidden_dropout", 0);
     c.attention_dropout = (float)field_num(L, 1, "attention_dropout", 0);
     c.seed = (uint64_t)field_int(L, 1, "seed", 0, 1234);
+    c.flat_multiple = (int)field_int(L, 1, "flat_multiple", 0, 16);
     char err[256] = "";
     gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->m = NULL;

@@ -35,6 +35,8 @@ struct lt_gpt {
     int qkv_dim, fc1_dim; /* widths of the fused QKV and fc1 outputs */
     lt_gpt_grad_ready_fn grad_ready;
     void *grad_ready_ud;
+    lt_gpt_param_wait_fn param_wait;
+    void *param_wait_ud;
 };
 
 /* Saved activations of one layer for one microbatch. */
@@ -129,6 +131,8 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     m->lnf_b = rms ? -1 : add_param(m, 1, C, 0, 1, "decoder.final_layernorm.bias");
     m->out_w = cfg->share_embeddings_and_output_weights ? -1 : add_param(m, 2, V, C, 0, "output_layer.weight");
 
+    int multiple = cfg->flat_multiple > 0 ? cfg->flat_multiple : 16;
+    m->total = (m->total + multiple - 1) / multiple * multiple;
     int64_t shape[1] = {m->total};
     m->weights = lt_tensor_new(LT_F32, 1, shape);
     m->grads = lt_tensor_new(LT_F32, 1, shape);
@@ -191,6 +195,15 @@ void lt_gpt_init_weights(lt_gpt *m) {
 void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud) {
     m->grad_ready = fn;
     m->grad_ready_ud = ud;
+}
+
+void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud) {
+    m->param_wait = fn;
+    m->param_wait_ud = ud;
+}
+
+static void params_needed_to(lt_gpt *m, int64_t end) {
+    if (m->param_wait) m->param_wait(m->param_wait_ud, end);
 }
 
 static void grads_ready_from(lt_gpt *m, int64_t offset) {
@@ -374,12 +387,17 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     else for (int i = 0; i < N; i++) c->targets[i] = -1;
 
     const float *w = lt_tensor_data(m->weights);
+    params_needed_to(m, m->layers[0].ln1_w);
     lt_embedding_forward(c->x[0], c->tokens, w + m->wte, N, C);
     if (m->wpe >= 0) lt_position_embedding_forward(c->x[0], w + m->wpe, B, T, C);
     if (cfg->hidden_dropout > 0)
         lt_dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
                            dropout_key(dropout_seed, -1, "embedding"), 0);
-    for (int l = 0; l < L; l++) layer_forward(m, l, c, c->x[l], c->x[l + 1]);
+    for (int l = 0; l < L; l++) {
+        params_needed_to(m, l + 1 < L ? m->layers[l + 1].ln1_w : m->lnf_w);
+        layer_forward(m, l, c, c->x[l], c->x[l + 1]);
+    }
+    params_needed_to(m, m->total);
 
     norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], w + m->lnf_w, PTR(w, m->lnf_b), N);
     lt_linear_forward(c->logits, c->lnf, w + (m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);

@@ -27,6 +27,8 @@ typedef struct {
     float init_method_std;
     float hidden_dropout, attention_dropout;
     uint64_t seed;
+    int flat_multiple; /* the flat buffers' length is rounded up to a multiple of this (0: 16), so
+                          data parallelism can shard them evenly */
 } lt_gpt_config;
 
 typedef struct {
@@ -76,6 +78,13 @@ void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
  * while backward goes on. NULL removes the hook. */
 typedef void (*lt_gpt_grad_ready_fn)(void *ud, int64_t first_ready);
 void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud);
+
+/* Called during forward before parameters are read: every weight at a flat offset below
+ * needed_end must be final now. The needed region grows from 0 (embeddings) to the end of the
+ * buffer, layer by layer; the distributed optimizer uses it to let the parameter all-gather of
+ * later buckets run behind the forward of earlier layers. NULL removes the hook. */
+typedef void (*lt_gpt_param_wait_fn)(void *ud, int64_t needed_end);
+void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud);
 
 /* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters). */
 double lt_gpt_flops_per_token(const lt_gpt *m);

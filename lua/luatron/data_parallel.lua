@@ -11,8 +11,6 @@ local core = require "luatron.core"
 
 local M = {}
 
-local function ceil_div(a, b) return (a + b - 1) // b end
-
 local function fp32_bytes(n) return 4 * n end
 
 -- The part of each parameter that falls in [lo, hi) of the flat buffer, as optimizer segments
@@ -37,17 +35,23 @@ function M.new(model, r, group)
   local dp = group and group:size() or 1
   local self = { model = model, r = r, group = group, dp = dp, numel = model:flat_weights():numel() }
   if r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer then
+    assert(group, "the distributed optimizer needs a data-parallel communicator")
     setmetatable(self, Sharded)
-    local shard = ceil_div(self.numel, dp)
-    local rank = group and group:rank() or 0
-    self.shard, self.lo = shard, rank * shard
-    self.padded_grads = core.tensor.zeros { shard * dp }
-    self.padded_weights = core.tensor.zeros { shard * dp }
-    self.shard_grads = core.tensor.zeros { shard }
-    self.main = core.tensor.zeros { shard } -- fp32 main parameters of this shard
-    local hi = math.min(self.lo + shard, self.numel)
-    if hi > self.lo then self.main:narrow(1, 1, hi - self.lo):copy(model:flat_weights():narrow(1, self.lo + 1, hi - self.lo)) end
-    self.opt = core.optimizer_over(r.optimizer, self.main, self.shard_grads, shard_segments(model, self.lo, hi))
+    self.ddp = core.ddp(model, group, r.ddp.bucket_size or 0, true)
+    self.main = self.ddp:main_params()
+    self.main_grads = self.ddp:main_grads()
+    self.shard = self.main:numel()
+    self.overlap_grads = r.ddp.overlap_grad_reduce
+    self.overlap_params = r.ddp.overlap_param_gather or r.optimizer.overlap_param_gather
+    local segs = {}
+    for _, piece in ipairs(self.ddp:pieces()) do
+      for _, seg in ipairs(shard_segments(model, piece.flat_first, piece.flat_first + piece.count)) do
+        seg.offset = seg.offset + piece.main_offset
+        segs[#segs + 1] = seg
+      end
+    end
+    self.opt = core.optimizer_over(r.optimizer, self.main, self.main_grads, segs)
+    self.ddp:weights_to_main()
   else
     setmetatable(self, Replicated)
     self.opt = core.optimizer(model, r.optimizer)
@@ -57,17 +61,19 @@ function M.new(model, r, group)
   return self
 end
 
--- Bytes each scheme moves per step by the ring formulas, for the report: the gradient
--- reduction (all-reduce: 2(D-1)/D of the buffer; reduce-scatter + all-gather: (D-1)/D each) and the
--- scalar all-reduces of the step (the loss, and the distributed optimizer's gradient norm).
-function M.expected_bytes(self)
+-- Bytes a step moves by the ring formulas, for the report: the gradient reduction (all-reduce:
+-- 2(D-1)/D of the buffer; reduce-scatter: (D-1)/D), the previous update's parameter all-gather
+-- ((D-1)/D; none before the first update) and the scalar all-reduces (the loss, and the distributed
+-- optimizer's gradient norm: 2(D-1)/D of 4 bytes each).
+function M.expected_bytes(self, first_step)
   local d = self.dp
   if d == 1 then return 0 end
   local scalar = 2 * (d - 1) / d * 4
+  local buffer = fp32_bytes(self.numel)
   if getmetatable(self) == Sharded then
-    return 2 * (d - 1) / d * fp32_bytes(self.shard * d) + 2 * scalar
+    return (first_step and 1 or 2) * (d - 1) / d * buffer + 2 * scalar
   end
-  return 2 * (d - 1) / d * fp32_bytes(self.numel) + scalar
+  return 2 * (d - 1) / d * buffer + scalar
 end
 
 -- Memory per rank, bytes: parameters, gradients, optimizer state (what the formulas predict).
@@ -114,33 +120,34 @@ end
 
 function Replicated:apply(lr) self.opt:step(lr) end
 
+function Sharded:before_last_backward()
+  if self.overlap_grads then self.ddp:begin() end
+end
+
 function Sharded:step(lr)
-  local n = self.numel
-  self.padded_grads:narrow(1, 1, n):copy(self.model:flat_grads())
-  if self.group and self.dp > 1 then
-    self.group:reduce_scatter(self.padded_grads, self.shard_grads, "avg")
-  else
-    self.shard_grads:copy(self.padded_grads)
-  end
-  local sumsq = core.tensor.from({ self.shard_grads:norm() ^ 2 }, "float32")
-  if self.group and self.dp > 1 then self.group:all_reduce(sumsq, "sum") end
+  if not self.overlap_grads then self.ddp:begin() end
+  self.exposed_seconds = self.ddp:finish() -- reduce-scatter of every bucket into the main gradients
+  if not self.overlap_grads then self.exposed_seconds = nil end
+  local sumsq = core.tensor.from({ self.main_grads:norm() ^ 2 }, "float32")
+  if self.dp > 1 then self.group:all_reduce(sumsq, "sum") end
   local norm = math.sqrt(sumsq:item())
   local c = clip_coeff(norm, self.r.optimizer.clip_grad)
-  if c then self.shard_grads:scale(c) end
+  if c then self.main_grads:scale(c) end
   self.last_norm = norm
   return norm
 end
 
+-- Updates this rank's shard, then all-gathers the parameters bucket by bucket. With
+-- overlap_param_gather the next forward waits for each bucket only when it reaches its layers.
 function Sharded:apply(lr)
   self.opt:step(lr)
-  local n = self.numel
-  if self.group and self.dp > 1 then
-    self.group:all_gather(self.main, self.padded_weights)
-  else
-    self.padded_weights:copy(self.main)
-  end
-  self.model:flat_weights():copy(self.padded_weights:narrow(1, 1, n))
+  self.ddp:gather_params()
+  if self.overlap_params then self.ddp:param_hook(true) else self.ddp:params_finish() end
 end
+
+-- The model's weights are complete (before evaluating, saving or leaving).
+function Sharded:sync_params() self.ddp:params_finish() end
+function Replicated:sync_params() end
 
 -- Optimizer state for checkpoints: {name = tensor} and whether it is this rank's shard only.
 function Replicated:state_tensors()
@@ -163,14 +170,7 @@ end
 function Replicated:after_load() end
 
 -- After a checkpoint restored the weights: the main parameters follow them.
-function Sharded:after_load()
-  local hi = math.min(self.lo + self.shard, self.numel)
-  if hi > self.lo then
-    self.main:narrow(1, 1, hi - self.lo):copy(self.model:flat_weights():narrow(1, self.lo + 1, hi - self.lo))
-  end
-end
-
-function Sharded:before_last_backward() end
+function Sharded:after_load() self.ddp:weights_to_main() end
 
 for _, cls in ipairs { Replicated, Sharded } do
   cls.expected_bytes = M.expected_bytes

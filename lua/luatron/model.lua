@@ -9,8 +9,9 @@ function M.padded_vocab_size(vocab_size, divisible_by, tp)
   return math.ceil(vocab_size / multiple) * multiple
 end
 
--- The engine's view of a provider: every default resolved, names kept.
-function M.engine_config(provider, seed)
+-- The engine's view of a provider: every default resolved, names kept. flat_multiple rounds
+-- the flat parameter buffer up (data parallelism shards it evenly).
+function M.engine_config(provider, seed, flat_multiple)
   local heads = provider.num_attention_heads
   local hidden = provider.hidden_size
   -- Validation admits exactly two MLPs: GELU, or SiLU gated (SwiGLU).
@@ -36,16 +37,17 @@ function M.engine_config(provider, seed)
     hidden_dropout = provider.hidden_dropout,
     attention_dropout = provider.attention_dropout,
     seed = seed or 1234,
+    flat_multiple = flat_multiple,
   }
 end
 
 -- A model on the CPU backend. `seed` makes the initial weights (layout-independent).
-function M.build(provider, seed)
+function M.build(provider, seed, flat_multiple)
   local device = provider.device or "cpu"
   if device ~= "cpu" then
     error(("GPTModelProvider.device = %q: only the cpu backend is built into this binary yet"):format(device), 2)
   end
-  return core.gpt(M.engine_config(provider, seed))
+  return core.gpt(M.engine_config(provider, seed, flat_multiple))
 end
 
 return M

@@ -89,8 +89,9 @@ function M.setup(cfg)
   local ps = parallel.initialize(cfg.model)
   local r = config.validate(cfg, ps.world_size)
   local seed = r.rng.seed
-  local model = model_lib.build(r.model, seed)
   local dp_group = ps.groups["dp-cp"]
+  -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
+  local model = model_lib.build(r.model, seed, 16 * (dp_group and dp_group:size() or 1))
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
@@ -103,15 +104,6 @@ function M.setup(cfg)
     train_data = M.build_dataset(r, "train", train_iters * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
-  r.warnings = r.warnings or {}
-  if r.ddp.overlap_param_gather or r.optimizer.overlap_param_gather then
-    table.insert(r.warnings, "overlap_param_gather = true: the parameter all-gather runs right after the optimizer "
-      .. "step, not yet overlapped with the next forward")
-  end
-  if r.ddp.overlap_grad_reduce and (r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer) then
-    table.insert(r.warnings, "overlap_grad_reduce = true with the distributed optimizer: the reduce-scatter runs "
-      .. "after backward, not yet overlapped with it (DDP overlaps)")
-  end
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size,
     barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
@@ -132,6 +124,30 @@ local function dp_mean(run, x)
   if not g or g:size() == 1 then return x end
   local t <close> = core.tensor.from({ x }, "float32")
   return g:all_reduce(t, "avg"):item()
+end
+
+-- Data-parallel traffic of one step, read just before the optimizer update: the window holds
+-- the previous update's parameter all-gather (which may run behind this step's forward), this
+-- step's gradient reduction and its scalar all-reduces, so every step is counted exactly once.
+local function take_comm_stats(run)
+  local g = run.ps.groups["dp-cp"]
+  if not g or g:size() == 1 then return nil end
+  local s = g:stats()
+  g:reset_stats()
+  s.bytes = s.bytes - (run.comm_excluded or 0)
+  run.comm_excluded = 0
+  return s
+end
+
+-- Runs fn (an evaluation) without counting its traffic as the next step's.
+local function excluding_comm(run, fn)
+  local g = run.ps.groups["dp-cp"]
+  if not g or g:size() == 1 then return fn() end
+  run.optimizer:sync_params() -- the pending all-gather belongs to the step, not to fn
+  local before = g:stats().bytes
+  local result = fn()
+  run.comm_excluded = (run.comm_excluded or 0) + g:stats().bytes - before
+  return result
 end
 
 -- One optimizer step over the global batch: this rank runs its share of the microbatches
@@ -161,7 +177,10 @@ function M.train_step(run)
       .. "good checkpoint is untouched. Lower optimizer.lr or set optimizer.clip_grad.")
       :format(loss ~= loss and "loss" or "gradient", run.state.iteration + 1, loss, grad_norm), 0)
   end
+  run.comm_stats = take_comm_stats(run)
+  run.comm_expected = run.optimizer:expected_bytes(not run.updated_before)
   run.optimizer:apply(lr)
+  run.updated_before = true
   run.state.iteration = run.state.iteration + 1
   run.state.optimizer_steps = run.state.optimizer_steps + 1
   run.state.consumed_samples = run.state.consumed_samples + r.train.global_batch_size
@@ -171,6 +190,7 @@ end
 -- Mean validation loss over eval_iters global batches (always the same samples, so
 -- evaluations are comparable across a run, across resumes and across layouts).
 function M.evaluate(run)
+  run.optimizer:sync_params()
   local r, model = run.r, run.model
   local mbs, gbs, dp = r.train.micro_batch_size, r.train.global_batch_size, run.dp_size
   local total, count = 0, 0
@@ -183,6 +203,7 @@ function M.evaluate(run)
 end
 
 function M.save(run)
+  run.optimizer:sync_params()
   return checkpoint.save(run.r.checkpoint.save, run.model, run.optimizer, run.state, config.to_table(run.cfg),
     run.ranks)
 end
@@ -219,14 +240,6 @@ local function describe_parallel(run, log)
     m.sharded and " = 12 bytes x parameters / DP" or " = 8 bytes x parameters")
 end
 
-local function comm_report(run)
-  local g = run.ps.groups["dp-cp"]
-  if not g or g:size() == 1 then return nil end
-  local s = g:stats()
-  g:reset_stats()
-  return s
-end
-
 -- pretrain(config [, args]): train config.train.train_iters steps, logging, evaluating and
 -- checkpointing as the config says. args: command-line overrides (see apply_overrides).
 function M.pretrain(cfg, args)
@@ -249,22 +262,21 @@ function M.pretrain(cfg, args)
   local tokens_per_step = train.global_batch_size * r.model.seq_length
   local last_loss
   local started = core.clock()
-  comm_report(run)
+  take_comm_stats(run)
   while run.state.iteration < train.train_iters do
     local t0 = core.clock()
     local loss, grad_norm, lr = M.train_step(run)
     last_loss = loss
-    local comm = comm_report(run)
+    local comm = run.comm_stats
     log:step { iteration = run.state.iteration, loss = loss, lr = lr, grad_norm = grad_norm,
       step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples,
-      comm_bytes = comm and comm.bytes, comm_expected = comm and run.optimizer:expected_bytes(),
+      comm_bytes = comm and comm.bytes, comm_expected = comm and run.comm_expected,
       comm_seconds = comm and comm.seconds, comm_exposed_seconds = run.optimizer.exposed_seconds }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
-      local vloss = M.evaluate(run)
+      local vloss = excluding_comm(run, function() return M.evaluate(run) end)
       log:info("validation at iteration %d | loss %.4f | perplexity %.2f", it, vloss, math.exp(vloss))
       log:record { iteration = it, validation_loss = vloss }
-      comm_report(run) -- evaluation traffic is not the step's
     end
     local saved = false
     if ck.save and ck.save_interval and it % ck.save_interval == 0 then
@@ -275,6 +287,7 @@ function M.pretrain(cfg, args)
     if (train.exit_interval and it % train.exit_interval == 0)
         or (train.exit_duration_in_mins and minutes >= train.exit_duration_in_mins) then
       if ck.save and not saved then log:info("saved checkpoint %s", M.save(run)) end
+      run.optimizer:sync_params()
       log:info("exiting at iteration %d (train.exit_interval / exit_duration_in_mins)", it)
       log:close()
       return { iteration = it, loss = last_loss, run = run, exited_early = true }
@@ -283,6 +296,7 @@ function M.pretrain(cfg, args)
   if ck.save and (not ck.save_interval or run.state.iteration % ck.save_interval ~= 0) and last_loss then
     log:info("saved checkpoint %s", M.save(run))
   end
+  run.optimizer:sync_params()
   log:close()
   return { iteration = run.state.iteration, loss = last_loss, run = run }
 end

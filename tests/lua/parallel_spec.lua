@@ -110,8 +110,16 @@ describe("data parallelism", function()
     assert.is_true(math.abs(state[4] / state[2] - 0.5) < 0.025, ("state DP4/DP2 = %.4f"):format(state[4] / state[2]))
   end)
 
+  it("the distributed optimizer overlapping its reduce-scatter and parameter all-gather gives the same results",
+    function()
+      local m, out = launch(2, dir, "distopt_overlap2", "ddp.use_distributed_optimizer=true "
+        .. "ddp.overlap_grad_reduce=true ddp.overlap_param_gather=true ddp.bucket_size=20000")
+      assert_equivalent(ref, m, "distributed optimizer DP=2 overlapped")
+      assert.truthy(out:find("gradient reduction overlapped with backward", 1, true), out)
+    end)
+
   it("moves the bytes the ring formulas predict", function()
-    for _, name in ipairs { "ddp2", "ddp4", "distopt2", "distopt4" } do
+    for _, name in ipairs { "ddp2", "ddp4", "distopt2", "distopt4", "distopt_overlap2" } do
       for i, r in ipairs(read_metrics(dir .. "/" .. name .. ".jsonl")) do
         assert.is_true(r.comm_expected_bytes > 0, name)
         assert_close(r.comm_bytes_per_step, r.comm_expected_bytes, 0.01, ("%s traffic at step %d"):format(name, i))

@@ -127,16 +127,20 @@ describe("data parallelism", function()
     end
   end)
 
-  it("runs under mpirun (PMIx) with the same results", function()
+  it("runs under mpirun (PMIx) with the same results: DP=2 DDP and DP=4 distributed optimizer", function()
     local code, out = run("command -v mpirun")
     if code ~= 0 then
       pending("mpirun is not installed (Debian's openmpi-bin)")
       return
     end
-    code, out = run(("mpirun --allow-run-as-root --oversubscribe -n 2 %s run %s"):format(q(LUATRON),
-      recipe_args(dir, "mpirun2")))
-    assert.are.equal(0, code, out)
-    assert_equivalent(ref, read_metrics(dir .. "/mpirun2.jsonl"), "mpirun DP=2")
+    for _, case in ipairs { { 2, "" }, { 4, "ddp.use_distributed_optimizer=true" } } do
+      local n, extra = case[1], case[2]
+      code, out = run(("mpirun --allow-run-as-root --oversubscribe -n %d %s run %s"):format(n, q(LUATRON),
+        recipe_args(dir, "mpirun" .. n, extra)))
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find("rank 0 of " .. n, 1, true), out)
+      assert_equivalent(ref, read_metrics(dir .. "/mpirun" .. n .. ".jsonl"), "mpirun DP=" .. n .. " " .. extra)
+    end
   end)
 
   it("resumes a distributed-optimizer run from its sharded checkpoint with the same losses", function()

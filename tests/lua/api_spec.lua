@@ -5,22 +5,8 @@ local lt = require "luatron"
 local core = lt.core
 local T = lt.tensor
 
--- The message of the error raised by f(...), with any "file:line: " position removed.
-local function msg_of(f, ...)
-  local ok, e = pcall(f, ...)
-  assert(not ok, "expected an error, got none")
-  e = tostring(e)
-  return (e:gsub("^[^\n]-:%d+: ", "", 1))
-end
-
--- Asserts that f raises an error whose message contains every given piece (plain text).
-local function assert_error_contains(f, ...)
-  local m = msg_of(f)
-  for _, piece in ipairs({ ... }) do
-    assert(m:find(piece, 1, true), "error message\n  " .. m .. "\ndoes not contain\n  " .. piece)
-  end
-  return m
-end
+local h = dofile("tests/lua/helpers.lua")
+local msg_of, assert_error_contains = h.msg_of, h.assert_error_contains
 
 local function near(a, b, tol, what)
   assert(math.abs(a - b) <= (tol or 1e-6),

@@ -2,41 +2,8 @@
 -- Needs LUATRON (the binary); tests/lua/BUILD provides it under Bazel.
 local json = require "luatron.json"
 
-local LUATRON = os.getenv("LUATRON")
-
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
--- Runs the command; returns exit code and the combined output.
-local function luatron(args)
-  assert(LUATRON, "LUATRON is not set: point it at the luatron binary (e.g. LUATRON=bazel-bin/luatron)")
-  local p = io.popen(q(LUATRON) .. " " .. args .. " 2>&1; echo \"EXIT:$?\"")
-  local out = p:read("a")
-  p:close()
-  local code = tonumber(out:match("EXIT:(%d+)%s*$"))
-  return code, out:gsub("EXIT:%d+%s*$", "")
-end
-
-local function tmpdir()
-  local path = os.tmpname()
-  os.remove(path)
-  assert(os.execute("mkdir -p " .. q(path)))
-  return path
-end
-
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
-
-local function read_metrics(path)
-  local rows = {}
-  for line in io.lines(path) do
-    local r = json.decode(line)
-    if r.loss then rows[r.iteration] = r end
-  end
-  return rows
-end
+local h = dofile("tests/lua/helpers.lua")
+local q, tmpdir, write, read_metrics, luatron = h.q, h.tmpdir, h.write, h.read_metrics, h.luatron
 
 -- The tiny recipe, shortened, with everything a test needs written into dir.
 local function tiny(dir, extra)

@@ -3,7 +3,6 @@
 -- and gradient norms; the traffic matches the ring formulas, the distributed optimizer's state
 -- shrinks as 1/DP, sharded checkpoints resume exactly, and a dead or stalled rank ends the job
 -- with a clear message. Needs LUATRON (tests/lua/BUILD provides it).
-local json = require "luatron.json"
 
 local LUATRON = os.getenv("LUATRON")
 
@@ -11,30 +10,8 @@ local LUATRON = os.getenv("LUATRON")
 -- than one rank does, so results differ in the last bits and Adam carries that on.
 local LOSS_RTOL, NORM_RTOL = 1e-5, 1e-4
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
-local function run(cmd)
-  local p = io.popen(cmd .. " 2>&1; echo \"EXIT:$?\"")
-  local out = p:read("a")
-  p:close()
-  return tonumber(out:match("EXIT:(%d+)%s*$")), out:gsub("EXIT:%d+%s*$", "")
-end
-
-local function tmpdir()
-  local path = os.tmpname()
-  os.remove(path)
-  assert(os.execute("mkdir -p " .. q(path)))
-  return path
-end
-
-local function read_metrics(path)
-  local rows = {}
-  for line in io.lines(path) do
-    local r = json.decode(line)
-    if r.loss then rows[#rows + 1] = r end
-  end
-  return rows
-end
+local h = dofile("tests/lua/helpers.lua")
+local q, run, tmpdir, read_metrics = h.q, h.run, h.tmpdir, h.read_metrics
 
 -- A small model, 20 steps, dropout on: global batch 16 in microbatches of 4, so DP 1, 2 and 4
 -- all see the same samples.

@@ -3,21 +3,8 @@
 local lt = require "luatron"
 local core = lt.core
 
--- The message of the error raised by f(...), with any "file:line: " position removed.
-local function msg_of(f, ...)
-  local ok, e = pcall(f, ...)
-  assert(not ok, "expected an error, got none")
-  e = tostring(e)
-  return (e:gsub("^[^\n]-:%d+: ", "", 1))
-end
-
-local function assert_error_contains(f, ...)
-  local m = msg_of(f)
-  for _, piece in ipairs({ ... }) do
-    assert(m:find(piece, 1, true), "error message\n  " .. m .. "\ndoes not contain\n  " .. piece)
-  end
-  return m
-end
+local h = dofile("tests/lua/helpers.lua")
+local msg_of, assert_error_contains = h.msg_of, h.assert_error_contains
 
 local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
 

@@ -1,0 +1,72 @@
+-- What the specs share: error-message checks, shell quoting, temporary folders, running the
+-- luatron command, and reading a run's metrics. Specs load it with
+--   local h = dofile("tests/lua/helpers.lua")
+-- (busted runs from the repository root, by hand and under Bazel).
+local json = require "luatron.json"
+
+local h = {}
+
+-- The message of the error raised by f(...), with any "file:line: " position removed.
+function h.msg_of(f, ...)
+  local ok, e = pcall(f, ...)
+  assert(not ok, "expected an error, got none")
+  return (tostring(e):gsub("^[^\n]-:%d+: ", "", 1))
+end
+
+-- Asserts that f raises an error whose message contains every given piece (plain text).
+function h.assert_error_contains(f, ...)
+  local m = h.msg_of(f)
+  for _, piece in ipairs({ ... }) do
+    assert(m:find(piece, 1, true), "error message\n  " .. m .. "\ndoes not contain\n  " .. piece)
+  end
+  return m
+end
+
+-- A shell word.
+function h.q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- A fresh empty folder.
+function h.tmpdir()
+  local path = os.tmpname()
+  os.remove(path)
+  assert(os.execute("mkdir -p " .. h.q(path)))
+  return path
+end
+
+function h.write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+-- Runs a shell command; returns its exit code and its output (stdout and stderr).
+function h.run(cmd)
+  local p = io.popen(cmd .. " 2>&1; echo \"EXIT:$?\"")
+  local out = p:read("a")
+  p:close()
+  return tonumber(out:match("EXIT:(%d+)%s*$")), (out:gsub("EXIT:%d+%s*$", ""))
+end
+
+-- The luatron binary under test (LUATRON), or a clear error.
+function h.luatron_bin()
+  local bin = os.getenv("LUATRON")
+  if bin == nil or bin == "" then
+    error("LUATRON is not set: point it at the luatron binary (e.g. LUATRON=bazel-bin/luatron)", 2)
+  end
+  return bin
+end
+
+-- Runs `luatron ARGS`; returns exit code and output.
+function h.luatron(args) return h.run(h.q(h.luatron_bin()) .. " " .. args) end
+
+-- The training records (lines with a loss) of a metrics JSON-lines file, in order.
+function h.read_metrics(path)
+  local rows = {}
+  for line in io.lines(path) do
+    local r = json.decode(line)
+    if r.loss then rows[#rows + 1] = r end
+  end
+  return rows
+end
+
+return h

@@ -13,6 +13,7 @@
 -- rank 0 writes the shared files, each data-parallel rank its optimizer shard.
 local core = require "luatron.core"
 local json = require "luatron.json"
+local data_parallel = require "luatron.data_parallel"
 
 local M = {}
 
@@ -46,14 +47,7 @@ end
 -- {name = tensor}, sharded? of a data_parallel optimizer, or of a plain core optimizer over a model.
 local function optimizer_state(model, optimizer)
   if optimizer.state_tensors then return optimizer:state_tensors() end
-  local t = {}
-  for _, state in ipairs(optimizer:state_names()) do
-    local flat = optimizer:state(state)
-    for _, p in ipairs(model:parameters()) do
-      t[state .. "." .. p.name] = flat:narrow(1, p.offset + 1, p.numel):reshape(p.shape)
-    end
-  end
-  return t, false
+  return data_parallel.replicated_state(model, optimizer), false
 end
 
 local function shard_file(dir, dp_rank) return ("%s/optimizer_shard_%d.safetensors"):format(dir, dp_rank) end

@@ -1,12 +1,13 @@
 -- Data parallelism over the dp-cp group, as Megatron's DDP and distributed optimizer:
 --   DDP:                   gradients averaged with all-reduce in buckets of ddp.bucket_size
---                          elements, then every rank runs the same optimizer step. With
---                          ddp.overlap_grad_reduce the buckets are reduced on the communicator's
---                          thread while the last microbatch's backward still runs.
---   distributed optimizer: gradients reduce-scattered, each rank updates only its shard of the
---                          fp32 main parameters with its shard of the Adam moments, then the
---                          parameters are all-gathered.
--- Both present one interface to the training loop: opt:step(lr) → grad norm before clipping.
+--                          elements, then every rank runs the same optimizer step.
+--   distributed optimizer: every bucket sharded over the ranks: gradients reduce-scattered, each
+--                          rank updates its shard of the fp32 main parameters with its shard of
+--                          the Adam moments, then the parameters are all-gathered.
+-- The buckets live in C (engine/parallel/ddp.c). With ddp.overlap_grad_reduce their reduction
+-- starts during the last microbatch's backward; with overlap_param_gather the next forward waits
+-- for each bucket's parameters only when it reaches them. Both schemes present one interface to
+-- the training loop: before_last_backward(), step(lr) → grad norm before clipping, apply(lr).
 local core = require "luatron.core"
 
 local M = {}
@@ -55,8 +56,8 @@ function M.new(model, r, group)
   else
     setmetatable(self, Replicated)
     self.opt = core.optimizer(model, r.optimizer)
-    self.bucket = r.ddp.bucket_size or self.numel
-    if r.ddp.overlap_grad_reduce and dp > 1 then self.ddp = core.ddp(model, group, self.bucket) end
+    self.overlap_grads = r.ddp.overlap_grad_reduce
+    if dp > 1 then self.ddp = core.ddp(model, group, r.ddp.bucket_size or 0) end
   end
   return self
 end
@@ -98,20 +99,17 @@ local function clip_coeff(norm, max_norm)
 end
 
 -- Called before the backward of the step's last microbatch (the earlier ones only accumulate,
--- like Megatron's no_sync): from here on finished buckets start reducing.
+-- like Megatron's no_sync): with overlap, finished buckets start reducing from here on.
 function Replicated:before_last_backward()
-  if self.ddp then self.ddp:begin() end
+  if self.ddp and self.overlap_grads then self.ddp:begin() end
 end
 
 function Replicated:step(lr)
   local grads = self.model:flat_grads()
   if self.ddp then
-    self.exposed_seconds = self.ddp:finish()
-  elseif self.group and self.dp > 1 then
-    for first = 0, self.numel - 1, self.bucket do
-      local n = math.min(self.bucket, self.numel - first)
-      self.group:all_reduce(grads:narrow(1, first + 1, n), "avg")
-    end
+    if not self.overlap_grads then self.ddp:begin() end
+    local exposed = self.ddp:finish() -- every bucket averaged over the data-parallel ranks
+    self.exposed_seconds = self.overlap_grads and exposed or nil
   end
   local norm = core.clip_grad_norm(grads, self.r.optimizer.clip_grad or 0)
   self.last_norm = norm
@@ -149,17 +147,21 @@ end
 function Sharded:sync_params() self.ddp:params_finish() end
 function Replicated:sync_params() end
 
--- Optimizer state for checkpoints: {name = tensor} and whether it is this rank's shard only.
-function Replicated:state_tensors()
+-- Optimizer state of a plain (replicated) core optimizer over a model's flat buffers, as
+-- checkpoint tensors "<state>.<parameter name>".
+function M.replicated_state(model, opt)
   local t = {}
-  for _, state in ipairs(self.opt:state_names()) do
-    local flat = self.opt:state(state)
-    for _, p in ipairs(self.model:parameters()) do
+  for _, state in ipairs(opt:state_names()) do
+    local flat = opt:state(state)
+    for _, p in ipairs(model:parameters()) do
       t[state .. "." .. p.name] = flat:narrow(1, p.offset + 1, p.numel):reshape(p.shape)
     end
   end
-  return t, false
+  return t
 end
+
+-- Optimizer state for checkpoints: {name = tensor} and whether it is this rank's shard only.
+function Replicated:state_tensors() return M.replicated_state(self.model, self.opt), false end
 
 function Sharded:state_tensors()
   local t = {}

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "engine/data/indexed.h"
+#include "engine/io/json.h"
 
 /* ---- growable byte buffer ---- */
 typedef struct {
@@ -37,219 +38,52 @@ static int buf_put(buf_t *b, const char *s, size_t n) {
     return 0;
 }
 
-/* ---- JSON (RFC 8259), only what is needed to pull one string out of an object ---- */
-typedef struct {
-    const char *s, *p, *end;
-    char *err;
-    size_t errlen;
-} json_t;
+/* ---- one string out of a JSON object (engine/io/json.c, all of JSON accepted) ---- */
 
 #define JSON_MAX_DEPTH 512
 
-static int jfail(json_t *j, const char *what) {
-    return lt_fail(j->err, j->errlen, "column %zu: %s", (size_t)(j->p - j->s) + 1, what);
-}
-
-static void jws(json_t *j) {
-    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) j->p++;
-}
-
-static int hex4(json_t *j, unsigned *out) {
-    if (j->end - j->p < 4) return jfail(j, "truncated \\u escape");
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        char c = j->p[i];
-        v <<= 4;
-        if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
-        else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
-        else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
-        else return jfail(j, "bad hex digit in \\u escape");
-    }
-    j->p += 4;
-    *out = v;
-    return 0;
-}
-
-static int put_utf8(buf_t *b, unsigned cp) {
-    char u[4];
-    size_t n;
-    if (cp < 0x80) { u[0] = (char)cp; n = 1; }
-    else if (cp < 0x800) { u[0] = (char)(0xC0 | (cp >> 6)); u[1] = (char)(0x80 | (cp & 0x3F)); n = 2; }
-    else if (cp < 0x10000) {
-        u[0] = (char)(0xE0 | (cp >> 12)); u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        u[2] = (char)(0x80 | (cp & 0x3F)); n = 3;
-    } else {
-        u[0] = (char)(0xF0 | (cp >> 18)); u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-        u[2] = (char)(0x80 | ((cp >> 6) & 0x3F)); u[3] = (char)(0x80 | (cp & 0x3F)); n = 4;
-    }
-    return buf_put(b, u, n);
-}
-
-/* At the opening quote; decodes into b (reset first). */
-static int jstring(json_t *j, buf_t *b) {
-    b->n = 0;
-    if (buf_reserve(b, 0) != 0) return jfail(j, "out of memory");
-    b->d[0] = 0;
-    j->p++;
-    for (;;) {
-        const char *run = j->p;
-        while (j->p < j->end && *j->p != '"' && *j->p != '\\' && (unsigned char)*j->p >= 0x20) j->p++;
-        if (j->p > run && buf_put(b, run, (size_t)(j->p - run)) != 0) return jfail(j, "out of memory");
-        if (j->p >= j->end) return jfail(j, "unterminated string");
-        char c = *j->p;
-        if (c == '"') { j->p++; return 0; }
-        if (c != '\\') return jfail(j, "raw control character in string (must be escaped)");
-        j->p++;
-        if (j->p >= j->end) return jfail(j, "unterminated escape");
-        char e = *j->p++, out;
-        switch (e) {
-        case '"': out = '"'; break;
-        case '\\': out = '\\'; break;
-        case '/': out = '/'; break;
-        case 'b': out = '\b'; break;
-        case 'f': out = '\f'; break;
-        case 'n': out = '\n'; break;
-        case 'r': out = '\r'; break;
-        case 't': out = '\t'; break;
-        case 'u': {
-            unsigned cp;
-            if (hex4(j, &cp) != 0) return -1;
-            if (cp >= 0xDC00 && cp <= 0xDFFF) return jfail(j, "unpaired low surrogate in \\u escape");
-            if (cp >= 0xD800 && cp <= 0xDBFF) {
-                unsigned lo;
-                if (j->end - j->p < 2 || j->p[0] != '\\' || j->p[1] != 'u')
-                    return jfail(j, "high surrogate \\u escape not followed by a low surrogate");
-                j->p += 2;
-                if (hex4(j, &lo) != 0) return -1;
-                if (lo < 0xDC00 || lo > 0xDFFF) return jfail(j, "high surrogate followed by a non-low surrogate");
-                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-            }
-            if (put_utf8(b, cp) != 0) return jfail(j, "out of memory");
-            continue;
-        }
-        default: j->p--; return jfail(j, "invalid escape in string");
-        }
-        if (buf_put(b, &out, 1) != 0) return jfail(j, "out of memory");
-    }
-}
-
-static int jdigits(json_t *j) {
-    const char *s = j->p;
-    while (j->p < j->end && *j->p >= '0' && *j->p <= '9') j->p++;
-    return j->p > s;
-}
-
-static int jnumber(json_t *j) {
-    if (*j->p == '-') j->p++;
-    if (j->p < j->end && *j->p == '0') j->p++;
-    else if (!jdigits(j)) return jfail(j, "malformed number");
-    if (j->p < j->end && *j->p == '.') {
-        j->p++;
-        if (!jdigits(j)) return jfail(j, "malformed number: digits expected after '.'");
-    }
-    if (j->p < j->end && (*j->p == 'e' || *j->p == 'E')) {
-        j->p++;
-        if (j->p < j->end && (*j->p == '+' || *j->p == '-')) j->p++;
-        if (!jdigits(j)) return jfail(j, "malformed number: digits expected in exponent");
-    }
-    return 0;
-}
-
-static int jvalue(json_t *j, buf_t *scratch, int depth);
-
-static int jliteral(json_t *j, const char *lit) {
-    size_t n = strlen(lit);
-    if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0) return jfail(j, "unexpected character");
-    j->p += n;
-    return 0;
-}
-
-static int jcontainer(json_t *j, buf_t *scratch, int depth, char close) {
-    if (depth > JSON_MAX_DEPTH) return jfail(j, "nesting too deep");
-    j->p++;
-    jws(j);
-    if (j->p < j->end && *j->p == close) { j->p++; return 0; }
-    for (;;) {
-        jws(j);
-        if (close == '}') {
-            if (j->p >= j->end || *j->p != '"') return jfail(j, "expected a string key");
-            if (jstring(j, scratch) != 0) return -1;
-            jws(j);
-            if (j->p >= j->end || *j->p != ':') return jfail(j, "expected ':' after key");
-            j->p++;
-        }
-        if (jvalue(j, scratch, depth + 1) != 0) return -1;
-        jws(j);
-        if (j->p < j->end && *j->p == ',') { j->p++; continue; }
-        if (j->p < j->end && *j->p == close) { j->p++; return 0; }
-        return jfail(j, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
-    }
-}
-
-static int jvalue(json_t *j, buf_t *scratch, int depth) {
-    jws(j);
-    if (j->p >= j->end) return jfail(j, "unexpected end of input, value expected");
-    switch (*j->p) {
-    case '{': return jcontainer(j, scratch, depth, '}');
-    case '[': return jcontainer(j, scratch, depth, ']');
-    case '"': return jstring(j, scratch);
-    case 't': return jliteral(j, "true");
-    case 'f': return jliteral(j, "false");
-    case 'n': return jliteral(j, "null");
-    default:
-        if (*j->p == '-' || (*j->p >= '0' && *j->p <= '9')) return jnumber(j);
-        return jfail(j, "unexpected character, value expected");
-    }
+/* json.c says "<problem> at byte N"; a JSONL line's reader wants "column N+1: <problem>". */
+static int json_error(const lt_json_doc *doc, const char *msg, char *err, size_t errlen) {
+    size_t n = strlen(msg);
+    const char *at = strstr(msg, " at byte ");
+    if (at) n = (size_t)(at - msg);
+    return lt_fail(err, errlen, "column %zu: %.*s", doc->err_pos + 1, (int)n, msg);
 }
 
 int lt_json_get_string(const char *text, size_t len, const char *key, char **out, size_t *outlen, char *err,
                        size_t errlen) {
-    json_t j = {text, text, text + len, err, errlen};
-    buf_t k = {0}, v = {0}, scratch = {0};
-    int found = 0, rc = -1;
-    size_t keylen = strlen(key);
     *out = NULL;
     *outlen = 0;
-    jws(&j);
-    if (j.p >= j.end || *j.p != '{') { jfail(&j, "expected a JSON object"); goto done; }
-    j.p++;
-    jws(&j);
-    if (j.p < j.end && *j.p == '}') j.p++;
-    else
-        for (;;) {
-            jws(&j);
-            if (j.p >= j.end || *j.p != '"') { jfail(&j, "expected a string key"); goto done; }
-            if (jstring(&j, &k) != 0) goto done;
-            jws(&j);
-            if (j.p >= j.end || *j.p != ':') { jfail(&j, "expected ':' after key"); goto done; }
-            j.p++;
-            jws(&j);
-            if (k.n == keylen && memcmp(k.d, key, keylen) == 0) {
-                if (j.p >= j.end || *j.p != '"') {
-                    lt_fail(err, errlen, "column %zu: value of \"%s\" is not a string", (size_t)(j.p - text) + 1, key);
-                    goto done;
-                }
-                if (jstring(&j, &v) != 0) goto done;
-                found = 1;
-            } else if (jvalue(&j, &scratch, 1) != 0) {
-                goto done;
-            }
-            jws(&j);
-            if (j.p < j.end && *j.p == ',') { j.p++; continue; }
-            if (j.p < j.end && *j.p == '}') { j.p++; break; }
-            jfail(&j, "expected ',' or '}'");
-            goto done;
-        }
-    jws(&j);
-    if (j.p != j.end) { jfail(&j, "unexpected text after the JSON object"); goto done; }
-    rc = found;
-    if (found) {
-        *out = v.d;
-        *outlen = v.n;
-        v.d = NULL;
+    lt_json_doc doc;
+    char msg[256];
+    /* Every value takes at least one byte of input, so len + 1 nodes always suffice. */
+    if (lt_json_parse_ex(&doc, text, len, JSON_MAX_DEPTH, len + 1, LT_JSON_ANY, msg, sizeof msg) != 0) {
+        int rc = json_error(&doc, msg, err, errlen);
+        lt_json_free(&doc);
+        return rc;
     }
-done:
-    free(k.d); free(v.d); free(scratch.d);
+    if (doc.nodes[0].type != LT_JSON_OBJECT) {
+        lt_json_free(&doc);
+        return lt_fail(err, errlen, "column 1: expected a JSON object");
+    }
+    size_t found = LT_JSON_NONE;
+    for (size_t c = doc.nodes[0].first; c != LT_JSON_NONE; c = doc.nodes[c].next)
+        if (strcmp(lt_json_key(&doc, c), key) == 0) found = c; /* the last one wins, as in Python */
+    int rc = 0;
+    if (found != LT_JSON_NONE && doc.nodes[found].type != LT_JSON_STRING) {
+        rc = lt_fail(err, errlen, "column %zu: value of \"%s\" is not a string", doc.nodes[found].pos + 1, key);
+    } else if (found != LT_JSON_NONE) {
+        size_t n = doc.nodes[found].len;
+        *out = malloc(n + 1);
+        if (!*out) {
+            rc = lt_fail(err, errlen, "out of memory");
+        } else {
+            memcpy(*out, lt_json_str(&doc, found), n + 1);
+            *outlen = n;
+            rc = 1;
+        }
+    }
+    lt_json_free(&doc);
     return rc;
 }
 

@@ -13,10 +13,12 @@ typedef struct {
     size_t max_nodes;
     char *err;
     size_t errlen;
+    unsigned flags;
 } parser;
 
 static int fail(parser *p, const char *msg) {
     if (p->err && p->errlen) snprintf(p->err, p->errlen, "%s at byte %zu", msg, p->i);
+    p->d->err_pos = p->i;
     return -1;
 }
 
@@ -163,7 +165,7 @@ static int parse_string(parser *p, size_t *off, size_t *len) {
                 if (lo < 0xDC00 || lo > 0xDFFF) return fail(p, "bad surrogate pair in \\u escape");
                 cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
             }
-            if (cp == 0) return fail(p, "\\u0000 in string");
+            if (cp == 0 && !(p->flags & LT_JSON_ANY)) return fail(p, "\\u0000 in string");
             char u[4];
             size_t k;
             if (cp < 0x80) u[0] = (char)cp, k = 1;
@@ -203,10 +205,37 @@ static int parse_int(parser *p, size_t node) {
         v = v * 10 + d;
         p->i++;
     }
-    if (p->i < p->n && (p->s[p->i] == '.' || p->s[p->i] == 'e' || p->s[p->i] == 'E'))
-        return fail(p, "non-integer number");
+    if (p->i < p->n && (p->s[p->i] == '.' || p->s[p->i] == 'e' || p->s[p->i] == 'E')) {
+        if (!(p->flags & LT_JSON_ANY)) return fail(p, "non-integer number");
+        nd->type = LT_JSON_NUMBER;
+        if (p->s[p->i] == '.') {
+            p->i++;
+            if (p->i >= p->n || p->s[p->i] < '0' || p->s[p->i] > '9') return fail(p, "bad number");
+            while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9') p->i++;
+        }
+        if (p->i < p->n && (p->s[p->i] == 'e' || p->s[p->i] == 'E')) {
+            p->i++;
+            if (p->i < p->n && (p->s[p->i] == '+' || p->s[p->i] == '-')) p->i++;
+            if (p->i >= p->n || p->s[p->i] < '0' || p->s[p->i] > '9') return fail(p, "bad number");
+            while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9') p->i++;
+        }
+        return 0;
+    }
     nd->mag = v;
     return 0;
+}
+
+/* true, false or null (LT_JSON_ANY only). */
+static int parse_literal(parser *p) {
+    static const char *const words[] = {"true", "false", "null"};
+    for (int w = 0; w < 3; w++) {
+        size_t k = strlen(words[w]);
+        if (p->n - p->i >= k && memcmp(p->s + p->i, words[w], k) == 0) {
+            p->i += k;
+            return 0;
+        }
+    }
+    return fail(p, "unexpected character, value expected");
 }
 
 static int parse_value(parser *p, int depth, size_t *out);
@@ -277,6 +306,10 @@ static int parse_value(parser *p, int depth, size_t *out) {
         node = new_node(p, LT_JSON_INT);
         if (node == LT_JSON_NONE) return -1;
         rc = parse_int(p, node);
+    } else if ((p->flags & LT_JSON_ANY) && (c == 't' || c == 'f' || c == 'n')) {
+        node = new_node(p, LT_JSON_LITERAL);
+        if (node == LT_JSON_NONE) return -1;
+        rc = parse_literal(p);
     } else {
         return fail(p, "unsupported JSON value (only objects, arrays, strings and integers)");
     }
@@ -288,8 +321,13 @@ static int parse_value(parser *p, int depth, size_t *out) {
 
 int lt_json_parse(lt_json_doc *doc, const char *text, size_t len, int max_depth, size_t max_nodes,
                   char *err, size_t errlen) {
+    return lt_json_parse_ex(doc, text, len, max_depth, max_nodes, 0, err, errlen);
+}
+
+int lt_json_parse_ex(lt_json_doc *doc, const char *text, size_t len, int max_depth, size_t max_nodes,
+                     unsigned flags, char *err, size_t errlen) {
     memset(doc, 0, sizeof *doc);
-    parser p = {(const unsigned char *)text, len, 0, doc, max_depth, max_nodes ? max_nodes : 1, err, errlen};
+    parser p = {(const unsigned char *)text, len, 0, doc, max_depth, max_nodes ? max_nodes : 1, err, errlen, flags};
     size_t root;
     if (parse_value(&p, 0, &root)) return -1;
     skip_ws(&p);

@@ -6,13 +6,14 @@
  * was not written by a well-behaved writer and is more likely corrupt than creative.
  * Nesting depth and node count are capped by the caller so that hostile input can neither
  * blow the stack nor the heap. Strings containing NUL (\u0000) are rejected so decoded
- * strings are safe to use as C strings. */
+ * strings are safe to use as C strings. lt_json_parse_ex(LT_JSON_ANY) lifts these limits for
+ * general data. */
 #ifndef LT_JSON_H
 #define LT_JSON_H
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { LT_JSON_OBJECT = 1, LT_JSON_ARRAY, LT_JSON_STRING, LT_JSON_INT } lt_json_type;
+typedef enum { LT_JSON_OBJECT = 1, LT_JSON_ARRAY, LT_JSON_STRING, LT_JSON_INT, LT_JSON_NUMBER, LT_JSON_LITERAL } lt_json_type;
 
 #define LT_JSON_NONE ((size_t)-1)
 
@@ -36,6 +37,7 @@ typedef struct {
     size_t n, cap;
     char *strs; /* decoded strings and keys, each NUL-terminated */
     size_t slen, scap;
+    size_t err_pos; /* after a failed parse: the byte offset of the problem */
 } lt_json_doc;
 
 /* Parses text[0..len) (all of it: only whitespace may follow the root value).
@@ -44,6 +46,12 @@ typedef struct {
  * the number of values. */
 int lt_json_parse(lt_json_doc *doc, const char *text, size_t len, int max_depth, size_t max_nodes,
                   char *err, size_t errlen);
+/* The same with flags. LT_JSON_ANY accepts all of JSON, as data files (JSONL corpora) need:
+ * fractions and exponents (LT_JSON_NUMBER, span only: pos/end), true/false/null
+ * (LT_JSON_LITERAL, span only) and \u0000 inside strings (then use the node's len, not strlen). */
+enum { LT_JSON_ANY = 1 };
+int lt_json_parse_ex(lt_json_doc *doc, const char *text, size_t len, int max_depth, size_t max_nodes,
+                     unsigned flags, char *err, size_t errlen);
 void lt_json_free(lt_json_doc *doc);
 
 /* Decoded text of a STRING node, or the key of an object member (NULL when none). */

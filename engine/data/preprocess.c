@@ -50,6 +50,27 @@ static int json_error(const lt_json_doc *doc, const char *msg, char *err, size_t
     return lt_fail(err, errlen, "column %zu: %.*s", doc->err_pos + 1, (int)n, msg);
 }
 
+static size_t skip_ws_and(const char *text, size_t i, size_t len, char also) {
+    while (i < len && (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r' || text[i] == also)) i++;
+    return i;
+}
+
+/* 1 if member `c` (after `prev`, LT_JSON_NONE for the first) of the root object has exactly the key `key`.
+ * json.c keeps keys as C strings without a length, so strcmp alone would let "text\u0000x" pass for
+ * "text"; when strcmp matches, the key's raw text is decoded again (with json.c) for its length. */
+static int key_is(const lt_json_doc *doc, const char *text, size_t len, size_t prev, size_t c, const char *key) {
+    if (strcmp(lt_json_key(doc, c), key) != 0) return 0;
+    /* The key's span: from after '{' or the previous value (and its ',') to the quote before ':'. */
+    size_t a = skip_ws_and(text, prev == LT_JSON_NONE ? doc->nodes[0].pos + 1 : doc->nodes[prev].end, len, ',');
+    size_t b = doc->nodes[c].pos;
+    while (b > a && text[b - 1] != ':') b--;
+    while (b > a && text[b - 1] != '"') b--;
+    lt_json_doc k;
+    int same = lt_json_parse_ex(&k, text + a, b - a, 1, 1, LT_JSON_ANY, NULL, 0) == 0 && k.nodes[0].len == strlen(key);
+    lt_json_free(&k);
+    return same;
+}
+
 int lt_json_get_string(const char *text, size_t len, const char *key, char **out, size_t *outlen, char *err,
                        size_t errlen) {
     *out = NULL;
@@ -66,9 +87,9 @@ int lt_json_get_string(const char *text, size_t len, const char *key, char **out
         lt_json_free(&doc);
         return lt_fail(err, errlen, "column 1: expected a JSON object");
     }
-    size_t found = LT_JSON_NONE;
-    for (size_t c = doc.nodes[0].first; c != LT_JSON_NONE; c = doc.nodes[c].next)
-        if (strcmp(lt_json_key(&doc, c), key) == 0) found = c; /* the last one wins, as in Python */
+    size_t found = LT_JSON_NONE, prev = LT_JSON_NONE;
+    for (size_t c = doc.nodes[0].first; c != LT_JSON_NONE; prev = c, c = doc.nodes[c].next)
+        if (key_is(&doc, text, len, prev, c, key)) found = c; /* the last one wins, as in Python */
     int rc = 0;
     if (found != LT_JSON_NONE && doc.nodes[found].type != LT_JSON_STRING) {
         rc = lt_fail(err, errlen, "column %zu: value of \"%s\" is not a string", doc.nodes[found].pos + 1, key);
@@ -109,7 +130,7 @@ static void usage(FILE *f) {
           "                                  of a CRLF line is dropped)\n"
           "                           jsonl: one JSON object per line, the text under --json-key\n"
           "                                  (escapes, \\uXXXX and surrogate pairs decoded to UTF-8);\n"
-          "                                  blank lines are skipped\n"
+          "                                  strict JSON in valid UTF-8; blank lines are skipped\n"
           "  --json-key K           key of the text in each JSON object (default: text)\n"
           "  --append-eod           append EOD (256) to every document\n"
           "  --help                 show this help\n"

@@ -18,7 +18,9 @@ int lt_preprocess_main(int argc, char **argv);
  * bytes (escapes, \uXXXX and surrogate pairs resolved) in a malloc'd *out of *outlen bytes
  * (plus a NUL not counted). Returns 1 when found, 0 when the object has no such key,
  * -1 with a message (column included) for malformed JSON or a non-string value.
- * The last occurrence of a repeated key wins, as in Python's json. */
+ * Parsed by engine/io/json.c with LT_JSON_ANY: all of JSON, strictly (raw text must be valid
+ * UTF-8); \u0000 decodes to a NUL byte that counts in *outlen; keys compare by their full
+ * decoded bytes. The last occurrence of a repeated key wins, as in Python's json. */
 int lt_json_get_string(const char *text, size_t len, const char *key, char **out, size_t *outlen, char *err,
                        size_t errlen);
 

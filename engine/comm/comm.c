@@ -7,7 +7,9 @@
  *   all_to_all      sum over r != rank of send_counts[r] B   (what this rank sends to others)
  *   broadcast       count B on every rank (root included)
  *   send            count B;   recv 0;   barrier 0
- * Every call, failed or not, counts in calls and seconds; bytes only count on success. */
+ * Every call, failed or not, counts in calls and seconds; bytes only count on success. A
+ * non-blocking request (async.c) runs these same functions on the communicator's background
+ * thread, so it counts identically, its seconds being the background thread's time. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
@@ -115,11 +117,19 @@ int lt_comm_world_rank(const lt_comm *c, int r) { return c && r >= 0 && r < c->s
 
 lt_comm_stats lt_comm_get_stats(const lt_comm *c) {
     lt_comm_stats z = {0, 0, 0.0};
-    return c ? c->stats : z;
+    if (!c) return z;
+    lt_comm_lock_(c); /* the background thread may be counting a request */
+    z = c->stats;
+    lt_comm_unlock_(c);
+    return z;
 }
 
 void lt_comm_reset_stats(lt_comm *c) {
-    if (c) memset(&c->stats, 0, sizeof c->stats);
+    if (!c) return;
+    lt_comm_lock_(c);
+    memset(&c->stats, 0, sizeof c->stats);
+    lt_comm_async_reset_stats_(c);
+    lt_comm_unlock_(c);
 }
 
 lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *name, char *err, size_t errlen) {
@@ -129,6 +139,7 @@ lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *nam
     }
     char desc[256];
     lt_comm_describe_(parent, desc, sizeof desc);
+    lt_comm_async_drain_(parent); /* creating a group runs collectives on the parent */
     if (parent->failed) {
         lt_comm_errf_(err, errlen, "group '%s' of %s: the parent is unusable after an earlier failure: %s",
                       name ? name : "?", desc, parent->failure);
@@ -184,11 +195,13 @@ static int precheck(lt_comm *c, const char *what, lt_dtype dtype, int check_dtyp
         return -1;
     }
     lt_comm_async_drain_(c); /* keep the order of collectives the same on every rank */
-    if (c->failed) {
+    lt_comm_lock_(c);         /* (lt_comm_abort may be writing the failure meanwhile) */
+    int failed = c->failed;
+    if (failed)
         lt_comm_errf_(err, errlen, "%s: the communicator is unusable after an earlier failure: %s", what,
                       c->failure);
-        return -1;
-    }
+    lt_comm_unlock_(c);
+    if (failed) return -1;
     if (check_dtype && !valid_dtype(dtype)) {
         char desc[256];
         lt_comm_describe_(c, desc, sizeof desc);
@@ -213,15 +226,18 @@ static int arg_error(lt_comm *c, const char *what, char *err, size_t errlen, con
 
 /* Records the outcome: time, calls, bytes (on success), failure state. */
 static int finish(lt_comm *c, int rc, double t0, uint64_t bytes, const char *e, char *err, size_t errlen) {
+    double dt = lt_comm_now_() - t0;
+    lt_comm_lock_(c);
     c->stats.calls++;
-    c->stats.seconds += lt_comm_now_() - t0;
-    if (rc == 0) {
-        c->stats.bytes += bytes;
-        return 0;
+    c->stats.seconds += dt;
+    if (rc == 0) c->stats.bytes += bytes;
+    else if (!c->failed) { /* keep the first failure (an abort may have come first) */
+        c->failed = 1;
+        snprintf(c->failure, sizeof c->failure, "%s", e[0] ? e : "failed");
     }
-    c->failed = 1;
-    snprintf(c->failure, sizeof c->failure, "%s", e[0] ? e : "failed");
-    lt_comm_errf_(err, errlen, "%s", c->failure);
+    lt_comm_unlock_(c);
+    if (rc == 0) return 0;
+    lt_comm_errf_(err, errlen, "%s", e[0] ? e : "failed");
     return -1;
 }
 
@@ -334,8 +350,10 @@ int lt_comm_barrier(lt_comm *c, char *err, size_t errlen) {
 void lt_comm_abort(lt_comm *c, const char *reason) {
     if (!c) return;
     if (c->ops && c->ops->abort) c->ops->abort(c, reason ? reason : "");
+    lt_comm_lock_(c); /* never held across a collective: abort does not wait for one */
     if (!c->failed) {
         c->failed = 1;
         snprintf(c->failure, sizeof c->failure, "this rank aborted: %s", reason ? reason : "");
     }
+    lt_comm_unlock_(c);
 }

@@ -78,15 +78,32 @@ void lt_comm_abort(lt_comm *c, const char *reason);
 lt_comm_stats lt_comm_get_stats(const lt_comm *c);
 void lt_comm_reset_stats(lt_comm *c);
 
-/* ---- non-blocking collectives (async.c) ----
- * Served in issue order by one background thread per communicator, so computation can go on
- * while data moves (DDP's overlap of gradient reduction with backward). The buffers belong to
- * the request until lt_comm_wait returns. A blocking call on the same communicator first waits
- * for every pending request, so all ranks see the same order of collectives. Statistics count
- * them like the blocking calls (seconds: time on the background thread). */
+/* ==== non-blocking collectives (async.c) ====================================================
+ * For overlapping communication with computation (Megatron's overlap_grad_reduce: a DDP bucket's
+ * reduction starts while backward still computes the earlier layers).
+ *
+ * - Each communicator has one background thread, started by its first non-blocking call and
+ *   joined by lt_comm_free; it sleeps on a condition variable while there is nothing to do. It
+ *   runs the requests one at a time in the order they were issued (FIFO), by calling the blocking
+ *   collectives, so results are bit-identical to the blocking calls.
+ * - The buffers belong to the request from the call until lt_comm_wait returns: the caller must
+ *   neither read nor write them meanwhile.
+ * - Every request must be waited for exactly once (lt_comm_wait frees it), and before
+ *   lt_comm_free (which waits for pending requests, but cannot free requests not waited for).
+ * - A blocking call on the same communicator (and lt_comm_group with it as the parent) first
+ *   waits for every pending request, so the order of collectives is the order of the calls, the
+ *   same on every rank. Requests on different communicators run independently.
+ * - One thread issues, waits and makes blocking calls on a given communicator.
+ * - Errors surface at lt_comm_wait with the blocking calls' messages (argument errors, timeouts
+ *   naming the ranks that did not arrive, aborts). After a failure the communicator is unusable
+ *   like after a blocking failure: requests queued behind the failed one fail too.
+ * - Statistics (lt_comm_get_stats) count each request exactly as the blocking call (calls, bytes);
+ *   its seconds are the time the background thread spent inside the collective, not the caller's.
+ *   The caller's side is in lt_comm_async_stats. */
 typedef struct lt_comm_request lt_comm_request;
 
-/* NULL only when out of memory (then nothing was started). */
+/* NULL only when c is NULL or out of memory (then nothing was started; lt_comm_wait(NULL) reports
+ * it). Argument errors are reported by lt_comm_wait. */
 lt_comm_request *lt_comm_all_reduce_async(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, lt_reduce_op op);
 lt_comm_request *lt_comm_reduce_scatter_async(lt_comm *c, const void *send, void *recv, int64_t recv_count,
                                               lt_dtype dtype, lt_reduce_op op);
@@ -94,7 +111,18 @@ lt_comm_request *lt_comm_all_gather_async(lt_comm *c, const void *send, void *re
                                           lt_dtype dtype);
 /* Blocks until the request is done, frees it; 0, or -1 with the collective's message. */
 int lt_comm_wait(lt_comm_request *r, char *err, size_t errlen);
-/* 1 when the request has finished (lt_comm_wait will not block). */
-int lt_comm_test(lt_comm_request *r);
+/* 1 when the request has finished (lt_comm_wait will not block), 0 otherwise; never blocks. */
+int lt_comm_test(const lt_comm_request *r);
+
+typedef struct {
+    uint64_t requests;      /* non-blocking collectives finished (also counted in lt_comm_stats.calls) */
+    double seconds;         /* time the background thread spent running them */
+    double blocked_seconds; /* time the caller spent blocked on them: in lt_comm_wait, and in blocking
+                               calls, lt_comm_group and lt_comm_free waiting for pending requests */
+} lt_comm_async_stats;
+
+/* Since creation or the last lt_comm_reset_stats (which resets these too). The share of the
+ * reduction time hidden behind computation is 1 - blocked_seconds / seconds. */
+lt_comm_async_stats lt_comm_get_async_stats(const lt_comm *c);
 
 #endif

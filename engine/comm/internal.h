@@ -54,10 +54,17 @@ struct lt_comm {
     struct lt_comm_async *async;   /* the background thread of non-blocking calls (async.c), or NULL */
 };
 
-/* Waits until no non-blocking request of c is pending (a no-op on its own background thread). */
+/* Waits until no non-blocking request of c is pending (a no-op on its own background thread);
+ * the time counts as blocked (lt_comm_async_stats). */
 void lt_comm_async_drain_(lt_comm *c);
 /* Stops and joins c's background thread (after draining). */
 void lt_comm_async_free_(lt_comm *c);
+/* Guard c->stats, c->failed and c->failure, which the background thread also updates (no-ops
+ * while c has no background thread). Never held across a backend call. */
+void lt_comm_lock_(const lt_comm *c);
+void lt_comm_unlock_(const lt_comm *c);
+/* Zeroes the async statistics; called with lt_comm_lock_ held. */
+void lt_comm_async_reset_stats_(lt_comm *c);
 
 /* A communicator shell (ops/impl filled by the caller); NULL when out of memory. world_ranks is
  * copied; NULL means the identity (a world communicator). */

@@ -74,6 +74,23 @@ lt_tensor *lt_tensor_new(lt_dtype dtype, int ndim, const int64_t *shape) {
     return t;
 }
 
+lt_tensor *lt_tensor_wrap(lt_dtype dtype, int ndim, const int64_t *shape, void *data, size_t nbytes,
+                          lt_device device, void (*release)(void *data, size_t nbytes)) {
+    lt_tensor *t = tensor_header(dtype, ndim, shape);
+    if (!t) return NULL;
+    lt_contiguous_strides(ndim, shape, t->stride);
+    lt_storage *s = calloc(1, sizeof *s);
+    if (!s || (size_t)lt_tensor_numel(t) * lt_dtype_size(dtype) > nbytes) {
+        free(s);
+        free(t);
+        return NULL;
+    }
+    *s = (lt_storage){.data = data, .nbytes = nbytes, .refs = 1, .device = device, .owns = release != NULL,
+                      .release = release};
+    t->storage = s;
+    return t;
+}
+
 lt_tensor *lt_tensor_view(const lt_tensor *base, int ndim, const int64_t *shape, const int64_t *stride,
                           int64_t offset) {
     lt_tensor *t = tensor_header(base->dtype, ndim, shape);
@@ -131,7 +148,7 @@ void lt_tensor_free(lt_tensor *t) {
     if (!t) return;
     lt_storage *s = t->storage;
     if (s && --s->refs == 0) {
-        if (s->owns) lt_release(s->data, s->nbytes);
+        if (s->owns) (s->release ? s->release : lt_release)(s->data, s->nbytes);
         free(s);
     }
     free(t);

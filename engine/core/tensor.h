@@ -17,6 +17,7 @@ typedef struct lt_storage {
     int refs;
     lt_device device;
     int owns; /* 0 for storage that wraps memory owned elsewhere (an mmap, a borrowed buffer) */
+    void (*release)(void *data, size_t nbytes); /* how owned memory goes back; NULL: lt_release (host) */
 } lt_storage;
 
 typedef struct lt_tensor {
@@ -35,6 +36,10 @@ int lt_dtype_parse(const char *name);
 
 /* A new contiguous zero-filled tensor; NULL when out of memory or the shape is invalid. */
 lt_tensor *lt_tensor_new(lt_dtype dtype, int ndim, const int64_t *shape);
+/* A contiguous tensor over memory allocated elsewhere (e.g. on a GPU): `release` gives it back when
+ * the last view is freed (NULL: never). NULL when the shape is invalid or needs more than nbytes. */
+lt_tensor *lt_tensor_wrap(lt_dtype dtype, int ndim, const int64_t *shape, void *data, size_t nbytes,
+                          lt_device device, void (*release)(void *data, size_t nbytes));
 /* A view of `base`'s storage with its own shape, strides (elements) and offset. */
 lt_tensor *lt_tensor_view(const lt_tensor *base, int ndim, const int64_t *shape, const int64_t *stride,
                           int64_t offset);

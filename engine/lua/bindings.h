@@ -12,6 +12,8 @@
 /* Pushes a tensor userdata that owns `t` (freed by __gc/__close). Raises "out of memory" when t is NULL. */
 void lt_lua_push_tensor(lua_State *L, lt_tensor *t);
 lt_tensor *lt_lua_check_tensor(lua_State *L, int idx);
+/* The same, for functions that read or write elements on the CPU: a GPU tensor is an argument error. */
+lt_tensor *lt_lua_check_host_tensor(lua_State *L, int idx);
 /* Reads a shape given as a table {d1, d2, ...} at idx; returns ndim. */
 int lt_lua_check_shape(lua_State *L, int idx, int64_t *shape);
 /* Registers a metatable with methods (used as __index) and metamethods. */

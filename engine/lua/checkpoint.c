@@ -1,8 +1,10 @@
 /* Checkpoint files from Lua: safetensors save and load of named tensors plus string metadata. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/io/safetensors.h"
 #include "engine/lua/bindings.h"
+#include "engine/ops/backend.h"
 
 static int st_dtype_of(lt_dtype d, lt_st_dtype *out) {
     switch (d) {
@@ -33,6 +35,9 @@ static int l_save_tensors(lua_State *L) {
     if (!w) return luaL_error(L, "out of memory");
     char err[512] = "";
     int ok = 1;
+    /* GPU tensors are written from host copies, which must live until the write. */
+    lt_tensor **host_copies = NULL;
+    int num_copies = 0;
     lua_pushnil(L);
     while (ok && lua_next(L, 2)) {
         if (lua_type(L, -2) != LUA_TSTRING) { ok = 0; snprintf(err, sizeof err, "tensor names must be strings"); break; }
@@ -43,6 +48,21 @@ static int l_save_tensors(lua_State *L) {
             ok = 0;
             snprintf(err, sizeof err, "'%s' is not a contiguous tensor", name);
             break;
+        }
+        if (t->storage->device != LT_CPU) {
+            lt_tensor *h = lt_tensor_new(t->dtype, t->ndim, t->shape);
+            lt_tensor **grown = realloc(host_copies, sizeof *host_copies * (size_t)(num_copies + 1));
+            if (grown) host_copies = grown;
+            if (!h || !grown) {
+                lt_tensor_free(h);
+                ok = 0;
+                snprintf(err, sizeof err, "out of memory copying '%s' to the host", name);
+                break;
+            }
+            host_copies[num_copies++] = h;
+            lt_backend_of(t)->to_host(lt_tensor_data(h), lt_tensor_data(t),
+                                      (size_t)lt_tensor_numel(t) * lt_dtype_size(t->dtype));
+            t = h;
         }
         if (lt_st_writer_add(w, name, dt, t->ndim, t->shape, lt_tensor_data(t), err, sizeof err) != 0) ok = 0;
         lua_pop(L, 1);
@@ -58,6 +78,8 @@ static int l_save_tensors(lua_State *L) {
     }
     if (ok && lt_st_writer_write(w, path, err, sizeof err) != 0) ok = 0;
     lt_st_writer_free(w);
+    for (int i = 0; i < num_copies; i++) lt_tensor_free(host_copies[i]);
+    free(host_copies);
     if (!ok) return luaL_error(L, "cannot save %s: %s", path, err);
     return 0;
 }

@@ -67,7 +67,7 @@ static int m_size(lua_State *L) { lua_pushinteger(L, lt_comm_size(check_comm(L, 
 static int m_name(lua_State *L) { lua_pushstring(L, lt_comm_name(check_comm(L, 1))); return 1; }
 
 static lt_tensor *check_buffer(lua_State *L, int idx) {
-    lt_tensor *t = lt_lua_check_tensor(L, idx);
+    lt_tensor *t = lt_lua_check_host_tensor(L, idx); /* the shm backend moves host memory */
     if (!lt_tensor_is_contiguous(t)) luaL_argerror(L, idx, "collectives need a contiguous tensor");
     return t;
 }

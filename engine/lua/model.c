@@ -78,7 +78,11 @@ static int l_gpt_new(lua_State *L) {
     c.attention_dropout = (float)field_num(L, 1, "attention_dropout", 0);
     c.seed = (uint64_t)field_int(L, 1, "seed", 0, 1234);
     c.flat_multiple = (int)field_int(L, 1, "flat_multiple", 0, 16);
-    char err[256] = "";
+    char err[512] = "";
+    lua_getfield(L, 1, "device");
+    c.backend = lt_backend_get(luaL_optstring(L, -1, "cpu"), err, sizeof err);
+    lua_pop(L, 1);
+    if (!c.backend) return luaL_error(L, "cannot build the model: %s", err);
     gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->m = NULL;
     luaL_setmetatable(L, GPT_MT);
@@ -150,8 +154,10 @@ static int m_backward(lua_State *L) {
     float scale = (float)luaL_checknumber(L, 3);
     if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
     if (cb->owner != m) luaL_argerror(L, 2, "context comes from another model's forward");
-    lt_gpt_backward(m, cb->ctx, scale);
+    char err[256];
+    int rc = lt_gpt_backward(m, cb->ctx, scale, err, sizeof err);
     cb->ctx = NULL;
+    if (rc != 0) luaL_error(L, "backward: %s", err);
     return 0;
 }
 
@@ -164,7 +170,7 @@ static int m_logits(lua_State *L) {
     int64_t shape[3] = {cb->B, cb->T, cb->V};
     lt_tensor *t = lt_tensor_new(LT_F32, 3, shape);
     lt_lua_push_tensor(L, t);
-    memcpy(lt_tensor_data(t), lt_gpt_ctx_logits(cb->ctx), sizeof(float) * (size_t)lt_tensor_numel(t));
+    lt_gpt_backend(m)->to_host(lt_tensor_data(t), lt_gpt_ctx_logits(cb->ctx), sizeof(float) * (size_t)lt_tensor_numel(t));
     return 1;
 }
 

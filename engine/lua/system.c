@@ -5,8 +5,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine/core/alloc.h"
 #include "engine/lua/bindings.h"
+#include "engine/ops/backend.h"
 
 /* core.clock() → monotonic seconds. */
 static int l_clock(lua_State *L) {
@@ -16,17 +16,22 @@ static int l_clock(lua_State *L) {
     return 1;
 }
 
-/* core.memory() → {in_use=, peak=, cached=, rss_peak=} in bytes. */
+/* core.memory([device]) → {in_use=, peak=, cached=, rss_peak=} in bytes: the caching allocator of
+ * the device ("cpu" by default; "cuda" once a model lives there), and the process's peak RSS. */
 static int l_memory(lua_State *L) {
-    lt_alloc_stats s = lt_alloc_get_stats();
+    char err[512];
+    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
+    if (!be) return luaL_error(L, "%s", err);
+    size_t in_use, peak, cached;
+    be->memory_stats(&in_use, &peak, &cached);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     lua_createtable(L, 0, 4);
-    lua_pushinteger(L, (lua_Integer)s.in_use);
+    lua_pushinteger(L, (lua_Integer)in_use);
     lua_setfield(L, -2, "in_use");
-    lua_pushinteger(L, (lua_Integer)s.peak_in_use);
+    lua_pushinteger(L, (lua_Integer)peak);
     lua_setfield(L, -2, "peak");
-    lua_pushinteger(L, (lua_Integer)s.cached);
+    lua_pushinteger(L, (lua_Integer)cached);
     lua_setfield(L, -2, "cached");
     lua_pushinteger(L, (lua_Integer)ru.ru_maxrss * 1024);
     lua_setfield(L, -2, "rss_peak");
@@ -34,8 +39,21 @@ static int l_memory(lua_State *L) {
 }
 
 static int l_reset_peak_memory(lua_State *L) {
-    (void)L;
-    lt_alloc_reset_peak();
+    char err[512];
+    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
+    if (!be) return luaL_error(L, "%s", err);
+    be->reset_peak();
+    return 0;
+}
+
+/* core.synchronize([device]): waits for the device's queued work; raises the first error since the
+ * last call (a failed kernel, by name) so a run stops at the step that went wrong. */
+static int l_synchronize(lua_State *L) {
+    const char *device = luaL_optstring(L, 1, "cpu");
+    char err[512];
+    const lt_backend *be = lt_backend_get(device, err, sizeof err);
+    if (!be) return luaL_error(L, "%s", err);
+    if (be->synchronize(err, sizeof err) != 0) return luaL_error(L, "%s error: %s", device, err);
     return 0;
 }
 
@@ -47,6 +65,7 @@ static int l_isatty(lua_State *L) {
 
 void lt_lua_open_system(lua_State *L) {
     static const luaL_Reg funcs[] = {{"clock", l_clock}, {"memory", l_memory}, {"reset_peak_memory", l_reset_peak_memory},
+                                     {"synchronize", l_synchronize},
                                      {"isatty", l_isatty}, {NULL, NULL}};
     luaL_setfuncs(L, funcs, 0);
 }

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "engine/lua/bindings.h"
+#include "engine/ops/backend.h"
 #include "engine/ops/ops.h"
 
 typedef struct {
@@ -22,6 +23,13 @@ lt_tensor *lt_lua_check_tensor(lua_State *L, int idx) {
     tensor_box *b = check_box(L, idx);
     if (!b->t) luaL_argerror(L, idx, "tensor was already closed");
     return b->t;
+}
+
+lt_tensor *lt_lua_check_host_tensor(lua_State *L, int idx) {
+    lt_tensor *t = lt_lua_check_tensor(L, idx);
+    if (t->storage->device != LT_CPU)
+        luaL_argerror(L, idx, "the tensor lives in GPU memory: take a host copy with t:to_host()");
+    return t;
 }
 
 int lt_lua_check_shape(lua_State *L, int idx, int64_t *shape) {
@@ -147,7 +155,7 @@ static void to_table(lua_State *L, const lt_tensor *t, int dim, int64_t *pos) {
 
 /* t:to_table() → nested Lua tables (a number for a 0-dim tensor). */
 static int m_to_table(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     if (t->ndim == 0) { push_element(L, t, 0); return 1; }
     int64_t pos = 0;
     to_table(L, t, 0, &pos);
@@ -170,13 +178,13 @@ static int64_t check_index(lua_State *L, const lt_tensor *t, int first) {
 
 /* t:get(i, j, ...) with 1-based indices; t:item() for a one-element tensor. */
 static int m_get(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     push_element(L, t, check_index(L, t, 2));
     return 1;
 }
 
 static int m_set(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     lua_Number v = luaL_checknumber(L, lua_gettop(L));
     lua_pop(L, 1);
     lt_tensor_set_flat(t, check_index(L, t, 2), v);
@@ -184,7 +192,7 @@ static int m_set(lua_State *L) {
 }
 
 static int m_item(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     if (lt_tensor_numel(t) != 1) luaL_error(L, "item() needs a tensor of one element, this one has %d",
                                             (int)lt_tensor_numel(t));
     push_element(L, t, 0);
@@ -192,7 +200,7 @@ static int m_item(lua_State *L) {
 }
 
 static int m_fill(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     lua_Number v = luaL_checknumber(L, 2);
     int64_t n = lt_tensor_numel(t);
     for (int64_t i = 0; i < n; i++) lt_tensor_set_flat(t, i, v);
@@ -205,7 +213,15 @@ static int m_copy(lua_State *L) {
     lt_tensor *dst = lt_lua_check_tensor(L, 1), *src = lt_lua_check_tensor(L, 2);
     int64_t n = lt_tensor_numel(dst);
     if (n != lt_tensor_numel(src)) luaL_error(L, "copy: %d elements into %d", (int)lt_tensor_numel(src), (int)n);
-    if (dst->dtype == src->dtype && lt_tensor_is_contiguous(dst) && lt_tensor_is_contiguous(src))
+    int same_layout = dst->dtype == src->dtype && lt_tensor_is_contiguous(dst) && lt_tensor_is_contiguous(src);
+    if (dst->storage->device != LT_CPU || src->storage->device != LT_CPU) {
+        /* Between host and GPU (or within a GPU): a plain transfer, so layouts must match. */
+        if (!same_layout) luaL_error(L, "copy to or from GPU memory needs contiguous tensors of one dtype");
+        size_t nbytes = (size_t)n * lt_dtype_size(dst->dtype);
+        if (src->storage->device == LT_CPU) lt_backend_of(dst)->to_device(lt_tensor_data(dst), lt_tensor_data(src), nbytes);
+        else if (dst->storage->device == LT_CPU) lt_backend_of(src)->to_host(lt_tensor_data(dst), lt_tensor_data(src), nbytes);
+        else lt_backend_of(dst)->copy(lt_tensor_data(dst), lt_tensor_data(src), nbytes);
+    } else if (same_layout)
         memmove(lt_tensor_data(dst), lt_tensor_data(src), (size_t)n * lt_dtype_size(dst->dtype));
     else
         for (int64_t i = 0; i < n; i++) lt_tensor_set_flat(dst, i, lt_tensor_get_flat(src, i));
@@ -213,7 +229,24 @@ static int m_copy(lua_State *L) {
     return 1;
 }
 
-static int m_clone(lua_State *L) { lt_lua_push_tensor(L, lt_tensor_clone(lt_lua_check_tensor(L, 1))); return 1; }
+static int m_clone(lua_State *L) { lt_lua_push_tensor(L, lt_tensor_clone(lt_lua_check_host_tensor(L, 1))); return 1; }
+
+/* t:device() → "cpu" or "cuda". */
+static int m_device(lua_State *L) {
+    lua_pushstring(L, lt_lua_check_tensor(L, 1)->storage->device == LT_CPU ? "cpu" : "cuda");
+    return 1;
+}
+
+/* t:to_host() → a contiguous host copy (of a contiguous tensor on any device). */
+static int m_to_host(lua_State *L) {
+    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    if (t->storage->device == LT_CPU) return m_clone(L);
+    if (!lt_tensor_is_contiguous(t)) luaL_argerror(L, 1, "to_host needs a contiguous tensor");
+    lt_tensor *h = lt_tensor_new(t->dtype, t->ndim, t->shape);
+    lt_lua_push_tensor(L, h);
+    lt_backend_of(t)->to_host(lt_tensor_data(h), lt_tensor_data(t), (size_t)lt_tensor_numel(t) * lt_dtype_size(t->dtype));
+    return 1;
+}
 
 static int m_reshape(lua_State *L) {
     lt_tensor *t = lt_lua_check_tensor(L, 1);
@@ -237,7 +270,7 @@ static int m_narrow(lua_State *L) {
 }
 
 static int m_sum(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     double s = 0;
     int64_t n = lt_tensor_numel(t);
     for (int64_t i = 0; i < n; i++) s += lt_tensor_get_flat(t, i);
@@ -252,21 +285,21 @@ static const float *check_f32(lua_State *L, int idx, lt_tensor *t) {
 }
 
 static int m_norm(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     lua_pushnumber(L, sqrt(lt_sum_squares(check_f32(L, 1, t), lt_tensor_numel(t))));
     return 1;
 }
 
 /* In-place t:scale(s) and t:add(other [, alpha]). */
 static int m_scale(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     lt_scale((float *)check_f32(L, 1, t), lt_tensor_numel(t), (float)luaL_checknumber(L, 2));
     lua_settop(L, 1);
     return 1;
 }
 
 static int m_add(lua_State *L) {
-    lt_tensor *t = lt_lua_check_tensor(L, 1), *o = lt_lua_check_tensor(L, 2);
+    lt_tensor *t = lt_lua_check_host_tensor(L, 1), *o = lt_lua_check_host_tensor(L, 2);
     float alpha = (float)luaL_optnumber(L, 3, 1.0);
     float *a = (float *)check_f32(L, 1, t);
     const float *b = check_f32(L, 2, o);
@@ -279,7 +312,7 @@ static int m_add(lua_State *L) {
 
 /* tensor.matmul(a, b) for 2-d float32 tensors → new tensor. */
 static int t_matmul(lua_State *L) {
-    lt_tensor *a = lt_lua_check_tensor(L, 1), *b = lt_lua_check_tensor(L, 2);
+    lt_tensor *a = lt_lua_check_host_tensor(L, 1), *b = lt_lua_check_host_tensor(L, 2);
     check_f32(L, 1, a);
     check_f32(L, 2, b);
     if (a->ndim != 2 || b->ndim != 2 || a->shape[1] != b->shape[0])
@@ -307,6 +340,10 @@ static int m_tostring(lua_State *L) {
     }
     luaL_addstring(&buf, "]");
     int64_t n = lt_tensor_numel(t), show = n < 8 ? n : 8;
+    if (t->storage->device != LT_CPU) {
+        luaL_addstring(&buf, ", cuda");
+        n = 0; /* the values stay on the GPU */
+    }
     if (n > 0) {
         luaL_addstring(&buf, ": ");
         for (int64_t i = 0; i < show; i++) {
@@ -339,7 +376,8 @@ void lt_lua_open_tensor(lua_State *L) {
         {"shape", m_shape}, {"size", m_size},   {"dim", m_dim},         {"numel", m_numel}, {"dtype", m_dtype},
         {"to_table", m_to_table}, {"get", m_get}, {"set", m_set},       {"item", m_item},   {"fill", m_fill},
         {"copy", m_copy},   {"clone", m_clone}, {"reshape", m_reshape}, {"narrow", m_narrow}, {"sum", m_sum},
-        {"norm", m_norm},   {"scale", m_scale}, {"add", m_add},         {"free", m_free},   {NULL, NULL}};
+        {"norm", m_norm},   {"scale", m_scale}, {"add", m_add},         {"free", m_free},
+        {"device", m_device}, {"to_host", m_to_host},   {NULL, NULL}};
     static const luaL_Reg meta[] = {
         {"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {"__len", m_len}, {NULL, NULL}};
     lt_lua_new_type(L, LT_TENSOR_MT, methods, meta);

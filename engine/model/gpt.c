@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/core/alloc.h"
 #include "engine/core/error.h"
 #include "engine/core/rng.h"
 #include "engine/ops/ops.h"
@@ -26,6 +25,7 @@ typedef struct {
 
 struct lt_gpt {
     lt_gpt_config cfg;
+    const lt_backend *be;
     int num_params, cap_params;
     lt_gpt_param *params;
     int64_t total;
@@ -45,10 +45,12 @@ typedef struct {
 } layer_acts;
 
 struct lt_gpt_ctx {
+    const lt_backend *be;
     int B, T;
     uint64_t dropout_seed;
-    void *arena;
+    void *arena; /* backend memory */
     size_t arena_bytes;
+    int32_t *host_targets; /* host copy: counts valid tokens and scales their loss gradients */
     int32_t *tokens, *targets;
     float **x; /* residual stream: x[0] embeddings, x[l+1] output of layer l */
     layer_acts *acts;
@@ -102,6 +104,7 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     if (!check_config(cfg, err, errlen)) return NULL;
     lt_gpt *m = calloc(1, sizeof *m);
     m->cfg = *cfg;
+    m->be = cfg->backend ? cfg->backend : lt_backend_cpu();
     const int C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
     const int HD = cfg->num_attention_heads * cfg->kv_channels;
     const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm;
@@ -134,10 +137,10 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     int multiple = cfg->flat_multiple > 0 ? cfg->flat_multiple : 16;
     m->total = (m->total + multiple - 1) / multiple * multiple;
     int64_t shape[1] = {m->total};
-    m->weights = lt_tensor_new(LT_F32, 1, shape);
-    m->grads = lt_tensor_new(LT_F32, 1, shape);
+    m->weights = lt_backend_tensor(m->be, LT_F32, 1, shape);
+    m->grads = lt_backend_tensor(m->be, LT_F32, 1, shape);
     if (!m->weights || !m->grads) {
-        lt_fail(err, (size_t)errlen, "out of memory allocating %lld parameters", (long long)m->total);
+        lt_fail(err, (size_t)errlen, "out of %s memory allocating %lld parameters", m->be->name, (long long)m->total);
         lt_gpt_free(m);
         return NULL;
     }
@@ -155,6 +158,7 @@ void lt_gpt_free(lt_gpt *m) {
 }
 
 const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m) { return &m->cfg; }
+const lt_backend *lt_gpt_backend(const lt_gpt *m) { return m->be; }
 int lt_gpt_num_params(const lt_gpt *m) { return m->num_params; }
 const lt_gpt_param *lt_gpt_param_info(const lt_gpt *m, int i) {
     return i >= 0 && i < m->num_params ? &m->params[i] : NULL;
@@ -173,8 +177,9 @@ static int ends_with(const char *s, const char *suffix) {
 }
 
 void lt_gpt_init_weights(lt_gpt *m) {
+    const lt_backend *be = m->be;
     float *w = lt_tensor_data(m->weights);
-    memset(w, 0, sizeof(float) * (size_t)m->total);
+    be->memzero(w, sizeof(float) * (size_t)m->total);
     const float std = m->cfg.init_method_std;
     /* Megatron's output_layer_init_method: std / sqrt(2 * num_layers) for the layers that feed the residual. */
     const float scaled_std = std / sqrtf(2.0f * (float)m->cfg.num_layers);
@@ -182,12 +187,12 @@ void lt_gpt_init_weights(lt_gpt *m) {
         const lt_gpt_param *p = &m->params[i];
         float *dst = w + p->offset;
         if (ends_with(p->name, "layernorm.weight")) {
-            for (int64_t j = 0; j < p->numel; j++) dst[j] = 1.0f;
+            be->fill(dst, p->numel, 1.0f);
         } else if (ends_with(p->name, ".bias")) {
             /* zero */
         } else {
             int scaled = ends_with(p->name, "linear_proj.weight") || ends_with(p->name, "linear_fc2.weight");
-            lt_rng_fill_normal(dst, p->numel, lt_rng_key(m->cfg.seed, p->name), 0, 0.0f, scaled ? scaled_std : std);
+            be->fill_normal(dst, p->numel, lt_rng_key(m->cfg.seed, p->name), 0, 0.0f, scaled ? scaled_std : std);
         }
     }
 }
@@ -210,7 +215,7 @@ static void grads_ready_from(lt_gpt *m, int64_t offset) {
     if (m->grad_ready) m->grad_ready(m->grad_ready_ud, offset);
 }
 
-void lt_gpt_zero_grad(lt_gpt *m) { memset(lt_tensor_data(m->grads), 0, sizeof(float) * (size_t)m->total); }
+void lt_gpt_zero_grad(lt_gpt *m) { m->be->memzero(lt_tensor_data(m->grads), sizeof(float) * (size_t)m->total); }
 
 #define PTR(base, off) ((off) < 0 ? NULL : (base) + (off))
 
@@ -235,15 +240,15 @@ static layer_grads grads_of(lt_gpt *m, int l) {
 static void norm_forward(const lt_gpt *m, float *out, float *mean, float *rstd, const float *inp, const float *w,
                          const float *b, int N) {
     const int C = m->cfg.hidden_size;
-    if (m->cfg.rmsnorm) lt_rmsnorm_forward(out, rstd, inp, w, N, C, m->cfg.layernorm_epsilon);
-    else lt_layernorm_forward(out, mean, rstd, inp, w, b, N, C, m->cfg.layernorm_epsilon);
+    if (m->cfg.rmsnorm) m->be->rmsnorm_forward(out, rstd, inp, w, N, C, m->cfg.layernorm_epsilon);
+    else m->be->layernorm_forward(out, mean, rstd, inp, w, b, N, C, m->cfg.layernorm_epsilon);
 }
 
 static void norm_backward(const lt_gpt *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                           const float *w, const float *mean, const float *rstd, int N) {
     const int C = m->cfg.hidden_size;
-    if (m->cfg.rmsnorm) lt_rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
-    else lt_layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    if (m->cfg.rmsnorm) m->be->rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+    else m->be->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
 }
 
 /* Dropout stream keys: one per (microbatch seed, site). */
@@ -299,6 +304,7 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
 
 static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
     lt_gpt_ctx *c = calloc(1, sizeof *c);
+    c->be = m->be;
     c->B = B;
     c->T = T;
     c->x = calloc((size_t)m->cfg.num_layers + 1, sizeof *c->x);
@@ -306,8 +312,9 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
     arena a = {NULL, 0};
     layout_ctx(m, c, &a);
     c->arena_bytes = a.used;
-    c->arena = lt_alloc(a.used);
-    if (!c->arena) {
+    c->arena = m->be->alloc(a.used);
+    c->host_targets = malloc(sizeof(int32_t) * (size_t)B * T);
+    if (!c->arena || !c->host_targets) {
         lt_gpt_ctx_free(c);
         return NULL;
     }
@@ -318,7 +325,8 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
 
 void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     if (!c) return;
-    lt_release(c->arena, c->arena_bytes);
+    if (c->arena) c->be->release(c->arena, c->arena_bytes);
+    free(c->host_targets);
     free(c->x);
     free(c->acts);
     free(c);
@@ -330,31 +338,32 @@ const float *lt_gpt_ctx_logits(const lt_gpt_ctx *c) { return c->logits; }
 
 static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, float *out) {
     const lt_gpt_config *cfg = &m->cfg;
+    const lt_backend *be = m->be;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size;
     const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
     const layer_weights w = weights_of(m, l);
     layer_acts *s = &c->acts[l];
 
     norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
-    lt_linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, N, C, m->qkv_dim);
-    if (cfg->rope) lt_rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
-    lt_attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
+    be->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, N, C, m->qkv_dim);
+    if (cfg->rope) be->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
+    be->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
                          dropout_key(c->dropout_seed, l, "attention"));
-    lt_linear_forward(s->res1, s->att, w.proj_w, w.proj_b, N, H * D, C);
+    be->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, N, H * D, C);
     if (cfg->hidden_dropout > 0)
-        lt_dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
+        be->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
                            dropout_key(c->dropout_seed, l, "attention_out"), 0);
-    lt_add_forward(s->res1, s->res1, x, (int64_t)N * C);
+    be->add_forward(s->res1, s->res1, x, (int64_t)N * C);
 
     norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
-    lt_linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
-    if (cfg->gated_linear_unit) lt_swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
-    else lt_gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
-    lt_linear_forward(out, s->act, w.fc2_w, w.fc2_b, N, cfg->ffn_hidden_size, C);
+    be->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
+    if (cfg->gated_linear_unit) be->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
+    else be->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
+    be->linear_forward(out, s->act, w.fc2_w, w.fc2_b, N, cfg->ffn_hidden_size, C);
     if (cfg->hidden_dropout > 0)
-        lt_dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout,
+        be->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout,
                            dropout_key(c->dropout_seed, l, "mlp_out"), 0);
-    lt_add_forward(out, out, s->res1, (int64_t)N * C);
+    be->add_forward(out, out, s->res1, (int64_t)N * C);
 }
 
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
@@ -381,17 +390,19 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
         lt_fail(err, (size_t)errlen, "out of memory for the activations of a [%d, %d] microbatch", B, T);
         return NULL;
     }
+    const lt_backend *be = m->be;
     c->dropout_seed = dropout_seed;
-    memcpy(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
-    if (targets) memcpy(c->targets, targets, sizeof(int32_t) * (size_t)N);
-    else for (int i = 0; i < N; i++) c->targets[i] = -1;
+    if (targets) memcpy(c->host_targets, targets, sizeof(int32_t) * (size_t)N);
+    else for (int i = 0; i < N; i++) c->host_targets[i] = -1;
+    be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
+    be->to_device(c->targets, c->host_targets, sizeof(int32_t) * (size_t)N);
 
     const float *w = lt_tensor_data(m->weights);
     params_needed_to(m, m->layers[0].ln1_w);
-    lt_embedding_forward(c->x[0], c->tokens, w + m->wte, N, C);
-    if (m->wpe >= 0) lt_position_embedding_forward(c->x[0], w + m->wpe, B, T, C);
+    be->embedding_forward(c->x[0], c->tokens, w + m->wte, N, C);
+    if (m->wpe >= 0) be->position_embedding_forward(c->x[0], w + m->wpe, B, T, C);
     if (cfg->hidden_dropout > 0)
-        lt_dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
+        be->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
                            dropout_key(dropout_seed, -1, "embedding"), 0);
     for (int l = 0; l < L; l++) {
         params_needed_to(m, l + 1 < L ? m->layers[l + 1].ln1_w : m->lnf_w);
@@ -400,17 +411,20 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     params_needed_to(m, m->total);
 
     norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], w + m->lnf_w, PTR(w, m->lnf_b), N);
-    lt_linear_forward(c->logits, c->lnf, w + (m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);
+    be->linear_forward(c->logits, c->lnf, w + (m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);
 
     c->num_valid = 0;
     double sum = 0;
     if (targets) {
-        lt_cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
+        be->cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
+        float *losses = malloc(sizeof(float) * (size_t)N);
+        be->to_host(losses, c->losses, sizeof(float) * (size_t)N);
         for (int i = 0; i < N; i++)
-            if (c->targets[i] >= 0) {
-                sum += c->losses[i];
+            if (c->host_targets[i] >= 0) {
+                sum += losses[i];
                 c->num_valid++;
             }
+        free(losses);
     }
     if (loss) *loss = c->num_valid ? (float)(sum / (double)c->num_valid) : 0.0f;
     if (num_valid) *num_valid = c->num_valid;
@@ -425,10 +439,10 @@ typedef struct {
     void *base;
 } scratch;
 
-static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
 
 static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, float *dx, scratch *s) {
     const lt_gpt_config *cfg = &m->cfg;
+    const lt_backend *be = m->be;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, F = cfg->ffn_hidden_size;
     const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
     const size_t NC = (size_t)N * C;
@@ -439,43 +453,44 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, floa
     /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
     const float *d_fc2 = dx;
     if (cfg->hidden_dropout > 0) {
-        zero(s->d_c, NC);
-        lt_dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+        be->memzero(s->d_c, sizeof(float) * NC);
+        be->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
                             dropout_key(c->dropout_seed, l, "mlp_out"), 0);
         d_fc2 = s->d_c;
     }
-    zero(s->d_act, (size_t)N * F);
-    lt_linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
-    zero(s->d_fc1, (size_t)N * m->fc1_dim);
-    if (cfg->gated_linear_unit) lt_swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
-    else lt_gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
-    zero(s->d_c2, NC);
-    lt_linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
+    be->memzero(s->d_act, sizeof(float) * (size_t)N * F);
+    be->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
+    be->memzero(s->d_fc1, sizeof(float) * (size_t)N * m->fc1_dim);
+    if (cfg->gated_linear_unit) be->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
+    else be->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
+    be->memzero(s->d_c2, sizeof(float) * NC);
+    be->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
     norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
 
     /* res1 = x + dropout(proj(att)). */
     const float *d_proj = dx;
     if (cfg->hidden_dropout > 0) {
-        zero(s->d_c, NC);
-        lt_dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+        be->memzero(s->d_c, sizeof(float) * NC);
+        be->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
                             dropout_key(c->dropout_seed, l, "attention_out"), 0);
         d_proj = s->d_c;
     }
-    zero(s->d_att, (size_t)N * H * D);
-    lt_linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
-    zero(s->d_qkv, (size_t)N * m->qkv_dim);
-    lt_attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
+    be->memzero(s->d_att, sizeof(float) * (size_t)N * H * D);
+    be->linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
+    be->memzero(s->d_qkv, sizeof(float) * (size_t)N * m->qkv_dim);
+    be->attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
                           dropout_key(c->dropout_seed, l, "attention"));
-    if (cfg->rope) lt_rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
-    zero(s->d_c2, NC);
-    lt_linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
+    if (cfg->rope) be->rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
+    be->memzero(s->d_c2, sizeof(float) * NC);
+    be->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
     norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
 }
 
-void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
+int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
     const size_t NC = (size_t)N * C;
+    const lt_backend *be = m->be;
     const float *w = lt_tensor_data(m->weights);
     float *g = lt_tensor_data(m->grads);
 
@@ -484,7 +499,15 @@ void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
     if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
     s.bytes = sizeof(float) * ((size_t)N * (3 * C + (size_t)cfg->num_attention_heads * cfg->kv_channels +
                                             widest + cfg->ffn_hidden_size) + (size_t)N * widest);
-    s.base = lt_alloc(s.bytes);
+    s.base = be->alloc(s.bytes);
+    float *host_dloss = malloc(sizeof(float) * (size_t)N);
+    if (!s.base || !host_dloss) {
+        if (s.base) be->release(s.base, s.bytes);
+        free(host_dloss);
+        lt_gpt_ctx_free(c);
+        return lt_fail(err, (size_t)errlen, "out of %s memory for the backward of a [%d, %d] microbatch (%.1f MiB)",
+                       be->name, B, T, (double)s.bytes / (1 << 20));
+    }
     float *p = s.base;
     s.d_c = p; p += NC;
     s.d_c2 = p; p += NC;
@@ -496,13 +519,15 @@ void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
 
     /* Loss → logits, in place: the logits buffer becomes its own gradient. */
     float *dloss = s.d_c; /* N floats of scratch */
-    for (int i = 0; i < N; i++) dloss[i] = c->targets[i] >= 0 ? grad_scale : 0.0f;
-    lt_cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
+    for (int i = 0; i < N; i++) host_dloss[i] = c->host_targets[i] >= 0 ? grad_scale : 0.0f;
+    be->to_device(dloss, host_dloss, sizeof(float) * (size_t)N);
+    free(host_dloss);
+    be->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
     const float *w_out = w + (m->out_w >= 0 ? m->out_w : m->wte);
     float *g_out = g + (m->out_w >= 0 ? m->out_w : m->wte);
-    zero(s.d_c2, NC);
-    lt_linear_backward(s.d_c2, g_out, NULL, c->logits, c->lnf, w_out, N, C, V);
-    zero(dx, NC);
+    be->memzero(s.d_c2, sizeof(float) * NC);
+    be->linear_backward(s.d_c2, g_out, NULL, c->logits, c->lnf, w_out, N, C, V);
+    be->memzero(dx, sizeof(float) * NC);
     norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], w + m->lnf_w, c->lnf_mean, c->lnf_rstd,
                   N);
 
@@ -516,17 +541,18 @@ void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale) {
 
     const float *d_emb = dx;
     if (cfg->hidden_dropout > 0) {
-        zero(s.d_c, NC);
-        lt_dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+        be->memzero(s.d_c, sizeof(float) * NC);
+        be->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
                             dropout_key(c->dropout_seed, -1, "embedding"), 0);
         d_emb = s.d_c;
     }
-    lt_embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
-    if (m->wpe >= 0) lt_position_embedding_backward(g + m->wpe, d_emb, B, T, C);
+    be->embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
+    if (m->wpe >= 0) be->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
     grads_ready_from(m, 0);
 
-    lt_release(s.base, s.bytes);
+    be->release(s.base, s.bytes);
     lt_gpt_ctx_free(c);
+    return 0;
 }
 
 double lt_gpt_flops_per_token(const lt_gpt *m) {

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "engine/core/tensor.h"
+#include "engine/ops/backend.h"
 
 typedef struct {
     int num_layers, hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size;
@@ -29,6 +30,7 @@ typedef struct {
     uint64_t seed;
     int flat_multiple; /* the flat buffers' length is rounded up to a multiple of this (0: 16), so
                           data parallelism can shard them evenly */
+    const lt_backend *backend; /* where weights, gradients and activations live and run; NULL: the CPU */
 } lt_gpt_config;
 
 typedef struct {
@@ -50,7 +52,9 @@ const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m);
 int lt_gpt_num_params(const lt_gpt *m);
 const lt_gpt_param *lt_gpt_param_info(const lt_gpt *m, int i);
 int lt_gpt_find_param(const lt_gpt *m, const char *name); /* index or -1 */
-/* Flat fp32 buffers of all weights and all gradients (borrowed; the model owns them). */
+const lt_backend *lt_gpt_backend(const lt_gpt *m);
+/* Flat fp32 buffers of all weights and all gradients, in the backend's memory (borrowed; the model
+ * owns them). */
 lt_tensor *lt_gpt_weights(lt_gpt *m);
 lt_tensor *lt_gpt_grads(lt_gpt *m);
 
@@ -64,11 +68,12 @@ void lt_gpt_zero_grad(lt_gpt *m);
  * mean loss over valid targets, *num_valid their count. */
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
-/* Logits [B*T, V] of a context (valid until backward or free). */
+/* Logits [B*T, V] of a context, in the backend's memory (valid until backward or free). */
 const float *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
 /* Backward: accumulates into the model's gradients, scaling d(loss of each valid token) by
- * grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context. */
-void lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *ctx, float grad_scale);
+ * grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context, also on failure
+ * (-1 with err set when the backend is out of memory for the gradients' scratch; 0 otherwise). */
+int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *ctx, float grad_scale, char *err, int errlen);
 void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
 
 /* Called during backward each time more gradients are final: every gradient at a flat offset

@@ -4,10 +4,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/ops/ops.h"
+#include "engine/ops/backend.h"
 
 struct lt_optimizer {
     lt_optim_config cfg;
+    const lt_backend *be; /* where params live: the state lives and the update runs there too */
     lt_tensor *params, *grads;
     lt_optim_segment *segments;
     int num_segments;
@@ -22,6 +23,7 @@ lt_optimizer *lt_optimizer_new(const lt_optim_config *cfg, lt_tensor *params, lt
                                const lt_optim_segment *segments, int num_segments) {
     lt_optimizer *o = calloc(1, sizeof *o);
     o->cfg = *cfg;
+    o->be = lt_backend_of(params);
     o->params = params;
     o->grads = grads;
     o->segments = malloc(sizeof *segments * (size_t)num_segments);
@@ -29,7 +31,7 @@ lt_optimizer *lt_optimizer_new(const lt_optim_config *cfg, lt_tensor *params, lt
     o->num_segments = num_segments;
     int nstate = cfg->kind == LT_OPTIM_ADAM ? 2 : (cfg->momentum != 0 ? 1 : 0);
     for (int i = 0; i < nstate; i++) {
-        o->state[i] = lt_tensor_new(LT_F32, params->ndim, params->shape);
+        o->state[i] = lt_backend_tensor(o->be, LT_F32, params->ndim, params->shape);
         if (!o->state[i]) {
             lt_optimizer_free(o);
             return NULL;
@@ -56,11 +58,11 @@ void lt_optimizer_step(lt_optimizer *o, float lr) {
         if (o->cfg.kind == LT_OPTIM_ADAM) {
             float *m = (float *)lt_tensor_data(o->state[0]) + s->offset;
             float *v = (float *)lt_tensor_data(o->state[1]) + s->offset;
-            lt_adamw_update(p + s->offset, g + s->offset, m, v, s->numel, lr, o->cfg.beta1, o->cfg.beta2,
+            o->be->adamw_update(p + s->offset, g + s->offset, m, v, s->numel, lr, o->cfg.beta1, o->cfg.beta2,
                             o->cfg.eps, wd, o->steps);
         } else {
             float *buf = o->state[0] ? (float *)lt_tensor_data(o->state[0]) + s->offset : NULL;
-            lt_sgd_update(p + s->offset, g + s->offset, buf, s->numel, lr, o->cfg.momentum, wd);
+            o->be->sgd_update(p + s->offset, g + s->offset, buf, s->numel, lr, o->cfg.momentum, wd);
         }
     }
 }
@@ -81,13 +83,14 @@ lt_tensor *lt_optimizer_state(lt_optimizer *o, const char *name) {
 }
 
 double lt_clip_grad_norm(lt_tensor *grads, double max_norm) {
+    const lt_backend *be = lt_backend_of(grads);
     float *g = lt_tensor_data(grads);
     int64_t n = lt_tensor_numel(grads);
-    double norm = sqrt(lt_sum_squares(g, n));
+    double norm = sqrt(be->sum_squares(g, n));
     /* Megatron: clip_coeff = max_norm / (norm + 1e-6), applied only when below 1. */
     if (max_norm > 0 && isfinite(norm)) {
         double coeff = max_norm / (norm + 1e-6);
-        if (coeff < 1.0) lt_scale(g, n, (float)coeff);
+        if (coeff < 1.0) be->scale(g, n, (float)coeff);
     }
     return norm;
 }

@@ -34,6 +34,10 @@ Sharded.__index = Sharded
 -- model, r (resolved config), group (the dp-cp communicator or nil for one rank).
 function M.new(model, r, group)
   local dp = group and group:size() or 1
+  if dp > 1 and r.model.device ~= "cpu" then
+    error(("data parallelism over %d ranks on device %q needs the NCCL communicator, which is not built yet: "
+      .. "train on one GPU, or on the CPU"):format(dp, r.model.device), 0)
+  end
   local self = { model = model, r = r, group = group, dp = dp, numel = model:flat_weights():numel() }
   if r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer then
     assert(group, "the distributed optimizer needs a data-parallel communicator")

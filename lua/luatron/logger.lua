@@ -10,10 +10,12 @@ M.__index = M
 local function mib(bytes) return bytes / (1024 * 1024) end
 
 -- opts: log_interval, train_iters, metrics_path (nil: no file), out (default io.stdout),
--- quiet (print nothing: the ranks other than the one that reports).
+-- quiet (print nothing: the ranks other than the one that reports), device (whose memory the
+-- peak figure reports: "cpu" or "cuda").
 function M.new(opts)
   local self = setmetatable({
     quiet = opts.quiet,
+    device = opts.device or "cpu",
     log_interval = opts.log_interval or 1,
     train_iters = opts.train_iters,
     out = opts.out or io.stdout,
@@ -52,7 +54,7 @@ function M:step(r)
     end
     return
   end
-  local mem = core.memory()
+  local mem = core.memory(self.device)
   local rec = {
     iteration = r.iteration,
     consumed_samples = r.consumed_samples,
@@ -70,8 +72,9 @@ function M:step(r)
       and math.max(0, 1 - r.comm_exposed_seconds / r.comm_seconds) or nil,
   }
   self:info("iteration %6d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | %.1f ms/step | "
-    .. "peak memory %.1f MiB (rss %.0f MiB)", rec.iteration, self.train_iters, rec.loss, rec.lr, rec.grad_norm,
-    rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, rec.rss_peak_mib)
+    .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, rec.loss, rec.lr, rec.grad_norm,
+    rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, self.device == "cpu" and "" or " on " .. self.device,
+    rec.rss_peak_mib)
   if r.comm_bytes then
     self:info("  data-parallel traffic %.3f MB/step (ring formula %.3f MB, measured/expected %.4f), %.1f ms/step in "
       .. "collectives", rec.comm_bytes_per_step / 1e6, r.comm_expected / 1e6,

@@ -38,15 +38,13 @@ function M.engine_config(provider, seed, flat_multiple)
     attention_dropout = provider.attention_dropout,
     seed = seed or 1234,
     flat_multiple = flat_multiple,
+    device = provider.device or "cpu",
   }
 end
 
--- A model on the CPU backend. `seed` makes the initial weights (layout-independent).
+-- A model on the provider's device ("cpu" or "cuda"). `seed` makes the initial weights
+-- (layout-independent).
 function M.build(provider, seed, flat_multiple)
-  local device = provider.device or "cpu"
-  if device ~= "cpu" then
-    error(("GPTModelProvider.device = %q: only the cpu backend is built into this binary yet"):format(device), 2)
-  end
   return core.gpt(M.engine_config(provider, seed, flat_multiple))
 end
 

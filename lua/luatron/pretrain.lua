@@ -77,8 +77,8 @@ local function check_supported(m)
     error("GPTModelProvider.num_moe_experts is set: MoE layers are not implemented yet. Remove num_moe_experts", 0)
   end
   if m.bf16 or m.fp16 then
-    error(("GPTModelProvider.%s = true: mixed precision comes with the CUDA backend, which is not built yet. "
-      .. "Train in fp32 (remove %s)"):format(m.bf16 and "bf16" or "fp16", m.bf16 and "bf16" or "fp16"), 0)
+    error(("GPTModelProvider.%s = true: mixed precision is not implemented yet (the CPU and CUDA backends "
+      .. "train in fp32). Remove %s"):format(m.bf16 and "bf16" or "fp16", m.bf16 and "bf16" or "fp16"), 0)
   end
 end
 
@@ -180,6 +180,9 @@ function M.train_step(run)
   run.comm_stats = take_comm_stats(run)
   run.comm_expected = run.optimizer:expected_bytes(not run.updated_before)
   run.optimizer:apply(lr)
+  -- On a GPU the update is still queued: wait for it, so step times are true and a failed kernel
+  -- stops the run at this step, by name.
+  if r.model.device ~= "cpu" then core.synchronize(r.model.device) end
   run.updated_before = true
   run.state.iteration = run.state.iteration + 1
   run.state.optimizer_steps = run.state.optimizer_steps + 1
@@ -252,7 +255,7 @@ function M.pretrain(cfg, args)
   local metrics_path = lg.metrics_file or (lg.tensorboard_dir and lg.tensorboard_dir .. "/metrics.jsonl")
     or (ck.save and ck.save .. "/metrics.jsonl")
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
-    metrics_path = lead and metrics_path or nil, quiet = not lead }
+    metrics_path = lead and metrics_path or nil, quiet = not lead, device = r.model.device }
   local resumed = M.maybe_resume(run, log)
   log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step per rank%s",
     tostring(run.model), run.model:num_parameters(), r.num_microbatches, train.micro_batch_size,

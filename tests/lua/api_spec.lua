@@ -467,7 +467,10 @@ describe("lt.build_model", function()
   end)
 
   it("rejects a provider it cannot build", function()
-    assert_error_contains(function() lt.build_model(small_provider { device = "cuda" }) end, "cpu")
+    assert_error_contains(function()
+      core.gpt { num_layers = 1, hidden_size = 16, num_attention_heads = 2, seq_length = 8, vocab_size = 64,
+        device = "tpu" }
+    end, "cannot build the model", "unknown device 'tpu'", '"cpu" or "cuda"')
     assert_error_contains(function()
       core.gpt { num_layers = 1, hidden_size = 16, num_attention_heads = 2, num_query_groups = 3, seq_length = 8,
         vocab_size = 64 }

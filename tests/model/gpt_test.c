@@ -106,7 +106,7 @@ static float fwd_bwd(lt_gpt *m, const batch *b, uint64_t dseed, int64_t *num_val
         TAP_CHECK(0, "forward failed: %s", err);
         return NAN;
     }
-    lt_gpt_backward(m, c, nv ? 1.0f / (float)nv : 0.0f);
+    if (lt_gpt_backward(m, c, nv ? 1.0f / (float)nv : 0.0f, err, sizeof err) != 0) TAP_CHECK(0, "backward: %s", err);
     if (num_valid) *num_valid = nv;
     return loss;
 }

@@ -1,0 +1,71 @@
+// Token and learned position embeddings, forward and backward.
+#include "engine/ops/cuda/internal.cuh"
+
+/* out[n, c] = table[ids[n], c], one thread per element. */
+template <typename scalar_t>
+__global__ void emb_forward_kernel(scalar_t *out, const int32_t *ids, const scalar_t *table, int64_t nc, int C) {
+    CUDA_FOR(i, nc) {
+        const int64_t n = i / C, c = i - n * C;
+        cuda_st(out + i, cuda_ld(table + (int64_t)ids[n] * C + c));
+    }
+}
+
+/* dtable[ids[n], c] += dout[n, c]. Repeated ids add with atomics, so the sum order of a repeated row
+ * (and its last bits) varies from run to run: NOT bit-deterministic, unlike the CPU op. */
+__global__ void emb_backward_kernel(float *dtable, const float *dout, const int32_t *ids, int64_t nc, int C) {
+    CUDA_FOR(i, nc) {
+        const int64_t n = i / C, c = i - n * C;
+        atomicAdd(dtable + (int64_t)ids[n] * C + c, dout[i]);
+    }
+}
+
+/* out[b, t, c] += wpe[t, c]. */
+template <typename scalar_t>
+__global__ void emb_pos_forward_kernel(scalar_t *out, const scalar_t *wpe, int64_t btc, int T, int C) {
+    CUDA_FOR(i, btc) {
+        const int64_t bt = i / C, c = i - bt * C, t = bt % T;
+        cuda_st(out + i, cuda_ld(out + i) + cuda_ld(wpe + t * C + c));
+    }
+}
+
+/* dwpe[t, c] += sum_b dout[b, t, c]: one thread per (t, c) adds b = 0, 1, ... in order, onto the
+ * existing value, exactly as the CPU loop does (deterministic, and bit-equal to it). */
+template <typename scalar_t>
+__global__ void emb_pos_backward_kernel(scalar_t *dwpe, const scalar_t *dout, int B, int64_t tc) {
+    CUDA_FOR(i, tc) {
+        float acc = cuda_ld(dwpe + i);
+        for (int b = 0; b < B; b++) acc += cuda_ld(dout + (int64_t)b * tc + i);
+        cuda_st(dwpe + i, acc);
+    }
+}
+
+void cuda_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C) {
+    const int64_t nc = (int64_t)N * C;
+    if (nc <= 0) return;
+    CUDA_LAUNCH(emb_forward_kernel<float>, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)(out, ids, table,
+                                                                                                    nc, C);
+    cuda_check("embedding_forward");
+}
+
+void cuda_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C) {
+    const int64_t nc = (int64_t)N * C;
+    if (nc <= 0) return;
+    CUDA_LAUNCH(emb_backward_kernel, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)(dtable, dout, ids, nc, C);
+    cuda_check("embedding_backward");
+}
+
+void cuda_position_embedding_forward(float *out, const float *wpe, int B, int T, int C) {
+    const int64_t btc = (int64_t)B * T * C;
+    if (btc <= 0) return;
+    CUDA_LAUNCH(emb_pos_forward_kernel<float>, cuda_blocks(btc, CUDA_THREADS), CUDA_THREADS, 0)(out, wpe, btc,
+                                                                                                         T, C);
+    cuda_check("position_embedding_forward");
+}
+
+void cuda_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C) {
+    const int64_t tc = (int64_t)T * C;
+    if (tc <= 0 || B <= 0) return;
+    CUDA_LAUNCH(emb_pos_backward_kernel<float>, cuda_blocks(tc, CUDA_THREADS), CUDA_THREADS, 0)(dwpe, dout, B,
+                                                                                                         tc);
+    cuda_check("position_embedding_backward");
+}

@@ -1,0 +1,170 @@
+/* Internal declarations of the CUDA backend plugin (luatron_cuda.so), shared by its .cu files.
+ *
+ * Every op runs on one non-blocking stream (cuda_ctx.stream) in issue order; launch errors go to a
+ * sticky slot that synchronize() reports. Each .cu is compiled on its own (no relocatable device
+ * code), so device helpers used by several files live here as inline functions.
+ *
+ * Kernels take their storage type as a template parameter where that is natural (scalar_t, loaded
+ * and stored through cuda_ld / cuda_st); only float is instantiated for now, bf16 comes later. */
+#ifndef LT_CUDA_INTERNAL_CUH
+#define LT_CUDA_INTERNAL_CUH
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef LT_CUDA_EMULATION
+/* Host C++ build of these sources for tests without a GPU (see emulation.h). */
+#include "engine/ops/cuda/emulation.h"
+#else
+#include <cuda_runtime.h>
+/* Launches go through this macro (and dynamic shared memory through the next) so that the same
+ * sources also build against emulation.h. Usage: CUDA_LAUNCH(kernel, grid, block, smem)(args...). */
+#define CUDA_LAUNCH(kernel, grid, block, smem) kernel<<<(grid), (block), (smem), cuda_ctx.stream>>>
+#define CUDA_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
+
+extern "C" {
+#include "engine/ops/backend.h"
+}
+
+/* ---- the device context (memory.cu) ---- */
+typedef struct {
+    int device;
+    cudaStream_t stream; /* every kernel, copy and cuBLAS call runs here */
+    int sm_count;
+    size_t smem_optin;   /* the most dynamic shared memory one block may opt in to */
+    int sync_each_op;    /* LUATRON_CUDA_SYNC=1: synchronize after every op so an error names its op */
+} cuda_context;
+extern cuda_context cuda_ctx;
+
+/* Opens the device, its stream and the allocator; 0, or -1 with err. */
+int cuda_context_open(int device, char *err, size_t errlen);
+
+/* ---- errors (memory.cu) ---- */
+/* Keeps the first error since the last synchronize: "op: message". */
+void cuda_record(const char *op, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Records a CUDA runtime error for op and clears the runtime's last-error state (so a later launch
+ * check does not blame the next op). No-op for cudaSuccess. */
+void cuda_record_cuda(const char *op, cudaError_t e);
+/* After an op's launches: cudaGetLastError (and a stream sync under LUATRON_CUDA_SYNC=1). */
+void cuda_check(const char *op);
+int cuda_synchronize(char *err, size_t errlen);
+
+/* ---- memory (memory.cu) ---- */
+void *cuda_alloc(size_t nbytes);
+void cuda_release(void *p, size_t nbytes);
+void cuda_memzero(void *p, size_t nbytes);
+void cuda_to_device(void *dst, const void *host_src, size_t nbytes);
+void cuda_to_host(void *host_dst, const void *src, size_t nbytes);
+void cuda_copy(void *dst, const void *src, size_t nbytes);
+void cuda_memory_stats(size_t *in_use, size_t *peak, size_t *cached);
+void cuda_reset_peak(void);
+/* Scratch for an op from the caching allocator; NULL (error recorded for op) when out of memory.
+ * Release it right after the launches that use it: the block is only reused by work issued later
+ * on the same stream, so the kernels already issued finish with it first. */
+void *cuda_scratch(size_t nbytes, const char *op);
+
+/* ---- elementwise.cu ---- */
+void cuda_fill(float *out, int64_t n, float value);
+void cuda_fill_normal(float *out, int64_t n, uint64_t key, uint64_t first, float mean, float std);
+double cuda_sum_squares(const float *x, int64_t n);
+void cuda_scale(float *x, int64_t n, float s);
+void cuda_gelu_forward(float *out, const float *inp, int64_t n);
+void cuda_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
+void cuda_swiglu_forward(float *out, const float *inp, int N, int F);
+void cuda_swiglu_backward(float *dinp, const float *dout, const float *inp, int N, int F);
+void cuda_add_forward(float *out, const float *a, const float *b, int64_t n);
+void cuda_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t key, uint64_t first);
+void cuda_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first);
+void cuda_adamw_update(float *param, const float *grad, float *exp_avg, float *exp_avg_sq, int64_t n, float lr,
+                       float beta1, float beta2, float eps, float weight_decay, int64_t step);
+void cuda_sgd_update(float *param, const float *grad, float *momentum_buf, int64_t n, float lr, float momentum,
+                     float weight_decay);
+
+/* ---- embedding.cu ---- */
+void cuda_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C);
+void cuda_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C);
+void cuda_position_embedding_forward(float *out, const float *wpe, int B, int T, int C);
+void cuda_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C);
+
+/* ---- norm.cu ---- */
+void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                            const float *bias, int N, int C, float eps);
+void cuda_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                             const float *weight, const float *mean, const float *rstd, int N, int C);
+void cuda_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
+void cuda_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                           const float *rstd, int N, int C);
+
+/* ---- linear.cu (cuBLAS) ---- */
+int cuda_linear_open(char *err, size_t errlen); /* the cuBLAS handle, on cuda_ctx.stream */
+void cuda_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN, int OUT);
+void cuda_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                          const float *weight, int N, int IN, int OUT);
+
+/* ---- attention.cu, rope.cu ---- */
+void cuda_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
+                            float dropout_p, uint64_t dropout_key);
+void cuda_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                             int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
+void cuda_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base);
+void cuda_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base);
+
+/* ---- cross_entropy.cu ---- */
+void cuda_cross_entropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets, int N, int V);
+void cuda_cross_entropy_backward(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
+                                 const float *dloss, int N, int V);
+
+/* ---- launch helpers ---- */
+#define CUDA_THREADS 256
+
+/* Blocks for a grid-stride loop over n elements (n > 0): enough to fill the GPU, never more than
+ * the elements need; far below the 2^31 - 1 limit of gridDim.x. */
+static inline unsigned cuda_blocks(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    int64_t cap = (int64_t)cuda_ctx.sm_count * 16;
+    if (cap < 1) cap = 1;
+    return (unsigned)(b < cap ? b : cap);
+}
+
+/* Grid-stride loop over [0, n) with a 64-bit index (n may exceed 2^31). */
+#define CUDA_FOR(i, n)                                                                 \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+/* ---- device helpers ---- */
+/* Storage loads and stores: identity for float (bf16 overloads come with the bf16 backend). */
+static __device__ __forceinline__ float cuda_ld(const float *p) { return *p; }
+static __device__ __forceinline__ void cuda_st(float *p, float v) { *p = v; }
+
+static __device__ __forceinline__ float cuda_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+static __device__ __forceinline__ double cuda_warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+static __device__ __forceinline__ float cuda_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, <= 1024, blockDim.y = 1), in a fixed order
+ * (deterministic). shm holds at least 32 values. Every thread of the block must call it; the
+ * result is valid in thread 0 (and in all of warp 0). */
+template <typename V>
+static __device__ __forceinline__ V cuda_block_sum(V v, V *shm) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = cuda_warp_sum(v);
+    __syncthreads(); /* shm may still be read by a previous call */
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    V t = 0;
+    if (warp == 0) {
+        t = lane < nwarps ? shm[lane] : (V)0;
+        t = cuda_warp_sum(t);
+    }
+    return t;
+}
+
+#endif

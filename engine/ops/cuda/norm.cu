@@ -1,0 +1,205 @@
+// LayerNorm and RMSNorm over the last dimension. Forward and dinp: one warp per row (8 rows per block),
+// fp32 sums reduced with shuffles, the CPU's formulas (two-pass variance). Weight and bias gradients:
+// column sums over all rows, done deterministically without atomics: per-block partial sums over a
+// chunk of rows into scratch, then a second kernel that adds the partials in order into dweight/dbias.
+#include "engine/ops/cuda/internal.cuh"
+
+#define NORM_ROWS_PER_BLOCK 8 /* warps per block, one row each */
+#define NORM_WG_COLS 32       /* weight-gradient block: 32 columns x 8 row lanes */
+#define NORM_WG_ROWS 8
+
+template <typename scalar_t>
+__global__ void norm_layernorm_forward_kernel(scalar_t *out, float *mean, float *rstd, const scalar_t *inp,
+                                              const scalar_t *weight, const scalar_t *bias, int N, int C,
+                                              float eps) {
+    const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return; /* whole warps leave; the kernel has no __syncthreads */
+    const scalar_t *x = inp + (int64_t)row * C;
+    scalar_t *y = out + (int64_t)row * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += cuda_ld(x + c);
+    const float m = cuda_warp_sum(s) / C;
+    float v = 0.0f; /* two passes: no cancellation when |mean| >> std */
+    for (int c = lane; c < C; c += 32) {
+        const float d = cuda_ld(x + c) - m;
+        v += d * d;
+    }
+    const float r = 1.0f / sqrtf(cuda_warp_sum(v) / C + eps);
+    for (int c = lane; c < C; c += 32) {
+        float o = (cuda_ld(x + c) - m) * r * cuda_ld(weight + c);
+        if (bias) o += cuda_ld(bias + c);
+        cuda_st(y + c, o);
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
+/* dinp += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * weight. */
+template <typename scalar_t>
+__global__ void norm_layernorm_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp,
+                                               const scalar_t *weight, const float *mean, const float *rstd, int N,
+                                               int C) {
+    const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const scalar_t *x = inp + (int64_t)row * C, *g = dout + (int64_t)row * C;
+    scalar_t *dx = dinp + (int64_t)row * C;
+    const float m = mean[row], r = rstd[row];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        const float dn = cuda_ld(g + c) * cuda_ld(weight + c);
+        s1 += dn;
+        s2 += dn * (cuda_ld(x + c) - m) * r;
+    }
+    s1 = cuda_warp_sum(s1) / C;
+    s2 = cuda_warp_sum(s2) / C;
+    for (int c = lane; c < C; c += 32) {
+        const float d = r * (cuda_ld(g + c) * cuda_ld(weight + c) - s1 - (cuda_ld(x + c) - m) * r * s2);
+        cuda_st(dx + c, cuda_ld(dx + c) + d);
+    }
+}
+
+template <typename scalar_t>
+__global__ void norm_rmsnorm_forward_kernel(scalar_t *out, float *rstd, const scalar_t *inp, const scalar_t *weight,
+                                            int N, int C, float eps) {
+    const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const scalar_t *x = inp + (int64_t)row * C;
+    scalar_t *y = out + (int64_t)row * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        const float xv = cuda_ld(x + c);
+        s += xv * xv;
+    }
+    const float r = 1.0f / sqrtf(cuda_warp_sum(s) / C + eps);
+    for (int c = lane; c < C; c += 32) cuda_st(y + c, cuda_ld(x + c) * r * cuda_ld(weight + c));
+    if (lane == 0) rstd[row] = r;
+}
+
+/* dinp += rstd * (dnorm - norm * mean(dnorm * norm)). */
+template <typename scalar_t>
+__global__ void norm_rmsnorm_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp,
+                                             const scalar_t *weight, const float *rstd, int N, int C) {
+    const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const scalar_t *x = inp + (int64_t)row * C, *g = dout + (int64_t)row * C;
+    scalar_t *dx = dinp + (int64_t)row * C;
+    const float r = rstd[row];
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += cuda_ld(g + c) * cuda_ld(weight + c) * cuda_ld(x + c) * r;
+    s = cuda_warp_sum(s) / C;
+    for (int c = lane; c < C; c += 32) {
+        const float d = r * (cuda_ld(g + c) * cuda_ld(weight + c) - cuda_ld(x + c) * r * s);
+        cuda_st(dx + c, cuda_ld(dx + c) + d);
+    }
+}
+
+/* Partial weight (and bias) gradients of rows [part * rows_per_part, ...) for 32 columns:
+ * block (32, 8), blockIdx.x = column chunk, blockIdx.y = row chunk ("part"). Thread (tx, ty) sums
+ * rows ty, ty + 8, ... of column c (coalesced: a warp reads 32 adjacent columns of a row), then
+ * row lane 0 adds the 8 lanes in order. LayerNorm: pw += dout * (x - mean) * rstd, pb += dout;
+ * RMSNorm (mean == NULL): pw += dout * x * rstd. pb NULL: no bias gradient. */
+template <typename scalar_t>
+__global__ void norm_wgrad_partial_kernel(float *pw, float *pb, const scalar_t *dout, const scalar_t *inp,
+                                          const float *mean, const float *rstd, int N, int C, int rows_per_part) {
+    __shared__ float sw[NORM_WG_ROWS][NORM_WG_COLS + 1], sb[NORM_WG_ROWS][NORM_WG_COLS + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * NORM_WG_COLS + tx, part = blockIdx.y;
+    const int n0 = part * rows_per_part, n1 = min(N, n0 + rows_per_part);
+    float aw = 0.0f, ab = 0.0f;
+    if (c < C) {
+        for (int n = n0 + ty; n < n1; n += NORM_WG_ROWS) {
+            const float g = cuda_ld(dout + (int64_t)n * C + c), x = cuda_ld(inp + (int64_t)n * C + c);
+            if (mean) {
+                aw += g * (x - mean[n]) * rstd[n];
+                ab += g;
+            } else {
+                aw += g * x * rstd[n];
+            }
+        }
+    }
+    sw[ty][tx] = aw;
+    sb[ty][tx] = ab;
+    __syncthreads(); /* reached by every thread: no early return above */
+    if (ty == 0 && c < C) {
+        float s = 0.0f, t = 0.0f;
+        for (int k = 0; k < NORM_WG_ROWS; k++) s += sw[k][tx], t += sb[k][tx];
+        pw[(int64_t)part * C + c] = s;
+        if (pb) pb[(int64_t)part * C + c] = t;
+    }
+}
+
+/* dweight[c] += sum over parts (in order); dbias likewise when pb is given. */
+template <typename scalar_t>
+__global__ void norm_wgrad_final_kernel(scalar_t *dweight, scalar_t *dbias, const float *pw, const float *pb, int P,
+                                        int C) {
+    CUDA_FOR(c, C) {
+        float s = 0.0f, t = 0.0f;
+        for (int p = 0; p < P; p++) {
+            s += pw[(int64_t)p * C + c];
+            if (pb) t += pb[(int64_t)p * C + c];
+        }
+        cuda_st(dweight + c, cuda_ld(dweight + c) + s);
+        if (pb) cuda_st(dbias + c, cuda_ld(dbias + c) + t);
+    }
+}
+
+/* Column sums of the weight (and bias) gradients; returns -1 (error recorded) without scratch. */
+static int norm_wgrad(float *dweight, float *dbias, const float *dout, const float *inp, const float *mean,
+                      const float *rstd, int N, int C, const char *op) {
+    const int ncb = (C + NORM_WG_COLS - 1) / NORM_WG_COLS;
+    /* enough parts for ~4 blocks per SM, each of at least 32 rows; at most 1024 parts */
+    int P = (4 * cuda_ctx.sm_count + ncb - 1) / ncb;
+    const int max_p = (N + 31) / 32;
+    if (P > max_p) P = max_p;
+    if (P > 1024) P = 1024;
+    if (P < 1) P = 1;
+    const int rows_per_part = (N + P - 1) / P;
+    P = (N + rows_per_part - 1) / rows_per_part; /* no empty parts */
+    const size_t nbytes = sizeof(float) * (size_t)P * C * (dbias ? 2 : 1);
+    float *pw = (float *)cuda_scratch(nbytes, op);
+    if (!pw) return -1;
+    float *pb = dbias ? pw + (size_t)P * C : NULL;
+    CUDA_LAUNCH(norm_wgrad_partial_kernel<float>, dim3(ncb, P), dim3(NORM_WG_COLS, NORM_WG_ROWS), 0)(
+        pw, pb, dout, inp, mean, rstd, N, C, rows_per_part);
+    CUDA_LAUNCH(norm_wgrad_final_kernel<float>, cuda_blocks(C, CUDA_THREADS), CUDA_THREADS, 0)(dweight, dbias,
+                                                                                                        pw, pb, P, C);
+    cuda_check(op);
+    cuda_release(pw, nbytes);
+    return 0;
+}
+
+static unsigned norm_row_blocks(int N) { return (unsigned)((N + NORM_ROWS_PER_BLOCK - 1) / NORM_ROWS_PER_BLOCK); }
+
+void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
+                            const float *bias, int N, int C, float eps) {
+    if (N <= 0 || C <= 0) return;
+    CUDA_LAUNCH(norm_layernorm_forward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        out, mean, rstd, inp, weight, bias, N, C, eps);
+    cuda_check("layernorm_forward");
+}
+
+void cuda_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                             const float *weight, const float *mean, const float *rstd, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    CUDA_LAUNCH(norm_layernorm_backward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        dinp, dout, inp, weight, mean, rstd, N, C);
+    cuda_check("layernorm_backward");
+    norm_wgrad(dweight, dbias, dout, inp, mean, rstd, N, C, "layernorm_backward");
+}
+
+void cuda_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
+    if (N <= 0 || C <= 0) return;
+    CUDA_LAUNCH(norm_rmsnorm_forward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        out, rstd, inp, weight, N, C, eps);
+    cuda_check("rmsnorm_forward");
+}
+
+void cuda_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                           const float *rstd, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    CUDA_LAUNCH(norm_rmsnorm_backward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        dinp, dout, inp, weight, rstd, N, C);
+    cuda_check("rmsnorm_backward");
+    norm_wgrad(dweight, NULL, dout, inp, NULL, rstd, N, C, "rmsnorm_backward");
+}

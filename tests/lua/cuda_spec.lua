@@ -1,0 +1,78 @@
+-- Device "cuda" through the luatron command: where there is no GPU it is refused with the reason
+-- and nothing else changes; on a GPU, fp32 training matches the CPU step for step, and a run saved
+-- on the GPU resumes on the CPU (checkpoints hold host data).
+-- Needs LUATRON (the binary; the CUDA plugin luatron_cuda.so lies beside it under Bazel).
+local h = dofile("tests/lua/helpers.lua")
+local q, tmpdir, read_metrics, luatron = h.q, h.tmpdir, h.read_metrics, h.luatron
+
+-- The tiny recipe with dropout on (the GPU must draw the CPU's masks), logging every step.
+local function tiny(dir, extra)
+  return ("run recipes/gpt_tiny.lua train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_iters=0 "
+    .. "model.hidden_dropout=0.1 model.attention_dropout=0.1 logger.metrics_file=%s %s")
+    :format(q(dir .. "/metrics.jsonl"), extra or "")
+end
+
+-- nil when a GPU is usable, else the reason the command gave.
+local no_gpu
+do
+  local dir = tmpdir()
+  local code, out = luatron(tiny(dir, "model.device=cuda train.train_iters=1"))
+  if code ~= 0 then no_gpu = out end
+end
+
+local function needs_gpu()
+  if no_gpu then pending("no GPU: " .. (no_gpu:match("no GPU: ([^\n]*)") or no_gpu:sub(1, 200))) end
+  return not no_gpu
+end
+
+describe("device cuda", function()
+  it("is refused without a GPU with the reason, and the CPU run is unaffected", function()
+    if not no_gpu then return pending("a GPU is here: the other tests cover it") end
+    assert.truthy(no_gpu:find('device "cuda" is not available', 1, true), no_gpu)
+    assert.truthy(no_gpu:find("no GPU", 1, true), "the plugin loads on every machine that builds it: " .. no_gpu)
+    local dir = tmpdir()
+    local code, out = luatron(tiny(dir, "train.train_iters=2"))
+    assert.are.equal(0, code, out)
+  end)
+
+  it("trains in fp32 with the CPU's losses over 20 steps", function()
+    if not needs_gpu() then return end
+    local cpu, gpu = tmpdir(), tmpdir()
+    local code, out = luatron(tiny(cpu, "train.train_iters=20"))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(gpu, "train.train_iters=20 model.device=cuda"))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("on cuda", 1, true), "the progress line reports GPU memory: " .. out)
+    local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(gpu .. "/metrics.jsonl")
+    assert.are.equal(20, #a)
+    assert.are.equal(20, #b)
+    -- The first step sees identical weights and data: only summation order differs (fp32, no TF32).
+    -- Later steps compound it through the updates; 1e-3 relative is far below a real divergence.
+    assert.is_true(math.abs(a[1].loss - b[1].loss) <= 1e-5 * a[1].loss, ("step 1: %.7f vs %.7f"):format(a[1].loss, b[1].loss))
+    for i = 1, 20 do
+      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 1e-3 * a[i].loss,
+        ("step %d: cpu %.6f, cuda %.6f"):format(i, a[i].loss, b[i].loss))
+      assert.is_true(math.abs(a[i].grad_norm - b[i].grad_norm) <= 1e-2 * a[i].grad_norm,
+        ("step %d grad norm: cpu %.6f, cuda %.6f"):format(i, a[i].grad_norm, b[i].grad_norm))
+    end
+  end)
+
+  it("saves a checkpoint on the GPU that resumes on the CPU with continuing losses", function()
+    if not needs_gpu() then return end
+    local full, split = tmpdir(), tmpdir()
+    local code, out = luatron(tiny(full, "train.train_iters=12"))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(split, ("train.train_iters=12 train.exit_interval=6 checkpoint.save=%s model.device=cuda")
+      :format(q(split .. "/ckpt"))))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(split, ("train.train_iters=12 checkpoint.save=%s checkpoint.load=%s")
+      :format(q(split .. "/ckpt"), q(split .. "/ckpt"))))
+    assert.are.equal(0, code, out)
+    local a, b = read_metrics(full .. "/metrics.jsonl"), read_metrics(split .. "/metrics.jsonl")
+    assert.are.equal(12, #b)
+    for i = 7, 12 do
+      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 1e-3 * a[i].loss,
+        ("step %d: uninterrupted cpu %.6f, resumed from cuda %.6f"):format(i, a[i].loss, b[i].loss))
+    end
+  end)
+end)

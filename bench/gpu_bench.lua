@@ -1,19 +1,21 @@
 -- GPU training throughput of the issue's two shapes, on device "cuda": tokens/s, MFU and peak memory.
---   luatron run bench/gpu_bench.lua --shape 124m|1.3b [--batch B] [--steps N] [--warmup N]
+--   luatron run bench/gpu_bench.lua --shape 124m|1.3b [--precision bf16|fp32] [--batch B] [--steps N] [--warmup N]
 -- Without --batch it takes the largest micro-batch of 64, 32, ... 1 whose step fits in memory.
--- One step = forward + backward of one micro-batch + AdamW, then a device synchronize.
+-- One step = forward + backward of one micro-batch + AdamW, then a device synchronize. bf16 (the
+-- default) is mixed precision: bf16 activations and weight copies, fp32 main weights, gradients and
+-- Adam moments; fp32 is the checking mode (no TF32).
 -- MFU counts model:flops_per_token() = 6N + 6LCT FLOPs per token (N parameters, L layers, C hidden,
 -- T sequence length: Megatron's and nanoGPT's rule) against the H100 SXM's 989 TFLOP/s dense bf16.
 -- Prints RESULT {...} lines that bench/gpu_check.sh collects.
 local lt = require "luatron"
 local core = lt.core
 
-local opts = { shape = "124m", warmup = 3, steps = 10 }
+local opts = { shape = "124m", precision = "bf16", warmup = 3, steps = 10 }
 local i = 1
 while arg[i] do
   local key = arg[i]:match("^%-%-(%w+)$")
   if not key or arg[i + 1] == nil then
-    error("usage: gpu_bench.lua --shape 124m|1.3b [--batch B] [--steps N] [--warmup N]", 0)
+    error("usage: gpu_bench.lua --shape 124m|1.3b [--precision bf16|fp32] [--batch B] [--steps N] [--warmup N]", 0)
   end
   opts[key] = tonumber(arg[i + 1]) or arg[i + 1]
   i = i + 2
@@ -29,6 +31,7 @@ local PEAK_BF16 = 989e12
 local provider = lt.GPTModelProvider {
   num_layers = s.num_layers, hidden_size = s.hidden_size, num_attention_heads = s.num_attention_heads,
   seq_length = s.seq_length, vocab_size = 50304, hidden_dropout = 0.0, attention_dropout = 0.0, device = "cuda",
+  bf16 = opts.precision == "bf16",
 }
 local model = lt.build_model(provider, 1234)
 local optimizer = lt.optimizer(model, lt.OptimizerConfig { lr = 1e-4, weight_decay = 0.01 })
@@ -67,11 +70,11 @@ local median = times[(#times + 1) // 2]
 local tokens_per_s = batch * s.seq_length / median
 local flops = model:flops_per_token() * tokens_per_s
 local peak = core.memory("cuda").peak
-print(("luatron %s on cuda: micro-batch %d x %d, median %.1f ms/step over %d steps, %.0f tokens/s, "
+print(("luatron %s %s on cuda: micro-batch %d x %d, median %.1f ms/step over %d steps, %.0f tokens/s, "
   .. "%.1f TFLOP/s = %.1f%% MFU (of 989 TFLOP/s bf16), peak memory %.2f GiB")
-  :format(opts.shape, batch, s.seq_length, 1000 * median, #times, tokens_per_s, flops / 1e12,
+  :format(opts.shape, opts.precision, batch, s.seq_length, 1000 * median, #times, tokens_per_s, flops / 1e12,
     100 * flops / PEAK_BF16, peak / 2 ^ 30))
-print(("RESULT {\"shape\": %q, \"micro_batch\": %d, \"seq\": %d, \"ms_per_step\": %.3f, \"tokens_per_s\": %.1f, "
+print(("RESULT {\"shape\": %q, \"precision\": %q, \"micro_batch\": %d, \"seq\": %d, \"ms_per_step\": %.3f, \"tokens_per_s\": %.1f, "
   .. "\"tflops\": %.2f, \"mfu\": %.4f, \"peak_gib\": %.3f, \"params\": %d}")
-  :format(opts.shape, batch, s.seq_length, 1000 * median, tokens_per_s, flops / 1e12, flops / PEAK_BF16,
+  :format(opts.shape, opts.precision, batch, s.seq_length, 1000 * median, tokens_per_s, flops / 1e12, flops / PEAK_BF16,
     peak / 2 ^ 30, model:num_parameters()))

@@ -38,15 +38,31 @@ static const char *usage =
     "\n"
     "environment:\n"
     "  LUATRON_LUA_DIR     load the Lua library from this folder instead of the embedded copy\n"
-    "  OMP_NUM_THREADS     threads for the CPU kernels\n";
+    "  OMP_NUM_THREADS     threads for the CPU kernels\n"
+    "  LUATRON_TRACEBACK   1: print the Lua stack with every error (else only with errors inside luatron)\n"
+    "  LUATRON_CUDA_PLUGIN the CUDA backend to load for device \"cuda\" (default: luatron_cuda.so beside luatron)\n"
+    "  LUATRON_CUDA_DEVICE which GPU device \"cuda\" uses (default 0)\n";
 
+/* Whether an error message is positioned inside luatron's own Lua library ("lua/luatron/x.lua:12: ...",
+ * embedded or from LUATRON_LUA_DIR): not a message written for the user, most likely a bug. */
+static int raised_in_library(const char *msg) {
+    const char *colon = strchr(msg, ':');
+    if (!colon) return 0;
+    const char *lib = strstr(msg, "lua/luatron/");
+    return lib && lib < colon;
+}
+
+/* Errors for the user (a config error at the recipe's line, a message without position) print as
+ * they are; errors raised inside the library, or any error with LUATRON_TRACEBACK=1, get the stack. */
 static int traceback_handler(lua_State *L) {
     const char *msg = lua_tostring(L, 1);
     if (!msg) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
         msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     }
-    luaL_traceback(L, L, msg, 1);
+    const char *want = getenv("LUATRON_TRACEBACK");
+    if ((want && *want && strcmp(want, "0") != 0) || raised_in_library(msg)) luaL_traceback(L, L, msg, 1);
+    else lua_pushstring(L, msg);
     return 1;
 }
 

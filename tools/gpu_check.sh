@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a lent machine (see tools/gpu_bundle.sh, which packs .gpu/ here):
-#   1. every CUDA op against the CPU op (tests/cuda/ops_test),
+# The GPU checks in one run, for a lent machine (tools/gpu_bundle.sh packs .gpu/ here first):
+#   1. every CUDA op against the CPU op (tests/cuda/ops_test: fp32 and bf16 tables),
 #   2. the tiny recipe in fp32 on CPU and on GPU: the same losses over 20 steps,
-#   3. the benchmarks of bench/gpu_bench.lua (124M, then 1.3B unless GPU_CHECK_QUICK=1).
+#   3. the same in bf16 mixed precision against the CPU's bf16 reference,
+#   4. the benchmarks of bench/gpu_bench.lua (124M bf16 and fp32, then 1.3B unless GPU_CHECK_QUICK=1).
 # Logs go to $OUT (or ./gpu-out) so they come back; the exit code is the number of failed parts.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +13,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH="$root/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # cuBLAS from the CUDA toolkit, or from the Python wheels if the toolkit lacks it.
 if [ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]; then
-  extra=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '*/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
+  extra=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
   [ -n "$extra" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
 fi
 export LUATRON_CUDA_PLUGIN="$root/.gpu/luatron_cuda.so"
@@ -20,28 +21,42 @@ bin="$root/.gpu/luatron"
 failed=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
+# compare A.jsonl B.jsonl RTOL: both runs have 20 steps with losses within RTOL (relative).
+compare() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+a, b = [[json.loads(l) for l in open(p) if '"loss"' in l] for p in sys.argv[1:3]]
+rtol = float(sys.argv[3])
+worst = max((abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b)), default=float("inf"))
+print(f"{len(a)} vs {len(b)} steps; worst relative loss difference {worst:.3g} (tolerance {rtol:g})")
+sys.exit(0 if len(a) == len(b) == 20 and worst <= rtol else 1)
+PY
+}
+
 echo "== 1. ops: CUDA against CPU"
 timeout 300 "$root/.gpu/ops_test" 2>&1 | tee "$out/ops_test.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 
-echo "== 2. tiny recipe, fp32, CPU vs CUDA, 20 steps"
 tiny="run recipes/gpt_tiny.lua train.train_iters=20 train.eval_interval=1000 logger.log_interval=1 \
 scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1"
-rm -f "$out"/cpu.jsonl "$out"/cuda.jsonl
-"$bin" $tiny logger.metrics_file="$out/cpu.jsonl" > "$out/cpu.log" 2>&1 || failed=$((failed + 1))
-"$bin" $tiny model.device=cuda logger.metrics_file="$out/cuda.jsonl" > "$out/cuda.log" 2>&1 || failed=$((failed + 1))
-tail -2 "$out/cuda.log"
-python3 - "$out/cpu.jsonl" "$out/cuda.jsonl" <<'PY' || failed=$((failed + 1))
-import json, sys
-rows = [[json.loads(l) for l in open(p) if '"loss"' in l] for p in sys.argv[1:]]
-a, b = rows
-worst = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b))
-print(f"{len(a)} vs {len(b)} steps; worst relative loss difference {worst:.3g} (tolerance 1e-3)")
-sys.exit(0 if len(a) == len(b) == 20 and worst <= 1e-3 else 1)
-PY
+n=2
+for precision in fp32 bf16; do
+  echo "== $n. tiny recipe, $precision, CPU vs CUDA, 20 steps"
+  flag=$([ "$precision" = bf16 ] && echo "model.bf16=true" || true)
+  rtol=$([ "$precision" = bf16 ] && echo 1e-2 || echo 1e-3)
+  "$bin" $tiny $flag logger.metrics_file="$out/cpu_$precision.jsonl" > "$out/cpu_$precision.log" 2>&1 ||
+    failed=$((failed + 1))
+  "$bin" $tiny $flag model.device=cuda logger.metrics_file="$out/cuda_$precision.jsonl" > "$out/cuda_$precision.log" 2>&1 ||
+    { failed=$((failed + 1)); tail -5 "$out/cuda_$precision.log"; }
+  tail -1 "$out/cuda_$precision.log"
+  compare "$out/cpu_$precision.jsonl" "$out/cuda_$precision.jsonl" "$rtol" || failed=$((failed + 1))
+  n=$((n + 1))
+done
 
-echo "== 3. benchmarks"
+echo "== 4. benchmarks"
 "$bin" run bench/gpu_bench.lua --shape 124m 2>&1 | tee "$out/bench_124m.log" || failed=$((failed + 1))
+"$bin" run bench/gpu_bench.lua --shape 124m --precision fp32 --steps 5 2>&1 | tee "$out/bench_124m_fp32.log" ||
+  failed=$((failed + 1))
 if [ -z "${GPU_CHECK_QUICK:-}" ]; then
   "$bin" run bench/gpu_bench.lua --shape 1.3b 2>&1 | tee "$out/bench_1p3b.log" || failed=$((failed + 1))
 fi

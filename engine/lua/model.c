@@ -78,6 +78,7 @@ static int l_gpt_new(lua_State *L) {
     c.attention_dropout = (float)field_num(L, 1, "attention_dropout", 0);
     c.seed = (uint64_t)field_int(L, 1, "seed", 0, 1234);
     c.flat_multiple = (int)field_int(L, 1, "flat_multiple", 0, 16);
+    c.bf16 = field_bool(L, 1, "bf16", 0);
     char err[512] = "";
     lua_getfield(L, 1, "device");
     c.backend = lt_backend_get(luaL_optstring(L, -1, "cpu"), err, sizeof err);
@@ -161,16 +162,18 @@ static int m_backward(lua_State *L) {
     return 0;
 }
 
-/* model:logits(ctx) → float32 [B, T, V] copy. */
+/* model:logits(ctx) → a host copy [B, T, V] in the compute dtype (float32, or bfloat16 under mixed precision). */
 static int m_logits(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
     ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
     if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
     if (cb->owner != m) luaL_argerror(L, 2, "context comes from another model's forward");
     int64_t shape[3] = {cb->B, cb->T, cb->V};
-    lt_tensor *t = lt_tensor_new(LT_F32, 3, shape);
+    lt_dtype dtype = lt_gpt_get_config(m)->bf16 ? LT_BF16 : LT_F32;
+    lt_tensor *t = lt_tensor_new(dtype, 3, shape);
     lt_lua_push_tensor(L, t);
-    lt_gpt_backend(m)->to_host(lt_tensor_data(t), lt_gpt_ctx_logits(cb->ctx), sizeof(float) * (size_t)lt_tensor_numel(t));
+    lt_gpt_backend(m)->to_host(lt_tensor_data(t), lt_gpt_ctx_logits(cb->ctx),
+                               lt_dtype_size(dtype) * (size_t)lt_tensor_numel(t));
     return 1;
 }
 

@@ -15,8 +15,9 @@ typedef struct {
     int64_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
 } layer_offsets;
 
+/* Weights as the ops read them: fp32, or the bf16 compute copy under mixed precision. */
 typedef struct {
-    const float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    const void *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
 } layer_weights;
 
 typedef struct {
@@ -26,10 +27,13 @@ typedef struct {
 struct lt_gpt {
     lt_gpt_config cfg;
     const lt_backend *be;
+    const lt_ops *ops; /* the backend's ops at the compute precision */
+    size_t E;          /* bytes per activation element (4 fp32, 2 bf16) */
     int num_params, cap_params;
     lt_gpt_param *params;
     int64_t total;
-    lt_tensor *weights, *grads;
+    lt_tensor *weights, *grads; /* fp32: the main weights the optimizer updates, and their gradients */
+    lt_tensor *compute;         /* bf16 copy of the weights under mixed precision (NULL in fp32) */
     int64_t wte, wpe, lnf_w, lnf_b, out_w; /* offsets; -1 when absent */
     layer_offsets *layers;
     int qkv_dim, fc1_dim; /* widths of the fused QKV and fc1 outputs */
@@ -39,9 +43,10 @@ struct lt_gpt {
     void *param_wait_ud;
 };
 
-/* Saved activations of one layer for one microbatch. */
+/* Saved activations of one layer for one microbatch (void: the compute dtype; float: always fp32). */
 typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *lse, *res1, *ln2, *ln2_mean, *ln2_rstd, *fc1, *act;
+    void *ln1, *qkv, *att, *res1, *ln2, *fc1, *act;
+    float *ln1_mean, *ln1_rstd, *lse, *ln2_mean, *ln2_rstd;
 } layer_acts;
 
 struct lt_gpt_ctx {
@@ -52,9 +57,10 @@ struct lt_gpt_ctx {
     size_t arena_bytes;
     int32_t *host_targets; /* host copy: counts valid tokens and scales their loss gradients */
     int32_t *tokens, *targets;
-    float **x; /* residual stream: x[0] embeddings, x[l+1] output of layer l */
+    void **x; /* residual stream: x[0] embeddings, x[l+1] output of layer l */
     layer_acts *acts;
-    float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses, *ce_lse;
+    void *lnf, *logits;
+    float *lnf_mean, *lnf_rstd, *losses, *ce_lse;
     int64_t num_valid;
 };
 
@@ -105,6 +111,13 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     lt_gpt *m = calloc(1, sizeof *m);
     m->cfg = *cfg;
     m->be = cfg->backend ? cfg->backend : lt_backend_cpu();
+    m->ops = cfg->bf16 ? m->be->bf16 : m->be->f32;
+    if (!m->ops) {
+        lt_fail(err, (size_t)errlen, "the %s backend has no bf16 kernels", m->be->name);
+        free(m);
+        return NULL;
+    }
+    m->E = lt_dtype_size(m->ops->dtype);
     const int C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
     const int HD = cfg->num_attention_heads * cfg->kv_channels;
     const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm;
@@ -139,7 +152,8 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     int64_t shape[1] = {m->total};
     m->weights = lt_backend_tensor(m->be, LT_F32, 1, shape);
     m->grads = lt_backend_tensor(m->be, LT_F32, 1, shape);
-    if (!m->weights || !m->grads) {
+    if (cfg->bf16) m->compute = lt_backend_tensor(m->be, LT_BF16, 1, shape);
+    if (!m->weights || !m->grads || (cfg->bf16 && !m->compute)) {
         lt_fail(err, (size_t)errlen, "out of %s memory allocating %lld parameters", m->be->name, (long long)m->total);
         lt_gpt_free(m);
         return NULL;
@@ -152,6 +166,7 @@ void lt_gpt_free(lt_gpt *m) {
     if (!m) return;
     lt_tensor_free(m->weights);
     lt_tensor_free(m->grads);
+    lt_tensor_free(m->compute);
     free(m->layers);
     free(m->params);
     free(m);
@@ -219,12 +234,20 @@ void lt_gpt_zero_grad(lt_gpt *m) { m->be->memzero(lt_tensor_data(m->grads), size
 
 #define PTR(base, off) ((off) < 0 ? NULL : (base) + (off))
 
+/* Element i of an activation (or compute-weight) buffer of the compute dtype. */
+static void *at(const lt_gpt *m, const void *base, int64_t i) { return (char *)base + (size_t)i * m->E; }
+
+/* The weight at a flat offset as the ops read it; NULL for an absent parameter (-1). */
+static const void *weight(const lt_gpt *m, int64_t off) {
+    if (off < 0) return NULL;
+    return at(m, lt_tensor_data(m->compute ? m->compute : m->weights), off);
+}
+
 static layer_weights weights_of(const lt_gpt *m, int l) {
-    const float *w = lt_tensor_data(m->weights);
     const layer_offsets *o = &m->layers[l];
-    return (layer_weights){PTR(w, o->ln1_w), PTR(w, o->ln1_b), PTR(w, o->qkv_w),  PTR(w, o->qkv_b),
-                           PTR(w, o->proj_w), PTR(w, o->proj_b), PTR(w, o->ln2_w), PTR(w, o->ln2_b),
-                           PTR(w, o->fc1_w), PTR(w, o->fc1_b), PTR(w, o->fc2_w), PTR(w, o->fc2_b)};
+    return (layer_weights){weight(m, o->ln1_w),  weight(m, o->ln1_b), weight(m, o->qkv_w), weight(m, o->qkv_b),
+                           weight(m, o->proj_w), weight(m, o->proj_b), weight(m, o->ln2_w), weight(m, o->ln2_b),
+                           weight(m, o->fc1_w),  weight(m, o->fc1_b), weight(m, o->fc2_w), weight(m, o->fc2_b)};
 }
 
 static layer_grads grads_of(lt_gpt *m, int l) {
@@ -237,18 +260,18 @@ static layer_grads grads_of(lt_gpt *m, int l) {
 
 /* ---- normalisation dispatch: LayerNorm or RMSNorm with the same call shape ---- */
 
-static void norm_forward(const lt_gpt *m, float *out, float *mean, float *rstd, const float *inp, const float *w,
-                         const float *b, int N) {
+static void norm_forward(const lt_gpt *m, void *out, float *mean, float *rstd, const void *inp, const void *w,
+                         const void *b, int N) {
     const int C = m->cfg.hidden_size;
-    if (m->cfg.rmsnorm) m->be->rmsnorm_forward(out, rstd, inp, w, N, C, m->cfg.layernorm_epsilon);
-    else m->be->layernorm_forward(out, mean, rstd, inp, w, b, N, C, m->cfg.layernorm_epsilon);
+    if (m->cfg.rmsnorm) m->ops->rmsnorm_forward(out, rstd, inp, w, N, C, m->cfg.layernorm_epsilon);
+    else m->ops->layernorm_forward(out, mean, rstd, inp, w, b, N, C, m->cfg.layernorm_epsilon);
 }
 
-static void norm_backward(const lt_gpt *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                          const float *w, const float *mean, const float *rstd, int N) {
+static void norm_backward(const lt_gpt *m, void *dinp, float *dw, float *db, const void *dout, const void *inp,
+                          const void *w, const float *mean, const float *rstd, int N) {
     const int C = m->cfg.hidden_size;
-    if (m->cfg.rmsnorm) m->be->rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
-    else m->be->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    if (m->cfg.rmsnorm) m->ops->rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+    else m->ops->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
 }
 
 /* Dropout stream keys: one per (microbatch seed, site). */
@@ -274,30 +297,30 @@ static void *take(arena *a, size_t nbytes) {
 /* Lays out the context twice: first to measure (base NULL), then for real. */
 static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
     const lt_gpt_config *cfg = &m->cfg;
-    const size_t N = (size_t)c->B * c->T, C = cfg->hidden_size, F = 4;
+    const size_t N = (size_t)c->B * c->T, C = cfg->hidden_size, F = sizeof(float), E = m->E;
     const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
     c->tokens = take(a, N * 4);
     c->targets = take(a, N * 4);
-    for (int l = 0; l <= cfg->num_layers; l++) c->x[l] = take(a, N * C * F);
+    for (int l = 0; l <= cfg->num_layers; l++) c->x[l] = take(a, N * C * E);
     for (int l = 0; l < cfg->num_layers; l++) {
         layer_acts *s = &c->acts[l];
-        s->ln1 = take(a, N * C * F);
+        s->ln1 = take(a, N * C * E);
         s->ln1_mean = take(a, N * F);
         s->ln1_rstd = take(a, N * F);
-        s->qkv = take(a, N * m->qkv_dim * F);
-        s->att = take(a, N * HD * F);
+        s->qkv = take(a, N * m->qkv_dim * E);
+        s->att = take(a, N * HD * E);
         s->lse = take(a, (size_t)c->B * cfg->num_attention_heads * c->T * F);
-        s->res1 = take(a, N * C * F);
-        s->ln2 = take(a, N * C * F);
+        s->res1 = take(a, N * C * E);
+        s->ln2 = take(a, N * C * E);
         s->ln2_mean = take(a, N * F);
         s->ln2_rstd = take(a, N * F);
-        s->fc1 = take(a, N * m->fc1_dim * F);
-        s->act = take(a, N * cfg->ffn_hidden_size * F);
+        s->fc1 = take(a, N * m->fc1_dim * E);
+        s->act = take(a, N * cfg->ffn_hidden_size * E);
     }
-    c->lnf = take(a, N * C * F);
+    c->lnf = take(a, N * C * E);
     c->lnf_mean = take(a, N * F);
     c->lnf_rstd = take(a, N * F);
-    c->logits = take(a, N * cfg->vocab_size * F);
+    c->logits = take(a, N * cfg->vocab_size * E);
     c->losses = take(a, N * F);
     c->ce_lse = take(a, N * F);
 }
@@ -332,38 +355,50 @@ void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     free(c);
 }
 
-const float *lt_gpt_ctx_logits(const lt_gpt_ctx *c) { return c->logits; }
+const void *lt_gpt_ctx_logits(const lt_gpt_ctx *c) { return c->logits; }
 
 /* ---- forward ---- */
 
-static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, float *out) {
+static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *out) {
     const lt_gpt_config *cfg = &m->cfg;
-    const lt_backend *be = m->be;
+    const lt_ops *ops = m->ops;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size;
     const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
     const layer_weights w = weights_of(m, l);
     layer_acts *s = &c->acts[l];
 
     norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
-    be->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, N, C, m->qkv_dim);
-    if (cfg->rope) be->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
-    be->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
-                         dropout_key(c->dropout_seed, l, "attention"));
-    be->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, N, H * D, C);
+    ops->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, N, C, m->qkv_dim);
+    if (cfg->rope) ops->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
+    ops->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
+                           dropout_key(c->dropout_seed, l, "attention"));
+    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, N, H * D, C);
     if (cfg->hidden_dropout > 0)
-        be->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
-                           dropout_key(c->dropout_seed, l, "attention_out"), 0);
-    be->add_forward(s->res1, s->res1, x, (int64_t)N * C);
+        ops->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
+                             dropout_key(c->dropout_seed, l, "attention_out"), 0);
+    ops->add_forward(s->res1, s->res1, x, (int64_t)N * C);
 
     norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
-    be->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
-    if (cfg->gated_linear_unit) be->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
-    else be->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
-    be->linear_forward(out, s->act, w.fc2_w, w.fc2_b, N, cfg->ffn_hidden_size, C);
+    ops->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
+    if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
+    else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
+    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, N, cfg->ffn_hidden_size, C);
     if (cfg->hidden_dropout > 0)
-        be->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout,
-                           dropout_key(c->dropout_seed, l, "mlp_out"), 0);
-    be->add_forward(out, out, s->res1, (int64_t)N * C);
+        ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout,
+                             dropout_key(c->dropout_seed, l, "mlp_out"), 0);
+    ops->add_forward(out, out, s->res1, (int64_t)N * C);
+}
+
+/* Weights below flat offset `end` are about to be read: wait for them (data parallelism may still
+ * be gathering them) and, under mixed precision, refresh their bf16 copy from the fp32 main
+ * weights, which the optimizer may have changed since the last forward. *ready tracks how far
+ * this forward has got; a cast costs one read and one write of the weights per microbatch. */
+static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
+    params_needed_to(m, end);
+    if (m->compute && end > *ready)
+        m->be->cast_to_bf16(at(m, lt_tensor_data(m->compute), *ready), (const float *)lt_tensor_data(m->weights) + *ready,
+                            end - *ready);
+    if (end > *ready) *ready = end;
 }
 
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
@@ -387,36 +422,37 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     }
     lt_gpt_ctx *c = ctx_new(m, B, T);
     if (!c) {
-        lt_fail(err, (size_t)errlen, "out of memory for the activations of a [%d, %d] microbatch", B, T);
+        lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B, T);
         return NULL;
     }
     const lt_backend *be = m->be;
+    const lt_ops *ops = m->ops;
     c->dropout_seed = dropout_seed;
     if (targets) memcpy(c->host_targets, targets, sizeof(int32_t) * (size_t)N);
     else for (int i = 0; i < N; i++) c->host_targets[i] = -1;
     be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
     be->to_device(c->targets, c->host_targets, sizeof(int32_t) * (size_t)N);
 
-    const float *w = lt_tensor_data(m->weights);
-    params_needed_to(m, m->layers[0].ln1_w);
-    be->embedding_forward(c->x[0], c->tokens, w + m->wte, N, C);
-    if (m->wpe >= 0) be->position_embedding_forward(c->x[0], w + m->wpe, B, T, C);
+    int64_t ready = 0;
+    weights_needed_to(m, &ready, m->layers[0].ln1_w);
+    ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
+    if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
     if (cfg->hidden_dropout > 0)
-        be->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
-                           dropout_key(dropout_seed, -1, "embedding"), 0);
+        ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
+                             dropout_key(dropout_seed, -1, "embedding"), 0);
     for (int l = 0; l < L; l++) {
-        params_needed_to(m, l + 1 < L ? m->layers[l + 1].ln1_w : m->lnf_w);
+        weights_needed_to(m, &ready, l + 1 < L ? m->layers[l + 1].ln1_w : m->lnf_w);
         layer_forward(m, l, c, c->x[l], c->x[l + 1]);
     }
-    params_needed_to(m, m->total);
+    weights_needed_to(m, &ready, m->total);
 
-    norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], w + m->lnf_w, PTR(w, m->lnf_b), N);
-    be->linear_forward(c->logits, c->lnf, w + (m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);
+    norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], weight(m, m->lnf_w), weight(m, m->lnf_b), N);
+    ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);
 
     c->num_valid = 0;
     double sum = 0;
     if (targets) {
-        be->cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
+        ops->cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
         float *losses = malloc(sizeof(float) * (size_t)N);
         be->to_host(losses, c->losses, sizeof(float) * (size_t)N);
         for (int i = 0; i < N; i++)
@@ -434,71 +470,72 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
 /* ---- backward ---- */
 
 typedef struct {
-    float *d_c, *d_c2, *d_qkv, *d_att, *d_fc1, *d_act; /* scratch gradients */
+    void *d_c, *d_c2, *d_qkv, *d_att, *d_fc1, *d_act; /* scratch gradients, compute dtype */
+    float *dloss;                                     /* [N] */
     size_t bytes;
     void *base;
 } scratch;
 
-
-static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const float *x, float *dx, scratch *s) {
+static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *dx, scratch *s) {
     const lt_gpt_config *cfg = &m->cfg;
     const lt_backend *be = m->be;
+    const lt_ops *ops = m->ops;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, F = cfg->ffn_hidden_size;
     const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
-    const size_t NC = (size_t)N * C;
+    const size_t NC = (size_t)N * C, E = m->E;
     const layer_weights w = weights_of(m, l);
     const layer_grads g = grads_of(m, l);
     const layer_acts *a = &c->acts[l];
 
     /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
-    const float *d_fc2 = dx;
+    const void *d_fc2 = dx;
     if (cfg->hidden_dropout > 0) {
-        be->memzero(s->d_c, sizeof(float) * NC);
-        be->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
-                            dropout_key(c->dropout_seed, l, "mlp_out"), 0);
+        be->memzero(s->d_c, E * NC);
+        ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                              dropout_key(c->dropout_seed, l, "mlp_out"), 0);
         d_fc2 = s->d_c;
     }
-    be->memzero(s->d_act, sizeof(float) * (size_t)N * F);
-    be->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
-    be->memzero(s->d_fc1, sizeof(float) * (size_t)N * m->fc1_dim);
-    if (cfg->gated_linear_unit) be->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
-    else be->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
-    be->memzero(s->d_c2, sizeof(float) * NC);
-    be->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
+    be->memzero(s->d_act, E * (size_t)N * F);
+    ops->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
+    be->memzero(s->d_fc1, E * (size_t)N * m->fc1_dim);
+    if (cfg->gated_linear_unit) ops->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
+    else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
+    be->memzero(s->d_c2, E * NC);
+    ops->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
     norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
 
     /* res1 = x + dropout(proj(att)). */
-    const float *d_proj = dx;
+    const void *d_proj = dx;
     if (cfg->hidden_dropout > 0) {
-        be->memzero(s->d_c, sizeof(float) * NC);
-        be->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
-                            dropout_key(c->dropout_seed, l, "attention_out"), 0);
+        be->memzero(s->d_c, E * NC);
+        ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                              dropout_key(c->dropout_seed, l, "attention_out"), 0);
         d_proj = s->d_c;
     }
-    be->memzero(s->d_att, sizeof(float) * (size_t)N * H * D);
-    be->linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
-    be->memzero(s->d_qkv, sizeof(float) * (size_t)N * m->qkv_dim);
-    be->attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
-                          dropout_key(c->dropout_seed, l, "attention"));
-    if (cfg->rope) be->rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
-    be->memzero(s->d_c2, sizeof(float) * NC);
-    be->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
+    be->memzero(s->d_att, E * (size_t)N * H * D);
+    ops->linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
+    be->memzero(s->d_qkv, E * (size_t)N * m->qkv_dim);
+    ops->attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
+                            dropout_key(c->dropout_seed, l, "attention"));
+    if (cfg->rope) ops->rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
+    be->memzero(s->d_c2, E * NC);
+    ops->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
     norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
 }
 
 int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
-    const size_t NC = (size_t)N * C;
+    const size_t NC = (size_t)N * C, E = m->E;
     const lt_backend *be = m->be;
-    const float *w = lt_tensor_data(m->weights);
+    const lt_ops *ops = m->ops;
     float *g = lt_tensor_data(m->grads);
 
     scratch s;
     size_t widest = (size_t)m->qkv_dim;
     if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
-    s.bytes = sizeof(float) * ((size_t)N * (3 * C + (size_t)cfg->num_attention_heads * cfg->kv_channels +
-                                            widest + cfg->ffn_hidden_size) + (size_t)N * widest);
+    const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
+    s.bytes = E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + cfg->ffn_hidden_size) + sizeof(float) * (size_t)N;
     s.base = be->alloc(s.bytes);
     float *host_dloss = malloc(sizeof(float) * (size_t)N);
     if (!s.base || !host_dloss) {
@@ -508,28 +545,27 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
         return lt_fail(err, (size_t)errlen, "out of %s memory for the backward of a [%d, %d] microbatch (%.1f MiB)",
                        be->name, B, T, (double)s.bytes / (1 << 20));
     }
-    float *p = s.base;
-    s.d_c = p; p += NC;
-    s.d_c2 = p; p += NC;
-    float *dx = p; p += NC;
-    s.d_att = p; p += (size_t)N * cfg->num_attention_heads * cfg->kv_channels;
-    s.d_qkv = p; p += (size_t)N * widest;
-    s.d_fc1 = p; p += (size_t)N * widest;
+    char *p = s.base;
+    s.dloss = (float *)p; p += sizeof(float) * (size_t)N; /* first: fp32 alignment holds */
+    s.d_c = p; p += E * NC;
+    s.d_c2 = p; p += E * NC;
+    void *dx = p; p += E * NC;
+    s.d_att = p; p += E * (size_t)N * HD;
+    s.d_qkv = p; p += E * (size_t)N * widest;
+    s.d_fc1 = p; p += E * (size_t)N * widest;
     s.d_act = p;
 
     /* Loss → logits, in place: the logits buffer becomes its own gradient. */
-    float *dloss = s.d_c; /* N floats of scratch */
     for (int i = 0; i < N; i++) host_dloss[i] = c->host_targets[i] >= 0 ? grad_scale : 0.0f;
-    be->to_device(dloss, host_dloss, sizeof(float) * (size_t)N);
+    be->to_device(s.dloss, host_dloss, sizeof(float) * (size_t)N);
     free(host_dloss);
-    be->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
-    const float *w_out = w + (m->out_w >= 0 ? m->out_w : m->wte);
-    float *g_out = g + (m->out_w >= 0 ? m->out_w : m->wte);
-    be->memzero(s.d_c2, sizeof(float) * NC);
-    be->linear_backward(s.d_c2, g_out, NULL, c->logits, c->lnf, w_out, N, C, V);
-    be->memzero(dx, sizeof(float) * NC);
-    norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], w + m->lnf_w, c->lnf_mean, c->lnf_rstd,
-                  N);
+    ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, s.dloss, N, V);
+    const int64_t out_off = m->out_w >= 0 ? m->out_w : m->wte;
+    be->memzero(s.d_c2, E * NC);
+    ops->linear_backward(s.d_c2, g + out_off, NULL, c->logits, c->lnf, weight(m, out_off), N, C, V);
+    be->memzero(dx, E * NC);
+    norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], weight(m, m->lnf_w), c->lnf_mean,
+                  c->lnf_rstd, N);
 
     /* Untied output layer and final norm are done (the tied output weight is the embedding,
      * which finishes last). */
@@ -539,15 +575,15 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
         grads_ready_from(m, m->layers[l].ln1_w);
     }
 
-    const float *d_emb = dx;
+    const void *d_emb = dx;
     if (cfg->hidden_dropout > 0) {
-        be->memzero(s.d_c, sizeof(float) * NC);
-        be->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
-                            dropout_key(c->dropout_seed, -1, "embedding"), 0);
+        be->memzero(s.d_c, E * NC);
+        ops->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                              dropout_key(c->dropout_seed, -1, "embedding"), 0);
         d_emb = s.d_c;
     }
-    be->embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
-    if (m->wpe >= 0) be->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
+    ops->embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
+    if (m->wpe >= 0) ops->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
     grads_ready_from(m, 0);
 
     be->release(s.base, s.bytes);

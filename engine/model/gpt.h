@@ -31,6 +31,8 @@ typedef struct {
     int flat_multiple; /* the flat buffers' length is rounded up to a multiple of this (0: 16), so
                           data parallelism can shard them evenly */
     const lt_backend *backend; /* where weights, gradients and activations live and run; NULL: the CPU */
+    int bf16; /* mixed precision: bf16 activations and weight copies for the ops; fp32 main weights and
+                 gradients (the optimizer's), as Megatron's bf16 with grad_reduce_in_fp32 */
 } lt_gpt_config;
 
 typedef struct {
@@ -68,8 +70,9 @@ void lt_gpt_zero_grad(lt_gpt *m);
  * mean loss over valid targets, *num_valid their count. */
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
-/* Logits [B*T, V] of a context, in the backend's memory (valid until backward or free). */
-const float *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
+/* Logits [B*T, V] of a context, in the backend's memory and the compute dtype (fp32, or bf16 under
+ * mixed precision; valid until backward or free). */
+const void *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
 /* Backward: accumulates into the model's gradients, scaling d(loss of each valid token) by
  * grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context, also on failure
  * (-1 with err set when the backend is out of memory for the gradients' scratch; 0 otherwise). */

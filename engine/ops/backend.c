@@ -1,4 +1,5 @@
-/* The built-in CPU backend (ops.h behind the lt_backend table) and the loader of the CUDA plugin. */
+/* The built-in CPU backend (memory, optimizer kernels; its op tables are in cpu_tables.c) and the
+ * loader of the CUDA plugin. */
 #define _GNU_SOURCE
 #include "engine/ops/backend.h"
 
@@ -30,7 +31,16 @@ static void cpu_fill(float *out, int64_t n, float value) {
     for (int64_t i = 0; i < n; i++) out[i] = value;
 }
 
+static void cpu_cast_to_bf16(void *dst, const float *src, int64_t n) {
+    uint16_t *h = dst;
+    for (int64_t i = 0; i < n; i++) h[i] = lt_f32_to_bf16(src[i]);
+}
+
+/* cpu_tables.c: ops.h at fp32, and the bf16 reference. */
+extern const lt_ops lt_cpu_ops_f32, lt_cpu_ops_bf16;
+
 static const lt_backend cpu = {
+    .abi = LT_BACKEND_ABI,
     .name = "cpu",
     .device = LT_CPU,
     .description = "CPU (OpenBLAS, OpenMP)",
@@ -47,31 +57,11 @@ static const lt_backend cpu = {
     .fill_normal = lt_rng_fill_normal,
     .sum_squares = lt_sum_squares,
     .scale = lt_scale,
-    .embedding_forward = lt_embedding_forward,
-    .embedding_backward = lt_embedding_backward,
-    .position_embedding_forward = lt_position_embedding_forward,
-    .position_embedding_backward = lt_position_embedding_backward,
-    .layernorm_forward = lt_layernorm_forward,
-    .layernorm_backward = lt_layernorm_backward,
-    .rmsnorm_forward = lt_rmsnorm_forward,
-    .rmsnorm_backward = lt_rmsnorm_backward,
-    .linear_forward = lt_linear_forward,
-    .linear_backward = lt_linear_backward,
-    .attention_forward = lt_attention_forward,
-    .attention_backward = lt_attention_backward,
-    .rope_forward = lt_rope_forward,
-    .rope_backward = lt_rope_backward,
-    .gelu_forward = lt_gelu_forward,
-    .gelu_backward = lt_gelu_backward,
-    .swiglu_forward = lt_swiglu_forward,
-    .swiglu_backward = lt_swiglu_backward,
-    .add_forward = lt_add_forward,
-    .dropout_forward = lt_dropout_forward,
-    .dropout_backward = lt_dropout_backward,
-    .cross_entropy_forward = lt_cross_entropy_forward,
-    .cross_entropy_backward = lt_cross_entropy_backward,
+    .cast_to_bf16 = cpu_cast_to_bf16,
     .adamw_update = lt_adamw_update,
     .sgd_update = lt_sgd_update,
+    .f32 = &lt_cpu_ops_f32,
+    .bf16 = &lt_cpu_ops_bf16,
 };
 
 const lt_backend *lt_backend_cpu(void) { return &cpu; }
@@ -139,6 +129,13 @@ const lt_backend *lt_backend_get(const char *device, char *err, size_t errlen) {
             lt_backend_open_fn open = (lt_backend_open_fn)dlsym(h, LT_CUDA_PLUGIN_SYMBOL);
             if (!open) lt_fail(cuda_err, sizeof cuda_err, "%s lacks %s", LT_CUDA_PLUGIN_FILE, LT_CUDA_PLUGIN_SYMBOL);
             else cuda = open(cuda_err, sizeof cuda_err);
+            if (cuda && cuda->abi != LT_BACKEND_ABI) {
+                lt_fail(cuda_err, sizeof cuda_err,
+                        "%s was built for another version of luatron (backend ABI %d, this luatron has %d): rebuild it "
+                        "with `bazel build //:luatron_cuda.so`",
+                        LT_CUDA_PLUGIN_FILE, cuda->abi, LT_BACKEND_ABI);
+                cuda = NULL;
+            }
         }
     }
     if (!cuda) lt_fail(err, errlen, "device \"cuda\" is not available: %s", cuda_err);

@@ -1,13 +1,16 @@
 /* A compute backend: where a model's memory lives and the kernels that work on it.
  *
- * The CPU backend is built in (the functions of ops.h). The CUDA backend is a plugin,
- * luatron_cuda.so, loaded only when a recipe asks for device "cuda": a CPU-only build or run
- * never needs a GPU, its driver or its libraries.
+ * The CPU backend is built in. The CUDA backend is a plugin, luatron_cuda.so, loaded only when a
+ * recipe asks for device "cuda": a CPU-only build or run never needs a GPU, its driver or its
+ * libraries.
  *
- * Every op below has the signature and the contract of its CPU function in ops.h (backward
- * accumulates, nullable pointers, layouts); its pointers are memory of the backend's device.
- * On an accelerator ops are asynchronous and run in issue order; `synchronize` waits for all of
- * them and reports the first error since it was last called. */
+ * A backend has memory functions, fp32 kernels for initialisation and the optimizer, and a table
+ * of model ops per compute precision (lt_ops: fp32, and bf16 for mixed precision). Each op has the
+ * contract of its CPU function in ops.h (backward accumulates, nullable pointers, layouts); in the
+ * table, activations and the weights an op reads are `void *` of the table's dtype, while weight
+ * gradients, normalisation statistics, log-sum-exps and losses are always fp32 (`float *`).
+ * On an accelerator everything is asynchronous and runs in issue order; `synchronize` waits and
+ * reports the first error since it was last called. */
 #ifndef LT_BACKEND_H
 #define LT_BACKEND_H
 #include <stddef.h>
@@ -15,7 +18,52 @@
 
 #include "engine/core/tensor.h"
 
+/* The model's ops at one precision. */
+typedef struct lt_ops {
+    lt_dtype dtype; /* of activations and of the weights ops read: LT_F32 or LT_BF16 */
+
+    void (*embedding_forward)(void *out, const int32_t *ids, const void *table, int N, int C);
+    void (*embedding_backward)(float *dtable, const void *dout, const int32_t *ids, int N, int C);
+    void (*position_embedding_forward)(void *out, const void *wpe, int B, int T, int C);
+    void (*position_embedding_backward)(float *dwpe, const void *dout, int B, int T, int C);
+
+    void (*layernorm_forward)(void *out, float *mean, float *rstd, const void *inp, const void *weight,
+                              const void *bias, int N, int C, float eps);
+    void (*layernorm_backward)(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
+                               const void *weight, const float *mean, const float *rstd, int N, int C);
+    void (*rmsnorm_forward)(void *out, float *rstd, const void *inp, const void *weight, int N, int C, float eps);
+    void (*rmsnorm_backward)(void *dinp, float *dweight, const void *dout, const void *inp, const void *weight,
+                             const float *rstd, int N, int C);
+
+    void (*linear_forward)(void *out, const void *inp, const void *weight, const void *bias, int N, int IN, int OUT);
+    void (*linear_backward)(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
+                            const void *weight, int N, int IN, int OUT);
+
+    void (*attention_forward)(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D,
+                              float dropout_p, uint64_t dropout_key);
+    void (*attention_backward)(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
+                               int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
+    void (*rope_forward)(void *qkv, int B, int T, int H, int G, int D, float base);
+    void (*rope_backward)(void *dqkv, int B, int T, int H, int G, int D, float base);
+
+    void (*gelu_forward)(void *out, const void *inp, int64_t n);
+    void (*gelu_backward)(void *dinp, const void *dout, const void *inp, int64_t n);
+    void (*swiglu_forward)(void *out, const void *inp, int N, int F);
+    void (*swiglu_backward)(void *dinp, const void *dout, const void *inp, int N, int F);
+    void (*add_forward)(void *out, const void *a, const void *b, int64_t n);
+    void (*dropout_forward)(void *out, const void *inp, int64_t n, float p, uint64_t key, uint64_t first);
+    void (*dropout_backward)(void *dinp, const void *dout, int64_t n, float p, uint64_t key, uint64_t first);
+
+    void (*cross_entropy_forward)(float *losses, float *lse, const void *logits, const int32_t *targets, int N, int V);
+    void (*cross_entropy_backward)(void *dlogits, const void *logits, const float *lse, const int32_t *targets,
+                                   const float *dloss, int N, int V);
+} lt_ops;
+
+/* Bumped whenever lt_backend or lt_ops change: the loader refuses a plugin built against another layout. */
+#define LT_BACKEND_ABI 2
+
 typedef struct lt_backend {
+    int abi;               /* LT_BACKEND_ABI of the code that filled the table */
     const char *name;      /* "cpu", "cuda" */
     lt_device device;
     char description[256]; /* what it runs on: "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB" */
@@ -44,49 +92,17 @@ typedef struct lt_backend {
     double (*sum_squares)(const float *x, int64_t n);
     void (*scale)(float *x, int64_t n, float s);
 
-    /* ---- the ops of ops.h ---- */
-    void (*embedding_forward)(float *out, const int32_t *ids, const float *table, int N, int C);
-    void (*embedding_backward)(float *dtable, const float *dout, const int32_t *ids, int N, int C);
-    void (*position_embedding_forward)(float *out, const float *wpe, int B, int T, int C);
-    void (*position_embedding_backward)(float *dwpe, const float *dout, int B, int T, int C);
+    /* dst[i] = src[i] rounded to bf16 (nearest even): the compute copy of fp32 weights. */
+    void (*cast_to_bf16)(void *dst, const float *src, int64_t n);
 
-    void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *inp, const float *weight,
-                              const float *bias, int N, int C, float eps);
-    void (*layernorm_backward)(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                               const float *weight, const float *mean, const float *rstd, int N, int C);
-    void (*rmsnorm_forward)(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
-    void (*rmsnorm_backward)(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
-                             const float *rstd, int N, int C);
-
-    void (*linear_forward)(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
-                           int OUT);
-    void (*linear_backward)(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                            const float *weight, int N, int IN, int OUT);
-
-    void (*attention_forward)(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
-                              float dropout_p, uint64_t dropout_key);
-    void (*attention_backward)(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                               int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
-    void (*rope_forward)(float *qkv, int B, int T, int H, int G, int D, float base);
-    void (*rope_backward)(float *dqkv, int B, int T, int H, int G, int D, float base);
-
-    void (*gelu_forward)(float *out, const float *inp, int64_t n);
-    void (*gelu_backward)(float *dinp, const float *dout, const float *inp, int64_t n);
-    void (*swiglu_forward)(float *out, const float *inp, int N, int F);
-    void (*swiglu_backward)(float *dinp, const float *dout, const float *inp, int N, int F);
-    void (*add_forward)(float *out, const float *a, const float *b, int64_t n);
-    void (*dropout_forward)(float *out, const float *inp, int64_t n, float p, uint64_t key, uint64_t first);
-    void (*dropout_backward)(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first);
-
-    void (*cross_entropy_forward)(float *losses, float *lse, const float *logits, const int32_t *targets, int N,
-                                  int V);
-    void (*cross_entropy_backward)(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
-                                   const float *dloss, int N, int V);
-
+    /* ---- the optimizer (fp32) ---- */
     void (*adamw_update)(float *param, const float *grad, float *exp_avg, float *exp_avg_sq, int64_t n, float lr,
                          float beta1, float beta2, float eps, float weight_decay, int64_t step);
     void (*sgd_update)(float *param, const float *grad, float *momentum_buf, int64_t n, float lr, float momentum,
                        float weight_decay);
+
+    /* ---- the model's ops, per compute precision (bf16 NULL where there is none) ---- */
+    const lt_ops *f32, *bf16;
 } lt_backend;
 
 /* The built-in CPU backend. */

@@ -1,5 +1,6 @@
 -- Builds the engine's GPT model from a GPTModelProvider (Megatron names) and a padded vocab size.
 local core = require "luatron.core"
+local util = require "luatron.config.util"
 
 local M = {}
 
@@ -39,13 +40,17 @@ function M.engine_config(provider, seed, flat_multiple)
     seed = seed or 1234,
     flat_multiple = flat_multiple,
     device = provider.device or "cpu",
+    bf16 = provider.bf16 or false,
   }
 end
 
 -- A model on the provider's device ("cpu" or "cuda"). `seed` makes the initial weights
 -- (layout-independent).
 function M.build(provider, seed, flat_multiple)
-  return core.gpt(M.engine_config(provider, seed, flat_multiple))
+  local ok, model = pcall(core.gpt, M.engine_config(provider, seed, flat_multiple))
+  -- What the engine refuses (no GPU, out of memory, a shape it cannot build) is the user's to fix.
+  if not ok then util.fail((tostring(model):gsub("^[^\n]-:%d+: ", "", 1))) end
+  return model
 end
 
 return M

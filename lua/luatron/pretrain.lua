@@ -76,9 +76,9 @@ local function check_supported(m)
   if m.num_moe_experts then
     error("GPTModelProvider.num_moe_experts is set: MoE layers are not implemented yet. Remove num_moe_experts", 0)
   end
-  if m.bf16 or m.fp16 then
-    error(("GPTModelProvider.%s = true: mixed precision is not implemented yet (the CPU and CUDA backends "
-      .. "train in fp32). Remove %s"):format(m.bf16 and "bf16" or "fp16", m.bf16 and "bf16" or "fp16"), 0)
+  if m.fp16 then
+    error("GPTModelProvider.fp16 = true: fp16 mixed precision (with loss scaling) is not implemented; "
+      .. "use bf16 = true (or mixed_precision = \"bf16_mixed\")", 0)
   end
 end
 

@@ -8,6 +8,7 @@
 #include "engine/ops/cuda/embedding.cu"
 #include "engine/ops/cuda/linear.cu"
 #include "engine/ops/cuda/attention.cu"
+#include "engine/ops/cuda/attention_tc.cu"
 #include "engine/ops/cuda/rope.cu"
 #include "engine/ops/cuda/cross_entropy.cu"
 #include "engine/ops/cuda/backend.cu"

@@ -1,6 +1,7 @@
 -- Device "cuda" through the luatron command: where there is no GPU it is refused with the reason
--- and nothing else changes; on a GPU, fp32 training matches the CPU step for step, and a run saved
--- on the GPU resumes on the CPU (checkpoints hold host data).
+-- and nothing else changes; on a GPU, fp32 training matches the CPU step for step, bf16 follows the
+-- CPU's bf16 reference, and a run saved on the GPU resumes on the CPU (checkpoints hold host data).
+-- Without a GPU, the plugin's kernels still run the model under the CPU emulator.
 -- Needs LUATRON (the binary; the CUDA plugin luatron_cuda.so lies beside it under Bazel).
 local h = dofile("tests/lua/helpers.lua")
 local q, tmpdir, read_metrics, luatron = h.q, h.tmpdir, h.read_metrics, h.luatron
@@ -24,6 +25,38 @@ local function needs_gpu()
   if no_gpu then pending("no GPU: " .. (no_gpu:match("no GPU: ([^\n]*)") or no_gpu:sub(1, 200))) end
   return not no_gpu
 end
+
+-- The plugin's own kernels built for the host against engine/ops/cuda/emulation.h (CUDA threads as
+-- coroutines): the whole model path through the CUDA backend runs on machines without a GPU.
+local EMULATED = "tests/cuda/luatron_cuda_emulated.so"
+
+describe("the CUDA plugin under the CPU emulator", function()
+  local small = "model.num_layers=1 model.hidden_size=32 model.num_attention_heads=2 model.seq_length=32 "
+    .. "dataset.sequence_length=32 train.global_batch_size=2 train.micro_batch_size=1 train.train_iters=3"
+
+  for _, precision in ipairs { "fp32", "bf16" } do
+    it(("trains a small model in %s with the CPU backend's losses"):format(precision), function()
+      local f = io.open(EMULATED)
+      assert(f, EMULATED .. " is missing (a data dependency of this spec)")
+      f:close()
+      local cpu, emu = tmpdir(), tmpdir()
+      local extra = small .. (precision == "bf16" and " model.bf16=true" or "")
+      local code, out = luatron(tiny(cpu, extra))
+      assert.are.equal(0, code, out)
+      code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s %s"):format(q(EMULATED), q(h.luatron_bin()),
+        tiny(emu, extra .. " model.device=cuda")))
+      assert.are.equal(0, code, out)
+      local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(emu .. "/metrics.jsonl")
+      assert.are.equal(3, #b)
+      -- fp32: summation order only; bf16: a one-step rounding difference (2^-8) may appear.
+      local rtol = precision == "bf16" and 1e-2 or 1e-5
+      for i = 1, 3 do
+        assert.is_true(math.abs(a[i].loss - b[i].loss) <= rtol * a[i].loss,
+          ("step %d: cpu %.7f, cuda (emulated) %.7f"):format(i, a[i].loss, b[i].loss))
+      end
+    end)
+  end
+end)
 
 describe("device cuda", function()
   it("is refused without a GPU with the reason, and the CPU run is unaffected", function()
@@ -54,6 +87,21 @@ describe("device cuda", function()
         ("step %d: cpu %.6f, cuda %.6f"):format(i, a[i].loss, b[i].loss))
       assert.is_true(math.abs(a[i].grad_norm - b[i].grad_norm) <= 1e-2 * a[i].grad_norm,
         ("step %d grad norm: cpu %.6f, cuda %.6f"):format(i, a[i].grad_norm, b[i].grad_norm))
+    end
+  end)
+
+  it("trains in bf16 mixed precision within 1% of the CPU's bf16 reference over 20 steps", function()
+    if not needs_gpu() then return end
+    local cpu, gpu = tmpdir(), tmpdir()
+    local code, out = luatron(tiny(cpu, "train.train_iters=20 model.bf16=true"))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(gpu, "train.train_iters=20 model.bf16=true model.device=cuda"))
+    assert.are.equal(0, code, out)
+    local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(gpu .. "/metrics.jsonl")
+    assert.are.equal(20, #b)
+    for i = 1, 20 do
+      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 1e-2 * a[i].loss,
+        ("step %d: cpu bf16 %.6f, cuda bf16 %.6f"):format(i, a[i].loss, b[i].loss))
     end
   end)
 

@@ -1,6 +1,7 @@
 -- End to end through the luatron command: training, resuming, real data, and bad input.
 -- Needs LUATRON (the binary); tests/lua/BUILD provides it under Bazel.
 local json = require "luatron.json"
+local lt = require "luatron"
 
 local h = dofile("tests/lua/helpers.lua")
 local q, tmpdir, write, read_metrics, luatron = h.q, h.tmpdir, h.write, h.read_metrics, h.luatron
@@ -169,13 +170,49 @@ describe("bad input", function()
 end)
 
 describe("what this build does not run yet", function()
-  it("refuses a multi-rank layout and mixed precision with a message that says what to change", function()
+  it("refuses a multi-rank layout and fp16 with a message that says what to change", function()
     local dir = tmpdir()
     local code, out = luatron(tiny(dir, "model.tensor_model_parallel_size=2"))
     assert.are.equal(1, code)
     assert.truthy(out:find("tensor_model_parallel_size = 2: this build parallelises over data only", 1, true), out)
-    code, out = luatron(tiny(dir, "model.bf16=true"))
+    code, out = luatron(tiny(dir, "model.fp16=true"))
     assert.are.equal(1, code)
-    assert.truthy(out:find("bf16 = true: mixed precision is not implemented yet", 1, true), out)
+    assert.truthy(out:find("fp16 mixed precision (with loss scaling) is not implemented; use bf16 = true", 1, true), out)
+  end)
+end)
+
+describe("bf16 mixed precision", function()
+  -- The CPU's bf16 reference kernels: bf16 activations and weight copies, fp32 main weights,
+  -- gradients and Adam moments.
+  it("trains within 2% of the fp32 losses, checkpoints fp32 weights and resumes exactly", function()
+    local fp32, bf16, split = tmpdir(), tmpdir(), tmpdir()
+    local code, out = luatron(tiny(fp32, "train.train_iters=20"))
+    assert.are.equal(0, code, out)
+    code, out = luatron(tiny(bf16, "train.train_iters=20 model.bf16=true"))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("bf16 reference kernels", 1, true), "warns that CPU bf16 is for checking: " .. out)
+    local a, b = read_metrics(fp32 .. "/metrics.jsonl"), read_metrics(bf16 .. "/metrics.jsonl")
+    assert.are.equal(20, #b)
+    local differs = false
+    for i = 1, 20 do
+      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 0.02 * a[i].loss,
+        ("step %d: fp32 %.5f, bf16 %.5f"):format(i, a[i].loss, b[i].loss))
+      differs = differs or a[i].loss ~= b[i].loss
+    end
+    assert.is_true(differs, "bf16 rounding must show in the losses (else bf16 did not run)")
+
+    local ckpt = split .. "/ckpt"
+    code, out = luatron(tiny(split, ("train.train_iters=20 train.exit_interval=10 model.bf16=true checkpoint.save=%s")
+      :format(q(ckpt))))
+    assert.are.equal(0, code, out)
+    local saved = assert(lt.core.load_tensors(ckpt .. "/iter_0000010/model.safetensors"))
+    assert.are.equal("float32", saved["decoder.layers.0.mlp.linear_fc1.weight"]:dtype(), "main weights stay fp32")
+    code, out = luatron(tiny(split, ("train.train_iters=20 model.bf16=true checkpoint.save=%s"):format(q(ckpt))))
+    assert.are.equal(0, code, out)
+    local c = read_metrics(split .. "/metrics.jsonl")
+    assert.are.equal(20, #c)
+    for i = 1, 20 do
+      assert.are.equal(b[i].loss, c[i].loss, ("step %d: uninterrupted %.7f, resumed %.7f"):format(i, b[i].loss, c[i].loss))
+    end
   end)
 end)

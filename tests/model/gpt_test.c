@@ -6,7 +6,9 @@
  *   3. layout-independent init and init statistics;
  *   4. errors (bad token id, T > seq_length, invalid config);
  *   5. Megatron parameter names and shapes;
- *   6. a few SGD steps overfit one batch. */
+ *   6. a few SGD steps overfit one batch;
+ *   7. bf16 mixed precision (the CPU reference kernels): close to fp32, fp32 main weights and
+ *      gradients, and the bf16 copy follows every change of the main weights. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -684,6 +686,49 @@ static void test_sgd(void) {
     lt_gpt_free(m);
 }
 
+/* ---- 7. bf16 mixed precision ---- */
+
+/* max |a - b| / max |a| over n values. */
+static double rel_diff(const float *a, const float *b, int64_t n) {
+    double d = 0, scale = 0;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        scale = fmax(scale, fabs((double)a[i]));
+    }
+    return scale > 0 ? d / scale : d;
+}
+
+static void test_bf16(void) {
+    lt_gpt_config c = small_config();
+    c.rope = 1;
+    c.gated_linear_unit = 1;
+    c.hidden_dropout = 0.1f;
+    lt_gpt *f = new_model(&c);
+    c.bf16 = 1;
+    lt_gpt *h = new_model(&c);
+    batch b = make_batch(2, 8, c.vocab_size, 77, 5);
+    const int64_t n = lt_tensor_numel(lt_gpt_weights(f));
+    TAP_CHECK(lt_gpt_weights(h)->dtype == LT_F32 && lt_gpt_grads(h)->dtype == LT_F32 &&
+                  memcmp(wdata(f), wdata(h), sizeof(float) * (size_t)n) == 0,
+              "bf16: main weights and gradients are fp32, initialised as in fp32");
+
+    lt_gpt_zero_grad(f);
+    lt_gpt_zero_grad(h);
+    float lf = fwd_bwd(f, &b, 3, NULL), lh = fwd_bwd(h, &b, 3, NULL);
+    /* bf16 keeps 8 bits of mantissa: one rounding is 2^-9 relative, a few layers of them stay near 1%. */
+    TAP_CHECK(fabsf(lf - lh) <= 1e-2f * lf && lf != lh, "bf16: loss %.6f vs fp32 %.6f (within 1%%, not equal)", lh, lf);
+    double dg = rel_diff(gdata(f), gdata(h), n);
+    TAP_CHECK(dg < 5e-2, "bf16: gradients within 5%% of fp32 (max diff / max |grad| = %.3g)", dg);
+
+    /* The bf16 copy is refreshed from the main weights at every forward. */
+    for (int64_t i = 0; i < n; i++) wdata(f)[i] = wdata(h)[i] = wdata(h)[i] * 0.5f;
+    lf = loss_of(f, &b, 3);
+    lh = loss_of(h, &b, 3);
+    TAP_CHECK(fabsf(lf - lh) <= 1e-2f * lf, "bf16: after the main weights change, loss %.6f follows fp32 %.6f", lh, lf);
+    lt_gpt_free(f);
+    lt_gpt_free(h);
+}
+
 int main(void) {
     test_gradients();
     test_dropout();
@@ -691,5 +736,6 @@ int main(void) {
     test_errors();
     test_names();
     test_sgd();
+    test_bf16();
     return tap_done();
 }

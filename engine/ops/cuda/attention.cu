@@ -1,5 +1,10 @@
-// Causal grouped-query attention on the fused qkv[B, T, G, H/G + 2, D] layout, flash-attention style,
-// fp32 (engine/ops/ops.h has the contract, engine/ops/cpu/attention.c the reference).
+// Causal grouped-query attention on the fused qkv[B, T, G, H/G + 2, D] layout, flash-attention style
+// (engine/ops/ops.h has the contract, engine/ops/cpu/attention.c the reference). qkv, out, dout and
+// dqkv are float or bf16 (T); tiles are widened to fp32 in shared memory and all the math (scores,
+// online softmax, lse, the products) is fp32 on CUDA cores. A bf16 out is rounded once at the end; a
+// bf16 dqkv element is read, added to (its whole fp32 gradient, summed in registers) and rounded once.
+// These kernels serve the fp32 table; the bf16 table runs attention_tc.cu (tensor cores) unless
+// LUATRON_CUDA_ATTENTION=simt, which gives it these (fp32 math on bf16 storage) instead.
 //
 // Tiles are 32 x 32: a block has 8 warps, each warp owns 4 rows of the tile, and the 32 lanes of a warp
 // stand for the 32 columns of the other side (keys in forward and dQ, queries in dK/dV). A lane
@@ -15,37 +20,27 @@
 // deterministic) and dQ per query tile; both accumulate (+=) into dqkv.
 #include <math.h>
 
+#include <type_traits>
+
 #include "engine/ops/cuda/internal.cuh"
 #include "engine/ops/cuda/philox.cuh"
+#include "engine/ops/cuda/attention_common.cuh"
 
 #define ATT_WARPS 8
 #define ATT_RW 4                     /* rows of the tile per warp */
 #define ATT_THREADS (32 * ATT_WARPS) /* 256 */
 #define ATT_TILE 32                  /* = ATT_WARPS * ATT_RW = lanes per warp */
 #define ATT_PAD 33                   /* pitch of the transposed tiles */
-#define ATT_MAX_D 128
 #define ATT_FULL 0xffffffffu
 
 static_assert(ATT_WARPS * ATT_RW == ATT_TILE && ATT_TILE == 32, "a tile is 32 rows by 32 lanes");
 
-/* Offsets into qkv (floats): token row pitch, and the start of head h's query / group g's key in a row. */
-static __device__ __forceinline__ int64_t att_row_pitch(int H, int G, int D) { return (int64_t)(H + 2 * G) * D; }
-static __device__ __forceinline__ int64_t att_q_col(int h, int hpg, int D) {
-    return (int64_t)((h / hpg) * (hpg + 2) + h % hpg) * D;
-}
-static __device__ __forceinline__ int64_t att_k_col(int g, int hpg, int D) { return (int64_t)(g * (hpg + 2) + hpg) * D; }
-
-/* The dropout mask element (b, h, i, j) of ops.h, bh = b * H + h. */
-static __device__ __forceinline__ bool att_dropped(uint64_t key, int64_t bh, int T, int i, int j, float p) {
-    return cuda_uniform(key, ((uint64_t)bh * (uint64_t)T + (uint64_t)i) * (uint64_t)T + (uint64_t)j) < p;
-}
-
 /* ---------------- forward ----------------
  * grid (B*H, ceil(T/32)), one block per (b, h, query tile); the last query tiles (most keys) start first. */
-template <int DV>
+template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
-    att_forward_kernel(float *out, float *lse, const float *qkv, int T, int H, int G, int D, float scale, float p,
-                       float inv_keep, uint64_t key) {
+    att_forward_kernel(scalar_t *out, float *lse, const scalar_t *qkv, int T, int H, int G, int D, float scale,
+                       float p, float inv_keep, uint64_t key) {
     CUDA_DYNAMIC_SMEM(float, att_smem);
     float *Qs = att_smem;              /* [32][D]  query rows * scale */
     float *Kt = Qs + ATT_TILE * D;     /* [D][33]  key tile, transposed */
@@ -54,12 +49,12 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rs = att_row_pitch(H, G, D);
-    const float *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
-    const float *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
+    const scalar_t *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
+    const scalar_t *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
 
     for (int idx = threadIdx.x; idx < ATT_TILE * D; idx += ATT_THREADS) {
         const int r = idx / D, d = idx - r * D, t = q0 + r;
-        Qs[idx] = t < T ? scale * qp[(int64_t)t * rs + d] : 0.0f; /* the CPU scales q before the dot */
+        Qs[idx] = t < T ? scale * cuda_ld(qp + (int64_t)t * rs + d) : 0.0f; /* the CPU scales q before the dot */
     }
     float m[ATT_RW], l[ATT_RW], o[ATT_RW][DV];
 #pragma unroll
@@ -76,8 +71,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
         for (int idx = threadIdx.x; idx < ATT_TILE * D; idx += ATT_THREADS) {
             const int j = idx / D, d = idx - j * D, t = k0 + j;
             const bool in = t < T;
-            Kt[d * ATT_PAD + j] = in ? kp[(int64_t)t * rs + d] : 0.0f;
-            Vs[idx] = in ? vp[(int64_t)t * rs + d] : 0.0f;
+            Kt[d * ATT_PAD + j] = in ? cuda_ld(kp + (int64_t)t * rs + d) : 0.0f;
+            Vs[idx] = in ? cuda_ld(vp + (int64_t)t * rs + d) : 0.0f;
         }
         __syncthreads();
         /* scores of the warp's rows against key k0 + lane */
@@ -123,11 +118,11 @@ __global__ void __launch_bounds__(ATT_THREADS)
         if (i >= T) continue;
         const float inv = 1.0f / l[r];
         if (lane == 0) lse[(int64_t)bh * T + i] = m[r] + logf(l[r]);
-        float *op = out + (((int64_t)b * T + i) * H + h) * D;
+        scalar_t *op = out + (((int64_t)b * T + i) * H + h) * D;
 #pragma unroll
         for (int k = 0; k < DV; k++) {
             const int d = lane + 32 * k;
-            if (d < D) op[d] = o[r][k] * inv;
+            if (d < D) cuda_st(op + d, o[r][k] * inv);
         }
     }
 }
@@ -136,12 +131,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
 
 /* delta[b, h, t] = dout[b, t, h, :] . out[b, t, h, :] (= sum_j Pd_ij dPd_ij, dropout included): one warp
  * per (b, t, h) row. */
-__global__ void att_delta_kernel(float *delta, const float *dout, const float *out, int64_t rows, int T, int H, int D) {
+template <typename scalar_t>
+__global__ void att_delta_kernel(float *delta, const scalar_t *dout, const scalar_t *out, int64_t rows, int T, int H,
+                                 int D) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int64_t row = (int64_t)blockIdx.x * ATT_WARPS + warp; row < rows; row += (int64_t)gridDim.x * ATT_WARPS) {
-        const float *g = dout + row * D, *o = out + row * D;
+        const scalar_t *g = dout + row * D, *o = out + row * D;
         float s = 0.0f;
-        for (int d = lane; d < D; d += 32) s += g[d] * o[d];
+        for (int d = lane; d < D; d += 32) s += cuda_ld(g + d) * cuda_ld(o + d);
         s = cuda_warp_sum(s);
         const int64_t bt = row / H, t = bt % T, b = bt / T, h = row % H;
         if (lane == 0) delta[(b * H + h) * T + t] = s;
@@ -152,10 +149,11 @@ __global__ void att_delta_kernel(float *delta, const float *dout, const float *o
  * query) first. Warp rows are keys j, lanes are queries i of the current query tile. With
  * P = exp(S - lse), f = 0 or 1/(1-p) the dropout factor, dPd = dO . V_j:
  *   dV_j += sum_i P f dO_i,   dK_j += sum_i P (dPd f - delta_i) * (scale q_i). */
-template <int DV>
+template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
-    att_backward_dkv_kernel(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *delta,
-                            int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key) {
+    att_backward_dkv_kernel(scalar_t *dqkv, const scalar_t *dout, const scalar_t *qkv, const float *lse,
+                            const float *delta, int T, int H, int G, int D, float scale, float p, float inv_keep,
+                            uint64_t key) {
     CUDA_DYNAMIC_SMEM(float, att_smem);
     float *Ks = att_smem;              /* [32][D] key tile */
     float *Vs = Ks + ATT_TILE * D;     /* [32][D] value tile */
@@ -167,13 +165,13 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int k0 = blockIdx.y * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rs = att_row_pitch(H, G, D);
-    const float *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
+    const scalar_t *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
 
     for (int idx = threadIdx.x; idx < ATT_TILE * D; idx += ATT_THREADS) {
         const int j = idx / D, d = idx - j * D, t = k0 + j;
         const bool in = t < T;
-        Ks[idx] = in ? kp[(int64_t)t * rs + d] : 0.0f;
-        Vs[idx] = in ? vp[(int64_t)t * rs + d] : 0.0f;
+        Ks[idx] = in ? cuda_ld(kp + (int64_t)t * rs + d) : 0.0f;
+        Vs[idx] = in ? cuda_ld(vp + (int64_t)t * rs + d) : 0.0f;
     }
     float dk[ATT_RW][DV], dv[ATT_RW][DV];
 #pragma unroll
@@ -184,15 +182,15 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int hh = 0; hh < hpg; hh++) { /* every query head of the group, in order */
         const int h = g * hpg + hh;
         const int64_t bh = (int64_t)b * H + h;
-        const float *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
-        const float *gp = dout + ((int64_t)b * T * H + h) * D; /* dout[b, t, h, :] = gp + t * H * D */
+        const scalar_t *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
+        const scalar_t *gp = dout + ((int64_t)b * T * H + h) * D; /* dout[b, t, h, :] = gp + t * H * D */
         for (int q0 = k0; q0 < T; q0 += ATT_TILE) { /* queries i >= k0 only (causal) */
             __syncthreads(); /* Ks, Vs are written (first pass); the previous query tile is consumed */
             for (int idx = threadIdx.x; idx < ATT_TILE * D; idx += ATT_THREADS) {
                 const int r = idx / D, d = idx - r * D, t = q0 + r;
                 const bool in = t < T;
-                Qt[d * ATT_PAD + r] = in ? scale * qp[(int64_t)t * rs + d] : 0.0f;
-                dOt[d * ATT_PAD + r] = in ? gp[(int64_t)t * H * D + d] : 0.0f;
+                Qt[d * ATT_PAD + r] = in ? scale * cuda_ld(qp + (int64_t)t * rs + d) : 0.0f;
+                dOt[d * ATT_PAD + r] = in ? cuda_ld(gp + (int64_t)t * H * D + d) : 0.0f;
             }
             if (threadIdx.x < ATT_TILE) {
                 const int t = q0 + threadIdx.x;
@@ -237,13 +235,13 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int r = 0; r < ATT_RW; r++) {
         const int j = k0 + warp * ATT_RW + r;
         if (j >= T) continue;
-        float *dkp = dqkv + ((int64_t)b * T + j) * rs + att_k_col(g, hpg, D), *dvp = dkp + D;
+        scalar_t *dkp = dqkv + ((int64_t)b * T + j) * rs + att_k_col(g, hpg, D), *dvp = dkp + D;
 #pragma unroll
         for (int k = 0; k < DV; k++) {
             const int d = lane + 32 * k;
             if (d < D) {
-                dkp[d] += dk[r][k];
-                dvp[d] += dv[r][k];
+                cuda_st(dkp + d, cuda_ld(dkp + d) + dk[r][k]);
+                cuda_st(dvp + d, cuda_ld(dvp + d) + dv[r][k]);
             }
         }
     }
@@ -251,10 +249,11 @@ __global__ void __launch_bounds__(ATT_THREADS)
 
 /* dQ of one query tile of head h: grid (B*H, ceil(T/32)), last tiles first. Warp rows are queries i,
  * lanes keys j of the current key tile: dQ_i += scale * sum_j P (dPd f - delta_i) K_j. */
-template <int DV>
+template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
-    att_backward_dq_kernel(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *delta,
-                           int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key) {
+    att_backward_dq_kernel(scalar_t *dqkv, const scalar_t *dout, const scalar_t *qkv, const float *lse,
+                           const float *delta, int T, int H, int G, int D, float scale, float p, float inv_keep,
+                           uint64_t key) {
     CUDA_DYNAMIC_SMEM(float, att_smem);
     float *Qs = att_smem;              /* [32][D] query rows * scale */
     float *dOs = Qs + ATT_TILE * D;    /* [32][D] dout rows */
@@ -264,15 +263,15 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rs = att_row_pitch(H, G, D);
-    const float *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
-    const float *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
-    const float *gp = dout + ((int64_t)b * T * H + h) * D;
+    const scalar_t *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
+    const scalar_t *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
+    const scalar_t *gp = dout + ((int64_t)b * T * H + h) * D;
 
     for (int idx = threadIdx.x; idx < ATT_TILE * D; idx += ATT_THREADS) {
         const int r = idx / D, d = idx - r * D, t = q0 + r;
         const bool in = t < T;
-        Qs[idx] = in ? scale * qp[(int64_t)t * rs + d] : 0.0f;
-        dOs[idx] = in ? gp[(int64_t)t * H * D + d] : 0.0f;
+        Qs[idx] = in ? scale * cuda_ld(qp + (int64_t)t * rs + d) : 0.0f;
+        dOs[idx] = in ? cuda_ld(gp + (int64_t)t * H * D + d) : 0.0f;
     }
     float lse_r[ATT_RW], di_r[ATT_RW], dq[ATT_RW][DV];
 #pragma unroll
@@ -291,8 +290,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
         for (int idx = threadIdx.x; idx < ATT_TILE * D; idx += ATT_THREADS) {
             const int j = idx / D, d = idx - j * D, t = k0 + j;
             const bool in = t < T;
-            Kt[d * ATT_PAD + j] = in ? kp[(int64_t)t * rs + d] : 0.0f;
-            Vt[d * ATT_PAD + j] = in ? vp[(int64_t)t * rs + d] : 0.0f;
+            Kt[d * ATT_PAD + j] = in ? cuda_ld(kp + (int64_t)t * rs + d) : 0.0f;
+            Vt[d * ATT_PAD + j] = in ? cuda_ld(vp + (int64_t)t * rs + d) : 0.0f;
         }
         __syncthreads();
         float s[ATT_RW], dp[ATT_RW];
@@ -331,11 +330,11 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int r = 0; r < ATT_RW; r++) {
         const int i = q0 + warp * ATT_RW + r;
         if (i >= T) continue;
-        float *dqp = dqkv + ((int64_t)b * T + i) * rs + att_q_col(h, hpg, D);
+        scalar_t *dqp = dqkv + ((int64_t)b * T + i) * rs + att_q_col(h, hpg, D);
 #pragma unroll
         for (int k = 0; k < DV; k++) {
             const int d = lane + 32 * k;
-            if (d < D) dqp[d] += scale * dq[r][k];
+            if (d < D) cuda_st(dqp + d, cuda_ld(dqp + d) + scale * dq[r][k]);
         }
     }
 }
@@ -348,21 +347,6 @@ static size_t att_dkv_smem(int D) {
 }
 static size_t att_dq_smem(int D) { return sizeof(float) * ((size_t)2 * ATT_TILE * D + (size_t)2 * D * ATT_PAD); }
 
-/* Above 48 KiB a kernel must opt in to its dynamic shared memory (H100: up to 227 KiB). */
-static bool att_smem_ok(const void *kernel, size_t bytes, const char *op) {
-    if (bytes <= 48 * 1024) return true;
-    if (bytes > cuda_ctx.smem_optin) {
-        cuda_record(op, "needs %zu bytes of shared memory, the GPU allows %zu", bytes, cuda_ctx.smem_optin);
-        return false;
-    }
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-    if (e != cudaSuccess) {
-        cuda_record_cuda(op, e);
-        return false;
-    }
-    return true;
-}
-
 static bool att_shape_ok(int B, int T, int H, int G, int D, float p, const char *op) {
     if (H <= 0 || G <= 0 || H % G != 0 || D < 1 || D > ATT_MAX_D || !(p >= 0.0f && p < 1.0f) ||
         (T + ATT_TILE - 1) / ATT_TILE > 65535) {
@@ -373,61 +357,104 @@ static bool att_shape_ok(int B, int T, int H, int G, int D, float p, const char 
     return true;
 }
 
-template <int DV>
-static void att_forward_launch(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D, float p,
+template <typename T, int DV>
+static void att_forward_launch(T *out, float *lse, const T *qkv, int B, int T_, int H, int G, int D, float p,
                                uint64_t key) {
+    void (*const kernel)(T *, float *, const T *, int, int, int, int, float, float, float, uint64_t) =
+        att_forward_kernel<T, DV>;
     const size_t smem = att_forward_smem(D);
-    if (!att_smem_ok((const void *)att_forward_kernel<DV>, smem, "attention_forward")) return;
+    if (!att_smem_ok((const void *)kernel, smem, "attention_forward")) return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    const dim3 grid((unsigned)(B * H), (unsigned)((T + ATT_TILE - 1) / ATT_TILE));
-    CUDA_LAUNCH(att_forward_kernel<DV>, grid, ATT_THREADS, smem)(out, lse, qkv, T, H, G, D, scale, p, inv_keep,
-                                                                         key);
+    const dim3 grid((unsigned)(B * H), (unsigned)((T_ + ATT_TILE - 1) / ATT_TILE));
+    CUDA_LAUNCH(kernel, grid, ATT_THREADS, smem)(out, lse, qkv, T_, H, G, D, scale, p, inv_keep, key);
     cuda_check("attention_forward");
 }
 
-template <int DV>
-static void att_backward_launch(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                                int B, int T, int H, int G, int D, float p, uint64_t key) {
+/* delta[b, h, t] = dout . out in scratch (NULL, error recorded, when out of memory). */
+template <typename T>
+static float *att_delta(const T *dout, const T *out, int B, int T_, int H, int D, const char *op) {
+    const int64_t rows = (int64_t)B * T_ * H;
+    float *delta = (float *)cuda_scratch(sizeof(float) * (size_t)rows, op);
+    if (!delta) return NULL;
+    CUDA_LAUNCH(att_delta_kernel<T>, cuda_blocks(rows, ATT_WARPS), ATT_THREADS, 0)(delta, dout, out, rows, T_, H, D);
+    return delta;
+}
+
+template <typename T, int DV>
+static void att_backward_launch(T *dqkv, const T *dout, const T *qkv, const T *out, const float *lse, int B, int T_,
+                                int H, int G, int D, float p, uint64_t key) {
     const char *op = "attention_backward";
+    void (*const dkv_kernel)(T *, const T *, const T *, const float *, const float *, int, int, int, int, float,
+                             float, float, uint64_t) = att_backward_dkv_kernel<T, DV>;
+    void (*const dq_kernel)(T *, const T *, const T *, const float *, const float *, int, int, int, int, float,
+                            float, float, uint64_t) = att_backward_dq_kernel<T, DV>;
     const size_t smem_kv = att_dkv_smem(D), smem_q = att_dq_smem(D);
-    if (!att_smem_ok((const void *)att_backward_dkv_kernel<DV>, smem_kv, op) ||
-        !att_smem_ok((const void *)att_backward_dq_kernel<DV>, smem_q, op))
+    if (!att_smem_ok((const void *)dkv_kernel, smem_kv, op) || !att_smem_ok((const void *)dq_kernel, smem_q, op))
         return;
-    const int64_t rows = (int64_t)B * T * H;
-    const size_t nbytes = sizeof(float) * (size_t)rows;
-    float *delta = (float *)cuda_scratch(nbytes, op);
+    float *delta = att_delta(dout, out, B, T_, H, D, op);
     if (!delta) return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    const unsigned ntiles = (unsigned)((T + ATT_TILE - 1) / ATT_TILE);
-    CUDA_LAUNCH(att_delta_kernel, cuda_blocks(rows, ATT_WARPS), ATT_THREADS, 0)(delta, dout, out, rows, T, H, D);
-    CUDA_LAUNCH(att_backward_dkv_kernel<DV>, dim3((unsigned)(B * G), ntiles), ATT_THREADS, smem_kv)(
-        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key);
-    CUDA_LAUNCH(att_backward_dq_kernel<DV>, dim3((unsigned)(B * H), ntiles), ATT_THREADS, smem_q)(
-        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key);
+    const unsigned ntiles = (unsigned)((T_ + ATT_TILE - 1) / ATT_TILE);
+    CUDA_LAUNCH(dkv_kernel, dim3((unsigned)(B * G), ntiles), ATT_THREADS, smem_kv)(
+        dqkv, dout, qkv, lse, delta, T_, H, G, D, scale, p, inv_keep, key);
+    CUDA_LAUNCH(dq_kernel, dim3((unsigned)(B * H), ntiles), ATT_THREADS, smem_q)(
+        dqkv, dout, qkv, lse, delta, T_, H, G, D, scale, p, inv_keep, key);
     cuda_check(op);
-    cuda_release(delta, nbytes);
+    cuda_release(delta, sizeof(float) * (size_t)B * T_ * H);
 }
 
-void cuda_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
-                            float dropout_p, uint64_t dropout_key) {
-    if (B <= 0 || T <= 0) return;
-    if (!att_shape_ok(B, T, H, G, D, dropout_p, "attention_forward")) return;
+/* The bf16 table's default: tensor cores (attention_tc.cu). Not for float, whose table is the checking mode. */
+template <typename T>
+static bool att_use_tc(void) {
+    return std::is_same<T, __nv_bfloat16>::value && cuda_ctx.attention_tc;
+}
+
+template <typename T>
+static void att_attention_forward(void *out_, float *lse, const void *qkv_, int B, int T_, int H, int G, int D,
+                                  float dropout_p, uint64_t dropout_key) {
+    if (B <= 0 || T_ <= 0) return;
+    if (!att_shape_ok(B, T_, H, G, D, dropout_p, "attention_forward")) return;
+    T *out = (T *)out_;
+    const T *qkv = (const T *)qkv_;
+    if (att_use_tc<T>()) {
+        cuda_attention_tc_forward((__nv_bfloat16 *)out_, lse, (const __nv_bfloat16 *)qkv_, B, T_, H, G, D, dropout_p,
+                                  dropout_key);
+        return;
+    }
     switch ((D + 31) / 32) { /* output dims per lane */
-    case 1: att_forward_launch<1>(out, lse, qkv, B, T, H, G, D, dropout_p, dropout_key); break;
-    case 2: att_forward_launch<2>(out, lse, qkv, B, T, H, G, D, dropout_p, dropout_key); break;
-    case 3: att_forward_launch<3>(out, lse, qkv, B, T, H, G, D, dropout_p, dropout_key); break;
-    default: att_forward_launch<4>(out, lse, qkv, B, T, H, G, D, dropout_p, dropout_key); break;
+    case 1: att_forward_launch<T, 1>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
+    case 2: att_forward_launch<T, 2>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
+    case 3: att_forward_launch<T, 3>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
+    default: att_forward_launch<T, 4>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
     }
 }
 
-void cuda_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                             int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key) {
-    if (B <= 0 || T <= 0) return;
-    if (!att_shape_ok(B, T, H, G, D, dropout_p, "attention_backward")) return;
-    switch ((D + 31) / 32) {
-    case 1: att_backward_launch<1>(dqkv, dout, qkv, out, lse, B, T, H, G, D, dropout_p, dropout_key); break;
-    case 2: att_backward_launch<2>(dqkv, dout, qkv, out, lse, B, T, H, G, D, dropout_p, dropout_key); break;
-    case 3: att_backward_launch<3>(dqkv, dout, qkv, out, lse, B, T, H, G, D, dropout_p, dropout_key); break;
-    default: att_backward_launch<4>(dqkv, dout, qkv, out, lse, B, T, H, G, D, dropout_p, dropout_key); break;
+template <typename T>
+static void att_attention_backward(void *dqkv_, const void *dout_, const void *qkv_, const void *out_,
+                                   const float *lse, int B, int T_, int H, int G, int D, float dropout_p,
+                                   uint64_t dropout_key) {
+    if (B <= 0 || T_ <= 0) return;
+    if (!att_shape_ok(B, T_, H, G, D, dropout_p, "attention_backward")) return;
+    T *dqkv = (T *)dqkv_;
+    const T *dout = (const T *)dout_, *qkv = (const T *)qkv_, *out = (const T *)out_;
+    if (att_use_tc<T>()) {
+        const char *op = "attention_backward";
+        float *delta = att_delta(dout, out, B, T_, H, D, op);
+        if (!delta) return;
+        cuda_attention_tc_backward((__nv_bfloat16 *)dqkv_, (const __nv_bfloat16 *)dout_, (const __nv_bfloat16 *)qkv_,
+                                   lse, delta, B, T_, H, G, D, dropout_p, dropout_key);
+        cuda_release(delta, sizeof(float) * (size_t)B * T_ * H);
+        return;
     }
+    switch ((D + 31) / 32) {
+    case 1: att_backward_launch<T, 1>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
+    case 2: att_backward_launch<T, 2>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
+    case 3: att_backward_launch<T, 3>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
+    default: att_backward_launch<T, 4>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
+    }
+}
+
+void cuda_attention_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, attention_forward, att_attention_forward);
+    CUDA_SET_OP(f32, bf16, attention_backward, att_attention_backward);
 }

@@ -1,4 +1,5 @@
 // The CUDA backend's table and the plugin's one exported symbol, lt_cuda_backend_open.
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,7 +21,39 @@ static int cuda_pick_device(int count, char *err, size_t errlen) {
     return (int)d;
 }
 
-static void cuda_fill_table(lt_backend *be) {
+/* The model's ops: one table per compute precision, filled by the families at open. */
+static lt_ops cuda_ops_f32, cuda_ops_bf16;
+
+/* 0 when every op of the table is set; else the offset of the first missing one. */
+static size_t cuda_ops_missing(const lt_ops *ops) {
+    typedef void (*fn)(void);
+    for (size_t off = offsetof(lt_ops, embedding_forward); off + sizeof(fn) <= sizeof(lt_ops); off += sizeof(fn)) {
+        fn f;
+        memcpy(&f, (const char *)ops + off, sizeof f);
+        if (!f) return off;
+    }
+    return 0;
+}
+
+static int cuda_fill_table(lt_backend *be, char *err, size_t errlen) {
+    memset(&cuda_ops_f32, 0, sizeof cuda_ops_f32);
+    memset(&cuda_ops_bf16, 0, sizeof cuda_ops_bf16);
+    cuda_ops_f32.dtype = LT_F32;
+    cuda_ops_bf16.dtype = LT_BF16;
+    cuda_elementwise_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_embedding_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_norm_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_linear_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_attention_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_rope_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_cross_entropy_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    const size_t miss = cuda_ops_missing(&cuda_ops_f32) ? cuda_ops_missing(&cuda_ops_f32)
+                                                        : cuda_ops_missing(&cuda_ops_bf16);
+    if (miss) { /* a family forgot an op: a bug of the plugin, refused rather than a NULL call later */
+        snprintf(err, errlen, "luatron_cuda.so: op table incomplete (no op at offset %zu of lt_ops)", miss);
+        return -1;
+    }
+    be->abi = LT_BACKEND_ABI;
     be->name = "cuda";
     be->device = LT_CUDA;
     be->alloc = cuda_alloc;
@@ -36,31 +69,12 @@ static void cuda_fill_table(lt_backend *be) {
     be->fill_normal = cuda_fill_normal;
     be->sum_squares = cuda_sum_squares;
     be->scale = cuda_scale;
-    be->embedding_forward = cuda_embedding_forward;
-    be->embedding_backward = cuda_embedding_backward;
-    be->position_embedding_forward = cuda_position_embedding_forward;
-    be->position_embedding_backward = cuda_position_embedding_backward;
-    be->layernorm_forward = cuda_layernorm_forward;
-    be->layernorm_backward = cuda_layernorm_backward;
-    be->rmsnorm_forward = cuda_rmsnorm_forward;
-    be->rmsnorm_backward = cuda_rmsnorm_backward;
-    be->linear_forward = cuda_linear_forward;
-    be->linear_backward = cuda_linear_backward;
-    be->attention_forward = cuda_attention_forward;
-    be->attention_backward = cuda_attention_backward;
-    be->rope_forward = cuda_rope_forward;
-    be->rope_backward = cuda_rope_backward;
-    be->gelu_forward = cuda_gelu_forward;
-    be->gelu_backward = cuda_gelu_backward;
-    be->swiglu_forward = cuda_swiglu_forward;
-    be->swiglu_backward = cuda_swiglu_backward;
-    be->add_forward = cuda_add_forward;
-    be->dropout_forward = cuda_dropout_forward;
-    be->dropout_backward = cuda_dropout_backward;
-    be->cross_entropy_forward = cuda_cross_entropy_forward;
-    be->cross_entropy_backward = cuda_cross_entropy_backward;
+    be->cast_to_bf16 = cuda_cast_to_bf16;
     be->adamw_update = cuda_adamw_update;
     be->sgd_update = cuda_sgd_update;
+    be->f32 = &cuda_ops_f32;
+    be->bf16 = &cuda_ops_bf16;
+    return 0;
 }
 
 /* Opened once per process (the loader calls it once; a second call returns the same table). */
@@ -99,7 +113,7 @@ extern "C" __attribute__((visibility("default"))) const lt_backend *lt_cuda_back
     }
     if (cuda_context_open(dev, err, errlen) != 0) return NULL;
     if (cuda_linear_open(err, errlen) != 0) return NULL;
-    cuda_fill_table(&cuda_backend);
+    if (cuda_fill_table(&cuda_backend, err, errlen) != 0) return NULL;
     snprintf(cuda_backend.description, sizeof cuda_backend.description, "%.200s, sm_%d%d, %.1f GiB", prop.name,
              prop.major, prop.minor, (double)prop.totalGlobalMem / (double)(1ull << 30));
     opened = 1;

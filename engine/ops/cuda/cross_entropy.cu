@@ -1,6 +1,7 @@
 // Fused softmax cross-entropy over logits[N, V]: one block per row. Forward: an online max / sum of
 // exponentials per thread (one pass over V), combined across the block; saves lse[N] and the losses.
 // Backward writes dlogits = (softmax - onehot) * dloss element by element, so dlogits may be logits.
+// Logits are float or bf16 (read as fp32, dlogits rounded once); lse and losses are fp32.
 #include <math.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -75,15 +76,23 @@ __global__ void __launch_bounds__(CE_THREADS)
     }
 }
 
-void cuda_cross_entropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets, int N, int V) {
+template <typename T>
+static void ce_cross_entropy_forward(float *losses, float *lse, const void *logits, const int32_t *targets, int N,
+                                     int V) {
     if (N <= 0 || V <= 0) return;
-    CUDA_LAUNCH(ce_forward_kernel<float>, N, CE_THREADS, 0)(losses, lse, logits, targets, V);
+    CUDA_LAUNCH(ce_forward_kernel<T>, N, CE_THREADS, 0)(losses, lse, (const T *)logits, targets, V);
     cuda_check("cross_entropy_forward");
 }
 
-void cuda_cross_entropy_backward(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
-                                 const float *dloss, int N, int V) {
+template <typename T>
+static void ce_cross_entropy_backward(void *dlogits, const void *logits, const float *lse, const int32_t *targets,
+                                      const float *dloss, int N, int V) {
     if (N <= 0 || V <= 0) return;
-    CUDA_LAUNCH(ce_backward_kernel<float>, N, CE_THREADS, 0)(dlogits, logits, lse, targets, dloss, V);
+    CUDA_LAUNCH(ce_backward_kernel<T>, N, CE_THREADS, 0)((T *)dlogits, (const T *)logits, lse, targets, dloss, V);
     cuda_check("cross_entropy_backward");
+}
+
+void cuda_cross_entropy_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, cross_entropy_forward, ce_cross_entropy_forward);
+    CUDA_SET_OP(f32, bf16, cross_entropy_backward, ce_cross_entropy_backward);
 }

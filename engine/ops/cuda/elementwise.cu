@@ -1,6 +1,8 @@
 // Elementwise ops and reductions: fill, fill_normal, scale, add, gelu, swiglu, dropout, sum_squares,
-// adamw, sgd. One grid-stride kernel each, 64-bit indices; the formulas (and their order of
-// operations) are those of engine/ops/cpu/{activation,optim}.c and engine/core/rng.c.
+// cast_to_bf16, adamw, sgd. One grid-stride kernel each, 64-bit indices; the formulas (and their order
+// of operations) are those of engine/ops/cpu/{activation,optim}.c and engine/core/rng.c. The model's
+// ops (add, gelu, swiglu, dropout) are templates on the storage type (fp32 math, one rounding per
+// stored bf16 value); the backend's own kernels (fill, optimizer, ...) are fp32.
 #include <math.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -152,6 +154,20 @@ __global__ void ew_sgd_kernel(scalar_t *param, const scalar_t *grad, float *mome
     }
 }
 
+/* fp32 -> bf16 bits, exactly lt_f32_to_bf16 (engine/core/tensor.c): round to nearest even, a NaN
+ * stays a NaN of the same sign and top payload bits, made quiet. (__float2bfloat16_rn agrees on
+ * every non-NaN but returns one canonical NaN.) */
+static __device__ __forceinline__ uint16_t ew_f32_to_bf16_bits(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+__global__ void ew_cast_to_bf16_kernel(uint16_t *dst, const float *src, int64_t n) {
+    CUDA_FOR(i, n) dst[i] = ew_f32_to_bf16_bits(src[i]);
+}
+
 /* ---------------- host entry points ---------------- */
 
 #define EW_LAUNCH(kernel, n) CUDA_LAUNCH(kernel, cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)
@@ -174,59 +190,82 @@ void cuda_scale(float *x, int64_t n, float s) {
     cuda_check("scale");
 }
 
-void cuda_add_forward(float *out, const float *a, const float *b, int64_t n) {
+template <typename T>
+static void ew_add_forward(void *out, const void *a, const void *b, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_add_kernel<float>, n)(out, a, b, n);
+    EW_LAUNCH(ew_add_kernel<T>, n)((T *)out, (const T *)a, (const T *)b, n);
     cuda_check("add_forward");
 }
 
-void cuda_gelu_forward(float *out, const float *inp, int64_t n) {
+template <typename T>
+static void ew_gelu_forward(void *out, const void *inp, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_gelu_forward_kernel<float>, n)(out, inp, n);
+    EW_LAUNCH(ew_gelu_forward_kernel<T>, n)((T *)out, (const T *)inp, n);
     cuda_check("gelu_forward");
 }
 
-void cuda_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n) {
+template <typename T>
+static void ew_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_gelu_backward_kernel<float>, n)(dinp, dout, inp, n);
+    EW_LAUNCH(ew_gelu_backward_kernel<T>, n)((T *)dinp, (const T *)dout, (const T *)inp, n);
     cuda_check("gelu_backward");
 }
 
-void cuda_swiglu_forward(float *out, const float *inp, int N, int F) {
+template <typename T>
+static void ew_swiglu_forward(void *out, const void *inp, int N, int F) {
     const int64_t nf = (int64_t)N * F;
     if (nf <= 0) return;
-    EW_LAUNCH(ew_swiglu_forward_kernel<float>, nf)(out, inp, nf, F);
+    EW_LAUNCH(ew_swiglu_forward_kernel<T>, nf)((T *)out, (const T *)inp, nf, F);
     cuda_check("swiglu_forward");
 }
 
-void cuda_swiglu_backward(float *dinp, const float *dout, const float *inp, int N, int F) {
+template <typename T>
+static void ew_swiglu_backward(void *dinp, const void *dout, const void *inp, int N, int F) {
     const int64_t nf = (int64_t)N * F;
     if (nf <= 0) return;
-    EW_LAUNCH(ew_swiglu_backward_kernel<float>, nf)(dinp, dout, inp, nf, F);
+    EW_LAUNCH(ew_swiglu_backward_kernel<T>, nf)((T *)dinp, (const T *)dout, (const T *)inp, nf, F);
     cuda_check("swiglu_backward");
 }
 
-void cuda_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t key, uint64_t first) {
+template <typename T>
+static void ew_dropout_forward(void *out, const void *inp, int64_t n, float p, uint64_t key, uint64_t first) {
     if (n <= 0) return;
     if (p <= 0.0f) { /* identity, as on the CPU */
         if (out != inp) {
-            cuda_record_cuda("dropout_forward", cudaMemcpyAsync(out, inp, sizeof(float) * (size_t)n,
+            cuda_record_cuda("dropout_forward", cudaMemcpyAsync(out, inp, sizeof(T) * (size_t)n,
                                                                 cudaMemcpyDeviceToDevice, cuda_ctx.stream));
             cuda_check("dropout_forward");
         }
         return;
     }
     const float scale = 1.0f / (1.0f - p); /* the CPU's float expression */
-    EW_LAUNCH(ew_dropout_forward_kernel<float>, n)(out, inp, n, p, scale, key, first);
+    EW_LAUNCH(ew_dropout_forward_kernel<T>, n)((T *)out, (const T *)inp, n, p, scale, key, first);
     cuda_check("dropout_forward");
 }
 
-void cuda_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first) {
+template <typename T>
+static void ew_dropout_backward(void *dinp, const void *dout, int64_t n, float p, uint64_t key, uint64_t first) {
     if (n <= 0) return;
     const int use_mask = p > 0.0f;
     const float scale = use_mask ? 1.0f / (1.0f - p) : 1.0f;
-    EW_LAUNCH(ew_dropout_backward_kernel<float>, n)(dinp, dout, n, p, scale, key, first, use_mask);
+    EW_LAUNCH(ew_dropout_backward_kernel<T>, n)((T *)dinp, (const T *)dout, n, p, scale, key, first, use_mask);
     cuda_check("dropout_backward");
+}
+
+void cuda_elementwise_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, add_forward, ew_add_forward);
+    CUDA_SET_OP(f32, bf16, gelu_forward, ew_gelu_forward);
+    CUDA_SET_OP(f32, bf16, gelu_backward, ew_gelu_backward);
+    CUDA_SET_OP(f32, bf16, swiglu_forward, ew_swiglu_forward);
+    CUDA_SET_OP(f32, bf16, swiglu_backward, ew_swiglu_backward);
+    CUDA_SET_OP(f32, bf16, dropout_forward, ew_dropout_forward);
+    CUDA_SET_OP(f32, bf16, dropout_backward, ew_dropout_backward);
+}
+
+void cuda_cast_to_bf16(void *dst, const float *src, int64_t n) {
+    if (n <= 0) return;
+    EW_LAUNCH(ew_cast_to_bf16_kernel, n)((uint16_t *)dst, src, n);
+    cuda_check("cast_to_bf16");
 }
 
 double cuda_sum_squares(const float *x, int64_t n) {

@@ -1,4 +1,5 @@
-// Token and learned position embeddings, forward and backward.
+// Token and learned position embeddings, forward and backward. Activations and tables are float or
+// bf16 (a bf16 forward is a copy, or an fp32 add rounded once); the gradients dtable and dwpe are fp32.
 #include "engine/ops/cuda/internal.cuh"
 
 /* out[n, c] = table[ids[n], c], one thread per element. */
@@ -12,10 +13,11 @@ __global__ void emb_forward_kernel(scalar_t *out, const int32_t *ids, const scal
 
 /* dtable[ids[n], c] += dout[n, c]. Repeated ids add with atomics, so the sum order of a repeated row
  * (and its last bits) varies from run to run: NOT bit-deterministic, unlike the CPU op. */
-__global__ void emb_backward_kernel(float *dtable, const float *dout, const int32_t *ids, int64_t nc, int C) {
+template <typename scalar_t>
+__global__ void emb_backward_kernel(float *dtable, const scalar_t *dout, const int32_t *ids, int64_t nc, int C) {
     CUDA_FOR(i, nc) {
         const int64_t n = i / C, c = i - n * C;
-        atomicAdd(dtable + (int64_t)ids[n] * C + c, dout[i]);
+        atomicAdd(dtable + (int64_t)ids[n] * C + c, cuda_ld(dout + i));
     }
 }
 
@@ -28,44 +30,56 @@ __global__ void emb_pos_forward_kernel(scalar_t *out, const scalar_t *wpe, int64
     }
 }
 
-/* dwpe[t, c] += sum_b dout[b, t, c]: one thread per (t, c) adds b = 0, 1, ... in order, onto the
- * existing value, exactly as the CPU loop does (deterministic, and bit-equal to it). */
+/* dwpe[t, c] (fp32) += sum_b dout[b, t, c]: one thread per (t, c) adds b = 0, 1, ... in order, onto
+ * the existing value, exactly as the CPU loop does (deterministic, and bit-equal to it). */
 template <typename scalar_t>
-__global__ void emb_pos_backward_kernel(scalar_t *dwpe, const scalar_t *dout, int B, int64_t tc) {
+__global__ void emb_pos_backward_kernel(float *dwpe, const scalar_t *dout, int B, int64_t tc) {
     CUDA_FOR(i, tc) {
-        float acc = cuda_ld(dwpe + i);
+        float acc = dwpe[i];
         for (int b = 0; b < B; b++) acc += cuda_ld(dout + (int64_t)b * tc + i);
-        cuda_st(dwpe + i, acc);
+        dwpe[i] = acc;
     }
 }
 
-void cuda_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C) {
+template <typename T>
+static void emb_embedding_forward(void *out, const int32_t *ids, const void *table, int N, int C) {
     const int64_t nc = (int64_t)N * C;
     if (nc <= 0) return;
-    CUDA_LAUNCH(emb_forward_kernel<float>, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)(out, ids, table,
-                                                                                                    nc, C);
+    CUDA_LAUNCH(emb_forward_kernel<T>, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)((T *)out, ids,
+                                                                                       (const T *)table, nc, C);
     cuda_check("embedding_forward");
 }
 
-void cuda_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C) {
+template <typename T>
+static void emb_embedding_backward(float *dtable, const void *dout, const int32_t *ids, int N, int C) {
     const int64_t nc = (int64_t)N * C;
     if (nc <= 0) return;
-    CUDA_LAUNCH(emb_backward_kernel, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)(dtable, dout, ids, nc, C);
+    CUDA_LAUNCH(emb_backward_kernel<T>, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)(dtable, (const T *)dout,
+                                                                                        ids, nc, C);
     cuda_check("embedding_backward");
 }
 
-void cuda_position_embedding_forward(float *out, const float *wpe, int B, int T, int C) {
-    const int64_t btc = (int64_t)B * T * C;
+template <typename T>
+static void emb_position_embedding_forward(void *out, const void *wpe, int B, int T_, int C) {
+    const int64_t btc = (int64_t)B * T_ * C;
     if (btc <= 0) return;
-    CUDA_LAUNCH(emb_pos_forward_kernel<float>, cuda_blocks(btc, CUDA_THREADS), CUDA_THREADS, 0)(out, wpe, btc,
-                                                                                                         T, C);
+    CUDA_LAUNCH(emb_pos_forward_kernel<T>, cuda_blocks(btc, CUDA_THREADS), CUDA_THREADS, 0)(
+        (T *)out, (const T *)wpe, btc, T_, C);
     cuda_check("position_embedding_forward");
 }
 
-void cuda_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C) {
-    const int64_t tc = (int64_t)T * C;
+template <typename T>
+static void emb_position_embedding_backward(float *dwpe, const void *dout, int B, int T_, int C) {
+    const int64_t tc = (int64_t)T_ * C;
     if (tc <= 0 || B <= 0) return;
-    CUDA_LAUNCH(emb_pos_backward_kernel<float>, cuda_blocks(tc, CUDA_THREADS), CUDA_THREADS, 0)(dwpe, dout, B,
-                                                                                                         tc);
+    CUDA_LAUNCH(emb_pos_backward_kernel<T>, cuda_blocks(tc, CUDA_THREADS), CUDA_THREADS, 0)(dwpe, (const T *)dout,
+                                                                                            B, tc);
     cuda_check("position_embedding_backward");
+}
+
+void cuda_embedding_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, embedding_forward, emb_embedding_forward);
+    CUDA_SET_OP(f32, bf16, embedding_backward, emb_embedding_backward);
+    CUDA_SET_OP(f32, bf16, position_embedding_forward, emb_position_embedding_forward);
+    CUDA_SET_OP(f32, bf16, position_embedding_backward, emb_position_embedding_backward);
 }

@@ -14,7 +14,17 @@
  * thread's read shows up as wrong results. Device memory and dynamic shared memory start filled with
  * 0xFF bytes (NaN), so reading what was never written shows up too. Launches are checked as CUDA
  * checks them (block <= 1024 threads, grid y/z <= 65535, dynamic shared memory above 48 KiB only after
- * cudaFuncSetAttribute) and fail with cudaGetLastError the way CUDA does. cuBLAS sgemm is a plain loop.
+ * cudaFuncSetAttribute) and fail with cudaGetLastError the way CUDA does. cuBLAS sgemm is a plain loop;
+ * cublasGemmEx widens its bf16 operands to fp32 and runs the same loop, rounding a bf16 C once at the
+ * end (what tensor cores with fp32 accumulation compute, up to the order of the sums). __nv_bfloat16 is
+ * a 16-bit struct with the conversions of cuda_bf16.h (round to nearest even; a NaN becomes the
+ * canonical 0x7FFF, as the GPU's cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes,
+ * like a shuffle). The WMMA API (nvcuda::wmma, 16x16x16, bf16 inputs, fp32 accumulators) is emulated
+ * per lane: every lane's fragment holds the whole tile (the hardware spreads it over the lanes in an
+ * unspecified order, so kernels may not index fragments: the emulated ones have no x[]); each
+ * load/store/mma first waits for all 32 lanes (the "_sync" of the API), loads check the documented
+ * pointer alignment (32 bytes) and ldm (a multiple of 16 bytes), and mma_sync computes d = a b + c in
+ * fp32 from the exact bf16 products.
  *
  * Build with -U_FORTIFY_SOURCE (its longjmp check rejects jumps between stacks) and single-threaded
  * use of the backend. */
@@ -29,6 +39,7 @@
 #include <ucontext.h>
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 /* ---------------- types and qualifiers ---------------- */
@@ -45,10 +56,40 @@ static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) {
     return r;
 }
 
+/* bf16 (cuda_bf16.h): the top half of an fp32. */
+struct __nv_bfloat16 {
+    unsigned short __x;
+};
+typedef __nv_bfloat16 nv_bfloat16;
+static inline float __bfloat162float(__nv_bfloat16 h) {
+    const uint32_t u = (uint32_t)h.__x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    __nv_bfloat16 h;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        h.__x = 0x7fff; /* cvt.rn.bf16.f32: the canonical NaN */
+        return h;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    h.__x = (unsigned short)(u >> 16);
+    return h;
+}
+static inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __shared__ static /* one block runs at a time: a static is that block's shared memory */
 
@@ -230,6 +271,59 @@ static inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, c
     return CUBLAS_STATUS_SUCCESS;
 }
 
+/* cublasGemmEx, for the combinations CUBLAS_COMPUTE_32F supports that the plugin uses: A and B both fp32
+ * or both bf16, C fp32 or (with bf16 A, B) bf16; alpha and beta are floats. Operands are widened to
+ * fp32 (exact), the product runs through the sgemm loop above into an fp32 C (holding the widened C
+ * when beta != 0), and a bf16 C is rounded once at the end. */
+typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType_t;
+typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
+typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+static inline float *emu_widen_matrix(const void *X, cudaDataType_t t, int rows, int cols, int ld) {
+    /* column-major rows x cols with leading dimension ld: widened densely, keeping ld */
+    const size_t n = (size_t)ld * (size_t)(cols > 0 ? cols - 1 : 0) + (size_t)rows;
+    float *f = (float *)malloc(sizeof(float) * (n ? n : 1));
+    if (!f) return NULL;
+    for (size_t i = 0; i < n; i++)
+        f[i] = t == CUDA_R_32F ? ((const float *)X)[i] : __bfloat162float(((const __nv_bfloat16 *)X)[i]);
+    return f;
+}
+static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                          int k, const void *alpha, const void *A, cudaDataType_t atype, int lda,
+                                          const void *B, cudaDataType_t btype, int ldb, const void *beta, void *C,
+                                          cudaDataType_t ctype, int ldc, cublasComputeType_t compute,
+                                          cublasGemmAlgo_t algo) {
+    (void)algo;
+    if (compute != CUBLAS_COMPUTE_32F || atype != btype || (atype != CUDA_R_32F && atype != CUDA_R_16BF) ||
+        (ctype != CUDA_R_32F && ctype != CUDA_R_16BF) || (atype == CUDA_R_32F && ctype != CUDA_R_32F))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (m < 0 || n < 0 || k < 0 || lda < (ta == CUBLAS_OP_N ? m : k) || lda < 1 ||
+        ldb < (tb == CUBLAS_OP_N ? k : n) || ldb < 1 || ldc < m || ldc < 1)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    const float b = *(const float *)beta;
+    float *a = emu_widen_matrix(A, atype, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda);
+    float *bb = emu_widen_matrix(B, btype, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb);
+    const size_t nc = (size_t)ldc * (size_t)(n - 1) + (size_t)m;
+    float *c = (float *)calloc(nc, sizeof(float));
+    if (!a || !bb || !c) abort();
+    for (int j = 0; j < n; j++) /* C is only read when beta != 0 (BLAS): never-written memory stays unread */
+        for (int i = 0; i < m; i++) {
+            const size_t o = (size_t)j * ldc + i;
+            if (b != 0.0f)
+                c[o] = ctype == CUDA_R_32F ? ((const float *)C)[o] : __bfloat162float(((const __nv_bfloat16 *)C)[o]);
+        }
+    cublasStatus_t s = cublasSgemm(h, ta, tb, m, n, k, (const float *)alpha, a, lda, bb, ldb, &b, c, ldc);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                const size_t o = (size_t)j * ldc + i;
+                if (ctype == CUDA_R_32F) ((float *)C)[o] = c[o];
+                else ((__nv_bfloat16 *)C)[o] = __float2bfloat16_rn(c[o]);
+            }
+    free(a), free(bb), free(c);
+    return s;
+}
+
 /* ---------------- threads ---------------- */
 
 enum { EMU_READY, EMU_BARRIER, EMU_SHFL, EMU_DONE };
@@ -329,6 +423,101 @@ static inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
     return emu_shfl(v, (emu_cur->linear & 31) ^ lane_mask);
 }
 
+/* __syncwarp (full mask): a barrier of the warp's 32 lanes (the shuffle machinery without data). */
+static inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) emu_abort("only full-mask __syncwarp is emulated");
+    (void)emu_shfl(0, emu_cur->linear & 31);
+}
+
+/* ---------------- WMMA (mma.h) ---------------- */
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K>
+struct emu_shape;
+template <int M, int N, int K>
+struct emu_shape<matrix_a, M, N, K> {
+    enum { rows = M, cols = K };
+};
+template <int M, int N, int K>
+struct emu_shape<matrix_b, M, N, K> {
+    enum { rows = K, cols = N };
+};
+template <int M, int N, int K>
+struct emu_shape<accumulator, M, N, K> {
+    enum { rows = M, cols = N };
+};
+/* The whole rows x cols tile, row-major, in every lane (see above: no x[] on purpose). */
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    enum { emu_rows = emu_shape<Use, M, N, K>::rows, emu_cols = emu_shape<Use, M, N, K>::cols };
+    T emu_m[emu_rows * emu_cols];
+};
+static inline float emu_wmma_f(float v) { return v; }
+static inline float emu_wmma_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+static inline void emu_wmma_set(float &d, float v) { d = v; }
+static inline void emu_wmma_set(__nv_bfloat16 &d, float v) { d = __float2bfloat16_rn(v); }
+static inline void emu_wmma_check(const void *p, unsigned ldm, size_t esize, const char *what) {
+    if ((uintptr_t)p % 32 != 0) emu_abort(what); /* "mptr must be a 256-bit aligned pointer" */
+    if ((ldm * esize) % 16 != 0) emu_abort(what); /* ldm: a multiple of 8 (16-bit) or 4 (32-bit) elements */
+}
+template <typename Use, int M, int N, int K, typename T, typename L>
+static inline void fill_fragment(fragment<Use, M, N, K, T, L> &f, float v) {
+    for (int i = 0; i < f.emu_rows * f.emu_cols; i++) emu_wmma_set(f.emu_m[i], v);
+}
+/* matrix_a / matrix_b: the layout is the fragment's (row_major: element (r, c) at p[r * ldm + c]). */
+template <typename Use, int M, int N, int K, typename T, typename L>
+static inline void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm) {
+    static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout_t");
+    __syncwarp();
+    emu_wmma_check(p, ldm, sizeof(T), "wmma::load_matrix_sync: pointer not 32-byte aligned or bad ldm");
+    const bool row = std::is_same<L, row_major>::value;
+    for (int r = 0; r < f.emu_rows; r++)
+        for (int c = 0; c < f.emu_cols; c++)
+            f.emu_m[r * f.emu_cols + c] = row ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
+}
+/* accumulator: the layout is the call's. */
+template <int M, int N, int K, typename T>
+static inline void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const T *p, unsigned ldm, layout_t l) {
+    __syncwarp();
+    emu_wmma_check(p, ldm, sizeof(T), "wmma::load_matrix_sync: pointer not 32-byte aligned or bad ldm");
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < N; c++)
+            f.emu_m[r * N + c] = l == mem_row_major ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
+}
+template <int M, int N, int K, typename T>
+static inline void store_matrix_sync(T *p, const fragment<accumulator, M, N, K, T> &f, unsigned ldm, layout_t l) {
+    __syncwarp();
+    emu_wmma_check(p, ldm, sizeof(T), "wmma::store_matrix_sync: pointer not 32-byte aligned or bad ldm");
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < N; c++) {
+            if (l == mem_row_major) p[(size_t)r * ldm + c] = f.emu_m[r * N + c];
+            else p[r + (size_t)c * ldm] = f.emu_m[r * N + c];
+        }
+}
+/* d = a b + c, fp32 sums of the exact products (k in order). */
+template <int M, int N, int K, typename TA, typename LA, typename LB>
+static inline void mma_sync(fragment<accumulator, M, N, K, float> &d, const fragment<matrix_a, M, N, K, TA, LA> &a,
+                            const fragment<matrix_b, M, N, K, TA, LB> &b,
+                            const fragment<accumulator, M, N, K, float> &c) {
+    __syncwarp();
+    float out[M * N];
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float s = c.emu_m[i * N + j];
+            for (int k = 0; k < K; k++) s += emu_wmma_f(a.emu_m[i * K + k]) * emu_wmma_f(b.emu_m[k * N + j]);
+            out[i * N + j] = s;
+        }
+    memcpy(d.emu_m, out, sizeof out);
+}
+} // namespace wmma
+} // namespace nvcuda
+
 /* Runs one block to completion. */
 static inline void emu_run_block(int nthreads, int reverse) {
     for (int i = 0; i < nthreads; i++) {
@@ -406,7 +595,8 @@ struct emu_launcher {
         emu_kernel_name = name;
         emu_grid = grid;
         emu_block = block;
-        char *dyn = smem ? (char *)malloc(smem) : NULL;
+        /* 128-byte aligned, as the GPU's shared memory window is (WMMA pointers must be 32-byte aligned) */
+        char *dyn = smem ? (char *)aligned_alloc(128, (smem + 127) / 128 * 128) : NULL;
         emu_dyn_smem = dyn;
         unsigned long long nblock = 0;
         for (unsigned z = 0; z < grid.z; z++)

@@ -4,8 +4,13 @@
  * sticky slot that synchronize() reports. Each .cu is compiled on its own (no relocatable device
  * code), so device helpers used by several files live here as inline functions.
  *
- * Kernels take their storage type as a template parameter where that is natural (scalar_t, loaded
- * and stored through cuda_ld / cuda_st); only float is instantiated for now, bf16 comes later. */
+ * The model's ops come in two tables (lt_ops of backend.h): fp32 and bf16. Each op is one template on
+ * the storage type T of activations and of the weights it reads (float or __nv_bfloat16), with the
+ * lt_ops signature (void * in, cast inside); its kernels load and store T through cuda_ld / cuda_st
+ * and compute in fp32. A bf16 store rounds to nearest even once, at the end of the fp32 computation;
+ * an accumulating bf16 output (dinp += ...) is read, added to in fp32 and rounded, as the CPU's bf16
+ * reference (engine/ops/cpu_tables.c) does. Weight gradients, norm statistics, lse and losses are
+ * fp32 in both tables. Each family's .cu sets its entries of both tables (cuda_<family>_ops). */
 #ifndef LT_CUDA_INTERNAL_CUH
 #define LT_CUDA_INTERNAL_CUH
 #include <stddef.h>
@@ -15,6 +20,7 @@
 /* Host C++ build of these sources for tests without a GPU (see emulation.h). */
 #include "engine/ops/cuda/emulation.h"
 #else
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 /* Launches go through this macro (and dynamic shared memory through the next) so that the same
  * sources also build against emulation.h. Usage: CUDA_LAUNCH(kernel, grid, block, smem)(args...). */
@@ -33,6 +39,8 @@ typedef struct {
     int sm_count;
     size_t smem_optin;   /* the most dynamic shared memory one block may opt in to */
     int sync_each_op;    /* LUATRON_CUDA_SYNC=1: synchronize after every op so an error names its op */
+    int attention_tc;    /* bf16 attention on tensor cores (attention_tc.cu); LUATRON_CUDA_ATTENTION=simt:
+                            the fp32-math kernels of attention.cu, as the fp32 table uses */
 } cuda_context;
 extern cuda_context cuda_ctx;
 
@@ -63,56 +71,36 @@ void cuda_reset_peak(void);
  * on the same stream, so the kernels already issued finish with it first. */
 void *cuda_scratch(size_t nbytes, const char *op);
 
-/* ---- elementwise.cu ---- */
+/* ---- elementwise.cu: fp32 kernels of the backend itself ---- */
 void cuda_fill(float *out, int64_t n, float value);
 void cuda_fill_normal(float *out, int64_t n, uint64_t key, uint64_t first, float mean, float std);
 double cuda_sum_squares(const float *x, int64_t n);
 void cuda_scale(float *x, int64_t n, float s);
-void cuda_gelu_forward(float *out, const float *inp, int64_t n);
-void cuda_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
-void cuda_swiglu_forward(float *out, const float *inp, int N, int F);
-void cuda_swiglu_backward(float *dinp, const float *dout, const float *inp, int N, int F);
-void cuda_add_forward(float *out, const float *a, const float *b, int64_t n);
-void cuda_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t key, uint64_t first);
-void cuda_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first);
+void cuda_cast_to_bf16(void *dst, const float *src, int64_t n);
 void cuda_adamw_update(float *param, const float *grad, float *exp_avg, float *exp_avg_sq, int64_t n, float lr,
                        float beta1, float beta2, float eps, float weight_decay, int64_t step);
 void cuda_sgd_update(float *param, const float *grad, float *momentum_buf, int64_t n, float lr, float momentum,
                      float weight_decay);
 
-/* ---- embedding.cu ---- */
-void cuda_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C);
-void cuda_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C);
-void cuda_position_embedding_forward(float *out, const float *wpe, int B, int T, int C);
-void cuda_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C);
+/* ---- the op tables: each family sets its ops in both (f32: T = float, bf16: T = __nv_bfloat16) ---- */
+void cuda_elementwise_ops(lt_ops *f32, lt_ops *bf16);   /* gelu, swiglu, add, dropout */
+void cuda_embedding_ops(lt_ops *f32, lt_ops *bf16);     /* token and position embeddings */
+void cuda_norm_ops(lt_ops *f32, lt_ops *bf16);          /* layernorm, rmsnorm */
+int cuda_linear_open(char *err, size_t errlen);          /* the cuBLAS handle, on cuda_ctx.stream */
+void cuda_linear_ops(lt_ops *f32, lt_ops *bf16);        /* linear (cuBLAS) */
+void cuda_attention_ops(lt_ops *f32, lt_ops *bf16);     /* attention */
+/* attention_tc.cu: the bf16 kernels on tensor cores, behind the bf16 table's attention ops (shapes
+ * checked there; delta[b, h, t] = dout . out from attention.cu). */
+void cuda_attention_tc_forward(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *qkv, int B, int T, int H, int G,
+                               int D, float p, uint64_t key);
+void cuda_attention_tc_backward(__nv_bfloat16 *dqkv, const __nv_bfloat16 *dout, const __nv_bfloat16 *qkv,
+                                const float *lse, const float *delta, int B, int T, int H, int G, int D, float p,
+                                uint64_t key);
+void cuda_rope_ops(lt_ops *f32, lt_ops *bf16);          /* rope */
+void cuda_cross_entropy_ops(lt_ops *f32, lt_ops *bf16); /* cross-entropy */
 
-/* ---- norm.cu ---- */
-void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
-                            const float *bias, int N, int C, float eps);
-void cuda_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                             const float *weight, const float *mean, const float *rstd, int N, int C);
-void cuda_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
-void cuda_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
-                           const float *rstd, int N, int C);
-
-/* ---- linear.cu (cuBLAS) ---- */
-int cuda_linear_open(char *err, size_t errlen); /* the cuBLAS handle, on cuda_ctx.stream */
-void cuda_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN, int OUT);
-void cuda_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                          const float *weight, int N, int IN, int OUT);
-
-/* ---- attention.cu, rope.cu ---- */
-void cuda_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
-                            float dropout_p, uint64_t dropout_key);
-void cuda_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                             int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
-void cuda_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base);
-void cuda_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base);
-
-/* ---- cross_entropy.cu ---- */
-void cuda_cross_entropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets, int N, int V);
-void cuda_cross_entropy_backward(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
-                                 const float *dloss, int N, int V);
+/* Sets one entry of both tables to the float and bf16 instances of a template op. */
+#define CUDA_SET_OP(f32, bf16, field, fn) ((f32)->field = fn<float>, (bf16)->field = fn<__nv_bfloat16>)
 
 /* ---- launch helpers ---- */
 #define CUDA_THREADS 256
@@ -132,9 +120,11 @@ static inline unsigned cuda_blocks(int64_t n, int threads) {
          i += (int64_t)gridDim.x * blockDim.x)
 
 /* ---- device helpers ---- */
-/* Storage loads and stores: identity for float (bf16 overloads come with the bf16 backend). */
+/* Storage loads and stores: identity for float; bf16 widens exactly and rounds to nearest even. */
 static __device__ __forceinline__ float cuda_ld(const float *p) { return *p; }
 static __device__ __forceinline__ void cuda_st(float *p, float v) { *p = v; }
+static __device__ __forceinline__ float cuda_ld(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
+static __device__ __forceinline__ void cuda_st(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
 static __device__ __forceinline__ float cuda_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

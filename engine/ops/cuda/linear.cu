@@ -1,7 +1,14 @@
-// Linear layers on cuBLAS sgemm. Data is row-major; cuBLAS is column-major, and a row-major X[r, c]
-// is the column-major X^T (c x r, leading dimension c), so every product is written for the
-// transposes: row-major out = inp @ W^T becomes column-major out^T = W @ inp^T, where cuBLAS sees the
-// W buffer as W^T (hence op T) and the inp buffer as inp^T (op N); the backward products likewise.
+// Linear layers on cuBLAS. Data is row-major; cuBLAS is column-major, and a row-major X[r, c] is the
+// column-major X^T (c x r, leading dimension c), so every product is written for the transposes:
+// row-major out = inp @ W^T becomes column-major out^T = W @ inp^T, where cuBLAS sees the W buffer as
+// W^T (hence op T) and the inp buffer as inp^T (op N); the backward products likewise.
+//
+// fp32 table: cublasSgemm, no TF32 (the checking mode). bf16 table: cublasGemmEx with bf16 A and B,
+// fp32 accumulation and scaling (CUBLAS_COMPUTE_32F: tensor cores), C in bf16 for out and dinp and in
+// fp32 for dweight. The bias is added the way the CPU reference does it (out = bias, then the GEMM with
+// beta = 1): the bf16 bias copied into the bf16 out is exact, and cuBLAS computes acc + 1 * C in fp32
+// and rounds once, so out = round(inp @ W^T + bias) with the single rounding of the reference.
+// dinp (bf16) accumulates the same way: beta = 1, C read, added in fp32, rounded once.
 #include <stdio.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -59,51 +66,80 @@ __global__ void lin_bias_partial_kernel(float *partial, const scalar_t *dout, in
     }
 }
 
-/* dbias[j] += the partials of column j, in order. */
-template <typename scalar_t>
-__global__ void lin_bias_final_kernel(scalar_t *dbias, const float *partial, int P, int OUT) {
+/* dbias[j] (fp32) += the partials of column j, in order. */
+__global__ void lin_bias_final_kernel(float *dbias, const float *partial, int P, int OUT) {
     CUDA_FOR(j, OUT) {
         float s = 0.0f;
         for (int p = 0; p < P; p++) s += partial[(int64_t)p * OUT + j];
-        cuda_st(dbias + j, cuda_ld(dbias + j) + s);
+        dbias[j] += s;
     }
 }
 
-void cuda_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
-                         int OUT) {
+/* Column-major C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, accumulated in fp32: the one overload
+ * per type combination the layers use. */
+static cublasStatus_t lin_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *A,
+                               int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    const float alpha = 1.0f;
+    return cublasSgemm(cuda_cublas, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc);
+}
+static cublasStatus_t lin_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                    const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, float beta,
+                                    void *C, cudaDataType_t ctype, int ldc) {
+    const float alpha = 1.0f; /* CUBLAS_COMPUTE_32F: alpha and beta are floats */
+    return cublasGemmEx(cuda_cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, C,
+                        ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+static cublasStatus_t lin_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                               const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, float beta,
+                               __nv_bfloat16 *C, int ldc) {
+    return lin_gemm_bf16(ta, tb, m, n, k, A, lda, B, ldb, beta, C, CUDA_R_16BF, ldc);
+}
+static cublasStatus_t lin_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                               const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, float beta, float *C,
+                               int ldc) {
+    return lin_gemm_bf16(ta, tb, m, n, k, A, lda, B, ldb, beta, C, CUDA_R_32F, ldc);
+}
+
+template <typename T>
+static void lin_forward(void *out_, const void *inp_, const void *weight_, const void *bias_, int N, int IN,
+                        int OUT) {
     if (N <= 0 || OUT <= 0) return;
-    float alpha = 1.0f, beta = 0.0f;
+    T *out = (T *)out_;
+    const T *inp = (const T *)inp_, *weight = (const T *)weight_, *bias = (const T *)bias_;
+    float beta = 0.0f;
     if (bias) {
         const int64_t total = (int64_t)N * OUT;
-        CUDA_LAUNCH(lin_bias_broadcast_kernel<float>, cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(
-            out, bias, total, OUT);
+        CUDA_LAUNCH(lin_bias_broadcast_kernel<T>, cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(out, bias,
+                                                                                                    total, OUT);
         cuda_check("linear_forward");
         beta = 1.0f;
     }
     if (IN <= 0) { /* an empty product: out is the bias (or zero) */
-        if (!bias) cuda_memzero(out, sizeof(float) * (size_t)N * OUT);
+        if (!bias) cuda_memzero(out, sizeof(T) * (size_t)N * OUT);
         return;
     }
     /* column-major out^T[OUT, N] = W[OUT, IN] (stored as col-major IN x OUT, so op T) @ inp^T[IN, N] */
-    lin_check_cublas("linear_forward", cublasSgemm(cuda_cublas, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, &alpha, weight,
-                                                   IN, inp, IN, &beta, out, OUT));
+    lin_check_cublas("linear_forward", lin_gemm(CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, beta, out,
+                                                OUT));
     cuda_check("linear_forward");
 }
 
-void cuda_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                          const float *weight, int N, int IN, int OUT) {
+template <typename T>
+static void lin_backward(void *dinp_, float *dweight, float *dbias, const void *dout_, const void *inp_,
+                         const void *weight_, int N, int IN, int OUT) {
     if (N <= 0 || OUT <= 0) return;
-    const float one = 1.0f;
+    T *dinp = (T *)dinp_;
+    const T *dout = (const T *)dout_, *inp = (const T *)inp_, *weight = (const T *)weight_;
     if (IN > 0) {
         /* dinp[N, IN] += dout[N, OUT] @ W[OUT, IN]: column-major dinp^T[IN, N] += W^T[IN, OUT] @ dout^T[OUT, N],
          * and W^T, dout^T are exactly how cuBLAS sees the row-major buffers (op N, N). */
         if (dinp)
-            lin_check_cublas("linear_backward", cublasSgemm(cuda_cublas, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, &one,
-                                                            weight, IN, dout, OUT, &one, dinp, IN));
-        /* dweight[OUT, IN] += dout^T @ inp: column-major dweight^T[IN, OUT] += inp^T[IN, N] @ dout[N, OUT], where
-         * cuBLAS sees dout as dout^T (OUT x N), hence op T on it. */
-        lin_check_cublas("linear_backward", cublasSgemm(cuda_cublas, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, &one, inp,
-                                                        IN, dout, OUT, &one, dweight, IN));
+            lin_check_cublas("linear_backward", lin_gemm(CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT,
+                                                         1.0f, dinp, IN));
+        /* dweight[OUT, IN] (fp32) += dout^T @ inp: column-major dweight^T[IN, OUT] += inp^T[IN, N] @ dout[N, OUT],
+         * where cuBLAS sees dout as dout^T (OUT x N), hence op T on it. */
+        lin_check_cublas("linear_backward", lin_gemm(CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, 1.0f,
+                                                     dweight, IN));
         cuda_check("linear_backward");
     }
     if (dbias) {
@@ -118,11 +154,15 @@ void cuda_linear_backward(float *dinp, float *dweight, float *dbias, const float
         const size_t nbytes = sizeof(float) * (size_t)P * OUT;
         float *partial = (float *)cuda_scratch(nbytes, "linear_backward");
         if (!partial) return;
-        CUDA_LAUNCH(lin_bias_partial_kernel<float>, dim3(ncb, P), dim3(LIN_BIAS_COLS, LIN_BIAS_ROWS), 0)(
+        CUDA_LAUNCH(lin_bias_partial_kernel<T>, dim3(ncb, P), dim3(LIN_BIAS_COLS, LIN_BIAS_ROWS), 0)(
             partial, dout, N, OUT, rows_per_part);
-        CUDA_LAUNCH(lin_bias_final_kernel<float>, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(
-            dbias, partial, P, OUT);
+        CUDA_LAUNCH(lin_bias_final_kernel, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(dbias, partial, P, OUT);
         cuda_check("linear_backward");
         cuda_release(partial, nbytes);
     }
+}
+
+void cuda_linear_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, linear_forward, lin_forward);
+    CUDA_SET_OP(f32, bf16, linear_backward, lin_backward);
 }

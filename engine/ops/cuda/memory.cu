@@ -239,5 +239,7 @@ int cuda_context_open(int device, char *err, size_t errlen) {
     cuda_ctx.smem_optin = prop.sharedMemPerBlockOptin;
     const char *s = getenv("LUATRON_CUDA_SYNC");
     cuda_ctx.sync_each_op = s && *s && strcmp(s, "0") != 0;
+    const char *a = getenv("LUATRON_CUDA_ATTENTION");
+    cuda_ctx.attention_tc = !(a && strcmp(a, "simt") == 0);
     return 0;
 }

@@ -2,6 +2,8 @@
 // fp32 sums reduced with shuffles, the CPU's formulas (two-pass variance). Weight and bias gradients:
 // column sums over all rows, done deterministically without atomics: per-block partial sums over a
 // chunk of rows into scratch, then a second kernel that adds the partials in order into dweight/dbias.
+// Activations and weights are float or bf16 (read as fp32, outputs rounded once); statistics and the
+// weight gradients are fp32 in both.
 #include "engine/ops/cuda/internal.cuh"
 
 #define NORM_ROWS_PER_BLOCK 8 /* warps per block, one row each */
@@ -129,24 +131,23 @@ __global__ void norm_wgrad_partial_kernel(float *pw, float *pb, const scalar_t *
     }
 }
 
-/* dweight[c] += sum over parts (in order); dbias likewise when pb is given. */
-template <typename scalar_t>
-__global__ void norm_wgrad_final_kernel(scalar_t *dweight, scalar_t *dbias, const float *pw, const float *pb, int P,
-                                        int C) {
+/* dweight[c] (fp32) += sum over parts (in order); dbias likewise when pb is given. */
+__global__ void norm_wgrad_final_kernel(float *dweight, float *dbias, const float *pw, const float *pb, int P, int C) {
     CUDA_FOR(c, C) {
         float s = 0.0f, t = 0.0f;
         for (int p = 0; p < P; p++) {
             s += pw[(int64_t)p * C + c];
             if (pb) t += pb[(int64_t)p * C + c];
         }
-        cuda_st(dweight + c, cuda_ld(dweight + c) + s);
-        if (pb) cuda_st(dbias + c, cuda_ld(dbias + c) + t);
+        dweight[c] += s;
+        if (pb) dbias[c] += t;
     }
 }
 
 /* Column sums of the weight (and bias) gradients; returns -1 (error recorded) without scratch. */
-static int norm_wgrad(float *dweight, float *dbias, const float *dout, const float *inp, const float *mean,
-                      const float *rstd, int N, int C, const char *op) {
+template <typename T>
+static int norm_wgrad(float *dweight, float *dbias, const T *dout, const T *inp, const float *mean, const float *rstd,
+                      int N, int C, const char *op) {
     const int ncb = (C + NORM_WG_COLS - 1) / NORM_WG_COLS;
     /* enough parts for ~4 blocks per SM, each of at least 32 rows; at most 1024 parts */
     int P = (4 * cuda_ctx.sm_count + ncb - 1) / ncb;
@@ -160,10 +161,9 @@ static int norm_wgrad(float *dweight, float *dbias, const float *dout, const flo
     float *pw = (float *)cuda_scratch(nbytes, op);
     if (!pw) return -1;
     float *pb = dbias ? pw + (size_t)P * C : NULL;
-    CUDA_LAUNCH(norm_wgrad_partial_kernel<float>, dim3(ncb, P), dim3(NORM_WG_COLS, NORM_WG_ROWS), 0)(
+    CUDA_LAUNCH(norm_wgrad_partial_kernel<T>, dim3(ncb, P), dim3(NORM_WG_COLS, NORM_WG_ROWS), 0)(
         pw, pb, dout, inp, mean, rstd, N, C, rows_per_part);
-    CUDA_LAUNCH(norm_wgrad_final_kernel<float>, cuda_blocks(C, CUDA_THREADS), CUDA_THREADS, 0)(dweight, dbias,
-                                                                                                        pw, pb, P, C);
+    CUDA_LAUNCH(norm_wgrad_final_kernel, cuda_blocks(C, CUDA_THREADS), CUDA_THREADS, 0)(dweight, dbias, pw, pb, P, C);
     cuda_check(op);
     cuda_release(pw, nbytes);
     return 0;
@@ -171,35 +171,48 @@ static int norm_wgrad(float *dweight, float *dbias, const float *dout, const flo
 
 static unsigned norm_row_blocks(int N) { return (unsigned)((N + NORM_ROWS_PER_BLOCK - 1) / NORM_ROWS_PER_BLOCK); }
 
-void cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
-                            const float *bias, int N, int C, float eps) {
+template <typename T>
+static void norm_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *weight,
+                                   const void *bias, int N, int C, float eps) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_layernorm_forward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        out, mean, rstd, inp, weight, bias, N, C, eps);
+    CUDA_LAUNCH(norm_layernorm_forward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        (T *)out, mean, rstd, (const T *)inp, (const T *)weight, (const T *)bias, N, C, eps);
     cuda_check("layernorm_forward");
 }
 
-void cuda_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                             const float *weight, const float *mean, const float *rstd, int N, int C) {
+template <typename T>
+static void norm_layernorm_backward(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
+                                    const void *weight, const float *mean, const float *rstd, int N, int C) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_layernorm_backward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        dinp, dout, inp, weight, mean, rstd, N, C);
+    CUDA_LAUNCH(norm_layernorm_backward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        (T *)dinp, (const T *)dout, (const T *)inp, (const T *)weight, mean, rstd, N, C);
     cuda_check("layernorm_backward");
-    norm_wgrad(dweight, dbias, dout, inp, mean, rstd, N, C, "layernorm_backward");
+    norm_wgrad(dweight, dbias, (const T *)dout, (const T *)inp, mean, rstd, N, C, "layernorm_backward");
 }
 
-void cuda_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
+template <typename T>
+static void norm_rmsnorm_forward(void *out, float *rstd, const void *inp, const void *weight, int N, int C,
+                                 float eps) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_rmsnorm_forward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        out, rstd, inp, weight, N, C, eps);
+    CUDA_LAUNCH(norm_rmsnorm_forward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        (T *)out, rstd, (const T *)inp, (const T *)weight, N, C, eps);
     cuda_check("rmsnorm_forward");
 }
 
-void cuda_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
-                           const float *rstd, int N, int C) {
+template <typename T>
+static void norm_rmsnorm_backward(void *dinp, float *dweight, const void *dout, const void *inp, const void *weight,
+                                  const float *rstd, int N, int C) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_rmsnorm_backward_kernel<float>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        dinp, dout, inp, weight, rstd, N, C);
+    CUDA_LAUNCH(norm_rmsnorm_backward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        (T *)dinp, (const T *)dout, (const T *)inp, (const T *)weight, rstd, N, C);
     cuda_check("rmsnorm_backward");
-    norm_wgrad(dweight, NULL, dout, inp, NULL, rstd, N, C, "rmsnorm_backward");
+    norm_wgrad(dweight, (float *)NULL, (const T *)dout, (const T *)inp, (const float *)NULL, rstd, N, C,
+               "rmsnorm_backward");
+}
+
+void cuda_norm_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, layernorm_forward, norm_layernorm_forward);
+    CUDA_SET_OP(f32, bf16, layernorm_backward, norm_layernorm_backward);
+    CUDA_SET_OP(f32, bf16, rmsnorm_forward, norm_rmsnorm_forward);
+    CUDA_SET_OP(f32, bf16, rmsnorm_backward, norm_rmsnorm_backward);
 }

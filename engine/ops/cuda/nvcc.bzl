@@ -22,7 +22,14 @@ def _nvcc_object_impl(ctx):
     ctx.actions.run_shell(
         inputs = [ctx.file.src] + ctx.files.hdrs + engine,
         outputs = [out],
-        command = "%s %s -c %s -o %s" % (NVCC, " ".join(ctx.attr.copts), ctx.file.src.path, out.path),
+        # nvcc names its temporary files after its process id; sandboxes have their own pid namespaces and
+        # share /tmp, so two concurrent nvcc runs can both be pid 2 and collide: each gets its own TMPDIR.
+        command = "t=$(mktemp -d) && TMPDIR=$t %s %s -c %s -o %s; rc=$?; rm -rf \"$t\"; exit $rc" % (
+            NVCC,
+            " ".join(ctx.attr.copts),
+            ctx.file.src.path,
+            out.path,
+        ),
         mnemonic = "Nvcc",
         progress_message = "nvcc %s" % ctx.file.src.short_path,
         use_default_shell_env = True,  # PATH, for nvcc's host compiler

@@ -1,7 +1,8 @@
 // Rotary position embedding, in place on the query and key heads of the fused qkv[B, T, G, H/G + 2, D]
 // buffer (the value heads are untouched). Non-interleaved: pairs (i, i + D/2) rotate by
 // t * inv_freq[i]. inv_freq is computed on the host exactly as engine/ops/cpu/rope.c does (double pow,
-// rounded to float) and passed by value; the angle is the fp32 product (float)t * inv_freq[i].
+// rounded to float) and passed by value; the angle is the fp32 product (float)t * inv_freq[i]. The
+// buffer is float or bf16: a bf16 pair is widened, rotated in fp32 and rounded.
 #include <math.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -17,7 +18,7 @@ typedef struct {
 template <typename scalar_t>
 __global__ void rope_kernel(scalar_t *x, rope_freqs freqs, int64_t total, int T, int G, int hpg, int D, float sign) {
     const int half = D / 2;
-    const int64_t rs = (int64_t)G * (hpg + 2) * D; /* floats per token row */
+    const int64_t rs = (int64_t)G * (hpg + 2) * D; /* elements per token row */
     CUDA_FOR(idx, total) {
         const int i = (int)(idx % half);
         int64_t rest = idx / half;
@@ -35,8 +36,9 @@ __global__ void rope_kernel(scalar_t *x, rope_freqs freqs, int64_t total, int T,
     }
 }
 
-static void rope_apply(float *x, int B, int T, int H, int G, int D, float base, float sign, const char *op) {
-    if (B <= 0 || T <= 0 || H <= 0 || D <= 0) return;
+template <typename T>
+static void rope_apply(void *x, int B, int T_, int H, int G, int D, float base, float sign, const char *op) {
+    if (B <= 0 || T_ <= 0 || H <= 0 || D <= 0) return;
     if (G <= 0 || H % G != 0 || D % 2 != 0 || D / 2 > ROPE_MAX_HALF) {
         cuda_record(op, "unsupported shape H=%d G=%d D=%d (H a multiple of G, D even and <= %d)", H, G, D,
                     2 * ROPE_MAX_HALF);
@@ -46,16 +48,23 @@ static void rope_apply(float *x, int B, int T, int H, int G, int D, float base, 
     rope_freqs freqs;
     for (int i = 0; i < half; i++) freqs.f[i] = (float)(1.0 / pow((double)base, (double)(2 * i) / D));
     for (int i = half; i < ROPE_MAX_HALF; i++) freqs.f[i] = 0.0f;
-    const int64_t total = (int64_t)B * T * G * (hpg + 1) * half;
-    CUDA_LAUNCH(rope_kernel<float>, cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(x, freqs, total, T, G,
-                                                                                                hpg, D, sign);
+    const int64_t total = (int64_t)B * T_ * G * (hpg + 1) * half;
+    CUDA_LAUNCH(rope_kernel<T>, cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)((T *)x, freqs, total, T_, G, hpg,
+                                                                                   D, sign);
     cuda_check(op);
 }
 
-void cuda_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base) {
-    rope_apply(qkv, B, T, H, G, D, base, 1.0f, "rope_forward");
+template <typename T>
+static void rope_op_forward(void *qkv, int B, int T_, int H, int G, int D, float base) {
+    rope_apply<T>(qkv, B, T_, H, G, D, base, 1.0f, "rope_forward");
 }
 
-void cuda_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base) {
-    rope_apply(dqkv, B, T, H, G, D, base, -1.0f, "rope_backward");
+template <typename T>
+static void rope_op_backward(void *dqkv, int B, int T_, int H, int G, int D, float base) {
+    rope_apply<T>(dqkv, B, T_, H, G, D, base, -1.0f, "rope_backward");
+}
+
+void cuda_rope_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, rope_forward, rope_op_forward);
+    CUDA_SET_OP(f32, bf16, rope_backward, rope_op_backward);
 }

@@ -133,6 +133,10 @@ function V.validate(c, opts, to_table)
   if o.bf16 and o.fp16 then
     fail("optimizer.bf16 = true and optimizer.fp16 = true: only one of fp16 and bf16 can be enabled; set the other to false")
   end
+  if m.bf16 and (m.device or "cpu") == "cpu" then
+    warn("model.bf16 on the CPU runs the bf16 reference kernels (fp32 math around bf16 storage): slower than fp32, "
+      .. "meant for checking mixed precision; bf16 pays on device \"cuda\"")
+  end
 
   -- parallel sizes -----------------------------------------------------------------------------
   local TP, PP, CP = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size

@@ -1,0 +1,289 @@
+/* The CPU backend's op tables: fp32 (ops.h as it is) and the bf16 reference for mixed precision.
+ *
+ * The bf16 table stores activations and reads weights in bf16 exactly where a GPU does: each op
+ * widens its bf16 operands to fp32, runs the fp32 op of ops.h, and rounds its bf16 results to
+ * nearest even. It is slow (conversions around every op) and exists to check the mixed-precision
+ * machinery and the GPU's bf16 kernels against a known answer. */
+#include <stdlib.h>
+
+#include "engine/core/alloc.h"
+#include "engine/core/tensor.h"
+#include "engine/ops/backend.h"
+#include "engine/ops/ops.h"
+
+/* ---- fp32: ops.h behind the table's untyped activation pointers ---- */
+
+static void f32_embedding_forward(void *out, const int32_t *ids, const void *table, int N, int C) {
+    lt_embedding_forward(out, ids, table, N, C);
+}
+static void f32_embedding_backward(float *dtable, const void *dout, const int32_t *ids, int N, int C) {
+    lt_embedding_backward(dtable, dout, ids, N, C);
+}
+static void f32_position_embedding_forward(void *out, const void *wpe, int B, int T, int C) {
+    lt_position_embedding_forward(out, wpe, B, T, C);
+}
+static void f32_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C) {
+    lt_position_embedding_backward(dwpe, dout, B, T, C);
+}
+static void f32_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *w, const void *b,
+                                  int N, int C, float eps) {
+    lt_layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps);
+}
+static void f32_layernorm_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,
+                                   const float *mean, const float *rstd, int N, int C) {
+    lt_layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+}
+static void f32_rmsnorm_forward(void *out, float *rstd, const void *inp, const void *w, int N, int C, float eps) {
+    lt_rmsnorm_forward(out, rstd, inp, w, N, C, eps);
+}
+static void f32_rmsnorm_backward(void *dinp, float *dw, const void *dout, const void *inp, const void *w,
+                                 const float *rstd, int N, int C) {
+    lt_rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+}
+static void f32_linear_forward(void *out, const void *inp, const void *w, const void *b, int N, int IN, int OUT) {
+    lt_linear_forward(out, inp, w, b, N, IN, OUT);
+}
+static void f32_linear_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,
+                                int N, int IN, int OUT) {
+    lt_linear_backward(dinp, dw, db, dout, inp, w, N, IN, OUT);
+}
+static void f32_attention_forward(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D, float p,
+                                  uint64_t key) {
+    lt_attention_forward(out, lse, qkv, B, T, H, G, D, p, key);
+}
+static void f32_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
+                                   int B, int T, int H, int G, int D, float p, uint64_t key) {
+    lt_attention_backward(dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key);
+}
+static void f32_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base) {
+    lt_rope_forward(qkv, B, T, H, G, D, base);
+}
+static void f32_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base) {
+    lt_rope_backward(dqkv, B, T, H, G, D, base);
+}
+static void f32_gelu_forward(void *out, const void *inp, int64_t n) { lt_gelu_forward(out, inp, n); }
+static void f32_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
+    lt_gelu_backward(dinp, dout, inp, n);
+}
+static void f32_swiglu_forward(void *out, const void *inp, int N, int F) { lt_swiglu_forward(out, inp, N, F); }
+static void f32_swiglu_backward(void *dinp, const void *dout, const void *inp, int N, int F) {
+    lt_swiglu_backward(dinp, dout, inp, N, F);
+}
+static void f32_add_forward(void *out, const void *a, const void *b, int64_t n) { lt_add_forward(out, a, b, n); }
+static void f32_dropout_forward(void *out, const void *inp, int64_t n, float p, uint64_t key, uint64_t first) {
+    lt_dropout_forward(out, inp, n, p, key, first);
+}
+static void f32_dropout_backward(void *dinp, const void *dout, int64_t n, float p, uint64_t key, uint64_t first) {
+    lt_dropout_backward(dinp, dout, n, p, key, first);
+}
+static void f32_cross_entropy_forward(float *losses, float *lse, const void *logits, const int32_t *targets, int N,
+                                      int V) {
+    lt_cross_entropy_forward(losses, lse, logits, targets, N, V);
+}
+static void f32_cross_entropy_backward(void *dlogits, const void *logits, const float *lse, const int32_t *targets,
+                                       const float *dloss, int N, int V) {
+    lt_cross_entropy_backward(dlogits, logits, lse, targets, dloss, N, V);
+}
+
+#define OPS_TABLE(prefix, dt)                                                                                     \
+    {                                                                                                             \
+        .dtype = dt, .embedding_forward = prefix##_embedding_forward,                                            \
+        .embedding_backward = prefix##_embedding_backward,                                                        \
+        .position_embedding_forward = prefix##_position_embedding_forward,                                        \
+        .position_embedding_backward = prefix##_position_embedding_backward,                                      \
+        .layernorm_forward = prefix##_layernorm_forward, .layernorm_backward = prefix##_layernorm_backward,     \
+        .rmsnorm_forward = prefix##_rmsnorm_forward, .rmsnorm_backward = prefix##_rmsnorm_backward,             \
+        .linear_forward = prefix##_linear_forward, .linear_backward = prefix##_linear_backward,                 \
+        .attention_forward = prefix##_attention_forward, .attention_backward = prefix##_attention_backward,     \
+        .rope_forward = prefix##_rope_forward, .rope_backward = prefix##_rope_backward,                         \
+        .gelu_forward = prefix##_gelu_forward, .gelu_backward = prefix##_gelu_backward,                         \
+        .swiglu_forward = prefix##_swiglu_forward, .swiglu_backward = prefix##_swiglu_backward,                 \
+        .add_forward = prefix##_add_forward, .dropout_forward = prefix##_dropout_forward,                       \
+        .dropout_backward = prefix##_dropout_backward, .cross_entropy_forward = prefix##_cross_entropy_forward, \
+        .cross_entropy_backward = prefix##_cross_entropy_backward,                                                \
+    }
+
+const lt_ops lt_cpu_ops_f32 = OPS_TABLE(f32, LT_F32);
+
+/* ---- bf16: widen, run the fp32 op, round ---- */
+
+/* An fp32 copy of n bf16 values (NULL in, NULL out). */
+static float *widen(const void *src, int64_t n) {
+    if (!src) return NULL;
+    float *f = lt_alloc(sizeof(float) * (size_t)n);
+    const uint16_t *h = src;
+    for (int64_t i = 0; i < n; i++) f[i] = lt_bf16_to_f32(h[i]);
+    return f;
+}
+
+/* Rounds n fp32 values into dst (bf16) and releases the fp32 copy. */
+static void narrow(void *dst, float *f, int64_t n) {
+    uint16_t *h = dst;
+    for (int64_t i = 0; i < n; i++) h[i] = lt_f32_to_bf16(f[i]);
+    lt_release(f, sizeof(float) * (size_t)n);
+}
+
+static void drop(const float *f, int64_t n) {
+    if (f) lt_release((void *)f, sizeof(float) * (size_t)n);
+}
+
+/* Scratch for an output the op overwrites. */
+static float *scratch(int64_t n) { return lt_alloc(sizeof(float) * (size_t)n); }
+
+static void bf16_embedding_forward(void *out, const int32_t *ids, const void *table, int N, int C) {
+    /* Rows are copied: widening only the rows used would do, but the whole table keeps it simple. */
+    float *o = scratch((int64_t)N * C);
+    const uint16_t *t = table;
+    for (int64_t n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) o[n * C + c] = lt_bf16_to_f32(t[(int64_t)ids[n] * C + c]);
+    narrow(out, o, (int64_t)N * C);
+}
+static void bf16_embedding_backward(float *dtable, const void *dout, const int32_t *ids, int N, int C) {
+    float *d = widen(dout, (int64_t)N * C);
+    lt_embedding_backward(dtable, d, ids, N, C);
+    drop(d, (int64_t)N * C);
+}
+static void bf16_position_embedding_forward(void *out, const void *wpe, int B, int T, int C) {
+    float *o = widen(out, (int64_t)B * T * C), *w = widen(wpe, (int64_t)T * C);
+    lt_position_embedding_forward(o, w, B, T, C);
+    drop(w, (int64_t)T * C);
+    narrow(out, o, (int64_t)B * T * C);
+}
+static void bf16_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C) {
+    float *d = widen(dout, (int64_t)B * T * C);
+    lt_position_embedding_backward(dwpe, d, B, T, C);
+    drop(d, (int64_t)B * T * C);
+}
+static void bf16_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *w, const void *b,
+                                   int N, int C, float eps) {
+    const int64_t NC = (int64_t)N * C;
+    float *o = scratch(NC), *x = widen(inp, NC), *wf = widen(w, C), *bf = widen(b, C);
+    lt_layernorm_forward(o, mean, rstd, x, wf, bf, N, C, eps);
+    drop(x, NC), drop(wf, C), drop(bf, C);
+    narrow(out, o, NC);
+}
+static void bf16_layernorm_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,
+                                    const float *mean, const float *rstd, int N, int C) {
+    const int64_t NC = (int64_t)N * C;
+    float *di = widen(dinp, NC), *d = widen(dout, NC), *x = widen(inp, NC), *wf = widen(w, C);
+    lt_layernorm_backward(di, dw, db, d, x, wf, mean, rstd, N, C);
+    drop(d, NC), drop(x, NC), drop(wf, C);
+    narrow(dinp, di, NC);
+}
+static void bf16_rmsnorm_forward(void *out, float *rstd, const void *inp, const void *w, int N, int C, float eps) {
+    const int64_t NC = (int64_t)N * C;
+    float *o = scratch(NC), *x = widen(inp, NC), *wf = widen(w, C);
+    lt_rmsnorm_forward(o, rstd, x, wf, N, C, eps);
+    drop(x, NC), drop(wf, C);
+    narrow(out, o, NC);
+}
+static void bf16_rmsnorm_backward(void *dinp, float *dw, const void *dout, const void *inp, const void *w,
+                                  const float *rstd, int N, int C) {
+    const int64_t NC = (int64_t)N * C;
+    float *di = widen(dinp, NC), *d = widen(dout, NC), *x = widen(inp, NC), *wf = widen(w, C);
+    lt_rmsnorm_backward(di, dw, d, x, wf, rstd, N, C);
+    drop(d, NC), drop(x, NC), drop(wf, C);
+    narrow(dinp, di, NC);
+}
+static void bf16_linear_forward(void *out, const void *inp, const void *w, const void *b, int N, int IN, int OUT) {
+    const int64_t NI = (int64_t)N * IN, NO = (int64_t)N * OUT, WN = (int64_t)IN * OUT;
+    float *o = scratch(NO), *x = widen(inp, NI), *wf = widen(w, WN), *bf = widen(b, OUT);
+    lt_linear_forward(o, x, wf, bf, N, IN, OUT);
+    drop(x, NI), drop(wf, WN), drop(bf, OUT);
+    narrow(out, o, NO);
+}
+static void bf16_linear_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,
+                                 int N, int IN, int OUT) {
+    const int64_t NI = (int64_t)N * IN, NO = (int64_t)N * OUT, WN = (int64_t)IN * OUT;
+    float *di = widen(dinp, NI), *d = widen(dout, NO), *x = widen(inp, NI), *wf = widen(w, WN);
+    lt_linear_backward(di, dw, db, d, x, wf, N, IN, OUT);
+    drop(d, NO), drop(x, NI), drop(wf, WN);
+    if (dinp) narrow(dinp, di, NI);
+}
+static void bf16_attention_forward(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D, float p,
+                                   uint64_t key) {
+    const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D, NO = (int64_t)B * T * H * D;
+    float *o = scratch(NO), *q = widen(qkv, NQ);
+    lt_attention_forward(o, lse, q, B, T, H, G, D, p, key);
+    drop(q, NQ);
+    narrow(out, o, NO);
+}
+static void bf16_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
+                                    int B, int T, int H, int G, int D, float p, uint64_t key) {
+    const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D, NO = (int64_t)B * T * H * D;
+    float *dq = widen(dqkv, NQ), *d = widen(dout, NO), *q = widen(qkv, NQ), *o = widen(out, NO);
+    lt_attention_backward(dq, d, q, o, lse, B, T, H, G, D, p, key);
+    drop(d, NO), drop(q, NQ), drop(o, NO);
+    narrow(dqkv, dq, NQ);
+}
+static void bf16_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base) {
+    const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D;
+    float *q = widen(qkv, NQ);
+    lt_rope_forward(q, B, T, H, G, D, base);
+    narrow(qkv, q, NQ);
+}
+static void bf16_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base) {
+    const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D;
+    float *q = widen(dqkv, NQ);
+    lt_rope_backward(q, B, T, H, G, D, base);
+    narrow(dqkv, q, NQ);
+}
+static void bf16_gelu_forward(void *out, const void *inp, int64_t n) {
+    float *o = scratch(n), *x = widen(inp, n);
+    lt_gelu_forward(o, x, n);
+    drop(x, n);
+    narrow(out, o, n);
+}
+static void bf16_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
+    float *di = widen(dinp, n), *d = widen(dout, n), *x = widen(inp, n);
+    lt_gelu_backward(di, d, x, n);
+    drop(d, n), drop(x, n);
+    narrow(dinp, di, n);
+}
+static void bf16_swiglu_forward(void *out, const void *inp, int N, int F) {
+    const int64_t NF = (int64_t)N * F;
+    float *o = scratch(NF), *x = widen(inp, 2 * NF);
+    lt_swiglu_forward(o, x, N, F);
+    drop(x, 2 * NF);
+    narrow(out, o, NF);
+}
+static void bf16_swiglu_backward(void *dinp, const void *dout, const void *inp, int N, int F) {
+    const int64_t NF = (int64_t)N * F;
+    float *di = widen(dinp, 2 * NF), *d = widen(dout, NF), *x = widen(inp, 2 * NF);
+    lt_swiglu_backward(di, d, x, N, F);
+    drop(d, NF), drop(x, 2 * NF);
+    narrow(dinp, di, 2 * NF);
+}
+static void bf16_add_forward(void *out, const void *a, const void *b, int64_t n) {
+    float *x = widen(a, n), *y = widen(b, n);
+    lt_add_forward(x, x, y, n);
+    drop(y, n);
+    narrow(out, x, n);
+}
+static void bf16_dropout_forward(void *out, const void *inp, int64_t n, float p, uint64_t key, uint64_t first) {
+    float *x = widen(inp, n);
+    lt_dropout_forward(x, x, n, p, key, first);
+    narrow(out, x, n);
+}
+static void bf16_dropout_backward(void *dinp, const void *dout, int64_t n, float p, uint64_t key, uint64_t first) {
+    float *di = widen(dinp, n), *d = widen(dout, n);
+    lt_dropout_backward(di, d, n, p, key, first);
+    drop(d, n);
+    narrow(dinp, di, n);
+}
+static void bf16_cross_entropy_forward(float *losses, float *lse, const void *logits, const int32_t *targets, int N,
+                                       int V) {
+    const int64_t NV = (int64_t)N * V;
+    float *l = widen(logits, NV);
+    lt_cross_entropy_forward(losses, lse, l, targets, N, V);
+    drop(l, NV);
+}
+static void bf16_cross_entropy_backward(void *dlogits, const void *logits, const float *lse, const int32_t *targets,
+                                        const float *dloss, int N, int V) {
+    const int64_t NV = (int64_t)N * V;
+    float *l = widen(logits, NV);
+    lt_cross_entropy_backward(l, l, lse, targets, dloss, N, V);
+    narrow(dlogits, l, NV);
+}
+
+const lt_ops lt_cpu_ops_bf16 = OPS_TABLE(bf16, LT_BF16);

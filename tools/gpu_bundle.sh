@@ -13,10 +13,10 @@ rm -rf "$out"
 mkdir -p "$out/lib"
 cp -L bazel-bin/luatron bazel-bin/luatron_cuda.so bazel-bin/tests/cuda/ops_test "$out/"
 chmod u+w "$out"/*
-# glibc and the CUDA/driver libraries come from the GPU machine itself.
+# glibc, the C++ runtime and the CUDA/driver libraries come from the GPU machine itself.
 for f in "$out/luatron" "$out/ops_test" "$out/luatron_cuda.so"; do
   ldd "$f" | awk '$3 ~ /^\// {print $3}'
-done | sort -u | grep -vE '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libcuda|libcudart|libcublas|libcublasLt|libnccl)\.so' |
+done | sort -u | grep -vE '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl)\.so' |
   while read -r lib; do cp -L "$lib" "$out/lib/"; done
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 du -sh "$out"

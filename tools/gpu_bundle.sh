@@ -18,5 +18,6 @@ for f in "$out/luatron" "$out/ops_test" "$out/luatron_cuda.so"; do
   ldd "$f" | awk '$3 ~ /^\// {print $3}'
 done | sort -u | grep -vE '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl)\.so' |
   while read -r lib; do cp -L "$lib" "$out/lib/"; done
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+local changes')" > "$out/commit.txt"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 du -sh "$out"

@@ -60,5 +60,24 @@ echo "== 4. benchmarks"
 if [ -z "${GPU_CHECK_QUICK:-}" ]; then
   "$bin" run bench/gpu_bench.lua --shape 1.3b 2>&1 | tee "$out/bench_1p3b.log" || failed=$((failed + 1))
 fi
+# The figures as a results page for bench/results/ (device, commit, commands, one row per run).
+{
+  echo "# GPU benchmarks ($(date -u +%Y-%m-%d), $(cat "$out/device.txt"), luatron $(cat "$root/.gpu/commit.txt" 2>/dev/null))"
+  echo
+  echo "Command: \`tools/gpu_bundle.sh\` here, then \`tools/gpu_check.sh\` on the GPU machine (bench/gpu_bench.lua)."
+  echo "MFU = model:flops_per_token() x tokens/s / 989 TFLOP/s, flops_per_token = 6N + 6LCT."
+  echo
+  echo "| shape | precision | micro-batch x seq | ms/step | tokens/s | TFLOP/s | MFU | peak GiB |"
+  echo "|---|---|---|---|---|---|---|---|"
+  grep -h '^RESULT ' "$out"/bench_*.log | sed 's/^RESULT //' > "$out/results.jsonl"
+  python3 - "$out/results.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("| {shape} | {precision} | {micro_batch} x {seq} | {ms_per_step:.1f} | {tokens_per_s:.0f} | {tflops:.1f} | "
+          "{mfu_pct:.1f}% | {peak_gib:.2f} |".format(mfu_pct=100 * r["mfu"], **r))
+PY
+} > "$out/results.md"
+cat "$out/results.md"
 echo "gpu_check: $failed part(s) failed"
 exit "$failed"

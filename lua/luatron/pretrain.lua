@@ -238,9 +238,10 @@ local function describe_parallel(run, log)
   local m = opt:memory()
   log:info("%s | data parallel %d (%s)", parallel.describe(ps), run.dp_size,
     m.sharded and "distributed optimizer" or "DDP")
-  log:info("memory per rank: parameters %.2f MiB, gradients %.2f MiB, optimizer state %.2f MiB "
-    .. "(formula %.2f MiB%s)", mib(m.params), mib(m.grads), mib(m.optimizer), mib(m.formula),
-    m.sharded and " = 12 bytes x parameters / DP" or " = 8 bytes x parameters")
+  log:info("memory per rank: parameters %.2f MiB%s, gradients %.2f MiB, optimizer state %.2f MiB "
+    .. "(formula %.2f MiB%s)", mib(m.params),
+    run.r.model.bf16 and (" (+ %.2f MiB bf16 copy)"):format(mib(m.params / 2)) or "", mib(m.grads), mib(m.optimizer),
+    mib(m.formula), m.sharded and " = 12 bytes x parameters / DP" or " = 8 bytes x parameters")
 end
 
 -- pretrain(config [, args]): train config.train.train_iters steps, logging, evaluating and
@@ -257,9 +258,10 @@ function M.pretrain(cfg, args)
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
     metrics_path = lead and metrics_path or nil, quiet = not lead, device = r.model.device }
   local resumed = M.maybe_resume(run, log)
-  log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step per rank%s",
+  log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step per rank | %s on %s%s",
     tostring(run.model), run.model:num_parameters(), r.num_microbatches, train.micro_batch_size,
-    r.model.seq_length, resumed and "" or " | from scratch")
+    r.model.seq_length, r.model.bf16 and "bf16 mixed precision" or "fp32", r.model.device,
+    resumed and "" or " | from scratch")
   if run.ps.world_size > 1 then describe_parallel(run, log) end
   for _, w in ipairs(r.warnings or {}) do log:info("warning: %s", w) end
   local tokens_per_step = train.global_batch_size * r.model.seq_length

@@ -59,6 +59,7 @@ end
 
 for k = 1, opts.warmup do step(k, batch) end
 core.reset_peak_memory("cuda")
+core.profile_reset("cuda") -- LUATRON_CUDA_PROFILE=1: where the time of the timed steps goes
 local times = {}
 for k = 1, opts.steps do
   local t0 = core.clock()
@@ -78,3 +79,5 @@ print(("RESULT {\"shape\": %q, \"precision\": %q, \"micro_batch\": %d, \"seq\": 
   .. "\"tflops\": %.2f, \"mfu\": %.4f, \"peak_gib\": %.3f, \"params\": %d}")
   :format(opts.shape, opts.precision, batch, s.seq_length, 1000 * median, tokens_per_s, flops / 1e12, flops / PEAK_BF16,
     peak / 2 ^ 30, model:num_parameters()))
+local profile = core.profile_report("cuda")
+if profile then print("GPU time per op over the timed steps:\n" .. profile) end

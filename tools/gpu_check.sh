@@ -3,8 +3,13 @@
 #   1. every CUDA op against the CPU op (tests/cuda/ops_test: fp32 and bf16 tables),
 #   2. the tiny recipe in fp32 on CPU and on GPU: the same losses over 20 steps,
 #   3. the same in bf16 mixed precision against the CPU's bf16 reference,
-#   4. the benchmarks of bench/gpu_bench.lua (124M bf16 and fp32, then 1.3B unless GPU_CHECK_QUICK=1).
+#   4. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
+#      1.3B unless GPU_CHECK_QUICK=1).
 # Logs go to $OUT (or ./gpu-out) so they come back; the exit code is the number of failed parts.
+# A dry run of the script itself, without a GPU, on the emulated plugin:
+#   LUATRON_CUDA_PLUGIN_OVERRIDE=bazel-bin/tests/cuda/luatron_cuda_emulated.so GPU_CHECK_BENCH=0 \
+#   GPU_CHECK_RECIPE_ARGS="model.num_layers=1 model.hidden_size=32 model.seq_length=32 dataset.sequence_length=32" \
+#   tools/gpu_check.sh
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,10 +21,10 @@ if [ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]; then
   extra=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
   [ -n "$extra" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
 fi
-export LUATRON_CUDA_PLUGIN="$root/.gpu/luatron_cuda.so"
+export LUATRON_CUDA_PLUGIN="${LUATRON_CUDA_PLUGIN_OVERRIDE:-$root/.gpu/luatron_cuda.so}"
 bin="$root/.gpu/luatron"
 failed=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/device.txt"
 
 # compare A.jsonl B.jsonl RTOL: both runs have 20 steps with losses within RTOL (relative).
 compare() {
@@ -36,14 +41,17 @@ PY
 echo "== 1. ops: CUDA against CPU"
 timeout 300 "$root/.gpu/ops_test" 2>&1 | tee "$out/ops_test.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+LUATRON_CUDA_PROFILE=1 timeout 300 "$root/.gpu/ops_test" --profile > "$out/ops_profile_test.log" 2>&1 ||
+  { failed=$((failed + 1)); grep '^not ok' "$out/ops_profile_test.log"; }
 
 tiny="run recipes/gpt_tiny.lua train.train_iters=20 train.eval_interval=1000 logger.log_interval=1 \
-scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1"
+scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1 ${GPU_CHECK_RECIPE_ARGS:-}"
 n=2
 for precision in fp32 bf16; do
   echo "== $n. tiny recipe, $precision, CPU vs CUDA, 20 steps"
   flag=$([ "$precision" = bf16 ] && echo "model.bf16=true" || true)
   rtol=$([ "$precision" = bf16 ] && echo 1e-2 || echo 1e-3)
+  rm -f "$out/cpu_$precision.jsonl" "$out/cuda_$precision.jsonl" # the logger appends
   "$bin" $tiny $flag logger.metrics_file="$out/cpu_$precision.jsonl" > "$out/cpu_$precision.log" 2>&1 ||
     failed=$((failed + 1))
   "$bin" $tiny $flag model.device=cuda logger.metrics_file="$out/cuda_$precision.jsonl" > "$out/cuda_$precision.log" 2>&1 ||
@@ -54,11 +62,15 @@ for precision in fp32 bf16; do
 done
 
 echo "== 4. benchmarks"
+if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
 "$bin" run bench/gpu_bench.lua --shape 124m 2>&1 | tee "$out/bench_124m.log" || failed=$((failed + 1))
+LUATRON_CUDA_PROFILE=1 "$bin" run bench/gpu_bench.lua --shape 124m --steps 3 2>&1 | tee "$out/profile_124m.log" ||
+  failed=$((failed + 1))
 "$bin" run bench/gpu_bench.lua --shape 124m --precision fp32 --steps 5 2>&1 | tee "$out/bench_124m_fp32.log" ||
   failed=$((failed + 1))
 if [ -z "${GPU_CHECK_QUICK:-}" ]; then
   "$bin" run bench/gpu_bench.lua --shape 1.3b 2>&1 | tee "$out/bench_1p3b.log" || failed=$((failed + 1))
+fi
 fi
 # The figures as a results page for bench/results/ (device, commit, commands, one row per run).
 {

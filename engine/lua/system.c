@@ -57,6 +57,33 @@ static int l_synchronize(lua_State *L) {
     return 0;
 }
 
+/* core.profile_report([device]) → the device's per-op time table (a string), or nil when the backend
+ * has no profiler or profiling is off (LUATRON_CUDA_PROFILE=1 turns it on). core.profile_reset(device)
+ * starts the counts afresh (after warm-up steps). */
+static int l_profile_report(lua_State *L) {
+    char err[512];
+    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
+    if (!be) return luaL_error(L, "%s", err);
+    int n = be->profile_report ? be->profile_report(NULL, 0) : 0;
+    if (n <= 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    luaL_Buffer b;
+    char *p = luaL_buffinitsize(L, &b, (size_t)n + 1);
+    n = be->profile_report(p, (size_t)n + 1);
+    luaL_pushresultsize(&b, (size_t)(n > 0 ? n : 0));
+    return 1;
+}
+
+static int l_profile_reset(lua_State *L) {
+    char err[512];
+    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
+    if (!be) return luaL_error(L, "%s", err);
+    if (be->profile_report) be->profile_report(NULL, 1);
+    return 0;
+}
+
 /* core.isatty(fd) → boolean: progress bars only on terminals. */
 static int l_isatty(lua_State *L) {
     lua_pushboolean(L, isatty((int)luaL_optinteger(L, 1, 1)));
@@ -65,7 +92,8 @@ static int l_isatty(lua_State *L) {
 
 void lt_lua_open_system(lua_State *L) {
     static const luaL_Reg funcs[] = {{"clock", l_clock}, {"memory", l_memory}, {"reset_peak_memory", l_reset_peak_memory},
-                                     {"synchronize", l_synchronize},
+                                     {"synchronize", l_synchronize}, {"profile_report", l_profile_report},
+                                     {"profile_reset", l_profile_reset},
                                      {"isatty", l_isatty}, {NULL, NULL}};
     luaL_setfuncs(L, funcs, 0);
 }

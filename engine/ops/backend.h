@@ -60,7 +60,7 @@ typedef struct lt_ops {
 } lt_ops;
 
 /* Bumped whenever lt_backend or lt_ops change: the loader refuses a plugin built against another layout. */
-#define LT_BACKEND_ABI 2
+#define LT_BACKEND_ABI 3
 
 typedef struct lt_backend {
     int abi;               /* LT_BACKEND_ABI of the code that filled the table */
@@ -103,6 +103,15 @@ typedef struct lt_backend {
 
     /* ---- the model's ops, per compute precision (bf16 NULL where there is none) ---- */
     const lt_ops *f32, *bf16;
+
+    /* ---- profile (NULL where there is none) ---- */
+    /* With LUATRON_CUDA_PROFILE=1, the device time of every entry of this table and of both op tables,
+     * per op and precision, as a text table sorted by time (op, calls, ms, % of the profiled time,
+     * us per call, TFLOP/s for GEMMs and attention, GB/s of the bytes the op must move). Covers the
+     * work finished by the last synchronize (or finished already). Returns the length it wanted,
+     * as snprintf does (buf may be NULL when buflen is 0); 0, and an empty buf, when profiling is
+     * off. profile_report(NULL, 1) clears the counts (after warm-up steps, say) and returns 0. */
+    int (*profile_report)(char *buf, size_t buflen);
 } lt_backend;
 
 /* The built-in CPU backend. */

@@ -11,4 +11,5 @@
 #include "engine/ops/cuda/attention_tc.cu"
 #include "engine/ops/cuda/rope.cu"
 #include "engine/ops/cuda/cross_entropy.cu"
+#include "engine/ops/cuda/profile.cu"
 #include "engine/ops/cuda/backend.cu"

@@ -25,6 +25,18 @@
  * (2e-2: the rounding of inputs and outputs to bf16). cast_to_bf16 must equal lt_f32_to_bf16 bit
  * for bit (ties, round-ups, negatives, overflow to inf, inf, NaN payloads, subnormals, random bits).
  *
+ * The bandwidth-bound kernels move 16-byte packs when their pointers are 16-byte aligned and fall back
+ * to one element at a time otherwise: the checks run on the allocator's aligned buffers (lengths and
+ * rows that are whole packs, and ones that are not) and again on buffers 4 to 12 bytes past alignment
+ * ("unaligned" in their names), with the same tolerances.
+ *
+ * The profile (LUATRON_CUDA_PROFILE, lt_backend.profile_report): without it the report is empty; with
+ * --profile (the *_profile_test targets set LUATRON_CUDA_PROFILE=1) a few ops are counted exactly
+ * (calls, non-negative times, FLOP rates for the GEMM and attention, the snprintf-style length, a
+ * clear, more ops than the ring of event pairs between two synchronizes), every other check then runs
+ * through the profile's wrappers, and at the end every op of both tables and every backend function
+ * with device work must be listed.
+ *
  * Without a GPU (no driver, no device: lt_backend_get's error says "no GPU") the plugin must still
  * load; then every check runs the same code with the CPU backend standing in for the device (so the
  * test's own plumbing is exercised here) and is reported as "ok ... # SKIP no GPU: ...". A check
@@ -189,12 +201,18 @@ static void *hmem(size_t nbytes) {
     arena_host[arena_nhost++] = p;
     return p;
 }
+/* 0: device buffers as the allocator hands them out (256-byte aligned). Else each buffer starts 1, 2 or 3
+ * units past that, in turn (unit 4 bytes: never 16-byte aligned, and consecutive buffers misaligned
+ * differently): the kernels' scalar fallbacks for unaligned pointers run instead of the 16-byte ones. */
+static size_t dev_skew_unit;
+static unsigned dev_skew_count;
 static void *dmem(size_t nbytes) {
-    void *p = dev_alloc(nbytes);
+    const size_t skew = dev_skew_unit ? dev_skew_unit * (1 + dev_skew_count++ % 3) : 0;
+    void *p = dev_alloc(nbytes + skew);
     if (arena_ndev == ARENA_MAX) abort();
     arena_dev[arena_ndev] = p;
-    arena_dev_bytes[arena_ndev++] = nbytes;
-    return p;
+    arena_dev_bytes[arena_ndev++] = nbytes + skew;
+    return (char *)p + skew;
 }
 static void arena_reset(void) {
     for (int i = 0; i < arena_nhost; i++) free(arena_host[i]);
@@ -934,6 +952,245 @@ static void test_errors(void) {
     }
 }
 
+/* ---------------- unaligned pointers ----------------
+ * The bandwidth-bound kernels move 16-byte packs when every pointer is 16-byte aligned and fall back to
+ * one element at a time otherwise: the checks above run the packed kernels (and their tails: lengths
+ * that are not whole packs), these the fallbacks, on buffers 4, 8 or 12 bytes past the allocator's
+ * alignment (dmem with dev_skew_unit), odd lengths and rows of odd or whole-pack lengths. The checks'
+ * names say "unaligned". */
+
+static void test_unaligned(const prec *P) {
+    prec U = *P;
+    U.tag = P->dt == LT_BF16 ? "bf16 unaligned " : "unaligned ";
+    dev_skew_unit = 4;
+    test_add(&U, 1001);
+    test_gelu(&U, 1003);
+    test_swiglu(&U, 5, 16);
+    test_dropout(&U, 1003, 0.1f, 5);
+    test_embedding(&U, 9, 64, 11);
+    test_position_embedding(&U, 2, 5, 64);
+    test_layernorm(&U, 9, 64, 1);
+    test_rmsnorm(&U, 9, 64);
+    test_linear(&U, 9, 16, 24, 1, 1);
+    test_cross_entropy(&U, 5, 67); /* logits and dlogits misaligned alike (in place) and differently */
+    dev_skew_unit = 0;
+}
+
+/* The backend's fp32 kernels on pointers 4 bytes past 16-byte alignment (bf16: 2 bytes), n = 1001. */
+static void test_backend_unaligned(void) {
+    char err[600];
+    const int64_t n = 1001;
+    float *ref = host_new(n), *x = host_rand(n, -2, 2);
+    float *d = dev_alloc((n + 1) * sizeof(float)), *du = d + 1;
+    cpu->fill(ref, n, 0.375f);
+    dev->fill(du, n, 0.375f);
+    check_close("unaligned fill n=1001", ref, du, n, 0.0);
+    dev->to_device(du, x, n * sizeof(float));
+    cpu->scale(x, n, -0.7f);
+    dev->scale(du, n, -0.7f);
+    check_close("unaligned scale n=1001", x, du, n, 0.0);
+    uint16_t *want = malloc(n * 2), *got = malloc(n * 2);
+    for (int64_t i = 0; i < n; i++) want[i] = lt_f32_to_bf16(x[i]);
+    void *dy = dev_alloc((n + 1) * 2);
+    dev->cast_to_bf16((char *)dy + 2, du, n);
+    dev->to_host(got, (char *)dy + 2, n * 2);
+    int rc = dev_sync(err, sizeof err);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad += got[i] != want[i];
+    report(rc == 0 && bad == 0, "unaligned cast_to_bf16 n=1001: %lld differ from lt_f32_to_bf16%s%s", (long long)bad,
+           rc ? "; error: " : "", rc ? err : "");
+    float *p = host_rand(n, -1, 1), *g = host_rand(n, -1, 1);
+    float *m = host_rand(n, -0.1f, 0.1f), *v = host_rand(n, 0, 0.01f);
+    float *dp = dev_alloc((n + 1) * 4), *dg = dev_alloc((n + 1) * 4), *dm = dev_alloc((n + 1) * 4),
+          *dv = dev_alloc((n + 1) * 4);
+    dev->to_device(dp + 1, p, n * 4), dev->to_device(dg + 1, g, n * 4);
+    dev->to_device(dm + 1, m, n * 4), dev->to_device(dv + 1, v, n * 4);
+    for (int step = 1; step <= 2; step++) {
+        cpu->adamw_update(p, g, m, v, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+        dev->adamw_update(dp + 1, dg + 1, dm + 1, dv + 1, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+    }
+    check_close("unaligned adamw_update n=1001, 2 steps: param", p, dp + 1, n, 1e-6);
+    check_close("unaligned adamw_update n=1001, 2 steps: exp_avg_sq", v, dv + 1, n, 1e-6);
+    free(ref), free(x), free(want), free(got), free(p), free(g), free(m), free(v);
+    dev_free(d, (n + 1) * 4), dev_free(dy, (n + 1) * 2);
+    dev_free(dp, (n + 1) * 4), dev_free(dg, (n + 1) * 4), dev_free(dm, (n + 1) * 4), dev_free(dv, (n + 1) * 4);
+}
+
+/* ---------------- the profile (LUATRON_CUDA_PROFILE=1) ---------------- */
+
+/* What the profile names: every op of lt_ops (per table: "fp32.<op>", "bf16.<op>") and the backend's
+ * functions that issue device work. */
+static const char *const prof_ops[] = {
+    "embedding_forward", "embedding_backward", "position_embedding_forward", "position_embedding_backward",
+    "layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "linear_forward",
+    "linear_backward", "attention_forward", "attention_backward", "rope_forward", "rope_backward", "gelu_forward",
+    "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
+    "cross_entropy_forward", "cross_entropy_backward",
+};
+static const char *const prof_fns[] = {"fill",         "fill_normal", "sum_squares", "scale",
+                                       "cast_to_bf16", "adamw_update", "sgd_update", "memzero",
+                                       "to_device",    "to_host",      "copy"};
+
+/* The whole report (malloc'd), its length in *len. */
+static char *prof_get(int *len) {
+    const int n = dev->profile_report(NULL, 0);
+    char *buf = malloc((size_t)(n > 0 ? n : 0) + 1);
+    *len = dev->profile_report(buf, (size_t)(n > 0 ? n : 0) + 1);
+    return buf;
+}
+
+/* The row of op `name`: calls, ms and the TFLOP/s and GB/s fields ("-" where none); 0 when absent. */
+static int prof_row(const char *rep, const char *name, long long *calls, double *ms, char *tf, char *gb) {
+    const size_t k = strlen(name);
+    for (const char *line = rep; line && *line;) {
+        if (strncmp(line, name, k) == 0 && line[k] == ' ') {
+            char nm[80];
+            double pct, us;
+            return sscanf(line, "%79s %lld %lf %lf %lf %31s %31s", nm, calls, ms, &pct, &us, tf, gb) == 7;
+        }
+        line = strchr(line, '\n');
+        if (line) line++;
+    }
+    return 0;
+}
+
+/* The report's lines as TAP comments. */
+static void prof_print(const char *rep) {
+    for (const char *line = rep; line && *line;) {
+        const char *e = strchr(line, '\n');
+        const int k = e ? (int)(e - line) : (int)strlen(line);
+        printf("# %.*s\n", k, line);
+        line = e ? e + 1 : NULL;
+    }
+}
+
+/* Without LUATRON_CUDA_PROFILE: the report is empty. */
+static void test_profile_off(void) {
+    if (!gpu_only("profile: off: profile_report returns 0 and an empty string")) return;
+    char buf[64];
+    memset(buf, 'x', sizeof buf);
+    const int n = dev->profile_report ? dev->profile_report(buf, sizeof buf) : -1;
+    const int n0 = dev->profile_report ? dev->profile_report(NULL, 0) : -1;
+    report(n == 0 && n0 == 0 && buf[0] == '\0', "profile: off: profile_report returns %d and %d (want 0), buf %s", n,
+           n0, buf[0] == '\0' ? "empty" : "NOT empty");
+}
+
+/* With LUATRON_CUDA_PROFILE=1: a few ops, then synchronize: each is listed with its count. */
+static void test_profile_counts(void) {
+    char err[600];
+    if (!gpu_only("profile: counts, times and FLOPs of a few ops")) return;
+    if (!dev->profile_report) {
+        report(0, "profile: profile_report is NULL");
+        return;
+    }
+    const int64_t n = 1001;
+    const int N = 64, IN = 64, OUT = 64, B = 1, T = 64, H = 2, G = 2, D = 32;
+    const size_t nx = (size_t)N * IN, nw = (size_t)OUT * IN, nq = (size_t)B * T * (H + 2 * G) * D;
+    float *a = host_rand(n, -1, 1);
+    uint16_t *h16 = malloc(2 * nq);
+    for (size_t i = 0; i < nq; i++) h16[i] = lt_f32_to_bf16(frand());
+    float *da = dev_upload(a, n), *db = dev_upload(a, n), *dy = dev_alloc(n * 4), *dlse = dev_alloc(4 * B * H * T);
+    void *dx = dev_alloc(2 * nx), *dw = dev_alloc(2 * nw), *dout = dev_alloc(2 * (size_t)N * OUT);
+    void *dq = dev_alloc(2 * nq);
+    void *dao = dev_alloc(2 * (size_t)B * T * H * D), *dc = dev_alloc(2 * n);
+    dev->to_device(dx, h16, 2 * nx), dev->to_device(dw, h16, 2 * nw), dev->to_device(dq, h16, 2 * nq);
+    int rc = dev_sync(err, sizeof err);
+    const int cleared = dev->profile_report(NULL, 1); /* the uploads above do not count */
+    for (int k = 0; k < 3; k++) P32.dev->add_forward(dy, da, db, n);
+    for (int k = 0; k < 2; k++) P16.dev->linear_forward(dout, dx, dw, NULL, N, IN, OUT);
+    P16.dev->attention_forward(dao, dlse, dq, B, T, H, G, D, 0.0f, 0);
+    dev->memzero(dy, 4 * n);
+    dev->cast_to_bf16(dc, da, n);
+    rc |= dev_sync(err, sizeof err);
+    int len = 0;
+    char *rep = prof_get(&len);
+    prof_print(rep);
+    static const struct {
+        const char *name;
+        long long calls;
+        int flops;
+    } want[] = {{"fp32.add_forward", 3, 0}, {"bf16.linear_forward", 2, 1}, {"bf16.attention_forward", 1, 1},
+                {"memzero", 1, 0},          {"cast_to_bf16", 1, 0}};
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+        long long calls = -1;
+        double ms = -1.0;
+        char tf[32] = "", gb[32] = "";
+        const int found = prof_row(rep, want[i].name, &calls, &ms, tf, gb);
+        const int tf_ok = want[i].flops ? strcmp(tf, "-") != 0 : strcmp(tf, "-") == 0;
+        const int gb_ok = want[i].flops ? 1 : strcmp(gb, "-") != 0; /* bandwidth-bound: bytes counted */
+        report(rc == 0 && found && calls == want[i].calls && ms >= 0.0 && tf_ok && gb_ok,
+               "profile: %s listed %s, %lld calls (want %lld), %.4f ms (>= 0), TFLOP/s %s, GB/s %s%s%s", want[i].name,
+               found ? "yes" : "NO", calls, want[i].calls, ms, tf, gb, rc ? "; error: " : "", rc ? err : "");
+    }
+    long long calls = 0;
+    double ms;
+    char tf[32], gb[32];
+    report(cleared == 0 && !prof_row(rep, "to_device", &calls, &ms, tf, gb) &&
+               strncmp(rep, "cuda profile: 8 ops,", 20) == 0,
+           "profile: cleared before the ops (returns %d), uploads before it not listed, header counts 8 ops: \"%.40s\"",
+           cleared, rep);
+    char small[16];
+    const int n_small = dev->profile_report(small, sizeof small);
+    report(len > 0 && len == (int)strlen(rep) && n_small == len && strlen(small) == sizeof small - 1 &&
+               strncmp(small, rep, sizeof small - 1) == 0,
+           "profile: profile_report returns the length wanted (%d, strlen %zu), truncated into 16 bytes: %d \"%s\"",
+           len, strlen(rep), n_small, small);
+    free(rep);
+    /* more pairs than the ring holds between two synchronizes: the oldest are read on the way, none lost */
+    dev->profile_report(NULL, 1);
+    for (int k = 0; k < 8200; k++) dev->memzero(dy, 4);
+    rc = dev_sync(err, sizeof err);
+    rep = prof_get(&len);
+    calls = -1;
+    const int found = prof_row(rep, "memzero", &calls, &ms, tf, gb);
+    report(rc == 0 && found && calls == 8200 && strstr(rep, " 0 pending, 0 lost") != NULL,
+           "profile: 8200 ops between two synchronizes (past the ring of pairs): memzero %lld calls (want 8200), %s",
+           calls, strstr(rep, " 0 pending, 0 lost") ? "0 pending, 0 lost" : "pairs pending or lost");
+    free(rep);
+    dev->profile_report(NULL, 1);
+    free(a), free(h16);
+    dev_free_f(da, n), dev_free_f(db, n), dev_free_f(dy, n), dev_free(dlse, 4 * B * H * T);
+    dev_free(dx, 2 * nx), dev_free(dw, 2 * nw), dev_free(dout, 2 * (size_t)N * OUT), dev_free(dq, 2 * nq);
+    dev_free(dao, 2 * (size_t)B * T * H * D), dev_free(dc, 2 * n);
+}
+
+/* After every check has run under the profile: every op of both tables and every backend function
+ * that issues device work is listed, each row well formed. */
+static void test_profile_all(void) {
+    char err[600];
+    if (!gpu_only("profile: every op of both tables and the backend's functions listed")) return;
+    const size_t nops = (sizeof(lt_ops) - offsetof(lt_ops, embedding_forward)) / sizeof(void (*)(void));
+    const int rc = dev_sync(err, sizeof err);
+    int len = 0;
+    char *rep = prof_get(&len);
+    prof_print(rep);
+    int missing = 0;
+    char first[80] = "";
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < sizeof prof_ops / sizeof *prof_ops; i++) {
+            char name[80];
+            long long calls = 0;
+            double ms = -1.0;
+            char tf[32], gb[32];
+            snprintf(name, sizeof name, "%s.%s", k ? "bf16" : "fp32", prof_ops[i]);
+            if (!prof_row(rep, name, &calls, &ms, tf, gb) || calls < 1 || ms < 0.0) {
+                if (!missing++) snprintf(first, sizeof first, "%s", name);
+            }
+        }
+    for (size_t i = 0; i < sizeof prof_fns / sizeof *prof_fns; i++) {
+        long long calls = 0;
+        double ms = -1.0;
+        char tf[32], gb[32];
+        if (!prof_row(rep, prof_fns[i], &calls, &ms, tf, gb) || calls < 1 || ms < 0.0) {
+            if (!missing++) snprintf(first, sizeof first, "%s", prof_fns[i]);
+        }
+    }
+    report(rc == 0 && nops == sizeof prof_ops / sizeof *prof_ops && missing == 0,
+           "profile: after every check, %zu ops x 2 tables and %zu backend functions listed with calls and times: "
+           "%d missing%s%s", nops, sizeof prof_fns / sizeof *prof_fns, missing, missing ? ", first " : "", first);
+    free(rep);
+}
+
 /* LUATRON_CUDA_PLUGIN as an absolute path (dlopen searches the library path for a bare name), or the
  * plugin in this test's runfiles when the variable is unset. */
 static void locate_plugin(void) {
@@ -953,7 +1210,10 @@ static void locate_plugin(void) {
     }
 }
 
-int main(void) {
+/* --profile (the *_profile_test targets, run with LUATRON_CUDA_PROFILE=1): the profile's own checks
+ * first and last, every other check in between, timed by the profile's wrappers. */
+int main(int argc, char **argv) {
+    const int profile_mode = argc > 1 && strcmp(argv[1], "--profile") == 0;
     char err[512] = "";
     locate_plugin();
     printf("# plugin: %s\n", getenv("LUATRON_CUDA_PLUGIN") ? getenv("LUATRON_CUDA_PLUGIN") : "(beside the executable)");
@@ -977,6 +1237,9 @@ int main(void) {
     P32 = (prec){LT_F32, cpu->f32, dev->f32, ""};
     P16 = (prec){LT_BF16, cpu->bf16, dev->bf16, "bf16 "};
 
+    if (profile_mode) test_profile_counts();
+    else test_profile_off();
+
     test_memory();
 
     /* the backend's own fp32 kernels */
@@ -988,6 +1251,7 @@ int main(void) {
     test_sgd(0.0f);
     test_sgd(0.9f);
     test_cast_to_bf16();
+    test_backend_unaligned();
 
     /* every op, in both tables */
     const prec *precs[2] = {&P32, &P16};
@@ -1007,6 +1271,7 @@ int main(void) {
         test_embedding(P, 1, 768, 7);
         test_position_embedding(P, 3, 67, 129);
         test_position_embedding(P, 1, 1, 5);
+        test_position_embedding(P, 2, 7, 64); /* whole 16-byte packs per row */
 
         test_layernorm(P, 1, 3, 1); /* not C = 1: its dinp is 0 + rounding noise * rstd (= 1/sqrt(eps)) */
         test_layernorm(P, 7, 33, 1);
@@ -1038,8 +1303,11 @@ int main(void) {
 
         test_cross_entropy(P, 5, 7);
         test_cross_entropy(P, 67, 50257);
+
+        test_unaligned(P);
     }
 
+    if (profile_mode) test_profile_all();
     test_errors();
     return tap_done();
 }

@@ -2,7 +2,9 @@
 // cast_to_bf16, adamw, sgd. One grid-stride kernel each, 64-bit indices; the formulas (and their order
 // of operations) are those of engine/ops/cpu/{activation,optim}.c and engine/core/rng.c. The model's
 // ops (add, gelu, swiglu, dropout) are templates on the storage type (fp32 math, one rounding per
-// stored bf16 value); the backend's own kernels (fill, optimizer, ...) are fp32.
+// stored bf16 value); the backend's own kernels (fill, optimizer, ...) are fp32. The bandwidth-bound
+// ones (fill, scale, add, gelu, swiglu, dropout, cast_to_bf16, adamw) move 16-byte packs when their
+// pointers are 16-byte aligned (internal.cuh), with the same per-element math as the scalar fallback.
 #include <math.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -13,10 +15,78 @@
 
 /* ---------------- kernels ---------------- */
 
-template <typename scalar_t>
-__global__ void ew_fill_kernel(scalar_t *out, int64_t n, float value) {
-    CUDA_FOR(i, n) cuda_st(out + i, value);
+/* The flat elementwise ops share one kernel, ew_map_kernel, around a per-element body: a functor
+ * whose operator() takes the element's index and its NIN inputs widened to fp32 and returns the fp32
+ * result (the formulas of the CPU, unchanged). W = CUDA_VEC(T) moves 16-byte packs (every pointer
+ * 16-byte aligned, checked by ew_map), the last n % W elements one by one; W = 1 is the scalar kernel
+ * for unaligned pointers. ACC: out[i] = out[i] + result (the "dinp +=" of backward ops). */
+template <typename scalar_t, int W, int NIN, bool ACC, typename F>
+__global__ void ew_map_kernel(scalar_t *out, const scalar_t *in0, const scalar_t *in1, int64_t n, F f) {
+    const int64_t nw = n / W;
+    CUDA_FOR(j, nw) {
+        const int64_t i0 = j * W;
+        cuda_pack<scalar_t, W> a{}, b{}, y{};
+        if constexpr (NIN > 0) a = cuda_ldp<W>(in0 + i0);
+        if constexpr (NIN > 1) b = cuda_ldp<W>(in1 + i0);
+        if constexpr (ACC) y = cuda_ldp<W>(out + i0);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float r = f(i0 + k, NIN > 0 ? cuda_ld(&a.x[k]) : 0.0f, NIN > 1 ? cuda_ld(&b.x[k]) : 0.0f);
+            cuda_st(&y.x[k], ACC ? cuda_ld(&y.x[k]) + r : r);
+        }
+        cuda_stp<W>(out + i0, y);
+    }
+    if constexpr (W > 1) { /* the tail: fewer than W elements, one per thread of the first block */
+        const int64_t i = nw * W + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) {
+            const float r = f(i, NIN > 0 ? cuda_ld(in0 + i) : 0.0f, NIN > 1 ? cuda_ld(in1 + i) : 0.0f);
+            cuda_st(out + i, ACC ? cuda_ld(out + i) + r : r);
+        }
+    }
 }
+
+struct ew_fill_f {
+    float value;
+    __device__ float operator()(int64_t, float, float) const { return value; }
+};
+struct ew_scale_f {
+    float s;
+    __device__ float operator()(int64_t, float x, float) const { return x * s; }
+};
+struct ew_add_f {
+    __device__ float operator()(int64_t, float a, float b) const { return a + b; }
+};
+struct ew_gelu_forward_f {
+    __device__ float operator()(int64_t, float x, float) const { return 0.5f * x * (1.0f + erff(x * EW_INV_SQRT2)); }
+};
+/* d/dx x*Phi(x) = Phi(x) + x*phi(x); inputs dout, inp; accumulated into dinp */
+struct ew_gelu_backward_f {
+    __device__ float operator()(int64_t, float g, float x) const {
+        const float cdf = 0.5f * (1.0f + erff(x * EW_INV_SQRT2));
+        const float pdf = EW_INV_SQRT_2PI * expf(-0.5f * x * x);
+        return g * (cdf + x * pdf);
+    }
+};
+/* Element i dropped when uniform(key, first + i) < p (the CPU's mask, bit for bit), kept ones scaled. */
+struct ew_dropout_forward_f {
+    float p, scale;
+    uint64_t key, first;
+    __device__ float operator()(int64_t i, float x, float) const {
+        const float u = cuda_uniform(key, first + (uint64_t)i);
+        return u < p ? 0.0f : x * scale;
+    }
+};
+/* dinp += mask * dout * scale; p <= 0 is plain accumulation (use_mask = 0). */
+struct ew_dropout_backward_f {
+    float p, scale;
+    uint64_t key, first;
+    int use_mask;
+    __device__ float operator()(int64_t i, float g, float) const {
+        float d = g;
+        if (use_mask) d = cuda_uniform(key, first + (uint64_t)i) < p ? 0.0f : g * scale;
+        return d;
+    }
+};
 
 template <typename scalar_t>
 __global__ void ew_fill_normal_kernel(scalar_t *out, int64_t n, uint64_t key, uint64_t first, float mean,
@@ -25,80 +95,44 @@ __global__ void ew_fill_normal_kernel(scalar_t *out, int64_t n, uint64_t key, ui
     CUDA_FOR(i, n) cuda_st(out + i, __fadd_rn(mean, __fmul_rn(std, cuda_normal(key, first + (uint64_t)i))));
 }
 
-template <typename scalar_t>
-__global__ void ew_scale_kernel(scalar_t *x, int64_t n, float s) {
-    CUDA_FOR(i, n) cuda_st(x + i, cuda_ld(x + i) * s);
-}
-
-template <typename scalar_t>
-__global__ void ew_add_kernel(scalar_t *out, const scalar_t *a, const scalar_t *b, int64_t n) {
-    CUDA_FOR(i, n) cuda_st(out + i, cuda_ld(a + i) + cuda_ld(b + i));
-}
-
-template <typename scalar_t>
-__global__ void ew_gelu_forward_kernel(scalar_t *out, const scalar_t *inp, int64_t n) {
-    CUDA_FOR(i, n) {
-        const float x = cuda_ld(inp + i);
-        cuda_st(out + i, 0.5f * x * (1.0f + erff(x * EW_INV_SQRT2)));
-    }
-}
-
-template <typename scalar_t>
-__global__ void ew_gelu_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp, int64_t n) {
-    /* d/dx x*Phi(x) = Phi(x) + x*phi(x) */
-    CUDA_FOR(i, n) {
-        const float x = cuda_ld(inp + i);
-        const float cdf = 0.5f * (1.0f + erff(x * EW_INV_SQRT2));
-        const float pdf = EW_INV_SQRT_2PI * expf(-0.5f * x * x);
-        cuda_st(dinp + i, cuda_ld(dinp + i) + cuda_ld(dout + i) * (cdf + x * pdf));
-    }
-}
-
-/* inp[N, 2F]: the gate a = inp[:, :F], the value b = inp[:, F:]; out[N, F] = silu(a) * b. */
-template <typename scalar_t>
+/* inp[N, 2F]: the gate a = inp[:, :F], the value b = inp[:, F:]; out[N, F] = silu(a) * b. W elements of
+ * one row per step (W > 1 only when F % W == 0 and the pointers are 16-byte aligned). */
+template <typename scalar_t, int W>
 __global__ void ew_swiglu_forward_kernel(scalar_t *out, const scalar_t *inp, int64_t nf, int F) {
-    CUDA_FOR(i, nf) {
-        const int64_t n = i / F, f = i - n * F;
+    CUDA_FOR(j, nf / W) {
+        const int64_t i = j * W, n = i / F, f = i - n * F;
         const scalar_t *row = inp + n * 2 * F;
-        const float a = cuda_ld(row + f), b = cuda_ld(row + F + f);
-        cuda_st(out + i, a / (1.0f + expf(-a)) * b);
+        const cuda_pack<scalar_t, W> pa = cuda_ldp<W>(row + f), pb = cuda_ldp<W>(row + F + f);
+        cuda_pack<scalar_t, W> y;
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float a = cuda_ld(&pa.x[k]), b = cuda_ld(&pb.x[k]);
+            cuda_st(&y.x[k], a / (1.0f + expf(-a)) * b);
+        }
+        cuda_stp<W>(out + i, y);
     }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int W>
 __global__ void ew_swiglu_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp, int64_t nf,
                                           int F) {
     /* silu'(a) = s * (1 + a * (1 - s)), s = sigmoid(a) */
-    CUDA_FOR(i, nf) {
-        const int64_t n = i / F, f = i - n * F;
+    CUDA_FOR(j, nf / W) {
+        const int64_t i = j * W, n = i / F, f = i - n * F;
         const scalar_t *row = inp + n * 2 * F;
         scalar_t *drow = dinp + n * 2 * F;
-        const float a = cuda_ld(row + f), b = cuda_ld(row + F + f), g = cuda_ld(dout + i);
-        const float s = 1.0f / (1.0f + expf(-a));
-        cuda_st(drow + f, cuda_ld(drow + f) + g * b * s * (1.0f + a * (1.0f - s)));
-        cuda_st(drow + F + f, cuda_ld(drow + F + f) + g * a * s);
-    }
-}
-
-/* Element i dropped when uniform(key, first + i) < p (the CPU's mask, bit for bit), kept ones scaled. */
-template <typename scalar_t>
-__global__ void ew_dropout_forward_kernel(scalar_t *out, const scalar_t *inp, int64_t n, float p, float scale,
-                                          uint64_t key, uint64_t first) {
-    CUDA_FOR(i, n) {
-        const float u = cuda_uniform(key, first + (uint64_t)i);
-        cuda_st(out + i, u < p ? 0.0f : cuda_ld(inp + i) * scale);
-    }
-}
-
-/* dinp += mask * dout * scale; p <= 0 is plain accumulation (use_mask = 0). */
-template <typename scalar_t>
-__global__ void ew_dropout_backward_kernel(scalar_t *dinp, const scalar_t *dout, int64_t n, float p, float scale,
-                                           uint64_t key, uint64_t first, int use_mask) {
-    CUDA_FOR(i, n) {
-        const float g = cuda_ld(dout + i);
-        float d = g;
-        if (use_mask) d = cuda_uniform(key, first + (uint64_t)i) < p ? 0.0f : g * scale;
-        cuda_st(dinp + i, cuda_ld(dinp + i) + d);
+        const cuda_pack<scalar_t, W> pa = cuda_ldp<W>(row + f), pb = cuda_ldp<W>(row + F + f);
+        const cuda_pack<scalar_t, W> pg = cuda_ldp<W>(dout + i);
+        cuda_pack<scalar_t, W> da = cuda_ldp<W>(drow + f), db = cuda_ldp<W>(drow + F + f);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float a = cuda_ld(&pa.x[k]), b = cuda_ld(&pb.x[k]), g = cuda_ld(&pg.x[k]);
+            const float s = 1.0f / (1.0f + expf(-a));
+            cuda_st(&da.x[k], cuda_ld(&da.x[k]) + g * b * s * (1.0f + a * (1.0f - s)));
+            cuda_st(&db.x[k], cuda_ld(&db.x[k]) + g * a * s);
+        }
+        cuda_stp<W>(drow + f, da);
+        cuda_stp<W>(drow + F + f, db);
     }
 }
 
@@ -124,18 +158,36 @@ __global__ void ew_sum_squares_final_kernel(double *result, const double *partia
     if (threadIdx.x == 0) *result = s;
 }
 
-/* torch.optim.AdamW, the CPU kernel's expression order; step_size and bc2_sqrt come from the host. */
-template <typename scalar_t>
-__global__ void ew_adamw_kernel(scalar_t *param, const scalar_t *grad, float *exp_avg, float *exp_avg_sq, int64_t n,
-                                float beta2, float eps, float step_size, float bc2_sqrt, float decay, float one_m_b1,
-                                float one_m_b2) {
-    CUDA_FOR(i, n) {
-        const float g = cuda_ld(grad + i);
-        const float m = exp_avg[i] + one_m_b1 * (g - exp_avg[i]);
-        const float v = exp_avg_sq[i] * beta2 + one_m_b2 * g * g;
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
-        cuda_st(param + i, cuda_ld(param + i) * decay - step_size * (m / (sqrtf(v) / bc2_sqrt + eps)));
+/* torch.optim.AdamW, the CPU kernel's expression order; step_size and bc2_sqrt come from the host.
+ * W = 4: float4 packs of all four arrays (16-byte aligned), the n % 4 tail by the first threads. */
+struct ew_adamw_args {
+    float beta2, eps, step_size, bc2_sqrt, decay, one_m_b1, one_m_b2;
+};
+static __device__ __forceinline__ void ew_adamw_elem(float &w, float g, float &m_io, float &v_io,
+                                                     const ew_adamw_args &a) {
+    const float m = m_io + a.one_m_b1 * (g - m_io);
+    const float v = v_io * a.beta2 + a.one_m_b2 * g * g;
+    m_io = m;
+    v_io = v;
+    w = w * a.decay - a.step_size * (m / (sqrtf(v) / a.bc2_sqrt + a.eps));
+}
+template <int W>
+__global__ void ew_adamw_kernel(float *param, const float *grad, float *exp_avg, float *exp_avg_sq, int64_t n,
+                                ew_adamw_args a) {
+    const int64_t nw = n / W;
+    CUDA_FOR(j, nw) {
+        const int64_t i = j * W;
+        cuda_pack<float, W> w = cuda_ldp<W>(param + i), m = cuda_ldp<W>(exp_avg + i), v = cuda_ldp<W>(exp_avg_sq + i);
+        const cuda_pack<float, W> g = cuda_ldp<W>(grad + i);
+#pragma unroll
+        for (int k = 0; k < W; k++) ew_adamw_elem(w.x[k], g.x[k], m.x[k], v.x[k], a);
+        cuda_stp<W>(exp_avg + i, m);
+        cuda_stp<W>(exp_avg_sq + i, v);
+        cuda_stp<W>(param + i, w);
+    }
+    if constexpr (W > 1) {
+        const int64_t i = nw * W + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) ew_adamw_elem(param[i], grad[i], exp_avg[i], exp_avg_sq[i], a);
     }
 }
 
@@ -164,17 +216,45 @@ static __device__ __forceinline__ uint16_t ew_f32_to_bf16_bits(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* W = 8: two 16-byte loads of fp32, one 16-byte store of bf16 (both pointers 16-byte aligned), the
+ * n % 8 tail by the first threads; W = 1: one element at a time. */
+template <int W>
 __global__ void ew_cast_to_bf16_kernel(uint16_t *dst, const float *src, int64_t n) {
-    CUDA_FOR(i, n) dst[i] = ew_f32_to_bf16_bits(src[i]);
+    const int64_t nw = n / W;
+    CUDA_FOR(j, nw) {
+        const cuda_pack<float, W> x = cuda_ldp<W>(src + j * W);
+        cuda_pack<uint16_t, W> y;
+#pragma unroll
+        for (int k = 0; k < W; k++) y.x[k] = ew_f32_to_bf16_bits(x.x[k]);
+        cuda_stp<W>(dst + j * W, y);
+    }
+    if constexpr (W > 1) {
+        const int64_t i = nw * W + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) dst[i] = ew_f32_to_bf16_bits(src[i]);
+    }
 }
 
 /* ---------------- host entry points ---------------- */
 
 #define EW_LAUNCH(kernel, n) CUDA_LAUNCH(kernel, cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)
 
+/* ew_map_kernel over [0, n) (n > 0): the 16-byte kernel when every pointer is aligned and there is at
+ * least one whole pack, else the scalar one. */
+template <int NIN, bool ACC, typename T, typename F>
+static void ew_map(T *out, const T *in0, const T *in1, int64_t n, F f) {
+    constexpr int V = CUDA_VEC(T);
+    if (n >= V && cuda_aligned16(out, in0, in1)) {
+        void (*const k)(T *, const T *, const T *, int64_t, F) = ew_map_kernel<T, V, NIN, ACC, F>;
+        CUDA_LAUNCH(k, cuda_blocks(n / V, CUDA_THREADS), CUDA_THREADS, 0)(out, in0, in1, n, f);
+    } else {
+        void (*const k)(T *, const T *, const T *, int64_t, F) = ew_map_kernel<T, 1, NIN, ACC, F>;
+        CUDA_LAUNCH(k, cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)(out, in0, in1, n, f);
+    }
+}
+
 void cuda_fill(float *out, int64_t n, float value) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_fill_kernel<float>, n)(out, n, value);
+    ew_map<0, false>(out, (const float *)NULL, (const float *)NULL, n, ew_fill_f{value});
     cuda_check("fill");
 }
 
@@ -186,28 +266,28 @@ void cuda_fill_normal(float *out, int64_t n, uint64_t key, uint64_t first, float
 
 void cuda_scale(float *x, int64_t n, float s) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_scale_kernel<float>, n)(x, n, s);
+    ew_map<1, false>(x, (const float *)x, (const float *)NULL, n, ew_scale_f{s});
     cuda_check("scale");
 }
 
 template <typename T>
 static void ew_add_forward(void *out, const void *a, const void *b, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_add_kernel<T>, n)((T *)out, (const T *)a, (const T *)b, n);
+    ew_map<2, false>((T *)out, (const T *)a, (const T *)b, n, ew_add_f{});
     cuda_check("add_forward");
 }
 
 template <typename T>
 static void ew_gelu_forward(void *out, const void *inp, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_gelu_forward_kernel<T>, n)((T *)out, (const T *)inp, n);
+    ew_map<1, false>((T *)out, (const T *)inp, (const T *)NULL, n, ew_gelu_forward_f{});
     cuda_check("gelu_forward");
 }
 
 template <typename T>
 static void ew_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_gelu_backward_kernel<T>, n)((T *)dinp, (const T *)dout, (const T *)inp, n);
+    ew_map<2, true>((T *)dinp, (const T *)dout, (const T *)inp, n, ew_gelu_backward_f{});
     cuda_check("gelu_backward");
 }
 
@@ -215,7 +295,11 @@ template <typename T>
 static void ew_swiglu_forward(void *out, const void *inp, int N, int F) {
     const int64_t nf = (int64_t)N * F;
     if (nf <= 0) return;
-    EW_LAUNCH(ew_swiglu_forward_kernel<T>, nf)((T *)out, (const T *)inp, nf, F);
+    constexpr int V = CUDA_VEC(T);
+    if (F % V == 0 && cuda_aligned16(out, inp))
+        EW_LAUNCH((ew_swiglu_forward_kernel<T, V>), nf / V)((T *)out, (const T *)inp, nf, F);
+    else
+        EW_LAUNCH((ew_swiglu_forward_kernel<T, 1>), nf)((T *)out, (const T *)inp, nf, F);
     cuda_check("swiglu_forward");
 }
 
@@ -223,7 +307,11 @@ template <typename T>
 static void ew_swiglu_backward(void *dinp, const void *dout, const void *inp, int N, int F) {
     const int64_t nf = (int64_t)N * F;
     if (nf <= 0) return;
-    EW_LAUNCH(ew_swiglu_backward_kernel<T>, nf)((T *)dinp, (const T *)dout, (const T *)inp, nf, F);
+    constexpr int V = CUDA_VEC(T);
+    if (F % V == 0 && cuda_aligned16(dinp, dout, inp))
+        EW_LAUNCH((ew_swiglu_backward_kernel<T, V>), nf / V)((T *)dinp, (const T *)dout, (const T *)inp, nf, F);
+    else
+        EW_LAUNCH((ew_swiglu_backward_kernel<T, 1>), nf)((T *)dinp, (const T *)dout, (const T *)inp, nf, F);
     cuda_check("swiglu_backward");
 }
 
@@ -239,7 +327,7 @@ static void ew_dropout_forward(void *out, const void *inp, int64_t n, float p, u
         return;
     }
     const float scale = 1.0f / (1.0f - p); /* the CPU's float expression */
-    EW_LAUNCH(ew_dropout_forward_kernel<T>, n)((T *)out, (const T *)inp, n, p, scale, key, first);
+    ew_map<1, false>((T *)out, (const T *)inp, (const T *)NULL, n, ew_dropout_forward_f{p, scale, key, first});
     cuda_check("dropout_forward");
 }
 
@@ -248,7 +336,8 @@ static void ew_dropout_backward(void *dinp, const void *dout, int64_t n, float p
     if (n <= 0) return;
     const int use_mask = p > 0.0f;
     const float scale = use_mask ? 1.0f / (1.0f - p) : 1.0f;
-    EW_LAUNCH(ew_dropout_backward_kernel<T>, n)((T *)dinp, (const T *)dout, n, p, scale, key, first, use_mask);
+    ew_map<1, true>((T *)dinp, (const T *)dout, (const T *)NULL, n,
+                    ew_dropout_backward_f{p, scale, key, first, use_mask});
     cuda_check("dropout_backward");
 }
 
@@ -264,7 +353,10 @@ void cuda_elementwise_ops(lt_ops *f32, lt_ops *bf16) {
 
 void cuda_cast_to_bf16(void *dst, const float *src, int64_t n) {
     if (n <= 0) return;
-    EW_LAUNCH(ew_cast_to_bf16_kernel, n)((uint16_t *)dst, src, n);
+    if (n >= 8 && cuda_aligned16(dst, src))
+        EW_LAUNCH(ew_cast_to_bf16_kernel<8>, n / 8)((uint16_t *)dst, src, n);
+    else
+        EW_LAUNCH(ew_cast_to_bf16_kernel<1>, n)((uint16_t *)dst, src, n);
     cuda_check("cast_to_bf16");
 }
 
@@ -295,8 +387,11 @@ void cuda_adamw_update(float *param, const float *grad, float *exp_avg, float *e
     const float bc2_sqrt = (float)sqrt(bc2);
     const float decay = 1.0f - lr * weight_decay;
     const float one_m_b1 = 1.0f - beta1, one_m_b2 = 1.0f - beta2;
-    EW_LAUNCH(ew_adamw_kernel<float>, n)(param, grad, exp_avg, exp_avg_sq, n, beta2, eps, step_size, bc2_sqrt,
-                                             decay, one_m_b1, one_m_b2);
+    const ew_adamw_args a = {beta2, eps, step_size, bc2_sqrt, decay, one_m_b1, one_m_b2};
+    if (n >= 4 && cuda_aligned16(param, grad, exp_avg, exp_avg_sq))
+        EW_LAUNCH(ew_adamw_kernel<4>, n / 4)(param, grad, exp_avg, exp_avg_sq, n, a);
+    else
+        EW_LAUNCH(ew_adamw_kernel<1>, n)(param, grad, exp_avg, exp_avg_sq, n, a);
     cuda_check("adamw_update");
 }
 

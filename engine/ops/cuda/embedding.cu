@@ -1,13 +1,19 @@
 // Token and learned position embeddings, forward and backward. Activations and tables are float or
 // bf16 (a bf16 forward is a copy, or an fp32 add rounded once); the gradients dtable and dwpe are fp32.
+// The forwards move 16-byte packs when C is a whole number of packs and the pointers are aligned.
 #include "engine/ops/cuda/internal.cuh"
 
-/* out[n, c] = table[ids[n], c], one thread per element. */
-template <typename scalar_t>
+/* out[n, c] = table[ids[n], c], W elements of a row per thread (W > 1: C % W == 0 and both pointers
+ * 16-byte aligned; each element still goes through cuda_ld / cuda_st, as with W = 1). */
+template <typename scalar_t, int W>
 __global__ void emb_forward_kernel(scalar_t *out, const int32_t *ids, const scalar_t *table, int64_t nc, int C) {
-    CUDA_FOR(i, nc) {
-        const int64_t n = i / C, c = i - n * C;
-        cuda_st(out + i, cuda_ld(table + (int64_t)ids[n] * C + c));
+    CUDA_FOR(j, nc / W) {
+        const int64_t i = j * W, n = i / C, c = i - n * C;
+        const cuda_pack<scalar_t, W> src = cuda_ldp<W>(table + (int64_t)ids[n] * C + c);
+        cuda_pack<scalar_t, W> y;
+#pragma unroll
+        for (int k = 0; k < W; k++) cuda_st(&y.x[k], cuda_ld(&src.x[k]));
+        cuda_stp<W>(out + i, y);
     }
 }
 
@@ -21,12 +27,16 @@ __global__ void emb_backward_kernel(float *dtable, const scalar_t *dout, const i
     }
 }
 
-/* out[b, t, c] += wpe[t, c]. */
-template <typename scalar_t>
+/* out[b, t, c] += wpe[t, c], W elements per thread as in emb_forward_kernel. */
+template <typename scalar_t, int W>
 __global__ void emb_pos_forward_kernel(scalar_t *out, const scalar_t *wpe, int64_t btc, int T, int C) {
-    CUDA_FOR(i, btc) {
-        const int64_t bt = i / C, c = i - bt * C, t = bt % T;
-        cuda_st(out + i, cuda_ld(out + i) + cuda_ld(wpe + t * C + c));
+    CUDA_FOR(j, btc / W) {
+        const int64_t i = j * W, bt = i / C, c = i - bt * C, t = bt % T;
+        cuda_pack<scalar_t, W> y = cuda_ldp<W>(out + i);
+        const cuda_pack<scalar_t, W> w = cuda_ldp<W>(wpe + t * C + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) cuda_st(&y.x[k], cuda_ld(&y.x[k]) + cuda_ld(&w.x[k]));
+        cuda_stp<W>(out + i, y);
     }
 }
 
@@ -45,8 +55,13 @@ template <typename T>
 static void emb_embedding_forward(void *out, const int32_t *ids, const void *table, int N, int C) {
     const int64_t nc = (int64_t)N * C;
     if (nc <= 0) return;
-    CUDA_LAUNCH(emb_forward_kernel<T>, cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)((T *)out, ids,
-                                                                                       (const T *)table, nc, C);
+    constexpr int V = CUDA_VEC(T);
+    if (C % V == 0 && cuda_aligned16(out, table))
+        CUDA_LAUNCH((emb_forward_kernel<T, V>), cuda_blocks(nc / V, CUDA_THREADS), CUDA_THREADS, 0)(
+            (T *)out, ids, (const T *)table, nc, C);
+    else
+        CUDA_LAUNCH((emb_forward_kernel<T, 1>), cuda_blocks(nc, CUDA_THREADS), CUDA_THREADS, 0)(
+            (T *)out, ids, (const T *)table, nc, C);
     cuda_check("embedding_forward");
 }
 
@@ -63,8 +78,13 @@ template <typename T>
 static void emb_position_embedding_forward(void *out, const void *wpe, int B, int T_, int C) {
     const int64_t btc = (int64_t)B * T_ * C;
     if (btc <= 0) return;
-    CUDA_LAUNCH(emb_pos_forward_kernel<T>, cuda_blocks(btc, CUDA_THREADS), CUDA_THREADS, 0)(
-        (T *)out, (const T *)wpe, btc, T_, C);
+    constexpr int V = CUDA_VEC(T);
+    if (C % V == 0 && cuda_aligned16(out, wpe))
+        CUDA_LAUNCH((emb_pos_forward_kernel<T, V>), cuda_blocks(btc / V, CUDA_THREADS), CUDA_THREADS, 0)(
+            (T *)out, (const T *)wpe, btc, T_, C);
+    else
+        CUDA_LAUNCH((emb_pos_forward_kernel<T, 1>), cuda_blocks(btc, CUDA_THREADS), CUDA_THREADS, 0)(
+            (T *)out, (const T *)wpe, btc, T_, C);
     cuda_check("position_embedding_forward");
 }
 

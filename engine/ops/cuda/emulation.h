@@ -6,25 +6,25 @@
  *
  * How kernels run: one block at a time; each CUDA thread is a coroutine (its own stack, switched with
  * _setjmp/_longjmp; created once per slot with makecontext and reused). A thread runs until it reaches
- * __syncthreads, a warp shuffle or its end. __syncthreads releases when every thread of the block
- * waits there; a shuffle when all 32 lanes of the warp wait at a shuffle (full mask). Anything else
- * (a barrier some threads never reach, a shuffle with lanes missing, a partial warp) is a bug of the
- * kernel: the emulator prints it and aborts. Threads run in forward order in even blocks and in
- * reverse order in odd ones, so a missing barrier between a shared-memory write and another
- * thread's read shows up as wrong results. Device memory and dynamic shared memory start filled with
- * 0xFF bytes (NaN), so reading what was never written shows up too. Launches are checked as CUDA
- * checks them (block <= 1024 threads, grid y/z <= 65535, dynamic shared memory above 48 KiB only after
- * cudaFuncSetAttribute) and fail with cudaGetLastError the way CUDA does. cuBLAS sgemm is a plain loop;
- * cublasGemmEx widens its bf16 operands to fp32 and runs the same loop, rounding a bf16 C once at the
- * end (what tensor cores with fp32 accumulation compute, up to the order of the sums). __nv_bfloat16 is
- * a 16-bit struct with the conversions of cuda_bf16.h (round to nearest even; a NaN becomes the
- * canonical 0x7FFF, as the GPU's cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes,
- * like a shuffle). The WMMA API (nvcuda::wmma, 16x16x16, bf16 inputs, fp32 accumulators) is emulated
- * per lane: every lane's fragment holds the whole tile (the hardware spreads it over the lanes in an
- * unspecified order, so kernels may not index fragments: the emulated ones have no x[]); each
- * load/store/mma first waits for all 32 lanes (the "_sync" of the API), loads check the documented
- * pointer alignment (32 bytes) and ldm (a multiple of 16 bytes), and mma_sync computes d = a b + c in
- * fp32 from the exact bf16 products.
+ * __syncthreads, a warp shuffle or its end. __syncthreads releases when every thread of the block waits
+ * there; a shuffle when all 32 lanes of the warp wait at a shuffle (full mask). Anything else (a barrier
+ * some threads never reach, a shuffle with lanes missing, a partial warp) is a bug of the kernel: the
+ * emulator prints it and aborts. Threads run in forward order in even blocks and in reverse order in odd
+ * ones, so a missing barrier between a shared-memory write and another thread's read shows up as wrong
+ * results. Device memory and dynamic shared memory start filled with 0xFF bytes (NaN), so reading what
+ * was never written shows up too. Launches are checked as CUDA checks them (block <= 1024 threads, grid
+ * y/z <= 65535, dynamic shared memory above 48 KiB only after cudaFuncSetAttribute) and fail with
+ * cudaGetLastError the way CUDA does. Events (the plugin's profile) take the host's clock when recorded:
+ * emulated work is done when its call returns. cuBLAS sgemm is a plain loop; cublasGemmEx widens its bf16
+ * operands to fp32 and runs the same loop, rounding a bf16 C once at the end (what tensor cores with fp32
+ * accumulation compute, up to the order of the sums). __nv_bfloat16 is a 16-bit struct with the
+ * conversions of cuda_bf16.h (round to nearest even; a NaN becomes the canonical 0x7FFF, as the GPU's
+ * cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes, like a shuffle). The WMMA API
+ * (nvcuda::wmma, 16x16x16, bf16 inputs, fp32 accumulators) is emulated per lane: every lane's fragment
+ * holds the whole tile (the hardware spreads it over the lanes in an unspecified order, so kernels may
+ * not index fragments: the emulated ones have no x[]); each load/store/mma first waits for all 32 lanes
+ * (the "_sync" of the API), loads check the documented pointer alignment (32 bytes) and ldm (a multiple
+ * of 16 bytes), and mma_sync computes d = a b + c in fp32 from the exact bf16 products.
  *
  * Build with -U_FORTIFY_SOURCE (its longjmp check rejects jumps between stacks) and single-threaded
  * use of the backend. */
@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <ucontext.h>
 
 #include <tuple>
@@ -102,6 +103,8 @@ typedef enum {
     cudaErrorInvalidConfiguration = 9,
     cudaErrorInsufficientDriver = 35,
     cudaErrorNoDevice = 100,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorNotReady = 600,
 } cudaError_t;
 typedef enum {
     cudaMemcpyHostToDevice = 1,
@@ -132,6 +135,8 @@ static inline const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     }
     return "cudaErrorUnknown";
 }
@@ -143,6 +148,8 @@ static inline const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
     }
     return "unknown error";
 }
@@ -151,6 +158,7 @@ static inline cudaError_t cudaGetLastError(void) {
     emu_last_error = cudaSuccess;
     return e;
 }
+static inline cudaError_t cudaPeekAtLastError(void) { return emu_last_error; }
 static inline cudaError_t cudaGetDeviceCount(int *n) {
     *n = 1;
     return cudaSuccess;
@@ -199,6 +207,42 @@ static inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, 
     (void)k, (void)s;
     if (!dst || !src) return emu_fail(cudaErrorInvalidValue);
     memmove(dst, src, n);
+    return cudaSuccess;
+}
+
+/* Events: every emulated operation has finished when its call returns, so an event is complete as soon
+ * as it is recorded and its time is the host's monotonic clock at the record. ElapsedTime of an event
+ * never recorded fails, as on the GPU. */
+typedef struct emu_event {
+    double ms;
+    int recorded;
+} *cudaEvent_t;
+static inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    *e = (cudaEvent_t)calloc(1, sizeof **e);
+    return *e ? cudaSuccess : emu_fail(cudaErrorMemoryAllocation);
+}
+static inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    free(e);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    (void)s;
+    if (!e) return emu_fail(cudaErrorInvalidResourceHandle);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e->ms = (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+    e->recorded = 1;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+    return e ? cudaSuccess : emu_fail(cudaErrorInvalidResourceHandle);
+}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    return e ? cudaSuccess : emu_fail(cudaErrorInvalidResourceHandle);
+}
+static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+    if (!ms || !start || !end || !start->recorded || !end->recorded) return emu_fail(cudaErrorInvalidResourceHandle);
+    *ms = (float)(end->ms - start->ms);
     return cudaSuccess;
 }
 

@@ -41,6 +41,7 @@ typedef struct {
     int sync_each_op;    /* LUATRON_CUDA_SYNC=1: synchronize after every op so an error names its op */
     int attention_tc;    /* bf16 attention on tensor cores (attention_tc.cu); LUATRON_CUDA_ATTENTION=simt:
                             the fp32-math kernels of attention.cu, as the fp32 table uses */
+    int profile;         /* LUATRON_CUDA_PROFILE=1: time every op with events (profile.cu) */
 } cuda_context;
 extern cuda_context cuda_ctx;
 
@@ -70,6 +71,14 @@ void cuda_reset_peak(void);
  * Release it right after the launches that use it: the block is only reused by work issued later
  * on the same stream, so the kernels already issued finish with it first. */
 void *cuda_scratch(size_t nbytes, const char *op);
+
+/* ---- the per-op profile (profile.cu) ---- */
+/* Wraps every device entry of be and every op of both tables with event timing (profiling on only). */
+void cuda_profile_install(lt_backend *be, lt_ops *f32, lt_ops *bf16);
+/* From synchronize, after the stream sync: ok reads every pending pair; !ok (the stream failed) drops them. */
+void cuda_profile_collect(int ok);
+/* lt_backend.profile_report. */
+int cuda_profile_report(char *buf, size_t buflen);
 
 /* ---- elementwise.cu: fp32 kernels of the backend itself ---- */
 void cuda_fill(float *out, int64_t n, float value);
@@ -125,6 +134,50 @@ static __device__ __forceinline__ float cuda_ld(const float *p) { return *p; }
 static __device__ __forceinline__ void cuda_st(float *p, float v) { *p = v; }
 static __device__ __forceinline__ float cuda_ld(const __nv_bfloat16 *p) { return __bfloat162float(*p); }
 static __device__ __forceinline__ void cuda_st(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* ---- 16-byte vectors (one LDG.128 / STG.128): 8 bf16 or 4 float ----
+ * Bandwidth-bound kernels move storage as packs of CUDA_VEC(T) elements when every pointer they touch
+ * is 16-byte aligned (checked on the host with cuda_aligned16 before choosing the vector kernel: views
+ * into a flat parameter or activation buffer need not be), and fall back to one element at a time
+ * otherwise. A pack is only a way to move bits: each element is widened with cuda_ld and rounded with
+ * cuda_st exactly as the scalar kernels do, so per-element results are the same bits on both paths. */
+#define CUDA_VEC(T) ((int)(16 / sizeof(T)))
+template <typename T, int W>
+struct alignas(W * sizeof(T)) cuda_pack {
+    T x[W];
+};
+/* W elements from p: 16-byte loads when the pack is a multiple of 16 bytes (p must then be 16-byte
+ * aligned), else one element at a time (W = 1: the scalar kernels). */
+template <int W, typename T>
+static __device__ __forceinline__ cuda_pack<T, W> cuda_ldp(const T *p) {
+    cuda_pack<T, W> r;
+    if constexpr ((W * sizeof(T)) % 16 == 0) {
+#pragma unroll
+        for (int q = 0; q < (int)(W * sizeof(T) / 16); q++)
+            reinterpret_cast<uint4 *>(&r)[q] = reinterpret_cast<const uint4 *>(p)[q];
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; k++) r.x[k] = p[k];
+    }
+    return r;
+}
+template <int W, typename T>
+static __device__ __forceinline__ void cuda_stp(T *p, const cuda_pack<T, W> &v) {
+    if constexpr ((W * sizeof(T)) % 16 == 0) {
+#pragma unroll
+        for (int q = 0; q < (int)(W * sizeof(T) / 16); q++)
+            reinterpret_cast<uint4 *>(p)[q] = reinterpret_cast<const uint4 *>(&v)[q];
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; k++) p[k] = v.x[k];
+    }
+}
+/* Whether every pointer given is 16-byte aligned (NULL counts as aligned: an absent operand). */
+static inline bool cuda_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+template <typename... P>
+static inline bool cuda_aligned16(const void *p, P... rest) {
+    return cuda_aligned16(p) && cuda_aligned16(rest...);
+}
 
 static __device__ __forceinline__ float cuda_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -8,7 +8,8 @@
 // fp32 for dweight. The bias is added the way the CPU reference does it (out = bias, then the GEMM with
 // beta = 1): the bf16 bias copied into the bf16 out is exact, and cuBLAS computes acc + 1 * C in fp32
 // and rounds once, so out = round(inp @ W^T + bias) with the single rounding of the reference.
-// dinp (bf16) accumulates the same way: beta = 1, C read, added in fp32, rounded once.
+// dinp (bf16) accumulates the same way: beta = 1, C read, added in fp32, rounded once. The bias kernels
+// (broadcast, column sums for dbias) move 16-byte packs when OUT allows and the pointers are aligned.
 #include <stdio.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -41,28 +42,48 @@ static void lin_check_cublas(const char *op, cublasStatus_t s) {
     if (s != CUBLAS_STATUS_SUCCESS) cuda_record(op, "cuBLAS: %s", cublasGetStatusString(s));
 }
 
-/* out[n, j] = bias[j]: the GEMM then accumulates onto it (beta = 1), as the CPU op does. */
-template <typename scalar_t>
+/* out[n, j] = bias[j]: the GEMM then accumulates onto it (beta = 1), as the CPU op does. W elements per
+ * thread (W > 1: OUT % W == 0 and both pointers 16-byte aligned). */
+template <typename scalar_t, int W>
 __global__ void lin_bias_broadcast_kernel(scalar_t *out, const scalar_t *bias, int64_t total, int OUT) {
-    CUDA_FOR(i, total) cuda_st(out + i, cuda_ld(bias + i % OUT));
+    CUDA_FOR(j, total / W) {
+        const int64_t i = j * W;
+        const cuda_pack<scalar_t, W> b = cuda_ldp<W>(bias + i % OUT);
+        cuda_pack<scalar_t, W> y;
+#pragma unroll
+        for (int k = 0; k < W; k++) cuda_st(&y.x[k], cuda_ld(&b.x[k]));
+        cuda_stp<W>(out + i, y);
+    }
 }
 
 /* Partial column sums of dout[N, OUT] over row chunks (deterministic, no atomics): block (32, 8),
- * blockIdx.x = 32 columns, blockIdx.y = row chunk; lane ty sums rows ty, ty + 8, ... */
-template <typename scalar_t>
+ * blockIdx.x = 32 W columns, blockIdx.y = row chunk; lane ty sums rows ty, ty + 8, ... of columns
+ * j0 .. j0 + W - 1 (W > 1: OUT % W == 0 and dout 16-byte aligned; each column is summed in the same
+ * order whatever W is). */
+template <typename scalar_t, int W>
 __global__ void lin_bias_partial_kernel(float *partial, const scalar_t *dout, int N, int OUT, int rows_per_part) {
-    __shared__ float sh[LIN_BIAS_ROWS][LIN_BIAS_COLS + 1];
-    const int tx = threadIdx.x, ty = threadIdx.y, j = blockIdx.x * LIN_BIAS_COLS + tx, part = blockIdx.y;
+    __shared__ float sh[LIN_BIAS_ROWS][W][LIN_BIAS_COLS + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y, j0 = (blockIdx.x * LIN_BIAS_COLS + tx) * W, part = blockIdx.y;
     const int n0 = part * rows_per_part, n1 = min(N, n0 + rows_per_part);
-    float acc = 0.0f;
-    if (j < OUT)
-        for (int n = n0 + ty; n < n1; n += LIN_BIAS_ROWS) acc += cuda_ld(dout + (int64_t)n * OUT + j);
-    sh[ty][tx] = acc;
+    float acc[W];
+#pragma unroll
+    for (int k = 0; k < W; k++) acc[k] = 0.0f;
+    if (j0 < OUT)
+        for (int n = n0 + ty; n < n1; n += LIN_BIAS_ROWS) {
+            const cuda_pack<scalar_t, W> g = cuda_ldp<W>(dout + (int64_t)n * OUT + j0);
+#pragma unroll
+            for (int k = 0; k < W; k++) acc[k] += cuda_ld(&g.x[k]);
+        }
+#pragma unroll
+    for (int k = 0; k < W; k++) sh[ty][k][tx] = acc[k];
     __syncthreads(); /* every thread gets here */
-    if (ty == 0 && j < OUT) {
-        float s = 0.0f;
-        for (int k = 0; k < LIN_BIAS_ROWS; k++) s += sh[k][tx];
-        partial[(int64_t)part * OUT + j] = s;
+    if (ty == 0 && j0 < OUT) {
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            float s = 0.0f;
+            for (int r = 0; r < LIN_BIAS_ROWS; r++) s += sh[r][k][tx];
+            partial[(int64_t)part * OUT + j0 + k] = s;
+        }
     }
 }
 
@@ -70,6 +91,7 @@ __global__ void lin_bias_partial_kernel(float *partial, const scalar_t *dout, in
 __global__ void lin_bias_final_kernel(float *dbias, const float *partial, int P, int OUT) {
     CUDA_FOR(j, OUT) {
         float s = 0.0f;
+#pragma unroll 8
         for (int p = 0; p < P; p++) s += partial[(int64_t)p * OUT + j];
         dbias[j] += s;
     }
@@ -109,8 +131,13 @@ static void lin_forward(void *out_, const void *inp_, const void *weight_, const
     float beta = 0.0f;
     if (bias) {
         const int64_t total = (int64_t)N * OUT;
-        CUDA_LAUNCH(lin_bias_broadcast_kernel<T>, cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(out, bias,
-                                                                                                    total, OUT);
+        constexpr int V = CUDA_VEC(T);
+        if (OUT % V == 0 && cuda_aligned16(out, bias))
+            CUDA_LAUNCH((lin_bias_broadcast_kernel<T, V>), cuda_blocks(total / V, CUDA_THREADS), CUDA_THREADS, 0)(
+                out, bias, total, OUT);
+        else
+            CUDA_LAUNCH((lin_bias_broadcast_kernel<T, 1>), cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(
+                out, bias, total, OUT);
         cuda_check("linear_forward");
         beta = 1.0f;
     }
@@ -143,7 +170,9 @@ static void lin_backward(void *dinp_, float *dweight, float *dbias, const void *
         cuda_check("linear_backward");
     }
     if (dbias) {
-        const int ncb = (OUT + LIN_BIAS_COLS - 1) / LIN_BIAS_COLS;
+        constexpr int V = CUDA_VEC(T);
+        const int W = OUT % V == 0 && cuda_aligned16(dout) ? V : 1;
+        const int ncb = (OUT + LIN_BIAS_COLS * W - 1) / (LIN_BIAS_COLS * W);
         int P = (4 * cuda_ctx.sm_count + ncb - 1) / ncb; /* ~4 blocks per SM, >= 32 rows each, <= 1024 parts */
         const int max_p = (N + 31) / 32;
         if (P > max_p) P = max_p;
@@ -154,8 +183,9 @@ static void lin_backward(void *dinp_, float *dweight, float *dbias, const void *
         const size_t nbytes = sizeof(float) * (size_t)P * OUT;
         float *partial = (float *)cuda_scratch(nbytes, "linear_backward");
         if (!partial) return;
-        CUDA_LAUNCH(lin_bias_partial_kernel<T>, dim3(ncb, P), dim3(LIN_BIAS_COLS, LIN_BIAS_ROWS), 0)(
-            partial, dout, N, OUT, rows_per_part);
+        void (*const k)(float *, const T *, int, int, int) =
+            W > 1 ? lin_bias_partial_kernel<T, V> : lin_bias_partial_kernel<T, 1>;
+        CUDA_LAUNCH(k, dim3(ncb, P), dim3(LIN_BIAS_COLS, LIN_BIAS_ROWS), 0)(partial, dout, N, OUT, rows_per_part);
         CUDA_LAUNCH(lin_bias_final_kernel, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(dbias, partial, P, OUT);
         cuda_check("linear_backward");
         cuda_release(partial, nbytes);

@@ -42,7 +42,8 @@ void cuda_check(const char *op) {
 }
 
 int cuda_synchronize(char *err, size_t errlen) {
-    cudaError_t e = cudaStreamSynchronize(cuda_ctx.stream);
+    const cudaError_t synced = cudaStreamSynchronize(cuda_ctx.stream);
+    cudaError_t e = synced;
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e != cudaSuccess) {
         /* a kernel failed while running (e.g. an illegal address): its op is not known here */
@@ -50,6 +51,7 @@ int cuda_synchronize(char *err, size_t errlen) {
                     cudaGetErrorString(e), cudaGetErrorName(e));
         cudaGetLastError();
     }
+    if (cuda_ctx.profile) cuda_profile_collect(synced == cudaSuccess); /* every event pair has completed now */
     pthread_mutex_lock(&cuda_err_lock);
     int failed = cuda_err_set;
     if (failed) {
@@ -241,5 +243,7 @@ int cuda_context_open(int device, char *err, size_t errlen) {
     cuda_ctx.sync_each_op = s && *s && strcmp(s, "0") != 0;
     const char *a = getenv("LUATRON_CUDA_ATTENTION");
     cuda_ctx.attention_tc = !(a && strcmp(a, "simt") == 0);
+    const char *pr = getenv("LUATRON_CUDA_PROFILE");
+    cuda_ctx.profile = pr && *pr && strcmp(pr, "0") != 0;
     return 0;
 }

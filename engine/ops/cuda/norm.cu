@@ -3,14 +3,20 @@
 // column sums over all rows, done deterministically without atomics: per-block partial sums over a
 // chunk of rows into scratch, then a second kernel that adds the partials in order into dweight/dbias.
 // Activations and weights are float or bf16 (read as fp32, outputs rounded once); statistics and the
-// weight gradients are fp32 in both.
+// weight gradients are fp32 in both. Rows and weight-gradient columns move as 16-byte packs when the
+// pointers are 16-byte aligned and C a whole number of packs (see the kernels).
 #include "engine/ops/cuda/internal.cuh"
 
 #define NORM_ROWS_PER_BLOCK 8 /* warps per block, one row each */
 #define NORM_WG_COLS 32       /* weight-gradient block: 32 columns x 8 row lanes */
 #define NORM_WG_ROWS 8
 
-template <typename scalar_t>
+/* The row kernels read and write W elements at a time: W = CUDA_VEC(T) (16-byte packs) when C % W == 0
+ * and every pointer of the row is 16-byte aligned (then every row is), W = 1 otherwise (one element per
+ * lane and step). Lane L handles the packs L, L + 32, ... of its row: the per-element math is the same
+ * for both; the fp32 sums of the statistics (mean, variance, the backward dot products) visit the
+ * elements in another order per lane, so their last bits can differ between the two paths. */
+template <typename scalar_t, int W>
 __global__ void norm_layernorm_forward_kernel(scalar_t *out, float *mean, float *rstd, const scalar_t *inp,
                                               const scalar_t *weight, const scalar_t *bias, int N, int C,
                                               float eps) {
@@ -19,18 +25,33 @@ __global__ void norm_layernorm_forward_kernel(scalar_t *out, float *mean, float 
     const scalar_t *x = inp + (int64_t)row * C;
     scalar_t *y = out + (int64_t)row * C;
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += cuda_ld(x + c);
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) s += cuda_ld(&xv.x[k]);
+    }
     const float m = cuda_warp_sum(s) / C;
     float v = 0.0f; /* two passes: no cancellation when |mean| >> std */
-    for (int c = lane; c < C; c += 32) {
-        const float d = cuda_ld(x + c) - m;
-        v += d * d;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float d = cuda_ld(&xv.x[k]) - m;
+            v += d * d;
+        }
     }
     const float r = 1.0f / sqrtf(cuda_warp_sum(v) / C + eps);
-    for (int c = lane; c < C; c += 32) {
-        float o = (cuda_ld(x + c) - m) * r * cuda_ld(weight + c);
-        if (bias) o += cuda_ld(bias + c);
-        cuda_st(y + c, o);
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c), wv = cuda_ldp<W>(weight + c);
+        cuda_pack<scalar_t, W> bv{}, yv;
+        if (bias) bv = cuda_ldp<W>(bias + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            float o = (cuda_ld(&xv.x[k]) - m) * r * cuda_ld(&wv.x[k]);
+            if (bias) o += cuda_ld(&bv.x[k]);
+            cuda_st(&yv.x[k], o);
+        }
+        cuda_stp<W>(y + c, yv);
     }
     if (lane == 0) {
         mean[row] = m;
@@ -39,7 +60,7 @@ __global__ void norm_layernorm_forward_kernel(scalar_t *out, float *mean, float 
 }
 
 /* dinp += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * weight. */
-template <typename scalar_t>
+template <typename scalar_t, int W>
 __global__ void norm_layernorm_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp,
                                                const scalar_t *weight, const float *mean, const float *rstd, int N,
                                                int C) {
@@ -49,20 +70,30 @@ __global__ void norm_layernorm_backward_kernel(scalar_t *dinp, const scalar_t *d
     scalar_t *dx = dinp + (int64_t)row * C;
     const float m = mean[row], r = rstd[row];
     float s1 = 0.0f, s2 = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        const float dn = cuda_ld(g + c) * cuda_ld(weight + c);
-        s1 += dn;
-        s2 += dn * (cuda_ld(x + c) - m) * r;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(g + c), wv = cuda_ldp<W>(weight + c), xv = cuda_ldp<W>(x + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float dn = cuda_ld(&gv.x[k]) * cuda_ld(&wv.x[k]);
+            s1 += dn;
+            s2 += dn * (cuda_ld(&xv.x[k]) - m) * r;
+        }
     }
     s1 = cuda_warp_sum(s1) / C;
     s2 = cuda_warp_sum(s2) / C;
-    for (int c = lane; c < C; c += 32) {
-        const float d = r * (cuda_ld(g + c) * cuda_ld(weight + c) - s1 - (cuda_ld(x + c) - m) * r * s2);
-        cuda_st(dx + c, cuda_ld(dx + c) + d);
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(g + c), wv = cuda_ldp<W>(weight + c), xv = cuda_ldp<W>(x + c);
+        cuda_pack<scalar_t, W> dv = cuda_ldp<W>(dx + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float d = r * (cuda_ld(&gv.x[k]) * cuda_ld(&wv.x[k]) - s1 - (cuda_ld(&xv.x[k]) - m) * r * s2);
+            cuda_st(&dv.x[k], cuda_ld(&dv.x[k]) + d);
+        }
+        cuda_stp<W>(dx + c, dv);
     }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int W>
 __global__ void norm_rmsnorm_forward_kernel(scalar_t *out, float *rstd, const scalar_t *inp, const scalar_t *weight,
                                             int N, int C, float eps) {
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -70,17 +101,27 @@ __global__ void norm_rmsnorm_forward_kernel(scalar_t *out, float *rstd, const sc
     const scalar_t *x = inp + (int64_t)row * C;
     scalar_t *y = out + (int64_t)row * C;
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        const float xv = cuda_ld(x + c);
-        s += xv * xv;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float xk = cuda_ld(&xv.x[k]);
+            s += xk * xk;
+        }
     }
     const float r = 1.0f / sqrtf(cuda_warp_sum(s) / C + eps);
-    for (int c = lane; c < C; c += 32) cuda_st(y + c, cuda_ld(x + c) * r * cuda_ld(weight + c));
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c), wv = cuda_ldp<W>(weight + c);
+        cuda_pack<scalar_t, W> yv;
+#pragma unroll
+        for (int k = 0; k < W; k++) cuda_st(&yv.x[k], cuda_ld(&xv.x[k]) * r * cuda_ld(&wv.x[k]));
+        cuda_stp<W>(y + c, yv);
+    }
     if (lane == 0) rstd[row] = r;
 }
 
 /* dinp += rstd * (dnorm - norm * mean(dnorm * norm)). */
-template <typename scalar_t>
+template <typename scalar_t, int W>
 __global__ void norm_rmsnorm_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp,
                                              const scalar_t *weight, const float *rstd, int N, int C) {
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -89,45 +130,70 @@ __global__ void norm_rmsnorm_backward_kernel(scalar_t *dinp, const scalar_t *dou
     scalar_t *dx = dinp + (int64_t)row * C;
     const float r = rstd[row];
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += cuda_ld(g + c) * cuda_ld(weight + c) * cuda_ld(x + c) * r;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(g + c), wv = cuda_ldp<W>(weight + c), xv = cuda_ldp<W>(x + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) s += cuda_ld(&gv.x[k]) * cuda_ld(&wv.x[k]) * cuda_ld(&xv.x[k]) * r;
+    }
     s = cuda_warp_sum(s) / C;
-    for (int c = lane; c < C; c += 32) {
-        const float d = r * (cuda_ld(g + c) * cuda_ld(weight + c) - cuda_ld(x + c) * r * s);
-        cuda_st(dx + c, cuda_ld(dx + c) + d);
+    for (int c = lane * W; c < C; c += 32 * W) {
+        const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(g + c), wv = cuda_ldp<W>(weight + c), xv = cuda_ldp<W>(x + c);
+        cuda_pack<scalar_t, W> dv = cuda_ldp<W>(dx + c);
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            const float d = r * (cuda_ld(&gv.x[k]) * cuda_ld(&wv.x[k]) - cuda_ld(&xv.x[k]) * r * s);
+            cuda_st(&dv.x[k], cuda_ld(&dv.x[k]) + d);
+        }
+        cuda_stp<W>(dx + c, dv);
     }
 }
 
-/* Partial weight (and bias) gradients of rows [part * rows_per_part, ...) for 32 columns:
+/* Partial weight (and bias) gradients of rows [part * rows_per_part, ...) for 32 * W columns:
  * block (32, 8), blockIdx.x = column chunk, blockIdx.y = row chunk ("part"). Thread (tx, ty) sums
- * rows ty, ty + 8, ... of column c (coalesced: a warp reads 32 adjacent columns of a row), then
- * row lane 0 adds the 8 lanes in order. LayerNorm: pw += dout * (x - mean) * rstd, pb += dout;
- * RMSNorm (mean == NULL): pw += dout * x * rstd. pb NULL: no bias gradient. */
-template <typename scalar_t>
+ * rows ty, ty + 8, ... of columns c0 .. c0 + W - 1, c0 = chunk start + tx * W (coalesced: a warp reads
+ * 32 W adjacent elements of a row; W > 1 only when C % W == 0 and dout, inp are 16-byte aligned), then
+ * row lane 0 adds the 8 lanes in order. Each column is summed in the same order whatever W is.
+ * LayerNorm: pw += dout * (x - mean) * rstd, pb += dout; RMSNorm (mean == NULL): pw += dout * x * rstd.
+ * pb NULL: no bias gradient. */
+template <typename scalar_t, int W>
 __global__ void norm_wgrad_partial_kernel(float *pw, float *pb, const scalar_t *dout, const scalar_t *inp,
                                           const float *mean, const float *rstd, int N, int C, int rows_per_part) {
-    __shared__ float sw[NORM_WG_ROWS][NORM_WG_COLS + 1], sb[NORM_WG_ROWS][NORM_WG_COLS + 1];
-    const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * NORM_WG_COLS + tx, part = blockIdx.y;
+    __shared__ float sw[NORM_WG_ROWS][W][NORM_WG_COLS + 1], sb[NORM_WG_ROWS][W][NORM_WG_COLS + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y, c0 = (blockIdx.x * NORM_WG_COLS + tx) * W, part = blockIdx.y;
     const int n0 = part * rows_per_part, n1 = min(N, n0 + rows_per_part);
-    float aw = 0.0f, ab = 0.0f;
-    if (c < C) {
+    float aw[W], ab[W];
+#pragma unroll
+    for (int k = 0; k < W; k++) aw[k] = 0.0f, ab[k] = 0.0f;
+    if (c0 < C) {
         for (int n = n0 + ty; n < n1; n += NORM_WG_ROWS) {
-            const float g = cuda_ld(dout + (int64_t)n * C + c), x = cuda_ld(inp + (int64_t)n * C + c);
+            const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(dout + (int64_t)n * C + c0);
+            const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(inp + (int64_t)n * C + c0);
             if (mean) {
-                aw += g * (x - mean[n]) * rstd[n];
-                ab += g;
+                const float mn = mean[n], rs = rstd[n];
+#pragma unroll
+                for (int k = 0; k < W; k++) {
+                    const float g = cuda_ld(&gv.x[k]);
+                    aw[k] += g * (cuda_ld(&xv.x[k]) - mn) * rs;
+                    ab[k] += g;
+                }
             } else {
-                aw += g * x * rstd[n];
+                const float rs = rstd[n];
+#pragma unroll
+                for (int k = 0; k < W; k++) aw[k] += cuda_ld(&gv.x[k]) * cuda_ld(&xv.x[k]) * rs;
             }
         }
     }
-    sw[ty][tx] = aw;
-    sb[ty][tx] = ab;
+#pragma unroll
+    for (int k = 0; k < W; k++) sw[ty][k][tx] = aw[k], sb[ty][k][tx] = ab[k];
     __syncthreads(); /* reached by every thread: no early return above */
-    if (ty == 0 && c < C) {
-        float s = 0.0f, t = 0.0f;
-        for (int k = 0; k < NORM_WG_ROWS; k++) s += sw[k][tx], t += sb[k][tx];
-        pw[(int64_t)part * C + c] = s;
-        if (pb) pb[(int64_t)part * C + c] = t;
+    if (ty == 0 && c0 < C) {
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+            float s = 0.0f, t = 0.0f;
+            for (int j = 0; j < NORM_WG_ROWS; j++) s += sw[j][k][tx], t += sb[j][k][tx];
+            pw[(int64_t)part * C + c0 + k] = s;
+            if (pb) pb[(int64_t)part * C + c0 + k] = t;
+        }
     }
 }
 
@@ -135,6 +201,7 @@ __global__ void norm_wgrad_partial_kernel(float *pw, float *pb, const scalar_t *
 __global__ void norm_wgrad_final_kernel(float *dweight, float *dbias, const float *pw, const float *pb, int P, int C) {
     CUDA_FOR(c, C) {
         float s = 0.0f, t = 0.0f;
+#pragma unroll 8
         for (int p = 0; p < P; p++) {
             s += pw[(int64_t)p * C + c];
             if (pb) t += pb[(int64_t)p * C + c];
@@ -148,7 +215,9 @@ __global__ void norm_wgrad_final_kernel(float *dweight, float *dbias, const floa
 template <typename T>
 static int norm_wgrad(float *dweight, float *dbias, const T *dout, const T *inp, const float *mean, const float *rstd,
                       int N, int C, const char *op) {
-    const int ncb = (C + NORM_WG_COLS - 1) / NORM_WG_COLS;
+    constexpr int V = CUDA_VEC(T);
+    const int W = C % V == 0 && cuda_aligned16(dout, inp) ? V : 1;
+    const int ncb = (C + NORM_WG_COLS * W - 1) / (NORM_WG_COLS * W);
     /* enough parts for ~4 blocks per SM, each of at least 32 rows; at most 1024 parts */
     int P = (4 * cuda_ctx.sm_count + ncb - 1) / ncb;
     const int max_p = (N + 31) / 32;
@@ -161,8 +230,10 @@ static int norm_wgrad(float *dweight, float *dbias, const T *dout, const T *inp,
     float *pw = (float *)cuda_scratch(nbytes, op);
     if (!pw) return -1;
     float *pb = dbias ? pw + (size_t)P * C : NULL;
-    CUDA_LAUNCH(norm_wgrad_partial_kernel<T>, dim3(ncb, P), dim3(NORM_WG_COLS, NORM_WG_ROWS), 0)(
-        pw, pb, dout, inp, mean, rstd, N, C, rows_per_part);
+    void (*const k)(float *, float *, const T *, const T *, const float *, const float *, int, int, int) =
+        W > 1 ? norm_wgrad_partial_kernel<T, V> : norm_wgrad_partial_kernel<T, 1>;
+    CUDA_LAUNCH(k, dim3(ncb, P), dim3(NORM_WG_COLS, NORM_WG_ROWS), 0)(pw, pb, dout, inp, mean, rstd, N, C,
+                                                                      rows_per_part);
     CUDA_LAUNCH(norm_wgrad_final_kernel, cuda_blocks(C, CUDA_THREADS), CUDA_THREADS, 0)(dweight, dbias, pw, pb, P, C);
     cuda_check(op);
     cuda_release(pw, nbytes);
@@ -171,11 +242,21 @@ static int norm_wgrad(float *dweight, float *dbias, const T *dout, const T *inp,
 
 static unsigned norm_row_blocks(int N) { return (unsigned)((N + NORM_ROWS_PER_BLOCK - 1) / NORM_ROWS_PER_BLOCK); }
 
+/* The row kernels' pack width: CUDA_VEC(T) when C is a whole number of packs and every pointer is
+ * 16-byte aligned (row starts are then aligned too), else 1. */
+template <typename T, typename... P>
+static bool norm_vec(int C, P... ptrs) {
+    return C % CUDA_VEC(T) == 0 && cuda_aligned16(ptrs...);
+}
+
 template <typename T>
 static void norm_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *weight,
                                    const void *bias, int N, int C, float eps) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_layernorm_forward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+    void (*const k)(T *, float *, float *, const T *, const T *, const T *, int, int, float) =
+        norm_vec<T>(C, out, inp, weight, bias) ? norm_layernorm_forward_kernel<T, CUDA_VEC(T)>
+                                               : norm_layernorm_forward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
         (T *)out, mean, rstd, (const T *)inp, (const T *)weight, (const T *)bias, N, C, eps);
     cuda_check("layernorm_forward");
 }
@@ -184,7 +265,10 @@ template <typename T>
 static void norm_layernorm_backward(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
                                     const void *weight, const float *mean, const float *rstd, int N, int C) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_layernorm_backward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+    void (*const k)(T *, const T *, const T *, const T *, const float *, const float *, int, int) =
+        norm_vec<T>(C, dinp, dout, inp, weight) ? norm_layernorm_backward_kernel<T, CUDA_VEC(T)>
+                                                : norm_layernorm_backward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
         (T *)dinp, (const T *)dout, (const T *)inp, (const T *)weight, mean, rstd, N, C);
     cuda_check("layernorm_backward");
     norm_wgrad(dweight, dbias, (const T *)dout, (const T *)inp, mean, rstd, N, C, "layernorm_backward");
@@ -194,8 +278,11 @@ template <typename T>
 static void norm_rmsnorm_forward(void *out, float *rstd, const void *inp, const void *weight, int N, int C,
                                  float eps) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_rmsnorm_forward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        (T *)out, rstd, (const T *)inp, (const T *)weight, N, C, eps);
+    void (*const k)(T *, float *, const T *, const T *, int, int, float) =
+        norm_vec<T>(C, out, inp, weight) ? norm_rmsnorm_forward_kernel<T, CUDA_VEC(T)>
+                                         : norm_rmsnorm_forward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)((T *)out, rstd, (const T *)inp,
+                                                                   (const T *)weight, N, C, eps);
     cuda_check("rmsnorm_forward");
 }
 
@@ -203,8 +290,11 @@ template <typename T>
 static void norm_rmsnorm_backward(void *dinp, float *dweight, const void *dout, const void *inp, const void *weight,
                                   const float *rstd, int N, int C) {
     if (N <= 0 || C <= 0) return;
-    CUDA_LAUNCH(norm_rmsnorm_backward_kernel<T>, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        (T *)dinp, (const T *)dout, (const T *)inp, (const T *)weight, rstd, N, C);
+    void (*const k)(T *, const T *, const T *, const T *, const float *, int, int) =
+        norm_vec<T>(C, dinp, dout, inp, weight) ? norm_rmsnorm_backward_kernel<T, CUDA_VEC(T)>
+                                                : norm_rmsnorm_backward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)((T *)dinp, (const T *)dout, (const T *)inp,
+                                                                   (const T *)weight, rstd, N, C);
     cuda_check("rmsnorm_backward");
     norm_wgrad(dweight, (float *)NULL, (const T *)dout, (const T *)inp, (const float *)NULL, rstd, N, C,
                "rmsnorm_backward");

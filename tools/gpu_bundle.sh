@@ -7,14 +7,15 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # x86-64-v3 (AVX2), not the workspace's -march=native: the GPU machine's CPU may lack AVX-512.
-bazel build --noshow_progress --copt=-march=x86-64-v3 //:luatron //:luatron_cuda.so //tests/cuda:ops_test
+bazel build --noshow_progress --copt=-march=x86-64-v3 //:luatron //:luatron_cuda.so //tests/cuda:ops_test \
+  //tests/comm:nccl_test
 out="$root/.gpu"
 rm -rf "$out"
 mkdir -p "$out/lib"
-cp -L bazel-bin/luatron bazel-bin/luatron_cuda.so bazel-bin/tests/cuda/ops_test "$out/"
+cp -L bazel-bin/luatron bazel-bin/luatron_cuda.so bazel-bin/tests/cuda/ops_test bazel-bin/tests/comm/nccl_test "$out/"
 chmod u+w "$out"/*
 # glibc, the C++ runtime and the CUDA/driver libraries come from the GPU machine itself.
-for f in "$out/luatron" "$out/ops_test" "$out/luatron_cuda.so"; do
+for f in "$out/luatron" "$out/ops_test" "$out/nccl_test" "$out/luatron_cuda.so"; do
   ldd "$f" | awk '$3 ~ /^\// {print $3}'
 done | sort -u | grep -vE '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl)\.so' |
   while read -r lib; do cp -L "$lib" "$out/lib/"; done

@@ -43,6 +43,11 @@ timeout 300 "$root/.gpu/ops_test" 2>&1 | tee "$out/ops_test.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 LUATRON_CUDA_PROFILE=1 timeout 300 "$root/.gpu/ops_test" --profile > "$out/ops_profile_test.log" 2>&1 ||
   { failed=$((failed + 1)); grep '^not ok' "$out/ops_profile_test.log"; }
+# The NCCL communicator on this GPU (world of 1; LUATRON_NCCL_TEST_RANKS=N adds N ranks on N GPUs);
+# its device checks SKIP where the machine has no libnccl.so.2 (LUATRON_NCCL_LIB names another).
+timeout 120 "$root/.gpu/nccl_test" > "$out/nccl_test.log" 2>&1 ||
+  { failed=$((failed + 1)); grep '^not ok' "$out/nccl_test.log"; }
+grep -c '# SKIP' "$out/nccl_test.log" | sed 's/^/nccl_test: skipped checks: /'
 
 tiny="run recipes/gpt_tiny.lua train.train_iters=20 train.eval_interval=1000 logger.log_interval=1 \
 scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1 ${GPU_CHECK_RECIPE_ARGS:-}"

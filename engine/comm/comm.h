@@ -1,5 +1,5 @@
 /* Communicators: the collectives every parallelism is built from, one interface, several
- * backends (shm: CPU ranks on one machine, now; nccl: GPUs, later).
+ * backends (shm: host memory of CPU ranks on one machine; nccl: GPU memory, see lt_comm_nccl).
  *
  * Conventions:
  * - Every rank of a communicator calls the same collectives in the same order.
@@ -46,6 +46,23 @@ lt_comm *lt_comm_shm_world(const lt_comm_world_info *info, char *err, size_t err
  * the caller). Only the members call it, all with the same list; `name` (e.g. "dp", "tp") appears
  * in messages and statistics. The new rank is the caller's position in the list. */
 lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *name, char *err, size_t errlen);
+
+/* An NCCL communicator over the same ranks as `host` (a shm communicator: the world or a group),
+ * for buffers in the memory of the device backend `be` (engine/ops/backend.h: lt_backend_get("cuda")).
+ * Every rank of host calls it: rank 0 makes NCCL's unique id, lt_comm_broadcast over host hands it
+ * to the others, every rank joins. Its name is "<host name>/nccl"; host must outlive it (its abort
+ * also aborts host, so the other ranks learn of it). NULL with the reason in err: no device
+ * collectives on be (the CPU), "NCCL is not available: libnccl.so.2 not found (set
+ * LUATRON_NCCL_LIB ...)", or NCCL's own error.
+ * Its collectives have the conventions above with these differences: buffers are device memory;
+ * a call returns once the collective is enqueued on the device: its results are ordered before
+ * device work issued later, and a host read goes through the backend's to_host (which waits);
+ * lt_comm_barrier alone waits on the host. Reductions are NCCL's (bf16 reduced in bf16, order by
+ * NCCL's algorithm): repeatable for a fixed layout, not bit-identical to shm. Statistics count as
+ * for every backend (seconds: the time to enqueue). lt_comm_group on it is refused: call
+ * lt_comm_nccl over the host group instead. The non-blocking calls (below) work on it too. */
+struct lt_backend;
+lt_comm *lt_comm_nccl(lt_comm *host, const struct lt_backend *be, char *err, size_t errlen);
 
 void lt_comm_free(lt_comm *c);
 int lt_comm_rank(const lt_comm *c);

@@ -1,4 +1,4 @@
-/* Communicators, the backend side: what a backend (shm.c now, nccl later) implements and the
+/* Communicators, the backend side: what a backend (shm.c, nccl.c) implements and the
  * bookkeeping comm.c does for every backend (argument checks, statistics, names, world ranks).
  *
  * comm.c validates arguments (dtype, counts >= 0, buffers, peer/root in range, group lists),

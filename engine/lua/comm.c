@@ -1,6 +1,9 @@
 /* luatron.Communicator: collectives on tensors from Lua. The world communicator comes from the
- * launcher's bootstrap (luatron launch, or PMIx under mpirun/srun); groups are made from it. */
+ * launcher's bootstrap (luatron launch, or PMIx under mpirun/srun); groups are made from it.
+ * core.comm_nccl(group) makes an NCCL communicator over a host group, for device tensors. */
 #include <string.h>
+
+#include "engine/ops/backend.h"
 
 #include "engine/comm/bootstrap.h"
 #include "engine/comm/comm.h"
@@ -11,6 +14,7 @@
 typedef struct {
     lt_comm *c;
     int is_world;
+    int device; /* an NCCL communicator: its collectives take device tensors */
 } comm_box;
 
 static lt_comm *world_comm; /* one per process, never freed: groups refer to it */
@@ -23,11 +27,14 @@ static lt_comm *check_comm(lua_State *L, int idx) {
 
 lt_comm *lt_lua_check_comm(lua_State *L, int idx) { return check_comm(L, idx); }
 
-static void push_comm(lua_State *L, lt_comm *c, int is_world) {
-    comm_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+/* Uservalue 1: the host communicator an NCCL communicator was made over (kept alive with it). */
+static comm_box *push_comm(lua_State *L, lt_comm *c, int is_world) {
+    comm_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->c = c;
     b->is_world = is_world;
+    b->device = 0;
     luaL_setmetatable(L, COMM_MT);
+    return b;
 }
 
 /* core.comm_world() → the world communicator (created on first call). */
@@ -62,12 +69,37 @@ static int m_group(lua_State *L) {
     return 1;
 }
 
+/* core.comm_nccl(comm [, device = "cuda"]) → an NCCL communicator over comm's ranks (every rank of
+ * comm calls it), named "<comm name>/nccl", for tensors on the device; comm stays for host tensors. */
+static int l_comm_nccl(lua_State *L) {
+    lt_comm *host = check_comm(L, 1);
+    const char *device = luaL_optstring(L, 2, "cuda");
+    char err[512] = "";
+    const lt_backend *be = lt_backend_get(device, err, sizeof err);
+    if (!be) return luaL_error(L, "NCCL communicator over '%s': %s", lt_comm_name(host), err);
+    lt_comm *c = lt_comm_nccl(host, be, err, sizeof err);
+    if (!c) return luaL_error(L, "%s", err);
+    comm_box *b = push_comm(L, c, 0);
+    b->device = 1;
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    return 1;
+}
+
 static int m_rank(lua_State *L) { lua_pushinteger(L, lt_comm_rank(check_comm(L, 1))); return 1; }
 static int m_size(lua_State *L) { lua_pushinteger(L, lt_comm_size(check_comm(L, 1))); return 1; }
 static int m_name(lua_State *L) { lua_pushstring(L, lt_comm_name(check_comm(L, 1))); return 1; }
 
 static lt_tensor *check_buffer(lua_State *L, int idx) {
-    lt_tensor *t = lt_lua_check_host_tensor(L, idx); /* the shm backend moves host memory */
+    const comm_box *b = luaL_checkudata(L, 1, COMM_MT);
+    lt_tensor *t;
+    if (b->device) { /* NCCL moves device memory */
+        t = lt_lua_check_tensor(L, idx);
+        if (t->storage->device == LT_CPU)
+            luaL_argerror(L, idx, "an NCCL communicator needs device tensors (use the host communicator for host ones)");
+    } else {
+        t = lt_lua_check_host_tensor(L, idx); /* the shm backend moves host memory */
+    }
     if (!lt_tensor_is_contiguous(t)) luaL_argerror(L, idx, "collectives need a contiguous tensor");
     return t;
 }
@@ -228,4 +260,6 @@ void lt_lua_open_comm(lua_State *L) {
     lt_lua_new_type(L, COMM_MT, methods, meta);
     lua_pushcfunction(L, l_comm_world);
     lua_setfield(L, -2, "comm_world");
+    lua_pushcfunction(L, l_comm_nccl);
+    lua_setfield(L, -2, "comm_nccl");
 }

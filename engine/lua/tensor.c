@@ -284,16 +284,18 @@ static const float *check_f32(lua_State *L, int idx, lt_tensor *t) {
     return lt_tensor_data(t);
 }
 
+/* t:norm() and in-place t:scale(s) run where t lives (the backend's kernels), so gradient
+ * clipping works on GPU tensors too. */
 static int m_norm(lua_State *L) {
-    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
-    lua_pushnumber(L, sqrt(lt_sum_squares(check_f32(L, 1, t), lt_tensor_numel(t))));
+    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lua_pushnumber(L, sqrt(lt_backend_of(t)->sum_squares(check_f32(L, 1, t), lt_tensor_numel(t))));
     return 1;
 }
 
 /* In-place t:scale(s) and t:add(other [, alpha]). */
 static int m_scale(lua_State *L) {
-    lt_tensor *t = lt_lua_check_host_tensor(L, 1);
-    lt_scale((float *)check_f32(L, 1, t), lt_tensor_numel(t), (float)luaL_checknumber(L, 2));
+    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lt_backend_of(t)->scale((float *)check_f32(L, 1, t), lt_tensor_numel(t), (float)luaL_checknumber(L, 2));
     lua_settop(L, 1);
     return 1;
 }

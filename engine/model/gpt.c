@@ -8,7 +8,6 @@
 
 #include "engine/core/error.h"
 #include "engine/core/rng.h"
-#include "engine/ops/ops.h"
 
 /* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. */
 typedef struct {

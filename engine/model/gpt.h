@@ -1,7 +1,9 @@
 /* A GPT decoder (Megatron-Core's GPTModel with the local layer spec), forward and backward.
  *
  * All parameters live in one flat fp32 buffer (and their gradients in another), so the
- * optimizer, gradient clipping and, later, gradient buckets work on contiguous memory.
+ * optimizer, gradient clipping and gradient buckets work on contiguous memory; under bf16
+ * mixed precision the ops read a bf16 copy of it, refreshed layer by layer in forward.
+ * Memory and ops come from a backend (engine/ops/backend.h): the CPU, or the CUDA plugin.
  * Each parameter keeps Megatron's state-dict name and is initialised from
  * (seed, name, element index) alone, so any layout of the same model starts identical.
  *

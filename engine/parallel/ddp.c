@@ -5,6 +5,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "engine/ops/backend.h"
+
 typedef struct {
     int64_t first, count; /* elements of the flat buffer */
     lt_comm_request *request;
@@ -15,6 +17,7 @@ typedef struct {
 struct lt_ddp {
     lt_tensor *grads;
     lt_tensor *weights, *main_params, *main_grads; /* sharded only */
+    const lt_backend *be; /* whose memory holds the buffers (the grads'): main buffers and copies there */
     int sharded, dp_size, dp_rank;
     int gather_failed;
     char gather_err[512];
@@ -37,6 +40,7 @@ lt_ddp *lt_ddp_new(lt_tensor *grads, int64_t bucket_size, lt_comm *dp) {
     lt_ddp *d = calloc(1, sizeof *d);
     if (!d) return NULL;
     d->grads = grads;
+    d->be = lt_backend_of(grads);
     d->dp = dp;
     d->num_buckets = (int)((n + bucket_size - 1) / bucket_size);
     d->buckets = calloc((size_t)d->num_buckets, sizeof *d->buckets);
@@ -76,8 +80,9 @@ lt_ddp *lt_ddp_new_sharded(lt_tensor *grads, lt_tensor *weights, int64_t bucket_
     d->dp_rank = lt_comm_rank(dp);
     d->weights = weights;
     int64_t shape[1] = {n / size};
-    d->main_params = lt_tensor_new(LT_F32, 1, shape);
-    d->main_grads = lt_tensor_new(LT_F32, 1, shape);
+    /* In the grads' memory (the GPU's with an NCCL communicator), as the buffers they exchange with. */
+    d->main_params = lt_backend_tensor(d->be, LT_F32, 1, shape);
+    d->main_grads = lt_backend_tensor(d->be, LT_F32, 1, shape);
     if (!d->main_params || !d->main_grads) {
         lt_ddp_free(d);
         snprintf(err, errlen, "out of memory for the distributed optimizer's main parameters");
@@ -166,7 +171,7 @@ void lt_ddp_weights_to_main(lt_ddp *d) {
     for (int k = 0; k < d->num_buckets; k++) {
         int64_t first, count, off;
         lt_ddp_piece(d, k, &first, &count, &off);
-        memcpy(main + off, w + first, sizeof(float) * (size_t)count);
+        d->be->copy(main + off, w + first, sizeof(float) * (size_t)count); /* memcpy on the CPU */
     }
 }
 

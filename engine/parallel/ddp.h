@@ -8,7 +8,11 @@
  * optimizer updates this rank's piece of the main parameters, and the bucket's parameters are
  * all-gathered back into the model's weights, bucket by bucket in forward order, so the next
  * forward can start on the first layers while later buckets still arrive (overlap_param_gather).
- * Main buffers are laid out in flat order: bucket [b0, b1)'s piece starts at b0 / DP. */
+ * Main buffers are laid out in flat order: bucket [b0, b1)'s piece starts at b0 / DP.
+ *
+ * The main buffers live in the memory of the gradients (lt_backend_of) and are copied with that
+ * backend's copy: with GPU gradients the communicator must move device memory (lt_comm_nccl), and
+ * its "finished" requests are ordered on the GPU, not completed on the host (engine/comm/comm.h). */
 #ifndef LT_DDP_H
 #define LT_DDP_H
 #include <stddef.h>

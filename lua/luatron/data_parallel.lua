@@ -34,15 +34,23 @@ Sharded.__index = Sharded
 -- model, r (resolved config), group (the dp-cp communicator or nil for one rank).
 function M.new(model, r, group)
   local dp = group and group:size() or 1
+  -- The buffers' communicator: the host group on the CPU; on a GPU an NCCL communicator over the
+  -- same ranks (self.device_comm), while the host group keeps the scalars (loss, gradient norm).
+  local comm = group
+  local device_comm
   if dp > 1 and r.model.device ~= "cpu" then
-    error(("data parallelism over %d ranks on device %q needs the NCCL communicator, which is not built yet: "
-      .. "train on one GPU, or on the CPU"):format(dp, r.model.device), 0)
+    local ok, c = pcall(core.comm_nccl, group, r.model.device)
+    if not ok then
+      error(("data parallelism over %d ranks on device %q needs NCCL: %s"):format(dp, r.model.device, c), 0)
+    end
+    comm, device_comm = c, c
   end
-  local self = { model = model, r = r, group = group, dp = dp, numel = model:flat_weights():numel() }
+  local self = { model = model, r = r, group = group, dp = dp, numel = model:flat_weights():numel(),
+    device_comm = device_comm }
   if r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer then
     assert(group, "the distributed optimizer needs a data-parallel communicator")
     setmetatable(self, Sharded)
-    self.ddp = core.ddp(model, group, r.ddp.bucket_size or 0, true)
+    self.ddp = core.ddp(model, comm, r.ddp.bucket_size or 0, true)
     self.main = self.ddp:main_params()
     self.main_grads = self.ddp:main_grads()
     self.shard = self.main:numel()
@@ -61,7 +69,7 @@ function M.new(model, r, group)
     setmetatable(self, Replicated)
     self.opt = core.optimizer(model, r.optimizer)
     self.overlap_grads = r.ddp.overlap_grad_reduce
-    if dp > 1 then self.ddp = core.ddp(model, group, r.ddp.bucket_size or 0) end
+    if dp > 1 then self.ddp = core.ddp(model, comm, r.ddp.bucket_size or 0) end
   end
   return self
 end
@@ -130,7 +138,7 @@ function Sharded:step(lr)
   if not self.overlap_grads then self.ddp:begin() end
   self.exposed_seconds = self.ddp:finish() -- reduce-scatter of every bucket into the main gradients
   if not self.overlap_grads then self.exposed_seconds = nil end
-  local sumsq = core.tensor.from({ self.main_grads:norm() ^ 2 }, "float32")
+  local sumsq = core.tensor.from({ self.main_grads:norm() ^ 2 }, "float32") -- host scalar: the host group
   if self.dp > 1 then self.group:all_reduce(sumsq, "sum") end
   local norm = math.sqrt(sumsq:item())
   local c = clip_coeff(norm, self.r.optimizer.clip_grad)

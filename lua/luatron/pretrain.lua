@@ -134,6 +134,12 @@ local function take_comm_stats(run)
   if not g or g:size() == 1 then return nil end
   local s = g:stats()
   g:reset_stats()
+  local dc = run.optimizer.device_comm -- on a GPU the buffers go through NCCL: its traffic counts too
+  if dc then
+    local d = dc:stats()
+    dc:reset_stats()
+    s.calls, s.bytes, s.seconds = s.calls + d.calls, s.bytes + d.bytes, s.seconds + d.seconds
+  end
   s.bytes = s.bytes - (run.comm_excluded or 0)
   run.comm_excluded = 0
   return s
@@ -144,9 +150,11 @@ local function excluding_comm(run, fn)
   local g = run.ps.groups["dp-cp"]
   if not g or g:size() == 1 then return fn() end
   run.optimizer:sync_params() -- the pending all-gather belongs to the step, not to fn
-  local before = g:stats().bytes
+  local dc = run.optimizer.device_comm
+  local function bytes() return g:stats().bytes + (dc and dc:stats().bytes or 0) end
+  local before = bytes()
   local result = fn()
-  run.comm_excluded = (run.comm_excluded or 0) + g:stats().bytes - before
+  run.comm_excluded = (run.comm_excluded or 0) + bytes() - before
   return result
 end
 

@@ -12,4 +12,5 @@
 #include "engine/ops/cuda/rope.cu"
 #include "engine/ops/cuda/cross_entropy.cu"
 #include "engine/ops/cuda/profile.cu"
+#include "engine/ops/cuda/nccl.cu"  // a stub under the emulator: "NCCL is not available under the emulator"
 #include "engine/ops/cuda/backend.cu"

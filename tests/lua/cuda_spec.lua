@@ -34,6 +34,17 @@ describe("the CUDA plugin under the CPU emulator", function()
   local small = "model.num_layers=1 model.hidden_size=32 model.num_attention_heads=2 model.seq_length=32 "
     .. "dataset.sequence_length=32 train.global_batch_size=2 train.micro_batch_size=1 train.train_iters=3"
 
+  -- Data parallelism on device "cuda" builds an NCCL communicator over the dp group; the emulated
+  -- plugin has no NCCL, so both ranks stop with that reason (rank 1 hears it from rank 0).
+  it("refuses data parallelism over 2 ranks with the reason NCCL cannot start", function()
+    local dir = tmpdir()
+    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s launch -n 2 --timeout 60 %s"):format(q(EMULATED),
+      q(h.luatron_bin()), (tiny(dir, small .. " model.device=cuda"):gsub("^run ", ""))))
+    assert.are_not.equal(0, code, out)
+    assert.truthy(out:find("needs NCCL", 1, true), out)
+    assert.truthy(out:find("NCCL is not available under the emulator", 1, true), out)
+  end)
+
   for _, precision in ipairs { "fp32", "bf16" } do
     it(("trains a small model in %s with the CPU backend's losses"):format(precision), function()
       local f = io.open(EMULATED)
@@ -56,6 +67,33 @@ describe("the CUDA plugin under the CPU emulator", function()
       end
     end)
   end
+end)
+
+describe("GPU tensors from Lua (the emulated plugin)", function()
+  it("norm and scale run on the device, copies cross devices, element access is refused", function()
+    local dir = tmpdir()
+    h.write(dir .. "/t.lua", [[
+local lt = require "luatron"
+local m = lt.build_model(lt.GPTModelProvider { num_layers = 1, hidden_size = 32, num_attention_heads = 2,
+  seq_length = 16, vocab_size = 64, device = "cuda" }, 7)
+local w = m:flat_weights()
+assert(w:device() == "cuda", w:device())
+local host = w:to_host()
+assert(host:device() == "cpu")
+assert(math.abs(w:norm() - host:norm()) < 1e-9 * host:norm(), "norm on the device")
+w:scale(0.5)
+assert(math.abs(w:to_host():norm() - 0.5 * host:norm()) < 1e-6 * host:norm(), "scale on the device")
+w:copy(host)
+assert(w:to_host():norm() == host:norm(), "copy from the host")
+local ok, e = pcall(function() return w:get(1) end)
+assert(not ok and tostring(e):find("GPU memory", 1, true), tostring(e))
+assert(tostring(w):find("cuda", 1, true), tostring(w))
+print("tensors ok")
+]])
+    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s run %s"):format(q(EMULATED), q(h.luatron_bin()), q(dir .. "/t.lua")))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("tensors ok", 1, true), out)
+  end)
 end)
 
 describe("device cuda", function()

@@ -75,6 +75,7 @@ static int cuda_fill_table(lt_backend *be, char *err, size_t errlen) {
     be->f32 = &cuda_ops_f32;
     be->bf16 = &cuda_ops_bf16;
     be->profile_report = cuda_profile_report; /* reports nothing unless profiling is on */
+    be->comm = &cuda_nccl_ops;                /* NCCL, loaded on first use (nccl.cu) */
     if (cuda_ctx.profile) cuda_profile_install(be, &cuda_ops_f32, &cuda_ops_bf16);
     return 0;
 }

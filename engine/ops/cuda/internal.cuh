@@ -80,6 +80,9 @@ void cuda_profile_collect(int ok);
 /* lt_backend.profile_report. */
 int cuda_profile_report(char *buf, size_t buflen);
 
+/* ---- nccl.cu: collectives on device memory (lt_backend.comm; NCCL loaded on first use) ---- */
+extern const lt_device_comm_ops cuda_nccl_ops;
+
 /* ---- elementwise.cu: fp32 kernels of the backend itself ---- */
 void cuda_fill(float *out, int64_t n, float value);
 void cuda_fill_normal(float *out, int64_t n, uint64_t key, uint64_t first, float mean, float std);

@@ -21,6 +21,11 @@ if [ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]; then
   extra=$(dirname "$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
   [ -n "$extra" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
 fi
+# NCCL: the system's, else the copy the Python wheels carry (nvidia-nccl-cu13 in the CUDA image).
+if [ -z "${LUATRON_NCCL_LIB:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2 '; then
+  nccl=$(find / -name 'libnccl.so.2' -not -path '/proc/*' 2>/dev/null | head -1)
+  [ -n "$nccl" ] && export LUATRON_NCCL_LIB="$nccl"
+fi
 export LUATRON_CUDA_PLUGIN="${LUATRON_CUDA_PLUGIN_OVERRIDE:-$root/.gpu/luatron_cuda.so}"
 bin="$root/.gpu/luatron"
 failed=0

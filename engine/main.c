@@ -41,7 +41,9 @@ static const char *usage =
     "  OMP_NUM_THREADS     threads for the CPU kernels\n"
     "  LUATRON_TRACEBACK   1: print the Lua stack with every error (else only with errors inside luatron)\n"
     "  LUATRON_CUDA_PLUGIN the CUDA backend to load for device \"cuda\" (default: luatron_cuda.so beside luatron)\n"
-    "  LUATRON_CUDA_DEVICE which GPU device \"cuda\" uses (default 0)\n";
+    "  LUATRON_CUDA_DEVICE which GPU device \"cuda\" uses (default 0)\n"
+    "  LUATRON_CUDA_PROFILE 1: time every GPU op (lt.core.profile_report(\"cuda\") prints the table)\n"
+    "  LUATRON_NCCL_LIB    libnccl.so.2 to load for data parallelism on GPUs (default: the system's)\n";
 
 /* Whether an error message is positioned inside luatron's own Lua library ("lua/luatron/x.lua:12: ...",
  * embedded or from LUATRON_LUA_DIR): not a message written for the user, most likely a bug. */

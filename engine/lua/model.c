@@ -1,5 +1,8 @@
 /* luatron.GPT: a GPT model built from a provider table, and luatron.GPTContext, the saved
  * activations of one microbatch between forward and backward. */
+#define _POSIX_C_SOURCE 200809L /* setenv */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/lua/bindings.h"
@@ -81,7 +84,16 @@ static int l_gpt_new(lua_State *L) {
     c.bf16 = field_bool(L, 1, "bf16", 0);
     char err[512] = "";
     lua_getfield(L, 1, "device");
-    c.backend = lt_backend_get(luaL_optstring(L, -1, "cpu"), err, sizeof err);
+    const char *device = luaL_optstring(L, -1, "cpu");
+    /* Each rank of a machine takes its own GPU (the plugin reads LUATRON_CUDA_DEVICE once, when it
+     * opens); a device set by the user wins. */
+    lua_Integer local_rank = field_int(L, 1, "local_rank", 0, 0);
+    if (strcmp(device, "cuda") == 0 && local_rank > 0 && !getenv("LUATRON_CUDA_DEVICE")) {
+        char index[24];
+        snprintf(index, sizeof index, "%lld", (long long)local_rank);
+        setenv("LUATRON_CUDA_DEVICE", index, 0);
+    }
+    c.backend = lt_backend_get(device, err, sizeof err);
     lua_pop(L, 1);
     if (!c.backend) return luaL_error(L, "cannot build the model: %s", err);
     gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);

@@ -12,7 +12,7 @@ end
 
 -- The engine's view of a provider: every default resolved, names kept. flat_multiple rounds
 -- the flat parameter buffer up (data parallelism shards it evenly).
-function M.engine_config(provider, seed, flat_multiple)
+function M.engine_config(provider, seed, flat_multiple, local_rank)
   local heads = provider.num_attention_heads
   local hidden = provider.hidden_size
   -- Validation admits exactly two MLPs: GELU, or SiLU gated (SwiGLU).
@@ -40,14 +40,15 @@ function M.engine_config(provider, seed, flat_multiple)
     seed = seed or 1234,
     flat_multiple = flat_multiple,
     device = provider.device or "cpu",
+    local_rank = local_rank, -- one GPU per rank on a machine (LUATRON_CUDA_DEVICE overrides)
     bf16 = provider.bf16 or false,
   }
 end
 
--- A model on the provider's device ("cpu" or "cuda"). `seed` makes the initial weights
--- (layout-independent).
-function M.build(provider, seed, flat_multiple)
-  local ok, model = pcall(core.gpt, M.engine_config(provider, seed, flat_multiple))
+-- A model on the provider's device ("cpu" or "cuda": GPU local_rank of this machine, default 0).
+-- `seed` makes the initial weights (layout-independent).
+function M.build(provider, seed, flat_multiple, local_rank)
+  local ok, model = pcall(core.gpt, M.engine_config(provider, seed, flat_multiple, local_rank))
   -- What the engine refuses (no GPU, out of memory, a shape it cannot build) is the user's to fix.
   if not ok then util.fail((tostring(model):gsub("^[^\n]-:%d+: ", "", 1))) end
   return model

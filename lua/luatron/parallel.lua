@@ -43,6 +43,7 @@ function M.initialize(model)
     coords = grid.coords(rank),
     groups = groups,
     launcher = core.bootstrap().launcher,
+    local_rank = core.bootstrap().local_rank, -- this rank's place on its machine: its GPU
   }
   return state
 end

@@ -91,7 +91,7 @@ function M.setup(cfg)
   local seed = r.rng.seed
   local dp_group = ps.groups["dp-cp"]
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local model = model_lib.build(r.model, seed, 16 * (dp_group and dp_group:size() or 1))
+  local model = model_lib.build(r.model, seed, 16 * (dp_group and dp_group:size() or 1), ps.local_rank)
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,

@@ -34,12 +34,19 @@ describe("the CUDA plugin under the CPU emulator", function()
   local small = "model.num_layers=1 model.hidden_size=32 model.num_attention_heads=2 model.seq_length=32 "
     .. "dataset.sequence_length=32 train.global_batch_size=2 train.micro_batch_size=1 train.train_iters=3"
 
-  -- Data parallelism on device "cuda" builds an NCCL communicator over the dp group; the emulated
-  -- plugin has no NCCL, so both ranks stop with that reason (rank 1 hears it from rank 0).
-  it("refuses data parallelism over 2 ranks with the reason NCCL cannot start", function()
+  -- Each rank of a machine takes the GPU of its local rank: the emulator has one, so rank 1 finds
+  -- none. With both ranks on GPU 0 (LUATRON_CUDA_DEVICE=0), data parallelism builds an NCCL
+  -- communicator over the dp group; the emulated plugin has no NCCL, so both ranks stop with that
+  -- reason (rank 1 hears it from rank 0).
+  it("gives each rank its own GPU, and refuses data parallelism with the reason NCCL cannot start", function()
     local dir = tmpdir()
-    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s launch -n 2 --timeout 60 %s"):format(q(EMULATED),
-      q(h.luatron_bin()), (tiny(dir, small .. " model.device=cuda"):gsub("^run ", ""))))
+    local launch = ("%s launch -n 2 --timeout 60 %s"):format(q(h.luatron_bin()),
+      (tiny(dir, small .. " model.device=cuda"):gsub("^run ", "")))
+    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s"):format(q(EMULATED), launch))
+    assert.are_not.equal(0, code, out)
+    assert.truthy(out:find("[rank 1] luatron: cannot build the model: device \"cuda\" is not available: "
+      .. "LUATRON_CUDA_DEVICE=1 is not a GPU of this machine (0..0)", 1, true), out)
+    code, out = h.run(("LUATRON_CUDA_DEVICE=0 LUATRON_CUDA_PLUGIN=%s %s"):format(q(EMULATED), launch))
     assert.are_not.equal(0, code, out)
     assert.truthy(out:find("needs NCCL", 1, true), out)
     assert.truthy(out:find("NCCL is not available under the emulator", 1, true), out)

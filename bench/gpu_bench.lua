@@ -22,20 +22,22 @@ while arg[i] do
 end
 
 local shapes = {
-  ["124m"] = { num_layers = 12, hidden_size = 768, num_attention_heads = 12, seq_length = 1024 },
-  ["1.3b"] = { num_layers = 24, hidden_size = 2048, num_attention_heads = 16, seq_length = 2048 },
+  ["124m"] = { num_layers = 12, hidden_size = 768, num_attention_heads = 12, seq_length = 1024, vocab = 50304 },
+  ["1.3b"] = { num_layers = 24, hidden_size = 2048, num_attention_heads = 16, seq_length = 2048, vocab = 50304 },
+  -- for a dry run of this script on the emulated plugin (tools/gpu_check.sh's header)
+  tiny = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 32, vocab = 256 },
 }
-local s = shapes[opts.shape] or error("unknown shape " .. tostring(opts.shape) .. " (124m or 1.3b)", 0)
+local s = shapes[opts.shape] or error("unknown shape " .. tostring(opts.shape) .. " (124m, 1.3b or tiny)", 0)
 local PEAK_BF16 = 989e12
 
 local provider = lt.GPTModelProvider {
   num_layers = s.num_layers, hidden_size = s.hidden_size, num_attention_heads = s.num_attention_heads,
-  seq_length = s.seq_length, vocab_size = 50304, hidden_dropout = 0.0, attention_dropout = 0.0, device = "cuda",
+  seq_length = s.seq_length, vocab_size = s.vocab, hidden_dropout = 0.0, attention_dropout = 0.0, device = "cuda",
   bf16 = opts.precision == "bf16",
 }
 local model = lt.build_model(provider, 1234)
 local optimizer = lt.optimizer(model, lt.OptimizerConfig { lr = 1e-4, weight_decay = 0.01 })
-local data = core.dataset { seq_length = s.seq_length, vocab_size = 50304, seed = 1234 }
+local data = core.dataset { seq_length = s.seq_length, vocab_size = s.vocab, seed = 1234 }
 
 local function step(k, batch)
   model:zero_grad()
@@ -51,7 +53,12 @@ if not batch then
   for _, b in ipairs { 64, 32, 16, 8, 4, 2, 1 } do
     local ok, e = pcall(step, 0, b)
     if ok then batch = b break end
-    if not tostring(e):find("out of", 1, true) then error(e, 0) end
+    -- Out of memory shows as the engine's "out of cuda memory" or as a library's failed allocation.
+    local msg = tostring(e):lower()
+    if not (msg:find("out of", 1, true) or msg:find("alloc", 1, true) or msg:find("memory", 1, true)) then
+      error(e, 0)
+    end
+    pcall(core.synchronize, "cuda") -- reports (and so clears) what the failed try left behind
     print(("micro-batch %d does not fit: %s"):format(b, e))
   end
   assert(batch, "not even a micro-batch of 1 fits")

@@ -10,6 +10,7 @@
 #   LUATRON_CUDA_PLUGIN_OVERRIDE=bazel-bin/tests/cuda/luatron_cuda_emulated.so GPU_CHECK_BENCH=0 \
 #   GPU_CHECK_RECIPE_ARGS="model.num_layers=1 model.hidden_size=32 model.seq_length=32 dataset.sequence_length=32" \
 #   tools/gpu_check.sh
+# and of the benchmark: LUATRON_CUDA_PLUGIN=... luatron run bench/gpu_bench.lua --shape tiny --steps 2
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

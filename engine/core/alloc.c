@@ -3,9 +3,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Blocks are kept in free lists by rounded size; one bin per size class. Sizes are
- * rounded to 64 bytes below 1 MiB and to 1/8 of their power of two above, so a cached
- * block wastes at most 12.5%. */
+/* Blocks are kept in free lists by size class (lt_alloc_size_class with 64-byte granules), one bin
+ * per class. */
 typedef struct block { struct block *next; } block;
 
 #define NUM_BINS 1024
@@ -17,14 +16,7 @@ typedef struct {
 static bin bins[NUM_BINS];
 static lt_alloc_stats stats;
 
-static size_t round_size(size_t n) {
-    if (n == 0) n = 1;
-    if (n <= (1u << 20)) return (n + 63) & ~(size_t)63;
-    size_t p = 1;
-    while (p < n) p <<= 1;
-    size_t step = p / 16;
-    return (n + step - 1) / step * step;
-}
+static size_t round_size(size_t n) { return lt_alloc_size_class(n, 64); }
 
 static bin *find_bin(size_t size) {
     size_t h = (size * 0x9E3779B97F4A7C15ull) >> 54; /* top 10 bits */

@@ -12,6 +12,18 @@ typedef struct {
     size_t num_allocs;  /* calls that reached malloc (cache misses) */
 } lt_alloc_stats;
 
+/* The size class of an n-byte request, as both caching allocators (this one and the CUDA plugin's)
+ * round it: up to a multiple of `granule` (a power of two) below 1 MiB, and to 1/16 of its power of
+ * two above, so a cached block wastes at most 6.25% there. Header-only: the plugin links no engine code. */
+static inline size_t lt_alloc_size_class(size_t n, size_t granule) {
+    if (n == 0) n = 1;
+    if (n <= ((size_t)1 << 20)) return (n + granule - 1) & ~(granule - 1);
+    size_t p = 1;
+    while (p < n) p <<= 1;
+    size_t step = p / 16;
+    return (n + step - 1) / step * step;
+}
+
 /* 64-byte aligned, uninitialised. Returns NULL when memory is exhausted. */
 void *lt_alloc(size_t nbytes);
 /* Return a block obtained from lt_alloc with the same nbytes. */

@@ -50,7 +50,7 @@ static int l_save_tensors(lua_State *L) {
             break;
         }
         if (t->storage->device != LT_CPU) {
-            lt_tensor *h = lt_tensor_new(t->dtype, t->ndim, t->shape);
+            lt_tensor *h = lt_backend_to_host(t);
             lt_tensor **grown = realloc(host_copies, sizeof *host_copies * (size_t)(num_copies + 1));
             if (grown) host_copies = grown;
             if (!h || !grown) {
@@ -60,8 +60,6 @@ static int l_save_tensors(lua_State *L) {
                 break;
             }
             host_copies[num_copies++] = h;
-            lt_backend_of(t)->to_host(lt_tensor_data(h), lt_tensor_data(t),
-                                      (size_t)lt_tensor_numel(t) * lt_dtype_size(t->dtype));
             t = h;
         }
         if (lt_st_writer_add(w, name, dt, t->ndim, t->shape, lt_tensor_data(t), err, sizeof err) != 0) ok = 0;

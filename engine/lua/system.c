@@ -16,12 +16,18 @@ static int l_clock(lua_State *L) {
     return 1;
 }
 
+/* The backend named by the optional device argument at idx ("cpu" by default); raises its error. */
+static const lt_backend *opt_backend(lua_State *L, int idx) {
+    char err[512];
+    const lt_backend *be = lt_backend_get(luaL_optstring(L, idx, "cpu"), err, sizeof err);
+    if (!be) luaL_error(L, "%s", err);
+    return be;
+}
+
 /* core.memory([device]) → {in_use=, peak=, cached=, rss_peak=} in bytes: the caching allocator of
  * the device ("cpu" by default; "cuda" once a model lives there), and the process's peak RSS. */
 static int l_memory(lua_State *L) {
-    char err[512];
-    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
-    if (!be) return luaL_error(L, "%s", err);
+    const lt_backend *be = opt_backend(L, 1);
     size_t in_use, peak, cached;
     be->memory_stats(&in_use, &peak, &cached);
     struct rusage ru;
@@ -39,9 +45,7 @@ static int l_memory(lua_State *L) {
 }
 
 static int l_reset_peak_memory(lua_State *L) {
-    char err[512];
-    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
-    if (!be) return luaL_error(L, "%s", err);
+    const lt_backend *be = opt_backend(L, 1);
     be->reset_peak();
     return 0;
 }
@@ -49,11 +53,9 @@ static int l_reset_peak_memory(lua_State *L) {
 /* core.synchronize([device]): waits for the device's queued work; raises the first error since the
  * last call (a failed kernel, by name) so a run stops at the step that went wrong. */
 static int l_synchronize(lua_State *L) {
-    const char *device = luaL_optstring(L, 1, "cpu");
+    const lt_backend *be = opt_backend(L, 1);
     char err[512];
-    const lt_backend *be = lt_backend_get(device, err, sizeof err);
-    if (!be) return luaL_error(L, "%s", err);
-    if (be->synchronize(err, sizeof err) != 0) return luaL_error(L, "%s error: %s", device, err);
+    if (be->synchronize(err, sizeof err) != 0) return luaL_error(L, "%s error: %s", be->name, err);
     return 0;
 }
 
@@ -61,9 +63,7 @@ static int l_synchronize(lua_State *L) {
  * has no profiler or profiling is off (LUATRON_CUDA_PROFILE=1 turns it on). core.profile_reset(device)
  * starts the counts afresh (after warm-up steps). */
 static int l_profile_report(lua_State *L) {
-    char err[512];
-    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
-    if (!be) return luaL_error(L, "%s", err);
+    const lt_backend *be = opt_backend(L, 1);
     int n = be->profile_report ? be->profile_report(NULL, 0) : 0;
     if (n <= 0) {
         lua_pushnil(L);
@@ -77,9 +77,7 @@ static int l_profile_report(lua_State *L) {
 }
 
 static int l_profile_reset(lua_State *L) {
-    char err[512];
-    const lt_backend *be = lt_backend_get(luaL_optstring(L, 1, "cpu"), err, sizeof err);
-    if (!be) return luaL_error(L, "%s", err);
+    const lt_backend *be = opt_backend(L, 1);
     if (be->profile_report) be->profile_report(NULL, 1);
     return 0;
 }

@@ -240,11 +240,9 @@ static int m_device(lua_State *L) {
 /* t:to_host() → a contiguous host copy (of a contiguous tensor on any device). */
 static int m_to_host(lua_State *L) {
     lt_tensor *t = lt_lua_check_tensor(L, 1);
-    if (t->storage->device == LT_CPU) return m_clone(L);
-    if (!lt_tensor_is_contiguous(t)) luaL_argerror(L, 1, "to_host needs a contiguous tensor");
-    lt_tensor *h = lt_tensor_new(t->dtype, t->ndim, t->shape);
-    lt_lua_push_tensor(L, h);
-    lt_backend_of(t)->to_host(lt_tensor_data(h), lt_tensor_data(t), (size_t)lt_tensor_numel(t) * lt_dtype_size(t->dtype));
+    if (t->storage->device != LT_CPU && !lt_tensor_is_contiguous(t))
+        luaL_argerror(L, 1, "to_host needs a contiguous tensor");
+    lt_lua_push_tensor(L, lt_backend_to_host(t));
     return 1;
 }
 

@@ -55,6 +55,7 @@ struct lt_gpt_ctx {
     void *arena; /* backend memory */
     size_t arena_bytes;
     int32_t *host_targets; /* host copy: counts valid tokens and scales their loss gradients */
+    float *host_scratch;   /* N floats on the host: the losses read back, then backward's dloss */
     int32_t *tokens, *targets;
     void **x; /* residual stream: x[0] embeddings, x[l+1] output of layer l */
     layer_acts *acts;
@@ -336,7 +337,8 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
     c->arena_bytes = a.used;
     c->arena = m->be->alloc(a.used);
     c->host_targets = malloc(sizeof(int32_t) * (size_t)B * T);
-    if (!c->arena || !c->host_targets) {
+    c->host_scratch = malloc(sizeof(float) * (size_t)B * T);
+    if (!c->arena || !c->host_targets || !c->host_scratch) {
         lt_gpt_ctx_free(c);
         return NULL;
     }
@@ -349,6 +351,7 @@ void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     if (!c) return;
     if (c->arena) c->be->release(c->arena, c->arena_bytes);
     free(c->host_targets);
+    free(c->host_scratch);
     free(c->x);
     free(c->acts);
     free(c);
@@ -452,14 +455,13 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     double sum = 0;
     if (targets) {
         ops->cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
-        float *losses = malloc(sizeof(float) * (size_t)N);
+        float *losses = c->host_scratch;
         be->to_host(losses, c->losses, sizeof(float) * (size_t)N);
         for (int i = 0; i < N; i++)
             if (c->host_targets[i] >= 0) {
                 sum += losses[i];
                 c->num_valid++;
             }
-        free(losses);
     }
     if (loss) *loss = c->num_valid ? (float)(sum / (double)c->num_valid) : 0.0f;
     if (num_valid) *num_valid = c->num_valid;
@@ -536,10 +538,7 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
     const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
     s.bytes = E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + cfg->ffn_hidden_size) + sizeof(float) * (size_t)N;
     s.base = be->alloc(s.bytes);
-    float *host_dloss = malloc(sizeof(float) * (size_t)N);
-    if (!s.base || !host_dloss) {
-        if (s.base) be->release(s.base, s.bytes);
-        free(host_dloss);
+    if (!s.base) {
         lt_gpt_ctx_free(c);
         return lt_fail(err, (size_t)errlen, "out of %s memory for the backward of a [%d, %d] microbatch (%.1f MiB)",
                        be->name, B, T, (double)s.bytes / (1 << 20));
@@ -555,9 +554,9 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
     s.d_act = p;
 
     /* Loss → logits, in place: the logits buffer becomes its own gradient. */
+    float *host_dloss = c->host_scratch;
     for (int i = 0; i < N; i++) host_dloss[i] = c->host_targets[i] >= 0 ? grad_scale : 0.0f;
     be->to_device(s.dloss, host_dloss, sizeof(float) * (size_t)N);
-    free(host_dloss);
     ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, s.dloss, N, V);
     const int64_t out_off = m->out_w >= 0 ? m->out_w : m->wte;
     be->memzero(s.d_c2, E * NC);

@@ -146,6 +146,15 @@ const lt_backend *lt_backend_of(const lt_tensor *t) {
     return t->storage->device == LT_CUDA ? lt_backend_get("cuda", NULL, 0) : &cpu;
 }
 
+lt_tensor *lt_backend_to_host(const lt_tensor *t) {
+    if (t->storage->device == LT_CPU) return lt_tensor_clone(t);
+    if (!lt_tensor_is_contiguous(t)) return NULL;
+    lt_tensor *h = lt_tensor_new(t->dtype, t->ndim, t->shape);
+    if (h) lt_backend_of(t)->to_host(lt_tensor_data(h), lt_tensor_data(t),
+                                     (size_t)lt_tensor_numel(t) * lt_dtype_size(t->dtype));
+    return h;
+}
+
 lt_tensor *lt_backend_tensor(const lt_backend *be, lt_dtype dtype, int ndim, const int64_t *shape) {
     size_t nbytes = lt_dtype_size(dtype);
     for (int d = 0; d < ndim; d++) {

@@ -171,6 +171,10 @@ const lt_backend *lt_backend_get(const char *device, char *err, size_t errlen);
  * one of its tensors exists). */
 const lt_backend *lt_backend_of(const lt_tensor *t);
 
+/* A contiguous host copy of t (t on any device; a GPU tensor must be contiguous); NULL when out of
+ * memory or t is a non-contiguous GPU view. */
+lt_tensor *lt_backend_to_host(const lt_tensor *t);
+
 /* A zero-filled contiguous tensor in the backend's memory (released through the backend when its
  * last view is freed); NULL when out of memory. */
 lt_tensor *lt_backend_tensor(const lt_backend *be, lt_dtype dtype, int ndim, const int64_t *shape);

@@ -30,6 +30,12 @@ end
 -- coroutines): the whole model path through the CUDA backend runs on machines without a GPU.
 local EMULATED = "tests/cuda/luatron_cuda_emulated.so"
 
+-- Runs `luatron ARGS` with the emulated plugin as its CUDA backend (env: more VAR=value words).
+local function luatron_emulated(args, env)
+  return h.run(("%sLUATRON_CUDA_PLUGIN=%s %s %s"):format(env and env .. " " or "", q(EMULATED),
+    q(h.luatron_bin()), args))
+end
+
 describe("the CUDA plugin under the CPU emulator", function()
   local small = "model.num_layers=1 model.hidden_size=32 model.num_attention_heads=2 model.seq_length=32 "
     .. "dataset.sequence_length=32 train.global_batch_size=2 train.micro_batch_size=1 train.train_iters=3"
@@ -40,13 +46,12 @@ describe("the CUDA plugin under the CPU emulator", function()
   -- reason (rank 1 hears it from rank 0).
   it("gives each rank its own GPU, and refuses data parallelism with the reason NCCL cannot start", function()
     local dir = tmpdir()
-    local launch = ("%s launch -n 2 --timeout 60 %s"):format(q(h.luatron_bin()),
-      (tiny(dir, small .. " model.device=cuda"):gsub("^run ", "")))
-    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s"):format(q(EMULATED), launch))
+    local launch = "launch -n 2 --timeout 60 " .. tiny(dir, small .. " model.device=cuda"):gsub("^run ", "")
+    local code, out = luatron_emulated(launch)
     assert.are_not.equal(0, code, out)
     assert.truthy(out:find("[rank 1] luatron: cannot build the model: device \"cuda\" is not available: "
       .. "LUATRON_CUDA_DEVICE=1 is not a GPU of this machine (0..0)", 1, true), out)
-    code, out = h.run(("LUATRON_CUDA_DEVICE=0 LUATRON_CUDA_PLUGIN=%s %s"):format(q(EMULATED), launch))
+    code, out = luatron_emulated(launch, "LUATRON_CUDA_DEVICE=0")
     assert.are_not.equal(0, code, out)
     assert.truthy(out:find("needs NCCL", 1, true), out)
     assert.truthy(out:find("NCCL is not available under the emulator", 1, true), out)
@@ -61,8 +66,7 @@ describe("the CUDA plugin under the CPU emulator", function()
       local extra = small .. (precision == "bf16" and " model.bf16=true" or "")
       local code, out = luatron(tiny(cpu, extra))
       assert.are.equal(0, code, out)
-      code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s %s"):format(q(EMULATED), q(h.luatron_bin()),
-        tiny(emu, extra .. " model.device=cuda")))
+      code, out = luatron_emulated(tiny(emu, extra .. " model.device=cuda"))
       assert.are.equal(0, code, out)
       local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(emu .. "/metrics.jsonl")
       assert.are.equal(3, #b)
@@ -97,7 +101,7 @@ assert(not ok and tostring(e):find("GPU memory", 1, true), tostring(e))
 assert(tostring(w):find("cuda", 1, true), tostring(w))
 print("tensors ok")
 ]])
-    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s run %s"):format(q(EMULATED), q(h.luatron_bin()), q(dir .. "/t.lua")))
+    local code, out = luatron_emulated("run " .. q(dir .. "/t.lua"))
     assert.are.equal(0, code, out)
     assert.truthy(out:find("tensors ok", 1, true), out)
   end)

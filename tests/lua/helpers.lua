@@ -22,6 +22,16 @@ function h.assert_error_contains(f, ...)
   return m
 end
 
+-- Asserts that the pieces appear in `out` in this order.
+function h.assert_in_order(out, ...)
+  local pos = 1
+  for _, piece in ipairs({ ... }) do
+    local s, e = out:find(piece, pos, true)
+    assert(s, ("expected %q after position %d in output:\n%s"):format(piece, pos, out))
+    pos = e + 1
+  end
+end
+
 -- A shell word.
 function h.q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 

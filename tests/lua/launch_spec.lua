@@ -65,15 +65,7 @@ echo "__rc=$rc"
 ]]):format(args, limit or 10, during or ""), files)
 end
 
--- Asserts that the pieces appear in `out` in this order.
-local function assert_in_order(out, ...)
-  local pos = 1
-  for _, piece in ipairs({ ... }) do
-    local s, e = out:find(piece, pos, true)
-    assert(s, ("expected %q after position %d in output:\n%s"):format(piece, pos, out))
-    pos = e + 1
-  end
-end
+local assert_in_order = dofile("tests/lua/helpers.lua").assert_in_order
 
 -- A rank that writes its pid to $d/pid<rank> (for the test to check or kill), then waits
 -- forever on the fifo $d/block (no CPU spent), unless it is rank `fail`: that one waits for

@@ -87,15 +87,7 @@ local function fifo_session(body)
   return text, tonumber(rc)
 end
 
--- Asserts that the pieces appear in `out` in this order.
-local function assert_in_order(out, ...)
-  local pos = 1
-  for _, piece in ipairs({ ... }) do
-    local s, e = out:find(piece, pos, true)
-    assert(s, ("expected %q after position %d in output:\n%s"):format(piece, pos, out))
-    pos = e + 1
-  end
-end
+local assert_in_order = dofile("tests/lua/helpers.lua").assert_in_order
 
 describe("luatron repl", function()
   it("needs LUATRON to name the binary", function()

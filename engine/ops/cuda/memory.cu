@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/core/alloc.h"
 #include "engine/ops/cuda/internal.cuh"
 
 cuda_context cuda_ctx;
@@ -87,14 +88,8 @@ static cuda_bin cuda_bins[CUDA_NUM_BINS];
 static cuda_node *cuda_spare_nodes; /* recycled list nodes */
 static size_t cuda_in_use, cuda_peak, cuda_cached;
 
-static size_t cuda_round_size(size_t n) {
-    if (n == 0) n = 1;
-    if (n <= ((size_t)1 << 20)) return (n + 255) & ~(size_t)255;
-    size_t p = 1;
-    while (p < n) p <<= 1;
-    size_t step = p / 16;
-    return (n + step - 1) / step * step;
-}
+/* 256-byte granules: the alignment cudaMalloc gives anyway. */
+static size_t cuda_round_size(size_t n) { return lt_alloc_size_class(n, 256); }
 
 static cuda_bin *cuda_find_bin(size_t size) {
     size_t h = (size * 0x9E3779B97F4A7C15ull) >> 54; /* top 10 bits */

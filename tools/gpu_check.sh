@@ -17,13 +17,13 @@ cd "$root"
 out="${OUT:-$root/gpu-out}"
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$root/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# cuBLAS and NCCL from the system, else from the Python wheels of the CUDA image (nvidia-cublas,
+# cuBLASLt and NCCL from the system, else from the Python wheels of the CUDA image (nvidia-cublas,
 # nvidia-nccl-cu13): one search of /usr and /opt, only when something is missing.
-need_cublas=$([ -e /usr/local/cuda/lib64/libcublas.so.13 ] || echo 1)
+need_cublas=$([ -e /usr/local/cuda/lib64/libcublasLt.so.13 ] || echo 1)
 need_nccl=$([ -n "${LUATRON_NCCL_LIB:-}" ] || ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2 ' || echo 1)
 if [ -n "$need_cublas$need_nccl" ]; then
-  found=$(find /usr /opt \( -name 'libcublas.so.13*' -o -name 'libnccl.so.2' \) 2>/dev/null)
-  cublas=$(grep -m1 '/libcublas.so.13' <<<"$found")
+  found=$(find /usr /opt \( -name 'libcublasLt.so.13*' -o -name 'libnccl.so.2' \) 2>/dev/null)
+  cublas=$(grep -m1 '/libcublasLt.so.13' <<<"$found")
   nccl=$(grep -m1 '/libnccl.so.2$' <<<"$found")
   if [ -n "$need_cublas" ] && [ -n "$cublas" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$cublas")"; fi
   if [ -n "$need_nccl" ] && [ -n "$nccl" ]; then export LUATRON_NCCL_LIB="$nccl"; fi

@@ -479,11 +479,10 @@ typedef struct {
 
 static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *dx, scratch *s) {
     const lt_gpt_config *cfg = &m->cfg;
-    const lt_backend *be = m->be;
     const lt_ops *ops = m->ops;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, F = cfg->ffn_hidden_size;
     const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
-    const size_t NC = (size_t)N * C, E = m->E;
+    const size_t NC = (size_t)N * C;
     const layer_weights w = weights_of(m, l);
     const layer_grads g = grads_of(m, l);
     const layer_acts *a = &c->acts[l];
@@ -491,35 +490,27 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
     /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
     const void *d_fc2 = dx;
     if (cfg->hidden_dropout > 0) {
-        be->memzero(s->d_c, E * NC);
         ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
                               dropout_key(c->dropout_seed, l, "mlp_out"), 0);
         d_fc2 = s->d_c;
     }
-    be->memzero(s->d_act, E * (size_t)N * F);
     ops->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
-    be->memzero(s->d_fc1, E * (size_t)N * m->fc1_dim);
     if (cfg->gated_linear_unit) ops->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
     else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
-    be->memzero(s->d_c2, E * NC);
     ops->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
     norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
 
     /* res1 = x + dropout(proj(att)). */
     const void *d_proj = dx;
     if (cfg->hidden_dropout > 0) {
-        be->memzero(s->d_c, E * NC);
         ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
                               dropout_key(c->dropout_seed, l, "attention_out"), 0);
         d_proj = s->d_c;
     }
-    be->memzero(s->d_att, E * (size_t)N * H * D);
     ops->linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
-    be->memzero(s->d_qkv, E * (size_t)N * m->qkv_dim);
     ops->attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
                             dropout_key(c->dropout_seed, l, "attention"));
     if (cfg->rope) ops->rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
-    be->memzero(s->d_c2, E * NC);
     ops->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
     norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
 }
@@ -559,7 +550,6 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
     be->to_device(s.dloss, host_dloss, sizeof(float) * (size_t)N);
     ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, s.dloss, N, V);
     const int64_t out_off = m->out_w >= 0 ? m->out_w : m->wte;
-    be->memzero(s.d_c2, E * NC);
     ops->linear_backward(s.d_c2, g + out_off, NULL, c->logits, c->lnf, weight(m, out_off), N, C, V);
     be->memzero(dx, E * NC);
     norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], weight(m, m->lnf_w), c->lnf_mean,
@@ -575,7 +565,6 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
 
     const void *d_emb = dx;
     if (cfg->hidden_dropout > 0) {
-        be->memzero(s.d_c, E * NC);
         ops->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
                               dropout_key(c->dropout_seed, -1, "embedding"), 0);
         d_emb = s.d_c;

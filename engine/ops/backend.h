@@ -6,9 +6,10 @@
  *
  * A backend has memory functions, fp32 kernels for initialisation and the optimizer, and a table
  * of model ops per compute precision (lt_ops: fp32, and bf16 for mixed precision). Each op has the
- * contract of its CPU function in ops.h (backward accumulates, nullable pointers, layouts); in the
- * table, activations and the weights an op reads are `void *` of the table's dtype, while weight
- * gradients, normalisation statistics, log-sum-exps and losses are always fp32 (`float *`).
+ * contract of its CPU function in ops.h (activation gradients written, weight and norm-input
+ * gradients accumulated, nullable pointers, layouts); in the table, activations and the weights an
+ * op reads are `void *` of the table's dtype, while weight gradients, normalisation statistics,
+ * log-sum-exps and losses are always fp32 (`float *`).
  * On an accelerator everything is asynchronous and runs in issue order; `synchronize` waits and
  * reports the first error since it was last called. */
 #ifndef LT_BACKEND_H
@@ -59,9 +60,9 @@ typedef struct lt_ops {
                                    const float *dloss, int N, int V);
 } lt_ops;
 
-/* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change: the loader refuses a plugin built
- * against another layout. */
-#define LT_BACKEND_ABI 4
+/* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change, in layout or in an op's contract
+ * (5: activation gradients written, not accumulated): the loader refuses a plugin built against another. */
+#define LT_BACKEND_ABI 5
 
 /* Collectives on the backend's memory (the CUDA plugin: NCCL, engine/ops/cuda/nccl.cu), used by
  * engine/comm/nccl.c behind lt_comm (lt_comm_nccl); the CPU backend has none (lt_backend.comm NULL).

@@ -2,7 +2,8 @@
  *
  * The bf16 table stores activations and reads weights in bf16 exactly where a GPU does: each op
  * widens its bf16 operands to fp32, runs the fp32 op of ops.h, and rounds its bf16 results to
- * nearest even. It is slow (conversions around every op) and exists to check the mixed-precision
+ * nearest even, once per stored value (a bf16 output the op accumulates into, such as a norm's dinp,
+ * is widened first). It is slow (conversions around every op) and exists to check the mixed-precision
  * machinery and the GPU's bf16 kernels against a known answer. */
 #include <stdlib.h>
 
@@ -127,7 +128,8 @@ static void drop(const float *f, int64_t n) {
     if (f) lt_release((void *)f, sizeof(float) * (size_t)n);
 }
 
-/* Scratch for an output the op overwrites. */
+/* Scratch for an output the op overwrites (a forward's output, an activation gradient): its old bf16
+ * values are not read. */
 static float *scratch(int64_t n) { return lt_alloc(sizeof(float) * (size_t)n); }
 
 static void bf16_embedding_forward(void *out, const int32_t *ids, const void *table, int N, int C) {
@@ -195,7 +197,7 @@ static void bf16_linear_forward(void *out, const void *inp, const void *w, const
 static void bf16_linear_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,
                                  int N, int IN, int OUT) {
     const int64_t NI = (int64_t)N * IN, NO = (int64_t)N * OUT, WN = (int64_t)IN * OUT;
-    float *di = widen(dinp, NI), *d = widen(dout, NO), *x = widen(inp, NI), *wf = widen(w, WN);
+    float *di = dinp ? scratch(NI) : NULL, *d = widen(dout, NO), *x = widen(inp, NI), *wf = widen(w, WN);
     lt_linear_backward(di, dw, db, d, x, wf, N, IN, OUT);
     drop(d, NO), drop(x, NI), drop(wf, WN);
     if (dinp) narrow(dinp, di, NI);
@@ -211,7 +213,7 @@ static void bf16_attention_forward(void *out, float *lse, const void *qkv, int B
 static void bf16_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
                                     int B, int T, int H, int G, int D, float p, uint64_t key) {
     const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D, NO = (int64_t)B * T * H * D;
-    float *dq = widen(dqkv, NQ), *d = widen(dout, NO), *q = widen(qkv, NQ), *o = widen(out, NO);
+    float *dq = scratch(NQ), *d = widen(dout, NO), *q = widen(qkv, NQ), *o = widen(out, NO);
     lt_attention_backward(dq, d, q, o, lse, B, T, H, G, D, p, key);
     drop(d, NO), drop(q, NQ), drop(o, NO);
     narrow(dqkv, dq, NQ);
@@ -235,7 +237,7 @@ static void bf16_gelu_forward(void *out, const void *inp, int64_t n) {
     narrow(out, o, n);
 }
 static void bf16_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
-    float *di = widen(dinp, n), *d = widen(dout, n), *x = widen(inp, n);
+    float *di = scratch(n), *d = widen(dout, n), *x = widen(inp, n);
     lt_gelu_backward(di, d, x, n);
     drop(d, n), drop(x, n);
     narrow(dinp, di, n);
@@ -249,7 +251,7 @@ static void bf16_swiglu_forward(void *out, const void *inp, int N, int F) {
 }
 static void bf16_swiglu_backward(void *dinp, const void *dout, const void *inp, int N, int F) {
     const int64_t NF = (int64_t)N * F;
-    float *di = widen(dinp, 2 * NF), *d = widen(dout, NF), *x = widen(inp, 2 * NF);
+    float *di = scratch(2 * NF), *d = widen(dout, NF), *x = widen(inp, 2 * NF);
     lt_swiglu_backward(di, d, x, N, F);
     drop(d, NF), drop(x, 2 * NF);
     narrow(dinp, di, 2 * NF);
@@ -266,7 +268,7 @@ static void bf16_dropout_forward(void *out, const void *inp, int64_t n, float p,
     narrow(out, x, n);
 }
 static void bf16_dropout_backward(void *dinp, const void *dout, int64_t n, float p, uint64_t key, uint64_t first) {
-    float *di = widen(dinp, n), *d = widen(dout, n);
+    float *di = scratch(n), *d = widen(dout, n);
     lt_dropout_backward(di, d, n, p, key, first);
     drop(d, n);
     narrow(dinp, di, n);

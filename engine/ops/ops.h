@@ -2,8 +2,12 @@
  *
  * Conventions, llm.c style:
  * - Plain pointers to contiguous row-major fp32 arrays; N = rows (batch * seq), C = features.
- * - Every backward ACCUMULATES (+=) into each gradient it writes (dinp, dweight, dbias, ...):
- *   the caller zeroes gradients once, and residual branches add up for free.
+ * - Backward WRITES the gradient of an activation input (dinp, dqkv: overwritten, its old contents
+ *   never read), so the caller need not zero an activation gradient before each call (on a GPU that
+ *   zeroing is a memset plus a read-modify-write of every activation gradient of the step).
+ *   Exceptions, which accumulate (+=): weight gradients (dweight, dbias, dtable, dwpe: summed over
+ *   microbatches, zeroed once per step), the dinp of layernorm / rmsnorm (the residual stream's
+ *   gradient is already there and the norm's adds to it), add_backward, and rope_backward (in place).
  *   Gradient pointers documented as nullable may be NULL to skip that gradient.
  * - Weights follow the PyTorch/Megatron layout: a linear weight is [out_features, in_features].
  * - No allocation inside an op unless stated; scratch comes from the caller.
@@ -28,18 +32,20 @@ void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T
 /* LayerNorm over the last dim. bias nullable. Saves mean[N], rstd[N] for backward. */
 void lt_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,
                           const float *bias, int N, int C, float eps);
-/* dbias nullable. */
+/* dinp += (the residual stream's gradient is there already); dweight, dbias +=. dbias nullable. */
 void lt_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                            const float *weight, const float *mean, const float *rstd, int N, int C);
 /* RMSNorm: out = inp * rstd * weight, rstd = 1/sqrt(mean(inp^2) + eps). Saves rstd[N]. */
 void lt_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
+/* dinp +=, dweight += (as layernorm). */
 void lt_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
                          const float *rstd, int N, int C);
 
 /* ---- linear (OpenBLAS sgemm) ---- */
 /* out[N, OUT] = inp[N, IN] @ weight[OUT, IN]^T + bias[OUT]. bias nullable. */
 void lt_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN, int OUT);
-/* dinp[N, IN] += dout @ weight; dweight[OUT, IN] += dout^T @ inp; dbias[OUT] += sum_n dout. dinp, dbias nullable. */
+/* dinp[N, IN] = dout @ weight (written); dweight[OUT, IN] += dout^T @ inp; dbias[OUT] += sum_n dout.
+ * dinp, dbias nullable. */
 void lt_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                         const float *weight, int N, int IN, int OUT);
 /* General matmul: c[M, N] = alpha * op(a) @ op(b) + beta * c, op(x) = x or x^T (row-major). */
@@ -57,7 +63,8 @@ void lt_matmul(float *c, const float *a, const float *b, int M, int N, int K, in
  * regenerates the same mask. p = 0 disables it. */
 void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
                           float dropout_p, uint64_t dropout_key);
-/* dqkv (same layout as qkv) += gradient. */
+/* dqkv (same layout as qkv) = gradient: every element written, the query, key and value heads of every
+ * group (a key / value head sums the gradients of its group's H/G query heads itself). */
 void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
                            int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
 
@@ -68,20 +75,21 @@ void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base);
 void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base);
 
 /* ---- activations and elementwise ---- */
-/* Softmax over the last dim of inp[N, C]. */
+/* Softmax over the last dim of inp[N, C]. Backward writes dinp. */
 void lt_softmax_forward(float *out, const float *inp, int N, int C);
 void lt_softmax_backward(float *dinp, const float *dout, const float *out, int N, int C);
-/* Exact (erf) GELU, as torch.nn.functional.gelu. */
+/* Exact (erf) GELU, as torch.nn.functional.gelu. Backward writes dinp. */
 void lt_gelu_forward(float *out, const float *inp, int64_t n);
 void lt_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
-/* SwiGLU on inp[N, 2F] (Megatron's gated fc1 output): out[N, F] = silu(inp[:, :F]) * inp[:, F:]. */
+/* SwiGLU on inp[N, 2F] (Megatron's gated fc1 output): out[N, F] = silu(inp[:, :F]) * inp[:, F:].
+ * Backward writes both halves of dinp[N, 2F]. */
 void lt_swiglu_forward(float *out, const float *inp, int N, int F);
 void lt_swiglu_backward(float *dinp, const float *dout, const float *inp, int N, int F);
 /* out = a + b (out may alias a or b). Backward: da += dout, db += dout (either nullable). */
 void lt_add_forward(float *out, const float *a, const float *b, int64_t n);
 void lt_add_backward(float *da, float *db, const float *dout, int64_t n);
 /* Inverted dropout; element i kept when lt_rng_uniform(key, first + i) >= p, then scaled by 1/(1-p).
- * out may alias inp. Backward regenerates the mask from (key, first). */
+ * out may alias inp. Backward regenerates the mask from (key, first) and writes dinp. */
 void lt_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t key, uint64_t first);
 void lt_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first);
 

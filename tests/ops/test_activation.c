@@ -1,5 +1,6 @@
 /* Softmax, GELU (exact erf), SwiGLU and add: forward vs double references, backward vs finite
- * differences onto prefilled gradients. */
+ * differences. Softmax, GELU and SwiGLU write dinp (prefilled with garbage, which must not survive);
+ * add accumulates (onto a prefill). */
 #include <stdio.h>
 
 #include "engine/ops/ops.h"
@@ -33,7 +34,7 @@ static double add_loss(void *p) {
 int main(void) {
     const size_t nc = (size_t)N * C;
     x = tu_new_randn(2 * nc, 2.0f), y = tu_alloc(nc), R = tu_new_randn(nc, 1.0f);
-    float *pre, *g;
+    float *g, *zero = tu_alloc(2 * nc);
 
     /* softmax */
     softmax_loss(NULL);
@@ -45,10 +46,10 @@ int main(void) {
         for (int c = 0; c < C; c++) maxd = fmax(maxd, fabs(exp(x[n * C + c] - m) / s - y[n * C + c]));
     }
     TAP_CHECK(maxd < 1e-6, "softmax forward vs double (max diff %.2e)", maxd);
-    g = tu_new_grad(nc, &pre);
+    g = tu_new_garbage(nc);
     lt_softmax_backward(g, R, y, N, C);
-    tu_check_fd("softmax dinp", g, pre, x, nc, 1e-2f, softmax_loss, NULL, 5e-4);
-    free(g), free(pre);
+    tu_check_fd("softmax dinp (written over garbage)", g, zero, x, nc, 1e-2f, softmax_loss, NULL, 5e-4);
+    free(g);
 
     /* gelu: exact erf form, including large |x| */
     for (int i = 0; i < 4; i++) x[i] = (i % 2 ? 1.0f : -1.0f) * (6.0f + i);
@@ -56,10 +57,10 @@ int main(void) {
     maxd = 0;
     for (size_t i = 0; i < nc; i++) maxd = fmax(maxd, fabs(0.5 * x[i] * (1.0 + erf(x[i] / sqrt(2.0))) - y[i]));
     TAP_CHECK(maxd < 2e-6, "gelu forward vs 0.5 x (1 + erf(x / sqrt 2)) (max diff %.2e)", maxd);
-    g = tu_new_grad(nc, &pre);
+    g = tu_new_garbage(nc);
     lt_gelu_backward(g, R, x, (int64_t)nc);
-    tu_check_fd("gelu dinp", g, pre, x, nc, 1e-2f, gelu_loss, NULL, 5e-4);
-    free(g), free(pre);
+    tu_check_fd("gelu dinp (written over garbage)", g, zero, x, nc, 1e-2f, gelu_loss, NULL, 5e-4);
+    free(g);
 
     /* swiglu on [N, 2F] */
     swiglu_loss(NULL);
@@ -70,10 +71,11 @@ int main(void) {
             maxd = fmax(maxd, fabs(a / (1 + exp(-a)) * b - y[n * F + f]));
         }
     TAP_CHECK(maxd < 1e-5, "swiglu forward vs silu(a) * b (max diff %.2e)", maxd);
-    g = tu_new_grad((size_t)N * 2 * F, &pre);
+    g = tu_new_garbage((size_t)N * 2 * F);
     lt_swiglu_backward(g, R, x, N, F);
-    tu_check_fd("swiglu dinp (both halves)", g, pre, x, (size_t)N * 2 * F, 1e-2f, swiglu_loss, NULL, 5e-4);
-    free(g), free(pre);
+    tu_check_fd("swiglu dinp (both halves, written over garbage)", g, zero, x, (size_t)N * 2 * F, 1e-2f, swiglu_loss,
+                NULL, 5e-4);
+    free(g);
 
     /* add, including out aliasing an input, and nullable gradients */
     a2 = tu_new_randn(nc, 1.0f), b2 = tu_new_randn(nc, 1.0f);
@@ -95,7 +97,8 @@ int main(void) {
     {
         enum { NB = 200, CB = 300 }; /* swiglu: F = CB / 2 */
         const size_t nb = (size_t)NB * CB;
-        float *xb = tu_new_randn(nb, 2.0f), *gb = tu_new_randn(nb, 1.0f), *yb = tu_alloc(nb), *db = tu_alloc(nb);
+        float *xb = tu_new_randn(nb, 2.0f), *gb = tu_new_randn(nb, 1.0f), *yb = tu_alloc(nb);
+        float *db = tu_new_garbage(nb); /* each backward writes dinp over garbage */
         double es = 0, esb = 0, eg = 0, egb = 0, ew = 0, ewb = 0;
         lt_softmax_forward(yb, xb, NB, CB);
         lt_softmax_backward(db, gb, yb, NB, CB);
@@ -108,18 +111,18 @@ int main(void) {
             for (int c = 0; c < CB; c++) {
                 const double p = exp(xr[c] - m) / s;
                 es = fmax(es, fabs(p - yb[(size_t)n * CB + c]));
-                esb = fmax(esb, fabs(p * (gr[c] - dot) - db[(size_t)n * CB + c]));
+                esb = tu_worse(esb, fabs(p * (gr[c] - dot) - db[(size_t)n * CB + c]));
             }
         }
-        memset(db, 0, nb * sizeof(float));
+        free(db), db = tu_new_garbage(nb);
         lt_gelu_forward(yb, xb, (int64_t)nb);
         lt_gelu_backward(db, gb, xb, (int64_t)nb);
         for (size_t i = 0; i < nb; i++) {
             const double v = xb[i], cdf = 0.5 * (1 + erf(v / sqrt(2.0))), pdf = exp(-0.5 * v * v) / 2.5066282746310002;
             eg = fmax(eg, fabs(v * cdf - yb[i]));
-            egb = fmax(egb, fabs(gb[i] * (cdf + v * pdf) - db[i]));
+            egb = tu_worse(egb, fabs(gb[i] * (cdf + v * pdf) - db[i]));
         }
-        memset(db, 0, nb * sizeof(float));
+        free(db), db = tu_new_garbage(nb);
         const int FB = CB / 2;
         lt_swiglu_forward(yb, xb, NB, FB);
         lt_swiglu_backward(db, gb, xb, NB, FB);
@@ -128,8 +131,8 @@ int main(void) {
                 const double a = xb[(size_t)n * CB + f], bb = xb[(size_t)n * CB + FB + f], s = 1 / (1 + exp(-a));
                 const double g = gb[(size_t)n * FB + f];
                 ew = fmax(ew, fabs(a * s * bb - yb[(size_t)n * FB + f]));
-                ewb = fmax(ewb, fabs(g * bb * s * (1 + a * (1 - s)) - db[(size_t)n * CB + f]) +
-                                    fabs(g * a * s - db[(size_t)n * CB + FB + f]));
+                ewb = tu_worse(ewb, fabs(g * bb * s * (1 + a * (1 - s)) - db[(size_t)n * CB + f]) +
+                                        fabs(g * a * s - db[(size_t)n * CB + FB + f]));
             }
         TAP_CHECK(es < 1e-6 && esb < 1e-6, "threaded softmax %dx%d vs double (%.1e %.1e)", NB, CB, es, esb);
         TAP_CHECK(eg < 2e-6 && egb < 2e-6, "threaded gelu vs double (%.1e %.1e)", eg, egb);

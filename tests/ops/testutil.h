@@ -59,6 +59,9 @@ static double tu_max_abs_diff(const float *a, const float *b, size_t n) {
     return m;
 }
 
+/* max(m, d) where a NaN d counts as infinite (fmax alone would drop it). */
+static double tu_worse(double m, double d) { return isnan(d) ? INFINITY : fmax(m, d); }
+
 /* Loss callback: recompute the forward from the current inputs, return sum(out * R) in double. */
 typedef double (*tu_loss_fn)(void *ctx);
 
@@ -75,10 +78,18 @@ static void tu_numgrad(double *numeric, float *x, size_t n, float eps, tu_loss_f
     }
 }
 
-/* Gradient buffers start non-zero so the checks also prove backward accumulates (+=). */
+/* Gradients that accumulate (weights, a norm's dinp) start non-zero so the checks also prove the +=. */
 static float *tu_new_grad(size_t n, float **prefill) {
     float *g = tu_new_randn(n, 1.0f);
     *prefill = tu_copy(g, n);
+    return g;
+}
+/* Gradients that are written (activations) start as garbage: NaN, +-1e30 and inf in turn, which an op
+ * that read or added to them, or skipped an element, would leave in its result. */
+static float *tu_new_garbage(size_t n) {
+    static const float junk[4] = {NAN, 1e30f, -1e30f, INFINITY};
+    float *g = tu_alloc(n);
+    for (size_t i = 0; i < n; i++) g[i] = junk[i % 4];
     return g;
 }
 /* analytic = buffer - prefill, compared with the finite differences. */

@@ -40,7 +40,7 @@ void lt_softmax_backward(float *dinp, const float *dout, const float *out, int N
 #pragma omp simd reduction(+ : s)
         for (int c = 0; c < C; c++) s += g[c] * y[c];
 #pragma omp simd
-        for (int c = 0; c < C; c++) dx[c] += y[c] * (g[c] - s);
+        for (int c = 0; c < C; c++) dx[c] = y[c] * (g[c] - s);
     }
 }
 
@@ -59,7 +59,7 @@ void lt_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t 
         const float x = inp[i];
         const float cdf = 0.5f * (1.0f + lt_erf(x * LT_INV_SQRT2));
         const float pdf = LT_INV_SQRT_2PI * lt_exp(-0.5f * x * x);
-        dinp[i] += dout[i] * (cdf + x * pdf);
+        dinp[i] = dout[i] * (cdf + x * pdf);
     }
 }
 
@@ -82,8 +82,8 @@ void lt_swiglu_backward(float *dinp, const float *dout, const float *inp, int N,
 #pragma omp simd
         for (int f = 0; f < F; f++) {
             const float s = 1.0f / (1.0f + lt_exp(-a[f]));
-            da[f] += g[f] * b[f] * s * (1.0f + a[f] * (1.0f - s));
-            db[f] += g[f] * a[f] * s;
+            da[f] = g[f] * b[f] * s * (1.0f + a[f] * (1.0f - s));
+            db[f] = g[f] * a[f] * s;
         }
     }
 }
@@ -129,8 +129,7 @@ void lt_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64
 
 void lt_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uint64_t key, uint64_t first) {
     if (p <= 0.0f) {
-#pragma omp parallel for simd schedule(static) if (n >= LT_PAR_MIN)
-        for (int64_t i = 0; i < n; i++) dinp[i] += dout[i];
+        if (dinp != dout) memcpy(dinp, dout, sizeof(float) * (size_t)n);
         return;
     }
     const float scale = 1.0f / (1.0f - p);
@@ -144,6 +143,6 @@ void lt_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uin
         const float *g = dout + i0;
         float *dx = dinp + i0;
 #pragma omp simd
-        for (int i = 0; i < len; i++) dx[i] += u[i] < p ? 0.0f : g[i] * scale;
+        for (int i = 0; i < len; i++) dx[i] = u[i] < p ? 0.0f : g[i] * scale;
     }
 }

@@ -201,7 +201,10 @@ void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T
 /* ---------------- backward ----------------
  * Per query block, with P = exp(S - lse), Pd = P * mask / (1 - p) (the probabilities forward used),
  * dPd = dO @ V^T, dP = dPd * mask / (1 - p), Di = dO_i . O_i = sum_j P_ij dP_ij:
- *   dV += Pd^T @ dO,  dS = P * (dP - Di),  dQ = scale * dS @ K,  dK += dS^T @ (scale * Q). */
+ *   dV += Pd^T @ dO,  dS = P * (dP - Di),  dQ = scale * dS @ K,  dK += dS^T @ (scale * Q),
+ * dK and dV summed over the query blocks in scratch. Every element of dqkv is then stored once
+ * (written, not accumulated): each query row by its (b, h) task, each key / value row by its task
+ * (one head per group) or by the group sum after the tasks. */
 
 void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse, int B,
                            int T, int H, int G, int D, float dropout_p, uint64_t dropout_key) {
@@ -210,7 +213,7 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
     const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
     const size_t kv_elems = (size_t)Tp * Dp;
     /* Heads sharing a kv group write their dK, dV here and are summed in a fixed order afterwards,
-     * so tasks never write the same memory (no atomics, deterministic). */
+     * so tasks never write the same memory (no atomics, deterministic) and no zeroed dqkv is needed. */
     float *gkv = hpg > 1 ? lt_scratch((size_t)B * H * 2 * kv_elems) : NULL;
 #pragma omp parallel if (lt_attn_threaded(&dm))
     {
@@ -301,15 +304,15 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
                     float *dq = dqkv + lt_q_off(&dm, b, i0 + r, h);
                     const float *s = dQb + (size_t)r * Dp;
 #pragma omp simd
-                    for (int d = 0; d < D; d++) dq[d] += dm.scale * s[d];
+                    for (int d = 0; d < D; d++) dq[d] = dm.scale * s[d];
                 }
             }
-            if (hpg == 1) { /* this task owns the kv group: accumulate straight into dqkv */
+            if (hpg == 1) { /* this task owns the kv group: store straight into dqkv */
                 for (int t = 0; t < T; t++) {
                     float *dk = dqkv + lt_k_off(&dm, b, t, g), *dv = dk + D;
                     const float *sk = dKl + (size_t)t * Dp, *sv = dVl + (size_t)t * Dp;
 #pragma omp simd
-                    for (int d = 0; d < D; d++) dk[d] += sk[d], dv[d] += sv[d];
+                    for (int d = 0; d < D; d++) dk[d] = sk[d], dv[d] = sv[d];
                 }
             } else {
                 memcpy(gkv + (size_t)bh * 2 * kv_elems, dKl, sizeof(float) * kv_elems);
@@ -320,14 +323,17 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
         free(P), free(dP), free(dQb), free(Di), free(U);
     }
     if (gkv) {
-        /* sum the heads of each group in head order */
+        /* sum the heads of each group in head order: the first is stored, the others added */
 #pragma omp parallel for schedule(static) if (lt_attn_threaded(&dm))
         for (int bgt = 0; bgt < B * G * T; bgt++) {
             const int b = bgt / (G * T), g = (bgt / T) % G, t = bgt % T;
             float *dk = dqkv + lt_k_off(&dm, b, t, g), *dv = dk + D;
-            for (int hh = 0; hh < hpg; hh++) {
-                const size_t bh = (size_t)b * H + (size_t)g * hpg + hh;
-                const float *sk = gkv + bh * 2 * kv_elems + (size_t)t * Dp, *sv = sk + kv_elems;
+            const size_t bh0 = (size_t)b * H + (size_t)g * hpg;
+            const float *sk0 = gkv + bh0 * 2 * kv_elems + (size_t)t * Dp, *sv0 = sk0 + kv_elems;
+#pragma omp simd
+            for (int d = 0; d < D; d++) dk[d] = sk0[d], dv[d] = sv0[d];
+            for (int hh = 1; hh < hpg; hh++) {
+                const float *sk = sk0 + (size_t)hh * 2 * kv_elems, *sv = sk + kv_elems;
 #pragma omp simd
                 for (int d = 0; d < D; d++) dk[d] += sk[d], dv[d] += sv[d];
             }

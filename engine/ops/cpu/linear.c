@@ -23,7 +23,7 @@ void lt_linear_forward(float *out, const float *inp, const float *weight, const 
 void lt_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                         const float *weight, int N, int IN, int OUT) {
     if (dinp)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, OUT, 1.0f, dout, OUT, weight, IN, 1.0f, dinp, IN);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IN, OUT, 1.0f, dout, OUT, weight, IN, 0.0f, dinp, IN);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OUT, IN, N, 1.0f, dout, OUT, inp, IN, 1.0f, dweight, IN);
     if (dbias) { /* column sums by column blocks: each output owned by one thread */
         const int nblk = (OUT + LT_BIAS_COLS - 1) / LT_BIAS_COLS;

@@ -1,8 +1,8 @@
 // Causal grouped-query attention on the fused qkv[B, T, G, H/G + 2, D] layout, flash-attention style
 // (engine/ops/ops.h has the contract, engine/ops/cpu/attention.c the reference). qkv, out, dout and
 // dqkv are float or bf16 (T); tiles are widened to fp32 in shared memory and all the math (scores,
-// online softmax, lse, the products) is fp32 on CUDA cores. A bf16 out is rounded once at the end; a
-// bf16 dqkv element is read, added to (its whole fp32 gradient, summed in registers) and rounded once.
+// online softmax, lse, the products) is fp32 on CUDA cores. A bf16 out is rounded once at the end, and
+// so is a bf16 dqkv element (its whole fp32 gradient, summed in registers, then stored; never read).
 // These kernels serve the fp32 table; the bf16 table runs attention_tc.cu (tensor cores) unless
 // LUATRON_CUDA_ATTENTION=simt, which gives it these (fp32 math on bf16 storage) instead.
 //
@@ -17,7 +17,8 @@
 // the undropped scores (l sums undropped exponentials, dropout only scales what reaches out).
 // Backward: delta_i = dO_i . O_i, then dK/dV per key tile (a block loops over every query tile from
 // the diagonal on and over every query head of the kv group, so it owns its dK, dV rows: no atomics,
-// deterministic) and dQ per query tile; both accumulate (+=) into dqkv.
+// deterministic) and dQ per query tile; both store (=) into dqkv. Between them the two grids cover every
+// element of dqkv, so it needs no zeroing: a key row sums its group's H/G heads in one block.
 #include <math.h>
 
 #include <type_traits>
@@ -147,8 +148,8 @@ __global__ void att_delta_kernel(float *delta, const scalar_t *dout, const scala
 
 /* dK, dV of one key tile of group g: grid (B*G, ceil(T/32)); blockIdx.y = 0 (the tile that sees every
  * query) first. Warp rows are keys j, lanes are queries i of the current query tile. With
- * P = exp(S - lse), f = 0 or 1/(1-p) the dropout factor, dPd = dO . V_j:
- *   dV_j += sum_i P f dO_i,   dK_j += sum_i P (dPd f - delta_i) * (scale q_i). */
+ * P = exp(S - lse), f = 0 or 1/(1-p) the dropout factor, dPd = dO . V_j, over the group's heads:
+ *   dV_j = sum_i P f dO_i,   dK_j = sum_i P (dPd f - delta_i) * (scale q_i). */
 template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
     att_backward_dkv_kernel(scalar_t *dqkv, const scalar_t *dout, const scalar_t *qkv, const float *lse,
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             }
         }
     }
-    /* this block is the only writer of these key rows' dK and dV */
+    /* this block is the only writer of these key rows' dK and dV: stored, not added to */
 #pragma unroll
     for (int r = 0; r < ATT_RW; r++) {
         const int j = k0 + warp * ATT_RW + r;
@@ -240,15 +241,15 @@ __global__ void __launch_bounds__(ATT_THREADS)
         for (int k = 0; k < DV; k++) {
             const int d = lane + 32 * k;
             if (d < D) {
-                cuda_st(dkp + d, cuda_ld(dkp + d) + dk[r][k]);
-                cuda_st(dvp + d, cuda_ld(dvp + d) + dv[r][k]);
+                cuda_st(dkp + d, dk[r][k]);
+                cuda_st(dvp + d, dv[r][k]);
             }
         }
     }
 }
 
 /* dQ of one query tile of head h: grid (B*H, ceil(T/32)), last tiles first. Warp rows are queries i,
- * lanes keys j of the current key tile: dQ_i += scale * sum_j P (dPd f - delta_i) K_j. */
+ * lanes keys j of the current key tile: dQ_i = scale * sum_j P (dPd f - delta_i) K_j. */
 template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
     att_backward_dq_kernel(scalar_t *dqkv, const scalar_t *dout, const scalar_t *qkv, const float *lse,
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int k = 0; k < DV; k++) {
             const int d = lane + 32 * k;
-            if (d < D) cuda_st(dqp + d, cuda_ld(dqp + d) + scale * dq[r][k]);
+            if (d < D) cuda_st(dqp + d, scale * dq[r][k]);
         }
     }
 }

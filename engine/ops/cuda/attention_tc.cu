@@ -17,7 +17,8 @@
 //           diagonal, O rescaled by exp(m_old - m_new) in shared memory; out = O / l, lse = m + log l.
 // backward: dK/dV per (b, group, 64 keys), looping over the group's heads and the query tiles from the
 //           diagonal on (S^T = K Q^T, dP^T = V dO^T, dV += Pd^T dO, dK += dS^T Q); dQ per (b, h, 64
-//           queries) over the key tiles (dQ += dS K). Each block owns its rows: no atomics.
+//           queries) over the key tiles (dQ += dS K). Each block owns its rows (no atomics) and stores
+//           them once, without reading dqkv: the two grids cover all of it, so it needs no zeroing.
 #include <math.h>
 #include <stdint.h>
 
@@ -289,19 +290,19 @@ __global__ void __launch_bounds__(ATC_THREADS)
             __syncwarp();
         }
     }
-    /* this block is the only writer of these key rows' dK and dV: read, add in fp32, round once */
+    /* this block is the only writer of these key rows' dK and dV: stored, rounded once */
     if (j < T) {
         bf16 *dkp = dqkv + ((int64_t)b * T + j) * rs + att_k_col(g, hpg, D), *dvp = dkp + D;
         for (int c = half; c < D; c += 2) {
-            dkp[c] = __float2bfloat16_rn(__bfloat162float(dkp[c]) + scale * dKs[jr * ldo + c]);
-            dvp[c] = __float2bfloat16_rn(__bfloat162float(dvp[c]) + dVs[jr * ldo + c]);
+            dkp[c] = __float2bfloat16_rn(scale * dKs[jr * ldo + c]);
+            dvp[c] = __float2bfloat16_rn(dVs[jr * ldo + c]);
         }
     }
 }
 
 /* ---------------- backward: dQ ----------------
  * grid (B*H, ceil(T/64)), last tiles first: block = 64 queries of head h; lane pair r of warp w owns
- * query row w*16 + r. dQ += scale dS K over the key tiles up to the diagonal. */
+ * query row w*16 + r. dQ = scale dS K over the key tiles up to the diagonal. */
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
                            int T, int H, int G, int D, int Dp, float scale, float p, float inv_keep, uint64_t key,
@@ -358,7 +359,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
     if (live) {
         bf16 *dqp = dqkv + ((int64_t)b * T + i) * rs + att_q_col(h, hpg, D);
         for (int c = half; c < D; c += 2)
-            dqp[c] = __float2bfloat16_rn(__bfloat162float(dqp[c]) + scale * dQs[row * ldo + c]);
+            dqp[c] = __float2bfloat16_rn(scale * dQs[row * ldo + c]);
     }
 }
 

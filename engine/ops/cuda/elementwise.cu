@@ -2,9 +2,10 @@
 // cast_to_bf16, adamw, sgd. One grid-stride kernel each, 64-bit indices; the formulas (and their order
 // of operations) are those of engine/ops/cpu/{activation,optim}.c and engine/core/rng.c. The model's
 // ops (add, gelu, swiglu, dropout) are templates on the storage type (fp32 math, one rounding per
-// stored bf16 value); the backend's own kernels (fill, optimizer, ...) are fp32. The bandwidth-bound
-// ones (fill, scale, add, gelu, swiglu, dropout, cast_to_bf16, adamw) move 16-byte packs when their
-// pointers are 16-byte aligned (internal.cuh), with the same per-element math as the scalar fallback.
+// stored bf16 value); their backwards write dinp without reading it. The backend's own kernels (fill,
+// optimizer, ...) are fp32. The bandwidth-bound ones (fill, scale, add, gelu, swiglu, dropout,
+// cast_to_bf16, adamw) move 16-byte packs when their pointers are 16-byte aligned (internal.cuh), with
+// the same per-element math as the scalar fallback.
 #include <math.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -19,8 +20,8 @@
  * whose operator() takes the element's index and its NIN inputs widened to fp32 and returns the fp32
  * result (the formulas of the CPU, unchanged). W = CUDA_VEC(T) moves 16-byte packs (every pointer
  * 16-byte aligned, checked by ew_map), the last n % W elements one by one; W = 1 is the scalar kernel
- * for unaligned pointers. ACC: out[i] = out[i] + result (the "dinp +=" of backward ops). */
-template <typename scalar_t, int W, int NIN, bool ACC, typename F>
+ * for unaligned pointers. out is only stored (a backward's dinp is written, not read). */
+template <typename scalar_t, int W, int NIN, typename F>
 __global__ void ew_map_kernel(scalar_t *out, const scalar_t *in0, const scalar_t *in1, int64_t n, F f) {
     const int64_t nw = n / W;
     CUDA_FOR(j, nw) {
@@ -28,20 +29,14 @@ __global__ void ew_map_kernel(scalar_t *out, const scalar_t *in0, const scalar_t
         cuda_pack<scalar_t, W> a{}, b{}, y{};
         if constexpr (NIN > 0) a = cuda_ldp<W>(in0 + i0);
         if constexpr (NIN > 1) b = cuda_ldp<W>(in1 + i0);
-        if constexpr (ACC) y = cuda_ldp<W>(out + i0);
 #pragma unroll
-        for (int k = 0; k < W; k++) {
-            const float r = f(i0 + k, NIN > 0 ? cuda_ld(&a.x[k]) : 0.0f, NIN > 1 ? cuda_ld(&b.x[k]) : 0.0f);
-            cuda_st(&y.x[k], ACC ? cuda_ld(&y.x[k]) + r : r);
-        }
+        for (int k = 0; k < W; k++)
+            cuda_st(&y.x[k], f(i0 + k, NIN > 0 ? cuda_ld(&a.x[k]) : 0.0f, NIN > 1 ? cuda_ld(&b.x[k]) : 0.0f));
         cuda_stp<W>(out + i0, y);
     }
     if constexpr (W > 1) { /* the tail: fewer than W elements, one per thread of the first block */
         const int64_t i = nw * W + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-        if (i < n) {
-            const float r = f(i, NIN > 0 ? cuda_ld(in0 + i) : 0.0f, NIN > 1 ? cuda_ld(in1 + i) : 0.0f);
-            cuda_st(out + i, ACC ? cuda_ld(out + i) + r : r);
-        }
+        if (i < n) cuda_st(out + i, f(i, NIN > 0 ? cuda_ld(in0 + i) : 0.0f, NIN > 1 ? cuda_ld(in1 + i) : 0.0f));
     }
 }
 
@@ -59,7 +54,7 @@ struct ew_add_f {
 struct ew_gelu_forward_f {
     __device__ float operator()(int64_t, float x, float) const { return 0.5f * x * (1.0f + erff(x * EW_INV_SQRT2)); }
 };
-/* d/dx x*Phi(x) = Phi(x) + x*phi(x); inputs dout, inp; accumulated into dinp */
+/* d/dx x*Phi(x) = Phi(x) + x*phi(x); inputs dout, inp; written to dinp */
 struct ew_gelu_backward_f {
     __device__ float operator()(int64_t, float g, float x) const {
         const float cdf = 0.5f * (1.0f + erff(x * EW_INV_SQRT2));
@@ -76,7 +71,7 @@ struct ew_dropout_forward_f {
         return u < p ? 0.0f : x * scale;
     }
 };
-/* dinp += mask * dout * scale; p <= 0 is plain accumulation (use_mask = 0). */
+/* dinp = mask * dout * scale; p <= 0 is a plain copy (use_mask = 0). */
 struct ew_dropout_backward_f {
     float p, scale;
     uint64_t key, first;
@@ -123,13 +118,13 @@ __global__ void ew_swiglu_backward_kernel(scalar_t *dinp, const scalar_t *dout, 
         scalar_t *drow = dinp + n * 2 * F;
         const cuda_pack<scalar_t, W> pa = cuda_ldp<W>(row + f), pb = cuda_ldp<W>(row + F + f);
         const cuda_pack<scalar_t, W> pg = cuda_ldp<W>(dout + i);
-        cuda_pack<scalar_t, W> da = cuda_ldp<W>(drow + f), db = cuda_ldp<W>(drow + F + f);
+        cuda_pack<scalar_t, W> da, db;
 #pragma unroll
         for (int k = 0; k < W; k++) {
             const float a = cuda_ld(&pa.x[k]), b = cuda_ld(&pb.x[k]), g = cuda_ld(&pg.x[k]);
             const float s = 1.0f / (1.0f + expf(-a));
-            cuda_st(&da.x[k], cuda_ld(&da.x[k]) + g * b * s * (1.0f + a * (1.0f - s)));
-            cuda_st(&db.x[k], cuda_ld(&db.x[k]) + g * a * s);
+            cuda_st(&da.x[k], g * b * s * (1.0f + a * (1.0f - s)));
+            cuda_st(&db.x[k], g * a * s);
         }
         cuda_stp<W>(drow + f, da);
         cuda_stp<W>(drow + F + f, db);
@@ -240,21 +235,21 @@ __global__ void ew_cast_to_bf16_kernel(uint16_t *dst, const float *src, int64_t 
 
 /* ew_map_kernel over [0, n) (n > 0): the 16-byte kernel when every pointer is aligned and there is at
  * least one whole pack, else the scalar one. */
-template <int NIN, bool ACC, typename T, typename F>
+template <int NIN, typename T, typename F>
 static void ew_map(T *out, const T *in0, const T *in1, int64_t n, F f) {
     constexpr int V = CUDA_VEC(T);
     if (n >= V && cuda_aligned16(out, in0, in1)) {
-        void (*const k)(T *, const T *, const T *, int64_t, F) = ew_map_kernel<T, V, NIN, ACC, F>;
+        void (*const k)(T *, const T *, const T *, int64_t, F) = ew_map_kernel<T, V, NIN, F>;
         CUDA_LAUNCH(k, cuda_blocks(n / V, CUDA_THREADS), CUDA_THREADS, 0)(out, in0, in1, n, f);
     } else {
-        void (*const k)(T *, const T *, const T *, int64_t, F) = ew_map_kernel<T, 1, NIN, ACC, F>;
+        void (*const k)(T *, const T *, const T *, int64_t, F) = ew_map_kernel<T, 1, NIN, F>;
         CUDA_LAUNCH(k, cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)(out, in0, in1, n, f);
     }
 }
 
 void cuda_fill(float *out, int64_t n, float value) {
     if (n <= 0) return;
-    ew_map<0, false>(out, (const float *)NULL, (const float *)NULL, n, ew_fill_f{value});
+    ew_map<0>(out, (const float *)NULL, (const float *)NULL, n, ew_fill_f{value});
     cuda_check("fill");
 }
 
@@ -266,28 +261,28 @@ void cuda_fill_normal(float *out, int64_t n, uint64_t key, uint64_t first, float
 
 void cuda_scale(float *x, int64_t n, float s) {
     if (n <= 0) return;
-    ew_map<1, false>(x, (const float *)x, (const float *)NULL, n, ew_scale_f{s});
+    ew_map<1>(x, (const float *)x, (const float *)NULL, n, ew_scale_f{s});
     cuda_check("scale");
 }
 
 template <typename T>
 static void ew_add_forward(void *out, const void *a, const void *b, int64_t n) {
     if (n <= 0) return;
-    ew_map<2, false>((T *)out, (const T *)a, (const T *)b, n, ew_add_f{});
+    ew_map<2>((T *)out, (const T *)a, (const T *)b, n, ew_add_f{});
     cuda_check("add_forward");
 }
 
 template <typename T>
 static void ew_gelu_forward(void *out, const void *inp, int64_t n) {
     if (n <= 0) return;
-    ew_map<1, false>((T *)out, (const T *)inp, (const T *)NULL, n, ew_gelu_forward_f{});
+    ew_map<1>((T *)out, (const T *)inp, (const T *)NULL, n, ew_gelu_forward_f{});
     cuda_check("gelu_forward");
 }
 
 template <typename T>
 static void ew_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
     if (n <= 0) return;
-    ew_map<2, true>((T *)dinp, (const T *)dout, (const T *)inp, n, ew_gelu_backward_f{});
+    ew_map<2>((T *)dinp, (const T *)dout, (const T *)inp, n, ew_gelu_backward_f{});
     cuda_check("gelu_backward");
 }
 
@@ -327,7 +322,7 @@ static void ew_dropout_forward(void *out, const void *inp, int64_t n, float p, u
         return;
     }
     const float scale = 1.0f / (1.0f - p); /* the CPU's float expression */
-    ew_map<1, false>((T *)out, (const T *)inp, (const T *)NULL, n, ew_dropout_forward_f{p, scale, key, first});
+    ew_map<1>((T *)out, (const T *)inp, (const T *)NULL, n, ew_dropout_forward_f{p, scale, key, first});
     cuda_check("dropout_forward");
 }
 
@@ -336,8 +331,7 @@ static void ew_dropout_backward(void *dinp, const void *dout, int64_t n, float p
     if (n <= 0) return;
     const int use_mask = p > 0.0f;
     const float scale = use_mask ? 1.0f / (1.0f - p) : 1.0f;
-    ew_map<1, true>((T *)dinp, (const T *)dout, (const T *)NULL, n,
-                    ew_dropout_backward_f{p, scale, key, first, use_mask});
+    ew_map<1>((T *)dinp, (const T *)dout, (const T *)NULL, n, ew_dropout_backward_f{p, scale, key, first, use_mask});
     cuda_check("dropout_backward");
 }
 

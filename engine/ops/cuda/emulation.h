@@ -15,9 +15,9 @@
  * was never written shows up too. Launches are checked as CUDA checks them (block <= 1024 threads, grid
  * y/z <= 65535, dynamic shared memory above 48 KiB only after cudaFuncSetAttribute) and fail with
  * cudaGetLastError the way CUDA does. Events (the plugin's profile) take the host's clock when recorded:
- * emulated work is done when its call returns. cuBLAS sgemm is a plain loop; cublasGemmEx widens its bf16
- * operands to fp32 and runs the same loop, rounding a bf16 C once at the end (what tensor cores with fp32
- * accumulation compute, up to the order of the sums). __nv_bfloat16 is a 16-bit struct with the
+ * emulated work is done when its call returns. cublasLtMatmul is a plain loop over operands widened to
+ * fp32, rounding a bf16 D once at the end (what tensor cores with fp32 accumulation compute, up to the
+ * order of the sums), with the bias and bias-gradient epilogues. __nv_bfloat16 is a 16-bit struct with the
  * conversions of cuda_bf16.h (round to nearest even; a NaN becomes the canonical 0x7FFF, as the GPU's
  * cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes, like a shuffle). The WMMA API
  * (nvcuda::wmma, 16x16x16, bf16 inputs, fp32 accumulators) is emulated per lane: every lane's fragment
@@ -268,104 +268,261 @@ static inline cudaError_t cudaFuncSetAttribute(const void *f, cudaFuncAttribute 
     return cudaSuccess;
 }
 
-/* ---------------- cuBLAS ---------------- */
+/* ---------------- cuBLASLt ---------------- */
 
-typedef struct emu_cublas *cublasHandle_t;
-typedef enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 } cublasStatus_t;
+typedef enum {
+    CUBLAS_STATUS_SUCCESS = 0,
+    CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_NOT_SUPPORTED = 15
+} cublasStatus_t;
 typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
-typedef enum { CUBLAS_DEFAULT_MATH = 0, CUBLAS_TF32_TENSOR_OP_MATH = 3 } cublasMath_t;
-static inline cublasStatus_t cublasCreate(cublasHandle_t *h) {
-    *h = (cublasHandle_t)(uintptr_t)0xB1A5;
-    return CUBLAS_STATUS_SUCCESS;
-}
-static inline cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
-static inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
-static inline const char *cublasGetStatusString(cublasStatus_t s) {
-    return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_INVALID_VALUE";
-}
-/* Column-major C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C; C is not read when beta == 0 (BLAS). */
-static inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                                         int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
-                                         const float *beta, float *C, int ldc) {
-    if (m < 0 || n < 0 || k < 0 || lda < (ta == CUBLAS_OP_N ? m : k) || lda < 1 ||
-        ldb < (tb == CUBLAS_OP_N ? k : n) || ldb < 1 || ldc < m || ldc < 1)
-        return CUBLAS_STATUS_INVALID_VALUE;
-    float *col = (float *)malloc(sizeof(float) * (size_t)(k > 0 ? k : 1));
-    for (int j = 0; j < n; j++) {
-        for (int l = 0; l < k; l++) col[l] = tb == CUBLAS_OP_N ? B[l + (size_t)j * ldb] : B[j + (size_t)l * ldb];
-        float *c = C + (size_t)j * ldc;
-        if (ta == CUBLAS_OP_T) { /* A^T(i, l) = A[l + i lda]: a dot product along l */
-            for (int i = 0; i < m; i++) {
-                const float *a = A + (size_t)i * lda;
-                float s = 0.0f;
-                for (int l = 0; l < k; l++) s += a[l] * col[l];
-                c[i] = *beta == 0.0f ? *alpha * s : *alpha * s + *beta * c[i];
-            }
-        } else { /* A(i, l) = A[i + l lda]: axpy of columns of A */
-            float *acc = (float *)calloc((size_t)(m > 0 ? m : 1), sizeof(float));
-            for (int l = 0; l < k; l++) {
-                const float *a = A + (size_t)l * lda, b = col[l];
-                for (int i = 0; i < m; i++) acc[i] += a[i] * b;
-            }
-            for (int i = 0; i < m; i++) c[i] = *beta == 0.0f ? *alpha * acc[i] : *alpha * acc[i] + *beta * c[i];
-            free(acc);
-        }
-    }
-    free(col);
-    return CUBLAS_STATUS_SUCCESS;
-}
-
-/* cublasGemmEx, for the combinations CUBLAS_COMPUTE_32F supports that the plugin uses: A and B both fp32
- * or both bf16, C fp32 or (with bf16 A, B) bf16; alpha and beta are floats. Operands are widened to
- * fp32 (exact), the product runs through the sgemm loop above into an fp32 C (holding the widened C
- * when beta != 0), and a bf16 C is rounded once at the end. */
 typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType_t;
 typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
-typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
-static inline float *emu_widen_matrix(const void *X, cudaDataType_t t, int rows, int cols, int ld) {
-    /* column-major rows x cols with leading dimension ld: widened densely, keeping ld */
-    const size_t n = (size_t)ld * (size_t)(cols > 0 ? cols - 1 : 0) + (size_t)rows;
+typedef enum {
+    CUBLASLT_EPILOGUE_DEFAULT = 1,
+    CUBLASLT_EPILOGUE_BIAS = 4,
+    CUBLASLT_EPILOGUE_BGRADB = 512
+} cublasLtEpilogue_t;
+typedef enum {
+    CUBLASLT_MATMUL_DESC_TRANSA = 3,
+    CUBLASLT_MATMUL_DESC_TRANSB = 4,
+    CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
+    CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+    CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26
+} cublasLtMatmulDescAttributes_t;
+typedef enum {
+    CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
+    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8
+} cublasLtMatmulPreferenceAttributes_t;
+typedef struct emu_lt *cublasLtHandle_t;
+struct emu_lt_desc {
+    cublasComputeType_t compute;
+    cudaDataType_t scale;
+    int32_t ta, tb;
+    uint32_t epilogue;
+    void *bias;
+    int32_t bias_type; /* -1: D's type */
+};
+typedef emu_lt_desc *cublasLtMatmulDesc_t;
+struct emu_lt_layout {
+    cudaDataType_t type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+typedef emu_lt_layout *cublasLtMatrixLayout_t;
+struct emu_lt_pref {
+    uint64_t workspace;
+    uint32_t align[4]; /* A, B, C, D: the alignment the caller promises its pointers have */
+};
+typedef emu_lt_pref *cublasLtMatmulPreference_t;
+typedef struct {
+    uint64_t data[8]; /* emulated: a tag, the promised alignments, the workspace the algorithm needs */
+} cublasLtMatmulAlgo_t;
+typedef struct {
+    cublasLtMatmulAlgo_t algo;
+    size_t workspaceSize;
+    cublasStatus_t state;
+    float wavesCount;
+    int reserved[4];
+} cublasLtMatmulHeuristicResult_t;
+#define EMU_LT_ALGO_TAG 0x4C7A6C67ull
+
+static inline const char *cublasLtGetStatusString(cublasStatus_t s) {
+    return s == CUBLAS_STATUS_SUCCESS         ? "CUBLAS_STATUS_SUCCESS"
+           : s == CUBLAS_STATUS_NOT_SUPPORTED ? "CUBLAS_STATUS_NOT_SUPPORTED"
+                                              : "CUBLAS_STATUS_INVALID_VALUE";
+}
+static inline cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+    *h = (cublasLtHandle_t)(uintptr_t)0xB1A5;
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t c, cudaDataType_t s) {
+    if (c != CUBLAS_COMPUTE_32F || s != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
+    *d = new emu_lt_desc{c, s, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, NULL, -1};
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+    delete d;
+    return CUBLAS_STATUS_SUCCESS;
+}
+/* Attributes are copied by value and must have their documented size. */
+static inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a,
+                                                            const void *buf, size_t size) {
+    switch (a) {
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+    case CUBLASLT_MATMUL_DESC_TRANSB:
+        if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(a == CUBLASLT_MATMUL_DESC_TRANSA ? &d->ta : &d->tb, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE:
+        if (size != sizeof(uint32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->epilogue, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
+        if (size != sizeof(void *)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->bias, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE:
+        if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->bias_type, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_INVALID_VALUE;
+}
+static inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType_t t, uint64_t rows,
+                                                        uint64_t cols, int64_t ld) {
+    if (ld < 1 || (uint64_t)ld < rows) return CUBLAS_STATUS_INVALID_VALUE; /* column-major */
+    *l = new emu_lt_layout{t, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+    delete l;
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+    *p = new emu_lt_pref{0, {256, 256, 256, 256}}; /* cuBLASLt's defaults */
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+    delete p;
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                                  cublasLtMatmulPreferenceAttributes_t a,
+                                                                  const void *buf, size_t size) {
+    if (a == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES && size == sizeof(uint64_t)) {
+        memcpy(&p->workspace, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (a >= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES && a <= CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES &&
+        size == sizeof(uint32_t)) {
+        memcpy(&p->align[a - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_INVALID_VALUE;
+}
+
+/* The shapes and types the plugin's products may have: A and B both fp32 or both bf16, C = D, fp32 or
+ * (with bf16 A and B) bf16; op(A) m x k, op(B) k x n, D m x n; an epilogue with its bias pointer. */
+static inline int emu_lt_valid(const emu_lt_desc *d, const emu_lt_layout *a, const emu_lt_layout *b,
+                               const emu_lt_layout *c, const emu_lt_layout *dd) {
+    const uint64_t m = dd->rows, n = dd->cols, k = d->ta == CUBLAS_OP_N ? a->cols : a->rows;
+    return a->type == b->type && (a->type == CUDA_R_32F || a->type == CUDA_R_16BF) && c->type == dd->type &&
+           c->rows == m && c->cols == n && c->ld == dd->ld && (dd->type == CUDA_R_32F || a->type == CUDA_R_16BF) &&
+           (d->ta == CUBLAS_OP_N ? a->rows : a->cols) == m && (d->tb == CUBLAS_OP_N ? b->rows : b->cols) == k &&
+           (d->tb == CUBLAS_OP_N ? b->cols : b->rows) == n &&
+           (d->epilogue == CUBLASLT_EPILOGUE_DEFAULT || d->bias) &&
+           (d->bias_type == -1 || d->bias_type == (int32_t)dd->type) &&
+           (d->epilogue == CUBLASLT_EPILOGUE_DEFAULT || d->epilogue == CUBLASLT_EPILOGUE_BIAS ||
+            d->epilogue == CUBLASLT_EPILOGUE_BGRADB);
+}
+
+/* One algorithm for every valid product; none (NOT_SUPPORTED) with LUATRON_EMULATE_NO_LT_EPILOGUE=1 for
+ * products with an epilogue, as a library without those fusions answers, so tests reach the plugin's
+ * fallback. The algorithm remembers the alignments the caller promised, for cublasLtMatmul to check. */
+static inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t d,
+                                                            cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                                            cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dd,
+                                                            cublasLtMatmulPreference_t p, int requested,
+                                                            cublasLtMatmulHeuristicResult_t *r, int *found) {
+    *found = 0;
+    if (requested < 1 || !emu_lt_valid(d, a, b, c, dd)) return CUBLAS_STATUS_INVALID_VALUE;
+    const char *no = getenv("LUATRON_EMULATE_NO_LT_EPILOGUE");
+    if (no && *no == '1' && d->epilogue != CUBLASLT_EPILOGUE_DEFAULT) return CUBLAS_STATUS_NOT_SUPPORTED;
+    memset(r, 0, sizeof *r);
+    r->algo.data[0] = EMU_LT_ALGO_TAG;
+    for (int i = 0; i < 4; i++) r->algo.data[1 + i] = p->align[i];
+    r->workspaceSize = p->workspace < ((size_t)1 << 20) ? p->workspace : ((size_t)1 << 20);
+    r->algo.data[5] = r->workspaceSize;
+    r->state = CUBLAS_STATUS_SUCCESS;
+    r->wavesCount = 1.0f;
+    *found = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* Column-major P[m, n] = op(A)[m, k] op(B)[k, n] in fp32 (a plain loop). */
+static inline void emu_sgemm(int ta, int tb, int m, int n, int k, const float *A, int64_t lda, const float *B,
+                             int64_t ldb, float *P, int64_t ldp) {
+    float *col = (float *)malloc(sizeof(float) * (size_t)(k > 0 ? k : 1));
+    float *acc = (float *)malloc(sizeof(float) * (size_t)(m > 0 ? m : 1));
+    for (int j = 0; j < n; j++) {
+        for (int l = 0; l < k; l++) col[l] = tb == CUBLAS_OP_N ? B[l + (size_t)j * ldb] : B[j + (size_t)l * ldb];
+        for (int i = 0; i < m; i++) acc[i] = 0.0f;
+        if (ta == CUBLAS_OP_T) { /* A^T(i, l) = A[l + i lda]: a dot product along l */
+            for (int i = 0; i < m; i++)
+                for (int l = 0; l < k; l++) acc[i] += A[(size_t)i * lda + l] * col[l];
+        } else { /* A(i, l) = A[i + l lda]: axpy of columns of A */
+            for (int l = 0; l < k; l++)
+                for (int i = 0; i < m; i++) acc[i] += A[i + (size_t)l * lda] * col[l];
+        }
+        for (int i = 0; i < m; i++) P[i + (size_t)j * ldp] = acc[i];
+    }
+    free(col), free(acc);
+}
+/* A column-major rows x cols matrix of type t with leading dimension ld, widened to fp32 (exact), keeping ld. */
+static inline float *emu_widen_matrix(const void *X, cudaDataType_t t, uint64_t rows, uint64_t cols, int64_t ld) {
+    const size_t n = cols ? (size_t)ld * (size_t)(cols - 1) + (size_t)rows : 0;
     float *f = (float *)malloc(sizeof(float) * (n ? n : 1));
-    if (!f) return NULL;
+    if (!f) abort();
     for (size_t i = 0; i < n; i++)
         f[i] = t == CUDA_R_32F ? ((const float *)X)[i] : __bfloat162float(((const __nv_bfloat16 *)X)[i]);
     return f;
 }
-static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                                          int k, const void *alpha, const void *A, cudaDataType_t atype, int lda,
-                                          const void *B, cudaDataType_t btype, int ldb, const void *beta, void *C,
-                                          cudaDataType_t ctype, int ldc, cublasComputeType_t compute,
-                                          cublasGemmAlgo_t algo) {
-    (void)algo;
-    if (compute != CUBLAS_COMPUTE_32F || atype != btype || (atype != CUDA_R_32F && atype != CUDA_R_16BF) ||
-        (ctype != CUDA_R_32F && ctype != CUDA_R_16BF) || (atype == CUDA_R_32F && ctype != CUDA_R_32F))
+static inline void emu_store(void *X, cudaDataType_t t, size_t i, float v) {
+    if (t == CUDA_R_32F) ((float *)X)[i] = v;
+    else ((__nv_bfloat16 *)X)[i] = __float2bfloat16_rn(v);
+}
+
+/* D = alpha op(A) op(B) + beta C (+ bias[i] down the rows: EPILOGUE_BIAS), accumulated in fp32 from the
+ * widened operands and stored once (a bf16 D rounded once: what tensor cores with fp32 accumulation
+ * compute, up to the order of the sums); EPILOGUE_BGRADB also writes bias[j] = sum over k of op(B)'s
+ * column j, in D's type. Checks the algorithm came from the heuristic, that every pointer has the
+ * alignment promised there, and that the workspace it asked for is given. */
+static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const void *alpha, const void *A,
+                                            cublasLtMatrixLayout_t la, const void *B, cublasLtMatrixLayout_t lb,
+                                            const void *beta, const void *C, cublasLtMatrixLayout_t lc, void *D,
+                                            cublasLtMatrixLayout_t ld, const cublasLtMatmulAlgo_t *algo,
+                                            void *workspace, size_t workspace_bytes, cudaStream_t) {
+    if (!algo || algo->data[0] != EMU_LT_ALGO_TAG || !emu_lt_valid(d, la, lb, lc, ld))
         return CUBLAS_STATUS_INVALID_VALUE;
-    if (m < 0 || n < 0 || k < 0 || lda < (ta == CUBLAS_OP_N ? m : k) || lda < 1 ||
-        ldb < (tb == CUBLAS_OP_N ? k : n) || ldb < 1 || ldc < m || ldc < 1)
-        return CUBLAS_STATUS_INVALID_VALUE;
-    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    const float b = *(const float *)beta;
-    float *a = emu_widen_matrix(A, atype, ta == CUBLAS_OP_N ? m : k, ta == CUBLAS_OP_N ? k : m, lda);
-    float *bb = emu_widen_matrix(B, btype, tb == CUBLAS_OP_N ? k : n, tb == CUBLAS_OP_N ? n : k, ldb);
-    const size_t nc = (size_t)ldc * (size_t)(n - 1) + (size_t)m;
-    float *c = (float *)calloc(nc, sizeof(float));
-    if (!a || !bb || !c) abort();
-    for (int j = 0; j < n; j++) /* C is only read when beta != 0 (BLAS): never-written memory stays unread */
-        for (int i = 0; i < m; i++) {
-            const size_t o = (size_t)j * ldc + i;
-            if (b != 0.0f)
-                c[o] = ctype == CUDA_R_32F ? ((const float *)C)[o] : __bfloat162float(((const __nv_bfloat16 *)C)[o]);
+    const void *ptrs[4] = {A, B, C, D};
+    for (int i = 0; i < 4; i++)
+        if ((uintptr_t)ptrs[i] % algo->data[1 + i]) {
+            fprintf(stderr, "CUDA EMULATION: cublasLtMatmul: pointer %c is not %llu-byte aligned as promised\n",
+                    "ABCD"[i], (unsigned long long)algo->data[1 + i]);
+            abort();
         }
-    cublasStatus_t s = cublasSgemm(h, ta, tb, m, n, k, (const float *)alpha, a, lda, bb, ldb, &b, c, ldc);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        for (int j = 0; j < n; j++)
-            for (int i = 0; i < m; i++) {
-                const size_t o = (size_t)j * ldc + i;
-                if (ctype == CUDA_R_32F) ((float *)C)[o] = c[o];
-                else ((__nv_bfloat16 *)C)[o] = __float2bfloat16_rn(c[o]);
-            }
-    free(a), free(bb), free(c);
-    return s;
+    if (workspace_bytes < algo->data[5] || (algo->data[5] && !workspace)) return CUBLAS_STATUS_INVALID_VALUE;
+    const int m = (int)ld->rows, n = (int)ld->cols, k = (int)(d->ta == CUBLAS_OP_N ? la->cols : la->rows);
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    const float al = *(const float *)alpha, b = *(const float *)beta;
+    float *a = emu_widen_matrix(A, la->type, la->rows, la->cols, la->ld);
+    float *bb = emu_widen_matrix(B, lb->type, lb->rows, lb->cols, lb->ld);
+    float *c = b != 0.0f ? emu_widen_matrix(C, lc->type, lc->rows, lc->cols, lc->ld)
+                         : (float *)calloc((size_t)ld->ld * (size_t)(n - 1) + (size_t)m, sizeof(float));
+    float *p = (float *)malloc(sizeof(float) * ((size_t)ld->ld * (size_t)(n - 1) + (size_t)m));
+    if (!c || !p) abort();
+    emu_sgemm(d->ta, d->tb, m, n, k, a, la->ld, bb, lb->ld, p, ld->ld);
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            const size_t o = (size_t)j * ld->ld + i;
+            float v = al * p[o] + (b != 0.0f ? b * c[o] : 0.0f);
+            if (d->epilogue == CUBLASLT_EPILOGUE_BIAS)
+                v += ld->type == CUDA_R_32F ? ((const float *)d->bias)[i]
+                                            : __bfloat162float(((const __nv_bfloat16 *)d->bias)[i]);
+            emu_store(D, ld->type, o, v);
+        }
+    if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB)
+        for (int j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int l = 0; l < k; l++) s += d->tb == CUBLAS_OP_N ? bb[l + (size_t)j * lb->ld] : bb[j + (size_t)l * lb->ld];
+            emu_store(d->bias, ld->type, (size_t)j, s);
+        }
+    free(a), free(bb), free(c), free(p);
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 /* ---------------- threads ---------------- */

@@ -7,8 +7,9 @@
  * The model's ops come in two tables (lt_ops of backend.h): fp32 and bf16. Each op is one template on
  * the storage type T of activations and of the weights it reads (float or __nv_bfloat16), with the
  * lt_ops signature (void * in, cast inside); its kernels load and store T through cuda_ld / cuda_st
- * and compute in fp32. A bf16 store rounds to nearest even once, at the end of the fp32 computation;
- * an accumulating bf16 output (dinp += ...) is read, added to in fp32 and rounded, as the CPU's bf16
+ * and compute in fp32. A bf16 store rounds to nearest even once, at the end of the fp32 computation.
+ * Activation gradients are written without being read (ops.h); an accumulating bf16 output (a norm's
+ * dinp, += the residual stream's gradient) is read, added to in fp32 and rounded, as the CPU's bf16
  * reference (engine/ops/cpu_tables.c) does. Weight gradients, norm statistics, lse and losses are
  * fp32 in both tables. Each family's .cu sets its entries of both tables (cuda_<family>_ops). */
 #ifndef LT_CUDA_INTERNAL_CUH
@@ -35,7 +36,7 @@ extern "C" {
 /* ---- the device context (memory.cu) ---- */
 typedef struct {
     int device;
-    cudaStream_t stream; /* every kernel, copy and cuBLAS call runs here */
+    cudaStream_t stream; /* every kernel, copy and cuBLASLt call runs here */
     int sm_count;
     size_t smem_optin;   /* the most dynamic shared memory one block may opt in to */
     int sync_each_op;    /* LUATRON_CUDA_SYNC=1: synchronize after every op so an error names its op */
@@ -98,8 +99,8 @@ void cuda_sgd_update(float *param, const float *grad, float *momentum_buf, int64
 void cuda_elementwise_ops(lt_ops *f32, lt_ops *bf16);   /* gelu, swiglu, add, dropout */
 void cuda_embedding_ops(lt_ops *f32, lt_ops *bf16);     /* token and position embeddings */
 void cuda_norm_ops(lt_ops *f32, lt_ops *bf16);          /* layernorm, rmsnorm */
-int cuda_linear_open(char *err, size_t errlen);          /* the cuBLAS handle, on cuda_ctx.stream */
-void cuda_linear_ops(lt_ops *f32, lt_ops *bf16);        /* linear (cuBLAS) */
+int cuda_linear_open(char *err, size_t errlen);          /* the cuBLASLt handle and workspace */
+void cuda_linear_ops(lt_ops *f32, lt_ops *bf16);        /* linear (cuBLASLt) */
 void cuda_attention_ops(lt_ops *f32, lt_ops *bf16);     /* attention */
 /* attention_tc.cu: the bf16 kernels on tensor cores, behind the bf16 table's attention ops (shapes
  * checked there; delta[b, h, t] = dout . out from attention.cu). */

@@ -1,49 +1,45 @@
-// Linear layers on cuBLAS. Data is row-major; cuBLAS is column-major, and a row-major X[r, c] is the
+// Linear layers on cuBLASLt. Data is row-major; cuBLAS is column-major, and a row-major X[r, c] is the
 // column-major X^T (c x r, leading dimension c), so every product is written for the transposes:
-// row-major out = inp @ W^T becomes column-major out^T = W @ inp^T, where cuBLAS sees the W buffer as
+// row-major out = inp @ W^T becomes column-major out^T = W @ inp^T, where cuBLASLt sees the W buffer as
 // W^T (hence op T) and the inp buffer as inp^T (op N); the backward products likewise.
 //
-// fp32 table: cublasSgemm, no TF32 (the checking mode). bf16 table: cublasGemmEx with bf16 A and B,
-// fp32 accumulation and scaling (CUBLAS_COMPUTE_32F: tensor cores), C in bf16 for out and dinp and in
-// fp32 for dweight. The bias is added the way the CPU reference does it (out = bias, then the GEMM with
-// beta = 1): the bf16 bias copied into the bf16 out is exact, and cuBLAS computes acc + 1 * C in fp32
-// and rounds once, so out = round(inp @ W^T + bias) with the single rounding of the reference.
-// dinp (bf16) accumulates the same way: beta = 1, C read, added in fp32, rounded once. The bias kernels
-// (broadcast, column sums for dbias) move 16-byte packs when OUT allows and the pointers are aligned.
+// Every GEMM is one cublasLtMatmul with CUBLAS_COMPUTE_32F: in the fp32 table plain fp32 (no TF32, the
+// checking mode); in the bf16 table bf16 A and B on tensor cores with fp32 accumulation and scaling, D
+// in bf16 for out and dinp (rounded once) and in fp32 for dweight. The bias rides in the GEMM's
+// epilogue: forward adds it to the fp32 accumulator before the one rounding (EPILOGUE_BIAS: the CPU
+// reference's bias-then-GEMM with beta = 1, without a broadcast pass over out); backward sums dout's
+// columns in the dweight GEMM (EPILOGUE_BGRADB, which reads dout anyway) into fp32 scratch that is
+// added to dbias. Where the heuristic offers no algorithm with an epilogue (an alignment, a type the
+// library does not fuse), the bias kernels below do the same work: a broadcast before a beta = 1 GEMM,
+// and deterministic column sums (16-byte packs when OUT allows and the pointers are aligned).
 #include <stdio.h>
 
 #include "engine/ops/cuda/internal.cuh"
 #ifndef LT_CUDA_EMULATION
-#include <cublas_v2.h>
+#include <cublasLt.h>
 #endif
 
-/* fp32 checking mode: plain fp32 GEMMs (CUBLAS_DEFAULT_MATH). Switching this on lets cuBLAS use TF32
- * tensor cores (10-bit mantissa inputs): much faster, no longer within 1e-4 of the CPU. */
-static const bool cuda_linear_allow_tf32 = false;
+static cublasLtHandle_t lin_lt;
+static void *lin_workspace; /* cuBLASLt's scratch, allocated once: what Hopper's kernels ask for */
+static size_t lin_workspace_bytes;
+#define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
 
-static cublasHandle_t cuda_cublas;
+int cuda_linear_open(char *err, size_t errlen) {
+    const cublasStatus_t s = cublasLtCreate(&lin_lt);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        snprintf(err, errlen, "cuBLASLt: %s", cublasLtGetStatusString(s));
+        return -1;
+    }
+    lin_workspace = cuda_alloc(LIN_WORKSPACE_BYTES);
+    lin_workspace_bytes = lin_workspace ? LIN_WORKSPACE_BYTES : 0; /* none: algorithms without workspace */
+    return 0;
+}
 
 #define LIN_BIAS_COLS 32
 #define LIN_BIAS_ROWS 8
 
-int cuda_linear_open(char *err, size_t errlen) {
-    cublasStatus_t s = cublasCreate(&cuda_cublas);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(cuda_cublas, cuda_ctx.stream);
-    if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasSetMathMode(cuda_cublas, cuda_linear_allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
-    if (s != CUBLAS_STATUS_SUCCESS) {
-        snprintf(err, errlen, "cuBLAS: %s", cublasGetStatusString(s));
-        return -1;
-    }
-    return 0;
-}
-
-static void lin_check_cublas(const char *op, cublasStatus_t s) {
-    if (s != CUBLAS_STATUS_SUCCESS) cuda_record(op, "cuBLAS: %s", cublasGetStatusString(s));
-}
-
-/* out[n, j] = bias[j]: the GEMM then accumulates onto it (beta = 1), as the CPU op does. W elements per
- * thread (W > 1: OUT % W == 0 and both pointers 16-byte aligned). */
+/* out[n, j] = bias[j], for a GEMM that then accumulates onto it (beta = 1), as the CPU op does. W
+ * elements per thread (W > 1: OUT % W == 0 and both pointers 16-byte aligned). */
 template <typename scalar_t, int W>
 __global__ void lin_bias_broadcast_kernel(scalar_t *out, const scalar_t *bias, int64_t total, int OUT) {
     CUDA_FOR(j, total / W) {
@@ -97,99 +93,189 @@ __global__ void lin_bias_final_kernel(float *dbias, const float *partial, int P,
     }
 }
 
-/* Column-major C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, accumulated in fp32: the one overload
- * per type combination the layers use. */
-static cublasStatus_t lin_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *A,
-                               int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+/* One cublasLtMatmul, column-major: D[m, n] = op(A)[m, k] op(B)[k, n] + beta D (+ bias[m] with
+ * CUBLASLT_EPILOGUE_BIAS; with CUBLASLT_EPILOGUE_BGRADB, bias[n] = the sums of op(B)'s columns over k,
+ * written in D's type). A and B have type ab, D type d. CUBLAS_STATUS_NOT_SUPPORTED when the
+ * heuristic has no algorithm for it (the caller then does the epilogue's work itself). */
+typedef struct {
+    cublasOperation_t ta, tb;
+    int m, n, k;
+    const void *A;
+    int lda;
+    const void *B;
+    int ldb;
+    void *D;
+    int ldd;
+    cudaDataType_t ab, d;
+    float beta;
+    cublasLtEpilogue_t epilogue;
+    void *bias;
+} lin_gemm;
+
+/* The alignment a pointer has (a power of two, at most the 256 bytes cuBLASLt asks about): views into
+ * a flat parameter or activation buffer need not be 256-byte aligned, and the heuristic must not pick
+ * an algorithm that assumes more than they have. */
+static uint32_t lin_alignment(const void *p) {
+    uint32_t a = 256;
+    while (a > 1 && (uintptr_t)p % a) a >>= 1;
+    return a;
+}
+
+static cublasStatus_t lin_matmul(const lin_gemm *g) {
+    cublasLtMatmulDesc_t desc = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t h;
+    int found = 0;
     const float alpha = 1.0f;
-    return cublasSgemm(cuda_cublas, ta, tb, m, n, k, &alpha, A, lda, B, ldb, &beta, C, ldc);
+    const uint32_t align[4] = {lin_alignment(g->A), lin_alignment(g->B), lin_alignment(g->D), lin_alignment(g->D)};
+    const uint64_t workspace = lin_workspace_bytes;
+    cublasStatus_t s = cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+#define LIN_TRY(call) \
+    if (s == CUBLAS_STATUS_SUCCESS) s = (call)
+    LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &g->ta, sizeof g->ta));
+    LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &g->tb, sizeof g->tb));
+    LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &g->epilogue, sizeof g->epilogue));
+    if (g->epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
+        const int32_t bias_type = g->d;
+        LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias, sizeof g->bias));
+        LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
+    }
+    LIN_TRY(cublasLtMatrixLayoutCreate(&la, g->ab, g->ta == CUBLAS_OP_N ? g->m : g->k,
+                                       g->ta == CUBLAS_OP_N ? g->k : g->m, g->lda));
+    LIN_TRY(cublasLtMatrixLayoutCreate(&lb, g->ab, g->tb == CUBLAS_OP_N ? g->k : g->n,
+                                       g->tb == CUBLAS_OP_N ? g->n : g->k, g->ldb));
+    LIN_TRY(cublasLtMatrixLayoutCreate(&ld, g->d, g->m, g->n, g->ldd));
+    LIN_TRY(cublasLtMatmulPreferenceCreate(&pref));
+    LIN_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                                 sizeof workspace));
+    LIN_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0],
+                                                 sizeof align[0]));
+    LIN_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1],
+                                                 sizeof align[1]));
+    LIN_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2],
+                                                 sizeof align[2]));
+    LIN_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[3],
+                                                 sizeof align[3]));
+    /* C is D (accumulation in place), so one layout serves both */
+    LIN_TRY(cublasLtMatmulAlgoGetHeuristic(lin_lt, desc, la, lb, ld, ld, pref, 1, &h, &found));
+    if (s == CUBLAS_STATUS_SUCCESS && found == 0) s = CUBLAS_STATUS_NOT_SUPPORTED;
+    LIN_TRY(cublasLtMatmul(lin_lt, desc, &alpha, g->A, la, g->B, lb, &g->beta, g->D, ld, g->D, ld, &h.algo,
+                           lin_workspace, lin_workspace_bytes, cuda_ctx.stream));
+#undef LIN_TRY
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    return s;
 }
-static cublasStatus_t lin_gemm_bf16(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                                    const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, float beta,
-                                    void *C, cudaDataType_t ctype, int ldc) {
-    const float alpha = 1.0f; /* CUBLAS_COMPUTE_32F: alpha and beta are floats */
-    return cublasGemmEx(cuda_cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, C,
-                        ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-}
-static cublasStatus_t lin_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                               const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, float beta,
-                               __nv_bfloat16 *C, int ldc) {
-    return lin_gemm_bf16(ta, tb, m, n, k, A, lda, B, ldb, beta, C, CUDA_R_16BF, ldc);
-}
-static cublasStatus_t lin_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                               const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, float beta, float *C,
-                               int ldc) {
-    return lin_gemm_bf16(ta, tb, m, n, k, A, lda, B, ldb, beta, C, CUDA_R_32F, ldc);
+
+/* lin_matmul, recording a failure for op; 0 when it ran, -1 otherwise. */
+static int lin_run(const char *op, const lin_gemm *g) {
+    const cublasStatus_t s = lin_matmul(g);
+    if (s == CUBLAS_STATUS_SUCCESS) return 0;
+    cuda_record(op, "cuBLASLt (m %d, n %d, k %d): %s", g->m, g->n, g->k, cublasLtGetStatusString(s));
+    return -1;
 }
 
 template <typename T>
-static void lin_forward(void *out_, const void *inp_, const void *weight_, const void *bias_, int N, int IN,
-                        int OUT) {
+static constexpr cudaDataType_t lin_type() {
+    return sizeof(T) == 4 ? CUDA_R_32F : CUDA_R_16BF;
+}
+
+template <typename T>
+static void lin_bias_broadcast(T *out, const T *bias, int N, int OUT) {
+    const int64_t total = (int64_t)N * OUT;
+    constexpr int V = CUDA_VEC(T);
+    if (OUT % V == 0 && cuda_aligned16(out, bias))
+        CUDA_LAUNCH((lin_bias_broadcast_kernel<T, V>), cuda_blocks(total / V, CUDA_THREADS), CUDA_THREADS, 0)(
+            out, bias, total, OUT);
+    else
+        CUDA_LAUNCH((lin_bias_broadcast_kernel<T, 1>), cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(
+            out, bias, total, OUT);
+}
+
+/* dbias[j] += the column sums of dout[N, OUT] (the fallback of the BGRADB epilogue). */
+template <typename T>
+static void lin_bias_grad(float *dbias, const T *dout, int N, int OUT) {
+    constexpr int V = CUDA_VEC(T);
+    const int W = OUT % V == 0 && cuda_aligned16(dout) ? V : 1;
+    const int ncb = (OUT + LIN_BIAS_COLS * W - 1) / (LIN_BIAS_COLS * W);
+    int P = (4 * cuda_ctx.sm_count + ncb - 1) / ncb; /* ~4 blocks per SM, >= 32 rows each, <= 1024 parts */
+    const int max_p = (N + 31) / 32;
+    if (P > max_p) P = max_p;
+    if (P > 1024) P = 1024;
+    if (P < 1) P = 1;
+    const int rows_per_part = (N + P - 1) / P;
+    P = (N + rows_per_part - 1) / rows_per_part;
+    const size_t nbytes = sizeof(float) * (size_t)P * OUT;
+    float *partial = (float *)cuda_scratch(nbytes, "linear_backward");
+    if (!partial) return;
+    void (*const k)(float *, const T *, int, int, int) =
+        W > 1 ? lin_bias_partial_kernel<T, V> : lin_bias_partial_kernel<T, 1>;
+    CUDA_LAUNCH(k, dim3(ncb, P), dim3(LIN_BIAS_COLS, LIN_BIAS_ROWS), 0)(partial, dout, N, OUT, rows_per_part);
+    CUDA_LAUNCH(lin_bias_final_kernel, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(dbias, partial, P, OUT);
+    cuda_release(partial, nbytes);
+}
+
+template <typename T>
+static void lin_forward(void *out, const void *inp, const void *weight, const void *bias, int N, int IN, int OUT) {
     if (N <= 0 || OUT <= 0) return;
-    T *out = (T *)out_;
-    const T *inp = (const T *)inp_, *weight = (const T *)weight_, *bias = (const T *)bias_;
-    float beta = 0.0f;
-    if (bias) {
-        const int64_t total = (int64_t)N * OUT;
-        constexpr int V = CUDA_VEC(T);
-        if (OUT % V == 0 && cuda_aligned16(out, bias))
-            CUDA_LAUNCH((lin_bias_broadcast_kernel<T, V>), cuda_blocks(total / V, CUDA_THREADS), CUDA_THREADS, 0)(
-                out, bias, total, OUT);
-        else
-            CUDA_LAUNCH((lin_bias_broadcast_kernel<T, 1>), cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(
-                out, bias, total, OUT);
-        cuda_check("linear_forward");
-        beta = 1.0f;
-    }
     if (IN <= 0) { /* an empty product: out is the bias (or zero) */
-        if (!bias) cuda_memzero(out, sizeof(T) * (size_t)N * OUT);
+        if (bias) lin_bias_broadcast((T *)out, (const T *)bias, N, OUT);
+        else cuda_memzero(out, sizeof(T) * (size_t)N * OUT);
+        cuda_check("linear_forward");
         return;
     }
     /* column-major out^T[OUT, N] = W[OUT, IN] (stored as col-major IN x OUT, so op T) @ inp^T[IN, N] */
-    lin_check_cublas("linear_forward", lin_gemm(CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, beta, out,
-                                                OUT));
+    lin_gemm g = {CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, out, OUT, lin_type<T>(), lin_type<T>(),
+                  0.0f, bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, (void *)bias};
+    if (!bias || lin_matmul(&g) != CUBLAS_STATUS_SUCCESS) {
+        if (bias) { /* no fused bias: broadcast it, then accumulate onto it */
+            lin_bias_broadcast((T *)out, (const T *)bias, N, OUT);
+            g.beta = 1.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
+        }
+        lin_run("linear_forward", &g);
+    }
     cuda_check("linear_forward");
 }
 
 template <typename T>
-static void lin_backward(void *dinp_, float *dweight, float *dbias, const void *dout_, const void *inp_,
-                         const void *weight_, int N, int IN, int OUT) {
-    if (N <= 0 || OUT <= 0) return;
-    T *dinp = (T *)dinp_;
-    const T *dout = (const T *)dout_, *inp = (const T *)inp_, *weight = (const T *)weight_;
-    if (IN > 0) {
-        /* dinp[N, IN] += dout[N, OUT] @ W[OUT, IN]: column-major dinp^T[IN, N] += W^T[IN, OUT] @ dout^T[OUT, N],
-         * and W^T, dout^T are exactly how cuBLAS sees the row-major buffers (op N, N). */
-        if (dinp)
-            lin_check_cublas("linear_backward", lin_gemm(CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT,
-                                                         1.0f, dinp, IN));
-        /* dweight[OUT, IN] (fp32) += dout^T @ inp: column-major dweight^T[IN, OUT] += inp^T[IN, N] @ dout[N, OUT],
-         * where cuBLAS sees dout as dout^T (OUT x N), hence op T on it. */
-        lin_check_cublas("linear_backward", lin_gemm(CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, 1.0f,
-                                                     dweight, IN));
+static void lin_backward(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
+                         const void *weight, int N, int IN, int OUT) {
+    if (N <= 0) return;
+    if (OUT <= 0 || IN <= 0) { /* empty products: dinp is zero, the weight gradients get nothing */
+        if (dinp && IN > 0) cuda_memzero(dinp, sizeof(T) * (size_t)N * IN);
+        if (dbias && IN <= 0 && OUT > 0) lin_bias_grad(dbias, (const T *)dout, N, OUT);
         cuda_check("linear_backward");
+        return;
     }
-    if (dbias) {
-        constexpr int V = CUDA_VEC(T);
-        const int W = OUT % V == 0 && cuda_aligned16(dout) ? V : 1;
-        const int ncb = (OUT + LIN_BIAS_COLS * W - 1) / (LIN_BIAS_COLS * W);
-        int P = (4 * cuda_ctx.sm_count + ncb - 1) / ncb; /* ~4 blocks per SM, >= 32 rows each, <= 1024 parts */
-        const int max_p = (N + 31) / 32;
-        if (P > max_p) P = max_p;
-        if (P > 1024) P = 1024;
-        if (P < 1) P = 1;
-        const int rows_per_part = (N + P - 1) / P;
-        P = (N + rows_per_part - 1) / rows_per_part;
-        const size_t nbytes = sizeof(float) * (size_t)P * OUT;
-        float *partial = (float *)cuda_scratch(nbytes, "linear_backward");
-        if (!partial) return;
-        void (*const k)(float *, const T *, int, int, int) =
-            W > 1 ? lin_bias_partial_kernel<T, V> : lin_bias_partial_kernel<T, 1>;
-        CUDA_LAUNCH(k, dim3(ncb, P), dim3(LIN_BIAS_COLS, LIN_BIAS_ROWS), 0)(partial, dout, N, OUT, rows_per_part);
-        CUDA_LAUNCH(lin_bias_final_kernel, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(dbias, partial, P, OUT);
-        cuda_check("linear_backward");
-        cuda_release(partial, nbytes);
+    /* dinp[N, IN] = dout[N, OUT] @ W[OUT, IN] (written): column-major dinp^T[IN, N] = W^T[IN, OUT] @
+     * dout^T[OUT, N], and W^T, dout^T are exactly how cuBLASLt sees the row-major buffers (op N, N). */
+    if (dinp) {
+        const lin_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, dinp, IN, lin_type<T>(),
+                            lin_type<T>(), 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+        lin_run("linear_backward", &g);
     }
+    /* dweight[OUT, IN] (fp32) += dout^T @ inp: column-major dweight^T[IN, OUT] += inp^T[IN, N] @ dout[N, OUT],
+     * where cuBLASLt sees dout as dout^T (OUT x N), hence op T on it; op(B) = dout, whose column sums
+     * over k = N are dbias (BGRADB, written to scratch, then added). */
+    lin_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, dweight, IN, lin_type<T>(), CUDA_R_32F,
+                  1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+    const size_t db_bytes = sizeof(float) * (size_t)OUT;
+    float *db = dbias ? (float *)cuda_scratch(db_bytes, "linear_backward") : NULL;
+    int fused = 0;
+    if (db) {
+        g.epilogue = CUBLASLT_EPILOGUE_BGRADB, g.bias = db;
+        fused = lin_matmul(&g) == CUBLAS_STATUS_SUCCESS;
+        if (fused) CUDA_LAUNCH(lin_bias_final_kernel, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(dbias, db, 1, OUT);
+        g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
+    }
+    if (!fused && lin_run("linear_backward", &g) == 0 && dbias) /* no fused bias gradient: column sums */
+        lin_bias_grad(dbias, (const T *)dout, N, OUT);
+    if (db) cuda_release(db, db_bytes);
+    cuda_check("linear_backward");
 }
 
 void cuda_linear_ops(lt_ops *f32, lt_ops *bf16) {

@@ -254,18 +254,18 @@ PROF_COST(rope_forward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5)
 PROF_COST(rope_backward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5))
 /* (out, inp, n) */
 PROF_COST(gelu_forward, 0, 2 * es * ARG(2))
-/* (dinp, dout, inp, n) */
-PROF_COST(gelu_backward, 0, 4 * es * ARG(3))
+/* (dinp, dout, inp, n): dinp written, not read */
+PROF_COST(gelu_backward, 0, 3 * es * ARG(3))
 /* (out, inp, N, F) */
 PROF_COST(swiglu_forward, 0, 3 * es * ARG(2) * ARG(3))
-/* (dinp, dout, inp, N, F): dout, inp, dinp read and written */
-PROF_COST(swiglu_backward, 0, 7 * es * ARG(3) * ARG(4))
+/* (dinp, dout, inp, N, F): dout, inp read, dinp written */
+PROF_COST(swiglu_backward, 0, 5 * es * ARG(3) * ARG(4))
 /* (out, a, b, n) */
 PROF_COST(add_forward, 0, 3 * es * ARG(3))
 /* (out, inp, n, p, key, first): nothing at all for p = 0 in place */
 PROF_COST(dropout_forward, 0, (ARG(3) > 0 || PTR(0) != PTR(1)) ? 2 * es * ARG(2) : 0)
 /* (dinp, dout, n, p, key, first) */
-PROF_COST(dropout_backward, 0, 3 * es * ARG(2))
+PROF_COST(dropout_backward, 0, 2 * es * ARG(2))
 /* (losses, lse, logits, targets, N, V) */
 PROF_COST(cross_entropy_forward, 0, es * ARG(4) * ARG(5) + 12 * ARG(4))
 /* (dlogits, logits, lse, targets, dloss, N, V) */

@@ -1098,13 +1098,14 @@ static void test_profile_counts(void) {
     for (size_t i = 0; i < nq; i++) h16[i] = lt_f32_to_bf16(frand());
     float *da = dev_upload(a, n), *db = dev_upload(a, n), *dy = dev_alloc(n * 4), *dlse = dev_alloc(4 * B * H * T);
     void *dx = dev_alloc(2 * nx), *dw = dev_alloc(2 * nw), *dout = dev_alloc(2 * (size_t)N * OUT);
-    void *dq = dev_alloc(2 * nq);
+    void *dq = dev_alloc(2 * nq), *dbias = dev_alloc(2 * (size_t)OUT);
     void *dao = dev_alloc(2 * (size_t)B * T * H * D), *dc = dev_alloc(2 * n);
     dev->to_device(dx, h16, 2 * nx), dev->to_device(dw, h16, 2 * nw), dev->to_device(dq, h16, 2 * nq);
+    dev->to_device(dbias, h16, 2 * (size_t)OUT);
     int rc = dev_sync(err, sizeof err);
     const int cleared = dev->profile_report(NULL, 1); /* the uploads above do not count */
     for (int k = 0; k < 3; k++) P32.dev->add_forward(dy, da, db, n);
-    for (int k = 0; k < 2; k++) P16.dev->linear_forward(dout, dx, dw, NULL, N, IN, OUT);
+    for (int k = 0; k < 2; k++) P16.dev->linear_forward(dout, dx, dw, k ? dbias : NULL, N, IN, OUT);
     P16.dev->attention_forward(dao, dlse, dq, B, T, H, G, D, 0.0f, 0);
     dev->memzero(dy, 4 * n);
     dev->cast_to_bf16(dc, da, n);
@@ -1136,6 +1137,13 @@ static void test_profile_counts(void) {
                strncmp(rep, "cuda profile: 8 ops,", 20) == 0,
            "profile: cleared before the ops (returns %d), uploads before it not listed, header counts 8 ops: \"%.40s\"",
            cleared, rep);
+    /* the one GEMM with a bias: fused, unless the emulated cuBLASLt has no epilogues (then reported) */
+    const char *no_epilogue = getenv("LUATRON_EMULATE_NO_LT_EPILOGUE");
+    const int want_unfused = no_epilogue && *no_epilogue == '1';
+    const char *unfused = strstr(rep, "cuBLASLt: 1 GEMMs without their fused bias epilogue");
+    report(rc == 0 && (unfused != NULL) == want_unfused,
+           "profile: the biased GEMM %s (want %s)", unfused ? "reported unfused" : "fused (no cuBLASLt line)",
+           want_unfused ? "reported unfused: LUATRON_EMULATE_NO_LT_EPILOGUE=1" : "fused");
     char small[16];
     const int n_small = dev->profile_report(small, sizeof small);
     report(len > 0 && len == (int)strlen(rep) && n_small == len && strlen(small) == sizeof small - 1 &&
@@ -1158,6 +1166,7 @@ static void test_profile_counts(void) {
     free(a), free(h16);
     dev_free_f(da, n), dev_free_f(db, n), dev_free_f(dy, n), dev_free(dlse, 4 * B * H * T);
     dev_free(dx, 2 * nx), dev_free(dw, 2 * nw), dev_free(dout, 2 * (size_t)N * OUT), dev_free(dq, 2 * nq);
+    dev_free(dbias, 2 * (size_t)OUT);
     dev_free(dao, 2 * (size_t)B * T * H * D), dev_free(dc, 2 * n);
 }
 

@@ -233,6 +233,7 @@ static void lin_forward(void *out, const void *inp, const void *weight, const vo
                   0.0f, bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, (void *)bias};
     if (!bias || lin_matmul(&g) != CUBLAS_STATUS_SUCCESS) {
         if (bias) { /* no fused bias: broadcast it, then accumulate onto it */
+            cuda_ctx.gemm_unfused++;
             lin_bias_broadcast((T *)out, (const T *)bias, N, OUT);
             g.beta = 1.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
         }
@@ -272,6 +273,7 @@ static void lin_backward(void *dinp, float *dweight, float *dbias, const void *d
         if (fused) CUDA_LAUNCH(lin_bias_final_kernel, cuda_blocks(OUT, CUDA_THREADS), CUDA_THREADS, 0)(dbias, db, 1, OUT);
         g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
     }
+    if (db && !fused) cuda_ctx.gemm_unfused++;
     if (!fused && lin_run("linear_backward", &g) == 0 && dbias) /* no fused bias gradient: column sums */
         lin_bias_grad(dbias, (const T *)dout, N, OUT);
     if (db) cuda_release(db, db_bytes);

@@ -351,6 +351,7 @@ int cuda_profile_report(char *buf, size_t buflen) {
         }
         prof_span_ms = 0.0;
         prof_lost = 0;
+        cuda_ctx.gemm_unfused = 0;
         prof_discard = prof_tail;
         pthread_mutex_unlock(&prof_lock);
         return 0;
@@ -384,6 +385,9 @@ int cuda_profile_report(char *buf, size_t buflen) {
         prof_append(buf, buflen, &len, "%-34s %8lld %11.3f %6.1f %10.1f %8s %8s\n", s->name, s->calls, s->ms,
                     total > 0.0 ? 100.0 * s->ms / total : 0.0, 1e3 * s->ms / (double)s->calls, tf, gb);
     }
+    if (cuda_ctx.gemm_unfused > 0) /* the library offered no algorithm with the epilogue: worth knowing */
+        prof_append(buf, buflen, &len, "cuBLASLt: %lld GEMMs without their fused bias epilogue (bias kernels ran)\n",
+                    cuda_ctx.gemm_unfused);
     pthread_mutex_unlock(&prof_lock);
     return len > (size_t)0x7fffffff ? 0x7fffffff : (int)len;
 }

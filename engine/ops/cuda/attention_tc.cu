@@ -1,20 +1,26 @@
-// Causal grouped-query attention of the bf16 table on tensor cores, flash-attention-2 style: the
-// products (Q K^T, P V, dO V^T, P^T dO, dS^T Q, dS K) run as WMMA 16x16x16 with bf16 operands and fp32
-// accumulators (the WMMA API rather than inline mma.sync PTX, so that emulation.h can run these
-// kernels); the softmax, lse, dropout and dS are fp32 on CUDA cores. P and dS are rounded to bf16 to
-// enter the second product of each pair, as flash-attention does (a 2^-9 relative error per term,
-// inside the bf16 tolerance of the reference). The contract, layout and dropout mask are those of
-// attention.cu (engine/ops/ops.h; engine/ops/cpu/attention.c is the reference).
+// Causal grouped-query attention of the bf16 table on tensor cores, flash-attention-2 style: every
+// product (Q K^T, P V; K Q^T, V dO^T, Pd^T dO, dS^T Q; Q K^T, dO V^T, dS K) is a chain of
+// mma.sync m16n8k16 (bf16 operands, fp32 accumulators) whose fragments stay in registers, in the
+// layout the PTX ISA documents for that shape: the scores of one product become the bf16 A operand of
+// the next without leaving the warp, and the running O, dK, dV and dQ are rescaled and summed in
+// registers. The softmax, lse, dropout and dS are fp32 on CUDA cores. P and dS are rounded to bf16 to
+// enter their second product, as flash-attention does (a 2^-9 relative error per term, inside the
+// bf16 tolerance of the reference). The contract, layout and dropout mask are those of attention.cu
+// (engine/ops/ops.h; engine/ops/cpu/attention.c is the reference). emulation.h runs mma.sync with the
+// same fragment layout, so the tests check the index arithmetic on the CPU.
 //
 // A block has 4 warps and 64 rows (16 per warp) of one side, and walks 64-wide tiles of the other
-// side. Head dims are padded with zeros to Dp = D rounded up to 16 (<= 128). Everything a warp's
-// products need from other warps (the tiles both sides read) is behind __syncthreads; the rest
-// (scores, probabilities, accumulators of the warp's own rows) is private to the warp, ordered by
-// __syncwarp. The accumulators that persist over tiles (O, dK, dV, dQ) live in fp32 shared memory,
-// since a WMMA fragment's elements are in no specified order (rows cannot be rescaled in registers).
+// side, staged in shared memory (behind __syncthreads) row-major, and transposed where a tile is the
+// B operand along its rows (V for P V, dO and Q for the dK/dV products, K for dS K). Head dims are
+// padded with zeros to DP = 32, 64 or 128 (a template argument: the register arrays are unrolled).
+//
+// Fragments (lane = 4 g + t): A (16 x 16, row-major) a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g,
+// 2t+8..), a3 = (g+8, 2t+8..); B (16 x 8, column-major) b0 = (2t..2t+1, g), b1 = (2t+8.., g); C (16 x 8,
+// fp32) c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1). Pairs are two bf16 in one 32-bit register,
+// the lower column (or k) in the low half.
 //
 // forward:  grid (B*H, ceil(T/64)) blocks of 64 queries; online softmax over the key tiles up to the
-//           diagonal, O rescaled by exp(m_old - m_new) in shared memory; out = O / l, lse = m + log l.
+//           diagonal; out = O / l, lse = m + log l.
 // backward: dK/dV per (b, group, 64 keys), looping over the group's heads and the query tiles from the
 //           diagonal on (S^T = K Q^T, dP^T = V dO^T, dV += Pd^T dO, dK += dS^T Q); dQ per (b, h, 64
 //           queries) over the key tiles (dQ += dS K). Each block owns its rows (no atomics) and stores
@@ -23,49 +29,102 @@
 #include <stdint.h>
 
 #include "engine/ops/cuda/attention_common.cuh"
-#ifndef LT_CUDA_EMULATION
-#include <mma.h>
-#endif
-
-namespace atc_wmma = nvcuda::wmma;
 
 #define ATC_WARPS 4
 #define ATC_THREADS (32 * ATC_WARPS)
-#define ATC_ROWS 64             /* rows of a block: 16 per warp */
-#define ATC_COLS 64             /* width of a tile of the other side */
-#define ATC_LDS (ATC_COLS + 4)  /* pitch (floats) of the fp32 score tiles */
-#define ATC_LDP (ATC_COLS + 8)  /* pitch (bf16) of the bf16 probability tiles */
+#define ATC_ROWS 64            /* rows of a block: 16 per warp; also the width of a tile of the other side */
+#define ATC_LDT (ATC_ROWS + 8) /* pitch (bf16) of a transposed tile: conflict-free fragment loads */
 #define ATC_FULL 0xffffffffu
 
 typedef __nv_bfloat16 bf16;
-typedef atc_wmma::fragment<atc_wmma::matrix_a, 16, 16, 16, bf16, atc_wmma::row_major> atc_a_row;
-typedef atc_wmma::fragment<atc_wmma::matrix_b, 16, 16, 16, bf16, atc_wmma::row_major> atc_b_row;
-typedef atc_wmma::fragment<atc_wmma::matrix_b, 16, 16, 16, bf16, atc_wmma::col_major> atc_b_col;
-typedef atc_wmma::fragment<atc_wmma::accumulator, 16, 16, 16, float> atc_acc;
 
-/* Shared memory: regions of 128-byte aligned sizes from a 128-byte aligned start. Tiles of bf16 rows
- * have pitch ldh = Dp + 8, fp32 accumulators ldo = Dp + 4: with Dp a multiple of 16, every fragment
- * pointer (row a multiple of 16, column a multiple of 16) is 32-byte aligned. */
+/* d += a b: one m16n8k16 product, bf16 in, fp32 accumulate (fragments as above). */
+static __device__ __forceinline__ void atc_mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef LT_CUDA_EMULATION
+    emu_mma_m16n8k16_bf16(d, a, b);
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+/* Two consecutive bf16 of shared memory (an even element offset) as one fragment register. */
+static __device__ __forceinline__ uint32_t atc_ld2(const bf16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
+/* Two floats rounded to a bf16 pair (lo in the low half). */
+static __device__ __forceinline__ uint32_t atc_pack(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+/* The A fragment of rows row0 .. row0 + 15, columns k0 .. k0 + 15 of a row-major tile of pitch ld. */
+static __device__ __forceinline__ void atc_frag_a(uint32_t a[4], const bf16 *tile, int ld, int row0, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16 *p = tile + (row0 + g) * ld + k0 + 2 * t;
+    a[0] = atc_ld2(p), a[1] = atc_ld2(p + 8 * ld), a[2] = atc_ld2(p + 8), a[3] = atc_ld2(p + 8 * ld + 8);
+}
+/* The B fragment with B(k, n) = tile[n0 + n][k0 + k]: a tile's rows are B's columns. */
+static __device__ __forceinline__ void atc_frag_b(uint32_t b[2], const bf16 *tile, int ld, int n0, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16 *p = tile + (n0 + g) * ld + k0 + 2 * t;
+    b[0] = atc_ld2(p), b[1] = atc_ld2(p + 8);
+}
+/* The A fragment of keys (or queries) 16 kk .. 16 kk + 15 from the accumulators of a 16 x 64 product:
+ * C tiles 2 kk and 2 kk + 1 are the two column halves of that A operand, rounded to bf16. */
+static __device__ __forceinline__ void atc_frag_from_acc(uint32_t a[4], const float c[8][4], int kk) {
+    a[0] = atc_pack(c[2 * kk][0], c[2 * kk][1]), a[1] = atc_pack(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = atc_pack(c[2 * kk + 1][0], c[2 * kk + 1][1]), a[3] = atc_pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+/* acc[8][4] (16 rows x 64 columns) = A (16 rows of tile a from row0, DP wide) times B^T, B's 64 columns
+ * the rows of tile b: S = Q K^T and its kin. */
+template <int DP>
+static __device__ __forceinline__ void atc_abt(float acc[8][4], const bf16 *a_tile, int row0, const bf16 *b_tile) {
+    constexpr int LDH = DP + 8;
+#pragma unroll
+    for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ks++) {
+        uint32_t a[4];
+        atc_frag_a(a, a_tile, LDH, row0, ks * 16);
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            uint32_t b[2];
+            atc_frag_b(b, b_tile, LDH, n * 8, ks * 16);
+            atc_mma(acc[n], a, b);
+        }
+    }
+}
+/* acc[DP/8][4] (16 rows x DP) += P (16 x 64, the bf16 fragments of a product's accumulators) times the
+ * 64 x DP tile whose transpose bt (DP rows of 64, pitch ATC_LDT) is in shared memory. */
+template <int DP>
+static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[8][4], const bf16 *bt) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        uint32_t a[4];
+        atc_frag_from_acc(a, pc, kk);
+#pragma unroll
+        for (int n = 0; n < DP / 8; n++) {
+            uint32_t b[2];
+            atc_frag_b(b, bt, ATC_LDT, n * 8, kk * 16);
+            atc_mma(acc[n], a, b);
+        }
+    }
+}
+
+/* Shared memory: regions of 128-byte aligned sizes from a 128-byte aligned start. */
 static __host__ __device__ __forceinline__ size_t atc_round(size_t n) { return (n + 127) & ~(size_t)127; }
-static __host__ __device__ __forceinline__ size_t atc_tile_bytes(int Dp) {
-    return atc_round(sizeof(bf16) * ATC_ROWS * (size_t)(Dp + 8));
+/* 64 rows of DP (pitch DP + 8), or DP rows of 64 (pitch ATC_LDT) */
+static __host__ __device__ __forceinline__ size_t atc_rows_bytes(int DP) {
+    return atc_round(sizeof(bf16) * ATC_ROWS * (size_t)(DP + 8));
 }
-static __host__ __device__ __forceinline__ size_t atc_acc_bytes(int Dp) {
-    return atc_round(sizeof(float) * ATC_ROWS * (size_t)(Dp + 4));
+static __host__ __device__ __forceinline__ size_t atc_cols_bytes(int DP) {
+    return atc_round(sizeof(bf16) * (size_t)DP * ATC_LDT);
 }
-#define ATC_S_BYTES atc_round(sizeof(float) * ATC_ROWS * ATC_LDS)
-#define ATC_P_BYTES atc_round(sizeof(bf16) * ATC_ROWS * ATC_LDP)
 #define ATC_VEC_BYTES atc_round(sizeof(float) * ATC_ROWS)
-
-static size_t atc_forward_smem(int Dp) {
-    return 128 + 3 * atc_tile_bytes(Dp) + ATC_S_BYTES + ATC_P_BYTES + atc_acc_bytes(Dp);
-}
-static size_t atc_dkv_smem(int Dp) {
-    return 128 + 4 * atc_tile_bytes(Dp) + 2 * ATC_VEC_BYTES + 2 * ATC_S_BYTES + 2 * ATC_P_BYTES + 2 * atc_acc_bytes(Dp);
-}
-static size_t atc_dq_smem(int Dp) {
-    return 128 + 4 * atc_tile_bytes(Dp) + 2 * ATC_S_BYTES + ATC_P_BYTES + atc_acc_bytes(Dp);
-}
+static size_t atc_forward_smem(int DP) { return 128 + 2 * atc_rows_bytes(DP) + atc_cols_bytes(DP); }
+static size_t atc_dkv_smem(int DP) { return 128 + 4 * atc_rows_bytes(DP) + 2 * atc_cols_bytes(DP) + 2 * ATC_VEC_BYTES; }
+static size_t atc_dq_smem(int DP) { return 128 + 4 * atc_rows_bytes(DP) + atc_cols_bytes(DP); }
 
 /* The next region of the shared memory, advancing *at. */
 static __device__ __forceinline__ unsigned char *atc_take(unsigned char **at, size_t bytes) {
@@ -77,289 +136,288 @@ static __device__ __forceinline__ unsigned char *atc_smem_start(void *raw) {
     return (unsigned char *)(((uintptr_t)raw + 127) & ~(uintptr_t)127);
 }
 
-/* dst[r][0, Dp) = row t0 + r of src (element pitch `pitch`), zero past T and past D, for r < 64; the
- * block's threads share the rows. vec: src rows are 16-byte aligned and D a multiple of 8. */
-static __device__ __forceinline__ void atc_load_tile(bf16 *dst, int ldh, const bf16 *src, int64_t pitch, int t0,
-                                                     int T, int D, int Dp, int vec) {
+/* Rows t0 .. t0 + 63 of src (element pitch `pitch`), columns 0 .. DP - 1, zero past T and past D, into
+ * dst row-major (pitch DP + 8) or, transposed, into dst[d * ATC_LDT + r]; the block's threads share the
+ * work. vec: src rows are 16-byte aligned and D a multiple of 8 (16-byte loads). */
+template <int DP, bool TRANSPOSED>
+static __device__ __forceinline__ void atc_load_tile(bf16 *dst, const bf16 *src, int64_t pitch, int t0, int T, int D,
+                                                     int vec) {
+    const bf16 zero = __float2bfloat16_rn(0.0f);
     if (vec) {
-        const int vpr = Dp / 8; /* 16-byte vectors per row */
-        for (int idx = threadIdx.x; idx < ATC_ROWS * vpr; idx += ATC_THREADS) {
-            const int r = idx / vpr, d = (idx - r * vpr) * 8, t = t0 + r;
+        constexpr int VPR = DP / 8; /* 16-byte vectors per row */
+        for (int idx = threadIdx.x; idx < ATC_ROWS * VPR; idx += ATC_THREADS) {
+            const int r = idx / VPR, d = (idx - r * VPR) * 8, t = t0 + r;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
             if (t < T && d < D) v = *reinterpret_cast<const uint4 *>(src + (int64_t)t * pitch + d);
-            *reinterpret_cast<uint4 *>(dst + r * ldh + d) = v;
+            if (!TRANSPOSED) {
+                *reinterpret_cast<uint4 *>(dst + r * (DP + 8) + d) = v;
+            } else {
+                const bf16 *e = reinterpret_cast<const bf16 *>(&v);
+#pragma unroll
+                for (int k = 0; k < 8; k++) dst[(d + k) * ATC_LDT + r] = e[k];
+            }
         }
     } else {
-        for (int idx = threadIdx.x; idx < ATC_ROWS * Dp; idx += ATC_THREADS) {
-            const int r = idx / Dp, d = idx - r * Dp, t = t0 + r;
-            dst[r * ldh + d] = t < T && d < D ? src[(int64_t)t * pitch + d] : __float2bfloat16_rn(0.0f);
+        for (int idx = threadIdx.x; idx < ATC_ROWS * DP; idx += ATC_THREADS) {
+            const int r = idx / DP, d = idx - r * DP, t = t0 + r;
+            const bf16 v = t < T && d < D ? src[(int64_t)t * pitch + d] : zero;
+            dst[TRANSPOSED ? d * ATC_LDT + r : r * (DP + 8) + d] = v;
         }
-    }
-}
-
-/* acc[16 x 64] (fp32, pitch ATC_LDS) = A[16 x Dp] B^T, A and B row-major bf16 tiles of pitch ldh
- * (B's 64 rows are the columns of the result); a second pair at the same time when A2 is given. */
-static __device__ __forceinline__ void atc_abt(float *acc, const bf16 *A, const bf16 *B, float *acc2, const bf16 *A2,
-                                               const bf16 *B2, int ldh, int Dp) {
-    for (int j = 0; j < ATC_COLS; j += 16) {
-        atc_acc c, c2;
-        atc_wmma::fill_fragment(c, 0.0f);
-        atc_wmma::fill_fragment(c2, 0.0f);
-        for (int d = 0; d < Dp; d += 16) {
-            atc_a_row a;
-            atc_b_col b;
-            atc_wmma::load_matrix_sync(a, A + d, ldh);
-            atc_wmma::load_matrix_sync(b, B + j * ldh + d, ldh); /* B^T: column n of B^T is row n of B */
-            atc_wmma::mma_sync(c, a, b, c);
-            if (A2) {
-                atc_wmma::load_matrix_sync(a, A2 + d, ldh);
-                atc_wmma::load_matrix_sync(b, B2 + j * ldh + d, ldh);
-                atc_wmma::mma_sync(c2, a, b, c2);
-            }
-        }
-        atc_wmma::store_matrix_sync(acc + j, c, ATC_LDS, atc_wmma::mem_row_major);
-        if (A2) atc_wmma::store_matrix_sync(acc2 + j, c2, ATC_LDS, atc_wmma::mem_row_major);
-    }
-}
-
-/* acc[16 x Dp] (fp32, pitch ldo) += P[16 x 64] (bf16, pitch ATC_LDP) V[64 x Dp] (bf16, pitch ldh); and
- * acc2 += P2 V2 when P2 is given. */
-static __device__ __forceinline__ void atc_pv(float *acc, const bf16 *P, const bf16 *V, float *acc2, const bf16 *P2,
-                                              const bf16 *V2, int ldo, int ldh, int Dp) {
-    for (int n = 0; n < Dp; n += 16) {
-        atc_acc c, c2;
-        atc_wmma::load_matrix_sync(c, acc + n, ldo, atc_wmma::mem_row_major);
-        if (P2) atc_wmma::load_matrix_sync(c2, acc2 + n, ldo, atc_wmma::mem_row_major);
-        for (int k = 0; k < ATC_COLS; k += 16) {
-            atc_a_row a;
-            atc_b_row b;
-            atc_wmma::load_matrix_sync(a, P + k, ATC_LDP);
-            atc_wmma::load_matrix_sync(b, V + k * ldh + n, ldh);
-            atc_wmma::mma_sync(c, a, b, c);
-            if (P2) {
-                atc_wmma::load_matrix_sync(a, P2 + k, ATC_LDP);
-                atc_wmma::load_matrix_sync(b, V2 + k * ldh + n, ldh);
-                atc_wmma::mma_sync(c2, a, b, c2);
-            }
-        }
-        atc_wmma::store_matrix_sync(acc + n, c, ldo, atc_wmma::mem_row_major);
-        if (P2) atc_wmma::store_matrix_sync(acc2 + n, c2, ldo, atc_wmma::mem_row_major);
     }
 }
 
 /* ---------------- forward ----------------
- * Lane pair (2r, 2r + 1) of warp w owns query row w*16 + r of the tile: half = lane & 1 takes columns
- * half*32 .. half*32 + 31 of each key tile, and the O columns of its parity. */
+ * Warp w owns query rows w*16 + g and w*16 + g + 8 of the block (r = 0, 1 below); the four lanes of a
+ * row (t = 0..3) hold its columns 2t, 2t+1 of every 8-wide C tile and reduce over shuffles. */
+template <int DP>
 __global__ void __launch_bounds__(ATC_THREADS)
-    atc_forward_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H, int G, int D, int Dp, float scale,
-                       float p, float inv_keep, uint64_t key, int vec) {
+    atc_forward_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H, int G, int D, float scale, float p,
+                       float inv_keep, uint64_t key, int vec) {
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
-    const int ldh = Dp + 8, ldo = Dp + 4;
     unsigned char *at = atc_smem_start(atc_raw);
-    bf16 *Qs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *Ks = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *Vs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    float *Ss = (float *)atc_take(&at, ATC_S_BYTES);
-    bf16 *Ps = (bf16 *)atc_take(&at, ATC_P_BYTES);
-    float *Os = (float *)atc_take(&at, atc_acc_bytes(Dp));
+    bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Vt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATC_ROWS; /* the last query tiles (most keys) first */
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane & 1;
-    const int row = warp * 16 + (lane >> 1), i = q0 + row;
-    const bool live = i < T; /* the same for both lanes of the pair */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
+    const int row[2] = {q0 + warp * 16 + lg, q0 + warp * 16 + lg + 8};
+    const bool live[2] = {row[0] < T, row[1] < T};
     const int64_t rs = att_row_pitch(H, G, D);
     const bf16 *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
     const bf16 *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
 
-    atc_load_tile(Qs, ldh, qp, rs, q0, T, D, Dp, vec);
-    for (int c = half; c < Dp; c += 2) Os[row * ldo + c] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
+    atc_load_tile<DP, false>(Qs, qp, rs, q0, T, D, vec);
+    float o[DP / 8][4];
+#pragma unroll
+    for (int n = 0; n < DP / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const int q_end = min(q0 + ATC_ROWS, T);
-    const int nkt = (q_end - 1) / ATC_COLS + 1; /* key tiles 0 .. the diagonal one */
-    float *srow = Ss + row * ATC_LDS;
-    bf16 *prow = Ps + row * ATC_LDP;
+    const int nkt = (q_end - 1) / ATC_ROWS + 1; /* key tiles 0 .. the diagonal one */
     for (int kt = 0; kt < nkt; kt++) {
-        const int k0 = kt * ATC_COLS;
-        __syncthreads(); /* Qs written (first pass); the previous Ks, Vs consumed */
-        atc_load_tile(Ks, ldh, kp, rs, k0, T, D, Dp, vec);
-        atc_load_tile(Vs, ldh, vp, rs, k0, T, D, Dp, vec);
-        __syncthreads();
-        atc_abt(Ss + warp * 16 * ATC_LDS, Qs + warp * 16 * ldh, Ks, NULL, NULL, NULL, ldh, Dp);
-        __syncwarp();
-        /* online softmax of row i over keys k0 + half*32 + c; k0 <= q0 <= i, so a live row has a valid key
-         * in every tile and m_new is finite */
-        float mx = -INFINITY;
-        for (int c = 0; c < 32; c++) {
-            const int jc = half * 32 + c, j = k0 + jc;
-            if (live && j <= i) mx = fmaxf(mx, srow[jc] * scale);
+        const int k0 = kt * ATC_ROWS;
+        __syncthreads(); /* the previous Ks, Vt consumed */
+        atc_load_tile<DP, false>(Ks, kp, rs, k0, T, D, vec);
+        atc_load_tile<DP, true>(Vt, vp, rs, k0, T, D, vec);
+        __syncthreads(); /* and Qs written (first pass) */
+        float s[8][4];
+        atc_abt<DP>(s, Qs, warp * 16, Ks);
+        /* online softmax; k0 <= q0 <= i, so a live row has a valid key in every tile and m_new is finite */
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1, i = row[r], j = k0 + n * 8 + 2 * lt + (e & 1);
+                s[n][e] = live[r] && j <= i ? s[n][e] * scale : -INFINITY;
+                mx[r] = fmaxf(mx[r], s[n][e]);
+            }
+        float m_new[2], alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(ATC_FULL, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(ATC_FULL, mx[r], 2));
+            m_new[r] = live[r] ? fmaxf(m[r], mx[r]) : 0.0f;
+            alpha[r] = live[r] ? expf(m[r] - m_new[r]) : 1.0f; /* 0 on the first tile (m = -inf) */
         }
-        mx = fmaxf(mx, __shfl_xor_sync(ATC_FULL, mx, 1));
-        const float m_new = live ? fmaxf(m, mx) : 0.0f;
-        const float alpha = live ? expf(m - m_new) : 1.0f; /* 0 on the first tile (m = -inf) */
-        float sum = 0.0f;
-        for (int c = 0; c < 32; c++) {
-            const int jc = half * 32 + c, j = k0 + jc;
-            const bool valid = live && j <= i;
-            const float e = valid ? expf(srow[jc] * scale - m_new) : 0.0f;
-            sum += e; /* undropped: lse is of the plain softmax */
-            float pe = e;
-            if (p > 0.0f) pe = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : e * inv_keep;
-            prow[jc] = __float2bfloat16_rn(pe);
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1, i = row[r], j = k0 + n * 8 + 2 * lt + (e & 1);
+                const float x = s[n][e] == -INFINITY ? 0.0f : expf(s[n][e] - m_new[r]);
+                sum[r] += x; /* undropped: lse is of the plain softmax */
+                s[n][e] = p > 0.0f ? (x != 0.0f && att_dropped(key, bh, T, i, j, p) ? 0.0f : x * inv_keep) : x;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            sum[r] += __shfl_xor_sync(ATC_FULL, sum[r], 1);
+            sum[r] += __shfl_xor_sync(ATC_FULL, sum[r], 2);
+            l[r] = l[r] * alpha[r] + sum[r];
+            if (live[r]) m[r] = m_new[r];
         }
-        sum += __shfl_xor_sync(ATC_FULL, sum, 1);
-        l = l * alpha + sum;
-        if (live) m = m_new;
-        for (int c = half; c < Dp; c += 2) Os[row * ldo + c] *= alpha;
-        __syncwarp();
-        atc_pv(Os + warp * 16 * ldo, Ps + warp * 16 * ATC_LDP, Vs, NULL, NULL, NULL, ldo, ldh, Dp);
-        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < DP / 8; n++) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+        atc_pv<DP>(o, s, Vt);
     }
-    if (live) {
-        const float inv = 1.0f / l;
-        if (half == 0) lse[(int64_t)bh * T + i] = m + logf(l);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (!live[r]) continue;
+        const int i = row[r];
+        const float inv = 1.0f / l[r];
+        if (lt == 0) lse[(int64_t)bh * T + i] = m[r] + logf(l[r]);
         bf16 *op = out + (((int64_t)b * T + i) * H + h) * D;
-        for (int c = half; c < D; c += 2) op[c] = __float2bfloat16_rn(Os[row * ldo + c] * inv);
+#pragma unroll
+        for (int n = 0; n < DP / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int c = n * 8 + 2 * lt + e;
+                if (c < D) op[c] = __float2bfloat16_rn(o[n][2 * r + e] * inv);
+            }
     }
 }
 
 /* ---------------- backward: dK, dV ----------------
- * grid (B*G, ceil(T/64)): block = 64 keys of group g. Lane pair r of warp w owns key row w*16 + r of
- * S^T and dP^T (columns: the 64 queries of the current tile). With P = exp(scale S - lse), f = 0 or
- * 1/(1-p): Pd = P f, dS = P (dP f - delta); dV += Pd^T dO, dK += scale dS^T Q. */
+ * grid (B*G, ceil(T/64)): block = 64 keys of group g; warp w owns key rows w*16 + g and + 8 of S^T and
+ * dP^T (columns: the 64 queries of the current tile). With P = exp(scale S - lse), f = 0 or 1/(1-p):
+ * Pd = P f, dS = P (dP f - delta); dV += Pd^T dO, dK += scale dS^T Q. */
+template <int DP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                            int T, int H, int G, int D, int Dp, float scale, float p, float inv_keep, uint64_t key,
-                            int vec) {
+                            int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
-    const int ldh = Dp + 8, ldo = Dp + 4;
     unsigned char *at = atc_smem_start(atc_raw);
-    bf16 *Ks = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *Vs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *Qs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *dOs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
+    bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *dOs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Qt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
+    bf16 *dOt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
     float *ls = (float *)atc_take(&at, ATC_VEC_BYTES);
     float *dl = (float *)atc_take(&at, ATC_VEC_BYTES);
-    float *St = (float *)atc_take(&at, ATC_S_BYTES);
-    float *dPt = (float *)atc_take(&at, ATC_S_BYTES);
-    bf16 *Pt = (bf16 *)atc_take(&at, ATC_P_BYTES);
-    bf16 *dSt = (bf16 *)atc_take(&at, ATC_P_BYTES);
-    float *dKs = (float *)atc_take(&at, atc_acc_bytes(Dp));
-    float *dVs = (float *)atc_take(&at, atc_acc_bytes(Dp));
     const int hpg = H / G, b = blockIdx.x / G, g = blockIdx.x % G;
     const int k0 = blockIdx.y * ATC_ROWS;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane & 1;
-    const int jr = warp * 16 + (lane >> 1), j = k0 + jr;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
+    const int krow[2] = {k0 + warp * 16 + lg, k0 + warp * 16 + lg + 8};
     const int64_t rs = att_row_pitch(H, G, D);
     const bf16 *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
 
-    atc_load_tile(Ks, ldh, kp, rs, k0, T, D, Dp, vec);
-    atc_load_tile(Vs, ldh, vp, rs, k0, T, D, Dp, vec);
-    for (int c = half; c < Dp; c += 2) dKs[jr * ldo + c] = 0.0f, dVs[jr * ldo + c] = 0.0f;
+    atc_load_tile<DP, false>(Ks, kp, rs, k0, T, D, vec);
+    atc_load_tile<DP, false>(Vs, vp, rs, k0, T, D, vec);
+    float dk[DP / 8][4], dv[DP / 8][4];
+#pragma unroll
+    for (int n = 0; n < DP / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.0f;
     for (int hh = 0; hh < hpg; hh++) { /* every query head of the group, in order */
         const int h = g * hpg + hh;
         const int64_t bh = (int64_t)b * H + h;
         const bf16 *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
         const bf16 *gp = dout + ((int64_t)b * T * H + h) * D; /* dout[b, t, h, :] = gp + t * H * D */
-        for (int q0 = k0; q0 < T; q0 += ATC_COLS) { /* queries i >= k0 only (causal) */
-            __syncthreads(); /* Ks, Vs written (first pass); the previous query tile consumed */
-            atc_load_tile(Qs, ldh, qp, rs, q0, T, D, Dp, vec);
-            atc_load_tile(dOs, ldh, gp, (int64_t)H * D, q0, T, D, Dp, vec);
-            if (threadIdx.x < ATC_COLS) {
+        for (int q0 = k0; q0 < T; q0 += ATC_ROWS) { /* queries i >= k0 only (causal) */
+            __syncthreads(); /* the previous query tile consumed */
+            atc_load_tile<DP, false>(Qs, qp, rs, q0, T, D, vec);
+            atc_load_tile<DP, false>(dOs, gp, (int64_t)H * D, q0, T, D, vec);
+            atc_load_tile<DP, true>(Qt, qp, rs, q0, T, D, vec);
+            atc_load_tile<DP, true>(dOt, gp, (int64_t)H * D, q0, T, D, vec);
+            if (threadIdx.x < ATC_ROWS) {
                 const int t = q0 + threadIdx.x;
                 ls[threadIdx.x] = t < T ? lse[bh * T + t] : 0.0f;
                 dl[threadIdx.x] = t < T ? delta[bh * T + t] : 0.0f;
             }
-            __syncthreads();
+            __syncthreads(); /* and Ks, Vs written (first pass) */
             /* S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys */
-            atc_abt(St + warp * 16 * ATC_LDS, Ks + warp * 16 * ldh, Qs, dPt + warp * 16 * ATC_LDS,
-                    Vs + warp * 16 * ldh, dOs, ldh, Dp);
-            __syncwarp();
-            for (int c = 0; c < 32; c++) {
-                const int qc = half * 32 + c, i = q0 + qc;
-                const bool valid = i < T && i >= j; /* j <= i < T also keeps the key inside the sequence */
-                const float pr = valid ? expf(St[jr * ATC_LDS + qc] * scale - ls[qc]) : 0.0f;
-                float f = 1.0f;
-                if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
-                Pt[jr * ATC_LDP + qc] = __float2bfloat16_rn(pr * f);
-                dSt[jr * ATC_LDP + qc] = __float2bfloat16_rn(pr * (dPt[jr * ATC_LDS + qc] * f - dl[qc]));
-            }
-            __syncwarp();
+            float st[8][4], dpt[8][4];
+            atc_abt<DP>(st, Ks, warp * 16, Qs);
+            atc_abt<DP>(dpt, Vs, warp * 16, dOs);
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = krow[e >> 1], qc = n * 8 + 2 * lt + (e & 1), i = q0 + qc;
+                    const bool valid = i < T && i >= j; /* j <= i < T also keeps the key inside the sequence */
+                    const float pr = valid ? expf(st[n][e] * scale - ls[qc]) : 0.0f;
+                    float f = 1.0f;
+                    if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                    st[n][e] = pr * f;                       /* Pd^T */
+                    dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
+                }
             /* dV += Pd^T dO, dK += dS^T Q (the scale is applied once at the end) */
-            atc_pv(dVs + warp * 16 * ldo, Pt + warp * 16 * ATC_LDP, dOs, dKs + warp * 16 * ldo,
-                   dSt + warp * 16 * ATC_LDP, Qs, ldo, ldh, Dp);
-            __syncwarp();
+            atc_pv<DP>(dv, st, dOt);
+            atc_pv<DP>(dk, dpt, Qt);
         }
     }
     /* this block is the only writer of these key rows' dK and dV: stored, rounded once */
-    if (j < T) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = krow[r];
+        if (j >= T) continue;
         bf16 *dkp = dqkv + ((int64_t)b * T + j) * rs + att_k_col(g, hpg, D), *dvp = dkp + D;
-        for (int c = half; c < D; c += 2) {
-            dkp[c] = __float2bfloat16_rn(scale * dKs[jr * ldo + c]);
-            dvp[c] = __float2bfloat16_rn(dVs[jr * ldo + c]);
-        }
+#pragma unroll
+        for (int n = 0; n < DP / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int c = n * 8 + 2 * lt + e;
+                if (c < D) {
+                    dkp[c] = __float2bfloat16_rn(scale * dk[n][2 * r + e]);
+                    dvp[c] = __float2bfloat16_rn(dv[n][2 * r + e]);
+                }
+            }
     }
 }
 
 /* ---------------- backward: dQ ----------------
- * grid (B*H, ceil(T/64)), last tiles first: block = 64 queries of head h; lane pair r of warp w owns
- * query row w*16 + r. dQ = scale dS K over the key tiles up to the diagonal. */
+ * grid (B*H, ceil(T/64)), last tiles first: block = 64 queries of head h; warp w owns query rows
+ * w*16 + g and + 8. dQ = scale dS K over the key tiles up to the diagonal. */
+template <int DP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                           int T, int H, int G, int D, int Dp, float scale, float p, float inv_keep, uint64_t key,
-                           int vec) {
+                           int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
-    const int ldh = Dp + 8, ldo = Dp + 4;
     unsigned char *at = atc_smem_start(atc_raw);
-    bf16 *Qs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *dOs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *Ks = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    bf16 *Vs = (bf16 *)atc_take(&at, atc_tile_bytes(Dp));
-    float *Ss = (float *)atc_take(&at, ATC_S_BYTES);
-    float *dPs = (float *)atc_take(&at, ATC_S_BYTES);
-    bf16 *dSs = (bf16 *)atc_take(&at, ATC_P_BYTES);
-    float *dQs = (float *)atc_take(&at, atc_acc_bytes(Dp));
+    bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *dOs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
+    bf16 *Kt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATC_ROWS;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane & 1;
-    const int row = warp * 16 + (lane >> 1), i = q0 + row;
-    const bool live = i < T;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
+    const int row[2] = {q0 + warp * 16 + lg, q0 + warp * 16 + lg + 8};
+    const bool live[2] = {row[0] < T, row[1] < T};
     const int64_t rs = att_row_pitch(H, G, D);
     const bf16 *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
     const bf16 *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
     const bf16 *gp = dout + ((int64_t)b * T * H + h) * D;
 
-    atc_load_tile(Qs, ldh, qp, rs, q0, T, D, Dp, vec);
-    atc_load_tile(dOs, ldh, gp, (int64_t)H * D, q0, T, D, Dp, vec);
-    for (int c = half; c < Dp; c += 2) dQs[row * ldo + c] = 0.0f;
-    const float lse_i = live ? lse[(int64_t)bh * T + i] : 0.0f, di = live ? delta[(int64_t)bh * T + i] : 0.0f;
-    const int q_end = min(q0 + ATC_ROWS, T);
-    const int nkt = (q_end - 1) / ATC_COLS + 1;
-    for (int kt = 0; kt < nkt; kt++) {
-        const int k0 = kt * ATC_COLS;
-        __syncthreads(); /* Qs, dOs written (first pass); the previous Ks, Vs consumed */
-        atc_load_tile(Ks, ldh, kp, rs, k0, T, D, Dp, vec);
-        atc_load_tile(Vs, ldh, vp, rs, k0, T, D, Dp, vec);
-        __syncthreads();
-        /* S = Q K^T and dP = dO V^T for the warp's 16 queries */
-        atc_abt(Ss + warp * 16 * ATC_LDS, Qs + warp * 16 * ldh, Ks, dPs + warp * 16 * ATC_LDS, dOs + warp * 16 * ldh,
-                Vs, ldh, Dp);
-        __syncwarp();
-        for (int c = 0; c < 32; c++) {
-            const int jc = half * 32 + c, j = k0 + jc;
-            const bool valid = live && j <= i;
-            const float pr = valid ? expf(Ss[row * ATC_LDS + jc] * scale - lse_i) : 0.0f;
-            float f = 1.0f;
-            if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
-            dSs[row * ATC_LDP + jc] = __float2bfloat16_rn(pr * (dPs[row * ATC_LDS + jc] * f - di));
-        }
-        __syncwarp();
-        atc_pv(dQs + warp * 16 * ldo, dSs + warp * 16 * ATC_LDP, Ks, NULL, NULL, NULL, ldo, ldh, Dp);
-        __syncwarp();
+    atc_load_tile<DP, false>(Qs, qp, rs, q0, T, D, vec);
+    atc_load_tile<DP, false>(dOs, gp, (int64_t)H * D, q0, T, D, vec);
+    float lse_r[2], d_r[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lse_r[r] = live[r] ? lse[(int64_t)bh * T + row[r]] : 0.0f;
+        d_r[r] = live[r] ? delta[(int64_t)bh * T + row[r]] : 0.0f;
     }
-    if (live) {
-        bf16 *dqp = dqkv + ((int64_t)b * T + i) * rs + att_q_col(h, hpg, D);
-        for (int c = half; c < D; c += 2)
-            dqp[c] = __float2bfloat16_rn(scale * dQs[row * ldo + c]);
+    float dq[DP / 8][4];
+#pragma unroll
+    for (int n = 0; n < DP / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+    const int q_end = min(q0 + ATC_ROWS, T);
+    const int nkt = (q_end - 1) / ATC_ROWS + 1;
+    for (int kt = 0; kt < nkt; kt++) {
+        const int k0 = kt * ATC_ROWS;
+        __syncthreads(); /* the previous Ks, Vs, Kt consumed */
+        atc_load_tile<DP, false>(Ks, kp, rs, k0, T, D, vec);
+        atc_load_tile<DP, false>(Vs, vp, rs, k0, T, D, vec);
+        atc_load_tile<DP, true>(Kt, kp, rs, k0, T, D, vec);
+        __syncthreads(); /* and Qs, dOs written (first pass) */
+        /* S = Q K^T and dP = dO V^T for the warp's 16 queries */
+        float s[8][4], dp[8][4];
+        atc_abt<DP>(s, Qs, warp * 16, Ks);
+        atc_abt<DP>(dp, dOs, warp * 16, Vs);
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1, i = row[r], j = k0 + n * 8 + 2 * lt + (e & 1);
+                const bool valid = live[r] && j <= i;
+                const float pr = valid ? expf(s[n][e] * scale - lse_r[r]) : 0.0f;
+                float f = 1.0f;
+                if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
+            }
+        atc_pv<DP>(dq, s, Kt);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (!live[r]) continue;
+        bf16 *dqp = dqkv + ((int64_t)b * T + row[r]) * rs + att_q_col(h, hpg, D);
+#pragma unroll
+        for (int n = 0; n < DP / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int c = n * 8 + 2 * lt + e;
+                if (c < D) dqp[c] = __float2bfloat16_rn(scale * dq[n][2 * r + e]);
+            }
     }
 }
 
@@ -370,33 +428,54 @@ static int atc_vec_ok(const void *a, const void *b, int D) {
     return D % 8 == 0 && (uintptr_t)a % 16 == 0 && (b == NULL || (uintptr_t)b % 16 == 0);
 }
 
-void cuda_attention_tc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
-                               uint64_t key) {
+/* The padded head dim: the kernels are instantiated for 32, 64 and 128. */
+static int atc_dp(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : 128; }
+
+template <int DP>
+static void atc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
+                        uint64_t key) {
     const char *op = "attention_forward";
-    const int Dp = (D + 15) / 16 * 16;
-    const size_t smem = atc_forward_smem(Dp);
-    if (!att_smem_ok((const void *)atc_forward_kernel, smem, op)) return;
+    const size_t smem = atc_forward_smem(DP);
+    if (!att_smem_ok((const void *)atc_forward_kernel<DP>, smem, op)) return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const dim3 grid((unsigned)(B * H), (unsigned)((T + ATC_ROWS - 1) / ATC_ROWS));
-    CUDA_LAUNCH(atc_forward_kernel, grid, ATC_THREADS, smem)(out, lse, qkv, T, H, G, D, Dp, scale, p, inv_keep, key,
-                                                             atc_vec_ok(qkv, NULL, D));
+    CUDA_LAUNCH(atc_forward_kernel<DP>, grid, ATC_THREADS, smem)(out, lse, qkv, T, H, G, D, scale, p, inv_keep, key,
+                                                                 atc_vec_ok(qkv, NULL, D));
     cuda_check(op);
 }
 
-void cuda_attention_tc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                                int B, int T, int H, int G, int D, float p, uint64_t key) {
+template <int DP>
+static void atc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta, int B,
+                         int T, int H, int G, int D, float p, uint64_t key) {
     const char *op = "attention_backward";
-    const int Dp = (D + 15) / 16 * 16;
-    const size_t smem_kv = atc_dkv_smem(Dp), smem_q = atc_dq_smem(Dp);
-    if (!att_smem_ok((const void *)atc_backward_dkv_kernel, smem_kv, op) ||
-        !att_smem_ok((const void *)atc_backward_dq_kernel, smem_q, op))
+    const size_t smem_kv = atc_dkv_smem(DP), smem_q = atc_dq_smem(DP);
+    if (!att_smem_ok((const void *)atc_backward_dkv_kernel<DP>, smem_kv, op) ||
+        !att_smem_ok((const void *)atc_backward_dq_kernel<DP>, smem_q, op))
         return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const unsigned ntiles = (unsigned)((T + ATC_ROWS - 1) / ATC_ROWS);
     const int vec = atc_vec_ok(qkv, dout, D);
-    CUDA_LAUNCH(atc_backward_dkv_kernel, dim3((unsigned)(B * G), ntiles), ATC_THREADS, smem_kv)(
-        dqkv, dout, qkv, lse, delta, T, H, G, D, Dp, scale, p, inv_keep, key, vec);
-    CUDA_LAUNCH(atc_backward_dq_kernel, dim3((unsigned)(B * H), ntiles), ATC_THREADS, smem_q)(
-        dqkv, dout, qkv, lse, delta, T, H, G, D, Dp, scale, p, inv_keep, key, vec);
+    CUDA_LAUNCH(atc_backward_dkv_kernel<DP>, dim3((unsigned)(B * G), ntiles), ATC_THREADS, smem_kv)(
+        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, vec);
+    CUDA_LAUNCH(atc_backward_dq_kernel<DP>, dim3((unsigned)(B * H), ntiles), ATC_THREADS, smem_q)(
+        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, vec);
     cuda_check(op);
+}
+
+void cuda_attention_tc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
+                               uint64_t key) {
+    switch (atc_dp(D)) {
+    case 32: atc_forward<32>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    case 64: atc_forward<64>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    default: atc_forward<128>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    }
+}
+
+void cuda_attention_tc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
+                                int B, int T, int H, int G, int D, float p, uint64_t key) {
+    switch (atc_dp(D)) {
+    case 32: atc_backward<32>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    case 64: atc_backward<64>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    default: atc_backward<128>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    }
 }

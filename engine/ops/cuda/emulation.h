@@ -19,12 +19,9 @@
  * fp32, rounding a bf16 D once at the end (what tensor cores with fp32 accumulation compute, up to the
  * order of the sums), with the bias and bias-gradient epilogues. __nv_bfloat16 is a 16-bit struct with the
  * conversions of cuda_bf16.h (round to nearest even; a NaN becomes the canonical 0x7FFF, as the GPU's
- * cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes, like a shuffle). The WMMA API
- * (nvcuda::wmma, 16x16x16, bf16 inputs, fp32 accumulators) is emulated per lane: every lane's fragment
- * holds the whole tile (the hardware spreads it over the lanes in an unspecified order, so kernels may
- * not index fragments: the emulated ones have no x[]); each load/store/mma first waits for all 32 lanes
- * (the "_sync" of the API), loads check the documented pointer alignment (32 bytes) and ldm (a multiple
- * of 16 bytes), and mma_sync computes d = a b + c in fp32 from the exact bf16 products.
+ * cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes, like a shuffle). The tensor-core
+ * instruction mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) is a warp-collective call with the
+ * fragment layout of the PTX ISA, computing d = a b + c in fp32 from the exact bf16 products.
  *
  * Build with -U_FORTIFY_SOURCE (its longjmp check rejects jumps between stacks) and single-threaded
  * use of the backend. */
@@ -40,7 +37,6 @@
 #include <ucontext.h>
 
 #include <tuple>
-#include <type_traits>
 #include <utility>
 
 /* ---------------- types and qualifiers ---------------- */
@@ -80,6 +76,7 @@ static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     h.__x = (unsigned short)(u >> 16);
     return h;
 }
+static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
 static inline unsigned __float_as_uint(float f) {
     unsigned u;
     memcpy(&u, &f, sizeof u);
@@ -630,94 +627,44 @@ static inline void __syncwarp(unsigned mask = 0xffffffffu) {
     (void)emu_shfl(0, emu_cur->linear & 31);
 }
 
-/* ---------------- WMMA (mma.h) ---------------- */
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-template <typename Use, int M, int N, int K>
-struct emu_shape;
-template <int M, int N, int K>
-struct emu_shape<matrix_a, M, N, K> {
-    enum { rows = M, cols = K };
+/* ---------------- mma.sync m16n8k16 (bf16 in, fp32 accumulate) ----------------
+ * Warp-collective, as on the GPU: every lane hands in its fragment registers (in the PTX ISA's layout
+ * for this shape, lane = 4 g + t: A a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8,
+ * 2t+8..); B b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); C c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8,
+ * 2t..2t+1); bf16 pairs with the lower index in the low half), the warp meets at a barrier, and each
+ * lane computes its own four results from everyone's registers: fp32 sums of the exact products,
+ * k in order, onto C. A lane missing from the call is a deadlock the emulator reports. */
+struct emu_mma_regs {
+    uint32_t a[4], b[2];
+    float c[4];
 };
-template <int M, int N, int K>
-struct emu_shape<matrix_b, M, N, K> {
-    enum { rows = K, cols = N };
-};
-template <int M, int N, int K>
-struct emu_shape<accumulator, M, N, K> {
-    enum { rows = M, cols = N };
-};
-/* The whole rows x cols tile, row-major, in every lane (see above: no x[] on purpose). */
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-    enum { emu_rows = emu_shape<Use, M, N, K>::rows, emu_cols = emu_shape<Use, M, N, K>::cols };
-    T emu_m[emu_rows * emu_cols];
-};
-static inline float emu_wmma_f(float v) { return v; }
-static inline float emu_wmma_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-static inline void emu_wmma_set(float &d, float v) { d = v; }
-static inline void emu_wmma_set(__nv_bfloat16 &d, float v) { d = __float2bfloat16_rn(v); }
-static inline void emu_wmma_check(const void *p, unsigned ldm, size_t esize, const char *what) {
-    if ((uintptr_t)p % 32 != 0) emu_abort(what); /* "mptr must be a 256-bit aligned pointer" */
-    if ((ldm * esize) % 16 != 0) emu_abort(what); /* ldm: a multiple of 8 (16-bit) or 4 (32-bit) elements */
+inline emu_mma_regs emu_mma_stage[32][32]; /* [warp of the block][lane] */
+static inline float emu_bf16_half(uint32_t reg, int hi) {
+    __nv_bfloat16 h;
+    h.__x = (unsigned short)(hi ? reg >> 16 : reg & 0xffffu);
+    return __bfloat162float(h);
 }
-template <typename Use, int M, int N, int K, typename T, typename L>
-static inline void fill_fragment(fragment<Use, M, N, K, T, L> &f, float v) {
-    for (int i = 0; i < f.emu_rows * f.emu_cols; i++) emu_wmma_set(f.emu_m[i], v);
-}
-/* matrix_a / matrix_b: the layout is the fragment's (row_major: element (r, c) at p[r * ldm + c]). */
-template <typename Use, int M, int N, int K, typename T, typename L>
-static inline void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm) {
-    static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout_t");
+static inline void emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    const int warp = emu_cur->linear / 32, lane = emu_cur->linear % 32, g = lane >> 2, t = lane & 3;
+    emu_mma_regs *st = emu_mma_stage[warp];
+    memcpy(st[lane].a, a, sizeof st[lane].a);
+    memcpy(st[lane].b, b, sizeof st[lane].b);
+    memcpy(st[lane].c, d, sizeof st[lane].c);
     __syncwarp();
-    emu_wmma_check(p, ldm, sizeof(T), "wmma::load_matrix_sync: pointer not 32-byte aligned or bad ldm");
-    const bool row = std::is_same<L, row_major>::value;
-    for (int r = 0; r < f.emu_rows; r++)
-        for (int c = 0; c < f.emu_cols; c++)
-            f.emu_m[r * f.emu_cols + c] = row ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
-}
-/* accumulator: the layout is the call's. */
-template <int M, int N, int K, typename T>
-static inline void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const T *p, unsigned ldm, layout_t l) {
-    __syncwarp();
-    emu_wmma_check(p, ldm, sizeof(T), "wmma::load_matrix_sync: pointer not 32-byte aligned or bad ldm");
-    for (int r = 0; r < M; r++)
-        for (int c = 0; c < N; c++)
-            f.emu_m[r * N + c] = l == mem_row_major ? p[(size_t)r * ldm + c] : p[r + (size_t)c * ldm];
-}
-template <int M, int N, int K, typename T>
-static inline void store_matrix_sync(T *p, const fragment<accumulator, M, N, K, T> &f, unsigned ldm, layout_t l) {
-    __syncwarp();
-    emu_wmma_check(p, ldm, sizeof(T), "wmma::store_matrix_sync: pointer not 32-byte aligned or bad ldm");
-    for (int r = 0; r < M; r++)
-        for (int c = 0; c < N; c++) {
-            if (l == mem_row_major) p[(size_t)r * ldm + c] = f.emu_m[r * N + c];
-            else p[r + (size_t)c * ldm] = f.emu_m[r * N + c];
+    float out[4];
+    for (int e = 0; e < 4; e++) {
+        const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+        float s = st[(r % 8) * 4 + n / 2].c[(r / 8) * 2 + n % 2];
+        for (int k = 0; k < 16; k++) {
+            const float x = emu_bf16_half(st[(r % 8) * 4 + (k % 8) / 2].a[(k / 8) * 2 + r / 8], k % 2);
+            const float y = emu_bf16_half(st[n * 4 + (k % 8) / 2].b[k / 8], k % 2);
+            s += x * y;
         }
+        out[e] = s;
+    }
+    __syncwarp(); /* every lane has read the stage before any lane's next mma writes it */
+    memcpy(d, out, sizeof out);
 }
-/* d = a b + c, fp32 sums of the exact products (k in order). */
-template <int M, int N, int K, typename TA, typename LA, typename LB>
-static inline void mma_sync(fragment<accumulator, M, N, K, float> &d, const fragment<matrix_a, M, N, K, TA, LA> &a,
-                            const fragment<matrix_b, M, N, K, TA, LB> &b,
-                            const fragment<accumulator, M, N, K, float> &c) {
-    __syncwarp();
-    float out[M * N];
-    for (int i = 0; i < M; i++)
-        for (int j = 0; j < N; j++) {
-            float s = c.emu_m[i * N + j];
-            for (int k = 0; k < K; k++) s += emu_wmma_f(a.emu_m[i * K + k]) * emu_wmma_f(b.emu_m[k * N + j]);
-            out[i * N + j] = s;
-        }
-    memcpy(d.emu_m, out, sizeof out);
-}
-} // namespace wmma
-} // namespace nvcuda
 
 /* Runs one block to completion. */
 static inline void emu_run_block(int nthreads, int reverse) {
@@ -796,7 +743,7 @@ struct emu_launcher {
         emu_kernel_name = name;
         emu_grid = grid;
         emu_block = block;
-        /* 128-byte aligned, as the GPU's shared memory window is (WMMA pointers must be 32-byte aligned) */
+        /* 128-byte aligned, as the GPU's shared memory window is */
         char *dyn = smem ? (char *)aligned_alloc(128, (smem + 127) / 128 * 128) : NULL;
         emu_dyn_smem = dyn;
         unsigned long long nblock = 0;

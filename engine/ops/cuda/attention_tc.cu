@@ -12,7 +12,8 @@
 // A block has 4 warps and 64 rows (16 per warp) of one side, and walks 64-wide tiles of the other
 // side, staged in shared memory (behind __syncthreads) row-major, and transposed where a tile is the
 // B operand along its rows (V for P V, dO and Q for the dK/dV products, K for dS K). Head dims are
-// padded with zeros to DP = 32, 64 or 128 (a template argument: the register arrays are unrolled).
+// padded with zeros to DP = 32, 64 or 128 (a template argument: the register arrays are unrolled), and
+// dropout is a template argument too (without it the unrolled loops carry no mask code).
 //
 // Fragments (lane = 4 g + t): A (16 x 16, row-major) a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g,
 // 2t+8..), a3 = (g+8, 2t+8..); B (16 x 8, column-major) b0 = (2t..2t+1, g), b1 = (2t+8.., g); C (16 x 8,
@@ -169,7 +170,7 @@ static __device__ __forceinline__ void atc_load_tile(bf16 *dst, const bf16 *src,
 /* ---------------- forward ----------------
  * Warp w owns query rows w*16 + g and w*16 + g + 8 of the block (r = 0, 1 below); the four lanes of a
  * row (t = 0..3) hold its columns 2t, 2t+1 of every 8-wide C tile and reduce over shuffles. */
-template <int DP>
+template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_forward_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H, int G, int D, float scale, float p,
                        float inv_keep, uint64_t key, int vec) {
@@ -227,7 +228,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                 const int r = e >> 1, i = row[r], j = k0 + n * 8 + 2 * lt + (e & 1);
                 const float x = s[n][e] == -INFINITY ? 0.0f : expf(s[n][e] - m_new[r]);
                 sum[r] += x; /* undropped: lse is of the plain softmax */
-                s[n][e] = p > 0.0f ? (x != 0.0f && att_dropped(key, bh, T, i, j, p) ? 0.0f : x * inv_keep) : x;
+                s[n][e] = DROP ? (x != 0.0f && att_dropped(key, bh, T, i, j, p) ? 0.0f : x * inv_keep) : x;
             }
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
  * grid (B*G, ceil(T/64)): block = 64 keys of group g; warp w owns key rows w*16 + g and + 8 of S^T and
  * dP^T (columns: the 64 queries of the current tile). With P = exp(scale S - lse), f = 0 or 1/(1-p):
  * Pd = P f, dS = P (dP f - delta); dV += Pd^T dO, dK += scale dS^T Q. */
-template <int DP>
+template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
                             int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                     const bool valid = i < T && i >= j; /* j <= i < T also keeps the key inside the sequence */
                     const float pr = valid ? expf(st[n][e] * scale - ls[qc]) : 0.0f;
                     float f = 1.0f;
-                    if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                    if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
                     st[n][e] = pr * f;                       /* Pd^T */
                     dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
                 }
@@ -349,7 +350,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
 /* ---------------- backward: dQ ----------------
  * grid (B*H, ceil(T/64)), last tiles first: block = 64 queries of head h; warp w owns query rows
  * w*16 + g and + 8. dQ = scale dS K over the key tiles up to the diagonal. */
-template <int DP>
+template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
                            int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
@@ -402,7 +403,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                 const bool valid = live[r] && j <= i;
                 const float pr = valid ? expf(s[n][e] * scale - lse_r[r]) : 0.0f;
                 float f = 1.0f;
-                if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
                 s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
             }
         atc_pv<DP>(dq, s, Kt);
@@ -431,51 +432,66 @@ static int atc_vec_ok(const void *a, const void *b, int D) {
 /* The padded head dim: the kernels are instantiated for 32, 64 and 128. */
 static int atc_dp(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : 128; }
 
-template <int DP>
+template <int DP, bool DROP>
 static void atc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
                         uint64_t key) {
     const char *op = "attention_forward";
     const size_t smem = atc_forward_smem(DP);
-    if (!att_smem_ok((const void *)atc_forward_kernel<DP>, smem, op)) return;
+    if (!att_smem_ok((const void *)atc_forward_kernel<DP, DROP>, smem, op)) return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const dim3 grid((unsigned)(B * H), (unsigned)((T + ATC_ROWS - 1) / ATC_ROWS));
-    CUDA_LAUNCH(atc_forward_kernel<DP>, grid, ATC_THREADS, smem)(out, lse, qkv, T, H, G, D, scale, p, inv_keep, key,
-                                                                 atc_vec_ok(qkv, NULL, D));
+    CUDA_LAUNCH((atc_forward_kernel<DP, DROP>), grid, ATC_THREADS, smem)(out, lse, qkv, T, H, G, D, scale, p,
+                                                                        inv_keep, key, atc_vec_ok(qkv, NULL, D));
     cuda_check(op);
 }
 
-template <int DP>
+template <int DP, bool DROP>
 static void atc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta, int B,
                          int T, int H, int G, int D, float p, uint64_t key) {
     const char *op = "attention_backward";
     const size_t smem_kv = atc_dkv_smem(DP), smem_q = atc_dq_smem(DP);
-    if (!att_smem_ok((const void *)atc_backward_dkv_kernel<DP>, smem_kv, op) ||
-        !att_smem_ok((const void *)atc_backward_dq_kernel<DP>, smem_q, op))
+    if (!att_smem_ok((const void *)atc_backward_dkv_kernel<DP, DROP>, smem_kv, op) ||
+        !att_smem_ok((const void *)atc_backward_dq_kernel<DP, DROP>, smem_q, op))
         return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const unsigned ntiles = (unsigned)((T + ATC_ROWS - 1) / ATC_ROWS);
     const int vec = atc_vec_ok(qkv, dout, D);
-    CUDA_LAUNCH(atc_backward_dkv_kernel<DP>, dim3((unsigned)(B * G), ntiles), ATC_THREADS, smem_kv)(
+    CUDA_LAUNCH((atc_backward_dkv_kernel<DP, DROP>), dim3((unsigned)(B * G), ntiles), ATC_THREADS, smem_kv)(
         dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, vec);
-    CUDA_LAUNCH(atc_backward_dq_kernel<DP>, dim3((unsigned)(B * H), ntiles), ATC_THREADS, smem_q)(
+    CUDA_LAUNCH((atc_backward_dq_kernel<DP, DROP>), dim3((unsigned)(B * H), ntiles), ATC_THREADS, smem_q)(
         dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, vec);
     cuda_check(op);
 }
 
+/* One instance per padded head dim and dropout on / off (off: no mask code in the unrolled loops, fewer
+ * registers). */
+template <bool DROP>
+static void atc_forward_dp(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
+                           uint64_t key) {
+    switch (atc_dp(D)) {
+    case 32: atc_forward<32, DROP>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    case 64: atc_forward<64, DROP>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    default: atc_forward<128, DROP>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    }
+}
+template <bool DROP>
+static void atc_backward_dp(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
+                            int B, int T, int H, int G, int D, float p, uint64_t key) {
+    switch (atc_dp(D)) {
+    case 32: atc_backward<32, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    case 64: atc_backward<64, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    default: atc_backward<128, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    }
+}
+
 void cuda_attention_tc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
                                uint64_t key) {
-    switch (atc_dp(D)) {
-    case 32: atc_forward<32>(out, lse, qkv, B, T, H, G, D, p, key); break;
-    case 64: atc_forward<64>(out, lse, qkv, B, T, H, G, D, p, key); break;
-    default: atc_forward<128>(out, lse, qkv, B, T, H, G, D, p, key); break;
-    }
+    if (p > 0.0f) atc_forward_dp<true>(out, lse, qkv, B, T, H, G, D, p, key);
+    else atc_forward_dp<false>(out, lse, qkv, B, T, H, G, D, p, key);
 }
 
 void cuda_attention_tc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
                                 int B, int T, int H, int G, int D, float p, uint64_t key) {
-    switch (atc_dp(D)) {
-    case 32: atc_backward<32>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
-    case 64: atc_backward<64>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
-    default: atc_backward<128>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
-    }
+    if (p > 0.0f) atc_backward_dp<true>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key);
+    else atc_backward_dp<false>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key);
 }

@@ -36,6 +36,10 @@
 #define ATC_ROWS 64            /* rows of a block: 16 per warp; also the width of a tile of the other side */
 #define ATC_LDT (ATC_ROWS + 8) /* pitch (bf16) of a transposed tile: conflict-free fragment loads */
 #define ATC_FULL 0xffffffffu
+/* The backward kernels walk a 64-wide tile of the other side ATC_SUB columns at a time: 32 at DP = 128,
+ * where two 64-wide score products and the DP-wide dK, dV (or dQ) accumulators would not fit in 255
+ * registers. */
+#define ATC_SUB (DP == 128 ? 32 : 64)
 
 typedef __nv_bfloat16 bf16;
 
@@ -71,37 +75,37 @@ static __device__ __forceinline__ void atc_frag_b(uint32_t b[2], const bf16 *til
     const bf16 *p = tile + (n0 + g) * ld + k0 + 2 * t;
     b[0] = atc_ld2(p), b[1] = atc_ld2(p + 8);
 }
-/* The A fragment of keys (or queries) 16 kk .. 16 kk + 15 from the accumulators of a 16 x 64 product:
+/* The A fragment of keys (or queries) 16 kk .. 16 kk + 15 from the accumulators of a 16-row product:
  * C tiles 2 kk and 2 kk + 1 are the two column halves of that A operand, rounded to bf16. */
-static __device__ __forceinline__ void atc_frag_from_acc(uint32_t a[4], const float c[8][4], int kk) {
+static __device__ __forceinline__ void atc_frag_from_acc(uint32_t a[4], const float (*c)[4], int kk) {
     a[0] = atc_pack(c[2 * kk][0], c[2 * kk][1]), a[1] = atc_pack(c[2 * kk][2], c[2 * kk][3]);
     a[2] = atc_pack(c[2 * kk + 1][0], c[2 * kk + 1][1]), a[3] = atc_pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
-/* acc[8][4] (16 rows x 64 columns) = A (16 rows of tile a from row0, DP wide) times B^T, B's 64 columns
- * the rows of tile b: S = Q K^T and its kin. */
-template <int DP>
-static __device__ __forceinline__ void atc_abt(float acc[8][4], const bf16 *a_tile, int row0, const bf16 *b_tile) {
+/* acc[NC][4] (16 rows x 8 NC columns) = A (16 rows of tile a from row0, DP wide) times B^T, B's columns
+ * the first 8 NC rows of tile b: S = Q K^T and its kin. */
+template <int DP, int NC>
+static __device__ __forceinline__ void atc_abt(float acc[NC][4], const bf16 *a_tile, int row0, const bf16 *b_tile) {
     constexpr int LDH = DP + 8;
 #pragma unroll
-    for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int n = 0; n < NC; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ks++) {
         uint32_t a[4];
         atc_frag_a(a, a_tile, LDH, row0, ks * 16);
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+        for (int n = 0; n < NC; n++) {
             uint32_t b[2];
             atc_frag_b(b, b_tile, LDH, n * 8, ks * 16);
             atc_mma(acc[n], a, b);
         }
     }
 }
-/* acc[DP/8][4] (16 rows x DP) += P (16 x 64, the bf16 fragments of a product's accumulators) times the
- * 64 x DP tile whose transpose bt (DP rows of 64, pitch ATC_LDT) is in shared memory. */
-template <int DP>
-static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[8][4], const bf16 *bt) {
+/* acc[DP/8][4] (16 rows x DP) += P (16 x 8 NC, the bf16 fragments of a product's accumulators) times
+ * the 8 NC x DP tile whose transpose bt (DP rows, pitch ATC_LDT) is in shared memory. */
+template <int DP, int NC>
+static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[NC][4], const bf16 *bt) {
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
+    for (int kk = 0; kk < NC / 2; kk++) {
         uint32_t a[4];
         atc_frag_from_acc(a, pc, kk);
 #pragma unroll
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
         atc_load_tile<DP, true>(Vt, vp, rs, k0, T, D, vec);
         __syncthreads(); /* and Qs written (first pass) */
         float s[8][4];
-        atc_abt<DP>(s, Qs, warp * 16, Ks);
+        atc_abt<DP, 8>(s, Qs, warp * 16, Ks);
         /* online softmax; k0 <= q0 <= i, so a live row has a valid key in every tile and m_new is finite */
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -239,7 +243,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
         }
 #pragma unroll
         for (int n = 0; n < DP / 8; n++) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-        atc_pv<DP>(o, s, Vt);
+        atc_pv<DP, 8>(o, s, Vt);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -307,25 +311,30 @@ __global__ void __launch_bounds__(ATC_THREADS)
                 dl[threadIdx.x] = t < T ? delta[bh * T + t] : 0.0f;
             }
             __syncthreads(); /* and Ks, Vs written (first pass) */
-            /* S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys */
-            float st[8][4], dpt[8][4];
-            atc_abt<DP>(st, Ks, warp * 16, Qs);
-            atc_abt<DP>(dpt, Vs, warp * 16, dOs);
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+            for (int q1 = 0; q1 < ATC_ROWS; q1 += ATC_SUB) {
+                /* all these queries before the warp's first key: nothing to add (a warp-uniform skip) */
+                if (q0 + q1 + ATC_SUB <= k0 + warp * 16 || q0 + q1 >= T) continue;
+                /* S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and ATC_SUB queries */
+                float st[ATC_SUB / 8][4], dpt[ATC_SUB / 8][4];
+                atc_abt<DP, ATC_SUB / 8>(st, Ks, warp * 16, Qs + q1 * (DP + 8));
+                atc_abt<DP, ATC_SUB / 8>(dpt, Vs, warp * 16, dOs + q1 * (DP + 8));
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int j = krow[e >> 1], qc = n * 8 + 2 * lt + (e & 1), i = q0 + qc;
-                    const bool valid = i < T && i >= j; /* j <= i < T also keeps the key inside the sequence */
-                    const float pr = valid ? expf(st[n][e] * scale - ls[qc]) : 0.0f;
-                    float f = 1.0f;
-                    if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
-                    st[n][e] = pr * f;                       /* Pd^T */
-                    dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
-                }
-            /* dV += Pd^T dO, dK += dS^T Q (the scale is applied once at the end) */
-            atc_pv<DP>(dv, st, dOt);
-            atc_pv<DP>(dk, dpt, Qt);
+                for (int n = 0; n < ATC_SUB / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int j = krow[e >> 1], qc = q1 + n * 8 + 2 * lt + (e & 1), i = q0 + qc;
+                        const bool valid = i < T && i >= j; /* j <= i < T keeps the key inside the sequence */
+                        const float pr = valid ? expf(st[n][e] * scale - ls[qc]) : 0.0f;
+                        float f = 1.0f;
+                        if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                        st[n][e] = pr * f;                         /* Pd^T */
+                        dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
+                    }
+                /* dV += Pd^T dO, dK += dS^T Q (the scale is applied once at the end) */
+                atc_pv<DP, ATC_SUB / 8>(dv, st, dOt + q1);
+                atc_pv<DP, ATC_SUB / 8>(dk, dpt, Qt + q1);
+            }
         }
     }
     /* this block is the only writer of these key rows' dK and dV: stored, rounded once */
@@ -391,22 +400,27 @@ __global__ void __launch_bounds__(ATC_THREADS)
         atc_load_tile<DP, false>(Vs, vp, rs, k0, T, D, vec);
         atc_load_tile<DP, true>(Kt, kp, rs, k0, T, D, vec);
         __syncthreads(); /* and Qs, dOs written (first pass) */
-        /* S = Q K^T and dP = dO V^T for the warp's 16 queries */
-        float s[8][4], dp[8][4];
-        atc_abt<DP>(s, Qs, warp * 16, Ks);
-        atc_abt<DP>(dp, dOs, warp * 16, Vs);
 #pragma unroll
-        for (int n = 0; n < 8; n++)
+        for (int k1 = 0; k1 < ATC_ROWS; k1 += ATC_SUB) {
+            /* all these keys after the warp's last query: nothing to add (a warp-uniform skip) */
+            if (k0 + k1 > q0 + warp * 16 + 15) continue;
+            /* S = Q K^T and dP = dO V^T for the warp's 16 queries and ATC_SUB keys */
+            float s[ATC_SUB / 8][4], dp[ATC_SUB / 8][4];
+            atc_abt<DP, ATC_SUB / 8>(s, Qs, warp * 16, Ks + k1 * (DP + 8));
+            atc_abt<DP, ATC_SUB / 8>(dp, dOs, warp * 16, Vs + k1 * (DP + 8));
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = e >> 1, i = row[r], j = k0 + n * 8 + 2 * lt + (e & 1);
-                const bool valid = live[r] && j <= i;
-                const float pr = valid ? expf(s[n][e] * scale - lse_r[r]) : 0.0f;
-                float f = 1.0f;
-                if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
-                s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
-            }
-        atc_pv<DP>(dq, s, Kt);
+            for (int n = 0; n < ATC_SUB / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1, i = row[r], j = k0 + k1 + n * 8 + 2 * lt + (e & 1);
+                    const bool valid = live[r] && j <= i;
+                    const float pr = valid ? expf(s[n][e] * scale - lse_r[r]) : 0.0f;
+                    float f = 1.0f;
+                    if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                    s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
+                }
+            atc_pv<DP, ATC_SUB / 8>(dq, s, Kt + k1);
+        }
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

@@ -10,8 +10,9 @@
 // same fragment layout, so the tests check the index arithmetic on the CPU.
 //
 // A block has 4 warps and 64 rows (16 per warp) of one side, and walks 64-wide tiles of the other
-// side, staged in shared memory (behind __syncthreads) row-major, and transposed where a tile is the
-// B operand along its rows (V for P V, dO and Q for the dK/dV products, K for dS K). Head dims are
+// side, staged row-major in shared memory (behind __syncthreads). Fragments come from there through
+// ldmatrix, transposing (.trans) where a tile's rows are the B operand's k (V for P V, dO and Q for
+// the dK/dV products, K for dS K); the scores' fragments never leave the registers. Head dims are
 // padded with zeros to DP = 32, 64 or 128 (a template argument: the register arrays are unrolled), and
 // dropout is a template argument too (without it the unrolled loops carry no mask code).
 //
@@ -34,7 +35,6 @@
 #define ATC_WARPS 4
 #define ATC_THREADS (32 * ATC_WARPS)
 #define ATC_ROWS 64            /* rows of a block: 16 per warp; also the width of a tile of the other side */
-#define ATC_LDT (ATC_ROWS + 8) /* pitch (bf16) of a transposed tile: conflict-free fragment loads */
 #define ATC_FULL 0xffffffffu
 /* The backward kernels walk a 64-wide tile of the other side ATC_SUB columns at a time: 32 at DP = 128,
  * where two 64-wide score products and the DP-wide dK, dV (or dQ) accumulators would not fit in 255
@@ -55,25 +55,49 @@ static __device__ __forceinline__ void atc_mma(float d[4], const uint32_t a[4], 
 #endif
 }
 
-/* Two consecutive bf16 of shared memory (an even element offset) as one fragment register. */
-static __device__ __forceinline__ uint32_t atc_ld2(const bf16 *p) { return *reinterpret_cast<const uint32_t *>(p); }
 /* Two floats rounded to a bf16 pair (lo in the low half). */
 static __device__ __forceinline__ uint32_t atc_pack(float lo, float hi) {
     return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
            ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
 }
 
-/* The A fragment of rows row0 .. row0 + 15, columns k0 .. k0 + 15 of a row-major tile of pitch ld. */
-static __device__ __forceinline__ void atc_frag_a(uint32_t a[4], const bf16 *tile, int ld, int row0, int k0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16 *p = tile + (row0 + g) * ld + k0 + 2 * t;
-    a[0] = atc_ld2(p), a[1] = atc_ld2(p + 8 * ld), a[2] = atc_ld2(p + 8), a[3] = atc_ld2(p + 8 * ld + 8);
+/* ldmatrix .x4 from shared memory: lanes 8m .. 8m + 7 point at the rows of 8 x 8 matrix m (8 bf16,
+ * 16-byte aligned); lane 4g + t receives in r[m] the pair (row g, columns 2t, 2t + 1) of matrix m, or
+ * with TRANS the pair (rows 2t, 2t + 1, column g). */
+template <bool TRANS>
+static __device__ __forceinline__ void atc_ldmatrix(uint32_t r[4], const bf16 *row) {
+#ifdef LT_CUDA_EMULATION
+    emu_ldmatrix_x4(r, TRANS, row);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+#endif
 }
-/* The B fragment with B(k, n) = tile[n0 + n][k0 + k]: a tile's rows are B's columns. */
-static __device__ __forceinline__ void atc_frag_b(uint32_t b[2], const bf16 *tile, int ld, int n0, int k0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16 *p = tile + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = atc_ld2(p), b[1] = atc_ld2(p + 8);
+
+/* The A fragment of rows row0 .. row0 + 15, columns k0 .. k0 + 15 of a row-major tile of pitch ld: the
+ * four 8 x 8 quarters in the order a0 .. a3 (rows +0 / +8, then columns +0 / +8). */
+static __device__ __forceinline__ void atc_frag_a(uint32_t a[4], const bf16 *tile, int ld, int row0, int k0) {
+    const int lane = threadIdx.x & 31, m = lane >> 3;
+    atc_ldmatrix<false>(a, tile + (row0 + (lane & 7) + 8 * (m & 1)) * ld + k0 + 8 * (m >> 1));
+}
+/* The B fragments of two n-tiles, b[0] for n0 .. n0 + 7 and b[1] for n0 + 8 .. n0 + 15, k0 .. k0 + 15:
+ * with B(k, n) = tile[n][k] (the tile's rows are B's columns: K for Q K^T), or with TRANS
+ * B(k, n) = tile[k][n] (the rows are B's k: V for P V). */
+template <bool TRANS>
+static __device__ __forceinline__ void atc_frag_b2(uint32_t b[2][2], const bf16 *tile, int ld, int n0, int k0) {
+    const int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    uint32_t x[4];
+    /* matrices: (n-tile 0, k +0), (n-tile 0, k +8), (n-tile 1, k +0), (n-tile 1, k +8) */
+    if (TRANS) atc_ldmatrix<true>(x, tile + (k0 + r + 8 * (m & 1)) * ld + n0 + 8 * (m >> 1));
+    else atc_ldmatrix<false>(x, tile + (n0 + r + 8 * (m >> 1)) * ld + k0 + 8 * (m & 1));
+    b[0][0] = x[0], b[0][1] = x[1], b[1][0] = x[2], b[1][1] = x[3];
 }
 /* The A fragment of keys (or queries) 16 kk .. 16 kk + 15 from the accumulators of a 16-row product:
  * C tiles 2 kk and 2 kk + 1 are the two column halves of that A operand, rounded to bf16. */
@@ -93,43 +117,42 @@ static __device__ __forceinline__ void atc_abt(float acc[NC][4], const bf16 *a_t
         uint32_t a[4];
         atc_frag_a(a, a_tile, LDH, row0, ks * 16);
 #pragma unroll
-        for (int n = 0; n < NC; n++) {
-            uint32_t b[2];
-            atc_frag_b(b, b_tile, LDH, n * 8, ks * 16);
-            atc_mma(acc[n], a, b);
+        for (int n = 0; n < NC; n += 2) {
+            uint32_t b[2][2];
+            atc_frag_b2<false>(b, b_tile, LDH, n * 8, ks * 16);
+            atc_mma(acc[n], a, b[0]);
+            atc_mma(acc[n + 1], a, b[1]);
         }
     }
 }
 /* acc[DP/8][4] (16 rows x DP) += P (16 x 8 NC, the bf16 fragments of a product's accumulators) times
- * the 8 NC x DP tile whose transpose bt (DP rows, pitch ATC_LDT) is in shared memory. */
+ * the first 8 NC rows of the row-major tile v (pitch DP + 8): P V and its kin. */
 template <int DP, int NC>
-static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[NC][4], const bf16 *bt) {
+static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[NC][4], const bf16 *v) {
 #pragma unroll
     for (int kk = 0; kk < NC / 2; kk++) {
         uint32_t a[4];
         atc_frag_from_acc(a, pc, kk);
 #pragma unroll
-        for (int n = 0; n < DP / 8; n++) {
-            uint32_t b[2];
-            atc_frag_b(b, bt, ATC_LDT, n * 8, kk * 16);
-            atc_mma(acc[n], a, b);
+        for (int n = 0; n < DP / 8; n += 2) {
+            uint32_t b[2][2];
+            atc_frag_b2<true>(b, v, DP + 8, n * 8, kk * 16);
+            atc_mma(acc[n], a, b[0]);
+            atc_mma(acc[n + 1], a, b[1]);
         }
     }
 }
 
 /* Shared memory: regions of 128-byte aligned sizes from a 128-byte aligned start. */
 static __host__ __device__ __forceinline__ size_t atc_round(size_t n) { return (n + 127) & ~(size_t)127; }
-/* 64 rows of DP (pitch DP + 8), or DP rows of 64 (pitch ATC_LDT) */
+/* A tile: 64 rows of DP (pitch DP + 8 bf16: the eight rows an ldmatrix reads fall in distinct banks). */
 static __host__ __device__ __forceinline__ size_t atc_rows_bytes(int DP) {
     return atc_round(sizeof(bf16) * ATC_ROWS * (size_t)(DP + 8));
 }
-static __host__ __device__ __forceinline__ size_t atc_cols_bytes(int DP) {
-    return atc_round(sizeof(bf16) * (size_t)DP * ATC_LDT);
-}
 #define ATC_VEC_BYTES atc_round(sizeof(float) * ATC_ROWS)
-static size_t atc_forward_smem(int DP) { return 128 + 2 * atc_rows_bytes(DP) + atc_cols_bytes(DP); }
-static size_t atc_dkv_smem(int DP) { return 128 + 4 * atc_rows_bytes(DP) + 2 * atc_cols_bytes(DP) + 2 * ATC_VEC_BYTES; }
-static size_t atc_dq_smem(int DP) { return 128 + 4 * atc_rows_bytes(DP) + atc_cols_bytes(DP); }
+static size_t atc_forward_smem(int DP) { return 128 + 3 * atc_rows_bytes(DP); }
+static size_t atc_dkv_smem(int DP) { return 128 + 4 * atc_rows_bytes(DP) + 2 * ATC_VEC_BYTES; }
+static size_t atc_dq_smem(int DP) { return 128 + 4 * atc_rows_bytes(DP); }
 
 /* The next region of the shared memory, advancing *at. */
 static __device__ __forceinline__ unsigned char *atc_take(unsigned char **at, size_t bytes) {
@@ -142,31 +165,23 @@ static __device__ __forceinline__ unsigned char *atc_smem_start(void *raw) {
 }
 
 /* Rows t0 .. t0 + 63 of src (element pitch `pitch`), columns 0 .. DP - 1, zero past T and past D, into
- * dst row-major (pitch DP + 8) or, transposed, into dst[d * ATC_LDT + r]; the block's threads share the
- * work. vec: src rows are 16-byte aligned and D a multiple of 8 (16-byte loads). */
-template <int DP, bool TRANSPOSED>
+ * dst (pitch DP + 8); the block's threads share the work. vec: src rows are 16-byte aligned and D a
+ * multiple of 8 (16-byte loads). */
+template <int DP>
 static __device__ __forceinline__ void atc_load_tile(bf16 *dst, const bf16 *src, int64_t pitch, int t0, int T, int D,
                                                      int vec) {
-    const bf16 zero = __float2bfloat16_rn(0.0f);
     if (vec) {
         constexpr int VPR = DP / 8; /* 16-byte vectors per row */
         for (int idx = threadIdx.x; idx < ATC_ROWS * VPR; idx += ATC_THREADS) {
             const int r = idx / VPR, d = (idx - r * VPR) * 8, t = t0 + r;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
             if (t < T && d < D) v = *reinterpret_cast<const uint4 *>(src + (int64_t)t * pitch + d);
-            if (!TRANSPOSED) {
-                *reinterpret_cast<uint4 *>(dst + r * (DP + 8) + d) = v;
-            } else {
-                const bf16 *e = reinterpret_cast<const bf16 *>(&v);
-#pragma unroll
-                for (int k = 0; k < 8; k++) dst[(d + k) * ATC_LDT + r] = e[k];
-            }
+            *reinterpret_cast<uint4 *>(dst + r * (DP + 8) + d) = v;
         }
     } else {
         for (int idx = threadIdx.x; idx < ATC_ROWS * DP; idx += ATC_THREADS) {
             const int r = idx / DP, d = idx - r * DP, t = t0 + r;
-            const bf16 v = t < T && d < D ? src[(int64_t)t * pitch + d] : zero;
-            dst[TRANSPOSED ? d * ATC_LDT + r : r * (DP + 8) + d] = v;
+            dst[r * (DP + 8) + d] = t < T && d < D ? src[(int64_t)t * pitch + d] : __float2bfloat16_rn(0.0f);
         }
     }
 }
@@ -182,7 +197,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
     unsigned char *at = atc_smem_start(atc_raw);
     bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
-    bf16 *Vt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
+    bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATC_ROWS; /* the last query tiles (most keys) first */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
@@ -192,7 +207,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
     const bf16 *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
     const bf16 *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
 
-    atc_load_tile<DP, false>(Qs, qp, rs, q0, T, D, vec);
+    atc_load_tile<DP>(Qs, qp, rs, q0, T, D, vec);
     float o[DP / 8][4];
 #pragma unroll
     for (int n = 0; n < DP / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -201,9 +216,9 @@ __global__ void __launch_bounds__(ATC_THREADS)
     const int nkt = (q_end - 1) / ATC_ROWS + 1; /* key tiles 0 .. the diagonal one */
     for (int kt = 0; kt < nkt; kt++) {
         const int k0 = kt * ATC_ROWS;
-        __syncthreads(); /* the previous Ks, Vt consumed */
-        atc_load_tile<DP, false>(Ks, kp, rs, k0, T, D, vec);
-        atc_load_tile<DP, true>(Vt, vp, rs, k0, T, D, vec);
+        __syncthreads(); /* the previous Ks, Vs consumed */
+        atc_load_tile<DP>(Ks, kp, rs, k0, T, D, vec);
+        atc_load_tile<DP>(Vs, vp, rs, k0, T, D, vec);
         __syncthreads(); /* and Qs written (first pass) */
         float s[8][4];
         atc_abt<DP, 8>(s, Qs, warp * 16, Ks);
@@ -243,7 +258,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
         }
 #pragma unroll
         for (int n = 0; n < DP / 8; n++) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-        atc_pv<DP, 8>(o, s, Vt);
+        atc_pv<DP, 8>(o, s, Vs);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -276,8 +291,6 @@ __global__ void __launch_bounds__(ATC_THREADS)
     bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *dOs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
-    bf16 *Qt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
-    bf16 *dOt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
     float *ls = (float *)atc_take(&at, ATC_VEC_BYTES);
     float *dl = (float *)atc_take(&at, ATC_VEC_BYTES);
     const int hpg = H / G, b = blockIdx.x / G, g = blockIdx.x % G;
@@ -287,8 +300,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
     const int64_t rs = att_row_pitch(H, G, D);
     const bf16 *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
 
-    atc_load_tile<DP, false>(Ks, kp, rs, k0, T, D, vec);
-    atc_load_tile<DP, false>(Vs, vp, rs, k0, T, D, vec);
+    atc_load_tile<DP>(Ks, kp, rs, k0, T, D, vec);
+    atc_load_tile<DP>(Vs, vp, rs, k0, T, D, vec);
     float dk[DP / 8][4], dv[DP / 8][4];
 #pragma unroll
     for (int n = 0; n < DP / 8; n++)
@@ -301,10 +314,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
         const bf16 *gp = dout + ((int64_t)b * T * H + h) * D; /* dout[b, t, h, :] = gp + t * H * D */
         for (int q0 = k0; q0 < T; q0 += ATC_ROWS) { /* queries i >= k0 only (causal) */
             __syncthreads(); /* the previous query tile consumed */
-            atc_load_tile<DP, false>(Qs, qp, rs, q0, T, D, vec);
-            atc_load_tile<DP, false>(dOs, gp, (int64_t)H * D, q0, T, D, vec);
-            atc_load_tile<DP, true>(Qt, qp, rs, q0, T, D, vec);
-            atc_load_tile<DP, true>(dOt, gp, (int64_t)H * D, q0, T, D, vec);
+            atc_load_tile<DP>(Qs, qp, rs, q0, T, D, vec);
+            atc_load_tile<DP>(dOs, gp, (int64_t)H * D, q0, T, D, vec);
             if (threadIdx.x < ATC_ROWS) {
                 const int t = q0 + threadIdx.x;
                 ls[threadIdx.x] = t < T ? lse[bh * T + t] : 0.0f;
@@ -332,8 +343,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
                         dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
                     }
                 /* dV += Pd^T dO, dK += dS^T Q (the scale is applied once at the end) */
-                atc_pv<DP, ATC_SUB / 8>(dv, st, dOt + q1);
-                atc_pv<DP, ATC_SUB / 8>(dk, dpt, Qt + q1);
+                atc_pv<DP, ATC_SUB / 8>(dv, st, dOs + q1 * (DP + 8));
+                atc_pv<DP, ATC_SUB / 8>(dk, dpt, Qs + q1 * (DP + 8));
             }
         }
     }
@@ -369,7 +380,6 @@ __global__ void __launch_bounds__(ATC_THREADS)
     bf16 *dOs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
-    bf16 *Kt = (bf16 *)atc_take(&at, atc_cols_bytes(DP));
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATC_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
@@ -380,8 +390,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
     const bf16 *kp = qkv + (int64_t)b * T * rs + att_k_col(g, hpg, D), *vp = kp + D;
     const bf16 *gp = dout + ((int64_t)b * T * H + h) * D;
 
-    atc_load_tile<DP, false>(Qs, qp, rs, q0, T, D, vec);
-    atc_load_tile<DP, false>(dOs, gp, (int64_t)H * D, q0, T, D, vec);
+    atc_load_tile<DP>(Qs, qp, rs, q0, T, D, vec);
+    atc_load_tile<DP>(dOs, gp, (int64_t)H * D, q0, T, D, vec);
     float lse_r[2], d_r[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -395,10 +405,9 @@ __global__ void __launch_bounds__(ATC_THREADS)
     const int nkt = (q_end - 1) / ATC_ROWS + 1;
     for (int kt = 0; kt < nkt; kt++) {
         const int k0 = kt * ATC_ROWS;
-        __syncthreads(); /* the previous Ks, Vs, Kt consumed */
-        atc_load_tile<DP, false>(Ks, kp, rs, k0, T, D, vec);
-        atc_load_tile<DP, false>(Vs, vp, rs, k0, T, D, vec);
-        atc_load_tile<DP, true>(Kt, kp, rs, k0, T, D, vec);
+        __syncthreads(); /* the previous Ks, Vs consumed */
+        atc_load_tile<DP>(Ks, kp, rs, k0, T, D, vec);
+        atc_load_tile<DP>(Vs, vp, rs, k0, T, D, vec);
         __syncthreads(); /* and Qs, dOs written (first pass) */
 #pragma unroll
         for (int k1 = 0; k1 < ATC_ROWS; k1 += ATC_SUB) {
@@ -419,7 +428,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                     if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
                     s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
                 }
-            atc_pv<DP, ATC_SUB / 8>(dq, s, Kt + k1);
+            atc_pv<DP, ATC_SUB / 8>(dq, s, Ks + k1 * (DP + 8));
         }
     }
 #pragma unroll

@@ -20,8 +20,9 @@
  * order of the sums), with the bias and bias-gradient epilogues. __nv_bfloat16 is a 16-bit struct with the
  * conversions of cuda_bf16.h (round to nearest even; a NaN becomes the canonical 0x7FFF, as the GPU's
  * cvt.rn.bf16.f32 does). __syncwarp is a warp barrier (all 32 lanes, like a shuffle). The tensor-core
- * instruction mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) is a warp-collective call with the
- * fragment layout of the PTX ISA, computing d = a b + c in fp32 from the exact bf16 products.
+ * instruction mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) and the fragment load ldmatrix .x4 are
+ * warp-collective calls with the fragment layouts of the PTX ISA; mma computes d = a b + c in fp32
+ * from the exact bf16 products.
  *
  * Build with -U_FORTIFY_SOURCE (its longjmp check rejects jumps between stacks) and single-threaded
  * use of the backend. */
@@ -625,6 +626,25 @@ static inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
 static inline void __syncwarp(unsigned mask = 0xffffffffu) {
     if (mask != 0xffffffffu) emu_abort("only full-mask __syncwarp is emulated");
     (void)emu_shfl(0, emu_cur->linear & 31);
+}
+
+/* ---------------- ldmatrix .x4 (b16) ----------------
+ * Warp-collective: lanes 8m .. 8m + 7 give the row addresses of 8 x 8 matrix m (8 b16 each, 16-byte
+ * aligned, or the emulator aborts); after a barrier lane 4g + t receives in r[m] the pair (row g,
+ * columns 2t, 2t + 1) of matrix m, or with trans the pair (rows 2t, 2t + 1, column g); the lower one
+ * in the low half. */
+inline const unsigned short *emu_ldm_rows[32][32]; /* [warp of the block][lane] */
+static inline void emu_ldmatrix_x4(uint32_t r[4], bool trans, const void *row) {
+    const int warp = emu_cur->linear / 32, lane = emu_cur->linear % 32, g = lane >> 2, t = lane & 3;
+    if ((uintptr_t)row % 16 != 0) emu_abort("ldmatrix: a row address is not 16-byte aligned");
+    emu_ldm_rows[warp][lane] = (const unsigned short *)row;
+    __syncwarp();
+    for (int m = 0; m < 4; m++) {
+        const unsigned short *const *rows = emu_ldm_rows[warp] + 8 * m;
+        const unsigned lo = trans ? rows[2 * t][g] : rows[g][2 * t], hi = trans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+        r[m] = lo | (hi << 16);
+    }
+    __syncwarp(); /* every lane has read the addresses before any lane's next ldmatrix writes them */
 }
 
 /* ---------------- mma.sync m16n8k16 (bf16 in, fp32 accumulate) ----------------

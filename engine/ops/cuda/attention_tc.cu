@@ -106,9 +106,11 @@ static __device__ __forceinline__ void atc_frag_from_acc(uint32_t a[4], const fl
     a[2] = atc_pack(c[2 * kk + 1][0], c[2 * kk + 1][1]), a[3] = atc_pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 /* acc[NC][4] (16 rows x 8 NC columns) = A (16 rows of tile a from row0, DP wide) times B^T, B's columns
- * the first 8 NC rows of tile b: S = Q K^T and its kin. */
+ * the first 8 NC rows of tile b: S = Q K^T and its kin. Columns from `cols` on (a multiple of 16, the
+ * same for the whole warp) are left at 0: the causal mask drops them anyway. */
 template <int DP, int NC>
-static __device__ __forceinline__ void atc_abt(float acc[NC][4], const bf16 *a_tile, int row0, const bf16 *b_tile) {
+static __device__ __forceinline__ void atc_abt(float acc[NC][4], const bf16 *a_tile, int row0, const bf16 *b_tile,
+                                               int cols = 8 * NC) {
     constexpr int LDH = DP + 8;
 #pragma unroll
     for (int n = 0; n < NC; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
@@ -118,6 +120,7 @@ static __device__ __forceinline__ void atc_abt(float acc[NC][4], const bf16 *a_t
         atc_frag_a(a, a_tile, LDH, row0, ks * 16);
 #pragma unroll
         for (int n = 0; n < NC; n += 2) {
+            if (n * 8 >= cols) break;
             uint32_t b[2][2];
             atc_frag_b2<false>(b, b_tile, LDH, n * 8, ks * 16);
             atc_mma(acc[n], a, b[0]);
@@ -126,11 +129,14 @@ static __device__ __forceinline__ void atc_abt(float acc[NC][4], const bf16 *a_t
     }
 }
 /* acc[DP/8][4] (16 rows x DP) += P (16 x 8 NC, the bf16 fragments of a product's accumulators) times
- * the first 8 NC rows of the row-major tile v (pitch DP + 8): P V and its kin. */
+ * the first 8 NC rows of the row-major tile v (pitch DP + 8): P V and its kin. P's columns from `cols`
+ * on (a multiple of 16, warp-uniform) are known to be 0 and skipped. */
 template <int DP, int NC>
-static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[NC][4], const bf16 *v) {
+static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float pc[NC][4], const bf16 *v,
+                                              int cols = 8 * NC) {
 #pragma unroll
     for (int kk = 0; kk < NC / 2; kk++) {
+        if (kk * 16 >= cols) break;
         uint32_t a[4];
         atc_frag_from_acc(a, pc, kk);
 #pragma unroll
@@ -220,8 +226,10 @@ __global__ void __launch_bounds__(ATC_THREADS)
         atc_load_tile<DP>(Ks, kp, rs, k0, T, D, vec);
         atc_load_tile<DP>(Vs, vp, rs, k0, T, D, vec);
         __syncthreads(); /* and Qs written (first pass) */
+        /* keys past the warp's last row (on the diagonal tile) are masked: not computed */
+        const int cols = min(ATC_ROWS, q0 + warp * 16 + 16 - k0);
         float s[8][4];
-        atc_abt<DP, 8>(s, Qs, warp * 16, Ks);
+        atc_abt<DP, 8>(s, Qs, warp * 16, Ks, cols);
         /* online softmax; k0 <= q0 <= i, so a live row has a valid key in every tile and m_new is finite */
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -258,7 +266,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
         }
 #pragma unroll
         for (int n = 0; n < DP / 8; n++) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-        atc_pv<DP, 8>(o, s, Vs);
+        atc_pv<DP, 8>(o, s, Vs, cols);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

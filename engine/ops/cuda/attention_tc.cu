@@ -6,8 +6,8 @@
 // registers. The softmax, lse, dropout and dS are fp32 on CUDA cores. P and dS are rounded to bf16 to
 // enter their second product, as flash-attention does (a 2^-9 relative error per term, inside the
 // bf16 tolerance of the reference). The contract, layout and dropout mask are those of attention.cu
-// (engine/ops/ops.h; engine/ops/cpu/attention.c is the reference). emulation.h runs mma.sync with the
-// same fragment layout, so the tests check the index arithmetic on the CPU.
+// (engine/ops/ops.h; engine/ops/cpu/attention.c is the reference). emulation.h runs mma.sync and
+// ldmatrix with the same fragment layouts, so the tests check the index arithmetic on the CPU.
 //
 // A block has 4 warps and 64 rows (16 per warp) of one side, and walks 64-wide tiles of the other
 // side, staged row-major in shared memory (behind __syncthreads). Fragments come from there through
@@ -36,12 +36,13 @@
 #define ATC_THREADS (32 * ATC_WARPS)
 #define ATC_ROWS 64            /* rows of a block: 16 per warp; also the width of a tile of the other side */
 #define ATC_FULL 0xffffffffu
-/* The backward kernels walk a 64-wide tile of the other side ATC_SUB columns at a time: 32 at DP = 128,
- * where two 64-wide score products and the DP-wide dK, dV (or dQ) accumulators would not fit in 255
- * registers. */
-#define ATC_SUB (DP == 128 ? 32 : 64)
 
 typedef __nv_bfloat16 bf16;
+
+/* The backward kernels walk a 64-wide tile of the other side this many columns at a time: 32 at
+ * DP = 128, where two 64-wide score products and the DP-wide dK, dV (or dQ) accumulators would not fit
+ * in 255 registers. */
+static __host__ __device__ constexpr int atc_sub(int DP) { return DP == 128 ? 32 : 64; }
 
 /* d += a b: one m16n8k16 product, bf16 in, fp32 accumulate (fragments as above). */
 static __device__ __forceinline__ void atc_mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
@@ -293,6 +294,7 @@ template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
                             int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
+    constexpr int SUB = atc_sub(DP); /* columns of the other side per step */
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
     unsigned char *at = atc_smem_start(atc_raw);
     bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
@@ -331,15 +333,15 @@ __global__ void __launch_bounds__(ATC_THREADS)
             }
             __syncthreads(); /* and Ks, Vs written (first pass) */
 #pragma unroll
-            for (int q1 = 0; q1 < ATC_ROWS; q1 += ATC_SUB) {
+            for (int q1 = 0; q1 < ATC_ROWS; q1 += SUB) {
                 /* all these queries before the warp's first key: nothing to add (a warp-uniform skip) */
-                if (q0 + q1 + ATC_SUB <= k0 + warp * 16 || q0 + q1 >= T) continue;
-                /* S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and ATC_SUB queries */
-                float st[ATC_SUB / 8][4], dpt[ATC_SUB / 8][4];
-                atc_abt<DP, ATC_SUB / 8>(st, Ks, warp * 16, Qs + q1 * (DP + 8));
-                atc_abt<DP, ATC_SUB / 8>(dpt, Vs, warp * 16, dOs + q1 * (DP + 8));
+                if (q0 + q1 + SUB <= k0 + warp * 16 || q0 + q1 >= T) continue;
+                /* S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and SUB queries */
+                float st[SUB / 8][4], dpt[SUB / 8][4];
+                atc_abt<DP, SUB / 8>(st, Ks, warp * 16, Qs + q1 * (DP + 8));
+                atc_abt<DP, SUB / 8>(dpt, Vs, warp * 16, dOs + q1 * (DP + 8));
 #pragma unroll
-                for (int n = 0; n < ATC_SUB / 8; n++)
+                for (int n = 0; n < SUB / 8; n++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int j = krow[e >> 1], qc = q1 + n * 8 + 2 * lt + (e & 1), i = q0 + qc;
@@ -351,8 +353,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
                         dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
                     }
                 /* dV += Pd^T dO, dK += dS^T Q (the scale is applied once at the end) */
-                atc_pv<DP, ATC_SUB / 8>(dv, st, dOs + q1 * (DP + 8));
-                atc_pv<DP, ATC_SUB / 8>(dk, dpt, Qs + q1 * (DP + 8));
+                atc_pv<DP, SUB / 8>(dv, st, dOs + q1 * (DP + 8));
+                atc_pv<DP, SUB / 8>(dk, dpt, Qs + q1 * (DP + 8));
             }
         }
     }
@@ -382,6 +384,7 @@ template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
                            int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
+    constexpr int SUB = atc_sub(DP); /* columns of the other side per step */
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
     unsigned char *at = atc_smem_start(atc_raw);
     bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
@@ -418,15 +421,15 @@ __global__ void __launch_bounds__(ATC_THREADS)
         atc_load_tile<DP>(Vs, vp, rs, k0, T, D, vec);
         __syncthreads(); /* and Qs, dOs written (first pass) */
 #pragma unroll
-        for (int k1 = 0; k1 < ATC_ROWS; k1 += ATC_SUB) {
+        for (int k1 = 0; k1 < ATC_ROWS; k1 += SUB) {
             /* all these keys after the warp's last query: nothing to add (a warp-uniform skip) */
             if (k0 + k1 > q0 + warp * 16 + 15) continue;
-            /* S = Q K^T and dP = dO V^T for the warp's 16 queries and ATC_SUB keys */
-            float s[ATC_SUB / 8][4], dp[ATC_SUB / 8][4];
-            atc_abt<DP, ATC_SUB / 8>(s, Qs, warp * 16, Ks + k1 * (DP + 8));
-            atc_abt<DP, ATC_SUB / 8>(dp, dOs, warp * 16, Vs + k1 * (DP + 8));
+            /* S = Q K^T and dP = dO V^T for the warp's 16 queries and SUB keys */
+            float s[SUB / 8][4], dp[SUB / 8][4];
+            atc_abt<DP, SUB / 8>(s, Qs, warp * 16, Ks + k1 * (DP + 8));
+            atc_abt<DP, SUB / 8>(dp, dOs, warp * 16, Vs + k1 * (DP + 8));
 #pragma unroll
-            for (int n = 0; n < ATC_SUB / 8; n++)
+            for (int n = 0; n < SUB / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int r = e >> 1, i = row[r], j = k0 + k1 + n * 8 + 2 * lt + (e & 1);
@@ -436,7 +439,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                     if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
                     s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
                 }
-            atc_pv<DP, ATC_SUB / 8>(dq, s, Ks + k1 * (DP + 8));
+            atc_pv<DP, SUB / 8>(dq, s, Ks + k1 * (DP + 8));
         }
     }
 #pragma unroll

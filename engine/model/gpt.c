@@ -370,25 +370,29 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
     layer_acts *s = &c->acts[l];
 
     norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
-    ops->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, N, C, m->qkv_dim);
+    ops->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
     if (cfg->rope) ops->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
     ops->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
                            dropout_key(c->dropout_seed, l, "attention"));
-    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, N, H * D, C);
-    if (cfg->hidden_dropout > 0)
+    /* res1 = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
+    const int drop = cfg->hidden_dropout > 0;
+    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, drop ? NULL : x, N, H * D, C);
+    if (drop) {
         ops->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
                              dropout_key(c->dropout_seed, l, "attention_out"), 0);
-    ops->add_forward(s->res1, s->res1, x, (int64_t)N * C);
+        ops->add_forward(s->res1, s->res1, x, (int64_t)N * C);
+    }
 
     norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
-    ops->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
+    ops->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, NULL, N, C, m->fc1_dim);
     if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
     else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
-    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, N, cfg->ffn_hidden_size, C);
-    if (cfg->hidden_dropout > 0)
-        ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout,
-                             dropout_key(c->dropout_seed, l, "mlp_out"), 0);
-    ops->add_forward(out, out, s->res1, (int64_t)N * C);
+    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : s->res1, N, cfg->ffn_hidden_size, C);
+    if (drop) {
+        ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout, dropout_key(c->dropout_seed, l, "mlp_out"),
+                             0);
+        ops->add_forward(out, out, s->res1, (int64_t)N * C);
+    }
 }
 
 /* Weights below flat offset `end` are about to be read: wait for them (data parallelism may still
@@ -449,7 +453,7 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     weights_needed_to(m, &ready, m->total);
 
     norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], weight(m, m->lnf_w), weight(m, m->lnf_b), N);
-    ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w >= 0 ? m->out_w : m->wte), NULL, N, C, V);
+    ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w >= 0 ? m->out_w : m->wte), NULL, NULL, N, C, V);
 
     c->num_valid = 0;
     double sum = 0;

@@ -36,7 +36,8 @@ typedef struct lt_ops {
     void (*rmsnorm_backward)(void *dinp, float *dweight, const void *dout, const void *inp, const void *weight,
                              const float *rstd, int N, int C);
 
-    void (*linear_forward)(void *out, const void *inp, const void *weight, const void *bias, int N, int IN, int OUT);
+    void (*linear_forward)(void *out, const void *inp, const void *weight, const void *bias, const void *residual,
+                           int N, int IN, int OUT);
     void (*linear_backward)(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
                             const void *weight, int N, int IN, int OUT);
 
@@ -61,8 +62,9 @@ typedef struct lt_ops {
 } lt_ops;
 
 /* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change, in layout or in an op's contract
- * (5: activation gradients written, not accumulated): the loader refuses a plugin built against another. */
-#define LT_BACKEND_ABI 5
+ * (5: activation gradients written, not accumulated;
+ * 6: linear_forward adds a residual): the loader refuses a plugin built against another. */
+#define LT_BACKEND_ABI 6
 
 /* Collectives on the backend's memory (the CUDA plugin: NCCL, engine/ops/cuda/nccl.cu), used by
  * engine/comm/nccl.c behind lt_comm (lt_comm_nccl); the CPU backend has none (lt_backend.comm NULL).

@@ -41,8 +41,9 @@ static void f32_rmsnorm_backward(void *dinp, float *dw, const void *dout, const 
                                  const float *rstd, int N, int C) {
     lt_rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
 }
-static void f32_linear_forward(void *out, const void *inp, const void *w, const void *b, int N, int IN, int OUT) {
-    lt_linear_forward(out, inp, w, b, N, IN, OUT);
+static void f32_linear_forward(void *out, const void *inp, const void *w, const void *b, const void *res, int N,
+                               int IN, int OUT) {
+    lt_linear_forward(out, inp, w, b, res, N, IN, OUT);
 }
 static void f32_linear_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,
                                 int N, int IN, int OUT) {
@@ -187,11 +188,12 @@ static void bf16_rmsnorm_backward(void *dinp, float *dw, const void *dout, const
     drop(d, NC), drop(x, NC), drop(wf, C);
     narrow(dinp, di, NC);
 }
-static void bf16_linear_forward(void *out, const void *inp, const void *w, const void *b, int N, int IN, int OUT) {
+static void bf16_linear_forward(void *out, const void *inp, const void *w, const void *b, const void *res, int N,
+                                int IN, int OUT) {
     const int64_t NI = (int64_t)N * IN, NO = (int64_t)N * OUT, WN = (int64_t)IN * OUT;
-    float *o = scratch(NO), *x = widen(inp, NI), *wf = widen(w, WN), *bf = widen(b, OUT);
-    lt_linear_forward(o, x, wf, bf, N, IN, OUT);
-    drop(x, NI), drop(wf, WN), drop(bf, OUT);
+    float *o = scratch(NO), *x = widen(inp, NI), *wf = widen(w, WN), *bf = widen(b, OUT), *rf = widen(res, NO);
+    lt_linear_forward(o, x, wf, bf, rf, N, IN, OUT);
+    drop(x, NI), drop(wf, WN), drop(bf, OUT), drop(rf, NO);
     narrow(out, o, NO);
 }
 static void bf16_linear_backward(void *dinp, float *dw, float *db, const void *dout, const void *inp, const void *w,

@@ -42,8 +42,11 @@ void lt_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const f
                          const float *rstd, int N, int C);
 
 /* ---- linear (OpenBLAS sgemm) ---- */
-/* out[N, OUT] = inp[N, IN] @ weight[OUT, IN]^T + bias[OUT]. bias nullable. */
-void lt_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN, int OUT);
+/* out[N, OUT] = inp[N, IN] @ weight[OUT, IN]^T + bias[OUT] + residual[N, OUT]: the residual connection
+ * after a projection, added in the same pass (one rounding where out is bf16). bias, residual nullable;
+ * residual may be out itself, never inp. */
+void lt_linear_forward(float *out, const float *inp, const float *weight, const float *bias, const float *residual,
+                       int N, int IN, int OUT);
 /* dinp[N, IN] = dout @ weight (written); dweight[OUT, IN] += dout^T @ inp; dbias[OUT] += sum_n dout.
  * dinp, dbias nullable. */
 void lt_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,

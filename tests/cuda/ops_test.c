@@ -758,24 +758,29 @@ static void test_rmsnorm(const prec *P, int N, int C) {
 
 /* ---------------- linear ---------------- */
 
-static void test_linear(const prec *P, int N, int IN, int OUT, int with_bias, int with_dinp) {
+/* with_residual: the forward adds a residual (1: a separate buffer, 2: out itself, in place). */
+static void test_linear(const prec *P, int N, int IN, int OUT, int with_bias, int with_dinp, int with_residual) {
     char name[240], shape[96];
     const size_t ni = (size_t)N * IN, nw = (size_t)OUT * IN, no = (size_t)N * OUT;
     const double tol = tol_for(P, 1e-4, 1e-2);
     /* fp32 draws, and their bf16 roundings for the bf16 table (the unrounded ones feed the mixed check) */
     float *x32 = rnd(&P32, ni, -1, 1), *w32 = rnd(&P32, nw, -1, 1), *b32 = rnd(&P32, OUT, -1, 1);
     float *g32 = rnd(&P32, no, -1, 1), *dx0 = junk(ni), *dw0 = rnd(&P32, nw, -1, 1);
-    float *db0 = rnd(&P32, OUT, -1, 1);
+    float *db0 = rnd(&P32, OUT, -1, 1), *r32 = rnd(&P32, no, -1, 1);
     void *hx = st(P, x32, ni), *hw = st(P, w32, nw), *hb = with_bias ? st(P, b32, OUT) : NULL, *hg = st(P, g32, no);
-    void *y = st_new(P, no), *dxr = with_dinp ? st(P, dx0, ni) : NULL;
+    void *hr = with_residual ? st(P, r32, no) : NULL;
+    void *y = with_residual == 2 ? st(P, r32, no) : st_new(P, no), *dxr = with_dinp ? st(P, dx0, ni) : NULL;
     float *dwr = fcopy(dw0, nw), *dbr = with_bias ? fcopy(db0, OUT) : NULL;
     void *d_x = dst(P, hx, ni), *d_w = dst(P, hw, nw), *d_b = with_bias ? dst(P, hb, OUT) : NULL;
-    void *d_g = dst(P, hg, no), *d_y = dst_new(P, no), *d_dx = with_dinp ? dst(P, st(P, dx0, ni), ni) : NULL;
+    void *d_g = dst(P, hg, no), *d_y = with_residual == 2 ? dst(P, hr, no) : dst_new(P, no);
+    void *d_r = with_residual == 1 ? dst(P, hr, no) : with_residual == 2 ? d_y : NULL;
+    void *d_dx = with_dinp ? dst(P, st(P, dx0, ni), ni) : NULL;
     float *d_dw = dfl(dw0, nw), *d_db = with_bias ? dfl(db0, OUT) : NULL;
-    snprintf(shape, sizeof shape, "N=%d IN=%d OUT=%d%s%s", N, IN, OUT, with_bias ? "" : " bias NULL",
-             with_dinp ? "" : " dinp NULL");
-    P->cpu->linear_forward(y, hx, hw, hb, N, IN, OUT);
-    P->dev->linear_forward(d_y, d_x, d_w, d_b, N, IN, OUT);
+    snprintf(shape, sizeof shape, "N=%d IN=%d OUT=%d%s%s%s", N, IN, OUT, with_bias ? "" : " bias NULL",
+             with_dinp ? "" : " dinp NULL",
+             with_residual == 1 ? " + residual" : with_residual == 2 ? " + residual in place" : "");
+    P->cpu->linear_forward(y, hx, hw, hb, with_residual == 2 ? y : hr, N, IN, OUT);
+    P->dev->linear_forward(d_y, d_x, d_w, d_b, d_r, N, IN, OUT);
     snprintf(name, sizeof name, "linear_forward %s: out", shape);
     check_st(P, name, y, d_y, no, tol);
     P->cpu->linear_backward(dxr, dwr, dbr, hg, hx, hw, N, IN, OUT);
@@ -790,11 +795,11 @@ static void test_linear(const prec *P, int N, int IN, int OUT, int with_bias, in
         snprintf(name, sizeof name, "linear_backward %s: dbias (fp32 += )", shape);
         check_f(P, name, dbr, d_db, OUT, 1e-5);
     }
-    if (P->dt == LT_BF16 && IN >= 64) {
+    if (P->dt == LT_BF16 && IN >= 64 && !with_residual) {
         /* mixed precision: the bf16 layer against the CPU's fp32 layer on the unrounded inputs (not for
          * tiny products, whose few terms may cancel: relative to max|cpu| the rounding is then unbounded) */
         float *y32 = fl(no), *dw32 = fcopy(dw0, nw);
-        P32.cpu->linear_forward(y32, x32, w32, with_bias ? b32 : NULL, N, IN, OUT);
+        P32.cpu->linear_forward(y32, x32, w32, with_bias ? b32 : NULL, NULL, N, IN, OUT);
         P32.cpu->linear_backward(NULL, dw32, NULL, g32, x32, w32, N, IN, OUT);
         void *got = hmem(no * 2);
         dev->to_host(got, d_y, no * 2);
@@ -978,7 +983,7 @@ static void test_unaligned(const prec *P) {
     test_position_embedding(&U, 2, 5, 64);
     test_layernorm(&U, 9, 64, 1);
     test_rmsnorm(&U, 9, 64);
-    test_linear(&U, 9, 16, 24, 1, 1);
+    test_linear(&U, 9, 16, 24, 1, 1, 1);
     test_cross_entropy(&U, 5, 67); /* logits and dlogits misaligned alike (in place) and differently */
     dev_skew_unit = 0;
 }
@@ -1105,7 +1110,7 @@ static void test_profile_counts(void) {
     int rc = dev_sync(err, sizeof err);
     const int cleared = dev->profile_report(NULL, 1); /* the uploads above do not count */
     for (int k = 0; k < 3; k++) P32.dev->add_forward(dy, da, db, n);
-    for (int k = 0; k < 2; k++) P16.dev->linear_forward(dout, dx, dw, k ? dbias : NULL, N, IN, OUT);
+    for (int k = 0; k < 2; k++) P16.dev->linear_forward(dout, dx, dw, k ? dbias : NULL, NULL, N, IN, OUT);
     P16.dev->attention_forward(dao, dlse, dq, B, T, H, G, D, 0.0f, 0);
     dev->memzero(dy, 4 * n);
     dev->cast_to_bf16(dc, da, n);
@@ -1297,11 +1302,14 @@ int main(int argc, char **argv) {
         test_rmsnorm(P, 7, 33);
         test_rmsnorm(P, 300, 1000);
 
-        test_linear(P, 1, 1, 1, 1, 1);
-        test_linear(P, 37, 65, 129, 1, 1);
-        test_linear(P, 37, 65, 129, 0, 0);
-        test_linear(P, 64, 128, 200, 1, 1); /* tensor-core friendly leading dimensions */
-        test_linear(P, 256, 768, 2304, 1, 1);
+        test_linear(P, 1, 1, 1, 1, 1, 0);
+        test_linear(P, 37, 65, 129, 1, 1, 0);
+        test_linear(P, 37, 65, 129, 0, 0, 0);
+        test_linear(P, 37, 65, 129, 1, 1, 1);  /* + residual */
+        test_linear(P, 37, 65, 129, 0, 0, 2);  /* + residual in place, no bias */
+        test_linear(P, 64, 128, 200, 1, 1, 0); /* tensor-core friendly leading dimensions */
+        test_linear(P, 64, 128, 200, 1, 0, 2);
+        test_linear(P, 256, 768, 2304, 1, 1, 0);
 
         /* B, T, H, G, D, dropout */
         test_attention(P, 2, 1, 4, 2, 64, 0.0f);    /* T = 1 */

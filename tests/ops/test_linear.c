@@ -1,5 +1,6 @@
 /* Linear (sgemm) forward vs a naive loop; dinp, dweight, dbias vs finite differences with and
- * without bias, dinp NULL; lt_matmul in all four transpose combinations with alpha and beta. */
+ * without bias, dinp NULL; the forward's residual (separate, and out itself); lt_matmul in all four
+ * transpose combinations with alpha and beta. */
 #include <stdio.h>
 
 #include "engine/ops/ops.h"
@@ -12,7 +13,7 @@ typedef struct {
 
 static double loss(void *p) {
     ctx_t *c = p;
-    lt_linear_forward(c->out, c->inp, c->w, c->b, c->N, c->IN, c->OUT);
+    lt_linear_forward(c->out, c->inp, c->w, c->b, NULL, c->N, c->IN, c->OUT);
     return tu_dot(c->out, c->R, (size_t)c->N * c->OUT);
 }
 
@@ -81,6 +82,24 @@ static void check(const char *name, int N, int IN, int OUT, int bias, int with_d
     }
 }
 
+/* out = inp W^T + bias + residual, with the residual a separate buffer or out itself (in place). */
+static void check_residual(int N, int IN, int OUT, int bias, int in_place) {
+    const size_t no = (size_t)N * OUT;
+    float *inp = tu_new_randn((size_t)N * IN, 1.0f), *w = tu_new_randn((size_t)OUT * IN, 1.0f);
+    float *b = bias ? tu_new_randn(OUT, 1.0f) : NULL, *res = tu_new_randn(no, 1.0f), *r0 = tu_copy(res, no);
+    float *out = in_place ? res : tu_new_garbage(no);
+    lt_linear_forward(out, inp, w, b, res, N, IN, OUT);
+    double maxd = 0;
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OUT; o++) {
+            double s = r0[n * OUT + o] + (bias ? b[o] : 0.0);
+            for (int i = 0; i < IN; i++) s += (double)inp[n * IN + i] * w[o * IN + i];
+            maxd = tu_worse(maxd, fabs(s - out[n * OUT + o]));
+        }
+    TAP_CHECK(maxd < 1e-5 * sqrt(IN), "linear residual%s%s: forward vs naive (max diff %.2e)", bias ? " + bias" : "",
+              in_place ? ", in place (residual == out)" : "", maxd);
+}
+
 static void check_matmul(int ta, int tb) {
     const int M = 5, Nn = 7, K = 4;
     const float alpha = 0.75f, beta = -0.5f;
@@ -106,6 +125,10 @@ int main(void) {
     check("linear dinp NULL", 4, 5, 70, 1, 0, 1);
     check("linear bias 67x96x520 (threaded bias)", 67, 96, 520, 1, 1, 0);
     check("linear dinp NULL 67x96x520 (threaded bias)", 67, 96, 520, 1, 0, 0);
+    check_residual(67, 96, 520, 1, 0);
+    check_residual(67, 96, 520, 0, 0);
+    check_residual(4, 5, 70, 1, 1);
+    check_residual(4, 5, 70, 0, 1);
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) check_matmul(ta, tb);
     return tap_done();

@@ -1,19 +1,29 @@
 /* Linear layers and general matmul on OpenBLAS sgemm (row-major; weight [OUT, IN]). */
 #include <cblas.h>
+#include <string.h>
 
 #include "engine/ops/cpu/parallel.h"
 #include "engine/ops/ops.h"
 
 #define LT_BIAS_COLS 64 /* columns per bias-gradient task */
 
-void lt_linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N, int IN, int OUT) {
+void lt_linear_forward(float *out, const float *inp, const float *weight, const float *bias, const float *residual,
+                       int N, int IN, int OUT) {
     float beta = 0.0f;
-    if (bias) { /* start from the broadcast bias and let sgemm accumulate onto it */
+    if (bias || residual) { /* start from bias + residual and let sgemm accumulate onto it */
 #pragma omp parallel for schedule(static) if ((int64_t)N * OUT >= LT_PAR_MIN)
         for (int n = 0; n < N; n++) {
             float *o = out + (size_t)n * OUT;
+            const float *r = residual ? residual + (size_t)n * OUT : NULL;
+            if (bias && r) {
 #pragma omp simd
-            for (int j = 0; j < OUT; j++) o[j] = bias[j];
+                for (int j = 0; j < OUT; j++) o[j] = bias[j] + r[j];
+            } else if (bias) {
+#pragma omp simd
+                for (int j = 0; j < OUT; j++) o[j] = bias[j];
+            } else if (r != o) {
+                memcpy(o, r, sizeof(float) * (size_t)OUT);
+            }
         }
         beta = 1.0f;
     }

@@ -6,12 +6,14 @@
 // Every GEMM is one cublasLtMatmul with CUBLAS_COMPUTE_32F: in the fp32 table plain fp32 (no TF32, the
 // checking mode); in the bf16 table bf16 A and B on tensor cores with fp32 accumulation and scaling, D
 // in bf16 for out and dinp (rounded once) and in fp32 for dweight. The bias rides in the GEMM's
-// epilogue: forward adds it to the fp32 accumulator before the one rounding (EPILOGUE_BIAS: the CPU
-// reference's bias-then-GEMM with beta = 1, without a broadcast pass over out); backward sums dout's
-// columns in the dweight GEMM (EPILOGUE_BGRADB, which reads dout anyway) into fp32 scratch that is
-// added to dbias. Where the heuristic offers no algorithm with an epilogue (an alignment, a type the
-// library does not fuse), the bias kernels below do the same work: a broadcast before a beta = 1 GEMM,
-// and deterministic column sums (16-byte packs when OUT allows and the pointers are aligned).
+// epilogue: forward adds it, and the residual (the GEMM's C with beta = 1), to the fp32 accumulator
+// before the one rounding (EPILOGUE_BIAS: the CPU reference's bias-and-residual-then-GEMM with
+// beta = 1, without passes over out); backward sums dout's columns in the dweight GEMM
+// (EPILOGUE_BGRADB, which reads dout anyway) into fp32 scratch that is added to dbias. Where the
+// heuristic offers no algorithm with an epilogue (an alignment, a type the library does not fuse), the
+// bias kernels below do the same work: bias + residual written to out before a beta = 1 GEMM (in bf16
+// that sum is rounded once more: within the bf16 tolerance), and deterministic column sums (16-byte
+// packs when OUT allows and the pointers are aligned).
 #include <stdio.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -38,16 +40,18 @@ int cuda_linear_open(char *err, size_t errlen) {
 #define LIN_BIAS_COLS 32
 #define LIN_BIAS_ROWS 8
 
-/* out[n, j] = bias[j], for a GEMM that then accumulates onto it (beta = 1), as the CPU op does. W
- * elements per thread (W > 1: OUT % W == 0 and both pointers 16-byte aligned). */
+/* out[n, j] = bias[j] (+ residual[n, j]), for a GEMM that then accumulates onto it (beta = 1), as the
+ * CPU op does. W elements per thread (W > 1: OUT % W == 0 and the pointers 16-byte aligned). */
 template <typename scalar_t, int W>
-__global__ void lin_bias_broadcast_kernel(scalar_t *out, const scalar_t *bias, int64_t total, int OUT) {
+__global__ void lin_bias_broadcast_kernel(scalar_t *out, const scalar_t *bias, const scalar_t *residual,
+                                          int64_t total, int OUT) {
     CUDA_FOR(j, total / W) {
         const int64_t i = j * W;
         const cuda_pack<scalar_t, W> b = cuda_ldp<W>(bias + i % OUT);
-        cuda_pack<scalar_t, W> y;
+        cuda_pack<scalar_t, W> r{}, y;
+        if (residual) r = cuda_ldp<W>(residual + i);
 #pragma unroll
-        for (int k = 0; k < W; k++) cuda_st(&y.x[k], cuda_ld(&b.x[k]));
+        for (int k = 0; k < W; k++) cuda_st(&y.x[k], cuda_ld(&b.x[k]) + (residual ? cuda_ld(&r.x[k]) : 0.0f));
         cuda_stp<W>(out + i, y);
     }
 }
@@ -93,10 +97,11 @@ __global__ void lin_bias_final_kernel(float *dbias, const float *partial, int P,
     }
 }
 
-/* One cublasLtMatmul, column-major: D[m, n] = op(A)[m, k] op(B)[k, n] + beta D (+ bias[m] with
+/* One cublasLtMatmul, column-major: D[m, n] = op(A)[m, k] op(B)[k, n] + beta C (+ bias[m] with
  * CUBLASLT_EPILOGUE_BIAS; with CUBLASLT_EPILOGUE_BGRADB, bias[n] = the sums of op(B)'s columns over k,
- * written in D's type). A and B have type ab, D type d. CUBLAS_STATUS_NOT_SUPPORTED when the
- * heuristic has no algorithm for it (the caller then does the epilogue's work itself). */
+ * written in D's type); C has D's layout and is D itself when NULL. A and B have type ab, C and D type
+ * d. CUBLAS_STATUS_NOT_SUPPORTED when the heuristic has no algorithm for it (the caller then does the
+ * epilogue's work itself). */
 typedef struct {
     cublasOperation_t ta, tb;
     int m, n, k;
@@ -106,6 +111,7 @@ typedef struct {
     int ldb;
     void *D;
     int ldd;
+    const void *C;
     cudaDataType_t ab, d;
     float beta;
     cublasLtEpilogue_t epilogue;
@@ -128,7 +134,8 @@ static cublasStatus_t lin_matmul(const lin_gemm *g) {
     cublasLtMatmulHeuristicResult_t h;
     int found = 0;
     const float alpha = 1.0f;
-    const uint32_t align[4] = {lin_alignment(g->A), lin_alignment(g->B), lin_alignment(g->D), lin_alignment(g->D)};
+    const void *C = g->C ? g->C : g->D;
+    const uint32_t align[4] = {lin_alignment(g->A), lin_alignment(g->B), lin_alignment(C), lin_alignment(g->D)};
     const uint64_t workspace = lin_workspace_bytes;
     cublasStatus_t s = cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
 #define LIN_TRY(call) \
@@ -157,10 +164,10 @@ static cublasStatus_t lin_matmul(const lin_gemm *g) {
                                                  sizeof align[2]));
     LIN_TRY(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[3],
                                                  sizeof align[3]));
-    /* C is D (accumulation in place), so one layout serves both */
+    /* C and D share one layout */
     LIN_TRY(cublasLtMatmulAlgoGetHeuristic(lin_lt, desc, la, lb, ld, ld, pref, 1, &h, &found));
     if (s == CUBLAS_STATUS_SUCCESS && found == 0) s = CUBLAS_STATUS_NOT_SUPPORTED;
-    LIN_TRY(cublasLtMatmul(lin_lt, desc, &alpha, g->A, la, g->B, lb, &g->beta, g->D, ld, g->D, ld, &h.algo,
+    LIN_TRY(cublasLtMatmul(lin_lt, desc, &alpha, g->A, la, g->B, lb, &g->beta, C, ld, g->D, ld, &h.algo,
                            lin_workspace, lin_workspace_bytes, cuda_ctx.stream));
 #undef LIN_TRY
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
@@ -184,16 +191,21 @@ static constexpr cudaDataType_t lin_type() {
     return sizeof(T) == 4 ? CUDA_R_32F : CUDA_R_16BF;
 }
 
+/* out = bias (broadcast) + residual, either nullable (both NULL: zeros). */
 template <typename T>
-static void lin_bias_broadcast(T *out, const T *bias, int N, int OUT) {
+static void lin_bias_broadcast(T *out, const T *bias, const T *residual, int N, int OUT) {
     const int64_t total = (int64_t)N * OUT;
     constexpr int V = CUDA_VEC(T);
-    if (OUT % V == 0 && cuda_aligned16(out, bias))
+    if (!bias) {
+        if (!residual) cuda_memzero(out, sizeof(T) * (size_t)total);
+        else if (residual != out) cuda_copy(out, residual, sizeof(T) * (size_t)total);
+    } else if (OUT % V == 0 && cuda_aligned16(out, bias) && (!residual || cuda_aligned16(residual))) {
         CUDA_LAUNCH((lin_bias_broadcast_kernel<T, V>), cuda_blocks(total / V, CUDA_THREADS), CUDA_THREADS, 0)(
-            out, bias, total, OUT);
-    else
+            out, bias, residual, total, OUT);
+    } else {
         CUDA_LAUNCH((lin_bias_broadcast_kernel<T, 1>), cuda_blocks(total, CUDA_THREADS), CUDA_THREADS, 0)(
-            out, bias, total, OUT);
+            out, bias, residual, total, OUT);
+    }
 }
 
 /* dbias[j] += the column sums of dout[N, OUT] (the fallback of the BGRADB epilogue). */
@@ -220,22 +232,24 @@ static void lin_bias_grad(float *dbias, const T *dout, int N, int OUT) {
 }
 
 template <typename T>
-static void lin_forward(void *out, const void *inp, const void *weight, const void *bias, int N, int IN, int OUT) {
+static void lin_forward(void *out, const void *inp, const void *weight, const void *bias, const void *residual, int N,
+                        int IN, int OUT) {
     if (N <= 0 || OUT <= 0) return;
-    if (IN <= 0) { /* an empty product: out is the bias (or zero) */
-        if (bias) lin_bias_broadcast((T *)out, (const T *)bias, N, OUT);
-        else cuda_memzero(out, sizeof(T) * (size_t)N * OUT);
+    if (IN <= 0) { /* an empty product: out is bias + residual (or zero) */
+        lin_bias_broadcast((T *)out, (const T *)bias, (const T *)residual, N, OUT);
         cuda_check("linear_forward");
         return;
     }
-    /* column-major out^T[OUT, N] = W[OUT, IN] (stored as col-major IN x OUT, so op T) @ inp^T[IN, N] */
-    lin_gemm g = {CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, out, OUT, lin_type<T>(), lin_type<T>(),
-                  0.0f, bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, (void *)bias};
+    /* column-major out^T[OUT, N] = W[OUT, IN] (stored as col-major IN x OUT, so op T) @ inp^T[IN, N],
+     * + residual^T as C (beta = 1) */
+    lin_gemm g = {CUBLAS_OP_T,      CUBLAS_OP_N,           OUT, N, IN, weight, IN, inp, IN, out, OUT, residual,
+                  lin_type<T>(),    lin_type<T>(),         residual ? 1.0f : 0.0f,
+                  bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, (void *)bias};
     if (!bias || lin_matmul(&g) != CUBLAS_STATUS_SUCCESS) {
-        if (bias) { /* no fused bias: broadcast it, then accumulate onto it */
+        if (bias) { /* no fused bias: out = bias + residual, then accumulate onto it */
             cuda_ctx.gemm_unfused++;
-            lin_bias_broadcast((T *)out, (const T *)bias, N, OUT);
-            g.beta = 1.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
+            lin_bias_broadcast((T *)out, (const T *)bias, (const T *)residual, N, OUT);
+            g.C = NULL, g.beta = 1.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
         }
         lin_run("linear_forward", &g);
     }
@@ -255,15 +269,15 @@ static void lin_backward(void *dinp, float *dweight, float *dbias, const void *d
     /* dinp[N, IN] = dout[N, OUT] @ W[OUT, IN] (written): column-major dinp^T[IN, N] = W^T[IN, OUT] @
      * dout^T[OUT, N], and W^T, dout^T are exactly how cuBLASLt sees the row-major buffers (op N, N). */
     if (dinp) {
-        const lin_gemm g = {CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, dinp, IN, lin_type<T>(),
-                            lin_type<T>(), 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+        const lin_gemm g = {CUBLAS_OP_N,   CUBLAS_OP_N,   IN,   N, OUT, weight, IN, dout, OUT, dinp, IN, NULL,
+                            lin_type<T>(), lin_type<T>(), 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
         lin_run("linear_backward", &g);
     }
     /* dweight[OUT, IN] (fp32) += dout^T @ inp: column-major dweight^T[IN, OUT] += inp^T[IN, N] @ dout[N, OUT],
      * where cuBLASLt sees dout as dout^T (OUT x N), hence op T on it; op(B) = dout, whose column sums
      * over k = N are dbias (BGRADB, written to scratch, then added). */
-    lin_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, dweight, IN, lin_type<T>(), CUDA_R_32F,
-                  1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+    lin_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, IN,  OUT, N, inp, IN, dout, OUT, dweight, IN, NULL, lin_type<T>(),
+                  CUDA_R_32F,  1.0f,        CUBLASLT_EPILOGUE_DEFAULT, NULL};
     const size_t db_bytes = sizeof(float) * (size_t)OUT;
     float *db = dbias ? (float *)cuda_scratch(db_bytes, "linear_backward") : NULL;
     int fused = 0;

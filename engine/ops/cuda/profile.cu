@@ -241,8 +241,8 @@ PROF_COST(layernorm_backward, 0, 4 * es * ARG(8) * ARG(9) + 8 * ARG(8))
 PROF_COST(rmsnorm_forward, 0, 2 * es * ARG(4) * ARG(5) + 4 * ARG(4))
 /* (dinp, dweight, dout, inp, weight, rstd, N, C) */
 PROF_COST(rmsnorm_backward, 0, 4 * es * ARG(6) * ARG(7) + 4 * ARG(6))
-/* (out, inp, weight, bias, N, IN, OUT) */
-PROF_COST(linear_forward, 2 * ARG(4) * ARG(5) * ARG(6), 0)
+/* (out, inp, weight, bias, residual, N, IN, OUT) */
+PROF_COST(linear_forward, 2 * ARG(5) * ARG(6) * ARG(7), 0)
 /* (dinp, dweight, dbias, dout, inp, weight, N, IN, OUT): dweight always, dinp when given */
 PROF_COST(linear_backward, (PTR(0) ? 4 : 2) * ARG(6) * ARG(7) * ARG(8), 0)
 /* (out, lse, qkv, B, T, H, G, D, p, key): 4 B H T^2 D / 2 */

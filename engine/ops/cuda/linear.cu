@@ -118,6 +118,15 @@ typedef struct {
     void *bias;
 } lin_gemm;
 
+/* A plain product D = op(A) op(B): no C, no epilogue (the caller sets those). */
+static lin_gemm lin_product(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A, int lda,
+                            const void *B, int ldb, void *D, int ldd, cudaDataType_t ab, cudaDataType_t d) {
+    lin_gemm g;
+    g.ta = ta, g.tb = tb, g.m = m, g.n = n, g.k = k, g.A = A, g.lda = lda, g.B = B, g.ldb = ldb, g.D = D, g.ldd = ldd;
+    g.C = NULL, g.ab = ab, g.d = d, g.beta = 0.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
+    return g;
+}
+
 /* The alignment a pointer has (a power of two, at most the 256 bytes cuBLASLt asks about): views into
  * a flat parameter or activation buffer need not be 256-byte aligned, and the heuristic must not pick
  * an algorithm that assumes more than they have. */
@@ -242,9 +251,10 @@ static void lin_forward(void *out, const void *inp, const void *weight, const vo
     }
     /* column-major out^T[OUT, N] = W[OUT, IN] (stored as col-major IN x OUT, so op T) @ inp^T[IN, N],
      * + residual^T as C (beta = 1) */
-    lin_gemm g = {CUBLAS_OP_T,      CUBLAS_OP_N,           OUT, N, IN, weight, IN, inp, IN, out, OUT, residual,
-                  lin_type<T>(),    lin_type<T>(),         residual ? 1.0f : 0.0f,
-                  bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, (void *)bias};
+    lin_gemm g = lin_product(CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, out, OUT, lin_type<T>(),
+                             lin_type<T>());
+    g.C = residual, g.beta = residual ? 1.0f : 0.0f;
+    if (bias) g.epilogue = CUBLASLT_EPILOGUE_BIAS, g.bias = (void *)bias;
     if (!bias || lin_matmul(&g) != CUBLAS_STATUS_SUCCESS) {
         if (bias) { /* no fused bias: out = bias + residual, then accumulate onto it */
             cuda_ctx.gemm_unfused++;
@@ -269,15 +279,16 @@ static void lin_backward(void *dinp, float *dweight, float *dbias, const void *d
     /* dinp[N, IN] = dout[N, OUT] @ W[OUT, IN] (written): column-major dinp^T[IN, N] = W^T[IN, OUT] @
      * dout^T[OUT, N], and W^T, dout^T are exactly how cuBLASLt sees the row-major buffers (op N, N). */
     if (dinp) {
-        const lin_gemm g = {CUBLAS_OP_N,   CUBLAS_OP_N,   IN,   N, OUT, weight, IN, dout, OUT, dinp, IN, NULL,
-                            lin_type<T>(), lin_type<T>(), 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+        const lin_gemm g = lin_product(CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, dinp, IN,
+                                       lin_type<T>(), lin_type<T>());
         lin_run("linear_backward", &g);
     }
     /* dweight[OUT, IN] (fp32) += dout^T @ inp: column-major dweight^T[IN, OUT] += inp^T[IN, N] @ dout[N, OUT],
      * where cuBLASLt sees dout as dout^T (OUT x N), hence op T on it; op(B) = dout, whose column sums
      * over k = N are dbias (BGRADB, written to scratch, then added). */
-    lin_gemm g = {CUBLAS_OP_N, CUBLAS_OP_T, IN,  OUT, N, inp, IN, dout, OUT, dweight, IN, NULL, lin_type<T>(),
-                  CUDA_R_32F,  1.0f,        CUBLASLT_EPILOGUE_DEFAULT, NULL};
+    lin_gemm g = lin_product(CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, dweight, IN, lin_type<T>(),
+                             CUDA_R_32F);
+    g.beta = 1.0f;
     const size_t db_bytes = sizeof(float) * (size_t)OUT;
     float *db = dbias ? (float *)cuda_scratch(db_bytes, "linear_backward") : NULL;
     int fused = 0;

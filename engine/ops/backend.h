@@ -40,6 +40,16 @@ typedef struct lt_ops {
                            int N, int IN, int OUT);
     void (*linear_backward)(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
                             const void *weight, int N, int IN, int OUT);
+    /* The MLP's fc1 with the tanh GELU (lt_gelu_tanh_forward) after it, fused where the device can (the
+     * GEMM's epilogue): pre = inp @ weight^T + bias (kept for backward), act = gelu_tanh(pre); bias
+     * nullable. Under bf16 act is the GELU of the unrounded pre, each output rounded once. */
+    void (*linear_gelu_forward)(void *act, void *pre, const void *inp, const void *weight, const void *bias, int N,
+                                int IN, int OUT);
+    /* fc2's backward with the GELU's before it: dpre = (dout @ weight) * gelu_tanh'(pre) (written; the
+     * product is not rounded before the GELU's derivative), dweight += dout^T @ inp, dbias += sum dout
+     * (nullable); pre as linear_gelu_forward kept it. */
+    void (*linear_dgelu_backward)(void *dpre, float *dweight, float *dbias, const void *dout, const void *inp,
+                                  const void *weight, const void *pre, int N, int IN, int OUT);
 
     void (*attention_forward)(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D,
                               float dropout_p, uint64_t dropout_key);
@@ -63,8 +73,8 @@ typedef struct lt_ops {
 
 /* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change, in layout or in an op's contract
  * (5: activation gradients written, not accumulated;
- * 6: linear_forward adds a residual): the loader refuses a plugin built against another. */
-#define LT_BACKEND_ABI 6
+ * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward): the loader refuses a plugin built against another. */
+#define LT_BACKEND_ABI 7
 
 /* Collectives on the backend's memory (the CUDA plugin: NCCL, engine/ops/cuda/nccl.cu), used by
  * engine/comm/nccl.c behind lt_comm (lt_comm_nccl); the CPU backend has none (lt_backend.comm NULL).

@@ -49,6 +49,19 @@ static void f32_linear_backward(void *dinp, float *dw, float *db, const void *do
                                 int N, int IN, int OUT) {
     lt_linear_backward(dinp, dw, db, dout, inp, w, N, IN, OUT);
 }
+static void f32_linear_gelu_forward(void *act, void *pre, const void *inp, const void *w, const void *b, int N, int IN,
+                                    int OUT) {
+    lt_linear_forward(pre, inp, w, b, NULL, N, IN, OUT);
+    lt_gelu_tanh_forward(act, pre, (int64_t)N * OUT);
+}
+static void f32_linear_dgelu_backward(void *dpre, float *dw, float *db, const void *dout, const void *inp,
+                                      const void *w, const void *pre, int N, int IN, int OUT) {
+    const size_t bytes = sizeof(float) * (size_t)N * IN;
+    float *dact = lt_alloc(bytes);
+    lt_linear_backward(dact, dw, db, dout, inp, w, N, IN, OUT);
+    lt_gelu_tanh_backward(dpre, dact, pre, (int64_t)N * IN);
+    lt_release(dact, bytes);
+}
 static void f32_attention_forward(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D, float p,
                                   uint64_t key) {
     lt_attention_forward(out, lse, qkv, B, T, H, G, D, p, key);
@@ -96,6 +109,8 @@ static void f32_cross_entropy_backward(void *dlogits, const void *logits, const 
         .layernorm_forward = prefix##_layernorm_forward, .layernorm_backward = prefix##_layernorm_backward,     \
         .rmsnorm_forward = prefix##_rmsnorm_forward, .rmsnorm_backward = prefix##_rmsnorm_backward,             \
         .linear_forward = prefix##_linear_forward, .linear_backward = prefix##_linear_backward,                 \
+        .linear_gelu_forward = prefix##_linear_gelu_forward,                                                      \
+        .linear_dgelu_backward = prefix##_linear_dgelu_backward,                                                  \
         .attention_forward = prefix##_attention_forward, .attention_backward = prefix##_attention_backward,     \
         .rope_forward = prefix##_rope_forward, .rope_backward = prefix##_rope_backward,                         \
         .gelu_forward = prefix##_gelu_forward, .gelu_backward = prefix##_gelu_backward,                         \
@@ -203,6 +218,28 @@ static void bf16_linear_backward(void *dinp, float *dw, float *db, const void *d
     lt_linear_backward(di, dw, db, d, x, wf, N, IN, OUT);
     drop(d, NO), drop(x, NI), drop(wf, WN);
     if (dinp) narrow(dinp, di, NI);
+}
+/* Like the fused GPU op: act is the GELU of the unrounded pre; dpre the GELU derivative times the
+ * unrounded product. */
+static void bf16_linear_gelu_forward(void *act, void *pre, const void *inp, const void *w, const void *b, int N,
+                                     int IN, int OUT) {
+    const int64_t NI = (int64_t)N * IN, NO = (int64_t)N * OUT, WN = (int64_t)IN * OUT;
+    float *o = scratch(NO), *a = scratch(NO), *x = widen(inp, NI), *wf = widen(w, WN), *bf = widen(b, OUT);
+    lt_linear_forward(o, x, wf, bf, NULL, N, IN, OUT);
+    lt_gelu_tanh_forward(a, o, NO);
+    drop(x, NI), drop(wf, WN), drop(bf, OUT);
+    narrow(pre, o, NO);
+    narrow(act, a, NO);
+}
+static void bf16_linear_dgelu_backward(void *dpre, float *dw, float *db, const void *dout, const void *inp,
+                                       const void *w, const void *pre, int N, int IN, int OUT) {
+    const int64_t NI = (int64_t)N * IN, NO = (int64_t)N * OUT, WN = (int64_t)IN * OUT;
+    float *da = scratch(NI), *dp = scratch(NI), *d = widen(dout, NO), *x = widen(inp, NI), *wf = widen(w, WN);
+    float *p = widen(pre, NI);
+    lt_linear_backward(da, dw, db, d, x, wf, N, IN, OUT);
+    lt_gelu_tanh_backward(dp, da, p, NI);
+    drop(da, NI), drop(d, NO), drop(x, NI), drop(wf, WN), drop(p, NI);
+    narrow(dpre, dp, NI);
 }
 static void bf16_attention_forward(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D, float p,
                                    uint64_t key) {

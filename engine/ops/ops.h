@@ -84,6 +84,10 @@ void lt_softmax_backward(float *dinp, const float *dout, const float *out, int N
 /* Exact (erf) GELU, as torch.nn.functional.gelu. Backward writes dinp. */
 void lt_gelu_forward(float *out, const float *inp, int64_t n);
 void lt_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
+/* GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): Megatron's openai_gelu and
+ * its fused bias-GELU, GPT-2's gelu_new, and what cuBLASLt's GELU epilogue computes. Backward writes dinp. */
+void lt_gelu_tanh_forward(float *out, const float *inp, int64_t n);
+void lt_gelu_tanh_backward(float *dinp, const float *dout, const float *inp, int64_t n);
 /* SwiGLU on inp[N, 2F] (Megatron's gated fc1 output): out[N, F] = silu(inp[:, :F]) * inp[:, F:].
  * Backward writes both halves of dinp[N, 2F]. */
 void lt_swiglu_forward(float *out, const float *inp, int N, int F);

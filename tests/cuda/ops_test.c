@@ -817,6 +817,49 @@ static void test_linear(const prec *P, int N, int IN, int OUT, int with_bias, in
     arena_reset();
 }
 
+/* The MLP's fused ops with the tanh GELU: fc1 (linear_gelu_forward: act and pre) and, as fc2's backward
+ * on top of it, linear_dgelu_backward (dpre written over junk; dweight, dbias accumulated). The
+ * backward starts from the CPU's act and pre, so it is checked on its own. OUT a multiple of 8 takes
+ * cuBLASLt's GELU epilogues, otherwise their fallback kernels. */
+static void test_linear_gelu(const prec *P, int N, int IN, int OUT, int with_bias) {
+    char name[240], shape[96];
+    const int F = OUT, C2 = IN; /* fc2: F -> C2 */
+    const size_t ni = (size_t)N * IN, nw = (size_t)OUT * IN, no = (size_t)N * OUT, nc = (size_t)N * C2;
+    const double tol = tol_for(P, 1e-4, 1e-2);
+    float *x32 = rnd(&P32, ni, -1, 1), *w32 = rnd(&P32, nw, -1, 1), *b32 = rnd(&P32, OUT, -1, 1);
+    float *g32 = rnd(&P32, nc, -1, 1), *w2_32 = rnd(&P32, (size_t)C2 * F, -1, 1);
+    float *dw0 = rnd(&P32, (size_t)C2 * F, -1, 1), *db0 = rnd(&P32, C2, -1, 1);
+    void *hx = st(P, x32, ni), *hw = st(P, w32, nw), *hb = with_bias ? st(P, b32, OUT) : NULL;
+    void *act = st_new(P, no), *pre = st_new(P, no), *hg = st(P, g32, nc), *hw2 = st(P, w2_32, (size_t)C2 * F);
+    void *dpre = st(P, junk(no), no);
+    float *dwr = fcopy(dw0, (size_t)C2 * F), *dbr = with_bias ? fcopy(db0, C2) : NULL;
+    void *d_x = dst(P, hx, ni), *d_w = dst(P, hw, nw), *d_b = with_bias ? dst(P, hb, OUT) : NULL;
+    void *d_act = dst_new(P, no), *d_pre = dst_new(P, no), *d_g = dst(P, hg, nc), *d_w2 = dst(P, hw2, (size_t)C2 * F);
+    void *d_dpre = dst(P, dpre, no);
+    float *d_dw = dfl(dw0, (size_t)C2 * F), *d_db = with_bias ? dfl(db0, C2) : NULL;
+    snprintf(shape, sizeof shape, "N=%d IN=%d OUT=%d%s (%s)", N, IN, OUT, with_bias ? "" : " bias NULL",
+             OUT % 8 ? "fallback" : "epilogue");
+    P->cpu->linear_gelu_forward(act, pre, hx, hw, hb, N, IN, OUT);
+    P->dev->linear_gelu_forward(d_act, d_pre, d_x, d_w, d_b, N, IN, OUT);
+    snprintf(name, sizeof name, "linear_gelu_forward %s: act", shape);
+    check_st(P, name, act, d_act, no, tol);
+    snprintf(name, sizeof name, "linear_gelu_forward %s: pre", shape);
+    check_st(P, name, pre, d_pre, no, tol);
+    dev->to_device(d_act, act, no * esize(P->dt));
+    dev->to_device(d_pre, pre, no * esize(P->dt));
+    P->cpu->linear_dgelu_backward(dpre, dwr, dbr, hg, act, hw2, pre, N, F, C2);
+    P->dev->linear_dgelu_backward(d_dpre, d_dw, d_db, d_g, d_act, d_w2, d_pre, N, F, C2);
+    snprintf(name, sizeof name, "linear_dgelu_backward %s: dpre (written)", shape);
+    check_st(P, name, dpre, d_dpre, no, tol);
+    snprintf(name, sizeof name, "linear_dgelu_backward %s: dweight (fp32 += )", shape);
+    check_f(P, name, dwr, d_dw, (size_t)C2 * F, tol_for(P, 1e-4, 1e-2));
+    if (with_bias) {
+        snprintf(name, sizeof name, "linear_dgelu_backward %s: dbias (fp32 += )", shape);
+        check_f(P, name, dbr, d_db, C2, 1e-5);
+    }
+    arena_reset();
+}
+
 /* ---------------- attention and rope ---------------- */
 
 /* max|diff| over the query (part 0), key (1) or value (2) heads of a qkv-layout buffer, relative to
@@ -1035,8 +1078,8 @@ static void test_backend_unaligned(void) {
 static const char *const prof_ops[] = {
     "embedding_forward", "embedding_backward", "position_embedding_forward", "position_embedding_backward",
     "layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "linear_forward",
-    "linear_backward", "attention_forward", "attention_backward", "rope_forward", "rope_backward", "gelu_forward",
-    "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
+    "linear_backward", "linear_gelu_forward", "linear_dgelu_backward", "attention_forward", "attention_backward",
+    "rope_forward", "rope_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
     "cross_entropy_forward", "cross_entropy_backward",
 };
 static const char *const prof_fns[] = {"fill",         "fill_normal", "sum_squares", "scale",
@@ -1310,6 +1353,9 @@ int main(int argc, char **argv) {
         test_linear(P, 64, 128, 200, 1, 1, 0); /* tensor-core friendly leading dimensions */
         test_linear(P, 64, 128, 200, 1, 0, 2);
         test_linear(P, 256, 768, 2304, 1, 1, 0);
+        test_linear_gelu(P, 37, 65, 129, 1);  /* OUT not a multiple of 8: the fallback */
+        test_linear_gelu(P, 64, 48, 200, 1);  /* the GELU epilogues */
+        test_linear_gelu(P, 33, 40, 64, 0);
 
         /* B, T, H, G, D, dropout */
         test_attention(P, 2, 1, 4, 2, 64, 0.0f);    /* T = 1 */

@@ -1,4 +1,4 @@
-/* Softmax, GELU (exact erf), SwiGLU and add: forward vs double references, backward vs finite
+/* Softmax, GELU (exact erf, and the tanh approximation), SwiGLU and add: forward vs double references, backward vs finite
  * differences. Softmax, GELU and SwiGLU write dinp (prefilled with garbage, which must not survive);
  * add accumulates (onto a prefill). */
 #include <stdio.h>
@@ -18,6 +18,11 @@ static double softmax_loss(void *p) {
 static double gelu_loss(void *p) {
     (void)p;
     lt_gelu_forward(y, x, (int64_t)N * C);
+    return tu_dot(y, R, (size_t)N * C);
+}
+static double gelu_tanh_loss(void *p) {
+    (void)p;
+    lt_gelu_tanh_forward(y, x, (int64_t)N * C);
     return tu_dot(y, R, (size_t)N * C);
 }
 static double swiglu_loss(void *p) {
@@ -60,6 +65,20 @@ int main(void) {
     g = tu_new_garbage(nc);
     lt_gelu_backward(g, R, x, (int64_t)nc);
     tu_check_fd("gelu dinp (written over garbage)", g, zero, x, nc, 1e-2f, gelu_loss, NULL, 5e-4);
+    free(g);
+
+    /* gelu, tanh approximation (the same inputs, large |x| included) */
+    gelu_tanh_loss(NULL);
+    maxd = 0;
+    for (size_t i = 0; i < nc; i++) {
+        const double v = x[i], t = tanh(sqrt(2.0 / 3.14159265358979323846) * (v + 0.044715 * v * v * v));
+        maxd = tu_worse(maxd, fabs(0.5 * v * (1.0 + t) - y[i]));
+    }
+    TAP_CHECK(maxd < 2e-6, "gelu_tanh forward vs 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (max diff %.2e)",
+              maxd);
+    g = tu_new_garbage(nc);
+    lt_gelu_tanh_backward(g, R, x, (int64_t)nc);
+    tu_check_fd("gelu_tanh dinp (written over garbage)", g, zero, x, nc, 1e-2f, gelu_tanh_loss, NULL, 5e-4);
     free(g);
 
     /* swiglu on [N, 2F] */

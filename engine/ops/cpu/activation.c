@@ -9,6 +9,8 @@
 
 #define LT_INV_SQRT2 0.70710678118654752f
 #define LT_INV_SQRT_2PI 0.39894228040143268f
+#define LT_SQRT_2_OVER_PI 0.79788456080286536f
+#define LT_GELU_TANH_C 0.044715f
 
 void lt_softmax_forward(float *out, const float *inp, int N, int C) {
 #pragma omp parallel for schedule(static) if ((int64_t)N * C >= LT_PAR_MIN)
@@ -60,6 +62,28 @@ void lt_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t 
         const float cdf = 0.5f * (1.0f + lt_erf(x * LT_INV_SQRT2));
         const float pdf = LT_INV_SQRT_2PI * lt_exp(-0.5f * x * x);
         dinp[i] = dout[i] * (cdf + x * pdf);
+    }
+}
+
+/* tanh through lt_exp, so the loops vectorise: 1 - 2 / (e^2u + 1), exact at +-inf. */
+static inline float lt_tanh(float u) { return 1.0f - 2.0f / (lt_exp(2.0f * u) + 1.0f); }
+
+void lt_gelu_tanh_forward(float *out, const float *inp, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n >= LT_PAR_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        const float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + lt_tanh(LT_SQRT_2_OVER_PI * (x + LT_GELU_TANH_C * x * x * x)));
+    }
+}
+
+void lt_gelu_tanh_backward(float *dinp, const float *dout, const float *inp, int64_t n) {
+    /* d/dx 0.5 x (1 + t), t = tanh(u(x)): 0.5 (1 + t) + 0.5 x (1 - t^2) u'(x) */
+#pragma omp parallel for simd schedule(static) if (n >= LT_PAR_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        const float x = inp[i];
+        const float t = lt_tanh(LT_SQRT_2_OVER_PI * (x + LT_GELU_TANH_C * x * x * x));
+        const float du = LT_SQRT_2_OVER_PI * (1.0f + 3.0f * LT_GELU_TANH_C * x * x);
+        dinp[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
     }
 }
 

@@ -279,6 +279,9 @@ typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
 typedef enum {
     CUBLASLT_EPILOGUE_DEFAULT = 1,
     CUBLASLT_EPILOGUE_BIAS = 4,
+    CUBLASLT_EPILOGUE_GELU_AUX = 32 | 128,
+    CUBLASLT_EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4,
+    CUBLASLT_EPILOGUE_DGELU = 64 | 128,
     CUBLASLT_EPILOGUE_BGRADB = 512
 } cublasLtEpilogue_t;
 typedef enum {
@@ -286,6 +289,8 @@ typedef enum {
     CUBLASLT_MATMUL_DESC_TRANSB = 4,
     CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
     CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+    CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 11,
+    CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD = 12,
     CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26
 } cublasLtMatmulDescAttributes_t;
 typedef enum {
@@ -303,6 +308,8 @@ struct emu_lt_desc {
     uint32_t epilogue;
     void *bias;
     int32_t bias_type; /* -1: D's type */
+    void *aux;         /* the GELU epilogues' input matrix (D's type and layout, pitch aux_ld) */
+    int64_t aux_ld;
 };
 typedef emu_lt_desc *cublasLtMatmulDesc_t;
 struct emu_lt_layout {
@@ -339,7 +346,7 @@ static inline cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
 }
 static inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t c, cudaDataType_t s) {
     if (c != CUBLAS_COMPUTE_32F || s != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
-    *d = new emu_lt_desc{c, s, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, NULL, -1};
+    *d = new emu_lt_desc{c, s, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, NULL, -1, NULL, 0};
     return CUBLAS_STATUS_SUCCESS;
 }
 static inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
@@ -362,6 +369,14 @@ static inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t
     case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
         if (size != sizeof(void *)) return CUBLAS_STATUS_INVALID_VALUE;
         memcpy(&d->bias, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER:
+        if (size != sizeof(void *)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->aux, buf, size);
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD:
+        if (size != sizeof(int64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&d->aux_ld, buf, size);
         return CUBLAS_STATUS_SUCCESS;
     case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE:
         if (size != sizeof(int32_t)) return CUBLAS_STATUS_INVALID_VALUE;
@@ -404,7 +419,10 @@ static inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmul
 }
 
 /* The shapes and types the plugin's products may have: A and B both fp32 or both bf16, C = D, fp32 or
- * (with bf16 A and B) bf16; op(A) m x k, op(B) k x n, D m x n; an epilogue with its bias pointer. */
+ * (with bf16 A and B) bf16; op(A) m x k, op(B) k x n, D m x n; an epilogue with its bias or aux pointer. */
+static inline int emu_lt_gelu(uint32_t e) {
+    return e == CUBLASLT_EPILOGUE_GELU_AUX || e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS || e == CUBLASLT_EPILOGUE_DGELU;
+}
 static inline int emu_lt_valid(const emu_lt_desc *d, const emu_lt_layout *a, const emu_lt_layout *b,
                                const emu_lt_layout *c, const emu_lt_layout *dd) {
     const uint64_t m = dd->rows, n = dd->cols, k = d->ta == CUBLAS_OP_N ? a->cols : a->rows;
@@ -412,10 +430,12 @@ static inline int emu_lt_valid(const emu_lt_desc *d, const emu_lt_layout *a, con
            c->rows == m && c->cols == n && c->ld == dd->ld && (dd->type == CUDA_R_32F || a->type == CUDA_R_16BF) &&
            (d->ta == CUBLAS_OP_N ? a->rows : a->cols) == m && (d->tb == CUBLAS_OP_N ? b->rows : b->cols) == k &&
            (d->tb == CUBLAS_OP_N ? b->cols : b->rows) == n &&
-           (d->epilogue == CUBLASLT_EPILOGUE_DEFAULT || d->bias) &&
+           ((d->epilogue != CUBLASLT_EPILOGUE_BIAS && d->epilogue != CUBLASLT_EPILOGUE_GELU_AUX_BIAS &&
+             d->epilogue != CUBLASLT_EPILOGUE_BGRADB) || d->bias) &&
+           (!emu_lt_gelu(d->epilogue) || (d->aux && (uint64_t)d->aux_ld >= m)) &&
            (d->bias_type == -1 || d->bias_type == (int32_t)dd->type) &&
            (d->epilogue == CUBLASLT_EPILOGUE_DEFAULT || d->epilogue == CUBLASLT_EPILOGUE_BIAS ||
-            d->epilogue == CUBLASLT_EPILOGUE_BGRADB);
+            d->epilogue == CUBLASLT_EPILOGUE_BGRADB || emu_lt_gelu(d->epilogue));
 }
 
 /* One algorithm for every valid product; none (NOT_SUPPORTED) with LUATRON_EMULATE_NO_LT_EPILOGUE=1 for
@@ -430,6 +450,8 @@ static inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cu
     if (requested < 1 || !emu_lt_valid(d, a, b, c, dd)) return CUBLAS_STATUS_INVALID_VALUE;
     const char *no = getenv("LUATRON_EMULATE_NO_LT_EPILOGUE");
     if (no && *no == '1' && d->epilogue != CUBLASLT_EPILOGUE_DEFAULT) return CUBLAS_STATUS_NOT_SUPPORTED;
+    /* the library's rule for the GELU input matrix: "leading dimension ... must be divisible by 8" */
+    if (emu_lt_gelu(d->epilogue) && d->aux_ld % 8 != 0) return CUBLAS_STATUS_NOT_SUPPORTED;
     memset(r, 0, sizeof *r);
     r->algo.data[0] = EMU_LT_ALGO_TAG;
     for (int i = 0; i < 4; i++) r->algo.data[1 + i] = p->align[i];
@@ -474,11 +496,21 @@ static inline void emu_store(void *X, cudaDataType_t t, size_t i, float v) {
     else ((__nv_bfloat16 *)X)[i] = __float2bfloat16_rn(v);
 }
 
+/* GELU's tanh approximation, as cuBLASLt's GELU epilogues compute it, and its derivative. */
+static inline float emu_gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+static inline float emu_gelu_tanh_grad(float x) {
+    const float t = tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 3.0f * 0.044715f * x * x);
+}
+
 /* D = alpha op(A) op(B) + beta C (+ bias[i] down the rows: EPILOGUE_BIAS), accumulated in fp32 from the
  * widened operands and stored once (a bf16 D rounded once: what tensor cores with fp32 accumulation
  * compute, up to the order of the sums); EPILOGUE_BGRADB also writes bias[j] = sum over k of op(B)'s
- * column j, in D's type. Checks the algorithm came from the heuristic, that every pointer has the
- * alignment promised there, and that the workspace it asked for is given. */
+ * column j, in D's type; GELU_AUX(_BIAS) stores that value in aux and its GELU in D; DGELU multiplies
+ * it by the GELU's derivative at aux. Checks the algorithm came from the heuristic, that every pointer
+ * has the alignment promised there, and that the workspace it asked for is given. */
 static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const void *alpha, const void *A,
                                             cublasLtMatrixLayout_t la, const void *B, cublasLtMatrixLayout_t lb,
                                             const void *beta, const void *C, cublasLtMatrixLayout_t lc, void *D,
@@ -508,9 +540,18 @@ static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc
         for (int i = 0; i < m; i++) {
             const size_t o = (size_t)j * ld->ld + i;
             float v = al * p[o] + (b != 0.0f ? b * c[o] : 0.0f);
-            if (d->epilogue == CUBLASLT_EPILOGUE_BIAS)
+            if (d->epilogue == CUBLASLT_EPILOGUE_BIAS || d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
                 v += ld->type == CUDA_R_32F ? ((const float *)d->bias)[i]
                                             : __bfloat162float(((const __nv_bfloat16 *)d->bias)[i]);
+            const size_t ao = (size_t)j * (size_t)d->aux_ld + i;
+            if (d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX || d->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS) {
+                emu_store(d->aux, ld->type, ao, v);
+                v = emu_gelu_tanh(v);
+            } else if (d->epilogue == CUBLASLT_EPILOGUE_DGELU) {
+                const float x = ld->type == CUDA_R_32F ? ((const float *)d->aux)[ao]
+                                                       : __bfloat162float(((const __nv_bfloat16 *)d->aux)[ao]);
+                v *= emu_gelu_tanh_grad(x);
+            }
             emu_store(D, ld->type, o, v);
         }
     if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB)

@@ -185,6 +185,17 @@ static inline bool cuda_aligned16(const void *p, P... rest) {
     return cuda_aligned16(p) && cuda_aligned16(rest...);
 }
 
+/* GELU's tanh approximation (lt_gelu_tanh_forward / _backward) and its derivative. */
+#define CUDA_SQRT_2_OVER_PI 0.79788456080286536f
+#define CUDA_GELU_TANH_C 0.044715f
+static __device__ __forceinline__ float cuda_gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(CUDA_SQRT_2_OVER_PI * (x + CUDA_GELU_TANH_C * x * x * x)));
+}
+static __device__ __forceinline__ float cuda_gelu_tanh_grad(float x) {
+    const float t = tanhf(CUDA_SQRT_2_OVER_PI * (x + CUDA_GELU_TANH_C * x * x * x));
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * CUDA_SQRT_2_OVER_PI * (1.0f + 3.0f * CUDA_GELU_TANH_C * x * x);
+}
+
 static __device__ __forceinline__ float cuda_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -14,6 +14,11 @@
 // bias kernels below do the same work: bias + residual written to out before a beta = 1 GEMM (in bf16
 // that sum is rounded once more: within the bf16 tolerance), and deterministic column sums (16-byte
 // packs when OUT allows and the pointers are aligned).
+//
+// The MLP's tanh GELU rides in epilogues too: fc1 forward with GELU_AUX_BIAS (act = gelu(acc + bias)
+// in D, pre = acc + bias in the aux matrix, both rounded once), fc2's dinp GEMM with DGELU (dpre =
+// acc * gelu'(pre), the product never rounded on its own). Their fallbacks: the plain GEMM, then a
+// GELU kernel over pre (forward), or over dpre in place (backward: the product is rounded once more).
 #include <stdio.h>
 
 #include "engine/ops/cuda/internal.cuh"
@@ -112,6 +117,8 @@ typedef struct {
     void *D;
     int ldd;
     const void *C;
+    const void *aux; /* GELU's input: written by GELU_AUX(_BIAS), read by DGELU; D's layout, pitch aux_ld */
+    int64_t aux_ld;
     cudaDataType_t ab, d;
     float beta;
     cublasLtEpilogue_t epilogue;
@@ -123,7 +130,8 @@ static lin_gemm lin_product(cublasOperation_t ta, cublasOperation_t tb, int m, i
                             const void *B, int ldb, void *D, int ldd, cudaDataType_t ab, cudaDataType_t d) {
     lin_gemm g;
     g.ta = ta, g.tb = tb, g.m = m, g.n = n, g.k = k, g.A = A, g.lda = lda, g.B = B, g.ldb = ldb, g.D = D, g.ldd = ldd;
-    g.C = NULL, g.ab = ab, g.d = d, g.beta = 0.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT, g.bias = NULL;
+    g.C = NULL, g.aux = NULL, g.aux_ld = 0, g.ab = ab, g.d = d, g.beta = 0.0f, g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    g.bias = NULL;
     return g;
 }
 
@@ -152,7 +160,11 @@ static cublasStatus_t lin_matmul(const lin_gemm *g) {
     LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &g->ta, sizeof g->ta));
     LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &g->tb, sizeof g->tb));
     LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &g->epilogue, sizeof g->epilogue));
-    if (g->epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
+    if (g->aux) {
+        LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g->aux, sizeof g->aux));
+        LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &g->aux_ld, sizeof g->aux_ld));
+    }
+    if (g->bias) {
         const int32_t bias_type = g->d;
         LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias, sizeof g->bias));
         LIN_TRY(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
@@ -305,7 +317,61 @@ static void lin_backward(void *dinp, float *dweight, float *dbias, const void *d
     cuda_check("linear_backward");
 }
 
+/* act = gelu_tanh(pre) (forward fallback), or, in place, d = d * gelu_tanh'(pre) (backward fallback). */
+template <typename T, bool GRAD>
+__global__ void lin_gelu_kernel(T *out, const T *pre, int64_t n) {
+    CUDA_FOR(i, n) {
+        const float x = cuda_ld(pre + i);
+        cuda_st(out + i, GRAD ? cuda_ld(out + i) * cuda_gelu_tanh_grad(x) : cuda_gelu_tanh(x));
+    }
+}
+
+template <typename T>
+static void lin_gelu_forward(void *act, void *pre, const void *inp, const void *weight, const void *bias, int N,
+                             int IN, int OUT) {
+    if (N <= 0 || OUT <= 0) return;
+    if (IN > 0) {
+        /* act^T = gelu(W inp^T + bias), pre^T = W inp^T + bias in the aux matrix */
+        lin_gemm g = lin_product(CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, act, OUT, lin_type<T>(),
+                                 lin_type<T>());
+        g.aux = pre, g.aux_ld = OUT;
+        g.epilogue = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, g.bias = (void *)bias;
+        if (lin_matmul(&g) == CUBLAS_STATUS_SUCCESS) {
+            cuda_check("linear_gelu_forward");
+            return;
+        }
+        cuda_ctx.gemm_unfused++;
+    }
+    lin_forward<T>(pre, inp, weight, bias, NULL, N, IN, OUT);
+    const int64_t n = (int64_t)N * OUT;
+    CUDA_LAUNCH((lin_gelu_kernel<T, false>), cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)((T *)act, (const T *)pre, n);
+    cuda_check("linear_gelu_forward");
+}
+
+template <typename T>
+static void lin_dgelu_backward(void *dpre, float *dweight, float *dbias, const void *dout, const void *inp,
+                               const void *weight, const void *pre, int N, int IN, int OUT) {
+    if (N <= 0 || IN <= 0) return;
+    int fused = 0;
+    if (OUT > 0) { /* dpre^T = dgelu(W^T dout^T, pre^T): the dinp product of lin_backward with the DGELU epilogue */
+        lin_gemm g = lin_product(CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, dpre, IN, lin_type<T>(),
+                                 lin_type<T>());
+        g.aux = pre, g.aux_ld = IN, g.epilogue = CUBLASLT_EPILOGUE_DGELU;
+        fused = lin_matmul(&g) == CUBLAS_STATUS_SUCCESS;
+        if (!fused) cuda_ctx.gemm_unfused++;
+    }
+    lin_backward<T>(fused ? NULL : dpre, dweight, dbias, dout, inp, weight, N, IN, OUT);
+    if (!fused) { /* dpre holds dout @ W: times the GELU's derivative, in place */
+        const int64_t n = (int64_t)N * IN;
+        CUDA_LAUNCH((lin_gelu_kernel<T, true>), cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)((T *)dpre,
+                                                                                           (const T *)pre, n);
+    }
+    cuda_check("linear_dgelu_backward");
+}
+
 void cuda_linear_ops(lt_ops *f32, lt_ops *bf16) {
     CUDA_SET_OP(f32, bf16, linear_forward, lin_forward);
     CUDA_SET_OP(f32, bf16, linear_backward, lin_backward);
+    CUDA_SET_OP(f32, bf16, linear_gelu_forward, lin_gelu_forward);
+    CUDA_SET_OP(f32, bf16, linear_dgelu_backward, lin_dgelu_backward);
 }

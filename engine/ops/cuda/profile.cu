@@ -41,7 +41,8 @@
 #define PROF_LT_OPS(X)                                                                                   \
     X(embedding_forward) X(embedding_backward) X(position_embedding_forward) X(position_embedding_backward) \
     X(layernorm_forward) X(layernorm_backward) X(rmsnorm_forward) X(rmsnorm_backward) X(linear_forward)     \
-    X(linear_backward) X(attention_forward) X(attention_backward) X(rope_forward) X(rope_backward)           \
+    X(linear_backward) X(linear_gelu_forward) X(linear_dgelu_backward) X(attention_forward)                   \
+    X(attention_backward) X(rope_forward) X(rope_backward)                                                     \
     X(gelu_forward) X(gelu_backward) X(swiglu_forward) X(swiglu_backward) X(add_forward) X(dropout_forward) \
     X(dropout_backward) X(cross_entropy_forward) X(cross_entropy_backward)
 /* The backend's own functions that issue device work. */
@@ -245,6 +246,10 @@ PROF_COST(rmsnorm_backward, 0, 4 * es * ARG(6) * ARG(7) + 4 * ARG(6))
 PROF_COST(linear_forward, 2 * ARG(5) * ARG(6) * ARG(7), 0)
 /* (dinp, dweight, dbias, dout, inp, weight, N, IN, OUT): dweight always, dinp when given */
 PROF_COST(linear_backward, (PTR(0) ? 4 : 2) * ARG(6) * ARG(7) * ARG(8), 0)
+/* (act, pre, inp, weight, bias, N, IN, OUT) */
+PROF_COST(linear_gelu_forward, 2 * ARG(5) * ARG(6) * ARG(7), 0)
+/* (dpre, dweight, dbias, dout, inp, weight, pre, N, IN, OUT) */
+PROF_COST(linear_dgelu_backward, 4 * ARG(7) * ARG(8) * ARG(9), 0)
 /* (out, lse, qkv, B, T, H, G, D, p, key): 4 B H T^2 D / 2 */
 PROF_COST(attention_forward, 2 * ARG(3) * ARG(5) * ARG(4) * ARG(4) * ARG(7), 0)
 /* (dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key): 2.5 times the forward */

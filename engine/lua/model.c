@@ -72,6 +72,7 @@ static int l_gpt_new(lua_State *L) {
     c.rmsnorm = field_bool(L, 1, "rmsnorm", 0);
     c.layernorm_epsilon = (float)field_num(L, 1, "layernorm_epsilon", 1e-5);
     c.gated_linear_unit = field_bool(L, 1, "gated_linear_unit", 0);
+    c.gelu_tanh = field_bool(L, 1, "gelu_tanh", 0);
     c.rope = field_bool(L, 1, "rope", 0);
     c.rotary_base = (float)field_num(L, 1, "rotary_base", 10000);
     c.share_embeddings_and_output_weights = field_bool(L, 1, "share_embeddings_and_output_weights", 1);

@@ -102,6 +102,7 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     REQUIRE(c->seq_length > 0 && c->vocab_size > 0, "seq_length and vocab_size must be positive");
     REQUIRE(c->hidden_dropout >= 0 && c->hidden_dropout < 1, "hidden_dropout must be in [0, 1)");
     REQUIRE(c->attention_dropout >= 0 && c->attention_dropout < 1, "attention_dropout must be in [0, 1)");
+    REQUIRE(!(c->gelu_tanh && c->gated_linear_unit), "gelu_tanh (openai_gelu) is for the GELU MLP, not SwiGLU");
 #undef REQUIRE
     return 1;
 }
@@ -384,9 +385,13 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
     }
 
     norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
-    ops->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, NULL, N, C, m->fc1_dim);
-    if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
-    else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
+    if (cfg->gelu_tanh) { /* fc1 and its GELU in one op (one GEMM where the device fuses them) */
+        ops->linear_gelu_forward(s->act, s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
+    } else {
+        ops->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, NULL, N, C, m->fc1_dim);
+        if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
+        else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
+    }
     ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : s->res1, N, cfg->ffn_hidden_size, C);
     if (drop) {
         ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout, dropout_key(c->dropout_seed, l, "mlp_out"),
@@ -498,9 +503,13 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
                               dropout_key(c->dropout_seed, l, "mlp_out"), 0);
         d_fc2 = s->d_c;
     }
-    ops->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
-    if (cfg->gated_linear_unit) ops->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
-    else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
+    if (cfg->gelu_tanh) { /* fc2's backward and the GELU's before it in one op */
+        ops->linear_dgelu_backward(s->d_fc1, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, a->fc1, N, F, C);
+    } else {
+        ops->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
+        if (cfg->gated_linear_unit) ops->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
+        else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
+    }
     ops->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
     norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
 

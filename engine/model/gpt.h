@@ -23,6 +23,7 @@ typedef struct {
     int rmsnorm;    /* 0: LayerNorm, 1: RMSNorm */
     float layernorm_epsilon;
     int gated_linear_unit; /* 1: SwiGLU, 0: GELU */
+    int gelu_tanh;         /* GELU's tanh approximation (Megatron's openai_gelu; fused into fc1 / fc2 GEMMs) */
     int rope;              /* 1: rotary, 0: learned absolute positions */
     float rotary_base;
     int share_embeddings_and_output_weights;

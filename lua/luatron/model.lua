@@ -30,6 +30,7 @@ function M.engine_config(provider, seed, flat_multiple, local_rank)
     rmsnorm = provider.normalization == "RMSNorm",
     layernorm_epsilon = provider.layernorm_epsilon,
     gated_linear_unit = gated and true or false,
+    gelu_tanh = provider.openai_gelu or false,
     rope = provider.position_embedding_type == "rope",
     rotary_base = provider.rotary_base,
     share_embeddings_and_output_weights = provider.share_embeddings_and_output_weights,

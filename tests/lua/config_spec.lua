@@ -610,6 +610,10 @@ describe("luatron.config validation", function()
     assert_error_contains(function() validate({ model = { activation_func = "geglu" } }) end,
       "activation_func = 'gelu' with gated_linear_unit = true is not supported")
     assert.is_true(validate({ model = { activation_func = "swiglu" } }).model.gated_linear_unit)
+    assert.is_true(validate({ model = { openai_gelu = true } }).model.openai_gelu)
+    assert_error_contains(function() validate({ model = { activation_func = "swiglu", openai_gelu = true } }) end,
+      "openai_gelu = true is GELU's tanh approximation: it needs the GELU MLP (activation_func = 'gelu', "
+        .. "gated_linear_unit = false), not activation_func = 'silu' with gated_linear_unit = true")
   end)
 
   describe("mixture of experts", function()

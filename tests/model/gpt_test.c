@@ -299,6 +299,15 @@ static void test_gradients(void) {
     grad_check("(c) gqa 4 heads/2 groups, kv_channels 6", m, &b, 0);
     lt_gpt_free(m);
 
+    /* (c2) GELU's tanh approximation (openai_gelu), through the fused MLP ops, with bias. */
+    lt_gpt_config t = small_config();
+    t.gelu_tanh = 1;
+    t.seed = 31;
+    m = new_model(&t);
+    b = make_batch(2, 8, t.vocab_size, 15, 0);
+    grad_check("(c2) gelu_tanh (openai_gelu)", m, &b, 0);
+    lt_gpt_free(m);
+
     /* (d) Ignored targets (-1 and -100), GQA with learned positions and GELU. */
     lt_gpt_config d = small_config();
     d.num_query_groups = 2;

@@ -190,6 +190,7 @@ class("GPTModelProvider", {
       note = "SwiGLU is activation_func = 'silu' with gated_linear_unit = true ('swiglu' is accepted as a shorthand)" },
       "gelu" },
     { "gated_linear_unit", "bool", false },
+    { "openai_gelu", "bool", false }, -- GELU's tanh approximation (GPT-2's gelu_new)
     { "position_embedding_type", enum("learned_absolute", "rope"), "learned_absolute" },
     { "rotary_base", "posnum", 10000 },
     { "rotary_percent", "posfraction", 1.0 },

@@ -231,6 +231,10 @@ function V.validate(c, opts, to_table)
       .. "GELU MLPs (activation_func = 'gelu', gated_linear_unit = false) and SwiGLU MLPs (activation_func = "
       .. "'silu', gated_linear_unit = true)", fmt(af), tostring(glu))
   end
+  if m.openai_gelu and not (af == "gelu" and not glu) then
+    fail("openai_gelu = true is GELU's tanh approximation: it needs the GELU MLP (activation_func = 'gelu', "
+      .. "gated_linear_unit = false), not activation_func = %s with gated_linear_unit = %s", fmt(af), tostring(glu))
+  end
 
   -- pipeline split ---------------------------------------------------------------------------------
   if L % PP ~= 0 then

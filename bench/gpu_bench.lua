@@ -3,7 +3,9 @@
 -- Without --batch it takes the largest micro-batch of 64, 32, ... 1 whose step fits in memory.
 -- One step = forward + backward of one micro-batch + AdamW, then a device synchronize. bf16 (the
 -- default) is mixed precision: bf16 activations and weight copies, fp32 main weights, gradients and
--- Adam moments; fp32 is the checking mode (no TF32).
+-- Adam moments; fp32 is the checking mode (no TF32). The MLP uses GPT-2's GELU, the tanh approximation
+-- (openai_gelu), which cuBLASLt fuses into the fc1 and fc2 GEMMs; no dropout, so the residual adds
+-- ride in the projection GEMMs too.
 -- MFU counts model:flops_per_token() = 6N + 6LCT FLOPs per token (N parameters, L layers, C hidden,
 -- T sequence length: Megatron's and nanoGPT's rule) against the H100 SXM's 989 TFLOP/s dense bf16.
 -- Prints RESULT {...} lines that bench/gpu_check.sh collects.
@@ -33,6 +35,7 @@ local PEAK_BF16 = 989e12
 local provider = lt.GPTModelProvider {
   num_layers = s.num_layers, hidden_size = s.hidden_size, num_attention_heads = s.num_attention_heads,
   seq_length = s.seq_length, vocab_size = s.vocab, hidden_dropout = 0.0, attention_dropout = 0.0, device = "cuda",
+  openai_gelu = true,
   bf16 = opts.precision == "bf16",
 }
 local model = lt.build_model(provider, 1234)

@@ -43,8 +43,8 @@ typedef struct {
     int attention_tc;    /* bf16 attention on tensor cores (attention_tc.cu); LUATRON_CUDA_ATTENTION=simt:
                             the fp32-math kernels of attention.cu, as the fp32 table uses */
     int profile;         /* LUATRON_CUDA_PROFILE=1: time every op with events (profile.cu) */
-    long long gemm_unfused; /* GEMMs whose bias epilogue cuBLASLt did not fuse (linear.cu's bias kernels ran
-                               instead): in the profile report */
+    long long gemm_unfused; /* GEMMs whose epilogue (bias, GELU) cuBLASLt did not fuse (linear.cu's fallback
+                               kernels ran instead): in the profile report */
 } cuda_context;
 extern cuda_context cuda_ctx;
 

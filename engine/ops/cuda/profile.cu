@@ -391,7 +391,7 @@ int cuda_profile_report(char *buf, size_t buflen) {
                     total > 0.0 ? 100.0 * s->ms / total : 0.0, 1e3 * s->ms / (double)s->calls, tf, gb);
     }
     if (cuda_ctx.gemm_unfused > 0) /* the library offered no algorithm with the epilogue: worth knowing */
-        prof_append(buf, buflen, &len, "cuBLASLt: %lld GEMMs without their fused bias epilogue (bias kernels ran)\n",
+        prof_append(buf, buflen, &len, "cuBLASLt: %lld GEMMs without their fused epilogue (bias or GELU: the fallback kernels ran)\n",
                     cuda_ctx.gemm_unfused);
     pthread_mutex_unlock(&prof_lock);
     return len > (size_t)0x7fffffff ? 0x7fffffff : (int)len;

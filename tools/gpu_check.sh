@@ -3,7 +3,8 @@
 #   1. every CUDA op against the CPU op (tests/cuda/ops_test: fp32 and bf16 tables),
 #   2. the tiny recipe in fp32 on CPU and on GPU: the same losses over 20 steps,
 #   3. the same in bf16 mixed precision against the CPU's bf16 reference,
-#   4. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
+#   4. the same with openai_gelu (the MLP's GEMMs with cuBLASLt's GELU epilogues),
+#   5. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
 #      1.3B unless GPU_CHECK_QUICK=1).
 # Logs go to $OUT (or ./gpu-out) so they come back; the exit code is the number of failed parts.
 # A dry run of the script itself, without a GPU, on the emulated plugin:
@@ -59,10 +60,14 @@ grep -c '# SKIP' "$out/nccl_test.log" | sed 's/^/nccl_test: skipped checks: /'
 tiny="run recipes/gpt_tiny.lua train.train_iters=20 train.eval_interval=1000 logger.log_interval=1 \
 scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1 ${GPU_CHECK_RECIPE_ARGS:-}"
 n=2
-for precision in fp32 bf16; do
+# fp32, bf16, and bf16 with GPT-2's tanh GELU (openai_gelu: the MLP through cuBLASLt's GELU epilogues)
+for precision in fp32 bf16 bf16_openai_gelu; do
   echo "== $n. tiny recipe, $precision, CPU vs CUDA, 20 steps"
-  flag=$([ "$precision" = bf16 ] && echo "model.bf16=true" || true)
-  rtol=$([ "$precision" = bf16 ] && echo 1e-2 || echo 1e-3)
+  case $precision in
+    fp32) flag="" rtol=1e-3 ;;
+    bf16) flag="model.bf16=true" rtol=1e-2 ;;
+    *) flag="model.bf16=true model.openai_gelu=true" rtol=1e-2 ;;
+  esac
   rm -f "$out/cpu_$precision.jsonl" "$out/cuda_$precision.jsonl" # the logger appends
   "$bin" $tiny $flag logger.metrics_file="$out/cpu_$precision.jsonl" > "$out/cpu_$precision.log" 2>&1 ||
     failed=$((failed + 1))
@@ -73,7 +78,7 @@ for precision in fp32 bf16; do
   n=$((n + 1))
 done
 
-echo "== 4. benchmarks"
+echo "== $n. benchmarks"
 if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
 "$bin" run bench/gpu_bench.lua --shape 124m 2>&1 | tee "$out/bench_124m.log" || failed=$((failed + 1))
 LUATRON_CUDA_PROFILE=1 "$bin" run bench/gpu_bench.lua --shape 124m --steps 3 2>&1 | tee "$out/profile_124m.log" ||

@@ -74,11 +74,7 @@ describe("the CUDA plugin under the CPU emulator", function()
       local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(emu .. "/metrics.jsonl")
       assert.are.equal(3, #b)
       -- fp32: summation order only; bf16: a one-step rounding difference (2^-8) may appear.
-      local rtol = precision == "fp32" and 1e-5 or 1e-2
-      for i = 1, 3 do
-        assert.is_true(math.abs(a[i].loss - b[i].loss) <= rtol * a[i].loss,
-          ("step %d: cpu %.7f, cuda (emulated) %.7f"):format(i, a[i].loss, b[i].loss))
-      end
+      h.assert_losses_close(a, b, precision == "fp32" and 1e-5 or 1e-2, 1, 3, "cpu", "cuda (emulated)")
     end)
   end
 end)
@@ -133,10 +129,9 @@ describe("device cuda", function()
     assert.are.equal(20, #b)
     -- The first step sees identical weights and data: only summation order differs (fp32, no TF32).
     -- Later steps compound it through the updates; 1e-3 relative is far below a real divergence.
-    assert.is_true(math.abs(a[1].loss - b[1].loss) <= 1e-5 * a[1].loss, ("step 1: %.7f vs %.7f"):format(a[1].loss, b[1].loss))
+    h.assert_losses_close(a, b, 1e-5, 1, 1, "cpu", "cuda")
+    h.assert_losses_close(a, b, 1e-3, 1, 20, "cpu", "cuda")
     for i = 1, 20 do
-      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 1e-3 * a[i].loss,
-        ("step %d: cpu %.6f, cuda %.6f"):format(i, a[i].loss, b[i].loss))
       assert.is_true(math.abs(a[i].grad_norm - b[i].grad_norm) <= 1e-2 * a[i].grad_norm,
         ("step %d grad norm: cpu %.6f, cuda %.6f"):format(i, a[i].grad_norm, b[i].grad_norm))
     end
@@ -151,10 +146,7 @@ describe("device cuda", function()
     assert.are.equal(0, code, out)
     local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(gpu .. "/metrics.jsonl")
     assert.are.equal(20, #b)
-    for i = 1, 20 do
-      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 1e-2 * a[i].loss,
-        ("step %d: cpu bf16 %.6f, cuda bf16 %.6f"):format(i, a[i].loss, b[i].loss))
-    end
+    h.assert_losses_close(a, b, 1e-2, 1, 20, "cpu bf16", "cuda bf16")
   end)
 
   it("saves a checkpoint on the GPU that resumes on the CPU with continuing losses", function()
@@ -170,9 +162,6 @@ describe("device cuda", function()
     assert.are.equal(0, code, out)
     local a, b = read_metrics(full .. "/metrics.jsonl"), read_metrics(split .. "/metrics.jsonl")
     assert.are.equal(12, #b)
-    for i = 7, 12 do
-      assert.is_true(math.abs(a[i].loss - b[i].loss) <= 1e-3 * a[i].loss,
-        ("step %d: uninterrupted cpu %.6f, resumed from cuda %.6f"):format(i, a[i].loss, b[i].loss))
-    end
+    h.assert_losses_close(a, b, 1e-3, 7, 12, "uninterrupted cpu", "resumed from cuda")
   end)
 end)

@@ -79,4 +79,13 @@ function h.read_metrics(path)
   return rows
 end
 
+-- Steps first .. last of run b have run a's losses within rtol (relative to a's); what names the two
+-- runs in a failure ("cpu", "cuda").
+function h.assert_losses_close(a, b, rtol, first, last, what_a, what_b)
+  for i = first, last do
+    assert(math.abs(a[i].loss - b[i].loss) <= rtol * a[i].loss,
+      ("step %d: %s %.7f, %s %.7f (rtol %g)"):format(i, what_a, a[i].loss, what_b, b[i].loss, rtol))
+  end
+end
+
 return h

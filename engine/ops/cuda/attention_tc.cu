@@ -150,6 +150,20 @@ static __device__ __forceinline__ void atc_pv(float acc[DP / 8][4], const float 
     }
 }
 
+/* Row r (0: g, 1: g + 8) of a 16 x DP accumulator, times s, into dst[0, D) as bf16: this lane's
+ * columns 2t, 2t + 1 of every 8-wide C tile. */
+template <int DP>
+static __device__ __forceinline__ void atc_store_row(bf16 *dst, const float acc[DP / 8][4], int r, float s, int D) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int n = 0; n < DP / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int c = n * 8 + 2 * t + e;
+            if (c < D) dst[c] = __float2bfloat16_rn(s * acc[n][2 * r + e]);
+        }
+}
+
 /* Shared memory: regions of 128-byte aligned sizes from a 128-byte aligned start. */
 static __host__ __device__ __forceinline__ size_t atc_round(size_t n) { return (n + 127) & ~(size_t)127; }
 /* A tile: 64 rows of DP (pitch DP + 8 bf16: the eight rows an ldmatrix reads fall in distinct banks). */
@@ -275,14 +289,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
         const int i = row[r];
         const float inv = 1.0f / l[r];
         if (lt == 0) lse[(int64_t)bh * T + i] = m[r] + logf(l[r]);
-        bf16 *op = out + (((int64_t)b * T + i) * H + h) * D;
-#pragma unroll
-        for (int n = 0; n < DP / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int c = n * 8 + 2 * lt + e;
-                if (c < D) op[c] = __float2bfloat16_rn(o[n][2 * r + e] * inv);
-            }
+        atc_store_row<DP>(out + (((int64_t)b * T + i) * H + h) * D, o, r, inv, D);
     }
 }
 
@@ -363,17 +370,9 @@ __global__ void __launch_bounds__(ATC_THREADS)
     for (int r = 0; r < 2; r++) {
         const int j = krow[r];
         if (j >= T) continue;
-        bf16 *dkp = dqkv + ((int64_t)b * T + j) * rs + att_k_col(g, hpg, D), *dvp = dkp + D;
-#pragma unroll
-        for (int n = 0; n < DP / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int c = n * 8 + 2 * lt + e;
-                if (c < D) {
-                    dkp[c] = __float2bfloat16_rn(scale * dk[n][2 * r + e]);
-                    dvp[c] = __float2bfloat16_rn(dv[n][2 * r + e]);
-                }
-            }
+        bf16 *dkp = dqkv + ((int64_t)b * T + j) * rs + att_k_col(g, hpg, D);
+        atc_store_row<DP>(dkp, dk, r, scale, D);
+        atc_store_row<DP>(dkp + D, dv, r, 1.0f, D);
     }
 }
 
@@ -445,14 +444,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (!live[r]) continue;
-        bf16 *dqp = dqkv + ((int64_t)b * T + row[r]) * rs + att_q_col(h, hpg, D);
-#pragma unroll
-        for (int n = 0; n < DP / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int c = n * 8 + 2 * lt + e;
-                if (c < D) dqp[c] = __float2bfloat16_rn(scale * dq[n][2 * r + e]);
-            }
+        atc_store_row<DP>(dqkv + ((int64_t)b * T + row[r]) * rs + att_q_col(h, hpg, D), dq, r, scale, D);
     }
 }
 

@@ -65,7 +65,7 @@ function M.build_dataset(r, split, num_samples)
 end
 
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
-local function check_supported(m)
+function M.check_supported(m)
   for _, f in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
     "expert_model_parallel_size" } do
     if (m[f] or 1) > 1 then
@@ -85,7 +85,7 @@ end
 -- Everything a run needs: the validated config (r: every default resolved), this rank's place
 -- in the job, model, optimizer, datasets and the state that checkpoints carry.
 function M.setup(cfg)
-  check_supported(cfg.model)
+  M.check_supported(cfg.model)
   local ps = parallel.initialize(cfg.model)
   local r = config.validate(cfg, ps.world_size)
   local seed = r.rng.seed

@@ -547,7 +547,7 @@ describe("luatron.config validation", function()
         virtual_pipeline_model_parallel_size = 3 }, train = { micro_batch_size = 1, global_batch_size = 3 } }, 3))
     local r = validate({ model = { num_layers = 8, pipeline_model_parallel_size = 2 } }, 2)
     assert.are.equal(4, r.num_layers_per_pipeline_stage)
-    assert.are.equal("bf16", validate({ model = { pipeline_model_parallel_size = 2, params_dtype = "bf16" } }, 2)
+    assert.are.equal("bf16", validate({ model = { pipeline_model_parallel_size = 2, params_dtype = "bf16", bf16 = true } }, 2)
       .model.pipeline_dtype)
   end)
 
@@ -600,8 +600,7 @@ describe("luatron.config validation", function()
     assert.are.equal("position_embedding_type = 'rope' needs an even rotary dimension, but kv_channels (9) * "
       .. "rotary_percent (1.0) = 9 is odd. Make kv_channels even (it defaults to hidden_size / num_attention_heads) "
       .. "or change rotary_percent", msg_of(validate, { model = { hidden_size = 36, position_embedding_type = "rope" } }))
-    local r = validate({ model = { position_embedding_type = "rope", rotary_percent = 0.5 } })
-    assert.are.equal(8, r.rotary_dim)
+    assert.are.equal(16, validate({ model = { position_embedding_type = "rope" } }).rotary_dim)
   end)
 
   it("accepts only the MLPs the engine implements", function()
@@ -721,10 +720,18 @@ describe("luatron.config validation", function()
     r = validate({ scheduler = { lr_decay_style = "WSD" } })
     assert.are.equal(10, r.scheduler.lr_wsd_decay_iters)
     assert_error_contains(function() validate({ scheduler = { start_weight_decay = 0.0, end_weight_decay = 0.1 } }) end,
-      "weight_decay_incr_style = 'constant' needs start_weight_decay (0.0) == end_weight_decay (0.1)")
+      "scheduler.start_weight_decay (0.0) and scheduler.end_weight_decay (0.1) differ: weight-decay schedules are "
+      .. "not implemented")
     assert_error_contains(function()
-      validate({ scheduler = { start_weight_decay = 0.1, end_weight_decay = 0.0, weight_decay_incr_style = "linear" } })
+      validate({ scheduler = { start_weight_decay = 0.1, end_weight_decay = 0.0 } })
     end, "scheduler.end_weight_decay (0.0) must be >= scheduler.start_weight_decay (0.1)")
+    -- Megatron's scheduler sets the weight decay of every decayed parameter group
+    r = validate({ scheduler = { start_weight_decay = 0.05, end_weight_decay = 0.05 } })
+    assert.are.equal(0.05, r.optimizer.weight_decay)
+    assert_error_contains(function() validate({ model = { params_dtype = "bf16" } }) end,
+      "model.params_dtype = 'bf16' needs model.bf16 = true")
+    assert_error_contains(function() validate({ model = { bf16 = true }, optimizer = { params_dtype = "fp16" } }) end,
+      "optimizer.params_dtype = 'fp16' needs fp16 mixed precision, which is not implemented")
     assert_error_contains(function() validate({ scheduler = { max_steps = 5 } }) end,
       "scheduler.max_steps (5) must be greater than or equal to train.train_iters (10)")
   end)
@@ -760,9 +767,6 @@ describe("luatron.config validation", function()
       "Must use --overlap-param-gather with --overlap-grad-reduce")
     assert_error_contains(function() validate({ ddp = { bucket_size = 10, num_buckets = 2 } }) end,
       "Cannot specify both num_buckets and bucket_size")
-    assert_error_contains(function()
-      validate({ ddp = { num_distributed_optimizer_instances = 3, use_distributed_optimizer = true } }, 2)
-    end, "Data parallel size should be divisible by partial DistOpt shard factor")
   end)
 
   it("parses data_path as Megatron-LM's --data-path", function()
@@ -802,7 +806,7 @@ describe("luatron.config validation", function()
 
   it("rejects async checkpoint saves and a step without a load directory", function()
     assert_error_contains(function() validate({ checkpoint = { async_save = true } }) end,
-      "checkpoint.async_save = true is not supported")
+      "CheckpointConfig.async_save = true is not supported: checkpoints are saved synchronously")
     assert_error_contains(function() validate({ checkpoint = { ckpt_step = 5 } }) end,
       "ckpt_step=5 specified but checkpoint.load is None")
     local r = validate({ checkpoint = { save_interval = 5 }, logger = { log_dir = "/tmp/x" } })

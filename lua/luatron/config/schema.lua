@@ -4,6 +4,15 @@
 -- A field spec is { name, kind, default, [nullable = bool] }. A field whose default is nil may be
 -- nil ("not set"); other fields must hold a value. `kind` names a checker below or is a table
 -- { enum = {...} }.
+--
+-- Every field either does what Megatron does or is refused, and its spec says which:
+--   (nothing)        the engine reads it (tests/lua/fields_spec.lua checks that code outside the
+--                    config module does)
+--   refuse = why     only the default is accepted; any other value is an error naming `why`
+--   needs = field    it only acts together with another field of the class (or "group.field")
+--                    that is itself refused or refused at run time (e.g. MoE options without MoE)
+--   into = field     validate resolves it into another field (or "group.field"), which is read
+--   inert = why      by Megatron's own definition it changes no trained value here; `why` says why
 local util = require "luatron.config.util"
 util.register_source()
 local fmt = util.fmt
@@ -57,8 +66,8 @@ local kinds = {
     check = function(v) return type(v) == "string", v end },
   path = { rule = "must be a non-empty string (a path)",
     check = function(v) return type(v) == "string" and v ~= "", v end },
-  most_recent_k = { rule = "must be an integer >= -1 (-1 keeps every checkpoint)",
-    check = function(v) local i = as_int(v); return i ~= nil and i >= -1, i end },
+  most_recent_k = { rule = "must be -1 (keep every checkpoint) or a positive integer (keep that many)",
+    check = function(v) local i = as_int(v); return i ~= nil and (i == -1 or i > 0), i end },
   dtype = { rule = "must be one of 'fp32', 'bf16', 'fp16' (or 'float32', 'bfloat16', 'float16')",
     check = function(v)
       local d = type(v) == "string" and DTYPE_ALIASES[v:lower()]
@@ -118,7 +127,10 @@ function schema.check_field(class_name, spec, v)
   end
   if type(kind) == "table" and kind.enum then
     for _, e in ipairs(kind.enum) do
-      if v == e then return v end
+      if v == e then
+        schema.check_refused(class_name, spec, v)
+        return v
+      end
     end
     local names = {}
     for _, e in ipairs(kind.enum) do names[#names + 1] = fmt(e) end
@@ -134,7 +146,16 @@ function schema.check_field(class_name, spec, v)
     local hint = k.suggest and util.did_you_mean(v, k.suggest) or ""
     util.fail("%s.%s = %s: %s%s", class_name, name, fmt(v), k.rule, hint)
   end
+  schema.check_refused(class_name, spec, nv)
   return nv
+end
+
+-- A refused field accepts its default only.
+function schema.check_refused(class_name, spec, v)
+  if spec.refuse and v ~= nil and v ~= spec.default then
+    util.fail("%s.%s = %s is not supported: %s. Leave it at %s", class_name, spec.name, fmt(v), spec.refuse,
+      fmt(spec.default))
+  end
 end
 
 ------------------------------------------------------------------------------------------------
@@ -151,7 +172,8 @@ local function class(name, def)
   def.index = {}
   def.names = {}
   for i, f in ipairs(def.fields) do
-    local spec = { name = f[1], kind = f[2], default = f[3] }
+    local spec = { name = f[1], kind = f[2], default = f[3], refuse = f.refuse, needs = f.needs, into = f.into,
+      inert = f.inert }
     if f.nullable ~= nil then spec.nullable = f.nullable else spec.nullable = (f[3] == nil) end
     def.fields[i] = spec
     def.index[spec.name] = spec
@@ -188,12 +210,12 @@ class("GPTModelProvider", {
     { "layernorm_zero_centered_gamma", "bool", false },
     { "activation_func", { enum = { "gelu", "silu" },
       note = "SwiGLU is activation_func = 'silu' with gated_linear_unit = true ('swiglu' is accepted as a shorthand)" },
-      "gelu" },
+      "gelu", into = "gated_linear_unit" }, -- validate admits GELU, and SiLU gated (SwiGLU)
     { "gated_linear_unit", "bool", false },
     { "openai_gelu", "bool", false }, -- GELU's tanh approximation (GPT-2's gelu_new)
     { "position_embedding_type", enum("learned_absolute", "rope"), "learned_absolute" },
     { "rotary_base", "posnum", 10000 },
-    { "rotary_percent", "posfraction", 1.0 },
+    { "rotary_percent", "posfraction", 1.0, refuse = "partial rotary embeddings are not implemented" },
     { "share_embeddings_and_output_weights", "bool", true },
     { "init_method_std", "posnum", 0.02 },
     { "hidden_dropout", "prob", 0.1 },
@@ -202,43 +224,47 @@ class("GPTModelProvider", {
     { "add_qkv_bias", "bool", false },
     { "qk_layernorm", "bool", false },
     { "apply_residual_connection_post_layernorm", "bool", false },
-    { "calculate_per_token_loss", "bool", false },
+    { "calculate_per_token_loss", "bool", false, inert = "every target token counts (eod_mask_loss is refused), so "
+      .. "each microbatch has the same number of tokens and the per-token mean is the per-microbatch mean" },
     -- precision and placement
     { "bf16", "bool", false },
     { "fp16", "bool", false },
-    { "params_dtype", "dtype", "fp32" },
+    { "params_dtype", "dtype", "fp32", into = "bf16" },
     { "device", { enum = { "cpu", "cuda" }, no_suggest = true, note = "'cuda' puts tensors on the GPU" }, "cpu" },
     -- parallelism (ModelParallelConfig)
     { "tensor_model_parallel_size", "posint", 1 },
     { "pipeline_model_parallel_size", "posint", 1 },
-    { "virtual_pipeline_model_parallel_size", "posint", nil },
-    { "sequence_parallel", "bool", false },
+    { "virtual_pipeline_model_parallel_size", "posint", nil, needs = "pipeline_model_parallel_size" },
+    { "sequence_parallel", "bool", false, needs = "tensor_model_parallel_size" },
     { "context_parallel_size", "posint", 1 },
     { "expert_model_parallel_size", "posint", 1 },
-    { "expert_tensor_parallel_size", "posint", nil },
-    { "pipeline_dtype", "dtype", nil },
-    { "overlap_p2p_comm", "bool", false },
-    { "microbatch_group_size_per_vp_stage", "posint", nil },
+    { "expert_tensor_parallel_size", "posint", nil, needs = "num_moe_experts" },
+    { "pipeline_dtype", "dtype", nil, needs = "pipeline_model_parallel_size" },
+    { "overlap_p2p_comm", "bool", false, needs = "pipeline_model_parallel_size" },
+    { "microbatch_group_size_per_vp_stage", "posint", nil, needs = "pipeline_model_parallel_size" },
+    -- the learned position table has seq_length rows; validate accepts max_position_embeddings = seq_length
+    { "max_position_embeddings", "posint", nil, into = "seq_length" },
     -- mixture of experts
     { "num_moe_experts", "posint", nil },
-    { "moe_router_topk", "posint", 2 },
-    { "moe_ffn_hidden_size", "posint", nil },
-    { "moe_shared_expert_intermediate_size", "posint", nil },
-    { "moe_shared_expert_overlap", "bool", false },
-    { "moe_layer_freq", "posint", 1 },
-    { "moe_router_load_balancing_type", enum("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"), "aux_loss" },
-    { "moe_aux_loss_coeff", "nonnegnum", 0.0 },
-    { "moe_z_loss_coeff", "nonnegnum", nil },
-    { "moe_router_topk_scaling_factor", "posnum", nil },
-    { "moe_router_pre_softmax", "bool", false },
-    { "moe_router_score_function", enum("softmax", "sigmoid"), "softmax" },
-    { "moe_router_enable_expert_bias", "bool", false },
-    { "moe_router_bias_update_rate", "nonnegnum", 1e-3 },
-    { "moe_expert_capacity_factor", "num", nil },
-    { "moe_pad_expert_input_to_capacity", "bool", false },
-    { "moe_token_drop_policy", enum("probs", "position"), "probs" },
-    { "moe_token_dispatcher_type", enum("allgather", "alltoall", "flex"), "allgather" },
-    { "moe_grouped_gemm", "bool", false },
+    { "moe_router_topk", "posint", 2, needs = "num_moe_experts" },
+    { "moe_ffn_hidden_size", "posint", nil, needs = "num_moe_experts" },
+    { "moe_shared_expert_intermediate_size", "posint", nil, needs = "num_moe_experts" },
+    { "moe_shared_expert_overlap", "bool", false, needs = "num_moe_experts" },
+    { "moe_layer_freq", "posint", 1, needs = "num_moe_experts" },
+    { "moe_router_load_balancing_type", enum("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"),
+      "aux_loss", needs = "num_moe_experts" },
+    { "moe_aux_loss_coeff", "nonnegnum", 0.0, needs = "num_moe_experts" },
+    { "moe_z_loss_coeff", "nonnegnum", nil, needs = "num_moe_experts" },
+    { "moe_router_topk_scaling_factor", "posnum", nil, needs = "num_moe_experts" },
+    { "moe_router_pre_softmax", "bool", false, needs = "num_moe_experts" },
+    { "moe_router_score_function", enum("softmax", "sigmoid"), "softmax", needs = "num_moe_experts" },
+    { "moe_router_enable_expert_bias", "bool", false, needs = "num_moe_experts" },
+    { "moe_router_bias_update_rate", "nonnegnum", 1e-3, needs = "num_moe_experts" },
+    { "moe_expert_capacity_factor", "num", nil, needs = "num_moe_experts" },
+    { "moe_pad_expert_input_to_capacity", "bool", false, needs = "num_moe_experts" },
+    { "moe_token_drop_policy", enum("probs", "position"), "probs", needs = "num_moe_experts" },
+    { "moe_token_dispatcher_type", enum("allgather", "alltoall", "flex"), "allgather", needs = "num_moe_experts" },
+    { "moe_grouped_gemm", "bool", false, needs = "num_moe_experts" },
   },
   aliases = { activation = "activation_func" },
   unsupported = {
@@ -259,7 +285,6 @@ class("GPTModelProvider", {
     moe_flex_dispatcher_backend = "DeepEP/HybridEP backends are not available",
     moe_enable_deepep = "DeepEP is not available",
     rotary_interleaved = "interleaved rotary embeddings are not implemented",
-    max_position_embeddings = "the learned position table has seq_length rows (Bridge's rule); set seq_length",
   },
 })
 
@@ -293,19 +318,21 @@ class("OptimizerConfig", {
     { "adam_beta2", "prob", 0.999 },
     { "adam_eps", "posnum", 1e-8 },
     { "sgd_momentum", "prob", 0.9 },
-    { "decoupled_weight_decay", "bool", true },
+    { "decoupled_weight_decay", "bool", true, refuse = "Adam with L2 regularisation is not implemented (luatron's Adam "
+      .. "is AdamW; SGD's weight decay is always L2)" },
     { "clip_grad", "nonnegnum", 1.0 },
-    { "bf16", "bool", false },
-    { "fp16", "bool", false },
-    { "params_dtype", "dtype", "fp32" },
-    { "loss_scale", "posnum", nil },
-    { "initial_loss_scale", "posnum", 4294967296 },
-    { "min_loss_scale", "posnum", 1.0 },
-    { "loss_scale_window", "posnum", 1000 },
-    { "hysteresis", "posint", 2 },
+    { "bf16", "bool", false, inert = "the optimizer always keeps fp32 main weights and moments, as Megatron's with "
+      .. "bf16; model.bf16 (or mixed_precision) selects bf16 compute" },
+    { "fp16", "bool", false, refuse = "fp16 mixed precision (with loss scaling) is not implemented; use bf16" },
+    { "params_dtype", "dtype", "fp32", into = "model.bf16" },
+    { "loss_scale", "posnum", nil, refuse = "loss scaling is not implemented (bf16 needs none)" },
+    { "initial_loss_scale", "posnum", 4294967296, needs = "fp16" },
+    { "min_loss_scale", "posnum", 1.0, needs = "fp16" },
+    { "loss_scale_window", "posnum", 1000, needs = "fp16" },
+    { "hysteresis", "posint", 2, needs = "fp16" },
     { "use_distributed_optimizer", "bool", false },
     { "overlap_param_gather", "bool", false },
-    { "log_num_zeros_in_grad", "bool", false },
+    { "log_num_zeros_in_grad", "bool", false, refuse = "counting zero gradients is not implemented" },
   },
   unsupported = {
     use_precision_aware_optimizer = "the precision-aware (TE FusedAdam) optimizer is not available",
@@ -320,16 +347,17 @@ class("SchedulerConfig", {
     { "lr_decay_style", enum("constant", "linear", "cosine", "inverse-square-root", "WSD"), "linear" },
     { "lr_decay_iters", "posint", nil },
     { "lr_warmup_iters", "nonnegint", 0 },
-    { "lr_warmup_fraction", "fraction", nil },
+    { "lr_warmup_fraction", "fraction", nil, into = "lr_warmup_iters" },
     { "lr_warmup_init", "nonnegnum", 0.0 },
     { "lr_wsd_decay_style", enum("exponential", "linear", "cosine", "minus_sqrt"), "exponential" },
     { "lr_wsd_decay_iters", "posint", nil },
-    { "start_weight_decay", "nonnegnum", nil },
-    { "end_weight_decay", "nonnegnum", nil },
-    { "weight_decay_incr_style", enum("constant", "linear", "cosine"), "constant" },
+    { "start_weight_decay", "nonnegnum", nil, into = "optimizer.weight_decay" },
+    { "end_weight_decay", "nonnegnum", nil, into = "optimizer.weight_decay" },
+    { "weight_decay_incr_style", enum("constant", "linear", "cosine"), "constant",
+      refuse = "weight-decay schedules are not implemented" },
     { "override_opt_param_scheduler", "bool", false },
     { "use_checkpoint_opt_param_scheduler", "bool", false },
-    { "max_steps", "posint", nil },
+    { "max_steps", "posint", nil, into = "lr_decay_iters" },
   },
   unsupported = {
     lr_decay_samples = "sample-based schedules are not implemented; use lr_decay_iters",
@@ -340,18 +368,20 @@ class("SchedulerConfig", {
 
 class("DistributedDataParallelConfig", {
   fields = {
-    { "grad_reduce_in_fp32", "bool", false },
+    { "grad_reduce_in_fp32", "bool", false, inert = "gradients are accumulated and reduced in fp32 always: fp32 "
+      .. "training has fp32 gradients, and Megatron-LM turns this on for bf16" },
     { "overlap_grad_reduce", "bool", false },
     { "overlap_param_gather", "bool", false },
-    { "align_param_gather", "bool", false },
+    { "align_param_gather", "bool", false, inert = "it only orders the interleaved schedule's parameter all-gathers" },
     { "use_distributed_optimizer", "bool", false },
-    { "num_distributed_optimizer_instances", "posint", 1 },
-    { "check_for_nan_in_grad", "bool", false },
-    { "check_for_large_grads", "bool", false },
+    { "num_distributed_optimizer_instances", "posint", 1,
+      refuse = "partial distributed-optimizer sharding is not implemented" },
+    { "check_for_nan_in_grad", "bool", false, inert = "luatron always stops on a NaN or infinite gradient" },
+    { "check_for_large_grads", "bool", false, refuse = "large-gradient detection is not implemented" },
     { "bucket_size", "posint", nil },
     { "num_buckets", "posint", nil },
-    { "pad_buckets_for_high_nccl_busbw", "bool", false },
-    { "average_in_collective", "bool", false },
+    { "pad_buckets_for_high_nccl_busbw", "bool", false, inert = "bucket padding for NCCL bandwidth changes no value" },
+    { "average_in_collective", "bool", false, inert = "averaging in the collective or before it gives the same mean" },
   },
   unsupported = {
     use_megatron_fsdp = "Megatron-FSDP is not implemented",
@@ -369,15 +399,16 @@ class("GPTDatasetConfig", {
     { "split", "split", "969,30,1" },
     { "mock", "bool", nil },
     { "random_seed", "nonnegint", nil },
-    { "reset_position_ids", "bool", false },
-    { "reset_attention_mask", "bool", false },
-    { "eod_mask_loss", "bool", false },
-    { "create_attention_mask", "bool", true },
-    { "add_extra_token_to_sequence", "bool", true },
-    { "dataloader_type", enum("single", "cyclic"), nil },
-    { "path_to_cache", "path", nil },
-    { "mmap_bin_files", "bool", true },
-    { "num_workers", "nonnegint", 2 },
+    { "reset_position_ids", "bool", false, refuse = "per-document position ids are not implemented" },
+    { "reset_attention_mask", "bool", false, refuse = "per-document attention masks are not implemented" },
+    { "eod_mask_loss", "bool", false, refuse = "masking the end-of-document token's loss is not implemented" },
+    { "create_attention_mask", "bool", true, inert = "the attention kernels apply the causal mask themselves" },
+    { "add_extra_token_to_sequence", "bool", true,
+      refuse = "samples always hold seq_length + 1 tokens (inputs and shifted targets)" },
+    { "dataloader_type", enum("single", "cyclic"), nil, refuse = "only the 'single' sampler is implemented" },
+    { "path_to_cache", "path", nil, inert = "luatron builds the sample index in memory; the samples are the same" },
+    { "mmap_bin_files", "bool", true, inert = "it selects how the .bin file is read; the samples are the same" },
+    { "num_workers", "nonnegint", 2, inert = "samples are read on demand in C, without worker processes" },
   },
   aliases = { sequence_length = "seq_length" },
   unsupported = {
@@ -391,15 +422,15 @@ class("LoggerConfig", {
   fields = {
     { "log_interval", "posint", 100 },
     { "log_params_norm", "bool", false },
-    { "log_throughput", "bool", false },
-    { "log_progress", "bool", false },
-    { "log_timers_to_tensorboard", "bool", false },
-    { "timing_log_level", enum(0, 1, 2), 0 },
-    { "tensorboard_dir", "path", nil },
-    { "tensorboard_log_interval", "posint", 1 },
-    { "log_dir", "path", nil },
+    { "log_throughput", "bool", false, inert = "tokens/s is always logged" },
+    { "log_progress", "bool", false, refuse = "progress.txt is not written; metrics go to metrics_file" },
+    { "log_timers_to_tensorboard", "bool", false, refuse = "TensorBoard is not available; metrics go to metrics_file" },
+    { "timing_log_level", enum(0, 1, 2), 0, refuse = "per-function timers are not implemented" },
+    { "tensorboard_dir", "path", nil }, -- without TensorBoard: metrics.jsonl goes there
+    { "tensorboard_log_interval", "posint", 1, refuse = "TensorBoard is not available; metrics go to metrics_file" },
+    { "log_dir", "path", nil, into = "metrics_file" },
     { "metrics_file", "path", nil },
-    { "logging_level", "int", nil },
+    { "logging_level", "int", nil, refuse = "Python logging levels do not apply" },
     { "save_config_filepath", "path", nil },
   },
   unsupported = {
@@ -422,7 +453,7 @@ class("TokenizerConfig", {
       note = "only the byte-level tokenizer is available offline (GPT2BPETokenizer, HuggingFaceTokenizer and SentencePieceTokenizer need vocabulary files luatron cannot download)" },
       "ByteLevel" },
     { "vocab_size", "posint", nil },
-    { "tokenizer_model", "path", nil },
+    { "tokenizer_model", "path", nil, refuse = "only the byte-level tokenizer is available, and it takes no model file" },
   },
   unsupported = {
     vocab_file = "only the byte-level tokenizer is available (it needs no vocabulary file)",
@@ -436,9 +467,9 @@ class("CheckpointConfig", {
     { "load", "path", nil },
     { "save_interval", "posint", nil },
     { "save_optim", "bool", true },
-    { "save_rng", "bool", true },
+    { "save_rng", "bool", true, inert = "dropout masks are a function of (seed, sample): there is no RNG state" },
     { "load_optim", "bool", true },
-    { "load_rng", "bool", true },
+    { "load_rng", "bool", true, inert = "dropout masks are a function of (seed, sample): there is no RNG state" },
     { "finetune", "bool", false },
     { "pretrained_checkpoint", "path", nil },
     { "ckpt_step", "nonnegint", nil },
@@ -447,16 +478,18 @@ class("CheckpointConfig", {
     { "ckpt_format", { enum = { "torch_dist" },
       note = "luatron writes its own sharded format, which plays the role of Megatron's default 'torch_dist'" },
       "torch_dist" },
-    { "async_save", "bool", false },
-    { "fully_parallel_save", "bool", true },
-    { "fully_parallel_load", "bool", false },
+    { "async_save", "bool", false, refuse = "checkpoints are saved synchronously (to a temporary name, then renamed "
+      .. "into place)" },
+    { "fully_parallel_save", "bool", true, inert = "it spreads the writing over ranks; the files hold the same values" },
+    { "fully_parallel_load", "bool", false, inert = "it spreads the reading over ranks; the loaded values are the same" },
   },
 })
 
 class("RNGConfig", {
   fields = {
     { "seed", "nonnegint", 1234 },
-    { "data_parallel_random_init", "bool", false },
+    { "data_parallel_random_init", "bool", false, inert = "Megatron broadcasts data-parallel rank 0's weights after "
+      .. "the different initialisations, so every rank starts from the same weights either way" },
   },
   unsupported = {
     te_rng_tracker = "Transformer Engine is not used",
@@ -483,7 +516,7 @@ class("ConfigContainer", {
     local f = {}
     for _, g in ipairs(schema.GROUPS) do f[#f + 1] = { g[1], "group:" .. g[2], nil, nullable = false } end
     f[#f + 1] = { "mixed_precision", { enum = { "bf16_mixed", "fp16_mixed" },
-      note = "or leave it nil and set bf16/params_dtype on the model" }, nil }
+      note = "or leave it nil and set bf16/params_dtype on the model" }, nil, into = "model.bf16" }
     return f
   end)(),
   unsupported = {

@@ -133,6 +133,17 @@ function V.validate(c, opts, to_table)
   if o.bf16 and o.fp16 then
     fail("optimizer.bf16 = true and optimizer.fp16 = true: only one of fp16 and bf16 can be enabled; set the other to false")
   end
+  -- Megatron-LM makes bf16 parameters out of bf16 = true; a bf16 params_dtype alone would be a bf16 model
+  -- without mixed precision, which luatron does not build.
+  for _, p in ipairs { { "model", m }, { "optimizer", o } } do
+    local dt = p[2].params_dtype
+    if dt == "bf16" and not m.bf16 then
+      fail("%s.params_dtype = 'bf16' needs model.bf16 = true (bf16 mixed precision: bf16 compute, fp32 main weights). "
+        .. "Set model.bf16 = true, mixed_precision = 'bf16_mixed', or params_dtype = 'fp32'", p[1])
+    elseif dt == "fp16" and not m.fp16 then
+      fail("%s.params_dtype = 'fp16' needs fp16 mixed precision, which is not implemented: use bf16", p[1])
+    end
+  end
   if m.bf16 and (m.device or "cpu") == "cpu" then
     warn("model.bf16 on the CPU runs the bf16 reference kernels (fp32 math around bf16 storage): slower than fp32, "
       .. "meant for checking mixed precision; bf16 pays on device \"cuda\"")
@@ -215,6 +226,16 @@ function V.validate(c, opts, to_table)
   if NH % G ~= 0 then
     fail("num_attention_heads (%d) must be divisible by num_query_groups (%d): each query group serves "
       .. "num_attention_heads / num_query_groups heads. Set num_query_groups to a divisor of %d", NH, G, NH)
+  end
+  local mpe = m.max_position_embeddings
+  if mpe ~= nil then
+    if m.position_embedding_type == "learned_absolute" and mpe ~= m.seq_length then
+      fail("model.max_position_embeddings (%d) differs from model.seq_length (%d): luatron's learned position table "
+        .. "has seq_length rows. Set max_position_embeddings = %d or leave it nil", mpe, m.seq_length, m.seq_length)
+    elseif mpe < m.seq_length then
+      fail("model.max_position_embeddings (%d) is smaller than model.seq_length (%d): positions beyond it have no "
+        .. "embedding. Raise max_position_embeddings or lower seq_length", mpe, m.seq_length)
+    end
   end
   if m.position_embedding_type == "rope" then
     local rot = math.floor(m.kv_channels * m.rotary_percent)
@@ -335,11 +356,6 @@ function V.validate(c, opts, to_table)
 
   -- tokenizer and vocabulary ----------------------------------------------------------------------
   local natural = schema.TOKENIZERS[tok.tokenizer_type]
-  if tok.tokenizer_model ~= nil then
-    fail("tokenizer.tokenizer_model = %s: the %s tokenizer takes no model file (only SentencePiece/HuggingFace "
-      .. "tokenizers do, and luatron has only the byte-level one offline). Remove tokenizer_model",
-      fmt(tok.tokenizer_model), tok.tokenizer_type)
-  end
   local tok_vocab = tok.vocab_size or natural
   if tok_vocab < natural then
     fail("tokenizer.vocab_size (%d) is smaller than the %s tokenizer's %d ids (256 bytes and the end-of-document "
@@ -495,11 +511,12 @@ function V.validate(c, opts, to_table)
     fail("scheduler.end_weight_decay (%s) must be >= scheduler.start_weight_decay (%s)",
       fmt(s.end_weight_decay), fmt(s.start_weight_decay))
   end
-  if s.weight_decay_incr_style == "constant" and s.start_weight_decay ~= s.end_weight_decay then
-    fail("scheduler.weight_decay_incr_style = 'constant' needs start_weight_decay (%s) == end_weight_decay (%s): "
-      .. "set weight_decay_incr_style = 'linear' or 'cosine' to change weight decay during training",
+  if s.start_weight_decay ~= s.end_weight_decay then
+    fail("scheduler.start_weight_decay (%s) and scheduler.end_weight_decay (%s) differ: weight-decay schedules are "
+      .. "not implemented. Make them equal (or leave them nil to take optimizer.weight_decay)",
       fmt(s.start_weight_decay), fmt(s.end_weight_decay))
   end
+  o.weight_decay = s.start_weight_decay -- Megatron's scheduler sets every decayed group's weight decay
   if s.override_opt_param_scheduler and s.use_checkpoint_opt_param_scheduler then
     fail("scheduler.override_opt_param_scheduler and scheduler.use_checkpoint_opt_param_scheduler are both true: "
       .. "both override and use-checkpoint are set; choose one")
@@ -513,23 +530,10 @@ function V.validate(c, opts, to_table)
   if ddp.bucket_size == nil and ddp.num_buckets == nil and ddp.overlap_grad_reduce then
     ddp.bucket_size = math.max(40000000, 1000000 * DP)
   end
-  if (DP * CP) % ddp.num_distributed_optimizer_instances ~= 0 then
-    fail("data_parallel_size (%d) * context_parallel_size (%d) = %d is not divisible by "
-      .. "ddp.num_distributed_optimizer_instances (%d): Data parallel size should be divisible by partial DistOpt "
-      .. "shard factor", DP, CP, DP * CP, ddp.num_distributed_optimizer_instances)
-  end
-  if ddp.num_distributed_optimizer_instances > 1 and not ddp.use_distributed_optimizer then
-    fail("ddp.num_distributed_optimizer_instances = %d needs use_distributed_optimizer = true",
-      ddp.num_distributed_optimizer_instances)
-  end
 
   -- logger, checkpoint ------------------------------------------------------------------------------
   if lg.metrics_file == nil and lg.log_dir ~= nil then
     lg.metrics_file = lg.log_dir .. "/metrics.jsonl"
-  end
-  if ck.async_save then
-    fail("checkpoint.async_save = true is not supported: luatron saves checkpoints synchronously (to a temporary "
-      .. "name, then renamed into place). Set async_save = false")
   end
   if ck.ckpt_step ~= nil and ck.load == nil then
     fail("ckpt_step=%d specified but checkpoint.load is None. Please set checkpoint.load to the base checkpoint "

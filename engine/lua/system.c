@@ -1,6 +1,9 @@
-/* Clocks, memory figures and terminal facts for the training loop's progress output. */
+/* Clocks, memory figures and terminal facts for the training loop's progress output, and the
+ * signal a run checks between steps (TrainingConfig.exit_signal_handler). */
 #define _POSIX_C_SOURCE 200809L
+#include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
@@ -88,10 +91,35 @@ static int l_isatty(lua_State *L) {
     return 1;
 }
 
+static volatile sig_atomic_t caught_signal;
+
+static void note_signal(int sig) { caught_signal = sig; }
+
+/* core.catch_signal("SIGTERM"): from now on the signal is noted instead of ending the process. */
+static int l_catch_signal(lua_State *L) {
+    static const char *const names[] = {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", NULL};
+    static const int sigs[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2};
+    int sig = sigs[luaL_checkoption(L, 1, NULL, names)];
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = note_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(sig, &sa, NULL) != 0) return luaL_error(L, "cannot catch %s", lua_tostring(L, 1));
+    return 0;
+}
+
+/* core.signal_received() → whether a caught signal has arrived. */
+static int l_signal_received(lua_State *L) {
+    lua_pushboolean(L, caught_signal != 0);
+    return 1;
+}
+
 void lt_lua_open_system(lua_State *L) {
     static const luaL_Reg funcs[] = {{"clock", l_clock}, {"memory", l_memory}, {"reset_peak_memory", l_reset_peak_memory},
                                      {"synchronize", l_synchronize}, {"profile_report", l_profile_report},
                                      {"profile_reset", l_profile_reset},
-                                     {"isatty", l_isatty}, {NULL, NULL}};
+                                     {"isatty", l_isatty}, {"catch_signal", l_catch_signal},
+                                     {"signal_received", l_signal_received}, {NULL, NULL}};
     luaL_setfuncs(L, funcs, 0);
 }

@@ -30,6 +30,12 @@ local function write_file(path, text)
   assert(os.rename(tmp, path))
 end
 
+local function exists(path)
+  local f = io.open(path, "r")
+  if f then f:close() end
+  return f ~= nil
+end
+
 local function read_file(path)
   local f = io.open(path, "r")
   if not f then return nil end
@@ -52,8 +58,28 @@ end
 
 local function shard_file(dir, dp_rank) return ("%s/optimizer_shard_%d.safetensors"):format(dir, dp_rank) end
 
+-- The iterations of root's checkpoint folders, ascending.
+function M.iterations(root)
+  local its = {}
+  local p = io.popen("ls -1 " .. quote(root) .. " 2>/dev/null")
+  for name in p:lines() do
+    local it = name:match("^iter_(%d+)$")
+    if it then its[#its + 1] = tonumber(it) end
+  end
+  p:close()
+  table.sort(its)
+  return its
+end
+
+-- Checkpoint.most_recent_k: keep the newest k folders of root.
+function M.remove_old(root, keep)
+  local its = M.iterations(root)
+  for i = 1, #its - keep do os.execute("rm -rf " .. quote(iter_dir(root, its[i]))) end
+end
+
 -- Saves iteration state.iteration under root; returns the folder. `optimizer` is a
--- data_parallel optimizer (anything with :state_tensors()) or nil.
+-- data_parallel optimizer (anything with :state_tensors()), or nil to save the model only
+-- (CheckpointConfig.save_optim = false).
 function M.save(root, model, optimizer, state, config_table, ranks)
   ranks = ranks or SINGLE
   local final = iter_dir(root, state.iteration)
@@ -124,14 +150,20 @@ local function load_file(path)
   return t, meta_or_err
 end
 
--- Loads the latest checkpoint of root into model (and optimizer). Returns the saved state
--- table and the folder, or nil when root has none. Everything is read and checked before
--- anything changes, so a corrupt checkpoint raises a clear error and leaves the run as it was.
-function M.load(root, model, optimizer, ranks)
-  ranks = ranks or SINGLE
-  local iteration = M.latest_iteration(root)
+-- Loads the latest checkpoint of root (or opts.iteration's) into model, and into optimizer
+-- unless opts.load_optim == false (a data_parallel optimizer's main weights then follow the
+-- loaded model). Returns the saved state table and the folder, or nil when root has none.
+-- Everything is read and checked before anything changes, so a corrupt checkpoint raises a
+-- clear error and leaves the run as it was.
+function M.load(root, model, optimizer, ranks, opts)
+  ranks, opts = ranks or SINGLE, opts or {}
+  local iteration = opts.iteration or M.latest_iteration(root)
   if not iteration then return nil end
   local dir = iter_dir(root, iteration)
+  if opts.iteration and not read_file(dir .. "/state.json") then
+    error(("checkpoint.ckpt_step = %d: %s holds no checkpoint of that iteration (it has %s)"):format(iteration,
+      root, #M.iterations(root) > 0 and table.concat(M.iterations(root), ", ") or "none"), 0)
+  end
   local state_text = read_file(dir .. "/state.json")
   if not state_text then error(("checkpoint %s has no state.json"):format(dir), 0) end
   local ok, state = pcall(json.decode, state_text)
@@ -140,11 +172,22 @@ function M.load(root, model, optimizer, ranks)
   local model_dst = model_tensors(model)
   check_all(model_dst, weights, dir .. "/model.safetensors")
   local opt_dst, opt_src
-  if optimizer then
+  local load_optim = optimizer and opts.load_optim ~= false
+  if load_optim then
     local sharded
     opt_dst, sharded = optimizer_state(model, optimizer)
     local file = sharded and shard_file(dir, ranks.dp_rank) or dir .. "/optimizer.safetensors"
-    if sharded and not io.open(file) then
+    local has_shards, has_full = exists(shard_file(dir, 0)), exists(dir .. "/optimizer.safetensors")
+    if not has_shards and not has_full then
+      error(("checkpoint %s holds no optimizer state (saved with checkpoint.save_optim = false): set "
+        .. "checkpoint.load_optim = false or checkpoint.finetune = true to load the model only"):format(dir), 0)
+    end
+    if not sharded and not has_full then
+      error(("checkpoint %s was saved with the distributed optimizer (one optimizer shard per data-parallel rank); "
+        .. "this run uses DDP. Resume with ddp.use_distributed_optimizer = true on the same data-parallel size, or "
+        .. "set checkpoint.load_optim = false to load the model only"):format(dir), 0)
+    end
+    if sharded and not exists(file) then
       error(("checkpoint %s has no %s: it was not saved with the distributed optimizer at data-parallel size %d. "
         .. "Resume with the layout it was saved with"):format(dir, file:match("[^/]+$"), ranks.dp_size), 0)
     end
@@ -157,11 +200,11 @@ function M.load(root, model, optimizer, ranks)
     check_all(opt_dst, opt_src, file)
   end
   copy_all(model_dst, weights)
-  if optimizer then
+  if load_optim then
     copy_all(opt_dst, opt_src)
     optimizer:num_steps(state.optimizer_steps or iteration)
-    if optimizer.after_load then optimizer:after_load() end
   end
+  if optimizer and optimizer.after_load then optimizer:after_load() end
   return state, dir
 end
 

@@ -42,7 +42,8 @@ local function bar(done, total, width)
   return ("[%s%s] %d/%d"):format(("="):rep(filled), (" "):rep(width - filled), done, total)
 end
 
--- r: iteration, loss, lr, grad_norm, step_time (s), tokens (this step), consumed_samples.
+-- r: iteration, loss, lr, grad_norm, step_time (s), tokens (this step), consumed_samples, and
+-- params_norm: nil or a function computing it (only on the steps that are logged).
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
@@ -61,6 +62,7 @@ function M:step(r)
     loss = r.loss,
     lr = r.lr,
     grad_norm = r.grad_norm,
+    params_norm = r.params_norm and r.params_norm(), -- LoggerConfig.log_params_norm
     step_time_ms = 1000 * w.time / w.steps,
     tokens_per_s = w.tokens / w.time,
     peak_memory_mib = mib(mem.peak),
@@ -71,9 +73,9 @@ function M:step(r)
     comm_hidden_fraction = r.comm_exposed_seconds and r.comm_seconds and r.comm_seconds > 0
       and math.max(0, 1 - r.comm_exposed_seconds / r.comm_seconds) or nil,
   }
-  self:info("iteration %6d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tokens/s | %.1f ms/step | "
+  self:info("iteration %6d/%d | loss %.4f | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, rec.loss, rec.lr, rec.grad_norm,
-    rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, self.device == "cpu" and "" or " on " .. self.device,
+    rec.params_norm and (" | params norm %.3f"):format(rec.params_norm) or "", rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, self.device == "cpu" and "" or " on " .. self.device,
     rec.rss_peak_mib)
   if r.comm_bytes then
     self:info("  data-parallel traffic %.3f MB/step (ring formula %.3f MB, measured/expected %.4f), %.1f ms/step in "

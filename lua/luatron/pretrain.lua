@@ -10,6 +10,7 @@ local checkpoint = require "luatron.checkpoint"
 local logger_lib = require "luatron.logger"
 local parallel = require "luatron.parallel"
 local data_parallel = require "luatron.data_parallel"
+local json = require "luatron.json"
 
 local M = {}
 
@@ -213,29 +214,122 @@ function M.evaluate(run)
   return dp_mean(run, total / count)
 end
 
-function M.save(run)
-  run.optimizer:sync_params()
-  return checkpoint.save(run.r.checkpoint.save, run.model, run.optimizer, run.state, config.to_table(run.cfg),
-    run.ranks)
+-- The values of Megatron's OptimizerParamScheduler state dict, which a resumed run checks.
+local function schedule_of(r)
+  local o, s = r.optimizer, r.scheduler
+  return { max_lr = o.lr, min_lr = o.min_lr, lr_warmup_steps = s.lr_warmup_steps, lr_decay_steps = s.lr_decay_steps,
+    lr_decay_style = s.lr_decay_style, start_wd = s.start_weight_decay, end_wd = s.end_weight_decay,
+    wd_incr_steps = s.wd_incr_steps, wd_incr_style = s.weight_decay_incr_style }
 end
 
--- Resumes from checkpoint.load (or from checkpoint.save when it already holds a run).
+function M.save(run)
+  run.optimizer:sync_params()
+  local ck = run.r.checkpoint
+  run.state.scheduler = schedule_of(run.r)
+  local dir = checkpoint.save(ck.save, run.model, ck.save_optim and run.optimizer or nil, run.state,
+    config.to_table(run.cfg), run.ranks)
+  if ck.most_recent_k > 0 and run.ps.rank == 0 then checkpoint.remove_old(ck.save, ck.most_recent_k) end
+  return dir
+end
+
+-- Megatron's OptimizerParamScheduler.load_state_dict: the schedule a checkpoint was trained
+-- with must be this run's, unless override_opt_param_scheduler (this run's values win) or
+-- use_checkpoint_opt_param_scheduler (the checkpoint's win).
+-- (Megatron's names for them; its steps count samples.)
+local CHECKED = { { "max_lr", "learning rate" }, { "min_lr", "minimum learning rate" },
+  { "lr_warmup_steps", "warmup iterations (in samples)" }, { "lr_decay_steps", "total number of iterations (in samples)" },
+  { "lr_decay_style", "learning rate decay style" }, { "start_wd", "start weight decay" },
+  { "end_wd", "end weight decay" }, { "wd_incr_steps", "total number of weight decay iterations (in samples)" },
+  { "wd_incr_style", "weight decay incr style" } }
+
+local function resume_schedule(run, saved, dir, log)
+  local s = run.r.scheduler
+  if not saved or s.override_opt_param_scheduler then return end
+  local mine = schedule_of(run.r)
+  for _, c in ipairs(CHECKED) do
+    local key, what = c[1], c[2]
+    if saved[key] ~= nil and saved[key] ~= mine[key] and not s.use_checkpoint_opt_param_scheduler then
+      error(("checkpoint %s was trained with %s %s, this run has %s (OptimizerParamScheduler: class input value "
+        .. "and checkpoint value for %s do not match). Keep the schedule (lr_decay_iters defaults to train_iters), "
+        .. "or set scheduler.override_opt_param_scheduler = true to use this run's values, or "
+        .. "use_checkpoint_opt_param_scheduler = true to use the checkpoint's"):format(dir, what, tostring(saved[key]),
+        tostring(mine[key]), what), 0)
+    end
+  end
+  if s.use_checkpoint_opt_param_scheduler then
+    if saved.start_wd ~= mine.start_wd then
+      error(("checkpoint %s was trained with weight decay %s, this run's optimizer has %s: set "
+        .. "optimizer.weight_decay = %s"):format(dir, tostring(saved.start_wd), tostring(mine.start_wd),
+        tostring(saved.start_wd)), 0)
+    end
+    local o, gbs = run.r.optimizer, run.r.train.global_batch_size
+    o.lr, o.min_lr, s.lr_decay_style = saved.max_lr, saved.min_lr, saved.lr_decay_style
+    s.lr_warmup_iters, s.lr_decay_iters = saved.lr_warmup_steps / gbs, saved.lr_decay_steps / gbs
+    s.lr_warmup_steps, s.lr_decay_steps = saved.lr_warmup_steps, saved.lr_decay_steps
+    log:info("using the checkpoint's learning-rate schedule (scheduler.use_checkpoint_opt_param_scheduler)")
+  end
+end
+
+-- Resumes from checkpoint.load (or from checkpoint.save when it already holds a run), as
+-- Megatron's load_checkpoint: ckpt_step picks the iteration; finetune loads the weights only
+-- and starts at iteration 0; load_optim = false keeps the iteration but starts the optimizer
+-- and its schedule afresh; pretrained_checkpoint starts a fine-tuning run when nothing is there
+-- yet; exit_on_missing_checkpoint makes a missing checkpoint.load an error.
 function M.maybe_resume(run, log)
   local ck = run.r.checkpoint
   local root = ck.load or ck.save
-  if not root then return false end
-  local state, dir = checkpoint.load(root, run.model, run.optimizer, run.ranks)
+  local finetune, load_optim = ck.finetune, ck.load_optim and not ck.finetune
+  local state, dir
+  if root then
+    state, dir = checkpoint.load(root, run.model, run.optimizer, run.ranks,
+      { iteration = ck.ckpt_step, load_optim = load_optim })
+  end
+  if not state and ck.pretrained_checkpoint then
+    state, dir = checkpoint.load(ck.pretrained_checkpoint, run.model, run.optimizer, run.ranks, { load_optim = false })
+    if not state then
+      error(("checkpoint.pretrained_checkpoint = %s holds no checkpoint (no latest_checkpointed_iteration.txt)")
+        :format(ck.pretrained_checkpoint), 0)
+    end
+    finetune, load_optim = true, false
+  end
   if not state then
+    if ck.load and ck.exit_on_missing_checkpoint then
+      error(("checkpoint.load = %s holds no checkpoint and checkpoint.exit_on_missing_checkpoint = true: nothing "
+        .. "was trained. Check the path, or set exit_on_missing_checkpoint = false to start from scratch")
+        :format(ck.load), 0)
+    end
     if ck.load then log:info("no checkpoint in %s: starting from scratch", ck.load) end
     return false
+  end
+  if finetune then
+    log:info("loaded the model weights of %s (fine-tuning: iteration 0, a new optimizer)", dir)
+    return true
   end
   if state.seed ~= run.state.seed then
     error(("checkpoint %s was trained with seed %s but rng.seed is %s: use the same seed to resume")
       :format(dir, tostring(state.seed), tostring(run.state.seed)), 0)
   end
+  if load_optim then
+    resume_schedule(run, state.scheduler, dir, log)
+  else
+    state.optimizer_steps = 0 -- Megatron's scheduler and optimizer start afresh without load_optim
+  end
+  state.scheduler = nil
   run.state = state
-  log:info("resumed from %s (iteration %d, %d samples consumed)", dir, state.iteration, state.consumed_samples)
+  log:info("resumed from %s (iteration %d, %d samples consumed%s)", dir, state.iteration, state.consumed_samples,
+    load_optim and "" or "; optimizer state not loaded")
   return true
+end
+
+-- Megatron's exit_signal_handler: SIGTERM (as Slurm sends before preemption) is noted, and the
+-- run saves a checkpoint and exits at the end of the step in which any rank received it.
+local function signal_received(run)
+  local got = core.signal_received() and 1 or 0
+  if run.ps.world_size > 1 then
+    local t <close> = core.tensor.from({ got }, "float32")
+    got = run.ps.world:all_reduce(t, "max"):item()
+  end
+  return got > 0
 end
 
 local function mib(bytes) return bytes / 2 ^ 20 end
@@ -266,6 +360,24 @@ function M.pretrain(cfg, args)
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
     metrics_path = lead and metrics_path or nil, quiet = not lead, device = r.model.device }
   local resumed = M.maybe_resume(run, log)
+  if lg.save_config_filepath and lead then
+    local f = assert(io.open(lg.save_config_filepath, "w"))
+    f:write(json.encode(config.to_table(cfg)), "\n")
+    f:close()
+  end
+  if train.skip_train then
+    -- Megatron's skip_train: evaluate the (loaded) model and train nothing
+    local vloss = run.valid_data and M.evaluate(run)
+    if vloss then
+      log:info("validation at iteration %d | loss %.4f | perplexity %.2f", run.state.iteration, vloss, math.exp(vloss))
+      log:record { iteration = run.state.iteration, validation_loss = vloss }
+    else
+      log:info("train.skip_train = true and no validation (train.eval_iters / eval_interval): nothing to do")
+    end
+    log:close()
+    return { iteration = run.state.iteration, validation_loss = vloss, run = run }
+  end
+  if train.exit_signal_handler then core.catch_signal("SIGTERM") end
   log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step per rank | %s on %s%s",
     tostring(run.model), run.model:num_parameters(), r.num_microbatches, train.micro_batch_size,
     r.model.seq_length, r.model.bf16 and "bf16 mixed precision" or "fp32", r.model.device,
@@ -282,6 +394,10 @@ function M.pretrain(cfg, args)
     last_loss = loss
     local comm = run.comm_stats
     log:step { iteration = run.state.iteration, loss = loss, lr = lr, grad_norm = grad_norm,
+      params_norm = lg.log_params_norm and function()
+        run.optimizer:sync_params()
+        return run.model:flat_weights():norm()
+      end or nil,
       step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples,
       comm_bytes = comm and comm.bytes, comm_expected = comm and run.comm_expected,
       comm_seconds = comm and comm.seconds, comm_exposed_seconds = run.optimizer.exposed_seconds }
@@ -297,11 +413,13 @@ function M.pretrain(cfg, args)
       saved = true
     end
     local minutes = (core.clock() - started) / 60
-    if (train.exit_interval and it % train.exit_interval == 0)
+    local signalled = train.exit_signal_handler and signal_received(run)
+    if signalled or (train.exit_interval and it % train.exit_interval == 0)
         or (train.exit_duration_in_mins and minutes >= train.exit_duration_in_mins) then
       if ck.save and not saved then log:info("saved checkpoint %s", M.save(run)) end
       run.optimizer:sync_params()
-      log:info("exiting at iteration %d (train.exit_interval / exit_duration_in_mins)", it)
+      log:info("exiting at iteration %d (%s)", it, signalled and "SIGTERM received: train.exit_signal_handler"
+        or "train.exit_interval / exit_duration_in_mins")
       log:close()
       return { iteration = it, loss = last_loss, run = run, exited_early = true }
     end

@@ -631,9 +631,24 @@ describe("lt.scheduler.lr_at", function()
     near(lr_at(900, opt, s, 1000), 0.1) -- floored at min_lr
   end)
 
+  it("WSD holds lr, then anneals over the last lr_wsd_decay_iters in Megatron's four styles", function()
+    local function wsd(style, step)
+      return lr_at(step, opt, sched("WSD", { lr_warmup_iters = 10, lr_decay_iters = 100, lr_wsd_decay_iters = 20,
+        lr_wsd_decay_style = style }), 100)
+    end
+    for _, style in ipairs { "linear", "cosine", "exponential", "minus_sqrt" } do
+      near(wsd(style, 5), 0.6)     -- warmup from lr_warmup_init 0.2
+      near(wsd(style, 80), 1.0)    -- stable until the anneal starts at 100 - 20
+      near(wsd(style, 100), 0.1)   -- min_lr at the end
+      near(wsd(style, 150), 0.1)
+    end
+    near(wsd("linear", 90), 0.55)                       -- half way: 1 - 0.5
+    near(wsd("cosine", 90), 0.55)                       -- 0.5 * (cos(pi / 2) + 1)
+    near(wsd("exponential", 90), 0.1 + 0.9 * (2 * 0.5 ^ 0.5 - 1))
+    near(wsd("minus_sqrt", 95), 0.1 + 0.9 * (1 - math.sqrt(0.75)))
+  end)
+
   it("an unsupported decay style is an error naming it", function()
-    assert_error_contains(function() lr_at(50, opt, sched("WSD"), 200) end,
-      'lr_decay_style = "WSD" is not supported')
     assert_error_contains(function() lr_at(50, { lr = 1 }, { lr_decay_style = "step" }, 200) end, '"step"')
   end)
 end)

@@ -158,7 +158,8 @@ describe("bad input", function()
     local ck = dir .. "/ckpt"
     assert.are.equal(0, (luatron(tiny(dir, "train.train_iters=2 checkpoint.save=" .. q(ck)))))
     local code, out = luatron(tiny(dir, "train.train_iters=40 checkpoint.save_interval=1 optimizer.lr=1e30 "
-      .. "scheduler.lr_warmup_iters=0 optimizer.clip_grad=0 checkpoint.save=" .. q(ck)))
+      .. "scheduler.lr_warmup_iters=0 optimizer.clip_grad=0 scheduler.override_opt_param_scheduler=true "
+      .. "checkpoint.save=" .. q(ck)))
     assert.are.equal(1, code, out)
     local step = out:match("NaN or infinite %a+ at iteration (%d+)")
     assert.truthy(step, out)

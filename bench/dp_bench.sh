@@ -13,7 +13,7 @@ bin=bazel-bin/luatron
 out=$(mktemp -d)
 model="model.num_layers=6 model.hidden_size=384 model.num_attention_heads=6 model.seq_length=256 dataset.seq_length=256
   train.global_batch_size=16 train.micro_batch_size=8 train.train_iters=$steps train.eval_interval=100000
-  logger.log_interval=1 scheduler.lr_warmup_iters=0"
+  logger.log_interval=1 scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=0"
 run() { # name, ranks, extra overrides
   local name=$1 n=$2
   shift 2

@@ -21,6 +21,7 @@ static const char *usage =
     "  run FILE [ARGS]     run a recipe (a Lua file); ARGS reach it as the global `arg`.\n"
     "                      Recipes that call luatron.pretrain accept overrides such as\n"
     "                      train.train_iters=50 optimizer.lr=3e-4 checkpoint.save=runs/x\n"
+    "                      (luatron run --help; luatron run FILE --help lists the fields)\n"
     "  repl                interactive Lua 5.4 with `lt = require \"luatron\"` loaded\n"
     "  launch -n N FILE    run a recipe as N ranks on this machine, output prefixed \"[rank R]\";\n"
     "                      --repl instead of FILE: every line typed runs on every rank\n"
@@ -79,10 +80,27 @@ static lua_State *new_state(void) {
     return L;
 }
 
+static const char *run_usage =
+    "usage: luatron run FILE [ARGS]\n"
+    "\n"
+    "Runs the recipe FILE (a Lua file) with the luatron library: `local lt = require \"luatron\"`.\n"
+    "ARGS reach it as the global `arg` (arg[0] is FILE), as with the lua command. A recipe that calls\n"
+    "lt.pretrain(cfg, arg) takes overrides of its config:\n"
+    "  group.field=value     e.g. train.train_iters=20 optimizer.lr=3e-4 model.device=cuda\n"
+    "  field=value           the container's own fields, e.g. mixed_precision=bf16_mixed\n"
+    "  --help                list every field the recipe's config takes, with its current value\n"
+    "Any other argument is an error (a recipe with arguments of its own hands pretrain\n"
+    "lt.overrides.split(arg)). Errors in the recipe name its file and line.\n"
+    "\n"
+    "examples:\n"
+    "  luatron run recipes/gpt_tiny.lua\n"
+    "  luatron run recipes/gpt_tiny.lua train.train_iters=20 checkpoint.save=runs/tiny\n"
+    "  luatron run recipes/gpt_tiny.lua --help\n";
+
 static int run_recipe(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "luatron run: which recipe? usage: luatron run FILE [ARGS]\n");
-        return 2;
+    if (argc < 3 || strcmp(argv[2], "--help") == 0 || strcmp(argv[2], "-h") == 0) {
+        fputs(run_usage, argc < 3 ? stderr : stdout);
+        return argc < 3 ? 2 : 0;
     }
     const char *file = argv[2];
     lua_State *L = new_state();

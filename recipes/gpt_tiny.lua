@@ -16,12 +16,12 @@ local cfg = lt.ConfigContainer {
   train = lt.TrainingConfig {
     train_iters = 300,
     global_batch_size = 16,
-    micro_batch_size = 8,
+    micro_batch_size = 4, -- 4 microbatches on one rank; runs on 1, 2 or 4 data-parallel ranks
     eval_interval = 100,
     eval_iters = 2,
   },
   optimizer = lt.OptimizerConfig { optimizer = "adam", lr = 3e-3, min_lr = 3e-4, weight_decay = 0.01, clip_grad = 1.0 },
-  scheduler = lt.SchedulerConfig { lr_warmup_iters = 30, lr_decay_style = "cosine" },
+  scheduler = lt.SchedulerConfig { lr_warmup_fraction = 0.1, lr_decay_style = "cosine" }, -- any train_iters
   dataset = lt.GPTDatasetConfig { sequence_length = 128 }, -- no data_path: the mock dataset
   logger = lt.LoggerConfig { log_interval = 25 },
   rng = lt.RNGConfig { seed = 1234 },

@@ -58,7 +58,7 @@ timeout 120 "$root/.gpu/nccl_test" > "$out/nccl_test.log" 2>&1 ||
 grep -c '# SKIP' "$out/nccl_test.log" | sed 's/^/nccl_test: skipped checks: /'
 
 tiny="run recipes/gpt_tiny.lua train.train_iters=20 train.eval_interval=1000 logger.log_interval=1 \
-scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1 ${GPU_CHECK_RECIPE_ARGS:-}"
+scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=0 model.hidden_dropout=0.1 model.attention_dropout=0.1 ${GPU_CHECK_RECIPE_ARGS:-}"
 n=2
 # fp32, bf16, and bf16 with GPT-2's tanh GELU (openai_gelu: the MLP through cuBLASLt's GELU epilogues)
 for precision in fp32 bf16 bf16_openai_gelu; do

@@ -14,6 +14,7 @@ local lt = {
   scheduler = require "luatron.scheduler",
   checkpoint = require "luatron.checkpoint",
   json = require "luatron.json",
+  overrides = require "luatron.overrides",
   pretrain = pretrain.pretrain,
   training = pretrain,
 }

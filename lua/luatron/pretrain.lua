@@ -11,39 +11,13 @@ local logger_lib = require "luatron.logger"
 local parallel = require "luatron.parallel"
 local data_parallel = require "luatron.data_parallel"
 local json = require "luatron.json"
+local overrides = require "luatron.overrides"
 
 local M = {}
 
-local function parse_value(s)
-  if s == "true" then return true end
-  if s == "false" then return false end
-  if s == "nil" or s == "null" then return nil end
-  return math.tointeger(tonumber(s)) or tonumber(s) or s
-end
-
--- Applies command-line overrides "group.field=value" (e.g. train.train_iters=20) to a
--- ConfigContainer; other arguments are returned untouched.
-function M.apply_overrides(cfg, args)
-  local rest = {}
-  for _, a in ipairs(args or {}) do
-    local group, field, value = a:match("^([%w_]+)%.([%w_]+)=(.*)$")
-    if group then
-      -- A ConfigContainer raises on an unknown field (with a "did you mean"), so look the group up
-      -- under pcall and name the override in the message; a plain `cfg[group] == nil` never ran.
-      local function fail(e)
-        error(("override %q: %s"):format(a, (tostring(e):gsub("^[^\n]-:%d+: ", "", 1))), 0)
-      end
-      local found, grp = pcall(function() return cfg[group] end)
-      if not found then fail(grp) end
-      if not config.is_config(grp) then fail(("ConfigContainer.%s is not a group of fields"):format(group)) end
-      local ok, e = pcall(function() grp[field] = parse_value(value) end)
-      if not ok then fail(e) end
-    else
-      rest[#rest + 1] = a
-    end
-  end
-  return rest
-end
+-- Command-line overrides "group.field=value" (e.g. train.train_iters=20) on a ConfigContainer;
+-- true when the arguments asked for --help (see luatron.overrides).
+M.apply_overrides = overrides.apply
 
 -- Samples of one split ("train", "valid" or "test") of the resolved config `r`.
 function M.build_dataset(r, split, num_samples)
@@ -347,10 +321,14 @@ local function describe_parallel(run, log)
 end
 
 -- pretrain(config [, args]): train config.train.train_iters steps, logging, evaluating and
--- checkpointing as the config says. args: command-line overrides (see apply_overrides).
+-- checkpointing as the config says. args: command-line overrides (see luatron.overrides); any
+-- other argument is an error, so a recipe with arguments of its own passes overrides.split's.
 function M.pretrain(cfg, args)
   if getmetatable(cfg) == nil then cfg = config.ConfigContainer(cfg) end
-  M.apply_overrides(cfg, args)
+  if overrides.apply(cfg, args) then
+    print(overrides.help(cfg, args and args[0]))
+    os.exit(0, true)
+  end
   local run = M.setup(cfg)
   local r = run.r
   local train, ck, lg = r.train, r.checkpoint, r.logger

@@ -131,17 +131,30 @@ describe("luatron.training.pretrain", function()
       "train_iters = -3", "positive")
   end)
 
-  it("apply_overrides parses values and returns the other arguments", function()
+  it("apply_overrides parses values; any other argument is an error that says what was meant", function()
     local cfg = tiny()
-    local rest = lt.training.apply_overrides(cfg, {
-      "train.train_iters=12", "extra", "optimizer.clip_grad=0.5", "logger.log_interval=3",
-      "dataset.mock=true", "--flag",
-    })
-    assert.are.same({ "extra", "--flag" }, rest)
+    assert.is_false(lt.training.apply_overrides(cfg, {
+      "train.train_iters=12", "optimizer.clip_grad=0.5", "logger.log_interval=3", "dataset.mock=true",
+      "mixed_precision=bf16_mixed",
+    }))
+    assert.are.equal("bf16_mixed", cfg.mixed_precision)
     assert.are.equal(12, cfg.train.train_iters)
     assert.are.equal("integer", math.type(cfg.train.train_iters))
     assert.are.equal(0.5, cfg.optimizer.clip_grad)
     assert.are.equal(3, cfg.logger.log_interval)
     assert.is_true(cfg.dataset.mock)
+    assert.is_true(lt.training.apply_overrides(cfg, { "--help" }))
+    assert_error_contains(function() lt.training.apply_overrides(cfg, { [0] = "r.lua", "--train_iters", "5" }) end,
+      'argument "--train_iters" is not an override', "(did you mean train.train_iters=5?)",
+      "`luatron run r.lua --help` lists the fields")
+    assert_error_contains(function() lt.training.apply_overrides(cfg, { "--lr=0.1" }) end,
+      "(did you mean optimizer.lr=0.1?)")
+    assert_error_contains(function() lt.training.apply_overrides(cfg, { "seed=3" }) end,
+      'override "seed=3": give the group of \'seed\' as group.field=value (rng.seed=3)')
+    assert_error_contains(function() lt.pretrain(tiny(), { "extra" }) end, 'argument "extra" is not an override')
+    -- a recipe with arguments of its own hands pretrain the overrides only
+    local ours, mine = lt.overrides.split { [0] = "r.lua", "train.train_iters=3", "--mine", "x", "--help" }
+    assert.are.same({ [0] = "r.lua", "train.train_iters=3", "--help" }, ours)
+    assert.are.same({ "--mine", "x" }, mine)
   end)
 end)

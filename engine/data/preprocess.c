@@ -244,6 +244,25 @@ static long long file_size(const char *path) {
     return stat(path, &st) == 0 ? (long long)st.st_size : -1;
 }
 
+/* The folders of an output prefix (data/corpus -> data/), made as `mkdir -p` would. */
+static int make_parent_dirs(const char *prefix, char *err, size_t errlen) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s", prefix) >= (int)sizeof path) {
+        lt_fail(err, errlen, "%s: the output prefix is too long", prefix);
+        return -1;
+    }
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(path, 0777) != 0 && errno != EEXIST) {
+            lt_fail(err, errlen, "%s: cannot create the folder: %s", path, strerror(errno));
+            return -1;
+        }
+        *p = '/';
+    }
+    return 0;
+}
+
 int lt_preprocess_main(int argc, char **argv) {
     const char *input = NULL, *prefix = NULL, *format = NULL, *key = "text";
     int append_eod = 0;
@@ -301,6 +320,11 @@ int lt_preprocess_main(int argc, char **argv) {
         return 1;
     }
     char err[1024];
+    if (make_parent_dirs(prefix, err, sizeof err) != 0) {
+        fclose(in);
+        fprintf(stderr, "luatron preprocess: %s\n", err);
+        return 1;
+    }
     sink_t s = {0};
     s.append_eod = append_eod;
     s.w = lt_indexed_writer_open(prefix, lt_indexed_optimal_dtype(LT_BYTE_VOCAB_SIZE), err, sizeof err);

@@ -16,14 +16,43 @@ static lt_gpt_dataset *check_dataset(lua_State *L, int idx) {
     return b->ds;
 }
 
-/* core.dataset{data_path = "0.3 a 0.7 b" | nil (mock), split = "969,30,1", split_index = "train" |
- * "valid" | "test", seq_length =, seed =, num_samples =, vocab_size =, mock = bool}. */
+/* The list field `name` of the table at idx as n strings (paths) or numbers (weights), in memory the
+ * Lua state owns (a userdata left on the stack); NULL when the field is nil. */
+static void *opt_list(lua_State *L, int idx, const char *name, int strings, int *n) {
+    if (lua_getfield(L, idx, name) == LUA_TNIL) return NULL;
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int list = lua_gettop(L);
+    *n = (int)luaL_len(L, list);
+    if (*n < 1) luaL_error(L, "dataset: %s must be a non-empty list", name);
+    size_t each = strings ? sizeof(const char *) : sizeof(double);
+    void *out = lua_newuserdatauv(L, each * (size_t)*n, 0);
+    for (int i = 0; i < *n; i++) {
+        lua_geti(L, list, i + 1);
+        if (strings) {
+            if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "dataset: %s[%d] must be a string", name, i + 1);
+            ((const char **)out)[i] = lua_tostring(L, -1); /* kept alive by the list */
+        } else {
+            if (!lua_isnumber(L, -1)) luaL_error(L, "dataset: %s[%d] must be a number", name, i + 1);
+            ((double *)out)[i] = lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    return out;
+}
+
+/* core.dataset{data_path = "0.3 a 0.7 b" | paths = {"a", "b"} [, weights = {0.3, 0.7}] | nothing (mock),
+ * split = "969,30,1", split_index = "train" | "valid" | "test", seq_length =, seed =, num_samples =,
+ * vocab_size =, mock = bool}. paths take prefixes as they are (spaces included). */
 static int l_dataset_new(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lt_gpt_dataset_config c;
     lt_gpt_dataset_config_defaults(&c);
     lua_getfield(L, 1, "data_path");
     c.data_path = lua_isnil(L, -1) ? NULL : luaL_checkstring(L, -1);
+    int nw = 0;
+    c.paths = opt_list(L, 1, "paths", 1, &c.n_paths);
+    c.weights = opt_list(L, 1, "weights", 0, &nw);
+    if (c.weights && nw != c.n_paths) luaL_error(L, "dataset: %d weights for %d paths", nw, c.n_paths);
     lua_getfield(L, 1, "split");
     if (!lua_isnil(L, -1)) c.split = luaL_checkstring(L, -1);
     lua_getfield(L, 1, "split_index");
@@ -41,7 +70,7 @@ static int l_dataset_new(lua_State *L) {
     lua_getfield(L, 1, "vocab_size");
     c.vocab_size = luaL_optinteger(L, -1, 0);
     lua_getfield(L, 1, "mock");
-    c.mock = lua_toboolean(L, -1) || c.data_path == NULL;
+    c.mock = lua_toboolean(L, -1) || (c.data_path == NULL && c.n_paths == 0);
     char err[512] = "";
     dataset_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->ds = NULL;

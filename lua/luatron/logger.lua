@@ -9,6 +9,22 @@ M.__index = M
 
 local function mib(bytes) return bytes / (1024 * 1024) end
 
+-- A loss as people read it: 4 decimals, or exponent notation when that would be unreadable.
+local function loss_text(x)
+  if x ~= x or math.abs(x) >= 1e5 or (x ~= 0 and math.abs(x) < 1e-3) then return ("%.4e"):format(x) end
+  return ("%.4f"):format(x)
+end
+M.loss_text = loss_text
+
+-- Progress bars only on a terminal of our own: launchers that give ranks a pty (mpirun, srun)
+-- interleave them, so escape codes would end up in their logs.
+local function own_terminal()
+  for _, v in ipairs { "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_PROCID", "LUATRON_RANK" } do
+    if os.getenv(v) then return false end
+  end
+  return os.getenv("TERM") ~= "dumb" and core.isatty(1)
+end
+
 -- opts: log_interval, train_iters, metrics_path (nil: no file), out (default io.stdout),
 -- quiet (print nothing: the ranks other than the one that reports), device (whose memory the
 -- peak figure reports: "cpu" or "cuda").
@@ -19,12 +35,13 @@ function M.new(opts)
     log_interval = opts.log_interval or 1,
     train_iters = opts.train_iters,
     out = opts.out or io.stdout,
-    tty = core.isatty(1),
+    tty = own_terminal(),
     window = { steps = 0, time = 0, tokens = 0 },
   }, M)
   if opts.metrics_path then
     local dir = opts.metrics_path:match("^(.*)/[^/]*$")
     if dir then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'") end
+    self.metrics_path = opts.metrics_path
     self.metrics = assert(io.open(opts.metrics_path, "a"))
   end
   return self
@@ -50,7 +67,7 @@ function M:step(r)
   if self.quiet then return end
   if r.iteration % self.log_interval ~= 0 and r.iteration ~= self.train_iters then
     if self.tty then
-      self.out:write("\r", bar(r.iteration, self.train_iters, 30), (" loss %.4f"):format(r.loss))
+      self.out:write("\r", bar(r.iteration, self.train_iters, 30), " loss ", loss_text(r.loss))
       self.out:flush()
     end
     return
@@ -73,8 +90,9 @@ function M:step(r)
     comm_hidden_fraction = r.comm_exposed_seconds and r.comm_seconds and r.comm_seconds > 0
       and math.max(0, 1 - r.comm_exposed_seconds / r.comm_seconds) or nil,
   }
-  self:info("iteration %6d/%d | loss %.4f | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
-    .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, rec.loss, rec.lr, rec.grad_norm,
+  self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
+    .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
+    rec.grad_norm,
     rec.params_norm and (" | params norm %.3f"):format(rec.params_norm) or "", rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, self.device == "cpu" and "" or " on " .. self.device,
     rec.rss_peak_mib)
   if r.comm_bytes then
@@ -96,6 +114,24 @@ function M:record(rec)
     self.metrics:write(json.encode(rec), "\n")
     self.metrics:flush()
   end
+end
+
+-- After a resume from `iteration`: the records of later iterations (written by the run that went
+-- on past the checkpoint) are dropped, so the file holds each iteration once.
+function M:resumed_at(iteration)
+  if not self.metrics then return end
+  self.metrics:close()
+  local kept = {}
+  for line in io.lines(self.metrics_path) do
+    local ok, rec = pcall(json.decode, line)
+    if not (ok and type(rec) == "table" and (rec.iteration or 0) > iteration) then kept[#kept + 1] = line end
+  end
+  local tmp = self.metrics_path .. ".tmp"
+  local f = assert(io.open(tmp, "w"))
+  for _, line in ipairs(kept) do f:write(line, "\n") end
+  f:close()
+  assert(os.rename(tmp, self.metrics_path))
+  self.metrics = assert(io.open(self.metrics_path, "a"))
 end
 
 function M:close()

@@ -21,15 +21,10 @@ M.apply_overrides = overrides.apply
 
 -- Samples of one split ("train", "valid" or "test") of the resolved config `r`.
 function M.build_dataset(r, split, num_samples)
-  local ds = r.dataset
-  local data_path = ds.data_path
-  if type(data_path) == "table" then
-    local parts = {}
-    for i, p in ipairs(data_path) do parts[i] = tostring(p) end
-    data_path = table.concat(parts, " ")
-  end
+  local ds, blend = r.dataset, not r.dataset.mock and r.blend or {}
   return core.dataset {
-    data_path = not ds.mock and data_path or nil,
+    paths = blend.prefixes,
+    weights = blend.weights,
     split = ds.split,
     split_index = split,
     seq_length = ds.seq_length,
@@ -277,7 +272,7 @@ function M.maybe_resume(run, log)
   end
   if finetune then
     log:info("loaded the model weights of %s (fine-tuning: iteration 0, a new optimizer)", dir)
-    return true
+    return true, "finetune"
   end
   if state.seed ~= run.state.seed then
     error(("checkpoint %s was trained with seed %s but rng.seed is %s: use the same seed to resume")
@@ -337,7 +332,8 @@ function M.pretrain(cfg, args)
     or (ck.save and ck.save .. "/metrics.jsonl")
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
     metrics_path = lead and metrics_path or nil, quiet = not lead, device = r.model.device }
-  local resumed = M.maybe_resume(run, log)
+  local resumed, how = M.maybe_resume(run, log)
+  if resumed and how ~= "finetune" then log:resumed_at(run.state.iteration) end
   if lg.save_config_filepath and lead then
     local f = assert(io.open(lg.save_config_filepath, "w"))
     f:write(json.encode(config.to_table(cfg)), "\n")
@@ -362,6 +358,10 @@ function M.pretrain(cfg, args)
     resumed and "" or " | from scratch")
   if run.ps.world_size > 1 then describe_parallel(run, log) end
   for _, w in ipairs(r.warnings or {}) do log:info("warning: %s", w) end
+  if run.state.iteration >= train.train_iters and not train.skip_train then
+    log:info("nothing to do: the checkpoint is at iteration %d and train.train_iters = %d (raise train_iters, with "
+      .. "scheduler.override_opt_param_scheduler = true, to train on)", run.state.iteration, train.train_iters)
+  end
   local tokens_per_step = train.global_batch_size * r.model.seq_length
   local last_loss
   local started = core.clock()

@@ -85,6 +85,44 @@ describe("luatron command", function()
   end)
 end)
 
+describe("data paths", function()
+  -- A recipe over the indexed dataset at prefix (a list entry: spaces are part of the name).
+  local function recipe(dir, prefix)
+    local path = dir .. "/recipe.lua"
+    write(path, ([[
+local lt = require "luatron"
+lt.pretrain(lt.ConfigContainer {
+  model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 32 },
+  train = { train_iters = 2, micro_batch_size = 2, global_batch_size = 2, eval_iters = 0 },
+  optimizer = { lr = 1e-3 },
+  logger = { log_interval = 1 },
+  dataset = { data_path = { %q }, split = "98,2,0" },
+}, arg)
+]]):format(prefix))
+    return path
+  end
+
+  it("takes a list entry with spaces as one prefix, and says to preprocess a corpus given instead", function()
+    local dir = tmpdir() .. "/my data"
+    assert(os.execute("mkdir -p " .. q(dir)))
+    local lines = {}
+    for i = 1, 50 do lines[i] = json.encode { text = ("document %d, "):format(i) .. ("text "):rep(20) } end
+    write(dir .. "/corpus.jsonl", table.concat(lines, "\n") .. "\n")
+    assert.are.equal(0, (luatron(("preprocess --input %s --output-prefix %s"):format(q(dir .. "/corpus.jsonl"),
+      q(dir .. "/my corpus")))))
+    local code, out = luatron("run " .. q(recipe(dir, dir .. "/my corpus")))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("iteration      2/2", 1, true), out)
+    code, out = luatron("run " .. q(recipe(dir, dir .. "/corpus.jsonl")))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("is a file, not an indexed dataset (PREFIX.bin and PREFIX.idx): tokenize it first with "
+      .. "`luatron preprocess --input " .. dir .. "/corpus.jsonl --output-prefix " .. dir .. "/corpus`", 1, true), out)
+    code, out = luatron("run " .. q(recipe(dir, dir .. "/my corpus.bin")))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("is one of the dataset's files: give its prefix '" .. dir .. "/my corpus'", 1, true), out)
+  end)
+end)
+
 describe("bad input", function()
   it("names an unknown config field, suggests the nearest one and points at the recipe line", function()
     local dir = tmpdir()

@@ -190,3 +190,22 @@ describe("run control", function()
     assert.is_nil(by_iteration(dir)[1].params_norm)
   end)
 end)
+
+describe("resuming", function()
+  it("keeps each iteration once in metrics.jsonl, and says when there is nothing left to do", function()
+    local dir = tmpdir()
+    local c = dir .. "/c"
+    ok(run(dir, "checkpoint.save_interval=4 checkpoint.save=" .. q(c)))
+    -- as if the run had died after iteration 8 with its last checkpoint at 4
+    assert(os.execute(("rm -rf %s/iter_0000008 && echo 4 > %s/latest_checkpointed_iteration.txt"):format(q(c), q(c))))
+    ok(run(dir, "checkpoint.save=" .. q(c)))
+    local seen = {}
+    for _, r in ipairs(read_metrics(dir .. "/metrics.jsonl")) do
+      assert.is_nil(seen[r.iteration], "iteration " .. r.iteration .. " twice")
+      seen[r.iteration] = true
+    end
+    for it = 1, 8 do assert.is_true(seen[it], "iteration " .. it) end
+    local out = ok(run(dir, "checkpoint.save=" .. q(c)))
+    assert.truthy(out:find("nothing to do: the checkpoint is at iteration 8 and train.train_iters = 8", 1, true), out)
+  end)
+end)

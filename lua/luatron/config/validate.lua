@@ -72,6 +72,27 @@ function V.parse_blend(list)
   return { prefixes = prefixes, weights = weights }
 end
 
+local function is_file(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- A data_path entry is a prefix of PREFIX.bin and PREFIX.idx: say what to do with the corpus or
+-- the .bin/.idx file given instead.
+function V.check_prefix(prefix)
+  if is_file(prefix .. ".bin") or not is_file(prefix) then return end
+  local stem = prefix:match("^(.*)%.[bi][id][nx]$")
+  if stem and is_file(stem .. ".bin") then
+    fail("dataset.data_path entry '%s' is one of the dataset's files: give its prefix '%s' (without .bin/.idx)",
+      prefix, stem)
+  end
+  local out = prefix:gsub("%.[%w]+$", "")
+  fail("dataset.data_path entry '%s' is a file, not an indexed dataset (PREFIX.bin and PREFIX.idx): tokenize it "
+    .. "first with `luatron preprocess --input %s --output-prefix %s`, then give data_path = '%s'", prefix, prefix,
+    out, out)
+end
+
 -- Megatron's parse_and_normalize_split: up to three weights, padded with zeros, normalized.
 function V.parse_split(s)
   local v = {}
@@ -380,6 +401,7 @@ function V.validate(c, opts, to_table)
       m.seq_length, d.seq_length)
   end
   r.blend = V.parse_blend(d.data_path)
+  for _, prefix in ipairs(r.blend and r.blend.prefixes or {}) do V.check_prefix(prefix) end
   if d.mock == nil then
     d.mock = (d.data_path == nil)
   elseif d.mock and d.data_path ~= nil then

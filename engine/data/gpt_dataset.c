@@ -499,15 +499,16 @@ lt_gpt_dataset *lt_gpt_dataset_open(const lt_gpt_dataset_config *cfg, char *err,
             for (int j = 0; j < b.n; j++)
                 if (build_part(&ds->parts[j], want[j], seed, L, ds->extra, err, errlen) != 0) goto bad;
         } else {
-            /* No weights: one epoch each, weighted by its size (Megatron's default). */
+            /* No weights: one epoch each, weighted by its size, and min(num_samples, their sum) samples
+             * (Megatron's builder); all of them, in the exhaustive order, without num_samples. */
             for (int j = 0; j < b.n; j++) {
                 if (build_part(&ds->parts[j], 0, seed, L, ds->extra, err, errlen) != 0) goto bad;
                 w[j] = (double)ds->parts[j].nsamples;
                 want[j] = ds->parts[j].nsamples;
                 S += want[j];
             }
-            if (N > 0) S = N;
-            else exhaustive = 1;
+            if (N > 0 && N < S) S = N;
+            else if (N == 0) exhaustive = 1;
         }
         np_normalize(w, b.n); /* BlendedDataset normalises again */
         ds->blend_ds = malloc(sizeof(int16_t) * (size_t)S);

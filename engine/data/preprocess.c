@@ -132,10 +132,11 @@ static void usage(FILE *f) {
           "                                  (escapes, \\uXXXX and surrogate pairs decoded to UTF-8);\n"
           "                                  strict JSON in valid UTF-8; blank lines are skipped\n"
           "  --json-key K           key of the text in each JSON object (default: text)\n"
-          "  --append-eod           append EOD (256) to every document\n"
+          "  --append-eod           append EOD (256) to every non-empty document\n"
           "  --help                 show this help\n"
           "\n"
-          "Documents with no tokens are skipped. Prints the number of documents and tokens.\n",
+          "A document with no tokens gets no sequence and no EOD, only its entry in the document\n"
+          "index, as Megatron's preprocess_data.py. Prints the number of documents and tokens.\n",
           f);
 }
 
@@ -144,12 +145,18 @@ typedef struct {
     int append_eod;
     int32_t *tok;
     size_t tokcap;
-    int64_t docs, skipped;
+    int64_t docs, empty;
 } sink_t;
 
+/* One document. As Megatron's preprocess_data.py: an empty one gets no EOD and no sequence, only its
+ * entry in the document index (IndexedDatasetBuilder.add_document with no lengths). */
 static int emit(sink_t *s, const char *bytes, size_t n, char *err, size_t errlen) {
+    if (n == 0) {
+        s->docs++;
+        s->empty++;
+        return lt_indexed_writer_end_document(s->w, err, errlen);
+    }
     size_t total = n + (s->append_eod ? 1 : 0);
-    if (total == 0) { s->skipped++; return 0; }
     if (total > (size_t)INT32_MAX) return lt_fail(err, errlen, "document of %zu tokens is too long", total);
     if (total > s->tokcap) {
         int32_t *t = realloc(s->tok, total * sizeof(int32_t));
@@ -354,7 +361,7 @@ int lt_preprocess_main(int argc, char **argv) {
         printf("preprocess: %s (%s%s%s): %lld documents, %lld tokens (byte tokenizer, vocab %d%s)",
                input, jsonl ? "jsonl, key \"" : "text", jsonl ? key : "", jsonl ? "\"" : "", (long long)s.docs,
                (long long)tokens, LT_BYTE_VOCAB_SIZE, append_eod ? ", EOD 256 appended" : "");
-        if (s.skipped) printf(", %lld empty documents skipped", (long long)s.skipped);
+        if (s.empty) printf(" (%lld empty: no sequence)", (long long)s.empty);
         printf("\nwrote %s (%lld bytes) and %s (%lld bytes)\n", bin, file_size(bin), idx, file_size(idx));
     }
     free(bin);

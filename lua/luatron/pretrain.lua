@@ -71,13 +71,23 @@ function M.setup(cfg)
     dp_size = dp_group and dp_group:size() or 1,
     model = model,
     optimizer = data_parallel.new(model, r, dp_group),
-    train_data = M.build_dataset(r, "train", train_iters * gbs),
+    train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size,
     barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
-    run.valid_data = M.build_dataset(r, "valid", r.train.eval_iters * gbs)
+    -- Megatron's count: every evaluation of the run reads eval_iters global batches of its own
+    local evaluations = (train_iters or 0) // r.train.eval_interval + 1
+    run.valid_data = M.build_dataset(r, "valid", evaluations * r.train.eval_iters * gbs)
+  end
+  -- An unweighted blend has one epoch of its parts (Megatron's builder): where that is too few,
+  -- Megatron's sampler runs dry mid-run; say so before training instead.
+  local wanted = (train_iters or 0) * gbs
+  if not r.mock and run.train_data:size() < wanted then
+    error(("dataset.data_path blends %d datasets without weights: one epoch of them is %d samples, but train_iters "
+      .. "(%d) x global_batch_size (%d) = %d. Give weights (a weighted blend repeats its parts), fewer train_iters "
+      .. "or more data"):format(#r.blend.prefixes, run.train_data:size(), train_iters, gbs, wanted), 0)
   end
   return run
 end
@@ -168,15 +178,18 @@ function M.train_step(run)
   return loss, grad_norm, lr
 end
 
--- Mean validation loss over eval_iters global batches (always the same samples, so
--- evaluations are comparable across a run, across resumes and across layouts).
-function M.evaluate(run)
+-- Mean validation loss over eval_iters global batches. As Megatron's validation sampler, the
+-- n-th evaluation of a run (0-based; by default the one at this iteration) reads the n-th
+-- eval_iters global batches, so a resumed run and any layout read the same samples.
+function M.evaluate(run, n)
   run.optimizer:sync_params()
   local r, model = run.r, run.model
   local mbs, gbs, dp = r.train.micro_batch_size, r.train.global_batch_size, run.dp_size
+  n = n or math.max(run.state.iteration // r.train.eval_interval - 1, 0)
+  local first = n * r.train.eval_iters * gbs
   local total, count = 0, 0
   for i = 0, r.train.eval_iters * gbs // (mbs * dp) - 1 do
-    local batch <close> = run.valid_data:batch((i * dp + run.dp_rank) * mbs, mbs)
+    local batch <close> = run.valid_data:batch(first + (i * dp + run.dp_rank) * mbs, mbs)
     local ctx <close>, loss = model:forward(batch)
     total, count = total + loss, count + 1
   end
@@ -341,7 +354,7 @@ function M.pretrain(cfg, args)
   end
   if train.skip_train then
     -- Megatron's skip_train: evaluate the (loaded) model and train nothing
-    local vloss = run.valid_data and M.evaluate(run)
+    local vloss = run.valid_data and M.evaluate(run, run.state.iteration // train.eval_interval)
     if vloss then
       log:info("validation at iteration %d | loss %.4f | perplexity %.2f", run.state.iteration, vloss, math.exp(vloss))
       log:record { iteration = run.state.iteration, validation_loss = vloss }

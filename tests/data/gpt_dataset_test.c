@@ -259,7 +259,20 @@ static void test_blend(const char *A, const char *B) {
     snprintf(path, sizeof path, "%s %s", A, B);
     ds = open_ds(path, "969,30,1", LT_SPLIT_TRAIN, 16, 1234, 0);
     TAP_CHECK(ds && lt_gpt_dataset_num_datasets(ds) == 2, "opens an unweighted blend (%s)", ds ? "ok" : err);
+    /* Asked for more than one epoch of its parts, Megatron's unweighted blend has min(asked, one epoch)
+     * samples, drawn from one-epoch parts: the same as asking for exactly one epoch. */
+    int64_t epoch = ds ? lt_gpt_dataset_size(ds) : 0;
     lt_gpt_dataset_close(ds);
+    ds = open_ds(path, "969,30,1", LT_SPLIT_TRAIN, 16, 1234, 10 * epoch);
+    ds2 = open_ds(path, "969,30,1", LT_SPLIT_TRAIN, 16, 1234, epoch);
+    same = ds && ds2 && epoch > 0 && lt_gpt_dataset_size(ds) == epoch && lt_gpt_dataset_size(ds2) == epoch;
+    for (int64_t i = 0; same && i < epoch; i++)
+        same = lt_gpt_dataset_get(ds, i, t, err, sizeof err) == 0 && lt_gpt_dataset_get(ds2, i, u, err, sizeof err) == 0 &&
+               memcmp(t, u, sizeof t) == 0;
+    TAP_CHECK(same, "an unweighted blend asked for 10 epochs has one epoch's %lld samples, as asked for one",
+              (long long)epoch);
+    lt_gpt_dataset_close(ds);
+    lt_gpt_dataset_close(ds2);
 
     snprintf(path, sizeof path, "0.5 %s", A);
     ds = open_ds(path, "969,30,1", LT_SPLIT_TRAIN, 16, 1234, 0);

@@ -76,25 +76,29 @@ static void test_jsonl(void) {
     const char *argv[] = {"preprocess", "--input", in, "--output-prefix", prefix};
     int rc = run(5, argv);
     TAP_CHECK(rc == 0, "preprocess of a JSONL file succeeds (rc %d: %s)", rc, captured);
-    TAP_CHECK(strstr(captured, "4 documents") && strstr(captured, "1 empty documents skipped") && strstr(captured, ".idx"),
-              "summary names documents, skipped ones and files: %s", captured);
+    TAP_CHECK(strstr(captured, "5 documents") && strstr(captured, "(1 empty: no sequence)") && strstr(captured, ".idx"),
+              "summary names documents, empty ones and files: %s", captured);
     lt_indexed *ds = lt_indexed_open(prefix, err, sizeof err);
-    TAP_CHECK(ds && lt_indexed_num_documents(ds) == 4 && lt_indexed_dtype(ds) == LT_DTYPE_UINT16,
-              "4 documents stored as uint16 (%s)", ds ? "ok" : err);
+    TAP_CHECK(ds && lt_indexed_num_documents(ds) == 5 && lt_indexed_num_sequences(ds) == 4 &&
+                  lt_indexed_dtype(ds) == LT_DTYPE_UINT16,
+              "5 documents, 4 sequences, stored as uint16 (%s)", ds ? "ok" : err);
     if (ds) {
         TAP_CHECK(doc_is(ds, 0, DOC0, sizeof DOC0 - 1, 0), "escapes, \\u00e9 and a surrogate pair decode to exact UTF-8 bytes");
         TAP_CHECK(doc_is(ds, 1, "second", 6, 0), "key after other keys; CRLF line end");
-        TAP_CHECK(doc_is(ds, 2, "last wins", 9, 0), "a repeated key: the last value wins");
-        TAP_CHECK(doc_is(ds, 3, DOC4, sizeof DOC4 - 1, 0), "\\u0000, \\u20AC and raw UTF-8 bytes pass through");
+        TAP_CHECK(lt_indexed_document_start(ds, 2) == 2 && lt_indexed_document_start(ds, 3) == 2,
+                  "an empty document: an entry in the document index, no sequence (Megatron's add_document)");
+        TAP_CHECK(doc_is(ds, 3, "last wins", 9, 0), "a repeated key: the last value wins");
+        TAP_CHECK(doc_is(ds, 4, DOC4, sizeof DOC4 - 1, 0), "\\u0000, \\u20AC and raw UTF-8 bytes pass through");
     }
     lt_indexed_close(ds);
 
     const char *argv2[] = {"preprocess", "--input", in, "--output-prefix", prefix, "--append-eod"};
     rc = run(6, argv2);
     ds = rc == 0 ? lt_indexed_open(prefix, err, sizeof err) : NULL;
-    TAP_CHECK(ds && lt_indexed_num_documents(ds) == 5 && doc_is(ds, 0, DOC0, sizeof DOC0 - 1, 1) &&
-                  doc_is(ds, 2, "", 0, 1) && doc_is(ds, 4, DOC4, sizeof DOC4 - 1, 1),
-              "--append-eod ends every document with 256, an empty one included");
+    TAP_CHECK(ds && lt_indexed_num_documents(ds) == 5 && lt_indexed_num_sequences(ds) == 4 &&
+                  doc_is(ds, 0, DOC0, sizeof DOC0 - 1, 1) && lt_indexed_document_start(ds, 3) == 2 &&
+                  doc_is(ds, 4, DOC4, sizeof DOC4 - 1, 1),
+              "--append-eod ends every non-empty document with 256; an empty one stays empty");
     lt_indexed_close(ds);
 
     /* Another key, format forced on a .txt name. */

@@ -86,19 +86,19 @@ describe("luatron command", function()
 end)
 
 describe("data paths", function()
-  -- A recipe over the indexed dataset at prefix (a list entry: spaces are part of the name).
-  local function recipe(dir, prefix)
+  -- A recipe over the indexed datasets at the prefixes (list entries: spaces are part of the names).
+  local function recipe(dir, prefix, more, iters)
     local path = dir .. "/recipe.lua"
     write(path, ([[
 local lt = require "luatron"
 lt.pretrain(lt.ConfigContainer {
   model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 32 },
-  train = { train_iters = 2, micro_batch_size = 2, global_batch_size = 2, eval_iters = 0 },
+  train = { train_iters = %d, micro_batch_size = 2, global_batch_size = 2, eval_iters = 0 },
   optimizer = { lr = 1e-3 },
   logger = { log_interval = 1 },
-  dataset = { data_path = { %q }, split = "98,2,0" },
+  dataset = { data_path = { %q%s }, split = "98,2,0" },
 }, arg)
-]]):format(prefix))
+]]):format(iters or 2, prefix, more and (", %q"):format(more) or ""))
     return path
   end
 
@@ -120,6 +120,10 @@ lt.pretrain(lt.ConfigContainer {
     code, out = luatron("run " .. q(recipe(dir, dir .. "/my corpus.bin")))
     assert.are.equal(1, code, out)
     assert.truthy(out:find("is one of the dataset's files: give its prefix '" .. dir .. "/my corpus'", 1, true), out)
+    -- Megatron's unweighted blend holds one epoch of its parts: too few samples is said up front
+    code, out = luatron("run " .. q(recipe(dir, dir .. "/my corpus", dir .. "/my corpus", 1000)))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("dataset.data_path blends 2 datasets without weights: one epoch of them is ", 1, true), out)
   end)
 end)
 

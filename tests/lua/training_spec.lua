@@ -108,6 +108,21 @@ describe("luatron.training.pretrain", function()
     assert.are_not.equal(a.loss, c.loss)
   end)
 
+  it("validates on Megatron's validation samples: the n-th evaluation reads the n-th eval_iters batches", function()
+    local cfg = lt.ConfigContainer {
+      model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 16, vocab_size = 256 },
+      train = { train_iters = 7, global_batch_size = 4, micro_batch_size = 2, eval_iters = 3, eval_interval = 2 },
+      optimizer = { lr = 1e-3 },
+    }
+    local run = lt.training.setup(cfg)
+    assert.are.equal((7 // 2 + 1) * 3 * 4, run.valid_data:size()) -- Megatron's count of validation samples
+    local first, again, second = lt.training.evaluate(run, 0), lt.training.evaluate(run, 0), lt.training.evaluate(run, 1)
+    assert.are.equal(first, again)
+    assert.are_not.equal(first, second)
+    run.state.iteration = 4 -- the evaluation at iteration 4 is the run's second
+    assert.are.equal(second, lt.training.evaluate(run))
+  end)
+
   it("accepts a plain table of groups", function()
     local _, r = capture_stdout(function()
       return lt.pretrain({

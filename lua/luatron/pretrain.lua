@@ -92,6 +92,20 @@ function M.setup(cfg)
   return run
 end
 
+-- Samples first .. first + count - 1 of a dataset. A bad dataset is the user's to fix: its
+-- message names the file, without a traceback, and an id beyond the vocabulary says why.
+local function read_batch(data, first, count)
+  local ok, batch = pcall(data.batch, data, first, count)
+  if ok then return batch end
+  local msg = tostring(batch):gsub("^[^\n]-:%d+: ", "", 1)
+  if msg:find("outside vocab_size", 1, true) then
+    msg = msg .. ". The data holds ids beyond the model's vocabulary: for data tokenized elsewhere set "
+      .. "tokenizer.tokenizer_type = 'NullTokenizer' and tokenizer.vocab_size (its number of ids), or raise "
+      .. "model.vocab_size"
+  end
+  error(msg, 0)
+end
+
 -- Dropout masks depend only on (seed, first sample of the microbatch): any layout or a
 -- resumed run draws the same ones.
 local function dropout_seed(seed, first_sample)
@@ -150,7 +164,7 @@ function M.train_step(run)
   local loss_sum = 0
   for mb = 0, n_micro - 1 do
     local first = run.state.consumed_samples + (mb * dp + run.dp_rank) * mbs
-    local batch <close> = run.train_data:batch(first, mbs)
+    local batch <close> = read_batch(run.train_data, first, mbs)
     local ctx, loss, valid = model:forward(batch, dropout_seed(run.state.seed, first))
     if mb == n_micro - 1 then run.optimizer:before_last_backward() end
     model:backward(ctx, 1 / (math.max(valid, 1) * n_micro))
@@ -189,7 +203,7 @@ function M.evaluate(run, n)
   local first = n * r.train.eval_iters * gbs
   local total, count = 0, 0
   for i = 0, r.train.eval_iters * gbs // (mbs * dp) - 1 do
-    local batch <close> = run.valid_data:batch(first + (i * dp + run.dp_rank) * mbs, mbs)
+    local batch <close> = read_batch(run.valid_data, first + (i * dp + run.dp_rank) * mbs, mbs)
     local ctx <close>, loss = model:forward(batch)
     total, count = total + loss, count + 1
   end

@@ -282,8 +282,16 @@ describe("luatron.config field checks", function()
 
   it("rejects tokenizers that need downloads, with the reason", function()
     assert_error_contains(function() config.TokenizerConfig({ tokenizer_type = "GPT2BPETokenizer" }) end,
-      "TokenizerConfig.tokenizer_type = 'GPT2BPETokenizer': must be one of 'ByteLevel'",
-      "only the byte-level tokenizer is available offline")
+      "TokenizerConfig.tokenizer_type = 'GPT2BPETokenizer': must be one of 'ByteLevel', 'NullTokenizer'",
+      "need vocabulary files luatron cannot download")
+  end)
+
+  it("takes Megatron's NullTokenizer for data tokenized elsewhere: vocab_size ids and end-of-document", function()
+    local r = validate({ tokenizer = { tokenizer_type = "NullTokenizer", vocab_size = 50000 } })
+    assert.are.equal(50001, r.model.vocab_size)
+    assert.are.equal(50048, r.padded_vocab_size) -- 50001 rounded up to a multiple of 128
+    assert_error_contains(function() validate({ tokenizer = { tokenizer_type = "NullTokenizer" } }) end,
+      "tokenizer.tokenizer_type = 'NullTokenizer' needs tokenizer.vocab_size")
   end)
 
   it("checks assignments after construction", function()

@@ -127,6 +127,39 @@ lt.pretrain(lt.ConfigContainer {
   end)
 end)
 
+describe("data tokenized elsewhere", function()
+  -- A Megatron indexed dataset (MMIDIDX version 1, uint16 tokens) written byte by byte, one
+  -- document of `len` ids below `vocab` per sequence, as Megatron's preprocess_data.py writes them.
+  local function write_indexed(prefix, docs, len, vocab)
+    local bin, lengths, pointers, doc_index = {}, {}, {}, { string.pack("<i8", 0) }
+    for d = 1, docs do
+      local ids = {}
+      for i = 1, len do ids[i] = string.pack("<I2", (d * 7919 + i * 104729) % vocab) end
+      pointers[d] = string.pack("<i8", (d - 1) * len * 2)
+      lengths[d] = string.pack("<i4", len)
+      doc_index[d + 1] = string.pack("<i8", d)
+      bin[d] = table.concat(ids)
+    end
+    write(prefix .. ".bin", table.concat(bin))
+    write(prefix .. ".idx", "MMIDIDX\0\0" .. string.pack("<I8B<I8<I8", 1, 8, docs, docs + 1) .. table.concat(lengths)
+      .. table.concat(pointers) .. table.concat(doc_index))
+  end
+
+  it("trains with tokenizer_type = NullTokenizer and its vocab_size; the byte-level vocabulary refuses the ids", function()
+    local dir = tmpdir()
+    write_indexed(dir .. "/tok", 64, 40, 1000)
+    local args = "train.train_iters=2 model.vocab_size=nil dataset.split=98,2,0 dataset.data_path=" .. q(dir .. "/tok")
+    local code, out = luatron(tiny(dir, args .. " tokenizer.tokenizer_type=NullTokenizer tokenizer.vocab_size=1000"))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("vocab=1024", 1, true), out) -- 1000 ids and end-of-document, padded to 128
+    code, out = luatron(tiny(dir, args))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("has id %d+, outside vocab_size 384%. The data holds ids beyond the model's vocabulary: "
+      .. "for data tokenized elsewhere set tokenizer.tokenizer_type = 'NullTokenizer'"), out)
+    assert.falsy(out:find("traceback", 1, true), out)
+  end)
+end)
+
 describe("bad input", function()
   it("names an unknown config field, suggests the nearest one and points at the recipe line", function()
     local dir = tmpdir()

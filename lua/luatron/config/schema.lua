@@ -443,15 +443,18 @@ class("LoggerConfig", {
 })
 
 -- Byte-level tokenizer: ids 0..255 are bytes, id 256 is the end-of-document token
--- (Megatron's NullTokenizer convention: eod = vocab size without eod).
+-- (Megatron's NullTokenizer convention: eod = vocab size without eod). NullTokenizer{vocab_size = V}
+-- is Megatron's: ids 0..V-1, end-of-document V, so V + 1 ids.
 schema.BYTE_LEVEL_VOCAB_SIZE = 257
 schema.TOKENIZERS = { ByteLevel = schema.BYTE_LEVEL_VOCAB_SIZE }
 
 class("TokenizerConfig", {
   fields = {
-    { "tokenizer_type", { enum = { "ByteLevel" },
-      note = "only the byte-level tokenizer is available offline (GPT2BPETokenizer, HuggingFaceTokenizer and SentencePieceTokenizer need vocabulary files luatron cannot download)" },
-      "ByteLevel" },
+    { "tokenizer_type", { enum = { "ByteLevel", "NullTokenizer" },
+      note = "ByteLevel is luatron's preprocess tokenizer; NullTokenizer (with vocab_size) reads data tokenized "
+        .. "elsewhere; GPT2BPETokenizer, HuggingFaceTokenizer and SentencePieceTokenizer need vocabulary files "
+        .. "luatron cannot download" },
+      "ByteLevel", into = "vocab_size" }, -- validate: the vocabulary the embedding is padded from
     { "vocab_size", "posint", nil },
     { "tokenizer_model", "path", nil, refuse = "only the byte-level tokenizer is available, and it takes no model file" },
   },

@@ -376,11 +376,20 @@ function V.validate(c, opts, to_table)
   end
 
   -- tokenizer and vocabulary ----------------------------------------------------------------------
-  local natural = schema.TOKENIZERS[tok.tokenizer_type]
-  local tok_vocab = tok.vocab_size or natural
-  if tok_vocab < natural then
-    fail("tokenizer.vocab_size (%d) is smaller than the %s tokenizer's %d ids (256 bytes and the end-of-document "
-      .. "token). Set tokenizer.vocab_size >= %d or leave it nil", tok_vocab, tok.tokenizer_type, natural, natural)
+  local tok_vocab
+  if tok.tokenizer_type == "NullTokenizer" then
+    if tok.vocab_size == nil then
+      fail("tokenizer.tokenizer_type = 'NullTokenizer' needs tokenizer.vocab_size: the number of token ids in the "
+        .. "pre-tokenized data (ids 0 .. vocab_size - 1; the end-of-document id is vocab_size)")
+    end
+    tok_vocab = tok.vocab_size + 1 -- Megatron's _NullTokenizer.vocab_size: the ids and the end-of-document id
+  else
+    local natural = schema.TOKENIZERS[tok.tokenizer_type]
+    tok_vocab = tok.vocab_size or natural
+    if tok_vocab < natural then
+      fail("tokenizer.vocab_size (%d) is smaller than the %s tokenizer's %d ids (256 bytes and the end-of-document "
+        .. "token). Set tokenizer.vocab_size >= %d or leave it nil", tok_vocab, tok.tokenizer_type, natural, natural)
+    end
   end
   tok.vocab_size = tok_vocab
   local vocab = m.vocab_size or tok_vocab

@@ -152,12 +152,26 @@ static void report(lua_State *L, int status) {
     }
 }
 
-/* Prints the values on the stack with the global 'print'. */
+/* Pushes the function that prints results: luatron.show's print (tables as constructors, {4, 128}),
+ * or the global 'print' where the library is not there. */
+static void push_printer(lua_State *L) {
+    int top = lua_gettop(L);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "luatron.show");
+    if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_istable(L, -1) && lua_getfield(L, -1, "print") == LUA_TFUNCTION) {
+        lua_remove(L, -2);
+        return;
+    }
+    lua_settop(L, top);
+    lua_getglobal(L, "print");
+}
+
+/* Prints the values on the stack. */
 static void l_print(lua_State *L) {
     int n = lua_gettop(L);
     if (n > 0) {
         luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
-        lua_getglobal(L, "print");
+        push_printer(L);
         lua_insert(L, 1);
         if (lua_pcall(L, n, 0, 0) != LUA_OK) {
             lua_pushfstring(L, "error calling 'print' (%s)", lua_tostring(L, -1));

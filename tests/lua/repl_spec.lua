@@ -107,6 +107,13 @@ describe("luatron repl", function()
     assert_in_order(out, "> 1\ta\ttrue\tnil\n")
   end)
 
+  it("shows tables as constructors, small ones whole", function()
+    local out = repl("{4, 128}\n{rank = 0, coords = {tp = 0}, name = 'x'}\nlt.tensor.zeros({2, 3}):shape()\n"
+      .. "t = {} for i = 1, 40 do t[i] = i end return t\n")
+    assert_in_order(out, "> {4, 128}\n", "> {coords = {tp = 0}, name = \"x\", rank = 0}\n", "> {2, 3}\n",
+      "> {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, ... (40 items)}\n")
+  end)
+
   it("keeps state between lines", function()
     local out = repl("x = 5\nx * 2\n")
     assert_in_order(out, "> > 10\n")

@@ -40,9 +40,11 @@ function M.new(opts)
   }, M)
   if opts.metrics_path then
     local dir = opts.metrics_path:match("^(.*)/[^/]*$")
-    if dir then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'") end
+    if dir then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null") end
     self.metrics_path = opts.metrics_path
-    self.metrics = assert(io.open(opts.metrics_path, "a"))
+    local err
+    self.metrics, err = io.open(opts.metrics_path, "a")
+    if not self.metrics then error(("the metrics file cannot be written: %s"):format(err), 0) end
   end
   return self
 end

@@ -22,7 +22,7 @@ M.apply_overrides = overrides.apply
 -- Samples of one split ("train", "valid" or "test") of the resolved config `r`.
 function M.build_dataset(r, split, num_samples)
   local ds, blend = r.dataset, not r.dataset.mock and r.blend or {}
-  return core.dataset {
+  local ok, data = pcall(core.dataset, {
     paths = blend.prefixes,
     weights = blend.weights,
     split = ds.split,
@@ -31,7 +31,20 @@ function M.build_dataset(r, split, num_samples)
     seed = ds.random_seed,
     num_samples = num_samples,
     vocab_size = r.padded_vocab_size,
-  }
+  })
+  if not ok then error((tostring(data):gsub("^[^\n]-:%d+: ", "", 1)), 0) end -- the user's data: no traceback
+  return data
+end
+
+-- A folder the run will write into (checkpoint.save), made and tried before any training, so a
+-- typo or a full disk is found now rather than at the first checkpoint.
+local function check_writable(dir, what)
+  os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null")
+  local probe = dir .. "/.luatron_write_test"
+  local f, err = io.open(probe, "w")
+  if not f then error(("%s = %s cannot be written: %s"):format(what, dir, err), 0) end
+  f:close()
+  os.remove(probe)
 end
 
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
@@ -355,6 +368,7 @@ function M.pretrain(cfg, args)
   local r = run.r
   local train, ck, lg = r.train, r.checkpoint, r.logger
   local lead = run.ps.rank == 0
+  if ck.save and lead then check_writable(ck.save, "checkpoint.save") end
   local metrics_path = lg.metrics_file or (lg.tensorboard_dir and lg.tensorboard_dir .. "/metrics.jsonl")
     or (ck.save and ck.save .. "/metrics.jsonl")
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,

@@ -9,19 +9,29 @@
 #include "engine/core/error.h"
 #include "engine/core/rng.h"
 
-/* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. */
+/* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. qn, kn: the
+ * per-head query and key norms (qk_layernorm). */
 typedef struct {
-    int64_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+    int64_t ln1_w, ln1_b, qkv_w, qkv_b, qn_w, qn_b, kn_w, kn_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
+        fc2_b;
 } layer_offsets;
 
 /* Weights as the ops read them: fp32, or the bf16 compute copy under mixed precision. */
 typedef struct {
-    const void *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    const void *ln1_w, *ln1_b, *qkv_w, *qkv_b, *qn_w, *qn_b, *kn_w, *kn_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w,
+        *fc1_b, *fc2_w, *fc2_b;
 } layer_weights;
 
 typedef struct {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *qn_w, *qn_b, *kn_w, *kn_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w,
+        *fc1_b, *fc2_w, *fc2_b;
 } layer_grads;
+
+/* A norm weight under layernorm_zero_centered_gamma: its n values at flat offset off, and where
+ * 1 + weight is kept for the ops (element offset in lt_gpt.gamma). */
+typedef struct {
+    int64_t off, n, eff;
+} gamma_slot;
 
 struct lt_gpt {
     lt_gpt_config cfg;
@@ -36,6 +46,11 @@ struct lt_gpt {
     int64_t wte, wpe, lnf_w, lnf_b, out_w; /* offsets; -1 when absent */
     layer_offsets *layers;
     int qkv_dim, fc1_dim; /* widths of the fused QKV and fc1 outputs */
+    /* Zero-centred gamma: the norms read 1 + weight from `gamma` (compute dtype: ones, then one slot per
+     * norm weight), refreshed with the weights in forward; NULL and 0 otherwise. */
+    lt_tensor *gamma;
+    gamma_slot *gammas;
+    int num_gammas;
     lt_gpt_grad_ready_fn grad_ready;
     void *grad_ready_ud;
     lt_gpt_param_wait_fn param_wait;
@@ -44,8 +59,8 @@ struct lt_gpt {
 
 /* Saved activations of one layer for one microbatch (void: the compute dtype; float: always fp32). */
 typedef struct {
-    void *ln1, *qkv, *att, *res1, *ln2, *fc1, *act;
-    float *ln1_mean, *ln1_rstd, *lse, *ln2_mean, *ln2_rstd;
+    void *ln1, *qkv_pre, *qkv, *att, *res1, *ln2, *fc1, *act; /* qkv_pre: linear_qkv's output (qk_layernorm) */
+    float *ln1_mean, *ln1_rstd, *qk_mean, *qk_rstd, *lse, *ln2_mean, *ln2_rstd;
 } layer_acts;
 
 struct lt_gpt_ctx {
@@ -63,6 +78,14 @@ struct lt_gpt_ctx {
     float *lnf_mean, *lnf_rstd, *losses, *ce_lse;
     int64_t num_valid;
 };
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+/* The weights of every norm (input, pre-MLP, final, and the per-head q/k norms) end so. */
+static int is_norm_weight(const char *name) { return ends_with(name, "layernorm.weight"); }
 
 static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd, const char *fmt, ...) {
     if (m->num_params == m->cap_params) {
@@ -107,6 +130,36 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     return 1;
 }
 
+/* Zero-centred gamma: one slot per norm weight, after `widest` ones (the buffer the slots are computed
+ * from); slots 16-element aligned like the flat buffer. 0 when out of memory. */
+static int gamma_new(lt_gpt *m) {
+    int64_t widest = 0, len = 0;
+    m->gammas = calloc((size_t)m->num_params, sizeof *m->gammas);
+    if (!m->gammas) return 0;
+    for (int i = 0; i < m->num_params; i++) {
+        const lt_gpt_param *p = &m->params[i];
+        if (!is_norm_weight(p->name)) continue;
+        m->gammas[m->num_gammas++] = (gamma_slot){p->offset, p->numel, len};
+        len += (p->numel + 15) / 16 * 16;
+        if (p->numel > widest) widest = p->numel;
+    }
+    widest = (widest + 15) / 16 * 16;
+    for (int i = 0; i < m->num_gammas; i++) m->gammas[i].eff += widest;
+    int64_t shape[1] = {widest + len};
+    m->gamma = lt_backend_tensor(m->be, m->ops->dtype, 1, shape);
+    if (!m->gamma) return 0;
+    /* the ones, in the compute dtype */
+    const uint16_t one16 = lt_f32_to_bf16(1.0f);
+    const float one32 = 1.0f;
+    const void *one = m->E == 2 ? (const void *)&one16 : (const void *)&one32;
+    char *ones = malloc(m->E * (size_t)widest);
+    if (!ones) return 0;
+    for (int64_t i = 0; i < widest; i++) memcpy(ones + m->E * (size_t)i, one, m->E);
+    m->be->to_device(lt_tensor_data(m->gamma), ones, m->E * (size_t)widest);
+    free(ones);
+    return 1;
+}
+
 lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     if (!check_config(cfg, err, errlen)) return NULL;
     lt_gpt *m = calloc(1, sizeof *m);
@@ -120,8 +173,8 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     }
     m->E = lt_dtype_size(m->ops->dtype);
     const int C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
-    const int HD = cfg->num_attention_heads * cfg->kv_channels;
-    const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm;
+    const int D = cfg->kv_channels, HD = cfg->num_attention_heads * D;
+    const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm, qk = cfg->qk_layernorm;
     m->qkv_dim = (cfg->num_attention_heads + 2 * cfg->num_query_groups) * cfg->kv_channels;
     m->fc1_dim = cfg->gated_linear_unit ? 2 * cfg->ffn_hidden_size : cfg->ffn_hidden_size;
 
@@ -134,7 +187,13 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
         o->ln1_w = add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.weight", pre, l);
         o->ln1_b = rms ? -1 : add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.bias", pre, l);
         o->qkv_w = add_param(m, 2, m->qkv_dim, C, 0, "%s.%d.self_attention.linear_qkv.weight", pre, l);
-        o->qkv_b = bias ? add_param(m, 1, m->qkv_dim, 0, 1, "%s.%d.self_attention.linear_qkv.bias", pre, l) : -1;
+        o->qkv_b = bias || cfg->add_qkv_bias
+                       ? add_param(m, 1, m->qkv_dim, 0, 1, "%s.%d.self_attention.linear_qkv.bias", pre, l)
+                       : -1;
+        o->qn_w = qk ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.q_layernorm.weight", pre, l) : -1;
+        o->qn_b = qk && !rms ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.q_layernorm.bias", pre, l) : -1;
+        o->kn_w = qk ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.k_layernorm.weight", pre, l) : -1;
+        o->kn_b = qk && !rms ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.k_layernorm.bias", pre, l) : -1;
         o->proj_w = add_param(m, 2, C, HD, 0, "%s.%d.self_attention.linear_proj.weight", pre, l);
         o->proj_b = bias ? add_param(m, 1, C, 0, 1, "%s.%d.self_attention.linear_proj.bias", pre, l) : -1;
         o->ln2_w = add_param(m, 1, C, 0, 1, "%s.%d.pre_mlp_layernorm.weight", pre, l);
@@ -154,7 +213,8 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
     m->weights = lt_backend_tensor(m->be, LT_F32, 1, shape);
     m->grads = lt_backend_tensor(m->be, LT_F32, 1, shape);
     if (cfg->bf16) m->compute = lt_backend_tensor(m->be, LT_BF16, 1, shape);
-    if (!m->weights || !m->grads || (cfg->bf16 && !m->compute)) {
+    if (!m->weights || !m->grads || (cfg->bf16 && !m->compute) ||
+        (cfg->layernorm_zero_centered_gamma && !gamma_new(m))) {
         lt_fail(err, (size_t)errlen, "out of %s memory allocating %lld parameters", m->be->name, (long long)m->total);
         lt_gpt_free(m);
         return NULL;
@@ -168,6 +228,8 @@ void lt_gpt_free(lt_gpt *m) {
     lt_tensor_free(m->weights);
     lt_tensor_free(m->grads);
     lt_tensor_free(m->compute);
+    lt_tensor_free(m->gamma);
+    free(m->gammas);
     free(m->layers);
     free(m->params);
     free(m);
@@ -187,11 +249,6 @@ int lt_gpt_find_param(const lt_gpt *m, const char *name) {
 lt_tensor *lt_gpt_weights(lt_gpt *m) { return m->weights; }
 lt_tensor *lt_gpt_grads(lt_gpt *m) { return m->grads; }
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && strcmp(s + n - k, suffix) == 0;
-}
-
 void lt_gpt_init_weights(lt_gpt *m) {
     const lt_backend *be = m->be;
     float *w = lt_tensor_data(m->weights);
@@ -202,8 +259,8 @@ void lt_gpt_init_weights(lt_gpt *m) {
     for (int i = 0; i < m->num_params; i++) {
         const lt_gpt_param *p = &m->params[i];
         float *dst = w + p->offset;
-        if (ends_with(p->name, "layernorm.weight")) {
-            be->fill(dst, p->numel, 1.0f);
+        if (is_norm_weight(p->name)) {
+            if (!m->cfg.layernorm_zero_centered_gamma) be->fill(dst, p->numel, 1.0f); /* else gamma - 1 = 0 */
         } else if (ends_with(p->name, ".bias")) {
             /* zero */
         } else {
@@ -244,19 +301,51 @@ static const void *weight(const lt_gpt *m, int64_t off) {
     return at(m, lt_tensor_data(m->compute ? m->compute : m->weights), off);
 }
 
+/* The first zero-centred gamma slot at a flat offset >= off (num_gammas when none). */
+static int gamma_from(const lt_gpt *m, int64_t off) {
+    int lo = 0, hi = m->num_gammas;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (m->gammas[mid].off < off) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* A norm weight as the norms apply it: the weight itself, or 1 + weight under zero-centred gamma. */
+static const void *norm_weight(const lt_gpt *m, int64_t off) {
+    if (!m->gamma || off < 0) return weight(m, off);
+    return at(m, lt_tensor_data(m->gamma), m->gammas[gamma_from(m, off)].eff);
+}
+
+/* Zero-centred gamma: recomputes 1 + weight for the norm weights in [from, end) from the weights the
+ * ops read (the bf16 copy under mixed precision: 1 + its rounded value, rounded, as Megatron's bf16
+ * `weight + 1`). */
+static void gamma_refresh(lt_gpt *m, int64_t from, int64_t end) {
+    const void *ones = lt_tensor_data(m->gamma);
+    for (int i = gamma_from(m, from); i < m->num_gammas && m->gammas[i].off < end; i++) {
+        const gamma_slot *g = &m->gammas[i];
+        m->ops->add_forward(at(m, ones, g->eff), ones, weight(m, g->off), g->n);
+    }
+}
+
 static layer_weights weights_of(const lt_gpt *m, int l) {
     const layer_offsets *o = &m->layers[l];
-    return (layer_weights){weight(m, o->ln1_w),  weight(m, o->ln1_b), weight(m, o->qkv_w), weight(m, o->qkv_b),
-                           weight(m, o->proj_w), weight(m, o->proj_b), weight(m, o->ln2_w), weight(m, o->ln2_b),
-                           weight(m, o->fc1_w),  weight(m, o->fc1_b), weight(m, o->fc2_w), weight(m, o->fc2_b)};
+    return (layer_weights){norm_weight(m, o->ln1_w), weight(m, o->ln1_b),  weight(m, o->qkv_w),
+                           weight(m, o->qkv_b),      norm_weight(m, o->qn_w), weight(m, o->qn_b),
+                           norm_weight(m, o->kn_w),  weight(m, o->kn_b),  weight(m, o->proj_w),
+                           weight(m, o->proj_b),     norm_weight(m, o->ln2_w), weight(m, o->ln2_b),
+                           weight(m, o->fc1_w),      weight(m, o->fc1_b), weight(m, o->fc2_w),
+                           weight(m, o->fc2_b)};
 }
 
 static layer_grads grads_of(lt_gpt *m, int l) {
     float *g = lt_tensor_data(m->grads);
     const layer_offsets *o = &m->layers[l];
-    return (layer_grads){PTR(g, o->ln1_w), PTR(g, o->ln1_b), PTR(g, o->qkv_w),  PTR(g, o->qkv_b),
+    return (layer_grads){PTR(g, o->ln1_w),  PTR(g, o->ln1_b),  PTR(g, o->qkv_w), PTR(g, o->qkv_b),
+                         PTR(g, o->qn_w),   PTR(g, o->qn_b),   PTR(g, o->kn_w),  PTR(g, o->kn_b),
                          PTR(g, o->proj_w), PTR(g, o->proj_b), PTR(g, o->ln2_w), PTR(g, o->ln2_b),
-                         PTR(g, o->fc1_w), PTR(g, o->fc1_b), PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
+                         PTR(g, o->fc1_w),  PTR(g, o->fc1_b),  PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
 }
 
 /* ---- normalisation dispatch: LayerNorm or RMSNorm with the same call shape ---- */
@@ -308,6 +397,12 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
         s->ln1 = take(a, N * C * E);
         s->ln1_mean = take(a, N * F);
         s->ln1_rstd = take(a, N * F);
+        if (cfg->qk_layernorm) { /* qk_mean NULL: RMSNorm */
+            const size_t rows = N * (size_t)(cfg->num_attention_heads + cfg->num_query_groups);
+            s->qkv_pre = take(a, N * m->qkv_dim * E);
+            s->qk_mean = cfg->rmsnorm ? NULL : take(a, rows * F);
+            s->qk_rstd = take(a, rows * F);
+        }
         s->qkv = take(a, N * m->qkv_dim * E);
         s->att = take(a, N * HD * E);
         s->lse = take(a, (size_t)c->B * cfg->num_attention_heads * c->T * F);
@@ -370,18 +465,28 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
     const layer_weights w = weights_of(m, l);
     layer_acts *s = &c->acts[l];
 
+    /* The residuals around attention and the MLP: their inputs, or their norms' outputs (BERT's order). */
+    const int post = cfg->apply_residual_connection_post_layernorm;
+    const void *res_att = post ? s->ln1 : x, *res_mlp = post ? s->ln2 : s->res1;
+
     norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
-    ops->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
+    if (cfg->qk_layernorm) { /* per-head norms between linear_qkv and the rotary embedding */
+        ops->linear_forward(s->qkv_pre, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
+        ops->qk_norm_forward(s->qkv, s->qk_mean, s->qk_rstd, s->qkv_pre, w.qn_w, w.qn_b, w.kn_w, w.kn_b, N, H, G, D,
+                             cfg->layernorm_epsilon);
+    } else {
+        ops->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
+    }
     if (cfg->rope) ops->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
     ops->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
                            dropout_key(c->dropout_seed, l, "attention"));
-    /* res1 = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
+    /* res1 = res_att + dropout(proj(att)): without dropout the GEMM adds the residual itself */
     const int drop = cfg->hidden_dropout > 0;
-    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, drop ? NULL : x, N, H * D, C);
+    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, drop ? NULL : res_att, N, H * D, C);
     if (drop) {
         ops->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
                              dropout_key(c->dropout_seed, l, "attention_out"), 0);
-        ops->add_forward(s->res1, s->res1, x, (int64_t)N * C);
+        ops->add_forward(s->res1, s->res1, res_att, (int64_t)N * C);
     }
 
     norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
@@ -392,24 +497,27 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
         if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
         else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
     }
-    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : s->res1, N, cfg->ffn_hidden_size, C);
+    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : res_mlp, N, cfg->ffn_hidden_size, C);
     if (drop) {
         ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout, dropout_key(c->dropout_seed, l, "mlp_out"),
                              0);
-        ops->add_forward(out, out, s->res1, (int64_t)N * C);
+        ops->add_forward(out, out, res_mlp, (int64_t)N * C);
     }
 }
 
 /* Weights below flat offset `end` are about to be read: wait for them (data parallelism may still
  * be gathering them) and, under mixed precision, refresh their bf16 copy from the fp32 main
- * weights, which the optimizer may have changed since the last forward. *ready tracks how far
+ * weights, which the optimizer may have changed since the last forward (and, under zero-centred
+ * gamma, the norms' 1 + weight). *ready tracks how far
  * this forward has got; a cast costs one read and one write of the weights per microbatch. */
 static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
     params_needed_to(m, end);
-    if (m->compute && end > *ready)
+    if (end <= *ready) return;
+    if (m->compute)
         m->be->cast_to_bf16(at(m, lt_tensor_data(m->compute), *ready), (const float *)lt_tensor_data(m->weights) + *ready,
                             end - *ready);
-    if (end > *ready) *ready = end;
+    if (m->gamma) gamma_refresh(m, *ready, end);
+    *ready = end;
 }
 
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
@@ -457,7 +565,7 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
     }
     weights_needed_to(m, &ready, m->total);
 
-    norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], weight(m, m->lnf_w), weight(m, m->lnf_b), N);
+    norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], norm_weight(m, m->lnf_w), weight(m, m->lnf_b), N);
     ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w >= 0 ? m->out_w : m->wte), NULL, NULL, N, C, V);
 
     c->num_valid = 0;
@@ -486,6 +594,13 @@ typedef struct {
     void *base;
 } scratch;
 
+/* apply_residual_connection_post_layernorm: the residual's gradient dres joins the norm output's dnorm
+ * (dnorm += dres), and the norm's input gradient replaces it (norm_backward accumulates onto dres = 0). */
+static void residual_into_norm_output(const lt_gpt *m, void *dnorm, void *dres, size_t n) {
+    m->ops->add_forward(dnorm, dnorm, dres, (int64_t)n);
+    m->be->memzero(dres, m->E * n);
+}
+
 static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *dx, scratch *s) {
     const lt_gpt_config *cfg = &m->cfg;
     const lt_ops *ops = m->ops;
@@ -495,8 +610,9 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
     const layer_weights w = weights_of(m, l);
     const layer_grads g = grads_of(m, l);
     const layer_acts *a = &c->acts[l];
+    const int post = cfg->apply_residual_connection_post_layernorm;
 
-    /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
+    /* out = res_mlp + dropout(fc2(act)): dx flows to res_mlp unchanged; d(fc2 out) is dx through the mask. */
     const void *d_fc2 = dx;
     if (cfg->hidden_dropout > 0) {
         ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
@@ -511,9 +627,10 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
         else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
     }
     ops->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
+    if (post) residual_into_norm_output(m, s->d_c2, dx, NC);
     norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
 
-    /* res1 = x + dropout(proj(att)). */
+    /* res1 = res_att + dropout(proj(att)). */
     const void *d_proj = dx;
     if (cfg->hidden_dropout > 0) {
         ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
@@ -524,7 +641,14 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
     ops->attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
                             dropout_key(c->dropout_seed, l, "attention"));
     if (cfg->rope) ops->rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
-    ops->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, s->d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
+    const void *d_qkv = s->d_qkv;
+    if (cfg->qk_layernorm) { /* into d_fc1, free since the MLP's backward */
+        ops->qk_norm_backward(s->d_fc1, g.qn_w, g.qn_b, g.kn_w, g.kn_b, s->d_qkv, a->qkv_pre, w.qn_w, w.kn_w,
+                              a->qk_mean, a->qk_rstd, N, H, G, D);
+        d_qkv = s->d_fc1;
+    }
+    ops->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
+    if (post) residual_into_norm_output(m, s->d_c2, dx, NC);
     norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
 }
 
@@ -565,7 +689,7 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
     const int64_t out_off = m->out_w >= 0 ? m->out_w : m->wte;
     ops->linear_backward(s.d_c2, g + out_off, NULL, c->logits, c->lnf, weight(m, out_off), N, C, V);
     be->memzero(dx, E * NC);
-    norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], weight(m, m->lnf_w), c->lnf_mean,
+    norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], norm_weight(m, m->lnf_w), c->lnf_mean,
                   c->lnf_rstd, N);
 
     /* Untied output layer and final norm are done (the tied output weight is the embedding,

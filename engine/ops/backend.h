@@ -57,6 +57,13 @@ typedef struct lt_ops {
                                int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
     void (*rope_forward)(void *qkv, int B, int T, int H, int G, int D, float base);
     void (*rope_backward)(void *dqkv, int B, int T, int H, int G, int D, float base);
+    /* lt_qk_norm_forward / lt_qk_norm_backward: mean NULL selects RMSNorm. */
+    void (*qk_norm_forward)(void *out, float *mean, float *rstd, const void *inp, const void *qweight,
+                            const void *qbias, const void *kweight, const void *kbias, int N, int H, int G, int D,
+                            float eps);
+    void (*qk_norm_backward)(void *dinp, float *dqweight, float *dqbias, float *dkweight, float *dkbias,
+                             const void *dout, const void *inp, const void *qweight, const void *kweight,
+                             const float *mean, const float *rstd, int N, int H, int G, int D);
 
     void (*gelu_forward)(void *out, const void *inp, int64_t n);
     void (*gelu_backward)(void *dinp, const void *dout, const void *inp, int64_t n);
@@ -73,8 +80,9 @@ typedef struct lt_ops {
 
 /* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change, in layout or in an op's contract
  * (5: activation gradients written, not accumulated;
- * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward): the loader refuses a plugin built against another. */
-#define LT_BACKEND_ABI 7
+ * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward; 8: qk_norm_forward,
+ * qk_norm_backward): the loader refuses a plugin built against another. */
+#define LT_BACKEND_ABI 8
 
 /* Collectives on the backend's memory (the CUDA plugin: NCCL, engine/ops/cuda/nccl.cu), used by
  * engine/comm/nccl.c behind lt_comm (lt_comm_nccl); the CPU backend has none (lt_backend.comm NULL).

@@ -76,6 +76,15 @@ static void f32_rope_forward(void *qkv, int B, int T, int H, int G, int D, float
 static void f32_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base) {
     lt_rope_backward(dqkv, B, T, H, G, D, base);
 }
+static void f32_qk_norm_forward(void *out, float *mean, float *rstd, const void *inp, const void *qw, const void *qb,
+                                const void *kw, const void *kb, int N, int H, int G, int D, float eps) {
+    lt_qk_norm_forward(out, mean, rstd, inp, qw, qb, kw, kb, N, H, G, D, eps);
+}
+static void f32_qk_norm_backward(void *dinp, float *dqw, float *dqb, float *dkw, float *dkb, const void *dout,
+                                 const void *inp, const void *qw, const void *kw, const float *mean,
+                                 const float *rstd, int N, int H, int G, int D) {
+    lt_qk_norm_backward(dinp, dqw, dqb, dkw, dkb, dout, inp, qw, kw, mean, rstd, N, H, G, D);
+}
 static void f32_gelu_forward(void *out, const void *inp, int64_t n) { lt_gelu_forward(out, inp, n); }
 static void f32_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
     lt_gelu_backward(dinp, dout, inp, n);
@@ -113,6 +122,7 @@ static void f32_cross_entropy_backward(void *dlogits, const void *logits, const 
         .linear_dgelu_backward = prefix##_linear_dgelu_backward,                                                  \
         .attention_forward = prefix##_attention_forward, .attention_backward = prefix##_attention_backward,     \
         .rope_forward = prefix##_rope_forward, .rope_backward = prefix##_rope_backward,                         \
+        .qk_norm_forward = prefix##_qk_norm_forward, .qk_norm_backward = prefix##_qk_norm_backward,             \
         .gelu_forward = prefix##_gelu_forward, .gelu_backward = prefix##_gelu_backward,                         \
         .swiglu_forward = prefix##_swiglu_forward, .swiglu_backward = prefix##_swiglu_backward,                 \
         .add_forward = prefix##_add_forward, .dropout_forward = prefix##_dropout_forward,                       \
@@ -268,6 +278,24 @@ static void bf16_rope_backward(void *dqkv, int B, int T, int H, int G, int D, fl
     float *q = widen(dqkv, NQ);
     lt_rope_backward(q, B, T, H, G, D, base);
     narrow(dqkv, q, NQ);
+}
+static void bf16_qk_norm_forward(void *out, float *mean, float *rstd, const void *inp, const void *qw, const void *qb,
+                                 const void *kw, const void *kb, int N, int H, int G, int D, float eps) {
+    const int64_t NQ = (int64_t)N * (H + 2 * G) * D;
+    float *o = scratch(NQ), *x = widen(inp, NQ);
+    float *qwf = widen(qw, D), *qbf = widen(qb, D), *kwf = widen(kw, D), *kbf = widen(kb, D);
+    lt_qk_norm_forward(o, mean, rstd, x, qwf, qbf, kwf, kbf, N, H, G, D, eps);
+    drop(x, NQ), drop(qwf, D), drop(qbf, D), drop(kwf, D), drop(kbf, D);
+    narrow(out, o, NQ);
+}
+static void bf16_qk_norm_backward(void *dinp, float *dqw, float *dqb, float *dkw, float *dkb, const void *dout,
+                                  const void *inp, const void *qw, const void *kw, const float *mean,
+                                  const float *rstd, int N, int H, int G, int D) {
+    const int64_t NQ = (int64_t)N * (H + 2 * G) * D;
+    float *di = scratch(NQ), *d = widen(dout, NQ), *x = widen(inp, NQ), *qwf = widen(qw, D), *kwf = widen(kw, D);
+    lt_qk_norm_backward(di, dqw, dqb, dkw, dkb, d, x, qwf, kwf, mean, rstd, N, H, G, D);
+    drop(d, NQ), drop(x, NQ), drop(qwf, D), drop(kwf, D);
+    narrow(dinp, di, NQ);
 }
 static void bf16_gelu_forward(void *out, const void *inp, int64_t n) {
     float *o = scratch(n), *x = widen(inp, n);

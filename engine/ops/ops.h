@@ -77,6 +77,20 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
 void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base);
 void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base);
 
+/* Megatron's q_layernorm and k_layernorm on a fused qkv buffer of N = B * T tokens (layout above): each
+ * D-sized query head normalised over its D values with qweight / qbias, each key head with kweight / kbias;
+ * value heads copied unchanged. LayerNorm when mean is given, RMSNorm when mean is NULL (no biases then;
+ * for LayerNorm they are nullable). Saves mean, rstd [N*H + N*G]: the query heads' rows (token-major),
+ * then the key heads'. out must not alias inp. */
+void lt_qk_norm_forward(float *out, float *mean, float *rstd, const float *inp, const float *qweight,
+                        const float *qbias, const float *kweight, const float *kbias, int N, int H, int G, int D,
+                        float eps);
+/* dinp (qkv layout) WRITTEN: the value heads are dout's, the query and key heads their norms' input
+ * gradients; dqweight, dqbias, dkweight, dkbias += (biases nullable). mean NULL: RMSNorm, as forward. */
+void lt_qk_norm_backward(float *dinp, float *dqweight, float *dqbias, float *dkweight, float *dkbias,
+                         const float *dout, const float *inp, const float *qweight, const float *kweight,
+                         const float *mean, const float *rstd, int N, int H, int G, int D);
+
 /* ---- activations and elementwise ---- */
 /* Softmax over the last dim of inp[N, C]. Backward writes dinp. */
 void lt_softmax_forward(float *out, const float *inp, int N, int C);

@@ -756,6 +756,56 @@ static void test_rmsnorm(const prec *P, int N, int C) {
     arena_reset();
 }
 
+/* q_layernorm / k_layernorm on a fused qkv buffer: LayerNorm (with biases) or RMSNorm (rms) over each
+ * D-sized query and key head; value heads copied forward and backward; dinp written over junk. */
+static void test_qk_norm(const prec *P, int N, int H, int G, int D, int rms) {
+    char name[200], shape[120];
+    const size_t n = (size_t)N * (H + 2 * G) * D, nr = (size_t)N * (H + G);
+    const double tol = tol_for(P, 1e-5, 1e-2);
+    snprintf(shape, sizeof shape, "N=%d H=%d G=%d D=%d %s", N, H, G, D, rms ? "rmsnorm" : "layernorm");
+    float *x = rnd(P, n, -2, 4), *g = rnd(P, n, -1, 1), *di0 = junk(n);
+    float *qw = rnd(P, D, 0.5f, 1.5f), *kw = rnd(P, D, 0.5f, 1.5f), *qb = rnd(P, D, -1, 1), *kb = rnd(P, D, -1, 1);
+    float *dqw0 = rnd(&P32, D, -1, 1), *dkw0 = rnd(&P32, D, -1, 1), *dqb0 = rnd(&P32, D, -1, 1),
+          *dkb0 = rnd(&P32, D, -1, 1);
+    void *hx = st(P, x, n), *hg = st(P, g, n), *y = st_new(P, n), *dir = st(P, di0, n);
+    void *hqw = st(P, qw, D), *hkw = st(P, kw, D), *hqb = rms ? NULL : st(P, qb, D), *hkb = rms ? NULL : st(P, kb, D);
+    float *mean = rms ? NULL : fl(nr), *rstd = fl(nr), *rqw = fcopy(dqw0, D), *rkw = fcopy(dkw0, D);
+    float *rqb = rms ? NULL : fcopy(dqb0, D), *rkb = rms ? NULL : fcopy(dkb0, D);
+    void *d_x = dst(P, hx, n), *d_g = dst(P, hg, n), *d_y = dst(P, dir, n), *d_di = dst(P, dir, n);
+    void *d_qw = dst(P, hqw, D), *d_kw = dst(P, hkw, D);
+    void *d_qb = rms ? NULL : dst(P, hqb, D), *d_kb = rms ? NULL : dst(P, hkb, D);
+    float *d_mean = rms ? NULL : dfl_new(nr), *d_rstd = dfl_new(nr), *d_dqw = dfl(dqw0, D), *d_dkw = dfl(dkw0, D);
+    float *d_dqb = rms ? NULL : dfl(dqb0, D), *d_dkb = rms ? NULL : dfl(dkb0, D);
+    P->cpu->qk_norm_forward(y, mean, rstd, hx, hqw, hqb, hkw, hkb, N, H, G, D, 1e-5f);
+    P->dev->qk_norm_forward(d_y, d_mean, d_rstd, d_x, d_qw, d_qb, d_kw, d_kb, N, H, G, D, 1e-5f);
+    snprintf(name, sizeof name, "qk_norm_forward %s: out (over junk)", shape);
+    check_st(P, name, y, d_y, n, tol);
+    snprintf(name, sizeof name, "qk_norm_forward %s: rstd (fp32)", shape);
+    check_f(P, name, rstd, d_rstd, nr, 1e-5);
+    if (!rms) {
+        snprintf(name, sizeof name, "qk_norm_forward %s: mean (fp32)", shape);
+        check_f(P, name, mean, d_mean, nr, 1e-5);
+        dev->to_device(d_mean, mean, nr * sizeof(float));
+    }
+    /* backward from the CPU's saved statistics, so it is checked on its own */
+    dev->to_device(d_rstd, rstd, nr * sizeof(float));
+    P->cpu->qk_norm_backward(dir, rqw, rqb, rkw, rkb, hg, hx, hqw, hkw, mean, rstd, N, H, G, D);
+    P->dev->qk_norm_backward(d_di, d_dqw, d_dqb, d_dkw, d_dkb, d_g, d_x, d_qw, d_kw, d_mean, d_rstd, N, H, G, D);
+    snprintf(name, sizeof name, "qk_norm_backward %s: dinp (written)", shape);
+    check_st(P, name, dir, d_di, n, tol);
+    snprintf(name, sizeof name, "qk_norm_backward %s: dqweight (fp32 += )", shape);
+    check_f(P, name, rqw, d_dqw, D, 1e-5);
+    snprintf(name, sizeof name, "qk_norm_backward %s: dkweight (fp32 += )", shape);
+    check_f(P, name, rkw, d_dkw, D, 1e-5);
+    if (!rms) {
+        snprintf(name, sizeof name, "qk_norm_backward %s: dqbias (fp32 += )", shape);
+        check_f(P, name, rqb, d_dqb, D, 1e-5);
+        snprintf(name, sizeof name, "qk_norm_backward %s: dkbias (fp32 += )", shape);
+        check_f(P, name, rkb, d_dkb, D, 1e-5);
+    }
+    arena_reset();
+}
+
 /* ---------------- linear ---------------- */
 
 /* with_residual: the forward adds a residual (1: a separate buffer, 2: out itself, in place). */
@@ -1026,6 +1076,8 @@ static void test_unaligned(const prec *P) {
     test_position_embedding(&U, 2, 5, 64);
     test_layernorm(&U, 9, 64, 1);
     test_rmsnorm(&U, 9, 64);
+    test_qk_norm(&U, 5, 4, 2, 64, 0);
+    test_qk_norm(&U, 5, 4, 2, 33, 1);
     test_linear(&U, 9, 16, 24, 1, 1, 1);
     test_cross_entropy(&U, 5, 67); /* logits and dlogits misaligned alike (in place) and differently */
     dev_skew_unit = 0;
@@ -1079,7 +1131,7 @@ static const char *const prof_ops[] = {
     "embedding_forward", "embedding_backward", "position_embedding_forward", "position_embedding_backward",
     "layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "linear_forward",
     "linear_backward", "linear_gelu_forward", "linear_dgelu_backward", "attention_forward", "attention_backward",
-    "rope_forward", "rope_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
+    "rope_forward", "rope_backward", "qk_norm_forward", "qk_norm_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
     "cross_entropy_forward", "cross_entropy_backward",
 };
 static const char *const prof_fns[] = {"fill",         "fill_normal", "sum_squares", "scale",
@@ -1344,6 +1396,12 @@ int main(int argc, char **argv) {
         test_rmsnorm(P, 1, 3);
         test_rmsnorm(P, 7, 33);
         test_rmsnorm(P, 300, 1000);
+        /* N, H, G, D, rms */
+        test_qk_norm(P, 1, 1, 1, 3, 0);
+        test_qk_norm(P, 7, 4, 2, 33, 0);  /* rows not whole packs */
+        test_qk_norm(P, 67, 8, 2, 64, 0); /* 4 query heads per group, whole packs */
+        test_qk_norm(P, 67, 4, 4, 128, 1);
+        test_qk_norm(P, 33, 6, 1, 80, 1);
 
         test_linear(P, 1, 1, 1, 1, 1, 0);
         test_linear(P, 37, 65, 129, 1, 1, 0);

@@ -324,6 +324,27 @@ describe("lt.build_model", function()
     assert.are.equal(V * C + (C + 3 * C * C + C * C + C + 2 * F * C + C * F) + C + V * C, m:num_parameters())
   end)
 
+  it("follows Megatron's add_qkv_bias, qk_layernorm and zero-centred norm weights", function()
+    local flags = { add_bias_linear = false, add_qkv_bias = true, qk_layernorm = true, num_query_groups = 1,
+      layernorm_zero_centered_gamma = true, apply_residual_connection_post_layernorm = true }
+    local m = lt.build_model(small_provider(flags), 1)
+    local biases = {}
+    for _, p in ipairs(m:parameters()) do
+      if p.name:match("%.bias$") and not p.name:match("layernorm") then biases[#biases + 1] = p.name end
+    end
+    assert.are.same({ "decoder.layers.0.self_attention.linear_qkv.bias" }, biases)
+    -- 2 heads in one query group, kv_channels 8: [(2 + 2) * 8] qkv rows; q/k norms over the 8 of a head
+    assert.are.same({ 32 }, m:param("decoder.layers.0.self_attention.linear_qkv.bias"):shape())
+    for _, name in ipairs { "q_layernorm.weight", "q_layernorm.bias", "k_layernorm.weight", "k_layernorm.bias" } do
+      local w = m:param("decoder.layers.0.self_attention." .. name)
+      assert.are.same({ 8 }, w:shape(), name)
+      assert.are.equal(0, w:norm(), name) -- zero-centred: weights start at 0 (the norms scale by 1 + w)
+    end
+    assert.are.equal(0, m:param("decoder.final_layernorm.weight"):norm())
+    local _, loss = m:forward(token_batch(2, 9))
+    near(loss, math.log(V), 0.3, "loss at init")
+  end)
+
   it("param and grad are views of flat_weights and flat_grads", function()
     local m = lt.build_model(small_provider(), 1)
     local info

@@ -623,6 +623,14 @@ describe("luatron.config validation", function()
         .. "gated_linear_unit = false), not activation_func = 'silu' with gated_linear_unit = true")
   end)
 
+  it("refuses zero-centred RMSNorm weights, as Megatron-Core's local layer spec does", function()
+    assert.is_true(validate({ model = { layernorm_zero_centered_gamma = true } }).model.layernorm_zero_centered_gamma)
+    assert_error_contains(function()
+      validate({ model = { layernorm_zero_centered_gamma = true, normalization = "RMSNorm" } })
+    end, "layernorm_zero_centered_gamma = true with normalization = 'RMSNorm' is not supported: zero_centered_gamma "
+      .. "not supported by torch LayerNorm")
+  end)
+
   describe("mixture of experts", function()
     local moe = { num_moe_experts = 4, add_bias_linear = false }
     local function with(t)

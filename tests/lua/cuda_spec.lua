@@ -58,8 +58,19 @@ describe("the CUDA plugin under the CPU emulator", function()
   end)
 
   -- openai_gelu: the MLP's tanh GELU through the fused ops (cuBLASLt's GELU epilogues, emulated).
+  -- Megatron's layer options: the qkv bias alone, zero-centred norm weights (1 + weight refreshed from
+  -- the weights), residuals after the norms, and per-head q/k norms (LayerNorm with GQA and RoPE;
+  -- RMSNorm).
+  local flags = " model.add_bias_linear=false model.add_qkv_bias=true model.layernorm_zero_centered_gamma=true "
+    .. "model.apply_residual_connection_post_layernorm=true model.qk_layernorm=true"
+  local gqa_rope = " model.num_attention_heads=4 model.num_query_groups=2 model.position_embedding_type=rope"
+  local rms_qk = " model.normalization=RMSNorm model.qk_layernorm=true model.apply_residual_connection_post_layernorm=true"
   for _, case in ipairs { { "fp32", "" }, { "bf16", " model.bf16=true" },
-    { "bf16 with openai_gelu", " model.bf16=true model.openai_gelu=true" } } do
+    { "bf16 with openai_gelu", " model.bf16=true model.openai_gelu=true" },
+    { "fp32 with add_qkv_bias, zero-centred gamma, post-layernorm residuals and qk_layernorm", flags .. gqa_rope },
+    { "bf16 with add_qkv_bias, zero-centred gamma, post-layernorm residuals and qk_layernorm",
+      flags .. gqa_rope .. " model.bf16=true" },
+    { "fp32 with RMSNorm q/k norms", rms_qk } } do
     local precision, options = case[1], case[2]
     it(("trains a small model in %s with the CPU backend's losses"):format(precision), function()
       local f = io.open(EMULATED)
@@ -74,7 +85,7 @@ describe("the CUDA plugin under the CPU emulator", function()
       local a, b = read_metrics(cpu .. "/metrics.jsonl"), read_metrics(emu .. "/metrics.jsonl")
       assert.are.equal(3, #b)
       -- fp32: summation order only; bf16: a one-step rounding difference (2^-8) may appear.
-      h.assert_losses_close(a, b, precision == "fp32" and 1e-5 or 1e-2, 1, 3, "cpu", "cuda (emulated)")
+      h.assert_losses_close(a, b, precision:match("^fp32") and 1e-5 or 1e-2, 1, 3, "cpu", "cuda (emulated)")
     end)
   end
 end)

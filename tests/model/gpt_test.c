@@ -8,7 +8,10 @@
  *   5. Megatron parameter names and shapes;
  *   6. a few SGD steps overfit one batch;
  *   7. bf16 mixed precision (the CPU reference kernels): close to fp32, fp32 main weights and
- *      gradients, and the bf16 copy follows every change of the main weights. */
+ *      gradients, and the bf16 copy follows every change of the main weights;
+ *   8. Megatron's add_qkv_bias, layernorm_zero_centered_gamma, apply_residual_connection_post_layernorm
+ *      and qk_layernorm: finite differences alone and combined, names and init, and zero-centred gamma g
+ *      computing exactly what ordinary gamma 1 + g computes (outputs and gradients). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -738,6 +741,283 @@ static void test_bf16(void) {
     lt_gpt_free(h);
 }
 
+/* ---- 8. add_qkv_bias, zero-centred gamma, post-layernorm residuals, qk_layernorm ---- */
+
+/* Norm weights away from their init (1, or 0 when zero-centred): w += 0.5 * uniform(-1, 1), so the
+ * checks see norms that scale. */
+static void jitter_norm_weights(lt_gpt *m, uint64_t key) {
+    for (int i = 0; i < lt_gpt_num_params(m); i++) {
+        const lt_gpt_param *p = lt_gpt_param_info(m, i);
+        size_t len = strlen(p->name);
+        if (len < 16 || strcmp(p->name + len - 16, "layernorm.weight") != 0) continue;
+        for (int64_t j = 0; j < p->numel; j++)
+            wdata(m)[p->offset + j] += 0.5f * (2.0f * lt_rng_uniform(key, (uint64_t)(p->offset + j)) - 1.0f);
+    }
+}
+
+static void test_flag_gradients(void) {
+    /* (g) add_qkv_bias without add_bias_linear: RMSNorm/SwiGLU/RoPE, the one bias per layer learns. */
+    lt_gpt_config c = small_config();
+    c.rmsnorm = c.gated_linear_unit = c.rope = 1;
+    c.add_bias_linear = 0;
+    c.add_qkv_bias = 1;
+    c.seed = 101;
+    lt_gpt *m = new_model(&c);
+    batch b = make_batch(2, 8, c.vocab_size, 51, 0);
+    grad_check("(g) add_qkv_bias, no add_bias_linear", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (h) zero-centred gamma, LayerNorm with bias, learned positions; gamma jittered away from 0. */
+    c = small_config();
+    c.layernorm_zero_centered_gamma = 1;
+    c.seed = 102;
+    m = new_model(&c);
+    jitter_norm_weights(m, 1);
+    b = make_batch(2, 8, c.vocab_size, 52, 0);
+    grad_check("(h) zero-centred gamma, layernorm", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (i) zero-centred gamma with RMSNorm (the engine has it; Megatron's local spec refuses it, and so
+     * does luatron's config). */
+    c = small_config();
+    c.layernorm_zero_centered_gamma = c.rmsnorm = c.gated_linear_unit = c.rope = 1;
+    c.share_embeddings_and_output_weights = 0;
+    c.seed = 103;
+    m = new_model(&c);
+    jitter_norm_weights(m, 2);
+    b = make_batch(2, 8, c.vocab_size, 53, 0);
+    grad_check("(i) zero-centred gamma, rmsnorm", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (j) post-layernorm residuals, LayerNorm with bias and GELU; then with dropout on both residuals. */
+    c = small_config();
+    c.apply_residual_connection_post_layernorm = 1;
+    c.seed = 104;
+    m = new_model(&c);
+    jitter_norm_weights(m, 3);
+    b = make_batch(2, 8, c.vocab_size, 54, 0);
+    grad_check("(j) post-layernorm residuals", m, &b, 0);
+    lt_gpt_free(m);
+    c.hidden_dropout = 0.2f;
+    c.attention_dropout = 0.1f;
+    m = new_model(&c);
+    grad_check("(k) post-layernorm residuals + dropout", m, &b, 99);
+    lt_gpt_free(m);
+
+    /* (l) qk_layernorm, LayerNorm, GQA (2 query heads per group), RoPE after the norms, bias. */
+    c = small_config();
+    c.qk_layernorm = c.rope = 1;
+    c.num_query_groups = 2;
+    c.kv_channels = 6;
+    c.seed = 105;
+    m = new_model(&c);
+    jitter_norm_weights(m, 4);
+    b = make_batch(2, 7, c.vocab_size, 55, 0);
+    grad_check("(l) qk_layernorm, layernorm, gqa, rope", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (m) qk_layernorm, RMSNorm, one query group for all 4 heads, SwiGLU, no biases. */
+    c = small_config();
+    c.qk_layernorm = c.rmsnorm = c.gated_linear_unit = 1;
+    c.num_query_groups = 1;
+    c.add_bias_linear = 0;
+    c.seed = 106;
+    m = new_model(&c);
+    jitter_norm_weights(m, 5);
+    b = make_batch(2, 8, c.vocab_size, 56, 0);
+    grad_check("(m) qk_layernorm, rmsnorm, mqa", m, &b, 0);
+    lt_gpt_free(m);
+
+    /* (n) all four together, with GQA, RoPE, dropout and ignored targets. */
+    c = small_config();
+    c.add_bias_linear = 0;
+    c.add_qkv_bias = c.layernorm_zero_centered_gamma = c.apply_residual_connection_post_layernorm = 1;
+    c.qk_layernorm = c.rope = 1;
+    c.num_query_groups = 2;
+    c.hidden_dropout = 0.1f;
+    c.attention_dropout = 0.1f;
+    c.seed = 107;
+    m = new_model(&c);
+    jitter_norm_weights(m, 6);
+    b = make_batch(2, 8, c.vocab_size, 57, 4);
+    grad_check("(n) all four flags, gqa, rope, dropout", m, &b, 7);
+    lt_gpt_free(m);
+}
+
+/* Zero-centred gamma g and ordinary gamma 1 + g are the same function: the same logits and loss, and
+ * d/dg = d/dgamma. Everything but the norm weights is initialised by name, so both models share it. */
+static void test_zero_centered_equivalence(int bf16) {
+    lt_gpt_config c = small_config();
+    c.qk_layernorm = c.rope = 1;
+    c.num_query_groups = 2;
+    c.bf16 = bf16;
+    c.seed = 201;
+    lt_gpt *o = new_model(&c);
+    c.layernorm_zero_centered_gamma = 1;
+    lt_gpt *z = new_model(&c);
+    jitter_norm_weights(z, 9); /* g */
+    const int64_t n = lt_tensor_numel(lt_gpt_weights(z));
+    int norms = 0, others_equal = 1;
+    for (int i = 0; i < lt_gpt_num_params(z); i++) {
+        const lt_gpt_param *p = lt_gpt_param_info(z, i);
+        size_t len = strlen(p->name);
+        int is_norm = len >= 16 && strcmp(p->name + len - 16, "layernorm.weight") == 0;
+        for (int64_t j = 0; j < p->numel; j++) {
+            float *wo = wdata(o) + p->offset + j, zv = wdata(z)[p->offset + j];
+            if (is_norm) *wo = 1.0f + zv; /* gamma = 1 + g */
+            else others_equal &= *wo == zv;
+        }
+        norms += is_norm;
+    }
+    TAP_CHECK(others_equal && norms == 2 * 4 + 1, "zero-centred%s: same weights but the %d norm weights", bf16 ? " bf16" : "",
+              norms);
+    batch b = make_batch(2, 8, c.vocab_size, 61, 0);
+    char err[256];
+    float lo = NAN, lz = NAN;
+    int64_t nv = 0;
+    lt_gpt_zero_grad(o);
+    lt_gpt_zero_grad(z);
+    lt_gpt_ctx *co = lt_gpt_forward(o, b.tokens, b.targets, 2, 8, 0, &lo, &nv, err, sizeof err);
+    lt_gpt_ctx *cz = lt_gpt_forward(z, b.tokens, b.targets, 2, 8, 0, &lz, &nv, err, sizeof err);
+    const int64_t NV = 16LL * c.vocab_size;
+    float *logits_o = malloc(sizeof(float) * (size_t)NV), *logits_z = malloc(sizeof(float) * (size_t)NV);
+    for (int64_t i = 0; i < NV; i++) {
+        const void *po = lt_gpt_ctx_logits(co), *pz = lt_gpt_ctx_logits(cz);
+        logits_o[i] = bf16 ? lt_bf16_to_f32(((const uint16_t *)po)[i]) : ((const float *)po)[i];
+        logits_z[i] = bf16 ? lt_bf16_to_f32(((const uint16_t *)pz)[i]) : ((const float *)pz)[i];
+    }
+    lt_gpt_backward(o, co, 1.0f / (float)nv, err, sizeof err);
+    lt_gpt_backward(z, cz, 1.0f / (float)nv, err, sizeof err);
+    /* fp32: 1 + g is the same fp32 sum in both, so the results agree to rounding noise at most. bf16:
+     * the zero-centred model rounds g to bf16 before adding 1 (Megatron's bf16 weight + 1), the other
+     * rounds 1 + g once: a bf16 ulp apart. */
+    const double tol_out = bf16 ? 2e-2 : 1e-6, tol_grad = bf16 ? 3e-2 : 1e-5;
+    const double dl = rel_diff(logits_o, logits_z, NV), dg = rel_diff(gdata(o), gdata(z), n);
+    TAP_CHECK(dl <= tol_out && fabsf(lo - lz) <= tol_out * lo,
+              "zero-centred%s gamma g = ordinary gamma 1 + g: logits differ by %.2g (tol %g), loss %.7f vs %.7f",
+              bf16 ? " bf16" : "", dl, tol_out, lz, lo);
+    TAP_CHECK(dg <= tol_grad, "zero-centred%s: d/dg = d/dgamma for every parameter (max diff / max |grad| %.2g, tol %g)",
+              bf16 ? " bf16" : "", dg, tol_grad);
+    free(logits_o);
+    free(logits_z);
+    lt_gpt_free(o);
+    lt_gpt_free(z);
+}
+
+static void test_flag_init(void) {
+    lt_gpt_config c = small_config();
+    c.hidden_size = 64;
+    c.kv_channels = 16;
+    c.init_method_std = 0.02f;
+    lt_gpt *plain = new_model(&c);
+    c.add_bias_linear = 0;
+    c.add_qkv_bias = c.layernorm_zero_centered_gamma = c.apply_residual_connection_post_layernorm = 1;
+    c.qk_layernorm = 1;
+    lt_gpt *flags = new_model(&c);
+    int zeros = 1, nn = 0, nb = 0;
+    for (int i = 0; i < lt_gpt_num_params(flags); i++) {
+        const char *name = lt_gpt_param_info(flags, i)->name;
+        size_t len = strlen(name);
+        if (len > 16 && strcmp(name + len - 16, "layernorm.weight") == 0) zeros &= all_equal(flags, name, 0.0f), nn++;
+        if (len > 5 && strcmp(name + len - 5, ".bias") == 0) zeros &= all_equal(flags, name, 0.0f), nb++;
+    }
+    TAP_CHECK(zeros && nn == 4 * 2 + 1 && nb == 2 * (1 + 2 + 2) + 1,
+              "init: zero-centred gamma: all %d norm weights (q/k norms too) and %d biases are 0", nn, nb);
+    TAP_CHECK(same_values(plain, flags, "decoder.layers.1.self_attention.linear_qkv.weight", -1) &&
+                  same_values(plain, flags, "decoder.layers.0.self_attention.linear_proj.weight", -1) &&
+                  same_values(plain, flags, "decoder.layers.1.mlp.linear_fc2.weight", -1) &&
+                  same_values(plain, flags, "embedding.word_embeddings.weight", -1),
+              "init: the flags leave every other weight as it was (initialised by name)");
+    lt_gpt_free(flags);
+    c.layernorm_zero_centered_gamma = 0;
+    flags = new_model(&c);
+    TAP_CHECK(all_equal(flags, "decoder.layers.0.self_attention.q_layernorm.weight", 1.0f) &&
+                  all_equal(flags, "decoder.layers.1.self_attention.k_layernorm.weight", 1.0f) &&
+                  all_equal(flags, "decoder.layers.1.self_attention.k_layernorm.bias", 0.0f),
+              "init: q/k layernorm weights 1, biases 0");
+    lt_gpt_free(flags);
+    lt_gpt_free(plain);
+}
+
+static void test_flag_names(void) {
+    /* add_qkv_bias without add_bias_linear, RMSNorm: linear_qkv.bias is the one bias of each layer. */
+    lt_gpt_config c = small_config();
+    c.num_layers = 2;
+    c.rmsnorm = 1;
+    c.add_bias_linear = 0;
+    c.add_qkv_bias = 1;
+    const int64_t V = 32, C = 16, S = 8, QKV = 3 * 16, HD = 16, F = 32, D = 4;
+    expected_param qkvb[] = {
+        {"embedding.word_embeddings.weight", 2, V, C},
+        {"embedding.position_embeddings.weight", 2, S, C},
+        {"decoder.layers.0.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.0.self_attention.linear_qkv.bias", 1, QKV, 0},
+        {"decoder.layers.0.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.0.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.mlp.linear_fc1.weight", 2, F, C},
+        {"decoder.layers.0.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.layers.1.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.1.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.1.self_attention.linear_qkv.bias", 1, QKV, 0},
+        {"decoder.layers.1.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.1.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.1.mlp.linear_fc1.weight", 2, F, C},
+        {"decoder.layers.1.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.final_layernorm.weight", 1, C, 0},
+    };
+    check_names("add_qkv_bias without add_bias_linear: one bias per layer", &c, qkvb,
+                (int)(sizeof qkvb / sizeof qkvb[0]));
+    /* add_qkv_bias changes nothing when add_bias_linear gives linear_qkv its bias anyway. */
+    lt_gpt_config both = small_config(), lin = small_config();
+    both.add_qkv_bias = 1;
+    lt_gpt *a = new_model(&both), *l = new_model(&lin);
+    TAP_CHECK(lt_gpt_num_params(a) == lt_gpt_num_params(l) &&
+                  lt_tensor_numel(lt_gpt_weights(a)) == lt_tensor_numel(lt_gpt_weights(l)),
+              "names: add_qkv_bias with add_bias_linear: the same %d parameters", lt_gpt_num_params(a));
+    lt_gpt_free(a);
+    lt_gpt_free(l);
+
+    /* qk_layernorm, one layer: LayerNorm gives q/k weights and biases of kv_channels, RMSNorm weights. */
+    c = small_config();
+    c.num_layers = 1;
+    c.qk_layernorm = 1;
+    c.rope = 1;
+    c.add_bias_linear = 0;
+    expected_param qk_ln[] = {
+        {"embedding.word_embeddings.weight", 2, V, C},
+        {"decoder.layers.0.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.input_layernorm.bias", 1, C, 0},
+        {"decoder.layers.0.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.0.self_attention.q_layernorm.weight", 1, D, 0},
+        {"decoder.layers.0.self_attention.q_layernorm.bias", 1, D, 0},
+        {"decoder.layers.0.self_attention.k_layernorm.weight", 1, D, 0},
+        {"decoder.layers.0.self_attention.k_layernorm.bias", 1, D, 0},
+        {"decoder.layers.0.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.0.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.pre_mlp_layernorm.bias", 1, C, 0},
+        {"decoder.layers.0.mlp.linear_fc1.weight", 2, F, C},
+        {"decoder.layers.0.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.final_layernorm.weight", 1, C, 0},
+        {"decoder.final_layernorm.bias", 1, C, 0},
+    };
+    check_names("qk_layernorm, layernorm", &c, qk_ln, (int)(sizeof qk_ln / sizeof qk_ln[0]));
+    c.rmsnorm = 1;
+    expected_param qk_rms[] = {
+        {"embedding.word_embeddings.weight", 2, V, C},
+        {"decoder.layers.0.input_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.self_attention.linear_qkv.weight", 2, QKV, C},
+        {"decoder.layers.0.self_attention.q_layernorm.weight", 1, D, 0},
+        {"decoder.layers.0.self_attention.k_layernorm.weight", 1, D, 0},
+        {"decoder.layers.0.self_attention.linear_proj.weight", 2, C, HD},
+        {"decoder.layers.0.pre_mlp_layernorm.weight", 1, C, 0},
+        {"decoder.layers.0.mlp.linear_fc1.weight", 2, F, C},
+        {"decoder.layers.0.mlp.linear_fc2.weight", 2, C, F},
+        {"decoder.final_layernorm.weight", 1, C, 0},
+    };
+    check_names("qk_layernorm, rmsnorm", &c, qk_rms, (int)(sizeof qk_rms / sizeof qk_rms[0]));
+}
+
 int main(void) {
     test_gradients();
     test_dropout();
@@ -746,5 +1026,10 @@ int main(void) {
     test_names();
     test_sgd();
     test_bf16();
+    test_flag_gradients();
+    test_zero_centered_equivalence(0);
+    test_zero_centered_equivalence(1);
+    test_flag_init();
+    test_flag_names();
     return tap_done();
 }

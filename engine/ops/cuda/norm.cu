@@ -5,11 +5,23 @@
 // Activations and weights are float or bf16 (read as fp32, outputs rounded once); statistics and the
 // weight gradients are fp32 in both. Rows and weight-gradient columns move as 16-byte packs when the
 // pointers are 16-byte aligned and C a whole number of packs (see the kernels).
+// Every kernel visits a selection of rows (norm_rows): all rows in order for the plain ops, the query or
+// the key heads of each token for the per-head norms of a fused qkv buffer (qk_norm_forward / _backward).
 #include "engine/ops/cuda/internal.cuh"
 
 #define NORM_ROWS_PER_BLOCK 8 /* warps per block, one row each */
 #define NORM_WG_COLS 32       /* weight-gradient block: 32 columns x 8 row lanes */
 #define NORM_WG_ROWS 8
+
+/* Logical row r of a selection is buffer row (r / count) * period + first + r % count. */
+struct norm_rows {
+    int period, first, count;
+};
+static const norm_rows NORM_ALL_ROWS = {1, 0, 1};
+static __device__ __forceinline__ int64_t norm_row(norm_rows s, int r) {
+    if (s.count == 1) return (int64_t)r * s.period + s.first; /* no division on the plain ops */
+    return (int64_t)(r / s.count) * s.period + s.first + r % s.count;
+}
 
 /* The row kernels read and write W elements at a time: W = CUDA_VEC(T) (16-byte packs) when C % W == 0
  * and every pointer of the row is 16-byte aligned (then every row is), W = 1 otherwise (one element per
@@ -19,11 +31,11 @@
 template <typename scalar_t, int W>
 __global__ void norm_layernorm_forward_kernel(scalar_t *out, float *mean, float *rstd, const scalar_t *inp,
                                               const scalar_t *weight, const scalar_t *bias, int N, int C,
-                                              float eps) {
+                                              float eps, norm_rows sel) {
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= N) return; /* whole warps leave; the kernel has no __syncthreads */
-    const scalar_t *x = inp + (int64_t)row * C;
-    scalar_t *y = out + (int64_t)row * C;
+    const scalar_t *x = inp + norm_row(sel, row) * C;
+    scalar_t *y = out + norm_row(sel, row) * C;
     float s = 0.0f;
     for (int c = lane * W; c < C; c += 32 * W) {
         const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c);
@@ -63,11 +75,12 @@ __global__ void norm_layernorm_forward_kernel(scalar_t *out, float *mean, float 
 template <typename scalar_t, int W>
 __global__ void norm_layernorm_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp,
                                                const scalar_t *weight, const float *mean, const float *rstd, int N,
-                                               int C) {
+                                               int C, norm_rows sel) {
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= N) return;
-    const scalar_t *x = inp + (int64_t)row * C, *g = dout + (int64_t)row * C;
-    scalar_t *dx = dinp + (int64_t)row * C;
+    const int64_t at = norm_row(sel, row) * C;
+    const scalar_t *x = inp + at, *g = dout + at;
+    scalar_t *dx = dinp + at;
     const float m = mean[row], r = rstd[row];
     float s1 = 0.0f, s2 = 0.0f;
     for (int c = lane * W; c < C; c += 32 * W) {
@@ -95,11 +108,11 @@ __global__ void norm_layernorm_backward_kernel(scalar_t *dinp, const scalar_t *d
 
 template <typename scalar_t, int W>
 __global__ void norm_rmsnorm_forward_kernel(scalar_t *out, float *rstd, const scalar_t *inp, const scalar_t *weight,
-                                            int N, int C, float eps) {
+                                            int N, int C, float eps, norm_rows sel) {
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= N) return;
-    const scalar_t *x = inp + (int64_t)row * C;
-    scalar_t *y = out + (int64_t)row * C;
+    const scalar_t *x = inp + norm_row(sel, row) * C;
+    scalar_t *y = out + norm_row(sel, row) * C;
     float s = 0.0f;
     for (int c = lane * W; c < C; c += 32 * W) {
         const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(x + c);
@@ -123,11 +136,13 @@ __global__ void norm_rmsnorm_forward_kernel(scalar_t *out, float *rstd, const sc
 /* dinp += rstd * (dnorm - norm * mean(dnorm * norm)). */
 template <typename scalar_t, int W>
 __global__ void norm_rmsnorm_backward_kernel(scalar_t *dinp, const scalar_t *dout, const scalar_t *inp,
-                                             const scalar_t *weight, const float *rstd, int N, int C) {
+                                             const scalar_t *weight, const float *rstd, int N, int C,
+                                             norm_rows sel) {
     const int row = blockIdx.x * NORM_ROWS_PER_BLOCK + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= N) return;
-    const scalar_t *x = inp + (int64_t)row * C, *g = dout + (int64_t)row * C;
-    scalar_t *dx = dinp + (int64_t)row * C;
+    const int64_t at = norm_row(sel, row) * C;
+    const scalar_t *x = inp + at, *g = dout + at;
+    scalar_t *dx = dinp + at;
     const float r = rstd[row];
     float s = 0.0f;
     for (int c = lane * W; c < C; c += 32 * W) {
@@ -157,7 +172,8 @@ __global__ void norm_rmsnorm_backward_kernel(scalar_t *dinp, const scalar_t *dou
  * pb NULL: no bias gradient. */
 template <typename scalar_t, int W>
 __global__ void norm_wgrad_partial_kernel(float *pw, float *pb, const scalar_t *dout, const scalar_t *inp,
-                                          const float *mean, const float *rstd, int N, int C, int rows_per_part) {
+                                          const float *mean, const float *rstd, int N, int C, int rows_per_part,
+                                          norm_rows sel) {
     __shared__ float sw[NORM_WG_ROWS][W][NORM_WG_COLS + 1], sb[NORM_WG_ROWS][W][NORM_WG_COLS + 1];
     const int tx = threadIdx.x, ty = threadIdx.y, c0 = (blockIdx.x * NORM_WG_COLS + tx) * W, part = blockIdx.y;
     const int n0 = part * rows_per_part, n1 = min(N, n0 + rows_per_part);
@@ -166,8 +182,9 @@ __global__ void norm_wgrad_partial_kernel(float *pw, float *pb, const scalar_t *
     for (int k = 0; k < W; k++) aw[k] = 0.0f, ab[k] = 0.0f;
     if (c0 < C) {
         for (int n = n0 + ty; n < n1; n += NORM_WG_ROWS) {
-            const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(dout + (int64_t)n * C + c0);
-            const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(inp + (int64_t)n * C + c0);
+            const int64_t at = norm_row(sel, n) * C + c0;
+            const cuda_pack<scalar_t, W> gv = cuda_ldp<W>(dout + at);
+            const cuda_pack<scalar_t, W> xv = cuda_ldp<W>(inp + at);
             if (mean) {
                 const float mn = mean[n], rs = rstd[n];
 #pragma unroll
@@ -214,7 +231,7 @@ __global__ void norm_wgrad_final_kernel(float *dweight, float *dbias, const floa
 /* Column sums of the weight (and bias) gradients; returns -1 (error recorded) without scratch. */
 template <typename T>
 static int norm_wgrad(float *dweight, float *dbias, const T *dout, const T *inp, const float *mean, const float *rstd,
-                      int N, int C, const char *op) {
+                      int N, int C, norm_rows sel, const char *op) {
     constexpr int V = CUDA_VEC(T);
     const int W = C % V == 0 && cuda_aligned16(dout, inp) ? V : 1;
     const int ncb = (C + NORM_WG_COLS * W - 1) / (NORM_WG_COLS * W);
@@ -230,10 +247,10 @@ static int norm_wgrad(float *dweight, float *dbias, const T *dout, const T *inp,
     float *pw = (float *)cuda_scratch(nbytes, op);
     if (!pw) return -1;
     float *pb = dbias ? pw + (size_t)P * C : NULL;
-    void (*const k)(float *, float *, const T *, const T *, const float *, const float *, int, int, int) =
+    void (*const k)(float *, float *, const T *, const T *, const float *, const float *, int, int, int, norm_rows) =
         W > 1 ? norm_wgrad_partial_kernel<T, V> : norm_wgrad_partial_kernel<T, 1>;
     CUDA_LAUNCH(k, dim3(ncb, P), dim3(NORM_WG_COLS, NORM_WG_ROWS), 0)(pw, pb, dout, inp, mean, rstd, N, C,
-                                                                      rows_per_part);
+                                                                      rows_per_part, sel);
     CUDA_LAUNCH(norm_wgrad_final_kernel, cuda_blocks(C, CUDA_THREADS), CUDA_THREADS, 0)(dweight, dbias, pw, pb, P, C);
     cuda_check(op);
     cuda_release(pw, nbytes);
@@ -249,55 +266,138 @@ static bool norm_vec(int C, P... ptrs) {
     return C % CUDA_VEC(T) == 0 && cuda_aligned16(ptrs...);
 }
 
+/* The row ops on a selection of N rows of C values; op names the op in errors. */
 template <typename T>
-static void norm_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *weight,
-                                   const void *bias, int N, int C, float eps) {
+static void norm_layernorm_forward_rows(void *out, float *mean, float *rstd, const void *inp, const void *weight,
+                                        const void *bias, int N, int C, float eps, norm_rows sel, const char *op) {
     if (N <= 0 || C <= 0) return;
-    void (*const k)(T *, float *, float *, const T *, const T *, const T *, int, int, float) =
+    void (*const k)(T *, float *, float *, const T *, const T *, const T *, int, int, float, norm_rows) =
         norm_vec<T>(C, out, inp, weight, bias) ? norm_layernorm_forward_kernel<T, CUDA_VEC(T)>
                                                : norm_layernorm_forward_kernel<T, 1>;
     CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        (T *)out, mean, rstd, (const T *)inp, (const T *)weight, (const T *)bias, N, C, eps);
-    cuda_check("layernorm_forward");
+        (T *)out, mean, rstd, (const T *)inp, (const T *)weight, (const T *)bias, N, C, eps, sel);
+    cuda_check(op);
+}
+
+template <typename T>
+static void norm_layernorm_backward_rows(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
+                                         const void *weight, const float *mean, const float *rstd, int N, int C,
+                                         norm_rows sel, const char *op) {
+    if (N <= 0 || C <= 0) return;
+    void (*const k)(T *, const T *, const T *, const T *, const float *, const float *, int, int, norm_rows) =
+        norm_vec<T>(C, dinp, dout, inp, weight) ? norm_layernorm_backward_kernel<T, CUDA_VEC(T)>
+                                                : norm_layernorm_backward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
+        (T *)dinp, (const T *)dout, (const T *)inp, (const T *)weight, mean, rstd, N, C, sel);
+    cuda_check(op);
+    norm_wgrad(dweight, dbias, (const T *)dout, (const T *)inp, mean, rstd, N, C, sel, op);
+}
+
+template <typename T>
+static void norm_rmsnorm_forward_rows(void *out, float *rstd, const void *inp, const void *weight, int N, int C,
+                                      float eps, norm_rows sel, const char *op) {
+    if (N <= 0 || C <= 0) return;
+    void (*const k)(T *, float *, const T *, const T *, int, int, float, norm_rows) =
+        norm_vec<T>(C, out, inp, weight) ? norm_rmsnorm_forward_kernel<T, CUDA_VEC(T)>
+                                         : norm_rmsnorm_forward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)((T *)out, rstd, (const T *)inp,
+                                                                   (const T *)weight, N, C, eps, sel);
+    cuda_check(op);
+}
+
+template <typename T>
+static void norm_rmsnorm_backward_rows(void *dinp, float *dweight, const void *dout, const void *inp,
+                                       const void *weight, const float *rstd, int N, int C, norm_rows sel,
+                                       const char *op) {
+    if (N <= 0 || C <= 0) return;
+    void (*const k)(T *, const T *, const T *, const T *, const float *, int, int, norm_rows) =
+        norm_vec<T>(C, dinp, dout, inp, weight) ? norm_rmsnorm_backward_kernel<T, CUDA_VEC(T)>
+                                                : norm_rmsnorm_backward_kernel<T, 1>;
+    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)((T *)dinp, (const T *)dout, (const T *)inp,
+                                                                   (const T *)weight, rstd, N, C, sel);
+    cuda_check(op);
+    norm_wgrad(dweight, (float *)NULL, (const T *)dout, (const T *)inp, (const float *)NULL, rstd, N, C, sel, op);
+}
+
+template <typename T>
+static void norm_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *weight,
+                                   const void *bias, int N, int C, float eps) {
+    norm_layernorm_forward_rows<T>(out, mean, rstd, inp, weight, bias, N, C, eps, NORM_ALL_ROWS, "layernorm_forward");
 }
 
 template <typename T>
 static void norm_layernorm_backward(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
                                     const void *weight, const float *mean, const float *rstd, int N, int C) {
-    if (N <= 0 || C <= 0) return;
-    void (*const k)(T *, const T *, const T *, const T *, const float *, const float *, int, int) =
-        norm_vec<T>(C, dinp, dout, inp, weight) ? norm_layernorm_backward_kernel<T, CUDA_VEC(T)>
-                                                : norm_layernorm_backward_kernel<T, 1>;
-    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)(
-        (T *)dinp, (const T *)dout, (const T *)inp, (const T *)weight, mean, rstd, N, C);
-    cuda_check("layernorm_backward");
-    norm_wgrad(dweight, dbias, (const T *)dout, (const T *)inp, mean, rstd, N, C, "layernorm_backward");
+    norm_layernorm_backward_rows<T>(dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C, NORM_ALL_ROWS,
+                                    "layernorm_backward");
 }
 
 template <typename T>
 static void norm_rmsnorm_forward(void *out, float *rstd, const void *inp, const void *weight, int N, int C,
                                  float eps) {
-    if (N <= 0 || C <= 0) return;
-    void (*const k)(T *, float *, const T *, const T *, int, int, float) =
-        norm_vec<T>(C, out, inp, weight) ? norm_rmsnorm_forward_kernel<T, CUDA_VEC(T)>
-                                         : norm_rmsnorm_forward_kernel<T, 1>;
-    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)((T *)out, rstd, (const T *)inp,
-                                                                   (const T *)weight, N, C, eps);
-    cuda_check("rmsnorm_forward");
+    norm_rmsnorm_forward_rows<T>(out, rstd, inp, weight, N, C, eps, NORM_ALL_ROWS, "rmsnorm_forward");
 }
 
 template <typename T>
 static void norm_rmsnorm_backward(void *dinp, float *dweight, const void *dout, const void *inp, const void *weight,
                                   const float *rstd, int N, int C) {
-    if (N <= 0 || C <= 0) return;
-    void (*const k)(T *, const T *, const T *, const T *, const float *, int, int) =
-        norm_vec<T>(C, dinp, dout, inp, weight) ? norm_rmsnorm_backward_kernel<T, CUDA_VEC(T)>
-                                                : norm_rmsnorm_backward_kernel<T, 1>;
-    CUDA_LAUNCH(k, norm_row_blocks(N), 32 * NORM_ROWS_PER_BLOCK, 0)((T *)dinp, (const T *)dout, (const T *)inp,
-                                                                   (const T *)weight, rstd, N, C);
-    cuda_check("rmsnorm_backward");
-    norm_wgrad(dweight, (float *)NULL, (const T *)dout, (const T *)inp, (const float *)NULL, rstd, N, C,
-               "rmsnorm_backward");
+    norm_rmsnorm_backward_rows<T>(dinp, dweight, dout, inp, weight, rstd, N, C, NORM_ALL_ROWS, "rmsnorm_backward");
+}
+
+/* ---- per-head norms of a fused qkv buffer [N, G, H/G + 2, D] ---- */
+
+/* dst = src on the value heads, 0 on the query and key heads (which the norms then fill). */
+template <typename T>
+__global__ void norm_qk_value_heads_kernel(T *dst, const T *src, int64_t n, int D, int slots) {
+    CUDA_FOR(i, n) {
+        if ((i / D) % slots == slots - 1) dst[i] = src[i];
+        else cuda_st(&dst[i], 0.0f);
+    }
+}
+
+template <typename T>
+static void norm_qk_value_heads(void *dst, const void *src, int N, int H, int G, int D, const char *op) {
+    const int64_t n = (int64_t)N * (H + 2 * G) * D;
+    CUDA_LAUNCH(norm_qk_value_heads_kernel<T>, cuda_blocks(n, CUDA_THREADS), CUDA_THREADS, 0)(
+        (T *)dst, (const T *)src, n, D, H / G + 2);
+    cuda_check(op);
+}
+
+template <typename T>
+static void norm_qk_forward(void *out, float *mean, float *rstd, const void *inp, const void *qw, const void *qb,
+                            const void *kw, const void *kb, int N, int H, int G, int D, float eps) {
+    if (N <= 0 || D <= 0) return;
+    const int hpg = H / G;
+    const norm_rows q = {hpg + 2, 0, hpg}, k = {hpg + 2, hpg, 1};
+    const int64_t NH = (int64_t)N * H;
+    const char *op = "qk_norm_forward";
+    norm_qk_value_heads<T>(out, inp, N, H, G, D, op);
+    if (mean) {
+        norm_layernorm_forward_rows<T>(out, mean, rstd, inp, qw, qb, N * H, D, eps, q, op);
+        norm_layernorm_forward_rows<T>(out, mean + NH, rstd + NH, inp, kw, kb, N * G, D, eps, k, op);
+    } else {
+        norm_rmsnorm_forward_rows<T>(out, rstd, inp, qw, N * H, D, eps, q, op);
+        norm_rmsnorm_forward_rows<T>(out, rstd + NH, inp, kw, N * G, D, eps, k, op);
+    }
+}
+
+template <typename T>
+static void norm_qk_backward(void *dinp, float *dqw, float *dqb, float *dkw, float *dkb, const void *dout,
+                             const void *inp, const void *qw, const void *kw, const float *mean, const float *rstd,
+                             int N, int H, int G, int D) {
+    if (N <= 0 || D <= 0) return;
+    const int hpg = H / G;
+    const norm_rows q = {hpg + 2, 0, hpg}, k = {hpg + 2, hpg, 1};
+    const int64_t NH = (int64_t)N * H;
+    const char *op = "qk_norm_backward";
+    norm_qk_value_heads<T>(dinp, dout, N, H, G, D, op); /* the norms' dinp accumulate onto the zeros */
+    if (mean) {
+        norm_layernorm_backward_rows<T>(dinp, dqw, dqb, dout, inp, qw, mean, rstd, N * H, D, q, op);
+        norm_layernorm_backward_rows<T>(dinp, dkw, dkb, dout, inp, kw, mean + NH, rstd + NH, N * G, D, k, op);
+    } else {
+        norm_rmsnorm_backward_rows<T>(dinp, dqw, dout, inp, qw, rstd, N * H, D, q, op);
+        norm_rmsnorm_backward_rows<T>(dinp, dkw, dout, inp, kw, rstd + NH, N * G, D, k, op);
+    }
 }
 
 void cuda_norm_ops(lt_ops *f32, lt_ops *bf16) {
@@ -305,4 +405,6 @@ void cuda_norm_ops(lt_ops *f32, lt_ops *bf16) {
     CUDA_SET_OP(f32, bf16, layernorm_backward, norm_layernorm_backward);
     CUDA_SET_OP(f32, bf16, rmsnorm_forward, norm_rmsnorm_forward);
     CUDA_SET_OP(f32, bf16, rmsnorm_backward, norm_rmsnorm_backward);
+    CUDA_SET_OP(f32, bf16, qk_norm_forward, norm_qk_forward);
+    CUDA_SET_OP(f32, bf16, qk_norm_backward, norm_qk_backward);
 }

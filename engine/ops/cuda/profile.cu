@@ -42,7 +42,7 @@
     X(embedding_forward) X(embedding_backward) X(position_embedding_forward) X(position_embedding_backward) \
     X(layernorm_forward) X(layernorm_backward) X(rmsnorm_forward) X(rmsnorm_backward) X(linear_forward)     \
     X(linear_backward) X(linear_gelu_forward) X(linear_dgelu_backward) X(attention_forward)                   \
-    X(attention_backward) X(rope_forward) X(rope_backward)                                                     \
+    X(attention_backward) X(rope_forward) X(rope_backward) X(qk_norm_forward) X(qk_norm_backward)             \
     X(gelu_forward) X(gelu_backward) X(swiglu_forward) X(swiglu_backward) X(add_forward) X(dropout_forward) \
     X(dropout_backward) X(cross_entropy_forward) X(cross_entropy_backward)
 /* The backend's own functions that issue device work. */
@@ -257,6 +257,11 @@ PROF_COST(attention_backward, 5 * ARG(5) * ARG(7) * ARG(6) * ARG(6) * ARG(9), 0)
 /* (qkv, B, T, H, G, D, base): the query and key heads read and written */
 PROF_COST(rope_forward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5))
 PROF_COST(rope_backward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5))
+/* (out, mean, rstd, inp, qw, qb, kw, kb, N, H, G, D, eps): qkv read and written, statistics of N (H + G) rows */
+PROF_COST(qk_norm_forward, 0, 2 * es * ARG(8) * (ARG(9) + 2 * ARG(10)) * ARG(11) + 8 * ARG(8) * (ARG(9) + ARG(10)))
+/* (dinp, dqw, dqb, dkw, dkb, dout, inp, qw, kw, mean, rstd, N, H, G, D): dout, inp read, dinp written and read */
+PROF_COST(qk_norm_backward, 0,
+          4 * es * ARG(11) * (ARG(12) + 2 * ARG(13)) * ARG(14) + 8 * ARG(11) * (ARG(12) + ARG(13)))
 /* (out, inp, n) */
 PROF_COST(gelu_forward, 0, 2 * es * ARG(2))
 /* (dinp, dout, inp, n): dinp written, not read */

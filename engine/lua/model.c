@@ -79,7 +79,6 @@ static int l_gpt_new(lua_State *L) {
     c.add_bias_linear = field_bool(L, 1, "add_bias_linear", 1);
     c.add_qkv_bias = field_bool(L, 1, "add_qkv_bias", 0);
     c.layernorm_zero_centered_gamma = field_bool(L, 1, "layernorm_zero_centered_gamma", 0);
-    c.apply_residual_connection_post_layernorm = field_bool(L, 1, "apply_residual_connection_post_layernorm", 0);
     c.qk_layernorm = field_bool(L, 1, "qk_layernorm", 0);
     c.init_method_std = (float)field_num(L, 1, "init_method_std", 0.02);
     c.hidden_dropout = (float)field_num(L, 1, "hidden_dropout", 0);

@@ -465,10 +465,6 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
     const layer_weights w = weights_of(m, l);
     layer_acts *s = &c->acts[l];
 
-    /* The residuals around attention and the MLP: their inputs, or their norms' outputs (BERT's order). */
-    const int post = cfg->apply_residual_connection_post_layernorm;
-    const void *res_att = post ? s->ln1 : x, *res_mlp = post ? s->ln2 : s->res1;
-
     norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
     if (cfg->qk_layernorm) { /* per-head norms between linear_qkv and the rotary embedding */
         ops->linear_forward(s->qkv_pre, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
@@ -480,13 +476,13 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
     if (cfg->rope) ops->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
     ops->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
                            dropout_key(c->dropout_seed, l, "attention"));
-    /* res1 = res_att + dropout(proj(att)): without dropout the GEMM adds the residual itself */
+    /* res1 = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
     const int drop = cfg->hidden_dropout > 0;
-    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, drop ? NULL : res_att, N, H * D, C);
+    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, drop ? NULL : x, N, H * D, C);
     if (drop) {
         ops->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
                              dropout_key(c->dropout_seed, l, "attention_out"), 0);
-        ops->add_forward(s->res1, s->res1, res_att, (int64_t)N * C);
+        ops->add_forward(s->res1, s->res1, x, (int64_t)N * C);
     }
 
     norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
@@ -497,11 +493,11 @@ static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, 
         if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
         else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
     }
-    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : res_mlp, N, cfg->ffn_hidden_size, C);
+    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : s->res1, N, cfg->ffn_hidden_size, C);
     if (drop) {
         ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout, dropout_key(c->dropout_seed, l, "mlp_out"),
                              0);
-        ops->add_forward(out, out, res_mlp, (int64_t)N * C);
+        ops->add_forward(out, out, s->res1, (int64_t)N * C);
     }
 }
 
@@ -594,13 +590,6 @@ typedef struct {
     void *base;
 } scratch;
 
-/* apply_residual_connection_post_layernorm: the residual's gradient dres joins the norm output's dnorm
- * (dnorm += dres), and the norm's input gradient replaces it (norm_backward accumulates onto dres = 0). */
-static void residual_into_norm_output(const lt_gpt *m, void *dnorm, void *dres, size_t n) {
-    m->ops->add_forward(dnorm, dnorm, dres, (int64_t)n);
-    m->be->memzero(dres, m->E * n);
-}
-
 static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *dx, scratch *s) {
     const lt_gpt_config *cfg = &m->cfg;
     const lt_ops *ops = m->ops;
@@ -610,9 +599,8 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
     const layer_weights w = weights_of(m, l);
     const layer_grads g = grads_of(m, l);
     const layer_acts *a = &c->acts[l];
-    const int post = cfg->apply_residual_connection_post_layernorm;
 
-    /* out = res_mlp + dropout(fc2(act)): dx flows to res_mlp unchanged; d(fc2 out) is dx through the mask. */
+    /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
     const void *d_fc2 = dx;
     if (cfg->hidden_dropout > 0) {
         ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
@@ -627,10 +615,9 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
         else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
     }
     ops->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
-    if (post) residual_into_norm_output(m, s->d_c2, dx, NC);
     norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
 
-    /* res1 = res_att + dropout(proj(att)). */
+    /* res1 = x + dropout(proj(att)). */
     const void *d_proj = dx;
     if (cfg->hidden_dropout > 0) {
         ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
@@ -648,7 +635,6 @@ static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void 
         d_qkv = s->d_fc1;
     }
     ops->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
-    if (post) residual_into_norm_output(m, s->d_c2, dx, NC);
     norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
 }
 

@@ -31,9 +31,6 @@ typedef struct {
     int add_qkv_bias; /* linear_qkv has a bias even without add_bias_linear (no other linear gets one) */
     int layernorm_zero_centered_gamma; /* norm weights are stored as gamma - 1 (initialised to 0): every norm
                                           scales by 1 + weight (Megatron's apply_layernorm_1p) */
-    int apply_residual_connection_post_layernorm; /* the residuals around attention and the MLP start from
-                                                     the outputs of input_layernorm and pre_mlp_layernorm
-                                                     (BERT's order) instead of their inputs */
     int qk_layernorm; /* norms (of the model's kind) over each query and key head after linear_qkv, before
                          the rotary embedding: self_attention.q_layernorm / k_layernorm, kv_channels wide */
     float init_method_std;

@@ -37,7 +37,6 @@ function M.engine_config(provider, seed, flat_multiple, local_rank)
     add_bias_linear = provider.add_bias_linear,
     add_qkv_bias = provider.add_qkv_bias or false,
     layernorm_zero_centered_gamma = provider.layernorm_zero_centered_gamma or false,
-    apply_residual_connection_post_layernorm = provider.apply_residual_connection_post_layernorm or false,
     qk_layernorm = provider.qk_layernorm or false,
     init_method_std = provider.init_method_std,
     hidden_dropout = provider.hidden_dropout,

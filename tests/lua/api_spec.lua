@@ -326,7 +326,7 @@ describe("lt.build_model", function()
 
   it("follows Megatron's add_qkv_bias, qk_layernorm and zero-centred norm weights", function()
     local flags = { add_bias_linear = false, add_qkv_bias = true, qk_layernorm = true, num_query_groups = 1,
-      layernorm_zero_centered_gamma = true, apply_residual_connection_post_layernorm = true }
+      layernorm_zero_centered_gamma = true }
     local m = lt.build_model(small_provider(flags), 1)
     local biases = {}
     for _, p in ipairs(m:parameters()) do

@@ -623,12 +623,13 @@ describe("luatron.config validation", function()
         .. "gated_linear_unit = false), not activation_func = 'silu' with gated_linear_unit = true")
   end)
 
-  it("refuses zero-centred RMSNorm weights, as Megatron-Core's local layer spec does", function()
-    assert.is_true(validate({ model = { layernorm_zero_centered_gamma = true } }).model.layernorm_zero_centered_gamma)
-    assert_error_contains(function()
-      validate({ model = { layernorm_zero_centered_gamma = true, normalization = "RMSNorm" } })
-    end, "layernorm_zero_centered_gamma = true with normalization = 'RMSNorm' is not supported: zero_centered_gamma "
-      .. "not supported by torch LayerNorm")
+  -- Zero-centred RMSNorm weights as Transformer Engine's RMSNorm computes them (Bridge's default spec;
+  -- Gemma's and Qwen3-Next's providers use them), though Megatron-Core's local spec asserts on them.
+  it("takes zero-centred weights for LayerNorm and RMSNorm", function()
+    for _, norm in ipairs { "LayerNorm", "RMSNorm" } do
+      local r = validate({ model = { layernorm_zero_centered_gamma = true, normalization = norm } })
+      assert.is_true(r.model.layernorm_zero_centered_gamma)
+    end
   end)
 
   describe("mixture of experts", function()

@@ -59,15 +59,14 @@ describe("the CUDA plugin under the CPU emulator", function()
 
   -- openai_gelu: the MLP's tanh GELU through the fused ops (cuBLASLt's GELU epilogues, emulated).
   -- Megatron's layer options: the qkv bias alone, zero-centred norm weights (1 + weight refreshed from
-  -- the weights), residuals after the norms, and per-head q/k norms (LayerNorm with GQA and RoPE;
-  -- RMSNorm).
+  -- the weights), and per-head q/k norms (LayerNorm with GQA and RoPE; RMSNorm).
   local flags = " model.add_bias_linear=false model.add_qkv_bias=true model.layernorm_zero_centered_gamma=true "
-    .. "model.apply_residual_connection_post_layernorm=true model.qk_layernorm=true"
+    .. "model.qk_layernorm=true"
   local gqa_rope = " model.num_attention_heads=4 model.num_query_groups=2 model.position_embedding_type=rope"
-  local rms_qk = " model.normalization=RMSNorm model.qk_layernorm=true model.apply_residual_connection_post_layernorm=true"
+  local rms_qk = " model.normalization=RMSNorm model.qk_layernorm=true model.layernorm_zero_centered_gamma=true"
   for _, case in ipairs { { "fp32", "" }, { "bf16", " model.bf16=true" },
     { "bf16 with openai_gelu", " model.bf16=true model.openai_gelu=true" },
-    { "fp32 with add_qkv_bias, zero-centred gamma, post-layernorm residuals and qk_layernorm", flags .. gqa_rope },
+    { "fp32 with add_qkv_bias, zero-centred gamma and qk_layernorm", flags .. gqa_rope },
     { "bf16 with add_qkv_bias, zero-centred gamma, post-layernorm residuals and qk_layernorm",
       flags .. gqa_rope .. " model.bf16=true" },
     { "fp32 with RMSNorm q/k norms", rms_qk } } do

@@ -9,8 +9,8 @@
  *   6. a few SGD steps overfit one batch;
  *   7. bf16 mixed precision (the CPU reference kernels): close to fp32, fp32 main weights and
  *      gradients, and the bf16 copy follows every change of the main weights;
- *   8. Megatron's add_qkv_bias, layernorm_zero_centered_gamma, apply_residual_connection_post_layernorm
- *      and qk_layernorm: finite differences alone and combined, names and init, and zero-centred gamma g
+ *   8. Megatron's add_qkv_bias, layernorm_zero_centered_gamma and qk_layernorm: finite differences
+ *      alone and combined, names and init, and zero-centred gamma g
  *      computing exactly what ordinary gamma 1 + g computes (outputs and gradients). */
 #include <math.h>
 #include <stdint.h>
@@ -789,22 +789,7 @@ static void test_flag_gradients(void) {
     grad_check("(i) zero-centred gamma, rmsnorm", m, &b, 0);
     lt_gpt_free(m);
 
-    /* (j) post-layernorm residuals, LayerNorm with bias and GELU; then with dropout on both residuals. */
-    c = small_config();
-    c.apply_residual_connection_post_layernorm = 1;
-    c.seed = 104;
-    m = new_model(&c);
-    jitter_norm_weights(m, 3);
-    b = make_batch(2, 8, c.vocab_size, 54, 0);
-    grad_check("(j) post-layernorm residuals", m, &b, 0);
-    lt_gpt_free(m);
-    c.hidden_dropout = 0.2f;
-    c.attention_dropout = 0.1f;
-    m = new_model(&c);
-    grad_check("(k) post-layernorm residuals + dropout", m, &b, 99);
-    lt_gpt_free(m);
-
-    /* (l) qk_layernorm, LayerNorm, GQA (2 query heads per group), RoPE after the norms, bias. */
+    /* (j) qk_layernorm, LayerNorm, GQA (2 query heads per group), RoPE after the norms, bias. */
     c = small_config();
     c.qk_layernorm = c.rope = 1;
     c.num_query_groups = 2;
@@ -813,10 +798,10 @@ static void test_flag_gradients(void) {
     m = new_model(&c);
     jitter_norm_weights(m, 4);
     b = make_batch(2, 7, c.vocab_size, 55, 0);
-    grad_check("(l) qk_layernorm, layernorm, gqa, rope", m, &b, 0);
+    grad_check("(j) qk_layernorm, layernorm, gqa, rope", m, &b, 0);
     lt_gpt_free(m);
 
-    /* (m) qk_layernorm, RMSNorm, one query group for all 4 heads, SwiGLU, no biases. */
+    /* (k) qk_layernorm, RMSNorm, one query group for all 4 heads, SwiGLU, no biases. */
     c = small_config();
     c.qk_layernorm = c.rmsnorm = c.gated_linear_unit = 1;
     c.num_query_groups = 1;
@@ -825,13 +810,13 @@ static void test_flag_gradients(void) {
     m = new_model(&c);
     jitter_norm_weights(m, 5);
     b = make_batch(2, 8, c.vocab_size, 56, 0);
-    grad_check("(m) qk_layernorm, rmsnorm, mqa", m, &b, 0);
+    grad_check("(k) qk_layernorm, rmsnorm, mqa", m, &b, 0);
     lt_gpt_free(m);
 
-    /* (n) all four together, with GQA, RoPE, dropout and ignored targets. */
+    /* (l) all three together, with GQA, RoPE, dropout and ignored targets. */
     c = small_config();
     c.add_bias_linear = 0;
-    c.add_qkv_bias = c.layernorm_zero_centered_gamma = c.apply_residual_connection_post_layernorm = 1;
+    c.add_qkv_bias = c.layernorm_zero_centered_gamma = 1;
     c.qk_layernorm = c.rope = 1;
     c.num_query_groups = 2;
     c.hidden_dropout = 0.1f;
@@ -840,7 +825,7 @@ static void test_flag_gradients(void) {
     m = new_model(&c);
     jitter_norm_weights(m, 6);
     b = make_batch(2, 8, c.vocab_size, 57, 4);
-    grad_check("(n) all four flags, gqa, rope, dropout", m, &b, 7);
+    grad_check("(l) all three flags, gqa, rope, dropout", m, &b, 7);
     lt_gpt_free(m);
 }
 
@@ -911,7 +896,7 @@ static void test_flag_init(void) {
     c.init_method_std = 0.02f;
     lt_gpt *plain = new_model(&c);
     c.add_bias_linear = 0;
-    c.add_qkv_bias = c.layernorm_zero_centered_gamma = c.apply_residual_connection_post_layernorm = 1;
+    c.add_qkv_bias = c.layernorm_zero_centered_gamma = 1;
     c.qk_layernorm = 1;
     lt_gpt *flags = new_model(&c);
     int zeros = 1, nn = 0, nb = 0;

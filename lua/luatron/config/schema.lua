@@ -223,7 +223,8 @@ class("GPTModelProvider", {
     { "add_bias_linear", "bool", true },
     { "add_qkv_bias", "bool", false },
     { "qk_layernorm", "bool", false },
-    { "apply_residual_connection_post_layernorm", "bool", false },
+    { "apply_residual_connection_post_layernorm", "bool", false, inert = "Megatron-Core's TransformerLayer does "
+      .. "not read it (only the legacy Megatron-LM model did): the residuals start from the layer's inputs either way" },
     { "calculate_per_token_loss", "bool", false, inert = "every target token counts (eod_mask_loss is refused), so "
       .. "each microbatch has the same number of tokens and the per-token mean is the per-microbatch mean" },
     -- precision and placement

@@ -273,13 +273,6 @@ function V.validate(c, opts, to_table)
       .. "GELU MLPs (activation_func = 'gelu', gated_linear_unit = false) and SwiGLU MLPs (activation_func = "
       .. "'silu', gated_linear_unit = true)", fmt(af), tostring(glu))
   end
-  -- Megatron-Core's local layer spec builds RMSNorm with torch (WrappedTorchNorm), which asserts this;
-  -- only apex's fused LayerNorm takes zero-centred weights there.
-  if m.layernorm_zero_centered_gamma and m.normalization == "RMSNorm" then
-    fail("layernorm_zero_centered_gamma = true with normalization = 'RMSNorm' is not supported: zero_centered_gamma "
-      .. "not supported by torch LayerNorm (Megatron-Core's local layer spec builds RMSNorm with torch). Use "
-      .. "normalization = 'LayerNorm' or layernorm_zero_centered_gamma = false")
-  end
   if m.openai_gelu and not (af == "gelu" and not glu) then
     fail("openai_gelu = true is GELU's tanh approximation: it needs the GELU MLP (activation_func = 'gelu', "
       .. "gated_linear_unit = false), not activation_func = %s with gated_linear_unit = %s", fmt(af), tostring(glu))

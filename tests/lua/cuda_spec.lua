@@ -69,7 +69,7 @@ describe("the CUDA plugin under the CPU emulator", function()
     { "fp32 with add_qkv_bias, zero-centred gamma and qk_layernorm", flags .. gqa_rope },
     { "bf16 with add_qkv_bias, zero-centred gamma, post-layernorm residuals and qk_layernorm",
       flags .. gqa_rope .. " model.bf16=true" },
-    { "fp32 with RMSNorm q/k norms", rms_qk } } do
+    { "fp32 with RMSNorm q/k norms and zero-centred RMSNorm weights", rms_qk } } do
     local precision, options = case[1], case[2]
     it(("trains a small model in %s with the CPU backend's losses"):format(precision), function()
       local f = io.open(EMULATED)

@@ -741,7 +741,7 @@ static void test_bf16(void) {
     lt_gpt_free(h);
 }
 
-/* ---- 8. add_qkv_bias, zero-centred gamma, post-layernorm residuals, qk_layernorm ---- */
+/* ---- 8. add_qkv_bias, zero-centred gamma, qk_layernorm ---- */
 
 /* Norm weights away from their init (1, or 0 when zero-centred): w += 0.5 * uniform(-1, 1), so the
  * checks see norms that scale. */
@@ -755,65 +755,52 @@ static void jitter_norm_weights(lt_gpt *m, uint64_t key) {
     }
 }
 
+/* One finite-difference case: the model of c (from seed), its norm weights jittered with key (none for
+ * 0), on a [2, T] batch from batch_seed (every ignore_every-th target ignored; 0: none). */
+static void flag_case(const char *name, lt_gpt_config c, uint64_t seed, uint64_t key, int T, uint64_t batch_seed,
+                      int ignore_every, uint64_t dropout_seed) {
+    c.seed = seed;
+    lt_gpt *m = new_model(&c);
+    if (key) jitter_norm_weights(m, key);
+    batch b = make_batch(2, T, c.vocab_size, batch_seed, ignore_every);
+    grad_check(name, m, &b, dropout_seed);
+    lt_gpt_free(m);
+}
+
 static void test_flag_gradients(void) {
-    /* (g) add_qkv_bias without add_bias_linear: RMSNorm/SwiGLU/RoPE, the one bias per layer learns. */
+    /* add_qkv_bias without add_bias_linear: RMSNorm/SwiGLU/RoPE, the one bias per layer learns. */
     lt_gpt_config c = small_config();
     c.rmsnorm = c.gated_linear_unit = c.rope = 1;
     c.add_bias_linear = 0;
     c.add_qkv_bias = 1;
-    c.seed = 101;
-    lt_gpt *m = new_model(&c);
-    batch b = make_batch(2, 8, c.vocab_size, 51, 0);
-    grad_check("(g) add_qkv_bias, no add_bias_linear", m, &b, 0);
-    lt_gpt_free(m);
+    flag_case("(g) add_qkv_bias, no add_bias_linear", c, 101, 0, 8, 51, 0, 0);
 
-    /* (h) zero-centred gamma, LayerNorm with bias, learned positions; gamma jittered away from 0. */
+    /* zero-centred gamma, LayerNorm with bias, learned positions; gamma jittered away from 0 */
     c = small_config();
     c.layernorm_zero_centered_gamma = 1;
-    c.seed = 102;
-    m = new_model(&c);
-    jitter_norm_weights(m, 1);
-    b = make_batch(2, 8, c.vocab_size, 52, 0);
-    grad_check("(h) zero-centred gamma, layernorm", m, &b, 0);
-    lt_gpt_free(m);
+    flag_case("(h) zero-centred gamma, layernorm", c, 102, 1, 8, 52, 0, 0);
 
-    /* (i) zero-centred gamma with RMSNorm (the engine has it; Megatron's local spec refuses it, and so
-     * does luatron's config). */
+    /* zero-centred gamma with RMSNorm (as Transformer Engine's RMSNorm), untied output */
     c = small_config();
     c.layernorm_zero_centered_gamma = c.rmsnorm = c.gated_linear_unit = c.rope = 1;
     c.share_embeddings_and_output_weights = 0;
-    c.seed = 103;
-    m = new_model(&c);
-    jitter_norm_weights(m, 2);
-    b = make_batch(2, 8, c.vocab_size, 53, 0);
-    grad_check("(i) zero-centred gamma, rmsnorm", m, &b, 0);
-    lt_gpt_free(m);
+    flag_case("(i) zero-centred gamma, rmsnorm", c, 103, 2, 8, 53, 0, 0);
 
-    /* (j) qk_layernorm, LayerNorm, GQA (2 query heads per group), RoPE after the norms, bias. */
+    /* qk_layernorm, LayerNorm, GQA (2 query heads per group), RoPE after the norms, bias */
     c = small_config();
     c.qk_layernorm = c.rope = 1;
     c.num_query_groups = 2;
     c.kv_channels = 6;
-    c.seed = 105;
-    m = new_model(&c);
-    jitter_norm_weights(m, 4);
-    b = make_batch(2, 7, c.vocab_size, 55, 0);
-    grad_check("(j) qk_layernorm, layernorm, gqa, rope", m, &b, 0);
-    lt_gpt_free(m);
+    flag_case("(j) qk_layernorm, layernorm, gqa, rope", c, 105, 4, 7, 55, 0, 0);
 
-    /* (k) qk_layernorm, RMSNorm, one query group for all 4 heads, SwiGLU, no biases. */
+    /* qk_layernorm, RMSNorm, one query group for all 4 heads, SwiGLU, no biases */
     c = small_config();
     c.qk_layernorm = c.rmsnorm = c.gated_linear_unit = 1;
     c.num_query_groups = 1;
     c.add_bias_linear = 0;
-    c.seed = 106;
-    m = new_model(&c);
-    jitter_norm_weights(m, 5);
-    b = make_batch(2, 8, c.vocab_size, 56, 0);
-    grad_check("(k) qk_layernorm, rmsnorm, mqa", m, &b, 0);
-    lt_gpt_free(m);
+    flag_case("(k) qk_layernorm, rmsnorm, mqa", c, 106, 5, 8, 56, 0, 0);
 
-    /* (l) all three together, with GQA, RoPE, dropout and ignored targets. */
+    /* all three together, with GQA, RoPE, dropout and ignored targets */
     c = small_config();
     c.add_bias_linear = 0;
     c.add_qkv_bias = c.layernorm_zero_centered_gamma = 1;
@@ -821,12 +808,7 @@ static void test_flag_gradients(void) {
     c.num_query_groups = 2;
     c.hidden_dropout = 0.1f;
     c.attention_dropout = 0.1f;
-    c.seed = 107;
-    m = new_model(&c);
-    jitter_norm_weights(m, 6);
-    b = make_batch(2, 8, c.vocab_size, 57, 4);
-    grad_check("(l) all three flags, gqa, rope, dropout", m, &b, 7);
-    lt_gpt_free(m);
+    flag_case("(l) all three flags, gqa, rope, dropout", c, 107, 6, 8, 57, 4, 7);
 }
 
 /* Zero-centred gamma g and ordinary gamma 1 + g are the same function: the same logits and loss, and

@@ -182,6 +182,28 @@ static void on_marker(int r, int more) {
     repl_prompt();
 }
 
+/* Whether another rank already reported this error line ("luatron: ..."). Every rank validates the
+ * same config, so a config error would otherwise print once per rank; the first one is enough. */
+#define MAX_ERRORS 32
+static struct {
+    char *text;
+    size_t n;
+    int rank;
+} errors_seen[MAX_ERRORS];
+static int nerrors_seen;
+
+static int error_seen_before(int r, const char *s, size_t n) {
+    if (n < 9 || memcmp(s, "luatron: ", 9) != 0) return 0;
+    for (int i = 0; i < nerrors_seen; i++)
+        if (errors_seen[i].n == n && memcmp(errors_seen[i].text, s, n) == 0) return errors_seen[i].rank != r;
+    if (nerrors_seen < MAX_ERRORS && (errors_seen[nerrors_seen].text = malloc(n))) {
+        memcpy(errors_seen[nerrors_seen].text, s, n);
+        errors_seen[nerrors_seen].n = n;
+        errors_seen[nerrors_seen++].rank = r;
+    }
+    return 0;
+}
+
 /* A complete line (without its newline) from rank r's stdout (which = 0) or stderr (1). */
 static void on_line(int r, int which, const char *s, size_t n) {
     if (repl_mode && which == 0 && n >= mark_len + 4) {
@@ -196,6 +218,7 @@ static void on_line(int r, int which, const char *s, size_t n) {
             }
         }
     }
+    if (which == 1 && !repl_mode && error_seen_before(r, s, n)) return;
     emit(r, which == 0 || repl_mode ? STDOUT_FILENO : STDERR_FILENO, s, n);
 }
 

@@ -146,6 +146,17 @@ wait $pid; rc=$?
     assert.is_nil(out:find("__", 1, true), out)
   end)
 
+  it("prints an error every rank raises alike (a config error) once", function()
+    local out, rc = launch([[-n 3 "$d/bad.lua"]], { ["bad.lua"] = [[
+local lt = require "luatron"
+lt.pretrain(lt.ConfigContainer { model = { num_layers = 2, hidden_size = 32, num_attention_heads = 2 },
+  train = { train_iters = 1, micro_batch_size = 1 }, optimizer = { lr = -1 } })
+]] })
+    assert.are_not.equal(0, rc, out)
+    local _, n = out:gsub("OptimizerConfig.lr = %-1: must be a non%-negative number", "")
+    assert.are.equal(1, n, out)
+  end)
+
   it("reports a rank killed by a signal promptly and stops the others", function()
     local out, rc = launch([[-n 3 "$d/block.lua" "$d" -1]], { ["block.lua"] = BLOCKING },
       [[for r in 0 1 2; do waitfile "$d/pid$r" || echo "__never_started"; done

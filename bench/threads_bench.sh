@@ -6,7 +6,7 @@
 # file; a run past the cap is stopped and its steps so far still count) and appends it to
 # bench/results.md.
 #   bench/threads_bench.sh [reps] [iters] [cap_s]   (default 2 20 45: about five minutes)
-# BENCH_NO_APPEND=1: print only; LUATRON_NO_BUILD=1: use bazel-bin/luatron as it is.
+# BENCH_NO_APPEND=1: print only; LUATRON_NO_BUILD=1: no build; LUATRON_BIN: the binary to time.
 # "nothing set" is what `luatron` does by itself; GOMP_SPINCOUNT=300000 is libgomp's own default
 # (spin about 3 ms, then sleep), which is what "nothing set" meant before issue 10.
 set -euo pipefail
@@ -14,6 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 reps=${1:-2} iters=${2:-20} cap=${3:-45}
 settings=("" "GOMP_SPINCOUNT=300000" "OMP_WAIT_POLICY=passive" "GOMP_SPINCOUNT=10000" "GOMP_SPINCOUNT=1000")
 [ -n "${LUATRON_NO_BUILD:-}" ] || bazel build --noshow_progress //:luatron >/dev/null 2>&1
+bin=${LUATRON_BIN:-bazel-bin/luatron}
 out=$(mktemp -d)
 hogs=()
 trap 'kill "${hogs[@]}" 2>/dev/null || true; rm -rf "$out"' EXIT
@@ -25,7 +26,7 @@ run() {
   for i in "${!settings[@]}"; do
     env=(env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT ${settings[$i]})
     local f="$out/$1.$i.$2" t0=$(date +%s.%N)
-    timeout "$cap" "${env[@]}" bazel-bin/luatron run recipes/gpt_tiny.lua $args \
+    timeout "$cap" "${env[@]}" "$bin" run recipes/gpt_tiny.lua $args \
       logger.metrics_file="$f.jsonl" >"$f.log" 2>&1 || {
       [ $? = 124 ] || { cat "$f.log" >&2; exit 1; }
       touch "$f.capped"
@@ -72,6 +73,7 @@ echo "$table"
   echo
   echo "- CPU: $cpu ($(nproc) CPUs); load average (1 min) before the quiet runs $load_quiet, before the loaded ones $load_busy"
   echo "- commit: $commit"
+  echo "- binary: $bin"
   echo "- command: \`bench/threads_bench.sh $reps $iters $cap\` (recipes/gpt_tiny.lua, $iters iterations, $reps runs per cell;"
   echo "  loaded = one \`yes > /dev/null\` per core beside it; s = whole command, median; ms/step = median over the runs' steps)"
   echo

@@ -9,6 +9,7 @@
 
 #include "engine/cli/launch.h"
 #include "engine/cli/repl.h"
+#include "engine/cli/threads.h"
 #include "engine/data/preprocess.h"
 #include "engine/lua/bindings.h"
 
@@ -39,7 +40,12 @@ static const char *usage =
     "\n"
     "environment:\n"
     "  LUATRON_LUA_DIR     load the Lua library from this folder instead of the embedded copy\n"
-    "  OMP_NUM_THREADS     threads for the CPU kernels\n"
+    "  OMP_NUM_THREADS     threads for the CPU kernels (default: the cores; with several ranks\n"
+    "                      on this machine, cores / ranks, as torchrun)\n"
+    "  GOMP_SPINCOUNT      how long an idle CPU thread spins before it sleeps. Unless this or\n"
+    "                      OMP_WAIT_POLICY is set, luatron sets " LT_SPINCOUNT " (~30 us): libgomp's default\n"
+    "                      (300000) made runs beside other busy processes 5x slower\n"
+    "  OMP_WAIT_POLICY     passive: never spin; active: always spin\n"
     "  LUATRON_TRACEBACK   1: print the Lua stack with every error (else only with errors inside luatron)\n"
     "  LUATRON_CUDA_PLUGIN the CUDA backend to load for device \"cuda\" (default: luatron_cuda.so beside luatron)\n"
     "  LUATRON_CUDA_DEVICE which GPU device \"cuda\" uses (default 0)\n"
@@ -143,6 +149,7 @@ static int run_repl(void) {
 }
 
 int main(int argc, char **argv) {
+    lt_threads_setup(argv); /* may start the program again, with OpenMP's variables set */
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         fputs(usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

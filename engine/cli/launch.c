@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "engine/cli/repl.h"
+#include "engine/cli/threads.h"
 
 extern char **environ;
 
@@ -53,7 +54,8 @@ static const char *launch_usage =
     "\n"
     "When a rank exits non-zero or is killed, the others are stopped (SIGTERM, then SIGKILL\n"
     "after 3 s) and the launcher exits with status 1. Ctrl-C is passed to every rank; a\n"
-    "second one stops them. Unless set, OMP_NUM_THREADS is cores / N for every rank.\n"
+    "second one stops them. Unless set, OMP_NUM_THREADS is cores / N for every rank\n"
+    "(at most the CPUs the launcher may use), and OMP_WAIT_POLICY is passive (luatron --help).\n"
     "Under mpirun or srun --mpi=pmix, use `luatron run FILE` directly: ranks come from PMIx.\n"
     "\n"
     "examples:\n"
@@ -627,9 +629,7 @@ int lt_launch_main(int argc, char **argv, const char *self_exe) {
     const char *omp = NULL;
     new_job_id(job, sizeof job);
     if (!getenv("OMP_NUM_THREADS")) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        long per = cores > 0 ? cores / n : 1;
-        snprintf(omp_buf, sizeof omp_buf, "%ld", per < 1 ? 1 : per);
+        snprintf(omp_buf, sizeof omp_buf, "%d", lt_threads_per_rank(n));
         omp = omp_buf;
     }
     if (repl_mode) {

@@ -6,7 +6,7 @@
  * its SPMD mode, see repl.h) with LUATRON_RANK, LUATRON_WORLD_SIZE, LUATRON_LOCAL_RANK,
  * LUATRON_LOCAL_WORLD_SIZE and LUATRON_JOB_ID in its environment (read back by lt_bootstrap,
  * engine/comm/bootstrap.h), LUATRON_COMM_TIMEOUT from --timeout, and OMP_NUM_THREADS =
- * max(1, cores / N) unless it is already set.
+ * lt_threads_per_rank(N) (engine/cli/threads.h) unless it is already set.
  *
  * Output: each line a rank writes on stdout (stderr) appears on the launcher's stdout (stderr)
  * as "[rank R] line", written whole (lines of different ranks never mix).

@@ -66,6 +66,35 @@ describe("luatron command", function()
 
 end)
 
+describe("OpenMP settings (engine/cli/threads.h)", function()
+  -- What a recipe sees of GOMP_SPINCOUNT, OMP_WAIT_POLICY and OMP_NUM_THREADS when luatron starts
+  -- with the given environment (the three cleared first).
+  local function seen(env)
+    local dir = tmpdir()
+    write(dir .. "/env.lua", 'for _, k in ipairs { "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS" } do '
+      .. 'io.write(k, "=", tostring(os.getenv(k)), " ") end\n')
+    local code, out = h.run(("env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY -u OMP_NUM_THREADS %s %s run %s")
+      :format(env, q(h.luatron_bin()), q(dir .. "/env.lua")))
+    assert.are.equal(0, code, out)
+    return out
+  end
+
+  it("spins briefly unless the user chose how OpenMP threads wait", function()
+    assert.truthy(seen(""):find("GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=nil OMP_NUM_THREADS=nil", 1, true))
+    assert.truthy(seen("OMP_WAIT_POLICY=active"):find("GOMP_SPINCOUNT=nil OMP_WAIT_POLICY=active", 1, true))
+    assert.truthy(seen("GOMP_SPINCOUNT=5"):find("GOMP_SPINCOUNT=5 OMP_WAIT_POLICY=nil", 1, true))
+  end)
+
+  it("shares the cores among the ranks of this machine unless OMP_NUM_THREADS is set", function()
+    local p = io.popen("getconf _NPROCESSORS_ONLN; env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc")
+    local online, allowed = p:read("n", "n")
+    p:close()
+    local want = math.max(1, math.min(online // 2, allowed)) -- cores / ranks, at most the CPUs allowed
+    assert.truthy(seen("OMPI_COMM_WORLD_LOCAL_SIZE=2"):find("OMP_NUM_THREADS=" .. want .. " ", 1, true))
+    assert.truthy(seen("MPI_LOCALNRANKS=2 OMP_NUM_THREADS=3"):find("OMP_NUM_THREADS=3 ", 1, true))
+  end)
+end)
+
 describe("bad input", function()
   it("names an unknown config field, suggests the nearest one and points at the recipe line", function()
     local dir = tmpdir()

@@ -94,9 +94,8 @@ function M:step(r)
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
-    rec.grad_norm,
-    rec.params_norm and (" | params norm %.3f"):format(rec.params_norm) or "", rec.tokens_per_s, rec.step_time_ms, rec.peak_memory_mib, self.device == "cpu" and "" or " on " .. self.device,
-    rec.rss_peak_mib)
+    rec.grad_norm, rec.params_norm and (" | params norm %.3f"):format(rec.params_norm) or "", rec.tokens_per_s,
+    rec.step_time_ms, rec.peak_memory_mib, self.device == "cpu" and "" or " on " .. self.device, rec.rss_peak_mib)
   if r.comm_bytes then
     self:info("  data-parallel traffic %.3f MB/step (ring formula %.3f MB, measured/expected %.4f), %.1f ms/step in "
       .. "collectives", rec.comm_bytes_per_step / 1e6, r.comm_expected / 1e6,

@@ -246,7 +246,8 @@ end
 -- use_checkpoint_opt_param_scheduler (the checkpoint's win).
 -- (Megatron's names for them; its steps count samples.)
 local CHECKED = { { "max_lr", "learning rate" }, { "min_lr", "minimum learning rate" },
-  { "lr_warmup_steps", "warmup iterations (in samples)" }, { "lr_decay_steps", "total number of iterations (in samples)" },
+  { "lr_warmup_steps", "warmup iterations (in samples)" },
+  { "lr_decay_steps", "total number of iterations (in samples)" },
   { "lr_decay_style", "learning rate decay style" }, { "start_wd", "start weight decay" },
   { "end_wd", "end weight decay" }, { "wd_incr_steps", "total number of weight decay iterations (in samples)" },
   { "wd_incr_style", "weight decay incr style" } }

@@ -19,7 +19,8 @@ local STEPS = 20
 local function recipe_args(dir, name, extra)
   return ("recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=16 train.micro_batch_size=4 "
     .. "model.num_layers=2 model.hidden_size=64 model.hidden_dropout=0.1 model.attention_dropout=0.1 "
-    .. "train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 logger.metrics_file=%s %s")
+    .. "train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 "
+    .. "logger.metrics_file=%s %s")
     :format(STEPS, q(dir .. "/" .. name .. ".jsonl"), extra or "")
 end
 

@@ -11,7 +11,8 @@ local q, tmpdir, read_metrics, luatron = h.q, h.tmpdir, h.read_metrics, h.luatro
 -- A small, fast version of the tiny recipe, its metrics in dir; warmup 2 of 8 iterations.
 local function run(dir, extra)
   return luatron(("run recipes/gpt_tiny.lua model.num_layers=2 model.hidden_size=64 train.train_iters=8 "
-    .. "train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 logger.metrics_file=%s %s")
+    .. "train.eval_interval=1000 logger.log_interval=1 scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 "
+    .. "logger.metrics_file=%s %s")
     :format(q(dir .. "/metrics.jsonl"), extra or ""))
 end
 

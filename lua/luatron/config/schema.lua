@@ -457,7 +457,8 @@ class("TokenizerConfig", {
         .. "luatron cannot download" },
       "ByteLevel", into = "vocab_size" }, -- validate: the vocabulary the embedding is padded from
     { "vocab_size", "posint", nil },
-    { "tokenizer_model", "path", nil, refuse = "only the byte-level tokenizer is available, and it takes no model file" },
+    { "tokenizer_model", "path", nil,
+      refuse = "only the byte-level tokenizer is available, and it takes no model file" },
   },
   unsupported = {
     vocab_file = "only the byte-level tokenizer is available (it needs no vocabulary file)",
@@ -485,7 +486,8 @@ class("CheckpointConfig", {
     { "async_save", "bool", false, refuse = "checkpoints are saved synchronously (to a temporary name, then renamed "
       .. "into place)" },
     { "fully_parallel_save", "bool", true, inert = "it spreads the writing over ranks; the files hold the same values" },
-    { "fully_parallel_load", "bool", false, inert = "it spreads the reading over ranks; the loaded values are the same" },
+    { "fully_parallel_load", "bool", false,
+      inert = "it spreads the reading over ranks; the loaded values are the same" },
   },
 })
 

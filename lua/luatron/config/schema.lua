@@ -406,7 +406,7 @@ class("GPTDatasetConfig", {
     { "create_attention_mask", "bool", true, inert = "the attention kernels apply the causal mask themselves" },
     { "add_extra_token_to_sequence", "bool", true,
       refuse = "samples always hold seq_length + 1 tokens (inputs and shifted targets)" },
-    { "dataloader_type", enum("single", "cyclic"), nil, refuse = "only the 'single' sampler is implemented" },
+    { "dataloader_type", enum("single", "cyclic"), "single", refuse = "only the 'single' sampler is implemented" },
     { "path_to_cache", "path", nil, inert = "luatron builds the sample index in memory; the samples are the same" },
     { "mmap_bin_files", "bool", true, inert = "it selects how the .bin file is read; the samples are the same" },
     { "num_workers", "nonnegint", 2, inert = "samples are read on demand in C, without worker processes" },

@@ -423,7 +423,6 @@ function V.validate(c, opts, to_table)
   r.mock = d.mock
   r.split_vector = V.parse_split(d.split)
   if d.random_seed == nil then d.random_seed = rng.seed end
-  d.dataloader_type = d.dataloader_type or "single"
 
   -- training loop and batch sizes ------------------------------------------------------------------
   if t.micro_batch_size == nil then

@@ -458,11 +458,11 @@ class("TokenizerConfig", {
       "ByteLevel", into = "vocab_size" }, -- validate: the vocabulary the embedding is padded from
     { "vocab_size", "posint", nil },
     { "tokenizer_model", "path", nil,
-      refuse = "only the byte-level tokenizer is available, and it takes no model file" },
+      refuse = "only ByteLevel and NullTokenizer are available, and they take no model file" },
   },
   unsupported = {
-    vocab_file = "only the byte-level tokenizer is available (it needs no vocabulary file)",
-    merge_file = "only the byte-level tokenizer is available (it needs no merge file)",
+    vocab_file = "only ByteLevel and NullTokenizer are available, and they need no vocabulary file",
+    merge_file = "only ByteLevel and NullTokenizer are available, and they need no merge file",
   },
 })
 

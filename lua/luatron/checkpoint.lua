@@ -14,13 +14,13 @@
 local core = require "luatron.core"
 local json = require "luatron.json"
 local data_parallel = require "luatron.data_parallel"
+local fs = require "luatron.fs"
 
 local M = {}
 
 local SINGLE = { rank = 0, dp_rank = 0, dp_size = 1, barrier = function() end }
 
 local function iter_dir(root, iteration) return ("%s/iter_%07d"):format(root, iteration) end
-local function quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
 local function write_file(path, text)
   local tmp = path .. ".tmp"
@@ -30,19 +30,6 @@ local function write_file(path, text)
   assert(os.rename(tmp, path))
 end
 
-local function exists(path)
-  local f = io.open(path, "r")
-  if f then f:close() end
-  return f ~= nil
-end
-
-local function read_file(path)
-  local f = io.open(path, "r")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
 
 local function model_tensors(model)
   local t = {}
@@ -61,7 +48,7 @@ local function shard_file(dir, dp_rank) return ("%s/optimizer_shard_%d.safetenso
 -- The iterations of root's checkpoint folders, ascending.
 function M.iterations(root)
   local its = {}
-  local p = io.popen("ls -1 " .. quote(root) .. " 2>/dev/null")
+  local p = io.popen("ls -1 " .. fs.quote(root) .. " 2>/dev/null")
   for name in p:lines() do
     local it = name:match("^iter_(%d+)$")
     if it then its[#its + 1] = tonumber(it) end
@@ -74,7 +61,7 @@ end
 -- Checkpoint.most_recent_k: keep the newest k folders of root.
 function M.remove_old(root, keep)
   local its = M.iterations(root)
-  for i = 1, #its - keep do os.execute("rm -rf " .. quote(iter_dir(root, its[i]))) end
+  for i = 1, #its - keep do os.execute("rm -rf " .. fs.quote(iter_dir(root, its[i]))) end
 end
 
 -- Saves iteration state.iteration under root; returns the folder. `optimizer` is a
@@ -85,7 +72,7 @@ function M.save(root, model, optimizer, state, config_table, ranks)
   local final = iter_dir(root, state.iteration)
   local tmp = final .. ".tmp"
   if ranks.rank == 0 then
-    os.execute("rm -rf " .. quote(tmp) .. " && mkdir -p " .. quote(tmp))
+    os.execute("rm -rf " .. fs.quote(tmp) .. " && mkdir -p " .. fs.quote(tmp))
   end
   ranks.barrier()
   local meta = { format = "luatron", iteration = tostring(state.iteration) }
@@ -108,7 +95,7 @@ function M.save(root, model, optimizer, state, config_table, ranks)
   end
   ranks.barrier()
   if ranks.rank == 0 then
-    os.execute("rm -rf " .. quote(final))
+    os.execute("rm -rf " .. fs.quote(final))
     assert(os.rename(tmp, final), "cannot move " .. tmp .. " into place")
     write_file(root .. "/latest_checkpointed_iteration.txt", tostring(state.iteration) .. "\n")
   end
@@ -118,7 +105,7 @@ end
 
 -- The iteration recorded in root's tracker file, or nil when root holds no checkpoint.
 function M.latest_iteration(root)
-  local s = read_file(root .. "/latest_checkpointed_iteration.txt")
+  local s = fs.read(root .. "/latest_checkpointed_iteration.txt")
   if not s then return nil end
   local it = tonumber(s:match("^%s*(%d+)%s*$"))
   if not it then
@@ -160,11 +147,12 @@ function M.load(root, model, optimizer, ranks, opts)
   local iteration = opts.iteration or M.latest_iteration(root)
   if not iteration then return nil end
   local dir = iter_dir(root, iteration)
-  if opts.iteration and not read_file(dir .. "/state.json") then
+  local state_text = fs.read(dir .. "/state.json")
+  if not state_text and opts.iteration then
+    local its = M.iterations(root)
     error(("checkpoint.ckpt_step = %d: %s holds no checkpoint of that iteration (it has %s)"):format(iteration,
-      root, #M.iterations(root) > 0 and table.concat(M.iterations(root), ", ") or "none"), 0)
+      root, #its > 0 and table.concat(its, ", ") or "none"), 0)
   end
-  local state_text = read_file(dir .. "/state.json")
   if not state_text then error(("checkpoint %s has no state.json"):format(dir), 0) end
   local ok, state = pcall(json.decode, state_text)
   if not ok then error(("checkpoint %s/state.json is corrupt: %s"):format(dir, state), 0) end
@@ -177,7 +165,7 @@ function M.load(root, model, optimizer, ranks, opts)
     local sharded
     opt_dst, sharded = optimizer_state(model, optimizer)
     local file = sharded and shard_file(dir, ranks.dp_rank) or dir .. "/optimizer.safetensors"
-    local has_shards, has_full = exists(shard_file(dir, 0)), exists(dir .. "/optimizer.safetensors")
+    local has_shards, has_full = fs.exists(shard_file(dir, 0)), fs.exists(dir .. "/optimizer.safetensors")
     if not has_shards and not has_full then
       error(("checkpoint %s holds no optimizer state (saved with checkpoint.save_optim = false): set "
         .. "checkpoint.load_optim = false or checkpoint.finetune = true to load the model only"):format(dir), 0)
@@ -187,7 +175,7 @@ function M.load(root, model, optimizer, ranks, opts)
         .. "this run uses DDP. Resume with ddp.use_distributed_optimizer = true on the same data-parallel size, or "
         .. "set checkpoint.load_optim = false to load the model only"):format(dir), 0)
     end
-    if sharded and not exists(file) then
+    if sharded and not fs.exists(file) then
       error(("checkpoint %s has no %s: it was not saved with the distributed optimizer at data-parallel size %d. "
         .. "Resume with the layout it was saved with"):format(dir, file:match("[^/]+$"), ranks.dp_size), 0)
     end

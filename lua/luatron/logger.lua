@@ -3,6 +3,7 @@
 -- a terminal, and the same figures as JSON lines for plotting.
 local core = require "luatron.core"
 local json = require "luatron.json"
+local fs = require "luatron.fs"
 
 local M = {}
 M.__index = M
@@ -14,7 +15,6 @@ local function loss_text(x)
   if x ~= x or math.abs(x) >= 1e5 or (x ~= 0 and math.abs(x) < 1e-3) then return ("%.4e"):format(x) end
   return ("%.4f"):format(x)
 end
-M.loss_text = loss_text
 
 -- Progress bars only on a terminal of our own: launchers that give ranks a pty (mpirun, srun)
 -- interleave them, so escape codes would end up in their logs.
@@ -40,7 +40,7 @@ function M.new(opts)
   }, M)
   if opts.metrics_path then
     local dir = opts.metrics_path:match("^(.*)/[^/]*$")
-    if dir then os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null") end
+    if dir then fs.mkdir_p(dir) end
     self.metrics_path = opts.metrics_path
     local err
     self.metrics, err = io.open(opts.metrics_path, "a")

@@ -54,7 +54,7 @@ end
 function M.build(provider, seed, flat_multiple, local_rank)
   local ok, model = pcall(core.gpt, M.engine_config(provider, seed, flat_multiple, local_rank))
   -- What the engine refuses (no GPU, out of memory, a shape it cannot build) is the user's to fix.
-  if not ok then util.fail((tostring(model):gsub("^[^\n]-:%d+: ", "", 1))) end
+  if not ok then util.fail(util.message(model)) end
   return model
 end
 

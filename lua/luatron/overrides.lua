@@ -38,7 +38,7 @@ end
 -- Sets one override on cfg; raises an error naming the argument.
 local function set(cfg, a, group, field, value)
   local function fail(e)
-    error(("override %q: %s"):format(a, (tostring(e):gsub("^[^\n]-:%d+: ", "", 1))), 0)
+    error(("override %q: %s"):format(a, util.message(e)), 0)
   end
   local target = cfg
   if group then

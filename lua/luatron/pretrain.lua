@@ -12,6 +12,8 @@ local parallel = require "luatron.parallel"
 local data_parallel = require "luatron.data_parallel"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
+local fs = require "luatron.fs"
+local util = require "luatron.config.util"
 
 local M = {}
 
@@ -32,14 +34,14 @@ function M.build_dataset(r, split, num_samples)
     num_samples = num_samples,
     vocab_size = r.padded_vocab_size,
   })
-  if not ok then error((tostring(data):gsub("^[^\n]-:%d+: ", "", 1)), 0) end -- the user's data: no traceback
+  if not ok then error(util.message(data), 0) end -- the user's data: no traceback
   return data
 end
 
 -- A folder the run will write into (checkpoint.save), made and tried before any training, so a
 -- typo or a full disk is found now rather than at the first checkpoint.
 local function check_writable(dir, what)
-  os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null")
+  fs.mkdir_p(dir)
   local probe = dir .. "/.luatron_write_test"
   local f, err = io.open(probe, "w")
   if not f then error(("%s = %s cannot be written: %s"):format(what, dir, err), 0) end
@@ -110,7 +112,7 @@ end
 local function read_batch(data, first, count)
   local ok, batch = pcall(data.batch, data, first, count)
   if ok then return batch end
-  local msg = tostring(batch):gsub("^[^\n]-:%d+: ", "", 1)
+  local msg = util.message(batch)
   if msg:find("outside vocab_size", 1, true) then
     msg = msg .. ". The data holds ids beyond the model's vocabulary: for data tokenized elsewhere set "
       .. "tokenizer.tokenizer_type = 'NullTokenizer' and tokenizer.vocab_size (its number of ids), or raise "

@@ -8,10 +8,7 @@ local q, tmpdir, read_metrics, luatron = h.q, h.tmpdir, h.read_metrics, h.luatro
 
 -- The tiny recipe with dropout on (the GPU must draw the CPU's masks), logging every step.
 local function tiny(dir, extra)
-  return ("run recipes/gpt_tiny.lua train.eval_interval=1000 logger.log_interval=1 "
-    .. "scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=0 "
-    .. "model.hidden_dropout=0.1 model.attention_dropout=0.1 logger.metrics_file=%s %s")
-    :format(q(dir .. "/metrics.jsonl"), extra or "")
+  return h.tiny(dir, "model.hidden_dropout=0.1 model.attention_dropout=0.1 " .. (extra or ""))
 end
 
 -- nil when a GPU is usable, else the reason the command gave.

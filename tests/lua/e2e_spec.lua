@@ -3,15 +3,7 @@
 local lt = require "luatron"
 
 local h = dofile("tests/lua/helpers.lua")
-local q, tmpdir, write, read_metrics, luatron = h.q, h.tmpdir, h.write, h.read_metrics, h.luatron
-
--- The tiny recipe, shortened, with everything a test needs written into dir.
-local function tiny(dir, extra)
-  return ("run recipes/gpt_tiny.lua train.eval_interval=1000 logger.log_interval=1 "
-    .. "scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=0 "
-    .. "logger.metrics_file=%s %s")
-    :format(q(dir .. "/metrics.jsonl"), extra or "")
-end
+local q, tmpdir, write, read_metrics, luatron, tiny = h.q, h.tmpdir, h.write, h.read_metrics, h.luatron, h.tiny
 
 describe("luatron command", function()
   it("prints help and version", function()

@@ -69,6 +69,14 @@ end
 -- Runs `luatron ARGS`; returns exit code and output.
 function h.luatron(args) return h.run(h.q(h.luatron_bin()) .. " " .. args) end
 
+-- `luatron` arguments for the tiny recipe shortened for a test: no warmup, no evaluation, every step
+-- logged, its metrics in dir/metrics.jsonl; extra: more overrides.
+function h.tiny(dir, extra)
+  return ("run recipes/gpt_tiny.lua train.eval_interval=1000 logger.log_interval=1 "
+    .. "scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=0 logger.metrics_file=%s %s")
+    :format(h.q(dir .. "/metrics.jsonl"), extra or "")
+end
+
 -- The training records (lines with a loss) of a metrics JSON-lines file, in order.
 function h.read_metrics(path)
   local rows = {}

@@ -26,6 +26,10 @@ function util.with_prefix(prefix, f, ...)
   error(e, 0)
 end
 
+-- An error's message without the "file:line: " position Lua put in front of it (errors from the
+-- engine that are the user's to fix: the position would point into the library).
+function util.message(e) return (tostring(e):gsub("^[^\n]-:%d+: ", "", 1)) end
+
 -- Where the config library's own files live, so that errors can skip their frames.
 local getinfo = debug and debug.getinfo -- absent only in a stripped-down Lua
 local LIB_PREFIX = getinfo and getinfo(1, "S").source:match("^(@.*/)config/util%.lua$")

@@ -7,6 +7,7 @@
 local util = require "luatron.config.util"
 util.register_source()
 local schema = require "luatron.config.schema"
+local fs = require "luatron.fs"
 
 local fail, fmt = util.fail, util.fmt
 
@@ -72,18 +73,12 @@ function V.parse_blend(list)
   return { prefixes = prefixes, weights = weights }
 end
 
-local function is_file(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
-
 -- A data_path entry is a prefix of PREFIX.bin and PREFIX.idx: say what to do with the corpus or
 -- the .bin/.idx file given instead.
 function V.check_prefix(prefix)
-  if is_file(prefix .. ".bin") or not is_file(prefix) then return end
+  if fs.exists(prefix .. ".bin") or not fs.exists(prefix) then return end
   local stem = prefix:match("^(.*)%.[bi][id][nx]$")
-  if stem and is_file(stem .. ".bin") then
+  if stem and fs.exists(stem .. ".bin") then
     fail("dataset.data_path entry '%s' is one of the dataset's files: give its prefix '%s' (without .bin/.idx)",
       prefix, stem)
   end

@@ -15,6 +15,8 @@ local lt = {
   checkpoint = require "luatron.checkpoint",
   json = require "luatron.json",
   overrides = require "luatron.overrides",
+  pipeline = require "luatron.pipeline",
+  schedules = require "luatron.schedules",
   pretrain = pretrain.pretrain,
   training = pretrain,
 }

@@ -3,15 +3,17 @@
  *
  *   local g = core.grid{world_size = 16, tensor_model_parallel_size = 2, pipeline_model_parallel_size = 2,
  *                       context_parallel_size = 2, expert_model_parallel_size = 1,
- *                       expert_tensor_parallel_size = nil (= tp), virtual_pipeline_model_parallel_size = nil}
+ *                       expert_tensor_parallel_size = nil (= tp), virtual_pipeline_model_parallel_size = nil,
+ *                       use_tp_pp_dp_mapping = false (true: Megatron's order tp-cp-ep-pp-dp)}
  *   g.world_size, g.tp, g.pp, g.cp, g.dp, g.ep, g.etp, g.edp, g.vpp (nil when none)
  *   g.coords(rank)        --> {rank=, tp_rank=, cp_rank=, dp_rank=, pp_rank=, etp_rank=, ep_rank=, edp_rank=}
  *   g.group(kind, rank)   --> {r1, r2, ...} ascending; {} for an embedding kind on a middle pipeline stage
  *   g.groups(kind)        --> {{...}, {...}, ...} every group of the kind, in Megatron's order
  *   g.kinds               --> {"tp", "cp", "dp", "pp", "dp-cp", "tp-pp", ...}
- * The functions also accept method calls (g:coords(rank)). Unknown keys of the argument table are
- * ignored, so a recipe's whole parallelism table can be passed. */
+ * The functions also accept method calls (g:coords(rank)). An unknown key of the argument table is
+ * an error naming it: a misspelt size must not silently become 1. */
 #include <limits.h>
+#include <string.h>
 
 #include "engine/lua/bindings.h"
 #include "engine/parallel/grid.h"
@@ -122,8 +124,38 @@ static int g_groups(lua_State *L) {
     return 1;
 }
 
+/* The keys core.grid takes; anything else is a mistake worth naming. */
+static const char *const GRID_KEYS[] = {"world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                        "context_parallel_size", "expert_model_parallel_size",
+                                        "expert_tensor_parallel_size", "virtual_pipeline_model_parallel_size",
+                                        "use_tp_pp_dp_mapping", NULL};
+
+static void check_grid_keys(lua_State *L, int idx) {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        int known = 0;
+        if (lua_type(L, -1) == LUA_TSTRING)
+            for (const char *const *k = GRID_KEYS; *k && !known; k++)
+                known = strcmp(lua_tostring(L, -1), *k) == 0;
+        if (!known) {
+            const char *key = luaL_tolstring(L, -1, NULL);
+            luaL_Buffer b;
+            luaL_buffinit(L, &b);
+            for (const char *const *k = GRID_KEYS; *k; k++) {
+                if (k != GRID_KEYS)
+                    luaL_addstring(&b, ", ");
+                luaL_addstring(&b, *k);
+            }
+            luaL_pushresult(&b);
+            luaL_error(L, "grid: unknown key '%s' (the keys are %s)", key, lua_tostring(L, -1));
+        }
+    }
+}
+
 static int l_grid(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
+    check_grid_keys(L, 1);
     lt_grid_config cfg;
     cfg.world_size = opt_int_field(L, 1, "world_size", 0, 1);
     cfg.tp = opt_int_field(L, 1, "tensor_model_parallel_size", 1, 0);
@@ -132,6 +164,11 @@ static int l_grid(lua_State *L) {
     cfg.ep = opt_int_field(L, 1, "expert_model_parallel_size", 1, 0);
     cfg.etp = opt_int_field(L, 1, "expert_tensor_parallel_size", 0, 0);
     cfg.vpp = opt_int_field(L, 1, "virtual_pipeline_model_parallel_size", 0, 0);
+    lua_getfield(L, 1, "use_tp_pp_dp_mapping");
+    if (!lua_isnil(L, -1) && !lua_isboolean(L, -1))
+        luaL_error(L, "grid: use_tp_pp_dp_mapping must be a boolean (got %s)", luaL_typename(L, -1));
+    cfg.pp_before_dp = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     /* In C, 0 means "same as tp" / "none"; from Lua that is nil, and an explicit value must be a real size. */
     lua_getfield(L, 1, "expert_tensor_parallel_size");
     if (!lua_isnil(L, -1) && cfg.etp < 1)
@@ -168,6 +205,8 @@ static int l_grid(lua_State *L) {
         lua_pushinteger(L, g->vpp);
         lua_setfield(L, -2, "vpp");
     }
+    lua_pushstring(L, g->pp_before_dp ? "tp-cp-ep-pp-dp" : "tp-cp-ep-dp-pp");
+    lua_setfield(L, -2, "order");
     lua_createtable(L, LT_GROUP_COUNT, 0);
     for (int k = 0; k < LT_GROUP_COUNT; k++) {
         lua_pushstring(L, lt_group_kind_name((lt_group_kind)k));

@@ -8,10 +8,14 @@
 #include <stdio.h>
 #include <string.h>
 
-/* The axes in Megatron's default order "tp-cp-ep-dp-pp" (first varies fastest). The dense grid has
- * ep = 1, the expert grid cp = 1 (and tp = etp, dp = edp). */
+/* The axes. The dense grid has ep = 1, the expert grid cp = 1 (and tp = etp, dp = edp). */
 enum { AX_TP = 0, AX_CP, AX_EP, AX_DP, AX_PP, AX_COUNT };
 #define M(a) (1u << (a))
+
+/* Megatron's orders, first axis varying fastest: "tp-cp-ep-dp-pp" and "tp-cp-ep-pp-dp". */
+static const int ORDER_PP_LAST[AX_COUNT] = {AX_TP, AX_CP, AX_EP, AX_DP, AX_PP};
+static const int ORDER_DP_LAST[AX_COUNT] = {AX_TP, AX_CP, AX_EP, AX_PP, AX_DP};
+static const int *order_of(const lt_grid *g) { return g->pp_before_dp ? ORDER_DP_LAST : ORDER_PP_LAST; }
 
 enum { GRID_DENSE, GRID_EXPERT, GRID_PP_ENDS };
 
@@ -91,18 +95,26 @@ int lt_grid_init(lt_grid *g, const lt_grid_config *cfg, char *err, size_t errlen
                     "expert_model_parallel_size (%d) x pipeline_model_parallel_size (%d) = %lld",
                     cfg->world_size, etp, cfg->etp ? "" : ", from tensor_model_parallel_size", cfg->ep, cfg->pp,
                     (long long)expert_size);
-    /* Megatron also requires equal dense and expert PP groups, and equal dense and expert DP sizes
-     * unless pp is the last axis: with the pp-last order used here both hold by construction
-     * (rank = inner + world/PP * pp on both grids). */
+    /* Megatron also requires equal dense and expert PP groups: with pp last they are equal by
+     * construction (rank = inner + world/PP * pp on both grids); with dp last they are when the DP
+     * sizes are (the PP stride is then world / (PP * DP) on both). */
+    int64_t dp = world / model_size, edp = world / expert_size;
+    if (cfg->pp_before_dp && cfg->pp > 1 && dp != edp)
+        return lt_fail(err, errlen,
+                    "When not using pp-last rank ordering, the data parallel size of the attention and moe layers "
+                    "must be the same: use_tp_pp_dp_mapping gives data parallel size %lld but expert data parallel "
+                    "size %lld",
+                    (long long)dp, (long long)edp);
     g->world_size = cfg->world_size;
     g->tp = cfg->tp;
     g->pp = cfg->pp;
     g->cp = cfg->cp;
-    g->dp = (int)(world / model_size);
+    g->dp = (int)dp;
     g->ep = cfg->ep;
     g->etp = etp;
-    g->edp = (int)(world / expert_size);
+    g->edp = (int)edp;
     g->vpp = cfg->vpp;
+    g->pp_before_dp = cfg->pp_before_dp ? 1 : 0;
     return 0;
 }
 
@@ -114,23 +126,28 @@ static void axes(const lt_grid *g, int grid, int *size, int *stride) {
         size[AX_TP] = g->tp, size[AX_CP] = g->cp, size[AX_EP] = 1, size[AX_DP] = g->dp;
     }
     size[AX_PP] = g->pp;
+    const int *order = order_of(g);
     int s = 1;
-    for (int a = 0; a < AX_COUNT; a++)
-        stride[a] = s, s *= size[a];
+    for (int p = 0; p < AX_COUNT; p++)
+        stride[order[p]] = s, s *= size[order[p]];
 }
 
 int lt_grid_coords(const lt_grid *g, int rank, lt_rank_coords *c) {
     if (rank < 0 || rank >= g->world_size)
         return -1;
-    int tp_cp = g->tp * g->cp, etp_ep = g->etp * g->ep, per_stage = g->world_size / g->pp;
+    int size[AX_COUNT], stride[AX_COUNT], esize[AX_COUNT], estride[AX_COUNT];
+    axes(g, GRID_DENSE, size, stride);
+    axes(g, GRID_EXPERT, esize, estride);
+#define COORD(a, sz, st) (rank / st[a] % sz[a])
     c->rank = rank;
-    c->tp_rank = rank % g->tp;
-    c->cp_rank = rank / g->tp % g->cp;
-    c->dp_rank = rank / tp_cp % g->dp;
-    c->pp_rank = rank / per_stage;
-    c->etp_rank = rank % g->etp;
-    c->ep_rank = rank / g->etp % g->ep;
-    c->edp_rank = rank / etp_ep % g->edp;
+    c->tp_rank = COORD(AX_TP, size, stride);
+    c->cp_rank = COORD(AX_CP, size, stride);
+    c->dp_rank = COORD(AX_DP, size, stride);
+    c->pp_rank = COORD(AX_PP, size, stride);
+    c->etp_rank = COORD(AX_TP, esize, estride);
+    c->ep_rank = COORD(AX_EP, esize, estride);
+    c->edp_rank = COORD(AX_DP, esize, estride);
+#undef COORD
     c->tp_size = g->tp, c->cp_size = g->cp, c->dp_size = g->dp, c->pp_size = g->pp;
     c->etp_size = g->etp, c->ep_size = g->ep, c->edp_size = g->edp;
     return 0;
@@ -140,14 +157,18 @@ int lt_grid_rank(const lt_grid *g, int tp_rank, int cp_rank, int dp_rank, int pp
     if (tp_rank < 0 || tp_rank >= g->tp || cp_rank < 0 || cp_rank >= g->cp || dp_rank < 0 || dp_rank >= g->dp ||
         pp_rank < 0 || pp_rank >= g->pp)
         return -1;
-    return tp_rank + g->tp * (cp_rank + g->cp * (dp_rank + g->dp * pp_rank));
+    int size[AX_COUNT], stride[AX_COUNT];
+    axes(g, GRID_DENSE, size, stride);
+    return tp_rank * stride[AX_TP] + cp_rank * stride[AX_CP] + dp_rank * stride[AX_DP] + pp_rank * stride[AX_PP];
 }
 
 int lt_grid_expert_rank(const lt_grid *g, int etp_rank, int ep_rank, int edp_rank, int pp_rank) {
     if (etp_rank < 0 || etp_rank >= g->etp || ep_rank < 0 || ep_rank >= g->ep || edp_rank < 0 || edp_rank >= g->edp ||
         pp_rank < 0 || pp_rank >= g->pp)
         return -1;
-    return etp_rank + g->etp * (ep_rank + g->ep * (edp_rank + g->edp * pp_rank));
+    int size[AX_COUNT], stride[AX_COUNT];
+    axes(g, GRID_EXPERT, size, stride);
+    return etp_rank * stride[AX_TP] + ep_rank * stride[AX_EP] + edp_rank * stride[AX_DP] + pp_rank * stride[AX_PP];
 }
 
 int lt_grid_group_size(const lt_grid *g, lt_group_kind kind) {
@@ -173,29 +194,30 @@ int lt_grid_num_groups(const lt_grid *g, lt_group_kind kind) {
     return g->world_size / lt_grid_group_size(g, kind);
 }
 
-/* generate_masked_orthogonal_rank_groups for one group: the group index decomposes over the unmasked
- * axes and the member index over the masked ones (first axis fastest); rank = sum(index * stride). */
-static void orthogonal_group(const lt_grid *g, int grid, unsigned mask, int i, int *ranks, int *n) {
-    int size[AX_COUNT], stride[AX_COUNT], base = 0, count = 1;
+/* generate_masked_orthogonal_rank_groups for one member: the group index i decomposes over the
+ * unmasked axes and the member index j over the masked ones (first axis of the order fastest);
+ * rank = sum(index * stride). */
+static int orthogonal_member(const lt_grid *g, int grid, unsigned mask, int i, int j) {
+    int size[AX_COUNT], stride[AX_COUNT], r = 0;
     axes(g, grid, size, stride);
-    for (int a = 0; a < AX_COUNT; a++) {
-        if (mask & M(a)) {
+    const int *order = order_of(g);
+    for (int p = 0; p < AX_COUNT; p++) {
+        int a = order[p];
+        int *k = (mask & M(a)) ? &j : &i;
+        r += *k % size[a] * stride[a];
+        *k /= size[a];
+    }
+    return r;
+}
+
+static void orthogonal_group(const lt_grid *g, int grid, unsigned mask, int i, int *ranks, int *n) {
+    int size[AX_COUNT], stride[AX_COUNT], count = 1;
+    axes(g, grid, size, stride);
+    for (int a = 0; a < AX_COUNT; a++)
+        if (mask & M(a))
             count *= size[a];
-        } else {
-            base += i % size[a] * stride[a];
-            i /= size[a];
-        }
-    }
-    for (int j = 0; j < count; j++) {
-        int r = base, k = j;
-        for (int a = 0; a < AX_COUNT; a++) {
-            if (!(mask & M(a)))
-                continue;
-            r += k % size[a] * stride[a];
-            k /= size[a];
-        }
-        ranks[j] = r;
-    }
+    for (int j = 0; j < count; j++)
+        ranks[j] = orthogonal_member(g, grid, mask, i, j);
     *n = count;
 }
 
@@ -207,37 +229,44 @@ int lt_grid_group_at(const lt_grid *g, lt_group_kind kind, int i, int *ranks, in
         orthogonal_group(g, kinds[kind].grid, kinds[kind].mask, i, ranks, n);
         return 0;
     }
-    /* Rank i + k * world/PP is stage k of PP group i. */
-    int per_stage = g->world_size / g->pp;
-    ranks[0] = i;
+    /* The ends of the i-th PP group: its first stage, and its last for the embedding. */
+    ranks[0] = orthogonal_member(g, GRID_DENSE, M(AX_PP), i, 0);
     *n = 1;
     if (kind == LT_GROUP_EMBEDDING && g->pp > 1)
-        ranks[(*n)++] = i + (g->pp - 1) * per_stage;
+        ranks[(*n)++] = orthogonal_member(g, GRID_DENSE, M(AX_PP), i, g->pp - 1);
     return 0;
+}
+
+/* The index of rank's group on a grid: its coordinates on the axes outside mask, read as a
+ * mixed-radix number in the grid's order. */
+static int group_index(const lt_grid *g, int grid, unsigned mask, int rank) {
+    int size[AX_COUNT], stride[AX_COUNT], scale = 1, index = 0;
+    axes(g, grid, size, stride);
+    const int *order = order_of(g);
+    for (int p = 0; p < AX_COUNT; p++) {
+        int a = order[p];
+        if (mask & M(a))
+            continue;
+        index += rank / stride[a] % size[a] * scale;
+        scale *= size[a];
+    }
+    return index;
 }
 
 int lt_grid_group(const lt_grid *g, lt_group_kind kind, int rank, int *ranks, int *n) {
     *n = 0;
     if (!valid_kind(kind) || rank < 0 || rank >= g->world_size)
         return -1;
-    int grid = kinds[kind].grid, index;
-    if (grid == GRID_PP_ENDS) {
-        int per_stage = g->world_size / g->pp, stage = rank / per_stage;
-        int member = stage == 0 || (kind == LT_GROUP_EMBEDDING && stage == g->pp - 1);
+    int index;
+    if (kinds[kind].grid == GRID_PP_ENDS) {
+        lt_rank_coords c;
+        lt_grid_coords(g, rank, &c);
+        int member = c.pp_rank == 0 || (kind == LT_GROUP_EMBEDDING && c.pp_rank == g->pp - 1);
         if (!member)
             return -1;
-        index = rank % per_stage;
+        index = group_index(g, GRID_DENSE, M(AX_PP), rank);
     } else {
-        /* The group index is the rank's coordinates on the unmasked axes, read as a mixed-radix number. */
-        int size[AX_COUNT], stride[AX_COUNT], scale = 1;
-        axes(g, grid, size, stride);
-        index = 0;
-        for (int a = 0; a < AX_COUNT; a++) {
-            if (kinds[kind].mask & M(a))
-                continue;
-            index += rank / stride[a] % size[a] * scale;
-            scale *= size[a];
-        }
+        index = group_index(g, kinds[kind].grid, kinds[kind].mask, rank);
     }
     lt_grid_group_at(g, kind, index, ranks, n);
     return index;

@@ -7,13 +7,17 @@
  * - Dense grid, DP = world / (TP*PP*CP):              rank = tp + TP*(cp + CP*(dp + DP*pp)).
  * - Expert grid, ETP defaults to TP, EDP = world / (ETP*EP*PP):
  *                                                     rank = etp + ETP*(ep + EP*(edp + EDP*pp)).
+ * - With pp_before_dp (Megatron's use_tp_pp_dp_mapping, order "tp-cp-ep-pp-dp") the last two axes
+ *   swap: rank = tp + TP*(cp + CP*(pp + PP*dp)), and likewise on the expert grid; then the dense and
+ *   expert DP sizes must be equal when PP > 1 (so both grids have the same PP groups).
  *   The dense grid has no EP axis and the expert grid no CP axis, so CP > 1 with EP > 1 is allowed:
  *   CP folds into expert-DP.
  * - A group of a kind is the set of ranks whose coordinates agree on every axis outside the kind
  *   (e.g. a DP_CP group: same tp and pp). Groups are enumerated as Megatron's
  *   generate_masked_orthogonal_rank_groups yields them, which is ascending by smallest member; the
  *   members of a group are ascending.
- * - EMBEDDING: the first and last rank of each PP group (just the one rank when PP = 1);
+ * - EMBEDDING: the first and last rank of each PP group, enumerated as the PP groups (just the one
+ *   rank when PP = 1);
  *   POSITION_EMBEDDING: the first rank of each PP group. Ranks of the middle stages belong to none. */
 #ifndef LT_PARALLEL_GRID_H
 #define LT_PARALLEL_GRID_H
@@ -27,6 +31,7 @@ typedef struct {
     int ep;  /* expert_model_parallel_size */
     int etp; /* expert_tensor_parallel_size; 0 = same as tp */
     int vpp; /* virtual_pipeline_model_parallel_size; 0 = none (needs pp > 1 when set) */
+    int pp_before_dp; /* order tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp */
 } lt_grid_config;
 
 typedef struct {
@@ -34,6 +39,7 @@ typedef struct {
     int tp, pp, cp, dp; /* dense grid */
     int ep, etp, edp;   /* expert grid (and pp) */
     int vpp;            /* 0 = none */
+    int pp_before_dp;   /* the order (see lt_grid_config) */
 } lt_grid;
 
 typedef enum {

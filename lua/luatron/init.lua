@@ -24,7 +24,7 @@ local lt = {
 for _, name in ipairs {
   "ConfigContainer", "GPTModelProvider", "TrainingConfig", "OptimizerConfig", "SchedulerConfig",
   "DistributedDataParallelConfig", "GPTDatasetConfig", "LoggerConfig", "TokenizerConfig", "CheckpointConfig",
-  "RNGConfig",
+  "RNGConfig", "DistributedInitConfig",
 } do
   lt[name] = config[name]
 end
@@ -37,12 +37,12 @@ end
 -- lt.optimizer(model, OptimizerConfig): AdamW or SGD over the model's parameters.
 lt.optimizer = core.optimizer
 
--- The job: lt.parallel_state([provider]) → rank, world size, grid coordinates and a communicator
+-- The job: lt.parallel_state([provider [, dist]]) → rank, world size, grid coordinates and a communicator
 -- per group (built on first use, for `provider`'s layout or a pure data-parallel one).
 local parallel = require "luatron.parallel"
 lt.parallel = parallel
-function lt.parallel_state(provider)
-  return parallel.get() or parallel.initialize(provider or {})
+function lt.parallel_state(provider, dist)
+  return parallel.get() or parallel.initialize(provider or {}, dist)
 end
 lt.comm_world = core.comm_world
 

@@ -1,5 +1,6 @@
 -- The process's place in the job: the world communicator, Megatron's rank grid
--- (tp-cp-ep-dp-pp) and a communicator for each group this rank belongs to.
+-- (tp-cp-ep-dp-pp, or tp-cp-ep-pp-dp with dist.use_tp_pp_dp_mapping) and a communicator for each
+-- group this rank belongs to.
 --   local ps = lt.parallel_state()        -- after pretrain or parallel.initialize
 --   ps.rank, ps.world_size, ps.coords.dp_rank, ps.groups.dp:all_reduce(t, "avg")
 local core = require "luatron.core"
@@ -12,9 +13,10 @@ M.GROUP_KINDS = { "tp", "cp", "dp", "pp", "dp-cp", "tp-pp", "tp-cp", "tp-dp-cp",
 
 local state
 
--- Builds the grid for `model` (a GPTModelProvider or its resolved table) on the world of this job.
--- Every rank of the job must call it, with the same model config.
-function M.initialize(model)
+-- Builds the grid for `model` (a GPTModelProvider or its resolved table) on the world of this job,
+-- in the rank order `dist` (a DistributedInitConfig, optional) asks for. Every rank of the job must
+-- call it, with the same configs.
+function M.initialize(model, dist)
   if state then return state end
   local world = core.comm_world()
   local grid = core.grid {
@@ -25,6 +27,7 @@ function M.initialize(model)
     expert_model_parallel_size = model.expert_model_parallel_size or 1,
     expert_tensor_parallel_size = model.expert_tensor_parallel_size,
     virtual_pipeline_model_parallel_size = model.virtual_pipeline_model_parallel_size,
+    use_tp_pp_dp_mapping = dist and dist.use_tp_pp_dp_mapping or false,
   }
   local rank = world:rank()
   local groups = {}

@@ -71,7 +71,7 @@ end
 -- in the job, model, optimizer, datasets and the state that checkpoints carry.
 function M.setup(cfg)
   M.check_supported(cfg.model)
-  local ps = parallel.initialize(cfg.model)
+  local ps = parallel.initialize(cfg.model, cfg.dist)
   local r = config.validate(cfg, ps.world_size)
   local seed = r.rng.seed
   local dp_group = ps.groups["dp-cp"]

@@ -105,6 +105,28 @@ describe("core.grid", function()
     assert.are.same({ 1, 7 }, g.group("embedding", 7))
   end)
 
+  it("puts pp before dp with use_tp_pp_dp_mapping (Megatron's tp-cp-ep-pp-dp)", function()
+    local g = core.grid { world_size = 8, tensor_model_parallel_size = 2, pipeline_model_parallel_size = 2,
+      use_tp_pp_dp_mapping = true }
+    assert.are.equal("tp-cp-ep-pp-dp", g.order)
+    assert.are.same(G "[0,2] [1,3] [4,6] [5,7]", g.groups("pp"))
+    assert.are.same(G "[0,4] [1,5] [2,6] [3,7]", g.groups("dp"))
+    assert.are.same(G "[0,2] [1,3] [4,6] [5,7]", g.groups("embedding"))
+    assert.are.same({ rank = 6, tp_rank = 0, cp_rank = 0, dp_rank = 1, pp_rank = 1, etp_rank = 0, ep_rank = 0,
+      edp_rank = 1 }, g.coords(6))
+    assert.are.equal("tp-cp-ep-dp-pp", core.grid { world_size = 8 }.order)
+    assert.matches("When not using pp-last rank ordering, the data parallel size of the attention and moe layers "
+      .. "must be the same", msg_of(core.grid, { world_size = 8, pipeline_model_parallel_size = 2,
+        expert_model_parallel_size = 2, use_tp_pp_dp_mapping = true }), 1, true)
+  end)
+
+  it("refuses keys it does not know", function()
+    assert.matches("grid: unknown key 'tensor_parallel_size' (the keys are world_size, tensor_model_parallel_size,",
+      msg_of(core.grid, { world_size = 8, tensor_parallel_size = 2 }), 1, true)
+    assert.matches("use_tp_pp_dp_mapping must be a boolean (got number)",
+      msg_of(core.grid, { world_size = 8, use_tp_pp_dp_mapping = 1 }), 1, true)
+  end)
+
   it("reports invalid layouts with the values", function()
     assert.matches("world_size (6) is not divisible by tensor_model_parallel_size (4) x "
       .. "pipeline_model_parallel_size (1) x context_parallel_size (1) = 4",
@@ -126,5 +148,33 @@ describe("core.grid", function()
     assert.matches("unknown group kind 'cp-dp' (one of tp, cp, dp, pp, dp-cp,", msg_of(g.groups, "cp-dp"), 1, true)
     assert.matches("rank 4 is out of range for world_size 4 (ranks are 0-based: 0..3)", msg_of(g.coords, 4), 1, true)
     assert.matches("rank -1 is out of range", msg_of(g.group, "tp", -1), 1, true)
+  end)
+end)
+
+describe("the rank order of a job", function()
+  local h = require "helpers"
+
+  it("follows DistributedInitConfig.use_tp_pp_dp_mapping, from a script and from a recipe's override", function()
+    local dir = h.tmpdir()
+    h.write(dir .. "/order.lua", [[
+local lt = require "luatron"
+local mapping = arg[1] == "mapped"
+local ps = lt.parallel_state({ pipeline_model_parallel_size = 2 },
+  lt.DistributedInitConfig { use_tp_pp_dp_mapping = mapping })
+print(("order %s pp %d dp %d pp-group %s"):format(ps.grid.order, ps.coords.pp_rank, ps.coords.dp_rank,
+  table.concat(ps.grid.group("pp", ps.rank), ",")))
+]])
+    local code, out = h.luatron("launch -n 4 " .. h.q(dir .. "/order.lua") .. " mapped")
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("[rank 1] order tp-cp-ep-pp-dp pp 1 dp 0 pp-group 0,1", 1, true), out)
+    assert.truthy(out:find("[rank 2] order tp-cp-ep-pp-dp pp 0 dp 1 pp-group 2,3", 1, true), out)
+    code, out = h.luatron("launch -n 4 " .. h.q(dir .. "/order.lua") .. " default")
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("[rank 1] order tp-cp-ep-dp-pp pp 0 dp 1 pp-group 1,3", 1, true), out)
+    -- a recipe takes it as an override, and a run with it trains (DP = 2, where the orders agree)
+    code, out = h.luatron("launch -n 2 " .. h.tiny(dir, "train.train_iters=2 dist.use_tp_pp_dp_mapping=true"):gsub("^run ", ""))
+    assert.are.equal(0, code, out)
+    assert.are.equal(2, #h.read_metrics(dir .. "/metrics.jsonl"))
+    os.execute("rm -rf " .. h.q(dir))
   end)
 end)

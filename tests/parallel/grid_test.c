@@ -175,10 +175,12 @@ static int brute_group(int world, int coord[][4], const int *vary, int r, int *o
     return n;
 }
 
-static void check_layout(int world, int tp, int pp, int cp, int ep, int etp) {
+/* dp_last: Megatron's use_tp_pp_dp_mapping, order tp-cp-ep-pp-dp. */
+static void check_order(int world, int tp, int pp, int cp, int ep, int etp, int dp_last) {
     char L[128];
-    snprintf(L, sizeof L, "world %d TP%d PP%d CP%d EP%d ETP%d", world, tp, pp, cp, ep, etp);
-    lt_grid_config cfg = {world, tp, pp, cp, ep, etp, 0};
+    snprintf(L, sizeof L, "world %d TP%d PP%d CP%d EP%d ETP%d%s", world, tp, pp, cp, ep, etp,
+             dp_last ? " tp-cp-ep-pp-dp" : "");
+    lt_grid_config cfg = {world, tp, pp, cp, ep, etp, 0, dp_last};
     lt_grid g;
     char err[256];
     int rc = lt_grid_init(&g, &cfg, err, sizeof err);
@@ -195,7 +197,7 @@ static void check_layout(int world, int tp, int pp, int cp, int ep, int etp) {
         for (int d = 0; d < dp; d++)
             for (int c = 0; c < cp; c++)
                 for (int t = 0; t < tp; t++) {
-                    int r = t + tp * (c + cp * (d + dp * p));
+                    int r = dp_last ? t + tp * (c + cp * (p + pp * d)) : t + tp * (c + cp * (d + dp * p));
                     hits[r]++;
                     dense[r][0] = t, dense[r][1] = c, dense[r][2] = d, dense[r][3] = p;
                     if (lt_grid_rank(&g, t, c, d, p) != r)
@@ -205,7 +207,7 @@ static void check_layout(int world, int tp, int pp, int cp, int ep, int etp) {
         for (int d = 0; d < edp; d++)
             for (int e = 0; e < ep; e++)
                 for (int t = 0; t < E; t++) {
-                    int r = t + E * (e + ep * (d + edp * p));
+                    int r = dp_last ? t + E * (e + ep * (p + pp * d)) : t + E * (e + ep * (d + edp * p));
                     ehits[r]++;
                     expert[r][0] = t, expert[r][1] = e, expert[r][2] = d, expert[r][3] = p;
                     if (lt_grid_expert_rank(&g, t, e, d, p) != r)
@@ -396,6 +398,41 @@ static void misc(void) {
     expect_groups("world 8 CP2 EP2", &g, LT_GROUP_DP, "[0,2,4,6] [1,3,5,7]");
 }
 
+static void check_layout(int world, int tp, int pp, int cp, int ep, int etp) {
+    check_order(world, tp, pp, cp, ep, etp, 0);
+}
+
+/* use_tp_pp_dp_mapping: the groups of Megatron's order tp-cp-ep-pp-dp, and its refusal of unequal
+ * dense and expert DP sizes under pipelining. */
+static void dp_last(void) {
+    lt_grid g = {0};
+    lt_grid_config cfg = {8, 2, 2, 1, 1, 0, 0, 1};
+    char err[256];
+    TAP_CHECK(lt_grid_init(&g, &cfg, err, sizeof err) == 0, "tp-cp-ep-pp-dp: world 8 TP2 PP2 is valid");
+    int ranks[MAXW], n, ok = 1;
+    const int pp_groups[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}}, dp_groups[4][2] = {{0, 4}, {1, 5}, {2, 6}, {3, 7}};
+    for (int i = 0; i < 4; i++) {
+        lt_grid_group_at(&g, LT_GROUP_PP, i, ranks, &n);
+        ok &= n == 2 && ranks[0] == pp_groups[i][0] && ranks[1] == pp_groups[i][1];
+        lt_grid_group_at(&g, LT_GROUP_DP, i, ranks, &n);
+        ok &= n == 2 && ranks[0] == dp_groups[i][0] && ranks[1] == dp_groups[i][1];
+        lt_grid_group_at(&g, LT_GROUP_EMBEDDING, i, ranks, &n);
+        ok &= n == 2 && ranks[0] == pp_groups[i][0] && ranks[1] == pp_groups[i][1];
+    }
+    TAP_CHECK(ok, "tp-cp-ep-pp-dp: world 8 TP2 PP2: PP [0,2] [1,3] [4,6] [5,7], DP [0,4] [1,5] [2,6] [3,7]");
+    lt_grid_config unequal = {8, 1, 2, 1, 2, 0, 0, 1}; /* DP 4, expert DP 2 */
+    int rc = lt_grid_init(&g, &unequal, err, sizeof err);
+    TAP_CHECK(rc != 0 && strstr(err, "When not using pp-last rank ordering, the data parallel size of the attention "
+                                     "and moe layers must be the same") && strstr(err, "size 4 but expert data parallel size 2"),
+              "tp-cp-ep-pp-dp refuses unequal dense and expert DP under PP: %s", err);
+    check_order(16, 2, 2, 2, 2, 0, 1); /* CP2 with EP2: DP 2, expert DP 2 */
+    check_order(8, 2, 2, 1, 1, 0, 1);
+    check_order(12, 3, 2, 1, 1, 0, 1);
+    check_order(16, 2, 2, 1, 2, 1, 1); /* DP 4, expert DP 4 */
+    check_order(8, 1, 4, 1, 1, 0, 1);
+    check_order(8, 2, 1, 1, 4, 1, 1);  /* PP 1: DP 4, expert DP 2 allowed */
+}
+
 int main(void) {
     example_a();
     example_b();
@@ -415,6 +452,7 @@ int main(void) {
     check_layout(48, 2, 3, 2, 2, 4); /* DP 4, ETP > TP: expert DP 2 */
     check_layout(64, 4, 2, 2, 8, 1); /* DP 4, expert DP 4 */
     check_layout(36, 3, 2, 1, 3, 2); /* DP 6, ETP not a multiple of TP: expert DP 3 */
+    dp_last();
     errors();
     misc();
     return tap_done();

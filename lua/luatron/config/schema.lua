@@ -503,6 +503,31 @@ class("RNGConfig", {
   },
 })
 
+class("DistributedInitConfig", {
+  fields = {
+    { "use_tp_pp_dp_mapping", "bool", false },
+    { "distributed_backend", { enum = { "nccl", "gloo" } }, "nccl", inert = "luatron picks the communicator by where "
+      .. "a buffer lives (NCCL for GPU memory, shared memory for host memory); the reduced values are the same" },
+    { "distributed_timeout_minutes", "posint", 10, refuse = "set the collectives' timeout with `luatron launch "
+      .. "--timeout SECONDS` or LUATRON_COMM_TIMEOUT" },
+    { "align_grad_reduce", "bool", true, inert = "it only changes when each pipeline stage starts its gradient "
+      .. "reduction, not the reduced values" },
+    { "use_gloo_process_groups", "bool", true, inert = "host-side communicators (shared memory) exist either way" },
+    { "lazy_init", "bool", false, refuse = "luatron initialises its data parallelism itself" },
+    { "use_torch_fsdp2", "bool", false, refuse = "FSDP is not implemented" },
+    { "use_megatron_fsdp", "bool", false, refuse = "FSDP is not implemented" },
+    { "use_sharp", "bool", false, refuse = "SHARP is not supported" },
+    { "external_gpu_device_mapping", "bool", false, refuse = "each rank uses the GPU of its local rank" },
+  },
+  unsupported = {
+    local_rank = "the launcher (luatron launch, mpirun, srun) tells each rank its local rank",
+    nccl_communicator_config_path = "NCCL communicator settings are not supported",
+    high_priority_stream_groups = "stream priorities are not supported",
+    enable_megatron_core_experimental = "Megatron Core's experimental features are not part of luatron",
+    use_torchcomms = "TorchComms is not used",
+  },
+})
+
 -- The groups of a ConfigContainer, in display order, with their classes.
 schema.GROUPS = {
   { "model", "GPTModelProvider" },
@@ -515,6 +540,7 @@ schema.GROUPS = {
   { "logger", "LoggerConfig" },
   { "checkpoint", "CheckpointConfig" },
   { "rng", "RNGConfig" },
+  { "dist", "DistributedInitConfig" },
 }
 
 class("ConfigContainer", {
@@ -527,7 +553,6 @@ class("ConfigContainer", {
   end)(),
   unsupported = {
     validation = "put eval_iters and eval_interval in train (TrainingConfig)",
-    dist = "the distributed backend is chosen by the launcher",
     ft = "fault tolerance is not implemented",
     straggler = "straggler detection is not implemented",
     profiling = "profiling configs are not implemented",

@@ -2,7 +2,8 @@
 --   model.safetensors        the parameters under Megatron's names
 --   optimizer.safetensors    the optimizer state as "<state>.<param name>" (e.g. exp_avg.decoder...)
 --     or optimizer_shard_<r>.safetensors, one per data-parallel rank with the distributed
---     optimizer: that rank's slice of the flat state buffers ("exp_avg", "exp_avg_sq")
+--     optimizer: the parts of the parameters that rank updates, as 1-D tensors
+--     "<state>.<param name>:<first element>"
 --   state.json               iteration, consumed samples, optimizer steps, seed
 --   config.json              the run's ConfigContainer
 -- and latest_checkpointed_iteration.txt beside them. A folder is written under a temporary
@@ -10,7 +11,9 @@
 -- never leaves a half-written checkpoint where a reader would look.
 --
 -- In a multi-rank job, `ranks` = {rank =, barrier = function() end, dp_rank =, dp_size =}:
--- rank 0 writes the shared files, each data-parallel rank its optimizer shard.
+-- rank 0 writes the shared files, each data-parallel rank its optimizer shard. Everything is
+-- stored under parameter names, so any layout loads what any other saved: a run with the
+-- distributed optimizer resumes at another data-parallel size, or with DDP, and the other way.
 local core = require "luatron.core"
 local json = require "luatron.json"
 local data_parallel = require "luatron.data_parallel"
@@ -37,10 +40,27 @@ local function model_tensors(model)
   return t
 end
 
--- {name = tensor}, sharded? of a data_parallel optimizer, or of a plain core optimizer over a model.
-local function optimizer_state(model, optimizer)
-  if optimizer.state_tensors then return optimizer:state_tensors() end
-  return data_parallel.replicated_state(model, optimizer), false
+-- The optimizer state as pieces of named parameters (luatron.data_parallel) and whether they are
+-- this rank's shard only: a data_parallel optimizer's, or a plain core optimizer's over a model.
+local function state_pieces(model, optimizer)
+  if optimizer.state_pieces then return optimizer:state_pieces() end
+  return data_parallel.replicated_pieces(model, optimizer), false
+end
+
+-- The tensors a file stores for pieces: whole parameters under "<state>.<param>" in their shape,
+-- parts as 1-D "<state>.<param>:<first>".
+local function piece_tensors(model, pieces, sharded)
+  local shapes, t = {}, {}
+  for _, p in ipairs(model:parameters()) do shapes[p.name] = p.shape end
+  for _, piece in ipairs(pieces) do
+    local key = piece.state .. "." .. piece.param
+    if sharded then
+      t[("%s:%d"):format(key, piece.first)] = piece.tensor
+    else
+      t[key] = piece.tensor:reshape(shapes[piece.param])
+    end
+  end
+  return t
 end
 
 local function shard_file(dir, dp_rank) return ("%s/optimizer_shard_%d.safetensors"):format(dir, dp_rank) end
@@ -77,15 +97,15 @@ function M.save(root, model, optimizer, state, config_table, ranks)
   ranks.barrier()
   local meta = { format = "luatron", iteration = tostring(state.iteration) }
   if optimizer then
-    local tensors, sharded = optimizer_state(model, optimizer)
+    local pieces, sharded = state_pieces(model, optimizer)
     if sharded then
       local m = { format = "luatron", iteration = meta.iteration, dp_rank = tostring(ranks.dp_rank),
         dp_size = tostring(ranks.dp_size) }
       if ranks.rank == ranks.dp_rank then -- one writer per data-parallel rank (tp/pp rank 0)
-        core.save_tensors(shard_file(tmp, ranks.dp_rank), tensors, m)
+        core.save_tensors(shard_file(tmp, ranks.dp_rank), piece_tensors(model, pieces, true), m)
       end
     elseif ranks.rank == 0 then
-      core.save_tensors(tmp .. "/optimizer.safetensors", tensors, meta)
+      core.save_tensors(tmp .. "/optimizer.safetensors", piece_tensors(model, pieces, false), meta)
     end
   end
   if ranks.rank == 0 then
@@ -137,13 +157,75 @@ local function load_file(path)
   return t, meta_or_err
 end
 
+-- The optimizer files of dir: the whole state, or every data-parallel rank's shard. Returns
+-- { ["<state>.<param>"] = { {first =, tensor = 1-D, file =}, ... } }.
+local function read_optimizer(dir)
+  local files = {}
+  if fs.exists(dir .. "/optimizer.safetensors") then
+    files[1] = dir .. "/optimizer.safetensors"
+  else
+    local _, meta = load_file(shard_file(dir, 0))
+    local n = tonumber(meta.dp_size)
+    if not n then error(("%s has no dp_size in its metadata"):format(shard_file(dir, 0)), 0) end
+    for r = 0, n - 1 do
+      if not fs.exists(shard_file(dir, r)) then
+        error(("checkpoint %s lacks %s (it was saved by %d data-parallel ranks)"):format(dir,
+          shard_file(dir, r):match("[^/]+$"), n), 0)
+      end
+      files[#files + 1] = shard_file(dir, r)
+    end
+  end
+  local index = {}
+  for _, file in ipairs(files) do
+    for name, t in pairs((load_file(file))) do
+      local key, first = name:match("^(.-):(%d+)$")
+      key, first = key or name, tonumber(first) or 0
+      index[key] = index[key] or {}
+      table.insert(index[key], { first = first, tensor = t:reshape({ t:numel() }), file = file })
+    end
+  end
+  return index
+end
+
+-- The copies that fill every destination piece from the stored pieces it overlaps, checked
+-- before anything is copied: each element of the destination must be stored, inside its parameter.
+local function plan_copies(model, pieces, index, dir)
+  local numel = {}
+  for _, p in ipairs(model:parameters()) do numel[p.name] = p.numel end
+  local copies = {}
+  for _, dst in ipairs(pieces) do
+    local key, n = dst.state .. "." .. dst.param, dst.tensor:numel()
+    local stored = index[key]
+    if not stored then error(("checkpoint %s: missing optimizer state '%s'"):format(dir, key), 0) end
+    local covered = 0
+    for _, src in ipairs(stored) do
+      local last = src.first + src.tensor:numel()
+      if last > numel[dst.param] then
+        error(("%s: optimizer state '%s' holds elements up to %d, but this run's %s has %d"):format(src.file, key,
+          last, dst.param, numel[dst.param]), 0)
+      end
+      local a, b = math.max(dst.first, src.first), math.min(dst.first + n, last)
+      if a < b then
+        copies[#copies + 1] = { dst.tensor:narrow(1, a - dst.first + 1, b - a), src.tensor:narrow(1, a - src.first + 1,
+          b - a) }
+        covered = covered + b - a
+      end
+    end
+    if covered ~= n then
+      error(("checkpoint %s: optimizer state '%s' covers %d of the %d elements this rank needs"):format(dir, key,
+        covered, n), 0)
+    end
+  end
+  return copies
+end
+
 -- Loads the latest checkpoint of root (or opts.iteration's) into model, and into optimizer
 -- unless opts.load_optim == false (a data_parallel optimizer's main weights then follow the
--- loaded model). Returns the saved state table and the folder, or nil when root has none.
+-- loaded model), whatever data-parallel layout saved it. Returns the saved state table and the folder, or nil when root has none.
 -- Everything is read and checked before anything changes, so a corrupt checkpoint raises a
 -- clear error and leaves the run as it was.
-function M.load(root, model, optimizer, ranks, opts)
-  ranks, opts = ranks or SINGLE, opts or {}
+function M.load(root, model, optimizer, opts)
+  opts = opts or {}
   local iteration = opts.iteration or M.latest_iteration(root)
   if not iteration then return nil end
   local dir = iter_dir(root, iteration)
@@ -159,37 +241,18 @@ function M.load(root, model, optimizer, ranks, opts)
   local weights = load_file(dir .. "/model.safetensors")
   local model_dst = model_tensors(model)
   check_all(model_dst, weights, dir .. "/model.safetensors")
-  local opt_dst, opt_src
+  local copies
   local load_optim = optimizer and opts.load_optim ~= false
   if load_optim then
-    local sharded
-    opt_dst, sharded = optimizer_state(model, optimizer)
-    local file = sharded and shard_file(dir, ranks.dp_rank) or dir .. "/optimizer.safetensors"
-    local has_shards, has_full = fs.exists(shard_file(dir, 0)), fs.exists(dir .. "/optimizer.safetensors")
-    if not has_shards and not has_full then
+    if not fs.exists(shard_file(dir, 0)) and not fs.exists(dir .. "/optimizer.safetensors") then
       error(("checkpoint %s holds no optimizer state (saved with checkpoint.save_optim = false): set "
         .. "checkpoint.load_optim = false or checkpoint.finetune = true to load the model only"):format(dir), 0)
     end
-    if not sharded and not has_full then
-      error(("checkpoint %s was saved with the distributed optimizer (one optimizer shard per data-parallel rank); "
-        .. "this run uses DDP. Resume with ddp.use_distributed_optimizer = true on the same data-parallel size, or "
-        .. "set checkpoint.load_optim = false to load the model only"):format(dir), 0)
-    end
-    if sharded and not fs.exists(file) then
-      error(("checkpoint %s has no %s: it was not saved with the distributed optimizer at data-parallel size %d. "
-        .. "Resume with the layout it was saved with"):format(dir, file:match("[^/]+$"), ranks.dp_size), 0)
-    end
-    local meta
-    opt_src, meta = load_file(file)
-    if sharded and tonumber(meta.dp_size) ~= ranks.dp_size then
-      error(("%s was saved by %s data-parallel ranks, this run has %d: resume with the same data-parallel size")
-        :format(file, tostring(meta.dp_size), ranks.dp_size), 0)
-    end
-    check_all(opt_dst, opt_src, file)
+    copies = plan_copies(model, state_pieces(model, optimizer), read_optimizer(dir), dir)
   end
   copy_all(model_dst, weights)
   if load_optim then
-    copy_all(opt_dst, opt_src)
+    for _, c in ipairs(copies) do c[1]:copy(c[2]) end
     optimizer:num_steps(state.optimizer_steps or iteration)
   end
   if optimizer and optimizer.after_load then optimizer:after_load() end

@@ -161,24 +161,42 @@ function Replicated:sync_params() end
 
 -- Optimizer state of a plain (replicated) core optimizer over a model's flat buffers, as
 -- checkpoint tensors "<state>.<parameter name>".
-function M.replicated_state(model, opt)
-  local t = {}
+-- The optimizer state as pieces of named parameters, which is what checkpoints store, so that
+-- any layout can read what any other wrote: { {state =, param =, first =, tensor =}, ... }, the
+-- 1-D `tensor` holding elements [first, first + numel) of state `state` (e.g. "exp_avg") of
+-- parameter `param`. A replicated optimizer holds every parameter whole.
+function M.replicated_pieces(model, opt)
+  local pieces = {}
   for _, state in ipairs(opt:state_names()) do
     local flat = opt:state(state)
     for _, p in ipairs(model:parameters()) do
-      t[state .. "." .. p.name] = flat:narrow(1, p.offset + 1, p.numel):reshape(p.shape)
+      pieces[#pieces + 1] = { state = state, param = p.name, first = 0, tensor = flat:narrow(1, p.offset + 1, p.numel) }
     end
   end
-  return t
+  return pieces
 end
 
--- Optimizer state for checkpoints: {name = tensor} and whether it is this rank's shard only.
-function Replicated:state_tensors() return M.replicated_state(self.model, self.opt), false end
+-- Pieces and whether they are this rank's shard only (true) or the whole state.
+function Replicated:state_pieces() return M.replicated_pieces(self.model, self.opt), false end
 
-function Sharded:state_tensors()
-  local t = {}
-  for _, state in ipairs(self.opt:state_names()) do t[state] = self.opt:state(state) end
-  return t, true
+-- The distributed optimizer holds, per bucket, a slice of the flat buffer: the parts of the
+-- parameters that fall in it.
+function Sharded:state_pieces()
+  local pieces = {}
+  for _, state in ipairs(self.opt:state_names()) do
+    local flat = self.opt:state(state)
+    for _, piece in ipairs(self.ddp:pieces()) do
+      local lo, hi = piece.flat_first, piece.flat_first + piece.count
+      for _, p in ipairs(self.model:parameters()) do
+        local a, b = math.max(p.offset, lo), math.min(p.offset + p.numel, hi)
+        if a < b then
+          pieces[#pieces + 1] = { state = state, param = p.name, first = a - p.offset,
+            tensor = flat:narrow(1, piece.main_offset + a - lo + 1, b - a) }
+        end
+      end
+    end
+  end
+  return pieces, true
 end
 
 function Replicated:after_load() end

@@ -293,11 +293,11 @@ function M.maybe_resume(run, log)
   local finetune, load_optim = ck.finetune, ck.load_optim and not ck.finetune
   local state, dir
   if root then
-    state, dir = checkpoint.load(root, run.model, run.optimizer, run.ranks,
+    state, dir = checkpoint.load(root, run.model, run.optimizer,
       { iteration = ck.ckpt_step, load_optim = load_optim })
   end
   if not state and ck.pretrained_checkpoint then
-    state, dir = checkpoint.load(ck.pretrained_checkpoint, run.model, run.optimizer, run.ranks, { load_optim = false })
+    state, dir = checkpoint.load(ck.pretrained_checkpoint, run.model, run.optimizer, { load_optim = false })
     if not state then
       error(("checkpoint.pretrained_checkpoint = %s holds no checkpoint (no latest_checkpointed_iteration.txt)")
         :format(ck.pretrained_checkpoint), 0)

@@ -229,3 +229,71 @@ describe("core.gpt_chunk", function()
       "a first stage (pre_process) must begin at layer 0, not 1")
   end)
 end)
+
+-- The same through the CUDA backend: the plugin's kernels built for the host (tests/cuda, CUDA
+-- threads as coroutines), run by the luatron command with LUATRON_CUDA_PLUGIN. The boundary
+-- transposes, the per-token losses and the gradients then live in device memory.
+local CUDA_CHECK = [[
+local lt = require "luatron"
+local model_lib = require "luatron.model"
+local bf16 = arg[1] == "bf16"
+local p = lt.GPTModelProvider { num_layers = 4, hidden_size = 16, num_attention_heads = 4, seq_length = 8,
+  vocab_size = 64, hidden_dropout = 0.1, attention_dropout = 0.1, device = "cuda", bf16 = bf16,
+  share_embeddings_and_output_weights = false }
+local model = model_lib.build(p, 3)
+local chunks = {}
+for r = 0, 1 do chunks[r + 1] = model_lib.build_chunks(p, model_lib.chunk_layers(p, 2, 1, r), 3)[1] end
+local tok, tgt = {}, {}
+for b = 1, 2 do
+  tok[b], tgt[b] = {}, {}
+  for t = 1, 8 do tok[b][t], tgt[b][t] = (b * 8 + t * 5) % 64, (b * 3 + t * 7) % 64 end
+end
+local tokens, targets = lt.tensor.from(tok, "int32"), lt.tensor.from(tgt, "int32")
+model:zero_grad(); chunks[1]:zero_grad(); chunks[2]:zero_grad()
+local ctx, loss, valid = model:forward(tokens, targets, 5)
+model:backward(ctx, 1 / valid)
+local hid, c1 = chunks[1]:forward(tokens, targets, 5)
+local losses, c2, n = chunks[2]:forward(hid, targets, 5)
+print("device", hid:device(), losses:device(), table.concat(hid:shape(), "x"), hid:dtype())
+local chunk_loss = losses:to_host():sum() / n
+local d = chunks[2]:backward(c2, 1 / n)
+chunks[1]:backward(c1, d)
+local worst = 0
+for _, prm in ipairs(model:parameters()) do
+  local c = prm.name:match("^embedding") and chunks[1] or prm.name:match("^decoder%.layers%.([01])%.") and chunks[1]
+    or chunks[2]
+  local a, b = model:grad(prm.name):to_host(), c:grad(prm.name):to_host()
+  local scale, diff = 0, 0
+  local fa, fb = a:reshape({ a:numel() }), b:reshape({ b:numel() })
+  for i = 1, a:numel() do
+    scale = math.max(scale, math.abs(fa:get(i)))
+    diff = math.max(diff, math.abs(fa:get(i) - fb:get(i)))
+  end
+  if scale > 0 then worst = math.max(worst, diff / scale) else worst = math.max(worst, diff) end
+end
+print(("loss %.9g chunks %.9g grad_rel %.3g"):format(loss, chunk_loss, worst))
+]]
+
+describe("chunks on the CUDA backend (the emulated plugin)", function()
+  local EMULATED = "tests/cuda/luatron_cuda_emulated.so"
+  for _, precision in ipairs { "fp32", "bf16" } do
+    it(("reproduce the whole model on the device in %s"):format(precision), function()
+      local f = io.open(EMULATED)
+      assert(f, EMULATED .. " is missing (a data dependency of this spec)")
+      f:close()
+      local dir = h.tmpdir()
+      h.write(dir .. "/check.lua", CUDA_CHECK)
+      local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s run %s %s"):format(h.q(EMULATED), h.q(h.luatron_bin()),
+        h.q(dir .. "/check.lua"), precision))
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find("device\tcuda\tcuda\t8x2x16\t" .. (precision == "bf16" and "bfloat16" or "float32"),
+        1, true), out)
+      local loss, chunk_loss, rel = out:match("loss (%S+) chunks (%S+) grad_rel (%S+)")
+      assert(loss, out)
+      -- the loss: the same per-token losses, the whole model's rounded to float; the gradients: the
+      -- same kernels in the same order (1e-6 leaves room for a real GPU's atomic additions)
+      assert.is_true(math.abs(tonumber(loss) - tonumber(chunk_loss)) <= 1e-6 * math.abs(tonumber(loss)), out)
+      assert.is_true(tonumber(rel) <= 1e-6, out)
+    end)
+  end
+end)

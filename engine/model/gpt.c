@@ -558,17 +558,20 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     if (!pre && !check_boundary(m, hidden, B, T, "the input hidden state", err, errlen)) return NULL;
     for (int i = 0; i < N; i++) {
         if (pre && (tokens[i] < 0 || tokens[i] >= V)) {
-            lt_fail(err, (size_t)errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i, V);
+            lt_fail(err, (size_t)errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i,
+                    V);
             return NULL;
         }
         if (post && targets && targets[i] >= V) {
-            lt_fail(err, (size_t)errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+            lt_fail(err, (size_t)errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i],
+                    i, V);
             return NULL;
         }
     }
     lt_gpt_ctx *c = ctx_new(m, B, T, dropout_seed);
     if (!c) {
-        lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B, T);
+        lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
+                T);
         return NULL;
     }
     const lt_backend *be = m->be;

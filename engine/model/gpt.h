@@ -91,17 +91,18 @@ lt_tensor *lt_gpt_grads(lt_gpt *m);
 void lt_gpt_init_weights(lt_gpt *m);
 void lt_gpt_zero_grad(lt_gpt *m);
 
-/* Whole model only (first and last): forward on tokens[B, T] with next-token targets[B, T] (targets < 0 are ignored; targets may be
- * NULL for inference, then the loss is not computed). dropout_seed selects this microbatch's dropout
- * masks. Returns the context, or NULL with err set (bad token id, shape, memory). *loss receives the
- * mean loss over valid targets, *num_valid their count. */
+/* Whole model only (first and last): forward on tokens[B, T] with next-token targets[B, T]
+ * (targets < 0 are ignored; targets may be NULL for inference, then the loss is not computed).
+ * dropout_seed selects this microbatch's dropout masks. Returns the context, or NULL with err set
+ * (bad token id, shape, memory). *loss receives the mean loss over valid targets (read back to the
+ * host), *num_valid their count. */
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
 /* Logits [B*T, V] of a context, in the backend's memory and the compute dtype (fp32, or bf16 under
  * mixed precision; valid until backward or free). */
 const void *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
-/* Whole model only: backward accumulates into the model's gradients, scaling d(loss of each valid token) by
- * grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context, also on failure
+/* Whole model only: backward accumulates into the model's gradients, scaling d(loss of each valid
+ * token) by grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context, also on failure
  * (-1 with err set when the backend is out of memory for the gradients' scratch; 0 otherwise). */
 int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *ctx, float grad_scale, char *err, int errlen);
 void lt_gpt_ctx_free(lt_gpt_ctx *ctx);

@@ -18,14 +18,15 @@ uint64_t lt_dropout_key(uint64_t seed, int layer, const char *site) {
     return lt_rng_key(seed, name);
 }
 
-void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd, const void *inp,
-                     const void *w, const void *b, int N) {
+void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd,
+                           const void *inp, const void *w, const void *b, int N) {
     if (s->rmsnorm) ops->rmsnorm_forward(out, rstd, inp, w, N, s->hidden_size, s->layernorm_epsilon);
     else ops->layernorm_forward(out, mean, rstd, inp, w, b, N, s->hidden_size, s->layernorm_epsilon);
 }
 
-void lt_layer_norm_backward(const lt_layer_spec *s, const lt_ops *ops, void *dinp, float *dw, float *db, const void *dout,
-                      const void *inp, const void *w, const float *mean, const float *rstd, int N) {
+void lt_layer_norm_backward(const lt_layer_spec *s, const lt_ops *ops, void *dinp, float *dw, float *db,
+                            const void *dout, const void *inp, const void *w, const float *mean, const float *rstd,
+                            int N) {
     if (s->rmsnorm) ops->rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, s->hidden_size);
     else ops->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, s->hidden_size);
 }
@@ -64,16 +65,16 @@ void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char
 
 /* ---- attention block ---- */
 
-void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w, lt_layer_ctx *c,
-                          const void *x, void *out) {
+void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                                lt_layer_ctx *c, const void *x, void *out) {
     const int B = c->B, T = c->T, N = B * T, C = s->hidden_size, qkv = lt_layer_qkv_dim(s);
     const int H = s->num_attention_heads, G = s->num_query_groups, D = s->kv_channels;
     lt_attention_acts *a = &c->attn;
     lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, x, w->ln_w, w->ln_b, N);
     if (s->qk_layernorm) { /* per-head norms between linear_qkv and the rotary embedding */
         ops->linear_forward(a->qkv_pre, a->ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
-        ops->qk_norm_forward(a->qkv, a->qk_mean, a->qk_rstd, a->qkv_pre, w->qn_w, w->qn_b, w->kn_w, w->kn_b, N, H, G,
-                             D, s->layernorm_epsilon);
+        ops->qk_norm_forward(a->qkv, a->qk_mean, a->qk_rstd, a->qkv_pre, w->qn_w, w->qn_b, w->kn_w, w->kn_b, N, H, G, D,
+                             s->layernorm_epsilon);
     } else {
         ops->linear_forward(a->qkv, a->ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
     }
@@ -91,8 +92,8 @@ void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const
 }
 
 void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
-                           const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
-                           const lt_layer_scratch *sc) {
+                                 const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
+                                 const lt_layer_scratch *sc) {
     const int B = c->B, T = c->T, N = B * T, C = s->hidden_size, qkv = lt_layer_qkv_dim(s);
     const int H = s->num_attention_heads, G = s->num_query_groups, D = s->kv_channels;
     const lt_attention_acts *a = &c->attn;
@@ -121,7 +122,7 @@ void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, cons
 /* ---- MLP block ---- */
 
 void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
-                    const void *h, void *out) {
+                          const void *h, void *out) {
     const int N = c->B * c->T, C = s->hidden_size, F = s->ffn_hidden_size, fc1 = lt_layer_fc1_dim(s);
     lt_mlp_acts *a = &c->mlp;
     lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, N);
@@ -142,7 +143,7 @@ void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_ml
 }
 
 void lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
-                     const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc) {
+                           const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc) {
     const int N = c->B * c->T, C = s->hidden_size, F = s->ffn_hidden_size, fc1 = lt_layer_fc1_dim(s);
     const lt_mlp_acts *a = &c->mlp;
     const void *d_fc2 = dx;

@@ -80,16 +80,16 @@ typedef struct {
 } lt_layer_scratch;
 
 /* out = x + dropout(attention(norm(x))), saving into c->attn. out may not alias x. */
-void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w, lt_layer_ctx *c,
-                          const void *x, void *out);
+void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                                lt_layer_ctx *c, const void *x, void *out);
 /* dx holds d(out) on entry and d(x) on return (the residual passes through); gradients accumulate. */
 void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
-                           const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
-                           const lt_layer_scratch *sc);
+                                 const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
+                                 const lt_layer_scratch *sc);
 void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
-                    const void *h, void *out);
+                          const void *h, void *out);
 void lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
-                     const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc);
+                           const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc);
 
 /* The whole layer: attention block into c->h, then the MLP block into out. */
 void lt_layer_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
@@ -99,10 +99,11 @@ void lt_layer_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_atten
                        const lt_layer_ctx *c, const void *x, void *dx, const lt_layer_scratch *sc);
 
 /* LayerNorm or RMSNorm (by the spec) over rows of hidden_size; mean is unused by RMSNorm. */
-void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd, const void *inp,
-                     const void *w, const void *b, int N);
-void lt_layer_norm_backward(const lt_layer_spec *s, const lt_ops *ops, void *dinp, float *dw, float *db, const void *dout,
-                      const void *inp, const void *w, const float *mean, const float *rstd, int N);
+void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd,
+                           const void *inp, const void *w, const void *b, int N);
+void lt_layer_norm_backward(const lt_layer_spec *s, const lt_ops *ops, void *dinp, float *dw, float *db,
+                            const void *dout, const void *inp, const void *w, const float *mean, const float *rstd,
+                            int N);
 
 /* The dropout stream key of one (microbatch seed, global layer, site); layer -1 is the embedding. */
 uint64_t lt_dropout_key(uint64_t seed, int layer, const char *site);

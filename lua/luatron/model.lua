@@ -67,10 +67,13 @@ function M.chunk_layers(provider, pp, vpp, pp_rank)
   local L = provider.num_layers
   pp, vpp, pp_rank = pp or 1, vpp or 1, pp_rank or 0
   for name, v in pairs { pipeline_model_parallel_size = pp, virtual_pipeline_model_parallel_size = vpp } do
-    if math.type(v) ~= "integer" or v < 1 then util.fail(string.format("%s must be a positive integer (got %s)", name, tostring(v))) end
+    if math.type(v) ~= "integer" or v < 1 then
+      util.fail(string.format("%s must be a positive integer (got %s)", name, tostring(v)))
+    end
   end
   if math.type(pp_rank) ~= "integer" or pp_rank < 0 or pp_rank >= pp then
-    util.fail(string.format("pipeline rank %s is outside [0, %d) (pipeline_model_parallel_size = %d)", tostring(pp_rank), pp, pp))
+    util.fail(string.format("pipeline rank %s is outside [0, %d) (pipeline_model_parallel_size = %d)",
+      tostring(pp_rank), pp, pp))
   end
   if vpp > 1 and pp <= 1 then
     util.fail(string.format("virtual_pipeline_model_parallel_size = %d requires pipeline_model_parallel_size > 1 "

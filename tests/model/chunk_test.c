@@ -11,7 +11,9 @@
  *      bf16 mixed precision; qk_layernorm with zero-centred gamma and add_qkv_bias under bf16;
  *   4. the boundary layout is [s, b, h]: output row (t, b) is sequence b's token t;
  *   5. errors: stages that are not a range, a missing or misshapen hidden state, the whole-model
- *      calls on a chunk. */
+ *      calls on a chunk;
+ *   6. the data-parallel hooks on a chunk: parameters are waited for from 0 to the end of its buffer,
+ *      gradients reported ready from the end down to 0, once per layer (and head / embedding). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -331,6 +333,49 @@ static void test_errors(void) {
     lt_gpt_free(mid);
 }
 
+/* ---- 6. hooks ---- */
+
+typedef struct {
+    int n;
+    int64_t at[16];
+} calls;
+
+static void record(void *ud, int64_t off) {
+    calls *c = ud;
+    if (c->n < 16) c->at[c->n] = off;
+    c->n++;
+}
+
+static void test_hooks(void) {
+    lt_gpt_config c = tiny_config();
+    c.share_embeddings_and_output_weights = 1;
+    lt_gpt *ch[3] = {new_chunk(&c, 0, 1, 1, 0), new_chunk(&c, 1, 3, 0, 0), new_chunk(&c, 3, 4, 0, 1)};
+    calls waits[3] = {{0}}, ready[3] = {{0}};
+    for (int i = 0; i < 3; i++) {
+        lt_gpt_set_param_wait_hook(ch[i], record, &waits[i]);
+        lt_gpt_set_grad_ready_hook(ch[i], record, &ready[i]);
+    }
+    batch b[2] = {make_batch(2, 5, c.vocab_size, 5), make_batch(2, 5, c.vocab_size, 6)};
+    float loss[2];
+    run_chunks(ch, 3, b, loss);
+    /* per microbatch: first stage waits for the embedding then its layer then the rest; the others one
+     * wait per layer, then the rest; ready: one report per layer, plus the head, plus the embedding */
+    const int want_waits[3] = {3, 3, 2}, want_ready[3] = {2, 2, 2};
+    for (int i = 0; i < 3; i++) {
+        const int64_t total = lt_tensor_numel(lt_gpt_weights(ch[i]));
+        int mono = 1;
+        for (int k = 1; k < waits[i].n && k < 16; k++)
+            if (waits[i].at[k] < waits[i].at[k - 1] && waits[i].at[k] != waits[i].at[0]) mono = 0;
+        for (int k = 1; k < ready[i].n && k < 16; k++)
+            if (ready[i].at[k] > ready[i].at[k - 1] && k != ready[i].n / 2) mono = 0;
+        TAP_CHECK(waits[i].n == 2 * want_waits[i] && waits[i].at[want_waits[i] - 1] == total &&
+                      ready[i].n == 2 * want_ready[i] && ready[i].at[want_ready[i] - 1] == 0 && mono,
+                  "chunk %d: parameters waited for up to %lld in %d steps, gradients ready down to 0 in %d, per "
+                  "microbatch", i, (long long)total, waits[i].n / 2, ready[i].n / 2);
+        lt_gpt_free(ch[i]);
+    }
+}
+
 int main(void) {
     test_dropout_active();
     lt_gpt_config c = tiny_config();
@@ -357,5 +402,6 @@ int main(void) {
     check_config("bf16 qk_layernorm/zero-centred gamma/qkv bias/tanh GELU, tied", c);
     test_boundary_layout();
     test_errors();
+    test_hooks();
     return tap_done();
 }

@@ -1,5 +1,7 @@
-/* luatron.GPT: a GPT model built from a provider table, and luatron.GPTContext, the saved
- * activations of one microbatch between forward and backward. */
+/* luatron.GPT: a GPT model built from a provider table; luatron.GPTChunk: one pipeline chunk of it
+ * (layers [layer_begin, layer_end), the embedding when first, the loss when last); and
+ * luatron.GPTContext, the saved activations of one microbatch between forward and backward. Both
+ * model types share the parameter methods (param, grad, parameters, flat_weights, ...). */
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +11,7 @@
 #include "engine/model/gpt.h"
 
 #define GPT_MT "luatron.GPT"
+#define CHUNK_MT "luatron.GPTChunk"
 #define CTX_MT "luatron.GPTContext"
 
 typedef struct {
@@ -21,9 +24,23 @@ typedef struct {
     int B, T, V;
 } ctx_box;
 
+/* A luatron.GPT or a luatron.GPTChunk (both box an lt_gpt). */
+static gpt_box *check_box(lua_State *L, int idx) {
+    gpt_box *b = luaL_testudata(L, idx, GPT_MT);
+    if (!b) b = luaL_testudata(L, idx, CHUNK_MT);
+    if (!b) luaL_typeerror(L, idx, "luatron.GPT or luatron.GPTChunk");
+    return b;
+}
+
 static lt_gpt *check_gpt(lua_State *L, int idx) {
-    gpt_box *b = luaL_checkudata(L, idx, GPT_MT);
+    gpt_box *b = check_box(L, idx);
     if (!b->m) luaL_argerror(L, idx, "model was already closed");
+    return b->m;
+}
+
+static lt_gpt *check_chunk(lua_State *L, int idx) {
+    gpt_box *b = luaL_checkudata(L, idx, CHUNK_MT);
+    if (!b->m) luaL_argerror(L, idx, "chunk was already closed");
     return b->m;
 }
 
@@ -55,9 +72,9 @@ static int field_bool(lua_State *L, int idx, const char *name, int dflt) {
     return v;
 }
 
-/* core.gpt{num_layers=..., hidden_size=..., ...}: the fields are the resolved provider's
+/* The model config of core.gpt / core.gpt_chunk's table: the fields are the resolved provider's
  * (vocab_size already padded; activation and norm given as booleans). */
-static int l_gpt_new(lua_State *L) {
+static lt_gpt_config read_config(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lt_gpt_config c;
     memset(&c, 0, sizeof c);
@@ -99,12 +116,38 @@ static int l_gpt_new(lua_State *L) {
     }
     c.backend = lt_backend_get(device, err, sizeof err);
     lua_pop(L, 1);
-    if (!c.backend) return luaL_error(L, "cannot build the model: %s", err);
+    if (!c.backend) luaL_error(L, "cannot build the model: %s", err);
+    return c;
+}
+
+static int l_gpt_new(lua_State *L) {
+    lt_gpt_config c = read_config(L);
+    char err[512] = "";
     gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->m = NULL;
     luaL_setmetatable(L, GPT_MT);
     b->m = lt_gpt_new(&c, err, sizeof err);
     if (!b->m) luaL_error(L, "cannot build the model: %s", err);
+    return 1;
+}
+
+/* core.gpt_chunk{<core.gpt's fields>, layer_begin=, layer_end=, pre_process=, post_process=}: the
+ * chunk holding global layers [layer_begin, layer_end) (default: all), with the embedding when
+ * pre_process and the final norm, output layer and loss when post_process (default: whether it
+ * begins at layer 0 / ends at the last layer). */
+static int l_gpt_chunk_new(lua_State *L) {
+    lt_gpt_config c = read_config(L);
+    lt_gpt_stage st;
+    st.layer_begin = (int)field_int(L, 1, "layer_begin", 0, 0);
+    st.layer_end = (int)field_int(L, 1, "layer_end", 0, c.num_layers);
+    st.pre_process = field_bool(L, 1, "pre_process", st.layer_begin == 0);
+    st.post_process = field_bool(L, 1, "post_process", st.layer_end == c.num_layers);
+    char err[512] = "";
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->m = NULL;
+    luaL_setmetatable(L, CHUNK_MT);
+    b->m = lt_gpt_new_chunk(&c, &st, err, sizeof err);
+    if (!b->m) luaL_error(L, "cannot build the chunk: %s", err);
     return 1;
 }
 
@@ -178,12 +221,101 @@ static int m_backward(lua_State *L) {
     return 0;
 }
 
+/* ---- chunks ---- */
+
+/* chunk:forward(tokens_or_hidden, targets, dropout_seed) -> output, ctx, valid targets.
+ * A first stage takes int32 tokens [B, T] (host); any other the previous chunk's output [T, B, h]
+ * ([s, b, h], on the model's device, compute dtype). targets: int32 [B, T] (host) or nil, read by a
+ * last stage only. output: the hidden state [T, B, h] for the next chunk, or on a last stage the
+ * per-token losses [B, T] float32 on the device (0 at ignored targets; nil without targets) with the
+ * count of valid targets; nothing is read back from the device. */
+static int c_forward(lua_State *L) {
+    lt_gpt *m = check_chunk(L, 1);
+    const lt_gpt_stage *st = lt_gpt_get_stage(m);
+    lt_tensor *in = lt_lua_check_tensor(L, 2);
+    lt_tensor *targets_t = lua_isnoneornil(L, 3) ? NULL : lt_lua_check_host_tensor(L, 3);
+    uint64_t seed = (uint64_t)luaL_optinteger(L, 4, 0);
+    int B, T;
+    if (st->pre_process) {
+        if (in->dtype != LT_I32 || in->ndim != 2 || !lt_tensor_is_contiguous(in) || in->storage->device != LT_CPU)
+            luaL_argerror(L, 2, "a first stage takes a contiguous int32 host tensor of tokens [batch, seq]");
+        B = (int)in->shape[0];
+        T = (int)in->shape[1];
+    } else {
+        if (in->ndim != 3) luaL_argerror(L, 2, "a chunk after the first takes the hidden state [seq, batch, hidden]");
+        T = (int)in->shape[0];
+        B = (int)in->shape[1];
+    }
+    if (targets_t && (targets_t->dtype != LT_I32 || !lt_tensor_is_contiguous(targets_t) || targets_t->ndim != 2 ||
+                      targets_t->shape[0] != B || targets_t->shape[1] != T))
+        luaL_argerror(L, 3, "targets must be a contiguous int32 tensor [batch, seq] of the microbatch's shape");
+    const int32_t *targets = targets_t && st->post_process ? lt_tensor_data(targets_t) : NULL;
+    char err[256] = "";
+    lt_tensor *out = NULL;
+    int64_t valid = 0;
+    ctx_box *cb = lua_newuserdatauv(L, sizeof *cb, 0);
+    cb->ctx = NULL;
+    luaL_setmetatable(L, CTX_MT);
+    cb->ctx = lt_gpt_chunk_forward(m, st->pre_process ? lt_tensor_data(in) : NULL, st->pre_process ? NULL : in,
+                                   targets, B, T, seed, &out, &valid, err, sizeof err);
+    if (!cb->ctx) luaL_error(L, "chunk forward: %s", err);
+    cb->owner = m;
+    cb->B = B;
+    cb->T = T;
+    cb->V = lt_gpt_get_config(m)->vocab_size;
+    if (out) lt_lua_push_tensor(L, out);
+    else lua_pushnil(L);
+    lua_rotate(L, -2, 1); /* output, ctx */
+    if (!st->post_process) return 2;
+    lua_pushinteger(L, valid);
+    return 3;
+}
+
+/* chunk:backward(ctx, grad_output | loss_scale) -> grad_input [T, B, h], or nil on a first stage.
+ * A last stage takes the scale of d(each valid token's loss) (e.g. 1 / (valid tokens x
+ * microbatches)); any other the gradient of its output [T, B, h]. Releases ctx. */
+static int c_backward(lua_State *L) {
+    lt_gpt *m = check_chunk(L, 1);
+    const lt_gpt_stage *st = lt_gpt_get_stage(m);
+    ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
+    if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
+    if (cb->owner != m) luaL_argerror(L, 2, "context comes from another chunk's forward");
+    float scale = 0;
+    lt_tensor *dout = NULL;
+    if (st->post_process) scale = (float)luaL_checknumber(L, 3);
+    else dout = lt_lua_check_tensor(L, 3);
+    char err[256] = "";
+    lt_tensor *din = NULL;
+    int rc = lt_gpt_chunk_backward(m, cb->ctx, dout, scale, &din, err, sizeof err);
+    cb->ctx = NULL;
+    if (rc != 0) luaL_error(L, "chunk backward: %s", err);
+    if (din) lt_lua_push_tensor(L, din);
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* chunk:stage() -> {layer_begin=, layer_end=, pre_process=, post_process=} (global layer numbers). */
+static int c_stage(lua_State *L) {
+    const lt_gpt_stage *st = lt_gpt_get_stage(check_chunk(L, 1));
+    lua_createtable(L, 0, 4);
+    lua_pushinteger(L, st->layer_begin);
+    lua_setfield(L, -2, "layer_begin");
+    lua_pushinteger(L, st->layer_end);
+    lua_setfield(L, -2, "layer_end");
+    lua_pushboolean(L, st->pre_process);
+    lua_setfield(L, -2, "pre_process");
+    lua_pushboolean(L, st->post_process);
+    lua_setfield(L, -2, "post_process");
+    return 1;
+}
+
 /* model:logits(ctx) → a host copy [B, T, V] in the compute dtype (float32, or bfloat16 under mixed precision). */
 static int m_logits(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
     ctx_box *cb = luaL_checkudata(L, 2, CTX_MT);
     if (!cb->ctx) luaL_argerror(L, 2, "context was already used by a backward (or released)");
     if (cb->owner != m) luaL_argerror(L, 2, "context comes from another model's forward");
+    if (!lt_gpt_ctx_logits(cb->ctx)) luaL_argerror(L, 2, "only a last stage (post_process) has logits");
     int64_t shape[3] = {cb->B, cb->T, cb->V};
     lt_dtype dtype = lt_gpt_get_config(m)->bf16 ? LT_BF16 : LT_F32;
     lt_tensor *t = lt_tensor_new(dtype, 3, shape);
@@ -277,16 +409,23 @@ static int m_flops_per_token(lua_State *L) {
 }
 
 static int m_tostring(lua_State *L) {
-    gpt_box *b = luaL_checkudata(L, 1, GPT_MT);
+    gpt_box *b = check_box(L, 1);
     if (!b->m) { lua_pushliteral(L, "GPT(closed)"); return 1; }
     const lt_gpt_config *c = lt_gpt_get_config(b->m);
+    const lt_gpt_stage *st = lt_gpt_get_stage(b->m);
+    if (luaL_testudata(L, 1, CHUNK_MT)) {
+        lua_pushfstring(L, "GPTChunk(layers=[%d, %d) of %d, pre_process=%s, post_process=%s, hidden=%d)",
+                        st->layer_begin, st->layer_end, c->num_layers, st->pre_process ? "true" : "false",
+                        st->post_process ? "true" : "false", c->hidden_size);
+        return 1;
+    }
     lua_pushfstring(L, "GPT(layers=%d, hidden=%d, heads=%d, vocab=%d, seq=%d)", c->num_layers, c->hidden_size,
                     c->num_attention_heads, c->vocab_size, c->seq_length);
     return 1;
 }
 
 static int m_free(lua_State *L) {
-    gpt_box *b = luaL_checkudata(L, 1, GPT_MT);
+    gpt_box *b = check_box(L, 1);
     lt_gpt_free(b->m);
     b->m = NULL;
     return 0;
@@ -311,9 +450,19 @@ void lt_lua_open_model(lua_State *L) {
         {"flops_per_token", m_flops_per_token}, {"close", m_free},      {NULL, NULL}};
     static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
     lt_lua_new_type(L, GPT_MT, methods, meta);
+    static const luaL_Reg chunk_methods[] = {
+        {"forward", c_forward},       {"backward", c_backward},         {"stage", c_stage},
+        {"logits", m_logits},
+        {"zero_grad", m_zero_grad},   {"init_weights", m_init_weights}, {"param", m_param},
+        {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
+        {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
+        {"close", m_free},            {NULL, NULL}};
+    lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};
     static const luaL_Reg ctx_meta[] = {{"__gc", ctx_free}, {"__close", ctx_free}, {NULL, NULL}};
     lt_lua_new_type(L, CTX_MT, ctx_methods, ctx_meta);
     lua_pushcfunction(L, l_gpt_new);
     lua_setfield(L, -2, "gpt");
+    lua_pushcfunction(L, l_gpt_chunk_new);
+    lua_setfield(L, -2, "gpt_chunk");
 }

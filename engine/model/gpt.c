@@ -8,6 +8,7 @@
 
 #include "engine/core/error.h"
 #include "engine/core/rng.h"
+#include "engine/model/layer.h"
 
 /* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. qn, kn: the
  * per-head query and key norms (qk_layernorm). */
@@ -15,17 +16,6 @@ typedef struct {
     int64_t ln1_w, ln1_b, qkv_w, qkv_b, qn_w, qn_b, kn_w, kn_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
         fc2_b;
 } layer_offsets;
-
-/* Weights as the ops read them: fp32, or the bf16 compute copy under mixed precision. */
-typedef struct {
-    const void *ln1_w, *ln1_b, *qkv_w, *qkv_b, *qn_w, *qn_b, *kn_w, *kn_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w,
-        *fc1_b, *fc2_w, *fc2_b;
-} layer_weights;
-
-typedef struct {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *qn_w, *qn_b, *kn_w, *kn_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc1_w,
-        *fc1_b, *fc2_w, *fc2_b;
-} layer_grads;
 
 /* A norm weight under layernorm_zero_centered_gamma: its n values at flat offset off, and where
  * 1 + weight is kept for the ops (element offset in lt_gpt.gamma). */
@@ -35,6 +25,9 @@ typedef struct {
 
 struct lt_gpt {
     lt_gpt_config cfg;
+    lt_gpt_stage stage;
+    int nl;              /* layers held: stage.layer_end - stage.layer_begin */
+    lt_layer_spec spec;  /* what the layers need of cfg */
     const lt_backend *be;
     const lt_ops *ops; /* the backend's ops at the compute precision */
     size_t E;          /* bytes per activation element (4 fp32, 2 bf16) */
@@ -43,8 +36,10 @@ struct lt_gpt {
     int64_t total;
     lt_tensor *weights, *grads; /* fp32: the main weights the optimizer updates, and their gradients */
     lt_tensor *compute;         /* bf16 copy of the weights under mixed precision (NULL in fp32) */
-    int64_t wte, wpe, lnf_w, lnf_b, out_w; /* offsets; -1 when absent */
-    layer_offsets *layers;
+    /* Offsets; -1 when absent. out_w: the output layer's weight on a last stage (wte itself when tied
+     * and also first; else output_layer.weight, or the tied copy of the word embeddings). */
+    int64_t wte, wpe, lnf_w, lnf_b, out_w;
+    layer_offsets *layers; /* [nl]: layers[i] is global layer layer_begin + i */
     int qkv_dim, fc1_dim; /* widths of the fused QKV and fc1 outputs */
     /* Zero-centred gamma: the norms read 1 + weight from `gamma` (compute dtype: ones, then one slot per
      * norm weight), refreshed with the weights in forward; NULL and 0 otherwise. */
@@ -57,12 +52,6 @@ struct lt_gpt {
     void *param_wait_ud;
 };
 
-/* Saved activations of one layer for one microbatch (void: the compute dtype; float: always fp32). */
-typedef struct {
-    void *ln1, *qkv_pre, *qkv, *att, *res1, *ln2, *fc1, *act; /* qkv_pre: linear_qkv's output (qk_layernorm) */
-    float *ln1_mean, *ln1_rstd, *qk_mean, *qk_rstd, *lse, *ln2_mean, *ln2_rstd;
-} layer_acts;
-
 struct lt_gpt_ctx {
     const lt_backend *be;
     int B, T;
@@ -70,12 +59,16 @@ struct lt_gpt_ctx {
     void *arena; /* backend memory */
     size_t arena_bytes;
     int32_t *host_targets; /* host copy: counts valid tokens and scales their loss gradients */
-    float *host_scratch;   /* N floats on the host: the losses read back, then backward's dloss */
+    float *host_scratch;   /* N floats on the host: backward's dloss */
     int32_t *tokens, *targets;
-    void **x; /* residual stream: x[0] embeddings, x[l+1] output of layer l */
-    layer_acts *acts;
+    /* Row indices for the [b, s, h] <-> [s, b, h] transposes at a chunk boundary (NULL for the whole
+     * model): to_bsh[b*T + t] = t*B + b, to_sbh[t*B + b] = b*T + t. */
+    int32_t *to_bsh, *to_sbh;
+    void **x; /* residual stream [B, T, C]: x[0] the chunk's input, x[i+1] output of its layer i */
+    lt_layer_ctx *layers;
     void *lnf, *logits;
-    float *lnf_mean, *lnf_rstd, *losses, *ce_lse;
+    float *lnf_mean, *lnf_rstd, *ce_lse;
+    lt_tensor *losses; /* per-token losses [B, T] (last stage with targets) */
     int64_t num_valid;
 };
 
@@ -160,10 +153,51 @@ static int gamma_new(lt_gpt *m) {
     return 1;
 }
 
+static int check_stage(const lt_gpt_config *c, const lt_gpt_stage *st, char *err, int errlen) {
+    const int L = c->num_layers;
+    if (st->layer_begin < 0 || st->layer_begin > st->layer_end || st->layer_end > L)
+        return lt_fail(err, (size_t)errlen, "chunk layers [%d, %d) are not a range of the model's %d layers",
+                       st->layer_begin, st->layer_end, L), 0;
+    if (st->pre_process && st->layer_begin != 0)
+        return lt_fail(err, (size_t)errlen, "a first stage (pre_process) must begin at layer 0, not %d",
+                       st->layer_begin), 0;
+    if (st->post_process && st->layer_end != L)
+        return lt_fail(err, (size_t)errlen, "a last stage (post_process) must end at layer %d, not %d", L,
+                       st->layer_end), 0;
+    if (st->layer_begin == st->layer_end && !st->pre_process && !st->post_process)
+        return lt_fail(err, (size_t)errlen, "chunk [%d, %d) holds nothing", st->layer_begin, st->layer_end), 0;
+    return 1;
+}
+
+static lt_layer_spec spec_of(const lt_gpt_config *c) {
+    return (lt_layer_spec){.hidden_size = c->hidden_size,
+                           .num_attention_heads = c->num_attention_heads,
+                           .num_query_groups = c->num_query_groups,
+                           .kv_channels = c->kv_channels,
+                           .ffn_hidden_size = c->ffn_hidden_size,
+                           .rmsnorm = c->rmsnorm,
+                           .layernorm_epsilon = c->layernorm_epsilon,
+                           .gated_linear_unit = c->gated_linear_unit,
+                           .gelu_tanh = c->gelu_tanh,
+                           .rope = c->rope,
+                           .rotary_base = c->rotary_base,
+                           .qk_layernorm = c->qk_layernorm,
+                           .hidden_dropout = c->hidden_dropout,
+                           .attention_dropout = c->attention_dropout};
+}
+
 lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
-    if (!check_config(cfg, err, errlen)) return NULL;
+    const lt_gpt_stage whole = {0, cfg->num_layers, 1, 1};
+    return lt_gpt_new_chunk(cfg, &whole, err, errlen);
+}
+
+lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, char *err, int errlen) {
+    if (!check_config(cfg, err, errlen) || !check_stage(cfg, stage, err, errlen)) return NULL;
     lt_gpt *m = calloc(1, sizeof *m);
     m->cfg = *cfg;
+    m->stage = *stage;
+    m->nl = stage->layer_end - stage->layer_begin;
+    m->spec = spec_of(cfg);
     m->be = cfg->backend ? cfg->backend : lt_backend_cpu();
     m->ops = cfg->bf16 ? m->be->bf16 : m->be->f32;
     if (!m->ops) {
@@ -172,17 +206,21 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
         return NULL;
     }
     m->E = lt_dtype_size(m->ops->dtype);
-    const int C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
+    const int C = cfg->hidden_size, V = cfg->vocab_size;
     const int D = cfg->kv_channels, HD = cfg->num_attention_heads * D;
     const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm, qk = cfg->qk_layernorm;
-    m->qkv_dim = (cfg->num_attention_heads + 2 * cfg->num_query_groups) * cfg->kv_channels;
-    m->fc1_dim = cfg->gated_linear_unit ? 2 * cfg->ffn_hidden_size : cfg->ffn_hidden_size;
+    m->qkv_dim = lt_layer_qkv_dim(&m->spec);
+    m->fc1_dim = lt_layer_fc1_dim(&m->spec);
 
-    m->wte = add_param(m, 2, V, C, 0, "embedding.word_embeddings.weight");
-    m->wpe = cfg->rope ? -1 : add_param(m, 2, cfg->seq_length, C, 0, "embedding.position_embeddings.weight");
-    m->layers = calloc((size_t)L, sizeof *m->layers);
-    for (int l = 0; l < L; l++) {
-        layer_offsets *o = &m->layers[l];
+    m->wte = m->wpe = m->lnf_w = m->lnf_b = m->out_w = -1;
+    if (stage->pre_process) {
+        m->wte = add_param(m, 2, V, C, 0, "embedding.word_embeddings.weight");
+        m->wpe = cfg->rope ? -1 : add_param(m, 2, cfg->seq_length, C, 0, "embedding.position_embeddings.weight");
+    }
+    m->layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *m->layers);
+    for (int i = 0; i < m->nl; i++) {
+        const int l = stage->layer_begin + i; /* global: names (and so initial values) do not depend on the chunk */
+        layer_offsets *o = &m->layers[i];
         const char *pre = "decoder.layers";
         o->ln1_w = add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.weight", pre, l);
         o->ln1_b = rms ? -1 : add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.bias", pre, l);
@@ -203,9 +241,13 @@ lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
         o->fc2_w = add_param(m, 2, C, cfg->ffn_hidden_size, 0, "%s.%d.mlp.linear_fc2.weight", pre, l);
         o->fc2_b = bias ? add_param(m, 1, C, 0, 1, "%s.%d.mlp.linear_fc2.bias", pre, l) : -1;
     }
-    m->lnf_w = add_param(m, 1, C, 0, 1, "decoder.final_layernorm.weight");
-    m->lnf_b = rms ? -1 : add_param(m, 1, C, 0, 1, "decoder.final_layernorm.bias");
-    m->out_w = cfg->share_embeddings_and_output_weights ? -1 : add_param(m, 2, V, C, 0, "output_layer.weight");
+    if (stage->post_process) {
+        m->lnf_w = add_param(m, 1, C, 0, 1, "decoder.final_layernorm.weight");
+        m->lnf_b = rms ? -1 : add_param(m, 1, C, 0, 1, "decoder.final_layernorm.bias");
+        if (!cfg->share_embeddings_and_output_weights) m->out_w = add_param(m, 2, V, C, 0, "output_layer.weight");
+        else if (stage->pre_process) m->out_w = m->wte;
+        else m->out_w = add_param(m, 2, V, C, 0, "embedding.word_embeddings.weight"); /* the tied copy */
+    }
 
     int multiple = cfg->flat_multiple > 0 ? cfg->flat_multiple : 16;
     m->total = (m->total + multiple - 1) / multiple * multiple;
@@ -236,6 +278,7 @@ void lt_gpt_free(lt_gpt *m) {
 }
 
 const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m) { return &m->cfg; }
+const lt_gpt_stage *lt_gpt_get_stage(const lt_gpt *m) { return &m->stage; }
 const lt_backend *lt_gpt_backend(const lt_gpt *m) { return m->be; }
 int lt_gpt_num_params(const lt_gpt *m) { return m->num_params; }
 const lt_gpt_param *lt_gpt_param_info(const lt_gpt *m, int i) {
@@ -329,46 +372,32 @@ static void gamma_refresh(lt_gpt *m, int64_t from, int64_t end) {
     }
 }
 
-static layer_weights weights_of(const lt_gpt *m, int l) {
-    const layer_offsets *o = &m->layers[l];
-    return (layer_weights){norm_weight(m, o->ln1_w), weight(m, o->ln1_b),  weight(m, o->qkv_w),
-                           weight(m, o->qkv_b),      norm_weight(m, o->qn_w), weight(m, o->qn_b),
-                           norm_weight(m, o->kn_w),  weight(m, o->kn_b),  weight(m, o->proj_w),
-                           weight(m, o->proj_b),     norm_weight(m, o->ln2_w), weight(m, o->ln2_b),
-                           weight(m, o->fc1_w),      weight(m, o->fc1_b), weight(m, o->fc2_w),
-                           weight(m, o->fc2_b)};
+/* Layer i of the chunk (global layer layer_begin + i): its weights as the ops read them, and its
+ * gradients, as views into the chunk's flat buffers. */
+static void weights_of(const lt_gpt *m, int i, lt_attention_weights *aw, lt_mlp_weights *mw) {
+    const layer_offsets *o = &m->layers[i];
+    *aw = (lt_attention_weights){norm_weight(m, o->ln1_w), weight(m, o->ln1_b),     weight(m, o->qkv_w),
+                                 weight(m, o->qkv_b),      norm_weight(m, o->qn_w), weight(m, o->qn_b),
+                                 norm_weight(m, o->kn_w),  weight(m, o->kn_b),      weight(m, o->proj_w),
+                                 weight(m, o->proj_b)};
+    *mw = (lt_mlp_weights){norm_weight(m, o->ln2_w), weight(m, o->ln2_b), weight(m, o->fc1_w),
+                           weight(m, o->fc1_b),      weight(m, o->fc2_w), weight(m, o->fc2_b)};
 }
 
-static layer_grads grads_of(lt_gpt *m, int l) {
+static void grads_of(lt_gpt *m, int i, lt_attention_grads *ag, lt_mlp_grads *mg) {
     float *g = lt_tensor_data(m->grads);
-    const layer_offsets *o = &m->layers[l];
-    return (layer_grads){PTR(g, o->ln1_w),  PTR(g, o->ln1_b),  PTR(g, o->qkv_w), PTR(g, o->qkv_b),
-                         PTR(g, o->qn_w),   PTR(g, o->qn_b),   PTR(g, o->kn_w),  PTR(g, o->kn_b),
-                         PTR(g, o->proj_w), PTR(g, o->proj_b), PTR(g, o->ln2_w), PTR(g, o->ln2_b),
-                         PTR(g, o->fc1_w),  PTR(g, o->fc1_b),  PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
+    const layer_offsets *o = &m->layers[i];
+    *ag = (lt_attention_grads){PTR(g, o->ln1_w), PTR(g, o->ln1_b), PTR(g, o->qkv_w),  PTR(g, o->qkv_b),
+                               PTR(g, o->qn_w),  PTR(g, o->qn_b),  PTR(g, o->kn_w),   PTR(g, o->kn_b),
+                               PTR(g, o->proj_w), PTR(g, o->proj_b)};
+    *mg = (lt_mlp_grads){PTR(g, o->ln2_w), PTR(g, o->ln2_b), PTR(g, o->fc1_w),
+                         PTR(g, o->fc1_b), PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
 }
 
-/* ---- normalisation dispatch: LayerNorm or RMSNorm with the same call shape ---- */
-
-static void norm_forward(const lt_gpt *m, void *out, float *mean, float *rstd, const void *inp, const void *w,
-                         const void *b, int N) {
-    const int C = m->cfg.hidden_size;
-    if (m->cfg.rmsnorm) m->ops->rmsnorm_forward(out, rstd, inp, w, N, C, m->cfg.layernorm_epsilon);
-    else m->ops->layernorm_forward(out, mean, rstd, inp, w, b, N, C, m->cfg.layernorm_epsilon);
-}
-
-static void norm_backward(const lt_gpt *m, void *dinp, float *dw, float *db, const void *dout, const void *inp,
-                          const void *w, const float *mean, const float *rstd, int N) {
-    const int C = m->cfg.hidden_size;
-    if (m->cfg.rmsnorm) m->ops->rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
-    else m->ops->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
-}
-
-/* Dropout stream keys: one per (microbatch seed, site). */
-static uint64_t dropout_key(uint64_t seed, int layer, const char *site) {
-    char name[96];
-    snprintf(name, sizeof name, "dropout.%d.%s", layer, site);
-    return lt_rng_key(seed, name);
+/* Where the chunk's layer i begins in the flat buffers (i == nl: what follows the last layer). */
+static int64_t layer_start(const lt_gpt *m, int i) {
+    if (i < m->nl) return m->layers[i].ln1_w;
+    return m->stage.post_process ? m->lnf_w : m->total;
 }
 
 /* ---- context memory: one arena per microbatch ---- */
@@ -388,46 +417,42 @@ static void *take(arena *a, size_t nbytes) {
 static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
     const lt_gpt_config *cfg = &m->cfg;
     const size_t N = (size_t)c->B * c->T, C = cfg->hidden_size, F = sizeof(float), E = m->E;
-    const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
-    c->tokens = take(a, N * 4);
-    c->targets = take(a, N * 4);
-    for (int l = 0; l <= cfg->num_layers; l++) c->x[l] = take(a, N * C * E);
-    for (int l = 0; l < cfg->num_layers; l++) {
-        layer_acts *s = &c->acts[l];
-        s->ln1 = take(a, N * C * E);
-        s->ln1_mean = take(a, N * F);
-        s->ln1_rstd = take(a, N * F);
-        if (cfg->qk_layernorm) { /* qk_mean NULL: RMSNorm */
-            const size_t rows = N * (size_t)(cfg->num_attention_heads + cfg->num_query_groups);
-            s->qkv_pre = take(a, N * m->qkv_dim * E);
-            s->qk_mean = cfg->rmsnorm ? NULL : take(a, rows * F);
-            s->qk_rstd = take(a, rows * F);
-        }
-        s->qkv = take(a, N * m->qkv_dim * E);
-        s->att = take(a, N * HD * E);
-        s->lse = take(a, (size_t)c->B * cfg->num_attention_heads * c->T * F);
-        s->res1 = take(a, N * C * E);
-        s->ln2 = take(a, N * C * E);
-        s->ln2_mean = take(a, N * F);
-        s->ln2_rstd = take(a, N * F);
-        s->fc1 = take(a, N * m->fc1_dim * E);
-        s->act = take(a, N * cfg->ffn_hidden_size * E);
+    const int pre = m->stage.pre_process, post = m->stage.post_process;
+    c->tokens = pre ? take(a, N * 4) : NULL;
+    c->targets = post ? take(a, N * 4) : NULL;
+    c->to_bsh = c->to_sbh = NULL;
+    if (!pre || !post) {
+        c->to_bsh = take(a, N * 4);
+        c->to_sbh = take(a, N * 4);
     }
-    c->lnf = take(a, N * C * E);
-    c->lnf_mean = take(a, N * F);
-    c->lnf_rstd = take(a, N * F);
-    c->logits = take(a, N * cfg->vocab_size * E);
-    c->losses = take(a, N * F);
-    c->ce_lse = take(a, N * F);
+    for (int i = 0; i <= m->nl; i++) c->x[i] = take(a, N * C * E);
+    for (int i = 0; i < m->nl; i++) {
+        lt_layer_ctx *lc = &c->layers[i];
+        lc->B = c->B;
+        lc->T = c->T;
+        lc->layer = m->stage.layer_begin + i; /* global: dropout masks do not depend on the chunk */
+        lc->dropout_seed = c->dropout_seed;
+        lt_layer_ctx_layout(&m->spec, E, lc, a->base, &a->used);
+    }
+    c->lnf = c->logits = NULL;
+    c->lnf_mean = c->lnf_rstd = c->ce_lse = NULL;
+    if (post) {
+        c->lnf = take(a, N * C * E);
+        c->lnf_mean = take(a, N * F);
+        c->lnf_rstd = take(a, N * F);
+        c->logits = take(a, N * cfg->vocab_size * E);
+        c->ce_lse = take(a, N * F);
+    }
 }
 
-static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
+static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, uint64_t dropout_seed) {
     lt_gpt_ctx *c = calloc(1, sizeof *c);
     c->be = m->be;
     c->B = B;
     c->T = T;
-    c->x = calloc((size_t)m->cfg.num_layers + 1, sizeof *c->x);
-    c->acts = calloc((size_t)m->cfg.num_layers, sizeof *c->acts);
+    c->dropout_seed = dropout_seed;
+    c->x = calloc((size_t)m->nl + 1, sizeof *c->x);
+    c->layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *c->layers);
     arena a = {NULL, 0};
     layout_ctx(m, c, &a);
     c->arena_bytes = a.used;
@@ -446,60 +471,57 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T) {
 void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     if (!c) return;
     if (c->arena) c->be->release(c->arena, c->arena_bytes);
+    lt_tensor_free(c->losses);
     free(c->host_targets);
     free(c->host_scratch);
     free(c->x);
-    free(c->acts);
+    free(c->layers);
     free(c);
 }
 
 const void *lt_gpt_ctx_logits(const lt_gpt_ctx *c) { return c->logits; }
 
-/* ---- forward ---- */
+/* ---- the chunk boundary: [B, T, C] inside, [T, B, C] (Megatron's [s, b, h]) between chunks ---- */
 
-static void layer_forward(const lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *out) {
-    const lt_gpt_config *cfg = &m->cfg;
-    const lt_ops *ops = m->ops;
-    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size;
-    const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
-    const layer_weights w = weights_of(m, l);
-    layer_acts *s = &c->acts[l];
-
-    norm_forward(m, s->ln1, s->ln1_mean, s->ln1_rstd, x, w.ln1_w, w.ln1_b, N);
-    if (cfg->qk_layernorm) { /* per-head norms between linear_qkv and the rotary embedding */
-        ops->linear_forward(s->qkv_pre, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
-        ops->qk_norm_forward(s->qkv, s->qk_mean, s->qk_rstd, s->qkv_pre, w.qn_w, w.qn_b, w.kn_w, w.kn_b, N, H, G, D,
-                             cfg->layernorm_epsilon);
-    } else {
-        ops->linear_forward(s->qkv, s->ln1, w.qkv_w, w.qkv_b, NULL, N, C, m->qkv_dim);
-    }
-    if (cfg->rope) ops->rope_forward(s->qkv, B, T, H, G, D, cfg->rotary_base);
-    ops->attention_forward(s->att, s->lse, s->qkv, B, T, H, G, D, cfg->attention_dropout,
-                           dropout_key(c->dropout_seed, l, "attention"));
-    /* res1 = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
-    const int drop = cfg->hidden_dropout > 0;
-    ops->linear_forward(s->res1, s->att, w.proj_w, w.proj_b, drop ? NULL : x, N, H * D, C);
-    if (drop) {
-        ops->dropout_forward(s->res1, s->res1, (int64_t)N * C, cfg->hidden_dropout,
-                             dropout_key(c->dropout_seed, l, "attention_out"), 0);
-        ops->add_forward(s->res1, s->res1, x, (int64_t)N * C);
-    }
-
-    norm_forward(m, s->ln2, s->ln2_mean, s->ln2_rstd, s->res1, w.ln2_w, w.ln2_b, N);
-    if (cfg->gelu_tanh) { /* fc1 and its GELU in one op (one GEMM where the device fuses them) */
-        ops->linear_gelu_forward(s->act, s->fc1, s->ln2, w.fc1_w, w.fc1_b, N, C, m->fc1_dim);
-    } else {
-        ops->linear_forward(s->fc1, s->ln2, w.fc1_w, w.fc1_b, NULL, N, C, m->fc1_dim);
-        if (cfg->gated_linear_unit) ops->swiglu_forward(s->act, s->fc1, N, cfg->ffn_hidden_size);
-        else ops->gelu_forward(s->act, s->fc1, (int64_t)N * cfg->ffn_hidden_size);
-    }
-    ops->linear_forward(out, s->act, w.fc2_w, w.fc2_b, drop ? NULL : s->res1, N, cfg->ffn_hidden_size, C);
-    if (drop) {
-        ops->dropout_forward(out, out, (int64_t)N * C, cfg->hidden_dropout, dropout_key(c->dropout_seed, l, "mlp_out"),
-                             0);
-        ops->add_forward(out, out, s->res1, (int64_t)N * C);
-    }
+/* Both row maps of a [B, T] microbatch, into the context's device memory. */
+static void boundary_indices(const lt_gpt *m, lt_gpt_ctx *c) {
+    const int B = c->B, T = c->T, N = B * T;
+    int32_t *h = malloc(sizeof(int32_t) * 2 * (size_t)N);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            h[b * T + t] = t * B + b;     /* to_bsh */
+            h[N + t * B + b] = b * T + t; /* to_sbh */
+        }
+    m->be->to_device(c->to_bsh, h, sizeof(int32_t) * (size_t)N);
+    m->be->to_device(c->to_sbh, h + N, sizeof(int32_t) * (size_t)N);
+    free(h);
 }
+
+/* The transpose is a row gather: the embedding lookup copies row ids[n] of a table to row n, exactly
+ * and in one kernel on any backend, so no new op is needed. */
+static void transpose_rows(const lt_gpt *m, void *dst, const void *src, const int32_t *ids, int N) {
+    m->ops->embedding_forward(dst, ids, src, N, m->cfg.hidden_size);
+}
+
+/* A boundary tensor must be [T, B, C], contiguous, of the compute dtype, in the backend's memory. */
+static int check_boundary(const lt_gpt *m, const lt_tensor *t, int B, int T, const char *what, char *err,
+                          int errlen) {
+    const int C = m->cfg.hidden_size;
+    if (!t) {
+        lt_fail(err, (size_t)errlen, "chunk [%d, %d) needs %s [%d, %d, %d]", m->stage.layer_begin,
+                m->stage.layer_end, what, T, B, C);
+        return 0;
+    }
+    if (t->ndim != 3 || t->shape[0] != T || t->shape[1] != B || t->shape[2] != C || !lt_tensor_is_contiguous(t) ||
+        t->dtype != m->ops->dtype || t->storage->device != m->be->device) {
+        lt_fail(err, (size_t)errlen, "%s must be a contiguous %s %s tensor [%d, %d, %d] ([seq, batch, hidden])",
+                what, lt_dtype_name(m->ops->dtype), m->be->name, T, B, C);
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- forward ---- */
 
 /* Weights below flat offset `end` are about to be read: wait for them (data parallelism may still
  * be gathering them) and, under mixed precision, refresh their bf16 copy from the fp32 main
@@ -516,189 +538,229 @@ static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
     *ready = end;
 }
 
-lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
-                           uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen) {
+lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
+                                 int B, int T, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid, char *err,
+                                 int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
-    const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
+    const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size;
+    const int pre = m->stage.pre_process, post = m->stage.post_process;
+    if (out) *out = NULL;
+    if (num_valid) *num_valid = 0;
     if (B <= 0 || T <= 0 || T > cfg->seq_length) {
         lt_fail(err, (size_t)errlen, "batch shape [%d, %d] is invalid: need B > 0 and 0 < T <= seq_length (%d)", B, T,
                 cfg->seq_length);
         return NULL;
     }
+    if (pre && !tokens) {
+        lt_fail(err, (size_t)errlen, "a first stage's forward needs tokens");
+        return NULL;
+    }
+    if (!pre && !check_boundary(m, hidden, B, T, "the input hidden state", err, errlen)) return NULL;
     for (int i = 0; i < N; i++) {
-        if (tokens[i] < 0 || tokens[i] >= V) {
-            lt_fail(err, (size_t)errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i, V);
+        if (pre && (tokens[i] < 0 || tokens[i] >= V)) {
+            lt_fail(err, (size_t)errlen, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i], i,
+                    V);
             return NULL;
         }
-        if (targets && targets[i] >= V) {
-            lt_fail(err, (size_t)errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i], i, V);
+        if (post && targets && targets[i] >= V) {
+            lt_fail(err, (size_t)errlen, "target id %d at position %d is outside the vocabulary [0, %d)", targets[i],
+                    i, V);
             return NULL;
         }
     }
-    lt_gpt_ctx *c = ctx_new(m, B, T);
+    lt_gpt_ctx *c = ctx_new(m, B, T, dropout_seed);
     if (!c) {
-        lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B, T);
+        lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
+                T);
         return NULL;
     }
     const lt_backend *be = m->be;
     const lt_ops *ops = m->ops;
-    c->dropout_seed = dropout_seed;
-    if (targets) memcpy(c->host_targets, targets, sizeof(int32_t) * (size_t)N);
-    else for (int i = 0; i < N; i++) c->host_targets[i] = -1;
-    be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
-    be->to_device(c->targets, c->host_targets, sizeof(int32_t) * (size_t)N);
+    if (post) {
+        if (targets) memcpy(c->host_targets, targets, sizeof(int32_t) * (size_t)N);
+        else for (int i = 0; i < N; i++) c->host_targets[i] = -1;
+        be->to_device(c->targets, c->host_targets, sizeof(int32_t) * (size_t)N);
+    }
+    if (pre) be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
+    if (c->to_bsh) boundary_indices(m, c);
 
     int64_t ready = 0;
-    weights_needed_to(m, &ready, m->layers[0].ln1_w);
-    ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
-    if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
-    if (cfg->hidden_dropout > 0)
-        ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
-                             dropout_key(dropout_seed, -1, "embedding"), 0);
-    for (int l = 0; l < L; l++) {
-        weights_needed_to(m, &ready, l + 1 < L ? m->layers[l + 1].ln1_w : m->lnf_w);
-        layer_forward(m, l, c, c->x[l], c->x[l + 1]);
+    if (pre) {
+        weights_needed_to(m, &ready, layer_start(m, 0));
+        ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
+        if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
+        if (cfg->hidden_dropout > 0)
+            ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
+                                 lt_dropout_key(dropout_seed, -1, "embedding"), 0);
+    } else {
+        transpose_rows(m, c->x[0], lt_tensor_data(hidden), c->to_bsh, N);
+    }
+    for (int i = 0; i < m->nl; i++) {
+        weights_needed_to(m, &ready, layer_start(m, i + 1));
+        lt_attention_weights aw;
+        lt_mlp_weights mw;
+        weights_of(m, i, &aw, &mw);
+        lt_layer_forward(&m->spec, ops, &aw, &mw, &c->layers[i], c->x[i], c->x[i + 1]);
     }
     weights_needed_to(m, &ready, m->total);
 
-    norm_forward(m, c->lnf, c->lnf_mean, c->lnf_rstd, c->x[L], norm_weight(m, m->lnf_w), weight(m, m->lnf_b), N);
-    ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w >= 0 ? m->out_w : m->wte), NULL, NULL, N, C, V);
-
+    const void *last = c->x[m->nl];
+    if (!post) {
+        int64_t shape[3] = {T, B, C};
+        lt_tensor *o = out ? lt_backend_tensor(be, ops->dtype, 3, shape) : NULL;
+        if (out && !o) {
+            lt_gpt_ctx_free(c);
+            lt_fail(err, (size_t)errlen, "out of %s memory for a chunk's output [%d, %d, %d]", be->name, T, B, C);
+            return NULL;
+        }
+        if (o) transpose_rows(m, lt_tensor_data(o), last, c->to_sbh, N);
+        if (out) *out = o;
+        return c;
+    }
+    lt_layer_norm_forward(&m->spec, ops, c->lnf, c->lnf_mean, c->lnf_rstd, last, norm_weight(m, m->lnf_w),
+                    weight(m, m->lnf_b), N);
+    ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w), NULL, NULL, N, C, V);
     c->num_valid = 0;
-    double sum = 0;
     if (targets) {
-        ops->cross_entropy_forward(c->losses, c->ce_lse, c->logits, c->targets, N, V);
+        int64_t shape[2] = {B, T};
+        c->losses = lt_backend_tensor(be, LT_F32, 2, shape);
+        if (!c->losses) {
+            lt_gpt_ctx_free(c);
+            lt_fail(err, (size_t)errlen, "out of %s memory for the losses of a [%d, %d] microbatch", be->name, B, T);
+            return NULL;
+        }
+        ops->cross_entropy_forward(lt_tensor_data(c->losses), c->ce_lse, c->logits, c->targets, N, V);
+        for (int i = 0; i < N; i++) c->num_valid += c->host_targets[i] >= 0;
+        /* the caller's view shares the storage, so the losses outlive the context */
+        if (out) *out = lt_tensor_view(c->losses, 2, c->losses->shape, c->losses->stride, c->losses->offset);
+    }
+    if (num_valid) *num_valid = c->num_valid;
+    return c;
+}
+
+lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
+                           uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen) {
+    if (!m->stage.pre_process || !m->stage.post_process) {
+        lt_fail(err, (size_t)errlen, "lt_gpt_forward runs the whole model; chunk [%d, %d) needs lt_gpt_chunk_forward",
+                m->stage.layer_begin, m->stage.layer_end);
+        return NULL;
+    }
+    lt_gpt_ctx *c = lt_gpt_chunk_forward(m, tokens, NULL, targets, B, T, dropout_seed, NULL, num_valid, err, errlen);
+    if (!c) return NULL;
+    double sum = 0;
+    if (c->losses) { /* the mean over valid targets, summed in double on the host */
+        const int N = B * T;
         float *losses = c->host_scratch;
-        be->to_host(losses, c->losses, sizeof(float) * (size_t)N);
+        m->be->to_host(losses, lt_tensor_data(c->losses), sizeof(float) * (size_t)N);
         for (int i = 0; i < N; i++)
-            if (c->host_targets[i] >= 0) {
-                sum += losses[i];
-                c->num_valid++;
-            }
+            if (c->host_targets[i] >= 0) sum += losses[i];
     }
     if (loss) *loss = c->num_valid ? (float)(sum / (double)c->num_valid) : 0.0f;
-    if (num_valid) *num_valid = c->num_valid;
     return c;
 }
 
 /* ---- backward ---- */
 
-typedef struct {
-    void *d_c, *d_c2, *d_qkv, *d_att, *d_fc1, *d_act; /* scratch gradients, compute dtype */
-    float *dloss;                                     /* [N] */
-    size_t bytes;
-    void *base;
-} scratch;
-
-static void layer_backward(lt_gpt *m, int l, lt_gpt_ctx *c, const void *x, void *dx, scratch *s) {
+int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output, float grad_scale,
+                          lt_tensor **grad_input, char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
-    const lt_ops *ops = m->ops;
-    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, F = cfg->ffn_hidden_size;
-    const int H = cfg->num_attention_heads, G = cfg->num_query_groups, D = cfg->kv_channels;
-    const size_t NC = (size_t)N * C;
-    const layer_weights w = weights_of(m, l);
-    const layer_grads g = grads_of(m, l);
-    const layer_acts *a = &c->acts[l];
-
-    /* out = res1 + dropout(fc2(act)): dx flows to res1 unchanged; d(fc2 out) is dx through the mask. */
-    const void *d_fc2 = dx;
-    if (cfg->hidden_dropout > 0) {
-        ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
-                              dropout_key(c->dropout_seed, l, "mlp_out"), 0);
-        d_fc2 = s->d_c;
-    }
-    if (cfg->gelu_tanh) { /* fc2's backward and the GELU's before it in one op */
-        ops->linear_dgelu_backward(s->d_fc1, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, a->fc1, N, F, C);
-    } else {
-        ops->linear_backward(s->d_act, g.fc2_w, g.fc2_b, d_fc2, a->act, w.fc2_w, N, F, C);
-        if (cfg->gated_linear_unit) ops->swiglu_backward(s->d_fc1, s->d_act, a->fc1, N, F);
-        else ops->gelu_backward(s->d_fc1, s->d_act, a->fc1, (int64_t)N * F);
-    }
-    ops->linear_backward(s->d_c2, g.fc1_w, g.fc1_b, s->d_fc1, a->ln2, w.fc1_w, N, C, m->fc1_dim);
-    norm_backward(m, dx, g.ln2_w, g.ln2_b, s->d_c2, a->res1, w.ln2_w, a->ln2_mean, a->ln2_rstd, N);
-
-    /* res1 = x + dropout(proj(att)). */
-    const void *d_proj = dx;
-    if (cfg->hidden_dropout > 0) {
-        ops->dropout_backward(s->d_c, dx, (int64_t)NC, cfg->hidden_dropout,
-                              dropout_key(c->dropout_seed, l, "attention_out"), 0);
-        d_proj = s->d_c;
-    }
-    ops->linear_backward(s->d_att, g.proj_w, g.proj_b, d_proj, a->att, w.proj_w, N, H * D, C);
-    ops->attention_backward(s->d_qkv, s->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, cfg->attention_dropout,
-                            dropout_key(c->dropout_seed, l, "attention"));
-    if (cfg->rope) ops->rope_backward(s->d_qkv, B, T, H, G, D, cfg->rotary_base);
-    const void *d_qkv = s->d_qkv;
-    if (cfg->qk_layernorm) { /* into d_fc1, free since the MLP's backward */
-        ops->qk_norm_backward(s->d_fc1, g.qn_w, g.qn_b, g.kn_w, g.kn_b, s->d_qkv, a->qkv_pre, w.qn_w, w.kn_w,
-                              a->qk_mean, a->qk_rstd, N, H, G, D);
-        d_qkv = s->d_fc1;
-    }
-    ops->linear_backward(s->d_c2, g.qkv_w, g.qkv_b, d_qkv, a->ln1, w.qkv_w, N, C, m->qkv_dim);
-    norm_backward(m, dx, g.ln1_w, g.ln1_b, s->d_c2, x, w.ln1_w, a->ln1_mean, a->ln1_rstd, N);
-}
-
-int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int errlen) {
-    const lt_gpt_config *cfg = &m->cfg;
-    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, L = cfg->num_layers;
+    const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, V = cfg->vocab_size;
     const size_t NC = (size_t)N * C, E = m->E;
+    const int pre = m->stage.pre_process, post = m->stage.post_process;
     const lt_backend *be = m->be;
     const lt_ops *ops = m->ops;
     float *g = lt_tensor_data(m->grads);
+    if (grad_input) *grad_input = NULL;
+    if (!post && !check_boundary(m, grad_output, B, T, "the output's gradient", err, errlen)) {
+        lt_gpt_ctx_free(c);
+        return -1;
+    }
 
-    scratch s;
     size_t widest = (size_t)m->qkv_dim;
     if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
     const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
-    s.bytes = E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + cfg->ffn_hidden_size) + sizeof(float) * (size_t)N;
-    s.base = be->alloc(s.bytes);
-    if (!s.base) {
+    const size_t bytes =
+        E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + cfg->ffn_hidden_size) + sizeof(float) * (size_t)N;
+    void *base = be->alloc(bytes);
+    lt_tensor *gin = NULL;
+    if (!pre) {
+        int64_t shape[3] = {T, B, C};
+        gin = lt_backend_tensor(be, ops->dtype, 3, shape);
+    }
+    if (!base || (!pre && !gin)) {
+        if (base) be->release(base, bytes);
+        lt_tensor_free(gin);
         lt_gpt_ctx_free(c);
         return lt_fail(err, (size_t)errlen, "out of %s memory for the backward of a [%d, %d] microbatch (%.1f MiB)",
-                       be->name, B, T, (double)s.bytes / (1 << 20));
+                       be->name, B, T, (double)bytes / (1 << 20));
     }
-    char *p = s.base;
-    s.dloss = (float *)p; p += sizeof(float) * (size_t)N; /* first: fp32 alignment holds */
+    lt_layer_scratch s;
+    char *p = base;
+    float *dloss = (float *)p; p += sizeof(float) * (size_t)N; /* first: fp32 alignment holds */
     s.d_c = p; p += E * NC;
     s.d_c2 = p; p += E * NC;
-    void *dx = p; p += E * NC;
+    void *dx = p; p += E * NC; /* d(residual stream), from the chunk's output down to its input */
     s.d_att = p; p += E * (size_t)N * HD;
     s.d_qkv = p; p += E * (size_t)N * widest;
     s.d_fc1 = p; p += E * (size_t)N * widest;
     s.d_act = p;
 
-    /* Loss → logits, in place: the logits buffer becomes its own gradient. */
-    float *host_dloss = c->host_scratch;
-    for (int i = 0; i < N; i++) host_dloss[i] = c->host_targets[i] >= 0 ? grad_scale : 0.0f;
-    be->to_device(s.dloss, host_dloss, sizeof(float) * (size_t)N);
-    ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, s.dloss, N, V);
-    const int64_t out_off = m->out_w >= 0 ? m->out_w : m->wte;
-    ops->linear_backward(s.d_c2, g + out_off, NULL, c->logits, c->lnf, weight(m, out_off), N, C, V);
-    be->memzero(dx, E * NC);
-    norm_backward(m, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[L], norm_weight(m, m->lnf_w), c->lnf_mean,
-                  c->lnf_rstd, N);
-
-    /* Untied output layer and final norm are done (the tied output weight is the embedding,
-     * which finishes last). */
-    grads_ready_from(m, m->lnf_w);
-    for (int l = L - 1; l >= 0; l--) {
-        layer_backward(m, l, c, c->x[l], dx, &s);
-        grads_ready_from(m, m->layers[l].ln1_w);
+    if (post) {
+        /* Loss → logits, in place: the logits buffer becomes its own gradient. */
+        float *host_dloss = c->host_scratch;
+        for (int i = 0; i < N; i++) host_dloss[i] = c->host_targets[i] >= 0 ? grad_scale : 0.0f;
+        be->to_device(dloss, host_dloss, sizeof(float) * (size_t)N);
+        ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
+        ops->linear_backward(s.d_c2, g + m->out_w, NULL, c->logits, c->lnf, weight(m, m->out_w), N, C, V);
+        be->memzero(dx, E * NC);
+        lt_layer_norm_backward(&m->spec, ops, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[m->nl],
+                         norm_weight(m, m->lnf_w), c->lnf_mean, c->lnf_rstd, N);
+        /* Untied output layer and final norm are done (a tied output weight that is the embedding
+         * itself finishes last; a tied copy lies after the final norm). */
+        grads_ready_from(m, m->lnf_w);
+    } else {
+        transpose_rows(m, dx, lt_tensor_data(grad_output), c->to_bsh, N);
+    }
+    for (int i = m->nl - 1; i >= 0; i--) {
+        lt_attention_weights aw;
+        lt_mlp_weights mw;
+        lt_attention_grads ag;
+        lt_mlp_grads mg;
+        weights_of(m, i, &aw, &mw);
+        grads_of(m, i, &ag, &mg);
+        lt_layer_backward(&m->spec, ops, &aw, &ag, &mw, &mg, &c->layers[i], c->x[i], dx, &s);
+        grads_ready_from(m, m->layers[i].ln1_w);
     }
 
-    const void *d_emb = dx;
-    if (cfg->hidden_dropout > 0) {
-        ops->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
-                              dropout_key(c->dropout_seed, -1, "embedding"), 0);
-        d_emb = s.d_c;
+    if (pre) {
+        const void *d_emb = dx;
+        if (cfg->hidden_dropout > 0) {
+            ops->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+                                  lt_dropout_key(c->dropout_seed, -1, "embedding"), 0);
+            d_emb = s.d_c;
+        }
+        ops->embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
+        if (m->wpe >= 0) ops->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
+        grads_ready_from(m, 0);
+    } else {
+        transpose_rows(m, lt_tensor_data(gin), dx, c->to_sbh, N);
     }
-    ops->embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
-    if (m->wpe >= 0) ops->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
-    grads_ready_from(m, 0);
 
-    be->release(s.base, s.bytes);
+    be->release(base, bytes);
     lt_gpt_ctx_free(c);
+    if (grad_input) *grad_input = gin;
+    else lt_tensor_free(gin);
     return 0;
+}
+
+int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int errlen) {
+    if (!m->stage.pre_process || !m->stage.post_process) {
+        lt_gpt_ctx_free(c);
+        return lt_fail(err, (size_t)errlen,
+                       "lt_gpt_backward runs the whole model; chunk [%d, %d) needs lt_gpt_chunk_backward",
+                       m->stage.layer_begin, m->stage.layer_end);
+    }
+    return lt_gpt_chunk_backward(m, c, NULL, grad_scale, NULL, err, errlen);
 }
 
 double lt_gpt_flops_per_token(const lt_gpt *m) {

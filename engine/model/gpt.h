@@ -1,6 +1,10 @@
-/* A GPT decoder (Megatron-Core's GPTModel with the local layer spec), forward and backward.
+/* A GPT decoder (Megatron-Core's GPTModel with the local layer spec), forward and backward, as a
+ * whole or as a chunk: a pipeline stage holding layers [layer_begin, layer_end) (engine/model/layer.h),
+ * the embedding when it is the first stage and the final norm, output layer and loss when it is the
+ * last. Layer numbers stay global, so a parameter's name, initial values and a layer's dropout masks
+ * are the same whichever chunk holds it; the whole model is the one chunk that is first and last.
  *
- * All parameters live in one flat fp32 buffer (and their gradients in another), so the
+ * All parameters of a chunk live in one flat fp32 buffer (and their gradients in another), so the
  * optimizer, gradient clipping and gradient buckets work on contiguous memory; under bf16
  * mixed precision the ops read a bf16 copy of it, refreshed layer by layer in forward.
  * Memory and ops come from a backend (engine/ops/backend.h): the CPU, or the CUDA plugin.
@@ -51,11 +55,26 @@ typedef struct {
     int no_weight_decay;   /* biases and norm weights, as Megatron */
 } lt_gpt_param;
 
+/* The part of the model a chunk holds (Megatron's pipeline stage semantics). */
+typedef struct {
+    int layer_begin, layer_end; /* global layer numbers, [begin, end) */
+    int pre_process;            /* holds the embedding (needs layer_begin 0): forward takes tokens */
+    int post_process;           /* holds the final norm, output layer and loss (needs layer_end num_layers) */
+} lt_gpt_stage;
+
+/* A chunk (an lt_gpt holds one; every function below works on any chunk unless it says otherwise). */
 typedef struct lt_gpt lt_gpt;
 typedef struct lt_gpt_ctx lt_gpt_ctx;
 
-/* NULL on invalid config or out of memory, with the reason in err. */
+/* The whole model: the chunk [0, num_layers), first and last. NULL on invalid config or out of
+ * memory, with the reason in err. */
 lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen);
+/* One chunk. Its parameters are those of its part, in forward order. With tied embeddings
+ * (share_embeddings_and_output_weights) a last stage that is not also first holds its own copy of
+ * embedding.word_embeddings.weight (same name and initial values) as its output weight; keeping the
+ * two copies equal (all-reducing their gradients) is the pipeline's job. */
+lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, char *err, int errlen);
+const lt_gpt_stage *lt_gpt_get_stage(const lt_gpt *m);
 void lt_gpt_free(lt_gpt *m);
 const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m);
 
@@ -72,20 +91,38 @@ lt_tensor *lt_gpt_grads(lt_gpt *m);
 void lt_gpt_init_weights(lt_gpt *m);
 void lt_gpt_zero_grad(lt_gpt *m);
 
-/* Forward on tokens[B, T] with next-token targets[B, T] (targets < 0 are ignored; targets may be
- * NULL for inference, then the loss is not computed). dropout_seed selects this microbatch's dropout
- * masks. Returns the context, or NULL with err set (bad token id, shape, memory). *loss receives the
- * mean loss over valid targets, *num_valid their count. */
+/* Whole model only (first and last): forward on tokens[B, T] with next-token targets[B, T]
+ * (targets < 0 are ignored; targets may be NULL for inference, then the loss is not computed).
+ * dropout_seed selects this microbatch's dropout masks. Returns the context, or NULL with err set
+ * (bad token id, shape, memory). *loss receives the mean loss over valid targets (read back to the
+ * host), *num_valid their count. */
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
 /* Logits [B*T, V] of a context, in the backend's memory and the compute dtype (fp32, or bf16 under
  * mixed precision; valid until backward or free). */
 const void *lt_gpt_ctx_logits(const lt_gpt_ctx *ctx);
-/* Backward: accumulates into the model's gradients, scaling d(loss of each valid token) by
- * grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context, also on failure
+/* Whole model only: backward accumulates into the model's gradients, scaling d(loss of each valid
+ * token) by grad_scale (e.g. 1 / (valid tokens * microbatches)). Frees the context, also on failure
  * (-1 with err set when the backend is out of memory for the gradients' scratch; 0 otherwise). */
 int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *ctx, float grad_scale, char *err, int errlen);
 void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
+
+/* Chunk forward of one microbatch [B, T]. A first stage reads host tokens[B, T] (hidden NULL);
+ * any other stage reads `hidden`, the previous stage's output: [T, B, hidden_size] (Megatron's
+ * [s, b, h] at the boundary) in the backend's memory and the compute dtype. A last stage reads
+ * host targets[B, T] (< 0 ignored; NULL: no loss). *out receives a new tensor the caller frees: on a
+ * last stage the per-token losses [B, T] fp32 (0 where the target is ignored; NULL without targets),
+ * kept in the backend's memory (nothing is read back), elsewhere the output hidden state [T, B, h].
+ * *num_valid (may be NULL) receives the count of valid targets (0 when not a last stage). */
+lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
+                                 int B, int T, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid, char *err,
+                                 int errlen);
+/* Chunk backward: a last stage scales d(loss of each valid token) by grad_scale (grad_output
+ * NULL); any other stage reads grad_output [T, B, h] (d of its output). Parameter gradients
+ * accumulate in the chunk's buffer; *grad_input receives a new tensor [T, B, h] (d of its input)
+ * unless the chunk is a first stage (NULL then). Frees the context, also on failure. */
+int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *ctx, const lt_tensor *grad_output, float grad_scale,
+                          lt_tensor **grad_input, char *err, int errlen);
 
 /* Called during backward each time more gradients are final: every gradient at a flat offset
  * >= first_ready will not change again in this backward. Parameters are laid out in forward

@@ -1,0 +1,111 @@
+/* One transformer layer (Megatron-Core's TransformerLayer with the local spec), forward and backward
+ * for one microbatch, llm.c style: the caller hands in everything the layer touches.
+ *
+ *   out = h + dropout(mlp(pre_mlp_layernorm(h))),   h = x + dropout(attention(input_layernorm(x)))
+ *
+ * The contract is narrow so later modules can replace a block without touching the rest: the
+ * attention block and the MLP block are separate functions with their own weight, gradient and
+ * activation structs (a tensor-parallel linear, ring attention or an MoE MLP replaces one block);
+ * each block includes its pre-norm, its dropout and its residual add. Weights are views into a
+ * chunk's flat buffers (the compute dtype: fp32, or the bf16 copy), gradients fp32 views that
+ * backward accumulates into. Activations are the compute dtype; norm statistics are fp32.
+ * Dropout masks are keyed by (microbatch seed, GLOBAL layer number, site), so a layer draws the same
+ * masks whichever chunk holds it. */
+#ifndef LT_LAYER_H
+#define LT_LAYER_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/ops/backend.h"
+
+/* What a layer's shapes and maths depend on (a subset of the model config). */
+typedef struct {
+    int hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size;
+    int rmsnorm; /* 0: LayerNorm, 1: RMSNorm */
+    float layernorm_epsilon;
+    int gated_linear_unit, gelu_tanh; /* SwiGLU / GELU (tanh approximation fused into the GEMMs) */
+    int rope;
+    float rotary_base;
+    int qk_layernorm;
+    float hidden_dropout, attention_dropout;
+} lt_layer_spec;
+
+/* Widths of the fused QKV output and of fc1's output. */
+int lt_layer_qkv_dim(const lt_layer_spec *s);
+int lt_layer_fc1_dim(const lt_layer_spec *s);
+
+/* Weights as the ops read them; NULL for an absent parameter (bias, qk norms). Norm weights are
+ * what the norm multiplies by (1 + gamma under zero-centred gamma: the chunk resolves that). */
+typedef struct {
+    const void *ln_w, *ln_b, *qkv_w, *qkv_b, *qn_w, *qn_b, *kn_w, *kn_b, *proj_w, *proj_b;
+} lt_attention_weights;
+typedef struct {
+    float *ln_w, *ln_b, *qkv_w, *qkv_b, *qn_w, *qn_b, *kn_w, *kn_b, *proj_w, *proj_b;
+} lt_attention_grads;
+typedef struct {
+    const void *ln_w, *ln_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+} lt_mlp_weights;
+typedef struct {
+    float *ln_w, *ln_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+} lt_mlp_grads;
+
+/* Saved activations of one block for one microbatch (void: compute dtype; float: fp32). */
+typedef struct {
+    void *ln, *qkv_pre, *qkv, *att; /* qkv_pre: linear_qkv's output before the q/k norms */
+    float *ln_mean, *ln_rstd, *qk_mean, *qk_rstd, *lse;
+} lt_attention_acts;
+typedef struct {
+    void *ln, *fc1, *act;
+    float *ln_mean, *ln_rstd;
+} lt_mlp_acts;
+
+/* The per-microbatch context of one layer: its shape, global layer number, dropout seed and what
+ * its forward saved for its backward (h: the attention block's output, the MLP block's input). */
+typedef struct {
+    int B, T, layer;
+    uint64_t dropout_seed;
+    lt_attention_acts attn;
+    void *h;
+    lt_mlp_acts mlp;
+} lt_layer_ctx;
+
+/* Carves a layer's activations out of memory: call with base NULL to measure (*used grows by the
+ * bytes needed), then with real memory. Every buffer is 64-byte aligned. */
+void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char *base, size_t *used);
+
+/* Backward scratch the caller provides (compute dtype): d_c and d_c2 [N, hidden], d_att [N, heads*D],
+ * d_qkv and d_fc1 [N, max(qkv_dim, fc1_dim)], d_act [N, ffn_hidden_size]. */
+typedef struct {
+    void *d_c, *d_c2, *d_att, *d_qkv, *d_fc1, *d_act;
+} lt_layer_scratch;
+
+/* out = x + dropout(attention(norm(x))), saving into c->attn. out may not alias x. */
+void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                                lt_layer_ctx *c, const void *x, void *out);
+/* dx holds d(out) on entry and d(x) on return (the residual passes through); gradients accumulate. */
+void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                                 const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
+                                 const lt_layer_scratch *sc);
+void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
+                          const void *h, void *out);
+void lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
+                           const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc);
+
+/* The whole layer: attention block into c->h, then the MLP block into out. */
+void lt_layer_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
+                      const lt_mlp_weights *mw, lt_layer_ctx *c, const void *x, void *out);
+void lt_layer_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
+                       const lt_attention_grads *ag, const lt_mlp_weights *mw, const lt_mlp_grads *mg,
+                       const lt_layer_ctx *c, const void *x, void *dx, const lt_layer_scratch *sc);
+
+/* LayerNorm or RMSNorm (by the spec) over rows of hidden_size; mean is unused by RMSNorm. */
+void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd,
+                           const void *inp, const void *w, const void *b, int N);
+void lt_layer_norm_backward(const lt_layer_spec *s, const lt_ops *ops, void *dinp, float *dw, float *db,
+                            const void *dout, const void *inp, const void *w, const float *mean, const float *rstd,
+                            int N);
+
+/* The dropout stream key of one (microbatch seed, global layer, site); layer -1 is the embedding. */
+uint64_t lt_dropout_key(uint64_t seed, int layer, const char *site);
+
+#endif

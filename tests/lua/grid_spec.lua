@@ -152,7 +152,7 @@ describe("core.grid", function()
 end)
 
 describe("the rank order of a job", function()
-  local h = require "helpers"
+  local h = dofile("tests/lua/helpers.lua")
 
   it("follows DistributedInitConfig.use_tp_pp_dp_mapping, from a script and from a recipe's override", function()
     local dir = h.tmpdir()

@@ -745,6 +745,38 @@ static void rank_interrupt(rank_ctx *ctx) {
     lt_comm_free(w);
 }
 
+/* Creating a group while a member "runs Lua": the setup is interrupted, and the same group made
+ * again after the resync is a fresh one that works. */
+static void rank_interrupt_setup(rank_ctx *ctx) {
+    char err[512];
+    uint64_t phase = 0;
+    int both[2] = {0, 1};
+    lt_comm *w = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    interrupt_in(0.3);
+    double t0 = now_s();
+    if (ctx->rank == 0) {
+        while (!lt_comm_interrupt_pending() && now_s() - t0 < 10) usleep(1000);
+    } else {
+        lt_comm *g = lt_comm_group(w, both, 2, "late", err, sizeof err);
+        RCHECK(ctx, !g && strstr(err, "setup on communicator 'late' (ranks 0,1) interrupted (Ctrl-C)") &&
+                        now_s() - t0 < 5.0,
+               "expected the interrupt within 5 s, got %s after %.2f s", g ? "a group" : err, now_s() - t0);
+        snprintf(ctx->out->err, sizeof ctx->out->err, "%s", err);
+        lt_comm_free(g);
+    }
+    int rc = recover(ctx, &phase, err, sizeof err);
+    RCHECK(ctx, rc == 0, "resync: %s", err);
+    lt_comm *g = lt_comm_group(w, both, 2, "late", err, sizeof err);
+    RCHECK(ctx, g, "the group made again: %s", err);
+    int64_t x = ctx->rank + 5;
+    rc = g ? lt_comm_all_reduce(g, &x, 1, LT_I64, LT_REDUCE_SUM, err, sizeof err) : -1;
+    RCHECK(ctx, rc == 0 && x == 11, "all_reduce on it: %s (x = %lld)", rc ? err : "ok", (long long)x);
+    lt_comm_free(g);
+    lt_comm_free(w);
+}
+
 /* A communicator that failed for real (rank 1 skipped an all_reduce: timeout) stays failed through
  * an interrupt and a resync; the other rank's, which did not fail, works with a group. */
 static void rank_failed_stays(rank_ctx *ctx) {
@@ -888,6 +920,10 @@ int main(void) {
     report_run("interrupt (Ctrl-C) of ranks waiting in a chunked all_reduce, a send and a pending non-blocking "
                "request, twice: prompt errors well inside the timeout, then after the resync the world, a group "
                "and send/recv are right", 3, &st, 0);
+    printf("#   %s\n", shared_results[1].err);
+
+    st = run_ranks(2, 60.0, rank_interrupt_setup, NULL, 30);
+    report_run("interrupt while creating a group: prompt error; made again after the resync, it works", 2, &st, 0);
     printf("#   %s\n", shared_results[1].err);
 
     st = run_ranks(2, 0.5, rank_failed_stays, NULL, 30);

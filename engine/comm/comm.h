@@ -154,7 +154,9 @@ lt_comm_async_stats lt_comm_get_async_stats(const lt_comm *c);
  *   non-blocking ones, group and world creation) then returns within one sleep slice (20 ms)
  *   with -1 and "<call> on communicator '<name>' (ranks ...) interrupted (Ctrl-C)", and every call
  *   made later fails at once the same way, until lt_comm_resync. Only the REPL calls it: in batch
- *   runs SIGINT keeps its default (the launcher passes it on and the ranks end).
+ *   runs SIGINT keeps its default (the launcher passes it on and the ranks end). Not interrupted:
+ *   lt_bootstrap_exchange (NCCL's unique id: it waits for its root at most the timeout) and NCCL's
+ *   own device work.
  * - An interrupted call does not mark its communicator failed, but leaves the ranks out of step
  *   (barrier arrivals, call numbers, staging halves, mailbox chunks). Recovery runs when every
  *   rank of the job has stopped calling (the REPL: every rank finished the interrupted line), in

@@ -4,7 +4,8 @@
  * comm.c validates arguments (dtype, counts >= 0, buffers, peer/root in range, group lists),
  * times the call, counts it in the statistics and then calls the backend; a backend only moves
  * data and reports failures. After a backend failure comm.c marks the communicator failed and
- * every later call returns the first error again. */
+ * every later call returns the first error again, unless the backend reported the failure as an
+ * interrupt (lt_comm_interrupted_): then the communicator waits for lt_comm_resync (comm.h). */
 #ifndef LT_COMM_INTERNAL_H
 #define LT_COMM_INTERNAL_H
 #include <stdarg.h>

@@ -293,7 +293,7 @@ static int sync_ranks(lt_comm *c, const char *what, char *err, size_t errlen) {
     uint64_t t = atomic_fetch_add(&g->hdr->total, 1) + 1;
     uint64_t target = k * (uint64_t)s->n;
     if (t >= target) seg_notify(g);
-    wait_t w = {W_BARRIER, target, 0, 0};
+    wait_t w = {W_BARRIER, target, 0, 0, 0};
     int rc = shm_wait(s, &w);
     if (rc == 0) return 0;
     if (rc == 2) {

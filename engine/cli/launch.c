@@ -49,7 +49,8 @@ static const char *launch_usage =
     "  --timeout SECONDS   how long a collective waits for the other ranks\n"
     "                      (sets LUATRON_COMM_TIMEOUT; default 300)\n"
     "  --repl              an SPMD REPL instead of a recipe: every line typed runs on every\n"
-    "                      rank (Ctrl-C interrupts all of them, Ctrl-D quits)\n"
+    "                      rank (Ctrl-C interrupts all of them, also ranks waiting in a\n"
+    "                      collective, and the session goes on; Ctrl-D quits)\n"
     "  -h, --help          this text\n"
     "\n"
     "When a rank exits non-zero or is killed, the others are stopped (SIGTERM, then SIGKILL\n"
@@ -77,6 +78,7 @@ typedef struct {
     double drain_until;
     int pending; /* --repl: a marker is awaited for the line sent */
     int more;    /* --repl: its last marker was "more" */
+    int intr;    /* --repl: its last marker was "intr" (a Ctrl-C reached it while the line ran) */
     buf_t held;  /* --repl: its output held back until the ranks before it finished the line */
 } rank_t;
 
@@ -97,6 +99,10 @@ static int stdin_eof;
 /* While the ranks run a line, rank stream_rank's output is written at once and later ranks'
  * output is held, so that a line's output reads rank by rank (rank 0's still live). */
 static int stream_rank = INT_MAX;
+/* After a line that a Ctrl-C interrupted: the control line the ranks are carrying out (repl.h:
+ * "quiesce", then "resync", each on every rank before the next), or 0. */
+enum { SYNC_NONE, SYNC_QUIESCE, SYNC_RESYNC };
+static int sync_step;
 
 static double now_s(void) {
     struct timespec ts;
@@ -170,16 +176,36 @@ static void advance_stream(int all) {
 }
 
 static void repl_prompt(void);
+static void repl_control(const char *what);
 
-/* --repl: rank r finished the line it was sent ("done") or wants the next one ("more"). */
-static void on_marker(int r, int more) {
+enum { M_DONE, M_MORE, M_INTR };
+
+/* --repl: rank r finished the line it was sent ("done", "intr") or wants the next one ("more").
+ * When every rank has answered: the prompt, or first the resynchronisation of the communicators
+ * if a Ctrl-C reached a rank while the line ran. */
+static void on_marker(int r, int kind) {
     if (!ranks[r].pending) return;
     ranks[r].pending = 0;
-    ranks[r].more = more;
+    ranks[r].more = kind == M_MORE;
+    ranks[r].intr = kind == M_INTR;
     advance_stream(0);
     if (rstate != R_WAIT || stopping) return;
-    for (int i = 0; i < nranks; i++)
+    int intr = 0;
+    for (int i = 0; i < nranks; i++) {
         if (ranks[i].pending) return;
+        intr |= ranks[i].intr;
+    }
+    if (sync_step == SYNC_NONE && intr) {
+        sync_step = SYNC_QUIESCE;
+        repl_control("quiesce");
+        return;
+    }
+    if (sync_step == SYNC_QUIESCE) {
+        sync_step = SYNC_RESYNC;
+        repl_control("resync");
+        return;
+    }
+    sync_step = SYNC_NONE;
     rstate = R_INPUT;
     repl_prompt();
 }
@@ -212,10 +238,13 @@ static void on_line(int r, int which, const char *s, size_t n) {
         const char *m = memmem(s, n, mark, mark_len);
         if (m && (size_t)(s + n - m) == mark_len + 4) {
             const char *what = m + mark_len;
-            int more = memcmp(what, "more", 4) == 0;
-            if (more || memcmp(what, "done", 4) == 0) {
+            int kind = memcmp(what, "more", 4) == 0   ? M_MORE
+                       : memcmp(what, "intr", 4) == 0 ? M_INTR
+                       : memcmp(what, "done", 4) == 0 ? M_DONE
+                                                      : -1;
+            if (kind >= 0) {
                 if (m > s) emit(r, STDOUT_FILENO, s, (size_t)(m - s));
-                on_marker(r, more);
+                on_marker(r, kind);
                 return;
             }
         }
@@ -301,7 +330,7 @@ static void on_rank_end(int r) {
             start_stop();
         }
     }
-    if (repl_mode && k->pending) on_marker(r, 0);
+    if (repl_mode && k->pending) on_marker(r, M_DONE);
 }
 
 static void reap(void) {
@@ -358,7 +387,17 @@ static void repl_send(const char *s, size_t n) {
     stream_rank = -1;
     advance_stream(0);
     rstate = any ? R_WAIT : R_INPUT;
-    if (!any) repl_prompt();
+    if (!any) {
+        sync_step = SYNC_NONE;
+        repl_prompt();
+    }
+}
+
+/* Sends the control line "<mark>:<what>" (repl.h) to every live rank. */
+static void repl_control(const char *what) {
+    char line[sizeof mark + 16];
+    int n = snprintf(line, sizeof line, "%s%s", mark, what);
+    repl_send(line, (size_t)n);
 }
 
 /* In R_INPUT: sends the next complete line, or everything left at end of input. */
@@ -384,6 +423,7 @@ static void repl_dispatch(void) {
 }
 
 static void repl_interrupt(void) {
+    if (sync_step != SYNC_NONE) return; /* resynchronising: short, and not to be cut */
     if (rstate == R_WAIT) { /* interrupt the chunk where it still runs */
         for (int r = 0; r < nranks; r++)
             if (ranks[r].pending) signal_rank(r, SIGINT);

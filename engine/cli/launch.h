@@ -22,7 +22,10 @@
  * --repl: the launcher prompts ("> ", ">> " inside a multi-line chunk), sends each line to
  * every rank, waits until every rank has finished it, and shows each rank's output (stdout and
  * stderr, in order) as "[rank R] ...". Ctrl-C interrupts the running chunk on every rank (or
- * discards a half-typed chunk); end of input (Ctrl-D) closes every rank's session. */
+ * discards a half-typed chunk); end of input (Ctrl-D) closes every rank's session. A rank waiting
+ * inside a collective is interrupted too ("... interrupted (Ctrl-C)"); once every rank has
+ * finished the line, the launcher has them resynchronise their communicators (repl.h's control
+ * lines) before the next line, so the session's communicators stay usable. */
 #ifndef LT_CLI_LAUNCH_H
 #define LT_CLI_LAUNCH_H
 

@@ -12,7 +12,13 @@
  *    touched and an error outside a chunk (out of memory, say) does not end it;
  *  - a hook installed by the user is put back after an interrupt;
  *  - an SPMD mode for the ranks of `luatron launch --repl` (repl.h): no prompts,
- *    a marker line after each line read. */
+ *    a marker line after each line read;
+ *  - Ctrl-C also interrupts a wait inside a collective (lt_comm_interrupt,
+ *    engine/comm/comm.h), which the hook cannot reach: the call fails with
+ *    "... interrupted (Ctrl-C)", an ordinary Lua error. The communicators are then
+ *    brought back in step before the next line: by the launcher's control lines in
+ *    SPMD mode (every rank must be idle, repl.h), here directly otherwise (one
+ *    process is the whole job). */
 #define _POSIX_C_SOURCE 200809L
 
 #include "engine/cli/repl.h"
@@ -29,6 +35,8 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "engine/comm/comm.h"
+
 #define REPL_PROMPT     "> "
 #define REPL_PROMPT2    ">> "
 #define REPL_CHUNKNAME  "=stdin"
@@ -39,8 +47,9 @@
 /* Results of reading one line of input. */
 enum { READ_OK, READ_EOF, READ_CANCEL };
 /* Results of loadline besides the LUA_* load statuses. */
-#define LOAD_EOF    (-1)
-#define LOAD_CANCEL (-2)
+#define LOAD_EOF     (-1)
+#define LOAD_CANCEL  (-2)
+#define LOAD_CONTROL (-3) /* SPMD: a control line from the launcher was carried out */
 
 /* ------------------------------------------------------------ SPMD mode */
 
@@ -55,6 +64,33 @@ static void spmd_mark(const char *what) {
     fflush(stderr);
     fprintf(stdout, "%s%s:%s\n", LT_REPL_SPMD_MARK, spmd_token, what);
     fflush(stdout);
+}
+
+/* The launcher's control line "<mark><token>:<what>": what, else NULL (an ordinary line). */
+static const char *spmd_control(const char *line) {
+    size_t ml = sizeof(LT_REPL_SPMD_MARK) - 1, tl;
+    if (spmd_token == NULL || strncmp(line, LT_REPL_SPMD_MARK, ml) != 0) return NULL;
+    tl = strlen(spmd_token);
+    if (strncmp(line + ml, spmd_token, tl) != 0 || line[ml + tl] != ':') return NULL;
+    return line + ml + tl + 1;
+}
+
+/* Brings the communicators back in step after an interrupt (comm.h); says which could not be. */
+static void comm_resync(void) {
+    char err[512] = "";
+    if (lt_comm_resync(err, sizeof err) != 0) {
+        fflush(stdout);
+        fprintf(stderr, "luatron: %s\n", err);
+        fflush(stderr);
+    }
+}
+
+/* Carries out a control line (repl.h); unknown ones are ignored. */
+static void spmd_run_control(const char *what) {
+    if (strcmp(what, "quiesce") == 0)
+        lt_comm_quiesce();
+    else if (strcmp(what, "resync") == 0)
+        comm_resync();
 }
 
 /* ---------------------------------------------------------------- signals */
@@ -84,14 +120,18 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
 }
 
 /* SIGINT while a chunk runs. A C signal may not touch the state except through
- * lua_sethook, which is meant for this. */
+ * lua_sethook, which is meant for this; a wait inside a collective is ended by
+ * the communicators' interrupt flag. */
 static void on_sigint_running(int sig) {
     set_handler(sig, SIG_DFL); /* a second Ctrl-C (code stuck in C) terminates */
+    lt_comm_interrupt();
     saved_hook = lua_gethook(running_L);
     saved_hook_mask = lua_gethookmask(running_L);
     saved_hook_count = lua_gethookcount(running_L);
-    lua_sethook(running_L, stop_hook,
-                LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1);
+    /* Instructions only, no call or return events: a collective that returns "interrupted
+     * (Ctrl-C)" raises it through the message handler, whose call and return would fire the
+     * hook and replace that message. */
+    lua_sethook(running_L, stop_hook, LUA_MASKLINE | LUA_MASKCOUNT, 1);
 }
 
 /* SIGCONT while waiting for readline input: redraw the line after Ctrl-Z, fg. */
@@ -494,6 +534,11 @@ static int loadline(lua_State *L) {
     status = pushline(L, 1);
     if (status == READ_EOF) return LOAD_EOF;
     if (status == READ_CANCEL) return LOAD_CANCEL;
+    if ((line = spmd_control(lua_tostring(L, 1))) != NULL) {
+        spmd_run_control(line);
+        lua_settop(L, 0);
+        return LOAD_CONTROL;
+    }
     if ((status = addreturn(L)) != LUA_OK) status = multiline(L);
     if (status == LOAD_CANCEL) {
         lua_settop(L, 0);
@@ -515,12 +560,20 @@ static int repl_loop(lua_State *L) {
             cancel_in_chunk = 0;
             continue;
         }
+        if (status == LOAD_CONTROL) {
+            spmd_mark("done");
+            continue;
+        }
         if (status == LUA_OK) status = docall(L, 0, LUA_MULTRET);
         if (status == LUA_OK)
             l_print(L);
         else
             report(L, status);
-        spmd_mark("done");
+        if (lt_comm_interrupt_pending() && spmd_token == NULL) { /* the whole job is here */
+            lt_comm_quiesce();
+            comm_resync();
+        }
+        spmd_mark(lt_comm_interrupt_pending() ? "intr" : "done");
     }
     lua_settop(L, 0);
     return 0;

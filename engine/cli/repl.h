@@ -9,8 +9,11 @@
  * changed with the globals _PROMPT and _PROMPT2.
  *
  * Ctrl-C while a chunk runs interrupts it ("interrupted!", raised from a hook at
- * the next Lua instruction; a second Ctrl-C before then kills the process, for
- * code stuck in C). Ctrl-C at a prompt discards the input typed so far.
+ * the next Lua instruction; a wait inside a collective returns within 20 ms with
+ * "<collective> on communicator '<name>' (ranks ...) interrupted (Ctrl-C)", see
+ * lt_comm_interrupt in engine/comm/comm.h, and the communicators are usable again
+ * from the next line; a second Ctrl-C before then kills the process, for code
+ * stuck elsewhere in C). Ctrl-C at a prompt discards the input typed so far.
  *
  * When stdin is a terminal, GNU readline (line editing, history) is loaded at
  * run time with dlopen, so the binary never depends on it; the library name can
@@ -28,9 +31,20 @@
  * line on stdout (stdout and stderr flushed first):
  *     LT_REPL_SPMD_MARK <token> ":more"   the chunk is incomplete: send the next line
  *     LT_REPL_SPMD_MARK <token> ":done"   the chunk ran (or failed, or was interrupted)
+ *     LT_REPL_SPMD_MARK <token> ":intr"   done, and a SIGINT came while it ran: the
+ *                                         communicators must be resynchronised (below)
  * A marker may follow output without a final newline on the same line. SIGINT while a chunk
- * runs interrupts it (then "done"); SIGINT while waiting for a continuation line discards the
- * chunk (then "done"); SIGINT while waiting for a first line does nothing (no marker). */
+ * runs interrupts it (Lua code at its next instruction, a wait inside a collective within
+ * 20 ms: lt_comm_interrupt, engine/comm/comm.h; then "intr"); SIGINT while waiting for a
+ * continuation line discards the chunk (then "done"); SIGINT while waiting for a first line
+ * does nothing (no marker).
+ * Control lines, sent by the launcher in place of a first line, answered with "done":
+ *     LT_REPL_SPMD_MARK <token> ":quiesce"   lt_comm_quiesce()
+ *     LT_REPL_SPMD_MARK <token> ":resync"    lt_comm_resync() (a communicator that could not be
+ *                                            resynchronised is named on stderr)
+ * After a line that some rank answered with "intr", the launcher sends "quiesce" to every rank,
+ * waits for every "done", sends "resync", waits for every "done", and only then the next line
+ * (the order comm.h asks for). */
 #define LT_REPL_SPMD_ENV "LUATRON_REPL_SPMD"
 #define LT_REPL_SPMD_MARK "\036luatron-spmd:"
 

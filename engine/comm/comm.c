@@ -11,12 +11,18 @@
  * non-blocking request (async.c) runs these same functions on the communicator's background
  * thread, so it counts identically, its seconds being the background thread's time. */
 #define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "engine/comm/internal.h"
+
+/* Every communicator of the process, for lt_comm_quiesce/lt_comm_resync (bottom of this file). */
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+static lt_comm *registry;
 
 double lt_comm_now_(void) {
     struct timespec ts;
@@ -94,11 +100,21 @@ lt_comm *lt_comm_alloc_(const lt_comm_ops *ops, int rank, int size, const int *w
     c->size = size;
     c->timeout_s = timeout_s;
     snprintf(c->name, sizeof c->name, "%s", name && name[0] ? name : "?");
+    pthread_mutex_lock(&registry_mu);
+    c->next = registry;
+    if (registry) registry->prev = c;
+    registry = c;
+    pthread_mutex_unlock(&registry_mu);
     return c;
 }
 
 void lt_comm_free_shell_(lt_comm *c) {
     if (!c) return;
+    pthread_mutex_lock(&registry_mu);
+    if (c->prev) c->prev->next = c->next;
+    else registry = c->next;
+    if (c->next) c->next->prev = c->prev;
+    pthread_mutex_unlock(&registry_mu);
     free(c->world_ranks);
     free(c);
 }
@@ -143,6 +159,10 @@ lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *nam
     if (parent->failed) {
         lt_comm_errf_(err, errlen, "group '%s' of %s: the parent is unusable after an earlier failure: %s",
                       name ? name : "?", desc, parent->failure);
+        return NULL;
+    }
+    if (lt_comm_interrupt_pending()) {
+        lt_comm_errf_(err, errlen, "group '%s' of %s interrupted (Ctrl-C)", name ? name : "?", desc);
         return NULL;
     }
     if (!ranks || n < 1 || n > parent->size) {
@@ -202,6 +222,12 @@ static int precheck(lt_comm *c, const char *what, lt_dtype dtype, int check_dtyp
                       c->failure);
     lt_comm_unlock_(c);
     if (failed) return -1;
+    if (lt_comm_interrupt_pending()) { /* the rest of an interrupted line fails at once, in step */
+        char desc[256];
+        lt_comm_describe_(c, desc, sizeof desc);
+        lt_comm_errf_(err, errlen, "%s on %s interrupted (Ctrl-C)", what, desc);
+        return -1;
+    }
     if (check_dtype && !valid_dtype(dtype)) {
         char desc[256];
         lt_comm_describe_(c, desc, sizeof desc);
@@ -230,8 +256,10 @@ static int finish(lt_comm *c, int rc, double t0, uint64_t bytes, const char *e, 
     lt_comm_lock_(c);
     c->stats.calls++;
     c->stats.seconds += dt;
+    int interrupted = c->interrupt_hit; /* not a failure: lt_comm_resync makes c usable again */
+    c->interrupt_hit = 0;
     if (rc == 0) c->stats.bytes += bytes;
-    else if (!c->failed) { /* keep the first failure (an abort may have come first) */
+    else if (!c->failed && !interrupted) { /* keep the first failure (an abort may have come first) */
         c->failed = 1;
         snprintf(c->failure, sizeof c->failure, "%s", e[0] ? e : "failed");
     }
@@ -356,4 +384,63 @@ void lt_comm_abort(lt_comm *c, const char *reason) {
         snprintf(c->failure, sizeof c->failure, "this rank aborted: %s", reason ? reason : "");
     }
     lt_comm_unlock_(c);
+}
+
+/* ---- interrupts and resynchronisation (comm.h) ---- */
+
+/* Lock-free, so a signal handler may set it; read by every thread's waits. */
+_Static_assert(ATOMIC_INT_LOCK_FREE == 2, "the interrupt flag must be lock-free");
+static atomic_int interrupt_flag;
+
+void lt_comm_interrupt(void) { atomic_store(&interrupt_flag, 1); }
+
+int lt_comm_interrupt_pending(void) { return atomic_load_explicit(&interrupt_flag, memory_order_relaxed); }
+
+void lt_comm_interrupted_(lt_comm *c, const char *what, char *err, size_t errlen) {
+    char desc[256];
+    lt_comm_describe_(c, desc, sizeof desc);
+    lt_comm_errf_(err, errlen, "%s on %s interrupted (Ctrl-C)", what, desc);
+    c->interrupt_hit = 1;
+}
+
+void lt_comm_quiesce(void) {
+    lt_comm_interrupt(); /* so requests still waiting, or queued, end at once */
+    pthread_mutex_lock(&registry_mu);
+    for (lt_comm *c = registry; c; c = c->next) lt_comm_async_drain_(c);
+    pthread_mutex_unlock(&registry_mu);
+}
+
+int lt_comm_resync(char *err, size_t errlen) {
+    int rc = 0;
+    pthread_mutex_lock(&registry_mu);
+    for (lt_comm *c = registry; c; c = c->next) {
+        if (!c->impl) continue; /* a shell being created or freed */
+        lt_comm_async_drain_(c);
+        lt_comm_lock_(c);
+        int failed = c->failed;
+        lt_comm_unlock_(c);
+        if (failed) continue; /* a real failure stays */
+        char e[LT_COMM_ERR_MAX] = "";
+        if (c->ops->resync) {
+            if (c->ops->resync(c, e, sizeof e) == 0) continue;
+        } else {
+            char desc[256];
+            lt_comm_describe_(c, desc, sizeof desc);
+            lt_comm_errf_(e, sizeof e,
+                          "%s (%s) cannot be resynchronised after an interrupt (Ctrl-C): a collective may be "
+                          "left waiting on the device; create a new one (core.comm_nccl)",
+                          desc, c->ops->backend);
+        }
+        lt_comm_lock_(c);
+        if (!c->failed) {
+            c->failed = 1;
+            snprintf(c->failure, sizeof c->failure, "%s", e);
+        }
+        lt_comm_unlock_(c);
+        if (rc == 0) lt_comm_errf_(err, errlen, "%s", e);
+        rc = -1;
+    }
+    atomic_store(&interrupt_flag, 0);
+    pthread_mutex_unlock(&registry_mu);
+    return rc;
 }

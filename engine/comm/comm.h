@@ -6,6 +6,9 @@
  * - Functions return 0 on success, or -1 with a message in err[errlen] naming the collective,
  *   the communicator and (for a timeout) the ranks that did not arrive. After a failure the
  *   communicator is unusable; the caller reports and exits (the launcher then stops the job).
+ *   The one exception is an interrupt (Ctrl-C in the REPL, see "interrupts" at the end): the
+ *   call fails with "... interrupted (Ctrl-C)" and the communicator is usable again once every
+ *   rank has resynchronised (lt_comm_resync).
  * - Results never depend on timing: reductions add contributions in rank order 0, 1, ..., so a
  *   run is repeatable bit for bit.
  * - Counts are in elements of `dtype` (engine/core/tensor.h: LT_F32, LT_BF16, LT_I32, LT_I64;
@@ -141,5 +144,39 @@ typedef struct {
 /* Since creation or the last lt_comm_reset_stats (which resets these too). The share of the
  * reduction time hidden behind computation is 1 - blocked_seconds / seconds. */
 lt_comm_async_stats lt_comm_get_async_stats(const lt_comm *c);
+
+/* ==== interrupts and resynchronisation (interactive sessions) ===============================
+ * How Ctrl-C in the SPMD REPL (engine/cli/repl.h) stops ranks waiting in a collective without
+ * killing the job's communicators (lt_comm_abort would, for good).
+ *
+ * - lt_comm_interrupt() (async-signal-safe: for a SIGINT handler) sets a process-wide flag. Every
+ *   wait of this process in progress (blocking calls on any thread, the background thread of the
+ *   non-blocking ones, group and world creation) then returns within one sleep slice (20 ms)
+ *   with -1 and "<call> on communicator '<name>' (ranks ...) interrupted (Ctrl-C)", and every call
+ *   made later fails at once the same way, until lt_comm_resync. Only the REPL calls it: in batch
+ *   runs SIGINT keeps its default (the launcher passes it on and the ranks end). Not interrupted:
+ *   lt_bootstrap_exchange (NCCL's unique id: it waits for its root at most the timeout) and NCCL's
+ *   own device work.
+ * - An interrupted call does not mark its communicator failed, but leaves the ranks out of step
+ *   (barrier arrivals, call numbers, staging halves, mailbox chunks). Recovery runs when every
+ *   rank of the job has stopped calling (the REPL: every rank finished the interrupted line), in
+ *   two steps, each on every rank, the second started only after every rank finished the first,
+ *   and no rank calling anything before every rank finished the second (the launcher orders them):
+ *     lt_comm_quiesce()  sets the flag and waits for the non-blocking requests of every
+ *                        communicator of this process (they fail at once, interrupted);
+ *     lt_comm_resync()   brings every communicator of this process back in step with its peers
+ *                        (shm: each rank catches its counters up to the largest over the ranks,
+ *                        read from the shared segment; a chunk sent but not received is dropped),
+ *                        then clears the flag.
+ *   Communicators that failed for another reason (timeout, abort, ranks disagreeing) stay failed.
+ *   NCCL communicators cannot be brought back in step (a collective may be stuck on the device):
+ *   lt_comm_resync marks every NCCL communicator failed with a message saying to create a new one
+ *   (core.comm_nccl). Returns 0, or -1 with the first such message in err (the others were still
+ *   resynchronised). */
+void lt_comm_interrupt(void);
+/* Whether lt_comm_interrupt was called since the last lt_comm_resync. Async-signal-safe. */
+int lt_comm_interrupt_pending(void);
+void lt_comm_quiesce(void);
+int lt_comm_resync(char *err, size_t errlen);
 
 #endif

@@ -4,7 +4,8 @@
  * comm.c validates arguments (dtype, counts >= 0, buffers, peer/root in range, group lists),
  * times the call, counts it in the statistics and then calls the backend; a backend only moves
  * data and reports failures. After a backend failure comm.c marks the communicator failed and
- * every later call returns the first error again. */
+ * every later call returns the first error again, unless the backend reported the failure as an
+ * interrupt (lt_comm_interrupted_): then the communicator waits for lt_comm_resync (comm.h). */
 #ifndef LT_COMM_INTERNAL_H
 #define LT_COMM_INTERNAL_H
 #include <stdarg.h>
@@ -36,6 +37,10 @@ typedef struct lt_comm_ops {
     void *(*group)(lt_comm *parent, lt_comm *child, char *err, size_t errlen);
     /* Releases the backend state (never blocks on other ranks). */
     void (*free)(lt_comm *c);
+    /* Brings c back in step with its peers after an interrupt (lt_comm_resync: every rank idle);
+     * 0, or -1 with err when it cannot (the job was aborted). NULL: the backend cannot, c is then
+     * marked failed. */
+    int (*resync)(lt_comm *c, char *err, size_t errlen);
 } lt_comm_ops;
 
 #define LT_COMM_NAME_MAX 48
@@ -52,6 +57,8 @@ struct lt_comm {
     int failed;                  /* a call failed: the communicator is unusable */
     char failure[LT_COMM_ERR_MAX]; /* the first failure, repeated by later calls */
     struct lt_comm_async *async;   /* the background thread of non-blocking calls (async.c), or NULL */
+    int interrupt_hit;             /* the backend call failing now was interrupted (lt_comm_interrupted_) */
+    struct lt_comm *prev, *next;   /* every communicator of the process (for lt_comm_resync) */
 };
 
 /* Waits until no non-blocking request of c is pending (a no-op on its own background thread);
@@ -72,6 +79,11 @@ lt_comm *lt_comm_alloc_(const lt_comm_ops *ops, int rank, int size, const int *w
                         double timeout_s);
 /* Frees the shell only (not the backend state). */
 void lt_comm_free_shell_(lt_comm *c);
+
+/* For a backend whose wait saw lt_comm_interrupt_pending(): writes "<what> on <communicator>
+ * interrupted (Ctrl-C)" into err and tells comm.c that this failure is an interrupt (the
+ * communicator is then not marked failed). */
+void lt_comm_interrupted_(lt_comm *c, const char *what, char *err, size_t errlen);
 
 /* snprintf into err (if err/errlen allow). */
 void lt_comm_errf_(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -27,8 +27,18 @@
  * at all when there are more ranks than CPUs; 20 us otherwise, LUATRON_SHM_SPIN_US overrides),
  * yields, then sleeps on the segment's futex word,
  * which every completing barrier, mailbox post and ack bumps (waking sleepers only when there are
- * any). Sleeps are capped at 20 ms, so every wait also notices its deadline (timeout_s) and the
- * job's abort word (kept in the world segment, shared by all communicators of the job).
+ * any). Sleeps are capped at 20 ms, so every wait also notices its deadline (timeout_s), the
+ * job's abort word (kept in the world segment, shared by all communicators of the job) and the
+ * process's interrupt flag (lt_comm_interrupt, comm.h; a signal also ends the futex sleep).
+ *
+ * Resynchronisation after an interrupt (shm_resync, every rank idle, see comm.h): the counters
+ * that must agree across ranks are the barrier number (arrive[r], and total = the sum of every
+ * arrive), the call number (in the call headers), the staging half parity and the mailbox chunk
+ * numbers. Each rank raises its arrive to the largest arrive of the segment, adding the
+ * difference to total (so total = k N again), takes the largest call number found in the
+ * headers, restarts its rounds at half 0, and marks every chunk it posted as received (a chunk
+ * nobody took is dropped). Raising to a maximum never changes the maximum, so the ranks may do
+ * this in any order, as long as none starts a call before all are done.
  *
  * Collectives are sequences of rounds; round i uses staging half i % 2. A round writes into the
  * rank's own half, then barriers, then reads the other ranks' halves; a half is written again two
@@ -207,6 +217,7 @@ typedef struct {
     uint64_t target; /* W_BARRIER: total; W_ACKED: acked */
     int peer;        /* W_POSTED: sender */
     uint64_t got;    /* W_POSTED: the chunk number found */
+    int steady;      /* not ended by an interrupt (a wait that other ranks end promptly anyway) */
 } wait_t;
 
 static int cond_ok(shm_comm *s, wait_t *w) {
@@ -227,7 +238,7 @@ static int cond_ok(shm_comm *s, wait_t *w) {
     return 0;
 }
 
-/* 0 when the condition holds, 1 on timeout, 2 when the job was aborted. */
+/* 0 when the condition holds, 1 on timeout, 2 when the job was aborted, 3 when interrupted. */
 static int shm_wait(shm_comm *s, wait_t *w) {
     if (cond_ok(s, w)) return 0;
     double t0 = lt_comm_now_(), deadline = t0 + s->timeout;
@@ -246,6 +257,7 @@ static int shm_wait(shm_comm *s, wait_t *w) {
     shm_seg *g = s->seg;
     for (;;) {
         if (aborted(s)) return 2;
+        if (!w->steady && lt_comm_interrupt_pending()) return 3;
         double now = lt_comm_now_();
         if (now >= deadline) return cond_ok(s, w) ? 0 : 1;
         atomic_fetch_add(&g->hdr->sleepers, 1u);
@@ -281,11 +293,15 @@ static int sync_ranks(lt_comm *c, const char *what, char *err, size_t errlen) {
     uint64_t t = atomic_fetch_add(&g->hdr->total, 1) + 1;
     uint64_t target = k * (uint64_t)s->n;
     if (t >= target) seg_notify(g);
-    wait_t w = {W_BARRIER, target, 0, 0};
+    wait_t w = {W_BARRIER, target, 0, 0, 0};
     int rc = shm_wait(s, &w);
     if (rc == 0) return 0;
     if (rc == 2) {
         abort_message(c, what, err, errlen);
+        return -1;
+    }
+    if (rc == 3) {
+        lt_comm_interrupted_(c, what, err, errlen);
         return -1;
     }
     int *late = malloc(sizeof(int) * (size_t)s->n), nl = 0;
@@ -446,7 +462,7 @@ static int seg_create(lt_comm *c, shm_comm *s, const char *name, size_t slot, ch
         atomic_store(&g->hdr->unlinked, 1);
         seg_notify(g);
     } else {
-        wait_t w = {W_UNLINKED, 0, 0, 0};
+        wait_t w = {W_UNLINKED, 0, 0, 0, 1}; /* member 0 raises it right after the barrier */
         int rc = shm_wait(s, &w);
         if (rc == 1) {
             shm_unlink(name);
@@ -864,6 +880,10 @@ static void p2p_fail(lt_comm *c, int rc, const char *what, int peer, char *err, 
         abort_message(c, w, err, errlen);
         return;
     }
+    if (rc == 3) {
+        lt_comm_interrupted_(c, w, err, errlen);
+        return;
+    }
     char desc[256];
     lt_comm_describe_(c, desc, sizeof desc);
     lt_comm_errf_(err, errlen, "%s on %s timed out after %.1f s: rank %d did not %s", w, desc, impl(c)->timeout,
@@ -966,11 +986,48 @@ static void shm_free(lt_comm *c) {
     c->impl = NULL;
 }
 
+/* ---- resynchronisation after an interrupt (see the top of the file and comm.h) ---- */
+
+/* The mailbox part: every chunk this rank posted counts as received, so no receiver takes a chunk
+ * of a send that was interrupted (receivers wait for chunk acked + 1, which is not posted yet). */
+static void mailbox_resync(shm_comm *s) {
+    atomic_store_explicit(&ctl_of(s->seg, s->me)->acked, s->posted, memory_order_release);
+}
+
+static int shm_resync(lt_comm *c, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    if (aborted(s)) {
+        abort_message(c, "resynchronisation", err, errlen);
+        return -1;
+    }
+    uint64_t k = 0, calls = 0;
+    for (int r = 0; r < s->n; r++) {
+        rank_ctl *p = ctl_of(g, r);
+        uint64_t a = atomic_load_explicit(&p->arrive, memory_order_acquire);
+        if (a > k) k = a;
+        for (int h = 0; h < 2; h++)
+            if (p->hdr[h].call_seq > calls) calls = p->hdr[h].call_seq;
+    }
+    if (k > s->bar_seq) {
+        uint64_t behind = k - s->bar_seq;
+        atomic_store(&ctl_of(g, s->me)->arrive, k);
+        atomic_fetch_add(&g->hdr->total, behind);
+        s->bar_seq = k;
+    }
+    s->call_seq = calls;
+    s->round = 0;
+    mailbox_resync(s);
+    seg_notify(g);
+    return 0;
+}
+
 static void *shm_group(lt_comm *parent, lt_comm *child, char *err, size_t errlen);
 
 static const lt_comm_ops shm_ops = {
     "shm",          shm_all_reduce, shm_reduce_scatter, shm_all_gather, shm_all_to_all, shm_broadcast,
     shm_send,       shm_recv,       shm_barrier,        shm_abort,      shm_group,      shm_free,
+    shm_resync,
 };
 
 static void *shm_group(lt_comm *parent, lt_comm *child, char *err, size_t errlen) {

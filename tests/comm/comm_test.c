@@ -615,6 +615,202 @@ static void rank_big(rank_ctx *ctx) {
     lt_comm_free(c);
 }
 
+/* ---- interrupts (Ctrl-C in the REPL) and resynchronisation ---- */
+
+/* A barrier outside the communicators (the ranks' shared results): stands in for the launcher,
+ * which knows when every rank is idle. */
+static void oob_barrier(rank_ctx *ctx, uint64_t phase) {
+    __atomic_store_n(&ctx->out->hash[NHASH - 1], phase, __ATOMIC_SEQ_CST);
+    for (int all = 0; !all;) {
+        all = 1;
+        for (int r = 0; r < ctx->n; r++)
+            if (__atomic_load_n(&ctx->all[r].hash[NHASH - 1], __ATOMIC_SEQ_CST) < phase) all = 0;
+        if (!all) usleep(1000);
+    }
+}
+
+static void on_alarm(int sig) {
+    (void)sig;
+    lt_comm_interrupt(); /* what the REPL's SIGINT handler does */
+}
+
+static void interrupt_in(double seconds) {
+    signal(SIGALRM, on_alarm);
+    struct itimerval it = {{0, 0}, {0, (long)(seconds * 1e6)}};
+    setitimer(ITIMER_REAL, &it, NULL);
+}
+
+/* The REPL's recovery, every rank idle: quiesce everywhere, then resync everywhere. */
+static int recover(rank_ctx *ctx, uint64_t *phase, char *err, size_t errlen) {
+    oob_barrier(ctx, ++*phase);
+    lt_comm_quiesce();
+    oob_barrier(ctx, ++*phase);
+    int rc = lt_comm_resync(err, errlen);
+    oob_barrier(ctx, ++*phase);
+    return rc;
+}
+
+/* World of 3, group {1,2}, a long timeout. Twice: rank 0 "runs Lua" (no calls) while rank 1
+ * waits in a chunked all_reduce on the world with a non-blocking all_reduce pending on the group,
+ * and rank 2 waits in a chunked send to rank 0; a timer interrupts them. Every call returns
+ * promptly with the interrupt message, calls made afterwards fail at once; after the recovery the
+ * pending request reports the interrupt and the world, the group and send/recv give the right
+ * results (no stale chunk of the interrupted send). */
+static void rank_interrupt(rank_ctx *ctx) {
+    char err[512];
+    int me = ctx->rank, pair[2] = {1, 2};
+    uint64_t phase = 0;
+    lt_comm *w = make_world(ctx, err, sizeof err), *p = NULL;
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    if (me > 0) {
+        p = lt_comm_group(w, pair, 2, "pair", err, sizeof err);
+        RCHECK(ctx, p, "group: %s", err);
+        if (!p) return;
+    }
+    int64_t count = 5000, bytes = 10000;
+    float *buf = malloc((size_t)count * 4);
+    uint8_t *msg = malloc((size_t)bytes), *got = malloc((size_t)bytes);
+    fill(buf, count, LT_F32, 70, me);
+    int rc = lt_comm_all_reduce(w, buf, count, LT_F32, LT_REDUCE_SUM, err, sizeof err);
+    RCHECK(ctx, rc == 0, "all_reduce before: %s", err);
+    for (int cycle = 0; cycle < 2; cycle++) {
+        interrupt_in(0.3);
+        double t0 = now_s();
+        lt_comm_request *req = NULL;
+        if (me == 0) {
+            while (!lt_comm_interrupt_pending() && now_s() - t0 < 10) usleep(1000);
+        } else if (me == 1) {
+            req = lt_comm_all_reduce_async(p, buf, 100, LT_F32, LT_REDUCE_SUM); /* rank 2 never joins */
+            rc = lt_comm_all_reduce(w, buf, count, LT_F32, LT_REDUCE_SUM, err, sizeof err);
+            RCHECK(ctx, rc != 0 && strstr(err, "all_reduce on communicator 'world' (ranks 0,1,2) interrupted (Ctrl-C)"),
+                   "cycle %d: expected the interrupt, got rc %d: %s", cycle, rc, err);
+        } else {
+            memset(msg, 0xee, (size_t)bytes); /* three chunks: two posted, then a wait */
+            rc = lt_comm_send(w, msg, bytes / 4, LT_F32, 0, err, sizeof err);
+            RCHECK(ctx, rc != 0 && strstr(err, "send to rank 0 on communicator 'world' (ranks 0,1,2) interrupted"),
+                   "cycle %d: expected the interrupt, got rc %d: %s", cycle, rc, err);
+        }
+        double dt = now_s() - t0;
+        RCHECK(ctx, dt < 5.0, "cycle %d: interrupted after %.2f s (timeout %.0f s)", cycle, dt, ctx->timeout);
+        if (cycle == 0 && me == 1) snprintf(ctx->out->err, sizeof ctx->out->err, "%s", err);
+        if (me > 0) { /* until the recovery every call fails at once */
+            t0 = now_s();
+            rc = lt_comm_barrier(p, err, sizeof err);
+            RCHECK(ctx, rc != 0 && strstr(err, "barrier on communicator 'pair' (ranks 1,2) interrupted") &&
+                            now_s() - t0 < 0.5,
+                   "cycle %d: a call after the interrupt: rc %d: %s", cycle, rc, err);
+        }
+        rc = recover(ctx, &phase, err, sizeof err);
+        RCHECK(ctx, rc == 0 && !lt_comm_interrupt_pending(), "cycle %d: resync: %s", cycle, rc ? err : "flag left");
+        if (req) {
+            rc = lt_comm_wait(req, err, sizeof err);
+            RCHECK(ctx, rc != 0 && strstr(err, "all_reduce on communicator 'pair' (ranks 1,2) interrupted"),
+                   "cycle %d: the pending request: rc %d: %s", cycle, rc, err);
+        }
+        /* the next "line": everything in step again */
+        int salt = 100 + cycle;
+        fill(buf, count, LT_F32, salt, me);
+        rc = lt_comm_all_reduce(w, buf, count, LT_F32, LT_REDUCE_SUM, err, sizeof err);
+        RCHECK(ctx, rc == 0, "cycle %d: all_reduce on the world after the resync: %s", cycle, err);
+        if (rc == 0) {
+            int64_t bad = check_reduced(buf, count, 0, LT_F32, LT_REDUCE_SUM, salt, 3, NULL);
+            RCHECK(ctx, bad < 0, "cycle %d: world all_reduce differs at %lld", cycle, (long long)bad);
+        }
+        if (me > 0) {
+            fill(buf, count, LT_F32, salt + 50, me);
+            rc = lt_comm_all_reduce(p, buf, count, LT_F32, LT_REDUCE_SUM, err, sizeof err);
+            RCHECK(ctx, rc == 0, "cycle %d: all_reduce on the group after the resync: %s", cycle, err);
+            if (rc == 0) {
+                int64_t bad = check_reduced(buf, count, 0, LT_F32, LT_REDUCE_SUM, salt + 50, 2, pair);
+                RCHECK(ctx, bad < 0, "cycle %d: group all_reduce differs at %lld", cycle, (long long)bad);
+            }
+        }
+        for (int64_t i = 0; i < bytes; i++) msg[i] = (uint8_t)(i * 7 + cycle);
+        if (me == 2) {
+            rc = lt_comm_send(w, msg, bytes / 4, LT_F32, 0, err, sizeof err);
+            RCHECK(ctx, rc == 0, "cycle %d: send after the resync: %s", cycle, err);
+        } else if (me == 0) {
+            rc = lt_comm_recv(w, got, bytes / 4, LT_F32, 2, err, sizeof err);
+            RCHECK(ctx, rc == 0 && memcmp(got, msg, (size_t)bytes) == 0, "cycle %d: recv after the resync: %s",
+                   cycle, rc ? err : "wrong data (a stale chunk?)");
+        }
+        rc = lt_comm_barrier(w, err, sizeof err);
+        RCHECK(ctx, rc == 0, "cycle %d: barrier after the resync: %s", cycle, err);
+    }
+    free(buf);
+    free(msg);
+    free(got);
+    lt_comm_free(p);
+    lt_comm_free(w);
+}
+
+/* Creating a group while a member "runs Lua": the setup is interrupted, and the same group made
+ * again after the resync is a fresh one that works. */
+static void rank_interrupt_setup(rank_ctx *ctx) {
+    char err[512];
+    uint64_t phase = 0;
+    int both[2] = {0, 1};
+    lt_comm *w = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    interrupt_in(0.3);
+    double t0 = now_s();
+    if (ctx->rank == 0) {
+        while (!lt_comm_interrupt_pending() && now_s() - t0 < 10) usleep(1000);
+    } else {
+        lt_comm *g = lt_comm_group(w, both, 2, "late", err, sizeof err);
+        RCHECK(ctx, !g && strstr(err, "setup on communicator 'late' (ranks 0,1) interrupted (Ctrl-C)") &&
+                        now_s() - t0 < 5.0,
+               "expected the interrupt within 5 s, got %s after %.2f s", g ? "a group" : err, now_s() - t0);
+        snprintf(ctx->out->err, sizeof ctx->out->err, "%s", err);
+        lt_comm_free(g);
+    }
+    int rc = recover(ctx, &phase, err, sizeof err);
+    RCHECK(ctx, rc == 0, "resync: %s", err);
+    lt_comm *g = lt_comm_group(w, both, 2, "late", err, sizeof err);
+    RCHECK(ctx, g, "the group made again: %s", err);
+    int64_t x = ctx->rank + 5;
+    rc = g ? lt_comm_all_reduce(g, &x, 1, LT_I64, LT_REDUCE_SUM, err, sizeof err) : -1;
+    RCHECK(ctx, rc == 0 && x == 11, "all_reduce on it: %s (x = %lld)", rc ? err : "ok", (long long)x);
+    lt_comm_free(g);
+    lt_comm_free(w);
+}
+
+/* A communicator that failed for real (rank 1 skipped an all_reduce: timeout) stays failed through
+ * an interrupt and a resync; the other rank's, which did not fail, works with a group. */
+static void rank_failed_stays(rank_ctx *ctx) {
+    char err[512];
+    uint64_t phase = 0;
+    int both[2] = {0, 1};
+    lt_comm *w = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    lt_comm *g = lt_comm_group(w, both, 2, "both", err, sizeof err);
+    RCHECK(ctx, g, "group: %s", err);
+    if (!g) return;
+    float x = 1;
+    if (ctx->rank == 0) {
+        int rc = lt_comm_all_reduce(w, &x, 1, LT_F32, LT_REDUCE_SUM, err, sizeof err);
+        RCHECK(ctx, rc != 0 && strstr(err, "timed out"), "expected a timeout: %s", rc ? err : "no error");
+    }
+    oob_barrier(ctx, ++phase);
+    lt_comm_interrupt();
+    int rc = recover(ctx, &phase, err, sizeof err);
+    RCHECK(ctx, rc == 0, "resync: %s", err);
+    if (ctx->rank == 0) {
+        rc = lt_comm_barrier(w, err, sizeof err);
+        RCHECK(ctx, rc != 0 && strstr(err, "unusable") && strstr(err, "timed out"), "still failed: %s",
+               rc ? err : "it works again");
+        snprintf(ctx->out->err, sizeof ctx->out->err, "%s", err);
+    }
+    x = (float)(ctx->rank + 1);
+    rc = lt_comm_all_reduce(g, &x, 1, LT_F32, LT_REDUCE_SUM, err, sizeof err);
+    RCHECK(ctx, rc == 0 && x == 3.0f, "the group after the resync: %s (x = %g)", rc ? err : "ok", x);
+    lt_comm_free(g);
+    lt_comm_free(w);
+}
+
 /* ---- in the parent: a world of one, argument checks ---- */
 
 static void test_single(void) {
@@ -718,6 +914,20 @@ int main(void) {
     st = run_ranks(4, 10.0, rank_abort, NULL, 30);
     report_run("abort through a group: ranks waiting in the world and in another group fail promptly "
                "with the reason", 4, &st, 0);
+    printf("#   %s\n", shared_results[0].err);
+
+    st = run_ranks(3, 60.0, rank_interrupt, NULL, 30);
+    report_run("interrupt (Ctrl-C) of ranks waiting in a chunked all_reduce, a send and a pending non-blocking "
+               "request, twice: prompt errors well inside the timeout, then after the resync the world, a group "
+               "and send/recv are right", 3, &st, 0);
+    printf("#   %s\n", shared_results[1].err);
+
+    st = run_ranks(2, 60.0, rank_interrupt_setup, NULL, 30);
+    report_run("interrupt while creating a group: prompt error; made again after the resync, it works", 2, &st, 0);
+    printf("#   %s\n", shared_results[1].err);
+
+    st = run_ranks(2, 0.5, rank_failed_stays, NULL, 30);
+    report_run("a communicator that timed out stays failed through a resync; a sound group works", 2, &st, 0);
     printf("#   %s\n", shared_results[0].err);
 
     st = run_ranks(3, 0.5, rank_no_show, NULL, 30);

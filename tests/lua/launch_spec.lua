@@ -234,6 +234,75 @@ cat "$d/out"; echo "__rc=$rc"
     assert.is_nil(out:find("__", 1, true), out)
   end)
 
+  -- An SPMD REPL session of n ranks with a long communicator timeout (120 s): `body` are shell
+  -- lines that type with `echo ... >&3` and wait with `waitfor TEXT`; `ctrl_c` presses Ctrl-C
+  -- once rank 0 printed "looping" and prints "__ms=N", the time until every rank (the last
+  -- one's output comes last) reported its interruption. Ctrl-D (closing the fifo) ends it.
+  local function repl_session(n, body)
+    return sh(([[
+trap "" PIPE
+mkfifo "$d/in"
+"$LUATRON" launch -n %d --timeout 120 --repl < "$d/in" > "$d/out" 2>&1 &
+pid=$!
+( sleep 40; kill -9 $pid ) >/dev/null 2>&1 &
+wd=$!
+exec 3> "$d/in"
+waitfor() { i=0; while ! grep -q -F -- "$1" "$d/out" 2>/dev/null; do i=$((i + 1)); [ $i -gt 300 ] && return 1; sleep 0.05; done; }
+ctrl_c() {
+  waitfor "[rank 0] looping" || echo "__never_started"
+  sleep 0.3
+  t0=$(date +%%s%%N)
+  kill -INT $pid
+  waitfor "[rank %d] stdin:1: $1" || echo "__not_interrupted"
+  echo "__ms=$(( ($(date +%%s%%N) - t0) / 1000000 ))"
+}
+%s
+exec 3>&-
+wait $pid; rc=$?
+kill $wd 2>/dev/null
+cat "$d/out"; echo "__rc=$rc"
+]]):format(n, n - 1, body))
+  end
+
+  local function interrupted_promptly(out)
+    assert.is_nil(out:gsub("__ms=%d+", ""):find("__", 1, true), out)
+    local ms = tonumber(out:match("__ms=(%d+)"))
+    assert.is_true(ms < 10000, "interrupted after " .. tostring(ms) .. " ms (timeout 120 s):\n" .. out)
+  end
+
+  it("interrupts ranks waiting in a collective on Ctrl-C; the next line's all_reduce is right", function()
+    local out, rc = repl_session(2, [[
+echo "c = lt.comm_world(); r = c:rank()" >&3
+echo "t = lt.tensor.from({r + 1}); if r == 0 then print('looping') while true do end end; c:all_reduce(t)" >&3
+ctrl_c "all_reduce on communicator 'world' (ranks 0,1) interrupted (Ctrl-C)"
+echo "t = lt.tensor.from({r + 1}); c:all_reduce(t); print('sum', t:item())" >&3
+waitfor "[rank 1] sum" || echo "__no_sum"
+echo "c:barrier(); t = lt.tensor.from({r + 10}); c:all_reduce(t); print('again', t:item())" >&3
+waitfor "[rank 1] again" || echo "__no_again"
+]])
+    assert.are.equal(0, rc, out)
+    interrupted_promptly(out)
+    assert_in_order(out, "[rank 0] looping\n", "[rank 0] interrupted!",
+      "[rank 1] stdin:1: all_reduce on communicator 'world' (ranks 0,1) interrupted (Ctrl-C)",
+      "[rank 0] sum\t3.0\n[rank 1] sum\t3.0\n", "[rank 0] again\t21.0\n[rank 1] again\t21.0\n")
+  end)
+
+  it("interrupts a world barrier and a group all_reduce over 3 ranks; both work on the next line", function()
+    local out, rc = repl_session(3, [[
+echo "c = lt.comm_world(); r = c:rank(); g = r > 0 and c:group({1, 2}, 'pair') or nil" >&3
+echo "if r == 0 then print('looping') while true do end elseif r == 1 then g:all_reduce(lt.tensor.from({1})) else c:barrier() end" >&3
+ctrl_c "barrier on communicator 'world' (ranks 0,1,2) interrupted (Ctrl-C)"
+echo "t = lt.tensor.from({r + 1}); c:all_reduce(t); u = lt.tensor.from({r + 1}); if g then g:all_reduce(u) end; print('sums', t:item(), u:item())" >&3
+waitfor "[rank 2] sums" || echo "__no_sums"
+]])
+    assert.are.equal(0, rc, out)
+    interrupted_promptly(out)
+    assert_in_order(out, "[rank 0] interrupted!",
+      "[rank 1] stdin:1: all_reduce on communicator 'pair' (ranks 1,2) interrupted (Ctrl-C)",
+      "[rank 2] stdin:1: barrier on communicator 'world' (ranks 0,1,2) interrupted (Ctrl-C)",
+      "[rank 0] sums\t6.0\t1.0\n[rank 1] sums\t6.0\t5.0\n[rank 2] sums\t6.0\t5.0\n")
+  end)
+
   it("bootstraps from PMIx under mpirun", function()
     if not os.execute("command -v mpirun >/dev/null 2>&1") then
       pending("mpirun is not installed (apt-get install openmpi-bin)")

@@ -185,6 +185,24 @@ waitfor alive || echo "__not_alive"
     assert.are.equal(0, rc)
   end)
 
+  it("resumes collectives on the line after a Ctrl-C", function()
+    -- Ctrl-C raises the communicators' interrupt flag (a wait in a collective would return);
+    -- unless the REPL clears it before the next line, every collective fails "interrupted".
+    local out, rc = fifo_session([[
+echo "c = lt.comm_world()" >&3
+echo "print('looping') while true do end" >&3
+waitfor looping || echo "__never_started"
+sleep 0.1
+kill -INT $pid
+echo "t = lt.tensor.from({2}); c:all_reduce(t); c:barrier(); print('reduced', t:item())" >&3
+waitfor reduced || echo "__not_reduced"
+]])
+    assert.is_nil(out:find("__", 1, true), out)
+    assert_in_order(out, "looping\n", "interrupted", "reduced\t2.0\n")
+    assert.is_nil(out:find("interrupted (Ctrl-C)", 1, true), out)
+    assert.are.equal(0, rc)
+  end)
+
   it("discards pending input on Ctrl-C at a prompt", function()
     local out, rc = fifo_session([[
 echo "function g()" >&3

@@ -63,11 +63,31 @@ static lt_dtype opt_dtype(lua_State *L, int idx) {
     return (lt_dtype)d;
 }
 
-/* tensor.zeros({2, 3} [, dtype]) */
+/* tensor.zeros({2, 3} [, dtype [, device]]): in host memory, or in the memory of device ("cuda"),
+ * e.g. a pipeline stage's receive buffer. */
 static int t_zeros(lua_State *L) {
     int64_t shape[LT_MAX_DIMS];
     int nd = lt_lua_check_shape(L, 1, shape);
-    lt_lua_push_tensor(L, lt_tensor_new(opt_dtype(L, 2), nd, shape));
+    lt_dtype dtype = opt_dtype(L, 2);
+    const char *device = luaL_optstring(L, 3, "cpu");
+    if (strcmp(device, "cpu") == 0) {
+        lt_lua_push_tensor(L, lt_tensor_new(dtype, nd, shape));
+        return 1;
+    }
+    char err[256];
+    const lt_backend *be = lt_backend_get(device, err, sizeof err);
+    if (!be) luaL_error(L, "tensor.zeros: %s", err);
+    size_t nbytes = lt_dtype_size(dtype);
+    for (int i = 0; i < nd; i++) nbytes *= (size_t)shape[i];
+    void *data = be->alloc(nbytes ? nbytes : 1);
+    if (!data) luaL_error(L, "tensor.zeros: out of %s memory (%zu bytes)", device, nbytes);
+    be->memzero(data, nbytes);
+    lt_tensor *t = lt_tensor_wrap(dtype, nd, shape, data, nbytes ? nbytes : 1, be->device, be->release);
+    if (!t) {
+        be->release(data, nbytes ? nbytes : 1);
+        luaL_error(L, "tensor.zeros: invalid shape");
+    }
+    lt_lua_push_tensor(L, t);
     return 1;
 }
 

@@ -1,19 +1,26 @@
 -- Checkpoints: a folder per iteration, as Megatron's iter_XXXXXXX, holding
 --   model.safetensors        the parameters under Megatron's names
 --   optimizer.safetensors    the optimizer state as "<state>.<param name>" (e.g. exp_avg.decoder...)
---     or optimizer_shard_<r>.safetensors, one per data-parallel rank with the distributed
+--     or optimizer_shard_<d>.safetensors, one per data-parallel rank with the distributed
 --     optimizer: the parts of the parameters that rank updates, as 1-D tensors
 --     "<state>.<param name>:<first element>"
 --   state.json               iteration, consumed samples, optimizer steps, seed
 --   config.json              the run's ConfigContainer
--- and latest_checkpointed_iteration.txt beside them. A folder is written under a temporary
--- name and renamed into place, and the tracker file is replaced the same way, so a crash
--- never leaves a half-written checkpoint where a reader would look.
+-- and latest_checkpointed_iteration.txt beside them. With pipeline stages each stage writes its
+-- own: model_pp<k>.safetensors, optimizer_pp<k>.safetensors or optimizer_pp<k>_shard_<d>.safetensors.
+-- Every file's metadata names its stage and data-parallel rank and their counts, so a reader
+-- knows when one is missing.
 --
--- In a multi-rank job, `ranks` = {rank =, barrier = function() end, dp_rank =, dp_size =}:
--- rank 0 writes the shared files, each data-parallel rank its optimizer shard. Everything is
--- stored under parameter names, so any layout loads what any other saved: a run with the
--- distributed optimizer resumes at another data-parallel size, or with DDP, and the other way.
+-- Everything is stored under parameter names (global layer numbers), so any layout loads what
+-- any other saved: each rank reads the files and takes the parameters, and the parts of the
+-- optimizer state, that it holds. A run resumes at another pipeline or data-parallel size, with
+-- or without the distributed optimizer.
+--
+-- A folder is written under a temporary name and renamed into place, and the tracker file is
+-- replaced the same way, so a crash never leaves a half-written checkpoint where a reader would
+-- look. In a multi-rank job, `ranks` = {rank =, barrier =, dp_rank =, dp_size =, pp_rank =,
+-- pp_size =}: world rank 0 writes the shared files, data-parallel rank 0 of each stage its model
+-- and replicated optimizer state, every rank its optimizer shard.
 local core = require "luatron.core"
 local json = require "luatron.json"
 local data_parallel = require "luatron.data_parallel"
@@ -21,7 +28,7 @@ local fs = require "luatron.fs"
 
 local M = {}
 
-local SINGLE = { rank = 0, dp_rank = 0, dp_size = 1, barrier = function() end }
+local SINGLE = { rank = 0, dp_rank = 0, dp_size = 1, pp_rank = 0, pp_size = 1, barrier = function() end }
 
 local function iter_dir(root, iteration) return ("%s/iter_%07d"):format(root, iteration) end
 
@@ -33,37 +40,56 @@ local function write_file(path, text)
   assert(os.rename(tmp, path))
 end
 
+-- A model, or an array of a rank's chunks, as an array.
+local function chunk_list(model)
+  return type(model) == "table" and model or { model }
+end
 
-local function model_tensors(model)
+local function model_tensors(chunks)
   local t = {}
-  for _, p in ipairs(model:parameters()) do t[p.name] = model:param(p.name) end
+  for _, chunk in ipairs(chunks) do
+    for _, p in ipairs(chunk:parameters()) do t[p.name] = chunk:param(p.name) end
+  end
   return t
+end
+
+-- Shapes and sizes of the parameters of chunks, by name.
+local function param_info(chunks)
+  local info = {}
+  for _, chunk in ipairs(chunks) do
+    for _, p in ipairs(chunk:parameters()) do info[p.name] = p end
+  end
+  return info
 end
 
 -- The optimizer state as pieces of named parameters (luatron.data_parallel) and whether they are
 -- this rank's shard only: a data_parallel optimizer's, or a plain core optimizer's over a model.
-local function state_pieces(model, optimizer)
+local function state_pieces(chunks, optimizer)
   if optimizer.state_pieces then return optimizer:state_pieces() end
-  return data_parallel.replicated_pieces(model, optimizer), false
+  return data_parallel.replicated_pieces(chunks[1], optimizer), false
 end
 
 -- The tensors a file stores for pieces: whole parameters under "<state>.<param>" in their shape,
 -- parts as 1-D "<state>.<param>:<first>".
-local function piece_tensors(model, pieces, sharded)
-  local shapes, t = {}, {}
-  for _, p in ipairs(model:parameters()) do shapes[p.name] = p.shape end
+local function piece_tensors(chunks, pieces, sharded)
+  local info, t = param_info(chunks), {}
   for _, piece in ipairs(pieces) do
     local key = piece.state .. "." .. piece.param
     if sharded then
       t[("%s:%d"):format(key, piece.first)] = piece.tensor
     else
-      t[key] = piece.tensor:reshape(shapes[piece.param])
+      t[key] = piece.tensor:reshape(info[piece.param].shape)
     end
   end
   return t
 end
 
-local function shard_file(dir, dp_rank) return ("%s/optimizer_shard_%d.safetensors"):format(dir, dp_rank) end
+-- File names: kind "model" or "optimizer"; pp_rank nil without pipeline stages, dp_rank nil
+-- unless sharded.
+local function file_name(kind, pp_rank, dp_rank)
+  return kind .. (pp_rank and ("_pp%d"):format(pp_rank) or "") .. (dp_rank and ("_shard_%d"):format(dp_rank) or "")
+    .. ".safetensors"
+end
 
 -- The iterations of root's checkpoint folders, ascending.
 function M.iterations(root)
@@ -84,32 +110,35 @@ function M.remove_old(root, keep)
   for i = 1, #its - keep do os.execute("rm -rf " .. fs.quote(iter_dir(root, its[i]))) end
 end
 
--- Saves iteration state.iteration under root; returns the folder. `optimizer` is a
--- data_parallel optimizer (anything with :state_tensors()), or nil to save the model only
--- (CheckpointConfig.save_optim = false).
+-- Saves iteration state.iteration under root; returns the folder. `model` is a model or this
+-- rank's chunks; `optimizer` a data_parallel optimizer (anything with :state_pieces()) or a core
+-- optimizer, or nil to save the model only (CheckpointConfig.save_optim = false).
 function M.save(root, model, optimizer, state, config_table, ranks)
   ranks = ranks or SINGLE
+  local chunks = chunk_list(model)
   local final = iter_dir(root, state.iteration)
   local tmp = final .. ".tmp"
   if ranks.rank == 0 then
     os.execute("rm -rf " .. fs.quote(tmp) .. " && mkdir -p " .. fs.quote(tmp))
   end
   ranks.barrier()
-  local meta = { format = "luatron", iteration = tostring(state.iteration) }
+  local pp_size = ranks.pp_size or 1
+  local stage = pp_size > 1 and ranks.pp_rank or nil
+  local meta = { format = "luatron", iteration = tostring(state.iteration), pp_rank = tostring(ranks.pp_rank or 0),
+    pp_size = tostring(pp_size), dp_rank = tostring(ranks.dp_rank), dp_size = tostring(ranks.dp_size) }
   if optimizer then
-    local pieces, sharded = state_pieces(model, optimizer)
+    local pieces, sharded = state_pieces(chunks, optimizer)
     if sharded then
-      local m = { format = "luatron", iteration = meta.iteration, dp_rank = tostring(ranks.dp_rank),
-        dp_size = tostring(ranks.dp_size) }
-      if ranks.rank == ranks.dp_rank then -- one writer per data-parallel rank (tp/pp rank 0)
-        core.save_tensors(shard_file(tmp, ranks.dp_rank), piece_tensors(model, pieces, true), m)
-      end
-    elseif ranks.rank == 0 then
-      core.save_tensors(tmp .. "/optimizer.safetensors", piece_tensors(model, pieces, false), meta)
+      core.save_tensors(tmp .. "/" .. file_name("optimizer", stage, ranks.dp_rank), piece_tensors(chunks, pieces, true),
+        meta)
+    elseif ranks.dp_rank == 0 then
+      core.save_tensors(tmp .. "/" .. file_name("optimizer", stage), piece_tensors(chunks, pieces, false), meta)
     end
   end
+  if ranks.dp_rank == 0 then
+    core.save_tensors(tmp .. "/" .. file_name("model", stage), model_tensors(chunks), meta)
+  end
   if ranks.rank == 0 then
-    core.save_tensors(tmp .. "/model.safetensors", model_tensors(model), meta)
     write_file(tmp .. "/state.json", json.encode(state))
     write_file(tmp .. "/config.json", json.encode(config_table or {}))
   end
@@ -135,63 +164,93 @@ function M.latest_iteration(root)
   return it
 end
 
--- Raises a clear error unless every destination tensor has a source of the same shape.
-local function check_all(dst_tensors, loaded, file)
-  for name, dst in pairs(dst_tensors) do
-    local src = loaded[name]
-    if not src then error(("%s: missing tensor '%s'"):format(file, name), 0) end
-    local a, b = table.concat(dst:shape(), "x"), table.concat(src:shape(), "x")
-    if a ~= b then
-      error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(file, name, b, a), 0)
-    end
-  end
-end
-
-local function copy_all(dst_tensors, loaded)
-  for name, dst in pairs(dst_tensors) do dst:copy(loaded[name]) end
-end
-
 local function load_file(path)
   local t, meta_or_err = core.load_tensors(path)
   if not t then error("corrupt checkpoint: " .. meta_or_err, 0) end
   return t, meta_or_err
 end
 
--- The optimizer files of dir: the whole state, or every data-parallel rank's shard. Returns
--- { ["<state>.<param>"] = { {first =, tensor = 1-D, file =}, ... } }.
-local function read_optimizer(dir)
-  local files = {}
-  if fs.exists(dir .. "/optimizer.safetensors") then
-    files[1] = dir .. "/optimizer.safetensors"
-  else
-    local _, meta = load_file(shard_file(dir, 0))
-    local n = tonumber(meta.dp_size)
-    if not n then error(("%s has no dp_size in its metadata"):format(shard_file(dir, 0)), 0) end
-    for r = 0, n - 1 do
-      if not fs.exists(shard_file(dir, r)) then
-        error(("checkpoint %s lacks %s (it was saved by %d data-parallel ranks)"):format(dir,
-          shard_file(dir, r):match("[^/]+$"), n), 0)
-      end
-      files[#files + 1] = shard_file(dir, r)
+-- The files of one kind ("model", "optimizer") in dir, all of them, in stage order: the single
+-- file, or one per stage (and per data-parallel rank for shards) as the first one's metadata
+-- counts them. nil when dir holds none of that kind.
+local function kind_files(dir, kind)
+  local first
+  for _, name in ipairs { file_name(kind), file_name(kind, 0), file_name(kind, nil, 0), file_name(kind, 0, 0) } do
+    if fs.exists(dir .. "/" .. name) then
+      first = name
+      break
     end
   end
-  local index = {}
+  if not first then return nil end
+  local _, meta = load_file(dir .. "/" .. first)
+  local pp = first:find("_pp", 1, true) and tonumber(meta.pp_size) or nil
+  local dp = first:find("_shard_", 1, true) and tonumber(meta.dp_size) or nil
+  local files = {}
+  for k = 0, (pp or 1) - 1 do
+    for d = 0, (dp or 1) - 1 do
+      local name = file_name(kind, pp and k, dp and d)
+      if not fs.exists(dir .. "/" .. name) then
+        error(("checkpoint %s lacks %s (it was saved by %d pipeline stage(s) and %d data-parallel rank(s))"):format(dir,
+          name, pp or 1, dp or 1), 0)
+      end
+      files[#files + 1] = dir .. "/" .. name
+    end
+  end
+  return files
+end
+
+-- Every parameter the model files of dir hold, by name (a tied embedding's copies are equal).
+local function read_model(dir)
+  local files = kind_files(dir, "model")
+  if not files then error(("checkpoint %s has no model.safetensors"):format(dir), 0) end
+  local weights, where = {}, {}
   for _, file in ipairs(files) do
+    for name, t in pairs((load_file(file))) do
+      if not weights[name] then weights[name], where[name] = t, file end
+    end
+  end
+  return weights, where
+end
+
+-- The optimizer files of dir: { ["<state>.<param>"] = { {first =, tensor = 1-D, file =}, ... } },
+-- each stored piece once.
+local function read_optimizer(dir)
+  local index, seen = {}, {}
+  for _, file in ipairs(kind_files(dir, "optimizer")) do
     for name, t in pairs((load_file(file))) do
       local key, first = name:match("^(.-):(%d+)$")
       key, first = key or name, tonumber(first) or 0
-      index[key] = index[key] or {}
-      table.insert(index[key], { first = first, tensor = t:reshape({ t:numel() }), file = file })
+      local id = ("%s:%d:%d"):format(key, first, t:numel())
+      if not seen[id] then
+        seen[id] = true
+        index[key] = index[key] or {}
+        table.insert(index[key], { first = first, tensor = t:reshape({ t:numel() }), file = file })
+      end
     end
   end
   return index
 end
 
+-- The copies that fill every parameter of chunks from the stored weights, checked first: every
+-- parameter must be there with its shape.
+local function plan_model_copies(chunks, weights, where, dir)
+  local copies = {}
+  for name, dst in pairs(model_tensors(chunks)) do
+    local src = weights[name]
+    if not src then error(("checkpoint %s: missing tensor '%s'"):format(dir, name), 0) end
+    local a, b = table.concat(dst:shape(), "x"), table.concat(src:shape(), "x")
+    if a ~= b then
+      error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(where[name], name, b, a), 0)
+    end
+    copies[#copies + 1] = { dst, src }
+  end
+  return copies
+end
+
 -- The copies that fill every destination piece from the stored pieces it overlaps, checked
 -- before anything is copied: each element of the destination must be stored, inside its parameter.
-local function plan_copies(model, pieces, index, dir)
-  local numel = {}
-  for _, p in ipairs(model:parameters()) do numel[p.name] = p.numel end
+local function plan_optimizer_copies(chunks, pieces, index, dir)
+  local info = param_info(chunks)
   local copies = {}
   for _, dst in ipairs(pieces) do
     local key, n = dst.state .. "." .. dst.param, dst.tensor:numel()
@@ -200,9 +259,9 @@ local function plan_copies(model, pieces, index, dir)
     local covered = 0
     for _, src in ipairs(stored) do
       local last = src.first + src.tensor:numel()
-      if last > numel[dst.param] then
+      if last > info[dst.param].numel then
         error(("%s: optimizer state '%s' holds elements up to %d, but this run's %s has %d"):format(src.file, key,
-          last, dst.param, numel[dst.param]), 0)
+          last, dst.param, info[dst.param].numel), 0)
       end
       local a, b = math.max(dst.first, src.first), math.min(dst.first + n, last)
       if a < b then
@@ -219,13 +278,14 @@ local function plan_copies(model, pieces, index, dir)
   return copies
 end
 
--- Loads the latest checkpoint of root (or opts.iteration's) into model, and into optimizer
--- unless opts.load_optim == false (a data_parallel optimizer's main weights then follow the
--- loaded model), whatever data-parallel layout saved it. Returns the saved state table and the folder, or nil when root has none.
--- Everything is read and checked before anything changes, so a corrupt checkpoint raises a
--- clear error and leaves the run as it was.
+-- Loads the latest checkpoint of root (or opts.iteration's) into model (a model or this rank's
+-- chunks), and into optimizer unless opts.load_optim == false (a data_parallel optimizer's main
+-- weights then follow the loaded model), whatever layout saved it. Returns the saved state table
+-- and the folder, or nil when root has none. Everything is read and checked before anything
+-- changes, so a corrupt checkpoint raises a clear error and leaves the run as it was.
 function M.load(root, model, optimizer, opts)
   opts = opts or {}
+  local chunks = chunk_list(model)
   local iteration = opts.iteration or M.latest_iteration(root)
   if not iteration then return nil end
   local dir = iter_dir(root, iteration)
@@ -238,23 +298,20 @@ function M.load(root, model, optimizer, opts)
   if not state_text then error(("checkpoint %s has no state.json"):format(dir), 0) end
   local ok, state = pcall(json.decode, state_text)
   if not ok then error(("checkpoint %s/state.json is corrupt: %s"):format(dir, state), 0) end
-  local weights = load_file(dir .. "/model.safetensors")
-  local model_dst = model_tensors(model)
-  check_all(model_dst, weights, dir .. "/model.safetensors")
-  local copies
+  local weights, where = read_model(dir)
+  local copies = plan_model_copies(chunks, weights, where, dir)
   local load_optim = optimizer and opts.load_optim ~= false
   if load_optim then
-    if not fs.exists(shard_file(dir, 0)) and not fs.exists(dir .. "/optimizer.safetensors") then
+    if not kind_files(dir, "optimizer") then
       error(("checkpoint %s holds no optimizer state (saved with checkpoint.save_optim = false): set "
         .. "checkpoint.load_optim = false or checkpoint.finetune = true to load the model only"):format(dir), 0)
     end
-    copies = plan_copies(model, state_pieces(model, optimizer), read_optimizer(dir), dir)
+    for _, c in ipairs(plan_optimizer_copies(chunks, state_pieces(chunks, optimizer), read_optimizer(dir), dir)) do
+      copies[#copies + 1] = c
+    end
   end
-  copy_all(model_dst, weights)
-  if load_optim then
-    for _, c in ipairs(copies) do c[1]:copy(c[2]) end
-    optimizer:num_steps(state.optimizer_steps or iteration)
-  end
+  for _, c in ipairs(copies) do c[1]:copy(c[2]) end
+  if load_optim then optimizer:num_steps(state.optimizer_steps or iteration) end
   if optimizer and optimizer.after_load then optimizer:after_load() end
   return state, dir
 end

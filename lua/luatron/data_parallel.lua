@@ -6,8 +6,12 @@
 --                          the Adam moments, then the parameters are all-gathered.
 -- The buckets live in C (engine/parallel/ddp.c). With ddp.overlap_grad_reduce their reduction
 -- starts during the last microbatch's backward; with overlap_param_gather the next forward waits
--- for each bucket's parameters only when it reaches them. Both schemes present one interface to
--- the training loop: before_last_backward(), step(lr) → grad norm before clipping, apply(lr).
+-- for each bucket's parameters only when it reaches them.
+--
+-- A rank holds one model chunk per virtual pipeline stage (one chunk without pipelining), each
+-- with its own buckets and optimizer, as Megatron wraps each chunk in its own DDP;
+-- M.over_chunks joins them into what the training loop uses: before_last_backward(chunk),
+-- step(lr) → grad norm before clipping (over every chunk of every stage), apply(lr).
 local core = require "luatron.core"
 
 local M = {}
@@ -31,14 +35,14 @@ Replicated.__index = Replicated
 local Sharded = {}
 Sharded.__index = Sharded
 
--- model, r (resolved config), group (the dp-cp communicator or nil for one rank).
-function M.new(model, r, group)
+-- One chunk's: model (a chunk), r (resolved config), group (the dp-cp communicator or nil for one
+-- rank), device_comm (an NCCL communicator over group made for another chunk, or nil).
+local function new_part(model, r, group, device_comm)
   local dp = group and group:size() or 1
   -- The buffers' communicator: the host group on the CPU; on a GPU an NCCL communicator over the
   -- same ranks (self.device_comm), while the host group keeps the scalars (loss, gradient norm).
-  local comm = group
-  local device_comm
-  if dp > 1 and r.model.device ~= "cpu" then
+  local comm = device_comm or group
+  if dp > 1 and r.model.device ~= "cpu" and not device_comm then
     local ok, c = pcall(core.comm_nccl, group, r.model.device)
     if not ok then
       error(("data parallelism over %d ranks on device %q needs NCCL: %s"):format(dp, r.model.device, c), 0)
@@ -75,30 +79,27 @@ function M.new(model, r, group)
 end
 
 -- Bytes a step moves by the ring formulas, for the report: the gradient reduction (all-reduce:
--- 2(D-1)/D of the buffer; reduce-scatter: (D-1)/D), the previous update's parameter all-gather
+-- 2(D-1)/D of the buffers; reduce-scatter: (D-1)/D), the previous update's parameter all-gather
 -- ((D-1)/D; none before the first update) and the scalar all-reduces (the loss, and the distributed
 -- optimizer's gradient norm: 2(D-1)/D of 4 bytes each).
-function M.expected_bytes(self, first_step)
-  local d = self.dp
+local function expected_bytes(numel, d, sharded, first_step)
   if d == 1 then return 0 end
   local scalar = 2 * (d - 1) / d * 4
-  local buffer = fp32_bytes(self.numel)
-  if getmetatable(self) == Sharded then
-    return (first_step and 1 or 2) * (d - 1) / d * buffer + 2 * scalar
-  end
+  local buffer = fp32_bytes(numel)
+  if sharded then return (first_step and 1 or 2) * (d - 1) / d * buffer + 2 * scalar end
   return 2 * (d - 1) / d * buffer + scalar
 end
 
--- Memory per rank, bytes: parameters, gradients, optimizer state (what the formulas predict).
-function M.memory(self)
+-- Memory of one chunk's part, bytes: parameters, gradients, optimizer state.
+local function part_memory(self)
   local n = self.numel
   local states = #self.opt:state_names()
   if getmetatable(self) == Sharded then
     return { params = fp32_bytes(n), grads = fp32_bytes(n), optimizer = fp32_bytes(self.shard * (states + 1)),
-      formula = fp32_bytes(n * (states + 1)) / self.dp, sharded = true }
+      formula = fp32_bytes(n * (states + 1)) / self.dp }
   end
   return { params = fp32_bytes(n), grads = fp32_bytes(n), optimizer = fp32_bytes(n * states),
-    formula = fp32_bytes(n * states), sharded = false }
+    formula = fp32_bytes(n * states) }
 end
 
 -- Global-norm clipping coefficient as Megatron: max_norm / (norm + 1e-6), only when below 1.
@@ -113,39 +114,46 @@ end
 -- Called before the backward of the step's last microbatch (the earlier ones only accumulate,
 -- like Megatron's no_sync): with overlap, finished buckets start reducing from here on.
 function Replicated:before_last_backward()
-  if self.ddp and self.overlap_grads then self.ddp:begin() end
+  if self.ddp and self.overlap_grads then
+    self.ddp:begin()
+    self.begun = true
+  end
+end
+Sharded.before_last_backward = Replicated.before_last_backward
+
+-- Completes the reduction of the gradients over the data-parallel ranks: every bucket averaged
+-- (DDP) or reduce-scattered into the main gradients (distributed optimizer).
+function Replicated:reduce()
+  if not self.ddp then return end
+  if not self.begun then self.ddp:begin() end
+  self.begun = false
+  local exposed = self.ddp:finish()
+  self.exposed_seconds = self.overlap_grads and exposed or nil
+end
+Sharded.reduce = Replicated.reduce
+
+-- The sum of squares of the gradients this rank updates, leaving out parameter `skip` (the last
+-- stage's copy of a tied embedding, which Megatron counts once).
+function Replicated:sumsq(skip)
+  local s = self.model:flat_grads():norm() ^ 2
+  if skip then s = s - self.model:grad(skip):norm() ^ 2 end
+  return s
 end
 
-function Replicated:step(lr)
-  local grads = self.model:flat_grads()
-  if self.ddp then
-    if not self.overlap_grads then self.ddp:begin() end
-    local exposed = self.ddp:finish() -- every bucket averaged over the data-parallel ranks
-    self.exposed_seconds = self.overlap_grads and exposed or nil
+function Sharded:sumsq(skip)
+  local s = self.main_grads:norm() ^ 2
+  if skip then
+    for _, piece in ipairs(self:grad_pieces()) do
+      if piece.param == skip then s = s - piece.tensor:norm() ^ 2 end
+    end
   end
-  local norm = core.clip_grad_norm(grads, self.r.optimizer.clip_grad or 0)
-  self.last_norm = norm
-  return norm
+  return s
 end
+
+function Replicated:scale_grads(c) self.model:flat_grads():scale(c) end
+function Sharded:scale_grads(c) self.main_grads:scale(c) end
 
 function Replicated:apply(lr) self.opt:step(lr) end
-
-function Sharded:before_last_backward()
-  if self.overlap_grads then self.ddp:begin() end
-end
-
-function Sharded:step(lr)
-  if not self.overlap_grads then self.ddp:begin() end
-  self.exposed_seconds = self.ddp:finish() -- reduce-scatter of every bucket into the main gradients
-  if not self.overlap_grads then self.exposed_seconds = nil end
-  local sumsq = core.tensor.from({ self.main_grads:norm() ^ 2 }, "float32") -- host scalar: the host group
-  if self.dp > 1 then self.group:all_reduce(sumsq, "sum") end
-  local norm = math.sqrt(sumsq:item())
-  local c = clip_coeff(norm, self.r.optimizer.clip_grad)
-  if c then self.main_grads:scale(c) end
-  self.last_norm = norm
-  return norm
-end
 
 -- Updates this rank's shard, then all-gathers the parameters bucket by bucket. With
 -- overlap_param_gather the next forward waits for each bucket only when it reaches its layers.
@@ -159,8 +167,6 @@ end
 function Sharded:sync_params() self.ddp:params_finish() end
 function Replicated:sync_params() end
 
--- Optimizer state of a plain (replicated) core optimizer over a model's flat buffers, as
--- checkpoint tensors "<state>.<parameter name>".
 -- The optimizer state as pieces of named parameters, which is what checkpoints store, so that
 -- any layout can read what any other wrote: { {state =, param =, first =, tensor =}, ... }, the
 -- 1-D `tensor` holding elements [first, first + numel) of state `state` (e.g. "exp_avg") of
@@ -180,20 +186,30 @@ end
 function Replicated:state_pieces() return M.replicated_pieces(self.model, self.opt), false end
 
 -- The distributed optimizer holds, per bucket, a slice of the flat buffer: the parts of the
--- parameters that fall in it.
+-- parameters that fall in it, as 1-D views of `flat` (a tensor laid out as the main parameters).
+function Sharded:pieces_of(flat)
+  local pieces = {}
+  for _, piece in ipairs(self.ddp:pieces()) do
+    local lo, hi = piece.flat_first, piece.flat_first + piece.count
+    for _, p in ipairs(self.model:parameters()) do
+      local a, b = math.max(p.offset, lo), math.min(p.offset + p.numel, hi)
+      if a < b then
+        pieces[#pieces + 1] = { param = p.name, first = a - p.offset,
+          tensor = flat:narrow(1, piece.main_offset + a - lo + 1, b - a) }
+      end
+    end
+  end
+  return pieces
+end
+
+function Sharded:grad_pieces() return self:pieces_of(self.main_grads) end
+
 function Sharded:state_pieces()
   local pieces = {}
   for _, state in ipairs(self.opt:state_names()) do
-    local flat = self.opt:state(state)
-    for _, piece in ipairs(self.ddp:pieces()) do
-      local lo, hi = piece.flat_first, piece.flat_first + piece.count
-      for _, p in ipairs(self.model:parameters()) do
-        local a, b = math.max(p.offset, lo), math.min(p.offset + p.numel, hi)
-        if a < b then
-          pieces[#pieces + 1] = { state = state, param = p.name, first = a - p.offset,
-            tensor = flat:narrow(1, piece.main_offset + a - lo + 1, b - a) }
-        end
-      end
+    for _, piece in ipairs(self:pieces_of(self.opt:state(state))) do
+      piece.state = state
+      pieces[#pieces + 1] = piece
     end
   end
   return pieces, true
@@ -204,10 +220,130 @@ function Replicated:after_load() end
 -- After a checkpoint restored the weights: the main parameters follow them.
 function Sharded:after_load() self.ddp:weights_to_main() end
 
-for _, cls in ipairs { Replicated, Sharded } do
-  cls.expected_bytes = M.expected_bytes
-  cls.memory = M.memory
-  cls.num_steps = function(self, n) return self.opt:num_steps(n) end
+function Replicated:num_steps(n) return self.opt:num_steps(n) end
+Sharded.num_steps = Replicated.num_steps
+
+------------------------------------------------------------------------------------------------
+-- A rank's chunks together.
+------------------------------------------------------------------------------------------------
+
+local EMBEDDING = "embedding.word_embeddings.weight"
+
+local Chunks = {}
+Chunks.__index = Chunks
+
+local function has_param(chunk, name)
+  for _, p in ipairs(chunk:parameters()) do
+    if p.name == name then return true end
+  end
+  return false
+end
+
+-- The optimizer of this rank's chunks (an array; one chunk without pipelining): r is the resolved
+-- config, group the dp-cp communicator (nil for one rank); opts.pp the pipeline group's
+-- communicator and opts.embedding the embedding group's (first and last stage), both nil without
+-- pipelining.
+function M.over_chunks(chunks, r, group, opts)
+  opts = opts or {}
+  local parts, device_comm, numel = {}, nil, 0
+  for i, chunk in ipairs(chunks) do
+    parts[i] = new_part(chunk, r, group, device_comm)
+    device_comm, numel = parts[i].device_comm, numel + parts[i].numel
+  end
+  local self = setmetatable({ parts = parts, chunks = chunks, r = r, group = group, dp = parts[1].dp,
+    device_comm = device_comm, numel = numel, sharded = getmetatable(parts[1]) == Sharded, pp = opts.pp,
+    tied = {}, copy = {} }, Chunks)
+  -- With the output layer tied to the word embedding and pipeline stages, the last stage holds a
+  -- copy of the embedding; the two copies' gradients are summed over the embedding group, and the
+  -- copy is left out of the gradient norm (Megatron's finalize_model_grads and get_grad_norm).
+  local emb = opts.embedding
+  if emb and emb:size() > 1 then
+    for i, chunk in ipairs(chunks) do
+      local st = chunk:stage()
+      if (st.pre_process or st.post_process) and has_param(chunk, EMBEDDING) then
+        self.tied[i] = true
+        self.copy[i] = not st.pre_process
+      end
+    end
+    if next(self.tied) then
+      self.embedding = emb
+      if r.model.device ~= "cpu" then self.embedding = core.comm_nccl(emb, r.model.device) end
+    end
+  end
+  return self
+end
+
+-- Before the backward of chunk i's last microbatch (0-based chunk numbers, as plans give them).
+-- A chunk with a tied embedding reduces after the embedding's sum instead (see step).
+function Chunks:before_last_backward(i)
+  i = (i or 0) + 1
+  if not self.tied[i] then self.parts[i]:before_last_backward() end
+end
+
+-- Megatron's finalize_model_grads and clipping: the tied embedding's copies summed over the
+-- first and last stage (before the data-parallel reduction here: sums commute, and no bucket can
+-- have started with the copy in it), every chunk's gradients reduced over the data-parallel
+-- ranks, then the global norm over every chunk of every stage, and the clipping.
+-- Returns the norm before clipping.
+function Chunks:step(lr)
+  for i in pairs(self.tied) do self.embedding:all_reduce(self.chunks[i]:grad(EMBEDDING), "sum") end
+  local sumsq, exposed = 0, nil
+  for i, part in ipairs(self.parts) do
+    part:reduce()
+    if part.exposed_seconds then exposed = (exposed or 0) + part.exposed_seconds end
+    sumsq = sumsq + part:sumsq(self.copy[i] and EMBEDDING or nil)
+  end
+  self.exposed_seconds = exposed
+  local t = core.tensor.from({ sumsq }, "float32")
+  if self.sharded and self.dp > 1 then self.group:all_reduce(t, "sum") end
+  if self.pp and self.pp:size() > 1 then self.pp:all_reduce(t, "sum") end
+  local norm = math.sqrt(math.max(t:item(), 0))
+  local c = clip_coeff(norm, self.r.optimizer.clip_grad)
+  if c then
+    for _, part in ipairs(self.parts) do part:scale_grads(c) end
+  end
+  self.last_norm = norm
+  return norm
+end
+
+function Chunks:apply(lr)
+  for _, part in ipairs(self.parts) do part:apply(lr) end
+end
+
+-- The weights are complete (before evaluating, saving or leaving).
+function Chunks:sync_params()
+  for _, part in ipairs(self.parts) do part:sync_params() end
+end
+
+-- After a checkpoint restored the weights: the main parameters follow them.
+function Chunks:after_load()
+  for _, part in ipairs(self.parts) do part:after_load() end
+end
+
+function Chunks:num_steps(n)
+  local steps
+  for _, part in ipairs(self.parts) do steps = part:num_steps(n) end
+  return steps
+end
+
+-- The optimizer state as named pieces (see replicated_pieces) and whether they are shards.
+function Chunks:state_pieces()
+  local all = {}
+  for _, part in ipairs(self.parts) do
+    for _, piece in ipairs((part:state_pieces())) do all[#all + 1] = piece end
+  end
+  return all, self.sharded
+end
+
+function Chunks:expected_bytes(first_step) return expected_bytes(self.numel, self.dp, self.sharded, first_step) end
+
+-- Memory per rank, bytes: parameters, gradients, optimizer state (what the formulas predict).
+function Chunks:memory()
+  local m = { params = 0, grads = 0, optimizer = 0, formula = 0, sharded = self.sharded }
+  for _, part in ipairs(self.parts) do
+    for k, v in pairs(part_memory(part)) do m[k] = m[k] + v end
+  end
+  return m
 end
 
 return M

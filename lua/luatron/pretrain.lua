@@ -1,7 +1,8 @@
 -- The training loop behind luatron.pretrain(config): Megatron's pretrain(). Every piece is a
 -- plain function so a recipe can assemble its own loop from them (see recipes/custom_loop.lua).
 -- Multi-rank (luatron launch, mpirun): data parallelism over the dp-cp group, with DDP or the
--- distributed optimizer (luatron.data_parallel).
+-- distributed optimizer (luatron.data_parallel), and pipeline parallelism: each rank holds its
+-- stage's chunks and runs a schedule's plan (luatron.schedules, luatron.pipeline) over them.
 local core = require "luatron.core"
 local config = require "luatron.config"
 local model_lib = require "luatron.model"
@@ -10,6 +11,9 @@ local checkpoint = require "luatron.checkpoint"
 local logger_lib = require "luatron.logger"
 local parallel = require "luatron.parallel"
 local data_parallel = require "luatron.data_parallel"
+local pipeline = require "luatron.pipeline"
+local pipeline_run = require "luatron.pipeline_run"
+local schedules = require "luatron.schedules"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
 local fs = require "luatron.fs"
@@ -51,11 +55,10 @@ end
 
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
-  for _, f in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "expert_model_parallel_size" } do
+  for _, f in ipairs { "tensor_model_parallel_size", "context_parallel_size", "expert_model_parallel_size" } do
     if (m[f] or 1) > 1 then
-      error(("GPTModelProvider.%s = %d: this build parallelises over data only (tensor, pipeline, context and "
-        .. "expert parallelism are not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
+      error(("GPTModelProvider.%s = %d: this build parallelises over data and pipeline stages only (tensor, "
+        .. "context and expert parallelism are not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
     end
   end
   if m.num_moe_experts then
@@ -67,16 +70,34 @@ function M.check_supported(m)
   end
 end
 
+-- The communicators a pipeline schedule sends over: two over this rank's pipeline group, one per
+-- kind of message (activations forward, gradients back), so each kind keeps its own order.
+local function pipeline_comms(ps, device)
+  local ranks = ps.grid.group("pp", ps.rank)
+  local comms = {}
+  for _, kind in ipairs { "activations", "gradients" } do
+    local c = ps.world:group(ranks, "pp-" .. kind)
+    comms[kind] = device == "cpu" and c or core.comm_nccl(c, device)
+  end
+  return comms
+end
+
 -- Everything a run needs: the validated config (r: every default resolved), this rank's place
--- in the job, model, optimizer, datasets and the state that checkpoints carry.
-function M.setup(cfg)
+-- in the job, its model chunks, optimizer, datasets and the state that checkpoints carry.
+-- opts.schedule: a pipeline schedule (a name of luatron.schedules or a function; default
+-- Megatron's choice for the layout).
+function M.setup(cfg, opts)
+  opts = opts or {}
   M.check_supported(cfg.model)
   local ps = parallel.initialize(cfg.model, cfg.dist)
   local r = config.validate(cfg, ps.world_size)
   local seed = r.rng.seed
   local dp_group = ps.groups["dp-cp"]
+  local pp, vpp = r.model.pipeline_model_parallel_size, r.model.virtual_pipeline_model_parallel_size or 1
+  local layout = model_lib.chunk_layers(r.model, pp, vpp, ps.coords.pp_rank)
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local model = model_lib.build(r.model, seed, 16 * (dp_group and dp_group:size() or 1), ps.local_rank)
+  local chunks = model_lib.build_chunks(r.model, layout, seed, 16 * (dp_group and dp_group:size() or 1),
+    ps.local_rank)
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
@@ -84,13 +105,16 @@ function M.setup(cfg)
     ps = ps,
     dp_rank = dp_group and dp_group:rank() or 0,
     dp_size = dp_group and dp_group:size() or 1,
-    model = model,
-    optimizer = data_parallel.new(model, r, dp_group),
+    chunks = chunks,
+    optimizer = data_parallel.over_chunks(chunks, r, dp_group, { pp = ps.groups.pp, embedding = ps.groups.embedding }),
+    schedule = opts.schedule or schedules.default_name(pp, vpp),
+    p2p = pp > 1 and pipeline_comms(ps, r.model.device) or nil,
+    plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
-  run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size,
-    barrier = function() ps.world:barrier() end }
+  run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size, pp_rank = ps.coords.pp_rank,
+    pp_size = pp, barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
     -- Megatron's count: every evaluation of the run reads eval_iters global batches of its own
     local evaluations = (train_iters or 0) // r.train.eval_interval + 1
@@ -135,6 +159,60 @@ local function dp_mean(run, x)
   return g:all_reduce(t, "avg"):item()
 end
 
+-- The last pipeline stage's number on every stage (0 elsewhere before the sum).
+local function from_last_stage(run, x)
+  local g = run.ps.groups.pp
+  if not g or g:size() == 1 then return x end
+  local t <close> = core.tensor.from({ x }, "float32")
+  return g:all_reduce(t, "sum"):item()
+end
+
+-- This rank's plan for n microbatches (forward_only: evaluation), checked against every other
+-- stage's the first time it is asked for.
+local function plan_for(run, n, forward_only)
+  local key = n .. (forward_only and "f" or "t")
+  if not run.plans[key] then
+    local m = run.r.model
+    run.plans[key] = pipeline.plan { schedule = run.schedule, pipeline_model_parallel_size = m.pipeline_model_parallel_size,
+      virtual_pipeline_model_parallel_size = m.virtual_pipeline_model_parallel_size, num_microbatches = n,
+      microbatch_group_size_per_vp_stage = m.microbatch_group_size_per_vp_stage, forward_only = forward_only,
+      rank = run.ps.coords.pp_rank }
+  end
+  return run.plans[key]
+end
+
+-- Runs plan over microbatches of `data`: microbatch m holds samples first(m) .. first(m) + mbs - 1,
+-- read only by the stages that need them (tokens on the first, targets on the last). Returns the
+-- sum over microbatches of their mean loss on the last stage (0 elsewhere).
+local function run_plan(run, plan, data, first, seed_of, loss_scale)
+  local r = run.r
+  local mbs, s = r.train.micro_batch_size, r.model.seq_length
+  local batches = {}
+  local function batch(m)
+    if not batches[m] then
+      local b <close> = read_batch(data, first(m), mbs)
+      batches[m] = { tokens = b:narrow(2, 1, s):clone(), targets = b:narrow(2, 2, s):clone() }
+    end
+    return batches[m]
+  end
+  local dtype = r.model.bf16 and "bfloat16" or "float32"
+  local results = pipeline_run.run(plan, {
+    chunks = run.chunks,
+    tokens = function(m) return batch(m).tokens end,
+    targets = function(m) return batch(m).targets end,
+    seed = seed_of,
+    loss_scale = loss_scale,
+    activations = run.p2p and run.p2p.activations,
+    gradients = run.p2p and run.p2p.gradients,
+    buffer = function() return core.tensor.zeros({ s, mbs, r.model.hidden_size }, dtype, r.model.device) end,
+    last_backward = function(c) run.optimizer:before_last_backward(c) end,
+  })
+  -- the losses stay on the device until here: one read per microbatch, after the whole schedule
+  local loss_sum = 0
+  for _, res in pairs(results) do loss_sum = loss_sum + res.losses:to_host():sum() / math.max(res.valid, 1) end
+  return loss_sum
+end
+
 -- Data-parallel traffic of one step, read just before the optimizer update: the window holds
 -- the previous update's parameter all-gather (which may run behind this step's forward), this
 -- step's gradient reduction and its scalar all-reduces, so every step is counted exactly once.
@@ -169,26 +247,22 @@ end
 
 -- One optimizer step over the global batch: this rank runs its share of the microbatches
 -- (Megatron's sampler: microbatch m of data-parallel rank d holds global samples
--- consumed + (m * DP + d) * mbs ...). Returns the mean loss, the gradient norm before
--- clipping and the learning rate used.
+-- consumed + (m * DP + d) * mbs ...) through its stage's chunks, in the schedule's order.
+-- Returns the mean loss, the gradient norm before clipping and the learning rate used.
 function M.train_step(run)
-  local r, model = run.r, run.model
+  local r = run.r
   local mbs, n_micro, dp = r.train.micro_batch_size, r.num_microbatches, run.dp_size
   local lr = scheduler.lr_at(run.state.optimizer_steps, r.optimizer, r.scheduler, r.train.train_iters)
-  model:zero_grad()
-  local loss_sum = 0
-  for mb = 0, n_micro - 1 do
-    local first = run.state.consumed_samples + (mb * dp + run.dp_rank) * mbs
-    local batch <close> = read_batch(run.train_data, first, mbs)
-    local ctx, loss, valid = model:forward(batch, dropout_seed(run.state.seed, first))
-    if mb == n_micro - 1 then run.optimizer:before_last_backward() end
-    model:backward(ctx, 1 / (math.max(valid, 1) * n_micro))
-    loss_sum = loss_sum + loss
-  end
+  for _, chunk in ipairs(run.chunks) do chunk:zero_grad() end
+  local consumed, seed = run.state.consumed_samples, run.state.seed
+  local function first(m) return consumed + (m * dp + run.dp_rank) * mbs end
+  local loss_sum = run_plan(run, plan_for(run, n_micro, false), run.train_data, first,
+    function(m) return dropout_seed(seed, first(m)) end,
+    function(valid) return 1 / (math.max(valid, 1) * n_micro) end)
   -- Gradients first: with overlap their reduction is in flight, and the loss's all-reduce on the
   -- same communicator would otherwise wait for it and hide the exposed time from the report.
   local grad_norm = run.optimizer:step(lr) -- reduces the gradients across data-parallel ranks, clips
-  local loss = dp_mean(run, loss_sum / n_micro)
+  local loss = dp_mean(run, from_last_stage(run, loss_sum / n_micro))
   if loss ~= loss or grad_norm ~= grad_norm or math.abs(loss) == math.huge or grad_norm == math.huge then
     error(("NaN or infinite %s at iteration %d (loss %s, grad norm %s): stopping without saving; the last "
       .. "good checkpoint is untouched. Lower optimizer.lr or set optimizer.clip_grad.")
@@ -212,17 +286,14 @@ end
 -- eval_iters global batches, so a resumed run and any layout read the same samples.
 function M.evaluate(run, n)
   run.optimizer:sync_params()
-  local r, model = run.r, run.model
+  local r = run.r
   local mbs, gbs, dp = r.train.micro_batch_size, r.train.global_batch_size, run.dp_size
   n = n or math.max(run.state.iteration // r.train.eval_interval - 1, 0)
-  local first = n * r.train.eval_iters * gbs
-  local total, count = 0, 0
-  for i = 0, r.train.eval_iters * gbs // (mbs * dp) - 1 do
-    local batch <close> = read_batch(run.valid_data, first + (i * dp + run.dp_rank) * mbs, mbs)
-    local ctx <close>, loss = model:forward(batch)
-    total, count = total + loss, count + 1
-  end
-  return dp_mean(run, total / count)
+  local base = n * r.train.eval_iters * gbs
+  local count = r.train.eval_iters * gbs // (mbs * dp)
+  local total = run_plan(run, plan_for(run, count, true), run.valid_data,
+    function(i) return base + (i * dp + run.dp_rank) * mbs end, function() return 0 end)
+  return dp_mean(run, from_last_stage(run, total / count))
 end
 
 -- The values of Megatron's OptimizerParamScheduler state dict, which a resumed run checks.
@@ -237,7 +308,7 @@ function M.save(run)
   run.optimizer:sync_params()
   local ck = run.r.checkpoint
   run.state.scheduler = schedule_of(run.r)
-  local dir = checkpoint.save(ck.save, run.model, ck.save_optim and run.optimizer or nil, run.state,
+  local dir = checkpoint.save(ck.save, run.chunks, ck.save_optim and run.optimizer or nil, run.state,
     config.to_table(run.cfg), run.ranks)
   if ck.most_recent_k > 0 and run.ps.rank == 0 then checkpoint.remove_old(ck.save, ck.most_recent_k) end
   return dir
@@ -293,11 +364,11 @@ function M.maybe_resume(run, log)
   local finetune, load_optim = ck.finetune, ck.load_optim and not ck.finetune
   local state, dir
   if root then
-    state, dir = checkpoint.load(root, run.model, run.optimizer,
+    state, dir = checkpoint.load(root, run.chunks, run.optimizer,
       { iteration = ck.ckpt_step, load_optim = load_optim })
   end
   if not state and ck.pretrained_checkpoint then
-    state, dir = checkpoint.load(ck.pretrained_checkpoint, run.model, run.optimizer, { load_optim = false })
+    state, dir = checkpoint.load(ck.pretrained_checkpoint, run.chunks, run.optimizer, { load_optim = false })
     if not state then
       error(("checkpoint.pretrained_checkpoint = %s holds no checkpoint (no latest_checkpointed_iteration.txt)")
         :format(ck.pretrained_checkpoint), 0)
@@ -346,6 +417,29 @@ end
 
 local function mib(bytes) return bytes / 2 ^ 20 end
 
+-- A sum over this rank's parameters (fn(chunk, param) for each, the last stage's copy of a tied
+-- embedding left out), then over the pipeline stages: the whole model's.
+local function over_model(run, fn)
+  local x = 0
+  for i, chunk in ipairs(run.chunks) do
+    for _, p in ipairs(chunk:parameters()) do
+      if not (run.optimizer.copy[i] and p.name == "embedding.word_embeddings.weight") then x = x + fn(chunk, p) end
+    end
+  end
+  return from_last_stage(run, x) -- a sum over the pipeline group
+end
+
+-- "GPT(layers=2, ...)" of the whole model, and with pipeline stages what this rank's chunks hold.
+local function describe_model(run)
+  local m = run.r.model
+  local text = ("GPT(layers=%d, hidden=%d, heads=%d, vocab=%d, seq=%d)"):format(m.num_layers, m.hidden_size,
+    m.num_attention_heads, run.r.padded_vocab_size, m.seq_length)
+  if m.pipeline_model_parallel_size == 1 then return text end
+  local parts = {}
+  for i, chunk in ipairs(run.chunks) do parts[i] = tostring(chunk) end
+  return text .. ", this rank: " .. table.concat(parts, " + ")
+end
+
 -- Per-rank memory of the training state and the bytes data parallelism moves per step.
 local function describe_parallel(run, log)
   local ps, opt = run.ps, run.optimizer
@@ -358,16 +452,18 @@ local function describe_parallel(run, log)
     mib(m.formula), m.sharded and " = 12 bytes x parameters / DP" or " = 8 bytes x parameters")
 end
 
--- pretrain(config [, args]): train config.train.train_iters steps, logging, evaluating and
+-- pretrain(config [, args [, opts]]): train config.train.train_iters steps, logging, evaluating and
 -- checkpointing as the config says. args: command-line overrides (see luatron.overrides); any
 -- other argument is an error, so a recipe with arguments of its own passes overrides.split's.
-function M.pretrain(cfg, args)
+-- opts.schedule: the pipeline schedule, a name ("1f1b", "interleaved", ...) or a function of
+-- one's own (see luatron.schedules); Megatron's choice by default.
+function M.pretrain(cfg, args, opts)
   if getmetatable(cfg) == nil then cfg = config.ConfigContainer(cfg) end
   if overrides.apply(cfg, args) then
     print(overrides.help(cfg, args and args[0]))
     os.exit(0, true)
   end
-  local run = M.setup(cfg)
+  local run = M.setup(cfg, opts)
   local r = run.r
   local train, ck, lg = r.train, r.checkpoint, r.logger
   local lead = run.ps.rank == 0
@@ -397,7 +493,8 @@ function M.pretrain(cfg, args)
   end
   if train.exit_signal_handler then core.catch_signal("SIGTERM") end
   log:info("luatron: %s | %d parameters | %d microbatch(es) of %d x %d tokens per step per rank | %s on %s%s",
-    tostring(run.model), run.model:num_parameters(), r.num_microbatches, train.micro_batch_size,
+    describe_model(run), over_model(run, function(_, p) return p.numel end), r.num_microbatches,
+    train.micro_batch_size,
     r.model.seq_length, r.model.bf16 and "bf16 mixed precision" or "fp32", r.model.device,
     resumed and "" or " | from scratch")
   if run.ps.world_size > 1 then describe_parallel(run, log) end
@@ -418,7 +515,7 @@ function M.pretrain(cfg, args)
     log:step { iteration = run.state.iteration, loss = loss, lr = lr, grad_norm = grad_norm,
       params_norm = lg.log_params_norm and function()
         run.optimizer:sync_params()
-        return run.model:flat_weights():norm()
+        return math.sqrt(over_model(run, function(chunk, p) return chunk:param(p.name):norm() ^ 2 end))
       end or nil,
       step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples,
       comm_bytes = comm and comm.bytes, comm_expected = comm and run.comm_expected,

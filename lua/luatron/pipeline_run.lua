@@ -12,6 +12,8 @@
 --                     (separate, so each kind keeps its own order between two ranks); nil with one stage
 --   buffer()          an empty [s, b, h] tensor to receive into (dtype and device of the chunks)
 --   last_backward(c)  called before chunk c's last backward (its gradients may start reducing)
+--   overlap           Megatron's overlap_p2p_comm: a send completes behind the next step's
+--                     computation (waited for in the batch after); receives are waited for at once
 --   clock()           seconds, for the timeline (optional)
 -- Returns the last stage's per-token losses and valid-token counts per microbatch,
 -- { [m] = { losses = tensor, valid = n } } (empty elsewhere), and when env.clock is given the
@@ -31,6 +33,7 @@ function M.run(plan, env)
     if timeline then timeline[#timeline + 1] = { name = name, start = start, finish = env.clock() } end
   end
   local pending -- the previous step's send
+  local in_flight -- with overlap, that send's request, still going
   local steps = plan.steps
   for i = 1, #steps + 1 do
     local step = steps[i]
@@ -41,11 +44,15 @@ function M.run(plan, env)
       ops[#ops + 1] = { dir = "recv", kind = step[1] == "F" and "activation" or "gradient", tensor = recv,
         peer = step.from }
     end
-    if #ops > 0 then
+    if #ops > 0 or in_flight then
       local t0 = timeline and env.clock()
       local reqs = {}
       for k, op in ipairs(ops) do reqs[k] = post(env, op) end
-      for _, r in ipairs(reqs) do r:wait() end
+      if in_flight then in_flight:wait() end
+      in_flight = nil
+      for k, r in ipairs(reqs) do
+        if env.overlap and ops[k].dir == "send" and step then in_flight = r else r:wait() end
+      end
       mark("p2p", t0)
     end
     pending = nil

@@ -195,7 +195,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     end
     return batches[m]
   end
-  local dtype = r.model.bf16 and "bfloat16" or "float32"
+  local dtype = ({ fp32 = "float32", bf16 = "bfloat16" })[r.model.pipeline_dtype]
   local results = pipeline_run.run(plan, {
     chunks = run.chunks,
     tokens = function(m) return batch(m).tokens end,
@@ -206,6 +206,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     gradients = run.p2p and run.p2p.gradients,
     buffer = function() return core.tensor.zeros({ s, mbs, r.model.hidden_size }, dtype, r.model.device) end,
     last_backward = function(c) run.optimizer:before_last_backward(c) end,
+    overlap = r.model.overlap_p2p_comm,
   })
   -- the losses stay on the device until here: one read per microbatch, after the whole schedule
   local loss_sum = 0

@@ -235,14 +235,14 @@ class("GPTModelProvider", {
     -- parallelism (ModelParallelConfig)
     { "tensor_model_parallel_size", "posint", 1 },
     { "pipeline_model_parallel_size", "posint", 1 },
-    { "virtual_pipeline_model_parallel_size", "posint", nil, needs = "pipeline_model_parallel_size" },
+    { "virtual_pipeline_model_parallel_size", "posint", nil },
     { "sequence_parallel", "bool", false, needs = "tensor_model_parallel_size" },
     { "context_parallel_size", "posint", 1 },
     { "expert_model_parallel_size", "posint", 1 },
     { "expert_tensor_parallel_size", "posint", nil, needs = "num_moe_experts" },
-    { "pipeline_dtype", "dtype", nil, needs = "pipeline_model_parallel_size" },
-    { "overlap_p2p_comm", "bool", false, needs = "pipeline_model_parallel_size" },
-    { "microbatch_group_size_per_vp_stage", "posint", nil, needs = "pipeline_model_parallel_size" },
+    { "pipeline_dtype", "dtype", nil },
+    { "overlap_p2p_comm", "bool", false },
+    { "microbatch_group_size_per_vp_stage", "posint", nil },
     -- the learned position table has seq_length rows; validate accepts max_position_embeddings = seq_length
     { "max_position_embeddings", "posint", nil, into = "seq_length" },
     -- mixture of experts

@@ -190,6 +190,11 @@ function V.validate(c, opts, to_table)
   end
 
   m.pipeline_dtype = m.pipeline_dtype or m.params_dtype
+  local compute = m.bf16 and "bf16" or m.fp16 and "fp16" or "fp32"
+  if PP > 1 and m.pipeline_dtype ~= compute then
+    fail("pipeline_dtype = %s, but the activations between pipeline stages are %s (the model's compute dtype): "
+      .. "set pipeline_dtype = %s or leave it unset", m.pipeline_dtype, compute, compute)
+  end
 
   local VPP = m.virtual_pipeline_model_parallel_size
   if VPP == 1 then VPP = nil end

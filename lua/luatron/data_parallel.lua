@@ -257,7 +257,7 @@ function M.over_chunks(chunks, r, group, opts)
   -- copy of the embedding; the two copies' gradients are summed over the embedding group, and the
   -- copy is left out of the gradient norm (Megatron's finalize_model_grads and get_grad_norm).
   local emb = opts.embedding
-  if emb and emb:size() > 1 then
+  if emb and emb:size() > 1 and r.model.share_embeddings_and_output_weights then
     for i, chunk in ipairs(chunks) do
       local st = chunk:stage()
       if (st.pre_process or st.post_process) and has_param(chunk, EMBEDDING) then

@@ -14,12 +14,13 @@
 -- stage s + 1 and sends its input's gradient to stage s - 1. `last = true` marks a chunk's last
 -- backward: its gradients are complete there, so their data-parallel reduction may start.
 --
--- Between two steps a rank makes one batch of point-to-point calls: the sends of the step before
--- and the receive of the step after, all posted together, done when all are matched. Messages
--- between two ranks are matched in order, activations and gradients separately. The check runs
--- every rank's program under those rules, completing a call only when its peer has posted the
--- other half (as NCCL requires), and refuses a plan whose messages do not pair up or that would
--- deadlock, naming the steps and ranks.
+-- A step waits for its receive; its send is posted when it is done and completes in the
+-- background, whenever the receiver gets to it (luatron.pipeline_run gives every direction
+-- between two ranks its own communicator, so a send in flight never holds up a receive).
+-- Messages from one rank to another are matched in order, activations and gradients separately.
+-- The check runs every rank's steps under those rules and refuses a plan whose messages do not
+-- pair up, or whose order would deadlock (ranks waiting for each other's messages in a cycle),
+-- naming the steps and ranks.
 local schedules = require "luatron.schedules"
 
 local M = {}
@@ -156,89 +157,68 @@ local function plan_rank(p, r)
   }
 end
 
--- What a step's message carries, for the check: (channel, label).
+-- The message a step receives (dir "recv") or sends (dir "send"): its channel (sender, receiver,
+-- kind) and a label naming the microbatch and the stage that consumes it.
 local function message(p, r, step, dir)
   local kind = step[1] == "F" and "activation" or "gradient"
   local stage = step[3] * p.pipeline_size + r
-  local peer, other
-  if dir == "send" then
-    peer, other = step.to, step[1] == "F" and stage + 1 or stage - 1
-  else
-    peer, other = step.from, stage
-  end
-  local src, dst = dir == "send" and r or peer, dir == "send" and peer or r
-  -- the label names the microbatch and the stage that consumes the message
-  return { channel = ("%d>%d %s"):format(src, dst, kind), list = dir == "send" and "sends" or "recvs", peer = peer,
-    label = ("%s of microbatch %d for stage %d"):format(kind, step[2], other) }
+  local peer = dir == "send" and step.to or step.from
+  local consumer = dir == "recv" and stage or (step[1] == "F" and stage + 1 or stage - 1)
+  local src, dst = r, peer
+  if dir == "recv" then src, dst = peer, r end
+  return { channel = ("%d>%d %s"):format(src, dst, kind), peer = peer,
+    label = ("%s of microbatch %d for stage %d"):format(kind, step[2], consumer) }
 end
 
--- Runs every rank's program of point-to-point batches; errors on a mismatch or a deadlock.
+-- Runs every rank's steps: a step whose receive has not been sent yet waits; a step that runs
+-- sends at once. Errors on a message received in another order than sent, or on a deadlock.
 local function check(p, plans)
-  local ranks = p.pipeline_size
-  local channels = {} -- channel -> { sends = {op...}, recvs = {op...} }
-  local function chan(name)
-    channels[name] = channels[name] or { sends = {}, recvs = {} }
-    return channels[name]
-  end
-  -- batch i of a rank precedes step i (i = #steps + 1: the sends after the last step)
-  local function batch(r, i)
-    local steps, ops = plans[r + 1].steps, {}
-    local prev, cur = steps[i - 1], steps[i]
-    if prev and prev.to then ops[#ops + 1] = message(p, r, prev, "send") end
-    if cur and cur.from then ops[#ops + 1] = message(p, r, cur, "recv") end
-    return ops
-  end
-  local function describe(r, i, op)
-    local steps = plans[r + 1].steps
-    local at = steps[i] and ("before step %d (%s)"):format(i, step_text(steps[i])) or "after its last step"
-    local verb = op.list == "sends" and ("to send the %s to rank %d"):format(op.label, op.peer)
-      or ("to receive the %s from rank %d"):format(op.label, op.peer)
-    return ("rank %d %s waits %s"):format(r, at, verb)
-  end
-  local pos, posted = {}, {}
-  for r = 0, ranks - 1 do pos[r], posted[r] = 1, nil end
-  local function matched(op)
-    local c = channels[op.channel]
-    local other = op.list == "sends" and c.recvs[op.index] or c.sends[op.index]
-    return other ~= nil
+  local sent = {}     -- channel -> the labels sent on it, in order
+  local received = {} -- channel -> how many have been received
+  local pos = {}
+  for r = 0, p.pipeline_size - 1 do pos[r] = 1 end
+  local function waiting(r) -- the message rank r's next step waits for, or nil
+    local step = plans[r + 1].steps[pos[r]]
+    if not (step and step.from) then return nil end
+    local msg = message(p, r, step, "recv")
+    local k = (received[msg.channel] or 0) + 1
+    local label = (sent[msg.channel] or {})[k]
+    if label == nil then return msg end
+    if label ~= msg.label then
+      error(("pipeline schedule '%s' pairs messages wrongly: rank %d at step %d (%s) waits to receive the %s from "
+        .. "rank %d, but rank %d sends the %s first"):format(p.name, r, pos[r], step_text(step), msg.label, msg.peer,
+        msg.peer, label), 0)
+    end
+    return nil
   end
   local progress = true
   while progress do
     progress = false
-    for r = 0, ranks - 1 do
-      local n = #plans[r + 1].steps + 1
-      while pos[r] <= n do
-        if not posted[r] then
-          posted[r] = batch(r, pos[r])
-          for _, op in ipairs(posted[r]) do
-            local c = chan(op.channel)
-            local list = c[op.list]
-            list[#list + 1] = op
-            op.index, op.rank, op.batch = #list, r, pos[r]
-            local other = op.list == "sends" and c.recvs[op.index] or c.sends[op.index]
-            if other and other.label ~= op.label then
-              local send, recv = op.list == "sends" and op or other, op.list == "sends" and other or op
-              error(("pipeline schedule '%s' pairs messages wrongly: %s, but rank %d sends the %s first"):format(p.name,
-                describe(recv.rank, recv.batch, recv), send.rank, send.label), 0)
-            end
-          end
-          progress = true
+    for r = 0, p.pipeline_size - 1 do
+      local steps = plans[r + 1].steps
+      while steps[pos[r]] and not waiting(r) do
+        local step = steps[pos[r]]
+        if step.from then
+          local ch = message(p, r, step, "recv").channel
+          received[ch] = (received[ch] or 0) + 1
         end
-        local all = true
-        for _, op in ipairs(posted[r]) do all = all and matched(op) end
-        if not all then break end
-        posted[r] = nil
+        if step.to then
+          local msg = message(p, r, step, "send")
+          sent[msg.channel] = sent[msg.channel] or {}
+          table.insert(sent[msg.channel], msg.label)
+        end
         pos[r] = pos[r] + 1
         progress = true
       end
     end
   end
   local stuck = {}
-  for r = 0, ranks - 1 do
-    if posted[r] then
-      for _, op in ipairs(posted[r]) do
-        if not matched(op) then stuck[#stuck + 1] = describe(r, pos[r], op) end
-      end
+  for r = 0, p.pipeline_size - 1 do
+    local step = plans[r + 1].steps[pos[r]]
+    if step then
+      local msg = message(p, r, step, "recv")
+      stuck[#stuck + 1] = ("rank %d at step %d (%s) waits to receive the %s from rank %d"):format(r, pos[r],
+        step_text(step), msg.label, msg.peer)
     end
   end
   if #stuck > 0 then

@@ -1,68 +1,70 @@
 -- Running a pipeline plan (luatron.pipeline) on this rank's chunks: the steps in the plan's
--- order, and before each step one batch of point-to-point calls, the previous step's send and
--- this step's receive posted together (the batches the plan's check proved free of deadlock).
+-- order; a step first waits for what it receives, and what it sends goes out in the background
+-- (the semantics the plan's check proved free of deadlock). Every direction between two ranks
+-- has its own communicator per kind of message (env.link), so a send in flight never holds up a
+-- receive: a communicator runs its requests one after another.
 --
 -- `env` gives what the plan needs:
 --   chunks            this rank's chunks, chunk c at index c + 1 (luatron.GPTChunk)
+--   rank              this rank's pipeline rank
 --   tokens(m)         int32 [b, s] input ids of microbatch m (first stage)
 --   targets(m)        int32 [b, s] its next-token targets (last stage)
 --   seed(m)           its dropout seed
 --   loss_scale(n)     the gradient of each token's loss, n valid tokens in the microbatch
---   activations, gradients   communicators over the pipeline group for the two kinds of message
---                     (separate, so each kind keeps its own order between two ranks); nil with one stage
+--   link(kind, src, dst)   the communicator of messages of kind "activation" / "gradient" from
+--                     pipeline rank src to dst (nil with one stage)
 --   buffer()          an empty [s, b, h] tensor to receive into (dtype and device of the chunks)
 --   last_backward(c)  called before chunk c's last backward (its gradients may start reducing)
---   overlap           Megatron's overlap_p2p_comm: a send completes behind the next step's
---                     computation (waited for in the batch after); receives are waited for at once
 --   clock()           seconds, for the timeline (optional)
 -- Returns the last stage's per-token losses and valid-token counts per microbatch,
 -- { [m] = { losses = tensor, valid = n } } (empty elsewhere), and when env.clock is given the
--- timeline: { {name =, start =, finish =}, ... } with compute steps "F m c" / "B m c" and the waits
--- of point-to-point batches ("p2p").
+-- timeline: { {name =, start =, finish =}, ... } with the compute steps "F m c" / "B m c" and the
+-- waits for receives ("recv").
 local M = {}
 
-local function post(env, op)
-  local comm = op.kind == "activation" and env.activations or env.gradients
-  return comm:batch_p2p_async { { op.dir, op.tensor, op.peer } }
+-- Tensors are freed as soon as they are done with, not left to the garbage collector, which
+-- does not see their size. Sends still in flight: { {req =, tensor =}, ... }; `all` waits for
+-- every one, otherwise only finished ones are collected.
+local function collect(in_flight, all)
+  local left = {}
+  for _, s in ipairs(in_flight) do
+    if all or s.req:test() then
+      s.req:wait()
+      s.tensor:free()
+    else
+      left[#left + 1] = s
+    end
+  end
+  return left
 end
 
+-- The other member of a link (a communicator of two ranks).
+local function peer(link) return 1 - link:rank() end
+
 function M.run(plan, env)
-  local chunks, nchunks = env.chunks, #env.chunks
-  local ctx, valid, results, timeline = {}, {}, {}, env.clock and {} or nil
+  local chunks, nchunks, me = env.chunks, #env.chunks, env.rank
+  local ctx, valid, results, in_flight = {}, {}, {}, {}
+  local timeline = env.clock and {} or nil
   local function mark(name, start)
     if timeline then timeline[#timeline + 1] = { name = name, start = start, finish = env.clock() } end
   end
-  local pending -- the previous step's send
-  local in_flight -- with overlap, that send's request, still going
-  local steps = plan.steps
-  for i = 1, #steps + 1 do
-    local step = steps[i]
-    local recv
-    local ops = { pending }
-    if step and step.from then
-      recv = env.buffer()
-      ops[#ops + 1] = { dir = "recv", kind = step[1] == "F" and "activation" or "gradient", tensor = recv,
-        peer = step.from }
-    end
-    if #ops > 0 or in_flight then
-      local t0 = timeline and env.clock()
-      local reqs = {}
-      for k, op in ipairs(ops) do reqs[k] = post(env, op) end
-      if in_flight then in_flight:wait() end
-      in_flight = nil
-      for k, r in ipairs(reqs) do
-        if env.overlap and ops[k].dir == "send" and step then in_flight = r else r:wait() end
-      end
-      mark("p2p", t0)
-    end
-    pending = nil
-    if not step then break end
+  for _, step in ipairs(plan.steps) do
     local kind, m, c = step[1], step[2], step[3]
+    local message = kind == "F" and "activation" or "gradient"
+    local recv
+    if step.from then
+      local t0 = timeline and env.clock()
+      recv = env.buffer()
+      local link = env.link(message, step.from, me)
+      link:batch_p2p { { "recv", recv, peer(link) } }
+      mark("recv", t0)
+    end
     local chunk, key = chunks[c + 1], m * nchunks + c
     local stage = chunk:stage()
     local t0 = timeline and env.clock()
+    local out
     if kind == "F" then
-      local out, n
+      local n
       out, ctx[key], n = chunk:forward(recv or env.tokens(m), stage.post_process and env.targets(m) or nil,
         env.seed(m))
       if plan.forward_only then -- no backward: keep no activations
@@ -72,17 +74,24 @@ function M.run(plan, env)
       if stage.post_process then
         valid[m] = n
         results[m] = { losses = out, valid = n }
-      elseif step.to then
-        pending = { dir = "send", kind = "activation", tensor = out, peer = step.to }
+        out = nil
       end
     else
       if step.last and env.last_backward then env.last_backward(c) end
-      local grad_in = chunk:backward(ctx[key], recv or env.loss_scale(valid[m]))
+      out = chunk:backward(ctx[key], recv or env.loss_scale(valid[m]))
       ctx[key] = nil
-      if step.to then pending = { dir = "send", kind = "gradient", tensor = grad_in, peer = step.to } end
     end
     mark(("%s %d %d"):format(kind, m, c), t0)
+    if recv then recv:free() end
+    if step.to then
+      local link = env.link(message, me, step.to)
+      in_flight[#in_flight + 1] = { req = link:batch_p2p_async { { "send", out, peer(link) } }, tensor = out }
+    elseif out then
+      out:free()
+    end
+    in_flight = collect(in_flight)
   end
+  collect(in_flight, true)
   return results, timeline
 end
 

@@ -70,16 +70,27 @@ function M.check_supported(m)
   end
 end
 
--- The communicators a pipeline schedule sends over: two over this rank's pipeline group, one per
--- kind of message (activations forward, gradients back), so each kind keeps its own order.
-local function pipeline_comms(ps, device)
+-- The communicators a pipeline schedule sends over: one per direction between neighbouring
+-- stages (with virtual stages the last one sends on to the first) and kind of message, each of
+-- the two ranks, so that what one rank sends never waits behind what it receives. Returns
+-- link(kind, src, dst) for pipeline ranks src and dst.
+local function pipeline_links(ps, pp, device)
   local ranks = ps.grid.group("pp", ps.rank)
-  local comms = {}
-  for _, kind in ipairs { "activations", "gradients" } do
-    local c = ps.world:group(ranks, "pp-" .. kind)
-    comms[kind] = device == "cpu" and c or core.comm_nccl(c, device)
+  local me = ps.coords.pp_rank
+  local links = {}
+  -- every rank walks the links in the same order and makes those it belongs to
+  for _, kind in ipairs { "activation", "gradient" } do
+    links[kind] = {}
+    for src = 0, pp - 1 do
+      local dst = (src + (kind == "activation" and 1 or -1)) % pp
+      if src == me or dst == me then
+        local a, b = math.min(ranks[src + 1], ranks[dst + 1]), math.max(ranks[src + 1], ranks[dst + 1])
+        local c = ps.world:group({ a, b }, ("pp-%s-%d-%d"):format(kind, src, dst))
+        links[kind][src .. ">" .. dst] = device == "cpu" and c or core.comm_nccl(c, device)
+      end
+    end
   end
-  return comms
+  return function(kind, src, dst) return links[kind][src .. ">" .. dst] end
 end
 
 -- Everything a run needs: the validated config (r: every default resolved), this rank's place
@@ -108,7 +119,7 @@ function M.setup(cfg, opts)
     chunks = chunks,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group, { pp = ps.groups.pp, embedding = ps.groups.embedding }),
     schedule = opts.schedule or schedules.default_name(pp, vpp),
-    p2p = pp > 1 and pipeline_comms(ps, r.model.device) or nil,
+    link = pp > 1 and pipeline_links(ps, pp, r.model.device) or nil,
     plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
@@ -202,15 +213,22 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     targets = function(m) return batch(m).targets end,
     seed = seed_of,
     loss_scale = loss_scale,
-    activations = run.p2p and run.p2p.activations,
-    gradients = run.p2p and run.p2p.gradients,
+    rank = run.ps.coords.pp_rank,
+    link = run.link,
     buffer = function() return core.tensor.zeros({ s, mbs, r.model.hidden_size }, dtype, r.model.device) end,
     last_backward = function(c) run.optimizer:before_last_backward(c) end,
-    overlap = r.model.overlap_p2p_comm,
   })
   -- the losses stay on the device until here: one read per microbatch, after the whole schedule
   local loss_sum = 0
-  for _, res in pairs(results) do loss_sum = loss_sum + res.losses:to_host():sum() / math.max(res.valid, 1) end
+  for _, res in pairs(results) do
+    local host <close> = res.losses:to_host()
+    loss_sum = loss_sum + host:sum() / math.max(res.valid, 1)
+    res.losses:free()
+  end
+  for _, b in pairs(batches) do
+    b.tokens:free()
+    b.targets:free()
+  end
   return loss_sum
 end
 

@@ -212,9 +212,9 @@ describe("custom schedules", function()
     end
     local err = refusal { schedule = eager, pipeline_model_parallel_size = 2, num_microbatches = 3 }
     assert.truthy(err:find("pipeline schedule 'custom' would deadlock", 1, true), err)
-    assert.truthy(err:find("rank 0 before step 2 (B 0 0) waits to receive the gradient of microbatch 0 for stage 0 "
+    assert.truthy(err:find("rank 0 at step 2 (B 0 0) waits to receive the gradient of microbatch 0 for stage 0 "
       .. "from rank 1", 1, true), err)
-    assert.truthy(err:find("rank 1 before step 2 (F 1 0) waits to receive the activation of microbatch 1 for stage "
+    assert.truthy(err:find("rank 1 at step 2 (F 1 0) waits to receive the activation of microbatch 1 for stage "
       .. "1 from rank 0", 1, true), err)
   end)
 
@@ -225,7 +225,7 @@ describe("custom schedules", function()
       for _, m in ipairs(order) do s.backward(m) end
     end
     local err = refusal { schedule = swapped, pipeline_model_parallel_size = 2, num_microbatches = 2 }
-    assert.truthy(err:find("rank 1 before step 1 (F 1 0) waits to receive the activation of microbatch 1 for stage 1 "
+    assert.truthy(err:find("rank 1 at step 1 (F 1 0) waits to receive the activation of microbatch 1 for stage 1 "
       .. "from rank 0, but rank 0 sends the activation of microbatch 0 for stage 1 first", 1, true), err)
   end)
 

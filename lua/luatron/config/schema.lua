@@ -241,7 +241,8 @@ class("GPTModelProvider", {
     { "expert_model_parallel_size", "posint", 1 },
     { "expert_tensor_parallel_size", "posint", nil, needs = "num_moe_experts" },
     { "pipeline_dtype", "dtype", nil },
-    { "overlap_p2p_comm", "bool", false },
+    { "overlap_p2p_comm", "bool", false, inert = "it changes when point-to-point transfers run behind "
+      .. "computation, not what they carry (validation keeps Megatron's rule that PP = 2 with virtual stages needs it)" },
     { "microbatch_group_size_per_vp_stage", "posint", nil },
     -- the learned position table has seq_length rows; validate accepts max_position_embeddings = seq_length
     { "max_position_embeddings", "posint", nil, into = "seq_length" },

@@ -954,7 +954,8 @@ static int item_step(lt_comm *c, p2p_item *it, char *err, size_t errlen) {
 /* A batch that stopped moving: rc 2 aborted, 1 timed out (naming the peers that did not move). */
 static void p2p_fail(lt_comm *c, int rc, const char *what, const p2p_batch *b, char *err, size_t errlen) {
     char w[96];
-    if (b->n == 1) {
+    int single = strcmp(what, "batch_p2p") != 0; /* a blocking send or recv: a batch of one */
+    if (single) {
         const lt_comm_p2p_op *op = b->items[0].op;
         snprintf(w, sizeof w, "%s %s rank %d", what, op->kind == LT_P2P_SEND ? "to" : "from",
                  c->world_ranks[op->peer]);
@@ -971,7 +972,7 @@ static void p2p_fail(lt_comm *c, int rc, const char *what, const p2p_batch *b, c
         const p2p_item *it = &b->items[i];
         if (it->complete) continue;
         int send = it->op->kind == LT_P2P_SEND, peer = c->world_ranks[it->op->peer];
-        if (b->n == 1)
+        if (single)
             len += (size_t)snprintf(lst + len, sizeof lst - len, "rank %d did not %s", peer, send ? "receive" : "send");
         else
             len += (size_t)snprintf(lst + len, sizeof lst - len, "%srank %d did not %s (operation %d: %s %s rank %d, %lld bytes)",

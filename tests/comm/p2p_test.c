@@ -326,6 +326,41 @@ static void rank_big(rank_ctx *ctx) {
     lt_comm_free(c);
 }
 
+/* ---- on groups: pipeline groups {0,2} and {1,3} exchange while the world also carries traffic;
+ * group ranks are peers, messages name world ranks ---- */
+static void rank_groups(rank_ctx *ctx) {
+    char err[512] = "";
+    lt_comm *c = make_world(ctx, err, sizeof err);
+    if (!c) {
+        RCHECK(ctx, 0, "world: %s", err);
+        return;
+    }
+    int me = ctx->rank, mates[2] = {me & 1, (me & 1) + 2};
+    lt_comm *pp = lt_comm_group(c, mates, 2, "pp", err, sizeof err);
+    RCHECK(ctx, pp != NULL, "group: %s", err);
+    if (pp) {
+        int gp = 1 - lt_comm_rank(pp), wpeer = mates[gp];
+        int64_t count = 3 * Q_SMALL / 4;
+        for (int it = 0; it < 3; it++) {
+            /* in the group: both send first; in the world: a ring at the same time (two batches) */
+            int32_t *s = message(me, wpeer, it, count), *r = malloc((size_t)count * 4);
+            lt_comm_p2p_op ops[2] = {op_send(s, count, gp), op_recv(r, count, gp)};
+            int rc = lt_comm_batch_p2p(pp, ops, 2, err, sizeof err);
+            RCHECK(ctx, rc == 0, "group exchange: %s", err);
+            if (rc == 0) check_msg(ctx, r, wpeer, me, it, count, "group exchange");
+            int next = (me + 1) % ctx->n, prev = (me + ctx->n - 1) % ctx->n;
+            int32_t *s2 = message(me, next, 50 + it, 99), *r2 = malloc(99 * 4);
+            lt_comm_p2p_op ring[2] = {op_send(s2, 99, next), op_recv(r2, 99, prev)};
+            rc = lt_comm_batch_p2p(c, ring, 2, err, sizeof err);
+            RCHECK(ctx, rc == 0, "world ring: %s", err);
+            if (rc == 0) check_msg(ctx, r2, prev, me, 50 + it, 99, "world ring");
+            free(s), free(r), free(s2), free(r2);
+        }
+        lt_comm_free(pp);
+    }
+    lt_comm_free(c);
+}
+
 /* ---- failures ---- */
 
 /* Rank 0 receives from rank 1, which never sends: a prompt timeout naming rank 1. */
@@ -502,6 +537,10 @@ int main(void) {
                "activations and gradients of different sizes", 4, &st, 0);
     st = run_ranks(2, 5.0, rank_four_way, NULL, 30);
     report_run("four-way exchange on 2 ranks (next and prev are the same peer)", 2, &st, 0);
+
+    st = run_ranks(4, 5.0, rank_groups, NULL, 30);
+    report_run("groups {0,2} and {1,3}: exchange within the group (group ranks as peers), a world ring beside it",
+               4, &st, 0);
 
     st = run_ranks(3, 5.0, rank_fifo, NULL, 30);
     report_run("several messages to one peer in flight (one batch, then blocking sends) match in FIFO order, "

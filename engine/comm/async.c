@@ -1,6 +1,7 @@
-/* Non-blocking collectives: a FIFO of requests per communicator, served by one background thread
- * that runs the ordinary blocking calls (so checks, messages, timeouts, abort handling and
- * statistics are exactly those of the blocking calls). Order is what keeps ranks in step: every
+/* Non-blocking collectives (and point-to-point batches, lt_comm_batch_p2p_async): a FIFO of
+ * requests per communicator, served by one background thread that runs the ordinary blocking
+ * calls (so checks, messages, timeouts, abort handling and statistics are exactly those of the
+ * blocking calls). Order is what keeps ranks in step: every
  * rank issues the same collectives in the same order, and the thread runs them in that order.
  *
  * Threads: the caller's thread (one per communicator: the one that issues, waits and calls the

@@ -9,7 +9,9 @@
  *   enqueue (not the device time).
  * - Reductions follow NCCL's algorithms (bf16 reduced in bf16, not in rank order): repeatable for
  *   a fixed layout and NCCL version, not bit-identical to shm.
- * - lt_comm_group is refused: build a group's NCCL communicator with lt_comm_nccl over the host group. */
+ * - lt_comm_group is refused: build a group's NCCL communicator with lt_comm_nccl over the host group.
+ * - lt_comm_batch_p2p is one NCCL group (ncclGroupStart, ncclSend/ncclRecv per operation,
+ *   ncclGroupEnd), so its operations progress together as on shm; a lone send or recv is the plain call. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -361,6 +361,82 @@ static void rank_groups(rank_ctx *ctx) {
     lt_comm_free(c);
 }
 
+/* ---- random batches: every step, messages between random pairs of random sizes (several per
+ * pair), each rank posting its operations of the step in a random order that keeps the order of
+ * the messages of each pair; every message checked ---- */
+static uint64_t rnd(uint64_t *x) {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+static void rank_random(rank_ctx *ctx) {
+    char err[512] = "";
+    lt_comm *c = make_world(ctx, err, sizeof err);
+    if (!c) {
+        RCHECK(ctx, 0, "world: %s", err);
+        return;
+    }
+    enum { STEPS = 40, MAXM = 12 };
+    int me = ctx->rank, n = ctx->n;
+    uint64_t shared_seed = 0x2545F4914F6CDD1Dull, mine = 0x9E3779B97F4A7C15ull * (uint64_t)(me + 1);
+    for (int step = 0; step < STEPS; step++) {
+        /* the step's messages, the same list on every rank */
+        int src[MAXM], dst[MAXM], nm = 1 + (int)(rnd(&shared_seed) % MAXM);
+        int64_t cnt[MAXM];
+        for (int m = 0; m < nm; m++) {
+            src[m] = (int)(rnd(&shared_seed) % (uint64_t)n);
+            dst[m] = (src[m] + 1 + (int)(rnd(&shared_seed) % (uint64_t)(n - 1))) % n;
+            uint64_t k = rnd(&shared_seed) % 4;
+            cnt[m] = k == 0 ? 0 : k == 1 ? (int64_t)(rnd(&shared_seed) % 64) : (int64_t)(rnd(&shared_seed) % (4 * Q_SMALL));
+        }
+        lt_comm_p2p_op ops[MAXM], shuf[MAXM];
+        int which[MAXM], no = 0; /* message index of each op */
+        int32_t *bufs[MAXM] = {0};
+        for (int m = 0; m < nm; m++) {
+            if (src[m] == me) {
+                bufs[no] = message(me, dst[m], step * 100 + m, cnt[m]);
+                ops[no] = op_send(bufs[no], cnt[m], dst[m]);
+            } else if (dst[m] == me) {
+                bufs[no] = malloc((size_t)(cnt[m] + 1) * 4);
+                ops[no] = op_recv(bufs[no], cnt[m], src[m]);
+            } else {
+                continue;
+            }
+            which[no++] = m;
+        }
+        /* a random order of the ops, then each channel's ops put back in their own order into the
+         * places its ops took */
+        int perm[MAXM], wperm[MAXM];
+        for (int i = 0; i < no; i++) perm[i] = i;
+        for (int i = no - 1; i > 0; i--) {
+            int j = (int)(rnd(&mine) % (uint64_t)(i + 1)), t = perm[i];
+            perm[i] = perm[j];
+            perm[j] = t;
+        }
+        int used[MAXM] = {0};
+        for (int pos = 0; pos < no; pos++) {
+            const lt_comm_p2p_op *o = &ops[perm[pos]];
+            int first = -1; /* the earliest not yet placed op of this channel */
+            for (int i = 0; i < no && first < 0; i++)
+                if (!used[i] && ops[i].kind == o->kind && ops[i].peer == o->peer) first = i;
+            used[first] = 1;
+            shuf[pos] = ops[first];
+            wperm[pos] = first;
+        }
+        int rc = lt_comm_batch_p2p(c, shuf, no, err, sizeof err);
+        RCHECK(ctx, rc == 0, "random step %d (%d operations): %s", step, no, err);
+        for (int pos = 0; pos < no && rc == 0; pos++) {
+            int i = wperm[pos], m = which[i];
+            if (ops[i].kind == LT_P2P_RECV && !check_msg(ctx, bufs[i], src[m], me, step * 100 + m, cnt[m], "random")) rc = -1;
+        }
+        for (int i = 0; i < no; i++) free(bufs[i]);
+        if (rc) break;
+    }
+    lt_comm_free(c);
+}
+
 /* ---- failures ---- */
 
 /* Rank 0 receives from rank 1, which never sends: a prompt timeout naming rank 1. */
@@ -541,6 +617,13 @@ int main(void) {
     st = run_ranks(4, 5.0, rank_groups, NULL, 30);
     report_run("groups {0,2} and {1,3}: exchange within the group (group ranks as peers), a world ring beside it",
                4, &st, 0);
+
+    for (int n = 2; n <= 4; n++) {
+        st = run_ranks(n, 5.0, rank_random, NULL, 60);
+        snprintf(label, sizeof label, "%d ranks, 40 steps of random messages (0 to 64 KiB: up to 16 chunks; several per pair) "
+                 "posted in random order keeping each pair's order", n);
+        report_run(label, n, &st, 0);
+    }
 
     st = run_ranks(3, 5.0, rank_fifo, NULL, 30);
     report_run("several messages to one peer in flight (one batch, then blocking sends) match in FIFO order, "

@@ -206,15 +206,17 @@ lt_comm_async_stats lt_comm_get_async_stats(const lt_comm *c);
  *   lt_bootstrap_exchange (NCCL's unique id: it waits for its root at most the timeout) and NCCL's
  *   own device work.
  * - An interrupted call does not mark its communicator failed, but leaves the ranks out of step
- *   (barrier arrivals, call numbers, staging halves, mailbox chunks). Recovery runs when every
+ *   (barrier arrivals, call numbers, staging halves, point-to-point chunks). Recovery runs when every
  *   rank of the job has stopped calling (the REPL: every rank finished the interrupted line), in
  *   two steps, each on every rank, the second started only after every rank finished the first,
  *   and no rank calling anything before every rank finished the second (the launcher orders them):
  *     lt_comm_quiesce()  sets the flag and waits for the non-blocking requests of every
- *                        communicator of this process (they fail at once, interrupted);
+ *                        communicator of this process, point-to-point batches included (they
+ *                        fail at once, interrupted);
  *     lt_comm_resync()   brings every communicator of this process back in step with its peers
  *                        (shm: each rank catches its counters up to the largest over the ranks,
- *                        read from the shared segment; a chunk sent but not received is dropped),
+ *                        read from the shared segment; on each point-to-point channel both
+ *                        ends agree again, a message sent but not received is dropped),
  *                        then clears the flag.
  *   Communicators that failed for another reason (timeout, abort, ranks disagreeing) stay failed.
  *   NCCL communicators cannot be brought back in step (a collective may be stuck on the device):

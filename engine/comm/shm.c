@@ -2,7 +2,7 @@
  * shared-memory segment per communicator and synchronise with C11 atomics inside it.
  *
  * Segment "/luatron-<job_id>-world" (and "/luatron-<job_id>-g-<name>-<hash of the world ranks>"
- * for a group), all offsets fixed by (N, S = staging half size, P = mailbox half size):
+ * for a group), all offsets fixed by (N, S = staging half size, Q = mailbox half size):
  *   [0, 4096)        header: futex word + sleeper count, barrier arrival total, "unlinked" flag,
  *                    abort word (world rank + 1 of the first aborter) and reason, layout words
  *   N x 384 bytes    per-rank control: arrival sequence number, the call header of each staging
@@ -72,7 +72,8 @@
  * all of them: post every chunk whose half is free, copy out every chunk that arrived, sleep on
  * the futex word when nothing moved. A send is complete once its last chunk is acked. Because the
  * operations of a batch progress together, a batch never waits on itself (two ranks that send to
- * each other in one batch each do not deadlock); a blocking send still waits for its receiver. */
+ * each other in one batch each do not deadlock); a blocking send still waits for its receiver.
+ * That sleep is an ordinary wait: it ends on the deadline, an abort and an interrupt (Ctrl-C). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -123,7 +124,7 @@ typedef struct {
     _Alignas(64) atomic_int abort_claim;      /* CAS 0 -> 1 by the first aborter */
     atomic_int abort_rank1;                   /* world rank + 1 of the aborter, after the reason */
     char abort_reason[ABORT_REASON_MAX];
-    _Alignas(64) atomic_uint_least64_t layout[4]; /* magic, N, S, P: set by the first, checked by all */
+    _Alignas(64) atomic_uint_least64_t layout[4]; /* magic, N, S, Q: set by the first, checked by all */
 } seg_hdr;
 
 typedef struct {

@@ -9,8 +9,9 @@
  * changed with the globals _PROMPT and _PROMPT2.
  *
  * Ctrl-C while a chunk runs interrupts it ("interrupted!", raised from a hook at
- * the next Lua instruction; a wait inside a collective returns within 20 ms with
- * "<collective> on communicator '<name>' (ranks ...) interrupted (Ctrl-C)", see
+ * the next Lua instruction; a wait inside a collective or a point-to-point batch
+ * returns within 20 ms with "<call> on communicator '<name>' (ranks ...)
+ * interrupted (Ctrl-C)", see
  * lt_comm_interrupt in engine/comm/comm.h, and the communicators are usable again
  * from the next line; a second Ctrl-C before then kills the process, for code
  * stuck elsewhere in C). Ctrl-C at a prompt discards the input typed so far.

@@ -1,6 +1,7 @@
-/* Non-blocking collectives: a FIFO of requests per communicator, served by one background thread
- * that runs the ordinary blocking calls (so checks, messages, timeouts, abort handling and
- * statistics are exactly those of the blocking calls). Order is what keeps ranks in step: every
+/* Non-blocking collectives (and point-to-point batches, lt_comm_batch_p2p_async): a FIFO of
+ * requests per communicator, served by one background thread that runs the ordinary blocking
+ * calls (so checks, messages, timeouts, abort handling and statistics are exactly those of the
+ * blocking calls). Order is what keeps ranks in step: every
  * rank issues the same collectives in the same order, and the thread runs them in that order.
  *
  * Threads: the caller's thread (one per communicator: the one that issues, waits and calls the
@@ -21,7 +22,7 @@
 
 #include "engine/comm/internal.h"
 
-typedef enum { REQ_ALL_REDUCE, REQ_REDUCE_SCATTER, REQ_ALL_GATHER } req_kind;
+typedef enum { REQ_ALL_REDUCE, REQ_REDUCE_SCATTER, REQ_ALL_GATHER, REQ_BATCH_P2P } req_kind;
 
 typedef struct lt_comm_async {
     pthread_t thread;
@@ -43,6 +44,8 @@ struct lt_comm_request {
     int64_t count;
     lt_dtype dtype;
     lt_reduce_op op;
+    lt_comm_p2p_op *ops; /* REQ_BATCH_P2P: a copy of the caller's operations */
+    int nops;
     int done, rc; /* under a->mu */
     char err[LT_COMM_ERR_MAX];
     struct lt_comm_request *next;
@@ -62,6 +65,7 @@ static void run(lt_comm_request *r) {
     case REQ_ALL_GATHER:
         r->rc = lt_comm_all_gather(r->c, r->send, r->buf, r->count, r->dtype, r->err, sizeof r->err);
         break;
+    case REQ_BATCH_P2P: r->rc = lt_comm_batch_p2p(r->c, r->ops, r->nops, r->err, sizeof r->err); break;
     }
 }
 
@@ -114,18 +118,20 @@ static lt_comm_async *start_async(lt_comm *c) {
     return a;
 }
 
-static lt_comm_request *submit(lt_comm *c, req_kind kind, void *buf, const void *send, int64_t count,
-                               lt_dtype dtype, lt_reduce_op op) {
-    if (!c) return NULL;
-    lt_comm_request *r = calloc(1, sizeof *r);
-    if (!r) return NULL;
+static void free_request(lt_comm_request *r) {
+    free(r->ops);
+    free(r);
+}
+
+/* Queues r (filled but for c, a); frees it and returns NULL when the thread cannot start. */
+static lt_comm_request *enqueue(lt_comm *c, lt_comm_request *r) {
     lt_comm_async *a = start_async(c);
     if (!a) {
-        free(r);
+        free_request(r);
         return NULL;
     }
-    *r = (lt_comm_request){
-        .c = c, .a = a, .kind = kind, .buf = buf, .send = send, .count = count, .dtype = dtype, .op = op};
+    r->c = c;
+    r->a = a;
     pthread_mutex_lock(&a->mu);
     if (a->tail) a->tail->next = r;
     else a->head = r;
@@ -134,6 +140,32 @@ static lt_comm_request *submit(lt_comm *c, req_kind kind, void *buf, const void 
     pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->mu);
     return r;
+}
+
+static lt_comm_request *submit(lt_comm *c, req_kind kind, void *buf, const void *send, int64_t count,
+                               lt_dtype dtype, lt_reduce_op op) {
+    if (!c) return NULL;
+    lt_comm_request *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    *r = (lt_comm_request){.kind = kind, .buf = buf, .send = send, .count = count, .dtype = dtype, .op = op};
+    return enqueue(c, r);
+}
+
+lt_comm_request *lt_comm_batch_p2p_async(lt_comm *c, const lt_comm_p2p_op *ops, int n) {
+    if (!c) return NULL;
+    lt_comm_request *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    r->kind = REQ_BATCH_P2P;
+    r->nops = n;
+    if (n > 0 && ops) { /* argument errors (n < 0, no ops) are reported by the batch at lt_comm_wait */
+        r->ops = malloc(sizeof *r->ops * (size_t)n);
+        if (!r->ops) {
+            free(r);
+            return NULL;
+        }
+        memcpy(r->ops, ops, sizeof *r->ops * (size_t)n);
+    }
+    return enqueue(c, r);
 }
 
 lt_comm_request *lt_comm_all_reduce_async(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, lt_reduce_op op) {
@@ -165,7 +197,7 @@ int lt_comm_wait(lt_comm_request *r, char *err, size_t errlen) {
     pthread_mutex_unlock(&a->mu);
     int rc = r->rc;
     if (rc != 0) lt_comm_errf_(err, errlen, "%s", r->err);
-    free(r);
+    free_request(r);
     return rc;
 }
 

@@ -7,6 +7,7 @@
  *   all_to_all      sum over r != rank of send_counts[r] B   (what this rank sends to others)
  *   broadcast       count B on every rank (root included)
  *   send            count B;   recv 0;   barrier 0
+ *   batch_p2p       one call per operation; bytes: the sends' count B
  * Every call, failed or not, counts in calls and seconds; bytes only count on success. A
  * non-blocking request (async.c) runs these same functions on the communicator's background
  * thread, so it counts identically, its seconds being the background thread's time. */
@@ -343,28 +344,53 @@ int lt_comm_broadcast(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int 
     return finish(c, rc, t0, (uint64_t)count * lt_dtype_size(dtype), e, err, errlen);
 }
 
-int lt_comm_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen) {
-    if (precheck(c, "send", dtype, 1, err, errlen)) return -1;
-    if (count < 0) return arg_error(c, "send", err, errlen, "negative count %lld", (long long)count);
-    if (count > 0 && !buf) return arg_error(c, "send", err, errlen, "no buffer");
-    if (peer < 0 || peer >= c->size || peer == c->rank)
-        return arg_error(c, "send", err, errlen, "peer %d is not another rank of the communicator", peer);
+/* Point-to-point: every form is a batch. `what` names the call in messages ("send", "recv",
+ * "batch_p2p"); each operation counts as one call, bytes are the sends' bytes. */
+static int p2p(lt_comm *c, const lt_comm_p2p_op *ops, int n, const char *what, char *err, size_t errlen) {
+    if (precheck(c, what, LT_F32, 0, err, errlen)) return -1;
+    if (n < 0) return arg_error(c, what, err, errlen, "negative number of operations %d", n);
+    if (n > 0 && !ops) return arg_error(c, what, err, errlen, "no operations");
+    uint64_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        const lt_comm_p2p_op *o = &ops[i];
+        char at[48] = "";
+        if (n > 1 || strcmp(what, "batch_p2p") == 0) snprintf(at, sizeof at, "operation %d: ", i);
+        if (o->kind != LT_P2P_SEND && o->kind != LT_P2P_RECV)
+            return arg_error(c, what, err, errlen, "%sunknown kind %d (LT_P2P_SEND or LT_P2P_RECV)", at,
+                             (int)o->kind);
+        if (!valid_dtype(o->dtype)) return arg_error(c, what, err, errlen, "%sunknown dtype %d", at, (int)o->dtype);
+        if (o->count < 0) return arg_error(c, what, err, errlen, "%snegative count %lld", at, (long long)o->count);
+        if (o->count > 0 && !o->buf) return arg_error(c, what, err, errlen, "%sno buffer", at);
+        if (o->peer < 0 || o->peer >= c->size || o->peer == c->rank)
+            return arg_error(c, what, err, errlen, "%speer %d is not another rank of the communicator", at,
+                             o->peer);
+        if (o->kind == LT_P2P_SEND) bytes += (uint64_t)o->count * lt_dtype_size(o->dtype);
+    }
+    if (n == 0) return 0; /* an empty batch is no call */
     double t0 = lt_comm_now_();
     char e[LT_COMM_ERR_MAX] = "";
-    int rc = c->ops->send(c, buf, count, dtype, peer, e, sizeof e);
-    return finish(c, rc, t0, (uint64_t)count * lt_dtype_size(dtype), e, err, errlen);
+    int rc = c->ops->batch_p2p(c, ops, n, what, e, sizeof e);
+    /* finish counts one call; the other operations of the batch count here */
+    if (n > 1) {
+        lt_comm_lock_(c);
+        c->stats.calls += (uint64_t)(n - 1);
+        lt_comm_unlock_(c);
+    }
+    return finish(c, rc, t0, bytes, e, err, errlen);
+}
+
+int lt_comm_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen) {
+    lt_comm_p2p_op op = {LT_P2P_SEND, (void *)buf, count, dtype, peer};
+    return p2p(c, &op, 1, "send", err, errlen);
 }
 
 int lt_comm_recv(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen) {
-    if (precheck(c, "recv", dtype, 1, err, errlen)) return -1;
-    if (count < 0) return arg_error(c, "recv", err, errlen, "negative count %lld", (long long)count);
-    if (count > 0 && !buf) return arg_error(c, "recv", err, errlen, "no buffer");
-    if (peer < 0 || peer >= c->size || peer == c->rank)
-        return arg_error(c, "recv", err, errlen, "peer %d is not another rank of the communicator", peer);
-    double t0 = lt_comm_now_();
-    char e[LT_COMM_ERR_MAX] = "";
-    int rc = c->ops->recv(c, buf, count, dtype, peer, e, sizeof e);
-    return finish(c, rc, t0, 0, e, err, errlen);
+    lt_comm_p2p_op op = {LT_P2P_RECV, buf, count, dtype, peer};
+    return p2p(c, &op, 1, "recv", err, errlen);
+}
+
+int lt_comm_batch_p2p(lt_comm *c, const lt_comm_p2p_op *ops, int n, char *err, size_t errlen) {
+    return p2p(c, ops, n, "batch_p2p", err, errlen);
 }
 
 int lt_comm_barrier(lt_comm *c, char *err, size_t errlen) {

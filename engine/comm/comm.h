@@ -87,7 +87,7 @@ int lt_comm_all_gather(lt_comm *c, const void *send, void *recv, int64_t send_co
 int lt_comm_all_to_all(lt_comm *c, const void *send, const int64_t *send_counts, void *recv,
                        const int64_t *recv_counts, lt_dtype dtype, char *err, size_t errlen);
 int lt_comm_broadcast(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int root, char *err, size_t errlen);
-/* Blocking point-to-point; a send completes when the matching recv has copied the data. */
+/* Blocking point-to-point: a batch of one (see lt_comm_batch_p2p below for the rules). */
 int lt_comm_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen);
 int lt_comm_recv(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen);
 int lt_comm_barrier(lt_comm *c, char *err, size_t errlen);
@@ -97,6 +97,54 @@ void lt_comm_abort(lt_comm *c, const char *reason);
 
 lt_comm_stats lt_comm_get_stats(const lt_comm *c);
 void lt_comm_reset_stats(lt_comm *c);
+
+/* ==== point-to-point in batches ==============================================================
+ * What pipeline schedules need: send to one neighbour while receiving from the other, or send to
+ * and receive from the same neighbour at once (Megatron's send_forward_recv_backward), or all four
+ * at once (interleaved: send_forward_backward_recv_forward_backward). A batch posts all its sends
+ * and receives together and returns when every one of them is complete (as torch's
+ * batch_isend_irecv followed by waiting on every request, or NCCL's ncclGroupStart/End).
+ *
+ * Rules:
+ * - Matching: the messages from rank a to rank b match b's receives from a in the order they were
+ *   posted (FIFO per ordered pair, across batches and blocking calls alike). A send and its
+ *   receive must agree on the size in bytes (a mismatch fails the receiver with both sizes).
+ * - Completion: a send is complete when its receiver has copied all of it, a receive when all of
+ *   it has arrived. The operations of one batch progress together, in any interleaving, so a
+ *   batch never waits on itself: two ranks that send to each other in the same batch (or each in
+ *   a batch with the matching receive) do not deadlock, whatever the message sizes.
+ * - What deadlocks (and then times out, naming the peers): a send whose receive the peer has not
+ *   posted and will only post after something this rank does later, e.g. both ranks calling the
+ *   blocking lt_comm_send to each other first, or batches whose matching operations are not in
+ *   flight at the same time. Keep every send and its receive in batches the two ranks run at the
+ *   same step of their schedules.
+ * - Buffers belong to the batch until it returns (for lt_comm_batch_p2p_async: until lt_comm_wait
+ *   returns): neither read nor write them meanwhile, and the same receive buffer must not appear
+ *   twice in a batch. ops itself is copied by the async form and may go at once.
+ * - Errors: as for the collectives: argument errors name the operation (its index in ops), a
+ *   timeout (no progress for timeout_s) names the peers that did not send or receive, an abort
+ *   names the aborting rank; after a failure the communicator is unusable.
+ * - Statistics: every send and every receive counts as one call (a batch of a send and a receive
+ *   counts as the two blocking calls would); bytes are the bytes of the sends.
+ * - The nccl backend runs a batch as one NCCL group (ncclGroupStart, ncclSend/ncclRecv, ncclGroupEnd)
+ *   and returns once it is enqueued, like its collectives. */
+typedef enum { LT_P2P_SEND = 0, LT_P2P_RECV = 1 } lt_p2p_kind;
+
+typedef struct {
+    lt_p2p_kind kind;
+    void *buf;     /* count elements of dtype: read (send) or written (recv) */
+    int64_t count;
+    lt_dtype dtype;
+    int peer;      /* a rank of the communicator other than the caller */
+} lt_comm_p2p_op;
+
+/* Runs ops[0..n-1] (n >= 0) together; 0 when all are complete, or -1 with err. */
+int lt_comm_batch_p2p(lt_comm *c, const lt_comm_p2p_op *ops, int n, char *err, size_t errlen);
+/* The same on the communicator's background thread (the non-blocking section below: FIFO with the
+ * other non-blocking calls of c, completed by lt_comm_wait / lt_comm_test), so a schedule can
+ * compute while its p2p is in flight. NULL only when c is NULL or out of memory. */
+struct lt_comm_request;
+struct lt_comm_request *lt_comm_batch_p2p_async(lt_comm *c, const lt_comm_p2p_op *ops, int n);
 
 /* ==== non-blocking collectives (async.c) ====================================================
  * For overlapping communication with computation (Megatron's overlap_grad_reduce: a DDP bucket's
@@ -158,15 +206,17 @@ lt_comm_async_stats lt_comm_get_async_stats(const lt_comm *c);
  *   lt_bootstrap_exchange (NCCL's unique id: it waits for its root at most the timeout) and NCCL's
  *   own device work.
  * - An interrupted call does not mark its communicator failed, but leaves the ranks out of step
- *   (barrier arrivals, call numbers, staging halves, mailbox chunks). Recovery runs when every
+ *   (barrier arrivals, call numbers, staging halves, point-to-point chunks). Recovery runs when every
  *   rank of the job has stopped calling (the REPL: every rank finished the interrupted line), in
  *   two steps, each on every rank, the second started only after every rank finished the first,
  *   and no rank calling anything before every rank finished the second (the launcher orders them):
  *     lt_comm_quiesce()  sets the flag and waits for the non-blocking requests of every
- *                        communicator of this process (they fail at once, interrupted);
+ *                        communicator of this process, point-to-point batches included (they
+ *                        fail at once, interrupted);
  *     lt_comm_resync()   brings every communicator of this process back in step with its peers
  *                        (shm: each rank catches its counters up to the largest over the ranks,
- *                        read from the shared segment; a chunk sent but not received is dropped),
+ *                        read from the shared segment; on each point-to-point channel both
+ *                        ends agree again, a message sent but not received is dropped),
  *                        then clears the flag.
  *   Communicators that failed for another reason (timeout, abort, ranks disagreeing) stay failed.
  *   NCCL communicators cannot be brought back in step (a collective may be stuck on the device):

@@ -26,8 +26,9 @@ typedef struct lt_comm_ops {
     int (*all_to_all)(lt_comm *c, const void *send, const int64_t *send_counts, void *recv,
                       const int64_t *recv_counts, lt_dtype dtype, char *err, size_t errlen);
     int (*broadcast)(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int root, char *err, size_t errlen);
-    int (*send)(lt_comm *c, const void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen);
-    int (*recv)(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen);
+    /* Point-to-point (blocking send and recv are batches of one); what names the call in messages
+     * ("send", "recv", "batch_p2p"). */
+    int (*batch_p2p)(lt_comm *c, const lt_comm_p2p_op *ops, int n, const char *what, char *err, size_t errlen);
     int (*barrier)(lt_comm *c, char *err, size_t errlen);
     /* Marks the whole job failed (best effort, never blocks). */
     void (*abort)(lt_comm *c, const char *reason);

@@ -9,7 +9,9 @@
  *   enqueue (not the device time).
  * - Reductions follow NCCL's algorithms (bf16 reduced in bf16, not in rank order): repeatable for
  *   a fixed layout and NCCL version, not bit-identical to shm.
- * - lt_comm_group is refused: build a group's NCCL communicator with lt_comm_nccl over the host group. */
+ * - lt_comm_group is refused: build a group's NCCL communicator with lt_comm_nccl over the host group.
+ * - lt_comm_batch_p2p is one NCCL group (ncclGroupStart, ncclSend/ncclRecv per operation,
+ *   ncclGroupEnd), so its operations progress together as on shm; a lone send or recv is the plain call. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,12 +51,23 @@ static int n_broadcast(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int
     return impl(c)->ops->broadcast(impl(c)->h, buf, count, dtype, root, err, errlen);
 }
 
-static int n_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen) {
-    return impl(c)->ops->send(impl(c)->h, buf, count, dtype, peer, err, errlen);
-}
-
-static int n_recv(lt_comm *c, void *buf, int64_t count, lt_dtype dtype, int peer, char *err, size_t errlen) {
-    return impl(c)->ops->recv(impl(c)->h, buf, count, dtype, peer, err, errlen);
+/* One NCCL group; a lone send or recv goes through the plain calls. */
+static int n_batch_p2p(lt_comm *c, const lt_comm_p2p_op *ops, int n, const char *what, char *err, size_t errlen) {
+    nccl_impl *m = impl(c);
+    (void)what;
+    if (n == 1 && ops[0].kind == LT_P2P_SEND)
+        return m->ops->send(m->h, ops[0].buf, ops[0].count, ops[0].dtype, ops[0].peer, err, errlen);
+    if (n == 1) return m->ops->recv(m->h, ops[0].buf, ops[0].count, ops[0].dtype, ops[0].peer, err, errlen);
+    lt_device_p2p_op *d = malloc(sizeof *d * (size_t)n);
+    if (!d) {
+        lt_comm_errf_(err, errlen, "batch_p2p: out of memory");
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        d[i] = (lt_device_p2p_op){ops[i].kind == LT_P2P_SEND, ops[i].buf, ops[i].count, ops[i].dtype, ops[i].peer};
+    int rc = m->ops->batch_p2p(m->h, d, n, err, errlen);
+    free(d);
+    return rc;
 }
 
 static int n_barrier(lt_comm *c, char *err, size_t errlen) { return impl(c)->ops->barrier(impl(c)->h, err, errlen); }
@@ -90,8 +103,7 @@ static const lt_comm_ops nccl_ops = {
     .all_gather = n_all_gather,
     .all_to_all = n_all_to_all,
     .broadcast = n_broadcast,
-    .send = n_send,
-    .recv = n_recv,
+    .batch_p2p = n_batch_p2p,
     .barrier = n_barrier,
     .abort = n_abort,
     .group = n_group,

@@ -2,17 +2,18 @@
  * shared-memory segment per communicator and synchronise with C11 atomics inside it.
  *
  * Segment "/luatron-<job_id>-world" (and "/luatron-<job_id>-g-<name>-<hash of the world ranks>"
- * for a group), all offsets fixed by (N, S = staging half size, P = mailbox half size):
+ * for a group), all offsets fixed by (N, S = staging half size, Q = mailbox half size):
  *   [0, 4096)        header: futex word + sleeper count, barrier arrival total, "unlinked" flag,
  *                    abort word (world rank + 1 of the first aborter) and reason, layout words
  *   N x 384 bytes    per-rank control: arrival sequence number, the call header of each staging
- *                    half (which collective, count, dtype, op, root, call number), the rank's
- *                    outgoing mailbox descriptors (two halves) and the receivers' ack counter
- *   then per rank    two staging halves of S bytes (collectives), two mailbox halves of P bytes
- *                    (send/recv), page aligned.
- * S defaults to 4 MiB and P to 2 MiB (12 MiB a rank, tmpfs pages are only used once touched);
- * LUATRON_SHM_SLOT_BYTES sets S (P = S/2), e.g. for a small /dev/shm. Larger transfers go in
- * chunks ("rounds").
+ *                    half (which collective, count, dtype, op, root, call number)
+ *   N x N x 128      per ordered pair (a -> b) a point-to-point channel: chunks posted (written
+ *                    by a), chunks copied out (written by b), the descriptor of each half
+ *   then per rank    two staging halves of S bytes (collectives), then one mailbox per
+ *                    destination of two halves of Q bytes (send/recv), page aligned.
+ * S defaults to 4 MiB and Q to max(4 KiB, (S/2)/N) (about 12 MiB a rank, tmpfs pages are only
+ * used once touched); LUATRON_SHM_SLOT_BYTES sets S, e.g. for a small /dev/shm. Larger transfers
+ * go in chunks ("rounds").
  *
  * Creation and unlinking: every member shm_open(O_CREAT)s the name, ftruncates it to the layout
  * size (idempotent, zero-filled, so no rank has to be first) and maps it, then the members meet in
@@ -33,12 +34,15 @@
  *
  * Resynchronisation after an interrupt (shm_resync, every rank idle, see comm.h): the counters
  * that must agree across ranks are the barrier number (arrive[r], and total = the sum of every
- * arrive), the call number (in the call headers), the staging half parity and the mailbox chunk
- * numbers. Each rank raises its arrive to the largest arrive of the segment, adding the
- * difference to total (so total = k N again), takes the largest call number found in the
- * headers, restarts its rounds at half 0, and marks every chunk it posted as received (a chunk
- * nobody took is dropped). Raising to a maximum never changes the maximum, so the ranks may do
- * this in any order, as long as none starts a call before all are done.
+ * arrive), the call number (in the call headers), the staging half parity and, per point-to-point
+ * channel, the chunk numbers of its two ends (posted, acked). Each rank raises its arrive to the
+ * largest arrive of the segment, adding the difference to total (so total = k N again), takes the
+ * largest call number found in the headers, restarts its rounds at half 0, and on each channel it
+ * is an end of raises its own counter (posted as sender, acked as receiver) to the larger of the
+ * two, i.e. to posted: a chunk nobody copied out counts as received, so a half-sent message is
+ * dropped and the next batch numbers its chunks from the same point on both ends. Raising to a
+ * maximum never changes the maximum, so the ranks may do this in any order, as long as none starts
+ * a call before all are done.
  *
  * Collectives are sequences of rounds; round i uses staging half i % 2. A round writes into the
  * rank's own half, then barriers, then reads the other ranks' halves; a half is written again two
@@ -58,13 +62,18 @@
  * Reductions: fp32 sums in fp32; bf16 accumulates in fp32 and rounds once (nearest even); AVG is
  * the sum divided by N (integer division for integers); MAX propagates NaN; integer sums wrap.
  *
- * send/recv: each rank has one outgoing mailbox (two halves) because a send blocks until its
- * receiver has copied the data. Chunk g of everything the rank sends goes into half g % 2 with a
- * descriptor (destination, message size, offset); the receiver of chunk g copies it out and sets
- * acked = g; the sender reuses a half once acked >= g - 2 and returns once the last chunk is acked.
- * A receiver waits for the chunk acked + 1 to be addressed to it. The usual pipeline patterns
- * (a sends while b receives, chains, pairwise exchange with the lower rank sending first) work;
- * two ranks that both send to each other first deadlock (and time out), as blocking sends do. */
+ * Point-to-point (batches; blocking send/recv are batches of one): every ordered pair a -> b has
+ * its own channel, so traffic to or from different peers never queues behind each other. Chunk g
+ * (1, 2, ... over the channel's life) of what a sends to b goes into half g % 2 of a's mailbox for
+ * b with a descriptor (message size, offset, length), then `posted` = g; b copies it out once
+ * posted >= g and sets `acked` = g; a reuses a half once acked >= g - 2. A batch gives each of its
+ * operations its range of chunk numbers on its channel (in the order of the batch, after the
+ * earlier batches), which is what matches messages in FIFO order, then runs a progress loop over
+ * all of them: post every chunk whose half is free, copy out every chunk that arrived, sleep on
+ * the futex word when nothing moved. A send is complete once its last chunk is acked. Because the
+ * operations of a batch progress together, a batch never waits on itself (two ranks that send to
+ * each other in one batch each do not deadlock); a blocking send still waits for its receiver.
+ * That sleep is an ordinary wait: it ends on the deadline, an abort and an interrupt (Ctrl-C). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -115,7 +124,7 @@ typedef struct {
     _Alignas(64) atomic_int abort_claim;      /* CAS 0 -> 1 by the first aborter */
     atomic_int abort_rank1;                   /* world rank + 1 of the aborter, after the reason */
     char abort_reason[ABORT_REASON_MAX];
-    _Alignas(64) atomic_uint_least64_t layout[4]; /* magic, N, S, P: set by the first, checked by all */
+    _Alignas(64) atomic_uint_least64_t layout[4]; /* magic, N, S, Q: set by the first, checked by all */
 } seg_hdr;
 
 typedef struct {
@@ -125,22 +134,22 @@ typedef struct {
 } call_hdr;
 
 typedef struct {
-    atomic_uint_least64_t seq; /* chunk number g, published last */
-    int32_t dst;               /* receiver (communicator rank) */
-    int64_t msg_bytes;         /* size of the whole message */
-    int64_t offset, len;       /* this chunk's place in it */
-} box_desc;
-
-typedef struct {
     _Alignas(64) atomic_uint_least64_t arrive; /* barriers this rank reached */
     int32_t pid;
     _Alignas(64) call_hdr hdr[2];              /* call header per staging half */
-    _Alignas(64) box_desc box[2];              /* outgoing mailbox, written by this rank */
-    _Alignas(64) atomic_uint_least64_t acked;  /* written by the receivers of this rank's chunks */
 } rank_ctl;
+
+/* The point-to-point channel a -> b (see the top of the file). */
+typedef struct {
+    _Alignas(64) atomic_uint_least64_t posted; /* chunks published, written by a */
+    int64_t msg_bytes[2], offset[2], len[2];   /* per half: the chunk's message size and place in it */
+    _Alignas(64) atomic_uint_least64_t acked;  /* chunks copied out, written by b */
+} chan_ctl;
+#define CHAN_BYTES 128
 
 _Static_assert(sizeof(seg_hdr) <= HDR_BYTES, "segment header too large");
 _Static_assert(sizeof(rank_ctl) <= CTL_BYTES, "rank control too large");
+_Static_assert(sizeof(chan_ctl) <= CHAN_BYTES, "channel control too large");
 
 /* ---- process-local state ---- */
 
@@ -150,9 +159,10 @@ typedef struct {
     size_t size;
     seg_hdr *hdr;
     rank_ctl *ctl; /* N entries of CTL_BYTES */
+    chan_ctl *chan; /* N x N channels, [src * N + dst] */
     uint8_t *data;
     int n;
-    size_t slot, p2p, per_rank;
+    size_t slot, p2p, per_rank; /* p2p: Q, one mailbox half */
 } shm_seg;
 
 typedef struct {
@@ -162,7 +172,7 @@ typedef struct {
     double timeout;
     double spin_s; /* waiting policy: spin this long, then yield `yields` times, then sleep */
     int yields;
-    uint64_t bar_seq, round, call_seq, posted;
+    uint64_t bar_seq, round, call_seq;
     char job[80]; /* sanitized job id: names the group segments */
 } shm_comm;
 
@@ -181,8 +191,10 @@ static const char *kind_name(int k) {
 
 static inline rank_ctl *ctl_of(shm_seg *g, int r) { return (rank_ctl *)((uint8_t *)g->ctl + (size_t)r * CTL_BYTES); }
 static inline uint8_t *slot_of(shm_seg *g, int r, int h) { return g->data + (size_t)r * g->per_rank + (size_t)h * g->slot; }
-static inline uint8_t *box_of(shm_seg *g, int r, int h) {
-    return g->data + (size_t)r * g->per_rank + 2 * g->slot + (size_t)h * g->p2p;
+static inline chan_ctl *chan_of(shm_seg *g, int src, int dst) { return &g->chan[(size_t)src * (size_t)g->n + (size_t)dst]; }
+/* Half h of src's mailbox for dst. */
+static inline uint8_t *box_of(shm_seg *g, int src, int dst, int h) {
+    return g->data + (size_t)src * g->per_rank + 2 * g->slot + ((size_t)dst * 2 + (size_t)h) * g->p2p;
 }
 
 /* ---- waiting ---- */
@@ -211,13 +223,15 @@ static void seg_sleep(shm_seg *g, unsigned seen, double seconds) {
 
 static int aborted(const shm_comm *s) { return atomic_load_explicit(&s->world->hdr->abort_rank1, memory_order_acquire); }
 
-enum { W_BARRIER, W_UNLINKED, W_ACKED, W_POSTED };
+typedef struct p2p_batch p2p_batch;
+static int p2p_can_progress(shm_comm *s, const p2p_batch *b);
+
+enum { W_BARRIER, W_UNLINKED, W_P2P };
 typedef struct {
     int kind;
-    uint64_t target; /* W_BARRIER: total; W_ACKED: acked */
-    int peer;        /* W_POSTED: sender */
-    uint64_t got;    /* W_POSTED: the chunk number found */
-    int steady;      /* not ended by an interrupt (a wait that other ranks end promptly anyway) */
+    uint64_t target;      /* W_BARRIER: total */
+    const p2p_batch *p2p; /* W_P2P: some operation of the batch can move */
+    int steady;           /* not ended by an interrupt (a wait that other ranks end promptly anyway) */
 } wait_t;
 
 static int cond_ok(shm_comm *s, wait_t *w) {
@@ -225,15 +239,7 @@ static int cond_ok(shm_comm *s, wait_t *w) {
     switch (w->kind) {
     case W_BARRIER: return atomic_load_explicit(&g->hdr->total, memory_order_acquire) >= w->target;
     case W_UNLINKED: return atomic_load_explicit(&g->hdr->unlinked, memory_order_acquire) != 0;
-    case W_ACKED: return atomic_load_explicit(&ctl_of(g, s->me)->acked, memory_order_acquire) >= w->target;
-    case W_POSTED: {
-        rank_ctl *p = ctl_of(g, w->peer);
-        uint64_t a = atomic_load_explicit(&p->acked, memory_order_acquire);
-        box_desc *d = &p->box[(a + 1) & 1];
-        if (atomic_load_explicit(&d->seq, memory_order_acquire) != a + 1 || d->dst != s->me) return 0;
-        w->got = a + 1;
-        return 1;
-    }
+    case W_P2P: return p2p_can_progress(s, w->p2p);
     }
     return 0;
 }
@@ -293,7 +299,7 @@ static int sync_ranks(lt_comm *c, const char *what, char *err, size_t errlen) {
     uint64_t t = atomic_fetch_add(&g->hdr->total, 1) + 1;
     uint64_t target = k * (uint64_t)s->n;
     if (t >= target) seg_notify(g);
-    wait_t w = {W_BARRIER, target, 0, 0, 0};
+    wait_t w = {W_BARRIER, target, NULL, 0};
     int rc = shm_wait(s, &w);
     if (rc == 0) return 0;
     if (rc == 2) {
@@ -366,10 +372,12 @@ static int seg_create(lt_comm *c, shm_comm *s, const char *name, size_t slot, ch
     size_t min_slot = round_up(16 * (size_t)n + 64, 4096);
     if (slot < min_slot) slot = min_slot;
     slot = round_up(slot, 4096);
-    size_t p2p = round_up(slot / 2 > MIN_SLOT ? slot / 2 : MIN_SLOT, 4096);
-    size_t per_rank = 2 * slot + 2 * p2p;
+    size_t p2p = slot / 2 / (size_t)n / 4096 * 4096; /* a channel's half: (S/2)/N, whole pages */
+    if (p2p < MIN_SLOT) p2p = MIN_SLOT;
+    size_t per_rank = 2 * slot + 2 * (size_t)n * p2p;
     size_t ctl_bytes = round_up((size_t)n * CTL_BYTES, 4096);
-    size_t size = HDR_BYTES + ctl_bytes + (size_t)n * per_rank;
+    size_t chan_bytes = round_up((size_t)n * (size_t)n * CHAN_BYTES, 4096);
+    size_t size = HDR_BYTES + ctl_bytes + chan_bytes + (size_t)n * per_rank;
 
     struct statvfs vfs;
     if (statvfs("/dev/shm", &vfs) == 0) {
@@ -423,7 +431,8 @@ static int seg_create(lt_comm *c, shm_comm *s, const char *name, size_t slot, ch
     g->size = size;
     g->hdr = (seg_hdr *)base;
     g->ctl = (rank_ctl *)((uint8_t *)base + HDR_BYTES);
-    g->data = (uint8_t *)base + HDR_BYTES + ctl_bytes;
+    g->chan = (chan_ctl *)((uint8_t *)base + HDR_BYTES + ctl_bytes);
+    g->data = (uint8_t *)base + HDR_BYTES + ctl_bytes + chan_bytes;
     g->n = n;
     g->slot = slot;
     g->p2p = p2p;
@@ -462,7 +471,7 @@ static int seg_create(lt_comm *c, shm_comm *s, const char *name, size_t slot, ch
         atomic_store(&g->hdr->unlinked, 1);
         seg_notify(g);
     } else {
-        wait_t w = {W_UNLINKED, 0, 0, 0, 1}; /* member 0 raises it right after the barrier */
+        wait_t w = {W_UNLINKED, 0, NULL, 1}; /* member 0 raises it right after the barrier */
         int rc = shm_wait(s, &w);
         if (rc == 1) {
             shm_unlink(name);
@@ -873,9 +882,107 @@ static int shm_barrier(lt_comm *c, char *err, size_t errlen) {
 
 /* ---- point to point ---- */
 
-static void p2p_fail(lt_comm *c, int rc, const char *what, int peer, char *err, size_t errlen) {
-    char w[64];
-    snprintf(w, sizeof w, "%s %s rank %d", what, strcmp(what, "send") == 0 ? "to" : "from", c->world_ranks[peer]);
+/* One operation of a batch: its chunks are numbers first .. first + chunks - 1 of its channel. */
+typedef struct {
+    const lt_comm_p2p_op *op;
+    int index; /* in the batch, for messages */
+    int64_t bytes, chunks;
+    uint64_t first;
+    int64_t done; /* chunks posted (send) or copied out (recv) */
+    int complete;
+} p2p_item;
+
+struct p2p_batch {
+    int n;
+    p2p_item *items;
+};
+
+static chan_ctl *item_chan(shm_comm *s, const p2p_item *it) {
+    return it->op->kind == LT_P2P_SEND ? chan_of(s->seg, s->me, it->op->peer) : chan_of(s->seg, it->op->peer, s->me);
+}
+
+/* Whether the item can move now: a send can post its next chunk (the chunks before it on the
+ * channel are posted and its half is free) or is finished (its last chunk acked); a receive's next
+ * chunk has arrived and the chunks before it are copied out. */
+static int item_can_move(shm_comm *s, const p2p_item *it) {
+    if (it->complete) return 0;
+    chan_ctl *ch = item_chan(s, it);
+    uint64_t posted = atomic_load_explicit(&ch->posted, memory_order_acquire);
+    uint64_t acked = atomic_load_explicit(&ch->acked, memory_order_acquire);
+    uint64_t g = it->first + (uint64_t)it->done;
+    if (it->op->kind == LT_P2P_SEND) {
+        if (it->done < it->chunks) return posted == g - 1 && acked + 2 >= g;
+        return acked >= it->first + (uint64_t)it->chunks - 1;
+    }
+    return posted >= g && acked == g - 1;
+}
+
+static int p2p_can_progress(shm_comm *s, const p2p_batch *b) {
+    for (int i = 0; i < b->n; i++)
+        if (item_can_move(s, &b->items[i])) return 1;
+    return 0;
+}
+
+/* Moves the item as far as it can now: 1 if it moved, 0 if not, -1 (err set) when the sender's
+ * message has another size than this receive. */
+static int item_step(lt_comm *c, p2p_item *it, char *err, size_t errlen) {
+    shm_comm *s = impl(c);
+    shm_seg *g = s->seg;
+    const lt_comm_p2p_op *op = it->op;
+    int64_t q = (int64_t)g->p2p;
+    int moved = 0;
+    while (item_can_move(s, it)) {
+        moved = 1;
+        if (op->kind == LT_P2P_SEND && it->done == it->chunks) { /* the last chunk was acked */
+            it->complete = 1;
+            break;
+        }
+        uint64_t k = it->first + (uint64_t)it->done;
+        int h = (int)(k & 1);
+        int64_t off = it->done * q, len = it->bytes - off < q ? it->bytes - off : q;
+        if (len < 0) len = 0;
+        if (op->kind == LT_P2P_SEND) {
+            chan_ctl *ch = chan_of(g, s->me, op->peer);
+            const uint8_t *src = op->buf ? op->buf : mine_dummy; /* NULL for an empty message */
+            copy(box_of(g, s->me, op->peer, h), src + off, (size_t)len);
+            ch->msg_bytes[h] = it->bytes;
+            ch->offset[h] = off;
+            ch->len[h] = len;
+            atomic_store_explicit(&ch->posted, k, memory_order_release);
+            it->done++;
+        } else {
+            chan_ctl *ch = chan_of(g, op->peer, s->me);
+            if (ch->msg_bytes[h] != it->bytes || ch->offset[h] != off || ch->len[h] != len) {
+                char desc[256];
+                lt_comm_describe_(c, desc, sizeof desc);
+                lt_comm_errf_(err, errlen,
+                              "recv from rank %d on %s: rank %d sent a message of %lld bytes, this rank expects %lld",
+                              c->world_ranks[op->peer], desc, c->world_ranks[op->peer], (long long)ch->msg_bytes[h],
+                              (long long)it->bytes);
+                return -1;
+            }
+            uint8_t *dst = op->buf ? op->buf : mine_dummy;
+            copy(dst + off, box_of(g, op->peer, s->me, h), (size_t)len);
+            atomic_store_explicit(&ch->acked, k, memory_order_release);
+            if (++it->done == it->chunks) it->complete = 1;
+        }
+        seg_notify(g); /* per chunk: the peer can go on with the next one while we copy */
+    }
+    return moved;
+}
+
+/* A batch that stopped moving: rc 3 interrupted (Ctrl-C), 2 aborted, 1 timed out (naming the peers
+ * that did not move). */
+static void p2p_fail(lt_comm *c, int rc, const char *what, const p2p_batch *b, char *err, size_t errlen) {
+    char w[96];
+    int single = strcmp(what, "batch_p2p") != 0; /* a blocking send or recv: a batch of one */
+    if (single) {
+        const lt_comm_p2p_op *op = b->items[0].op;
+        snprintf(w, sizeof w, "%s %s rank %d", what, op->kind == LT_P2P_SEND ? "to" : "from",
+                 c->world_ranks[op->peer]);
+    } else {
+        snprintf(w, sizeof w, "%s", what);
+    }
     if (rc == 2) {
         abort_message(c, w, err, errlen);
         return;
@@ -884,82 +991,78 @@ static void p2p_fail(lt_comm *c, int rc, const char *what, int peer, char *err, 
         lt_comm_interrupted_(c, w, err, errlen);
         return;
     }
-    char desc[256];
+    char desc[256], lst[LT_COMM_ERR_MAX / 2] = "";
+    size_t len = 0;
+    for (int i = 0; i < b->n && len + 1 < sizeof lst; i++) {
+        const p2p_item *it = &b->items[i];
+        if (it->complete) continue;
+        int send = it->op->kind == LT_P2P_SEND, peer = c->world_ranks[it->op->peer];
+        if (single)
+            len += (size_t)snprintf(lst + len, sizeof lst - len, "rank %d did not %s", peer, send ? "receive" : "send");
+        else
+            len += (size_t)snprintf(lst + len, sizeof lst - len, "%srank %d did not %s (operation %d: %s %s rank %d, %lld bytes)",
+                                    len ? "; " : "", peer, send ? "receive" : "send", it->index, send ? "send" : "recv",
+                                    send ? "to" : "from", peer, (long long)it->bytes);
+    }
     lt_comm_describe_(c, desc, sizeof desc);
-    lt_comm_errf_(err, errlen, "%s on %s timed out after %.1f s: rank %d did not %s", w, desc, impl(c)->timeout,
-                  c->world_ranks[peer], strcmp(what, "send") == 0 ? "receive" : "send");
+    lt_comm_errf_(err, errlen, "%s on %s timed out after %.1f s: %s", w, desc, impl(c)->timeout, lst);
 }
 
-static int shm_send(lt_comm *c, const void *buf, int64_t count, lt_dtype dt, int peer, char *err, size_t errlen) {
+static int shm_batch_p2p(lt_comm *c, const lt_comm_p2p_op *ops, int n, const char *what, char *err, size_t errlen) {
     shm_comm *s = impl(c);
     shm_seg *g = s->seg;
-    if (entry_check(c, "send", err, errlen)) return -1;
-    int64_t bytes = count * (int64_t)lt_dtype_size(dt), chunk = (int64_t)g->p2p;
-    int64_t chunks = bytes > 0 ? ceil_div(bytes, chunk) : 1;
-    rank_ctl *me = ctl_of(g, s->me);
-    const uint8_t *b = buf ? buf : mine_dummy;
-    uint64_t gnum = 0;
-    for (int64_t k = 0; k < chunks; k++) {
-        gnum = ++s->posted;
-        int h = (int)(gnum & 1);
-        if (gnum > 2) {
-            wait_t w = {W_ACKED, gnum - 2, 0, 0};
-            int rc = shm_wait(s, &w);
-            if (rc) {
-                p2p_fail(c, rc, "send", peer, err, errlen);
-                return -1;
-            }
-        }
-        int64_t off = k * chunk, len = bytes - off < chunk ? bytes - off : chunk;
-        if (len > 0) memcpy(box_of(g, s->me, h), b + off, (size_t)len);
-        box_desc *d = &me->box[h];
-        d->dst = peer;
-        d->msg_bytes = bytes;
-        d->offset = off;
-        d->len = len;
-        atomic_store_explicit(&d->seq, gnum, memory_order_release);
-        seg_notify(g);
-    }
-    wait_t w = {W_ACKED, gnum, 0, 0};
-    int rc = shm_wait(s, &w);
-    if (rc) {
-        p2p_fail(c, rc, "send", peer, err, errlen);
+    if (entry_check(c, what, err, errlen)) return -1;
+    p2p_item *items = calloc((size_t)n, sizeof *items);
+    uint64_t *next = malloc(sizeof(uint64_t) * 2 * (size_t)s->n); /* last chunk number per channel: sends, recvs */
+    if (!items || !next) {
+        free(items);
+        free(next);
+        lt_comm_errf_(err, errlen, "%s: out of memory", what);
         return -1;
     }
-    return 0;
-}
-
-static int shm_recv(lt_comm *c, void *buf, int64_t count, lt_dtype dt, int peer, char *err, size_t errlen) {
-    shm_comm *s = impl(c);
-    shm_seg *g = s->seg;
-    if (entry_check(c, "recv", err, errlen)) return -1;
-    int64_t bytes = count * (int64_t)lt_dtype_size(dt), chunk = (int64_t)g->p2p;
-    int64_t chunks = bytes > 0 ? ceil_div(bytes, chunk) : 1;
-    rank_ctl *p = ctl_of(g, peer);
-    uint8_t *b = buf ? buf : mine_dummy;
-    for (int64_t k = 0; k < chunks; k++) {
-        wait_t w = {W_POSTED, 0, peer, 0};
-        int rc = shm_wait(s, &w);
-        if (rc) {
-            p2p_fail(c, rc, "recv", peer, err, errlen);
-            return -1;
-        }
-        int h = (int)(w.got & 1);
-        box_desc *d = &p->box[h];
-        int64_t off = k * chunk, len = bytes - off < chunk ? bytes - off : chunk;
-        if (d->msg_bytes != bytes || d->offset != off || d->len != len) {
-            char desc[256];
-            lt_comm_describe_(c, desc, sizeof desc);
-            lt_comm_errf_(err, errlen,
-                          "recv from rank %d on %s: rank %d sent a message of %lld bytes, this rank expects %lld",
-                          c->world_ranks[peer], desc, c->world_ranks[peer], (long long)d->msg_bytes, (long long)bytes);
-            return -1;
-        }
-        if (len > 0) memcpy(b + off, box_of(g, peer, h), (size_t)len);
-        atomic_store_explicit(&p->acked, w.got, memory_order_release);
-        seg_notify(g);
+    for (int p = 0; p < s->n; p++) {
+        next[p] = atomic_load_explicit(&chan_of(g, s->me, p)->posted, memory_order_acquire);
+        next[s->n + p] = atomic_load_explicit(&chan_of(g, p, s->me)->acked, memory_order_acquire);
     }
-    return 0;
+    /* chunk numbers in the order of the batch: this is what matches messages first in, first out */
+    for (int i = 0; i < n; i++) {
+        p2p_item *it = &items[i];
+        it->op = &ops[i];
+        it->index = i;
+        it->bytes = ops[i].count * (int64_t)lt_dtype_size(ops[i].dtype);
+        it->chunks = it->bytes > 0 ? ceil_div(it->bytes, (int64_t)g->p2p) : 1;
+        uint64_t *nx = &next[(ops[i].kind == LT_P2P_SEND ? 0 : s->n) + ops[i].peer];
+        it->first = *nx + 1;
+        *nx += (uint64_t)it->chunks;
+    }
+    free(next);
+    p2p_batch b = {n, items};
+    int rc = 0;
+    for (;;) {
+        int moved = 0, pending = 0;
+        for (int i = 0; i < n; i++) {
+            if (items[i].complete) continue;
+            int m = item_step(c, &items[i], err, errlen);
+            if (m < 0) {
+                rc = -1;
+                goto out;
+            }
+            moved |= m;
+            pending += !items[i].complete;
+        }
+        if (!pending) break;
+        if (moved) continue;
+        wait_t w = {W_P2P, 0, &b, 0};
+        int r = shm_wait(s, &w);
+        if (r) {
+            p2p_fail(c, r, what, &b, err, errlen);
+            rc = -1;
+            break;
+        }
+    }
+out:
+    free(items);
+    return rc;
 }
 
 /* ---- lifetime ---- */
@@ -988,10 +1091,22 @@ static void shm_free(lt_comm *c) {
 
 /* ---- resynchronisation after an interrupt (see the top of the file and comm.h) ---- */
 
-/* The mailbox part: every chunk this rank posted counts as received, so no receiver takes a chunk
- * of a send that was interrupted (receivers wait for chunk acked + 1, which is not posted yet). */
-static void mailbox_resync(shm_comm *s) {
-    atomic_store_explicit(&ctl_of(s->seg, s->me)->acked, s->posted, memory_order_release);
+/* The point-to-point part: on every channel of this rank, its own counter (posted on the channels
+ * it sends on, acked on those it receives on) is raised to the larger of the channel's two. As
+ * acked <= posted, both end at posted: a chunk nobody copied out counts as received, so the rest of
+ * a message whose send was interrupted is dropped, and the next batch's chunk numbers (posted + 1
+ * for the sender, acked + 1 for the receiver) agree again. */
+static void p2p_resync(shm_comm *s) {
+    for (int p = 0; p < s->n; p++) {
+        if (p == s->me) continue;
+        chan_ctl *out = chan_of(s->seg, s->me, p), *in = chan_of(s->seg, p, s->me);
+        uint64_t op = atomic_load_explicit(&out->posted, memory_order_acquire);
+        uint64_t oa = atomic_load_explicit(&out->acked, memory_order_acquire);
+        if (oa > op) atomic_store_explicit(&out->posted, oa, memory_order_release);
+        uint64_t ip = atomic_load_explicit(&in->posted, memory_order_acquire);
+        uint64_t ia = atomic_load_explicit(&in->acked, memory_order_acquire);
+        if (ip > ia) atomic_store_explicit(&in->acked, ip, memory_order_release);
+    }
 }
 
 static int shm_resync(lt_comm *c, char *err, size_t errlen) {
@@ -1017,7 +1132,7 @@ static int shm_resync(lt_comm *c, char *err, size_t errlen) {
     }
     s->call_seq = calls;
     s->round = 0;
-    mailbox_resync(s);
+    p2p_resync(s);
     seg_notify(g);
     return 0;
 }
@@ -1025,9 +1140,8 @@ static int shm_resync(lt_comm *c, char *err, size_t errlen) {
 static void *shm_group(lt_comm *parent, lt_comm *child, char *err, size_t errlen);
 
 static const lt_comm_ops shm_ops = {
-    "shm",          shm_all_reduce, shm_reduce_scatter, shm_all_gather, shm_all_to_all, shm_broadcast,
-    shm_send,       shm_recv,       shm_barrier,        shm_abort,      shm_group,      shm_free,
-    shm_resync,
+    "shm",         shm_all_reduce, shm_reduce_scatter, shm_all_gather, shm_all_to_all, shm_broadcast,
+    shm_batch_p2p, shm_barrier,    shm_abort,          shm_group,      shm_free,       shm_resync,
 };
 
 static void *shm_group(lt_comm *parent, lt_comm *child, char *err, size_t errlen) {

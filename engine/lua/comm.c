@@ -1,6 +1,7 @@
 /* luatron.Communicator: collectives on tensors from Lua. The world communicator comes from the
  * launcher's bootstrap (luatron launch, or PMIx under mpirun/srun); groups are made from it.
- * core.comm_nccl(group) makes an NCCL communicator over a host group, for device tensors. */
+ * core.comm_nccl(group) makes an NCCL communicator over a host group, for device tensors.
+ * luatron.P2PRequest: a batch of sends and receives in flight (comm:batch_p2p_async). */
 #include <string.h>
 
 #include "engine/ops/backend.h"
@@ -10,6 +11,7 @@
 #include "engine/lua/bindings.h"
 
 #define COMM_MT "luatron.Communicator"
+#define REQ_MT "luatron.P2PRequest"
 
 typedef struct {
     lt_comm *c;
@@ -205,6 +207,149 @@ static int m_recv(lua_State *L) {
     return 1;
 }
 
+/* ---- point-to-point in batches (lt_comm_batch_p2p) ----
+ * comm:batch_p2p{ {"send", t, peer}, {"recv", t2, peer2}, ... } posts every operation together and
+ * returns when all are complete (pipeline schedules: send to one neighbour while receiving from
+ * the other, or both directions with one neighbour, without deadlock). comm:batch_p2p_async{...}
+ * returns a request (r:wait(), r:test()) so computation can go on meanwhile; the tensors are kept
+ * alive by the request and must not be used until r:wait() returns. Messages between two ranks
+ * match in FIFO order; see lt_comm_batch_p2p in engine/comm/comm.h for the rules. */
+
+typedef struct {
+    lt_comm_request *r; /* NULL once waited for */
+} req_box;
+
+/* The operations of the table at idx; pushes (and leaves on the stack) the ops array's userdata
+ * and a table of the tensors (what an async request keeps alive). */
+static lt_comm_p2p_op *check_p2p_ops(lua_State *L, int idx, int *nops) {
+    const comm_box *b = luaL_checkudata(L, 1, COMM_MT);
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int n = (int)luaL_len(L, idx);
+    lt_comm_p2p_op *ops = lua_newuserdatauv(L, sizeof *ops * (size_t)(n > 0 ? n : 1), 0);
+    lua_createtable(L, n, 0);
+    int keep = lua_gettop(L);
+    for (int i = 0; i < n; i++) {
+        if (lua_geti(L, idx, i + 1) != LUA_TTABLE)
+            luaL_error(L, "batch_p2p: entry %d must be a table {\"send\"|\"recv\", tensor, peer}", i + 1);
+        int e = lua_gettop(L);
+        lua_geti(L, e, 1);
+        const char *kind = lua_tostring(L, -1);
+        if (!kind || (strcmp(kind, "send") != 0 && strcmp(kind, "recv") != 0))
+            luaL_error(L, "batch_p2p: entry %d: the first element must be \"send\" or \"recv\", not %s", i + 1,
+                       kind ? kind : luaL_typename(L, -1));
+        ops[i].kind = kind[0] == 's' ? LT_P2P_SEND : LT_P2P_RECV;
+        lua_geti(L, e, 2);
+        if (!luaL_testudata(L, -1, LT_TENSOR_MT))
+            luaL_error(L, "batch_p2p: entry %d: the second element must be a tensor, not %s", i + 1,
+                       luaL_typename(L, -1));
+        lt_tensor *t = lt_lua_check_tensor(L, lua_gettop(L));
+        if (b->device && t->storage->device == LT_CPU)
+            luaL_error(L, "batch_p2p: entry %d: an NCCL communicator needs device tensors (use the host communicator "
+                       "for host ones)", i + 1);
+        if (!b->device && t->storage->device != LT_CPU)
+            luaL_error(L, "batch_p2p: entry %d: the tensor lives in GPU memory: use an NCCL communicator "
+                       "(core.comm_nccl) or a host copy", i + 1);
+        if (!lt_tensor_is_contiguous(t)) luaL_error(L, "batch_p2p: entry %d: the tensor must be contiguous", i + 1);
+        ops[i].buf = lt_tensor_data(t);
+        ops[i].count = lt_tensor_numel(t);
+        ops[i].dtype = t->dtype;
+        lua_rawseti(L, keep, i + 1); /* the tensor */
+        lua_geti(L, e, 3);
+        int isnum;
+        lua_Integer peer = lua_tointegerx(L, -1, &isnum);
+        if (!isnum) luaL_error(L, "batch_p2p: entry %d: the third element must be the peer's rank (an integer)", i + 1);
+        ops[i].peer = (int)peer;
+        lua_settop(L, e - 1);
+    }
+    *nops = n;
+    return ops;
+}
+
+/* comm:batch_p2p{ {"send", t, peer}, {"recv", t2, peer2}, ... }: returns when all are complete. */
+static int m_batch_p2p(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    int n;
+    lt_comm_p2p_op *ops = check_p2p_ops(L, 2, &n);
+    CHECKED(lt_comm_batch_p2p(c, ops, n, err, sizeof err));
+    return 0;
+}
+
+/* comm:batch_p2p_async{...} → a request. Uservalues: 1 the tensors, 2 the communicator. */
+static int m_batch_p2p_async(lua_State *L) {
+    lt_comm *c = check_comm(L, 1);
+    int n;
+    lt_comm_p2p_op *ops = check_p2p_ops(L, 2, &n);
+    int tensors = lua_gettop(L);
+    req_box *b = lua_newuserdatauv(L, sizeof *b, 2);
+    b->r = NULL;
+    luaL_setmetatable(L, REQ_MT);
+    lua_pushvalue(L, tensors);
+    lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 2);
+    b->r = lt_comm_batch_p2p_async(c, ops, n); /* copies ops */
+    if (!b->r) return luaL_error(L, "batch_p2p_async on '%s': out of memory", lt_comm_name(c));
+    return 1;
+}
+
+/* The request at idx, or NULL when it was waited for. Its communicator closed meanwhile (which
+ * finished the batch but freed what the request refers to): the request is dropped unread. */
+static lt_comm_request *check_req(lua_State *L, int idx, int *closed) {
+    req_box *b = luaL_checkudata(L, idx, REQ_MT);
+    *closed = 0;
+    if (!b->r) return NULL;
+    lua_getiuservalue(L, idx, 2);
+    const comm_box *cb = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (!cb || !cb->c) {
+        b->r = NULL;
+        *closed = 1;
+    }
+    return b->r;
+}
+
+/* r:wait(): blocks until the batch is complete; raises its error. A second wait does nothing. */
+static int r_wait(lua_State *L) {
+    req_box *b = luaL_checkudata(L, 1, REQ_MT);
+    int closed;
+    if (!check_req(L, 1, &closed)) {
+        if (closed) return luaL_error(L, "wait: the communicator was closed before this request was waited for");
+        return 0;
+    }
+    lt_comm_request *r = b->r;
+    b->r = NULL;
+    CHECKED(lt_comm_wait(r, err, sizeof err));
+    return 0;
+}
+
+/* r:test() → true when the batch has finished (r:wait() will not block). */
+static int r_test(lua_State *L) {
+    int closed;
+    lt_comm_request *r = check_req(L, 1, &closed);
+    lua_pushboolean(L, !r || lt_comm_test(r));
+    return 1;
+}
+
+/* __gc / __close: a request nobody waited for is waited for here (its buffers are in use until
+ * then); its error, if any, was the caller's to collect with r:wait(). */
+static int r_gc(lua_State *L) {
+    req_box *b = luaL_checkudata(L, 1, REQ_MT);
+    int closed;
+    if (check_req(L, 1, &closed)) {
+        char err[8];
+        lt_comm_wait(b->r, err, sizeof err);
+        b->r = NULL;
+    }
+    return 0;
+}
+
+static int r_tostring(lua_State *L) {
+    int closed;
+    lt_comm_request *r = check_req(L, 1, &closed);
+    lua_pushstring(L, !r ? "P2PRequest(waited)" : lt_comm_test(r) ? "P2PRequest(done)" : "P2PRequest(in flight)");
+    return 1;
+}
+
 static int m_barrier(lua_State *L) {
     lt_comm *c = check_comm(L, 1);
     CHECKED(lt_comm_barrier(c, err, sizeof err));
@@ -255,9 +400,13 @@ void lt_lua_open_comm(lua_State *L) {
         {"all_gather", m_all_gather}, {"all_to_all", m_all_to_all}, {"broadcast", m_broadcast},
         {"send", m_send},           {"recv", m_recv},           {"barrier", m_barrier},
         {"abort", m_abort},         {"stats", m_stats},         {"reset_stats", m_reset_stats},
-        {"close", m_free},          {NULL, NULL}};
+        {"close", m_free},          {"batch_p2p", m_batch_p2p}, {"batch_p2p_async", m_batch_p2p_async},
+        {NULL, NULL}};
     static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
     lt_lua_new_type(L, COMM_MT, methods, meta);
+    static const luaL_Reg req_methods[] = {{"wait", r_wait}, {"test", r_test}, {NULL, NULL}};
+    static const luaL_Reg req_meta[] = {{"__gc", r_gc}, {"__close", r_gc}, {"__tostring", r_tostring}, {NULL, NULL}};
+    lt_lua_new_type(L, REQ_MT, req_methods, req_meta);
     lua_pushcfunction(L, l_comm_world);
     lua_setfield(L, -2, "comm_world");
     lua_pushcfunction(L, l_comm_nccl);

@@ -81,8 +81,8 @@ typedef struct lt_ops {
 /* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change, in layout or in an op's contract
  * (5: activation gradients written, not accumulated;
  * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward; 8: qk_norm_forward,
- * qk_norm_backward): the loader refuses a plugin built against another. */
-#define LT_BACKEND_ABI 8
+ * qk_norm_backward; 9: lt_device_comm_ops.batch_p2p): the loader refuses a plugin built against another. */
+#define LT_BACKEND_ABI 9
 
 /* Collectives on the backend's memory (the CUDA plugin: NCCL, engine/ops/cuda/nccl.cu), used by
  * engine/comm/nccl.c behind lt_comm (lt_comm_nccl); the CPU backend has none (lt_backend.comm NULL).
@@ -101,6 +101,14 @@ typedef struct lt_ops {
  * passed as an int (0 = sum, 1 = avg, 2 = max) so engine/ops does not depend on engine/comm.
  * Counts are elements of dtype (LT_F32, LT_BF16, LT_I32, LT_I64). One thread at a time per handle. */
 #define LT_DEVICE_COMM_ID_BYTES 128
+/* One operation of batch_p2p: send (1) or receive (0) count elements of dtype at buf to/from peer. */
+typedef struct {
+    int send;
+    void *buf;
+    int64_t count;
+    lt_dtype dtype;
+    int peer;
+} lt_device_p2p_op;
 typedef struct lt_device_comm_ops {
     const char *name; /* "nccl" */
     /* The rendezvous id (LT_DEVICE_COMM_ID_BYTES, idlen at least that) made by one rank and handed to
@@ -123,6 +131,9 @@ typedef struct lt_device_comm_ops {
     /* Abandons the communicator's pending work (never waits for peers); destroy must still follow. */
     void (*abort)(void *h);
     void (*destroy)(void *h);
+    /* Sends and receives posted together as one group (lt_comm_batch_p2p): ops[i] goes to or comes
+     * from its peer; they progress together, so a batch never waits on itself. */
+    int (*batch_p2p)(void *h, const lt_device_p2p_op *ops, int n, char *err, size_t errlen);
 } lt_device_comm_ops;
 
 typedef struct lt_backend {

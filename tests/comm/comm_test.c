@@ -745,6 +745,107 @@ static void rank_interrupt(rank_ctx *ctx) {
     lt_comm_free(w);
 }
 
+/* Byte i of the message from src to dst in exchange `tag` (no message of the test is all 0xee). */
+static uint8_t p2p_byte(int src, int dst, int tag, int64_t i) {
+    return (uint8_t)((uint64_t)i * 131u + (uint64_t)src * 17u + (uint64_t)dst * 29u + (uint64_t)tag * 7u + (uint64_t)(i >> 8));
+}
+
+/* Bytes from src to dst (multiples of 4: sent as int32), in the interrupted batches and in the
+ * exchanges after them. */
+static int64_t p2p_bytes(int src, int dst) {
+    static const int64_t b[3][3] = {{0, 2000, 5000}, {3000, 0, 400}, {10000, 400, 0}};
+    return b[src][dst];
+}
+
+/* World of 3, Q = 4096, twice: rank 0 "runs Lua" with a non-blocking batch pending (a send to
+ * rank 1, which never receives it); rank 1 waits in a batch_p2p of a receive from rank 2 (never
+ * sent) and a send to rank 0 (posted, never received); rank 2 in a batch of a 3-chunk send to
+ * rank 0 (two chunks posted, the third waiting for a free half) and a receive from rank 1 (never
+ * sent). A timer interrupts them: the batches fail promptly with the interrupt, the pending
+ * request too (after the quiesce). After the resync every pair exchanges, in one batch, messages
+ * of the sizes of the interrupted ones, twice: they must arrive exactly (a half-sent message not
+ * dropped, or channel ends out of step, would deliver its stale chunks or hang). */
+static void rank_interrupt_p2p(rank_ctx *ctx) {
+    char err[512];
+    int me = ctx->rank;
+    uint64_t phase = 0;
+    lt_comm *w = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    uint8_t *out[3] = {NULL, NULL, NULL}, *in[3] = {NULL, NULL, NULL};
+    for (int p = 0; p < 3; p++) {
+        out[p] = malloc(10000);
+        in[p] = malloc(10000);
+    }
+    const char *want = "batch_p2p on communicator 'world' (ranks 0,1,2) interrupted (Ctrl-C)";
+    for (int cycle = 0; cycle < 2; cycle++) {
+        for (int p = 0; p < 3; p++) memset(out[p], 0xee, 10000);
+        interrupt_in(0.3);
+        double t0 = now_s();
+        lt_comm_request *req = NULL;
+        int rc = 0;
+        if (me == 0) {
+            lt_comm_p2p_op ops[1] = {{LT_P2P_SEND, out[1], p2p_bytes(0, 1) / 4, LT_I32, 1}};
+            req = lt_comm_batch_p2p_async(w, ops, 1);
+            RCHECK(ctx, req, "cycle %d: batch_p2p_async", cycle);
+            while (!lt_comm_interrupt_pending() && now_s() - t0 < 10) usleep(1000);
+        } else if (me == 1) {
+            lt_comm_p2p_op ops[2] = {{LT_P2P_RECV, in[2], p2p_bytes(2, 1) / 4, LT_I32, 2},
+                                     {LT_P2P_SEND, out[0], p2p_bytes(1, 0) / 4, LT_I32, 0}};
+            rc = lt_comm_batch_p2p(w, ops, 2, err, sizeof err);
+        } else {
+            lt_comm_p2p_op ops[2] = {{LT_P2P_SEND, out[0], p2p_bytes(2, 0) / 4, LT_I32, 0},
+                                     {LT_P2P_RECV, in[1], p2p_bytes(1, 2) / 4, LT_I32, 1}};
+            rc = lt_comm_batch_p2p(w, ops, 2, err, sizeof err);
+        }
+        double dt = now_s() - t0;
+        if (me > 0) {
+            RCHECK(ctx, rc != 0 && strstr(err, want), "cycle %d: expected the interrupt, got rc %d: %s", cycle, rc,
+                   rc ? err : "no error");
+            if (cycle == 0 && me == 2) snprintf(ctx->out->err, sizeof ctx->out->err, "%s", err);
+        }
+        RCHECK(ctx, dt < 5.0, "cycle %d: interrupted after %.2f s (timeout %.0f s)", cycle, dt, ctx->timeout);
+        rc = recover(ctx, &phase, err, sizeof err);
+        RCHECK(ctx, rc == 0 && !lt_comm_interrupt_pending(), "cycle %d: resync: %s", cycle, rc ? err : "flag left");
+        if (req) {
+            rc = lt_comm_wait(req, err, sizeof err);
+            RCHECK(ctx, rc != 0 && strstr(err, want), "cycle %d: the pending request: rc %d: %s", cycle, rc,
+                   rc ? err : "no error");
+        }
+        /* the next "lines": every pair both ways in one batch, exact data */
+        for (int ex = 0; ex < 2; ex++) {
+            int tag = 10 * cycle + ex;
+            lt_comm_p2p_op ops[4];
+            int n = 0;
+            for (int p = 0; p < 3; p++) {
+                if (p == me) continue;
+                for (int64_t i = 0; i < p2p_bytes(me, p); i++) out[p][i] = p2p_byte(me, p, tag, i);
+                memset(in[p], 0, 10000);
+                ops[n++] = (lt_comm_p2p_op){LT_P2P_SEND, out[p], p2p_bytes(me, p) / 4, LT_I32, p};
+                ops[n++] = (lt_comm_p2p_op){LT_P2P_RECV, in[p], p2p_bytes(p, me) / 4, LT_I32, p};
+            }
+            rc = lt_comm_batch_p2p(w, ops, n, err, sizeof err);
+            RCHECK(ctx, rc == 0, "cycle %d, exchange %d after the resync: %s", cycle, ex, err);
+            for (int p = 0; p < 3 && rc == 0; p++) {
+                if (p == me) continue;
+                int64_t bad = -1;
+                for (int64_t i = 0; i < p2p_bytes(p, me) && bad < 0; i++)
+                    if (in[p][i] != p2p_byte(p, me, tag, i)) bad = i;
+                RCHECK(ctx, bad < 0, "cycle %d, exchange %d: from rank %d, byte %lld of %lld is 0x%02x, expected 0x%02x%s",
+                       cycle, ex, p, (long long)bad, (long long)p2p_bytes(p, me), bad < 0 ? 0 : in[p][bad],
+                       bad < 0 ? 0 : p2p_byte(p, me, tag, bad), bad >= 0 && in[p][bad] == 0xee ? " (a stale chunk)" : "");
+            }
+        }
+        rc = lt_comm_barrier(w, err, sizeof err);
+        RCHECK(ctx, rc == 0, "cycle %d: barrier after the resync: %s", cycle, err);
+    }
+    for (int p = 0; p < 3; p++) {
+        free(out[p]);
+        free(in[p]);
+    }
+    lt_comm_free(w);
+}
+
 /* Creating a group while a member "runs Lua": the setup is interrupted, and the same group made
  * again after the resync is a fresh one that works. */
 static void rank_interrupt_setup(rank_ctx *ctx) {
@@ -921,6 +1022,12 @@ int main(void) {
                "request, twice: prompt errors well inside the timeout, then after the resync the world, a group "
                "and send/recv are right", 3, &st, 0);
     printf("#   %s\n", shared_results[1].err);
+
+    st = run_ranks(3, 60.0, rank_interrupt_p2p, NULL, 30);
+    report_run("interrupt (Ctrl-C) of ranks waiting in batch_p2p (a receive nobody sends, a send nobody "
+               "receives, a half-sent 3-chunk message) and of a pending non-blocking batch, twice: prompt errors; "
+               "after the resync all pairs exchange exact data in one batch, twice", 3, &st, 0);
+    printf("#   %s\n", shared_results[2].err);
 
     st = run_ranks(2, 60.0, rank_interrupt_setup, NULL, 30);
     report_run("interrupt while creating a group: prompt error; made again after the resync, it works", 2, &st, 0);

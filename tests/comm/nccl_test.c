@@ -8,7 +8,7 @@
  *      collective must wait for it), compared after to_host; the non-blocking path (the background
  *      thread); barrier; statistics; lt_comm_group refused; the CPU backend refused.
  *   2. LUATRON_NCCL_TEST_RANKS=N (N GPUs; unset: SKIP): N ranks, rank r on GPU r, every collective
- *      with rank-dependent data, send/recv in a ring.
+ *      with rank-dependent data, send/recv in a ring, the four-way exchange in one lt_comm_batch_p2p.
  * Without a GPU the plugin must still load and report "no GPU"; without libnccl.so.2 the
  * communicator must fail with "NCCL is not available"; under the emulated plugin (--emulated) with
  * "NCCL is not available under the emulator". The device checks are then "ok ... # SKIP <reason>". */
@@ -309,6 +309,24 @@ static void multi_rank(rank_ctx *ctx) {
         if (!rc) rc = lt_comm_send(c, d, NM, LT_F32, (me + 1) % n, err, sizeof err);
     }
     RCHECK(ctx, rc == 0, "send/recv: %s", err);
+    /* the interleaved schedule's exchange in one batch (one NCCL group): send to next and prev,
+     * receive from prev and next, every rank posting its sends first */
+    {
+        const int next = (me + 1) % n, prev = (me + n - 1) % n;
+        for (int i = 0; i < NM; i++) h[i] = (float)(me * 10000 + i % 1000), h[NM + i] = (float)(me * 10000 + 5000 + i % 1000);
+        be->to_device(d, h, sizeof(float) * 2 * NM);
+        lt_comm_p2p_op ops[4] = {{LT_P2P_SEND, d, NM, LT_F32, next}, {LT_P2P_SEND, d + NM, NM, LT_F32, prev},
+                                 {LT_P2P_RECV, d2, NM, LT_F32, prev}, {LT_P2P_RECV, d2 + NM, NM, LT_F32, next}};
+        rc = lt_comm_batch_p2p(c, ops, 4, err, sizeof err);
+        RCHECK(ctx, rc == 0, "batch_p2p: %s", err);
+        be->to_host(h2, d2, sizeof(float) * 2 * NM);
+        int wrong = 0;
+        for (int i = 0; i < NM; i++) {
+            wrong += h2[i] != (float)(prev * 10000 + i % 1000);
+            wrong += h2[NM + i] != (float)(next * 10000 + 5000 + i % 1000);
+        }
+        RCHECK(ctx, wrong == 0, "batch_p2p four-way exchange: %d wrong elements", wrong);
+    }
     /* all_to_all: NM / n elements to each rank, value = sender * 1000 + receiver */
     const int64_t blk = NM / n;
     int64_t sc[MAX_RANKS], rcn[MAX_RANKS];
@@ -325,7 +343,7 @@ static void multi_rank(rank_ctx *ctx) {
     RCHECK(ctx, bad == 0, "all_to_all: %d wrong", bad);
     RCHECK(ctx, lt_comm_barrier(c, err, sizeof err) == 0, "barrier: %s", err);
     lt_comm_stats s = lt_comm_get_stats(c);
-    RCHECK(ctx, s.calls == 6 + 1 + 1 + 1 + 2 + 1 + 1, "stats: %llu calls", (unsigned long long)s.calls);
+    RCHECK(ctx, s.calls == 6 + 1 + 1 + 1 + 2 + 4 + 1 + 1, "stats: %llu calls", (unsigned long long)s.calls);
     be->release(d, sizeof(float) * NM * n);
     be->release(d2, sizeof(float) * NM * n);
     be->release(db, 2 * (size_t)NM * n);
@@ -351,7 +369,7 @@ int main(int argc, char **argv) {
     if (n >= 2 && n <= MAX_RANKS && !emulated) {
         run_status ms = run_ranks(n, 60.0, multi_rank, NULL, 300.0);
         char label[96];
-        snprintf(label, sizeof label, "%d ranks on %d GPUs: every collective, send/recv ring, statistics", n, n);
+        snprintf(label, sizeof label, "%d ranks on %d GPUs: every collective, send/recv ring, batch_p2p four-way, statistics", n, n);
         report_run(label, n, &ms, 0);
     } else {
         printf("ok %d - N ranks on N GPUs # SKIP set LUATRON_NCCL_TEST_RANKS=N (2..%d) on a machine with N GPUs\n",

@@ -237,12 +237,13 @@ cat "$d/out"; echo "__rc=$rc"
   -- An SPMD REPL session of n ranks with a long communicator timeout (120 s): `body` are shell
   -- lines that type with `echo ... >&3` and wait with `waitfor TEXT`; `ctrl_c` presses Ctrl-C
   -- once rank 0 printed "looping" and prints "__ms=N", the time until every rank (the last
-  -- one's output comes last) reported its interruption. Ctrl-D (closing the fifo) ends it.
-  local function repl_session(n, body)
+  -- one's output comes last) reported its interruption. Ctrl-D (closing the fifo) ends it. `env`:
+  -- assignments for the launcher's command line.
+  local function repl_session(n, body, env)
     return sh(([[
 trap "" PIPE
 mkfifo "$d/in"
-"$LUATRON" launch -n %d --timeout 120 --repl < "$d/in" > "$d/out" 2>&1 &
+%s "$LUATRON" launch -n %d --timeout 120 --repl < "$d/in" > "$d/out" 2>&1 &
 pid=$!
 ( sleep 40; kill -9 $pid ) >/dev/null 2>&1 &
 wd=$!
@@ -261,7 +262,7 @@ exec 3>&-
 wait $pid; rc=$?
 kill $wd 2>/dev/null
 cat "$d/out"; echo "__rc=$rc"
-]]):format(n, n - 1, body))
+]]):format(env or "", n, n - 1, body))
   end
 
   local function interrupted_promptly(out)
@@ -301,6 +302,28 @@ waitfor "[rank 2] sums" || echo "__no_sums"
       "[rank 1] stdin:1: all_reduce on communicator 'pair' (ranks 1,2) interrupted (Ctrl-C)",
       "[rank 2] stdin:1: barrier on communicator 'world' (ranks 0,1,2) interrupted (Ctrl-C)",
       "[rank 0] sums\t6.0\t1.0\n[rank 1] sums\t6.0\t5.0\n[rank 2] sums\t6.0\t5.0\n")
+  end)
+
+  it("interrupts a rank waiting in batch_p2p on Ctrl-C; the next line's exchange delivers exact data", function()
+    -- 4 KiB mailbox halves: rank 1's interrupted send is half sent (two of its four chunks posted);
+    -- the next line sends messages of the same size both ways, checked element by element
+    local out, rc = repl_session(2, [[
+echo "c = lt.comm_world(); r = c:rank(); p = 1 - r; L = 3 * 1024 + 5" >&3
+echo "function val(a, k, i) return (a * 7919 + k * 131 + i * 31) % 100003 end" >&3
+echo "function msg(k) local v = {} for i = 1, L do v[i] = val(r, k, i) end return lt.tensor.from(v, 'int32') end" >&3
+echo "function check(t, k) local v = t:to_table() for i = 1, L do if v[i] ~= val(p, k, i) then return 'wrong at ' .. i end end return 'exact' end" >&3
+echo "if r == 0 then print('looping') while true do end else c:batch_p2p { { 'send', msg(1), 0 }, { 'recv', lt.tensor.zeros({ L }, 'int32'), 0 } } end" >&3
+ctrl_c "batch_p2p on communicator 'world' (ranks 0,1) interrupted (Ctrl-C)"
+echo "y = lt.tensor.zeros({ L }, 'int32'); c:batch_p2p { { 'recv', y, p }, { 'send', msg(2), p } }; print('p2p', check(y, 2))" >&3
+waitfor "[rank 1] p2p" || echo "__no_p2p"
+echo "y = lt.tensor.zeros({ L }, 'int32'); c:batch_p2p { { 'send', msg(3), p }, { 'recv', y, p } }; print('again', check(y, 3))" >&3
+waitfor "[rank 1] again" || echo "__no_again"
+]], "LUATRON_SHM_SLOT_BYTES=4096")
+    assert.are.equal(0, rc, out)
+    interrupted_promptly(out)
+    assert_in_order(out, "[rank 0] looping\n", "[rank 0] interrupted!",
+      "[rank 1] stdin:1: batch_p2p on communicator 'world' (ranks 0,1) interrupted (Ctrl-C)",
+      "[rank 0] p2p\texact\n[rank 1] p2p\texact\n", "[rank 0] again\texact\n[rank 1] again\texact\n")
   end)
 
   it("bootstraps from PMIx under mpirun", function()

@@ -56,11 +56,14 @@ static int emu_nccl_all_to_all(void *, const void *, const int64_t *, void *, co
 static int emu_nccl_barrier(void *, char *err, size_t errlen) { return cuda_nccl_fail(err, errlen); }
 static void emu_nccl_abort(void *) {}
 static void emu_nccl_destroy(void *) {}
+static int emu_nccl_batch_p2p(void *, const lt_device_p2p_op *, int, char *err, size_t errlen) {
+    return cuda_nccl_fail(err, errlen);
+}
 
 const lt_device_comm_ops cuda_nccl_ops = {
     "nccl",           emu_nccl_unique_id, emu_nccl_init,     emu_nccl_all_reduce, emu_nccl_reduce_scatter,
     emu_nccl_all_gather, emu_nccl_broadcast, emu_nccl_send, emu_nccl_recv,     emu_nccl_all_to_all,
-    emu_nccl_barrier, emu_nccl_abort,     emu_nccl_destroy,
+    emu_nccl_barrier, emu_nccl_abort,     emu_nccl_destroy, emu_nccl_batch_p2p,
 };
 
 #else
@@ -356,6 +359,25 @@ static int nccl_all_to_all(void *hv, const void *send, const int64_t *send_count
     return nccl_end(h, "all_to_all", r != NCCL_OK ? r : g, err, errlen);
 }
 
+// A batch of sends and receives as one group: NCCL progresses them together (no batch waits on itself).
+static int nccl_batch_p2p(void *hv, const lt_device_p2p_op *ops, int n, char *err, size_t errlen) {
+    nccl_handle *h = (nccl_handle *)hv;
+    for (int i = 0; i < n; i++)
+        if (nccl_dtype(ops[i].dtype) < 0) {
+            snprintf(err, errlen, "NCCL batch_p2p: operation %d: unsupported dtype %d", i, (int)ops[i].dtype);
+            return -1;
+        }
+    if (nccl_begin(h, "batch_p2p", err, errlen)) return -1;
+    ncclResult_t r = nccl.GroupStart();
+    for (int i = 0; i < n && r == NCCL_OK; i++) {
+        const lt_device_p2p_op *o = &ops[i];
+        if (o->send) r = nccl.Send(o->buf, (size_t)o->count, nccl_dtype(o->dtype), o->peer, h->comm, h->stream);
+        else r = nccl.Recv(o->buf, (size_t)o->count, nccl_dtype(o->dtype), o->peer, h->comm, h->stream);
+    }
+    const ncclResult_t g = nccl.GroupEnd(); // always closes the group, even after a failed call
+    return nccl_end(h, "batch_p2p", r != NCCL_OK ? r : g, err, errlen);
+}
+
 // The one call that waits on the host: a barrier that returned before the others arrived would be none.
 static int nccl_barrier(void *hv, char *err, size_t errlen) {
     nccl_handle *h = (nccl_handle *)hv;
@@ -386,7 +408,7 @@ static void nccl_destroy(void *hv) {
 
 const lt_device_comm_ops cuda_nccl_ops = {
     "nccl",          nccl_unique_id, nccl_init, nccl_all_reduce, nccl_reduce_scatter, nccl_all_gather, nccl_broadcast,
-    nccl_send,       nccl_recv,      nccl_all_to_all, nccl_barrier, nccl_abort, nccl_destroy,
+    nccl_send,       nccl_recv,      nccl_all_to_all, nccl_barrier, nccl_abort, nccl_destroy, nccl_batch_p2p,
 };
 
 #endif

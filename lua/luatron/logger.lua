@@ -62,12 +62,15 @@ local function bar(done, total, width)
 end
 
 -- r: iteration, loss, lr, grad_norm, step_time (s), tokens (this step), consumed_samples, and
--- params_norm: nil or a function computing it (only on the steps that are logged).
+-- params_norm: nil or a function computing it (only on the steps that are logged, on every rank).
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
+  local logged = r.iteration % self.log_interval == 0 or r.iteration == self.train_iters
+  -- on every rank, quiet or not: with pipeline stages the norm is a sum over them
+  local params_norm = logged and r.params_norm and r.params_norm() or nil
   if self.quiet then return end
-  if r.iteration % self.log_interval ~= 0 and r.iteration ~= self.train_iters then
+  if not logged then
     if self.tty then
       self.out:write("\r", bar(r.iteration, self.train_iters, 30), " loss ", loss_text(r.loss))
       self.out:flush()
@@ -81,7 +84,7 @@ function M:step(r)
     loss = r.loss,
     lr = r.lr,
     grad_norm = r.grad_norm,
-    params_norm = r.params_norm and r.params_norm(), -- LoggerConfig.log_params_norm
+    params_norm = params_norm, -- LoggerConfig.log_params_norm
     step_time_ms = 1000 * w.time / w.steps,
     tokens_per_s = w.tokens / w.time,
     peak_memory_mib = mib(mem.peak),

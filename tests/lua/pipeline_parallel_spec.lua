@@ -11,24 +11,38 @@ local LUATRON = os.getenv("LUATRON")
 -- DP the reduction): differences of about 1e-7.
 local RTOL = 1e-5
 
+local json = require "luatron.json"
 local h = dofile("tests/lua/helpers.lua")
 local q, run, tmpdir, read_metrics = h.q, h.run, h.tmpdir, h.read_metrics
 
 -- A small model, 20 steps, dropout on: 4 layers (1, 2 or 4 stages; 2 stages of 2 virtual
--- stages), global batch 16 in microbatches of 2: 8 microbatches per step on one data-parallel rank.
+-- stages), global batch 16 in microbatches of 2: 8 microbatches per step on one data-parallel rank;
+-- a validation every 10 steps and the parameters' norm at every step.
 local STEPS = 20
 local function recipe_args(dir, name, extra)
   return ("recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=16 train.micro_batch_size=2 "
     .. "model.num_layers=4 model.hidden_size=64 model.seq_length=64 dataset.sequence_length=64 "
-    .. "model.hidden_dropout=0.1 model.attention_dropout=0.1 train.eval_interval=1000 logger.log_interval=1 "
+    .. "model.hidden_dropout=0.1 model.attention_dropout=0.1 train.eval_interval=10 train.eval_iters=1 "
+    .. "logger.log_interval=1 logger.log_params_norm=true "
     .. "scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 logger.metrics_file=%s %s")
     :format(STEPS, q(dir .. "/" .. name .. ".jsonl"), extra or "")
+end
+
+-- The training records of a run, with its validation losses by iteration in .validation.
+local function metrics(dir, name)
+  local rows = read_metrics(dir .. "/" .. name .. ".jsonl")
+  rows.validation = {}
+  for line in io.lines(dir .. "/" .. name .. ".jsonl") do
+    local r = json.decode(line)
+    if r.validation_loss then rows.validation[r.iteration] = r.validation_loss end
+  end
+  return rows
 end
 
 local function launch(n, dir, name, extra)
   local code, out = run(("%s launch -n %d --timeout 60 %s"):format(q(LUATRON), n, recipe_args(dir, name, extra)))
   assert.are.equal(0, code, out)
-  return read_metrics(dir .. "/" .. name .. ".jsonl"), out
+  return metrics(dir, name), out
 end
 
 local function assert_close(a, b, what)
@@ -36,13 +50,20 @@ local function assert_close(a, b, what)
     ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, RTOL))
 end
 
--- Every record of got (by iteration) has ref's loss and gradient norm.
+-- Every record of got (by iteration) has ref's loss, gradient norm and parameter norm, and every
+-- validation of got ref's validation loss.
 local function assert_equivalent(ref, got, label, count)
   assert.are.equal(count or #ref, #got, label .. ": number of steps")
   for _, r in ipairs(got) do
     local want = ref[r.iteration]
     assert_close(want.loss, r.loss, ("%s loss at iteration %d"):format(label, r.iteration))
     assert_close(want.grad_norm, r.grad_norm, ("%s grad norm at iteration %d"):format(label, r.iteration))
+    if want.params_norm then
+      assert_close(want.params_norm, r.params_norm, ("%s params norm at iteration %d"):format(label, r.iteration))
+    end
+  end
+  for it, v in pairs(got.validation or {}) do
+    assert_close(ref.validation[it], v, ("%s validation loss at iteration %d"):format(label, it))
   end
 end
 
@@ -56,15 +77,17 @@ describe("pipeline parallelism", function()
   setup(function()
     local code, out = run(("%s run %s"):format(q(LUATRON), recipe_args(dir, "single")))
     assert(code == 0, out)
-    ref = read_metrics(dir .. "/single.jsonl")
+    ref = metrics(dir, "single")
     code, out = run(("%s run %s"):format(q(LUATRON), recipe_args(dir, "single_untied", UNTIED)))
     assert(code == 0, out)
-    ref_untied = read_metrics(dir .. "/single_untied.jsonl")
+    ref_untied = metrics(dir, "single_untied")
   end)
 
   it("PP = 2 and 4 (1F1B) reproduce the single-rank losses and gradient norms, tied and untied", function()
     assert.are.equal(STEPS, #ref)
     assert.is_true(ref[STEPS].loss < ref[1].loss - 0.5, "the reference run learns")
+    assert.is_number(ref.validation[10])
+    assert.is_number(ref.validation[20])
     assert.is_true(math.abs(ref[STEPS].loss - ref_untied[STEPS].loss) > 1e-3, "tying changes the model")
     for _, pp in ipairs { 2, 4 } do
       local m, out = launch(pp, dir, "pp" .. pp, "model.pipeline_model_parallel_size=" .. pp)
@@ -104,7 +127,7 @@ describe("pipeline parallelism", function()
     code, out = run(("mpirun --allow-run-as-root --oversubscribe -n 4 %s run %s"):format(q(LUATRON),
       recipe_args(dir, "mpirun", "model.pipeline_model_parallel_size=2")))
     assert.are.equal(0, code, out)
-    assert_equivalent(ref, read_metrics(dir .. "/mpirun.jsonl"), "mpirun PP=2 DP=2")
+    assert_equivalent(ref, metrics(dir, "mpirun"), "mpirun PP=2 DP=2")
   end)
 
   it("a schedule written in Lua (GPipe) gives 1F1B's losses and holds every microbatch's activations", function()
@@ -153,7 +176,7 @@ describe("pipeline parallelism", function()
         ("model.pipeline_model_parallel_size=%d checkpoint.load=%s"):format(pp, q(ck)))))
       assert.are.equal(0, code, out)
       assert.truthy(out:find("resumed from", 1, true), out)
-      assert_equivalent(ref, read_metrics(dir .. "/" .. name .. ".jsonl"), name, STEPS - 10)
+      assert_equivalent(ref, metrics(dir, name), name, STEPS - 10)
     end
   end)
 end)

@@ -62,13 +62,16 @@ local function bar(done, total, width)
 end
 
 -- r: iteration, loss, lr, grad_norm, step_time (s), tokens (this step), consumed_samples, and
--- params_norm: nil or a function computing it (only on the steps that are logged, on every rank).
+-- params_norm: nil or a function computing it (only on the steps that are logged, on every rank);
+-- with pipeline stages pipeline_bubble likewise (the measured bubble), pipeline_bubble_formula,
+-- pipeline_interleaved, p2p_bytes and p2p_expected (this rank's point-to-point bytes this step).
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
   local logged = r.iteration % self.log_interval == 0 or r.iteration == self.train_iters
   -- on every rank, quiet or not: with pipeline stages the norm is a sum over them
   local params_norm = logged and r.params_norm and r.params_norm() or nil
+  local bubble = logged and r.pipeline_bubble and r.pipeline_bubble() or nil
   if self.quiet then return end
   if not logged then
     if self.tty then
@@ -94,6 +97,10 @@ function M:step(r)
     comm_seconds = r.comm_seconds,
     comm_hidden_fraction = r.comm_exposed_seconds and r.comm_seconds and r.comm_seconds > 0
       and math.max(0, 1 - r.comm_exposed_seconds / r.comm_seconds) or nil,
+    pipeline_bubble = bubble,
+    pipeline_bubble_formula = bubble and r.pipeline_bubble_formula,
+    p2p_bytes_per_step = r.p2p_bytes,
+    p2p_expected_bytes = r.p2p_expected,
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
@@ -107,6 +114,12 @@ function M:step(r)
       self:info("  gradient reduction overlapped with backward: %.0f%% of it hidden (%.1f ms exposed)",
         100 * rec.comm_hidden_fraction, 1000 * r.comm_exposed_seconds)
     end
+  end
+  if bubble then
+    self:info("  pipeline bubble %.3f of the compute time (measured, mean over stages; (PP - 1) / %s = %.3f), "
+      .. "point-to-point %.3f MB/step on this rank (arithmetic %.3f MB)", bubble,
+      r.pipeline_interleaved and "(VPP x M)" or "M", r.pipeline_bubble_formula, (r.p2p_bytes or 0) / 1e6,
+      (r.p2p_expected or 0) / 1e6)
   end
   self:record(rec)
   self.window = { steps = 0, time = 0, tokens = 0 }

@@ -1,6 +1,7 @@
 -- Command-line overrides of a recipe's config: `group.field=value` (train.train_iters=20) or
--- `field=value` for the container's own fields (mixed_precision=bf16_mixed), and `--help`,
--- which lists every field a recipe's config takes. An argument that is neither is an error
+-- `field=value` for the container's own fields (mixed_precision=bf16_mixed), `--help`, which
+-- lists every field a recipe's config takes, and `--trace=FILE` (a Chrome trace of the pipeline
+-- steps). An argument that is neither is an error
 -- that says what was probably meant, so `--train_iters 5` never runs the full recipe.
 local config = require "luatron.config"
 local schema = require "luatron.config.schema"
@@ -62,16 +63,17 @@ end
 function M.split(args)
   local ours, rest = { [0] = args and args[0] }, {}
   for _, a in ipairs(args or {}) do
-    local t = (a:match("^[%w_]+%.[%w_]+=") or a:match("^[%w_]+=") or a == "--help" or a == "-h") and ours or rest
+    local t = (a:match("^[%w_]+%.[%w_]+=") or a:match("^[%w_]+=") or a == "--help" or a == "-h"
+      or a:match("^%-%-trace=")) and ours or rest
     t[#t + 1] = a
   end
   return ours, rest
 end
 
--- Applies the overrides in args to cfg. Returns true when args asked for --help; raises on an
--- argument that is not an override.
+-- Applies the overrides in args to cfg. Returns true when args asked for --help, and the run's
+-- options from the switches ({trace = FILE}); raises on an argument that is not an override.
 function M.apply(cfg, args)
-  local help = false
+  local help, opts = false, {}
   args = args or {}
   for i, a in ipairs(args) do
     local group, field, value = a:match("^([%w_]+)%.([%w_]+)=(.*)$")
@@ -80,12 +82,14 @@ function M.apply(cfg, args)
       set(cfg, a, group, field, value)
     elseif a == "--help" or a == "-h" then
       help = true
+    elseif a:match("^%-%-trace=.") then
+      opts.trace = a:match("^%-%-trace=(.*)$")
     else
       error(("argument %q is not an override: recipes take group.field=value (e.g. train.train_iters=20)%s; "
         .. "`luatron run %s --help` lists the fields"):format(a, guess(a, args[i + 1]), args[0] or "RECIPE"), 0)
     end
   end
-  return help
+  return help, opts
 end
 
 local function note(spec)
@@ -102,7 +106,10 @@ end
 -- The --help text of a recipe: every field of its config with the value it has now.
 function M.help(cfg, recipe)
   local lines = {
-    ("usage: luatron run %s [group.field=value ...]"):format(recipe or "RECIPE"),
+    ("usage: luatron run %s [group.field=value ...] [--trace=FILE]"):format(recipe or "RECIPE"),
+    "",
+    "--trace=FILE writes a Chrome trace of the pipeline steps of every rank (forward, backward and the",
+    "waits for receives; open it in ui.perfetto.dev or chrome://tracing).",
     "",
     "Each override sets one field of the recipe's config before it is validated; values are numbers,",
     "true/false, nil or text. The fields, with the values this recipe gives them:",

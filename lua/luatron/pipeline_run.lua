@@ -18,8 +18,8 @@
 --   clock()           seconds, for the timeline (optional)
 -- Returns the last stage's per-token losses and valid-token counts per microbatch,
 -- { [m] = { losses = tensor, valid = n } } (empty elsewhere), and when env.clock is given the
--- timeline: { {name =, start =, finish =}, ... } with the compute steps "F m c" / "B m c" and the
--- waits for receives ("recv").
+-- timeline: { {kind = "F" | "B" | "recv", m =, c =, start =, finish =}, ... } (the compute steps,
+-- and the waits for what they receive).
 local M = {}
 
 -- Tensors are freed as soon as they are done with, not left to the garbage collector, which
@@ -45,8 +45,8 @@ function M.run(plan, env)
   local chunks, nchunks, me = env.chunks, #env.chunks, env.rank
   local ctx, valid, results, in_flight = {}, {}, {}, {}
   local timeline = env.clock and {} or nil
-  local function mark(name, start)
-    if timeline then timeline[#timeline + 1] = { name = name, start = start, finish = env.clock() } end
+  local function mark(kind, m, c, start)
+    if timeline then timeline[#timeline + 1] = { kind = kind, m = m, c = c, start = start, finish = env.clock() } end
   end
   for _, step in ipairs(plan.steps) do
     local kind, m, c = step[1], step[2], step[3]
@@ -57,7 +57,7 @@ function M.run(plan, env)
       recv = env.buffer()
       local link = env.link(message, step.from, me)
       link:batch_p2p { { "recv", recv, peer(link) } }
-      mark("recv", t0)
+      mark("recv", m, c, t0)
     end
     local chunk, key = chunks[c + 1], m * nchunks + c
     local stage = chunk:stage()
@@ -81,7 +81,7 @@ function M.run(plan, env)
       out = chunk:backward(ctx[key], recv or env.loss_scale(valid[m]))
       ctx[key] = nil
     end
-    mark(("%s %d %d"):format(kind, m, c), t0)
+    mark(kind, m, c, t0)
     if recv then recv:free() end
     if step.to then
       local link = env.link(message, me, step.to)

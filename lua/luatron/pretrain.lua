@@ -14,6 +14,7 @@ local data_parallel = require "luatron.data_parallel"
 local pipeline = require "luatron.pipeline"
 local pipeline_run = require "luatron.pipeline_run"
 local schedules = require "luatron.schedules"
+local timeline = require "luatron.timeline"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
 local fs = require "luatron.fs"
@@ -73,11 +74,11 @@ end
 -- The communicators a pipeline schedule sends over: one per direction between neighbouring
 -- stages (with virtual stages the last one sends on to the first) and kind of message, each of
 -- the two ranks, so that what one rank sends never waits behind what it receives. Returns
--- link(kind, src, dst) for pipeline ranks src and dst.
+-- link(kind, src, dst) for pipeline ranks src and dst, and the list of this rank's links.
 local function pipeline_links(ps, pp, device)
   local ranks = ps.grid.group("pp", ps.rank)
   local me = ps.coords.pp_rank
-  local links = {}
+  local links, list = {}, {}
   -- every rank walks the links in the same order and makes those it belongs to
   for _, kind in ipairs { "activation", "gradient" } do
     links[kind] = {}
@@ -87,10 +88,11 @@ local function pipeline_links(ps, pp, device)
         local a, b = math.min(ranks[src + 1], ranks[dst + 1]), math.max(ranks[src + 1], ranks[dst + 1])
         local c = ps.world:group({ a, b }, ("pp-%s-%d-%d"):format(kind, src, dst))
         links[kind][src .. ">" .. dst] = device == "cpu" and c or core.comm_nccl(c, device)
+        list[#list + 1] = links[kind][src .. ">" .. dst]
       end
     end
   end
-  return function(kind, src, dst) return links[kind][src .. ">" .. dst] end
+  return function(kind, src, dst) return links[kind][src .. ">" .. dst] end, list
 end
 
 -- Everything a run needs: the validated config (r: every default resolved), this rank's place
@@ -119,11 +121,13 @@ function M.setup(cfg, opts)
     chunks = chunks,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group, { pp = ps.groups.pp, embedding = ps.groups.embedding }),
     schedule = opts.schedule or schedules.default_name(pp, vpp),
-    link = pp > 1 and pipeline_links(ps, pp, r.model.device) or nil,
+
     plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
+  if pp > 1 then run.link, run.links = pipeline_links(ps, pp, r.model.device) end
+  if opts.trace then run.recorder = timeline.recorder() end
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size, pp_rank = ps.coords.pp_rank,
     pp_size = pp, barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
@@ -170,12 +174,17 @@ local function dp_mean(run, x)
   return g:all_reduce(t, "avg"):item()
 end
 
--- The last pipeline stage's number on every stage (0 elsewhere before the sum).
-local function from_last_stage(run, x)
+-- The sum of a number over the pipeline stages (e.g. the loss, which only the last one has).
+local function sum_over_stages(run, x)
   local g = run.ps.groups.pp
   if not g or g:size() == 1 then return x end
   local t <close> = core.tensor.from({ x }, "float32")
   return g:all_reduce(t, "sum"):item()
+end
+
+-- The mean of a number over the pipeline stages.
+local function mean_over_stages(run, x)
+  return sum_over_stages(run, x) / run.r.model.pipeline_model_parallel_size
 end
 
 -- This rank's plan for n microbatches (forward_only: evaluation), checked against every other
@@ -194,7 +203,8 @@ end
 
 -- Runs plan over microbatches of `data`: microbatch m holds samples first(m) .. first(m) + mbs - 1,
 -- read only by the stages that need them (tokens on the first, targets on the last). Returns the
--- sum over microbatches of their mean loss on the last stage (0 elsewhere).
+-- sum over microbatches of their mean loss on the last stage (0 elsewhere), and with pipeline
+-- stages the timeline of the steps and their wall time.
 local function run_plan(run, plan, data, first, seed_of, loss_scale)
   local r = run.r
   local mbs, s = r.train.micro_batch_size, r.model.seq_length
@@ -207,7 +217,8 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     return batches[m]
   end
   local dtype = ({ fp32 = "float32", bf16 = "bfloat16" })[r.model.pipeline_dtype]
-  local results = pipeline_run.run(plan, {
+  local started = core.clock()
+  local results, steps = pipeline_run.run(plan, {
     chunks = run.chunks,
     tokens = function(m) return batch(m).tokens end,
     targets = function(m) return batch(m).targets end,
@@ -217,7 +228,9 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     link = run.link,
     buffer = function() return core.tensor.zeros({ s, mbs, r.model.hidden_size }, dtype, r.model.device) end,
     last_backward = function(c) run.optimizer:before_last_backward(c) end,
+    clock = (run.link or run.recorder) and core.clock or nil,
   })
+  local wall = core.clock() - started
   -- the losses stay on the device until here: one read per microbatch, after the whole schedule
   local loss_sum = 0
   for _, res in pairs(results) do
@@ -229,7 +242,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     b.tokens:free()
     b.targets:free()
   end
-  return loss_sum
+  return loss_sum, steps, wall
 end
 
 -- Data-parallel traffic of one step, read just before the optimizer update: the window holds
@@ -264,6 +277,25 @@ local function excluding_comm(run, fn)
   return result
 end
 
+-- What a pipeline step did on this rank: its bubble and its point-to-point bytes against the
+-- arithmetic (each send moves an [s, b, h] tensor).
+local function pipeline_report(run, plan, steps, wall)
+  local m = run.r.model
+  run.bubble = timeline.bubble(steps, wall)
+  local sends = 0
+  for _, step in ipairs(plan.steps) do
+    if step.to then sends = sends + 1 end
+  end
+  local bytes = 0
+  for _, link in ipairs(run.links) do
+    bytes = bytes + link:stats().bytes
+    link:reset_stats()
+  end
+  run.p2p_bytes = bytes
+  run.p2p_expected = sends * m.seq_length * run.r.train.micro_batch_size * m.hidden_size
+    * (m.pipeline_dtype == "bf16" and 2 or 4)
+end
+
 -- One optimizer step over the global batch: this rank runs its share of the microbatches
 -- (Megatron's sampler: microbatch m of data-parallel rank d holds global samples
 -- consumed + (m * DP + d) * mbs ...) through its stage's chunks, in the schedule's order.
@@ -275,13 +307,16 @@ function M.train_step(run)
   for _, chunk in ipairs(run.chunks) do chunk:zero_grad() end
   local consumed, seed = run.state.consumed_samples, run.state.seed
   local function first(m) return consumed + (m * dp + run.dp_rank) * mbs end
-  local loss_sum = run_plan(run, plan_for(run, n_micro, false), run.train_data, first,
+  local plan = plan_for(run, n_micro, false)
+  local loss_sum, steps, wall = run_plan(run, plan, run.train_data, first,
     function(m) return dropout_seed(seed, first(m)) end,
     function(valid) return 1 / (math.max(valid, 1) * n_micro) end)
+  if steps and run.link then pipeline_report(run, plan, steps, wall) end
+  if steps and run.recorder then run.recorder:add(run.state.iteration + 1, steps) end
   -- Gradients first: with overlap their reduction is in flight, and the loss's all-reduce on the
   -- same communicator would otherwise wait for it and hide the exposed time from the report.
   local grad_norm = run.optimizer:step(lr) -- reduces the gradients across data-parallel ranks, clips
-  local loss = dp_mean(run, from_last_stage(run, loss_sum / n_micro))
+  local loss = dp_mean(run, sum_over_stages(run, loss_sum / n_micro))
   if loss ~= loss or grad_norm ~= grad_norm or math.abs(loss) == math.huge or grad_norm == math.huge then
     error(("NaN or infinite %s at iteration %d (loss %s, grad norm %s): stopping without saving; the last "
       .. "good checkpoint is untouched. Lower optimizer.lr or set optimizer.clip_grad.")
@@ -312,7 +347,8 @@ function M.evaluate(run, n)
   local count = r.train.eval_iters * gbs // (mbs * dp)
   local total = run_plan(run, plan_for(run, count, true), run.valid_data,
     function(i) return base + (i * dp + run.dp_rank) * mbs end, function() return 0 end)
-  return dp_mean(run, from_last_stage(run, total / count))
+  for _, link in ipairs(run.links or {}) do link:reset_stats() end -- the steps report their own traffic
+  return dp_mean(run, sum_over_stages(run, total / count))
 end
 
 -- The values of Megatron's OptimizerParamScheduler state dict, which a resumed run checks.
@@ -445,7 +481,7 @@ local function over_model(run, fn)
       if not (run.optimizer.copy[i] and p.name == "embedding.word_embeddings.weight") then x = x + fn(chunk, p) end
     end
   end
-  return from_last_stage(run, x) -- a sum over the pipeline group
+  return sum_over_stages(run, x)
 end
 
 -- "GPT(layers=2, ...)" of the whole model, and with pipeline stages what this rank's chunks hold.
@@ -471,17 +507,28 @@ local function describe_parallel(run, log)
     mib(m.formula), m.sharded and " = 12 bytes x parameters / DP" or " = 8 bytes x parameters")
 end
 
+-- The Chrome trace of the run's steps (--trace=FILE), gathered on rank 0, which writes it.
+local function write_trace(run, path, log)
+  if not run.recorder then return end
+  run.recorder:write(path, run.ps.world, function(r) return run.ps.grid.coords(r).pp_rank end)
+  log:info("wrote the pipeline trace %s (open it in ui.perfetto.dev or chrome://tracing)", path)
+end
+
 -- pretrain(config [, args [, opts]]): train config.train.train_iters steps, logging, evaluating and
 -- checkpointing as the config says. args: command-line overrides (see luatron.overrides); any
 -- other argument is an error, so a recipe with arguments of its own passes overrides.split's.
 -- opts.schedule: the pipeline schedule, a name ("1f1b", "interleaved", ...) or a function of
--- one's own (see luatron.schedules); Megatron's choice by default.
+-- one's own (see luatron.schedules); Megatron's choice by default. opts.trace (or --trace=FILE):
+-- write a Chrome trace of every rank's pipeline steps to FILE at the end.
 function M.pretrain(cfg, args, opts)
   if getmetatable(cfg) == nil then cfg = config.ConfigContainer(cfg) end
-  if overrides.apply(cfg, args) then
+  local help, switches = overrides.apply(cfg, args)
+  if help then
     print(overrides.help(cfg, args and args[0]))
     os.exit(0, true)
   end
+  opts = opts or {}
+  opts.trace = opts.trace or switches.trace
   local run = M.setup(cfg, opts)
   local r = run.r
   local train, ck, lg = r.train, r.checkpoint, r.logger
@@ -538,7 +585,12 @@ function M.pretrain(cfg, args, opts)
       end or nil,
       step_time = core.clock() - t0, tokens = tokens_per_step, consumed_samples = run.state.consumed_samples,
       comm_bytes = comm and comm.bytes, comm_expected = comm and run.comm_expected,
-      comm_seconds = comm and comm.seconds, comm_exposed_seconds = run.optimizer.exposed_seconds }
+      comm_seconds = comm and comm.seconds, comm_exposed_seconds = run.optimizer.exposed_seconds,
+      pipeline_bubble = run.link and function() return mean_over_stages(run, run.bubble) end or nil,
+      pipeline_bubble_formula = timeline.bubble_formula(r.model.pipeline_model_parallel_size,
+        r.model.virtual_pipeline_model_parallel_size, r.num_microbatches),
+      pipeline_interleaved = r.model.virtual_pipeline_model_parallel_size ~= nil,
+      p2p_bytes = run.p2p_bytes, p2p_expected = run.p2p_expected }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = excluding_comm(run, function() return M.evaluate(run) end)
@@ -558,6 +610,7 @@ function M.pretrain(cfg, args, opts)
       run.optimizer:sync_params()
       log:info("exiting at iteration %d (%s)", it, signalled and "SIGTERM received: train.exit_signal_handler"
         or "train.exit_interval / exit_duration_in_mins")
+      write_trace(run, opts.trace, log)
       log:close()
       return { iteration = it, loss = last_loss, run = run, exited_early = true }
     end
@@ -566,6 +619,7 @@ function M.pretrain(cfg, args, opts)
     log:info("saved checkpoint %s", M.save(run))
   end
   run.optimizer:sync_params()
+  write_trace(run, opts.trace, log)
   log:close()
   return { iteration = run.state.iteration, loss = last_loss, run = run }
 end

@@ -2,7 +2,8 @@
 -- (interleaved), PP = 2 x DP = 2, with tied and untied embeddings and dropout on, launched by
 -- `luatron launch` and by mpirun, reproduce the single-rank run's losses and gradient norms; a
 -- schedule written in Lua (GPipe) gives 1F1B's losses and holds more activations; a checkpoint
--- saved at PP = 2 resumes at PP = 1 and PP = 4. Needs LUATRON (tests/lua/BUILD provides it).
+-- saved at PP = 2 resumes at PP = 1 and PP = 4; the log's bubble and point-to-point bytes and the
+-- --trace file. Needs LUATRON (tests/lua/BUILD provides it).
 
 local LUATRON = os.getenv("LUATRON")
 
@@ -90,9 +91,25 @@ describe("pipeline parallelism", function()
     assert.is_number(ref.validation[20])
     assert.is_true(math.abs(ref[STEPS].loss - ref_untied[STEPS].loss) > 1e-3, "tying changes the model")
     for _, pp in ipairs { 2, 4 } do
-      local m, out = launch(pp, dir, "pp" .. pp, "model.pipeline_model_parallel_size=" .. pp)
+      local trace = dir .. "/trace" .. pp .. ".json"
+      local m, out = launch(pp, dir, "pp" .. pp, "model.pipeline_model_parallel_size=" .. pp .. " --trace=" .. q(trace))
       assert.truthy(out:find("this rank: GPTChunk(layers=[0, " .. 4 // pp .. ") of 4", 1, true), out)
       assert_equivalent(ref, m, "PP=" .. pp)
+      for _, r in ipairs(m) do
+        -- rank 0 sends each microbatch's activation once: 8 x [64, 2, 64] fp32
+        assert.are.equal(8 * 64 * 2 * 64 * 4, r.p2p_expected_bytes)
+        assert.are.equal(r.p2p_expected_bytes, r.p2p_bytes_per_step)
+        assert.are.equal((pp - 1) / 8, r.pipeline_bubble_formula)
+        assert.is_true(r.pipeline_bubble >= 0)
+      end
+      -- the trace: a row per rank, every rank's forward and backward of every microbatch at every step
+      local events = json.decode(assert(io.open(trace)):read("a")).traceEvents
+      local count = {}
+      for _, e in ipairs(events) do
+        if e.ph == "X" and e.cat ~= "recv" then count[e.pid] = (count[e.pid] or 0) + 1 end
+        if e.ph == "X" then assert.is_true(e.dur >= 0 and e.ts >= 0, e.name) end
+      end
+      for rank = 0, pp - 1 do assert.are.equal(STEPS * 2 * 8, count[rank], "steps of rank " .. rank) end
       m = launch(pp, dir, "pp_untied" .. pp, "model.pipeline_model_parallel_size=" .. pp .. " " .. UNTIED)
       assert_equivalent(ref_untied, m, "PP=" .. pp .. " untied")
     end

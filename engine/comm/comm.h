@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/core/device_comm.h"
 #include "engine/core/tensor.h"
 
 typedef enum { LT_REDUCE_SUM = 0, LT_REDUCE_AVG = 1, LT_REDUCE_MAX = 2 } lt_reduce_op;
@@ -51,11 +52,12 @@ lt_comm *lt_comm_shm_world(const lt_comm_world_info *info, char *err, size_t err
 lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *name, char *err, size_t errlen);
 
 /* An NCCL communicator over the same ranks as `host` (a shm communicator: the world or a group),
- * for buffers in the memory of the device backend `be` (engine/ops/backend.h: lt_backend_get("cuda")).
+ * for buffers in the memory of a device backend: `dev` is its collectives (lt_backend.comm of
+ * lt_backend_get("cuda"), engine/core/device_comm.h), `device` its name for messages.
  * Every rank of host calls it: rank 0 makes NCCL's unique id, lt_comm_broadcast over host hands it
  * to the others, every rank joins. Its name is "<host name>/nccl"; host must outlive it (its abort
  * also aborts host, so the other ranks learn of it). NULL with the reason in err: no device
- * collectives on be (the CPU), "NCCL is not available: libnccl.so.2 not found (set
+ * collectives (dev NULL: the CPU), "NCCL is not available: libnccl.so.2 not found (set
  * LUATRON_NCCL_LIB ...)", or NCCL's own error.
  * Its collectives have the conventions above with these differences: buffers are device memory;
  * a call returns once the collective is enqueued on the device: its results are ordered before
@@ -64,8 +66,7 @@ lt_comm *lt_comm_group(lt_comm *parent, const int *ranks, int n, const char *nam
  * NCCL's algorithm): repeatable for a fixed layout, not bit-identical to shm. Statistics count as
  * for every backend (seconds: the time to enqueue). lt_comm_group on it is refused: call
  * lt_comm_nccl over the host group instead. The non-blocking calls (below) work on it too. */
-struct lt_backend;
-lt_comm *lt_comm_nccl(lt_comm *host, const struct lt_backend *be, char *err, size_t errlen);
+lt_comm *lt_comm_nccl(lt_comm *host, const char *device, const lt_device_comm_ops *dev, char *err, size_t errlen);
 
 void lt_comm_free(lt_comm *c);
 int lt_comm_rank(const lt_comm *c);

@@ -1,4 +1,4 @@
-/* The nccl backend of lt_comm: collectives on a device backend's memory (lt_backend.comm, NCCL in
+/* The nccl backend of lt_comm: collectives on a device backend's memory (lt_device_comm_ops, NCCL in
  * the CUDA plugin), over the same ranks as a host (shm) communicator that bootstraps it.
  *
  * Differences from the shm backend (see lt_comm_nccl in comm.h):
@@ -17,7 +17,6 @@
 #include <string.h>
 
 #include "engine/comm/internal.h"
-#include "engine/ops/backend.h"
 
 typedef struct {
     const lt_device_comm_ops *ops;
@@ -117,25 +116,25 @@ typedef struct {
     char why[380];
 } nccl_hello;
 
-lt_comm *lt_comm_nccl(lt_comm *host, const lt_backend *be, char *err, size_t errlen) {
+lt_comm *lt_comm_nccl(lt_comm *host, const char *device, const lt_device_comm_ops *dev, char *err, size_t errlen) {
     if (!host) {
         lt_comm_errf_(err, errlen, "lt_comm_nccl: no host communicator");
         return NULL;
     }
     char desc[256];
     lt_comm_describe_(host, desc, sizeof desc);
-    if (!be || !be->comm) {
+    if (!dev) {
         lt_comm_errf_(err, errlen,
                       "NCCL over %s: device \"%s\" has no device collectives (NCCL needs device \"cuda\"; "
                       "host tensors use the host communicator)",
-                      desc, be ? be->name : "?");
+                      desc, device ? device : "?");
         return NULL;
     }
     nccl_hello hello;
     memset(&hello, 0, sizeof hello);
     if (lt_comm_rank(host) == 0) {
         char e[sizeof hello.why] = "";
-        hello.ok = be->comm->unique_id(hello.id, sizeof hello.id, e, sizeof e) == 0;
+        hello.ok = dev->unique_id(hello.id, sizeof hello.id, e, sizeof e) == 0;
         if (!hello.ok) snprintf(hello.why, sizeof hello.why, "%s", e[0] ? e : "no NCCL unique id");
     }
     char e[LT_COMM_ERR_MAX] = "";
@@ -159,9 +158,9 @@ lt_comm *lt_comm_nccl(lt_comm *host, const lt_backend *be, char *err, size_t err
         lt_comm_errf_(err, errlen, "NCCL over %s: out of memory", desc);
         return NULL;
     }
-    n->ops = be->comm;
+    n->ops = dev;
     n->host = host;
-    n->h = be->comm->init(hello.id, host->size, host->rank, e, sizeof e);
+    n->h = dev->init(hello.id, host->size, host->rank, e, sizeof e);
     if (!n->h) {
         lt_comm_errf_(err, errlen, "NCCL over %s, rank %d: %s", desc, host->rank, e);
         free(n);

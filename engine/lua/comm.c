@@ -79,7 +79,7 @@ static int l_comm_nccl(lua_State *L) {
     char err[512] = "";
     const lt_backend *be = lt_backend_get(device, err, sizeof err);
     if (!be) return luaL_error(L, "NCCL communicator over '%s': %s", lt_comm_name(host), err);
-    lt_comm *c = lt_comm_nccl(host, be, err, sizeof err);
+    lt_comm *c = lt_comm_nccl(host, be->name, be->comm, err, sizeof err);
     if (!c) return luaL_error(L, "%s", err);
     comm_box *b = push_comm(L, c, 0);
     b->device = 1;

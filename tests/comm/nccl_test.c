@@ -70,7 +70,7 @@ static void single_rank(rank_ctx *ctx) {
     lt_comm *host = make_world(ctx, err, sizeof err);
     TAP_CHECK(host != NULL, "shm world of 1 (%s)", host ? "ok" : err);
     if (!host) goto out;
-    lt_comm *bad = lt_comm_nccl(host, lt_backend_cpu(), err, sizeof err);
+    lt_comm *bad = lt_comm_nccl(host, "cpu", lt_backend_cpu()->comm, err, sizeof err);
     TAP_CHECK(!bad && strstr(err, "no device collectives"), "the CPU backend is refused: %s", err);
 
     const lt_backend *be = lt_backend_get("cuda", err, sizeof err);
@@ -81,7 +81,7 @@ static void single_rank(rank_ctx *ctx) {
         goto out_host;
     }
     TAP_CHECK(be->comm != NULL && strcmp(be->comm->name, "nccl") == 0, "the CUDA backend has device collectives");
-    lt_comm *c = lt_comm_nccl(host, be, err, sizeof err);
+    lt_comm *c = lt_comm_nccl(host, be->name, be->comm, err, sizeof err);
     if (!c) {
         if (emulated) {
             TAP_CHECK(strstr(err, "NCCL is not available under the emulator") && strstr(err, "'world'"),
@@ -246,7 +246,7 @@ static void multi_rank(rank_ctx *ctx) {
     const lt_backend *be = lt_backend_get("cuda", err, sizeof err);
     RCHECK(ctx, be, "cuda on GPU %d: %s", me, err);
     if (!be) return;
-    lt_comm *c = lt_comm_nccl(host, be, err, sizeof err);
+    lt_comm *c = lt_comm_nccl(host, be->name, be->comm, err, sizeof err);
     RCHECK(ctx, c, "NCCL: %s", err);
     if (!c) return;
     float *h = malloc(sizeof(float) * NM * n), *h2 = malloc(sizeof(float) * NM * n);

@@ -274,26 +274,35 @@ function M.over_chunks(chunks, r, group, opts)
 end
 
 -- Before the backward of chunk i's last microbatch (0-based chunk numbers, as plans give them).
--- A chunk with a tied embedding reduces after the embedding's sum instead (see step).
+-- With the distributed optimizer a chunk with a tied embedding reduces after the embedding's sum
+-- instead (see step).
 function Chunks:before_last_backward(i)
   i = (i or 0) + 1
-  if not self.tied[i] then self.parts[i]:before_last_backward() end
+  if not (self.sharded and self.tied[i]) then self.parts[i]:before_last_backward() end
 end
 
--- Megatron's finalize_model_grads and clipping: the tied embedding's copies summed over the
--- first and last stage (before the data-parallel reduction here: sums commute, and no bucket can
--- have started with the copy in it), every chunk's gradients reduced over the data-parallel
--- ranks, then the global norm over every chunk of every stage, and the clipping.
--- Returns the norm before clipping.
-function Chunks:step(lr)
+-- The tied embedding's copies summed over the first and last stage.
+function Chunks:sum_tied()
   for i in pairs(self.tied) do self.embedding:all_reduce(self.chunks[i]:grad(EMBEDDING), "sum") end
-  local sumsq, exposed = 0, nil
-  for i, part in ipairs(self.parts) do
+end
+
+-- Megatron's finalize_model_grads and clipping: every chunk's gradients reduced over the
+-- data-parallel ranks, the tied embedding's copies summed over the first and last stage, then the
+-- global norm over every chunk of every stage, and the clipping. With the distributed optimizer a
+-- rank keeps only its shard of the reduced gradients, and the two stages' shards of the embedding
+-- are different parts of it, so there the copies are summed before the reduction (the same sum;
+-- their buckets then wait for it). Returns the norm before clipping.
+function Chunks:step(lr)
+  if self.sharded then self:sum_tied() end
+  local exposed
+  for _, part in ipairs(self.parts) do
     part:reduce()
     if part.exposed_seconds then exposed = (exposed or 0) + part.exposed_seconds end
-    sumsq = sumsq + part:sumsq(self.copy[i] and EMBEDDING or nil)
   end
   self.exposed_seconds = exposed
+  if not self.sharded then self:sum_tied() end
+  local sumsq = 0
+  for i, part in ipairs(self.parts) do sumsq = sumsq + part:sumsq(self.copy[i] and EMBEDDING or nil) end
   local t = core.tensor.from({ sumsq }, "float32")
   if self.sharded and self.dp > 1 then self.group:all_reduce(t, "sum") end
   if self.pp and self.pp:size() > 1 then self.pp:all_reduce(t, "sum") end

@@ -128,11 +128,13 @@ describe("pipeline parallelism", function()
   end)
 
   it("PP = 2 x DP = 2 reproduces them, with DDP and with the distributed optimizer", function()
-    assert_equivalent(ref, launch(4, dir, "pp2dp2", "model.pipeline_model_parallel_size=2"), "PP=2 DP=2")
+    assert_equivalent(ref, launch(4, dir, "pp2dp2", "model.pipeline_model_parallel_size=2 "
+      .. "ddp.overlap_grad_reduce=true ddp.bucket_size=20000"), "PP=2 DP=2 DDP overlapped")
     assert_equivalent(ref_untied, launch(4, dir, "pp2dp2_distopt", "model.pipeline_model_parallel_size=2 "
       .. "ddp.use_distributed_optimizer=true ddp.overlap_grad_reduce=true " .. UNTIED), "PP=2 DP=2 distopt untied")
     assert_equivalent(ref, launch(4, dir, "pp2dp2_mapped", "model.pipeline_model_parallel_size=2 "
-      .. "dist.use_tp_pp_dp_mapping=true"), "PP=2 DP=2 tp-pp-dp order")
+      .. "ddp.use_distributed_optimizer=true ddp.overlap_grad_reduce=true dist.use_tp_pp_dp_mapping=true"),
+      "PP=2 DP=2 distopt, tp-pp-dp order")
   end)
 
   it("runs under mpirun (PMIx) with the same results: PP = 2 x DP = 2", function()

@@ -99,9 +99,9 @@ void lt_gpt_zero_grad(lt_gpt *m);
 
 /* Whole model only (first and last): forward on tokens[B, T] with next-token targets[B, T]
  * (targets < 0 are ignored; targets may be NULL for inference, then the loss is not computed).
- * training and dropout_seed: the mode and, in training mode, this microbatch's dropout masks. Returns the context, or NULL with err set
- * (bad token id, shape, memory). *loss receives the mean loss over valid targets (read back to the
- * host), *num_valid their count. */
+ * training and dropout_seed: the mode and, in training mode, this microbatch's dropout masks (see
+ * above). Returns the context, or NULL with err set (bad token id, shape, memory). *loss receives
+ * the mean loss over valid targets (read back to the host), *num_valid their count. */
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T, int training,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
 /* Logits [B*T, V] of a context, in the backend's memory and the compute dtype (fp32, or bf16 under

@@ -422,7 +422,8 @@ static void eval_case(const char *label, lt_gpt_config c) {
         TAP_CHECK(loss[k] == loss[0], "eval %s (seed %d): the loss is bit-identical to the model without dropout "
                   "(%.9g, %.9g)", label, k == 1 ? 0 : 42, loss[k], loss[0]);
         TAP_CHECK(memcmp(lg[k], lg[0], nl) == 0,
-                  "eval %s (seed %d): the logits are bit-identical to the model without dropout", label, k == 1 ? 0 : 42);
+                  "eval %s (seed %d): the logits are bit-identical to the model without dropout", label,
+                  k == 1 ? 0 : 42);
         TAP_CHECK(memcmp(gr[k], gr[0], sizeof(float) * ng) == 0,
                   "eval %s (seed %d): the gradients are bit-identical to the model without dropout", label,
                   k == 1 ? 0 : 42);

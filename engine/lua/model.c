@@ -161,15 +161,26 @@ static void split_batch(lua_State *L, lt_tensor *batch, int32_t *tokens, int32_t
     }
 }
 
+/* The forward's mode from an optional dropout seed at idx: an integer is training mode with that
+ * seed (any value, 0 included); none or nil is eval mode, no dropout (Megatron's model.eval()). */
+static int opt_dropout_seed(lua_State *L, int idx, uint64_t *seed) {
+    *seed = 0;
+    if (lua_isnoneornil(L, idx)) return 0;
+    *seed = (uint64_t)luaL_checkinteger(L, idx);
+    return 1;
+}
+
 /* model:forward(batch [, dropout_seed]) → ctx, mean loss, valid tokens.
  * batch: int32 [B, T+1] (inputs are columns 1..T, targets 2..T+1), or forward(tokens, targets, seed)
- * with two int32 [B, T] tensors (targets may be nil). */
+ * with two int32 [B, T] tensors (targets may be nil). With a seed it runs in training mode (dropout
+ * masks from the seed); without one (or nil) in eval mode: no dropout, for evaluation and inference. */
 static int m_forward(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
     lt_tensor *a = lt_lua_check_tensor(L, 2);
     lt_tensor *targets_t = lua_isuserdata(L, 3) ? lt_lua_check_tensor(L, 3) : NULL;
     int seed_idx = lua_isuserdata(L, 3) || (lua_isnil(L, 3) && !lua_isnone(L, 4)) ? 4 : 3;
-    uint64_t seed = (uint64_t)luaL_optinteger(L, seed_idx, 0);
+    uint64_t seed;
+    int training = opt_dropout_seed(L, seed_idx, &seed);
     if (a->dtype != LT_I32 || a->ndim != 2 || !lt_tensor_is_contiguous(a))
         luaL_argerror(L, 2, "expected a contiguous int32 tensor [batch, tokens]");
     int B = (int)a->shape[0];
@@ -196,7 +207,7 @@ static int m_forward(lua_State *L) {
     ctx_box *cb = lua_newuserdatauv(L, sizeof *cb, 0);
     cb->ctx = NULL;
     luaL_setmetatable(L, CTX_MT);
-    cb->ctx = lt_gpt_forward(m, tokens, targets, B, T, seed, &loss, &valid, err, sizeof err);
+    cb->ctx = lt_gpt_forward(m, tokens, targets, B, T, training, seed, &loss, &valid, err, sizeof err);
     if (!cb->ctx) luaL_error(L, "forward: %s", err);
     cb->owner = m;
     cb->B = B;
@@ -223,18 +234,21 @@ static int m_backward(lua_State *L) {
 
 /* ---- chunks ---- */
 
-/* chunk:forward(tokens_or_hidden, targets, dropout_seed) -> output, ctx, valid targets.
+/* chunk:forward(tokens_or_hidden, targets [, dropout_seed]) -> output, ctx, valid targets.
  * A first stage takes int32 tokens [B, T] (host); any other the previous chunk's output [T, B, h]
  * ([s, b, h], on the model's device, compute dtype). targets: int32 [B, T] (host) or nil, read by a
  * last stage only. output: the hidden state [T, B, h] for the next chunk, or on a last stage the
  * per-token losses [B, T] float32 on the device (0 at ignored targets; nil without targets) with the
- * count of valid targets; nothing is read back from the device. */
+ * count of valid targets; nothing is read back from the device. dropout_seed as model:forward's:
+ * training mode with it, eval mode (no dropout) without it or nil; every chunk of a microbatch takes
+ * the same. */
 static int c_forward(lua_State *L) {
     lt_gpt *m = check_chunk(L, 1);
     const lt_gpt_stage *st = lt_gpt_get_stage(m);
     lt_tensor *in = lt_lua_check_tensor(L, 2);
     lt_tensor *targets_t = lua_isnoneornil(L, 3) ? NULL : lt_lua_check_host_tensor(L, 3);
-    uint64_t seed = (uint64_t)luaL_optinteger(L, 4, 0);
+    uint64_t seed;
+    int training = opt_dropout_seed(L, 4, &seed);
     int B, T;
     if (st->pre_process) {
         if (in->dtype != LT_I32 || in->ndim != 2 || !lt_tensor_is_contiguous(in) || in->storage->device != LT_CPU)
@@ -257,7 +271,7 @@ static int c_forward(lua_State *L) {
     cb->ctx = NULL;
     luaL_setmetatable(L, CTX_MT);
     cb->ctx = lt_gpt_chunk_forward(m, st->pre_process ? lt_tensor_data(in) : NULL, st->pre_process ? NULL : in,
-                                   targets, B, T, seed, &out, &valid, err, sizeof err);
+                                   targets, B, T, training, seed, &out, &valid, err, sizeof err);
     if (!cb->ctx) luaL_error(L, "chunk forward: %s", err);
     cb->owner = m;
     cb->B = B;

@@ -55,6 +55,7 @@ struct lt_gpt {
 struct lt_gpt_ctx {
     const lt_backend *be;
     int B, T;
+    int training; /* 0: eval mode, no dropout */
     uint64_t dropout_seed;
     void *arena; /* backend memory */
     size_t arena_bytes;
@@ -431,6 +432,7 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
         lc->B = c->B;
         lc->T = c->T;
         lc->layer = m->stage.layer_begin + i; /* global: dropout masks do not depend on the chunk */
+        lc->training = c->training;
         lc->dropout_seed = c->dropout_seed;
         lt_layer_ctx_layout(&m->spec, E, lc, a->base, &a->used);
     }
@@ -445,11 +447,12 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
     }
 }
 
-static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, uint64_t dropout_seed) {
+static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t dropout_seed) {
     lt_gpt_ctx *c = calloc(1, sizeof *c);
     c->be = m->be;
     c->B = B;
     c->T = T;
+    c->training = training != 0;
     c->dropout_seed = dropout_seed;
     c->x = calloc((size_t)m->nl + 1, sizeof *c->x);
     c->layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *c->layers);
@@ -539,8 +542,8 @@ static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
 }
 
 lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
-                                 int B, int T, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid, char *err,
-                                 int errlen) {
+                                 int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
+                                 char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
     const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size;
     const int pre = m->stage.pre_process, post = m->stage.post_process;
@@ -568,7 +571,7 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
             return NULL;
         }
     }
-    lt_gpt_ctx *c = ctx_new(m, B, T, dropout_seed);
+    lt_gpt_ctx *c = ctx_new(m, B, T, training, dropout_seed);
     if (!c) {
         lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
                 T);
@@ -584,13 +587,15 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     if (pre) be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
     if (c->to_bsh) boundary_indices(m, c);
 
+    /* eval mode drops nothing (c->training also reaches every layer's context) */
+    const float embedding_p = c->training ? cfg->hidden_dropout : 0.0f;
     int64_t ready = 0;
     if (pre) {
         weights_needed_to(m, &ready, layer_start(m, 0));
         ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
         if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
-        if (cfg->hidden_dropout > 0)
-            ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, cfg->hidden_dropout,
+        if (embedding_p > 0)
+            ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, embedding_p,
                                  lt_dropout_key(dropout_seed, -1, "embedding"), 0);
     } else {
         transpose_rows(m, c->x[0], lt_tensor_data(hidden), c->to_bsh, N);
@@ -638,14 +643,15 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     return c;
 }
 
-lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
+lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T, int training,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen) {
     if (!m->stage.pre_process || !m->stage.post_process) {
         lt_fail(err, (size_t)errlen, "lt_gpt_forward runs the whole model; chunk [%d, %d) needs lt_gpt_chunk_forward",
                 m->stage.layer_begin, m->stage.layer_end);
         return NULL;
     }
-    lt_gpt_ctx *c = lt_gpt_chunk_forward(m, tokens, NULL, targets, B, T, dropout_seed, NULL, num_valid, err, errlen);
+    lt_gpt_ctx *c =
+        lt_gpt_chunk_forward(m, tokens, NULL, targets, B, T, training, dropout_seed, NULL, num_valid, err, errlen);
     if (!c) return NULL;
     double sum = 0;
     if (c->losses) { /* the mean over valid targets, summed in double on the host */
@@ -734,8 +740,9 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
 
     if (pre) {
         const void *d_emb = dx;
-        if (cfg->hidden_dropout > 0) {
-            ops->dropout_backward(s.d_c, dx, (int64_t)NC, cfg->hidden_dropout,
+        const float embedding_p = c->training ? cfg->hidden_dropout : 0.0f;
+        if (embedding_p > 0) {
+            ops->dropout_backward(s.d_c, dx, (int64_t)NC, embedding_p,
                                   lt_dropout_key(c->dropout_seed, -1, "embedding"), 0);
             d_emb = s.d_c;
         }

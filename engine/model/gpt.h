@@ -12,7 +12,13 @@
  * (seed, name, element index) alone, so any layout of the same model starts identical.
  *
  * Forward returns a per-microbatch context holding exactly what backward needs;
- * backward consumes and frees it, so a pipeline schedule can keep several in flight. */
+ * backward consumes and frees it, so a pipeline schedule can keep several in flight.
+ *
+ * Forward runs in training mode (training 1: dropout on, its masks chosen by dropout_seed) or in
+ * eval mode (training 0: no dropout, dropout_seed ignored; Megatron's model.eval(), which its
+ * evaluation and inference use). Eval mode computes exactly what the same model configured with
+ * hidden_dropout = attention_dropout = 0 computes, bit for bit. Any seed, 0 included, is a valid
+ * training seed. A backward of an eval-mode context is the gradient of that dropout-free forward. */
 #ifndef LT_GPT_H
 #define LT_GPT_H
 #include <stdint.h>
@@ -93,10 +99,10 @@ void lt_gpt_zero_grad(lt_gpt *m);
 
 /* Whole model only (first and last): forward on tokens[B, T] with next-token targets[B, T]
  * (targets < 0 are ignored; targets may be NULL for inference, then the loss is not computed).
- * dropout_seed selects this microbatch's dropout masks. Returns the context, or NULL with err set
- * (bad token id, shape, memory). *loss receives the mean loss over valid targets (read back to the
- * host), *num_valid their count. */
-lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T,
+ * training and dropout_seed: the mode and, in training mode, this microbatch's dropout masks (see
+ * above). Returns the context, or NULL with err set (bad token id, shape, memory). *loss receives
+ * the mean loss over valid targets (read back to the host), *num_valid their count. */
+lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T, int training,
                            uint64_t dropout_seed, float *loss, int64_t *num_valid, char *err, int errlen);
 /* Logits [B*T, V] of a context, in the backend's memory and the compute dtype (fp32, or bf16 under
  * mixed precision; valid until backward or free). */
@@ -113,10 +119,11 @@ void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
  * host targets[B, T] (< 0 ignored; NULL: no loss). *out receives a new tensor the caller frees: on a
  * last stage the per-token losses [B, T] fp32 (0 where the target is ignored; NULL without targets),
  * kept in the backend's memory (nothing is read back), elsewhere the output hidden state [T, B, h].
- * *num_valid (may be NULL) receives the count of valid targets (0 when not a last stage). */
+ * *num_valid (may be NULL) receives the count of valid targets (0 when not a last stage).
+ * training, dropout_seed: as lt_gpt_forward's (every chunk of a microbatch takes the same). */
 lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
-                                 int B, int T, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid, char *err,
-                                 int errlen);
+                                 int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
+                                 char *err, int errlen);
 /* Chunk backward: a last stage scales d(loss of each valid token) by grad_scale (grad_output
  * NULL); any other stage reads grad_output [T, B, h] (d of its output). Parameter gradients
  * accumulate in the chunk's buffer; *grad_input receives a new tensor [T, B, h] (d of its input)

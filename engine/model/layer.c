@@ -18,6 +18,13 @@ uint64_t lt_dropout_key(uint64_t seed, int layer, const char *site) {
     return lt_rng_key(seed, name);
 }
 
+/* Eval mode (c->training 0) drops nothing: the same ops as a model configured without dropout, so
+ * its output is bit-identical to that model's. */
+static float hidden_p(const lt_layer_spec *s, const lt_layer_ctx *c) { return c->training ? s->hidden_dropout : 0.0f; }
+static float attention_p(const lt_layer_spec *s, const lt_layer_ctx *c) {
+    return c->training ? s->attention_dropout : 0.0f;
+}
+
 void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd,
                            const void *inp, const void *w, const void *b, int N) {
     if (s->rmsnorm) ops->rmsnorm_forward(out, rstd, inp, w, N, s->hidden_size, s->layernorm_epsilon);
@@ -79,13 +86,14 @@ void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const
         ops->linear_forward(a->qkv, a->ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
     }
     if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base);
-    ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, s->attention_dropout,
+    ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c),
                            lt_dropout_key(c->dropout_seed, c->layer, "attention"));
     /* out = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
-    const int drop = s->hidden_dropout > 0;
+    const float p = hidden_p(s, c);
+    const int drop = p > 0;
     ops->linear_forward(out, a->att, w->proj_w, w->proj_b, drop ? NULL : x, N, H * D, C);
     if (drop) {
-        ops->dropout_forward(out, out, (int64_t)N * C, s->hidden_dropout,
+        ops->dropout_forward(out, out, (int64_t)N * C, p,
                              lt_dropout_key(c->dropout_seed, c->layer, "attention_out"), 0);
         ops->add_forward(out, out, x, (int64_t)N * C);
     }
@@ -99,13 +107,14 @@ void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, cons
     const lt_attention_acts *a = &c->attn;
     /* out = x + dropout(proj(att)): dx flows to x unchanged; d(proj out) is dx through the mask. */
     const void *d_proj = dx;
-    if (s->hidden_dropout > 0) {
-        ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, s->hidden_dropout,
+    const float p = hidden_p(s, c);
+    if (p > 0) {
+        ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, p,
                               lt_dropout_key(c->dropout_seed, c->layer, "attention_out"), 0);
         d_proj = sc->d_c;
     }
     ops->linear_backward(sc->d_att, g->proj_w, g->proj_b, d_proj, a->att, w->proj_w, N, H * D, C);
-    ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, s->attention_dropout,
+    ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, attention_p(s, c),
                             lt_dropout_key(c->dropout_seed, c->layer, "attention"));
     if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base);
     const void *d_qkv = sc->d_qkv;
@@ -133,10 +142,11 @@ void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_ml
         if (s->gated_linear_unit) ops->swiglu_forward(a->act, a->fc1, N, F);
         else ops->gelu_forward(a->act, a->fc1, (int64_t)N * F);
     }
-    const int drop = s->hidden_dropout > 0;
+    const float p = hidden_p(s, c);
+    const int drop = p > 0;
     ops->linear_forward(out, a->act, w->fc2_w, w->fc2_b, drop ? NULL : h, N, F, C);
     if (drop) {
-        ops->dropout_forward(out, out, (int64_t)N * C, s->hidden_dropout,
+        ops->dropout_forward(out, out, (int64_t)N * C, p,
                              lt_dropout_key(c->dropout_seed, c->layer, "mlp_out"), 0);
         ops->add_forward(out, out, h, (int64_t)N * C);
     }
@@ -147,8 +157,9 @@ void lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_m
     const int N = c->B * c->T, C = s->hidden_size, F = s->ffn_hidden_size, fc1 = lt_layer_fc1_dim(s);
     const lt_mlp_acts *a = &c->mlp;
     const void *d_fc2 = dx;
-    if (s->hidden_dropout > 0) {
-        ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, s->hidden_dropout,
+    const float p = hidden_p(s, c);
+    if (p > 0) {
+        ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, p,
                               lt_dropout_key(c->dropout_seed, c->layer, "mlp_out"), 0);
         d_fc2 = sc->d_c;
     }

@@ -59,10 +59,12 @@ typedef struct {
     float *ln_mean, *ln_rstd;
 } lt_mlp_acts;
 
-/* The per-microbatch context of one layer: its shape, global layer number, dropout seed and what
- * its forward saved for its backward (h: the attention block's output, the MLP block's input). */
+/* The per-microbatch context of one layer: its shape, global layer number, mode, dropout seed and
+ * what its forward saved for its backward (h: the attention block's output, the MLP block's input).
+ * training 0 is eval mode: no dropout (dropout_seed unused), as a model configured without it. */
 typedef struct {
     int B, T, layer;
+    int training;
     uint64_t dropout_seed;
     lt_attention_acts attn;
     void *h;

@@ -9,7 +9,8 @@
 --   rank              this rank's pipeline rank
 --   tokens(m)         int32 [b, s] input ids of microbatch m (first stage)
 --   targets(m)        int32 [b, s] its next-token targets (last stage)
---   seed(m)           its dropout seed
+--   seed(m)           its dropout seed (training mode); no env.seed: eval mode, no dropout
+--                     (evaluation, as Megatron's model.eval())
 --   loss_scale(n)     the gradient of each token's loss, n valid tokens in the microbatch
 --   link(kind, src, dst)   the communicator of messages of kind "activation" / "gradient" from
 --                     pipeline rank src to dst (nil with one stage)
@@ -66,7 +67,7 @@ function M.run(plan, env)
     if kind == "F" then
       local n
       out, ctx[key], n = chunk:forward(recv or env.tokens(m), stage.post_process and env.targets(m) or nil,
-        env.seed(m))
+        env.seed and env.seed(m))
       if plan.forward_only then -- no backward: keep no activations
         ctx[key]:release()
         ctx[key] = nil

@@ -204,7 +204,8 @@ end
 -- Runs plan over microbatches of `data`: microbatch m holds samples first(m) .. first(m) + mbs - 1,
 -- read only by the stages that need them (tokens on the first, targets on the last). Returns the
 -- sum over microbatches of their mean loss on the last stage (0 elsewhere), and with pipeline
--- stages the timeline of the steps and their wall time.
+-- stages the timeline of the steps and their wall time. seed_of(m) is microbatch m's dropout seed;
+-- nil runs the plan in eval mode (no dropout).
 local function run_plan(run, plan, data, first, seed_of, loss_scale)
   local r = run.r
   local mbs, s = r.train.micro_batch_size, r.model.seq_length
@@ -337,7 +338,8 @@ end
 
 -- Mean validation loss over eval_iters global batches. As Megatron's validation sampler, the
 -- n-th evaluation of a run (0-based; by default the one at this iteration) reads the n-th
--- eval_iters global batches, so a resumed run and any layout read the same samples.
+-- eval_iters global batches, so a resumed run and any layout read the same samples. The forward
+-- runs in eval mode, without dropout (Megatron evaluates after model.eval()).
 function M.evaluate(run, n)
   run.optimizer:sync_params()
   local r = run.r
@@ -346,7 +348,7 @@ function M.evaluate(run, n)
   local base = n * r.train.eval_iters * gbs
   local count = r.train.eval_iters * gbs // (mbs * dp)
   local total = run_plan(run, plan_for(run, count, true), run.valid_data,
-    function(i) return base + (i * dp + run.dp_rank) * mbs end, function() return 0 end)
+    function(i) return base + (i * dp + run.dp_rank) * mbs end, nil)
   for _, link in ipairs(run.links or {}) do link:reset_stats() end -- the steps report their own traffic
   return dp_mean(run, sum_over_stages(run, total / count))
 end

@@ -12,7 +12,9 @@
  *   4. the boundary layout is [s, b, h]: output row (t, b) is sequence b's token t;
  *   5. errors: stages that are not a range, a missing or misshapen hidden state, the whole-model
  *      calls on a chunk;
- *   6. the data-parallel hooks on a chunk: parameters are waited for from 0 to the end of its buffer,
+ *   6. eval mode (training 0) through 2 chunks: per-token losses bit-identical to the whole model
+ *      configured without dropout, whatever the seed; training mode with seed 0 differs;
+ *   7. the data-parallel hooks on a chunk: parameters are waited for from 0 to the end of its buffer,
  *      gradients reported ready from the end down to 0, once per layer (and head / embedding). */
 #include <math.h>
 #include <stdint.h>
@@ -105,7 +107,7 @@ static void run_whole(lt_gpt *m, const batch *b, float *loss) {
     lt_gpt_ctx *ctx[2];
     int64_t nv[2];
     for (int k = 0; k < 2; k++) {
-        ctx[k] = lt_gpt_forward(m, b[k].tokens, b[k].targets, b[k].B, b[k].T, 100 + (uint64_t)k, &loss[k], &nv[k],
+        ctx[k] = lt_gpt_forward(m, b[k].tokens, b[k].targets, b[k].B, b[k].T, 1, 100 + (uint64_t)k, &loss[k], &nv[k],
                                 err, sizeof err);
         if (!ctx[k]) TAP_CHECK(0, "whole forward: %s", err);
     }
@@ -124,7 +126,7 @@ static int run_chunks(lt_gpt **ch, int n, const batch *b, float *loss) {
         for (int i = 0; i < n; i++) {
             lt_tensor *out = NULL;
             int64_t v = 0;
-            ctx[k][i] = lt_gpt_chunk_forward(ch[i], i == 0 ? b[k].tokens : NULL, h, b[k].targets, b[k].B, b[k].T,
+            ctx[k][i] = lt_gpt_chunk_forward(ch[i], i == 0 ? b[k].tokens : NULL, h, b[k].targets, b[k].B, b[k].T, 1,
                                              100 + (uint64_t)k, &out, &v, err, sizeof err);
             lt_tensor_free(h);
             if (!ctx[k][i]) return TAP_CHECK(0, "chunk %d forward: %s", i, err), 0;
@@ -251,10 +253,50 @@ static void test_dropout_active(void) {
     batch b = make_batch(3, 7, c.vocab_size, 5);
     float l1, l2;
     int64_t nv;
-    lt_gpt_ctx_free(lt_gpt_forward(m, b.tokens, b.targets, 3, 7, 100, &l1, &nv, NULL, 0));
-    lt_gpt_ctx_free(lt_gpt_forward(m, b.tokens, b.targets, 3, 7, 101, &l2, &nv, NULL, 0));
+    lt_gpt_ctx_free(lt_gpt_forward(m, b.tokens, b.targets, 3, 7, 1, 100, &l1, &nv, NULL, 0));
+    lt_gpt_ctx_free(lt_gpt_forward(m, b.tokens, b.targets, 3, 7, 1, 101, &l2, &nv, NULL, 0));
     TAP_CHECK(l1 != l2, "dropout is on: microbatch seeds 100 and 101 give losses %.6f and %.6f", l1, l2);
     lt_gpt_free(m);
+}
+
+/* Per-token losses of one forward through chunks ch[0..n) in the given mode, copied to `losses`. */
+static int chunk_losses(lt_gpt **ch, int n, const batch *b, int training, uint64_t seed, float *losses) {
+    char err[256] = "";
+    lt_tensor *h = NULL;
+    for (int i = 0; i < n; i++) {
+        lt_tensor *out = NULL;
+        lt_gpt_ctx *ctx = lt_gpt_chunk_forward(ch[i], i == 0 ? b->tokens : NULL, h, b->targets, b->B, b->T, training,
+                                               seed, &out, NULL, err, sizeof err);
+        lt_tensor_free(h);
+        if (!ctx) return TAP_CHECK(0, "chunk %d forward: %s", i, err), 0;
+        lt_gpt_ctx_free(ctx);
+        h = out;
+    }
+    memcpy(losses, lt_tensor_data(h), sizeof(float) * (size_t)b->B * b->T);
+    lt_tensor_free(h);
+    return 1;
+}
+
+/* Eval mode through a pipeline split computes what the model without dropout computes. */
+static void test_eval_mode(void) {
+    lt_gpt_config c = tiny_config(), nod = c; /* dropout 0.1 */
+    nod.hidden_dropout = nod.attention_dropout = 0;
+    lt_gpt *ch[2] = {new_chunk(&c, 0, 3, 1, 0), new_chunk(&c, 3, 4, 0, 1)};
+    lt_gpt *whole0 = lt_gpt_new(&nod, NULL, 0);
+    batch b = make_batch(3, 7, c.vocab_size, 9);
+    float want[21], got[21], drop[21];
+    int ok = chunk_losses(&whole0, 1, &b, 1, 100, want);
+    for (uint64_t seed = 0; ok && seed < 2; seed++) {
+        ok = chunk_losses(ch, 2, &b, 0, seed, got);
+        TAP_CHECK(ok && memcmp(got, want, sizeof got) == 0,
+                  "eval mode through 2 chunks (seed %d): per-token losses bit-identical to the model without dropout",
+                  (int)seed);
+    }
+    ok = ok && chunk_losses(ch, 2, &b, 1, 0, drop);
+    TAP_CHECK(ok && memcmp(drop, want, sizeof drop) != 0, "training mode through 2 chunks with seed 0 drops");
+    lt_gpt_free(ch[0]);
+    lt_gpt_free(ch[1]);
+    lt_gpt_free(whole0);
 }
 
 /* Output row (t, b) of a first chunk is sequence b's token t: the batch of 3 against each sequence alone
@@ -266,13 +308,13 @@ static void test_boundary_layout(void) {
     batch b = make_batch(3, 7, c.vocab_size, 5);
     char err[256];
     lt_tensor *out = NULL;
-    lt_gpt_ctx_free(lt_gpt_chunk_forward(m, b.tokens, NULL, NULL, 3, 7, 0, &out, NULL, err, sizeof err));
+    lt_gpt_ctx_free(lt_gpt_chunk_forward(m, b.tokens, NULL, NULL, 3, 7, 1, 0, &out, NULL, err, sizeof err));
     TAP_CHECK(out && out->ndim == 3 && out->shape[0] == 7 && out->shape[1] == 3 && out->shape[2] == 16,
               "a middle output is [s, b, h] = [7, 3, 16]");
     double d = 0, scale = 0;
     for (int s = 0; s < 3; s++) {
         lt_tensor *one = NULL;
-        lt_gpt_ctx_free(lt_gpt_chunk_forward(m, b.tokens + 7 * s, NULL, NULL, 1, 7, 0, &one, NULL, err, sizeof err));
+        lt_gpt_ctx_free(lt_gpt_chunk_forward(m, b.tokens + 7 * s, NULL, NULL, 1, 7, 1, 0, &one, NULL, err, sizeof err));
         const float *o = lt_tensor_data(out), *r = lt_tensor_data(one);
         for (int t = 0; t < 7; t++)
             for (int h = 0; h < 16; h++) {
@@ -309,21 +351,21 @@ static void test_errors(void) {
     batch b = make_batch(2, 4, c.vocab_size, 5);
     lt_tensor *out = NULL;
     expect_error("a middle chunk's forward without a hidden state",
-                 lt_gpt_chunk_forward(mid, b.tokens, NULL, NULL, 2, 4, 0, &out, NULL, err, sizeof err) == NULL, err,
+                 lt_gpt_chunk_forward(mid, b.tokens, NULL, NULL, 2, 4, 1, 0, &out, NULL, err, sizeof err) == NULL, err,
                  "needs the input hidden state [4, 2, 16]");
     int64_t wrong[3] = {2, 4, 16};
     lt_tensor *h = lt_tensor_new(LT_F32, 3, wrong);
     expect_error("a hidden state shaped [b, s, h]",
-                 lt_gpt_chunk_forward(mid, NULL, h, NULL, 2, 4, 0, &out, NULL, err, sizeof err) == NULL, err,
+                 lt_gpt_chunk_forward(mid, NULL, h, NULL, 2, 4, 1, 0, &out, NULL, err, sizeof err) == NULL, err,
                  "[seq, batch, hidden]");
     lt_tensor_free(h);
     float loss;
     expect_error("lt_gpt_forward on a chunk",
-                 lt_gpt_forward(mid, b.tokens, b.targets, 2, 4, 0, &loss, NULL, err, sizeof err) == NULL, err,
+                 lt_gpt_forward(mid, b.tokens, b.targets, 2, 4, 1, 0, &loss, NULL, err, sizeof err) == NULL, err,
                  "runs the whole model");
     int64_t right[3] = {4, 2, 16};
     h = lt_tensor_new(LT_F32, 3, right);
-    lt_gpt_ctx *ctx = lt_gpt_chunk_forward(mid, NULL, h, NULL, 2, 4, 0, &out, NULL, err, sizeof err);
+    lt_gpt_ctx *ctx = lt_gpt_chunk_forward(mid, NULL, h, NULL, 2, 4, 1, 0, &out, NULL, err, sizeof err);
     TAP_CHECK(ctx && out, "a middle chunk runs on a [s, b, h] hidden state");
     expect_error("a middle chunk's backward without the output's gradient",
                  lt_gpt_chunk_backward(mid, ctx, NULL, 1.0f, NULL, err, sizeof err) != 0, err,
@@ -378,6 +420,7 @@ static void test_hooks(void) {
 
 int main(void) {
     test_dropout_active();
+    test_eval_mode();
     lt_gpt_config c = tiny_config();
     check_config("LayerNorm/GELU/learned positions, tied", c);
     c.share_embeddings_and_output_weights = 0;

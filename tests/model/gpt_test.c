@@ -3,6 +3,8 @@
  *      several configurations (LayerNorm/GELU/learned positions/tied/bias; RMSNorm/SwiGLU/RoPE/untied/
  *      no bias; GQA with kv_channels != hidden/heads; ignored targets), plus gradient accumulation;
  *   2. dropout: same seed → same loss, other seed → other loss, finite differences still match;
+ *      eval mode (training 0) computes bit for bit what the model without dropout computes (loss,
+ *      logits, gradients) whatever the seed, while training mode with seed 0 drops;
  *   3. layout-independent init and init statistics;
  *   4. errors (bad token id, T > seq_length, invalid config);
  *   5. Megatron parameter names and shapes;
@@ -92,7 +94,7 @@ static float loss_of(lt_gpt *m, const batch *b, uint64_t dseed) {
     char err[256] = "";
     float loss = NAN;
     int64_t nv = 0;
-    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, dseed, &loss, &nv, err, sizeof err);
+    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, 1, dseed, &loss, &nv, err, sizeof err);
     if (!c) {
         TAP_CHECK(0, "forward failed: %s", err);
         return NAN;
@@ -106,7 +108,7 @@ static float fwd_bwd(lt_gpt *m, const batch *b, uint64_t dseed, int64_t *num_val
     char err[256] = "";
     float loss = NAN;
     int64_t nv = 0;
-    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, dseed, &loss, &nv, err, sizeof err);
+    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, 1, dseed, &loss, &nv, err, sizeof err);
     if (!c) {
         TAP_CHECK(0, "forward failed: %s", err);
         return NAN;
@@ -180,7 +182,7 @@ static void grad_check(const char *label, lt_gpt *m, const batch *b, uint64_t ds
         char err[256];
         float l2 = NAN;
         int64_t nv2 = 0;
-        lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, dseed, &l2, &nv2, err, sizeof err);
+        lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, 1, dseed, &l2, &nv2, err, sizeof err);
         const float *logits = lt_gpt_ctx_logits(c);
         const int V = lt_gpt_get_config(m)->vocab_size;
         double sum = 0;
@@ -323,7 +325,7 @@ static void test_gradients(void) {
     int64_t nv = 0;
     float loss = NAN;
     char err[128];
-    lt_gpt_ctx *ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    lt_gpt_ctx *ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 1, 0, &loss, &nv, err, sizeof err);
     TAP_CHECK(ctx && nv == expected && expected < 16, "(d) num_valid counts only targets >= 0 (%lld of 16)",
               (long long)nv);
     lt_gpt_ctx_free(ctx);
@@ -331,10 +333,10 @@ static void test_gradients(void) {
     grad_check("(d) ignored targets", m, &b, 0);
 
     /* Inference: no targets → loss 0, num_valid 0, the same logits. */
-    lt_gpt_ctx *c1 = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    lt_gpt_ctx *c1 = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 1, 0, &loss, &nv, err, sizeof err);
     float l0 = -1;
     int64_t nv0 = -1;
-    lt_gpt_ctx *c0 = lt_gpt_forward(m, b.tokens, NULL, 2, 8, 0, &l0, &nv0, err, sizeof err);
+    lt_gpt_ctx *c0 = lt_gpt_forward(m, b.tokens, NULL, 2, 8, 1, 0, &l0, &nv0, err, sizeof err);
     TAP_CHECK(c0 && c1 && l0 == 0.0f && nv0 == 0 &&
                   memcmp(lt_gpt_ctx_logits(c0), lt_gpt_ctx_logits(c1), sizeof(float) * 16 * d.vocab_size) == 0,
               "inference forward (targets NULL): loss 0, num_valid 0, same logits");
@@ -371,6 +373,89 @@ static void test_dropout(void) {
     m = new_model(&c);
     grad_check("(f) dropout + rmsnorm/swiglu/rope/gqa", m, &b, 1234567);
     lt_gpt_free(m);
+}
+
+/* Eval mode against the same weights configured without dropout (Megatron's model.eval()). */
+
+/* Bytes of the logits [B*T, V] of a batch (compute dtype: bf16 under mixed precision). */
+static size_t logits_bytes(const lt_gpt_config *c, const batch *b) {
+    return (size_t)(c->bf16 ? 2 : 4) * (size_t)b->B * b->T * c->vocab_size;
+}
+
+/* Forward (training mode or not) + backward of the mean loss on a zeroed gradient; copies the
+ * logits and the gradients out (CPU backend: host memory). */
+static float run_mode(lt_gpt *m, const batch *b, int training, uint64_t dseed, void *logits, float *grads) {
+    char err[256] = "";
+    float loss = NAN;
+    int64_t nv = 0;
+    lt_gpt_zero_grad(m);
+    lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, training, dseed, &loss, &nv, err, sizeof err);
+    if (!c) {
+        TAP_CHECK(0, "forward failed: %s", err);
+        return NAN;
+    }
+    memcpy(logits, lt_gpt_ctx_logits(c), logits_bytes(lt_gpt_get_config(m), b));
+    if (lt_gpt_backward(m, c, 1.0f / (float)nv, err, sizeof err) != 0) TAP_CHECK(0, "backward: %s", err);
+    memcpy(grads, gdata(m), sizeof(float) * (size_t)flat_total(m));
+    return loss;
+}
+
+static void eval_case(const char *label, lt_gpt_config c) {
+    lt_gpt_config nod = c;
+    nod.hidden_dropout = nod.attention_dropout = 0;
+    lt_gpt *m = new_model(&c), *m0 = new_model(&nod);
+    batch b = make_batch(2, 8, c.vocab_size, 77, 5);
+    const size_t nl = logits_bytes(&c, &b), ng = (size_t)flat_total(m);
+    TAP_CHECK(ng == (size_t)flat_total(m0) && memcmp(wdata(m), wdata(m0), sizeof(float) * ng) == 0,
+              "eval %s: the models with and without dropout start from the same weights", label);
+    char *lg[4];
+    float *gr[4], loss[4];
+    for (int k = 0; k < 4; k++) {
+        lg[k] = malloc(nl);
+        gr[k] = malloc(sizeof(float) * ng);
+    }
+    loss[0] = run_mode(m0, &b, 1, 42, lg[0], gr[0]); /* no dropout configured */
+    loss[1] = run_mode(m, &b, 0, 0, lg[1], gr[1]);   /* eval mode, seed 0 */
+    loss[2] = run_mode(m, &b, 0, 42, lg[2], gr[2]);  /* eval mode, another seed */
+    loss[3] = run_mode(m, &b, 1, 0, lg[3], gr[3]);   /* training mode, seed 0 */
+    for (int k = 1; k <= 2; k++) {
+        TAP_CHECK(loss[k] == loss[0], "eval %s (seed %d): the loss is bit-identical to the model without dropout "
+                  "(%.9g, %.9g)", label, k == 1 ? 0 : 42, loss[k], loss[0]);
+        TAP_CHECK(memcmp(lg[k], lg[0], nl) == 0,
+                  "eval %s (seed %d): the logits are bit-identical to the model without dropout", label,
+                  k == 1 ? 0 : 42);
+        TAP_CHECK(memcmp(gr[k], gr[0], sizeof(float) * ng) == 0,
+                  "eval %s (seed %d): the gradients are bit-identical to the model without dropout", label,
+                  k == 1 ? 0 : 42);
+    }
+    TAP_CHECK(isfinite(loss[3]) && loss[3] != loss[0] && memcmp(lg[3], lg[0], nl) != 0,
+              "eval %s: training mode with seed 0 drops (loss %.7f, without dropout %.7f)", label, loss[3], loss[0]);
+    for (int k = 0; k < 4; k++) {
+        free(lg[k]);
+        free(gr[k]);
+    }
+    lt_gpt_free(m);
+    lt_gpt_free(m0);
+}
+
+static void test_eval_mode(void) {
+    lt_gpt_config c = small_config(); /* learned positions: the embedding's dropout too */
+    c.hidden_dropout = 0.2f;
+    c.attention_dropout = 0.25f;
+    eval_case("(both dropouts)", c);
+    lt_gpt_config h = c;
+    h.attention_dropout = 0;
+    eval_case("(hidden only)", h);
+    lt_gpt_config a = c;
+    a.hidden_dropout = 0;
+    eval_case("(attention only)", a);
+    c.rmsnorm = c.gated_linear_unit = c.rope = 1;
+    c.num_query_groups = 2;
+    c.add_bias_linear = 0;
+    c.share_embeddings_and_output_weights = 0;
+    eval_case("(rmsnorm/swiglu/rope/gqa)", c);
+    c.bf16 = 1;
+    eval_case("(bf16)", c);
 }
 
 /* ---- 3. initialisation ---- */
@@ -514,32 +599,32 @@ static void test_errors(void) {
 
     b.tokens[5] = 37;
     strcpy(err, "");
-    lt_gpt_ctx *ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    lt_gpt_ctx *ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 1, 0, &loss, &nv, err, sizeof err);
     TAP_CHECK(!ctx && strstr(err, "37") && strstr(err, "token"), "error: token id out of range: \"%s\"", err);
     lt_gpt_ctx_free(ctx);
 
     b.tokens[5] = -3;
     strcpy(err, "");
-    ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 1, 0, &loss, &nv, err, sizeof err);
     TAP_CHECK(!ctx && strstr(err, "-3"), "error: negative token id: \"%s\"", err);
     lt_gpt_ctx_free(ctx);
     b.tokens[5] = 1;
 
     b.targets[3] = 32;
     strcpy(err, "");
-    ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 0, &loss, &nv, err, sizeof err);
+    ctx = lt_gpt_forward(m, b.tokens, b.targets, 2, 8, 1, 0, &loss, &nv, err, sizeof err);
     TAP_CHECK(!ctx && strstr(err, "32") && strstr(err, "target"), "error: target id out of range: \"%s\"", err);
     lt_gpt_ctx_free(ctx);
     b.targets[3] = 1;
 
     batch big = make_batch(1, 9, c.vocab_size, 32, 0);
     strcpy(err, "");
-    ctx = lt_gpt_forward(m, big.tokens, big.targets, 1, 9, 0, &loss, &nv, err, sizeof err);
+    ctx = lt_gpt_forward(m, big.tokens, big.targets, 1, 9, 1, 0, &loss, &nv, err, sizeof err);
     TAP_CHECK(!ctx && strstr(err, "seq_length") && strstr(err, "9"), "error: T > seq_length: \"%s\"", err);
     lt_gpt_ctx_free(ctx);
 
     strcpy(err, "");
-    ctx = lt_gpt_forward(m, b.tokens, b.targets, 0, 8, 0, &loss, &nv, err, sizeof err);
+    ctx = lt_gpt_forward(m, b.tokens, b.targets, 0, 8, 1, 0, &loss, &nv, err, sizeof err);
     TAP_CHECK(!ctx && err[0], "error: B = 0: \"%s\"", err);
     lt_gpt_ctx_free(ctx);
 
@@ -844,8 +929,8 @@ static void test_zero_centered_equivalence(int bf16) {
     int64_t nv = 0;
     lt_gpt_zero_grad(o);
     lt_gpt_zero_grad(z);
-    lt_gpt_ctx *co = lt_gpt_forward(o, b.tokens, b.targets, 2, 8, 0, &lo, &nv, err, sizeof err);
-    lt_gpt_ctx *cz = lt_gpt_forward(z, b.tokens, b.targets, 2, 8, 0, &lz, &nv, err, sizeof err);
+    lt_gpt_ctx *co = lt_gpt_forward(o, b.tokens, b.targets, 2, 8, 1, 0, &lo, &nv, err, sizeof err);
+    lt_gpt_ctx *cz = lt_gpt_forward(z, b.tokens, b.targets, 2, 8, 1, 0, &lz, &nv, err, sizeof err);
     const int64_t NV = 16LL * c.vocab_size;
     float *logits_o = malloc(sizeof(float) * (size_t)NV), *logits_z = malloc(sizeof(float) * (size_t)NV);
     for (int64_t i = 0; i < NV; i++) {
@@ -988,6 +1073,7 @@ static void test_flag_names(void) {
 int main(void) {
     test_gradients();
     test_dropout();
+    test_eval_mode();
     test_init();
     test_errors();
     test_names();

@@ -3,7 +3,8 @@
 -- default and derived field filled in) and the derived values; it raises the first rule that
 -- fails as a config error whose message names the field(s), the value(s), the rule and the fix.
 -- Where Megatron has a message for a rule, its text is kept (so it can be searched for) and the
--- fix is appended.
+-- fix is appended. resolve_model(m) resolves a model's derived values alone: validate and
+-- luatron.model (lt.build_model) both use it, so a model has one set of defaults.
 local util = require "luatron.config.util"
 util.register_source()
 local schema = require "luatron.config.schema"
@@ -234,7 +235,7 @@ function V.validate(c, opts, to_table)
       fail("%s.params_dtype = 'fp16' needs fp16 mixed precision, which is not implemented: use bf16", p[1])
     end
   end
-  if m.bf16 and (m.device or "cpu") == "cpu" then
+  if m.bf16 and m.device == "cpu" then
     warn("model.bf16 on the CPU runs the bf16 reference kernels (fp32 math around bf16 storage): slower than fp32, "
       .. "meant for checking mixed precision; bf16 pays on device \"cuda\"")
   end

@@ -44,71 +44,77 @@ static lt_gpt *check_chunk(lua_State *L, int idx) {
     return b->m;
 }
 
-static lua_Integer field_int(lua_State *L, int idx, const char *name, int required, lua_Integer dflt) {
-    lua_getfield(L, idx, name);
-    lua_Integer v = dflt;
-    if (!lua_isnil(L, -1)) {
-        int ok;
-        v = lua_tointegerx(L, -1, &ok);
-        if (!ok) luaL_error(L, "model config: %s must be an integer", name);
-    } else if (required) {
-        luaL_error(L, "model config: %s is required", name);
-    }
+/* Every field of core.gpt / core.gpt_chunk's table is required: the defaults are resolved once, in
+ * Lua (luatron.config.validate's resolve_model), so the engine has none of its own. */
+static void field_get(lua_State *L, int idx, const char *name) {
+    if (lua_getfield(L, idx, name) == LUA_TNIL) luaL_error(L, "model config: %s is required", name);
+}
+
+static lua_Integer field_int(lua_State *L, int idx, const char *name) {
+    field_get(L, idx, name);
+    int ok;
+    lua_Integer v = lua_tointegerx(L, -1, &ok);
+    if (!ok) luaL_error(L, "model config: %s must be an integer", name);
     lua_pop(L, 1);
     return v;
 }
 
-static double field_num(lua_State *L, int idx, const char *name, double dflt) {
-    lua_getfield(L, idx, name);
-    double v = lua_isnil(L, -1) ? dflt : luaL_checknumber(L, -1);
+static double field_num(lua_State *L, int idx, const char *name) {
+    field_get(L, idx, name);
+    int ok;
+    double v = lua_tonumberx(L, -1, &ok);
+    if (!ok) luaL_error(L, "model config: %s must be a number", name);
     lua_pop(L, 1);
     return v;
 }
 
-static int field_bool(lua_State *L, int idx, const char *name, int dflt) {
-    lua_getfield(L, idx, name);
-    int v = lua_isnil(L, -1) ? dflt : lua_toboolean(L, -1);
+static int field_bool(lua_State *L, int idx, const char *name) {
+    field_get(L, idx, name);
+    if (!lua_isboolean(L, -1)) luaL_error(L, "model config: %s must be a boolean", name);
+    int v = lua_toboolean(L, -1);
     lua_pop(L, 1);
     return v;
 }
 
 /* The model config of core.gpt / core.gpt_chunk's table: the fields are the resolved provider's
- * (vocab_size already padded; activation and norm given as booleans). */
+ * (vocab_size already padded; activation and norm given as booleans), see luatron.model's
+ * engine_config. */
 static lt_gpt_config read_config(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lt_gpt_config c;
     memset(&c, 0, sizeof c);
-    c.num_layers = (int)field_int(L, 1, "num_layers", 1, 0);
-    c.hidden_size = (int)field_int(L, 1, "hidden_size", 1, 0);
-    c.num_attention_heads = (int)field_int(L, 1, "num_attention_heads", 1, 0);
-    c.num_query_groups = (int)field_int(L, 1, "num_query_groups", 0, c.num_attention_heads);
-    c.kv_channels = (int)field_int(L, 1, "kv_channels", 0, c.num_attention_heads ? c.hidden_size / c.num_attention_heads : 0);
-    c.ffn_hidden_size = (int)field_int(L, 1, "ffn_hidden_size", 0, 4 * c.hidden_size);
-    c.seq_length = (int)field_int(L, 1, "seq_length", 1, 0);
-    c.vocab_size = (int)field_int(L, 1, "vocab_size", 1, 0);
-    c.rmsnorm = field_bool(L, 1, "rmsnorm", 0);
-    c.layernorm_epsilon = (float)field_num(L, 1, "layernorm_epsilon", 1e-5);
-    c.gated_linear_unit = field_bool(L, 1, "gated_linear_unit", 0);
-    c.gelu_tanh = field_bool(L, 1, "gelu_tanh", 0);
-    c.rope = field_bool(L, 1, "rope", 0);
-    c.rotary_base = (float)field_num(L, 1, "rotary_base", 10000);
-    c.share_embeddings_and_output_weights = field_bool(L, 1, "share_embeddings_and_output_weights", 1);
-    c.add_bias_linear = field_bool(L, 1, "add_bias_linear", 1);
-    c.add_qkv_bias = field_bool(L, 1, "add_qkv_bias", 0);
-    c.layernorm_zero_centered_gamma = field_bool(L, 1, "layernorm_zero_centered_gamma", 0);
-    c.qk_layernorm = field_bool(L, 1, "qk_layernorm", 0);
-    c.init_method_std = (float)field_num(L, 1, "init_method_std", 0.02);
-    c.hidden_dropout = (float)field_num(L, 1, "hidden_dropout", 0);
-    c.attention_dropout = (float)field_num(L, 1, "attention_dropout", 0);
-    c.seed = (uint64_t)field_int(L, 1, "seed", 0, 1234);
-    c.flat_multiple = (int)field_int(L, 1, "flat_multiple", 0, 16);
-    c.bf16 = field_bool(L, 1, "bf16", 0);
+    c.num_layers = (int)field_int(L, 1, "num_layers");
+    c.hidden_size = (int)field_int(L, 1, "hidden_size");
+    c.num_attention_heads = (int)field_int(L, 1, "num_attention_heads");
+    c.num_query_groups = (int)field_int(L, 1, "num_query_groups");
+    c.kv_channels = (int)field_int(L, 1, "kv_channels");
+    c.ffn_hidden_size = (int)field_int(L, 1, "ffn_hidden_size");
+    c.seq_length = (int)field_int(L, 1, "seq_length");
+    c.vocab_size = (int)field_int(L, 1, "vocab_size");
+    c.rmsnorm = field_bool(L, 1, "rmsnorm");
+    c.layernorm_epsilon = (float)field_num(L, 1, "layernorm_epsilon");
+    c.gated_linear_unit = field_bool(L, 1, "gated_linear_unit");
+    c.gelu_tanh = field_bool(L, 1, "gelu_tanh");
+    c.rope = field_bool(L, 1, "rope");
+    c.rotary_base = (float)field_num(L, 1, "rotary_base");
+    c.share_embeddings_and_output_weights = field_bool(L, 1, "share_embeddings_and_output_weights");
+    c.add_bias_linear = field_bool(L, 1, "add_bias_linear");
+    c.add_qkv_bias = field_bool(L, 1, "add_qkv_bias");
+    c.layernorm_zero_centered_gamma = field_bool(L, 1, "layernorm_zero_centered_gamma");
+    c.qk_layernorm = field_bool(L, 1, "qk_layernorm");
+    c.init_method_std = (float)field_num(L, 1, "init_method_std");
+    c.hidden_dropout = (float)field_num(L, 1, "hidden_dropout");
+    c.attention_dropout = (float)field_num(L, 1, "attention_dropout");
+    c.seed = (uint64_t)field_int(L, 1, "seed");
+    c.flat_multiple = (int)field_int(L, 1, "flat_multiple");
+    c.bf16 = field_bool(L, 1, "bf16");
+    lua_Integer local_rank = field_int(L, 1, "local_rank");
     char err[512] = "";
-    lua_getfield(L, 1, "device");
-    const char *device = luaL_optstring(L, -1, "cpu");
+    field_get(L, 1, "device");
+    if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "model config: device must be a string");
+    const char *device = lua_tostring(L, -1);
     /* Each rank of a machine takes its own GPU (the plugin reads LUATRON_CUDA_DEVICE once, when it
      * opens); a device set by the user wins. */
-    lua_Integer local_rank = field_int(L, 1, "local_rank", 0, 0);
     if (strcmp(device, "cuda") == 0 && local_rank > 0 && !getenv("LUATRON_CUDA_DEVICE")) {
         char index[24];
         snprintf(index, sizeof index, "%lld", (long long)local_rank);
@@ -132,16 +138,16 @@ static int l_gpt_new(lua_State *L) {
 }
 
 /* core.gpt_chunk{<core.gpt's fields>, layer_begin=, layer_end=, pre_process=, post_process=}: the
- * chunk holding global layers [layer_begin, layer_end) (default: all), with the embedding when
- * pre_process and the final norm, output layer and loss when post_process (default: whether it
- * begins at layer 0 / ends at the last layer). */
+ * chunk holding global layers [layer_begin, layer_end), with the embedding when pre_process and
+ * the final norm, output layer and loss when post_process (luatron.model's chunk_layers says
+ * which). */
 static int l_gpt_chunk_new(lua_State *L) {
     lt_gpt_config c = read_config(L);
     lt_gpt_stage st;
-    st.layer_begin = (int)field_int(L, 1, "layer_begin", 0, 0);
-    st.layer_end = (int)field_int(L, 1, "layer_end", 0, c.num_layers);
-    st.pre_process = field_bool(L, 1, "pre_process", st.layer_begin == 0);
-    st.post_process = field_bool(L, 1, "post_process", st.layer_end == c.num_layers);
+    st.layer_begin = (int)field_int(L, 1, "layer_begin");
+    st.layer_end = (int)field_int(L, 1, "layer_end");
+    st.pre_process = field_bool(L, 1, "pre_process");
+    st.post_process = field_bool(L, 1, "post_process");
     char err[512] = "";
     gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->m = NULL;

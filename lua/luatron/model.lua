@@ -1,51 +1,75 @@
--- Builds the engine's GPT model from a GPTModelProvider (Megatron names) and a padded vocab size.
+-- Builds the engine's GPT model (or its pipeline chunks) from a GPTModelProvider (Megatron names).
 local core = require "luatron.core"
+local config = require "luatron.config"
+local schema = require "luatron.config.schema"
 local util = require "luatron.config.util"
+local validate = require "luatron.config.validate"
 
 local M = {}
 
--- Megatron's _vocab_size_with_padding: the smallest multiple of divisible_by * TP >= vocab.
-function M.padded_vocab_size(vocab_size, divisible_by, tp)
-  local multiple = (divisible_by or 128) * (tp or 1)
-  return math.ceil(vocab_size / multiple) * multiple
+-- What a build takes besides the provider, when not given: the seed of RNGConfig (so a model built
+-- here starts where a ConfigContainer's run does), the engine's flat-buffer alignment (16 elements)
+-- and the machine's first GPU.
+local DEFAULT_SEED = schema.classes.RNGConfig.index.seed.default
+local DEFAULT_FLAT_MULTIPLE = 16
+local DEFAULT_LOCAL_RANK = 0
+
+-- The engine's booleans for the provider's names (nil, refused by the engine, for anything else).
+local RMSNORM = { LayerNorm = false, RMSNorm = true }
+local ROPE = { learned_absolute = false, rope = true }
+
+-- The resolved model of `provider`, every default and derived value filled in by
+-- validate.resolve_model (the one place they are): a GPTModelProvider, or a plain table of its
+-- fields (checked and defaulted as one), is resolved; a model validate already resolved (a
+-- ConfigContainer's r.model, which has padded_vocab_size) is taken as it is.
+function M.resolve(provider)
+  if type(provider) == "table" and not config.is_config(provider) and provider.padded_vocab_size ~= nil then
+    return provider
+  end
+  local ok, res = pcall(function()
+    local p = config.is_config(provider, "GPTModelProvider") and provider or config.GPTModelProvider(provider)
+    return validate.resolve_model(config.to_table(p))
+  end)
+  if not ok then util.raise(res) end
+  return res
 end
 
--- The engine's view of a provider: every default resolved, names kept. flat_multiple rounds
--- the flat parameter buffer up (data parallelism shards it evenly).
+-- The engine's view of a provider (core.gpt's table): the resolved fields under the engine's names,
+-- nothing defaulted here. flat_multiple rounds the flat parameter buffer up (data parallelism shards
+-- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides).
 function M.engine_config(provider, seed, flat_multiple, local_rank)
-  local heads = provider.num_attention_heads
-  local hidden = provider.hidden_size
-  -- Validation admits exactly two MLPs: GELU, or SiLU gated (SwiGLU).
-  local gated = provider.gated_linear_unit
+  local m = M.resolve(provider)
+  if seed == nil then seed = DEFAULT_SEED end
+  if flat_multiple == nil then flat_multiple = DEFAULT_FLAT_MULTIPLE end
+  if local_rank == nil then local_rank = DEFAULT_LOCAL_RANK end
   return {
-    num_layers = provider.num_layers,
-    hidden_size = hidden,
-    num_attention_heads = heads,
-    num_query_groups = provider.num_query_groups or heads,
-    kv_channels = provider.kv_channels or hidden // heads,
-    ffn_hidden_size = provider.ffn_hidden_size or 4 * hidden,
-    seq_length = provider.seq_length,
-    vocab_size = M.padded_vocab_size(provider.vocab_size, provider.make_vocab_size_divisible_by,
-      provider.tensor_model_parallel_size),
-    rmsnorm = provider.normalization == "RMSNorm",
-    layernorm_epsilon = provider.layernorm_epsilon,
-    gated_linear_unit = gated and true or false,
-    gelu_tanh = provider.openai_gelu or false,
-    rope = provider.position_embedding_type == "rope",
-    rotary_base = provider.rotary_base,
-    share_embeddings_and_output_weights = provider.share_embeddings_and_output_weights,
-    add_bias_linear = provider.add_bias_linear,
-    add_qkv_bias = provider.add_qkv_bias or false,
-    layernorm_zero_centered_gamma = provider.layernorm_zero_centered_gamma or false,
-    qk_layernorm = provider.qk_layernorm or false,
-    init_method_std = provider.init_method_std,
-    hidden_dropout = provider.hidden_dropout,
-    attention_dropout = provider.attention_dropout,
-    seed = seed or 1234,
+    num_layers = m.num_layers,
+    hidden_size = m.hidden_size,
+    num_attention_heads = m.num_attention_heads,
+    num_query_groups = m.num_query_groups,
+    kv_channels = m.kv_channels,
+    ffn_hidden_size = m.ffn_hidden_size,
+    seq_length = m.seq_length,
+    vocab_size = m.padded_vocab_size,
+    rmsnorm = RMSNORM[m.normalization],
+    layernorm_epsilon = m.layernorm_epsilon,
+    gated_linear_unit = m.gated_linear_unit, -- validation admits GELU, and SiLU gated (SwiGLU)
+    gelu_tanh = m.openai_gelu,
+    rope = ROPE[m.position_embedding_type],
+    rotary_base = m.rotary_base,
+    share_embeddings_and_output_weights = m.share_embeddings_and_output_weights,
+    add_bias_linear = m.add_bias_linear,
+    add_qkv_bias = m.add_qkv_bias,
+    layernorm_zero_centered_gamma = m.layernorm_zero_centered_gamma,
+    qk_layernorm = m.qk_layernorm,
+    init_method_std = m.init_method_std,
+    hidden_dropout = m.hidden_dropout,
+    attention_dropout = m.attention_dropout,
+    seed = seed,
     flat_multiple = flat_multiple,
-    device = provider.device or "cpu",
-    local_rank = local_rank, -- one GPU per rank on a machine (LUATRON_CUDA_DEVICE overrides)
-    bf16 = provider.bf16 or false,
+    device = m.device,
+    local_rank = local_rank,
+    bf16 = m.bf16,
   }
 end
 
@@ -108,8 +132,9 @@ end
 -- M.chunk_layers; seed, flat_multiple and local_rank as M.build.
 function M.build_chunks(provider, layout, seed, flat_multiple, local_rank)
   local chunks = {}
+  local m = M.resolve(provider)
   for i, c in ipairs(layout) do
-    local cfg = M.engine_config(provider, seed, flat_multiple, local_rank)
+    local cfg = M.engine_config(m, seed, flat_multiple, local_rank)
     cfg.layer_begin, cfg.layer_end = c.layer_begin, c.layer_end
     cfg.pre_process, cfg.post_process = c.pre_process, c.post_process
     local ok, chunk = pcall(core.gpt_chunk, cfg)

@@ -488,18 +488,134 @@ describe("lt.build_model", function()
   end)
 
   it("rejects a provider it cannot build", function()
-    assert_error_contains(function()
-      core.gpt { num_layers = 1, hidden_size = 16, num_attention_heads = 2, seq_length = 8, vocab_size = 64,
-        device = "tpu" }
-    end, "cannot build the model", "unknown device 'tpu'", '"cpu" or "cuda"')
-    assert_error_contains(function()
-      core.gpt { num_layers = 1, hidden_size = 16, num_attention_heads = 2, num_query_groups = 3, seq_length = 8,
-        vocab_size = 64 }
-    end, "cannot build the model", "num_query_groups (3)")
-    assert_error_contains(function()
-      core.gpt { num_layers = 0, hidden_size = 16, num_attention_heads = 2, seq_length = 8, vocab_size = 64 }
-    end, "cannot build the model", "num_layers must be positive")
+    -- core.gpt's raw table skips validation: the engine's own checks answer
+    local function raw(over)
+      local cfg = lt.model.engine_config(small_provider(), 1)
+      for k, v in pairs(over) do cfg[k] = v end
+      return function() core.gpt(cfg) end
+    end
+    assert_error_contains(raw { device = "tpu" }, "cannot build the model", "unknown device 'tpu'", '"cpu" or "cuda"')
+    assert_error_contains(raw { num_query_groups = 3 }, "cannot build the model", "num_query_groups (3)")
+    assert_error_contains(raw { num_layers = 0 }, "cannot build the model", "num_layers must be positive")
     assert_error_contains(function() core.gpt { hidden_size = 16 } end, "num_layers is required")
+    assert_error_contains(function() lt.build_model(lt.GPTModelProvider { num_layers = 1, hidden_size = 16,
+      num_attention_heads = 2 }) end, "model.vocab_size is not set")
+    assert_error_contains(function() lt.build_model(small_provider { hidden_size = 18, num_attention_heads = 4 }) end,
+      "hidden_size (18) must be divisible by num_attention_heads (4) when kv_channels is not set")
+  end)
+end)
+
+-- The engine's fields, exactly what luatron.model's engine_config gives core.gpt.
+local ENGINE_FIELDS = {
+  "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
+  "seq_length", "vocab_size", "rmsnorm", "layernorm_epsilon", "gated_linear_unit", "gelu_tanh", "rope",
+  "rotary_base", "share_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
+  "layernorm_zero_centered_gamma", "qk_layernorm", "init_method_std", "hidden_dropout", "attention_dropout",
+  "seed", "flat_multiple", "device", "local_rank", "bf16",
+}
+
+-- Every value of two models' flat weights is the same (bit for bit).
+local function assert_same_weights(a, b)
+  local wa, wb = a:flat_weights(), b:flat_weights()
+  assert.are.equal(wa:numel(), wb:numel())
+  for i = 1, wa:numel() do
+    if wa:get(i) ~= wb:get(i) then error(("weight %d: %.9g vs %.9g"):format(i, wa:get(i), wb:get(i))) end
+  end
+end
+
+describe("the model's defaults, resolved in one place", function()
+  local validate_mod = require "luatron.config.validate"
+
+  -- A provider with a few fields away from the defaults (SwiGLU, RMSNorm, rope).
+  local function provider(over)
+    local t = {
+      num_layers = 2, hidden_size = 32, num_attention_heads = 4, seq_length = 16, vocab_size = 300, normalization = "RMSNorm", activation = "swiglu", position_embedding_type = "rope",
+      add_bias_linear = false, hidden_dropout = 0.0, attention_dropout = 0.0,
+    }
+    for k, v in pairs(over or {}) do t[k] = v end
+    return lt.GPTModelProvider(t)
+  end
+
+  local function container(p, seed)
+    return lt.ConfigContainer {
+      model = p, rng = { seed = seed },
+      train = { train_iters = 1, global_batch_size = 2, micro_batch_size = 2, eval_iters = 0 },
+      optimizer = { lr = 1e-3 },
+    }
+  end
+
+  it("core.gpt and core.gpt_chunk require every field, by name", function()
+    local full = lt.model.engine_config(small_provider(), 1)
+    local names = {}
+    for k in pairs(full) do names[#names + 1] = k end
+    table.sort(names)
+    local want = { table.unpack(ENGINE_FIELDS) }
+    table.sort(want)
+    assert.are.same(want, names)
+    assert.are.equal("GPT(layers=1, hidden=16, heads=2, vocab=128, seq=8)", tostring(core.gpt(full)))
+    for _, name in ipairs(ENGINE_FIELDS) do
+      local cfg = lt.model.engine_config(small_provider(), 1)
+      cfg[name] = nil
+      assert_error_contains(function() core.gpt(cfg) end, "model config: " .. name .. " is required")
+      cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 0, 1, true, true
+      assert_error_contains(function() core.gpt_chunk(cfg) end, "model config: " .. name .. " is required")
+    end
+    for _, bad in ipairs { { "rmsnorm", 1, "a boolean" }, { "hidden_dropout", "0.1x", "a number" },
+      { "kv_channels", 8.5, "an integer" }, { "device", true, "a string" } } do
+      local cfg = lt.model.engine_config(small_provider(), 1)
+      cfg[bad[1]] = bad[2]
+      assert_error_contains(function() core.gpt(cfg) end, ("model config: %s must be %s"):format(bad[1], bad[3]))
+    end
+  end)
+
+  it("gives lt.build_model(provider) and a pretrain run the same resolved fields and weights", function()
+    for _, over in ipairs { { num_query_groups = 2 }, { activation = "gelu", normalization = "LayerNorm",
+      position_embedding_type = "learned_absolute", add_bias_linear = true, openai_gelu = true },
+      { kv_channels = 16, ffn_hidden_size = 40, make_vocab_size_divisible_by = 7, qk_layernorm = true } } do
+      local p = provider(over)
+      local run = lt.training.setup(container(p, 9))
+      local from_run = lt.model.engine_config(run.r.model, 9)
+      local direct = lt.model.engine_config(p, 9)
+      assert.are.same(direct, from_run)
+      for _, name in ipairs(ENGINE_FIELDS) do assert(direct[name] ~= nil, name .. " is not resolved") end
+      assert.are.equal(run.r.padded_vocab_size, direct.vocab_size)
+      assert_same_weights(lt.build_model(p, 9), run.chunks[1])
+    end
+  end)
+
+  it("derives kv_channels, ffn_hidden_size, num_query_groups and the padded vocabulary as given ones", function()
+    local derived = lt.model.engine_config(provider(), 3)
+    assert.are.same({ 8, 128, 4, 384 }, { derived.kv_channels, derived.ffn_hidden_size, derived.num_query_groups,
+      derived.vocab_size })
+    local given = provider { num_query_groups = 4, kv_channels = 8, ffn_hidden_size = 128 }
+    assert.are.same(derived, lt.model.engine_config(given, 3))
+    assert_same_weights(lt.build_model(provider(), 3), lt.build_model(given, 3))
+    -- a value given instead of the default reaches the engine on both paths
+    local wide = provider { kv_channels = 16, num_query_groups = 2 }
+    assert.are.equal(16, lt.model.engine_config(wide, 3).kv_channels)
+    assert.are.equal(16, lt.config.validate(container(wide, 3), 1).model.kv_channels)
+    assert.are.same({ (4 + 2 * 2) * 16, 32 },
+      lt.build_model(wide, 3):param("decoder.layers.0.self_attention.linear_qkv.weight"):shape())
+  end)
+
+  it("a default changed in validate.resolve_model changes it for validation and both builds", function()
+    local original = validate_mod.resolve_model
+    -- ffn_hidden_size's default becomes 3 x hidden_size, in that one function only
+    validate_mod.resolve_model = function(m)
+      if m.ffn_hidden_size == nil then m.ffn_hidden_size = 3 * m.hidden_size end
+      return original(m)
+    end
+    local ok, err = pcall(function()
+      local p = provider()
+      assert.are.equal(96, lt.config.validate(container(p, 1), 1).model.ffn_hidden_size)
+      assert.are.equal(96, lt.model.engine_config(p, 1).ffn_hidden_size)
+      local name = "decoder.layers.0.mlp.linear_fc1.weight" -- SwiGLU: two halves of ffn_hidden_size
+      assert.are.same({ 2 * 96, 32 }, lt.build_model(p, 1):param(name):shape())
+      assert.are.same({ 2 * 96, 32 }, lt.training.setup(container(p, 1)).chunks[1]:param(name):shape())
+    end)
+    validate_mod.resolve_model = original
+    assert(ok, err)
+    assert.are.same({ 2 * 128, 32 }, lt.build_model(provider(), 1):param("decoder.layers.0.mlp.linear_fc1.weight"):shape())
   end)
 end)
 

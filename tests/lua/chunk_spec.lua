@@ -224,9 +224,26 @@ describe("core.gpt_chunk", function()
     assert_error_contains(function() first:logits(select(2, first:forward(mb[1].tokens, nil, 1))) end,
       "only a last stage (post_process) has logits")
     local cfg = model_lib.engine_config(p, 1)
-    cfg.layer_begin, cfg.layer_end, cfg.pre_process = 1, 3, true
+    cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 1, 3, true, false
     assert_error_contains(function() core.gpt_chunk(cfg) end, "cannot build the chunk",
       "a first stage (pre_process) must begin at layer 0, not 1")
+  end)
+
+  it("requires its stage: layer_begin, layer_end, pre_process and post_process", function()
+    local stage = { layer_begin = 0, layer_end = 2, pre_process = true, post_process = false }
+    local function cfg_without(name)
+      local cfg = model_lib.engine_config(tiny(), 1)
+      for k, v in pairs(stage) do cfg[k] = v end
+      cfg[name] = nil
+      return cfg
+    end
+    assert.are.same(stage, core.gpt_chunk(cfg_without("none")):stage())
+    for name in pairs(stage) do
+      assert_error_contains(function() core.gpt_chunk(cfg_without(name)) end, "model config: " .. name .. " is required")
+    end
+    local cfg = cfg_without("none")
+    cfg.pre_process = 1
+    assert_error_contains(function() core.gpt_chunk(cfg) end, "model config: pre_process must be a boolean")
   end)
 end)
 

@@ -33,6 +33,12 @@ local function validate(over, world_size)
   return r
 end
 
+local function util_copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
 local function spec_dir()
   local src = debug.getinfo(1, "S").source:sub(2)
   return src:match("^(.*)/[^/]*$") or "."
@@ -394,6 +400,27 @@ local bad = config.GPTModelProvider{num_layer = 2}
 end)
 
 describe("luatron.config validation", function()
+  it("resolves the model with validate.resolve_model, the function a direct build uses", function()
+    local validate_mod = require "luatron.config.validate"
+    local over = { model = { tensor_model_parallel_size = 2, num_query_groups = 2, kv_channels = 24 } }
+    local r = validate(over, 4)
+    -- the container's model (vocab_size taken from the tokenizer) resolved alone gives the same fields
+    local alone = config.to_table(container(over).model)
+    alone.vocab_size = r.tokenizer.vocab_size
+    local resolved = validate_mod.resolve_model(alone)
+    for _, name in ipairs { "ffn_hidden_size", "kv_channels", "num_query_groups", "vocab_size", "padded_vocab_size" } do
+      assert.are.equal(resolved[name], r.model[name], name)
+    end
+    assert.are.same({ 256, 24, 2, 257, 512 }, { r.model.ffn_hidden_size, r.model.kv_channels, r.model.num_query_groups,
+      r.model.vocab_size, r.model.padded_vocab_size })
+    assert.are.equal(r.padded_vocab_size, r.model.padded_vocab_size)
+    -- resolving a resolved model changes nothing
+    local again = validate_mod.resolve_model(util_copy(resolved))
+    assert.are.same(resolved, again)
+    assert_error_contains(function() validate_mod.resolve_model(config.to_table(config.GPTModelProvider {
+      num_layers = 1, hidden_size = 8, num_attention_heads = 2 })) end, "model.vocab_size is not set")
+  end)
+
   it("returns the derived values and the resolved config", function()
     local r = validate({ model = { tensor_model_parallel_size = 2 } }, 4)
     assert.are.equal(4, r.world_size)

@@ -204,7 +204,8 @@ class("GPTModelProvider", {
     { "kv_channels", "posint", nil },
     { "seq_length", "posint", 1024 },
     { "vocab_size", "posint", nil },
-    { "make_vocab_size_divisible_by", "posint", 128 },
+    -- validate pads vocab_size to a multiple of it times TP: the engine takes the padded size as its vocab_size
+    { "make_vocab_size_divisible_by", "posint", 128, into = "vocab_size" },
     { "normalization", enum("LayerNorm", "RMSNorm"), "LayerNorm" },
     { "layernorm_epsilon", "posnum", 1e-5 },
     { "layernorm_zero_centered_gamma", "bool", false },

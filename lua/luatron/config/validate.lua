@@ -3,7 +3,8 @@
 -- default and derived field filled in) and the derived values; it raises the first rule that
 -- fails as a config error whose message names the field(s), the value(s), the rule and the fix.
 -- Where Megatron has a message for a rule, its text is kept (so it can be searched for) and the
--- fix is appended.
+-- fix is appended. resolve_model(m) resolves a model's derived values alone: validate and
+-- luatron.model (lt.build_model) both use it, so a model has one set of defaults.
 local util = require "luatron.config.util"
 util.register_source()
 local schema = require "luatron.config.schema"
@@ -103,6 +104,84 @@ function V.parse_split(s)
   return { v[1] / sum, v[2] / sum, v[3] / sum }
 end
 
+-- A model's required fields: the architecture cannot be guessed.
+function V.check_model_required(m)
+  for _, name in ipairs({ "num_layers", "hidden_size", "num_attention_heads" }) do
+    if m[name] == nil then
+      fail("model.%s is not set: GPTModelProvider needs num_layers, hidden_size and num_attention_heads", name)
+    end
+  end
+end
+
+-- The one place a GPTModelProvider's derived values are resolved, and their rules checked: m is a
+-- plain table of the provider's fields with the schema's defaults (config.to_table's output), filled
+-- in place and returned with ffn_hidden_size, kv_channels, num_query_groups (Megatron's defaults),
+-- padded_vocab_size (Megatron's _vocab_size_with_padding) and rotary_dim (rope only). validate runs
+-- it on a container's model (vocab_size taken from the tokenizer first); luatron.model on a provider
+-- built directly (lt.build_model), so both paths give the engine the same values.
+function V.resolve_model(m)
+  V.check_model_required(m)
+  if m.vocab_size == nil then
+    fail("model.vocab_size is not set: a model built from a GPTModelProvider alone needs vocab_size (a "
+      .. "ConfigContainer takes the tokenizer's when it is nil)")
+  end
+  local H, NH, TP = m.hidden_size, m.num_attention_heads, m.tensor_model_parallel_size
+  if NH % TP ~= 0 then
+    fail("num_attention_heads (%d) must be a multiple of tensor_model_parallel_size (%d). Change "
+      .. "model.num_attention_heads or model.tensor_model_parallel_size", NH, TP)
+  end
+  m.ffn_hidden_size = m.ffn_hidden_size or 4 * H
+  if m.kv_channels == nil then
+    if H % NH ~= 0 then
+      fail("hidden_size (%d) must be divisible by num_attention_heads (%d) when kv_channels is not set "
+        .. "(kv_channels defaults to hidden_size / num_attention_heads). Change hidden_size or "
+        .. "num_attention_heads, or set kv_channels explicitly", H, NH)
+    end
+    m.kv_channels = H // NH
+  end
+  local G = m.num_query_groups or NH
+  m.num_query_groups = G
+  if G % TP ~= 0 and TP % G ~= 0 then
+    fail("num_query_groups (%d) must be a multiple or divisor of tensor_model_parallel_size (%d). Change "
+      .. "model.num_query_groups or model.tensor_model_parallel_size", G, TP)
+  end
+  if NH % G ~= 0 then
+    fail("num_attention_heads (%d) must be divisible by num_query_groups (%d): each query group serves "
+      .. "num_attention_heads / num_query_groups heads. Set num_query_groups to a divisor of %d", NH, G, NH)
+  end
+  local mpe = m.max_position_embeddings
+  if mpe ~= nil then
+    if m.position_embedding_type == "learned_absolute" and mpe ~= m.seq_length then
+      fail("model.max_position_embeddings (%d) differs from model.seq_length (%d): luatron's learned position table "
+        .. "has seq_length rows. Set max_position_embeddings = %d or leave it nil", mpe, m.seq_length, m.seq_length)
+    elseif mpe < m.seq_length then
+      fail("model.max_position_embeddings (%d) is smaller than model.seq_length (%d): positions beyond it have no "
+        .. "embedding. Raise max_position_embeddings or lower seq_length", mpe, m.seq_length)
+    end
+  end
+  if m.position_embedding_type == "rope" then
+    local rot = math.floor(m.kv_channels * m.rotary_percent)
+    m.rotary_dim = rot
+    if rot < 2 or rot % 2 ~= 0 then
+      fail("position_embedding_type = 'rope' needs an even rotary dimension, but kv_channels (%d) * rotary_percent "
+        .. "(%s) = %d is %s. Make kv_channels even (it defaults to hidden_size / num_attention_heads) or change "
+        .. "rotary_percent", m.kv_channels, fmt(m.rotary_percent), rot, rot < 2 and "too small" or "odd")
+    end
+  end
+  local af, glu = m.activation_func, m.gated_linear_unit
+  if not ((af == "gelu" and not glu) or (af == "silu" and glu)) then
+    fail("activation_func = %s with gated_linear_unit = %s is not supported: luatron's GPT layer implements "
+      .. "GELU MLPs (activation_func = 'gelu', gated_linear_unit = false) and SwiGLU MLPs (activation_func = "
+      .. "'silu', gated_linear_unit = true)", fmt(af), tostring(glu))
+  end
+  if m.openai_gelu and not (af == "gelu" and not glu) then
+    fail("openai_gelu = true is GELU's tanh approximation: it needs the GELU MLP (activation_func = 'gelu', "
+      .. "gated_linear_unit = false), not activation_func = %s with gated_linear_unit = %s", fmt(af), tostring(glu))
+  end
+  m.padded_vocab_size = V.padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, TP)
+  return m
+end
+
 local LOAD_BALANCING_WITH_CAPACITY = { aux_loss = true, seq_aux_loss = true, global_aux_loss = true, none = true }
 
 function V.validate(c, opts, to_table)
@@ -127,11 +206,7 @@ function V.validate(c, opts, to_table)
   local function warn(msg, ...) warnings[#warnings + 1] = string.format(msg, ...) end
 
   -- required model fields -------------------------------------------------------------------
-  for _, name in ipairs({ "num_layers", "hidden_size", "num_attention_heads" }) do
-    if m[name] == nil then
-      fail("model.%s is not set: GPTModelProvider needs num_layers, hidden_size and num_attention_heads", name)
-    end
-  end
+  V.check_model_required(m)
 
   -- precision ----------------------------------------------------------------------------------
   if r.mixed_precision == "bf16_mixed" then
@@ -160,7 +235,7 @@ function V.validate(c, opts, to_table)
       fail("%s.params_dtype = 'fp16' needs fp16 mixed precision, which is not implemented: use bf16", p[1])
     end
   end
-  if m.bf16 and (m.device or "cpu") == "cpu" then
+  if m.bf16 and m.device == "cpu" then
     warn("model.bf16 on the CPU runs the bf16 reference kernels (fp32 math around bf16 storage): slower than fp32, "
       .. "meant for checking mixed precision; bf16 pays on device \"cuda\"")
   end
@@ -223,60 +298,35 @@ function V.validate(c, opts, to_table)
   r.model_parallel_size = model_size
   r.data_parallel_size = DP
 
-  -- attention and MLP shapes ---------------------------------------------------------------------
-  local L, H, NH = m.num_layers, m.hidden_size, m.num_attention_heads
-  if NH % TP ~= 0 then
-    fail("num_attention_heads (%d) must be a multiple of tensor_model_parallel_size (%d). Change "
-      .. "model.num_attention_heads or model.tensor_model_parallel_size", NH, TP)
-  end
-  m.ffn_hidden_size = m.ffn_hidden_size or 4 * H
-  if m.kv_channels == nil then
-    if H % NH ~= 0 then
-      fail("hidden_size (%d) must be divisible by num_attention_heads (%d) when kv_channels is not set "
-        .. "(kv_channels defaults to hidden_size / num_attention_heads). Change hidden_size or "
-        .. "num_attention_heads, or set kv_channels explicitly", H, NH)
+  -- tokenizer and vocabulary ----------------------------------------------------------------------
+  local tok_vocab
+  if tok.tokenizer_type == "NullTokenizer" then
+    if tok.vocab_size == nil then
+      fail("tokenizer.tokenizer_type = 'NullTokenizer' needs tokenizer.vocab_size: the number of token ids in the "
+        .. "pre-tokenized data (ids 0 .. vocab_size - 1; the end-of-document id is vocab_size)")
     end
-    m.kv_channels = H // NH
-  end
-  local G = m.num_query_groups or NH
-  m.num_query_groups = G
-  if G % TP ~= 0 and TP % G ~= 0 then
-    fail("num_query_groups (%d) must be a multiple or divisor of tensor_model_parallel_size (%d). Change "
-      .. "model.num_query_groups or model.tensor_model_parallel_size", G, TP)
-  end
-  if NH % G ~= 0 then
-    fail("num_attention_heads (%d) must be divisible by num_query_groups (%d): each query group serves "
-      .. "num_attention_heads / num_query_groups heads. Set num_query_groups to a divisor of %d", NH, G, NH)
-  end
-  local mpe = m.max_position_embeddings
-  if mpe ~= nil then
-    if m.position_embedding_type == "learned_absolute" and mpe ~= m.seq_length then
-      fail("model.max_position_embeddings (%d) differs from model.seq_length (%d): luatron's learned position table "
-        .. "has seq_length rows. Set max_position_embeddings = %d or leave it nil", mpe, m.seq_length, m.seq_length)
-    elseif mpe < m.seq_length then
-      fail("model.max_position_embeddings (%d) is smaller than model.seq_length (%d): positions beyond it have no "
-        .. "embedding. Raise max_position_embeddings or lower seq_length", mpe, m.seq_length)
+    tok_vocab = tok.vocab_size + 1 -- Megatron's _NullTokenizer.vocab_size: the ids and the end-of-document id
+  else
+    local natural = schema.TOKENIZERS[tok.tokenizer_type]
+    tok_vocab = tok.vocab_size or natural
+    if tok_vocab < natural then
+      fail("tokenizer.vocab_size (%d) is smaller than the %s tokenizer's %d ids (256 bytes and the end-of-document "
+        .. "token). Set tokenizer.vocab_size >= %d or leave it nil", tok_vocab, tok.tokenizer_type, natural, natural)
     end
   end
-  if m.position_embedding_type == "rope" then
-    local rot = math.floor(m.kv_channels * m.rotary_percent)
-    r.rotary_dim = rot
-    if rot < 2 or rot % 2 ~= 0 then
-      fail("position_embedding_type = 'rope' needs an even rotary dimension, but kv_channels (%d) * rotary_percent "
-        .. "(%s) = %d is %s. Make kv_channels even (it defaults to hidden_size / num_attention_heads) or change "
-        .. "rotary_percent", m.kv_channels, fmt(m.rotary_percent), rot, rot < 2 and "too small" or "odd")
-    end
+  tok.vocab_size = tok_vocab
+  local vocab = m.vocab_size or tok_vocab
+  -- Only real (tokenized) data carries the tokenizer's ids; mock data draws ids below vocab_size.
+  if vocab < tok_vocab and d.data_path ~= nil and not d.mock then
+    fail("model.vocab_size (%d) is smaller than the tokenizer's vocabulary (%d): token ids would fall outside the "
+      .. "embedding. Set model.vocab_size >= %d or leave it nil to take the tokenizer's", vocab, tok_vocab, tok_vocab)
   end
-  local af, glu = m.activation_func, m.gated_linear_unit
-  if not ((af == "gelu" and not glu) or (af == "silu" and glu)) then
-    fail("activation_func = %s with gated_linear_unit = %s is not supported: luatron's GPT layer implements "
-      .. "GELU MLPs (activation_func = 'gelu', gated_linear_unit = false) and SwiGLU MLPs (activation_func = "
-      .. "'silu', gated_linear_unit = true)", fmt(af), tostring(glu))
-  end
-  if m.openai_gelu and not (af == "gelu" and not glu) then
-    fail("openai_gelu = true is GELU's tanh approximation: it needs the GELU MLP (activation_func = 'gelu', "
-      .. "gated_linear_unit = false), not activation_func = %s with gated_linear_unit = %s", fmt(af), tostring(glu))
-  end
+  m.vocab_size = vocab
+
+  -- attention and MLP shapes, vocabulary padding ------------------------------------------------
+  V.resolve_model(m)
+  local L = m.num_layers
+  r.padded_vocab_size, r.rotary_dim = m.padded_vocab_size, m.rotary_dim
 
   -- pipeline split ---------------------------------------------------------------------------------
   if L % PP ~= 0 then
@@ -374,32 +424,6 @@ function V.validate(c, opts, to_table)
         .. "remove moe_pad_expert_input_to_capacity.")
     end
   end
-
-  -- tokenizer and vocabulary ----------------------------------------------------------------------
-  local tok_vocab
-  if tok.tokenizer_type == "NullTokenizer" then
-    if tok.vocab_size == nil then
-      fail("tokenizer.tokenizer_type = 'NullTokenizer' needs tokenizer.vocab_size: the number of token ids in the "
-        .. "pre-tokenized data (ids 0 .. vocab_size - 1; the end-of-document id is vocab_size)")
-    end
-    tok_vocab = tok.vocab_size + 1 -- Megatron's _NullTokenizer.vocab_size: the ids and the end-of-document id
-  else
-    local natural = schema.TOKENIZERS[tok.tokenizer_type]
-    tok_vocab = tok.vocab_size or natural
-    if tok_vocab < natural then
-      fail("tokenizer.vocab_size (%d) is smaller than the %s tokenizer's %d ids (256 bytes and the end-of-document "
-        .. "token). Set tokenizer.vocab_size >= %d or leave it nil", tok_vocab, tok.tokenizer_type, natural, natural)
-    end
-  end
-  tok.vocab_size = tok_vocab
-  local vocab = m.vocab_size or tok_vocab
-  -- Only real (tokenized) data carries the tokenizer's ids; mock data draws ids below vocab_size.
-  if vocab < tok_vocab and d.data_path ~= nil and not d.mock then
-    fail("model.vocab_size (%d) is smaller than the tokenizer's vocabulary (%d): token ids would fall outside the "
-      .. "embedding. Set model.vocab_size >= %d or leave it nil to take the tokenizer's", vocab, tok_vocab, tok_vocab)
-  end
-  m.vocab_size = vocab
-  r.padded_vocab_size = V.padded_vocab_size(vocab, m.make_vocab_size_divisible_by, TP)
 
   -- dataset ------------------------------------------------------------------------------------------
   if d.seq_length == nil then

@@ -144,4 +144,11 @@ function M.build_chunks(provider, layout, seed, flat_multiple, local_rank)
   return chunks
 end
 
+-- The chunks this rank holds of a provider's model in the job lt.parallel_state(provider) describes
+-- (its pipeline stage, with virtual stages); seed and flat_multiple as M.build.
+function M.chunks(provider, ps, seed, flat_multiple)
+  local layout = M.chunk_layers(provider, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
+  return M.build_chunks(provider, layout, seed, flat_multiple, ps.local_rank)
+end
+
 return M

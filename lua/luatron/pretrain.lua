@@ -107,10 +107,8 @@ function M.setup(cfg, opts)
   local seed = r.rng.seed
   local dp_group = ps.groups["dp-cp"]
   local pp, vpp = r.model.pipeline_model_parallel_size, r.model.virtual_pipeline_model_parallel_size or 1
-  local layout = model_lib.chunk_layers(r.model, pp, vpp, ps.coords.pp_rank)
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local chunks = model_lib.build_chunks(r.model, layout, seed, 16 * (dp_group and dp_group:size() or 1),
-    ps.local_rank)
+  local chunks = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,

@@ -145,8 +145,9 @@ describe("data parallelism", function()
     for i = 1, STEPS do
       assert.are.equal(uninterrupted[i].loss, m[i].loss, "loss at iteration " .. i)
     end
-    -- Checkpoints hold parameter names, not layouts: these shards resume at DP 4, and with DDP at
-    -- DP 1 and 2, with the uninterrupted run's losses (within the data-parallel tolerance).
+    -- Checkpoints hold parameter names, not layouts: these shards resume at DP 4 and DP 1 with the
+    -- distributed optimizer, and with DDP at DP 2, with the uninterrupted run's losses (within the
+    -- data-parallel tolerance).
     local function resumed(n, name, extra)
       local code, rout = run(("%s launch -n %d --timeout 60 %s"):format(q(LUATRON), n, recipe_args(dir, name,
         ("checkpoint.load=%s checkpoint.ckpt_step=10 %s"):format(q(ck), extra))))
@@ -161,7 +162,7 @@ describe("data parallelism", function()
       end
     end
     resumed(4, "resume_distopt4", "ddp.use_distributed_optimizer=true")
-    resumed(1, "resume_ddp1", "")
+    resumed(1, "resume_distopt1", "ddp.use_distributed_optimizer=true")
     resumed(2, "resume_ddp2", "")
     -- and the other way: a DDP checkpoint resumes with the distributed optimizer
     local ck2 = dir .. "/ck_ddp"

@@ -95,6 +95,7 @@ static const char *run_usage =
     "  group.field=value     e.g. train.train_iters=20 optimizer.lr=3e-4 model.device=cuda\n"
     "  field=value           the container's own fields, e.g. mixed_precision=bf16_mixed\n"
     "  --help                list every field the recipe's config takes, with its current value\n"
+    "  --trace=FILE          write every rank's pipeline steps as a Chrome trace (ui.perfetto.dev)\n"
     "Any other argument is an error (a recipe with arguments of its own hands pretrain\n"
     "lt.overrides.split(arg)). Errors in the recipe name its file and line.\n"
     "\n"

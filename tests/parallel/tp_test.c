@@ -18,7 +18,9 @@
  * - Communication per forward and per backward of the MLP equals the analytic volume: without SP one
  *   all-reduce of N x C floats each way (2 (TP-1)/TP of the bytes); with SP one all-gather and one
  *   reduce-scatter of N x C floats each way ((TP-1)/TP each); TP = 1 nothing.
- * - A column-parallel linear with gather_output gives the full output and the same gradients.
+ * - A column-parallel linear with gather_output gives the full output and the same gradients; a
+ *   row-parallel one with the residual in the output buffer gives the same output.
+ * - tp groups of 2 inside a world of 4: the same, on the group alone.
  * - Refusals (features or sequence not divisible by TP, gather_output with SP) with their messages,
  *   before any collective. */
 #include "tests/comm/harness.h" /* first: it defines _GNU_SOURCE */
@@ -162,17 +164,13 @@ static void rank_mappings(rank_ctx *ctx) {
 }
 
 /* ---- the MLP pattern ---- */
-static void rank_mlp(rank_ctx *ctx) {
-    const mlp_shape *S = ctx->arg;
+static void mlp_checks(rank_ctx *ctx, lt_comm *c, const mlp_shape *S, uint64_t seed) {
     char err[512] = "";
-    lt_comm *c = make_world(ctx, err, sizeof err);
-    RCHECK(ctx, c, "world: %s", err);
-    if (!c) return;
     const int tp = lt_comm_size(c), me = lt_comm_rank(c);
     const int s = S->s, b = S->b, C = S->C, F = S->F, N = s * b, Fp = F / tp, sp = S->sp;
     const int rows = N / tp, row0 = sp ? me * rows : 0;
     const int nrows = sp ? rows : N; /* rows this rank holds outside the layers */
-    rng_state = 99 + (uint64_t)F;
+    rng_state = seed + (uint64_t)F;
     float *x = fvec((size_t)N * C, -1, 1), *W1 = fvec((size_t)F * C, -0.3f, 0.3f), *b1 = fvec(F, -0.5f, 0.5f);
     float *W2 = fvec((size_t)C * F, -0.3f, 0.3f), *b2 = fvec(C, -0.5f, 0.5f), *dy = fvec((size_t)N * C, -1, 1);
     /* the gradients start nonzero: they accumulate */
@@ -258,6 +256,14 @@ static void rank_mlp(rank_ctx *ctx) {
     }
     ctx->out->val[0] = worst;
 
+    /* the residual may be the output buffer itself (the residual stream updated in place) */
+    float *stream = fcopy(xl, (size_t)nrows * C);
+    rc = lt_tp_row_forward(c, &row, stream, gl, w2, b2, stream, rs, err, sizeof err);
+    RCHECK(ctx, rc == 0 && memcmp(stream, yl, (size_t)nrows * C * 4) == 0,
+           "row forward with residual == out differs: %s", err);
+    free(stream);
+    lt_comm_reset_stats(c);
+
     /* gather_output (no SP): the full fc1 output, and the same gradients from the full dh */
     if (!sp) {
         lt_tp_linear gcol = {s, b, C, F, 0, 1};
@@ -284,7 +290,36 @@ static void rank_mlp(rank_ctx *ctx) {
     free(h), free(g), free(y), free(dg), free(dh), free(dx), free(dW1), free(db1), free(dW2), free(db2);
     free(w1), free(bb1), free(w2), free(gw1), free(gb1), free(gw2), free(gb2), free(cs), free(rs);
     free(hl), free(gl), free(yl), free(dgl), free(dhl), free(dxl);
+}
+
+static void rank_mlp(rank_ctx *ctx) {
+    char err[512] = "";
+    lt_comm *c = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, c, "world: %s", err);
+    if (!c) return;
+    mlp_checks(ctx, c, ctx->arg, 99);
     lt_comm_free(c);
+}
+
+/* 4 ranks as 2 data-parallel replicas of TP = 2 ({0,1}, {2,3}), each on its own data: the layers work on
+ * the tp group alone and nothing goes over the world communicator */
+static void rank_groups(rank_ctx *ctx) {
+    char err[512] = "";
+    lt_comm *w = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    const int g = ctx->rank / 2, ranks[2] = {2 * g, 2 * g + 1};
+    lt_comm *tp = lt_comm_group(w, ranks, 2, "tp", err, sizeof err);
+    RCHECK(ctx, tp, "tp group: %s", err);
+    if (tp) {
+        lt_comm_reset_stats(w);
+        mlp_shape S = *(const mlp_shape *)ctx->arg;
+        for (S.sp = 0; S.sp <= 1; S.sp++) mlp_checks(ctx, tp, &S, 500 + 7 * (uint64_t)g);
+        lt_comm_stats st = lt_comm_get_stats(w);
+        RCHECK(ctx, st.calls == 0, "the world communicator was used (%llu calls)", (unsigned long long)st.calls);
+        lt_comm_free(tp);
+    }
+    lt_comm_free(w);
 }
 
 /* ---- refusals, on every rank before any collective ---- */
@@ -367,7 +402,11 @@ int main(void) {
                 report_run(label, tp, &st, 0);
             }
     }
-    run_status st = run_ranks(4, 10.0, rank_refusals, NULL, 60);
+    run_status st = run_ranks(4, 10.0, rank_groups, &shapes[0], 60);
+    report_run("4 ranks as 2 replicas of TP = 2 (tp groups {0,1} and {2,3}, different data each): the MLP with and "
+               "without SP as above on the group, nothing on the world communicator",
+               4, &st, 0);
+    st = run_ranks(4, 10.0, rank_refusals, NULL, 60);
     report_run("TP = 4: features, sequence (SP) and last dim not divisible by TP, gather_output with SP refused "
                "with messages, before any collective",
                4, &st, 0);

@@ -261,16 +261,21 @@ int lt_tp_row_forward(lt_comm *tp, const lt_tp_linear *L, float *out, const floa
     } else if (lt_tp_reduce_from_forward(tp, scratch, (int64_t)N * O, err, errlen)) {
         return -1;
     }
-    /* out = sum + bias + residual, element by element (residual may be out) */
+    /* out = sum + (bias + residual), element by element (residual may be out): the single-rank op's
+     * order, which starts from bias + residual and lets the GEMM add onto it */
     for (int n = 0; n < rows; n++) {
         const float *p = sum + (size_t)n * O;
         const float *r = residual ? residual + (size_t)n * O : NULL;
         float *o = out + (size_t)n * O;
         for (int j = 0; j < O; j++) {
-            float v = p[j];
-            if (bias) v += bias[j];
-            if (r) v += r[j];
-            o[j] = v;
+            float e = 0.0f;
+            if (bias && r)
+                e = bias[j] + r[j];
+            else if (bias)
+                e = bias[j];
+            else if (r)
+                e = r[j];
+            o[j] = p[j] + e;
         }
     }
     return 0;
@@ -282,9 +287,12 @@ int lt_tp_row_backward(lt_comm *tp, const lt_tp_linear *L, float *dx, float *dwe
     if (check_linear(tp, L, 0, err, errlen)) return -1;
     const int size = lt_comm_size(tp), N = L->s * L->b, O = L->out;
     const int rows = L->sequence_parallel ? N / size : N;
-    if (dbias) /* over the rows this rank holds, in order of n as the single-rank op */
-        for (int n = 0; n < rows; n++)
-            for (int j = 0; j < O; j++) dbias[j] += dout[(size_t)n * O + j];
+    if (dbias) /* over the rows this rank holds: summed from zero in order of n, then added, as the single-rank op */
+        for (int j = 0; j < O; j++) {
+            float acc = 0.0f;
+            for (int n = 0; n < rows; n++) acc += dout[(size_t)n * O + j];
+            dbias[j] += acc;
+        }
     const float *dfull = dout;
     if (L->sequence_parallel) { /* the reduce-scatter's backward */
         if (lt_tp_reduce_scatter_to_sequence_backward(tp, scratch, dout, L->s, L->b, O, err, errlen)) return -1;

@@ -14,6 +14,8 @@
  *   max |reference| per tensor (the measured worst is printed). Not bit-exact: the row-parallel output
  *   and the input gradient are sums over ranks of partial GEMMs over F/TP (resp. C) columns, a different
  *   summation order from one GEMM over all of them; the sharded GEMMs themselves may block differently.
+ *   Measured: 0 at TP = 1 (the layers add bias + residual and sum the bias gradient in the single-rank
+ *   op's order), at most ~3.4e-7 at TP = 2 and 4.
  *   The weight gradients accumulate (+=) onto nonzero values, as after an earlier microbatch.
  * - Communication per forward and per backward of the MLP equals the analytic volume: without SP one
  *   all-reduce of N x C floats each way (2 (TP-1)/TP of the bytes); with SP one all-gather and one

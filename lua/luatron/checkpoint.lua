@@ -170,10 +170,20 @@ local function load_file(path)
   return t, meta_or_err
 end
 
+-- A loader that reads each file once however often it is asked for (a load looks at the first
+-- file of a kind for its counts, then reads them all).
+local function file_reader()
+  local read = {}
+  return function(path)
+    if not read[path] then read[path] = { load_file(path) } end
+    return table.unpack(read[path])
+  end
+end
+
 -- The files of one kind ("model", "optimizer") in dir, all of them, in stage order: the single
 -- file, or one per stage (and per data-parallel rank for shards) as the first one's metadata
--- counts them. nil when dir holds none of that kind.
-local function kind_files(dir, kind)
+-- counts them. nil when dir holds none of that kind. read: a file_reader.
+local function kind_files(dir, kind, read)
   local first
   for _, name in ipairs { file_name(kind), file_name(kind, 0), file_name(kind, nil, 0), file_name(kind, 0, 0) } do
     if fs.exists(dir .. "/" .. name) then
@@ -182,7 +192,7 @@ local function kind_files(dir, kind)
     end
   end
   if not first then return nil end
-  local _, meta = load_file(dir .. "/" .. first)
+  local _, meta = read(dir .. "/" .. first)
   local pp = first:find("_pp", 1, true) and tonumber(meta.pp_size) or nil
   local dp = first:find("_shard_", 1, true) and tonumber(meta.dp_size) or nil
   local files = {}
@@ -200,24 +210,24 @@ local function kind_files(dir, kind)
 end
 
 -- Every parameter the model files of dir hold, by name (a tied embedding's copies are equal).
-local function read_model(dir)
-  local files = kind_files(dir, "model")
+local function read_model(dir, read)
+  local files = kind_files(dir, "model", read)
   if not files then error(("checkpoint %s has no model.safetensors"):format(dir), 0) end
   local weights, where = {}, {}
   for _, file in ipairs(files) do
-    for name, t in pairs((load_file(file))) do
+    for name, t in pairs((read(file))) do
       if not weights[name] then weights[name], where[name] = t, file end
     end
   end
   return weights, where
 end
 
--- The optimizer files of dir: { ["<state>.<param>"] = { {first =, tensor = 1-D, file =}, ... } },
+-- What the optimizer files hold: { ["<state>.<param>"] = { {first =, tensor = 1-D, file =}, ... } },
 -- each stored piece once.
-local function read_optimizer(dir)
+local function read_optimizer(files, read)
   local index, seen = {}, {}
-  for _, file in ipairs(kind_files(dir, "optimizer")) do
-    for name, t in pairs((load_file(file))) do
+  for _, file in ipairs(files) do
+    for name, t in pairs((read(file))) do
       local key, first = name:match("^(.-):(%d+)$")
       key, first = key or name, tonumber(first) or 0
       local id = ("%s:%d:%d"):format(key, first, t:numel())
@@ -298,15 +308,18 @@ function M.load(root, model, optimizer, opts)
   if not state_text then error(("checkpoint %s has no state.json"):format(dir), 0) end
   local ok, state = pcall(json.decode, state_text)
   if not ok then error(("checkpoint %s/state.json is corrupt: %s"):format(dir, state), 0) end
-  local weights, where = read_model(dir)
+  local read = file_reader()
+  local weights, where = read_model(dir, read)
   local copies = plan_model_copies(chunks, weights, where, dir)
   local load_optim = optimizer and opts.load_optim ~= false
   if load_optim then
-    if not kind_files(dir, "optimizer") then
+    local files = kind_files(dir, "optimizer", read)
+    if not files then
       error(("checkpoint %s holds no optimizer state (saved with checkpoint.save_optim = false): set "
         .. "checkpoint.load_optim = false or checkpoint.finetune = true to load the model only"):format(dir), 0)
     end
-    for _, c in ipairs(plan_optimizer_copies(chunks, state_pieces(chunks, optimizer), read_optimizer(dir), dir)) do
+    local stored = read_optimizer(files, read)
+    for _, c in ipairs(plan_optimizer_copies(chunks, state_pieces(chunks, optimizer), stored, dir)) do
       copies[#copies + 1] = c
     end
   end

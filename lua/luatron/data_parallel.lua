@@ -281,6 +281,12 @@ function Chunks:before_last_backward(i)
   if not (self.sharded and self.tied[i]) then self.parts[i]:before_last_backward() end
 end
 
+-- Whether parameter `name` of chunk i (1-based) is the last stage's copy of the tied embedding,
+-- which the whole model's sums (gradient norm, parameter count and norm) count once.
+function Chunks:is_tied_copy(i, name)
+  return self.copy[i] and name == EMBEDDING or false
+end
+
 -- The tied embedding's copies summed over the first and last stage.
 function Chunks:sum_tied()
   for i in pairs(self.tied) do self.embedding:all_reduce(self.chunks[i]:grad(EMBEDDING), "sum") end
@@ -303,7 +309,7 @@ function Chunks:step(lr)
   if not self.sharded then self:sum_tied() end
   local sumsq = 0
   for i, part in ipairs(self.parts) do sumsq = sumsq + part:sumsq(self.copy[i] and EMBEDDING or nil) end
-  local t = core.tensor.from({ sumsq }, "float32")
+  local t <close> = core.tensor.from({ sumsq }, "float32")
   if self.sharded and self.dp > 1 then self.group:all_reduce(t, "sum") end
   if self.pp and self.pp:size() > 1 then self.pp:all_reduce(t, "sum") end
   local norm = math.sqrt(math.max(t:item(), 0))
@@ -311,7 +317,6 @@ function Chunks:step(lr)
   if c then
     for _, part in ipairs(self.parts) do part:scale_grads(c) end
   end
-  self.last_norm = norm
   return norm
 end
 

@@ -245,10 +245,4 @@ function M.plan(spec)
   return M.plan_all(spec)[r + 1]
 end
 
--- The idle share of a step Megatron's formulas give: (PP - 1) / M for 1F1B, (PP - 1) / (VPP M)
--- interleaved (forward and backward of a chunk taken as equally long on every stage).
-function M.bubble_formula(pp, chunks, m)
-  return (pp - 1) / (chunks * m)
-end
-
 return M

@@ -13,7 +13,6 @@ local parallel = require "luatron.parallel"
 local data_parallel = require "luatron.data_parallel"
 local pipeline = require "luatron.pipeline"
 local pipeline_run = require "luatron.pipeline_run"
-local schedules = require "luatron.schedules"
 local timeline = require "luatron.timeline"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
@@ -106,7 +105,7 @@ function M.setup(cfg, opts)
   local r = config.validate(cfg, ps.world_size)
   local seed = r.rng.seed
   local dp_group = ps.groups["dp-cp"]
-  local pp, vpp = r.model.pipeline_model_parallel_size, r.model.virtual_pipeline_model_parallel_size or 1
+  local pp = r.model.pipeline_model_parallel_size
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
   local chunks = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
@@ -118,8 +117,7 @@ function M.setup(cfg, opts)
     dp_size = dp_group and dp_group:size() or 1,
     chunks = chunks,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group, { pp = ps.groups.pp, embedding = ps.groups.embedding }),
-    schedule = opts.schedule or schedules.default_name(pp, vpp),
-
+    schedule = opts.schedule, -- nil: Megatron's choice for the layout (luatron.pipeline)
     plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
@@ -478,7 +476,7 @@ local function over_model(run, fn)
   local x = 0
   for i, chunk in ipairs(run.chunks) do
     for _, p in ipairs(chunk:parameters()) do
-      if not (run.optimizer.copy[i] and p.name == "embedding.word_embeddings.weight") then x = x + fn(chunk, p) end
+      if not run.optimizer:is_tied_copy(i, p.name) then x = x + fn(chunk, p) end
     end
   end
   return sum_over_stages(run, x)

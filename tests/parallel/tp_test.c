@@ -26,6 +26,7 @@
  * - Refusals (features or sequence not divisible by TP, gather_output with SP) with their messages,
  *   before any collective. */
 #include "tests/comm/harness.h" /* first: it defines _GNU_SOURCE */
+#include "tests/parallel/tp_testutil.h"
 
 #include <math.h>
 
@@ -36,34 +37,10 @@ typedef struct {
     int s, b, C, F, sp;
 } mlp_shape;
 
-static uint64_t rng_state;
-static uint32_t next_u32(void) {
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(rng_state >> 33);
-}
-static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(next_u32() >> 8) / 16777216.0f; }
-
-static float *fvec(size_t n, float lo, float hi) {
-    float *x = malloc(n * sizeof(float) + 4);
-    for (size_t i = 0; i < n; i++) x[i] = uniform(lo, hi);
-    return x;
-}
 static float *fcopy(const float *x, size_t n) {
     float *y = malloc(n * sizeof(float) + 4);
     memcpy(y, x, n * sizeof(float));
     return y;
-}
-
-static uint64_t ring_all_reduce(int tp, uint64_t bytes) { return 2 * (uint64_t)(tp - 1) * bytes / (uint64_t)tp; }
-static uint64_t ring_half(int tp, uint64_t bytes) { return (uint64_t)(tp - 1) * bytes / (uint64_t)tp; }
-
-static int check_stats(rank_ctx *ctx, lt_comm *c, const char *what, uint64_t calls, uint64_t bytes) {
-    lt_comm_stats st = lt_comm_get_stats(c);
-    RCHECK(ctx, st.calls == calls && st.bytes == bytes, "%s: %llu calls / %llu bytes, analytic %llu / %llu", what,
-           (unsigned long long)st.calls, (unsigned long long)st.bytes, (unsigned long long)calls,
-           (unsigned long long)bytes);
-    lt_comm_reset_stats(c);
-    return st.calls == calls && st.bytes == bytes;
 }
 
 /* max |a - b| / max |b|, over n values of a and of b read with strides (rows of width w). */

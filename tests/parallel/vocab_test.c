@@ -22,6 +22,7 @@
  * - a vocabulary not divisible by TP, and ids outside it, are refused with a message before any
  *   collective (so no rank waits for the others). */
 #include "tests/comm/harness.h" /* first: it defines _GNU_SOURCE */
+#include "tests/parallel/tp_testutil.h"
 
 #include <math.h>
 
@@ -31,19 +32,6 @@
 typedef struct {
     int V, C, N; /* N divisible by 4 for the SP variant */
 } shape;
-
-static uint64_t rng_state;
-static uint32_t next_u32(void) {
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(rng_state >> 33);
-}
-static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(next_u32() >> 8) / 16777216.0f; }
-
-static float *fvec(size_t n, float lo, float hi) {
-    float *x = malloc(n * sizeof(float) + 4);
-    for (size_t i = 0; i < n; i++) x[i] = uniform(lo, hi);
-    return x;
-}
 
 /* ids: the slice boundaries of every TP in {1, 2, 4} and both ends, then random ids (repeats included);
  * with ignore, every 7th is -1. */
@@ -56,18 +44,6 @@ static int32_t *make_ids(int N, int V, int ignore) {
     if (ignore)
         for (int n = 3; n < N; n += 7) ids[n] = -1;
     return ids;
-}
-
-static uint64_t ring_all_reduce(int tp, uint64_t bytes) { return 2 * (uint64_t)(tp - 1) * bytes / (uint64_t)tp; }
-static uint64_t ring_half(int tp, uint64_t bytes) { return (uint64_t)(tp - 1) * bytes / (uint64_t)tp; }
-
-static int check_stats(rank_ctx *ctx, lt_comm *c, const char *what, uint64_t calls, uint64_t bytes) {
-    lt_comm_stats st = lt_comm_get_stats(c);
-    RCHECK(ctx, st.calls == calls && st.bytes == bytes, "%s: %llu calls / %llu bytes, analytic %llu / %llu", what,
-           (unsigned long long)st.calls, (unsigned long long)st.bytes, (unsigned long long)calls,
-           (unsigned long long)bytes);
-    lt_comm_reset_stats(c);
-    return st.calls == calls && st.bytes == bytes;
 }
 
 /* ---- embedding, with and without sequence parallelism ---- */

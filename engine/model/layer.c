@@ -86,8 +86,9 @@ void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const
         ops->linear_forward(a->qkv, a->ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
     }
     if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base);
+    /* all of the model's heads on this rank: masks numbered from head 0 of num_attention_heads */
     ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c),
-                           lt_dropout_key(c->dropout_seed, c->layer, "attention"));
+                           lt_dropout_key(c->dropout_seed, c->layer, "attention"), 0, s->num_attention_heads);
     /* out = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
     const float p = hidden_p(s, c);
     const int drop = p > 0;
@@ -115,7 +116,7 @@ void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, cons
     }
     ops->linear_backward(sc->d_att, g->proj_w, g->proj_b, d_proj, a->att, w->proj_w, N, H * D, C);
     ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, attention_p(s, c),
-                            lt_dropout_key(c->dropout_seed, c->layer, "attention"));
+                            lt_dropout_key(c->dropout_seed, c->layer, "attention"), 0, s->num_attention_heads);
     if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base);
     const void *d_qkv = sc->d_qkv;
     if (s->qk_layernorm) { /* into d_fc1, free since the MLP's backward */

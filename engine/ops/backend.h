@@ -53,9 +53,10 @@ typedef struct lt_ops {
                                   const void *weight, const void *pre, int N, int IN, int OUT);
 
     void (*attention_forward)(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D,
-                              float dropout_p, uint64_t dropout_key);
+                              float dropout_p, uint64_t dropout_key, int head_offset, int heads_total);
     void (*attention_backward)(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
-                               int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
+                               int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key,
+                               int head_offset, int heads_total);
     void (*rope_forward)(void *qkv, int B, int T, int H, int G, int D, float base);
     void (*rope_backward)(void *dqkv, int B, int T, int H, int G, int D, float base);
     /* lt_qk_norm_forward / lt_qk_norm_backward: mean NULL selects RMSNorm. */

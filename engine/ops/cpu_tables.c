@@ -63,12 +63,12 @@ static void f32_linear_dgelu_backward(void *dpre, float *dw, float *db, const vo
     lt_release(dact, bytes);
 }
 static void f32_attention_forward(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D, float p,
-                                  uint64_t key) {
-    lt_attention_forward(out, lse, qkv, B, T, H, G, D, p, key);
+                                  uint64_t key, int h0, int HT) {
+    lt_attention_forward(out, lse, qkv, B, T, H, G, D, p, key, h0, HT);
 }
 static void f32_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
-                                   int B, int T, int H, int G, int D, float p, uint64_t key) {
-    lt_attention_backward(dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key);
+                                   int B, int T, int H, int G, int D, float p, uint64_t key, int h0, int HT) {
+    lt_attention_backward(dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key, h0, HT);
 }
 static void f32_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base) {
     lt_rope_forward(qkv, B, T, H, G, D, base);
@@ -252,18 +252,18 @@ static void bf16_linear_dgelu_backward(void *dpre, float *dw, float *db, const v
     narrow(dpre, dp, NI);
 }
 static void bf16_attention_forward(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D, float p,
-                                   uint64_t key) {
+                                   uint64_t key, int h0, int HT) {
     const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D, NO = (int64_t)B * T * H * D;
     float *o = scratch(NO), *q = widen(qkv, NQ);
-    lt_attention_forward(o, lse, q, B, T, H, G, D, p, key);
+    lt_attention_forward(o, lse, q, B, T, H, G, D, p, key, h0, HT);
     drop(q, NQ);
     narrow(out, o, NO);
 }
 static void bf16_attention_backward(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
-                                    int B, int T, int H, int G, int D, float p, uint64_t key) {
+                                    int B, int T, int H, int G, int D, float p, uint64_t key, int h0, int HT) {
     const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D, NO = (int64_t)B * T * H * D;
     float *dq = scratch(NQ), *d = widen(dout, NO), *q = widen(qkv, NQ), *o = widen(out, NO);
-    lt_attention_backward(dq, d, q, o, lse, B, T, H, G, D, p, key);
+    lt_attention_backward(dq, d, q, o, lse, B, T, H, G, D, p, key, h0, HT);
     drop(d, NO), drop(q, NQ), drop(o, NO);
     narrow(dqkv, dq, NQ);
 }

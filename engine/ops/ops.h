@@ -62,14 +62,17 @@ void lt_matmul(float *c, const float *a, const float *b, int M, int N, int K, in
  * Causal, scale 1/sqrt(D), grouped query attention (query head h uses kv group h / (H/G)).
  * No T x T matrix is kept between forward and backward: backward recomputes scores from q, k, lse.
  * Attention dropout (p in [0, 1)) drops probabilities with mask element (b, h, i, j) drawn from
- * lt_rng_uniform(dropout_key, ((b*H + h)*T + i)*T + j) < p, kept ones scaled by 1/(1-p); backward
- * regenerates the same mask. p = 0 disables it. */
+ * lt_rng_uniform(dropout_key, ((b*heads_total + head_offset + h)*T + i)*T + j) < p, kept ones scaled
+ * by 1/(1-p); backward regenerates the same mask. p = 0 disables it. The op's H heads are heads
+ * [head_offset, head_offset + H) of a model with heads_total heads, so a tensor-parallel rank running
+ * its local heads draws the single-rank model's masks; a single rank passes 0, H. */
 void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D,
-                          float dropout_p, uint64_t dropout_key);
+                          float dropout_p, uint64_t dropout_key, int head_offset, int heads_total);
 /* dqkv (same layout as qkv) = gradient: every element written, the query, key and value heads of every
  * group (a key / value head sums the gradients of its group's H/G query heads itself). */
 void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                           int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key);
+                           int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key,
+                           int head_offset, int heads_total);
 
 /* Rotary position embedding, in place on the query and key heads of a fused qkv buffer (layout above).
  * Non-interleaved ("rotate half"): pairs (i, i + D/2), angle t * base^(-2i/D), i < D/2. D must be even.

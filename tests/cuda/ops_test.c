@@ -936,14 +936,18 @@ static void test_attention(const prec *P, int B, int T, int H, int G, int D, flo
     const uint64_t key = 0xA77E4710ull + (uint64_t)T;
     const size_t nq = (size_t)B * T * (H + 2 * G) * D, no = (size_t)B * T * H * D, nl = (size_t)B * H * T;
     const double tol = tol_for(P, 1e-4, 1e-2);
-    snprintf(shape, sizeof shape, "B=%d T=%d H=%d G=%d D=%d dropout=%g", B, T, H, G, D, p);
+    /* with dropout the op's heads are heads [H, 2H) of a 3H-head model (a tensor-parallel rank's slice):
+     * the device must number the masks by global head as the CPU does */
+    const int h0 = p > 0.0f ? H : 0, HT = p > 0.0f ? 3 * H : H;
+    snprintf(shape, sizeof shape, "B=%d T=%d H=%d G=%d D=%d dropout=%g heads [%d, %d) of %d", B, T, H, G, D, p, h0,
+             h0 + H, HT);
     float *qkv = rnd(P, nq, -1, 1), *g = rnd(P, no, -1, 1), *dq0 = junk(nq);
     void *hq = st(P, qkv, nq), *hg = st(P, g, no), *out = st_new(P, no), *dqr = st(P, dq0, nq);
     float *lse = fl(nl);
     void *d_qkv = dst(P, hq, nq), *d_out = dst_new(P, no), *d_g = dst(P, hg, no), *d_dq = dst(P, dqr, nq);
     float *d_lse = dfl_new(nl);
-    P->cpu->attention_forward(out, lse, hq, B, T, H, G, D, p, key);
-    P->dev->attention_forward(d_out, d_lse, d_qkv, B, T, H, G, D, p, key);
+    P->cpu->attention_forward(out, lse, hq, B, T, H, G, D, p, key, h0, HT);
+    P->dev->attention_forward(d_out, d_lse, d_qkv, B, T, H, G, D, p, key, h0, HT);
     snprintf(name, sizeof name, "attention_forward %s: out", shape);
     check_st(P, name, out, d_out, no, tol);
     snprintf(name, sizeof name, "attention_forward %s: lse (fp32)", shape);
@@ -951,8 +955,8 @@ static void test_attention(const prec *P, int B, int T, int H, int G, int D, flo
     /* backward from the CPU's out and lse, so it is checked on its own */
     dev->to_device(d_out, out, no * esize(P->dt));
     dev->to_device(d_lse, lse, nl * sizeof(float));
-    P->cpu->attention_backward(dqr, hg, hq, out, lse, B, T, H, G, D, p, key);
-    P->dev->attention_backward(d_dq, d_g, d_qkv, d_out, d_lse, B, T, H, G, D, p, key);
+    P->cpu->attention_backward(dqr, hg, hq, out, lse, B, T, H, G, D, p, key, h0, HT);
+    P->dev->attention_backward(d_dq, d_g, d_qkv, d_out, d_lse, B, T, H, G, D, p, key, h0, HT);
     void *got = hmem(nq * esize(P->dt));
     dev->to_host(got, d_dq, nq * esize(P->dt));
     int rc = dev_sync(err, sizeof err);
@@ -1036,7 +1040,7 @@ static void test_errors(void) {
         const int B = 1, T = 4, H = 1, G = 1, D = 256;
         void *d_qkv = dev_alloc(es * B * T * 3 * D), *d_out = dev_alloc(es * B * T * D);
         float *d_lse = dev_alloc(sizeof(float) * B * T);
-        ops->attention_forward(d_out, d_lse, d_qkv, B, T, H, G, D, 0.0f, 0);
+        ops->attention_forward(d_out, d_lse, d_qkv, B, T, H, G, D, 0.0f, 0, 0, H);
         int rc1 = dev_sync(err, sizeof err);
         char first[600];
         snprintf(first, sizeof first, "%s", err);
@@ -1206,7 +1210,7 @@ static void test_profile_counts(void) {
     const int cleared = dev->profile_report(NULL, 1); /* the uploads above do not count */
     for (int k = 0; k < 3; k++) P32.dev->add_forward(dy, da, db, n);
     for (int k = 0; k < 2; k++) P16.dev->linear_forward(dout, dx, dw, k ? dbias : NULL, NULL, N, IN, OUT);
-    P16.dev->attention_forward(dao, dlse, dq, B, T, H, G, D, 0.0f, 0);
+    P16.dev->attention_forward(dao, dlse, dq, B, T, H, G, D, 0.0f, 0, 0, H);
     dev->memzero(dy, 4 * n);
     dev->cast_to_bf16(dc, da, n);
     rc |= dev_sync(err, sizeof err);

@@ -1,7 +1,7 @@
 /* Attention: forward against a naive full T x T reference (in double), backward against a naive
  * reference and against finite differences, its dqkv written over garbage (every query, key and value
  * element, the key and value heads summing their group's query heads); MHA, MQA, GQA; odd T and D;
- * dropout with its mask. */
+ * dropout with its mask; a slice of the heads (tensor parallelism) drawing the full model's masks. */
 #include <math.h>
 #include <stdio.h>
 
@@ -98,11 +98,11 @@ static void check_vs_naive(const char *name, shape s) {
     float *qkv = tu_new_randn(nq, 1.0f), *dout = tu_new_randn(no, 1.0f);
     float *out = tu_alloc(no), *lse = tu_alloc(nl), *dqkv = tu_new_garbage(nq);
     double *rout = calloc(no, sizeof(double)), *rlse = calloc(nl, sizeof(double)), *rd = calloc(nq, sizeof(double));
-    lt_attention_forward(out, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, s.key);
+    lt_attention_forward(out, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, s.key, 0, s.H);
     naive(&s, qkv, dout, rout, rlse, rd);
     TAP_CHECK(max_rel_d(out, rout, no) < 2e-5, "%s: forward out vs naive (rel %.2e)", name, max_rel_d(out, rout, no));
     TAP_CHECK(max_rel_d(lse, rlse, nl) < 2e-6, "%s: forward lse vs naive (rel %.2e)", name, max_rel_d(lse, rlse, nl));
-    lt_attention_backward(dqkv, dout, qkv, out, lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key);
+    lt_attention_backward(dqkv, dout, qkv, out, lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key, 0, s.H);
     double e = max_rel_d(dqkv, rd, nq);
     TAP_CHECK(e < 1e-4, "%s: backward dqkv (written over garbage) vs naive (rel %.2e)", name, e);
     free(qkv), free(dout), free(out), free(lse), free(dqkv), free(rout), free(rlse), free(rd);
@@ -116,7 +116,7 @@ typedef struct {
 
 static double fd_loss(void *p) {
     fd_ctx *c = p;
-    lt_attention_forward(c->out, c->lse, c->qkv, c->s.B, c->s.T, c->s.H, c->s.G, c->s.D, c->s.p, c->s.key);
+    lt_attention_forward(c->out, c->lse, c->qkv, c->s.B, c->s.T, c->s.H, c->s.G, c->s.D, c->s.p, c->s.key, 0, c->s.H);
     return tu_dot(c->out, c->R, out_n(&c->s));
 }
 
@@ -125,11 +125,53 @@ static void check_fd(const char *name, shape s) {
     fd_ctx c = {s, tu_new_randn(nq, 1.0f), tu_alloc(no), tu_alloc((size_t)s.B * s.H * s.T), tu_new_randn(no, 1.0f)};
     float *zero = tu_alloc(nq), *dqkv = tu_new_garbage(nq);
     fd_loss(&c);
-    lt_attention_backward(dqkv, c.R, c.qkv, c.out, c.lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key);
+    lt_attention_backward(dqkv, c.R, c.qkv, c.out, c.lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key, 0, s.H);
     char what[128];
     snprintf(what, sizeof what, "%s: dqkv (written over garbage)", name);
     tu_check_fd(what, dqkv, zero, c.qkv, nq, 1e-2f, fd_loss, &c, 5e-4);
     free(c.qkv), free(c.out), free(c.lse), free(c.R), free(dqkv), free(zero);
+}
+
+/* Copy the columns [off, off + width) of each of rows rows of pitch floats: one rank's heads of a buffer. */
+static float *slice_rows(const float *src, size_t rows, size_t pitch, size_t off, size_t width) {
+    float *dst = tu_alloc(rows * width);
+    for (size_t r = 0; r < rows; r++) memcpy(dst + r * width, src + r * pitch + off, width * sizeof(float));
+    return dst;
+}
+static int same_bits(const float *a, const float *b, size_t n) { return memcmp(a, b, n * sizeof(float)) == 0; }
+
+/* Tensor parallelism: heads [h0, h0 + Hl) of the model s, run alone with head_offset h0 and heads_total s.H,
+ * give exactly the full run's out, lse and dqkv of those heads (dropout masks are numbered by global head).
+ * The slice holds whole kv groups, so its qkv row is a contiguous part of the full row. */
+static void check_head_slice(const char *name, shape s, int h0, int Hl) {
+    const int hpg = s.H / s.G;
+    shape l = s;
+    l.H = Hl, l.G = Hl / hpg;
+    const size_t nq = qkv_n(&s), no = out_n(&s), nl = (size_t)s.B * s.H * s.T;
+    const size_t lq = qkv_n(&l), lo = out_n(&l), ll = (size_t)l.B * l.H * l.T, rows = (size_t)s.B * s.T;
+    float *qkv = tu_new_randn(nq, 1.0f), *dout = tu_new_randn(no, 1.0f);
+    float *out = tu_alloc(no), *lse = tu_alloc(nl), *dqkv = tu_alloc(nq);
+    lt_attention_forward(out, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, s.key, 0, s.H);
+    lt_attention_backward(dqkv, dout, qkv, out, lse, s.B, s.T, s.H, s.G, s.D, s.p, s.key, 0, s.H);
+
+    /* the local qkv row: groups h0 / hpg on, each its hpg query heads, key, value */
+    const size_t qcol = (size_t)(h0 / hpg) * (hpg + 2) * s.D, hd = (size_t)s.H * s.D;
+    float *lqkv = slice_rows(qkv, rows, nq / rows, qcol, lq / rows);
+    float *ldout = slice_rows(dout, rows, hd, (size_t)h0 * s.D, (size_t)Hl * s.D);
+    float *want_out = slice_rows(out, rows, hd, (size_t)h0 * s.D, (size_t)Hl * s.D);
+    float *want_lse = slice_rows(lse, s.B, (size_t)s.H * s.T, (size_t)h0 * s.T, (size_t)Hl * s.T);
+    float *want_dqkv = slice_rows(dqkv, rows, nq / rows, qcol, lq / rows);
+    float *lout = tu_alloc(lo), *llse = tu_alloc(ll), *ldqkv = tu_new_garbage(lq);
+    lt_attention_forward(lout, llse, lqkv, l.B, l.T, l.H, l.G, l.D, l.p, l.key, h0, s.H);
+    lt_attention_backward(ldqkv, ldout, lqkv, lout, llse, l.B, l.T, l.H, l.G, l.D, l.p, l.key, h0, s.H);
+    TAP_CHECK(same_bits(lout, want_out, lo), "%s: heads [%d, %d) alone: out bit-identical", name, h0, h0 + Hl);
+    TAP_CHECK(same_bits(llse, want_lse, ll), "%s: heads [%d, %d) alone: lse bit-identical", name, h0, h0 + Hl);
+    TAP_CHECK(same_bits(ldqkv, want_dqkv, lq), "%s: heads [%d, %d) alone: dqkv bit-identical", name, h0, h0 + Hl);
+    /* the check can fail: numbered from head 0 (the offset ignored), the slice draws other masks */
+    lt_attention_forward(lout, llse, lqkv, l.B, l.T, l.H, l.G, l.D, l.p, l.key, 0, l.H);
+    TAP_CHECK(!same_bits(lout, want_out, lo), "%s: heads numbered from 0 instead: out differs", name);
+    free(qkv), free(dout), free(out), free(lse), free(dqkv), free(lqkv), free(ldout), free(want_out);
+    free(want_lse), free(want_dqkv), free(lout), free(llse), free(ldqkv);
 }
 
 int main(void) {
@@ -146,6 +188,9 @@ int main(void) {
     check_fd("fd GQA B1 T10 H4 G2 D4", (shape){1, 10, 4, 2, 4, 0.0f, 0});
     check_fd("fd GQA B1 T67 H2 G1 D2", (shape){1, 67, 2, 1, 2, 0.0f, 0});
     check_fd("fd dropout 0.25 GQA B2 T12 H4 G2 D4", (shape){2, 12, 4, 2, 4, 0.25f, 777});
+    /* tensor parallelism: the last 2 of 4 heads (MHA: 2 of 4 groups; GQA: 1 of 2 groups), dropout on */
+    check_head_slice("slice dropout 0.3 MHA B2 T70 H4 G4 D8", (shape){2, 70, 4, 4, 8, 0.3f, 4242}, 2, 2);
+    check_head_slice("slice dropout 0.3 GQA B2 T70 H4 G2 D8", (shape){2, 70, 4, 2, 8, 0.3f, 4242}, 2, 2);
 
     /* dropout: rate of dropped probabilities, and key changes the mask */
     {
@@ -160,9 +205,9 @@ int main(void) {
         const size_t nq = qkv_n(&s), no = out_n(&s);
         float *qkv = tu_new_randn(nq, 1.0f), *o1 = tu_alloc(no), *o2 = tu_alloc(no), *o3 = tu_alloc(no);
         float *lse = tu_alloc((size_t)s.B * s.H * s.T);
-        lt_attention_forward(o1, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 99);
-        lt_attention_forward(o2, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 99);
-        lt_attention_forward(o3, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 100);
+        lt_attention_forward(o1, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 99, 0, s.H);
+        lt_attention_forward(o2, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 99, 0, s.H);
+        lt_attention_forward(o3, lse, qkv, s.B, s.T, s.H, s.G, s.D, s.p, 100, 0, s.H);
         TAP_CHECK(memcmp(o1, o2, no * sizeof(float)) == 0, "attention dropout: same key, identical output");
         TAP_CHECK(tu_max_abs_diff(o1, o3, no) > 1e-3, "attention dropout: another key, another mask");
         free(qkv), free(o1), free(o2), free(o3), free(lse);

@@ -120,7 +120,7 @@ static float *lt_scratch(size_t n) {
 /* ---------------- forward ---------------- */
 
 void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T, int H, int G, int D, float dropout_p,
-                          uint64_t dropout_key) {
+                          uint64_t dropout_key, int head_offset, int heads_total) {
     const lt_attn_dims dm = lt_attn_make(B, T, H, G, D);
     const int Dp = dm.Dp, Tp = dm.Tp, ldt = dm.ldt, nqb = (T + LT_BR - 1) / LT_BR;
     /* A task is (b, h) and all its query blocks, so K and V are packed once; when (b, h) pairs are too
@@ -138,6 +138,7 @@ void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T
         for (int task = 0; task < ntask; task++) {
             const int chunk = split - 1 - task / (B * H), bh = task % (B * H), b = bh / H, h = bh % H, g = h / dm.hpg;
             const int qb0 = chunk * nqb / split, qb1 = (chunk + 1) * nqb / split;
+            const uint64_t mh = (uint64_t)b * heads_total + head_offset + h; /* the head's mask row (ops.h) */
             { /* the keys of the task's last block, zero-padded to its tile columns */
                 const int nk = lt_imin(qb1 * LT_BR, T), cols = lt_imin(lt_round_up(nk, LT_NR), Tp);
                 lt_pack_cols(Kt, ldt, qkv + lt_k_off(&dm, b, 0, g), dm.rs, nk, cols, D, Dp);
@@ -175,7 +176,7 @@ void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T
                     const float inv = 1.0f / l;
                     if (dropout_p > 0.0f) {
                         const float kept = inv * inv_keep;
-                        lt_uniform_fill(U, dropout_key, (((uint64_t)b * H + h) * T + i) * (uint64_t)T, i + 1);
+                        lt_uniform_fill(U, dropout_key, (mh * T + i) * (uint64_t)T, i + 1);
 #pragma omp simd
                         for (int j = 0; j <= i; j++) row[j] = U[j] < dropout_p ? 0.0f : row[j] * kept;
                     } else {
@@ -207,7 +208,8 @@ void lt_attention_forward(float *out, float *lse, const float *qkv, int B, int T
  * (one head per group) or by the group sum after the tasks. */
 
 void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse, int B,
-                           int T, int H, int G, int D, float dropout_p, uint64_t dropout_key) {
+                           int T, int H, int G, int D, float dropout_p, uint64_t dropout_key, int head_offset,
+                           int heads_total) {
     const lt_attn_dims dm = lt_attn_make(B, T, H, G, D);
     const int Dp = dm.Dp, Tp = dm.Tp, ldt = dm.ldt, hpg = dm.hpg, nqb = (T + LT_BR - 1) / LT_BR;
     const float inv_keep = dropout_p > 0.0f ? 1.0f / (1.0f - dropout_p) : 1.0f;
@@ -226,6 +228,7 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
 #pragma omp for schedule(dynamic, 1)
         for (int bh = 0; bh < B * H; bh++) {
             const int b = bh / H, h = bh % H, g = h / hpg;
+            const uint64_t mh = (uint64_t)b * heads_total + head_offset + h; /* the head's mask row (ops.h) */
             const float *kp = qkv + lt_k_off(&dm, b, 0, g);
             const float *lse_bh = lse + (size_t)bh * T;
             lt_pack_rows(Qs, qkv + lt_q_off(&dm, b, 0, h), dm.rs, T, Tp, D, Dp, dm.scale);
@@ -264,7 +267,7 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
                         jn = i + 1;
                         const float l = lse_bh[i], di = Di[i];
                         if (dropout_p > 0.0f) {
-                            lt_uniform_fill(U, dropout_key, (((uint64_t)b * H + h) * T + i) * (uint64_t)T, i + 1);
+                            lt_uniform_fill(U, dropout_key, (mh * T + i) * (uint64_t)T, i + 1);
 #pragma omp simd
                             for (int j = 0; j <= i; j++) {
                                 const float pr = lt_exp(p[j] - l);

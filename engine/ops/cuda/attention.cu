@@ -41,12 +41,13 @@ static_assert(ATT_WARPS * ATT_RW == ATT_TILE && ATT_TILE == 32, "a tile is 32 ro
 template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
     att_forward_kernel(scalar_t *out, float *lse, const scalar_t *qkv, int T, int H, int G, int D, float scale,
-                       float p, float inv_keep, uint64_t key) {
+                       float p, float inv_keep, uint64_t key, int h0, int HT) {
     CUDA_DYNAMIC_SMEM(float, att_smem);
     float *Qs = att_smem;              /* [32][D]  query rows * scale */
     float *Kt = Qs + ATT_TILE * D;     /* [D][33]  key tile, transposed */
     float *Vs = Kt + D * ATT_PAD;      /* [32][D]  value tile */
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
+    const int64_t mh = (int64_t)b * HT + h0 + h; /* the head's mask row (ops.h) */
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rs = att_row_pitch(H, G, D);
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             l[r] = l[r] * alpha + cuda_warp_sum(e);  /* undropped: lse is of the plain softmax */
             m[r] = m_new;
             float pe = e; /* what reaches out: dropped or scaled by 1/(1-p) */
-            if (p > 0.0f) pe = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : e * inv_keep;
+            if (p > 0.0f) pe = valid && att_dropped(key, mh, T, i, j, p) ? 0.0f : e * inv_keep;
 #pragma unroll
             for (int k = 0; k < DV; k++) o[r][k] *= alpha;
             const int jn = min(ATT_TILE, i - k0 + 1); /* keys past the diagonal add nothing */
@@ -154,7 +155,7 @@ template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
     att_backward_dkv_kernel(scalar_t *dqkv, const scalar_t *dout, const scalar_t *qkv, const float *lse,
                             const float *delta, int T, int H, int G, int D, float scale, float p, float inv_keep,
-                            uint64_t key) {
+                            uint64_t key, int h0, int HT) {
     CUDA_DYNAMIC_SMEM(float, att_smem);
     float *Ks = att_smem;              /* [32][D] key tile */
     float *Vs = Ks + ATT_TILE * D;     /* [32][D] value tile */
@@ -183,6 +184,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int hh = 0; hh < hpg; hh++) { /* every query head of the group, in order */
         const int h = g * hpg + hh;
         const int64_t bh = (int64_t)b * H + h;
+        const int64_t mh = (int64_t)b * HT + h0 + h;
         const scalar_t *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
         const scalar_t *gp = dout + ((int64_t)b * T * H + h) * D; /* dout[b, t, h, :] = gp + t * H * D */
         for (int q0 = k0; q0 < T; q0 += ATT_TILE) { /* queries i >= k0 only (causal) */
@@ -214,7 +216,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 const bool valid = i < T && i >= j;
                 const float pr = valid ? expf(s - lse_i) : 0.0f;
                 float f = 1.0f; /* dropout factor of P_ij: 0 or 1/(1-p) */
-                if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                if (p > 0.0f) f = valid && att_dropped(key, mh, T, i, j, p) ? 0.0f : inv_keep;
                 const float pd = pr * f, ds = pr * (dp * f - di);
                 const int ii0 = max(0, j - q0); /* queries before key j see nothing of it */
                 for (int ii = ii0; ii < ii1; ii++) {
@@ -254,13 +256,14 @@ template <typename scalar_t, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
     att_backward_dq_kernel(scalar_t *dqkv, const scalar_t *dout, const scalar_t *qkv, const float *lse,
                            const float *delta, int T, int H, int G, int D, float scale, float p, float inv_keep,
-                           uint64_t key) {
+                           uint64_t key, int h0, int HT) {
     CUDA_DYNAMIC_SMEM(float, att_smem);
     float *Qs = att_smem;              /* [32][D] query rows * scale */
     float *dOs = Qs + ATT_TILE * D;    /* [32][D] dout rows */
     float *Kt = dOs + ATT_TILE * D;    /* [D][33] key tile, transposed */
     float *Vt = Kt + D * ATT_PAD;      /* [D][33] value tile, transposed */
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
+    const int64_t mh = (int64_t)b * HT + h0 + h; /* the head's mask row (ops.h) */
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATT_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t rs = att_row_pitch(H, G, D);
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
             const bool valid = j <= i;
             const float pr = valid ? expf(s[r] - lse_r[r]) : 0.0f;
             float f = 1.0f;
-            if (p > 0.0f) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+            if (p > 0.0f) f = valid && att_dropped(key, mh, T, i, j, p) ? 0.0f : inv_keep;
             const float ds = pr * (dp[r] * f - di_r[r]);
             const int jn = min(ATT_TILE, i - k0 + 1);
             for (int jj = 0; jj < jn; jj++) {
@@ -360,14 +363,14 @@ static bool att_shape_ok(int B, int T, int H, int G, int D, float p, const char 
 
 template <typename T, int DV>
 static void att_forward_launch(T *out, float *lse, const T *qkv, int B, int T_, int H, int G, int D, float p,
-                               uint64_t key) {
-    void (*const kernel)(T *, float *, const T *, int, int, int, int, float, float, float, uint64_t) =
+                               uint64_t key, int h0, int HT) {
+    void (*const kernel)(T *, float *, const T *, int, int, int, int, float, float, float, uint64_t, int, int) =
         att_forward_kernel<T, DV>;
     const size_t smem = att_forward_smem(D);
     if (!att_smem_ok((const void *)kernel, smem, "attention_forward")) return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const dim3 grid((unsigned)(B * H), (unsigned)((T_ + ATT_TILE - 1) / ATT_TILE));
-    CUDA_LAUNCH(kernel, grid, ATT_THREADS, smem)(out, lse, qkv, T_, H, G, D, scale, p, inv_keep, key);
+    CUDA_LAUNCH(kernel, grid, ATT_THREADS, smem)(out, lse, qkv, T_, H, G, D, scale, p, inv_keep, key, h0, HT);
     cuda_check("attention_forward");
 }
 
@@ -383,12 +386,12 @@ static float *att_delta(const T *dout, const T *out, int B, int T_, int H, int D
 
 template <typename T, int DV>
 static void att_backward_launch(T *dqkv, const T *dout, const T *qkv, const T *out, const float *lse, int B, int T_,
-                                int H, int G, int D, float p, uint64_t key) {
+                                int H, int G, int D, float p, uint64_t key, int h0, int HT) {
     const char *op = "attention_backward";
     void (*const dkv_kernel)(T *, const T *, const T *, const float *, const float *, int, int, int, int, float,
-                             float, float, uint64_t) = att_backward_dkv_kernel<T, DV>;
+                             float, float, uint64_t, int, int) = att_backward_dkv_kernel<T, DV>;
     void (*const dq_kernel)(T *, const T *, const T *, const float *, const float *, int, int, int, int, float,
-                            float, float, uint64_t) = att_backward_dq_kernel<T, DV>;
+                            float, float, uint64_t, int, int) = att_backward_dq_kernel<T, DV>;
     const size_t smem_kv = att_dkv_smem(D), smem_q = att_dq_smem(D);
     if (!att_smem_ok((const void *)dkv_kernel, smem_kv, op) || !att_smem_ok((const void *)dq_kernel, smem_q, op))
         return;
@@ -397,9 +400,9 @@ static void att_backward_launch(T *dqkv, const T *dout, const T *qkv, const T *o
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const unsigned ntiles = (unsigned)((T_ + ATT_TILE - 1) / ATT_TILE);
     CUDA_LAUNCH(dkv_kernel, dim3((unsigned)(B * G), ntiles), ATT_THREADS, smem_kv)(
-        dqkv, dout, qkv, lse, delta, T_, H, G, D, scale, p, inv_keep, key);
+        dqkv, dout, qkv, lse, delta, T_, H, G, D, scale, p, inv_keep, key, h0, HT);
     CUDA_LAUNCH(dq_kernel, dim3((unsigned)(B * H), ntiles), ATT_THREADS, smem_q)(
-        dqkv, dout, qkv, lse, delta, T_, H, G, D, scale, p, inv_keep, key);
+        dqkv, dout, qkv, lse, delta, T_, H, G, D, scale, p, inv_keep, key, h0, HT);
     cuda_check(op);
     cuda_release(delta, sizeof(float) * (size_t)B * T_ * H);
 }
@@ -412,28 +415,28 @@ static bool att_use_tc(void) {
 
 template <typename T>
 static void att_attention_forward(void *out_, float *lse, const void *qkv_, int B, int T_, int H, int G, int D,
-                                  float dropout_p, uint64_t dropout_key) {
+                                  float dropout_p, uint64_t dropout_key, int h0, int HT) {
     if (B <= 0 || T_ <= 0) return;
     if (!att_shape_ok(B, T_, H, G, D, dropout_p, "attention_forward")) return;
     T *out = (T *)out_;
     const T *qkv = (const T *)qkv_;
     if (att_use_tc<T>()) {
         cuda_attention_tc_forward((__nv_bfloat16 *)out_, lse, (const __nv_bfloat16 *)qkv_, B, T_, H, G, D, dropout_p,
-                                  dropout_key);
+                                  dropout_key, h0, HT);
         return;
     }
     switch ((D + 31) / 32) { /* output dims per lane */
-    case 1: att_forward_launch<T, 1>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
-    case 2: att_forward_launch<T, 2>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
-    case 3: att_forward_launch<T, 3>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
-    default: att_forward_launch<T, 4>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key); break;
+    case 1: att_forward_launch<T, 1>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
+    case 2: att_forward_launch<T, 2>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
+    case 3: att_forward_launch<T, 3>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
+    default: att_forward_launch<T, 4>(out, lse, qkv, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
     }
 }
 
 template <typename T>
 static void att_attention_backward(void *dqkv_, const void *dout_, const void *qkv_, const void *out_,
                                    const float *lse, int B, int T_, int H, int G, int D, float dropout_p,
-                                   uint64_t dropout_key) {
+                                   uint64_t dropout_key, int h0, int HT) {
     if (B <= 0 || T_ <= 0) return;
     if (!att_shape_ok(B, T_, H, G, D, dropout_p, "attention_backward")) return;
     T *dqkv = (T *)dqkv_;
@@ -443,15 +446,15 @@ static void att_attention_backward(void *dqkv_, const void *dout_, const void *q
         float *delta = att_delta(dout, out, B, T_, H, D, op);
         if (!delta) return;
         cuda_attention_tc_backward((__nv_bfloat16 *)dqkv_, (const __nv_bfloat16 *)dout_, (const __nv_bfloat16 *)qkv_,
-                                   lse, delta, B, T_, H, G, D, dropout_p, dropout_key);
+                                   lse, delta, B, T_, H, G, D, dropout_p, dropout_key, h0, HT);
         cuda_release(delta, sizeof(float) * (size_t)B * T_ * H);
         return;
     }
     switch ((D + 31) / 32) {
-    case 1: att_backward_launch<T, 1>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
-    case 2: att_backward_launch<T, 2>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
-    case 3: att_backward_launch<T, 3>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
-    default: att_backward_launch<T, 4>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key); break;
+    case 1: att_backward_launch<T, 1>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
+    case 2: att_backward_launch<T, 2>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
+    case 3: att_backward_launch<T, 3>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
+    default: att_backward_launch<T, 4>(dqkv, dout, qkv, out, lse, B, T_, H, G, D, dropout_p, dropout_key, h0, HT); break;
     }
 }
 

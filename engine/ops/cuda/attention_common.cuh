@@ -14,9 +14,9 @@ static __device__ __forceinline__ int64_t att_q_col(int h, int hpg, int D) {
 }
 static __device__ __forceinline__ int64_t att_k_col(int g, int hpg, int D) { return (int64_t)(g * (hpg + 2) + hpg) * D; }
 
-/* The dropout mask element (b, h, i, j) of ops.h, bh = b * H + h. */
-static __device__ __forceinline__ bool att_dropped(uint64_t key, int64_t bh, int T, int i, int j, float p) {
-    return cuda_uniform(key, ((uint64_t)bh * (uint64_t)T + (uint64_t)i) * (uint64_t)T + (uint64_t)j) < p;
+/* The dropout mask element (b, h, i, j) of ops.h, mh = b * heads_total + head_offset + h (the global head). */
+static __device__ __forceinline__ bool att_dropped(uint64_t key, int64_t mh, int T, int i, int j, float p) {
+    return cuda_uniform(key, ((uint64_t)mh * (uint64_t)T + (uint64_t)i) * (uint64_t)T + (uint64_t)j) < p;
 }
 
 /* Above 48 KiB a kernel must opt in to its dynamic shared memory (H100: up to 227 KiB). */

@@ -213,13 +213,14 @@ static __device__ __forceinline__ void atc_load_tile(bf16 *dst, const bf16 *src,
 template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_forward_kernel(bf16 *out, float *lse, const bf16 *qkv, int T, int H, int G, int D, float scale, float p,
-                       float inv_keep, uint64_t key, int vec) {
+                       float inv_keep, uint64_t key, int h0, int HT, int vec) {
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
     unsigned char *at = atc_smem_start(atc_raw);
     bf16 *Qs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
+    const int64_t mh = (int64_t)b * HT + h0 + h; /* the head's mask row (ops.h) */
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATC_ROWS; /* the last query tiles (most keys) first */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
     const int row[2] = {q0 + warp * 16 + lg, q0 + warp * 16 + lg + 8};
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                 const int r = e >> 1, i = row[r], j = k0 + n * 8 + 2 * lt + (e & 1);
                 const float x = s[n][e] == -INFINITY ? 0.0f : expf(s[n][e] - m_new[r]);
                 sum[r] += x; /* undropped: lse is of the plain softmax */
-                s[n][e] = DROP ? (x != 0.0f && att_dropped(key, bh, T, i, j, p) ? 0.0f : x * inv_keep) : x;
+                s[n][e] = DROP ? (x != 0.0f && att_dropped(key, mh, T, i, j, p) ? 0.0f : x * inv_keep) : x;
             }
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -300,7 +301,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
 template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dkv_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                            int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
+                            int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int h0,
+                            int HT, int vec) {
     constexpr int SUB = atc_sub(DP); /* columns of the other side per step */
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
     unsigned char *at = atc_smem_start(atc_raw);
@@ -327,6 +329,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
     for (int hh = 0; hh < hpg; hh++) { /* every query head of the group, in order */
         const int h = g * hpg + hh;
         const int64_t bh = (int64_t)b * H + h;
+        const int64_t mh = (int64_t)b * HT + h0 + h;
         const bf16 *qp = qkv + (int64_t)b * T * rs + att_q_col(h, hpg, D);
         const bf16 *gp = dout + ((int64_t)b * T * H + h) * D; /* dout[b, t, h, :] = gp + t * H * D */
         for (int q0 = k0; q0 < T; q0 += ATC_ROWS) { /* queries i >= k0 only (causal) */
@@ -355,7 +358,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                         const bool valid = i < T && i >= j; /* j <= i < T keeps the key inside the sequence */
                         const float pr = valid ? expf(st[n][e] * scale - ls[qc]) : 0.0f;
                         float f = 1.0f;
-                        if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                        if (DROP) f = valid && att_dropped(key, mh, T, i, j, p) ? 0.0f : inv_keep;
                         st[n][e] = pr * f;                         /* Pd^T */
                         dpt[n][e] = pr * (dpt[n][e] * f - dl[qc]); /* dS^T */
                     }
@@ -382,7 +385,8 @@ __global__ void __launch_bounds__(ATC_THREADS)
 template <int DP, bool DROP>
 __global__ void __launch_bounds__(ATC_THREADS)
     atc_backward_dq_kernel(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                           int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int vec) {
+                           int T, int H, int G, int D, float scale, float p, float inv_keep, uint64_t key, int h0,
+                           int HT, int vec) {
     constexpr int SUB = atc_sub(DP); /* columns of the other side per step */
     CUDA_DYNAMIC_SMEM(uint4, atc_raw);
     unsigned char *at = atc_smem_start(atc_raw);
@@ -391,6 +395,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
     bf16 *Ks = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     bf16 *Vs = (bf16 *)atc_take(&at, atc_rows_bytes(DP));
     const int hpg = H / G, bh = blockIdx.x, b = bh / H, h = bh % H, g = h / hpg;
+    const int64_t mh = (int64_t)b * HT + h0 + h; /* the head's mask row (ops.h) */
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ATC_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
     const int row[2] = {q0 + warp * 16 + lg, q0 + warp * 16 + lg + 8};
@@ -435,7 +440,7 @@ __global__ void __launch_bounds__(ATC_THREADS)
                     const bool valid = live[r] && j <= i;
                     const float pr = valid ? expf(s[n][e] * scale - lse_r[r]) : 0.0f;
                     float f = 1.0f;
-                    if (DROP) f = valid && att_dropped(key, bh, T, i, j, p) ? 0.0f : inv_keep;
+                    if (DROP) f = valid && att_dropped(key, mh, T, i, j, p) ? 0.0f : inv_keep;
                     s[n][e] = pr * (dp[n][e] * f - d_r[r]); /* dS */
                 }
             atc_pv<DP, SUB / 8>(dq, s, Ks + k1 * (DP + 8));
@@ -460,20 +465,20 @@ static int atc_dp(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : 128; }
 
 template <int DP, bool DROP>
 static void atc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
-                        uint64_t key) {
+                        uint64_t key, int h0, int HT) {
     const char *op = "attention_forward";
     const size_t smem = atc_forward_smem(DP);
     if (!att_smem_ok((const void *)atc_forward_kernel<DP, DROP>, smem, op)) return;
     const float scale = 1.0f / sqrtf((float)D), inv_keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     const dim3 grid((unsigned)(B * H), (unsigned)((T + ATC_ROWS - 1) / ATC_ROWS));
-    CUDA_LAUNCH((atc_forward_kernel<DP, DROP>), grid, ATC_THREADS, smem)(out, lse, qkv, T, H, G, D, scale, p,
-                                                                        inv_keep, key, atc_vec_ok(qkv, NULL, D));
+    CUDA_LAUNCH((atc_forward_kernel<DP, DROP>), grid, ATC_THREADS, smem)(
+        out, lse, qkv, T, H, G, D, scale, p, inv_keep, key, h0, HT, atc_vec_ok(qkv, NULL, D));
     cuda_check(op);
 }
 
 template <int DP, bool DROP>
 static void atc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta, int B,
-                         int T, int H, int G, int D, float p, uint64_t key) {
+                         int T, int H, int G, int D, float p, uint64_t key, int h0, int HT) {
     const char *op = "attention_backward";
     const size_t smem_kv = atc_dkv_smem(DP), smem_q = atc_dq_smem(DP);
     if (!att_smem_ok((const void *)atc_backward_dkv_kernel<DP, DROP>, smem_kv, op) ||
@@ -483,9 +488,9 @@ static void atc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const fl
     const unsigned ntiles = (unsigned)((T + ATC_ROWS - 1) / ATC_ROWS);
     const int vec = atc_vec_ok(qkv, dout, D);
     CUDA_LAUNCH((atc_backward_dkv_kernel<DP, DROP>), dim3((unsigned)(B * G), ntiles), ATC_THREADS, smem_kv)(
-        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, vec);
+        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, h0, HT, vec);
     CUDA_LAUNCH((atc_backward_dq_kernel<DP, DROP>), dim3((unsigned)(B * H), ntiles), ATC_THREADS, smem_q)(
-        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, vec);
+        dqkv, dout, qkv, lse, delta, T, H, G, D, scale, p, inv_keep, key, h0, HT, vec);
     cuda_check(op);
 }
 
@@ -493,31 +498,31 @@ static void atc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const fl
  * registers). */
 template <bool DROP>
 static void atc_forward_dp(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
-                           uint64_t key) {
+                           uint64_t key, int h0, int HT) {
     switch (atc_dp(D)) {
-    case 32: atc_forward<32, DROP>(out, lse, qkv, B, T, H, G, D, p, key); break;
-    case 64: atc_forward<64, DROP>(out, lse, qkv, B, T, H, G, D, p, key); break;
-    default: atc_forward<128, DROP>(out, lse, qkv, B, T, H, G, D, p, key); break;
+    case 32: atc_forward<32, DROP>(out, lse, qkv, B, T, H, G, D, p, key, h0, HT); break;
+    case 64: atc_forward<64, DROP>(out, lse, qkv, B, T, H, G, D, p, key, h0, HT); break;
+    default: atc_forward<128, DROP>(out, lse, qkv, B, T, H, G, D, p, key, h0, HT); break;
     }
 }
 template <bool DROP>
 static void atc_backward_dp(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                            int B, int T, int H, int G, int D, float p, uint64_t key) {
+                            int B, int T, int H, int G, int D, float p, uint64_t key, int h0, int HT) {
     switch (atc_dp(D)) {
-    case 32: atc_backward<32, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
-    case 64: atc_backward<64, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
-    default: atc_backward<128, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key); break;
+    case 32: atc_backward<32, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key, h0, HT); break;
+    case 64: atc_backward<64, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key, h0, HT); break;
+    default: atc_backward<128, DROP>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key, h0, HT); break;
     }
 }
 
 void cuda_attention_tc_forward(bf16 *out, float *lse, const bf16 *qkv, int B, int T, int H, int G, int D, float p,
-                               uint64_t key) {
-    if (p > 0.0f) atc_forward_dp<true>(out, lse, qkv, B, T, H, G, D, p, key);
-    else atc_forward_dp<false>(out, lse, qkv, B, T, H, G, D, p, key);
+                               uint64_t key, int h0, int HT) {
+    if (p > 0.0f) atc_forward_dp<true>(out, lse, qkv, B, T, H, G, D, p, key, h0, HT);
+    else atc_forward_dp<false>(out, lse, qkv, B, T, H, G, D, p, key, h0, HT);
 }
 
 void cuda_attention_tc_backward(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *delta,
-                                int B, int T, int H, int G, int D, float p, uint64_t key) {
-    if (p > 0.0f) atc_backward_dp<true>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key);
-    else atc_backward_dp<false>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key);
+                                int B, int T, int H, int G, int D, float p, uint64_t key, int h0, int HT) {
+    if (p > 0.0f) atc_backward_dp<true>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key, h0, HT);
+    else atc_backward_dp<false>(dqkv, dout, qkv, lse, delta, B, T, H, G, D, p, key, h0, HT);
 }

@@ -107,10 +107,10 @@ void cuda_attention_ops(lt_ops *f32, lt_ops *bf16);     /* attention */
 /* attention_tc.cu: the bf16 kernels on tensor cores, behind the bf16 table's attention ops (shapes
  * checked there; delta[b, h, t] = dout . out from attention.cu). */
 void cuda_attention_tc_forward(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *qkv, int B, int T, int H, int G,
-                               int D, float p, uint64_t key);
+                               int D, float p, uint64_t key, int head_offset, int heads_total);
 void cuda_attention_tc_backward(__nv_bfloat16 *dqkv, const __nv_bfloat16 *dout, const __nv_bfloat16 *qkv,
                                 const float *lse, const float *delta, int B, int T, int H, int G, int D, float p,
-                                uint64_t key);
+                                uint64_t key, int head_offset, int heads_total);
 void cuda_rope_ops(lt_ops *f32, lt_ops *bf16);          /* rope */
 void cuda_cross_entropy_ops(lt_ops *f32, lt_ops *bf16); /* cross-entropy */
 

@@ -250,9 +250,9 @@ PROF_COST(linear_backward, (PTR(0) ? 4 : 2) * ARG(6) * ARG(7) * ARG(8), 0)
 PROF_COST(linear_gelu_forward, 2 * ARG(5) * ARG(6) * ARG(7), 0)
 /* (dpre, dweight, dbias, dout, inp, weight, pre, N, IN, OUT) */
 PROF_COST(linear_dgelu_backward, 4 * ARG(7) * ARG(8) * ARG(9), 0)
-/* (out, lse, qkv, B, T, H, G, D, p, key): 4 B H T^2 D / 2 */
+/* (out, lse, qkv, B, T, H, G, D, p, key, head_offset, heads_total): 4 B H T^2 D / 2 */
 PROF_COST(attention_forward, 2 * ARG(3) * ARG(5) * ARG(4) * ARG(4) * ARG(7), 0)
-/* (dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key): 2.5 times the forward */
+/* (dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key, head_offset, heads_total): 2.5 times the forward */
 PROF_COST(attention_backward, 5 * ARG(5) * ARG(7) * ARG(6) * ARG(6) * ARG(9), 0)
 /* (qkv, B, T, H, G, D, base): the query and key heads read and written */
 PROF_COST(rope_forward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5))

@@ -108,6 +108,12 @@ static lt_gpt_config read_config(lua_State *L) {
     c.seed = (uint64_t)field_int(L, 1, "seed");
     c.flat_multiple = (int)field_int(L, 1, "flat_multiple");
     c.bf16 = field_bool(L, 1, "bf16");
+    c.sequence_parallel = field_bool(L, 1, "sequence_parallel");
+    /* tensor_parallel: the tp group's communicator, or false; the model keeps it (see keep_comm) */
+    field_get(L, 1, "tensor_parallel");
+    if (lua_toboolean(L, -1)) c.tp_comm = lt_lua_check_comm(L, lua_gettop(L));
+    else if (!lua_isboolean(L, -1)) luaL_error(L, "model config: tensor_parallel must be a communicator or false");
+    lua_pop(L, 1);
     lua_Integer local_rank = field_int(L, 1, "local_rank");
     char err[512] = "";
     field_get(L, 1, "device");
@@ -126,12 +132,20 @@ static lt_gpt_config read_config(lua_State *L) {
     return c;
 }
 
+/* The model at the top of the stack borrows config 1's tensor_parallel communicator: its user value
+ * keeps that alive as long as the model. */
+static void keep_comm(lua_State *L) {
+    lua_getfield(L, 1, "tensor_parallel");
+    lua_setiuservalue(L, -2, 1);
+}
+
 static int l_gpt_new(lua_State *L) {
     lt_gpt_config c = read_config(L);
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->m = NULL;
     luaL_setmetatable(L, GPT_MT);
+    keep_comm(L);
     b->m = lt_gpt_new(&c, err, sizeof err);
     if (!b->m) luaL_error(L, "cannot build the model: %s", err);
     return 1;
@@ -149,9 +163,10 @@ static int l_gpt_chunk_new(lua_State *L) {
     st.pre_process = field_bool(L, 1, "pre_process");
     st.post_process = field_bool(L, 1, "post_process");
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->m = NULL;
     luaL_setmetatable(L, CHUNK_MT);
+    keep_comm(L);
     b->m = lt_gpt_new_chunk(&c, &st, err, sizeof err);
     if (!b->m) luaL_error(L, "cannot build the chunk: %s", err);
     return 1;
@@ -265,6 +280,8 @@ static int c_forward(lua_State *L) {
         if (in->ndim != 3) luaL_argerror(L, 2, "a chunk after the first takes the hidden state [seq, batch, hidden]");
         T = (int)in->shape[0];
         B = (int)in->shape[1];
+        /* under sequence parallelism it holds this rank's seq / TP positions */
+        if (lt_gpt_get_config(m)->sequence_parallel) T *= lt_gpt_tp_size(m);
     }
     if (targets_t && (targets_t->dtype != LT_I32 || !lt_tensor_is_contiguous(targets_t) || targets_t->ndim != 2 ||
                       targets_t->shape[0] != B || targets_t->shape[1] != T))
@@ -282,7 +299,7 @@ static int c_forward(lua_State *L) {
     cb->owner = m;
     cb->B = B;
     cb->T = T;
-    cb->V = lt_gpt_get_config(m)->vocab_size;
+    cb->V = lt_gpt_get_config(m)->vocab_size / lt_gpt_tp_size(m); /* this rank's logit columns */
     if (out) lt_lua_push_tensor(L, out);
     else lua_pushnil(L);
     lua_rotate(L, -2, 1); /* output, ctx */
@@ -375,7 +392,12 @@ static int m_grad(lua_State *L) {
     return 1;
 }
 
-/* model:parameters() → array of {name=, shape={...}, numel=, offset=, no_weight_decay=} in model order. */
+static const char *const SPLIT_NAMES[] = {"none", "rows", "columns", "glu_rows"};
+
+/* model:parameters() → array of {name=, shape={...}, numel=, offset=, no_weight_decay=, split=,
+ * full_shape={...}, full_numel=, tp_grad_sum=} in model order: shape and numel are this rank's shard,
+ * split how the parameter splits across tensor-parallel ranks ("none", "rows", "columns",
+ * "glu_rows"), tp_grad_sum whether its gradient is summed over them when a step finishes. */
 static int m_parameters(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
     int n = lt_gpt_num_params(m);
@@ -397,6 +419,18 @@ static int m_parameters(lua_State *L) {
         lua_setfield(L, -2, "offset");
         lua_pushboolean(L, p->no_weight_decay);
         lua_setfield(L, -2, "no_weight_decay");
+        lua_pushstring(L, SPLIT_NAMES[p->split]);
+        lua_setfield(L, -2, "split");
+        lua_createtable(L, p->ndim, 0);
+        for (int d = 0; d < p->ndim; d++) {
+            lua_pushinteger(L, p->full_shape[d]);
+            lua_rawseti(L, -2, d + 1);
+        }
+        lua_setfield(L, -2, "full_shape");
+        lua_pushinteger(L, p->full_numel);
+        lua_setfield(L, -2, "full_numel");
+        lua_pushboolean(L, p->tp_grad_sum);
+        lua_setfield(L, -2, "tp_grad_sum");
         lua_rawseti(L, -2, i + 1);
     }
     return 1;

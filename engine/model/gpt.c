@@ -9,6 +9,7 @@
 #include "engine/core/error.h"
 #include "engine/core/rng.h"
 #include "engine/model/layer.h"
+#include "engine/parallel/vocab.h"
 
 /* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. qn, kn: the
  * per-head query and key norms (qk_layernorm). */
@@ -28,6 +29,8 @@ struct lt_gpt {
     lt_gpt_stage stage;
     int nl;              /* layers held: stage.layer_end - stage.layer_begin */
     lt_layer_spec spec;  /* what the layers need of cfg */
+    lt_tp tp;            /* the tensor-parallel group (size 1 without) */
+    lt_vocab_range vocab; /* this rank's slice of the vocabulary */
     const lt_backend *be;
     const lt_ops *ops; /* the backend's ops at the compute precision */
     size_t E;          /* bytes per activation element (4 fp32, 2 bf16) */
@@ -54,6 +57,7 @@ struct lt_gpt {
 
 struct lt_gpt_ctx {
     const lt_backend *be;
+    const lt_tp *tp;
     int B, T;
     int training; /* 0: eval mode, no dropout */
     uint64_t dropout_seed;
@@ -65,7 +69,9 @@ struct lt_gpt_ctx {
     /* Row indices for the [b, s, h] <-> [s, b, h] transposes at a chunk boundary (NULL for the whole
      * model): to_bsh[b*T + t] = t*B + b, to_sbh[t*B + b] = b*T + t. */
     int32_t *to_bsh, *to_sbh;
-    void **x; /* residual stream [B, T, C]: x[0] the chunk's input, x[i+1] output of its layer i */
+    lt_tp_rows *rows;    /* the microbatch for tensor parallelism (NULL without) */
+    int32_t *host_tokens; /* a first stage's tokens on the host (the vocabulary-parallel embedding's) */
+    void **x; /* residual stream [B, T, C] (the outer rows): x[0] the chunk's input, x[i+1] output of layer i */
     lt_layer_ctx *layers;
     void *lnf, *logits;
     float *lnf_mean, *lnf_rstd, *ce_lse;
@@ -81,7 +87,18 @@ static int ends_with(const char *s, const char *suffix) {
 /* The weights of every norm (input, pre-MLP, final, and the per-head q/k norms) end so. */
 static int is_norm_weight(const char *name) { return ends_with(name, "layernorm.weight"); }
 
-static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd, const char *fmt, ...) {
+/* Whether replicated parameter p's gradient is a part on each TP rank (Megatron's sequence_parallel
+ * attribute, and the q/k norms of finalize_model_grads). */
+static int grad_sums_over_tp(const lt_gpt *m, const lt_gpt_param *p) {
+    if (m->tp.size == 1 || p->split != LT_SPLIT_NONE) return 0;
+    if (strstr(p->name, "q_layernorm.") || strstr(p->name, "k_layernorm.")) return 1;
+    return m->tp.sequence_parallel && (strstr(p->name, "layernorm.") || ends_with(p->name, "linear_proj.bias") ||
+                                       ends_with(p->name, "linear_fc2.bias"));
+}
+
+/* A parameter of full shape [d0, d1] (d1 ignored when 1-D), split across TP as `split`. */
+static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd, lt_split split, const char *fmt,
+                         ...) {
     if (m->num_params == m->cap_params) {
         m->cap_params = m->cap_params ? 2 * m->cap_params : 64;
         m->params = realloc(m->params, sizeof(lt_gpt_param) * (size_t)m->cap_params);
@@ -93,11 +110,16 @@ static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd,
     vsnprintf(p->name, sizeof p->name, fmt, ap);
     va_end(ap);
     p->ndim = ndim;
-    p->shape[0] = d0;
-    p->shape[1] = ndim == 2 ? d1 : 1;
-    p->numel = d0 * (ndim == 2 ? d1 : 1);
+    p->full_shape[0] = p->shape[0] = d0;
+    p->full_shape[1] = p->shape[1] = ndim == 2 ? d1 : 1;
+    p->full_numel = d0 * p->full_shape[1];
+    p->split = m->tp.size > 1 ? split : LT_SPLIT_NONE;
+    if (p->split == LT_SPLIT_COLUMNS) p->shape[1] /= m->tp.size;
+    else if (p->split != LT_SPLIT_NONE) p->shape[0] /= m->tp.size;
+    p->numel = p->shape[0] * p->shape[1];
     p->offset = m->total;
     p->no_weight_decay = no_wd;
+    p->tp_grad_sum = grad_sums_over_tp(m, p);
     /* Keep each parameter 16-float aligned so kernels see aligned rows. */
     m->total += (p->numel + 15) / 16 * 16;
     return p->offset;
@@ -120,6 +142,17 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     REQUIRE(c->hidden_dropout >= 0 && c->hidden_dropout < 1, "hidden_dropout must be in [0, 1)");
     REQUIRE(c->attention_dropout >= 0 && c->attention_dropout < 1, "attention_dropout must be in [0, 1)");
     REQUIRE(!(c->gelu_tanh && c->gated_linear_unit), "gelu_tanh (openai_gelu) is for the GELU MLP, not SwiGLU");
+    const int TP = c->tp_comm ? lt_comm_size(c->tp_comm) : 1;
+    REQUIRE(!c->sequence_parallel || TP > 1, "sequence parallelism needs tensor_model_parallel_size > 1");
+    REQUIRE(c->num_attention_heads % TP == 0, "num_attention_heads (%d) must be a multiple of "
+            "tensor_model_parallel_size (%d)", c->num_attention_heads, TP);
+    REQUIRE(c->num_query_groups % TP == 0, "num_query_groups (%d) must be a multiple of tensor_model_parallel_size "
+            "(%d): key/value heads replicated across TP ranks (fewer query groups than ranks) are not implemented; "
+            "raise num_query_groups or lower tensor_model_parallel_size", c->num_query_groups, TP);
+    REQUIRE(c->ffn_hidden_size % TP == 0, "ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
+            c->ffn_hidden_size, TP);
+    REQUIRE(c->vocab_size % TP == 0, "the padded vocabulary (%d) must be a multiple of tensor_model_parallel_size "
+            "(%d): pad it to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size", c->vocab_size, TP);
 #undef REQUIRE
     return 1;
 }
@@ -170,12 +203,16 @@ static int check_stage(const lt_gpt_config *c, const lt_gpt_stage *st, char *err
     return 1;
 }
 
-static lt_layer_spec spec_of(const lt_gpt_config *c) {
+/* The layers' spec: this rank's heads, query groups and ffn columns. */
+static lt_layer_spec spec_of(const lt_gpt_config *c, const lt_tp *tp) {
+    const int heads = c->num_attention_heads / tp->size;
     return (lt_layer_spec){.hidden_size = c->hidden_size,
-                           .num_attention_heads = c->num_attention_heads,
-                           .num_query_groups = c->num_query_groups,
+                           .num_attention_heads = heads,
+                           .num_query_groups = c->num_query_groups / tp->size,
                            .kv_channels = c->kv_channels,
-                           .ffn_hidden_size = c->ffn_hidden_size,
+                           .ffn_hidden_size = c->ffn_hidden_size / tp->size,
+                           .head_offset = tp->rank * heads,
+                           .heads_total = c->num_attention_heads,
                            .rmsnorm = c->rmsnorm,
                            .layernorm_epsilon = c->layernorm_epsilon,
                            .gated_linear_unit = c->gated_linear_unit,
@@ -184,7 +221,8 @@ static lt_layer_spec spec_of(const lt_gpt_config *c) {
                            .rotary_base = c->rotary_base,
                            .qk_layernorm = c->qk_layernorm,
                            .hidden_dropout = c->hidden_dropout,
-                           .attention_dropout = c->attention_dropout};
+                           .attention_dropout = c->attention_dropout,
+                           .tp = tp};
 }
 
 lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
@@ -198,7 +236,6 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
     m->cfg = *cfg;
     m->stage = *stage;
     m->nl = stage->layer_end - stage->layer_begin;
-    m->spec = spec_of(cfg);
     m->be = cfg->backend ? cfg->backend : lt_backend_cpu();
     m->ops = cfg->bf16 ? m->be->bf16 : m->be->f32;
     if (!m->ops) {
@@ -206,48 +243,61 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         free(m);
         return NULL;
     }
+    m->tp = (lt_tp){cfg->tp_comm, 0, 1, 0, m->be, m->ops};
+    if (cfg->tp_comm && lt_comm_size(cfg->tp_comm) > 1)
+        m->tp = (lt_tp){cfg->tp_comm, lt_comm_rank(cfg->tp_comm), lt_comm_size(cfg->tp_comm), cfg->sequence_parallel,
+                        m->be, m->ops};
+    lt_vocab_range_of(&m->vocab, &m->tp, cfg->vocab_size, err, (size_t)errlen); /* divides: checked above */
+    m->spec = spec_of(cfg, &m->tp);
     m->E = lt_dtype_size(m->ops->dtype);
     const int C = cfg->hidden_size, V = cfg->vocab_size;
-    const int D = cfg->kv_channels, HD = cfg->num_attention_heads * D;
+    const int D = cfg->kv_channels, HD = cfg->num_attention_heads * D; /* full sizes */
     const int bias = cfg->add_bias_linear, rms = cfg->rmsnorm, qk = cfg->qk_layernorm;
     m->qkv_dim = lt_layer_qkv_dim(&m->spec);
     m->fc1_dim = lt_layer_fc1_dim(&m->spec);
 
+    /* Full shapes and how each splits (engine/parallel/tp.h): qkv rows by whole query groups (its
+     * layout is group-major), fc1 by the matching rows of each SwiGLU half, the vocabulary by rows. */
+    const int qkv_full = (cfg->num_attention_heads + 2 * cfg->num_query_groups) * D;
+    const int fc1_full = (cfg->gated_linear_unit ? 2 : 1) * cfg->ffn_hidden_size;
+    const lt_split fc1_split = cfg->gated_linear_unit ? LT_SPLIT_GLU_ROWS : LT_SPLIT_ROWS;
+    const lt_split NONE = LT_SPLIT_NONE, ROWS = LT_SPLIT_ROWS, COLS = LT_SPLIT_COLUMNS;
     m->wte = m->wpe = m->lnf_w = m->lnf_b = m->out_w = -1;
     if (stage->pre_process) {
-        m->wte = add_param(m, 2, V, C, 0, "embedding.word_embeddings.weight");
-        m->wpe = cfg->rope ? -1 : add_param(m, 2, cfg->seq_length, C, 0, "embedding.position_embeddings.weight");
+        m->wte = add_param(m, 2, V, C, 0, ROWS, "embedding.word_embeddings.weight");
+        m->wpe = cfg->rope ? -1
+                           : add_param(m, 2, cfg->seq_length, C, 0, NONE, "embedding.position_embeddings.weight");
     }
     m->layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *m->layers);
     for (int i = 0; i < m->nl; i++) {
         const int l = stage->layer_begin + i; /* global: names (and so initial values) do not depend on the chunk */
         layer_offsets *o = &m->layers[i];
         const char *pre = "decoder.layers";
-        o->ln1_w = add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.weight", pre, l);
-        o->ln1_b = rms ? -1 : add_param(m, 1, C, 0, 1, "%s.%d.input_layernorm.bias", pre, l);
-        o->qkv_w = add_param(m, 2, m->qkv_dim, C, 0, "%s.%d.self_attention.linear_qkv.weight", pre, l);
+        o->ln1_w = add_param(m, 1, C, 0, 1, NONE, "%s.%d.input_layernorm.weight", pre, l);
+        o->ln1_b = rms ? -1 : add_param(m, 1, C, 0, 1, NONE, "%s.%d.input_layernorm.bias", pre, l);
+        o->qkv_w = add_param(m, 2, qkv_full, C, 0, ROWS, "%s.%d.self_attention.linear_qkv.weight", pre, l);
         o->qkv_b = bias || cfg->add_qkv_bias
-                       ? add_param(m, 1, m->qkv_dim, 0, 1, "%s.%d.self_attention.linear_qkv.bias", pre, l)
+                       ? add_param(m, 1, qkv_full, 0, 1, ROWS, "%s.%d.self_attention.linear_qkv.bias", pre, l)
                        : -1;
-        o->qn_w = qk ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.q_layernorm.weight", pre, l) : -1;
-        o->qn_b = qk && !rms ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.q_layernorm.bias", pre, l) : -1;
-        o->kn_w = qk ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.k_layernorm.weight", pre, l) : -1;
-        o->kn_b = qk && !rms ? add_param(m, 1, D, 0, 1, "%s.%d.self_attention.k_layernorm.bias", pre, l) : -1;
-        o->proj_w = add_param(m, 2, C, HD, 0, "%s.%d.self_attention.linear_proj.weight", pre, l);
-        o->proj_b = bias ? add_param(m, 1, C, 0, 1, "%s.%d.self_attention.linear_proj.bias", pre, l) : -1;
-        o->ln2_w = add_param(m, 1, C, 0, 1, "%s.%d.pre_mlp_layernorm.weight", pre, l);
-        o->ln2_b = rms ? -1 : add_param(m, 1, C, 0, 1, "%s.%d.pre_mlp_layernorm.bias", pre, l);
-        o->fc1_w = add_param(m, 2, m->fc1_dim, C, 0, "%s.%d.mlp.linear_fc1.weight", pre, l);
-        o->fc1_b = bias ? add_param(m, 1, m->fc1_dim, 0, 1, "%s.%d.mlp.linear_fc1.bias", pre, l) : -1;
-        o->fc2_w = add_param(m, 2, C, cfg->ffn_hidden_size, 0, "%s.%d.mlp.linear_fc2.weight", pre, l);
-        o->fc2_b = bias ? add_param(m, 1, C, 0, 1, "%s.%d.mlp.linear_fc2.bias", pre, l) : -1;
+        o->qn_w = qk ? add_param(m, 1, D, 0, 1, NONE, "%s.%d.self_attention.q_layernorm.weight", pre, l) : -1;
+        o->qn_b = qk && !rms ? add_param(m, 1, D, 0, 1, NONE, "%s.%d.self_attention.q_layernorm.bias", pre, l) : -1;
+        o->kn_w = qk ? add_param(m, 1, D, 0, 1, NONE, "%s.%d.self_attention.k_layernorm.weight", pre, l) : -1;
+        o->kn_b = qk && !rms ? add_param(m, 1, D, 0, 1, NONE, "%s.%d.self_attention.k_layernorm.bias", pre, l) : -1;
+        o->proj_w = add_param(m, 2, C, HD, 0, COLS, "%s.%d.self_attention.linear_proj.weight", pre, l);
+        o->proj_b = bias ? add_param(m, 1, C, 0, 1, NONE, "%s.%d.self_attention.linear_proj.bias", pre, l) : -1;
+        o->ln2_w = add_param(m, 1, C, 0, 1, NONE, "%s.%d.pre_mlp_layernorm.weight", pre, l);
+        o->ln2_b = rms ? -1 : add_param(m, 1, C, 0, 1, NONE, "%s.%d.pre_mlp_layernorm.bias", pre, l);
+        o->fc1_w = add_param(m, 2, fc1_full, C, 0, fc1_split, "%s.%d.mlp.linear_fc1.weight", pre, l);
+        o->fc1_b = bias ? add_param(m, 1, fc1_full, 0, 1, fc1_split, "%s.%d.mlp.linear_fc1.bias", pre, l) : -1;
+        o->fc2_w = add_param(m, 2, C, cfg->ffn_hidden_size, 0, COLS, "%s.%d.mlp.linear_fc2.weight", pre, l);
+        o->fc2_b = bias ? add_param(m, 1, C, 0, 1, NONE, "%s.%d.mlp.linear_fc2.bias", pre, l) : -1;
     }
     if (stage->post_process) {
-        m->lnf_w = add_param(m, 1, C, 0, 1, "decoder.final_layernorm.weight");
-        m->lnf_b = rms ? -1 : add_param(m, 1, C, 0, 1, "decoder.final_layernorm.bias");
-        if (!cfg->share_embeddings_and_output_weights) m->out_w = add_param(m, 2, V, C, 0, "output_layer.weight");
+        m->lnf_w = add_param(m, 1, C, 0, 1, NONE, "decoder.final_layernorm.weight");
+        m->lnf_b = rms ? -1 : add_param(m, 1, C, 0, 1, NONE, "decoder.final_layernorm.bias");
+        if (!cfg->share_embeddings_and_output_weights) m->out_w = add_param(m, 2, V, C, 0, ROWS, "output_layer.weight");
         else if (stage->pre_process) m->out_w = m->wte;
-        else m->out_w = add_param(m, 2, V, C, 0, "embedding.word_embeddings.weight"); /* the tied copy */
+        else m->out_w = add_param(m, 2, V, C, 0, ROWS, "embedding.word_embeddings.weight"); /* the tied copy */
     }
 
     int multiple = cfg->flat_multiple > 0 ? cfg->flat_multiple : 16;
@@ -293,6 +343,28 @@ int lt_gpt_find_param(const lt_gpt *m, const char *name) {
 lt_tensor *lt_gpt_weights(lt_gpt *m) { return m->weights; }
 lt_tensor *lt_gpt_grads(lt_gpt *m) { return m->grads; }
 
+int lt_gpt_tp_rank(const lt_gpt *m) { return m->tp.rank; }
+int lt_gpt_tp_size(const lt_gpt *m) { return m->tp.size; }
+
+int64_t lt_gpt_param_num_runs(const lt_gpt_param *p, int size) {
+    if (size == 1 || p->split == LT_SPLIT_NONE || p->split == LT_SPLIT_ROWS) return 1;
+    return p->split == LT_SPLIT_GLU_ROWS ? 2 : p->full_shape[0];
+}
+
+lt_gpt_run lt_gpt_param_run(const lt_gpt_param *p, int rank, int size, int64_t k) {
+    const int64_t n = p->full_numel / size; /* every shard's size */
+    switch (size == 1 ? LT_SPLIT_NONE : p->split) {
+    case LT_SPLIT_ROWS: return (lt_gpt_run){0, rank * n, n};
+    case LT_SPLIT_GLU_ROWS: return (lt_gpt_run){k * n / 2, k * p->full_numel / 2 + rank * n / 2, n / 2};
+    case LT_SPLIT_COLUMNS: {
+        const int64_t cols = p->full_shape[1] / size;
+        return (lt_gpt_run){k * cols, k * p->full_shape[1] + rank * cols, cols};
+    }
+    default: return (lt_gpt_run){0, 0, p->full_numel};
+    }
+}
+
+/* Initial values come from the global element index, so a shard holds exactly the single rank's. */
 void lt_gpt_init_weights(lt_gpt *m) {
     const lt_backend *be = m->be;
     float *w = lt_tensor_data(m->weights);
@@ -309,7 +381,11 @@ void lt_gpt_init_weights(lt_gpt *m) {
             /* zero */
         } else {
             int scaled = ends_with(p->name, "linear_proj.weight") || ends_with(p->name, "linear_fc2.weight");
-            be->fill_normal(dst, p->numel, lt_rng_key(m->cfg.seed, p->name), 0, 0.0f, scaled ? scaled_std : std);
+            const uint64_t key = lt_rng_key(m->cfg.seed, p->name);
+            for (int64_t k = 0; k < lt_gpt_param_num_runs(p, m->tp.size); k++) {
+                const lt_gpt_run r = lt_gpt_param_run(p, m->tp.rank, m->tp.size, k);
+                be->fill_normal(dst + r.local, r.n, key, (uint64_t)r.full, 0.0f, scaled ? scaled_std : std);
+            }
         }
     }
 }
@@ -418,15 +494,16 @@ static void *take(arena *a, size_t nbytes) {
 static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
     const lt_gpt_config *cfg = &m->cfg;
     const size_t N = (size_t)c->B * c->T, C = cfg->hidden_size, F = sizeof(float), E = m->E;
+    const size_t No = (size_t)lt_layer_outer_rows(&m->spec, c->B, c->T);
     const int pre = m->stage.pre_process, post = m->stage.post_process;
     c->tokens = pre ? take(a, N * 4) : NULL;
     c->targets = post ? take(a, N * 4) : NULL;
     c->to_bsh = c->to_sbh = NULL;
     if (!pre || !post) {
-        c->to_bsh = take(a, N * 4);
-        c->to_sbh = take(a, N * 4);
+        c->to_bsh = take(a, No * 4);
+        c->to_sbh = take(a, No * 4);
     }
-    for (int i = 0; i <= m->nl; i++) c->x[i] = take(a, N * C * E);
+    for (int i = 0; i <= m->nl; i++) c->x[i] = take(a, No * C * E);
     for (int i = 0; i < m->nl; i++) {
         lt_layer_ctx *lc = &c->layers[i];
         lc->B = c->B;
@@ -439,10 +516,10 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
     c->lnf = c->logits = NULL;
     c->lnf_mean = c->lnf_rstd = c->ce_lse = NULL;
     if (post) {
-        c->lnf = take(a, N * C * E);
-        c->lnf_mean = take(a, N * F);
-        c->lnf_rstd = take(a, N * F);
-        c->logits = take(a, N * cfg->vocab_size * E);
+        c->lnf = take(a, No * C * E);
+        c->lnf_mean = take(a, No * F);
+        c->lnf_rstd = take(a, No * F);
+        c->logits = take(a, N * (size_t)(m->vocab.end - m->vocab.start) * E);
         c->ce_lse = take(a, N * F);
     }
 }
@@ -450,6 +527,7 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
 static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t dropout_seed) {
     lt_gpt_ctx *c = calloc(1, sizeof *c);
     c->be = m->be;
+    c->tp = &m->tp;
     c->B = B;
     c->T = T;
     c->training = training != 0;
@@ -461,8 +539,9 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t
     c->arena_bytes = a.used;
     c->arena = m->be->alloc(a.used);
     c->host_targets = malloc(sizeof(int32_t) * (size_t)B * T);
+    c->host_tokens = malloc(sizeof(int32_t) * (size_t)B * T);
     c->host_scratch = malloc(sizeof(float) * (size_t)B * T);
-    if (!c->arena || !c->host_targets || !c->host_scratch) {
+    if (!c->arena || !c->host_targets || !c->host_tokens || !c->host_scratch) {
         lt_gpt_ctx_free(c);
         return NULL;
     }
@@ -475,7 +554,9 @@ void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     if (!c) return;
     if (c->arena) c->be->release(c->arena, c->arena_bytes);
     lt_tensor_free(c->losses);
+    if (c->rows) lt_tp_rows_free(c->tp, c->rows);
     free(c->host_targets);
+    free(c->host_tokens);
     free(c->host_scratch);
     free(c->x);
     free(c->layers);
@@ -486,9 +567,10 @@ const void *lt_gpt_ctx_logits(const lt_gpt_ctx *c) { return c->logits; }
 
 /* ---- the chunk boundary: [B, T, C] inside, [T, B, C] (Megatron's [s, b, h]) between chunks ---- */
 
-/* Both row maps of a [B, T] microbatch, into the context's device memory. */
+/* Both row maps of a [B, T] microbatch (its outer rows: [B, T/TP] under sequence parallelism), into
+ * the context's device memory. */
 static void boundary_indices(const lt_gpt *m, lt_gpt_ctx *c) {
-    const int B = c->B, T = c->T, N = B * T;
+    const int B = c->B, N = lt_layer_outer_rows(&m->spec, B, c->T), T = N / B;
     int32_t *h = malloc(sizeof(int32_t) * 2 * (size_t)N);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -510,6 +592,7 @@ static void transpose_rows(const lt_gpt *m, void *dst, const void *src, const in
 static int check_boundary(const lt_gpt *m, const lt_tensor *t, int B, int T, const char *what, char *err,
                           int errlen) {
     const int C = m->cfg.hidden_size;
+    T = lt_layer_outer_rows(&m->spec, B, T) / B; /* this rank's positions under sequence parallelism */
     if (!t) {
         lt_fail(err, (size_t)errlen, "chunk [%d, %d) needs %s [%d, %d, %d]", m->stage.layer_begin,
                 m->stage.layer_end, what, T, B, C);
@@ -541,17 +624,55 @@ static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
     *ready = end;
 }
 
+/* Sequence parallelism's scratch (two [N, C] buffers of the compute dtype) in sc; NULL base without. */
+static void *tp_scratch(const lt_gpt *m, int N, lt_layer_scratch *sc, size_t *bytes) {
+    *bytes = 0;
+    if (!(m->tp.size > 1 && m->tp.sequence_parallel)) return sc->tp_full = sc->tp_landing = NULL;
+    const size_t half = m->E * (size_t)N * m->cfg.hidden_size;
+    *bytes = 2 * half;
+    char *base = m->be->alloc(*bytes);
+    sc->tp_full = base;
+    sc->tp_landing = base ? base + half : NULL;
+    return base;
+}
+
+/* The vocabulary-parallel embedding: each rank's rows summed over TP (reduce-scattered under SP);
+ * with learned positions Megatron all-reduces, adds the positions, then scatters. Then dropout. */
+static int embed_parallel(lt_gpt *m, lt_gpt_ctx *c, const lt_layer_scratch *sc, char *err, int errlen) {
+    const lt_tp *tp = &m->tp;
+    const int B = c->B, T = c->T, N = B * T, C = m->cfg.hidden_size;
+    void *full = tp->sequence_parallel ? sc->tp_full : c->x[0], *out;
+    if (lt_vocab_embedding_forward(tp, &m->vocab, full, c->host_tokens, weight(m, m->wte), N, C, err, (size_t)errlen))
+        return -1;
+    if (m->wpe < 0) {
+        if (lt_tp_exit(tp, c->rows, &out, full, c->x[0], sc->tp_landing, C, err, (size_t)errlen)) return -1;
+    } else {
+        if (lt_tp_all_reduce(tp, full, (int64_t)N * C, m->ops->dtype, err, (size_t)errlen)) return -1;
+        m->ops->position_embedding_forward(full, weight(m, m->wpe), B, T, C);
+        if (tp->sequence_parallel) lt_tp_scatter(tp, c->rows, c->x[0], full, C);
+    }
+    const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
+    if (p > 0) lt_tp_dropout_forward(tp, c->rows, c->x[0], c->x[0], B, T, C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"));
+    return 0;
+}
+
 lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
                                  int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
                                  char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
-    const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size;
+    const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, Vl = (int)(m->vocab.end - m->vocab.start);
     const int pre = m->stage.pre_process, post = m->stage.post_process;
+    const int sp = m->tp.size > 1 && m->tp.sequence_parallel;
     if (out) *out = NULL;
     if (num_valid) *num_valid = 0;
     if (B <= 0 || T <= 0 || T > cfg->seq_length) {
         lt_fail(err, (size_t)errlen, "batch shape [%d, %d] is invalid: need B > 0 and 0 < T <= seq_length (%d)", B, T,
                 cfg->seq_length);
+        return NULL;
+    }
+    if (sp && T % m->tp.size != 0) {
+        lt_fail(err, (size_t)errlen, "sequence parallelism splits the %d positions of a microbatch across "
+                "tensor_model_parallel_size = %d ranks: they do not divide", T, m->tp.size);
         return NULL;
     }
     if (pre && !tokens) {
@@ -572,7 +693,13 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         }
     }
     lt_gpt_ctx *c = ctx_new(m, B, T, training, dropout_seed);
-    if (!c) {
+    lt_layer_scratch sc = {0};
+    size_t sc_bytes = 0;
+    void *sc_base = c ? tp_scratch(m, N, &sc, &sc_bytes) : NULL;
+    if (c && m->tp.size > 1) c->rows = lt_tp_rows_new(&m->tp, B, T, err, (size_t)errlen);
+    if (!c || (sp && !sc_base) || (m->tp.size > 1 && !c->rows)) {
+        if (sc_base) m->be->release(sc_base, sc_bytes);
+        lt_gpt_ctx_free(c);
         lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
                 T);
         return NULL;
@@ -584,63 +711,84 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         else for (int i = 0; i < N; i++) c->host_targets[i] = -1;
         be->to_device(c->targets, c->host_targets, sizeof(int32_t) * (size_t)N);
     }
-    if (pre) be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
+    if (pre) {
+        memcpy(c->host_tokens, tokens, sizeof(int32_t) * (size_t)N);
+        be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
+    }
     if (c->to_bsh) boundary_indices(m, c);
+    for (int i = 0; i < m->nl; i++) c->layers[i].rows = c->rows;
+    const int No = lt_layer_outer_rows(&m->spec, B, T);
+    int rc = 0;
 
     /* eval mode drops nothing (c->training also reaches every layer's context) */
     const float embedding_p = c->training ? cfg->hidden_dropout : 0.0f;
     int64_t ready = 0;
     if (pre) {
         weights_needed_to(m, &ready, layer_start(m, 0));
-        ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
-        if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
-        if (embedding_p > 0)
-            ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, embedding_p,
-                                 lt_dropout_key(dropout_seed, -1, "embedding"), 0);
+        if (m->tp.size > 1) {
+            rc = embed_parallel(m, c, &sc, err, errlen);
+        } else {
+            ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
+            if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
+            if (embedding_p > 0)
+                ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, embedding_p,
+                                     lt_dropout_key(dropout_seed, -1, "embedding"), 0);
+        }
     } else {
-        transpose_rows(m, c->x[0], lt_tensor_data(hidden), c->to_bsh, N);
+        transpose_rows(m, c->x[0], lt_tensor_data(hidden), c->to_bsh, No);
     }
-    for (int i = 0; i < m->nl; i++) {
+    for (int i = 0; i < m->nl && !rc; i++) {
         weights_needed_to(m, &ready, layer_start(m, i + 1));
         lt_attention_weights aw;
         lt_mlp_weights mw;
         weights_of(m, i, &aw, &mw);
-        lt_layer_forward(&m->spec, ops, &aw, &mw, &c->layers[i], c->x[i], c->x[i + 1]);
+        rc = lt_layer_forward(&m->spec, ops, &aw, &mw, &c->layers[i], c->x[i], c->x[i + 1], &sc, err, (size_t)errlen);
     }
     weights_needed_to(m, &ready, m->total);
+    if (rc) goto fail;
 
     const void *last = c->x[m->nl];
     if (!post) {
-        int64_t shape[3] = {T, B, C};
+        int64_t shape[3] = {No / B, B, C};
         lt_tensor *o = out ? lt_backend_tensor(be, ops->dtype, 3, shape) : NULL;
         if (out && !o) {
-            lt_gpt_ctx_free(c);
-            lt_fail(err, (size_t)errlen, "out of %s memory for a chunk's output [%d, %d, %d]", be->name, T, B, C);
-            return NULL;
+            lt_fail(err, (size_t)errlen, "out of %s memory for a chunk's output [%d, %d, %d]", be->name, No / B, B, C);
+            goto fail;
         }
-        if (o) transpose_rows(m, lt_tensor_data(o), last, c->to_sbh, N);
+        if (o) transpose_rows(m, lt_tensor_data(o), last, c->to_sbh, No);
         if (out) *out = o;
+        if (sc_base) be->release(sc_base, sc_bytes);
         return c;
     }
+    const void *ln;
     lt_layer_norm_forward(&m->spec, ops, c->lnf, c->lnf_mean, c->lnf_rstd, last, norm_weight(m, m->lnf_w),
-                    weight(m, m->lnf_b), N);
-    ops->linear_forward(c->logits, c->lnf, weight(m, m->out_w), NULL, NULL, N, C, V);
+                          weight(m, m->lnf_b), No);
+    if (lt_tp_enter(&m->tp, c->rows, &ln, c->lnf, sc.tp_full, sc.tp_landing, C, err, (size_t)errlen)) goto fail;
+    ops->linear_forward(c->logits, ln, weight(m, m->out_w), NULL, NULL, N, C, Vl);
     c->num_valid = 0;
     if (targets) {
         int64_t shape[2] = {B, T};
         c->losses = lt_backend_tensor(be, LT_F32, 2, shape);
         if (!c->losses) {
-            lt_gpt_ctx_free(c);
             lt_fail(err, (size_t)errlen, "out of %s memory for the losses of a [%d, %d] microbatch", be->name, B, T);
-            return NULL;
+            goto fail;
         }
-        ops->cross_entropy_forward(lt_tensor_data(c->losses), c->ce_lse, c->logits, c->targets, N, V);
+        if (m->tp.size == 1)
+            ops->cross_entropy_forward(lt_tensor_data(c->losses), c->ce_lse, c->logits, c->targets, N, V);
+        else if (lt_vocab_cross_entropy_forward(&m->tp, &m->vocab, lt_tensor_data(c->losses), c->ce_lse, c->logits,
+                                                c->host_targets, N, err, (size_t)errlen))
+            goto fail;
         for (int i = 0; i < N; i++) c->num_valid += c->host_targets[i] >= 0;
         /* the caller's view shares the storage, so the losses outlive the context */
         if (out) *out = lt_tensor_view(c->losses, 2, c->losses->shape, c->losses->stride, c->losses->offset);
     }
     if (num_valid) *num_valid = c->num_valid;
+    if (sc_base) be->release(sc_base, sc_bytes);
     return c;
+fail:
+    if (sc_base) be->release(sc_base, sc_bytes);
+    lt_gpt_ctx_free(c);
+    return NULL;
 }
 
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T, int training,
@@ -667,12 +815,34 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
 
 /* ---- backward ---- */
 
+/* The vocabulary-parallel embedding's backward: dropout, the gradient gathered back to every row
+ * (under SP), then each rank's rows of the table and the positions. */
+static int embed_parallel_backward(lt_gpt *m, lt_gpt_ctx *c, const void *dx, const lt_layer_scratch *sc, char *err,
+                                   int errlen) {
+    const lt_tp *tp = &m->tp;
+    const int B = c->B, T = c->T, N = B * T, C = m->cfg.hidden_size;
+    float *g = lt_tensor_data(m->grads);
+    const void *d = dx, *dfull;
+    const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
+    if (p > 0) {
+        lt_tp_dropout_backward(tp, c->rows, sc->d_c, dx, B, T, C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"));
+        d = sc->d_c;
+    }
+    if (lt_tp_exit_backward(tp, c->rows, &dfull, d, sc->tp_full, sc->tp_landing, C, err, (size_t)errlen)) return -1;
+    if (lt_vocab_embedding_backward(tp, &m->vocab, g + m->wte, dfull, c->host_tokens, N, C, err, (size_t)errlen))
+        return -1;
+    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, dfull, B, T, C);
+    return 0;
+}
+
 int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output, float grad_scale,
                           lt_tensor **grad_input, char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
     const int B = c->B, T = c->T, N = B * T, C = cfg->hidden_size, V = cfg->vocab_size;
+    const int Vl = (int)(m->vocab.end - m->vocab.start), No = lt_layer_outer_rows(&m->spec, B, T);
     const size_t NC = (size_t)N * C, E = m->E;
     const int pre = m->stage.pre_process, post = m->stage.post_process;
+    const int sp = m->tp.size > 1 && m->tp.sequence_parallel;
     const lt_backend *be = m->be;
     const lt_ops *ops = m->ops;
     float *g = lt_tensor_data(m->grads);
@@ -684,13 +854,13 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
 
     size_t widest = (size_t)m->qkv_dim;
     if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
-    const size_t HD = (size_t)cfg->num_attention_heads * cfg->kv_channels;
-    const size_t bytes =
-        E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + cfg->ffn_hidden_size) + sizeof(float) * (size_t)N;
+    const size_t HD = (size_t)m->spec.num_attention_heads * cfg->kv_channels;
+    const size_t bytes = E * (size_t)N * ((sp ? 5 : 3) * (size_t)C + HD + 2 * widest + m->spec.ffn_hidden_size) +
+                         sizeof(float) * (size_t)N;
     void *base = be->alloc(bytes);
     lt_tensor *gin = NULL;
     if (!pre) {
-        int64_t shape[3] = {T, B, C};
+        int64_t shape[3] = {No / B, B, C};
         gin = lt_backend_tensor(be, ops->dtype, 3, shape);
     }
     if (!base || (!pre && !gin)) {
@@ -700,7 +870,7 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
         return lt_fail(err, (size_t)errlen, "out of %s memory for the backward of a [%d, %d] microbatch (%.1f MiB)",
                        be->name, B, T, (double)bytes / (1 << 20));
     }
-    lt_layer_scratch s;
+    lt_layer_scratch s = {0};
     char *p = base;
     float *dloss = (float *)p; p += sizeof(float) * (size_t)N; /* first: fp32 alignment holds */
     s.d_c = p; p += E * NC;
@@ -709,36 +879,55 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     s.d_att = p; p += E * (size_t)N * HD;
     s.d_qkv = p; p += E * (size_t)N * widest;
     s.d_fc1 = p; p += E * (size_t)N * widest;
-    s.d_act = p;
+    s.d_act = p; p += E * (size_t)N * m->spec.ffn_hidden_size;
+    if (sp) {
+        s.tp_full = p; p += E * NC;
+        s.tp_landing = p;
+    }
+    int rc = 0;
 
     if (post) {
         /* Loss → logits, in place: the logits buffer becomes its own gradient. */
         float *host_dloss = c->host_scratch;
         for (int i = 0; i < N; i++) host_dloss[i] = c->host_targets[i] >= 0 ? grad_scale : 0.0f;
         be->to_device(dloss, host_dloss, sizeof(float) * (size_t)N);
-        ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
-        ops->linear_backward(s.d_c2, g + m->out_w, NULL, c->logits, c->lnf, weight(m, m->out_w), N, C, V);
-        be->memzero(dx, E * NC);
-        lt_layer_norm_backward(&m->spec, ops, dx, g + m->lnf_w, PTR(g, m->lnf_b), s.d_c2, c->x[m->nl],
-                         norm_weight(m, m->lnf_w), c->lnf_mean, c->lnf_rstd, N);
-        /* Untied output layer and final norm are done (a tied output weight that is the embedding
-         * itself finishes last; a tied copy lies after the final norm). */
-        grads_ready_from(m, m->lnf_w);
+        if (m->tp.size == 1) ops->cross_entropy_backward(c->logits, c->logits, c->ce_lse, c->targets, dloss, N, V);
+        else rc = lt_vocab_cross_entropy_backward(&m->tp, &m->vocab, c->logits, c->logits, c->ce_lse, c->host_targets,
+                                                  dloss, N, err, (size_t)errlen);
+        const void *ln;
+        void *dln;
+        if (!rc) rc = lt_tp_enter(&m->tp, c->rows, &ln, c->lnf, s.tp_full, s.tp_landing, C, err, (size_t)errlen);
+        if (!rc) {
+            ops->linear_backward(s.d_c2, g + m->out_w, NULL, c->logits, ln, weight(m, m->out_w), N, C, Vl);
+            rc = lt_tp_enter_backward(&m->tp, c->rows, &dln, s.d_c2, s.d_c, s.tp_landing, C, err, (size_t)errlen);
+        }
+        if (!rc) {
+            be->memzero(dx, E * (size_t)No * C);
+            lt_layer_norm_backward(&m->spec, ops, dx, g + m->lnf_w, PTR(g, m->lnf_b), dln, c->x[m->nl],
+                                   norm_weight(m, m->lnf_w), c->lnf_mean, c->lnf_rstd, No);
+            /* Untied output layer and final norm are done (a tied output weight that is the embedding
+             * itself finishes last; a tied copy lies after the final norm). */
+            grads_ready_from(m, m->lnf_w);
+        }
     } else {
-        transpose_rows(m, dx, lt_tensor_data(grad_output), c->to_bsh, N);
+        transpose_rows(m, dx, lt_tensor_data(grad_output), c->to_bsh, No);
     }
-    for (int i = m->nl - 1; i >= 0; i--) {
+    for (int i = m->nl - 1; i >= 0 && !rc; i--) {
         lt_attention_weights aw;
         lt_mlp_weights mw;
         lt_attention_grads ag;
         lt_mlp_grads mg;
         weights_of(m, i, &aw, &mw);
         grads_of(m, i, &ag, &mg);
-        lt_layer_backward(&m->spec, ops, &aw, &ag, &mw, &mg, &c->layers[i], c->x[i], dx, &s);
-        grads_ready_from(m, m->layers[i].ln1_w);
+        rc = lt_layer_backward(&m->spec, ops, &aw, &ag, &mw, &mg, &c->layers[i], c->x[i], dx, &s, err, (size_t)errlen);
+        if (!rc) grads_ready_from(m, m->layers[i].ln1_w);
     }
 
-    if (pre) {
+    if (rc) {
+    } else if (pre && m->tp.size > 1) {
+        rc = embed_parallel_backward(m, c, dx, &s, err, errlen);
+        if (!rc) grads_ready_from(m, 0);
+    } else if (pre) {
         const void *d_emb = dx;
         const float embedding_p = c->training ? cfg->hidden_dropout : 0.0f;
         if (embedding_p > 0) {
@@ -750,14 +939,15 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
         if (m->wpe >= 0) ops->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
         grads_ready_from(m, 0);
     } else {
-        transpose_rows(m, lt_tensor_data(gin), dx, c->to_sbh, N);
+        transpose_rows(m, lt_tensor_data(gin), dx, c->to_sbh, No);
     }
 
     be->release(base, bytes);
     lt_gpt_ctx_free(c);
+    if (rc) lt_tensor_free(gin), gin = NULL;
     if (grad_input) *grad_input = gin;
     else lt_tensor_free(gin);
-    return 0;
+    return rc;
 }
 
 int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int errlen) {
@@ -772,7 +962,7 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
 
 double lt_gpt_flops_per_token(const lt_gpt *m) {
     double n = 0;
-    for (int i = 0; i < m->num_params; i++) n += (double)m->params[i].numel;
+    for (int i = 0; i < m->num_params; i++) n += (double)m->params[i].full_numel;
     const lt_gpt_config *c = &m->cfg;
     return 6.0 * n + 6.0 * c->num_layers * c->hidden_size * (double)c->seq_length;
 }

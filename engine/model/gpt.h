@@ -23,6 +23,7 @@
 #define LT_GPT_H
 #include <stdint.h>
 
+#include "engine/comm/comm.h"
 #include "engine/core/tensor.h"
 #include "engine/ops/backend.h"
 
@@ -51,15 +52,41 @@ typedef struct {
     const lt_backend *backend; /* where weights, gradients and activations live and run; NULL: the CPU */
     int bf16; /* mixed precision: bf16 activations and weight copies for the ops; fp32 main weights and
                  gradients (the optimizer's), as Megatron's bf16 with grad_reduce_in_fp32 */
+    /* Tensor parallelism (engine/parallel/tp.h): this rank's group (NULL: one rank; borrowed, it must
+     * outlive the model) and sequence parallelism. The chunk holds this rank's shard of each split
+     * parameter; names, initial values and dropout masks stay the single rank's. */
+    lt_comm *tp_comm;
+    int sequence_parallel;
 } lt_gpt_config;
+
+/* How a parameter is split across the TP ranks: rank r of TP holds */
+typedef enum {
+    LT_SPLIT_NONE = 0, /* all of it (replicated) */
+    LT_SPLIT_ROWS,     /* rows [r R/TP, (r+1) R/TP): column-parallel weights and biases, vocabulary shards */
+    LT_SPLIT_COLUMNS,  /* columns [r C/TP, (r+1) C/TP) of every row: row-parallel weights */
+    LT_SPLIT_GLU_ROWS, /* the matching rows of each half: SwiGLU's fc1, [gate; up] */
+} lt_split;
 
 typedef struct {
     char name[96];
     int ndim;
-    int64_t shape[2];
+    int64_t shape[2];      /* this rank's shard */
     int64_t offset, numel; /* in the flat buffers */
     int no_weight_decay;   /* biases and norm weights, as Megatron */
+    lt_split split;
+    int64_t full_shape[2], full_numel; /* the whole parameter, as a single rank holds it */
+    int tp_grad_sum; /* replicated, but each TP rank's gradient is a part (sequence-parallel norms and
+                        row-parallel biases, q/k norms): summed over TP when the step finishes */
 } lt_gpt_param;
+
+/* A contiguous run of a shard: n elements at local element offset `local` of the shard and `full` of
+ * the whole parameter (row-major). */
+typedef struct {
+    int64_t local, full, n;
+} lt_gpt_run;
+/* The runs of rank's shard of p among size ranks (1 to full_shape[0] of them); run k. */
+int64_t lt_gpt_param_num_runs(const lt_gpt_param *p, int size);
+lt_gpt_run lt_gpt_param_run(const lt_gpt_param *p, int rank, int size, int64_t k);
 
 /* The part of the model a chunk holds (Megatron's pipeline stage semantics). */
 typedef struct {
@@ -115,7 +142,8 @@ void lt_gpt_ctx_free(lt_gpt_ctx *ctx);
 
 /* Chunk forward of one microbatch [B, T]. A first stage reads host tokens[B, T] (hidden NULL);
  * any other stage reads `hidden`, the previous stage's output: [T, B, hidden_size] (Megatron's
- * [s, b, h] at the boundary) in the backend's memory and the compute dtype. A last stage reads
+ * [s, b, h] at the boundary; [T/TP, B, h], this rank's positions, under sequence parallelism) in the
+ * backend's memory and the compute dtype. A last stage reads
  * host targets[B, T] (< 0 ignored; NULL: no loss). *out receives a new tensor the caller frees: on a
  * last stage the per-token losses [B, T] fp32 (0 where the target is ignored; NULL without targets),
  * kept in the backend's memory (nothing is read back), elsewhere the output hidden state [T, B, h].
@@ -146,7 +174,11 @@ void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud);
 typedef void (*lt_gpt_param_wait_fn)(void *ud, int64_t needed_end);
 void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud);
 
-/* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters). */
+/* This chunk's tensor-parallel rank and size (0 and 1 without). */
+int lt_gpt_tp_rank(const lt_gpt *m);
+int lt_gpt_tp_size(const lt_gpt *m);
+
+/* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters, whole). */
 double lt_gpt_flops_per_token(const lt_gpt *m);
 
 #endif

@@ -44,13 +44,17 @@ static void *take(char *base, size_t *used, size_t nbytes) {
     return p;
 }
 
+int lt_layer_outer_rows(const lt_layer_spec *s, int B, int T) { return lt_tp_outer_rows(s->tp, B * T); }
+
+/* Norm outputs, their statistics and the block outputs hold the outer rows; the rest all N. */
 void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char *base, size_t *used) {
-    const size_t N = (size_t)c->B * c->T, C = s->hidden_size, F = sizeof(float);
+    const size_t N = (size_t)c->B * c->T, No = (size_t)lt_layer_outer_rows(s, c->B, c->T);
+    const size_t C = s->hidden_size, F = sizeof(float);
     const size_t HD = (size_t)s->num_attention_heads * s->kv_channels, qkv = (size_t)lt_layer_qkv_dim(s);
     lt_attention_acts *a = &c->attn;
-    a->ln = take(base, used, N * C * E);
-    a->ln_mean = take(base, used, N * F);
-    a->ln_rstd = take(base, used, N * F);
+    a->ln = take(base, used, No * C * E);
+    a->ln_mean = take(base, used, No * F);
+    a->ln_rstd = take(base, used, No * F);
     a->qkv_pre = a->qk_mean = a->qk_rstd = NULL;
     if (s->qk_layernorm) { /* qk_mean NULL: RMSNorm */
         const size_t rows = N * (size_t)(s->num_attention_heads + s->num_query_groups);
@@ -61,62 +65,118 @@ void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char
     a->qkv = take(base, used, N * qkv * E);
     a->att = take(base, used, N * HD * E);
     a->lse = take(base, used, (size_t)c->B * s->num_attention_heads * c->T * F);
-    c->h = take(base, used, N * C * E);
+    c->h = take(base, used, No * C * E);
     lt_mlp_acts *m = &c->mlp;
-    m->ln = take(base, used, N * C * E);
-    m->ln_mean = take(base, used, N * F);
-    m->ln_rstd = take(base, used, N * F);
+    m->ln = take(base, used, No * C * E);
+    m->ln_mean = take(base, used, No * F);
+    m->ln_rstd = take(base, used, No * F);
     m->fc1 = take(base, used, N * (size_t)lt_layer_fc1_dim(s) * E);
     m->act = take(base, used, N * (size_t)s->ffn_hidden_size * E);
 }
 
+/* ---- the two ends of a block ----
+ * A block opens with a norm and a column-parallel GEMM (linear_qkv, linear_fc1) and closes with a
+ * row-parallel GEMM (linear_proj, linear_fc2), its bias, dropout and the residual add. */
+
+/* The open GEMM's input: the norm's output, gathered along the sequence under SP (into sc->tp_full). */
+static int open_input(const lt_layer_spec *s, const lt_layer_ctx *c, const lt_layer_scratch *sc, const void **inp,
+                      const void *ln, char *err, size_t errlen) {
+    return lt_tp_enter(s->tp, c->rows, inp, ln, sc->tp_full, sc->tp_landing, s->hidden_size, err, errlen);
+}
+
+/* After the open GEMM's backward wrote its partial input gradient to sc->d_c2: summed over TP (or
+ * reduce-scattered into sc->d_c); *dln is where the norm's output gradient is then. */
+static int open_backward(const lt_layer_spec *s, const lt_layer_ctx *c, const lt_layer_scratch *sc, void **dln,
+                         char *err, size_t errlen) {
+    return lt_tp_enter_backward(s->tp, c->rows, dln, sc->d_c2, sc->d_c, sc->tp_landing, s->hidden_size, err,
+                                errlen);
+}
+
+/* out = x + dropout(inp W^T + b). A single rank adds the residual in the GEMM when nothing comes
+ * between; under TP the bias and residual come after the reduction, on the outer rows. */
+static int close_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_layer_ctx *c,
+                         const lt_layer_scratch *sc, void *out, const void *x, const void *inp, const void *W,
+                         const void *b, int IN, const char *site, char *err, size_t errlen) {
+    const lt_tp *tp = s->tp;
+    const int B = c->B, T = c->T, N = B * T, No = lt_layer_outer_rows(s, B, T), C = s->hidden_size;
+    const float p = hidden_p(s, c);
+    const uint64_t key = lt_dropout_key(c->dropout_seed, c->layer, site);
+    if (tp->size == 1) {
+        ops->linear_forward(out, inp, W, b, p > 0 ? NULL : x, N, IN, C);
+        if (p > 0) {
+            ops->dropout_forward(out, out, (int64_t)N * C, p, key, 0);
+            ops->add_forward(out, out, x, (int64_t)N * C);
+        }
+        return 0;
+    }
+    void *partial = tp->sequence_parallel ? sc->tp_full : out, *reduced;
+    ops->linear_forward(partial, inp, W, NULL, NULL, N, IN, C);
+    if (lt_tp_exit(tp, c->rows, &reduced, partial, out, sc->tp_landing, C, err, errlen)) return -1;
+    if (b) lt_tp_bias_forward(tp, out, b, No, C);
+    if (p > 0) lt_tp_dropout_forward(tp, c->rows, out, out, B, T, C, p, key);
+    ops->add_forward(out, out, x, (int64_t)No * C);
+    return 0;
+}
+
+/* From d(out) in dx to the close GEMM's output gradient over all N rows (*dout), and the bias
+ * gradient that GEMM's backward should accumulate (*db; NULL under SP, where it is taken here from
+ * this rank's rows and summed over TP when the step finishes). */
+static int close_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_layer_ctx *c,
+                          const lt_layer_scratch *sc, const void *dx, float *gb, const char *site, const void **dout,
+                          float **db, char *err, size_t errlen) {
+    const lt_tp *tp = s->tp;
+    const int B = c->B, T = c->T, No = lt_layer_outer_rows(s, B, T), C = s->hidden_size;
+    const float p = hidden_p(s, c);
+    const void *d = dx;
+    if (p > 0) {
+        lt_tp_dropout_backward(tp, c->rows, sc->d_c, dx, B, T, C, p, lt_dropout_key(c->dropout_seed, c->layer, site));
+        d = sc->d_c;
+    }
+    *db = gb;
+    if (tp->size > 1 && tp->sequence_parallel && gb) {
+        lt_tp_bias_backward(tp, gb, d, No, C);
+        *db = NULL;
+    }
+    return lt_tp_exit_backward(tp, c->rows, dout, d, sc->tp_full, sc->tp_landing, C, err, errlen);
+}
+
 /* ---- attention block ---- */
 
-void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
-                                lt_layer_ctx *c, const void *x, void *out) {
+int lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                               lt_layer_ctx *c, const void *x, void *out, const lt_layer_scratch *sc, char *err,
+                               size_t errlen) {
     const int B = c->B, T = c->T, N = B * T, C = s->hidden_size, qkv = lt_layer_qkv_dim(s);
     const int H = s->num_attention_heads, G = s->num_query_groups, D = s->kv_channels;
     lt_attention_acts *a = &c->attn;
-    lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, x, w->ln_w, w->ln_b, N);
+    const void *ln;
+    lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, x, w->ln_w, w->ln_b, lt_layer_outer_rows(s, B, T));
+    if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
     if (s->qk_layernorm) { /* per-head norms between linear_qkv and the rotary embedding */
-        ops->linear_forward(a->qkv_pre, a->ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
+        ops->linear_forward(a->qkv_pre, ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
         ops->qk_norm_forward(a->qkv, a->qk_mean, a->qk_rstd, a->qkv_pre, w->qn_w, w->qn_b, w->kn_w, w->kn_b, N, H, G, D,
                              s->layernorm_epsilon);
     } else {
-        ops->linear_forward(a->qkv, a->ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
+        ops->linear_forward(a->qkv, ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
     }
     if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base);
-    /* all of the model's heads on this rank: masks numbered from head 0 of num_attention_heads */
     ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c),
-                           lt_dropout_key(c->dropout_seed, c->layer, "attention"), 0, s->num_attention_heads);
-    /* out = x + dropout(proj(att)): without dropout the GEMM adds the residual itself */
-    const float p = hidden_p(s, c);
-    const int drop = p > 0;
-    ops->linear_forward(out, a->att, w->proj_w, w->proj_b, drop ? NULL : x, N, H * D, C);
-    if (drop) {
-        ops->dropout_forward(out, out, (int64_t)N * C, p,
-                             lt_dropout_key(c->dropout_seed, c->layer, "attention_out"), 0);
-        ops->add_forward(out, out, x, (int64_t)N * C);
-    }
+                           lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
+    return close_forward(s, ops, c, sc, out, x, a->att, w->proj_w, w->proj_b, H * D, "attention_out", err, errlen);
 }
 
-void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
-                                 const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
-                                 const lt_layer_scratch *sc) {
+int lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                                const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
+                                const lt_layer_scratch *sc, char *err, size_t errlen) {
     const int B = c->B, T = c->T, N = B * T, C = s->hidden_size, qkv = lt_layer_qkv_dim(s);
     const int H = s->num_attention_heads, G = s->num_query_groups, D = s->kv_channels;
     const lt_attention_acts *a = &c->attn;
     /* out = x + dropout(proj(att)): dx flows to x unchanged; d(proj out) is dx through the mask. */
-    const void *d_proj = dx;
-    const float p = hidden_p(s, c);
-    if (p > 0) {
-        ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, p,
-                              lt_dropout_key(c->dropout_seed, c->layer, "attention_out"), 0);
-        d_proj = sc->d_c;
-    }
-    ops->linear_backward(sc->d_att, g->proj_w, g->proj_b, d_proj, a->att, w->proj_w, N, H * D, C);
+    const void *d_proj, *ln;
+    float *db;
+    if (close_backward(s, ops, c, sc, dx, g->proj_b, "attention_out", &d_proj, &db, err, errlen)) return -1;
+    ops->linear_backward(sc->d_att, g->proj_w, db, d_proj, a->att, w->proj_w, N, H * D, C);
     ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, attention_p(s, c),
-                            lt_dropout_key(c->dropout_seed, c->layer, "attention"), 0, s->num_attention_heads);
+                            lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
     if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base);
     const void *d_qkv = sc->d_qkv;
     if (s->qk_layernorm) { /* into d_fc1, free since the MLP's backward */
@@ -124,68 +184,73 @@ void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, cons
                               a->qk_mean, a->qk_rstd, N, H, G, D);
         d_qkv = sc->d_fc1;
     }
-    ops->linear_backward(sc->d_c2, g->qkv_w, g->qkv_b, d_qkv, a->ln, w->qkv_w, N, C, qkv);
+    /* under SP the norm's output is gathered again (Megatron's trade: memory for one more all-gather) */
+    if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
+    ops->linear_backward(sc->d_c2, g->qkv_w, g->qkv_b, d_qkv, ln, w->qkv_w, N, C, qkv);
+    void *dln;
+    if (open_backward(s, c, sc, &dln, err, errlen)) return -1;
     /* the norm's backward adds d(x) through the norm onto the residual's dx */
-    lt_layer_norm_backward(s, ops, dx, g->ln_w, g->ln_b, sc->d_c2, x, w->ln_w, a->ln_mean, a->ln_rstd, N);
+    lt_layer_norm_backward(s, ops, dx, g->ln_w, g->ln_b, dln, x, w->ln_w, a->ln_mean, a->ln_rstd,
+                           lt_layer_outer_rows(s, B, T));
+    return 0;
 }
 
 /* ---- MLP block ---- */
 
-void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
-                          const void *h, void *out) {
+int lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
+                         const void *h, void *out, const lt_layer_scratch *sc, char *err, size_t errlen) {
     const int N = c->B * c->T, C = s->hidden_size, F = s->ffn_hidden_size, fc1 = lt_layer_fc1_dim(s);
     lt_mlp_acts *a = &c->mlp;
-    lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, N);
+    const void *ln;
+    lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, lt_layer_outer_rows(s, c->B, c->T));
+    if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
     if (s->gelu_tanh) { /* fc1 and its GELU in one op (one GEMM where the device fuses them) */
-        ops->linear_gelu_forward(a->act, a->fc1, a->ln, w->fc1_w, w->fc1_b, N, C, fc1);
+        ops->linear_gelu_forward(a->act, a->fc1, ln, w->fc1_w, w->fc1_b, N, C, fc1);
     } else {
-        ops->linear_forward(a->fc1, a->ln, w->fc1_w, w->fc1_b, NULL, N, C, fc1);
+        ops->linear_forward(a->fc1, ln, w->fc1_w, w->fc1_b, NULL, N, C, fc1);
         if (s->gated_linear_unit) ops->swiglu_forward(a->act, a->fc1, N, F);
         else ops->gelu_forward(a->act, a->fc1, (int64_t)N * F);
     }
-    const float p = hidden_p(s, c);
-    const int drop = p > 0;
-    ops->linear_forward(out, a->act, w->fc2_w, w->fc2_b, drop ? NULL : h, N, F, C);
-    if (drop) {
-        ops->dropout_forward(out, out, (int64_t)N * C, p,
-                             lt_dropout_key(c->dropout_seed, c->layer, "mlp_out"), 0);
-        ops->add_forward(out, out, h, (int64_t)N * C);
-    }
+    return close_forward(s, ops, c, sc, out, h, a->act, w->fc2_w, w->fc2_b, F, "mlp_out", err, errlen);
 }
 
-void lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
-                           const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc) {
+int lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
+                          const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc, char *err,
+                          size_t errlen) {
     const int N = c->B * c->T, C = s->hidden_size, F = s->ffn_hidden_size, fc1 = lt_layer_fc1_dim(s);
     const lt_mlp_acts *a = &c->mlp;
-    const void *d_fc2 = dx;
-    const float p = hidden_p(s, c);
-    if (p > 0) {
-        ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, p,
-                              lt_dropout_key(c->dropout_seed, c->layer, "mlp_out"), 0);
-        d_fc2 = sc->d_c;
-    }
+    const void *d_fc2, *ln;
+    float *db;
+    if (close_backward(s, ops, c, sc, dx, g->fc2_b, "mlp_out", &d_fc2, &db, err, errlen)) return -1;
     if (s->gelu_tanh) { /* fc2's backward and the GELU's before it in one op */
-        ops->linear_dgelu_backward(sc->d_fc1, g->fc2_w, g->fc2_b, d_fc2, a->act, w->fc2_w, a->fc1, N, F, C);
+        ops->linear_dgelu_backward(sc->d_fc1, g->fc2_w, db, d_fc2, a->act, w->fc2_w, a->fc1, N, F, C);
     } else {
-        ops->linear_backward(sc->d_act, g->fc2_w, g->fc2_b, d_fc2, a->act, w->fc2_w, N, F, C);
+        ops->linear_backward(sc->d_act, g->fc2_w, db, d_fc2, a->act, w->fc2_w, N, F, C);
         if (s->gated_linear_unit) ops->swiglu_backward(sc->d_fc1, sc->d_act, a->fc1, N, F);
         else ops->gelu_backward(sc->d_fc1, sc->d_act, a->fc1, (int64_t)N * F);
     }
-    ops->linear_backward(sc->d_c2, g->fc1_w, g->fc1_b, sc->d_fc1, a->ln, w->fc1_w, N, C, fc1);
-    lt_layer_norm_backward(s, ops, dx, g->ln_w, g->ln_b, sc->d_c2, h, w->ln_w, a->ln_mean, a->ln_rstd, N);
+    if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
+    ops->linear_backward(sc->d_c2, g->fc1_w, g->fc1_b, sc->d_fc1, ln, w->fc1_w, N, C, fc1);
+    void *dln;
+    if (open_backward(s, c, sc, &dln, err, errlen)) return -1;
+    lt_layer_norm_backward(s, ops, dx, g->ln_w, g->ln_b, dln, h, w->ln_w, a->ln_mean, a->ln_rstd,
+                           lt_layer_outer_rows(s, c->B, c->T));
+    return 0;
 }
 
 /* ---- the layer ---- */
 
-void lt_layer_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
-                      const lt_mlp_weights *mw, lt_layer_ctx *c, const void *x, void *out) {
-    lt_layer_attention_forward(s, ops, aw, c, x, c->h);
-    lt_layer_mlp_forward(s, ops, mw, c, c->h, out);
+int lt_layer_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
+                     const lt_mlp_weights *mw, lt_layer_ctx *c, const void *x, void *out, const lt_layer_scratch *sc,
+                     char *err, size_t errlen) {
+    if (lt_layer_attention_forward(s, ops, aw, c, x, c->h, sc, err, errlen)) return -1;
+    return lt_layer_mlp_forward(s, ops, mw, c, c->h, out, sc, err, errlen);
 }
 
-void lt_layer_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
-                       const lt_attention_grads *ag, const lt_mlp_weights *mw, const lt_mlp_grads *mg,
-                       const lt_layer_ctx *c, const void *x, void *dx, const lt_layer_scratch *sc) {
-    lt_layer_mlp_backward(s, ops, mw, mg, c, c->h, dx, sc);
-    lt_layer_attention_backward(s, ops, aw, ag, c, x, dx, sc);
+int lt_layer_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
+                      const lt_attention_grads *ag, const lt_mlp_weights *mw, const lt_mlp_grads *mg,
+                      const lt_layer_ctx *c, const void *x, void *dx, const lt_layer_scratch *sc, char *err,
+                      size_t errlen) {
+    if (lt_layer_mlp_backward(s, ops, mw, mg, c, c->h, dx, sc, err, errlen)) return -1;
+    return lt_layer_attention_backward(s, ops, aw, ag, c, x, dx, sc, err, errlen);
 }

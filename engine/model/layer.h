@@ -10,17 +10,28 @@
  * chunk's flat buffers (the compute dtype: fp32, or the bf16 copy), gradients fp32 views that
  * backward accumulates into. Activations are the compute dtype; norm statistics are fp32.
  * Dropout masks are keyed by (microbatch seed, GLOBAL layer number, site), so a layer draws the same
- * masks whichever chunk holds it. */
+ * masks whichever chunk holds it.
+ *
+ * Under tensor parallelism (engine/parallel/tp.h) a layer holds its rank's heads, query groups and
+ * ffn columns (the spec's sizes are the local ones): linear_qkv and linear_fc1 are column-parallel,
+ * linear_proj and linear_fc2 row-parallel, their bias and the residual added once after the
+ * reduction. Outside those regions (norms, dropout, residual adds) a rank holds every row, or under
+ * sequence parallelism its [B, T/TP] rows; dropout masks are the single rank's for every position
+ * and head. */
 #ifndef LT_LAYER_H
 #define LT_LAYER_H
 #include <stddef.h>
 #include <stdint.h>
 
 #include "engine/ops/backend.h"
+#include "engine/parallel/tp.h"
 
-/* What a layer's shapes and maths depend on (a subset of the model config). */
+/* What a layer's shapes and maths depend on (a subset of the model config): this rank's heads
+ * [head_offset, head_offset + num_attention_heads) of heads_total, its query groups and ffn columns. */
 typedef struct {
     int hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size;
+    int head_offset, heads_total;
+    const lt_tp *tp; /* the tensor-parallel group (size 1: a single rank) */
     int rmsnorm; /* 0: LayerNorm, 1: RMSNorm */
     float layernorm_epsilon;
     int gated_linear_unit, gelu_tanh; /* SwiGLU / GELU (tanh approximation fused into the GEMMs) */
@@ -64,6 +75,7 @@ typedef struct {
  * training 0 is eval mode: no dropout (dropout_seed unused), as a model configured without it. */
 typedef struct {
     int B, T, layer;
+    const lt_tp_rows *rows; /* the microbatch for tensor parallelism (NULL without) */
     int training;
     uint64_t dropout_seed;
     lt_attention_acts attn;
@@ -75,30 +87,40 @@ typedef struct {
  * bytes needed), then with real memory. Every buffer is 64-byte aligned. */
 void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char *base, size_t *used);
 
-/* Backward scratch the caller provides (compute dtype): d_c and d_c2 [N, hidden], d_att [N, heads*D],
- * d_qkv and d_fc1 [N, max(qkv_dim, fc1_dim)], d_act [N, ffn_hidden_size]. */
+/* Scratch the caller provides (compute dtype, N = B T rows): backward's d_c and d_c2 [N, hidden], d_att
+ * [N, heads*D], d_qkv and d_fc1 [N, max(qkv_dim, fc1_dim)], d_act [N, ffn_hidden_size]; under sequence
+ * parallelism tp_full and tp_landing [N, hidden] (forward and backward). */
 typedef struct {
     void *d_c, *d_c2, *d_att, *d_qkv, *d_fc1, *d_act;
+    void *tp_full, *tp_landing;
 } lt_layer_scratch;
 
-/* out = x + dropout(attention(norm(x))), saving into c->attn. out may not alias x. */
-void lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
-                                lt_layer_ctx *c, const void *x, void *out);
+/* Each returns 0, or -1 with err set when a tensor-parallel collective fails.
+ * out = x + dropout(attention(norm(x))), saving into c->attn. out may not alias x. */
+int lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                               lt_layer_ctx *c, const void *x, void *out, const lt_layer_scratch *sc, char *err,
+                               size_t errlen);
 /* dx holds d(out) on entry and d(x) on return (the residual passes through); gradients accumulate. */
-void lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
-                                 const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
-                                 const lt_layer_scratch *sc);
-void lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
-                          const void *h, void *out);
-void lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
-                           const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc);
+int lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *w,
+                                const lt_attention_grads *g, const lt_layer_ctx *c, const void *x, void *dx,
+                                const lt_layer_scratch *sc, char *err, size_t errlen);
+int lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, lt_layer_ctx *c,
+                         const void *h, void *out, const lt_layer_scratch *sc, char *err, size_t errlen);
+int lt_layer_mlp_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp_weights *w, const lt_mlp_grads *g,
+                          const lt_layer_ctx *c, const void *h, void *dx, const lt_layer_scratch *sc, char *err,
+                          size_t errlen);
 
 /* The whole layer: attention block into c->h, then the MLP block into out. */
-void lt_layer_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
-                      const lt_mlp_weights *mw, lt_layer_ctx *c, const void *x, void *out);
-void lt_layer_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
-                       const lt_attention_grads *ag, const lt_mlp_weights *mw, const lt_mlp_grads *mg,
-                       const lt_layer_ctx *c, const void *x, void *dx, const lt_layer_scratch *sc);
+int lt_layer_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
+                     const lt_mlp_weights *mw, lt_layer_ctx *c, const void *x, void *out, const lt_layer_scratch *sc,
+                     char *err, size_t errlen);
+int lt_layer_backward(const lt_layer_spec *s, const lt_ops *ops, const lt_attention_weights *aw,
+                      const lt_attention_grads *ag, const lt_mlp_weights *mw, const lt_mlp_grads *mg,
+                      const lt_layer_ctx *c, const void *x, void *dx, const lt_layer_scratch *sc, char *err,
+                      size_t errlen);
+
+/* Rows a layer's input and output hold: B T, or this rank's B T / TP under sequence parallelism. */
+int lt_layer_outer_rows(const lt_layer_spec *s, int B, int T);
 
 /* LayerNorm or RMSNorm (by the spec) over rows of hidden_size; mean is unused by RMSNorm. */
 void lt_layer_norm_forward(const lt_layer_spec *s, const lt_ops *ops, void *out, float *mean, float *rstd,

@@ -119,7 +119,9 @@ void lt_dropout_backward(float *dinp, const float *dout, int64_t n, float p, uin
 
 /* ---- loss ----
  * Softmax cross-entropy fused over logits[N, V]: forward writes losses[N] and lse[N] and keeps no
- * probabilities. Targets < 0 are ignored (loss 0, no gradient).
+ * probabilities. Targets < 0 are ignored (loss 0, no gradient). A target >= V is a column another rank
+ * holds (vocabulary parallelism, engine/parallel/vocab.h): loss 0, and backward writes the softmax part
+ * of the gradient without the one-hot.
  * Backward writes (not accumulates) dlogits = (softmax(logits) - onehot(target)) * dloss[n], and may be
  * called with dlogits == logits, so the logits buffer becomes its own gradient: the V-wide tensor
  * exists once. */

@@ -1,303 +1,150 @@
-/* Tensor- and sequence-parallel mappings and linear layers (tp.h): host loops and the single-rank
- * GEMMs around the tp communicator's collectives. */
+/* Tensor- and sequence-parallel mappings (tp.h): the tp communicator's collectives around row
+ * gathers, on the backend the model runs on. */
 #include "engine/parallel/tp.h"
 
 #include <stdio.h>
-#include <string.h>
+#include <stdlib.h>
 
-#include "engine/ops/ops.h"
+#include "engine/core/error.h"
 
-static int check_comm(lt_comm *tp, char *err, size_t errlen) {
-    if (!tp) {
-        snprintf(err, errlen, "tensor parallel: no tp communicator");
-        return -1;
+static int sp(const lt_tp *tp) { return tp->size > 1 && tp->sequence_parallel; }
+
+lt_tp_rows *lt_tp_rows_new(const lt_tp *tp, int B, int T, char *err, size_t errlen) {
+    if (!sp(tp)) { /* the shape only */
+        lt_tp_rows *r = calloc(1, sizeof *r);
+        if (r) *r = (lt_tp_rows){B, T, T, NULL, NULL, NULL};
+        else lt_fail(err, errlen, "out of host memory");
+        return r;
     }
-    return 0;
-}
-
-/* Megatron's `divide`: a dimension split across TP must divide exactly. */
-static int check_div(int64_t n, int size, const char *what, char *err, size_t errlen) {
-    if (n <= 0 || n % size != 0) {
-        snprintf(err, errlen, "tensor parallel: %s %lld is not divisible by tensor_model_parallel_size %d", what,
-                 (long long)n, size);
-        return -1;
+    if (T % tp->size != 0) {
+        lt_fail(err, errlen, "sequence parallelism splits the sequence across tensor_model_parallel_size = %d ranks: "
+                "a microbatch of %d positions does not divide", tp->size, T);
+        return NULL;
     }
-    return 0;
-}
-
-static int check_seq(lt_comm *tp, int s, int b, int h, char *err, size_t errlen) {
-    if (check_comm(tp, err, errlen)) return -1;
-    if (b <= 0 || h <= 0) {
-        snprintf(err, errlen, "tensor parallel: invalid shape [%d, %d, %d]", s, b, h);
-        return -1;
+    const int N = B * T, Tl = T / tp->size, Nl = B * Tl;
+    lt_tp_rows *r = calloc(1, sizeof *r);
+    int32_t *h = malloc(sizeof(int32_t) * (2 * (size_t)N + (size_t)Nl));
+    const size_t bytes = sizeof(int32_t) * (2 * (size_t)N + (size_t)Nl);
+    int32_t *dev = tp->be->alloc(bytes);
+    if (!r || !h || !dev) {
+        free(r);
+        free(h);
+        if (dev) tp->be->release(dev, bytes);
+        lt_fail(err, errlen, "out of %s memory for sequence-parallel row maps", tp->be->name);
+        return NULL;
     }
-    return check_div(s, lt_comm_size(tp), "the sequence length (sequence parallelism)", err, errlen);
-}
-
-/* ---- mappings ---- */
-
-int lt_tp_copy_to_forward(lt_comm *tp, float *out, const float *in, int64_t count, char *err, size_t errlen) {
-    if (check_comm(tp, err, errlen)) return -1;
-    if (out != in) memcpy(out, in, sizeof(float) * (size_t)count);
-    return 0;
-}
-
-int lt_tp_copy_to_backward(lt_comm *tp, float *grad, int64_t count, char *err, size_t errlen) {
-    if (check_comm(tp, err, errlen)) return -1;
-    if (lt_comm_size(tp) == 1) return 0;
-    return lt_comm_all_reduce(tp, grad, count, LT_F32, LT_REDUCE_SUM, err, errlen);
-}
-
-int lt_tp_reduce_from_forward(lt_comm *tp, float *buf, int64_t count, char *err, size_t errlen) {
-    return lt_tp_copy_to_backward(tp, buf, count, err, errlen);
-}
-
-int lt_tp_reduce_from_backward(lt_comm *tp, float *dout, const float *din, int64_t count, char *err, size_t errlen) {
-    return lt_tp_copy_to_forward(tp, dout, din, count, err, errlen);
-}
-
-/* out[N, w] = columns [r w, (r+1) w) of in[N, h], w = h / TP. */
-static void take_columns(float *out, const float *in, int N, int h, int rank, int size) {
-    const int w = h / size;
-    for (int n = 0; n < N; n++)
-        memcpy(out + (size_t)n * w, in + (size_t)n * h + (size_t)rank * w, sizeof(float) * (size_t)w);
-}
-
-int lt_tp_scatter_last_forward(lt_comm *tp, float *out, const float *in, int N, int h, char *err, size_t errlen) {
-    if (check_comm(tp, err, errlen) || check_div(h, lt_comm_size(tp), "the last dimension", err, errlen)) return -1;
-    take_columns(out, in, N, h, lt_comm_rank(tp), lt_comm_size(tp));
-    return 0;
-}
-
-int lt_tp_gather_last_forward(lt_comm *tp, float *out, const float *in, float *scratch, int N, int h, char *err,
-                              size_t errlen) {
-    if (check_comm(tp, err, errlen) || check_div(h, lt_comm_size(tp), "the last dimension", err, errlen)) return -1;
-    const int size = lt_comm_size(tp), w = h / size;
-    if (size == 1) {
-        if (out != in) memcpy(out, in, sizeof(float) * (size_t)N * (size_t)h);
-        return 0;
-    }
-    /* the all-gather stacks whole [N, w] blocks rank by rank; interleave them into rows */
-    if (lt_comm_all_gather(tp, in, scratch, (int64_t)N * w, LT_F32, err, errlen)) return -1;
-    for (int r = 0; r < size; r++)
-        for (int n = 0; n < N; n++)
-            memcpy(out + (size_t)n * h + (size_t)r * w, scratch + ((size_t)r * N + n) * w, sizeof(float) * (size_t)w);
-    return 0;
-}
-
-int lt_tp_scatter_last_backward(lt_comm *tp, float *din, const float *dout, float *scratch, int N, int h, char *err,
-                                size_t errlen) {
-    return lt_tp_gather_last_forward(tp, din, dout, scratch, N, h, err, errlen);
-}
-
-int lt_tp_gather_last_backward(lt_comm *tp, float *din, const float *dout, int N, int h, char *err, size_t errlen) {
-    return lt_tp_scatter_last_forward(tp, din, dout, N, h, err, errlen);
-}
-
-int lt_tp_scatter_to_sequence_forward(lt_comm *tp, float *local, const float *full, int s, int b, int h, char *err,
-                                      size_t errlen) {
-    if (check_seq(tp, s, b, h, err, errlen)) return -1;
-    const size_t block = (size_t)(s / lt_comm_size(tp)) * (size_t)b * (size_t)h;
-    memcpy(local, full + (size_t)lt_comm_rank(tp) * block, sizeof(float) * block);
-    return 0;
-}
-
-int lt_tp_gather_from_sequence_forward(lt_comm *tp, float *full, const float *local, int s, int b, int h,
-                                       char *err, size_t errlen) {
-    if (check_seq(tp, s, b, h, err, errlen)) return -1;
-    const int64_t block = (int64_t)(s / lt_comm_size(tp)) * b * h;
-    if (lt_comm_size(tp) == 1) {
-        if (full != local) memcpy(full, local, sizeof(float) * (size_t)block);
-        return 0;
-    }
-    return lt_comm_all_gather(tp, local, full, block, LT_F32, err, errlen);
-}
-
-int lt_tp_reduce_scatter_to_sequence_forward(lt_comm *tp, float *local, const float *full, int s, int b, int h,
-                                             char *err, size_t errlen) {
-    if (check_seq(tp, s, b, h, err, errlen)) return -1;
-    const int64_t block = (int64_t)(s / lt_comm_size(tp)) * b * h;
-    if (lt_comm_size(tp) == 1) {
-        if (full != local) memcpy(local, full, sizeof(float) * (size_t)block);
-        return 0;
-    }
-    return lt_comm_reduce_scatter(tp, full, local, block, LT_F32, LT_REDUCE_SUM, err, errlen);
-}
-
-int lt_tp_scatter_to_sequence_backward(lt_comm *tp, float *dfull, const float *dlocal, int s, int b, int h,
-                                       char *err, size_t errlen) {
-    return lt_tp_gather_from_sequence_forward(tp, dfull, dlocal, s, b, h, err, errlen);
-}
-
-int lt_tp_gather_from_sequence_backward(lt_comm *tp, float *dlocal, const float *dfull, int s, int b, int h,
-                                        char *err, size_t errlen) {
-    return lt_tp_reduce_scatter_to_sequence_forward(tp, dlocal, dfull, s, b, h, err, errlen);
-}
-
-int lt_tp_reduce_scatter_to_sequence_backward(lt_comm *tp, float *dfull, const float *dlocal, int s, int b, int h,
-                                              char *err, size_t errlen) {
-    return lt_tp_gather_from_sequence_forward(tp, dfull, dlocal, s, b, h, err, errlen);
-}
-
-/* ---- shards ---- */
-
-int lt_tp_shard_rows(float *dst, const float *src, int rows, int cols, int rank, int size, char *err, size_t errlen) {
-    if (check_div(rows, size, "the number of rows", err, errlen)) return -1;
-    const size_t n = (size_t)(rows / size) * (size_t)cols;
-    memcpy(dst, src + (size_t)rank * n, sizeof(float) * n);
-    return 0;
-}
-
-int lt_tp_shard_columns(float *dst, const float *src, int rows, int cols, int rank, int size, char *err,
-                        size_t errlen) {
-    if (check_div(cols, size, "the number of columns", err, errlen)) return -1;
-    take_columns(dst, src, rows, cols, rank, size);
-    return 0;
-}
-
-/* ---- linear layers ---- */
-
-static int check_linear(lt_comm *tp, const lt_tp_linear *L, int column, char *err, size_t errlen) {
-    if (check_comm(tp, err, errlen)) return -1;
-    const int size = lt_comm_size(tp);
-    const char *kind = column ? "column-parallel linear" : "row-parallel linear";
-    if (L->s <= 0 || L->b <= 0 || L->in <= 0 || L->out <= 0) {
-        snprintf(err, errlen, "tensor parallel: %s: invalid shape s %d, b %d, in %d, out %d", kind, L->s, L->b,
-                 L->in, L->out);
-        return -1;
-    }
-    /* the split dimension: the output features of a column-parallel linear, the input ones of a row one */
-    const int split = column ? L->out : L->in;
-    if (split % size != 0) {
-        snprintf(err, errlen,
-                 "tensor parallel: %s: its %s features %d are not divisible by tensor_model_parallel_size %d", kind,
-                 column ? "output" : "input", split, size);
-        return -1;
-    }
-    if (L->sequence_parallel && L->s % size != 0) {
-        snprintf(err, errlen,
-                 "tensor parallel: %s: sequence parallelism needs the sequence length %d divisible by "
-                 "tensor_model_parallel_size %d",
-                 kind, L->s, size);
-        return -1;
-    }
-    if (L->gather_output && (!column || L->sequence_parallel)) {
-        snprintf(err, errlen, "tensor parallel: %s: gather_output is only for a column-parallel linear without "
-                 "sequence parallelism", kind);
-        return -1;
-    }
-    return 0;
-}
-
-int64_t lt_tp_column_scratch(const lt_tp_linear *L, int tp_size) {
-    (void)tp_size;
-    const int64_t N = (int64_t)L->s * L->b;
-    return (L->sequence_parallel ? 2 * N * L->in : 0) + (L->gather_output ? N * L->out : 0);
-}
-
-int64_t lt_tp_row_scratch(const lt_tp_linear *L, int tp_size) {
-    const int64_t N = (int64_t)L->s * L->b;
-    return N * L->out + (L->sequence_parallel ? N / tp_size * L->out : 0);
-}
-
-int lt_tp_column_forward(lt_comm *tp, const lt_tp_linear *L, float *out, const float *x, const float *weight,
-                         const float *bias, float *scratch, char *err, size_t errlen) {
-    if (check_linear(tp, L, 1, err, errlen)) return -1;
-    const int size = lt_comm_size(tp), N = L->s * L->b, w = L->out / size;
-    /* the input: copy_to (the identity) without SP, all-gathered along the sequence with it */
-    const float *xin = x;
-    float *rest = scratch;
-    if (L->sequence_parallel) {
-        if (lt_tp_gather_from_sequence_forward(tp, scratch, x, L->s, L->b, L->in, err, errlen)) return -1;
-        xin = scratch;
-        rest = scratch + 2 * (size_t)N * L->in;
-    }
-    if (!L->gather_output) {
-        lt_linear_forward(out, xin, weight, bias, NULL, N, L->in, w);
-        return 0;
-    }
-    /* the local [N, w] block first into out's storage (it holds N x out floats); the all-gather lands in
-     * the scratch and is interleaved back into out */
-    lt_linear_forward(out, xin, weight, bias, NULL, N, L->in, w);
-    return lt_tp_gather_last_forward(tp, out, out, rest, N, L->out, err, errlen);
-}
-
-int lt_tp_column_backward(lt_comm *tp, const lt_tp_linear *L, float *dx, float *dweight, float *dbias,
-                          const float *dout, const float *x, const float *weight, float *scratch, char *err,
-                          size_t errlen) {
-    if (check_linear(tp, L, 1, err, errlen)) return -1;
-    const int size = lt_comm_size(tp), N = L->s * L->b, w = L->out / size;
-    const float *xin = x;
-    float *dxin = dx, *rest = scratch;
-    if (L->sequence_parallel) {
-        xin = scratch; /* the forward's gathered input */
-        dxin = scratch + (size_t)N * L->in;
-        rest = scratch + 2 * (size_t)N * L->in;
-    }
-    const float *dlocal = dout;
-    if (L->gather_output) { /* the gather's backward: this rank's columns */
-        if (lt_tp_gather_last_backward(tp, rest, dout, N, L->out, err, errlen)) return -1;
-        dlocal = rest;
-    }
-    lt_linear_backward(dxin, dweight, dbias, dlocal, xin, weight, N, L->in, w);
-    if (L->sequence_parallel) /* the all-gather's backward */
-        return lt_tp_gather_from_sequence_backward(tp, dx, dxin, L->s, L->b, L->in, err, errlen);
-    return lt_tp_copy_to_backward(tp, dx, (int64_t)N * L->in, err, errlen);
-}
-
-int lt_tp_row_forward(lt_comm *tp, const lt_tp_linear *L, float *out, const float *x, const float *weight,
-                      const float *bias, const float *residual, float *scratch, char *err, size_t errlen) {
-    if (check_linear(tp, L, 0, err, errlen)) return -1;
-    const int size = lt_comm_size(tp), N = L->s * L->b, O = L->out;
-    /* the partial product, without bias or residual: those must be added once, after the sum */
-    lt_linear_forward(scratch, x, weight, NULL, NULL, N, L->in / size, O);
-    const float *sum = scratch;
-    int rows = N;
-    if (L->sequence_parallel) {
-        rows = N / size;
-        float *local = scratch + (size_t)N * O;
-        if (lt_tp_reduce_scatter_to_sequence_forward(tp, local, scratch, L->s, L->b, O, err, errlen)) return -1;
-        sum = local;
-    } else if (lt_tp_reduce_from_forward(tp, scratch, (int64_t)N * O, err, errlen)) {
-        return -1;
-    }
-    /* out = sum + (bias + residual), element by element (residual may be out): the single-rank op's
-     * order, which starts from bias + residual and lets the GEMM add onto it */
-    for (int n = 0; n < rows; n++) {
-        const float *p = sum + (size_t)n * O;
-        const float *r = residual ? residual + (size_t)n * O : NULL;
-        float *o = out + (size_t)n * O;
-        for (int j = 0; j < O; j++) {
-            float e = 0.0f;
-            if (bias && r)
-                e = bias[j] + r[j];
-            else if (bias)
-                e = bias[j];
-            else if (r)
-                e = r[j];
-            o[j] = p[j] + e;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const int rank = t / Tl, stacked = (rank * B + b) * Tl + t % Tl;
+            h[b * T + t] = stacked;          /* full_of_stacked */
+            h[N + stacked] = b * T + t;      /* stacked_of_full */
         }
-    }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < Tl; t++) h[2 * N + b * Tl + t] = b * T + tp->rank * Tl + t; /* local_of_full */
+    tp->be->to_device(dev, h, bytes);
+    free(h);
+    *r = (lt_tp_rows){B, T, Tl, dev, dev + N, dev + 2 * N};
+    return r;
+}
+
+void lt_tp_rows_free(const lt_tp *tp, lt_tp_rows *r) {
+    if (!r) return;
+    if (r->full_of_stacked)
+        tp->be->release(r->full_of_stacked, sizeof(int32_t) * (2 * (size_t)r->B * r->T + (size_t)r->B * r->local_T));
+    free(r);
+}
+
+int lt_tp_outer_rows(const lt_tp *tp, int N) { return sp(tp) ? N / tp->size : N; }
+
+/* Rows rows[n] of src into row n of dst: the embedding lookup is an exact row gather on any backend. */
+static void gather_rows(const lt_tp *tp, void *dst, const int32_t *rows, const void *src, int N, int C) {
+    tp->ops->embedding_forward(dst, rows, src, N, C);
+}
+
+int lt_tp_all_reduce(const lt_tp *tp, void *buf, int64_t count, lt_dtype dtype, char *err, size_t errlen) {
+    if (tp->size == 1) return 0;
+    return lt_comm_all_reduce(tp->comm, buf, count, dtype, LT_REDUCE_SUM, err, errlen);
+}
+
+static int all_gather(const lt_tp *tp, const lt_tp_rows *r, void *full, const void *local, void *landing, int C,
+                      char *err, size_t errlen) {
+    const int64_t n = (int64_t)r->B * r->local_T * C;
+    if (lt_comm_all_gather(tp->comm, local, landing, n, tp->ops->dtype, err, errlen)) return -1;
+    gather_rows(tp, full, r->full_of_stacked, landing, r->B * r->T, C);
     return 0;
 }
 
-int lt_tp_row_backward(lt_comm *tp, const lt_tp_linear *L, float *dx, float *dweight, float *dbias,
-                       const float *dout, const float *x, const float *weight, float *scratch, char *err,
-                       size_t errlen) {
-    if (check_linear(tp, L, 0, err, errlen)) return -1;
-    const int size = lt_comm_size(tp), N = L->s * L->b, O = L->out;
-    const int rows = L->sequence_parallel ? N / size : N;
-    if (dbias) /* over the rows this rank holds: summed from zero in order of n, then added, as the single-rank op */
-        for (int j = 0; j < O; j++) {
-            float acc = 0.0f;
-            for (int n = 0; n < rows; n++) acc += dout[(size_t)n * O + j];
-            dbias[j] += acc;
-        }
-    const float *dfull = dout;
-    if (L->sequence_parallel) { /* the reduce-scatter's backward */
-        if (lt_tp_reduce_scatter_to_sequence_backward(tp, scratch, dout, L->s, L->b, O, err, errlen)) return -1;
-        dfull = scratch;
+static int reduce_scatter(const lt_tp *tp, const lt_tp_rows *r, void *local, const void *full, void *stack, int C,
+                          char *err, size_t errlen) {
+    gather_rows(tp, stack, r->stacked_of_full, full, r->B * r->T, C);
+    const int64_t n = (int64_t)r->B * r->local_T * C;
+    return lt_comm_reduce_scatter(tp->comm, stack, local, n, tp->ops->dtype, LT_REDUCE_SUM, err, errlen);
+}
+
+int lt_tp_enter(const lt_tp *tp, const lt_tp_rows *r, const void **inner, const void *x, void *full, void *landing,
+                int C, char *err, size_t errlen) {
+    *inner = x;
+    if (!sp(tp)) return 0;
+    *inner = full;
+    return all_gather(tp, r, full, x, landing, C, err, errlen);
+}
+
+int lt_tp_enter_backward(const lt_tp *tp, const lt_tp_rows *r, void **dx, void *dinner, void *dx_local, void *stack,
+                         int C, char *err, size_t errlen) {
+    if (!sp(tp)) {
+        *dx = dinner;
+        if (tp->size == 1) return 0;
+        return lt_tp_all_reduce(tp, dinner, (int64_t)r->B * r->T * C, tp->ops->dtype, err, errlen);
     }
-    lt_linear_backward(dx, dweight, NULL, dfull, x, weight, N, L->in / size, O);
-    return 0;
+    *dx = dx_local;
+    return reduce_scatter(tp, r, dx_local, dinner, stack, C, err, errlen);
+}
+
+int lt_tp_exit(const lt_tp *tp, const lt_tp_rows *r, void **out, void *partial, void *out_local, void *stack, int C,
+               char *err, size_t errlen) {
+    return lt_tp_enter_backward(tp, r, out, partial, out_local, stack, C, err, errlen);
+}
+
+int lt_tp_exit_backward(const lt_tp *tp, const lt_tp_rows *r, const void **dinner, const void *dout, void *full,
+                        void *landing, int C, char *err, size_t errlen) {
+    return lt_tp_enter(tp, r, dinner, dout, full, landing, C, err, errlen);
+}
+
+void lt_tp_scatter(const lt_tp *tp, const lt_tp_rows *r, void *local, const void *full, int C) {
+    gather_rows(tp, local, r->local_of_full, full, r->B * r->local_T, C);
+}
+
+/* A bias is a position embedding of one position: out[n, 0, :] += bias for N "samples". */
+void lt_tp_bias_forward(const lt_tp *tp, void *out, const void *bias, int N, int C) {
+    tp->ops->position_embedding_forward(out, bias, N, 1, C);
+}
+
+void lt_tp_bias_backward(const lt_tp *tp, float *dbias, const void *dout, int N, int C) {
+    tp->ops->position_embedding_backward(dbias, dout, N, 1, C);
+}
+
+/* Each sample's local positions are one run of the stream: (b T + r T/TP) C onwards. */
+static void dropout(const lt_tp *tp, const lt_tp_rows *r, void *out, const void *inp, int B, int T, int C, float p,
+                    uint64_t key, int backward) {
+    void (*op)(void *, const void *, int64_t, float, uint64_t, uint64_t) =
+        backward ? tp->ops->dropout_backward : tp->ops->dropout_forward;
+    if (!sp(tp)) {
+        op(out, inp, (int64_t)B * T * C, p, key, 0);
+        return;
+    }
+    const int Tl = r->local_T;
+    const size_t E = lt_dtype_size(tp->ops->dtype), run = (size_t)Tl * C;
+    for (int b = 0; b < B; b++)
+        op((char *)out + E * run * b, (const char *)inp + E * run * b, (int64_t)run, p, key,
+           ((uint64_t)b * T + (uint64_t)tp->rank * Tl) * (uint64_t)C);
+}
+
+void lt_tp_dropout_forward(const lt_tp *tp, const lt_tp_rows *r, void *out, const void *inp, int B, int T, int C,
+                           float p, uint64_t key) {
+    dropout(tp, r, out, inp, B, T, C, p, key, 0);
+}
+
+void lt_tp_dropout_backward(const lt_tp *tp, const lt_tp_rows *r, void *dinp, const void *dout, int B, int T, int C,
+                            float p, uint64_t key) {
+    dropout(tp, r, dinp, dout, B, T, C, p, key, 1);
 }

@@ -50,7 +50,14 @@ local function new_part(model, r, group, device_comm)
     comm, device_comm = c, c
   end
   local self = { model = model, r = r, group = group, dp = dp, numel = model:flat_weights():numel(),
-    device_comm = device_comm }
+    device_comm = device_comm, tp_sums = {} }
+  -- in model order, the same on every TP rank (collectives pair up by order)
+  for _, p in ipairs(model:parameters()) do
+    if p.tp_grad_sum then
+      self.tp_sums[#self.tp_sums + 1] = p.name
+      self.tp_sums[p.name] = true
+    end
+  end
   if r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer then
     assert(group, "the distributed optimizer needs a data-parallel communicator")
     setmetatable(self, Sharded)
@@ -132,22 +139,43 @@ function Replicated:reduce()
 end
 Sharded.reduce = Replicated.reduce
 
--- The sum of squares of the gradients this rank updates, leaving out parameter `skip` (the last
--- stage's copy of a tied embedding, which Megatron counts once).
+-- The sum of squares of the gradients this rank updates, leaving out the parameters named in the
+-- set `skip` (ones another rank counts: the last stage's copy of a tied embedding, and parameters
+-- replicated across TP on TP ranks other than 0, as Megatron counts them once).
+-- With parameters to leave out, the counted ones are summed one by one: subtracting the others
+-- from the total would cancel digits.
 function Replicated:sumsq(skip)
-  local s = self.model:flat_grads():norm() ^ 2
-  if skip then s = s - self.model:grad(skip):norm() ^ 2 end
+  if not next(skip) then return self.model:flat_grads():norm() ^ 2 end
+  local s = 0
+  for _, p in ipairs(self.model:parameters()) do
+    if not skip[p.name] then s = s + self.model:grad(p.name):norm() ^ 2 end
+  end
   return s
 end
 
 function Sharded:sumsq(skip)
-  local s = self.main_grads:norm() ^ 2
-  if skip then
-    for _, piece in ipairs(self:grad_pieces()) do
-      if piece.param == skip then s = s - piece.tensor:norm() ^ 2 end
-    end
+  if not next(skip) then return self.main_grads:norm() ^ 2 end
+  local s = 0
+  for _, piece in ipairs(self:grad_pieces()) do
+    if not skip[piece.param] then s = s + piece.tensor:norm() ^ 2 end
   end
   return s
+end
+
+-- Megatron's finalize step for tensor parallelism, after the data-parallel reduction: the gradients
+-- of the parameters replicated across TP whose gradient each TP rank computed from a part
+-- (self.tp_sums: sequence-parallel norms and row-parallel biases, q/k norms) summed over TP. TP
+-- ranks have the same flat layout, so under the distributed optimizer their shards hold the same
+-- pieces.
+function Replicated:sum_over_tp(tp)
+  for _, name in ipairs(self.tp_sums) do tp:all_reduce(self.model:grad(name), "sum") end
+end
+
+function Sharded:sum_over_tp(tp)
+  if #self.tp_sums == 0 then return end
+  for _, piece in ipairs(self:grad_pieces()) do
+    if self.tp_sums[piece.param] then tp:all_reduce(piece.tensor, "sum") end
+  end
 end
 
 function Replicated:scale_grads(c) self.model:flat_grads():scale(c) end
@@ -242,7 +270,7 @@ end
 -- The optimizer of this rank's chunks (an array; one chunk without pipelining): r is the resolved
 -- config, group the dp-cp communicator (nil for one rank); opts.pp the pipeline group's
 -- communicator and opts.embedding the embedding group's (first and last stage), both nil without
--- pipelining.
+-- pipelining; opts.tp the tensor-parallel group's (nil without).
 function M.over_chunks(chunks, r, group, opts)
   opts = opts or {}
   local parts, device_comm, numel = {}, nil, 0
@@ -252,7 +280,22 @@ function M.over_chunks(chunks, r, group, opts)
   end
   local self = setmetatable({ parts = parts, chunks = chunks, r = r, group = group, dp = parts[1].dp,
     device_comm = device_comm, numel = numel, sharded = getmetatable(parts[1]) == Sharded, pp = opts.pp,
-    tied = {}, copy = {} }, Chunks)
+    tied = {}, copy = {}, skip = {} }, Chunks)
+  -- Tensor parallelism: the sums over TP run on the device's communicator; the gradient norm counts
+  -- a replicated parameter on TP rank 0 only.
+  local tp = opts.tp
+  if tp and tp:size() > 1 then
+    self.tp = tp
+    self.tp_device = r.model.device ~= "cpu" and core.comm_nccl(tp, r.model.device) or tp
+    for i, chunk in ipairs(chunks) do
+      self.skip[i] = {}
+      if tp:rank() > 0 then
+        for _, p in ipairs(chunk:parameters()) do
+          if p.split == "none" then self.skip[i][p.name] = true end
+        end
+      end
+    end
+  end
   -- With the output layer tied to the word embedding and pipeline stages, the last stage holds a
   -- copy of the embedding; the two copies' gradients are summed over the embedding group, and the
   -- copy is left out of the gradient norm (Megatron's finalize_model_grads and get_grad_norm).
@@ -270,6 +313,10 @@ function M.over_chunks(chunks, r, group, opts)
       if r.model.device ~= "cpu" then self.embedding = core.comm_nccl(emb, r.model.device) end
     end
   end
+  for i in ipairs(chunks) do
+    self.skip[i] = self.skip[i] or {}
+    if self.copy[i] then self.skip[i][EMBEDDING] = true end
+  end
   return self
 end
 
@@ -281,10 +328,11 @@ function Chunks:before_last_backward(i)
   if not (self.sharded and self.tied[i]) then self.parts[i]:before_last_backward() end
 end
 
--- Whether parameter `name` of chunk i (1-based) is the last stage's copy of the tied embedding,
--- which the whole model's sums (gradient norm, parameter count and norm) count once.
-function Chunks:is_tied_copy(i, name)
-  return self.copy[i] and name == EMBEDDING or false
+-- Whether this rank counts parameter `name` of chunk i (1-based) in the whole model's sums (gradient
+-- norm, parameter count and norm), which count each parameter once: not the last stage's copy of
+-- the tied embedding, nor on TP ranks but 0 a parameter replicated across TP.
+function Chunks:counts(i, name)
+  return not self.skip[i][name]
 end
 
 -- The tied embedding's copies summed over the first and last stage.
@@ -297,7 +345,9 @@ end
 -- global norm over every chunk of every stage, and the clipping. With the distributed optimizer a
 -- rank keeps only its shard of the reduced gradients, and the two stages' shards of the embedding
 -- are different parts of it, so there the copies are summed before the reduction (the same sum;
--- their buckets then wait for it). Returns the norm before clipping.
+-- their buckets then wait for it). Under tensor parallelism the gradients TP ranks computed in
+-- parts are summed over TP after the data-parallel reduction (Megatron's order). Returns the norm
+-- before clipping.
 function Chunks:step(lr)
   if self.sharded then self:sum_tied() end
   local exposed
@@ -306,11 +356,15 @@ function Chunks:step(lr)
     if part.exposed_seconds then exposed = (exposed or 0) + part.exposed_seconds end
   end
   self.exposed_seconds = exposed
+  if self.tp then
+    for _, part in ipairs(self.parts) do part:sum_over_tp(self.tp_device) end
+  end
   if not self.sharded then self:sum_tied() end
   local sumsq = 0
-  for i, part in ipairs(self.parts) do sumsq = sumsq + part:sumsq(self.copy[i] and EMBEDDING or nil) end
+  for i, part in ipairs(self.parts) do sumsq = sumsq + part:sumsq(self.skip[i]) end
   local t <close> = core.tensor.from({ sumsq }, "float32")
   if self.sharded and self.dp > 1 then self.group:all_reduce(t, "sum") end
+  if self.tp then self.tp:all_reduce(t, "sum") end
   if self.pp and self.pp:size() > 1 then self.pp:all_reduce(t, "sum") end
   local norm = math.sqrt(math.max(t:item(), 0))
   local c = clip_coeff(norm, self.r.optimizer.clip_grad)

@@ -36,8 +36,9 @@ end
 
 -- The engine's view of a provider (core.gpt's table): the resolved fields under the engine's names,
 -- nothing defaulted here. flat_multiple rounds the flat parameter buffer up (data parallelism shards
--- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides).
-function M.engine_config(provider, seed, flat_multiple, local_rank)
+-- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); tp is
+-- the tensor-parallel group's communicator (nil: one rank).
+function M.engine_config(provider, seed, flat_multiple, local_rank, tp)
   local m = M.resolve(provider)
   if seed == nil then seed = DEFAULT_SEED end
   if flat_multiple == nil then flat_multiple = DEFAULT_FLAT_MULTIPLE end
@@ -70,6 +71,8 @@ function M.engine_config(provider, seed, flat_multiple, local_rank)
     device = m.device,
     local_rank = local_rank,
     bf16 = m.bf16,
+    tensor_parallel = tp or false,
+    sequence_parallel = m.sequence_parallel,
   }
 end
 
@@ -129,12 +132,12 @@ function M.chunk_layers(provider, pp, vpp, pp_rank)
 end
 
 -- This rank's chunks (core.gpt_chunk objects, in vp_stage order) for one entry list of
--- M.chunk_layers; seed, flat_multiple and local_rank as M.build.
-function M.build_chunks(provider, layout, seed, flat_multiple, local_rank)
+-- M.chunk_layers; seed, flat_multiple, local_rank and tp as M.engine_config.
+function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp)
   local chunks = {}
   local m = M.resolve(provider)
   for i, c in ipairs(layout) do
-    local cfg = M.engine_config(m, seed, flat_multiple, local_rank)
+    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, tp)
     cfg.layer_begin, cfg.layer_end = c.layer_begin, c.layer_end
     cfg.pre_process, cfg.post_process = c.pre_process, c.post_process
     local ok, chunk = pcall(core.gpt_chunk, cfg)
@@ -145,10 +148,14 @@ function M.build_chunks(provider, layout, seed, flat_multiple, local_rank)
 end
 
 -- The chunks this rank holds of a provider's model in the job lt.parallel_state(provider) describes
--- (its pipeline stage, with virtual stages); seed and flat_multiple as M.build.
+-- (its pipeline stage, with virtual stages, and its tensor-parallel shard); seed and flat_multiple as
+-- M.build. On a GPU the tensor-parallel group communicates over NCCL.
 function M.chunks(provider, ps, seed, flat_multiple)
-  local layout = M.chunk_layers(provider, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
-  return M.build_chunks(provider, layout, seed, flat_multiple, ps.local_rank)
+  local m = M.resolve(provider)
+  local layout = M.chunk_layers(m, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
+  local tp = ps.groups.tp
+  if tp and tp:size() > 1 and m.device ~= "cpu" then tp = core.comm_nccl(tp, m.device) end
+  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp)
 end
 
 return M

@@ -55,10 +55,10 @@ end
 
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
-  for _, f in ipairs { "tensor_model_parallel_size", "context_parallel_size", "expert_model_parallel_size" } do
+  for _, f in ipairs { "context_parallel_size", "expert_model_parallel_size" } do
     if (m[f] or 1) > 1 then
-      error(("GPTModelProvider.%s = %d: this build parallelises over data and pipeline stages only (tensor, "
-        .. "context and expert parallelism are not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
+      error(("GPTModelProvider.%s = %d: this build parallelises over data, pipeline stages and tensors only "
+        .. "(context and expert parallelism are not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
     end
   end
   if m.num_moe_experts then
@@ -116,7 +116,8 @@ function M.setup(cfg, opts)
     dp_rank = dp_group and dp_group:rank() or 0,
     dp_size = dp_group and dp_group:size() or 1,
     chunks = chunks,
-    optimizer = data_parallel.over_chunks(chunks, r, dp_group, { pp = ps.groups.pp, embedding = ps.groups.embedding }),
+    optimizer = data_parallel.over_chunks(chunks, r, dp_group,
+      { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp }),
     schedule = opts.schedule, -- nil: Megatron's choice for the layout (luatron.pipeline)
     plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
@@ -205,6 +206,8 @@ end
 local function run_plan(run, plan, data, first, seed_of, loss_scale)
   local r = run.r
   local mbs, s = r.train.micro_batch_size, r.model.seq_length
+  -- under sequence parallelism a stage sends its rank's positions, [s/TP, b, h]
+  local s_sent = r.model.sequence_parallel and s // r.model.tensor_model_parallel_size or s
   local batches = {}
   local function batch(m)
     if not batches[m] then
@@ -223,7 +226,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     loss_scale = loss_scale,
     rank = run.ps.coords.pp_rank,
     link = run.link,
-    buffer = function() return core.tensor.zeros({ s, mbs, r.model.hidden_size }, dtype, r.model.device) end,
+    buffer = function() return core.tensor.zeros({ s_sent, mbs, r.model.hidden_size }, dtype, r.model.device) end,
     last_backward = function(c) run.optimizer:before_last_backward(c) end,
     clock = (run.link or run.recorder) and core.clock or nil,
   })
@@ -275,7 +278,7 @@ local function excluding_comm(run, fn)
 end
 
 -- What a pipeline step did on this rank: its bubble and its point-to-point bytes against the
--- arithmetic (each send moves an [s, b, h] tensor).
+-- arithmetic (each send moves an [s, b, h] tensor, [s/TP, b, h] under sequence parallelism).
 local function pipeline_report(run, plan, steps, wall)
   local m = run.r.model
   run.bubble = timeline.bubble(steps, wall)
@@ -289,7 +292,8 @@ local function pipeline_report(run, plan, steps, wall)
     link:reset_stats()
   end
   run.p2p_bytes = bytes
-  run.p2p_expected = sends * m.seq_length * run.r.train.micro_batch_size * m.hidden_size
+  local s = m.sequence_parallel and m.seq_length // m.tensor_model_parallel_size or m.seq_length
+  run.p2p_expected = sends * s * run.r.train.micro_batch_size * m.hidden_size
     * (m.pipeline_dtype == "bf16" and 2 or 4)
 end
 
@@ -470,14 +474,19 @@ end
 
 local function mib(bytes) return bytes / 2 ^ 20 end
 
--- A sum over this rank's parameters (fn(chunk, param) for each, the last stage's copy of a tied
--- embedding left out), then over the pipeline stages: the whole model's.
+-- A sum over this rank's parameters (fn(chunk, param) for each it counts, see Chunks:counts), then
+-- over the tensor-parallel ranks and the pipeline stages: the whole model's.
 local function over_model(run, fn)
   local x = 0
   for i, chunk in ipairs(run.chunks) do
     for _, p in ipairs(chunk:parameters()) do
-      if not run.optimizer:is_tied_copy(i, p.name) then x = x + fn(chunk, p) end
+      if run.optimizer:counts(i, p.name) then x = x + fn(chunk, p) end
     end
+  end
+  local tp = run.ps.groups.tp
+  if tp and tp:size() > 1 then
+    local t <close> = core.tensor.from({ x }, "float32")
+    x = tp:all_reduce(t, "sum"):item()
   end
   return sum_over_stages(run, x)
 end
@@ -561,6 +570,12 @@ function M.pretrain(cfg, args, opts)
     train.micro_batch_size,
     r.model.seq_length, r.model.bf16 and "bf16 mixed precision" or "fp32", r.model.device,
     resumed and "" or " | from scratch")
+  if r.padded_vocab_size ~= r.model.vocab_size then -- Megatron's _vocab_size_with_padding says so too
+    log:info("padded vocab (size: %d) with %d dummy tokens (new size: %d): a multiple of "
+      .. "make_vocab_size_divisible_by (%d) x tensor_model_parallel_size (%d)", r.model.vocab_size,
+      r.padded_vocab_size - r.model.vocab_size, r.padded_vocab_size, r.model.make_vocab_size_divisible_by,
+      r.model.tensor_model_parallel_size)
+  end
   if run.ps.world_size > 1 then describe_parallel(run, log) end
   for _, w in ipairs(r.warnings or {}) do log:info("warning: %s", w) end
   if run.state.iteration >= train.train_iters and not train.skip_train then

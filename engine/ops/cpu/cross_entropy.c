@@ -19,7 +19,7 @@ void lt_cross_entropy_forward(float *losses, float *lse, const float *logits, co
         const float l = m + logf(s);
         lse[n] = l;
         const int32_t t = targets[n];
-        losses[n] = t >= 0 ? l - x[t] : 0.0f;
+        losses[n] = t >= 0 && t < V ? l - x[t] : 0.0f;
     }
 }
 
@@ -38,6 +38,6 @@ void lt_cross_entropy_backward(float *dlogits, const float *logits, const float 
         /* element by element, so dlogits may be the logits buffer itself */
 #pragma omp simd
         for (int v = 0; v < V; v++) dx[v] = lt_exp(x[v] - l) * g;
-        dx[t] -= g;
+        if (t < V) dx[t] -= g;
     }
 }

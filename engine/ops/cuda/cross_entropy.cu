@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(CE_THREADS)
             const float l = m + logf(s);
             lse[n] = l;
             const int32_t t = targets[n];
-            losses[n] = t >= 0 ? l - cuda_ld(x + t) : 0.0f;
+            losses[n] = t >= 0 && t < V ? l - cuda_ld(x + t) : 0.0f;
         }
     }
 }

@@ -131,6 +131,11 @@ function V.resolve_model(m)
       .. "model.num_attention_heads or model.tensor_model_parallel_size", NH, TP)
   end
   m.ffn_hidden_size = m.ffn_hidden_size or 4 * H
+  if m.ffn_hidden_size % TP ~= 0 then
+    fail("ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d): each rank holds "
+      .. "ffn_hidden_size / tensor_model_parallel_size columns of the MLP. Change model.ffn_hidden_size or "
+      .. "model.tensor_model_parallel_size", m.ffn_hidden_size, TP)
+  end
   if m.kv_channels == nil then
     if H % NH ~= 0 then
       fail("hidden_size (%d) must be divisible by num_attention_heads (%d) when kv_channels is not set "
@@ -262,6 +267,10 @@ function V.validate(c, opts, to_table)
     fail("sequence_parallel=true requires tensor_model_parallel_size > 1 (got tensor_model_parallel_size = %d): "
       .. "Cannot use sequence parallelism without tensor parallelism. Set sequence_parallel = false or "
       .. "tensor_model_parallel_size >= 2", TP)
+  end
+  if m.sequence_parallel and m.seq_length % TP ~= 0 then
+    fail("sequence_parallel=true splits the sequence across tensor_model_parallel_size = %d ranks, but seq_length "
+      .. "(%d) is not a multiple of it. Change model.seq_length or model.tensor_model_parallel_size", TP, m.seq_length)
   end
 
   m.pipeline_dtype = m.pipeline_dtype or m.params_dtype

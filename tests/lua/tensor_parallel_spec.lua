@@ -1,0 +1,112 @@
+-- Tensor and sequence parallelism proven by equivalence: TP = 2 and 4, TP = 2 with sequence
+-- parallelism, TP = 2 x PP = 2, and TP = 2 x PP = 2 x DP = 2 (8 ranks) with the distributed
+-- optimizer, for a GPT-2-style model (LayerNorm, GELU, learned positions, biases, tied embeddings)
+-- and a Llama-style one (RMSNorm, SwiGLU, RoPE, grouped-query attention, untied, no biases), dropout
+-- on: every step's loss, gradient norm and parameter norm equal the single rank's. Bad sizes are
+-- refused before any work. Needs LUATRON (tests/lua/BUILD provides it).
+
+local LUATRON = os.getenv("LUATRON")
+
+-- fp32: what differs from one rank is the order of sums (the reductions over TP, the vocabulary-
+-- parallel cross-entropy's log-sum-exp): small differences, the largest printed at the end.
+local RTOL = 1e-5
+
+local h = dofile("tests/lua/helpers.lua")
+local q, run, tmpdir, read_metrics = h.q, h.run, h.tmpdir, h.read_metrics
+
+-- A small model, 20 steps, dropout on: 4 layers, 8 heads, global batch 8 in microbatches of 2. The
+-- vocabulary (256) is padded to a multiple of 32 x TP, so every layout has the same one. The learning
+-- rate is 1e-3: at the recipe's 3e-3 the Llama-style run has a loss spike at iteration 19 where the
+-- single rank's own gradient norm moves by 1e-5 when only its thread count changes (measured), which
+-- would test fp32's conditioning there, not the layouts.
+local STEPS = 20
+local BASE = "recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=8 train.micro_batch_size=2 "
+  .. "model.num_layers=4 model.hidden_size=64 model.num_attention_heads=8 model.seq_length=32 "
+  .. "dataset.sequence_length=32 model.make_vocab_size_divisible_by=32 model.hidden_dropout=0.1 "
+  .. "model.attention_dropout=0.1 train.eval_interval=100 train.eval_iters=0 logger.log_interval=1 "
+  .. "logger.log_params_norm=true scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 optimizer.lr=1e-3 "
+local LLAMA = "model.normalization=RMSNorm model.activation_func=silu model.gated_linear_unit=true "
+  .. "model.position_embedding_type=rope model.num_query_groups=4 model.add_bias_linear=false "
+  .. "model.share_embeddings_and_output_weights=false model.ffn_hidden_size=96 "
+
+local function launch(n, dir, name, extra)
+  local args = BASE:format(STEPS) .. ("logger.metrics_file=%s %s"):format(q(dir .. "/" .. name .. ".jsonl"), extra)
+  local code, out = run(("%s launch -n %d --timeout 120 %s"):format(q(LUATRON), n, args))
+  assert.are.equal(0, code, out)
+  return read_metrics(dir .. "/" .. name .. ".jsonl"), out
+end
+
+-- The largest relative difference seen, printed at the end as a TAP comment.
+local worst = 0
+
+local function assert_close(a, b, what)
+  worst = math.max(worst, math.abs(a - b) / math.max(math.abs(a), math.abs(b), 1e-30))
+  assert.is_true(math.abs(a - b) <= RTOL * math.max(math.abs(a), math.abs(b)),
+    ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, RTOL))
+end
+
+local function assert_equivalent(ref, got, label)
+  assert.are.equal(#ref, #got, label .. ": number of steps")
+  for _, r in ipairs(got) do
+    local want = ref[r.iteration]
+    assert_close(want.loss, r.loss, ("%s loss at iteration %d"):format(label, r.iteration))
+    assert_close(want.grad_norm, r.grad_norm, ("%s grad norm at iteration %d"):format(label, r.iteration))
+    assert_close(want.params_norm, r.params_norm, ("%s params norm at iteration %d"):format(label, r.iteration))
+  end
+end
+
+local LAYOUTS = {
+  { "TP = 2", 2, "model.tensor_model_parallel_size=2" },
+  { "TP = 4", 4, "model.tensor_model_parallel_size=4" },
+  { "TP = 2 with SP", 2, "model.tensor_model_parallel_size=2 model.sequence_parallel=true" },
+  { "TP = 2 x PP = 2", 4, "model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2" },
+  { "TP = 2 (SP) x PP = 2 x DP = 2, distributed optimizer", 8, "model.tensor_model_parallel_size=2 "
+    .. "model.sequence_parallel=true model.pipeline_model_parallel_size=2 ddp.use_distributed_optimizer=true" },
+}
+
+for _, model in ipairs { { "GPT-2-style", "" }, { "Llama-style", LLAMA } } do
+  describe("tensor parallelism, " .. model[1] .. " model", function()
+    assert(LUATRON, "LUATRON is not set: point it at the luatron binary")
+    local dir = tmpdir()
+    local ref = launch(1, dir, "single", model[2])
+
+    it("trains 20 steps on one rank with falling loss (the reference)", function()
+      assert.are.equal(STEPS, #ref)
+      assert.is_true(ref[STEPS].loss < ref[1].loss)
+    end)
+
+    for i, layout in ipairs(LAYOUTS) do
+      it(layout[1] .. " reproduces the single rank's losses and gradient norms", function()
+        local got = launch(layout[2], dir, "layout" .. i, model[2] .. layout[3])
+        assert_equivalent(ref, got, layout[1])
+      end)
+    end
+  end)
+end
+
+describe("tensor parallelism's rules", function()
+  local function refused(n, extra, message)
+    local code, out = run(("%s launch -n %d %s %s"):format(q(LUATRON), n, BASE:format(3), extra))
+    assert.are_not.equal(0, code)
+    assert.is_truthy(out:find(message, 1, true), out)
+  end
+
+  it("refuses heads, query groups and ffn sizes that do not divide by TP, with the field to change", function()
+    refused(3, "model.tensor_model_parallel_size=3", "num_attention_heads (8) must be a multiple of "
+      .. "tensor_model_parallel_size (3)")
+    refused(2, "model.tensor_model_parallel_size=2 model.ffn_hidden_size=101", "ffn_hidden_size (101) must be a "
+      .. "multiple of tensor_model_parallel_size (2)")
+    refused(4, "model.tensor_model_parallel_size=4 model.num_query_groups=2", "num_query_groups (2) must be a "
+      .. "multiple of tensor_model_parallel_size (4)")
+    refused(2, "model.tensor_model_parallel_size=2 model.sequence_parallel=true model.seq_length=31 "
+      .. "dataset.sequence_length=31", "seq_length (31) is not a multiple of it")
+    refused(1, "model.sequence_parallel=true", "sequence_parallel=true requires tensor_model_parallel_size > 1")
+  end)
+end)
+
+describe("the equivalence tolerance", function()
+  it("was met with room to spare", function()
+    print(("# largest relative difference from the single rank: %.3g (tolerance %g)"):format(worst, RTOL))
+    assert.is_true(worst <= RTOL)
+  end)
+end)

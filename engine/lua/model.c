@@ -392,6 +392,39 @@ static int m_grad(lua_State *L) {
     return 1;
 }
 
+/* model:param_runs(name [, tp_rank]) → array of {local=, full=, n=}: where the shard of tensor-parallel
+ * rank tp_rank (default this chunk's) lies in the whole parameter, as contiguous runs of n elements
+ * at 0-based element offsets `local` of the shard and `full` of the whole (row-major) tensor. */
+static int m_param_runs(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    const lt_gpt_param *p = check_param(L, m, 2);
+    const int size = lt_gpt_tp_size(m);
+    const lua_Integer rank = luaL_optinteger(L, 3, lt_gpt_tp_rank(m));
+    luaL_argcheck(L, rank >= 0 && rank < size, 3, "not a tensor-parallel rank of this model");
+    const int64_t n = lt_gpt_param_num_runs(p, size);
+    lua_createtable(L, (int)n, 0);
+    for (int64_t k = 0; k < n; k++) {
+        const lt_gpt_run r = lt_gpt_param_run(p, (int)rank, size, k);
+        lua_createtable(L, 0, 3);
+        lua_pushinteger(L, r.local);
+        lua_setfield(L, -2, "local");
+        lua_pushinteger(L, r.full);
+        lua_setfield(L, -2, "full");
+        lua_pushinteger(L, r.n);
+        lua_setfield(L, -2, "n");
+        lua_rawseti(L, -2, (int)k + 1);
+    }
+    return 1;
+}
+
+/* model:tp() → this model's tensor-parallel rank and size (0, 1 without). */
+static int m_tp(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    lua_pushinteger(L, lt_gpt_tp_rank(m));
+    lua_pushinteger(L, lt_gpt_tp_size(m));
+    return 2;
+}
+
 static const char *const SPLIT_NAMES[] = {"none", "rows", "columns", "glu_rows"};
 
 /* model:parameters() → array of {name=, shape={...}, numel=, offset=, no_weight_decay=, split=,
@@ -510,6 +543,7 @@ void lt_lua_open_model(lua_State *L) {
         {"zero_grad", m_zero_grad},   {"init_weights", m_init_weights}, {"param", m_param},
         {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
+        {"param_runs", m_param_runs}, {"tp", m_tp},
         {"close", m_free},            {NULL, NULL}};
     lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};

@@ -417,6 +417,14 @@ static int m_param_runs(lua_State *L) {
     return 1;
 }
 
+/* model:activation_bytes(B, T) → bytes a forward of a [B, T] microbatch keeps for its backward. */
+static int m_activation_bytes(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    lua_pushinteger(L, (lua_Integer)lt_gpt_activation_bytes(m, (int)luaL_checkinteger(L, 2),
+                                                            (int)luaL_checkinteger(L, 3)));
+    return 1;
+}
+
 /* model:tp() → this model's tensor-parallel rank and size (0, 1 without). */
 static int m_tp(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
@@ -543,7 +551,7 @@ void lt_lua_open_model(lua_State *L) {
         {"zero_grad", m_zero_grad},   {"init_weights", m_init_weights}, {"param", m_param},
         {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
-        {"param_runs", m_param_runs}, {"tp", m_tp},
+        {"param_runs", m_param_runs}, {"tp", m_tp}, {"activation_bytes", m_activation_bytes},
         {"close", m_free},            {NULL, NULL}};
     lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};

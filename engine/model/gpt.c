@@ -524,6 +524,18 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
     }
 }
 
+size_t lt_gpt_activation_bytes(const lt_gpt *m, int B, int T) {
+    if (B <= 0 || T <= 0 || (m->tp.sequence_parallel && T % m->tp.size)) return 0;
+    lt_gpt_ctx c = {.B = B, .T = T};
+    c.x = calloc((size_t)m->nl + 1, sizeof *c.x);
+    c.layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *c.layers);
+    arena a = {NULL, 0};
+    layout_ctx(m, &c, &a);
+    free(c.x);
+    free(c.layers);
+    return a.used;
+}
+
 static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t dropout_seed) {
     lt_gpt_ctx *c = calloc(1, sizeof *c);
     c->be = m->be;

@@ -174,6 +174,10 @@ void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud);
 typedef void (*lt_gpt_param_wait_fn)(void *ud, int64_t needed_end);
 void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud);
 
+/* Bytes of backend memory a forward of a [B, T] microbatch keeps for its backward (the context's
+ * saved activations); 0 when the shape is invalid. */
+size_t lt_gpt_activation_bytes(const lt_gpt *m, int B, int T);
+
 /* This chunk's tensor-parallel rank and size (0 and 1 without). */
 int lt_gpt_tp_rank(const lt_gpt *m);
 int lt_gpt_tp_size(const lt_gpt *m);

@@ -64,7 +64,8 @@ end
 -- r: iteration, loss, lr, grad_norm, step_time (s), tokens (this step), consumed_samples, and
 -- params_norm: nil or a function computing it (only on the steps that are logged, on every rank);
 -- with pipeline stages pipeline_bubble likewise (the measured bubble), pipeline_bubble_formula,
--- pipeline_interleaved, p2p_bytes and p2p_expected (this rank's point-to-point bytes this step).
+-- pipeline_interleaved, p2p_bytes and p2p_expected (this rank's point-to-point bytes this step);
+-- with tensor parallelism tp_bytes, tp_expected and tp_seconds (the model's TP collectives this step).
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
@@ -101,6 +102,8 @@ function M:step(r)
     pipeline_bubble_formula = bubble and r.pipeline_bubble_formula,
     p2p_bytes_per_step = r.p2p_bytes,
     p2p_expected_bytes = r.p2p_expected,
+    tp_bytes_per_step = r.tp_bytes,
+    tp_expected_bytes = r.tp_expected,
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
@@ -114,6 +117,11 @@ function M:step(r)
       self:info("  gradient reduction overlapped with backward: %.0f%% of it hidden (%.1f ms exposed)",
         100 * rec.comm_hidden_fraction, 1000 * r.comm_exposed_seconds)
     end
+  end
+  if r.tp_bytes then
+    self:info("  tensor-parallel traffic %.3f MB/step on this rank (ring formula %.3f MB, measured/expected %.4f), "
+      .. "%.1f ms/step in collectives", r.tp_bytes / 1e6, r.tp_expected / 1e6, r.tp_bytes / math.max(r.tp_expected, 1),
+      1000 * r.tp_seconds)
   end
   if bubble then
     self:info("  pipeline bubble %.3f of the compute time (measured, mean over stages; (PP - 1) / %s = %.3f), "

@@ -149,13 +149,21 @@ end
 
 -- The chunks this rank holds of a provider's model in the job lt.parallel_state(provider) describes
 -- (its pipeline stage, with virtual stages, and its tensor-parallel shard); seed and flat_multiple as
--- M.build. On a GPU the tensor-parallel group communicates over NCCL.
+-- M.build. Returns them and, with TP > 1, the communicator their layers use: a group of their own
+-- over the tp group's ranks (NCCL on a GPU), so its statistics count the model's traffic alone.
 function M.chunks(provider, ps, seed, flat_multiple)
   local m = M.resolve(provider)
   local layout = M.chunk_layers(m, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
   local tp = ps.groups.tp
-  if tp and tp:size() > 1 and m.device ~= "cpu" then tp = core.comm_nccl(tp, m.device) end
-  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp)
+  if tp and tp:size() > 1 then
+    local all = {}
+    for i = 1, tp:size() do all[i] = i - 1 end
+    tp = tp:group(all, "tp_model")
+    if m.device ~= "cpu" then tp = core.comm_nccl(tp, m.device) end
+  else
+    tp = nil
+  end
+  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp), tp
 end
 
 return M

@@ -13,6 +13,7 @@ local parallel = require "luatron.parallel"
 local data_parallel = require "luatron.data_parallel"
 local pipeline = require "luatron.pipeline"
 local pipeline_run = require "luatron.pipeline_run"
+local tensor_parallel = require "luatron.tensor_parallel"
 local timeline = require "luatron.timeline"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
@@ -107,7 +108,7 @@ function M.setup(cfg, opts)
   local dp_group = ps.groups["dp-cp"]
   local pp = r.model.pipeline_model_parallel_size
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local chunks = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
+  local chunks, tp_comm = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
@@ -116,6 +117,7 @@ function M.setup(cfg, opts)
     dp_rank = dp_group and dp_group:rank() or 0,
     dp_size = dp_group and dp_group:size() or 1,
     chunks = chunks,
+    tp_comm = tp_comm, -- the model's tensor-parallel communicator (nil without TP)
     optimizer = data_parallel.over_chunks(chunks, r, dp_group,
       { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp }),
     schedule = opts.schedule, -- nil: Megatron's choice for the layout (luatron.pipeline)
@@ -309,9 +311,15 @@ function M.train_step(run)
   local consumed, seed = run.state.consumed_samples, run.state.seed
   local function first(m) return consumed + (m * dp + run.dp_rank) * mbs end
   local plan = plan_for(run, n_micro, false)
+  if run.tp_comm then run.tp_comm:reset_stats() end
   local loss_sum, steps, wall = run_plan(run, plan, run.train_data, first,
     function(m) return dropout_seed(seed, first(m)) end,
     function(valid) return 1 / (math.max(valid, 1) * n_micro) end)
+  if run.tp_comm then
+    local s = run.tp_comm:stats()
+    run.tp_bytes, run.tp_seconds = s.bytes, s.seconds
+    run.tp_expected = tensor_parallel.expected_bytes(r, run.chunks, n_micro)
+  end
   if steps and run.link then pipeline_report(run, plan, steps, wall) end
   if steps and run.recorder then run.recorder:add(run.state.iteration + 1, steps) end
   -- Gradients first: with overlap their reduction is in flight, and the loss's all-reduce on the
@@ -506,6 +514,20 @@ end
 local function describe_parallel(run, log)
   local ps, opt = run.ps, run.optimizer
   local m = opt:memory()
+  local r = run.r
+  if r.model.tensor_model_parallel_size > 1 then
+    -- what a forward keeps per microbatch, and the part of it sequence parallelism divides by TP
+    local tp, B, T = r.model.tensor_model_parallel_size, r.train.micro_batch_size, r.model.seq_length
+    local held = 0
+    for _, chunk in ipairs(run.chunks) do held = held + chunk:activation_bytes(B, T) end
+    local regions = tensor_parallel.sequence_parallel_region_bytes(r, run.chunks, B * T)
+    log:info("activations per microbatch on this rank: %.3f MiB%s (the sequence-parallel regions: %.3f MiB on one "
+      .. "rank, %s)", mib(held), r.model.sequence_parallel and " with sequence parallelism" or "", mib(regions),
+      r.model.sequence_parallel and ("%.3f MiB here, 1/%d"):format(
+        mib(tensor_parallel.sequence_parallel_region_bytes(r, run.chunks, B * T // tp)), tp)
+        or "all of it here without sequence parallelism")
+    run.activation_bytes = held
+  end
   log:info("%s | data parallel %d (%s)", parallel.describe(ps), run.dp_size,
     m.sharded and "distributed optimizer" or "DDP")
   log:info("memory per rank: parameters %.2f MiB%s, gradients %.2f MiB, optimizer state %.2f MiB "
@@ -603,7 +625,8 @@ function M.pretrain(cfg, args, opts)
       pipeline_bubble_formula = timeline.bubble_formula(r.model.pipeline_model_parallel_size,
         r.model.virtual_pipeline_model_parallel_size, r.num_microbatches),
       pipeline_interleaved = r.model.virtual_pipeline_model_parallel_size ~= nil,
-      p2p_bytes = run.p2p_bytes, p2p_expected = run.p2p_expected }
+      p2p_bytes = run.p2p_bytes, p2p_expected = run.p2p_expected,
+      tp_bytes = run.tp_bytes, tp_expected = run.tp_expected, tp_seconds = run.tp_seconds }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = excluding_comm(run, function() return M.evaluate(run) end)

@@ -2,8 +2,10 @@
 -- parallelism, TP = 2 x PP = 2, and TP = 2 x PP = 2 x DP = 2 (8 ranks) with the distributed
 -- optimizer, for a GPT-2-style model (LayerNorm, GELU, learned positions, biases, tied embeddings)
 -- and a Llama-style one (RMSNorm, SwiGLU, RoPE, grouped-query attention, untied, no biases), dropout
--- on: every step's loss, gradient norm and parameter norm equal the single rank's. Bad sizes are
--- refused before any work. Needs LUATRON (tests/lua/BUILD provides it).
+-- on: every step's loss, gradient norm and parameter norm equal the single rank's. Every step's
+-- tensor-parallel traffic equals the analytic volumes (luatron.tensor_parallel), and sequence
+-- parallelism divides the activations of its regions by TP. Bad sizes are refused before any work.
+-- Needs LUATRON (tests/lua/BUILD provides it).
 
 local LUATRON = os.getenv("LUATRON")
 
@@ -75,12 +77,36 @@ for _, model in ipairs { { "GPT-2-style", "" }, { "Llama-style", LLAMA } } do
       assert.is_true(ref[STEPS].loss < ref[1].loss)
     end)
 
+    local logs = {}
     for i, layout in ipairs(LAYOUTS) do
-      it(layout[1] .. " reproduces the single rank's losses and gradient norms", function()
-        local got = launch(layout[2], dir, "layout" .. i, model[2] .. layout[3])
+      it(layout[1] .. " reproduces the single rank's losses and gradient norms; its traffic is the formula's", function()
+        local got, out = launch(layout[2], dir, "layout" .. i, model[2] .. layout[3])
         assert_equivalent(ref, got, layout[1])
+        for _, r in ipairs(got) do
+          assert.is_true(r.tp_bytes_per_step > 0)
+          assert.are.equal(r.tp_expected_bytes, r.tp_bytes_per_step, ("%s: TP bytes at iteration %d"):format(layout[1],
+            r.iteration))
+        end
+        assert.is_truthy(out:find("measured/expected 1.0000", 1, true), out)
+        logs[i] = out
       end)
     end
+
+    it("sequence parallelism divides the activations of its regions by TP (TP = 2 against TP = 2 with SP)", function()
+      local function mib(out, pattern)
+        local v = out:match(pattern)
+        assert(v, out)
+        return tonumber(v)
+      end
+      local without = mib(logs[1], "activations per microbatch on this rank: ([%d.]+) MiB")
+      local with = mib(logs[3], "activations per microbatch on this rank: ([%d.]+) MiB")
+      local region = mib(logs[3], "the sequence%-parallel regions: ([%d.]+) MiB on one rank")
+      local local_part = mib(logs[3], "([%d.]+) MiB here, 1/2")
+      print(("# activations per microbatch: %.3f MiB without SP, %.3f MiB with (regions %.3f -> %.3f MiB)")
+        :format(without, with, region, local_part))
+      assert.is_true(math.abs((without - with) - (region - local_part)) <= 0.002)
+      assert.is_true(local_part <= region / 2 + 0.001)
+    end)
   end)
 end
 

@@ -1,0 +1,68 @@
+-- Tensor parallelism's arithmetic, to hold the engine to: the bytes its collectives move in a
+-- training step (engine/parallel/tp.h's mappings, counted as the communicators count them) and the
+-- activations sequence parallelism divides. Rows N = micro_batch_size x seq_length, C = hidden_size,
+-- E = bytes per element of the compute dtype; a ring all-reduce sends 2 (TP-1)/TP of its buffer,
+-- an all-gather or reduce-scatter (TP-1)/TP of the whole (gathered) buffer.
+local M = {}
+
+local function all_reduce(tp, bytes) return 2 * (tp - 1) * bytes // tp end
+local function half(tp, bytes) return (tp - 1) * bytes // tp end
+
+-- The bytes this rank's tensor-parallel group moves per step for its chunks (an array of
+-- core.gpt_chunk) over n_micro microbatches; r the resolved config. Per layer and microbatch:
+-- without SP 4 all-reduces of N C (the outputs of linear_proj and linear_fc2 forward, the input
+-- gradients of linear_qkv and linear_fc1 backward); with SP 2 all-gathers and 2 reduce-scatters
+-- forward, 4 all-gathers (the output gradients, and the norms' outputs gathered again) and 2
+-- reduce-scatters backward. The embedding: an all-reduce (reduce-scatter under SP with rotary
+-- positions) forward, and under SP an all-gather backward. The output layer: the vocabulary-
+-- parallel cross-entropy's 3 all-reduces of N fp32, and the final norm's output gathered
+-- (twice) and its gradient reduced as a layer's.
+function M.expected_bytes(r, chunks, n_micro)
+  local m = r.model
+  local tp, sp = m.tensor_model_parallel_size, m.sequence_parallel
+  if tp == 1 then return 0 end
+  local N = r.train.micro_batch_size * m.seq_length
+  local A = N * m.hidden_size * (m.bf16 and 2 or 4)
+  local per_layer = sp and 10 * half(tp, A) or 4 * all_reduce(tp, A)
+  local bytes = 0
+  for _, chunk in ipairs(chunks) do
+    local st = chunk:stage()
+    bytes = bytes + (st.layer_end - st.layer_begin) * per_layer
+    if st.pre_process then
+      if not sp then
+        bytes = bytes + all_reduce(tp, A)
+      elseif m.position_embedding_type == "rope" then
+        bytes = bytes + 2 * half(tp, A)
+      else
+        bytes = bytes + all_reduce(tp, A) + half(tp, A)
+      end
+    end
+    if st.post_process then
+      bytes = bytes + 3 * all_reduce(tp, 4 * N) + (sp and 3 * half(tp, A) or all_reduce(tp, A))
+    end
+  end
+  return n_micro * bytes
+end
+
+-- The bytes of a microbatch's saved activations in the regions sequence parallelism splits, for
+-- `rows` rows (B x T as one rank holds them without SP, B x T / TP with): per layer its input, the
+-- two norms' outputs and statistics and the attention block's output; the chunk's input, and the
+-- final norm's output and statistics or the boundary's row maps. Each buffer is 64-byte aligned,
+-- as the engine lays them out.
+function M.sequence_parallel_region_bytes(r, chunks, rows)
+  local E = r.model.bf16 and 2 or 4
+  local function aligned(n) return (n + 63) // 64 * 64 end
+  local hidden = aligned(rows * r.model.hidden_size * E)
+  local norm = hidden + 2 * aligned(rows * 4)
+  local bytes = 0
+  for _, chunk in ipairs(chunks) do
+    local st = chunk:stage()
+    local layers = st.layer_end - st.layer_begin
+    bytes = bytes + (layers + 1) * hidden + layers * (2 * norm + hidden)
+    if st.post_process then bytes = bytes + norm end
+    if not (st.pre_process and st.post_process) then bytes = bytes + 2 * aligned(rows * 4) end
+  end
+  return bytes
+end
+
+return M

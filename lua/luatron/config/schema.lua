@@ -237,7 +237,7 @@ class("GPTModelProvider", {
     { "tensor_model_parallel_size", "posint", 1 },
     { "pipeline_model_parallel_size", "posint", 1 },
     { "virtual_pipeline_model_parallel_size", "posint", nil },
-    { "sequence_parallel", "bool", false, needs = "tensor_model_parallel_size" },
+    { "sequence_parallel", "bool", false },
     { "context_parallel_size", "posint", 1 },
     { "expert_model_parallel_size", "posint", 1 },
     { "expert_tensor_parallel_size", "posint", nil, needs = "num_moe_experts" },

@@ -1,8 +1,11 @@
 /* What the tensor-parallel tests (tp_test.c, vocab_test.c) share: a seeded generator for their data
- * (every rank draws every rank's data, so each knows what a collective must give), and the ring
- * volumes a call's statistics must equal. Include after tests/comm/harness.h. */
+ * (every rank draws every rank's data, so each knows what a collective must give), conversions
+ * between the test's fp32 host data and an op table's dtype (the CPU backend's memory is the host's),
+ * and the ring volumes a call's statistics must equal. Include after tests/comm/harness.h. */
 #ifndef LT_TESTS_PARALLEL_TP_TESTUTIL_H
 #define LT_TESTS_PARALLEL_TP_TESTUTIL_H
+
+#include "engine/core/tensor.h"
 
 static uint64_t rng_state;
 static uint32_t next_u32(void) {
@@ -15,6 +18,34 @@ static float *fvec(size_t n, float lo, float hi) {
     float *x = malloc(n * sizeof(float) + 4);
     for (size_t i = 0; i < n; i++) x[i] = uniform(lo, hi);
     return x;
+}
+
+/* Values of x representable in dtype (rounded to bf16 in place), so that data converted to the ops'
+ * dtype and back is the data itself. */
+static void quantize(lt_dtype dtype, float *x, size_t n) {
+    if (dtype == LT_BF16)
+        for (size_t i = 0; i < n; i++) x[i] = lt_bf16_to_f32(lt_f32_to_bf16(x[i]));
+}
+
+/* A new buffer of dtype holding x (rounded to bf16 for LT_BF16). */
+static void *to_dtype(lt_dtype dtype, const float *x, size_t n) {
+    if (dtype == LT_F32) {
+        float *y = malloc(n * sizeof(float) + 4);
+        memcpy(y, x, n * sizeof(float));
+        return y;
+    }
+    uint16_t *y = malloc(n * sizeof(uint16_t) + 4);
+    for (size_t i = 0; i < n; i++) y[i] = lt_f32_to_bf16(x[i]);
+    return y;
+}
+
+/* A new fp32 copy of n values of dtype. */
+static float *to_f32(lt_dtype dtype, const void *x, size_t n) {
+    float *y = malloc(n * sizeof(float) + 4);
+    if (dtype == LT_F32) memcpy(y, x, n * sizeof(float));
+    else
+        for (size_t i = 0; i < n; i++) y[i] = lt_bf16_to_f32(((const uint16_t *)x)[i]);
+    return y;
 }
 
 /* Bytes a rank sends: all-reduce 2 (TP-1)/TP of the buffer; reduce-scatter and all-gather (TP-1)/TP. */

@@ -1,37 +1,46 @@
 /* Vocabulary-parallel embedding and cross-entropy (engine/parallel/vocab.h) with real processes (fork,
- * shm communicators) at TP = 1, 2 and 4, against the single-rank ops of engine/ops on the same data.
+ * shm communicators) at TP = 1, 2 and 4, on the CPU backend's fp32 and bf16 op tables, against the
+ * single-rank ops of the same table on the same data.
  *
  * Every rank draws the same full data from a fixed seed (table [V, C], ids, logits [N, V], targets,
  * gradients), runs the single-rank op on all of it, and compares with what the TP functions give on its
- * slice:
- * - embedding forward and backward (also the sequence-parallel variant): exactly equal. Each output
- *   element is one table value plus zeros from the other ranks, and the table gradient sums the same
- *   values in the same order of n, so no rounding differs.
- * - cross-entropy: losses and lse within 1e-6 relative per element, dlogits within 1e-6 of the largest
- *   reference gradient magnitude (which is ~1, the target's). Not bit-exact: the row maximum and the sum
- *   of exponentials are formed per slice and then reduced across ranks (another summation order), expf
- *   is libm's rather than the op's polynomial (within 2 ulp), and the loss is log s - (x_t - m) rather
- *   than (m + log s) - x_t: differences of a few ulp of the values (~1e-7 relative).
- * - ids and targets on every slice boundary (r V/TP - 1, r V/TP) and at 0 and V - 1; ignored targets
- *   (-1): loss 0 and a zero gradient row on every rank.
- * - communication per call equals the analytic count: embedding forward 1 all-reduce of N C floats,
- *   cross-entropy forward 3 all-reduces of N floats (ring bytes 2 (TP-1)/TP of each buffer), SP
- *   forward 1 reduce-scatter and its backward 1 all-gather of N C floats ((TP-1)/TP), backward passes
- *   nothing; TP = 1 nothing at all.
+ * slice of the vocabulary:
+ * - embedding forward: the single-rank op's rows for the ids this rank owns, zero rows for the others,
+ *   exactly; summed over TP (lt_tp_exit) the single-rank output exactly, all of it or under sequence
+ *   parallelism this rank's positions (one value plus zeros: no rounding).
+ * - embedding backward: this rank's rows of the single-rank table gradient exactly, from zero and
+ *   accumulated onto nonzero values (the same values summed in the same order of n).
+ * - cross-entropy: losses and lse within 1e-6 relative per element, dlogits on this rank's columns
+ *   within 1e-6 (fp32) or 1e-2 (bf16: one rounding of the output) of the largest reference magnitude.
+ *   Not bit-exact: the log-sum-exp is formed per slice and combined across ranks (another summation
+ *   order, libm's expf / logf). A row whose maximum sits on another rank than most of its mass and a
+ *   large-magnitude row are included; backward is also checked in place over the logits.
+ * - ids and targets on every slice boundary (r V/TP - 1, r V/TP) and at 0 and V - 1, repeats; ignored
+ *   targets (-1): loss 0 and a zero gradient row on every rank.
+ * - communication: the embedding itself none (its sum is lt_tp_exit's: 1 all-reduce of N x C values, or
+ *   under SP 1 reduce-scatter); cross-entropy forward exactly 3 all-reduces of N floats (ring bytes
+ *   2 (TP-1)/TP of each), its backward none; TP = 1 nothing at all.
  * - tp groups of 2 inside a world of 4 (two replicas on different data): the same, on the group alone.
- * - a vocabulary not divisible by TP, and ids outside it, are refused with a message before any
- *   collective (so no rank waits for the others). */
+ * - a vocabulary not divisible by TP (or not positive) is refused by lt_vocab_range_of with a message. */
 #include "tests/comm/harness.h" /* first: it defines _GNU_SOURCE */
 #include "tests/parallel/tp_testutil.h"
 
 #include <math.h>
 
-#include "engine/ops/ops.h"
+#include "engine/ops/backend.h"
 #include "engine/parallel/vocab.h"
 
 typedef struct {
-    int V, C, N; /* N divisible by 4 for the SP variant */
+    int V, C, B, T; /* T divisible by 4 for sequence parallelism */
 } shape;
+
+static lt_tp make_tp(lt_comm *c, int sp, lt_dtype dtype) {
+    const lt_backend *be = lt_backend_cpu();
+    const int n = lt_comm_size(c);
+    return (lt_tp){n > 1 ? c : NULL, lt_comm_rank(c), n, sp, be, dtype == LT_BF16 ? be->bf16 : be->f32};
+}
+
+static const char *dtype_name(lt_dtype d) { return d == LT_BF16 ? "bf16" : "fp32"; }
 
 /* ids: the slice boundaries of every TP in {1, 2, 4} and both ends, then random ids (repeats included);
  * with ignore, every 7th is -1. */
@@ -40,260 +49,260 @@ static int32_t *make_ids(int N, int V, int ignore) {
     int k = 0;
     const int special[] = {0, V - 1, V / 4 - 1, V / 4, V / 2 - 1, V / 2, 3 * V / 4 - 1, 3 * V / 4};
     for (int i = 0; i < 8 && k < N; i++) ids[k++] = special[i];
+    for (int i = 0; i < 2 && k < N; i++) ids[k++] = special[3]; /* repeats for certain */
     for (; k < N; k++) ids[k] = (int32_t)(next_u32() % (uint32_t)V);
     if (ignore)
         for (int n = 3; n < N; n += 7) ids[n] = -1;
     return ids;
 }
 
-/* ---- embedding, with and without sequence parallelism ---- */
-static void embedding_checks(rank_ctx *ctx, lt_comm *c, const shape *s, uint64_t seed) {
-    const int V = s->V, C = s->C, N = s->N, tp = lt_comm_size(c), me = lt_comm_rank(c);
+/* ---- embedding ---- */
+static void embedding_checks(rank_ctx *ctx, lt_comm *c, const shape *s, lt_dtype dtype, uint64_t seed) {
+    const int V = s->V, C = s->C, B = s->B, T = s->T, N = B * T;
+    const size_t E = lt_dtype_size(dtype), full_n = (size_t)N * C;
+    const char *dn = dtype_name(dtype);
     char err[512] = "";
+    lt_tp tp = make_tp(c, 0, dtype);
+    const int n = tp.size, me = tp.rank;
+    const lt_ops *ops = tp.ops;
     rng_state = seed;
-    float *table = fvec((size_t)V * C, -1, 1), *dout = fvec((size_t)N * C, -1, 1);
+    float *table = fvec((size_t)V * C, -1, 1), *dout = fvec(full_n, -1, 1);
+    quantize(dtype, table, (size_t)V * C), quantize(dtype, dout, full_n);
     int32_t *ids = make_ids(N, V, 0);
-    /* the single rank's op */
-    float *ref = malloc((size_t)N * C * 4), *dref = calloc((size_t)V * C, 4);
-    lt_embedding_forward(ref, ids, table, N, C);
-    lt_embedding_backward(dref, dout, ids, N, C);
+    void *tabled = to_dtype(dtype, table, (size_t)V * C), *doutd = to_dtype(dtype, dout, full_n);
+    /* the single rank's op; its table gradient from zero and from 0.5 (as after an earlier microbatch) */
+    void *refd = malloc(full_n * E);
+    float *dref = calloc((size_t)V * C, 4), *dref2 = malloc((size_t)V * C * 4);
+    for (size_t i = 0; i < (size_t)V * C; i++) dref2[i] = 0.5f;
+    ops->embedding_forward(refd, ids, tabled, N, C);
+    ops->embedding_backward(dref, doutd, ids, N, C);
+    ops->embedding_backward(dref2, doutd, ids, N, C);
+    float *ref = to_f32(dtype, refd, full_n);
 
     lt_vocab_range r;
-    int rc = lt_vocab_range_of(&r, V, me, tp, err, sizeof err);
-    RCHECK(ctx, rc == 0 && r.start == (int64_t)me * V / tp && r.end == (int64_t)(me + 1) * V / tp, "range: %s", err);
-    const float *shard = table + (size_t)r.start * C;
-    const size_t shard_n = (size_t)(V / tp) * C;
-    float *out = malloc((size_t)N * C * 4), *dtable = calloc(shard_n, 4), *full = malloc((size_t)N * C * 4);
-    /* the table gradient accumulates (+=): from 0.5 everywhere, as after an earlier microbatch, the
-     * single-rank op's result is the reference too */
-    float *dref2 = malloc((size_t)V * C * 4);
-    for (size_t i = 0; i < (size_t)V * C; i++) dref2[i] = 0.5f;
-    for (size_t i = 0; i < shard_n; i++) dtable[i] = 0.5f;
-    lt_embedding_backward(dref2, dout, ids, N, C);
+    int rc = lt_vocab_range_of(&r, &tp, V, err, sizeof err);
+    RCHECK(ctx, rc == 0 && r.vocab == V && r.start == (int64_t)me * V / n && r.end == (int64_t)(me + 1) * V / n,
+           "range: %s", err);
+    const size_t shard_n = (size_t)(V / n) * C;
+    void *shard = to_dtype(dtype, table + (size_t)r.start * C, shard_n);
+    void *outd = malloc(full_n * E), *local = malloc(full_n * E), *scratch = malloc(full_n * E);
 
     lt_comm_reset_stats(c);
-    rc = lt_vocab_embedding_forward(c, out, ids, shard, N, C, V, err, sizeof err);
+    rc = lt_vocab_embedding_forward(&tp, &r, outd, ids, shard, N, C, err, sizeof err);
     RCHECK(ctx, rc == 0, "forward: %s", err);
-    check_stats(ctx, c, "embedding forward", tp > 1, tp > 1 ? ring_all_reduce(tp, (uint64_t)N * C * 4) : 0);
+    check_stats(ctx, c, "embedding forward", 0, 0);
+    float *out = to_f32(dtype, outd, full_n);
     int bad = -1;
-    for (size_t i = 0; i < (size_t)N * C && bad < 0; i++)
-        if (out[i] != ref[i]) bad = (int)i;
-    RCHECK(ctx, bad < 0, "embedding forward differs at row %d (id %d): %g vs %g", bad / C, ids[bad < 0 ? 0 : bad / C],
-           bad < 0 ? 0 : out[bad], bad < 0 ? 0 : ref[bad]);
-
-    rc = lt_vocab_embedding_backward(c, dtable, dout, ids, N, C, V, err, sizeof err);
-    RCHECK(ctx, rc == 0, "backward: %s", err);
-    check_stats(ctx, c, "embedding backward", 0, 0);
+    for (size_t i = 0; i < full_n && bad < 0; i++) {
+        const int mine = ids[i / C] >= r.start && ids[i / C] < r.end;
+        if (out[i] != (mine ? ref[i] : 0.0f)) bad = (int)i;
+    }
+    RCHECK(ctx, bad < 0, "%s embedding forward: row %d (id %d, slice [%lld, %lld)) differs: %g vs %g", dn, bad / C,
+           ids[bad < 0 ? 0 : bad / C], (long long)r.start, (long long)r.end, bad < 0 ? 0 : out[bad],
+           bad < 0 ? 0 : ref[bad]);
+    /* summed over tp: the single rank's output */
+    lt_tp_rows *rows = lt_tp_rows_new(&tp, B, T, err, sizeof err);
+    RCHECK(ctx, rows, "rows: %s", err);
+    void *sum = NULL;
+    rc = lt_tp_exit(&tp, rows, &sum, outd, local, scratch, C, err, sizeof err);
+    RCHECK(ctx, rc == 0, "exit: %s", err);
+    check_stats(ctx, c, "embedding sum", n > 1, ring_all_reduce(n, full_n * E));
+    free(out);
+    out = to_f32(dtype, sum, full_n);
     bad = -1;
-    for (size_t i = 0; i < shard_n && bad < 0; i++)
-        if (dtable[i] != dref2[(size_t)r.start * C + i]) bad = (int)i;
-    RCHECK(ctx, bad < 0, "embedding backward differs at shard row %d: %g vs %g", bad / C, bad < 0 ? 0 : dtable[bad],
-           bad < 0 ? 0 : dref2[(size_t)r.start * C + bad]);
-    /* and, from zero, the single-rank op's gradient rows of this slice exactly */
+    for (size_t i = 0; i < full_n && bad < 0; i++)
+        if (out[i] != ref[i]) bad = (int)i;
+    RCHECK(ctx, bad < 0, "%s embedding summed over tp: row %d (id %d) differs", dn, bad / C,
+           ids[bad < 0 ? 0 : bad / C]);
+    /* under sequence parallelism the sum is reduce-scattered: this rank's positions of every sample */
+    lt_tp_rows_free(&tp, rows);
+    lt_tp tsp = make_tp(c, 1, dtype);
+    rows = lt_tp_rows_new(&tsp, B, T, err, sizeof err);
+    RCHECK(ctx, rows, "SP rows: %s", err);
+    rc = lt_vocab_embedding_forward(&tsp, &r, outd, ids, shard, N, C, err, sizeof err);
+    rc |= lt_tp_exit(&tsp, rows, &sum, outd, local, scratch, C, err, sizeof err);
+    RCHECK(ctx, rc == 0, "SP forward: %s", err);
+    check_stats(ctx, c, "embedding SP", n > 1, n > 1 ? ring_half(n, full_n * E) : 0);
+    free(out);
+    const int Tl = T / n, No = lt_tp_outer_rows(&tsp, N);
+    out = to_f32(dtype, sum, (size_t)No * C);
+    bad = -1;
+    for (int i = 0; i < No && bad < 0; i++) {
+        const int f = n > 1 ? (i / Tl) * T + me * Tl + i % Tl : i; /* (b, me T/TP + t') */
+        if (memcmp(out + (size_t)i * C, ref + (size_t)f * C, (size_t)C * 4) != 0) bad = i;
+    }
+    RCHECK(ctx, bad < 0, "%s SP embedding: local row %d is not the single rank's row of its position", dn, bad);
+    lt_tp_rows_free(&tsp, rows);
+
+    /* backward: this rank's rows of the single rank's table gradient, accumulated and from zero */
+    float *dtable = malloc(shard_n * 4);
+    for (size_t i = 0; i < shard_n; i++) dtable[i] = 0.5f;
+    rc = lt_vocab_embedding_backward(&tp, &r, dtable, doutd, ids, N, C, err, sizeof err);
+    RCHECK(ctx, rc == 0 && memcmp(dtable, dref2 + (size_t)r.start * C, shard_n * 4) == 0,
+           "%s embedding backward (accumulated) differs from the single rank's rows [%lld, %lld): %s", dn,
+           (long long)r.start, (long long)r.end, err);
     memset(dtable, 0, shard_n * 4);
-    lt_vocab_embedding_backward(c, dtable, dout, ids, N, C, V, err, sizeof err);
-    RCHECK(ctx, memcmp(dtable, dref + (size_t)r.start * C, shard_n * 4) == 0,
-           "embedding backward from zero differs from the single-rank op's rows [%lld, %lld)", (long long)r.start,
-           (long long)r.end);
+    rc = lt_vocab_embedding_backward(&tp, &r, dtable, doutd, ids, N, C, err, sizeof err);
+    RCHECK(ctx, rc == 0 && memcmp(dtable, dref + (size_t)r.start * C, shard_n * 4) == 0,
+           "%s embedding backward from zero differs from the single rank's rows [%lld, %lld): %s", dn,
+           (long long)r.start, (long long)r.end, err);
+    check_stats(ctx, c, "embedding backward", 0, 0);
 
-    /* sequence parallel: this rank's N/TP rows of the sum; backward all-gathers the gradient */
-    const int rows = N / tp;
-    float *out_sp = malloc((size_t)rows * C * 4);
-    rc = lt_vocab_embedding_forward_sp(c, out_sp, full, ids, shard, N, C, V, err, sizeof err);
-    RCHECK(ctx, rc == 0, "sp forward: %s", err);
-    check_stats(ctx, c, "sp embedding forward", tp > 1, ring_half(tp, (uint64_t)N * C * 4));
-    RCHECK(ctx, memcmp(out_sp, ref + (size_t)me * rows * C, (size_t)rows * C * 4) == 0,
-           "sp forward: rows [%d, %d) differ from the single-rank op's", me * rows, (me + 1) * rows);
-    memset(dtable, 0, shard_n * 4);
-    rc = lt_vocab_embedding_backward_sp(c, dtable, full, dout + (size_t)me * rows * C, ids, N, C, V, err, sizeof err);
-    RCHECK(ctx, rc == 0, "sp backward: %s", err);
-    check_stats(ctx, c, "sp embedding backward", tp > 1, ring_half(tp, (uint64_t)N * C * 4));
-    RCHECK(ctx, memcmp(dtable, dref + (size_t)r.start * C, shard_n * 4) == 0,
-           "sp backward differs from the single-rank op's rows");
-
-    free(table), free(dout), free(ids), free(ref), free(dref), free(dref2), free(out), free(dtable), free(full);
-    free(out_sp);
-}
-
-static void rank_embedding(rank_ctx *ctx) {
-    char err[512] = "";
-    lt_comm *c = make_world(ctx, err, sizeof err);
-    RCHECK(ctx, c, "world: %s", err);
-    if (!c) return;
-    embedding_checks(ctx, c, ctx->arg, 12345);
-    lt_comm_free(c);
+    free(table), free(dout), free(ids), free(tabled), free(doutd), free(refd), free(dref), free(dref2), free(ref);
+    free(shard), free(outd), free(local), free(scratch), free(out), free(dtable);
 }
 
 /* ---- cross-entropy ---- */
 static double rel(double a, double b) { return fabs(a - b) / fmax(fabs(b), 1e-30); }
 
-static void cross_entropy_checks(rank_ctx *ctx, lt_comm *c, const shape *s, uint64_t seed) {
-    const int V = s->V, N = s->N, tp = lt_comm_size(c), me = lt_comm_rank(c);
+/* Returns the worst relative difference of losses / lse and of dlogits (in worst[0], worst[1]). */
+static void cross_entropy_checks(rank_ctx *ctx, lt_comm *c, const shape *s, lt_dtype dtype, uint64_t seed,
+                                 double worst[2]) {
+    const int V = s->V, N = s->B * s->T;
+    const size_t E = lt_dtype_size(dtype);
+    const char *dn = dtype_name(dtype);
     char err[512] = "";
+    lt_tp tp = make_tp(c, 0, dtype);
+    const int n = tp.size;
+    const lt_ops *ops = tp.ops;
     rng_state = seed;
     float *logits = fvec((size_t)N * V, -4, 4), *dloss = fvec((size_t)N, 0.1f, 2.0f);
     int32_t *targets = make_ids(N, V, 1);
     /* a row whose maximum sits on another rank than most of its mass, and a large-magnitude row */
-    for (int v = 0; v < V; v++) logits[(size_t)1 * V + v] += (v == V - 1) ? 30.0f : 0.0f;
+    logits[(size_t)1 * V + V - 1] += 30.0f;
     for (int v = 0; v < V; v++) logits[(size_t)2 * V + v] *= 20.0f;
-    float *loss_ref = malloc(N * 4), *lse_ref = malloc(N * 4), *dref = malloc((size_t)N * V * 4);
-    lt_cross_entropy_forward(loss_ref, lse_ref, logits, targets, N, V);
-    lt_cross_entropy_backward(dref, logits, lse_ref, targets, dloss, N, V);
+    quantize(dtype, logits, (size_t)N * V);
+    void *logitsd = to_dtype(dtype, logits, (size_t)N * V), *drefd = malloc((size_t)N * V * E);
+    float *loss_ref = malloc(N * 4), *lse_ref = malloc(N * 4);
+    ops->cross_entropy_forward(loss_ref, lse_ref, logitsd, targets, N, V);
+    ops->cross_entropy_backward(drefd, logitsd, lse_ref, targets, dloss, N, V);
+    float *dref = to_f32(dtype, drefd, (size_t)N * V);
 
     lt_vocab_range r;
-    lt_vocab_range_of(&r, V, me, tp, err, sizeof err);
-    const int W = V / tp;
-    float *slice = malloc((size_t)N * W * 4), *dl = malloc((size_t)N * W * 4);
-    for (int n = 0; n < N; n++) memcpy(slice + (size_t)n * W, logits + (size_t)n * V + r.start, (size_t)W * 4);
-    float *loss = malloc(N * 4), *lse = malloc(N * 4), *sumexp = malloc(N * 4);
+    int rc = lt_vocab_range_of(&r, &tp, V, err, sizeof err);
+    RCHECK(ctx, rc == 0, "range: %s", err);
+    const int W = V / n;
+    float *slicef = malloc((size_t)N * W * 4);
+    for (int i = 0; i < N; i++) memcpy(slicef + (size_t)i * W, logits + (size_t)i * V + r.start, (size_t)W * 4);
+    void *slice = to_dtype(dtype, slicef, (size_t)N * W), *dl = malloc((size_t)N * W * E);
+    float *loss = malloc(N * 4), *lse = malloc(N * 4);
 
     lt_comm_reset_stats(c);
-    int rc = lt_vocab_cross_entropy_forward(c, loss, lse, sumexp, slice, targets, N, V, err, sizeof err);
+    rc = lt_vocab_cross_entropy_forward(&tp, &r, loss, lse, slice, targets, N, err, sizeof err);
     RCHECK(ctx, rc == 0, "forward: %s", err);
-    check_stats(ctx, c, "cross-entropy forward", tp > 1 ? 3 : 0, 3 * ring_all_reduce(tp, (uint64_t)N * 4));
-    double worst_loss = 0, worst_lse = 0;
+    check_stats(ctx, c, "cross-entropy forward", n > 1 ? 3 : 0, 3 * ring_all_reduce(n, (uint64_t)N * 4));
+    double wl = 0;
     int ignored_ok = 1;
-    for (int n = 0; n < N; n++) {
-        if (targets[n] < 0) {
-            ignored_ok &= loss[n] == 0.0f;
-        } else {
-            worst_loss = fmax(worst_loss, rel(loss[n], loss_ref[n]));
-        }
-        worst_lse = fmax(worst_lse, rel(lse[n], lse_ref[n]));
+    for (int i = 0; i < N; i++) {
+        if (targets[i] < 0) ignored_ok &= loss[i] == 0.0f;
+        else wl = fmax(wl, rel(loss[i], loss_ref[i]));
+        wl = fmax(wl, rel(lse[i], lse_ref[i]));
     }
-    RCHECK(ctx, worst_loss <= 1e-6 && worst_lse <= 1e-6, "losses / lse differ: worst relative %.3g / %.3g",
-           worst_loss, worst_lse);
-    RCHECK(ctx, ignored_ok, "an ignored target has a nonzero loss");
-    ctx->out->val[0] = worst_loss;
+    RCHECK(ctx, wl <= 1e-6, "%s losses / lse differ: worst relative %.3g", dn, wl);
+    RCHECK(ctx, ignored_ok, "%s: an ignored target has a nonzero loss", dn);
+    worst[0] = fmax(worst[0], wl);
 
     /* backward, into a separate buffer, then in place over the logits */
-    rc = lt_vocab_cross_entropy_backward(c, dl, slice, lse, targets, dloss, N, V, err, sizeof err);
+    rc = lt_vocab_cross_entropy_backward(&tp, &r, dl, slice, lse, targets, dloss, N, err, sizeof err);
     RCHECK(ctx, rc == 0, "backward: %s", err);
     check_stats(ctx, c, "cross-entropy backward", 0, 0);
+    float *dlf = to_f32(dtype, dl, (size_t)N * W);
     double maxref = 0, maxdiff = 0;
     int zero_rows = 1;
-    for (int n = 0; n < N; n++)
+    for (int i = 0; i < N; i++)
         for (int v = 0; v < W; v++) {
-            const double a = dl[(size_t)n * W + v], b = dref[(size_t)n * V + r.start + v];
+            const double a = dlf[(size_t)i * W + v], b = dref[(size_t)i * V + r.start + v];
             maxref = fmax(maxref, fabs(b));
             maxdiff = fmax(maxdiff, fabs(a - b));
-            if (targets[n] < 0) zero_rows &= a == 0.0;
+            if (targets[i] < 0) zero_rows &= a == 0.0;
         }
-    RCHECK(ctx, maxdiff <= 1e-6 * maxref, "dlogits differ by %.3g (largest gradient %.3g)", maxdiff, maxref);
-    RCHECK(ctx, zero_rows, "a row of an ignored target has a nonzero gradient");
-    ctx->out->val[1] = maxdiff / maxref;
-    rc = lt_vocab_cross_entropy_backward(c, slice, slice, lse, targets, dloss, N, V, err, sizeof err);
-    RCHECK(ctx, rc == 0 && memcmp(slice, dl, (size_t)N * W * 4) == 0, "in-place backward differs: %s", err);
+    const double tol = dtype == LT_BF16 ? 1e-2 : 1e-6;
+    RCHECK(ctx, maxdiff <= tol * maxref, "%s dlogits differ by %.3g (largest gradient %.3g)", dn, maxdiff, maxref);
+    RCHECK(ctx, zero_rows, "%s: a row of an ignored target has a nonzero gradient", dn);
+    worst[1] = fmax(worst[1], maxdiff / maxref);
+    rc = lt_vocab_cross_entropy_backward(&tp, &r, slice, slice, lse, targets, dloss, N, err, sizeof err);
+    RCHECK(ctx, rc == 0 && memcmp(slice, dl, (size_t)N * W * E) == 0, "%s in-place backward differs: %s", dn, err);
 
-    free(logits), free(dloss), free(targets), free(loss_ref), free(lse_ref), free(dref), free(slice), free(dl);
-    free(loss), free(lse), free(sumexp);
+    free(logits), free(dloss), free(targets), free(logitsd), free(drefd), free(loss_ref), free(lse_ref), free(dref);
+    free(slicef), free(slice), free(dl), free(loss), free(lse), free(dlf);
 }
 
-static void rank_cross_entropy(rank_ctx *ctx) {
+/* Both, for both op tables; worst[0..1] fp32 cross-entropy, [2..3] bf16. */
+static void all_checks(rank_ctx *ctx, lt_comm *c, const shape *s, uint64_t seed, double worst[4]) {
+    for (int d = 0; d < 2; d++) {
+        const lt_dtype dtype = d ? LT_BF16 : LT_F32;
+        embedding_checks(ctx, c, s, dtype, seed + (uint64_t)d);
+        cross_entropy_checks(ctx, c, s, dtype, seed + 100 + (uint64_t)d, worst + 2 * d);
+    }
+}
+
+static void rank_world(rank_ctx *ctx) {
     char err[512] = "";
     lt_comm *c = make_world(ctx, err, sizeof err);
     RCHECK(ctx, c, "world: %s", err);
     if (!c) return;
-    cross_entropy_checks(ctx, c, ctx->arg, 777);
+    all_checks(ctx, c, ctx->arg, 12345, ctx->out->val);
     lt_comm_free(c);
 }
 
-/* ---- tp groups inside a larger world: 4 ranks as 2 data-parallel replicas of TP = 2 ({0,1}, {2,3}),
- * each replica on its own data; the collectives and their statistics stay on the tp group ---- */
+/* 4 ranks as 2 data-parallel replicas of TP = 2 ({0,1}, {2,3}), each replica on its own data; the
+ * collectives and their statistics stay on the tp group */
 static void rank_groups(rank_ctx *ctx) {
     char err[512] = "";
     lt_comm *w = make_world(ctx, err, sizeof err);
     RCHECK(ctx, w, "world: %s", err);
     if (!w) return;
     const int g = ctx->rank / 2, ranks[2] = {2 * g, 2 * g + 1};
-    lt_comm *tp = lt_comm_group(w, ranks, 2, "tp", err, sizeof err);
-    RCHECK(ctx, tp, "tp group: %s", err);
-    if (tp) {
+    lt_comm *tpc = lt_comm_group(w, ranks, 2, "tp", err, sizeof err);
+    RCHECK(ctx, tpc, "tp group: %s", err);
+    if (tpc) {
         lt_comm_reset_stats(w);
-        embedding_checks(ctx, tp, ctx->arg, 100 + (uint64_t)g);
-        cross_entropy_checks(ctx, tp, ctx->arg, 200 + (uint64_t)g);
+        all_checks(ctx, tpc, ctx->arg, 100 + 1000 * (uint64_t)g, ctx->out->val);
         lt_comm_stats st = lt_comm_get_stats(w);
         RCHECK(ctx, st.calls == 0, "the world communicator was used (%llu calls)", (unsigned long long)st.calls);
-        lt_comm_free(tp);
+        lt_comm_free(tpc);
     }
     lt_comm_free(w);
 }
 
-/* ---- refusals: they fail on every rank before any collective, so none waits ---- */
-static void rank_refusals(rank_ctx *ctx) {
-    char err[512] = "";
-    lt_comm *c = make_world(ctx, err, sizeof err);
-    if (!c) {
-        RCHECK(ctx, 0, "world: %s", err);
-        return;
-    }
-    const int V = 4 * 5 + 2, C = 3, N = 4; /* 22: divisible by 2, not by 4 */
-    float table[22 * 3], out[4 * 3], full[4 * 3], logits[4 * 22], loss[4], lse[4], se[4];
-    memset(table, 0, sizeof table);
-    memset(logits, 0, sizeof logits);
-    int32_t ids[4] = {0, 1, 2, 3};
-    lt_comm_reset_stats(c);
-    int rc = lt_vocab_embedding_forward(c, out, ids, table, N, C, V, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "22 is not divisible by tensor_model_parallel_size 4"),
-           "V = 22 at TP = 4 embedding: rc %d, '%s'", rc, err);
-    err[0] = '\0';
-    rc = lt_vocab_embedding_forward_sp(c, out, full, ids, table, N, C, V, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "not divisible"), "V = 22 at TP = 4 sp embedding: rc %d, '%s'", rc, err);
-    err[0] = '\0';
-    rc = lt_vocab_cross_entropy_forward(c, loss, lse, se, logits, ids, N, V, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "not divisible"), "V = 22 at TP = 4 cross-entropy: rc %d, '%s'", rc, err);
-    lt_vocab_range r;
-    rc = lt_vocab_range_of(&r, 10, 0, 4, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "pad it to a multiple of make_vocab_size_divisible_by"), "range: '%s'", err);
-    /* ids outside the vocabulary (V = 24 divides) */
-    int32_t bad_ids[4] = {0, 24, 1, 2}, bad_targets[4] = {0, -1, -5, 23};
-    err[0] = '\0';
-    rc = lt_vocab_embedding_forward(c, out, bad_ids, table, N, C, 24, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "token id 24 at position 1 is outside the vocabulary [0, 24)"),
-           "id 24: rc %d, '%s'", rc, err);
-    bad_targets[2] = 24;
-    err[0] = '\0';
-    rc = lt_vocab_cross_entropy_forward(c, loss, lse, se, logits, bad_targets, N, 24, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "target 24 at position 2"), "target 24: rc %d, '%s'", rc, err);
-    /* SP needs N % TP == 0 */
-    err[0] = '\0';
-    rc = lt_vocab_embedding_forward_sp(c, out, full, ids, table, 3, C, 24, err, sizeof err);
-    RCHECK(ctx, rc == -1 && strstr(err, "3 rows"), "sp with 3 rows: rc %d, '%s'", rc, err);
-    check_stats(ctx, c, "refused calls", 0, 0);
-    lt_comm_free(c);
-}
-
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    char label[256];
-    const shape shapes[] = {{64, 8, 32}, {256, 5, 48}};
+    char label[400];
+    const shape shapes[] = {{64, 8, 4, 8}, {256, 5, 4, 12}};
     for (int k = 0; k < 2; k++)
         for (int tp = 1; tp <= 4; tp *= 2) {
             const shape *s = &shapes[k];
-            run_status st = run_ranks(tp, 10.0, rank_embedding, s, 60);
+            run_status st = run_ranks(tp, 10.0, rank_world, s, 60);
+            const double *w = shared_results[0].val;
             snprintf(label, sizeof label,
-                     "TP = %d, V = %d, C = %d, N = %d: embedding forward / backward (and the sequence-parallel "
-                     "variant) equal the single-rank op's exactly; %s",
-                     tp, s->V, s->C, s->N,
-                     tp > 1 ? "1 all-reduce (SP: 1 reduce-scatter, 1 all-gather) of analytic bytes"
+                     "TP = %d, V = %d, C = %d, N = %d, fp32 and bf16: embedding forward / backward the single-rank "
+                     "op's exactly (summed over tp, and under SP this rank's positions); cross-entropy losses / lse "
+                     "within 1e-6 (worst fp32 %.2g, bf16 %.2g), dlogits (worst %.2g, %.2g), ignored targets; %s",
+                     tp, s->V, s->C, s->B * s->T, w[0], w[2], w[1], w[3],
+                     tp > 1 ? "3 all-reduces of N floats in the cross-entropy forward, nothing else"
                             : "no communication");
-            report_run(label, tp, &st, 0);
-            st = run_ranks(tp, 10.0, rank_cross_entropy, s, 60);
-            snprintf(label, sizeof label,
-                     "TP = %d, V = %d, N = %d: cross-entropy losses, lse and dlogits within 1e-6 of the single-rank "
-                     "op's (worst %.2g / %.2g), ignored targets, %s",
-                     tp, s->V, s->N, shared_results[0].val[0], shared_results[0].val[1],
-                     tp > 1 ? "3 all-reduces of analytic bytes" : "no communication");
             report_run(label, tp, &st, 0);
         }
     run_status st = run_ranks(4, 10.0, rank_groups, &shapes[1], 60);
     report_run("4 ranks as 2 replicas of TP = 2 (tp groups {0,1} and {2,3}, different data each): embedding and "
                "cross-entropy as above on the group, nothing on the world communicator",
                4, &st, 0);
-    st = run_ranks(4, 10.0, rank_refusals, NULL, 60);
-    report_run("V = 22 at TP = 4 refused (embedding, SP embedding, cross-entropy), ids / targets outside the "
-               "vocabulary and SP rows not divisible by TP refused, all before any collective",
-               4, &st, 0);
+
+    /* refusals: no collective involved, so the parent checks them alone */
+    const lt_backend *be = lt_backend_cpu();
+    lt_tp tp4 = {NULL, 3, 4, 0, be, be->f32};
+    lt_vocab_range r;
+    char err[512] = "";
+    int rc = lt_vocab_range_of(&r, &tp4, 22, err, sizeof err);
+    TAP_CHECK(rc == -1 && strstr(err, "(22) is not divisible by tensor_model_parallel_size (4)") &&
+                  strstr(err, "make_vocab_size_divisible_by"),
+              "V = 22 at TP = 4 refused with a message: '%s'", err);
+    err[0] = '\0';
+    rc = lt_vocab_range_of(&r, &tp4, 0, err, sizeof err);
+    TAP_CHECK(rc == -1 && strstr(err, "(0)"), "V = 0 refused: '%s'", err);
+    rc = lt_vocab_range_of(&r, &tp4, 24, err, sizeof err);
+    TAP_CHECK(rc == 0 && r.vocab == 24 && r.start == 18 && r.end == 24, "V = 24 at TP = 4: rank 3 owns [18, 24)");
+
     char names[1024];
     TAP_CHECK(leftover_segments(names, sizeof names) == 0, "no shared-memory segments left behind: %s", names);
     return tap_done();

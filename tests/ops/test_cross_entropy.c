@@ -57,6 +57,21 @@ int main(void) {
     int finite = 1;
     for (int n = 0; n < N; n++) e = fmax(e, fabs(losses[n] - l0[n])), finite &= isfinite(lse[n]);
     TAP_CHECK(finite && e < 1e-3, "logits + 1000: finite, same losses (max diff %.2e)", e);
+    /* a target >= V is another rank's column (vocabulary parallelism): loss 0, and the gradient is the
+     * softmax part alone (a row with the target equals the same row with it, plus dloss at the target) */
+    {
+        const int32_t elsewhere[2] = {V, 3};
+        float l2[2], s2[2], g2[2] = {0.7f, 0.7f}, *d2 = tu_alloc(2 * (size_t)V);
+        float *two = tu_alloc(2 * (size_t)V);
+        memcpy(two, logits, sizeof(float) * V);
+        memcpy(two + V, logits, sizeof(float) * V);
+        lt_cross_entropy_forward(l2, s2, two, elsewhere, 2, V);
+        lt_cross_entropy_backward(d2, two, s2, elsewhere, g2, 2, V);
+        int softmax_only = l2[0] == 0.0f && s2[0] == s2[1];
+        for (int v = 0; v < V; v++) softmax_only &= d2[v] == d2[V + v] + (v == 3 ? 0.7f : 0.0f) || v == 3;
+        softmax_only &= fabsf(d2[3] - (d2[V + 3] + 0.7f)) < 1e-6f;
+        TAP_CHECK(softmax_only, "target V (another rank's column): loss 0, the softmax part of the gradient only");
+    }
     /* threaded size: losses and gradient vs double formulas */
     {
         enum { NB = 64, VB = 1000 };

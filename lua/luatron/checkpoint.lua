@@ -11,16 +11,20 @@
 -- Every file's metadata names its stage and data-parallel rank and their counts, so a reader
 -- knows when one is missing.
 --
--- Everything is stored under parameter names (global layer numbers), so any layout loads what
--- any other saved: each rank reads the files and takes the parameters, and the parts of the
--- optimizer state, that it holds. A run resumes at another pipeline or data-parallel size, with
--- or without the distributed optimizer.
+-- Everything is stored under parameter names (global layer numbers) as whole tensors, so any
+-- layout loads what any other saved: each rank reads the files and takes the parameters, and the
+-- parts of the optimizer state, that it holds. A run resumes at another pipeline, data-parallel or
+-- tensor-parallel size, with or without the distributed optimizer. Under tensor parallelism a rank
+-- holds shards of the split parameters: on saving, the shards are gathered over the TP group and
+-- TP rank 0 writes the whole tensors (element offsets `first` of optimizer pieces count in the
+-- whole parameter); on loading, each rank copies its shard's runs (chunk:param_runs) out of them.
 --
 -- A folder is written under a temporary name and renamed into place, and the tracker file is
 -- replaced the same way, so a crash never leaves a half-written checkpoint where a reader would
 -- look. In a multi-rank job, `ranks` = {rank =, barrier =, dp_rank =, dp_size =, pp_rank =,
--- pp_size =}: world rank 0 writes the shared files, data-parallel rank 0 of each stage its model
--- and replicated optimizer state, every rank its optimizer shard.
+-- pp_size =, tp =} (tp: the tensor-parallel group's communicator, needed under TP): world rank 0
+-- writes the shared files, TP rank 0 of data-parallel rank 0 of each stage its model and replicated
+-- optimizer state, TP rank 0 of every data-parallel rank its optimizer shard.
 local core = require "luatron.core"
 local json = require "luatron.json"
 local data_parallel = require "luatron.data_parallel"
@@ -45,21 +49,92 @@ local function chunk_list(model)
   return type(model) == "table" and model or { model }
 end
 
-local function model_tensors(chunks)
-  local t = {}
-  for _, chunk in ipairs(chunks) do
-    for _, p in ipairs(chunk:parameters()) do t[p.name] = chunk:param(p.name) end
-  end
-  return t
+-- A chunk's tensor-parallel rank and size (0, 1 for a model without tensor parallelism).
+local function tp_of(chunk)
+  if not chunk.tp then return 0, 1 end
+  return chunk:tp()
 end
 
--- Shapes and sizes of the parameters of chunks, by name.
+-- Shapes and sizes of the parameters of chunks, by name, each with the chunk holding it (.chunk)
+-- and whether this rank holds a shard of it (.sharded: split across TP ranks).
 local function param_info(chunks)
   local info = {}
   for _, chunk in ipairs(chunks) do
-    for _, p in ipairs(chunk:parameters()) do info[p.name] = p end
+    local _, tp_size = tp_of(chunk)
+    for _, p in ipairs(chunk:parameters()) do
+      p.chunk, p.sharded = chunk, tp_size > 1 and p.split ~= "none"
+      info[p.name] = p
+    end
   end
   return info
+end
+
+-- Where elements [first, first + n) of this rank's shard of parameter p lie in the whole
+-- parameter: { {first = whole offset, at = offset in the range, n =}, ... } in shard order.
+local function whole_ranges(p, first, n, tp_rank)
+  if not p.sharded then return { { first = first, at = 0, n = n } } end
+  local out = {}
+  for _, run in ipairs(p.chunk:param_runs(p.name, tp_rank)) do
+    local a, b = math.max(first, run["local"]), math.min(first + n, run["local"] + run.n)
+    if a < b then out[#out + 1] = { first = run.full + a - run["local"], at = a - first, n = b - a } end
+  end
+  return out
+end
+
+-- Gathers `tensor` (elements [first, first + numel) of every TP rank's shard of parameter p, the
+-- same range on every rank) over the TP group. On TP rank 0 returns the whole-parameter ranges
+-- they fill, sorted and joined where contiguous: { {first =, tensor = 1-D host tensor}, ... }; nil
+-- on the other ranks. A collective: every TP rank calls it for the same tensors in the same order.
+local function gather_ranges(p, first, tensor, tp)
+  local n, size = tensor:numel(), tp:size()
+  local send = tensor:to_host():reshape({ n })
+  local recv = core.tensor.zeros({ size * n }, send:dtype())
+  tp:all_gather(send, recv)
+  if tp:rank() ~= 0 then return nil end
+  local segs = {}
+  for r = 0, size - 1 do
+    for _, w in ipairs(whole_ranges(p, first, n, r)) do
+      segs[#segs + 1] = { first = w.first, n = w.n, src = recv:narrow(1, r * n + w.at + 1, w.n) }
+    end
+  end
+  table.sort(segs, function(x, y) return x.first < y.first end)
+  local out, i = {}, 1
+  while i <= #segs do
+    local j, len = i, segs[i].n
+    while j < #segs and segs[j + 1].first == segs[i].first + len do
+      j = j + 1
+      len = len + segs[j].n
+    end
+    local t, at = core.tensor.zeros({ len }, send:dtype()), 0
+    for k = i, j do
+      t:narrow(1, at + 1, segs[k].n):copy(segs[k].src)
+      at = at + segs[k].n
+    end
+    out[#out + 1] = { first = segs[i].first, tensor = t }
+    i = j + 1
+  end
+  return out
+end
+
+-- Parameter p's whole tensor in its full shape from this rank's shard `tensor` (of p or of an
+-- optimizer state of p): the shard itself unless p is split; else gathered over tp, on TP rank 0
+-- only (nil elsewhere). A collective for split parameters, as gather_ranges.
+local function whole_tensor(p, tensor, tp)
+  if not p.sharded then return tensor:reshape(p.full_shape) end
+  local ranges = gather_ranges(p, 0, tensor, tp)
+  if not ranges then return nil end
+  assert(#ranges == 1 and ranges[1].tensor:numel() == p.full_numel, "TP shards do not tile " .. p.name)
+  return ranges[1].tensor:reshape(p.full_shape)
+end
+
+-- The whole parameters of chunks by name (on TP rank 0; a collective under TP, in model order).
+local function model_tensors(chunks, tp)
+  local t = {}
+  for _, chunk in ipairs(chunks) do
+    local info = param_info({ chunk })
+    for _, p in ipairs(chunk:parameters()) do t[p.name] = whole_tensor(info[p.name], chunk:param(p.name), tp) end
+  end
+  return t
 end
 
 -- The optimizer state as pieces of named parameters (luatron.data_parallel) and whether they are
@@ -70,15 +145,21 @@ local function state_pieces(chunks, optimizer)
 end
 
 -- The tensors a file stores for pieces: whole parameters under "<state>.<param>" in their shape,
--- parts as 1-D "<state>.<param>:<first>".
-local function piece_tensors(chunks, pieces, sharded)
+-- parts as 1-D "<state>.<param>:<first>", first counting in the whole parameter. Under tensor
+-- parallelism the pieces of split parameters are gathered over tp (in the pieces' order, which is
+-- the same on every TP rank: they have one flat layout) and TP rank 0 gets the tensors.
+local function piece_tensors(chunks, pieces, sharded, tp)
   local info, t = param_info(chunks), {}
   for _, piece in ipairs(pieces) do
-    local key = piece.state .. "." .. piece.param
-    if sharded then
+    local key, p = piece.state .. "." .. piece.param, info[piece.param]
+    if not sharded then
+      t[key] = whole_tensor(p, piece.tensor, tp)
+    elseif not p.sharded then
       t[("%s:%d"):format(key, piece.first)] = piece.tensor
     else
-      t[key] = piece.tensor:reshape(info[piece.param].shape)
+      for _, range in ipairs(gather_ranges(p, piece.first, piece.tensor, tp) or {}) do
+        t[("%s:%d"):format(key, range.first)] = range.tensor
+      end
     end
   end
   return t
@@ -126,18 +207,26 @@ function M.save(root, model, optimizer, state, config_table, ranks)
   local stage = pp_size > 1 and ranks.pp_rank or nil
   local meta = { format = "luatron", iteration = tostring(state.iteration), pp_rank = tostring(ranks.pp_rank or 0),
     pp_size = tostring(pp_size), dp_rank = tostring(ranks.dp_rank), dp_size = tostring(ranks.dp_size) }
+  -- Under TP every TP rank of a (stage, data-parallel rank) gathers, in the same order, and TP rank 0
+  -- writes; the ranks of a TP group share their stage and data-parallel rank, so all or none gather.
+  local _, tp_size = tp_of(chunks[1])
+  local tp = tp_size > 1 and ranks.tp or nil
+  if tp_size > 1 and not (tp and tp:size() == tp_size) then
+    error(("saving a model split over %d tensor-parallel ranks needs ranks.tp, their communicator"):format(tp_size), 0)
+  end
+  local writes = (tp and tp:rank() or 0) == 0
+  local function save(name, tensors)
+    if writes then core.save_tensors(tmp .. "/" .. name, tensors, meta) end
+  end
   if optimizer then
     local pieces, sharded = state_pieces(chunks, optimizer)
     if sharded then
-      core.save_tensors(tmp .. "/" .. file_name("optimizer", stage, ranks.dp_rank), piece_tensors(chunks, pieces, true),
-        meta)
+      save(file_name("optimizer", stage, ranks.dp_rank), piece_tensors(chunks, pieces, true, tp))
     elseif ranks.dp_rank == 0 then
-      core.save_tensors(tmp .. "/" .. file_name("optimizer", stage), piece_tensors(chunks, pieces, false), meta)
+      save(file_name("optimizer", stage), piece_tensors(chunks, pieces, false, tp))
     end
   end
-  if ranks.dp_rank == 0 then
-    core.save_tensors(tmp .. "/" .. file_name("model", stage), model_tensors(chunks), meta)
-  end
+  if ranks.dp_rank == 0 then save(file_name("model", stage), model_tensors(chunks, tp)) end
   if ranks.rank == 0 then
     write_file(tmp .. "/state.json", json.encode(state))
     write_file(tmp .. "/config.json", json.encode(config_table or {}))
@@ -223,16 +312,18 @@ local function read_model(dir, read)
 end
 
 -- What the optimizer files hold: { ["<state>.<param>"] = { {first =, tensor = 1-D, file =}, ... } },
--- each stored piece once.
+-- each element once. A tied embedding is stored by the first and the last stage, whose copies are
+-- equal but, under the distributed optimizer, cut into different pieces (the stages' buckets
+-- differ): each state is taken from the files of the first stage that stores it.
 local function read_optimizer(files, read)
-  local index, seen = {}, {}
+  local index, stage = {}, {}
   for _, file in ipairs(files) do
-    for name, t in pairs((read(file))) do
+    local tensors, meta = read(file)
+    for name, t in pairs(tensors) do
       local key, first = name:match("^(.-):(%d+)$")
       key, first = key or name, tonumber(first) or 0
-      local id = ("%s:%d:%d"):format(key, first, t:numel())
-      if not seen[id] then
-        seen[id] = true
+      stage[key] = stage[key] or meta.pp_rank
+      if stage[key] == meta.pp_rank then
         index[key] = index[key] or {}
         table.insert(index[key], { first = first, tensor = t:reshape({ t:numel() }), file = file })
       end
@@ -242,48 +333,69 @@ local function read_optimizer(files, read)
 end
 
 -- The copies that fill every parameter of chunks from the stored weights, checked first: every
--- parameter must be there with its shape.
+-- parameter must be there with its whole shape. A rank holding a shard takes its runs.
 local function plan_model_copies(chunks, weights, where, dir)
   local copies = {}
-  for name, dst in pairs(model_tensors(chunks)) do
-    local src = weights[name]
-    if not src then error(("checkpoint %s: missing tensor '%s'"):format(dir, name), 0) end
-    local a, b = table.concat(dst:shape(), "x"), table.concat(src:shape(), "x")
-    if a ~= b then
-      error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(where[name], name, b, a), 0)
+  for _, chunk in ipairs(chunks) do
+    local info = param_info({ chunk })
+    for _, p in ipairs(chunk:parameters()) do
+      local name = p.name
+      local src = weights[name]
+      if not src then error(("checkpoint %s: missing tensor '%s'"):format(dir, name), 0) end
+      local a, b = table.concat(p.full_shape, "x"), table.concat(src:shape(), "x")
+      if a ~= b then
+        error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(where[name], name, b, a), 0)
+      end
+      if info[name].sharded then
+        -- gathered into a host shard first: one transfer to the device instead of one per run
+        local flat, shard = src:reshape({ p.full_numel }), core.tensor.zeros({ p.numel }, src:dtype())
+        for _, w in ipairs(whole_ranges(info[name], 0, p.numel)) do
+          shard:narrow(1, w.at + 1, w.n):copy(flat:narrow(1, w.first + 1, w.n))
+        end
+        src = shard
+      end
+      copies[#copies + 1] = { chunk:param(name), src }
     end
-    copies[#copies + 1] = { dst, src }
   end
   return copies
 end
 
 -- The copies that fill every destination piece from the stored pieces it overlaps, checked
 -- before anything is copied: each element of the destination must be stored, inside its parameter.
+-- Stored pieces count in whole-parameter elements; a destination in a TP shard maps to the runs it
+-- covers there, each filled in turn (through a host buffer when there are several, so the device
+-- gets one transfer).
 local function plan_optimizer_copies(chunks, pieces, index, dir)
   local info = param_info(chunks)
   local copies = {}
   for _, dst in ipairs(pieces) do
-    local key, n = dst.state .. "." .. dst.param, dst.tensor:numel()
+    local key, n, p = dst.state .. "." .. dst.param, dst.tensor:numel(), info[dst.param]
     local stored = index[key]
     if not stored then error(("checkpoint %s: missing optimizer state '%s'"):format(dir, key), 0) end
+    local ranges = whole_ranges(p, dst.first, n)
+    local staged = #ranges > 1
+    local buffer = staged and core.tensor.zeros({ n }, dst.tensor:dtype()) or dst.tensor
     local covered = 0
     for _, src in ipairs(stored) do
       local last = src.first + src.tensor:numel()
-      if last > info[dst.param].numel then
+      if last > p.full_numel then
         error(("%s: optimizer state '%s' holds elements up to %d, but this run's %s has %d"):format(src.file, key,
-          last, dst.param, info[dst.param].numel), 0)
+          last, dst.param, p.full_numel), 0)
       end
-      local a, b = math.max(dst.first, src.first), math.min(dst.first + n, last)
-      if a < b then
-        copies[#copies + 1] = { dst.tensor:narrow(1, a - dst.first + 1, b - a), src.tensor:narrow(1, a - src.first + 1,
-          b - a) }
-        covered = covered + b - a
+      for _, w in ipairs(ranges) do
+        local a, b = math.max(w.first, src.first), math.min(w.first + w.n, last)
+        if a < b then
+          copies[#copies + 1] = { buffer:narrow(1, w.at + a - w.first + 1, b - a),
+            src.tensor:narrow(1, a - src.first + 1, b - a) }
+          covered = covered + b - a
+        end
       end
     end
     if covered ~= n then
       error(("checkpoint %s: optimizer state '%s' covers %d of the %d elements this rank needs"):format(dir, key,
         covered, n), 0)
     end
+    if staged then copies[#copies + 1] = { dst.tensor, buffer } end
   end
   return copies
 end

@@ -128,7 +128,7 @@ function M.setup(cfg, opts)
   if pp > 1 then run.link, run.links = pipeline_links(ps, pp, r.model.device) end
   if opts.trace then run.recorder = timeline.recorder() end
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size, pp_rank = ps.coords.pp_rank,
-    pp_size = pp, barrier = function() ps.world:barrier() end }
+    pp_size = pp, tp = ps.groups.tp, barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
     -- Megatron's count: every evaluation of the run reads eval_iters global batches of its own
     local evaluations = (train_iters or 0) // r.train.eval_interval + 1

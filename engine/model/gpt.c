@@ -152,7 +152,8 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     REQUIRE(c->ffn_hidden_size % TP == 0, "ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
             c->ffn_hidden_size, TP);
     REQUIRE(c->vocab_size % TP == 0, "the padded vocabulary (%d) must be a multiple of tensor_model_parallel_size "
-            "(%d): pad it to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size", c->vocab_size, TP);
+            "(%d): pad it to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size", c->vocab_size,
+            TP);
 #undef REQUIRE
     return 1;
 }
@@ -648,6 +649,17 @@ static void *tp_scratch(const lt_gpt *m, int N, lt_layer_scratch *sc, size_t *by
     return base;
 }
 
+/* The embedding on one rank: the tokens' rows, the positions, dropout. */
+static void embed(lt_gpt *m, lt_gpt_ctx *c) {
+    const int B = c->B, T = c->T, N = B * T, C = m->cfg.hidden_size;
+    m->ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
+    if (m->wpe >= 0) m->ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
+    const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
+    if (p > 0)
+        m->ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"),
+                                0);
+}
+
 /* The vocabulary-parallel embedding: each rank's rows summed over TP (reduce-scattered under SP);
  * with learned positions Megatron all-reduces, adds the positions, then scatters. Then dropout. */
 static int embed_parallel(lt_gpt *m, lt_gpt_ctx *c, const lt_layer_scratch *sc, char *err, int errlen) {
@@ -664,7 +676,9 @@ static int embed_parallel(lt_gpt *m, lt_gpt_ctx *c, const lt_layer_scratch *sc, 
         if (tp->sequence_parallel) lt_tp_scatter(tp, c->rows, c->x[0], full, C);
     }
     const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
-    if (p > 0) lt_tp_dropout_forward(tp, c->rows, c->x[0], c->x[0], B, T, C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"));
+    if (p > 0)
+        lt_tp_dropout_forward(tp, c->rows, c->x[0], c->x[0], B, T, C, p,
+                              lt_dropout_key(c->dropout_seed, -1, "embedding"));
     return 0;
 }
 
@@ -732,20 +746,12 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     const int No = lt_layer_outer_rows(&m->spec, B, T);
     int rc = 0;
 
-    /* eval mode drops nothing (c->training also reaches every layer's context) */
-    const float embedding_p = c->training ? cfg->hidden_dropout : 0.0f;
+    /* eval mode drops nothing (c->training reaches the embedding and every layer's context) */
     int64_t ready = 0;
     if (pre) {
         weights_needed_to(m, &ready, layer_start(m, 0));
-        if (m->tp.size > 1) {
-            rc = embed_parallel(m, c, &sc, err, errlen);
-        } else {
-            ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
-            if (m->wpe >= 0) ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
-            if (embedding_p > 0)
-                ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, embedding_p,
-                                     lt_dropout_key(dropout_seed, -1, "embedding"), 0);
-        }
+        if (m->tp.size > 1) rc = embed_parallel(m, c, &sc, err, errlen);
+        else embed(m, c);
     } else {
         transpose_rows(m, c->x[0], lt_tensor_data(hidden), c->to_bsh, No);
     }
@@ -826,6 +832,20 @@ lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targ
 }
 
 /* ---- backward ---- */
+
+/* The embedding's backward on one rank: dropout, then the table's and the positions' gradients. */
+static void embed_backward(lt_gpt *m, lt_gpt_ctx *c, const void *dx, const lt_layer_scratch *sc) {
+    const int B = c->B, T = c->T, N = B * T, C = m->cfg.hidden_size;
+    float *g = lt_tensor_data(m->grads);
+    const void *d = dx;
+    const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
+    if (p > 0) {
+        m->ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"), 0);
+        d = sc->d_c;
+    }
+    m->ops->embedding_backward(g + m->wte, d, c->tokens, N, C);
+    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, d, B, T, C);
+}
 
 /* The vocabulary-parallel embedding's backward: dropout, the gradient gathered back to every row
  * (under SP), then each rank's rows of the table and the positions. */
@@ -935,22 +955,11 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
         if (!rc) grads_ready_from(m, m->layers[i].ln1_w);
     }
 
-    if (rc) {
-    } else if (pre && m->tp.size > 1) {
-        rc = embed_parallel_backward(m, c, dx, &s, err, errlen);
+    if (!rc && pre) {
+        if (m->tp.size > 1) rc = embed_parallel_backward(m, c, dx, &s, err, errlen);
+        else embed_backward(m, c, dx, &s);
         if (!rc) grads_ready_from(m, 0);
-    } else if (pre) {
-        const void *d_emb = dx;
-        const float embedding_p = c->training ? cfg->hidden_dropout : 0.0f;
-        if (embedding_p > 0) {
-            ops->dropout_backward(s.d_c, dx, (int64_t)NC, embedding_p,
-                                  lt_dropout_key(c->dropout_seed, -1, "embedding"), 0);
-            d_emb = s.d_c;
-        }
-        ops->embedding_backward(g + m->wte, d_emb, c->tokens, N, C);
-        if (m->wpe >= 0) ops->position_embedding_backward(g + m->wpe, d_emb, B, T, C);
-        grads_ready_from(m, 0);
-    } else {
+    } else if (!rc) {
         transpose_rows(m, lt_tensor_data(gin), dx, c->to_sbh, No);
     }
 

@@ -202,7 +202,8 @@ int lt_layer_mlp_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_mlp
     const int N = c->B * c->T, C = s->hidden_size, F = s->ffn_hidden_size, fc1 = lt_layer_fc1_dim(s);
     lt_mlp_acts *a = &c->mlp;
     const void *ln;
-    lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, lt_layer_outer_rows(s, c->B, c->T));
+    lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b,
+                          lt_layer_outer_rows(s, c->B, c->T));
     if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
     if (s->gelu_tanh) { /* fc1 and its GELU in one op (one GEMM where the device fuses them) */
         ops->linear_gelu_forward(a->act, a->fc1, ln, w->fc1_w, w->fc1_b, N, C, fc1);

@@ -96,4 +96,15 @@ function h.assert_losses_close(a, b, rtol, first, last, what_a, what_b)
   end
 end
 
+-- A closeness check for the equivalence specs: close(a, b, what) asserts |a - b| <= rtol x max(|a|, |b|)
+-- and remembers the largest relative difference it saw (close.worst()), which a spec prints.
+function h.closeness(rtol)
+  local worst = 0
+  return setmetatable({ worst = function() return worst end }, { __call = function(_, a, b, what)
+    worst = math.max(worst, math.abs(a - b) / math.max(math.abs(a), math.abs(b), 1e-30))
+    assert(math.abs(a - b) <= rtol * math.max(math.abs(a), math.abs(b)),
+      ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, rtol))
+  end })
+end
+
 return h

@@ -46,15 +46,9 @@ local function launch(n, dir, name, extra)
   return metrics(dir, name), out
 end
 
--- The largest relative difference seen, printed at the end as a TAP comment (see the output with
--- `bazel test //tests/lua:pipeline_parallel_spec --test_output=all`).
-local worst = 0
-
-local function assert_close(a, b, what)
-  worst = math.max(worst, math.abs(a - b) / math.max(math.abs(a), math.abs(b), 1e-30))
-  assert.is_true(math.abs(a - b) <= RTOL * math.max(math.abs(a), math.abs(b)),
-    ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, RTOL))
-end
+-- Closeness within RTOL; the largest relative difference seen is printed at the end as a TAP comment (see
+-- it with `bazel test //tests/lua:pipeline_parallel_spec --test_output=all`).
+local assert_close = h.closeness(RTOL)
 
 -- Every record of got (by iteration) has ref's loss, gradient norm and parameter norm, and every
 -- validation of got ref's validation loss.
@@ -80,7 +74,7 @@ describe("pipeline parallelism", function()
   local dir = tmpdir()
   local ref, ref_untied
 
-  teardown(function() print(("# largest relative difference from the single rank: %.2g"):format(worst)) end)
+  teardown(function() print(("# largest relative difference from the single rank: %.2g"):format(assert_close.worst())) end)
 
   setup(function()
     local code, out = run(("%s run %s"):format(q(LUATRON), recipe_args(dir, "single")))

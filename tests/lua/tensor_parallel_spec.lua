@@ -38,14 +38,8 @@ local function launch(n, dir, name, extra)
   return read_metrics(dir .. "/" .. name .. ".jsonl"), out
 end
 
--- The largest relative difference seen, printed at the end as a TAP comment.
-local worst = 0
-
-local function assert_close(a, b, what)
-  worst = math.max(worst, math.abs(a - b) / math.max(math.abs(a), math.abs(b), 1e-30))
-  assert.is_true(math.abs(a - b) <= RTOL * math.max(math.abs(a), math.abs(b)),
-    ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, RTOL))
-end
+-- Closeness within RTOL; the largest relative difference seen is printed at the end as a TAP comment.
+local assert_close = h.closeness(RTOL)
 
 local function assert_equivalent(ref, got, label)
   assert.are.equal(#ref, #got, label .. ": number of steps")
@@ -209,7 +203,7 @@ end)
 
 describe("the equivalence tolerance", function()
   it("was met with room to spare", function()
-    print(("# largest relative difference from the single rank: %.3g (tolerance %g)"):format(worst, RTOL))
-    assert.is_true(worst <= RTOL)
+    print(("# largest relative difference from the single rank: %.3g (tolerance %g)"):format(assert_close.worst(), RTOL))
+    assert.is_true(assert_close.worst() <= RTOL)
   end)
 end)

@@ -50,13 +50,7 @@ local function resume(n, dir, from, name, extra)
   return m
 end
 
-local worst = 0
-
-local function assert_close(a, b, what)
-  worst = math.max(worst, math.abs(a - b) / math.max(math.abs(a), math.abs(b), 1e-30))
-  assert.is_true(math.abs(a - b) <= RTOL * math.max(math.abs(a), math.abs(b)),
-    ("%s: %.9g vs %.9g (rtol %g)"):format(what, a, b, RTOL))
-end
+local assert_close = h.closeness(RTOL)
 
 -- got trained exactly the iterations after SAVED, each with ref's loss, gradient norm and parameter norm.
 local function assert_resumed(ref, got, label)
@@ -104,7 +98,7 @@ describe("checkpoints under tensor parallelism", function()
   assert(os.getenv("LUATRON"), "LUATRON is not set: point it at the luatron binary")
   local dir = tmpdir()
 
-  teardown(function() print(("# largest relative difference from the uninterrupted run: %.3g"):format(worst)) end)
+  teardown(function() print(("# largest relative difference from the uninterrupted run: %.3g"):format(assert_close.worst())) end)
 
   it("DDP: saved at TP = 2, resumed at TP = 1 and TP = 4; saved at TP = 1, resumed at TP = 2", function()
     local ref = save_run(2, dir, "tp2", layout(2, 1))

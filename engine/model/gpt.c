@@ -58,6 +58,7 @@ struct lt_gpt {
 struct lt_gpt_ctx {
     const lt_backend *be;
     const lt_tp *tp;
+    const lt_layer_spec *spec;
     int B, T;
     int training; /* 0: eval mode, no dropout */
     uint64_t dropout_seed;
@@ -70,6 +71,7 @@ struct lt_gpt_ctx {
      * model): to_bsh[b*T + t] = t*B + b, to_sbh[t*B + b] = b*T + t. */
     int32_t *to_bsh, *to_sbh;
     lt_tp_rows *rows;    /* the microbatch for tensor parallelism (NULL without) */
+    lt_layer_kv_maps *kv; /* the shared key/value heads' row maps (NULL without) */
     int32_t *host_tokens; /* a first stage's tokens on the host (the vocabulary-parallel embedding's) */
     void **x; /* residual stream [B, T, C] (the outer rows): x[0] the chunk's input, x[i+1] output of layer i */
     lt_layer_ctx *layers;
@@ -146,9 +148,11 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     REQUIRE(!c->sequence_parallel || TP > 1, "sequence parallelism needs tensor_model_parallel_size > 1");
     REQUIRE(c->num_attention_heads % TP == 0, "num_attention_heads (%d) must be a multiple of "
             "tensor_model_parallel_size (%d)", c->num_attention_heads, TP);
-    REQUIRE(c->num_query_groups % TP == 0, "num_query_groups (%d) must be a multiple of tensor_model_parallel_size "
-            "(%d): key/value heads replicated across TP ranks (fewer query groups than ranks) are not implemented; "
-            "raise num_query_groups or lower tensor_model_parallel_size", c->num_query_groups, TP);
+    REQUIRE(c->num_query_groups % TP == 0 || TP % c->num_query_groups == 0, "num_query_groups (%d) must be a "
+            "multiple or a divisor of tensor_model_parallel_size (%d)", c->num_query_groups, TP);
+    REQUIRE((c->num_attention_heads + 2 * c->num_query_groups) * c->kv_channels % TP == 0, "linear_qkv's %d outputs "
+            "((num_attention_heads + 2 num_query_groups) x kv_channels) must divide by tensor_model_parallel_size (%d)",
+            (c->num_attention_heads + 2 * c->num_query_groups) * c->kv_channels, TP);
     REQUIRE(c->ffn_hidden_size % TP == 0, "ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
             c->ffn_hidden_size, TP);
     REQUIRE(c->vocab_size % TP == 0, "the padded vocabulary (%d) must be a multiple of tensor_model_parallel_size "
@@ -204,16 +208,19 @@ static int check_stage(const lt_gpt_config *c, const lt_gpt_stage *st, char *err
     return 1;
 }
 
-/* The layers' spec: this rank's heads, query groups and ffn columns. */
+/* The layers' spec: this rank's heads, query groups (one, shared with other ranks, when the model has
+ * fewer than TP) and ffn columns. */
 static lt_layer_spec spec_of(const lt_gpt_config *c, const lt_tp *tp) {
-    const int heads = c->num_attention_heads / tp->size;
+    const int heads = c->num_attention_heads / tp->size, G = c->num_query_groups;
     return (lt_layer_spec){.hidden_size = c->hidden_size,
                            .num_attention_heads = heads,
-                           .num_query_groups = c->num_query_groups / tp->size,
+                           .num_query_groups = G >= tp->size ? G / tp->size : 1,
                            .kv_channels = c->kv_channels,
                            .ffn_hidden_size = c->ffn_hidden_size / tp->size,
                            .head_offset = tp->rank * heads,
                            .heads_total = c->num_attention_heads,
+                           .groups_total = G,
+                           .kv_replicas = G >= tp->size ? 1 : tp->size / G,
                            .rmsnorm = c->rmsnorm,
                            .layernorm_epsilon = c->layernorm_epsilon,
                            .gated_linear_unit = c->gated_linear_unit,
@@ -541,6 +548,7 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t
     lt_gpt_ctx *c = calloc(1, sizeof *c);
     c->be = m->be;
     c->tp = &m->tp;
+    c->spec = &m->spec;
     c->B = B;
     c->T = T;
     c->training = training != 0;
@@ -568,6 +576,7 @@ void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     if (c->arena) c->be->release(c->arena, c->arena_bytes);
     lt_tensor_free(c->losses);
     if (c->rows) lt_tp_rows_free(c->tp, c->rows);
+    if (c->kv) lt_layer_kv_maps_free(c->spec, c->kv);
     free(c->host_targets);
     free(c->host_tokens);
     free(c->host_scratch);
@@ -637,16 +646,21 @@ static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
     *ready = end;
 }
 
-/* Sequence parallelism's scratch (two [N, C] buffers of the compute dtype) in sc; NULL base without. */
-static void *tp_scratch(const lt_gpt *m, int N, lt_layer_scratch *sc, size_t *bytes) {
-    *bytes = 0;
-    if (!(m->tp.size > 1 && m->tp.sequence_parallel)) return sc->tp_full = sc->tp_landing = NULL;
-    const size_t half = m->E * (size_t)N * m->cfg.hidden_size;
-    *bytes = 2 * half;
-    char *base = m->be->alloc(*bytes);
-    sc->tp_full = base;
-    sc->tp_landing = base ? base + half : NULL;
-    return base;
+/* Bytes of the tensor-parallel scratch of N rows: sequence parallelism's two [N, C] buffers and the
+ * shared key/value heads' two (compute dtype). */
+static size_t tp_scratch_bytes(const lt_gpt *m, int N) {
+    const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? (size_t)N * m->cfg.hidden_size : 0;
+    return 2 * m->E * (sp + lt_layer_kv_scratch(&m->spec, N));
+}
+
+/* Points sc's tensor-parallel buffers into base (tp_scratch_bytes of it; NULL ones where not needed). */
+static void tp_scratch(const lt_gpt *m, int N, char *base, lt_layer_scratch *sc) {
+    const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? m->E * (size_t)N * m->cfg.hidden_size : 0;
+    const size_t kv = m->E * lt_layer_kv_scratch(&m->spec, N);
+    sc->tp_full = sp ? base : NULL;
+    sc->tp_landing = sp ? base + sp : NULL;
+    sc->kv_a = kv ? base + 2 * sp : NULL;
+    sc->kv_b = kv ? base + 2 * sp + kv : NULL;
 }
 
 /* The embedding on one rank: the tokens' rows, the positions, dropout. */
@@ -720,10 +734,12 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     }
     lt_gpt_ctx *c = ctx_new(m, B, T, training, dropout_seed);
     lt_layer_scratch sc = {0};
-    size_t sc_bytes = 0;
-    void *sc_base = c ? tp_scratch(m, N, &sc, &sc_bytes) : NULL;
+    const size_t sc_bytes = tp_scratch_bytes(m, N);
+    char *sc_base = c && sc_bytes ? m->be->alloc(sc_bytes) : NULL;
+    tp_scratch(m, N, sc_base, &sc);
     if (c && m->tp.size > 1) c->rows = lt_tp_rows_new(&m->tp, B, T, err, (size_t)errlen);
-    if (!c || (sp && !sc_base) || (m->tp.size > 1 && !c->rows)) {
+    if (c && m->spec.kv_replicas > 1) c->kv = lt_layer_kv_maps_new(&m->spec, N, err, (size_t)errlen);
+    if (!c || (sc_bytes && !sc_base) || (m->tp.size > 1 && !c->rows) || (m->spec.kv_replicas > 1 && !c->kv)) {
         if (sc_base) m->be->release(sc_base, sc_bytes);
         lt_gpt_ctx_free(c);
         lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
@@ -742,7 +758,7 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
     }
     if (c->to_bsh) boundary_indices(m, c);
-    for (int i = 0; i < m->nl; i++) c->layers[i].rows = c->rows;
+    for (int i = 0; i < m->nl; i++) c->layers[i].rows = c->rows, c->layers[i].kv = c->kv;
     const int No = lt_layer_outer_rows(&m->spec, B, T);
     int rc = 0;
 
@@ -874,7 +890,6 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     const int Vl = (int)(m->vocab.end - m->vocab.start), No = lt_layer_outer_rows(&m->spec, B, T);
     const size_t NC = (size_t)N * C, E = m->E;
     const int pre = m->stage.pre_process, post = m->stage.post_process;
-    const int sp = m->tp.size > 1 && m->tp.sequence_parallel;
     const lt_backend *be = m->be;
     const lt_ops *ops = m->ops;
     float *g = lt_tensor_data(m->grads);
@@ -887,8 +902,8 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     size_t widest = (size_t)m->qkv_dim;
     if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
     const size_t HD = (size_t)m->spec.num_attention_heads * cfg->kv_channels;
-    const size_t bytes = E * (size_t)N * ((sp ? 5 : 3) * (size_t)C + HD + 2 * widest + m->spec.ffn_hidden_size) +
-                         sizeof(float) * (size_t)N;
+    const size_t bytes = E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + m->spec.ffn_hidden_size) +
+                         sizeof(float) * (size_t)N + tp_scratch_bytes(m, N);
     void *base = be->alloc(bytes);
     lt_tensor *gin = NULL;
     if (!pre) {
@@ -912,10 +927,7 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     s.d_qkv = p; p += E * (size_t)N * widest;
     s.d_fc1 = p; p += E * (size_t)N * widest;
     s.d_act = p; p += E * (size_t)N * m->spec.ffn_hidden_size;
-    if (sp) {
-        s.tp_full = p; p += E * NC;
-        s.tp_landing = p;
-    }
+    tp_scratch(m, N, p, &s);
     int rc = 0;
 
     if (post) {

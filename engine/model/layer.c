@@ -1,11 +1,59 @@
 #include "engine/model/layer.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "engine/core/rng.h"
 
 int lt_layer_qkv_dim(const lt_layer_spec *s) {
     return (s->num_attention_heads + 2 * s->num_query_groups) * s->kv_channels;
+}
+
+int lt_layer_qkv_gemm_dim(const lt_layer_spec *s) {
+    if (s->kv_replicas == 1) return lt_layer_qkv_dim(s);
+    return (s->heads_total + 2 * s->groups_total) * s->kv_channels / s->tp->size;
+}
+
+size_t lt_layer_kv_scratch(const lt_layer_spec *s, int N) {
+    if (s->kv_replicas == 1) return 0;
+    return ((size_t)N * (s->heads_total + 2 * s->groups_total) + 1) * s->kv_channels;
+}
+
+/* Rank r holds query heads [j H, (j+1) H) of group g = r / kv_replicas, j = r % kv_replicas: in the
+ * whole QKV's D-wide rows of a token, the group begins at g (H_total / G_total + 2). */
+lt_layer_kv_maps *lt_layer_kv_maps_new(const lt_layer_spec *s, int N, char *err, size_t errlen) {
+    const int H = s->num_attention_heads, per_group = s->heads_total / s->groups_total;
+    const int whole = s->heads_total + 2 * s->groups_total, mine = H + 2, rank = s->tp->rank;
+    const int first = rank / s->kv_replicas * (per_group + 2), j = rank % s->kv_replicas;
+    const size_t count = (size_t)N * (mine + whole);
+    lt_layer_kv_maps *k = calloc(1, sizeof *k);
+    int32_t *h = malloc(sizeof(int32_t) * count), *dev = s->tp->be->alloc(sizeof(int32_t) * count);
+    if (!k || !h || !dev) {
+        free(k);
+        free(h);
+        if (dev) s->tp->be->release(dev, sizeof(int32_t) * count);
+        snprintf(err, errlen, "out of %s memory for the key/value heads' row maps", s->tp->be->name);
+        return NULL;
+    }
+    int32_t *select = h, *expand = h + (size_t)N * mine;
+    for (int n = 0; n < N; n++) {
+        for (int c = 0; c < whole; c++) expand[(size_t)n * whole + c] = N * mine; /* the zero row */
+        for (int i = 0; i < mine; i++) {
+            const int c = first + (i < H ? j * H + i : per_group + i - H); /* a query head, or key, value */
+            select[(size_t)n * mine + i] = n * whole + c;
+            expand[(size_t)n * whole + c] = n * mine + i;
+        }
+    }
+    s->tp->be->to_device(dev, h, sizeof(int32_t) * count);
+    free(h);
+    *k = (lt_layer_kv_maps){dev, dev + (size_t)N * mine, sizeof(int32_t) * count};
+    return k;
+}
+
+void lt_layer_kv_maps_free(const lt_layer_spec *s, lt_layer_kv_maps *k) {
+    if (!k) return;
+    s->tp->be->release(k->select, k->bytes);
+    free(k);
 }
 
 int lt_layer_fc1_dim(const lt_layer_spec *s) {
@@ -151,13 +199,18 @@ int lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const 
     const void *ln;
     lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, x, w->ln_w, w->ln_b, lt_layer_outer_rows(s, B, T));
     if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
-    if (s->qk_layernorm) { /* per-head norms between linear_qkv and the rotary embedding */
-        ops->linear_forward(a->qkv_pre, ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
+    void *q = s->qk_layernorm ? a->qkv_pre : a->qkv; /* linear_qkv's output, this rank's heads */
+    if (s->kv_replicas == 1) {
+        ops->linear_forward(q, ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
+    } else { /* Megatron's: the whole QKV gathered, this rank's query heads and its group's key, value taken */
+        const int gemm = lt_layer_qkv_gemm_dim(s);
+        ops->linear_forward(sc->kv_b, ln, w->qkv_w, w->qkv_b, NULL, N, C, gemm);
+        if (lt_tp_gather_last(s->tp, c->rows, sc->kv_b, sc->kv_b, sc->kv_a, gemm, err, errlen)) return -1;
+        ops->embedding_forward(q, c->kv->select, sc->kv_b, N * (H + 2), D);
+    }
+    if (s->qk_layernorm) /* per-head norms between linear_qkv and the rotary embedding */
         ops->qk_norm_forward(a->qkv, a->qk_mean, a->qk_rstd, a->qkv_pre, w->qn_w, w->qn_b, w->kn_w, w->kn_b, N, H, G, D,
                              s->layernorm_epsilon);
-    } else {
-        ops->linear_forward(a->qkv, ln, w->qkv_w, w->qkv_b, NULL, N, C, qkv);
-    }
     if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base);
     ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c),
                            lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
@@ -184,9 +237,20 @@ int lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const
                               a->qk_mean, a->qk_rstd, N, H, G, D);
         d_qkv = sc->d_fc1;
     }
+    int gemm = qkv;
+    if (s->kv_replicas > 1) { /* back in place in the whole QKV (zeros elsewhere), reduce-scattered */
+        const lt_backend *be = s->tp->be;
+        const size_t E = lt_dtype_size(ops->dtype), mine = (size_t)N * (H + 2) * D;
+        gemm = lt_layer_qkv_gemm_dim(s);
+        be->copy(sc->kv_a, d_qkv, E * mine);
+        be->memzero((char *)sc->kv_a + E * mine, E * (size_t)D);
+        ops->embedding_forward(sc->kv_b, c->kv->expand, sc->kv_a, N * (s->heads_total + 2 * s->groups_total), D);
+        if (lt_tp_gather_last_backward(s->tp, c->rows, sc->d_qkv, sc->kv_b, sc->kv_a, gemm, err, errlen)) return -1;
+        d_qkv = sc->d_qkv;
+    }
     /* under SP the norm's output is gathered again (Megatron's trade: memory for one more all-gather) */
     if (open_input(s, c, sc, &ln, a->ln, err, errlen)) return -1;
-    ops->linear_backward(sc->d_c2, g->qkv_w, g->qkv_b, d_qkv, ln, w->qkv_w, N, C, qkv);
+    ops->linear_backward(sc->d_c2, g->qkv_w, g->qkv_b, d_qkv, ln, w->qkv_w, N, C, gemm);
     void *dln;
     if (open_backward(s, c, sc, &dln, err, errlen)) return -1;
     /* the norm's backward adds d(x) through the norm onto the residual's dx */

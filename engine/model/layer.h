@@ -30,7 +30,9 @@
  * [head_offset, head_offset + num_attention_heads) of heads_total, its query groups and ffn columns. */
 typedef struct {
     int hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size;
-    int head_offset, heads_total;
+    int head_offset, heads_total, groups_total;
+    int kv_replicas; /* TP ranks sharing each query group's key and value: TP / num_query_groups when the
+                        model has fewer query groups than TP ranks (then one group per rank), else 1 */
     const lt_tp *tp; /* the tensor-parallel group (size 1: a single rank) */
     int rmsnorm; /* 0: LayerNorm, 1: RMSNorm */
     float layernorm_epsilon;
@@ -41,8 +43,11 @@ typedef struct {
     float hidden_dropout, attention_dropout;
 } lt_layer_spec;
 
-/* Widths of the fused QKV output and of fc1's output. */
+/* Widths of the fused QKV (this rank's heads, as attention reads it) and fc1 outputs, and of
+ * linear_qkv's GEMM output: the QKV width, or with shared key/value heads (kv_replicas > 1) this rank's
+ * 1/TP of the whole model's, which Megatron gathers before taking the rank's heads out. */
 int lt_layer_qkv_dim(const lt_layer_spec *s);
+int lt_layer_qkv_gemm_dim(const lt_layer_spec *s);
 int lt_layer_fc1_dim(const lt_layer_spec *s);
 
 /* Weights as the ops read them; NULL for an absent parameter (bias, qk norms). Norm weights are
@@ -73,9 +78,21 @@ typedef struct {
 /* The per-microbatch context of one layer: its shape, global layer number, mode, dropout seed and
  * what its forward saved for its backward (h: the attention block's output, the MLP block's input).
  * training 0 is eval mode: no dropout (dropout_seed unused), as a model configured without it. */
+/* With shared key/value heads, a microbatch's row maps over kv_channels-wide rows, in the backend's
+ * memory: select[n (H + 2) + i] the row of the whole QKV [N, (H_total + 2 G_total)] that is row i of this
+ * rank's token n (its heads, then its group's key and value); expand the inverse over the whole QKV,
+ * N (H + 2) (a zero row) where this rank has nothing. */
+typedef struct {
+    int32_t *select, *expand;
+    size_t bytes;
+} lt_layer_kv_maps;
+lt_layer_kv_maps *lt_layer_kv_maps_new(const lt_layer_spec *s, int N, char *err, size_t errlen);
+void lt_layer_kv_maps_free(const lt_layer_spec *s, lt_layer_kv_maps *k);
+
 typedef struct {
     int B, T, layer;
     const lt_tp_rows *rows; /* the microbatch for tensor parallelism (NULL without) */
+    const lt_layer_kv_maps *kv; /* with shared key/value heads (NULL without) */
     int training;
     uint64_t dropout_seed;
     lt_attention_acts attn;
@@ -89,11 +106,15 @@ void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char
 
 /* Scratch the caller provides (compute dtype, N = B T rows): backward's d_c and d_c2 [N, hidden], d_att
  * [N, heads*D], d_qkv and d_fc1 [N, max(qkv_dim, fc1_dim)], d_act [N, ffn_hidden_size]; under sequence
- * parallelism tp_full and tp_landing [N, hidden] (forward and backward). */
+ * parallelism tp_full and tp_landing [N, hidden], with shared key/value heads kv_a and kv_b
+ * (lt_layer_kv_scratch elements each) (forward and backward). */
 typedef struct {
     void *d_c, *d_c2, *d_att, *d_qkv, *d_fc1, *d_act;
     void *tp_full, *tp_landing;
+    void *kv_a, *kv_b;
 } lt_layer_scratch;
+/* Elements of kv_a and of kv_b for N rows: the whole QKV and one more row; 0 without shared heads. */
+size_t lt_layer_kv_scratch(const lt_layer_spec *s, int N);
 
 /* Each returns 0, or -1 with err set when a tensor-parallel collective fails.
  * out = x + dropout(attention(norm(x))), saving into c->attn. out may not alias x. */

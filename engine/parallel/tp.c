@@ -10,47 +10,51 @@
 static int sp(const lt_tp *tp) { return tp->size > 1 && tp->sequence_parallel; }
 
 lt_tp_rows *lt_tp_rows_new(const lt_tp *tp, int B, int T, char *err, size_t errlen) {
-    if (!sp(tp)) { /* the shape only */
-        lt_tp_rows *r = calloc(1, sizeof *r);
-        if (r) *r = (lt_tp_rows){B, T, T, NULL, NULL, NULL};
-        else lt_fail(err, errlen, "out of host memory");
-        return r;
-    }
-    if (T % tp->size != 0) {
+    if (sp(tp) && T % tp->size != 0) {
         lt_fail(err, errlen, "sequence parallelism splits the sequence across tensor_model_parallel_size = %d ranks: "
                 "a microbatch of %d positions does not divide", tp->size, T);
         return NULL;
     }
-    const int N = B * T, Tl = T / tp->size, Nl = B * Tl;
+    const int N = B * T, P = tp->size, Tl = sp(tp) ? T / P : T, Nl = B * Tl;
+    /* the last dim's two maps [N P], then under SP the sequence's three [N], [N], [Nl] */
+    const size_t count = 2 * (size_t)N * P + (sp(tp) ? 2 * (size_t)N + (size_t)Nl : 0);
     lt_tp_rows *r = calloc(1, sizeof *r);
-    int32_t *h = malloc(sizeof(int32_t) * (2 * (size_t)N + (size_t)Nl));
-    const size_t bytes = sizeof(int32_t) * (2 * (size_t)N + (size_t)Nl);
-    int32_t *dev = tp->be->alloc(bytes);
+    int32_t *h = malloc(sizeof(int32_t) * count);
+    int32_t *dev = tp->be->alloc(sizeof(int32_t) * count);
     if (!r || !h || !dev) {
         free(r);
         free(h);
-        if (dev) tp->be->release(dev, bytes);
-        lt_fail(err, errlen, "out of %s memory for sequence-parallel row maps", tp->be->name);
+        if (dev) tp->be->release(dev, sizeof(int32_t) * count);
+        lt_fail(err, errlen, "out of %s memory for tensor-parallel row maps", tp->be->name);
         return NULL;
     }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const int rank = t / Tl, stacked = (rank * B + b) * Tl + t % Tl;
-            h[b * T + t] = stacked;          /* full_of_stacked */
-            h[N + stacked] = b * T + t;      /* stacked_of_full */
+    *r = (lt_tp_rows){B, T, Tl, NULL, NULL, NULL, dev, dev + (size_t)N * P, sizeof(int32_t) * count};
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < P; k++) {
+            h[n * P + k] = k * N + n;              /* full_of_blocks */
+            h[(size_t)N * P + k * N + n] = n * P + k; /* blocks_of_full */
         }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < Tl; t++) h[2 * N + b * Tl + t] = b * T + tp->rank * Tl + t; /* local_of_full */
-    tp->be->to_device(dev, h, bytes);
+    if (sp(tp)) {
+        int32_t *s = h + 2 * (size_t)N * P;
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                const int rank = t / Tl, stacked = (rank * B + b) * Tl + t % Tl;
+                s[b * T + t] = stacked;     /* full_of_stacked */
+                s[N + stacked] = b * T + t; /* stacked_of_full */
+            }
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < Tl; t++) s[2 * N + b * Tl + t] = b * T + tp->rank * Tl + t; /* local_of_full */
+        int32_t *d = dev + 2 * (size_t)N * P;
+        r->full_of_stacked = d, r->stacked_of_full = d + N, r->local_of_full = d + 2 * N;
+    }
+    tp->be->to_device(dev, h, sizeof(int32_t) * count);
     free(h);
-    *r = (lt_tp_rows){B, T, Tl, dev, dev + N, dev + 2 * N};
     return r;
 }
 
 void lt_tp_rows_free(const lt_tp *tp, lt_tp_rows *r) {
     if (!r) return;
-    if (r->full_of_stacked)
-        tp->be->release(r->full_of_stacked, sizeof(int32_t) * (2 * (size_t)r->B * r->T + (size_t)r->B * r->local_T));
+    tp->be->release(r->full_of_blocks, r->bytes);
     free(r);
 }
 
@@ -108,6 +112,21 @@ int lt_tp_exit(const lt_tp *tp, const lt_tp_rows *r, void **out, void *partial, 
 int lt_tp_exit_backward(const lt_tp *tp, const lt_tp_rows *r, const void **dinner, const void *dout, void *full,
                         void *landing, int C, char *err, size_t errlen) {
     return lt_tp_enter(tp, r, dinner, dout, full, landing, C, err, errlen);
+}
+
+int lt_tp_gather_last(const lt_tp *tp, const lt_tp_rows *r, void *full, const void *shard, void *landing, int w,
+                      char *err, size_t errlen) {
+    const int N = r->B * r->T;
+    if (lt_comm_all_gather(tp->comm, shard, landing, (int64_t)N * w, tp->ops->dtype, err, errlen)) return -1;
+    gather_rows(tp, full, r->full_of_blocks, landing, N * tp->size, w);
+    return 0;
+}
+
+int lt_tp_gather_last_backward(const lt_tp *tp, const lt_tp_rows *r, void *dshard, const void *dfull, void *stack,
+                               int w, char *err, size_t errlen) {
+    const int N = r->B * r->T;
+    gather_rows(tp, stack, r->blocks_of_full, dfull, N * tp->size, w);
+    return lt_comm_reduce_scatter(tp->comm, stack, dshard, (int64_t)N * w, tp->ops->dtype, LT_REDUCE_SUM, err, errlen);
 }
 
 void lt_tp_scatter(const lt_tp *tp, const lt_tp_rows *r, void *local, const void *full, int C) {

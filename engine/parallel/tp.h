@@ -32,14 +32,18 @@ typedef struct {
     const lt_ops *ops; /* buffers are of ops->dtype */
 } lt_tp;
 
-/* A [B, T] microbatch as the functions below need it (size > 1; NULL is fine at size 1). Under
- * sequence parallelism (T % size == 0) its row maps, in the backend's memory: full_of_stacked[b T + t]
+/* A [B, T] microbatch as the functions below need it (size > 1; NULL is fine at size 1): its row
+ * maps, in the backend's memory. Under sequence parallelism (T % size == 0) full_of_stacked[b T + t]
  * is the row of a rank-stacked [size][B][T/size] buffer that holds full row (b, t); stacked_of_full
  * the inverse; local_of_full[b T/size + t'] the full row of this rank's local row (b, t'); NULL
- * without. */
+ * without. For the last dim, with N = B T rows cut into size blocks of w columns:
+ * full_of_blocks[n size + k] = k N + n, the row of a rank-stacked [size][N] buffer of w-wide rows
+ * that holds block k of row n; blocks_of_full the inverse. */
 typedef struct {
     int B, T, local_T;
     int32_t *full_of_stacked, *stacked_of_full, *local_of_full;
+    int32_t *full_of_blocks, *blocks_of_full;
+    size_t bytes; /* of the one allocation holding them */
 } lt_tp_rows;
 
 /* NULL with err when out of memory or T % size != 0. */
@@ -65,6 +69,15 @@ int lt_tp_exit(const lt_tp *tp, const lt_tp_rows *r, void **out, void *partial, 
  * rank's dout [N/TP, C] into full [N, C], *dinner = full. */
 int lt_tp_exit_backward(const lt_tp *tp, const lt_tp_rows *r, const void **dinner, const void *dout, void *full,
                         void *landing, int C, char *err, size_t errlen);
+
+/* gather_from_tensor_model_parallel_region (the last dim): full [N, size w] from every rank's shard
+ * [N, w], rank k's in columns [k w, (k+1) w) (landing: N size w scratch). Its backward is the
+ * reduce-scatter of dfull [N, size w] into this rank's dshard [N, w] (stack: N size w scratch): each
+ * rank's columns summed over the ranks. */
+int lt_tp_gather_last(const lt_tp *tp, const lt_tp_rows *r, void *full, const void *shard, void *landing, int w,
+                      char *err, size_t errlen);
+int lt_tp_gather_last_backward(const lt_tp *tp, const lt_tp_rows *r, void *dshard, const void *dfull, void *stack,
+                               int w, char *err, size_t errlen);
 
 /* scatter_to_sequence_parallel_region: local [N/TP, C] = this rank's rows of full [N, C] (no
  * communication); its backward is lt_tp_enter's all-gather. */

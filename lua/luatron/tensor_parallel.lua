@@ -16,7 +16,8 @@ local function half(tp, bytes) return (tp - 1) * bytes // tp end
 -- reduce-scatters backward. The embedding: an all-reduce (reduce-scatter under SP with rotary
 -- positions) forward, and under SP an all-gather backward. The output layer: the vocabulary-
 -- parallel cross-entropy's 3 all-reduces of N fp32, and the final norm's output gathered
--- (twice) and its gradient reduced as a layer's.
+-- (twice) and its gradient reduced as a layer's. With fewer query groups than TP ranks each layer
+-- also gathers linear_qkv's whole output forward and reduce-scatters its gradient backward.
 function M.expected_bytes(r, chunks, n_micro)
   local m = r.model
   local tp, sp = m.tensor_model_parallel_size, m.sequence_parallel
@@ -24,6 +25,10 @@ function M.expected_bytes(r, chunks, n_micro)
   local N = r.train.micro_batch_size * m.seq_length
   local A = N * m.hidden_size * (m.bf16 and 2 or 4)
   local per_layer = sp and 10 * half(tp, A) or 4 * all_reduce(tp, A)
+  if m.num_query_groups < tp then -- the whole QKV gathered forward, its gradient reduce-scattered backward
+    per_layer = per_layer + 2 * half(tp, N * (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
+      * (m.bf16 and 2 or 4))
+  end
   local bytes = 0
   for _, chunk in ipairs(chunks) do
     local st = chunk:stage()

@@ -7,8 +7,10 @@
  *   [B, T/TP] rows: the all-gather must give the full data in [b, t] row order, the reduce-scatter this
  *   rank's rows of the sum); lt_tp_scatter; lt_tp_all_reduce. Exact: gathers and scatters move values,
  *   and the communicator sums in rank order (bf16 accumulated in fp32 and rounded once), which the
- *   test repeats. Each call's collectives and bytes equal the ring volumes: all-gather and
- *   reduce-scatter (TP-1)/TP of the full N x C buffer, all-reduce 2 (TP-1)/TP; TP = 1 nothing.
+ *   test repeats. The last dim (lt_tp_gather_last): every rank's columns gathered into the full data,
+ *   and backward this rank's columns of the sum. Each call's collectives and bytes equal the ring
+ *   volumes: all-gather and reduce-scatter (TP-1)/TP of the full N x C buffer, all-reduce 2 (TP-1)/TP;
+ *   TP = 1 nothing.
  * - Dropout of an outer region: this rank's rows of the single-rank op's result on the full tensor,
  *   bit for bit (the masks are the single rank's), forward and backward.
  * - The MLP pattern: x -> enter -> linear with this rank's rows of W1 (column-parallel, bias) -> GELU
@@ -139,6 +141,24 @@ static void mapping_checks(rank_ctx *ctx, lt_comm *c, const shape *S, int sp, lt
         lt_tp_scatter(&tp, rows, local, X, C);
         RCHECK(ctx, same(dtype, local, xo, (size_t)No * C), "%s scatter is not this rank's rows", dn);
         check_stats(ctx, c, "scatter", 0, 0);
+    }
+    if (n > 1 && C % n == 0) { /* the last dim: columns [r w, (r+1) w) of each row are rank r's */
+        const int w = C / n;
+        float *cols = malloc((size_t)N * w * 4 + 4), *sumcols = malloc((size_t)N * w * 4 + 4);
+        for (int i = 0; i < N; i++) {
+            memcpy(cols + (size_t)i * w, x[0] + (size_t)i * C + (size_t)me * w, (size_t)w * 4);
+            memcpy(sumcols + (size_t)i * w, sum + (size_t)i * C + (size_t)me * w, (size_t)w * 4);
+        }
+        void *shard = to_dtype(dtype, cols, (size_t)N * w);
+        rc = lt_tp_gather_last(&tp, rows, full, shard, scratch, w, err, sizeof err);
+        RCHECK(ctx, rc == 0 && same(dtype, full, x[0], full_n), "%s gather of the last dim: %s", dn, err);
+        check_stats(ctx, c, "gather_last", 1, ring_half(n, full_bytes));
+        void *dfull = to_dtype(dtype, x[me], full_n);
+        rc = lt_tp_gather_last_backward(&tp, rows, shard, dfull, scratch, w, err, sizeof err);
+        RCHECK(ctx, rc == 0 && same(dtype, shard, sumcols, (size_t)N * w),
+               "%s gather of the last dim, backward: not this rank's columns of the sum: %s", dn, err);
+        check_stats(ctx, c, "gather_last backward", 1, ring_half(n, full_bytes));
+        free(cols), free(sumcols), free(shard), free(dfull);
     }
     /* the finalize reduction of replicated parameters' gradients: fp32 */
     float *g = malloc(full_n * 4), *gsum = malloc(full_n * 4);

@@ -196,6 +196,48 @@ describe("tensor parallelism on the CUDA backend (the emulated plugin)", functio
   end
 end)
 
+-- The mappings from Lua (core.tp_region) on 2 ranks: entering gathers every rank's rows into the full
+-- data (SP) or passes it on; leaving sums every rank's partial tensor (this rank's rows of the sum
+-- under SP); scatter takes this rank's rows.
+local REGION_CHECK = [[
+local lt = require "luatron"
+local core = require "luatron.core"
+local world = core.comm_world()
+local me, B, T, C = world:rank(), 2, 4, 3
+local full, partial = {}, {}
+for i = 1, B * T do
+  full[i], partial[i] = {}, {}
+  for j = 1, C do full[i][j], partial[i][j] = i * 10 + j, (i * 10 + j) * (me + 1) end
+end
+full, partial = lt.tensor.from(full, "float32"), lt.tensor.from(partial, "float32")
+for _, sp in ipairs { false, true } do
+  local r = core.tp_region(world, { batch = B, seq = T, sequence_parallel = sp })
+  local mine = r:scatter(full)
+  local entered, left = r:enter(mine), r:exit(partial)
+  local ok = r:outer_rows() == (sp and B * T // 2 or B * T) and mine:shape()[1] == r:outer_rows()
+  for i = 1, B * T do
+    for j = 1, C do ok = ok and entered:get(i, j) == full:get(i, j) end
+  end
+  for i = 1, r:outer_rows() do -- this rank's row i is full row (b, me T/2 + t) under SP
+    local row = sp and (i - 1) // (T // 2) * T + me * (T // 2) + (i - 1) % (T // 2) + 1 or i
+    for j = 1, C do ok = ok and left:get(i, j) == 3 * full:get(row, j) and mine:get(i, j) == full:get(row, j) end
+  end
+  print(("rank %d sp %s ok %s"):format(me, tostring(sp), tostring(ok)))
+end
+]]
+
+describe("tensor-parallel mappings from Lua", function()
+  it("core.tp_region enters, leaves and scatters as the model's layers do, with and without SP", function()
+    local dir = tmpdir()
+    h.write(dir .. "/region.lua", REGION_CHECK)
+    local code, out = run(("%s launch -n 2 %s"):format(q(LUATRON), q(dir .. "/region.lua")))
+    assert.are.equal(0, code, out)
+    local n = 0
+    for _ in out:gmatch("rank %d sp %a+ ok true") do n = n + 1 end
+    assert.are.equal(4, n, out)
+  end)
+end)
+
 describe("tensor parallelism's rules", function()
   local function refused(n, extra, message)
     local code, out = run(("%s launch -n %d %s %s"):format(q(LUATRON), n, BASE:format(3), extra))

@@ -19,16 +19,18 @@ lt_tp_rows *lt_tp_rows_new(const lt_tp *tp, int B, int T, char *err, size_t errl
     /* the last dim's two maps [N P], then under SP the sequence's three [N], [N], [Nl] */
     const size_t count = 2 * (size_t)N * P + (sp(tp) ? 2 * (size_t)N + (size_t)Nl : 0);
     lt_tp_rows *r = calloc(1, sizeof *r);
-    int32_t *h = malloc(sizeof(int32_t) * count);
+    int32_t *h = malloc(sizeof(int32_t) * count), *outer_pos = malloc(sizeof(int32_t) * (size_t)Tl);
     int32_t *dev = tp->be->alloc(sizeof(int32_t) * count);
-    if (!r || !h || !dev) {
+    if (!r || !h || !outer_pos || !dev) {
         free(r);
         free(h);
+        free(outer_pos);
         if (dev) tp->be->release(dev, sizeof(int32_t) * count);
         lt_fail(err, errlen, "out of %s memory for tensor-parallel row maps", tp->be->name);
         return NULL;
     }
-    *r = (lt_tp_rows){B, T, Tl, NULL, NULL, NULL, dev, dev + (size_t)N * P, sizeof(int32_t) * count};
+    *r = (lt_tp_rows){B, T, Tl, NULL, NULL, NULL, dev, dev + (size_t)N * P, sizeof(int32_t) * count, T, outer_pos};
+    for (int t = 0; t < Tl; t++) outer_pos[t] = (sp(tp) ? tp->rank * Tl : 0) + t;
     for (int n = 0; n < N; n++)
         for (int k = 0; k < P; k++) {
             h[n * P + k] = k * N + n;              /* full_of_blocks */
@@ -55,7 +57,13 @@ lt_tp_rows *lt_tp_rows_new(const lt_tp *tp, int B, int T, char *err, size_t errl
 void lt_tp_rows_free(const lt_tp *tp, lt_tp_rows *r) {
     if (!r) return;
     tp->be->release(r->full_of_blocks, r->bytes);
+    free(r->outer_pos);
     free(r);
+}
+
+void lt_tp_rows_set_positions(const lt_tp *tp, lt_tp_rows *r, const int32_t *pos, int S) {
+    for (int t = 0; t < r->local_T; t++) r->outer_pos[t] = pos[(sp(tp) ? tp->rank * r->local_T : 0) + t];
+    r->S = S;
 }
 
 int lt_tp_outer_rows(const lt_tp *tp, int N) { return sp(tp) ? N / tp->size : N; }
@@ -142,20 +150,31 @@ void lt_tp_bias_backward(const lt_tp *tp, float *dbias, const void *dout, int N,
     tp->ops->position_embedding_backward(dbias, dout, N, 1, C);
 }
 
-/* Each sample's local positions are one run of the stream: (b T + r T/TP) C onwards. */
+/* Outer row t of sample b is element (b S + outer_pos[t]) C of the single rank's stream; rows whose
+ * elements follow each other there are one op call (all of them without SP or CP, one run per sample
+ * under SP, two per chunk boundary crossed under CP). */
 static void dropout(const lt_tp *tp, const lt_tp_rows *r, void *out, const void *inp, int B, int T, int C, float p,
                     uint64_t key, int backward) {
     void (*op)(void *, const void *, int64_t, float, uint64_t, uint64_t) =
         backward ? tp->ops->dropout_backward : tp->ops->dropout_forward;
-    if (!sp(tp)) {
+    if (!r) {
         op(out, inp, (int64_t)B * T * C, p, key, 0);
         return;
     }
-    const int Tl = r->local_T;
-    const size_t E = lt_dtype_size(tp->ops->dtype), run = (size_t)Tl * C;
-    for (int b = 0; b < B; b++)
-        op((char *)out + E * run * b, (const char *)inp + E * run * b, (int64_t)run, p, key,
-           ((uint64_t)b * T + (uint64_t)tp->rank * Tl) * (uint64_t)C);
+    const size_t E = lt_dtype_size(tp->ops->dtype);
+    int64_t row = 0, len = 0; /* the run: its first outer row and its rows */
+    uint64_t first = 0;
+    for (int b = 0; b <= B; b++)
+        for (int t = 0; t < (b < B ? r->local_T : 1); t++) {
+            const uint64_t at = b < B ? ((uint64_t)b * r->S + (uint64_t)r->outer_pos[t]) * (uint64_t)C : 0;
+            if (b < B && len && at == first + (uint64_t)len * C) {
+                len++;
+                continue;
+            }
+            if (len)
+                op((char *)out + E * (size_t)row * C, (const char *)inp + E * (size_t)row * C, len * C, p, key, first);
+            row = (int64_t)b * r->local_T + t, first = at, len = 1;
+        }
 }
 
 void lt_tp_dropout_forward(const lt_tp *tp, const lt_tp_rows *r, void *out, const void *inp, int B, int T, int C,

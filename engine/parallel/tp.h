@@ -40,15 +40,21 @@ typedef struct {
  * full_of_blocks[n size + k] = k N + n, the row of a rank-stacked [size][N] buffer of w-wide rows
  * that holds block k of row n; blocks_of_full the inverse. */
 typedef struct {
-    int B, T, local_T;
+    int B, T, local_T; /* local_T: the rows of a sample outside the region */
     int32_t *full_of_stacked, *stacked_of_full, *local_of_full;
     int32_t *full_of_blocks, *blocks_of_full;
     size_t bytes; /* of the one allocation holding them */
+    /* On the host: the global position of each of a sample's local_T outer rows in a sequence of S
+     * (T, and the rows' own positions, unless lt_tp_rows_set_positions says otherwise): dropout's masks. */
+    int S;
+    int32_t *outer_pos;
 } lt_tp_rows;
 
 /* NULL with err when out of memory or T % size != 0. */
 lt_tp_rows *lt_tp_rows_new(const lt_tp *tp, int B, int T, char *err, size_t errlen);
 void lt_tp_rows_free(const lt_tp *tp, lt_tp_rows *r);
+/* The T rows of a sample are positions pos[0..T) (host) of a sequence of S (context parallelism). */
+void lt_tp_rows_set_positions(const lt_tp *tp, lt_tp_rows *r, const int32_t *pos, int S);
 
 /* Rows a rank holds outside the region: N, or N / size under sequence parallelism. */
 int lt_tp_outer_rows(const lt_tp *tp, int N);
@@ -93,8 +99,8 @@ void lt_tp_bias_forward(const lt_tp *tp, void *out, const void *bias, int N, int
 void lt_tp_bias_backward(const lt_tp *tp, float *dbias, const void *dout, int N, int C);
 
 /* The dropout of an outer region (p > 0) with the single-rank model's masks: element (b, t, c) of the
- * full [B, T, C] activation is element (b T + t) C + c of the stream (key), whichever rank holds it.
- * Backward regenerates the masks. */
+ * whole [B, S, C] activation is element (b S + t) C + c of the stream (key), whichever rank holds it
+ * (r's positions; r NULL: all of [B, T, C] here). Backward regenerates the masks. */
 void lt_tp_dropout_forward(const lt_tp *tp, const lt_tp_rows *r, void *out, const void *inp, int B, int T, int C,
                            float p, uint64_t key);
 void lt_tp_dropout_backward(const lt_tp *tp, const lt_tp_rows *r, void *dinp, const void *dout, int B, int T, int C,

@@ -11,7 +11,7 @@
 --   targets(m)        int32 [b, s] its next-token targets (last stage)
 --   seed(m)           its dropout seed (training mode); no env.seed: eval mode, no dropout
 --                     (evaluation, as Megatron's model.eval())
---   loss_scale(n)     the gradient of each token's loss, n valid tokens in the microbatch
+--   loss_scale(n, m)  the gradient of each token's loss, n valid tokens in microbatch m (this rank's)
 --   link(kind, src, dst)   the communicator of messages of kind "activation" / "gradient" from
 --                     pipeline rank src to dst (nil with one stage)
 --   buffer()          an empty [s, b, h] tensor to receive into (dtype and device of the chunks)
@@ -79,7 +79,7 @@ function M.run(plan, env)
       end
     else
       if step.last and env.last_backward then env.last_backward(c) end
-      out = chunk:backward(ctx[key], recv or env.loss_scale(valid[m]))
+      out = chunk:backward(ctx[key], recv or env.loss_scale(valid[m], m))
       ctx[key] = nil
     end
     mark(kind, m, c, t0)

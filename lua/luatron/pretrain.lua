@@ -14,6 +14,7 @@ local data_parallel = require "luatron.data_parallel"
 local pipeline = require "luatron.pipeline"
 local pipeline_run = require "luatron.pipeline_run"
 local tensor_parallel = require "luatron.tensor_parallel"
+local context_parallel = require "luatron.context_parallel"
 local timeline = require "luatron.timeline"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
@@ -204,17 +205,31 @@ end
 -- read only by the stages that need them (tokens on the first, targets on the last). Returns the
 -- sum over microbatches of their mean loss on the last stage (0 elsewhere), and with pipeline
 -- stages the timeline of the steps and their wall time. seed_of(m) is microbatch m's dropout seed;
--- nil runs the plan in eval mode (no dropout).
+-- nil runs the plan in eval mode (no dropout). loss_scale(n) scales the gradient of each token's
+-- loss, n the microbatch's valid tokens (over the whole sequence).
+--
+-- Under context parallelism a rank reads its chunks of each sample (luatron.context_parallel) and
+-- its loss is its tokens' share of the microbatch's, times CP: the mean over the dp-cp group (loss
+-- reports, and the gradients' data-parallel average) then sums the shares, as Megatron scales the
+-- loss by the cp size.
 local function run_plan(run, plan, data, first, seed_of, loss_scale)
   local r = run.r
   local mbs, s = r.train.micro_batch_size, r.model.seq_length
-  -- under sequence parallelism a stage sends its rank's positions, [s/TP, b, h]
-  local s_sent = r.model.sequence_parallel and s // r.model.tensor_model_parallel_size or s
+  local cp, cp_rank = r.model.context_parallel_size, run.ps.coords.cp_rank
+  -- a stage sends its rank's positions: [s/CP, b, h], and under sequence parallelism [s/CP/TP, b, h]
+  local s_sent = s // cp // (r.model.sequence_parallel and r.model.tensor_model_parallel_size or 1)
   local batches = {}
   local function batch(m)
     if not batches[m] then
       local b <close> = read_batch(data, first(m), mbs)
-      batches[m] = { tokens = b:narrow(2, 1, s):clone(), targets = b:narrow(2, 2, s):clone() }
+      local tokens <close> = b:narrow(2, 1, s):clone()
+      local targets <close> = b:narrow(2, 2, s):clone()
+      local valid = 0
+      for _, row in ipairs(targets:to_table()) do
+        for _, v in ipairs(row) do valid = valid + (v >= 0 and 1 or 0) end
+      end
+      batches[m] = { tokens = context_parallel.local_rows(tokens, cp_rank, cp),
+        targets = context_parallel.local_rows(targets, cp_rank, cp), valid = valid }
     end
     return batches[m]
   end
@@ -225,7 +240,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     tokens = function(m) return batch(m).tokens end,
     targets = function(m) return batch(m).targets end,
     seed = seed_of,
-    loss_scale = loss_scale,
+    loss_scale = loss_scale and function(_, m) return cp * loss_scale(batch(m).valid) end,
     rank = run.ps.coords.pp_rank,
     link = run.link,
     buffer = function() return core.tensor.zeros({ s_sent, mbs, r.model.hidden_size }, dtype, r.model.device) end,
@@ -235,9 +250,9 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
   local wall = core.clock() - started
   -- the losses stay on the device until here: one read per microbatch, after the whole schedule
   local loss_sum = 0
-  for _, res in pairs(results) do
+  for m, res in pairs(results) do
     local host <close> = res.losses:to_host()
-    loss_sum = loss_sum + host:sum() / math.max(res.valid, 1)
+    loss_sum = loss_sum + cp * host:sum() / math.max(batch(m).valid, 1)
     res.losses:free()
   end
   for _, b in pairs(batches) do

@@ -617,9 +617,9 @@ describe("luatron.config validation", function()
   end)
 
   it("requires seq_length divisible by 2*CP when CP > 1", function()
-    assert.are.equal("seq_length (32) must be a multiple of 2 * context_parallel_size (2 * 3 = 6) when "
-      .. "context_parallel_size > 1 (seq-length should be a multiple of 2 * context-parallel-size). Change seq_length "
-      .. "or context_parallel_size",
+    assert.are.equal("Sequence length must be divisible by 2 * context parallel size if context parallel is used. "
+      .. "seq_length (32) is not a multiple of 2 * context_parallel_size (2 * 3 = 6): the nearest valid lengths are 30 "
+      .. "and 36. Change seq_length or context_parallel_size",
       msg_of(validate, { model = { context_parallel_size = 3 }, train = { global_batch_size = 2 } }, 3))
     assert.are.equal(1, validate({ model = { context_parallel_size = 4 } }, 4).data_parallel_size)
   end)

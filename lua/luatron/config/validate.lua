@@ -354,9 +354,11 @@ function V.validate(c, opts, to_table)
 
   -- context parallel -------------------------------------------------------------------------------
   if CP > 1 and m.seq_length % (2 * CP) ~= 0 then
-    fail("seq_length (%d) must be a multiple of 2 * context_parallel_size (2 * %d = %d) when "
-      .. "context_parallel_size > 1 (seq-length should be a multiple of 2 * context-parallel-size). Change "
-      .. "seq_length or context_parallel_size", m.seq_length, CP, 2 * CP)
+    local below = m.seq_length // (2 * CP) * (2 * CP)
+    fail("Sequence length must be divisible by 2 * context parallel size if context parallel is used. seq_length "
+      .. "(%d) is not a multiple of 2 * context_parallel_size (2 * %d = %d): the nearest valid lengths are %s%d. "
+      .. "Change seq_length or context_parallel_size", m.seq_length, CP, 2 * CP,
+      below > 0 and (below .. " and ") or "", below + 2 * CP)
   end
 
   -- mixture of experts -----------------------------------------------------------------------------

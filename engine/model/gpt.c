@@ -667,7 +667,7 @@ static void tp_scratch(const lt_gpt *m, int N, char *base, lt_layer_scratch *sc)
 static void embed(lt_gpt *m, lt_gpt_ctx *c) {
     const int B = c->B, T = c->T, N = B * T, C = m->cfg.hidden_size;
     m->ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
-    if (m->wpe >= 0) m->ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C);
+    if (m->wpe >= 0) m->ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C, NULL);
     const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
     if (p > 0)
         m->ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"),
@@ -686,7 +686,7 @@ static int embed_parallel(lt_gpt *m, lt_gpt_ctx *c, const lt_layer_scratch *sc, 
         if (lt_tp_exit(tp, c->rows, &out, full, c->x[0], sc->tp_landing, C, err, (size_t)errlen)) return -1;
     } else {
         if (lt_tp_all_reduce(tp, full, (int64_t)N * C, m->ops->dtype, err, (size_t)errlen)) return -1;
-        m->ops->position_embedding_forward(full, weight(m, m->wpe), B, T, C);
+        m->ops->position_embedding_forward(full, weight(m, m->wpe), B, T, C, NULL);
         if (tp->sequence_parallel) lt_tp_scatter(tp, c->rows, c->x[0], full, C);
     }
     const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
@@ -860,7 +860,7 @@ static void embed_backward(lt_gpt *m, lt_gpt_ctx *c, const void *dx, const lt_la
         d = sc->d_c;
     }
     m->ops->embedding_backward(g + m->wte, d, c->tokens, N, C);
-    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, d, B, T, C);
+    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, d, B, T, C, NULL);
 }
 
 /* The vocabulary-parallel embedding's backward: dropout, the gradient gathered back to every row
@@ -879,7 +879,7 @@ static int embed_parallel_backward(lt_gpt *m, lt_gpt_ctx *c, const void *dx, con
     if (lt_tp_exit_backward(tp, c->rows, &dfull, d, sc->tp_full, sc->tp_landing, C, err, (size_t)errlen)) return -1;
     if (lt_vocab_embedding_backward(tp, &m->vocab, g + m->wte, dfull, c->host_tokens, N, C, err, (size_t)errlen))
         return -1;
-    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, dfull, B, T, C);
+    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, dfull, B, T, C, NULL);
     return 0;
 }
 

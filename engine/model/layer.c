@@ -211,7 +211,7 @@ int lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const 
     if (s->qk_layernorm) /* per-head norms between linear_qkv and the rotary embedding */
         ops->qk_norm_forward(a->qkv, a->qk_mean, a->qk_rstd, a->qkv_pre, w->qn_w, w->qn_b, w->kn_w, w->kn_b, N, H, G, D,
                              s->layernorm_epsilon);
-    if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base);
+    if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base, NULL);
     ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c),
                            lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
     return close_forward(s, ops, c, sc, out, x, a->att, w->proj_w, w->proj_b, H * D, "attention_out", err, errlen);
@@ -230,7 +230,7 @@ int lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const
     ops->linear_backward(sc->d_att, g->proj_w, db, d_proj, a->att, w->proj_w, N, H * D, C);
     ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, attention_p(s, c),
                             lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
-    if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base);
+    if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base, NULL);
     const void *d_qkv = sc->d_qkv;
     if (s->qk_layernorm) { /* into d_fc1, free since the MLP's backward */
         ops->qk_norm_backward(sc->d_fc1, g->qn_w, g->qn_b, g->kn_w, g->kn_b, sc->d_qkv, a->qkv_pre, w->qn_w, w->kn_w,

@@ -26,8 +26,9 @@ typedef struct lt_ops {
 
     void (*embedding_forward)(void *out, const int32_t *ids, const void *table, int N, int C);
     void (*embedding_backward)(float *dtable, const void *dout, const int32_t *ids, int N, int C);
-    void (*position_embedding_forward)(void *out, const void *wpe, int B, int T, int C);
-    void (*position_embedding_backward)(float *dwpe, const void *dout, int B, int T, int C);
+    /* pos: T int32 global positions in this backend's memory, or NULL for 0 .. T-1 (ops.h) */
+    void (*position_embedding_forward)(void *out, const void *wpe, int B, int T, int C, const int32_t *pos);
+    void (*position_embedding_backward)(float *dwpe, const void *dout, int B, int T, int C, const int32_t *pos);
 
     void (*layernorm_forward)(void *out, float *mean, float *rstd, const void *inp, const void *weight,
                               const void *bias, int N, int C, float eps);
@@ -57,8 +58,19 @@ typedef struct lt_ops {
     void (*attention_backward)(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
                                int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key,
                                int head_offset, int heads_total);
-    void (*rope_forward)(void *qkv, int B, int T, int H, int G, int D, float base);
-    void (*rope_backward)(void *dqkv, int B, int T, int H, int G, int D, float base);
+    /* ring attention's blocks (lt_attention_kv_forward, lt_attention_merge, lt_attention_kv_backward); q_pos,
+     * k_pos int32 in this backend's memory */
+    void (*attention_kv_forward)(void *out, float *lse, const void *qkv, const void *kv, int B, int Tq, int Tk, int H,
+                                 int G, int D, const int32_t *q_pos, const int32_t *k_pos, int S, float dropout_p,
+                                 uint64_t dropout_key, int head_offset, int heads_total);
+    void (*attention_merge)(void *out, float *lse, const void *out_b, const float *lse_b, int B, int T, int H, int D);
+    void (*attention_kv_backward)(void *dq, void *dkv, const void *dout, const void *qkv, const void *kv,
+                                  const void *out, const float *lse, int B, int Tq, int Tk, int H, int G, int D,
+                                  const int32_t *q_pos, const int32_t *k_pos, int S, float dropout_p,
+                                  uint64_t dropout_key, int head_offset, int heads_total);
+    /* pos: T int32 positions in this backend's memory, or NULL for 0 .. T-1 */
+    void (*rope_forward)(void *qkv, int B, int T, int H, int G, int D, float base, const int32_t *pos);
+    void (*rope_backward)(void *dqkv, int B, int T, int H, int G, int D, float base, const int32_t *pos);
     /* lt_qk_norm_forward / lt_qk_norm_backward: mean NULL selects RMSNorm. */
     void (*qk_norm_forward)(void *out, float *mean, float *rstd, const void *inp, const void *qweight,
                             const void *qbias, const void *kweight, const void *kbias, int N, int H, int G, int D,
@@ -83,8 +95,10 @@ typedef struct lt_ops {
 /* Bumped whenever lt_backend, lt_ops or lt_device_comm_ops change, in layout or in an op's contract
  * (5: activation gradients written, not accumulated;
  * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward; 8: qk_norm_forward,
- * qk_norm_backward; 9: lt_device_comm_ops.batch_p2p): the loader refuses a plugin built against another. */
-#define LT_BACKEND_ABI 9
+ * qk_norm_backward; 9: lt_device_comm_ops.batch_p2p; 10: positions for rope and position embeddings,
+ * attention_kv_forward, attention_merge, attention_kv_backward): the loader refuses a plugin built against
+ * another. */
+#define LT_BACKEND_ABI 10
 
 /* The backend's collectives (lt_backend.comm): engine/core/device_comm.h. */
 

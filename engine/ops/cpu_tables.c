@@ -20,11 +20,11 @@ static void f32_embedding_forward(void *out, const int32_t *ids, const void *tab
 static void f32_embedding_backward(float *dtable, const void *dout, const int32_t *ids, int N, int C) {
     lt_embedding_backward(dtable, dout, ids, N, C);
 }
-static void f32_position_embedding_forward(void *out, const void *wpe, int B, int T, int C) {
-    lt_position_embedding_forward(out, wpe, B, T, C);
+static void f32_position_embedding_forward(void *out, const void *wpe, int B, int T, int C, const int32_t *pos) {
+    lt_position_embedding_forward(out, wpe, B, T, C, pos);
 }
-static void f32_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C) {
-    lt_position_embedding_backward(dwpe, dout, B, T, C);
+static void f32_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C, const int32_t *pos) {
+    lt_position_embedding_backward(dwpe, dout, B, T, C, pos);
 }
 static void f32_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *w, const void *b,
                                   int N, int C, float eps) {
@@ -70,11 +70,26 @@ static void f32_attention_backward(void *dqkv, const void *dout, const void *qkv
                                    int B, int T, int H, int G, int D, float p, uint64_t key, int h0, int HT) {
     lt_attention_backward(dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key, h0, HT);
 }
-static void f32_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base) {
-    lt_rope_forward(qkv, B, T, H, G, D, base);
+static void f32_attention_kv_forward(void *out, float *lse, const void *qkv, const void *kv, int B, int Tq, int Tk,
+                                     int H, int G, int D, const int32_t *qp, const int32_t *kp, int S, float p,
+                                     uint64_t key, int h0, int HT) {
+    lt_attention_kv_forward(out, lse, qkv, kv, B, Tq, Tk, H, G, D, qp, kp, S, p, key, h0, HT);
 }
-static void f32_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base) {
-    lt_rope_backward(dqkv, B, T, H, G, D, base);
+static void f32_attention_merge(void *out, float *lse, const void *out_b, const float *lse_b, int B, int T, int H,
+                                int D) {
+    lt_attention_merge(out, lse, out_b, lse_b, B, T, H, D);
+}
+static void f32_attention_kv_backward(void *dq, void *dkv, const void *dout, const void *qkv, const void *kv,
+                                      const void *out, const float *lse, int B, int Tq, int Tk, int H, int G, int D,
+                                      const int32_t *qp, const int32_t *kp, int S, float p, uint64_t key, int h0,
+                                      int HT) {
+    lt_attention_kv_backward(dq, dkv, dout, qkv, kv, out, lse, B, Tq, Tk, H, G, D, qp, kp, S, p, key, h0, HT);
+}
+static void f32_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base, const int32_t *pos) {
+    lt_rope_forward(qkv, B, T, H, G, D, base, pos);
+}
+static void f32_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base, const int32_t *pos) {
+    lt_rope_backward(dqkv, B, T, H, G, D, base, pos);
 }
 static void f32_qk_norm_forward(void *out, float *mean, float *rstd, const void *inp, const void *qw, const void *qb,
                                 const void *kw, const void *kb, int N, int H, int G, int D, float eps) {
@@ -121,6 +136,8 @@ static void f32_cross_entropy_backward(void *dlogits, const void *logits, const 
         .linear_gelu_forward = prefix##_linear_gelu_forward,                                                      \
         .linear_dgelu_backward = prefix##_linear_dgelu_backward,                                                  \
         .attention_forward = prefix##_attention_forward, .attention_backward = prefix##_attention_backward,     \
+        .attention_kv_forward = prefix##_attention_kv_forward, .attention_merge = prefix##_attention_merge,     \
+        .attention_kv_backward = prefix##_attention_kv_backward,                                                  \
         .rope_forward = prefix##_rope_forward, .rope_backward = prefix##_rope_backward,                         \
         .qk_norm_forward = prefix##_qk_norm_forward, .qk_norm_backward = prefix##_qk_norm_backward,             \
         .gelu_forward = prefix##_gelu_forward, .gelu_backward = prefix##_gelu_backward,                         \
@@ -171,15 +188,18 @@ static void bf16_embedding_backward(float *dtable, const void *dout, const int32
     lt_embedding_backward(dtable, d, ids, N, C);
     drop(d, (int64_t)N * C);
 }
-static void bf16_position_embedding_forward(void *out, const void *wpe, int B, int T, int C) {
-    float *o = widen(out, (int64_t)B * T * C), *w = widen(wpe, (int64_t)T * C);
-    lt_position_embedding_forward(o, w, B, T, C);
-    drop(w, (int64_t)T * C);
+static void bf16_position_embedding_forward(void *out, const void *wpe, int B, int T, int C, const int32_t *pos) {
+    /* the table rows up to the largest position are widened (positions may reach past T) */
+    int64_t rows = T;
+    for (int t = 0; pos && t < T; t++) rows = pos[t] + 1 > rows ? pos[t] + 1 : rows;
+    float *o = widen(out, (int64_t)B * T * C), *w = widen(wpe, rows * C);
+    lt_position_embedding_forward(o, w, B, T, C, pos);
+    drop(w, rows * C);
     narrow(out, o, (int64_t)B * T * C);
 }
-static void bf16_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C) {
+static void bf16_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C, const int32_t *pos) {
     float *d = widen(dout, (int64_t)B * T * C);
-    lt_position_embedding_backward(dwpe, d, B, T, C);
+    lt_position_embedding_backward(dwpe, d, B, T, C, pos);
     drop(d, (int64_t)B * T * C);
 }
 static void bf16_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *w, const void *b,
@@ -267,16 +287,47 @@ static void bf16_attention_backward(void *dqkv, const void *dout, const void *qk
     drop(d, NO), drop(q, NQ), drop(o, NO);
     narrow(dqkv, dq, NQ);
 }
-static void bf16_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base) {
+static void bf16_attention_kv_forward(void *out, float *lse, const void *qkv, const void *kv, int B, int Tq, int Tk,
+                                      int H, int G, int D, const int32_t *qp, const int32_t *kp, int S, float p,
+                                      uint64_t key, int h0, int HT) {
+    const int64_t NQ = (int64_t)B * Tq * (H + 2 * G) * D, NK = (int64_t)B * Tk * 2 * G * D, NO = (int64_t)B * Tq * H * D;
+    float *o = scratch(NO), *q = widen(qkv, NQ), *k = widen(kv, NK);
+    lt_attention_kv_forward(o, lse, q, k, B, Tq, Tk, H, G, D, qp, kp, S, p, key, h0, HT);
+    drop(q, NQ), drop(k, NK);
+    narrow(out, o, NO);
+}
+static void bf16_attention_merge(void *out, float *lse, const void *out_b, const float *lse_b, int B, int T, int H,
+                                 int D) {
+    const int64_t NO = (int64_t)B * T * H * D;
+    float *o = widen(out, NO), *ob = widen(out_b, NO);
+    lt_attention_merge(o, lse, ob, lse_b, B, T, H, D);
+    drop(ob, NO);
+    narrow(out, o, NO);
+}
+/* dq accumulates: its bf16 query heads are widened, added to in fp32 and rounded (the key / value slots
+ * go through the round trip unchanged: bf16 -> fp32 -> bf16 is exact). */
+static void bf16_attention_kv_backward(void *dq, void *dkv, const void *dout, const void *qkv, const void *kv,
+                                       const void *out, const float *lse, int B, int Tq, int Tk, int H, int G, int D,
+                                       const int32_t *qp, const int32_t *kp, int S, float p, uint64_t key, int h0,
+                                       int HT) {
+    const int64_t NQ = (int64_t)B * Tq * (H + 2 * G) * D, NK = (int64_t)B * Tk * 2 * G * D, NO = (int64_t)B * Tq * H * D;
+    float *dqf = widen(dq, NQ), *dk = scratch(NK), *d = widen(dout, NO), *q = widen(qkv, NQ), *k = widen(kv, NK);
+    float *o = widen(out, NO);
+    lt_attention_kv_backward(dqf, dk, d, q, k, o, lse, B, Tq, Tk, H, G, D, qp, kp, S, p, key, h0, HT);
+    drop(d, NO), drop(q, NQ), drop(k, NK), drop(o, NO);
+    narrow(dq, dqf, NQ);
+    narrow(dkv, dk, NK);
+}
+static void bf16_rope_forward(void *qkv, int B, int T, int H, int G, int D, float base, const int32_t *pos) {
     const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D;
     float *q = widen(qkv, NQ);
-    lt_rope_forward(q, B, T, H, G, D, base);
+    lt_rope_forward(q, B, T, H, G, D, base, pos);
     narrow(qkv, q, NQ);
 }
-static void bf16_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base) {
+static void bf16_rope_backward(void *dqkv, int B, int T, int H, int G, int D, float base, const int32_t *pos) {
     const int64_t NQ = (int64_t)B * T * (H + 2 * G) * D;
     float *q = widen(dqkv, NQ);
-    lt_rope_backward(q, B, T, H, G, D, base);
+    lt_rope_backward(q, B, T, H, G, D, base, pos);
     narrow(dqkv, q, NQ);
 }
 static void bf16_qk_norm_forward(void *out, float *mean, float *rstd, const void *inp, const void *qw, const void *qb,

@@ -23,10 +23,12 @@
 void lt_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C);
 /* dtable[ids[n], :] += dout[n, :]. Deterministic (no atomics): rows are owned by one thread. */
 void lt_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C);
-/* Learned absolute positions: out[b, t, :] += wpe[t, :]. */
-void lt_position_embedding_forward(float *out, const float *wpe, int B, int T, int C);
-/* dwpe[t, :] += sum_b dout[b, t, :]. */
-void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C);
+/* Learned absolute positions: out[b, t, :] += wpe[p(t), :], p(t) = pos ? pos[t] : t. pos (T int32, the same
+ * for every sample b; nullable) gives global positions where a rank holds non-contiguous parts of the
+ * sequence (context parallelism). */
+void lt_position_embedding_forward(float *out, const float *wpe, int B, int T, int C, const int32_t *pos);
+/* dwpe[p(t), :] += sum_b dout[b, t, :]. The positions of one call must be distinct. */
+void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C, const int32_t *pos);
 
 /* ---- normalisation ---- */
 /* LayerNorm over the last dim. bias nullable. Saves mean[N], rstd[N] for backward. */
@@ -74,11 +76,39 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
                            int B, int T, int H, int G, int D, float dropout_p, uint64_t dropout_key,
                            int head_offset, int heads_total);
 
+/* Block attention with global positions, the pieces of ring attention (context parallelism): a rank's
+ * queries against one block of keys and values (its own or a peer's), merged across blocks by
+ * attention_merge. Queries come from a fused qkv [B, Tq, G, H/G + 2, D] (its key / value heads unused),
+ * keys and values from kv [B, Tk, G, 2, D] (per group its key head, then its value head). q_pos [Tq] and
+ * k_pos [Tk] are the tokens' global positions in the sequence of S tokens (the same for every sample);
+ * element (i, j) takes part iff k_pos[j] <= q_pos[i]. Scale 1/sqrt(D), GQA as above.
+ * Forward: out [B, Tq, H, D] = attention over the allowed keys of this block alone (normalised by this
+ * block's softmax sum), lse [B, H, Tq] = log-sum-exp of the allowed scaled scores; a row with none gets
+ * lse -INFINITY and out 0. Dropout as lt_attention_forward's at global indices: element (b, h, i, j) dropped
+ * iff lt_rng_uniform(key, ((b*heads_total + head_offset + h)*S + q_pos[i])*S + k_pos[j]) < p. So with
+ * Tq = Tk = S, positions 0..S-1 and kv the key / value heads of qkv it is lt_attention_forward. */
+void lt_attention_kv_forward(float *out, float *lse, const float *qkv, const float *kv, int B, int Tq, int Tk, int H,
+                             int G, int D, const int32_t *q_pos, const int32_t *k_pos, int S, float dropout_p,
+                             uint64_t dropout_key, int head_offset, int heads_total);
+/* Online-softmax merge of a block's result into the running one, in place: lse' = logaddexp(lse, lse_b),
+ * out' = out exp(lse - lse') + out_b exp(lse_b - lse'); a side at -INFINITY adds nothing (both: lse stays
+ * -INFINITY, out 0). out, out_b [B, T, H, D]; lse, lse_b [B, H, T]. */
+void lt_attention_merge(float *out, float *lse, const float *out_b, const float *lse_b, int B, int T, int H, int D);
+/* This block's share of the gradient, from the FINAL out and lse (merged over every block of the ring):
+ * P = exp(score - lse), dP = dout . v (dropout-masked), dS = P (dP - delta), delta = rowsum(dout * out).
+ * dq: the query heads of a [B, Tq, G, H/G + 2, D] buffer, ACCUMULATED (+=; its key / value heads
+ * untouched); dkv [B, Tk, G, 2, D]: this block's dK, dV, WRITTEN (a key head sums its group's query heads). */
+void lt_attention_kv_backward(float *dq, float *dkv, const float *dout, const float *qkv, const float *kv,
+                              const float *out, const float *lse, int B, int Tq, int Tk, int H, int G, int D,
+                              const int32_t *q_pos, const int32_t *k_pos, int S, float dropout_p,
+                              uint64_t dropout_key, int head_offset, int heads_total);
+
 /* Rotary position embedding, in place on the query and key heads of a fused qkv buffer (layout above).
- * Non-interleaved ("rotate half"): pairs (i, i + D/2), angle t * base^(-2i/D), i < D/2. D must be even.
+ * Non-interleaved ("rotate half"): pairs (i, i + D/2), angle p(t) * base^(-2i/D), i < D/2, with token t's
+ * position p(t) = pos ? pos[t] : t (pos: T int32, the same for every sample; nullable). D must be even.
  * Backward applies the inverse rotation to the query and key parts of dqkv, in place. */
-void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base);
-void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base);
+void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base, const int32_t *pos);
+void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base, const int32_t *pos);
 
 /* Megatron's q_layernorm and k_layernorm on a fused qkv buffer of N = B * T tokens (layout above): each
  * D-sized query head normalised over its D values with qweight / qbias, each key head with kweight / kbias;

@@ -143,11 +143,11 @@ void lt_tp_scatter(const lt_tp *tp, const lt_tp_rows *r, void *local, const void
 
 /* A bias is a position embedding of one position: out[n, 0, :] += bias for N "samples". */
 void lt_tp_bias_forward(const lt_tp *tp, void *out, const void *bias, int N, int C) {
-    tp->ops->position_embedding_forward(out, bias, N, 1, C);
+    tp->ops->position_embedding_forward(out, bias, N, 1, C, NULL);
 }
 
 void lt_tp_bias_backward(const lt_tp *tp, float *dbias, const void *dout, int N, int C) {
-    tp->ops->position_embedding_backward(dbias, dout, N, 1, C);
+    tp->ops->position_embedding_backward(dbias, dout, N, 1, C, NULL);
 }
 
 /* Outer row t of sample b is element (b S + outer_pos[t]) C of the single rank's stream; rows whose

@@ -26,20 +26,22 @@ void lt_embedding_backward(float *dtable, const float *dout, const int32_t *ids,
     }
 }
 
-void lt_position_embedding_forward(float *out, const float *wpe, int B, int T, int C) {
+void lt_position_embedding_forward(float *out, const float *wpe, int B, int T, int C, const int32_t *pos) {
 #pragma omp parallel for schedule(static) if ((int64_t)B * T * C >= LT_PAR_MIN)
     for (int bt = 0; bt < B * T; bt++) {
         float *o = out + (size_t)bt * C;
-        const float *w = wpe + (size_t)(bt % T) * C;
+        const int t = bt % T;
+        const float *w = wpe + (size_t)(pos ? pos[t] : t) * C;
 #pragma omp simd
         for (int c = 0; c < C; c++) o[c] += w[c];
     }
 }
 
-void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C) {
+/* One thread per position t: its row of dwpe (distinct positions: distinct rows) sums b in order. */
+void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C, const int32_t *pos) {
 #pragma omp parallel for schedule(static) if ((int64_t)B * T * C >= LT_PAR_MIN)
     for (int t = 0; t < T; t++) {
-        float *d = dwpe + (size_t)t * C;
+        float *d = dwpe + (size_t)(pos ? pos[t] : t) * C;
         for (int b = 0; b < B; b++) {
             const float *g = dout + ((size_t)b * T + t) * C;
 #pragma omp simd

@@ -6,8 +6,9 @@
 #include "engine/ops/cpu/parallel.h"
 #include "engine/ops/ops.h"
 
-/* sign = +1 rotates by +angle (forward), -1 by -angle (backward: the transpose of a rotation). */
-static void lt_rope_apply(float *x, int B, int T, int H, int G, int D, float base, float sign) {
+/* sign = +1 rotates by +angle (forward), -1 by -angle (backward: the transpose of a rotation).
+ * Row t rotates by its position pos[t] (global, under context parallelism), or t without pos. */
+static void lt_rope_apply(float *x, int B, int T, int H, int G, int D, float base, float sign, const int32_t *pos) {
     const int half = D / 2, hpg = H / G, heads = H + 2 * G;
     float *inv_freq = malloc(sizeof(float) * (size_t)half);
     if (!inv_freq) abort();
@@ -21,7 +22,7 @@ static void lt_rope_apply(float *x, int B, int T, int H, int G, int D, float bas
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             for (int i = 0; i < half; i++) {
-                const float a = (float)t * inv_freq[i];
+                const float a = (float)(pos ? pos[t] : t) * inv_freq[i];
                 cs[i] = cosf(a);
                 sn[i] = sign * sinf(a);
             }
@@ -44,10 +45,10 @@ static void lt_rope_apply(float *x, int B, int T, int H, int G, int D, float bas
     free(inv_freq);
 }
 
-void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base) {
-    lt_rope_apply(qkv, B, T, H, G, D, base, 1.0f);
+void lt_rope_forward(float *qkv, int B, int T, int H, int G, int D, float base, const int32_t *pos) {
+    lt_rope_apply(qkv, B, T, H, G, D, base, 1.0f, pos);
 }
 
-void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base) {
-    lt_rope_apply(dqkv, B, T, H, G, D, base, -1.0f);
+void lt_rope_backward(float *dqkv, int B, int T, int H, int G, int D, float base, const int32_t *pos) {
+    lt_rope_apply(dqkv, B, T, H, G, D, base, -1.0f, pos);
 }

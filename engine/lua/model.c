@@ -76,6 +76,16 @@ static int field_bool(lua_State *L, int idx, const char *name) {
     return v;
 }
 
+/* A communicator field of config 1, or NULL for false. */
+static struct lt_comm *opt_comm(lua_State *L, const char *name) {
+    field_get(L, 1, name);
+    struct lt_comm *c = NULL;
+    if (lua_toboolean(L, -1)) c = lt_lua_check_comm(L, lua_gettop(L));
+    else if (!lua_isboolean(L, -1)) luaL_error(L, "model config: %s must be a communicator or false", name);
+    lua_pop(L, 1);
+    return c;
+}
+
 /* The model config of core.gpt / core.gpt_chunk's table: the fields are the resolved provider's
  * (vocab_size already padded; activation and norm given as booleans), see luatron.model's
  * engine_config. */
@@ -109,11 +119,10 @@ static lt_gpt_config read_config(lua_State *L) {
     c.flat_multiple = (int)field_int(L, 1, "flat_multiple");
     c.bf16 = field_bool(L, 1, "bf16");
     c.sequence_parallel = field_bool(L, 1, "sequence_parallel");
-    /* tensor_parallel: the tp group's communicator, or false; the model keeps it (see keep_comm) */
-    field_get(L, 1, "tensor_parallel");
-    if (lua_toboolean(L, -1)) c.tp_comm = lt_lua_check_comm(L, lua_gettop(L));
-    else if (!lua_isboolean(L, -1)) luaL_error(L, "model config: tensor_parallel must be a communicator or false");
-    lua_pop(L, 1);
+    /* tensor_parallel, context_parallel: the groups' communicators, or false; the model keeps them (see
+     * keep_comms) */
+    c.tp_comm = opt_comm(L, "tensor_parallel");
+    c.cp_comm = opt_comm(L, "context_parallel");
     lua_Integer local_rank = field_int(L, 1, "local_rank");
     char err[512] = "";
     field_get(L, 1, "device");
@@ -132,20 +141,22 @@ static lt_gpt_config read_config(lua_State *L) {
     return c;
 }
 
-/* The model at the top of the stack borrows config 1's tensor_parallel communicator: its user value
- * keeps that alive as long as the model. */
-static void keep_comm(lua_State *L) {
+/* The model at the top of the stack borrows config 1's communicators: its user values keep them
+ * alive as long as the model. */
+static void keep_comms(lua_State *L) {
     lua_getfield(L, 1, "tensor_parallel");
     lua_setiuservalue(L, -2, 1);
+    lua_getfield(L, 1, "context_parallel");
+    lua_setiuservalue(L, -2, 2);
 }
 
 static int l_gpt_new(lua_State *L) {
     lt_gpt_config c = read_config(L);
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 2);
     b->m = NULL;
     luaL_setmetatable(L, GPT_MT);
-    keep_comm(L);
+    keep_comms(L);
     b->m = lt_gpt_new(&c, err, sizeof err);
     if (!b->m) luaL_error(L, "cannot build the model: %s", err);
     return 1;
@@ -163,10 +174,10 @@ static int l_gpt_chunk_new(lua_State *L) {
     st.pre_process = field_bool(L, 1, "pre_process");
     st.post_process = field_bool(L, 1, "post_process");
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 2);
     b->m = NULL;
     luaL_setmetatable(L, CHUNK_MT);
-    keep_comm(L);
+    keep_comms(L);
     b->m = lt_gpt_new_chunk(&c, &st, err, sizeof err);
     if (!b->m) luaL_error(L, "cannot build the chunk: %s", err);
     return 1;

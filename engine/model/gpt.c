@@ -30,6 +30,7 @@ struct lt_gpt {
     int nl;              /* layers held: stage.layer_end - stage.layer_begin */
     lt_layer_spec spec;  /* what the layers need of cfg */
     lt_tp tp;            /* the tensor-parallel group (size 1 without) */
+    lt_cp cp;            /* the context-parallel group (size 1 without) */
     lt_vocab_range vocab; /* this rank's slice of the vocabulary */
     const lt_backend *be;
     const lt_ops *ops; /* the backend's ops at the compute precision */
@@ -72,6 +73,8 @@ struct lt_gpt_ctx {
     int32_t *to_bsh, *to_sbh;
     lt_tp_rows *rows;    /* the microbatch for tensor parallelism (NULL without) */
     lt_layer_kv_maps *kv; /* the shared key/value heads' row maps (NULL without) */
+    lt_cp_maps *cp;       /* context parallelism's maps (NULL without); cp->pos + rank T: this rank's positions */
+    const int32_t *pos;   /* the rows' global positions on the device (NULL: 0 .. T-1) */
     int32_t *host_tokens; /* a first stage's tokens on the host (the vocabulary-parallel embedding's) */
     void **x; /* residual stream [B, T, C] (the outer rows): x[0] the chunk's input, x[i+1] output of layer i */
     lt_layer_ctx *layers;
@@ -210,7 +213,7 @@ static int check_stage(const lt_gpt_config *c, const lt_gpt_stage *st, char *err
 
 /* The layers' spec: this rank's heads, query groups (one, shared with other ranks, when the model has
  * fewer than TP) and ffn columns. */
-static lt_layer_spec spec_of(const lt_gpt_config *c, const lt_tp *tp) {
+static lt_layer_spec spec_of(const lt_gpt_config *c, const lt_tp *tp, const lt_cp *cp) {
     const int heads = c->num_attention_heads / tp->size, G = c->num_query_groups;
     return (lt_layer_spec){.hidden_size = c->hidden_size,
                            .num_attention_heads = heads,
@@ -230,7 +233,8 @@ static lt_layer_spec spec_of(const lt_gpt_config *c, const lt_tp *tp) {
                            .qk_layernorm = c->qk_layernorm,
                            .hidden_dropout = c->hidden_dropout,
                            .attention_dropout = c->attention_dropout,
-                           .tp = tp};
+                           .tp = tp,
+                           .cp = cp};
 }
 
 lt_gpt *lt_gpt_new(const lt_gpt_config *cfg, char *err, int errlen) {
@@ -256,7 +260,10 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         m->tp = (lt_tp){cfg->tp_comm, lt_comm_rank(cfg->tp_comm), lt_comm_size(cfg->tp_comm), cfg->sequence_parallel,
                         m->be, m->ops};
     lt_vocab_range_of(&m->vocab, &m->tp, cfg->vocab_size, err, (size_t)errlen); /* divides: checked above */
-    m->spec = spec_of(cfg, &m->tp);
+    m->cp = (lt_cp){NULL, 0, 1, m->be, m->ops};
+    if (cfg->cp_comm && lt_comm_size(cfg->cp_comm) > 1)
+        m->cp = (lt_cp){cfg->cp_comm, lt_comm_rank(cfg->cp_comm), lt_comm_size(cfg->cp_comm), m->be, m->ops};
+    m->spec = spec_of(cfg, &m->tp, &m->cp);
     m->E = lt_dtype_size(m->ops->dtype);
     const int C = cfg->hidden_size, V = cfg->vocab_size;
     const int D = cfg->kv_channels, HD = cfg->num_attention_heads * D; /* full sizes */
@@ -577,6 +584,7 @@ void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     lt_tensor_free(c->losses);
     if (c->rows) lt_tp_rows_free(c->tp, c->rows);
     if (c->kv) lt_layer_kv_maps_free(c->spec, c->kv);
+    if (c->cp) lt_cp_maps_free(c->spec->cp, c->cp);
     free(c->host_targets);
     free(c->host_tokens);
     free(c->host_scratch);
@@ -646,32 +654,40 @@ static void weights_needed_to(lt_gpt *m, int64_t *ready, int64_t end) {
     *ready = end;
 }
 
-/* Bytes of the tensor-parallel scratch of N rows: sequence parallelism's two [N, C] buffers and the
- * shared key/value heads' two (compute dtype). */
-static size_t tp_scratch_bytes(const lt_gpt *m, int N) {
-    const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? (size_t)N * m->cfg.hidden_size : 0;
-    return 2 * m->E * (sp + lt_layer_kv_scratch(&m->spec, N));
+/* Bytes of the parallel layers' scratch for a [B, T] microbatch: sequence parallelism's two [N, C]
+ * buffers, the shared key/value heads' two (compute dtype), and the ring's under context parallelism. */
+/* Each of them 64-byte aligned. */
+static size_t aligned(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static size_t parallel_scratch_bytes(const lt_gpt *m, int B, int T) {
+    const int N = B * T;
+    const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? aligned(m->E * (size_t)N * m->cfg.hidden_size) : 0;
+    const lt_cp_maps shape = {B, T, m->spec.num_attention_heads, m->spec.num_query_groups, m->cfg.kv_channels};
+    const size_t ring = m->cp.size > 1 ? lt_cp_attention_scratch(&shape) : 0;
+    return 2 * sp + 2 * aligned(m->E * lt_layer_kv_scratch(&m->spec, N)) + ring;
 }
 
-/* Points sc's tensor-parallel buffers into base (tp_scratch_bytes of it; NULL ones where not needed). */
-static void tp_scratch(const lt_gpt *m, int N, char *base, lt_layer_scratch *sc) {
-    const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? m->E * (size_t)N * m->cfg.hidden_size : 0;
-    const size_t kv = m->E * lt_layer_kv_scratch(&m->spec, N);
+/* Points sc's parallel buffers into base (parallel_scratch_bytes of it; NULL ones where not needed). */
+static void parallel_scratch(const lt_gpt *m, int B, int T, char *base, lt_layer_scratch *sc) {
+    const int N = B * T;
+    const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? aligned(m->E * (size_t)N * m->cfg.hidden_size) : 0;
+    const size_t kv = aligned(m->E * lt_layer_kv_scratch(&m->spec, N));
     sc->tp_full = sp ? base : NULL;
     sc->tp_landing = sp ? base + sp : NULL;
     sc->kv_a = kv ? base + 2 * sp : NULL;
     sc->kv_b = kv ? base + 2 * sp + kv : NULL;
+    sc->ring = m->cp.size > 1 ? base + 2 * sp + 2 * kv : NULL;
 }
 
 /* The embedding on one rank: the tokens' rows, the positions, dropout. */
 static void embed(lt_gpt *m, lt_gpt_ctx *c) {
     const int B = c->B, T = c->T, N = B * T, C = m->cfg.hidden_size;
     m->ops->embedding_forward(c->x[0], c->tokens, weight(m, m->wte), N, C);
-    if (m->wpe >= 0) m->ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C, NULL);
+    if (m->wpe >= 0) m->ops->position_embedding_forward(c->x[0], weight(m, m->wpe), B, T, C, c->pos);
     const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
-    if (p > 0)
-        m->ops->dropout_forward(c->x[0], c->x[0], (int64_t)N * C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"),
-                                0);
+    if (p > 0) /* at the rows' global positions (c->rows under context parallelism) */
+        lt_tp_dropout_forward(&m->tp, c->rows, c->x[0], c->x[0], B, T, C, p,
+                              lt_dropout_key(c->dropout_seed, -1, "embedding"));
 }
 
 /* The vocabulary-parallel embedding: each rank's rows summed over TP (reduce-scattered under SP);
@@ -686,7 +702,7 @@ static int embed_parallel(lt_gpt *m, lt_gpt_ctx *c, const lt_layer_scratch *sc, 
         if (lt_tp_exit(tp, c->rows, &out, full, c->x[0], sc->tp_landing, C, err, (size_t)errlen)) return -1;
     } else {
         if (lt_tp_all_reduce(tp, full, (int64_t)N * C, m->ops->dtype, err, (size_t)errlen)) return -1;
-        m->ops->position_embedding_forward(full, weight(m, m->wpe), B, T, C, NULL);
+        m->ops->position_embedding_forward(full, weight(m, m->wpe), B, T, C, c->pos);
         if (tp->sequence_parallel) lt_tp_scatter(tp, c->rows, c->x[0], full, C);
     }
     const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
@@ -734,12 +750,25 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     }
     lt_gpt_ctx *c = ctx_new(m, B, T, training, dropout_seed);
     lt_layer_scratch sc = {0};
-    const size_t sc_bytes = tp_scratch_bytes(m, N);
+    const size_t sc_bytes = parallel_scratch_bytes(m, B, T);
     char *sc_base = c && sc_bytes ? m->be->alloc(sc_bytes) : NULL;
-    tp_scratch(m, N, sc_base, &sc);
-    if (c && m->tp.size > 1) c->rows = lt_tp_rows_new(&m->tp, B, T, err, (size_t)errlen);
+    parallel_scratch(m, B, T, sc_base, &sc);
+    const int cp = m->cp.size > 1, rows = m->tp.size > 1 || cp; /* rows: dropout's positions under CP */
+    if (c && rows) c->rows = lt_tp_rows_new(&m->tp, B, T, err, (size_t)errlen);
     if (c && m->spec.kv_replicas > 1) c->kv = lt_layer_kv_maps_new(&m->spec, N, err, (size_t)errlen);
-    if (!c || (sc_bytes && !sc_base) || (m->tp.size > 1 && !c->rows) || (m->spec.kv_replicas > 1 && !c->kv)) {
+    if (c && cp) {
+        c->cp = lt_cp_maps_new(&m->cp, B, T, m->spec.num_attention_heads, m->spec.num_query_groups,
+                               cfg->kv_channels, err, (size_t)errlen);
+        if (c->cp && c->rows) {
+            int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
+            for (int t = 0; pos && t < T; t++) pos[t] = lt_cp_position(m->cp.rank, m->cp.size, T, t);
+            if (pos) lt_tp_rows_set_positions(&m->tp, c->rows, pos, T * m->cp.size);
+            else lt_cp_maps_free(&m->cp, c->cp), c->cp = NULL;
+            free(pos);
+        }
+        if (c->cp) c->pos = c->cp->pos + (size_t)m->cp.rank * T;
+    }
+    if (!c || (sc_bytes && !sc_base) || (rows && !c->rows) || (m->spec.kv_replicas > 1 && !c->kv) || (cp && !c->cp)) {
         if (sc_base) m->be->release(sc_base, sc_bytes);
         lt_gpt_ctx_free(c);
         lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
@@ -758,7 +787,10 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
     }
     if (c->to_bsh) boundary_indices(m, c);
-    for (int i = 0; i < m->nl; i++) c->layers[i].rows = c->rows, c->layers[i].kv = c->kv;
+    for (int i = 0; i < m->nl; i++) {
+        lt_layer_ctx *lc = &c->layers[i];
+        lc->rows = c->rows, lc->kv = c->kv, lc->cp = c->cp, lc->pos = c->pos;
+    }
     const int No = lt_layer_outer_rows(&m->spec, B, T);
     int rc = 0;
 
@@ -856,11 +888,11 @@ static void embed_backward(lt_gpt *m, lt_gpt_ctx *c, const void *dx, const lt_la
     const void *d = dx;
     const float p = c->training ? m->cfg.hidden_dropout : 0.0f;
     if (p > 0) {
-        m->ops->dropout_backward(sc->d_c, dx, (int64_t)N * C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"), 0);
+        lt_tp_dropout_backward(&m->tp, c->rows, sc->d_c, dx, B, T, C, p, lt_dropout_key(c->dropout_seed, -1, "embedding"));
         d = sc->d_c;
     }
     m->ops->embedding_backward(g + m->wte, d, c->tokens, N, C);
-    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, d, B, T, C, NULL);
+    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, d, B, T, C, c->pos);
 }
 
 /* The vocabulary-parallel embedding's backward: dropout, the gradient gathered back to every row
@@ -879,7 +911,7 @@ static int embed_parallel_backward(lt_gpt *m, lt_gpt_ctx *c, const void *dx, con
     if (lt_tp_exit_backward(tp, c->rows, &dfull, d, sc->tp_full, sc->tp_landing, C, err, (size_t)errlen)) return -1;
     if (lt_vocab_embedding_backward(tp, &m->vocab, g + m->wte, dfull, c->host_tokens, N, C, err, (size_t)errlen))
         return -1;
-    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, dfull, B, T, C, NULL);
+    if (m->wpe >= 0) m->ops->position_embedding_backward(g + m->wpe, dfull, B, T, C, c->pos);
     return 0;
 }
 
@@ -903,7 +935,7 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     if ((size_t)m->fc1_dim > widest) widest = (size_t)m->fc1_dim;
     const size_t HD = (size_t)m->spec.num_attention_heads * cfg->kv_channels;
     const size_t bytes = E * (size_t)N * (3 * (size_t)C + HD + 2 * widest + m->spec.ffn_hidden_size) +
-                         sizeof(float) * (size_t)N + tp_scratch_bytes(m, N);
+                         sizeof(float) * (size_t)N + parallel_scratch_bytes(m, B, T);
     void *base = be->alloc(bytes);
     lt_tensor *gin = NULL;
     if (!pre) {
@@ -927,7 +959,7 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     s.d_qkv = p; p += E * (size_t)N * widest;
     s.d_fc1 = p; p += E * (size_t)N * widest;
     s.d_act = p; p += E * (size_t)N * m->spec.ffn_hidden_size;
-    tp_scratch(m, N, p, &s);
+    parallel_scratch(m, B, T, p, &s);
     int rc = 0;
 
     if (post) {

@@ -57,6 +57,9 @@ typedef struct {
      * parameter; names, initial values and dropout masks stay the single rank's. */
     lt_comm *tp_comm;
     int sequence_parallel;
+    /* Context parallelism (engine/parallel/cp.h): this rank's cp group (NULL: one rank; borrowed). A
+     * chunk's T is then this rank's local sequence, 2 of the 2 CP chunks of seq_length. */
+    lt_comm *cp_comm;
 } lt_gpt_config;
 
 /* How a parameter is split across the TP ranks: rank r of TP holds */

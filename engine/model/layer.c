@@ -141,7 +141,8 @@ static int open_backward(const lt_layer_spec *s, const lt_layer_ctx *c, const lt
 }
 
 /* out = x + dropout(inp W^T + b). A single rank adds the residual in the GEMM when nothing comes
- * between; under TP the bias and residual come after the reduction, on the outer rows. */
+ * between; under TP the bias and residual come after the reduction, on the outer rows, and under CP
+ * dropout takes the rows' global positions (c->rows). */
 static int close_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_layer_ctx *c,
                          const lt_layer_scratch *sc, void *out, const void *x, const void *inp, const void *W,
                          const void *b, int IN, const char *site, char *err, size_t errlen) {
@@ -149,7 +150,7 @@ static int close_forward(const lt_layer_spec *s, const lt_ops *ops, const lt_lay
     const int B = c->B, T = c->T, N = B * T, No = lt_layer_outer_rows(s, B, T), C = s->hidden_size;
     const float p = hidden_p(s, c);
     const uint64_t key = lt_dropout_key(c->dropout_seed, c->layer, site);
-    if (tp->size == 1) {
+    if (tp->size == 1 && !c->rows) {
         ops->linear_forward(out, inp, W, b, p > 0 ? NULL : x, N, IN, C);
         if (p > 0) {
             ops->dropout_forward(out, out, (int64_t)N * C, p, key, 0);
@@ -211,9 +212,16 @@ int lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const 
     if (s->qk_layernorm) /* per-head norms between linear_qkv and the rotary embedding */
         ops->qk_norm_forward(a->qkv, a->qk_mean, a->qk_rstd, a->qkv_pre, w->qn_w, w->qn_b, w->kn_w, w->kn_b, N, H, G, D,
                              s->layernorm_epsilon);
-    if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base, NULL);
-    ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c),
-                           lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
+    if (s->rope) ops->rope_forward(a->qkv, B, T, H, G, D, s->rotary_base, c->pos);
+    const uint64_t key = lt_dropout_key(c->dropout_seed, c->layer, "attention");
+    if (c->cp) { /* this rank's queries against every rank's keys and values, round the cp ring */
+        if (lt_cp_attention_forward(s->cp, c->cp, a->att, a->lse, a->qkv, attention_p(s, c), key, s->head_offset,
+                                    s->heads_total, sc->ring, err, errlen))
+            return -1;
+    } else {
+        ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c), key, s->head_offset,
+                               s->heads_total);
+    }
     return close_forward(s, ops, c, sc, out, x, a->att, w->proj_w, w->proj_b, H * D, "attention_out", err, errlen);
 }
 
@@ -228,9 +236,16 @@ int lt_layer_attention_backward(const lt_layer_spec *s, const lt_ops *ops, const
     float *db;
     if (close_backward(s, ops, c, sc, dx, g->proj_b, "attention_out", &d_proj, &db, err, errlen)) return -1;
     ops->linear_backward(sc->d_att, g->proj_w, db, d_proj, a->att, w->proj_w, N, H * D, C);
-    ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, attention_p(s, c),
-                            lt_dropout_key(c->dropout_seed, c->layer, "attention"), s->head_offset, s->heads_total);
-    if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base, NULL);
+    const uint64_t key = lt_dropout_key(c->dropout_seed, c->layer, "attention");
+    if (c->cp) {
+        if (lt_cp_attention_backward(s->cp, c->cp, sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, attention_p(s, c), key,
+                                     s->head_offset, s->heads_total, sc->ring, err, errlen))
+            return -1;
+    } else {
+        ops->attention_backward(sc->d_qkv, sc->d_att, a->qkv, a->att, a->lse, B, T, H, G, D, attention_p(s, c), key,
+                                s->head_offset, s->heads_total);
+    }
+    if (s->rope) ops->rope_backward(sc->d_qkv, B, T, H, G, D, s->rotary_base, c->pos);
     const void *d_qkv = sc->d_qkv;
     if (s->qk_layernorm) { /* into d_fc1, free since the MLP's backward */
         ops->qk_norm_backward(sc->d_fc1, g->qn_w, g->qn_b, g->kn_w, g->kn_b, sc->d_qkv, a->qkv_pre, w->qn_w, w->kn_w,

@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "engine/ops/backend.h"
+#include "engine/parallel/cp.h"
 #include "engine/parallel/tp.h"
 
 /* What a layer's shapes and maths depend on (a subset of the model config): this rank's heads
@@ -34,6 +35,7 @@ typedef struct {
     int kv_replicas; /* TP ranks sharing each query group's key and value: TP / num_query_groups when the
                         model has fewer query groups than TP ranks (then one group per rank), else 1 */
     const lt_tp *tp; /* the tensor-parallel group (size 1: a single rank) */
+    const lt_cp *cp; /* the context-parallel group (size 1: the whole sequence here) */
     int rmsnorm; /* 0: LayerNorm, 1: RMSNorm */
     float layernorm_epsilon;
     int gated_linear_unit, gelu_tanh; /* SwiGLU / GELU (tanh approximation fused into the GEMMs) */
@@ -93,6 +95,8 @@ typedef struct {
     int B, T, layer;
     const lt_tp_rows *rows; /* the microbatch for tensor parallelism (NULL without) */
     const lt_layer_kv_maps *kv; /* with shared key/value heads (NULL without) */
+    const lt_cp_maps *cp;       /* under context parallelism: the ring's maps (NULL without) */
+    const int32_t *pos;         /* the rows' global positions, device [T] (NULL: 0 .. T-1) */
     int training;
     uint64_t dropout_seed;
     lt_attention_acts attn;
@@ -107,11 +111,12 @@ void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char
 /* Scratch the caller provides (compute dtype, N = B T rows): backward's d_c and d_c2 [N, hidden], d_att
  * [N, heads*D], d_qkv and d_fc1 [N, max(qkv_dim, fc1_dim)], d_act [N, ffn_hidden_size]; under sequence
  * parallelism tp_full and tp_landing [N, hidden], with shared key/value heads kv_a and kv_b
- * (lt_layer_kv_scratch elements each) (forward and backward). */
+ * (lt_layer_kv_scratch elements each), under context parallelism ring (forward and backward). */
 typedef struct {
     void *d_c, *d_c2, *d_att, *d_qkv, *d_fc1, *d_act;
     void *tp_full, *tp_landing;
     void *kv_a, *kv_b;
+    void *ring; /* under context parallelism: lt_cp_attention_scratch bytes */
 } lt_layer_scratch;
 /* Elements of kv_a and of kv_b for N rows: the whole QKV and one more row; 0 without shared heads. */
 size_t lt_layer_kv_scratch(const lt_layer_spec *s, int N);

@@ -36,9 +36,9 @@ end
 
 -- The engine's view of a provider (core.gpt's table): the resolved fields under the engine's names,
 -- nothing defaulted here. flat_multiple rounds the flat parameter buffer up (data parallelism shards
--- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); tp is
--- the tensor-parallel group's communicator (nil: one rank).
-function M.engine_config(provider, seed, flat_multiple, local_rank, tp)
+-- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); tp and
+-- cp are the tensor- and context-parallel groups' communicators (nil: one rank).
+function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp)
   local m = M.resolve(provider)
   if seed == nil then seed = DEFAULT_SEED end
   if flat_multiple == nil then flat_multiple = DEFAULT_FLAT_MULTIPLE end
@@ -73,6 +73,7 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp)
     bf16 = m.bf16,
     tensor_parallel = tp or false,
     sequence_parallel = m.sequence_parallel,
+    context_parallel = cp or false,
   }
 end
 
@@ -132,12 +133,12 @@ function M.chunk_layers(provider, pp, vpp, pp_rank)
 end
 
 -- This rank's chunks (core.gpt_chunk objects, in vp_stage order) for one entry list of
--- M.chunk_layers; seed, flat_multiple, local_rank and tp as M.engine_config.
-function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp)
+-- M.chunk_layers; seed, flat_multiple, local_rank, tp and cp as M.engine_config.
+function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp, cp)
   local chunks = {}
   local m = M.resolve(provider)
   for i, c in ipairs(layout) do
-    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, tp)
+    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, tp, cp)
     cfg.layer_begin, cfg.layer_end = c.layer_begin, c.layer_end
     cfg.pre_process, cfg.post_process = c.pre_process, c.post_process
     local ok, chunk = pcall(core.gpt_chunk, cfg)
@@ -147,23 +148,26 @@ function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp)
   return chunks
 end
 
+-- A communicator of the model's own over the ranks of group g (NCCL on a GPU), so its statistics
+-- count the model's traffic alone; nil for a group of one.
+local function model_comm(g, name, device)
+  if not g or g:size() == 1 then return nil end
+  local all = {}
+  for i = 1, g:size() do all[i] = i - 1 end
+  local c = g:group(all, name)
+  if device ~= "cpu" then c = core.comm_nccl(c, device) end
+  return c
+end
+
 -- The chunks this rank holds of a provider's model in the job lt.parallel_state(provider) describes
--- (its pipeline stage, with virtual stages, and its tensor-parallel shard); seed and flat_multiple as
--- M.build. Returns them and, with TP > 1, the communicator their layers use: a group of their own
--- over the tp group's ranks (NCCL on a GPU), so its statistics count the model's traffic alone.
+-- (its pipeline stage, with virtual stages, its tensor-parallel shard and its context-parallel part
+-- of the sequence); seed and flat_multiple as M.build. Returns them and the tensor- and
+-- context-parallel communicators their layers use (nil for a group of one).
 function M.chunks(provider, ps, seed, flat_multiple)
   local m = M.resolve(provider)
   local layout = M.chunk_layers(m, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
-  local tp = ps.groups.tp
-  if tp and tp:size() > 1 then
-    local all = {}
-    for i = 1, tp:size() do all[i] = i - 1 end
-    tp = tp:group(all, "tp_model")
-    if m.device ~= "cpu" then tp = core.comm_nccl(tp, m.device) end
-  else
-    tp = nil
-  end
-  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp), tp
+  local tp, cp = model_comm(ps.groups.tp, "tp_model", m.device), model_comm(ps.groups.cp, "cp_model", m.device)
+  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp, cp), tp, cp
 end
 
 return M

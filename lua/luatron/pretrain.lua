@@ -57,10 +57,10 @@ end
 
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
-  for _, f in ipairs { "context_parallel_size", "expert_model_parallel_size" } do
+  for _, f in ipairs { "expert_model_parallel_size" } do
     if (m[f] or 1) > 1 then
-      error(("GPTModelProvider.%s = %d: this build parallelises over data, pipeline stages and tensors only "
-        .. "(context and expert parallelism are not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
+      error(("GPTModelProvider.%s = %d: this build parallelises over data, pipeline stages, tensors and the "
+        .. "sequence only (expert parallelism is not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
     end
   end
   if m.num_moe_experts then
@@ -109,16 +109,19 @@ function M.setup(cfg, opts)
   local dp_group = ps.groups["dp-cp"]
   local pp = r.model.pipeline_model_parallel_size
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local chunks, tp_comm = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
+  local chunks, tp_comm, cp_comm = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
     r = r,
     ps = ps,
-    dp_rank = dp_group and dp_group:rank() or 0,
+    dp_rank = dp_group and dp_group:rank() or 0, -- in the dp-cp group: the optimizer's shards
     dp_size = dp_group and dp_group:size() or 1,
+    data_rank = ps.coords.dp_rank, -- in the dp group: which samples this rank reads (its cp group reads the same)
+    data_size = ps.grid.dp,
     chunks = chunks,
-    tp_comm = tp_comm, -- the model's tensor-parallel communicator (nil without TP)
+    tp_comm = tp_comm, -- the model's tensor- and context-parallel communicators (nil without)
+    cp_comm = cp_comm,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group,
       { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp }),
     schedule = opts.schedule, -- nil: Megatron's choice for the layout (luatron.pipeline)
@@ -320,11 +323,11 @@ end
 -- Returns the mean loss, the gradient norm before clipping and the learning rate used.
 function M.train_step(run)
   local r = run.r
-  local mbs, n_micro, dp = r.train.micro_batch_size, r.num_microbatches, run.dp_size
+  local mbs, n_micro, dp = r.train.micro_batch_size, r.num_microbatches, run.data_size
   local lr = scheduler.lr_at(run.state.optimizer_steps, r.optimizer, r.scheduler, r.train.train_iters)
   for _, chunk in ipairs(run.chunks) do chunk:zero_grad() end
   local consumed, seed = run.state.consumed_samples, run.state.seed
-  local function first(m) return consumed + (m * dp + run.dp_rank) * mbs end
+  local function first(m) return consumed + (m * dp + run.data_rank) * mbs end
   local plan = plan_for(run, n_micro, false)
   if run.tp_comm then run.tp_comm:reset_stats() end
   local loss_sum, steps, wall = run_plan(run, plan, run.train_data, first,
@@ -366,12 +369,12 @@ end
 function M.evaluate(run, n)
   run.optimizer:sync_params()
   local r = run.r
-  local mbs, gbs, dp = r.train.micro_batch_size, r.train.global_batch_size, run.dp_size
+  local mbs, gbs, dp = r.train.micro_batch_size, r.train.global_batch_size, run.data_size
   n = n or math.max(run.state.iteration // r.train.eval_interval - 1, 0)
   local base = n * r.train.eval_iters * gbs
   local count = r.train.eval_iters * gbs // (mbs * dp)
   local total = run_plan(run, plan_for(run, count, true), run.valid_data,
-    function(i) return base + (i * dp + run.dp_rank) * mbs end, nil)
+    function(i) return base + (i * dp + run.data_rank) * mbs end, nil)
   for _, link in ipairs(run.links or {}) do link:reset_stats() end -- the steps report their own traffic
   return dp_mean(run, sum_over_stages(run, total / count))
 end

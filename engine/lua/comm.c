@@ -361,16 +361,23 @@ static int m_abort(lua_State *L) {
     return 0;
 }
 
-/* comm:stats() → {calls=, bytes=, seconds=}; comm:reset_stats(). */
+/* comm:stats() → {calls=, bytes=, seconds=, async_seconds=, blocked_seconds=} (the last two: the
+ * non-blocking calls' time in the background and the caller's time blocked on them); comm:reset_stats(). */
 static int m_stats(lua_State *L) {
-    lt_comm_stats s = lt_comm_get_stats(check_comm(L, 1));
-    lua_createtable(L, 0, 3);
+    lt_comm *c = check_comm(L, 1);
+    lt_comm_stats s = lt_comm_get_stats(c);
+    lt_comm_async_stats a = lt_comm_get_async_stats(c);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, (lua_Integer)s.calls);
     lua_setfield(L, -2, "calls");
     lua_pushinteger(L, (lua_Integer)s.bytes);
     lua_setfield(L, -2, "bytes");
     lua_pushnumber(L, s.seconds);
     lua_setfield(L, -2, "seconds");
+    lua_pushnumber(L, a.seconds);
+    lua_setfield(L, -2, "async_seconds");
+    lua_pushnumber(L, a.blocked_seconds);
+    lua_setfield(L, -2, "blocked_seconds");
     return 1;
 }
 

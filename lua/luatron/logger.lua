@@ -65,7 +65,8 @@ end
 -- params_norm: nil or a function computing it (only on the steps that are logged, on every rank);
 -- with pipeline stages pipeline_bubble likewise (the measured bubble), pipeline_bubble_formula,
 -- pipeline_interleaved, p2p_bytes and p2p_expected (this rank's point-to-point bytes this step);
--- with tensor parallelism tp_bytes, tp_expected and tp_seconds (the model's TP collectives this step).
+-- with tensor parallelism tp_bytes, tp_expected and tp_seconds (the model's TP collectives this step);
+-- with context parallelism cp_bytes, cp_expected and cp_hidden (the ring's share hidden behind compute).
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
@@ -104,6 +105,9 @@ function M:step(r)
     p2p_expected_bytes = r.p2p_expected,
     tp_bytes_per_step = r.tp_bytes,
     tp_expected_bytes = r.tp_expected,
+    cp_bytes_per_step = r.cp_bytes,
+    cp_expected_bytes = r.cp_expected,
+    cp_hidden_fraction = r.cp_hidden,
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
@@ -122,6 +126,11 @@ function M:step(r)
     self:info("  tensor-parallel traffic %.3f MB/step on this rank (ring formula %.3f MB, measured/expected %.4f), "
       .. "%.1f ms/step in collectives", r.tp_bytes / 1e6, r.tp_expected / 1e6, r.tp_bytes / math.max(r.tp_expected, 1),
       1000 * r.tp_seconds)
+  end
+  if r.cp_bytes then
+    self:info("  context-parallel ring %.3f MB/step on this rank (arithmetic %.3f MB, measured/expected %.4f), %s",
+      r.cp_bytes / 1e6, r.cp_expected / 1e6, r.cp_bytes / math.max(r.cp_expected, 1),
+      r.cp_hidden and ("%.0f%% of its time hidden behind the blocks' attention"):format(100 * r.cp_hidden) or "")
   end
   if bubble then
     self:info("  pipeline bubble %.3f of the compute time (measured, mean over stages; (PP - 1) / %s = %.3f), "

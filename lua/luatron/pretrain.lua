@@ -330,6 +330,7 @@ function M.train_step(run)
   local function first(m) return consumed + (m * dp + run.data_rank) * mbs end
   local plan = plan_for(run, n_micro, false)
   if run.tp_comm then run.tp_comm:reset_stats() end
+  if run.cp_comm then run.cp_comm:reset_stats() end
   local loss_sum, steps, wall = run_plan(run, plan, run.train_data, first,
     function(m) return dropout_seed(seed, first(m)) end,
     function(valid) return 1 / (math.max(valid, 1) * n_micro) end)
@@ -337,6 +338,11 @@ function M.train_step(run)
     local s = run.tp_comm:stats()
     run.tp_bytes, run.tp_seconds = s.bytes, s.seconds
     run.tp_expected = tensor_parallel.expected_bytes(r, run.chunks, n_micro)
+  end
+  if run.cp_comm then
+    local s = run.cp_comm:stats()
+    run.cp_bytes, run.cp_expected = s.bytes, context_parallel.expected_bytes(r, run.chunks, n_micro)
+    run.cp_hidden = s.async_seconds > 0 and math.max(0, 1 - s.blocked_seconds / s.async_seconds) or nil
   end
   if steps and run.link then pipeline_report(run, plan, steps, wall) end
   if steps and run.recorder then run.recorder:add(run.state.iteration + 1, steps) end
@@ -644,7 +650,8 @@ function M.pretrain(cfg, args, opts)
         r.model.virtual_pipeline_model_parallel_size, r.num_microbatches),
       pipeline_interleaved = r.model.virtual_pipeline_model_parallel_size ~= nil,
       p2p_bytes = run.p2p_bytes, p2p_expected = run.p2p_expected,
-      tp_bytes = run.tp_bytes, tp_expected = run.tp_expected, tp_seconds = run.tp_seconds }
+      tp_bytes = run.tp_bytes, tp_expected = run.tp_expected, tp_seconds = run.tp_seconds,
+      cp_bytes = run.cp_bytes, cp_expected = run.cp_expected, cp_hidden = run.cp_hidden }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = excluding_comm(run, function() return M.evaluate(run) end)

@@ -1,6 +1,6 @@
 -- Tensor parallelism's arithmetic, to hold the engine to: the bytes its collectives move in a
 -- training step (engine/parallel/tp.h's mappings, counted as the communicators count them) and the
--- activations sequence parallelism divides. Rows N = micro_batch_size x seq_length, C = hidden_size,
+-- activations sequence parallelism divides. Rows N = micro_batch_size x seq_length (/ CP), C = hidden_size,
 -- E = bytes per element of the compute dtype; a ring all-reduce sends 2 (TP-1)/TP of its buffer,
 -- an all-gather or reduce-scatter (TP-1)/TP of the whole (gathered) buffer.
 local M = {}
@@ -22,7 +22,7 @@ function M.expected_bytes(r, chunks, n_micro)
   local m = r.model
   local tp, sp = m.tensor_model_parallel_size, m.sequence_parallel
   if tp == 1 then return 0 end
-  local N = r.train.micro_batch_size * m.seq_length
+  local N = r.train.micro_batch_size * m.seq_length // m.context_parallel_size -- this rank's part of the sequence
   local A = N * m.hidden_size * (m.bf16 and 2 or 4)
   local per_layer = sp and 10 * half(tp, A) or 4 * all_reduce(tp, A)
   if m.num_query_groups < tp then -- the whole QKV gathered forward, its gradient reduce-scattered backward

@@ -146,6 +146,7 @@ int lt_cp_attention_backward(const lt_cp *cp, const lt_cp_maps *m, void *dqkv, c
     for (int step = 0; step < cp->size; step++, cur ^= 1) {
         const int src = (cp->rank + cp->size - step) % cp->size;
         lt_comm_request *req = step < cp->size - 1 ? pass_on(cp, s.kv[cur], s.kv[cur ^ 1], (int64_t)n) : NULL;
+        if (step < cp->size - 1 && !req) return lt_fail(err, errlen, "context parallelism: out of memory");
         cp->ops->attention_kv_backward(dq, s.dblk, dout, qkv, s.kv[cur], out, lse, B, T, T, H, G, D, mine,
                                        m->pos + (size_t)src * T, S, p, key, head_offset, heads_total);
         cp->ops->add_forward(s.dacc[cur], s.dacc[cur], s.dblk, (int64_t)n);
@@ -154,6 +155,7 @@ int lt_cp_attention_backward(const lt_cp *cp, const lt_cp_maps *m, void *dqkv, c
         lt_comm_request *dreq = cp->size > 1 ? pass_on(cp, s.dacc[cur], s.dacc[cur ^ 1], (int64_t)n) : NULL;
         const int failed = finish(req, err, errlen);
         if (finish(dreq, err, errlen) || failed) return -1;
+        if (cp->size > 1 && !dreq) return lt_fail(err, errlen, "context parallelism: out of memory");
     }
     /* the gradients of this rank's block: where the loop left them (swapped past the last step) */
     cp->be->copy(dkv, s.dacc[cp->size > 1 ? cur : cur ^ 1], E * n);

@@ -539,17 +539,25 @@ local function describe_parallel(run, log)
   local ps, opt = run.ps, run.optimizer
   local m = opt:memory()
   local r = run.r
-  if r.model.tensor_model_parallel_size > 1 then
-    -- what a forward keeps per microbatch, and the part of it sequence parallelism divides by TP
-    local tp, B, T = r.model.tensor_model_parallel_size, r.train.micro_batch_size, r.model.seq_length
-    local held = 0
+  if r.model.tensor_model_parallel_size > 1 or r.model.context_parallel_size > 1 then
+    -- what a forward keeps per microbatch (of this rank's part of the sequence under context
+    -- parallelism), and the part of it sequence parallelism divides by TP
+    local tp, B = r.model.tensor_model_parallel_size, r.train.micro_batch_size
+    local T = r.model.seq_length // r.model.context_parallel_size
+    local held, parts = 0, {}
     for _, chunk in ipairs(run.chunks) do held = held + chunk:activation_bytes(B, T) end
-    local regions = tensor_parallel.sequence_parallel_region_bytes(r, run.chunks, B * T)
-    log:info("activations per microbatch on this rank: %.3f MiB%s (the sequence-parallel regions: %.3f MiB on one "
-      .. "rank, %s)", mib(held), r.model.sequence_parallel and " with sequence parallelism" or "", mib(regions),
-      r.model.sequence_parallel and ("%.3f MiB here, 1/%d"):format(
-        mib(tensor_parallel.sequence_parallel_region_bytes(r, run.chunks, B * T // tp)), tp)
-        or "all of it here without sequence parallelism")
+    if r.model.context_parallel_size > 1 then
+      parts[#parts + 1] = ("%d of the sequence's %d positions"):format(T, r.model.seq_length)
+    end
+    if tp > 1 then
+      local regions = tensor_parallel.sequence_parallel_region_bytes(r, run.chunks, B * T)
+      parts[#parts + 1] = ("the sequence-parallel regions: %.3f MiB on one rank, %s"):format(mib(regions),
+        r.model.sequence_parallel and ("%.3f MiB here, 1/%d"):format(
+          mib(tensor_parallel.sequence_parallel_region_bytes(r, run.chunks, B * T // tp)), tp)
+          or "all of it here without sequence parallelism")
+    end
+    log:info("activations per microbatch on this rank: %.3f MiB%s (%s)", mib(held),
+      r.model.sequence_parallel and " with sequence parallelism" or "", table.concat(parts, "; "))
     run.activation_bytes = held
   end
   log:info("%s | data parallel %d (%s)", parallel.describe(ps), run.dp_size,

@@ -7,7 +7,8 @@
  *   zeroing is a memset plus a read-modify-write of every activation gradient of the step).
  *   Exceptions, which accumulate (+=): weight gradients (dweight, dbias, dtable, dwpe: summed over
  *   microbatches, zeroed once per step), the dinp of layernorm / rmsnorm (the residual stream's
- *   gradient is already there and the norm's adds to it), add_backward, and rope_backward (in place).
+ *   gradient is already there and the norm's adds to it), add_backward, rope_backward (in place), and the dq
+ *   of attention_kv_backward (summed over a ring's blocks).
  *   Gradient pointers documented as nullable may be NULL to skip that gradient.
  * - Weights follow the PyTorch/Megatron layout: a linear weight is [out_features, in_features].
  * - No allocation inside an op unless stated; scratch comes from the caller.

@@ -9,6 +9,7 @@
 #include "engine/ops/cuda/linear.cu"
 #include "engine/ops/cuda/attention.cu"
 #include "engine/ops/cuda/attention_tc.cu"
+#include "engine/ops/cuda/attention_kv.cu"
 #include "engine/ops/cuda/rope.cu"
 #include "engine/ops/cuda/cross_entropy.cu"
 #include "engine/ops/cuda/profile.cu"

@@ -670,21 +670,33 @@ static void test_embedding(const prec *P, int N, int C, int V) {
     arena_reset();
 }
 
-static void test_position_embedding(const prec *P, int B, int T, int C) {
-    char name[160];
-    const size_t n = (size_t)B * T * C, nw = (size_t)T * C;
+/* rank >= 0: the T = 2L rows of CP rank `rank` of cp (chunks rank and 2cp-1-rank, context parallelism) at
+ * their global positions (pos on the device), the table of S = cp T rows; rank < 0: no positions. */
+static int32_t *cp_positions(int T, int cp, int rank) {
+    int32_t *pos = hmem(sizeof(int32_t) * (size_t)T);
+    const int L = T / 2;
+    for (int t = 0; t < T; t++) pos[t] = t < L ? rank * L + t : (2 * cp - 1 - rank) * L + t - L;
+    return pos;
+}
+
+static void test_position_embedding(const prec *P, int B, int T, int C, int cp, int rank) {
+    char name[200], at[64] = "";
+    const int rows = rank >= 0 ? cp * T : T;
+    const size_t n = (size_t)B * T * C, nw = (size_t)rows * C;
+    const int32_t *pos = rank >= 0 ? cp_positions(T, cp, rank) : NULL, *dpos = pos ? di32(pos, T) : NULL;
+    if (pos) snprintf(at, sizeof at, " at the positions of CP rank %d of %d", rank, cp);
     float *x = rnd(P, n, -1, 1), *wpe = rnd(P, nw, -1, 1), *dw0 = rnd(&P32, nw, -1, 1);
     void *hx = st(P, x, n), *hw = st(P, wpe, nw), *ref = st(P, x, n);
     float *dref = fcopy(dw0, nw);
     void *dx = dst(P, hx, n), *dwpe = dst(P, hw, nw), *dxorig = dst(P, hx, n);
     float *ddw = dfl(dw0, nw);
-    P->cpu->position_embedding_forward(ref, hw, B, T, C);
-    P->dev->position_embedding_forward(dx, dwpe, B, T, C);
-    snprintf(name, sizeof name, "position_embedding_forward B=%d T=%d C=%d (out += )", B, T, C);
+    P->cpu->position_embedding_forward(ref, hw, B, T, C, pos);
+    P->dev->position_embedding_forward(dx, dwpe, B, T, C, dpos);
+    snprintf(name, sizeof name, "position_embedding_forward B=%d T=%d C=%d%s (out += )", B, T, C, at);
     check_st(P, name, ref, dx, n, 0.0);
-    P->cpu->position_embedding_backward(dref, hx, B, T, C);
-    P->dev->position_embedding_backward(ddw, dxorig, B, T, C);
-    snprintf(name, sizeof name, "position_embedding_backward B=%d T=%d C=%d (dwpe fp32 += , same order)", B, T, C);
+    P->cpu->position_embedding_backward(dref, hx, B, T, C, pos);
+    P->dev->position_embedding_backward(ddw, dxorig, B, T, C, dpos);
+    snprintf(name, sizeof name, "position_embedding_backward B=%d T=%d C=%d%s (dwpe fp32 += , same order)", B, T, C, at);
     check_f(P, name, dref, ddw, nw, 0.0);
     arena_reset();
 }
@@ -975,21 +987,105 @@ static void test_attention(const prec *P, int B, int T, int H, int G, int D, flo
     arena_reset();
 }
 
-static void test_rope(const prec *P, int B, int T, int H, int G, int D, float base) {
-    char name[200];
+/* The lse of rows that see no key is -inf on both sides: equal infinities agree, finite values compared. */
+static void check_lse(const prec *P, const char *name, const float *ref, const float *d_got, size_t n, double tol) {
+    char err[600];
+    float *got = host_new(n), *r = host_copy(ref, n);
+    dev->to_host(got, d_got, n * sizeof(float));
+    if (dev_sync(err, sizeof err) != 0) {
+        report(0, "%s%s: device error: %s", P->tag, name, err);
+        free(got), free(r);
+        return;
+    }
+    size_t ninf = 0, bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (isinf(r[i]) || isinf(got[i])) {
+            bad += r[i] != got[i];
+            ninf++;
+            r[i] = got[i] = 0.0f;
+        }
+    const double d = rel_diff(r, got, n);
+    report(d <= tol && bad == 0, "%s%s: %zu rows -inf (%zu disagree), finite max|diff|/max|cpu| %.3g (tol %g)", P->tag,
+           name, ninf, bad, d, tol);
+    free(got), free(r);
+}
+
+/* Ring attention's pieces (context parallelism): CP rank rq's queries (chunks rq, 2CP-1-rq of L tokens) against
+ * rank rk's kv block, at global positions (on the device); the merge of that block with the rank's own one in
+ * both orders (a side at -inf: rows of chunk rq see nothing of a later rank's block); the backward from the
+ * merged out and lse, dq accumulated onto random values (key / value slots untouched), dkv written over junk. */
+static void test_attention_kv(const prec *P, int B, int CP, int L, int H, int G, int D, float p, int rq, int rk) {
+    char shape[160], name[240];
+    const int T = 2 * L, S = 2 * CP * L;
+    const uint64_t key = 0xC0FFEEull + (uint64_t)S;
+    const size_t nq = (size_t)B * T * (H + 2 * G) * D, nk = (size_t)B * T * 2 * G * D, no = (size_t)B * T * H * D;
+    const size_t nl = (size_t)B * H * T;
+    const double tol = tol_for(P, 1e-4, 1e-2);
+    const int h0 = p > 0.0f ? H : 0, HT = p > 0.0f ? 2 * H : H; /* with dropout: heads [H, 2H) of 2H */
+    snprintf(shape, sizeof shape, "B=%d CP=%d L=%d (S=%d) H=%d G=%d D=%d dropout=%g, rank %d's queries, rank %d's kv",
+             B, CP, L, S, H, G, D, p, rq, rk);
+    const int32_t *qp = cp_positions(T, CP, rq), *kp = cp_positions(T, CP, rk);
+    const int32_t *dqp = di32(qp, T), *dkp = di32(kp, T);
+    float *qkv = rnd(P, nq, -1, 1), *kvo = rnd(P, nk, -1, 1), *kvr = rnd(P, nk, -1, 1), *g = rnd(P, no, -1, 1);
+    float *dq0 = rnd(P, nq, -1, 1), *dk0 = junk(nk);
+    void *hq = st(P, qkv, nq), *hko = st(P, kvo, nk), *hkr = st(P, kvr, nk), *hg = st(P, g, no);
+    void *oa = st_new(P, no), *ob = st_new(P, no), *dqr = st(P, dq0, nq), *dkr = st(P, dk0, nk);
+    float *la = fl(nl), *lb = fl(nl);
+    void *d_q = dst(P, hq, nq), *d_ko = dst(P, hko, nk), *d_kr = dst(P, hkr, nk), *d_g = dst(P, hg, no);
+    void *d_o = dst_new(P, no), *d_dq = dst(P, dqr, nq), *d_dk = dst(P, dkr, nk);
+    float *d_l = dfl_new(nl);
+    /* the rank's own block (a), the other rank's (b) */
+    P->cpu->attention_kv_forward(oa, la, hq, hko, B, T, T, H, G, D, qp, qp, S, p, key, h0, HT);
+    P->cpu->attention_kv_forward(ob, lb, hq, hkr, B, T, T, H, G, D, qp, kp, S, p, key, h0, HT);
+    P->dev->attention_kv_forward(d_o, d_l, d_q, d_kr, B, T, T, H, G, D, dqp, dkp, S, p, key, h0, HT);
+    snprintf(name, sizeof name, "attention_kv_forward %s: out", shape);
+    check_st(P, name, ob, d_o, no, tol);
+    snprintf(name, sizeof name, "attention_kv_forward %s: lse (fp32)", shape);
+    check_lse(P, name, lb, d_l, nl, 1e-5);
+    /* merges from the CPU's block results: b into a, and a into b */
+    for (int order = 0; order < 2; order++) {
+        void *into = order ? ob : oa, *from = order ? oa : ob;
+        float *l_into = order ? lb : la, *l_from = order ? la : lb;
+        void *d_from = dst(P, from, no);
+        float *d_lfrom = dfl(l_from, nl);
+        dev->to_device(d_o, into, no * esize(P->dt));
+        dev->to_device(d_l, l_into, nl * sizeof(float));
+        P->cpu->attention_merge(into, l_into, from, l_from, B, T, H, D);
+        P->dev->attention_merge(d_o, d_l, d_from, d_lfrom, B, T, H, D);
+        snprintf(name, sizeof name, "attention_merge %s, %s: out", shape, order ? "own block into the other's" : "other block into the own");
+        check_st(P, name, into, d_o, no, tol);
+        snprintf(name, sizeof name, "attention_merge %s, %s: lse", shape, order ? "own block into the other's" : "other block into the own");
+        check_lse(P, name, l_into, d_l, nl, 1e-6);
+    }
+    /* backward of block b from the merged out and lse (ob, lb now hold them) */
+    dev->to_device(d_o, ob, no * esize(P->dt));
+    dev->to_device(d_l, lb, nl * sizeof(float));
+    P->cpu->attention_kv_backward(dqr, dkr, hg, hq, hkr, ob, lb, B, T, T, H, G, D, qp, kp, S, p, key, h0, HT);
+    P->dev->attention_kv_backward(d_dq, d_dk, d_g, d_q, d_kr, d_o, d_l, B, T, T, H, G, D, dqp, dkp, S, p, key, h0, HT);
+    snprintf(name, sizeof name, "attention_kv_backward %s: dq (+= onto random, k/v slots untouched)", shape);
+    check_st(P, name, dqr, d_dq, nq, tol);
+    snprintf(name, sizeof name, "attention_kv_backward %s: dkv (written over junk)", shape);
+    check_st(P, name, dkr, d_dk, nk, tol);
+    arena_reset();
+}
+
+static void test_rope(const prec *P, int B, int T, int H, int G, int D, float base, int cp, int rank) {
+    char name[240], at[64] = "";
     const size_t n = (size_t)B * T * (H + 2 * G) * D;
     const double tol = tol_for(P, 1e-5, 1e-2);
+    const int32_t *pos = rank >= 0 ? cp_positions(T, cp, rank) : NULL, *dpos = pos ? di32(pos, T) : NULL;
+    if (pos) snprintf(at, sizeof at, " at the positions of CP rank %d of %d", rank, cp);
     float *x = rnd(P, n, -1, 1), *g = rnd(P, n, -1, 1);
     void *hx = st(P, x, n), *hg = st(P, g, n);
     void *d_x = dst(P, hx, n), *d_g = dst(P, hg, n);
-    P->cpu->rope_forward(hx, B, T, H, G, D, base);
-    P->dev->rope_forward(d_x, B, T, H, G, D, base);
-    snprintf(name, sizeof name, "rope_forward B=%d T=%d H=%d G=%d D=%d base=%g (in place, values untouched)", B, T, H,
-             G, D, base);
+    P->cpu->rope_forward(hx, B, T, H, G, D, base, pos);
+    P->dev->rope_forward(d_x, B, T, H, G, D, base, dpos);
+    snprintf(name, sizeof name, "rope_forward B=%d T=%d H=%d G=%d D=%d base=%g%s (in place, values untouched)", B, T,
+             H, G, D, base, at);
     check_st(P, name, hx, d_x, n, tol);
-    P->cpu->rope_backward(hg, B, T, H, G, D, base);
-    P->dev->rope_backward(d_g, B, T, H, G, D, base);
-    snprintf(name, sizeof name, "rope_backward B=%d T=%d H=%d G=%d D=%d base=%g", B, T, H, G, D, base);
+    P->cpu->rope_backward(hg, B, T, H, G, D, base, pos);
+    P->dev->rope_backward(d_g, B, T, H, G, D, base, dpos);
+    snprintf(name, sizeof name, "rope_backward B=%d T=%d H=%d G=%d D=%d base=%g%s", B, T, H, G, D, base, at);
     check_st(P, name, hg, d_g, n, tol);
     arena_reset();
 }
@@ -1077,7 +1173,8 @@ static void test_unaligned(const prec *P) {
     test_swiglu(&U, 5, 16);
     test_dropout(&U, 1003, 0.1f, 5);
     test_embedding(&U, 9, 64, 11);
-    test_position_embedding(&U, 2, 5, 64);
+    test_position_embedding(&U, 2, 5, 64, 0, -1);
+    test_position_embedding(&U, 2, 6, 64, 2, 1);
     test_layernorm(&U, 9, 64, 1);
     test_rmsnorm(&U, 9, 64);
     test_qk_norm(&U, 5, 4, 2, 64, 0);
@@ -1135,7 +1232,7 @@ static const char *const prof_ops[] = {
     "embedding_forward", "embedding_backward", "position_embedding_forward", "position_embedding_backward",
     "layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "linear_forward",
     "linear_backward", "linear_gelu_forward", "linear_dgelu_backward", "attention_forward", "attention_backward",
-    "rope_forward", "rope_backward", "qk_norm_forward", "qk_norm_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
+    "attention_kv_forward", "attention_merge", "attention_kv_backward", "rope_forward", "rope_backward", "qk_norm_forward", "qk_norm_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
     "cross_entropy_forward", "cross_entropy_backward",
 };
 static const char *const prof_fns[] = {"fill",         "fill_normal", "sum_squares", "scale",
@@ -1389,9 +1486,11 @@ int main(int argc, char **argv) {
 
         test_embedding(P, 67, 129, 50);
         test_embedding(P, 1, 768, 7);
-        test_position_embedding(P, 3, 67, 129);
-        test_position_embedding(P, 1, 1, 5);
-        test_position_embedding(P, 2, 7, 64); /* whole 16-byte packs per row */
+        test_position_embedding(P, 3, 67, 129, 0, -1);
+        test_position_embedding(P, 1, 1, 5, 0, -1);
+        test_position_embedding(P, 2, 7, 64, 0, -1); /* whole 16-byte packs per row */
+        test_position_embedding(P, 2, 10, 64, 4, 1); /* context parallelism: rank 1 of 4 */
+        test_position_embedding(P, 3, 34, 129, 2, 0);
 
         test_layernorm(P, 1, 3, 1); /* not C = 1: its dinp is 0 + rounding noise * rstd (= 1/sqrt(eps)) */
         test_layernorm(P, 7, 33, 1);
@@ -1429,9 +1528,17 @@ int main(int argc, char **argv) {
         test_attention(P, 2, 100, 8, 2, 64, 0.0f);  /* 4 query heads per group */
         test_attention(P, 1, 33, 2, 1, 17, 0.1f);   /* odd D */
 
-        test_rope(P, 2, 67, 4, 2, 64, 10000.0f);
-        test_rope(P, 1, 256, 2, 2, 128, 500000.0f);
-        test_rope(P, 3, 1, 4, 1, 32, 10000.0f);
+        test_rope(P, 2, 67, 4, 2, 64, 10000.0f, 0, -1);
+        test_rope(P, 1, 256, 2, 2, 128, 500000.0f, 0, -1);
+        test_rope(P, 3, 1, 4, 1, 32, 10000.0f, 0, -1);
+        test_rope(P, 2, 74, 4, 2, 64, 10000.0f, 4, 2); /* context parallelism: rank 2 of 4 */
+
+        /* B, CP, L, H, G, D, dropout, the queries' rank, the kv block's rank */
+        test_attention_kv(P, 2, 2, 37, 4, 2, 32, 0.0f, 0, 1); /* a later rank's block: chunk 0 sees none of it */
+        test_attention_kv(P, 1, 2, 37, 4, 2, 32, 0.1f, 1, 0);
+        test_attention_kv(P, 2, 4, 9, 3, 3, 80, 0.2f, 2, 1);  /* MHA, D = 80, L not a multiple of 32 */
+        test_attention_kv(P, 1, 4, 20, 4, 1, 128, 0.0f, 1, 3); /* one kv group, D = 128 */
+        test_attention_kv(P, 1, 2, 5, 2, 1, 17, 0.3f, 1, 1);  /* odd D, the rank's own block */
 
         test_cross_entropy(P, 5, 7);
         test_cross_entropy(P, 67, 50257);

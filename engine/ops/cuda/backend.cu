@@ -45,6 +45,7 @@ static int cuda_fill_table(lt_backend *be, char *err, size_t errlen) {
     cuda_norm_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_linear_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_attention_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_attention_kv_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_rope_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_cross_entropy_ops(&cuda_ops_f32, &cuda_ops_bf16);
     const size_t miss = cuda_ops_missing(&cuda_ops_f32) ? cuda_ops_missing(&cuda_ops_f32)

@@ -27,27 +27,33 @@ __global__ void emb_backward_kernel(float *dtable, const scalar_t *dout, const i
     }
 }
 
-/* out[b, t, c] += wpe[t, c], W elements per thread as in emb_forward_kernel. */
+/* out[b, t, c] += wpe[p(t), c], p(t) = pos ? pos[t] : t (global positions, context parallelism); W
+ * elements per thread as in emb_forward_kernel. */
 template <typename scalar_t, int W>
-__global__ void emb_pos_forward_kernel(scalar_t *out, const scalar_t *wpe, int64_t btc, int T, int C) {
+__global__ void emb_pos_forward_kernel(scalar_t *out, const scalar_t *wpe, int64_t btc, int T, int C,
+                                       const int32_t *pos) {
     CUDA_FOR(j, btc / W) {
-        const int64_t i = j * W, bt = i / C, c = i - bt * C, t = bt % T;
+        const int64_t i = j * W, bt = i / C, c = i - bt * C, t = bt % T, row = pos ? pos[t] : t;
         cuda_pack<scalar_t, W> y = cuda_ldp<W>(out + i);
-        const cuda_pack<scalar_t, W> w = cuda_ldp<W>(wpe + t * C + c);
+        const cuda_pack<scalar_t, W> w = cuda_ldp<W>(wpe + row * C + c);
 #pragma unroll
         for (int k = 0; k < W; k++) cuda_st(&y.x[k], cuda_ld(&y.x[k]) + cuda_ld(&w.x[k]));
         cuda_stp<W>(out + i, y);
     }
 }
 
-/* dwpe[t, c] (fp32) += sum_b dout[b, t, c]: one thread per (t, c) adds b = 0, 1, ... in order, onto
- * the existing value, exactly as the CPU loop does (deterministic, and bit-equal to it). */
+/* dwpe[p(t), c] (fp32) += sum_b dout[b, t, c]: one thread per (t, c) adds b = 0, 1, ... in order, onto
+ * the existing value, exactly as the CPU loop does (deterministic, and bit-equal to it; the positions of
+ * a call are distinct, so no two threads share a row). */
 template <typename scalar_t>
-__global__ void emb_pos_backward_kernel(float *dwpe, const scalar_t *dout, int B, int64_t tc) {
+__global__ void emb_pos_backward_kernel(float *dwpe, const scalar_t *dout, int B, int64_t tc, int C,
+                                        const int32_t *pos) {
     CUDA_FOR(i, tc) {
-        float acc = dwpe[i];
+        const int64_t t = i / C, c = i - t * C;
+        float *d = dwpe + (pos ? (int64_t)pos[t] : t) * C + c;
+        float acc = *d;
         for (int b = 0; b < B; b++) acc += cuda_ld(dout + (int64_t)b * tc + i);
-        dwpe[i] = acc;
+        *d = acc;
     }
 }
 
@@ -75,25 +81,25 @@ static void emb_embedding_backward(float *dtable, const void *dout, const int32_
 }
 
 template <typename T>
-static void emb_position_embedding_forward(void *out, const void *wpe, int B, int T_, int C) {
+static void emb_position_embedding_forward(void *out, const void *wpe, int B, int T_, int C, const int32_t *pos) {
     const int64_t btc = (int64_t)B * T_ * C;
     if (btc <= 0) return;
     constexpr int V = CUDA_VEC(T);
     if (C % V == 0 && cuda_aligned16(out, wpe))
         CUDA_LAUNCH((emb_pos_forward_kernel<T, V>), cuda_blocks(btc / V, CUDA_THREADS), CUDA_THREADS, 0)(
-            (T *)out, (const T *)wpe, btc, T_, C);
+            (T *)out, (const T *)wpe, btc, T_, C, pos);
     else
         CUDA_LAUNCH((emb_pos_forward_kernel<T, 1>), cuda_blocks(btc, CUDA_THREADS), CUDA_THREADS, 0)(
-            (T *)out, (const T *)wpe, btc, T_, C);
+            (T *)out, (const T *)wpe, btc, T_, C, pos);
     cuda_check("position_embedding_forward");
 }
 
 template <typename T>
-static void emb_position_embedding_backward(float *dwpe, const void *dout, int B, int T_, int C) {
+static void emb_position_embedding_backward(float *dwpe, const void *dout, int B, int T_, int C, const int32_t *pos) {
     const int64_t tc = (int64_t)T_ * C;
     if (tc <= 0 || B <= 0) return;
     CUDA_LAUNCH(emb_pos_backward_kernel<T>, cuda_blocks(tc, CUDA_THREADS), CUDA_THREADS, 0)(dwpe, (const T *)dout,
-                                                                                            B, tc);
+                                                                                            B, tc, C, pos);
     cuda_check("position_embedding_backward");
 }
 

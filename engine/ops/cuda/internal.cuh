@@ -111,6 +111,9 @@ void cuda_attention_tc_forward(__nv_bfloat16 *out, float *lse, const __nv_bfloat
 void cuda_attention_tc_backward(__nv_bfloat16 *dqkv, const __nv_bfloat16 *dout, const __nv_bfloat16 *qkv,
                                 const float *lse, const float *delta, int B, int T, int H, int G, int D, float p,
                                 uint64_t key, int head_offset, int heads_total);
+/* attention_kv_forward, attention_merge, attention_kv_backward (context parallelism): CUDA-core kernels in
+ * both tables (the bf16 one included: no tensor-core path for these) */
+void cuda_attention_kv_ops(lt_ops *f32, lt_ops *bf16);
 void cuda_rope_ops(lt_ops *f32, lt_ops *bf16);          /* rope */
 void cuda_cross_entropy_ops(lt_ops *f32, lt_ops *bf16); /* cross-entropy */
 

@@ -42,7 +42,7 @@
     X(embedding_forward) X(embedding_backward) X(position_embedding_forward) X(position_embedding_backward) \
     X(layernorm_forward) X(layernorm_backward) X(rmsnorm_forward) X(rmsnorm_backward) X(linear_forward)     \
     X(linear_backward) X(linear_gelu_forward) X(linear_dgelu_backward) X(attention_forward)                   \
-    X(attention_backward) X(rope_forward) X(rope_backward) X(qk_norm_forward) X(qk_norm_backward)             \
+    X(attention_backward) X(attention_kv_forward) X(attention_merge) X(attention_kv_backward) X(rope_forward) X(rope_backward) X(qk_norm_forward) X(qk_norm_backward)             \
     X(gelu_forward) X(gelu_backward) X(swiglu_forward) X(swiglu_backward) X(add_forward) X(dropout_forward) \
     X(dropout_backward) X(cross_entropy_forward) X(cross_entropy_backward)
 /* The backend's own functions that issue device work. */
@@ -230,9 +230,9 @@ R (*prof_op<Slot, ES, Cost, R (*)(A...)>::orig)(A...) = NULL;
 PROF_COST(embedding_forward, 0, 2 * es * ARG(3) * ARG(4) + 4 * ARG(3))
 /* (dtable, dout, ids, N, C): dout once, the fp32 rows read and written */
 PROF_COST(embedding_backward, 0, es * ARG(3) * ARG(4) + 8 * ARG(3) * ARG(4) + 4 * ARG(3))
-/* (out, wpe, B, T, C) */
+/* (out, wpe, B, T, C, pos) */
 PROF_COST(position_embedding_forward, 0, es * (2 * ARG(2) * ARG(3) * ARG(4) + ARG(3) * ARG(4)))
-/* (dwpe, dout, B, T, C) */
+/* (dwpe, dout, B, T, C, pos) */
 PROF_COST(position_embedding_backward, 0, es * ARG(2) * ARG(3) * ARG(4) + 8 * ARG(3) * ARG(4))
 /* (out, mean, rstd, inp, weight, bias, N, C, eps) */
 PROF_COST(layernorm_forward, 0, 2 * es * ARG(6) * ARG(7) + 8 * ARG(6))
@@ -254,7 +254,14 @@ PROF_COST(linear_dgelu_backward, 4 * ARG(7) * ARG(8) * ARG(9), 0)
 PROF_COST(attention_forward, 2 * ARG(3) * ARG(5) * ARG(4) * ARG(4) * ARG(7), 0)
 /* (dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key, head_offset, heads_total): 2.5 times the forward */
 PROF_COST(attention_backward, 5 * ARG(5) * ARG(7) * ARG(6) * ARG(6) * ARG(9), 0)
-/* (qkv, B, T, H, G, D, base): the query and key heads read and written */
+/* (out, lse, qkv, kv, B, Tq, Tk, H, G, D, q_pos, k_pos, S, p, key, head_offset, heads_total): 4 B H Tq Tk D
+ * for the whole block (the elements the positions mask out are computed too) */
+PROF_COST(attention_kv_forward, 4 * ARG(4) * ARG(7) * ARG(5) * ARG(6) * ARG(9), 0)
+/* (out, lse, out_b, lse_b, B, T, H, D): out read and written, out_b read, both lse */
+PROF_COST(attention_merge, 0, 3 * es * ARG(4) * ARG(5) * ARG(6) * ARG(7) + 12 * ARG(4) * ARG(6) * ARG(5))
+/* (dq, dkv, dout, qkv, kv, out, lse, B, Tq, Tk, H, G, D, ...): 2.5 times the forward */
+PROF_COST(attention_kv_backward, 10 * ARG(7) * ARG(10) * ARG(8) * ARG(9) * ARG(12), 0)
+/* (qkv, B, T, H, G, D, base, pos): the query and key heads read and written */
 PROF_COST(rope_forward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5))
 PROF_COST(rope_backward, 0, 2 * es * ARG(1) * ARG(2) * (ARG(3) + ARG(4)) * ARG(5))
 /* (out, mean, rstd, inp, qw, qb, kw, kb, N, H, G, D, eps): qkv read and written, statistics of N (H + G) rows */

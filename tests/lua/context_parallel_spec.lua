@@ -87,6 +87,79 @@ for _, positions in ipairs { { "learned positions", "" }, { "RoPE", "model.posit
   end)
 end
 
+-- The CUDA backend's ops under CP (ring attention's blocks and merge, RoPE and dropout at global
+-- positions) on the emulated plugin: each of 2 ranks builds the model on "cuda" (whose memory is the
+-- host's under the emulator, so the shm communicator carries the ring) and runs its chunks of one
+-- microbatch with dropout; against the CPU's single rank: the loss of the whole sequence, and every
+-- gradient summed over the cp ranks.
+local CUDA_CP_CHECK = [[
+local lt = require "luatron"
+local core = require "luatron.core"
+local model_lib = require "luatron.model"
+local cpl = require "luatron.context_parallel"
+local world = core.comm_world()
+local me, n, S = world:rank(), world:size(), 16
+local function provider(device, cp)
+  return lt.GPTModelProvider { num_layers = 2, hidden_size = 16, num_attention_heads = 4, num_query_groups = 2,
+    seq_length = S, vocab_size = 64, make_vocab_size_divisible_by = 32, hidden_dropout = 0.1, attention_dropout = 0.1,
+    device = device, context_parallel_size = cp, position_embedding_type = arg[1] }
+end
+local ref = model_lib.build(provider("cpu", 1), 3)
+local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, nil, world)
+cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 0, 2, true, true
+local chunk = core.gpt_chunk(cfg)
+local tok, tgt = {}, {}
+for b = 1, 2 do
+  tok[b], tgt[b] = {}, {}
+  for t = 1, S do tok[b][t], tgt[b][t] = (b * 8 + t * 5) % 64, (b * 3 + t * 7) % 64 end
+end
+local tokens, targets = lt.tensor.from(tok, "int32"), lt.tensor.from(tgt, "int32")
+ref:zero_grad(); chunk:zero_grad()
+local ctx, loss, valid = ref:forward(tokens, targets, 5)
+ref:backward(ctx, 1 / valid)
+local losses, c = chunk:forward(cpl.local_rows(tokens, me, n), cpl.local_rows(targets, me, n), 5)
+local sum = lt.tensor.from({ losses:to_host():sum() }, "float32")
+world:all_reduce(sum, "sum")
+chunk:backward(c, 1 / valid)
+local worst = 0
+for _, p in ipairs(chunk:parameters()) do
+  local g = chunk:grad(p.name):to_host()
+  world:all_reduce(g, "sum")
+  local a, b = ref:grad(p.name):reshape({ p.numel }), g:reshape({ p.numel })
+  local scale, diff = 0, 0
+  for i = 1, p.numel do
+    scale, diff = math.max(scale, math.abs(a:get(i))), math.max(diff, math.abs(a:get(i) - b:get(i)))
+  end
+  worst = math.max(worst, diff / math.max(scale, 1e-4))
+end
+print(("rank %d device %s loss %.9g cp %.9g grad_rel %.3g"):format(me, chunk:grad(chunk:parameters()[1].name):device(),
+  loss, sum:item() / valid, worst))
+]]
+
+describe("context parallelism on the CUDA backend (the emulated plugin)", function()
+  local EMULATED = "tests/cuda/luatron_cuda_emulated.so"
+  for _, positions in ipairs { "learned_absolute", "rope" } do
+    it(("matches the CPU's single rank (CP = 2, %s)"):format(positions), function()
+      local f = io.open(EMULATED)
+      assert(f, EMULATED .. " is missing (a data dependency of this spec)")
+      f:close()
+      local dir = tmpdir()
+      h.write(dir .. "/check.lua", CUDA_CP_CHECK)
+      local code, out = run(("LUATRON_CUDA_PLUGIN=%s %s launch -n 2 %s %s"):format(q(EMULATED), q(LUATRON),
+        q(dir .. "/check.lua"), positions))
+      assert.are.equal(0, code, out)
+      local seen = 0
+      for rank, device, loss, cp_loss, rel in out:gmatch("rank (%d) device (%S+) loss (%S+) cp (%S+) grad_rel (%S+)") do
+        seen = seen + 1
+        assert.are.equal("cuda", device, out)
+        assert_close(tonumber(loss), tonumber(cp_loss), "rank " .. rank .. " loss")
+        assert.is_true(tonumber(rel) <= RTOL, ("rank %s: gradients differ by %s of their scale"):format(rank, rel))
+      end
+      assert.are.equal(2, seen, out)
+    end)
+  end
+end)
+
 describe("context parallelism's rules", function()
   it("refuses a sequence that does not split into 2 CP chunks, with Megatron Bridge's message", function()
     local code, out = run(("%s launch -n 2 %s model.context_parallel_size=2 model.seq_length=30 "

@@ -123,6 +123,12 @@ static lt_gpt_config read_config(lua_State *L) {
      * keep_comms) */
     c.tp_comm = opt_comm(L, "tensor_parallel");
     c.cp_comm = opt_comm(L, "context_parallel");
+    field_get(L, 1, "cp_comm_type");
+    const char *cp_type = lua_tostring(L, -1);
+    if (!cp_type || (strcmp(cp_type, "p2p") != 0 && strcmp(cp_type, "all_gather") != 0))
+        luaL_error(L, "model config: cp_comm_type must be \"p2p\" or \"all_gather\"");
+    c.cp_all_gather = strcmp(cp_type, "all_gather") == 0;
+    lua_pop(L, 1);
     lua_Integer local_rank = field_int(L, 1, "local_rank");
     char err[512] = "";
     field_get(L, 1, "device");

@@ -260,9 +260,10 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         m->tp = (lt_tp){cfg->tp_comm, lt_comm_rank(cfg->tp_comm), lt_comm_size(cfg->tp_comm), cfg->sequence_parallel,
                         m->be, m->ops};
     lt_vocab_range_of(&m->vocab, &m->tp, cfg->vocab_size, err, (size_t)errlen); /* divides: checked above */
-    m->cp = (lt_cp){NULL, 0, 1, m->be, m->ops};
+    m->cp = (lt_cp){NULL, 0, 1, m->be, m->ops, 0};
     if (cfg->cp_comm && lt_comm_size(cfg->cp_comm) > 1)
-        m->cp = (lt_cp){cfg->cp_comm, lt_comm_rank(cfg->cp_comm), lt_comm_size(cfg->cp_comm), m->be, m->ops};
+        m->cp = (lt_cp){cfg->cp_comm, lt_comm_rank(cfg->cp_comm), lt_comm_size(cfg->cp_comm), m->be, m->ops,
+                        cfg->cp_all_gather};
     m->spec = spec_of(cfg, &m->tp, &m->cp);
     m->E = lt_dtype_size(m->ops->dtype);
     const int C = cfg->hidden_size, V = cfg->vocab_size;
@@ -663,7 +664,7 @@ static size_t parallel_scratch_bytes(const lt_gpt *m, int B, int T) {
     const int N = B * T;
     const size_t sp = m->tp.size > 1 && m->tp.sequence_parallel ? aligned(m->E * (size_t)N * m->cfg.hidden_size) : 0;
     const lt_cp_maps shape = {B, T, m->spec.num_attention_heads, m->spec.num_query_groups, m->cfg.kv_channels};
-    const size_t ring = m->cp.size > 1 ? lt_cp_attention_scratch(&shape) : 0;
+    const size_t ring = m->cp.size > 1 ? lt_cp_attention_scratch(&m->cp, &shape) : 0;
     return 2 * sp + 2 * aligned(m->E * lt_layer_kv_scratch(&m->spec, N)) + ring;
 }
 

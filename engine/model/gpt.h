@@ -60,6 +60,7 @@ typedef struct {
     /* Context parallelism (engine/parallel/cp.h): this rank's cp group (NULL: one rank; borrowed). A
      * chunk's T is then this rank's local sequence, 2 of the 2 CP chunks of seq_length. */
     lt_comm *cp_comm;
+    int cp_all_gather; /* cp_comm_type "all_gather" (0: "p2p", the ring) */
 } lt_gpt_config;
 
 /* How a parameter is split across the TP ranks: rank r of TP holds */

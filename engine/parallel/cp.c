@@ -52,8 +52,8 @@ void lt_cp_maps_free(const lt_cp *cp, lt_cp_maps *m) {
 }
 
 /* The scratch's parts, each 64-byte aligned: two key/value blocks (the one computed on, the one
- * arriving), two of their gradients, one block's gradient, [dq ; dkv] for the final row gather, and
- * the partial out and lse of a block. */
+ * arriving) and two of their gradients (all_gather: every rank's blocks, and their gradients), one
+ * block's gradient, [dq ; dkv] for the final row gather, and the partial out and lse of a block. */
 typedef struct {
     char *kv[2], *dacc[2], *dblk, *parts, *out_b;
     float *lse_b;
@@ -62,14 +62,23 @@ typedef struct {
 
 static size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-static ring_scratch carve(const lt_cp *cp, const lt_cp_maps *m, char *base) {
-    const size_t E = lt_dtype_size(cp->ops->dtype), N = (size_t)m->B * m->T;
-    const size_t block = up64(E * N * m->G * 2 * m->D), qkv = E * N * m->G * (m->H / m->G + 2) * m->D;
+static int64_t block_elements(const lt_cp_maps *m) { return (int64_t)m->B * m->T * m->G * 2 * m->D; }
+
+/* cp_comm_type "all_gather" in effect (one rank has nothing to gather). */
+static int gathered(const lt_cp *cp) { return cp->all_gather && cp->size > 1; }
+
+/* With base NULL only measures (.bytes). */
+static ring_scratch carve(const lt_cp *cp, const lt_cp_maps *m, size_t E, char *base) {
+    const size_t N = (size_t)m->B * m->T, block = E * (size_t)block_elements(m);
+    const size_t qkv = E * N * m->G * (m->H / m->G + 2) * m->D;
+    const size_t pair = cp->all_gather ? up64(block * (size_t)cp->size) : up64(block); /* kv[0], dacc[0] */
     ring_scratch s;
     size_t at = 0;
-    for (int i = 0; i < 2; i++) s.kv[i] = base + at, at += block;
-    for (int i = 0; i < 2; i++) s.dacc[i] = base + at, at += block;
-    s.dblk = base + at, at += block;
+    s.kv[0] = base + at, at += pair;
+    s.kv[1] = base + at, at += cp->all_gather ? 0 : up64(block);
+    s.dacc[0] = base + at, at += pair;
+    s.dacc[1] = base + at, at += cp->all_gather ? 0 : up64(block);
+    s.dblk = base + at, at += up64(block);
     s.parts = base + at, at += up64(qkv + block);
     s.out_b = base + at, at += up64(E * N * m->H * m->D);
     s.lse_b = (float *)(base + at), at += up64(sizeof(float) * N * m->H);
@@ -77,10 +86,8 @@ static ring_scratch carve(const lt_cp *cp, const lt_cp_maps *m, char *base) {
     return s;
 }
 
-size_t lt_cp_attention_scratch(const lt_cp_maps *m) {
-    const size_t N = (size_t)m->B * m->T, E = 4; /* the widest dtype, fp32: enough for bf16 too */
-    const size_t block = up64(E * N * m->G * 2 * m->D), qkv = E * N * m->G * (m->H / m->G + 2) * m->D;
-    return 5 * block + up64(qkv + block) + up64(E * N * m->H * m->D) + up64(sizeof(float) * N * m->H);
+size_t lt_cp_attention_scratch(const lt_cp *cp, const lt_cp_maps *m) {
+    return carve(cp, m, 4, NULL).bytes; /* the widest dtype, fp32: enough for bf16 too */
 }
 
 /* Rows rows[i] of src into row i of dst, D wide: the embedding lookup is an exact row gather. */
@@ -104,24 +111,30 @@ static int finish(lt_comm_request *req, char *err, size_t errlen) {
     return lt_comm_wait(req, err, errlen);
 }
 
-static int64_t block_elements(const lt_cp_maps *m) { return (int64_t)m->B * m->T * m->G * 2 * m->D; }
-
 int lt_cp_attention_forward(const lt_cp *cp, const lt_cp_maps *m, void *out, float *lse, const void *qkv, float p,
                             uint64_t key, int head_offset, int heads_total, void *scratch, char *err, size_t errlen) {
-    ring_scratch s = carve(cp, m, scratch);
+    const size_t E = lt_dtype_size(cp->ops->dtype);
+    ring_scratch s = carve(cp, m, E, scratch);
     const int B = m->B, T = m->T, H = m->H, G = m->G, D = m->D, S = T * cp->size;
+    const int64_t n = block_elements(m);
     const int32_t *mine = m->pos + (size_t)cp->rank * T;
-    gather(cp, m, s.kv[0], m->kv_of_qkv, qkv, (size_t)block_elements(m) / D);
+    char *own = gathered(cp) ? s.dblk : s.kv[0]; /* all_gather: this rank's block, then every rank's in kv[0] */
+    gather(cp, m, own, m->kv_of_qkv, qkv, (size_t)n / D);
+    if (gathered(cp) && lt_comm_all_gather(cp->comm, own, s.kv[0], n, cp->ops->dtype, err, errlen)) return -1;
     for (int step = 0, cur = 0; step < cp->size; step++, cur ^= 1) {
         const int src = (cp->rank + cp->size - step) % cp->size; /* whose block this rank holds */
-        lt_comm_request *req = step < cp->size - 1 ? pass_on(cp, s.kv[cur], s.kv[cur ^ 1], block_elements(m)) : NULL;
-        if (step < cp->size - 1 && !req) return lt_fail(err, errlen, "context parallelism: out of memory");
+        const void *block = gathered(cp) ? s.kv[0] + E * (size_t)n * src : s.kv[cur];
+        lt_comm_request *req = NULL;
+        if (!gathered(cp) && step < cp->size - 1) {
+            req = pass_on(cp, s.kv[cur], s.kv[cur ^ 1], n);
+            if (!req) return lt_fail(err, errlen, "context parallelism: out of memory");
+        }
         const int32_t *theirs = m->pos + (size_t)src * T;
         if (step == 0) {
-            cp->ops->attention_kv_forward(out, lse, qkv, s.kv[cur], B, T, T, H, G, D, mine, theirs, S, p, key,
-                                          head_offset, heads_total);
+            cp->ops->attention_kv_forward(out, lse, qkv, block, B, T, T, H, G, D, mine, theirs, S, p, key, head_offset,
+                                          heads_total);
         } else {
-            cp->ops->attention_kv_forward(s.out_b, s.lse_b, qkv, s.kv[cur], B, T, T, H, G, D, mine, theirs, S, p, key,
+            cp->ops->attention_kv_forward(s.out_b, s.lse_b, qkv, block, B, T, T, H, G, D, mine, theirs, S, p, key,
                                           head_offset, heads_total);
             cp->ops->attention_merge(out, lse, s.out_b, s.lse_b, B, T, H, D);
         }
@@ -130,16 +143,40 @@ int lt_cp_attention_forward(const lt_cp *cp, const lt_cp_maps *m, void *out, flo
     return 0;
 }
 
+/* all_gather: every rank's block gathered, each block's key/value gradient computed here, the
+ * gradients reduce-scattered to their owners (no overlap). */
+static int backward_gathered(const lt_cp *cp, const lt_cp_maps *m, ring_scratch *s, char *dq, char *dkv, const void *dout,
+                             const void *qkv, const void *out, const float *lse, float p, uint64_t key, int head_offset,
+                             int heads_total, char *err, size_t errlen) {
+    const int B = m->B, T = m->T, H = m->H, G = m->G, D = m->D, S = T * cp->size;
+    const size_t E = lt_dtype_size(cp->ops->dtype), n = (size_t)block_elements(m);
+    gather(cp, m, s->dblk, m->kv_of_qkv, qkv, n / D);
+    if (lt_comm_all_gather(cp->comm, s->dblk, s->kv[0], (int64_t)n, cp->ops->dtype, err, errlen)) return -1;
+    for (int step = 0; step < cp->size; step++) {
+        const int src = (cp->rank + cp->size - step) % cp->size;
+        cp->ops->attention_kv_backward(dq, s->dacc[0] + E * n * src, dout, qkv, s->kv[0] + E * n * src, out, lse, B, T, T,
+                                       H, G, D, m->pos + (size_t)cp->rank * T, m->pos + (size_t)src * T, S, p, key,
+                                       head_offset, heads_total);
+    }
+    return lt_comm_reduce_scatter(cp->comm, s->dacc[0], dkv, (int64_t)n, cp->ops->dtype, LT_REDUCE_SUM, err, errlen);
+}
+
 int lt_cp_attention_backward(const lt_cp *cp, const lt_cp_maps *m, void *dqkv, const void *dout, const void *qkv,
                              const void *out, const float *lse, float p, uint64_t key, int head_offset,
                              int heads_total, void *scratch, char *err, size_t errlen) {
-    ring_scratch s = carve(cp, m, scratch);
-    const int B = m->B, T = m->T, H = m->H, G = m->G, D = m->D, S = T * cp->size;
     const size_t E = lt_dtype_size(cp->ops->dtype), n = (size_t)block_elements(m);
+    ring_scratch s = carve(cp, m, E, scratch);
+    const int B = m->B, T = m->T, H = m->H, G = m->G, D = m->D, S = T * cp->size;
     const size_t dq_bytes = E * (size_t)B * T * G * (H / G + 2) * D;
     const int32_t *mine = m->pos + (size_t)cp->rank * T;
     char *dq = s.parts, *dkv = s.parts + dq_bytes;
     cp->be->memzero(dq, dq_bytes);
+    if (gathered(cp)) {
+        if (backward_gathered(cp, m, &s, dq, dkv, dout, qkv, out, lse, p, key, head_offset, heads_total, err, errlen))
+            return -1;
+        cp->ops->embedding_forward(dqkv, m->qkv_of_parts, s.parts, B * T * G * (H / G + 2), D);
+        return 0;
+    }
     cp->be->memzero(s.dacc[0], E * n);
     gather(cp, m, s.kv[0], m->kv_of_qkv, qkv, n / D);
     int cur = 0;
@@ -166,5 +203,6 @@ int lt_cp_attention_backward(const lt_cp *cp, const lt_cp_maps *m, void *dqkv, c
 uint64_t lt_cp_ring_bytes(const lt_cp *cp, const lt_cp_maps *m, int backward) {
     const uint64_t block = (uint64_t)block_elements(m) * lt_dtype_size(cp->ops->dtype);
     if (cp->size == 1) return 0;
+    if (gathered(cp)) return (uint64_t)(cp->size - 1) * block * (backward ? 2 : 1);
     return backward ? (2 * (uint64_t)cp->size - 1) * block : (uint64_t)(cp->size - 1) * block;
 }

@@ -5,7 +5,9 @@
  * RoPE, learned positions and dropout masks), and attention runs as a ring (cp_comm_type "p2p"): each
  * rank's keys and values go round the cp group while every rank computes its queries against the block
  * it holds (engine/ops attention_kv_*), the partial results merged by their log-sum-exp; in backward
- * the blocks go round again, each carrying its key/value gradient back to its owner.
+ * the blocks go round again, each carrying its key/value gradient back to its owner. cp_comm_type
+ * "all_gather" instead gathers every rank's block first (no overlap) and reduce-scatters the key/value
+ * gradients.
  *
  * Buffers are of the ops' dtype in the backend's memory; the communicator carries them (shm on the
  * host, NCCL on GPUs). Functions return 0, or -1 with the reason in err. */
@@ -22,6 +24,7 @@ typedef struct {
     int rank, size;
     const lt_backend *be;
     const lt_ops *ops;
+    int all_gather; /* cp_comm_type "all_gather" (0: "p2p", the ring) */
 } lt_cp;
 
 /* The global position of row t (0 <= t < T) of rank's local sequence of T = S / size rows. */
@@ -41,7 +44,7 @@ lt_cp_maps *lt_cp_maps_new(const lt_cp *cp, int B, int T, int H, int G, int D, c
 void lt_cp_maps_free(const lt_cp *cp, lt_cp_maps *m);
 
 /* Bytes of the scratch the ring's forward and backward take for m's shape. */
-size_t lt_cp_attention_scratch(const lt_cp_maps *m);
+size_t lt_cp_attention_scratch(const lt_cp *cp, const lt_cp_maps *m);
 
 /* out [B, T, H, D] and lse [B, H, T] of this rank's queries (in qkv, rotary embedding applied) against
  * every rank's keys and values: size - 1 ring steps, each block's transfer in flight while the block
@@ -55,8 +58,9 @@ int lt_cp_attention_backward(const lt_cp *cp, const lt_cp_maps *m, void *dqkv, c
                              const void *out, const float *lse, float p, uint64_t key, int head_offset,
                              int heads_total, void *scratch, char *err, size_t errlen);
 
-/* Bytes this rank sends per microbatch and layer: forward (size - 1) key/value blocks; backward
- * (size - 1) blocks and size key/value gradients. */
+/* Bytes this rank sends per microbatch and layer (as the communicator counts them): forward size - 1
+ * key/value blocks; backward size - 1 blocks and size key/value gradients (p2p), or size - 1 of each
+ * (all_gather: an all-gather and a reduce-scatter). */
 uint64_t lt_cp_ring_bytes(const lt_cp *cp, const lt_cp_maps *m, int backward);
 
 #endif

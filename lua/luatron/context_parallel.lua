@@ -31,7 +31,9 @@ end
 
 -- The bytes this rank's ring sends per step for its chunks over n_micro microbatches: per layer and
 -- microbatch, CP - 1 key/value blocks forward and, backward, CP - 1 blocks and CP gradients of one
--- (a block: micro_batch_size x seq_length / CP tokens x this rank's query groups x 2 x kv_channels).
+-- (a block: micro_batch_size x seq_length / CP tokens x this rank's query groups x 2 x kv_channels);
+-- with cp_comm_type "all_gather" CP - 1 blocks forward, and backward an all-gather and a
+-- reduce-scatter of CP - 1 each.
 function M.expected_bytes(r, chunks, n_micro)
   local m = r.model
   local cp, tp = m.context_parallel_size, m.tensor_model_parallel_size
@@ -43,7 +45,7 @@ function M.expected_bytes(r, chunks, n_micro)
     local st = chunk:stage()
     layers = layers + st.layer_end - st.layer_begin
   end
-  return n_micro * layers * (3 * cp - 2) * block
+  return n_micro * layers * (m.cp_comm_type == "all_gather" and 3 * cp - 3 or 3 * cp - 2) * block
 end
 
 return M

@@ -74,6 +74,7 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp)
     tensor_parallel = tp or false,
     sequence_parallel = m.sequence_parallel,
     context_parallel = cp or false,
+    cp_comm_type = m.cp_comm_type,
   }
 end
 

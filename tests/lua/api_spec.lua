@@ -511,7 +511,7 @@ local ENGINE_FIELDS = {
   "seq_length", "vocab_size", "rmsnorm", "layernorm_epsilon", "gated_linear_unit", "gelu_tanh", "rope",
   "rotary_base", "share_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
   "layernorm_zero_centered_gamma", "qk_layernorm", "init_method_std", "hidden_dropout", "attention_dropout",
-  "seed", "flat_multiple", "device", "local_rank", "bf16", "tensor_parallel", "sequence_parallel", "context_parallel",
+  "seed", "flat_multiple", "device", "local_rank", "bf16", "tensor_parallel", "sequence_parallel", "context_parallel", "cp_comm_type",
 }
 
 -- Every value of two models' flat weights is the same (bit for bit).

@@ -1,5 +1,6 @@
--- Context parallelism proven by equivalence: CP = 2 and 4, CP = 2 x TP = 2 (with SP), CP = 2 x PP = 2 and
--- CP = 2 x DP = 2 (distributed optimizer), for learned positions and for RoPE, dropout on (masks at
+-- Context parallelism proven by equivalence: CP = 2 and 4, CP = 2 x TP = 2 (with SP), CP = 2 x PP = 2,
+-- CP = 2 x DP = 2 (distributed optimizer) and CP = 4 gathering the keys and values (cp_comm_type
+-- "all_gather") instead of the ring, for learned positions and for RoPE, dropout on (masks at
 -- global positions): every step's loss, gradient norm and parameter norm equal the single rank's. The
 -- ring's bytes per step equal the arithmetic, a rank's activations per microbatch fall as 1/CP, and a
 -- sequence that does not split into 2 CP chunks is refused with Megatron Bridge's message. Needs
@@ -50,6 +51,7 @@ local LAYOUTS = {
     .. "model.sequence_parallel=true" },
   { "CP = 2 x PP = 2", 4, "model.context_parallel_size=2 model.pipeline_model_parallel_size=2" },
   { "CP = 2 x DP = 2, distributed optimizer", 4, "model.context_parallel_size=2 ddp.use_distributed_optimizer=true" },
+  { "CP = 4 with cp_comm_type all_gather", 4, "model.context_parallel_size=4 model.cp_comm_type=all_gather" },
 }
 
 local function activations(out)

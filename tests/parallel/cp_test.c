@@ -93,17 +93,19 @@ static void position_cover(void) {
 
 /* The ring on communicator c against the whole sequence's attention, forward and backward, with its
  * communication counted. Returns the worst relative difference. */
-static double ring_checks(rank_ctx *ctx, lt_comm *c, int L, int G, float p, lt_dtype dtype, uint64_t seed) {
+static double ring_checks(rank_ctx *ctx, lt_comm *c, int L, int G, float p, lt_dtype dtype, int gathered,
+                          uint64_t seed) {
     char err[512] = "";
     const lt_backend *be = lt_backend_cpu();
     const int n = lt_comm_size(c), me = lt_comm_rank(c);
-    const lt_cp cp = {n > 1 ? c : NULL, me, n, be, dtype == LT_BF16 ? be->bf16 : be->f32};
+    const lt_cp cp = {n > 1 ? c : NULL, me, n, be, dtype == LT_BF16 ? be->bf16 : be->f32, gathered};
     const int hpg = H / G, T = 2 * L, S = n * T, rw = (H + 2 * G) * D, ow = H * D;
     const size_t E = lt_dtype_size(dtype), nq = (size_t)B * S * rw, no = (size_t)B * S * ow, nl = (size_t)B * H * S;
     const size_t tq = (size_t)B * T * rw, to = (size_t)B * T * ow, tl = (size_t)B * H * T;
     const uint64_t key = 0xc0ffeeull + seed;
     char what[160];
-    snprintf(what, sizeof what, "%s CP %d rank %d L %d G %d p %g", dtype_name(dtype), n, me, L, G, p);
+    snprintf(what, sizeof what, "%s CP %d rank %d L %d G %d p %g %s", dtype_name(dtype), n, me, L, G, p,
+             gathered ? "all_gather" : "p2p");
 
     /* every rank the same full data; the reference on all of it */
     rng_state = seed;
@@ -135,12 +137,13 @@ static double ring_checks(rank_ctx *ctx, lt_comm *c, int L, int G, float p, lt_d
     /* the ring's volumes: whole [B, T, G, 2, D] blocks */
     const uint64_t block = (uint64_t)B * T * G * 2 * D * E;
     const uint64_t fwd = lt_cp_ring_bytes(&cp, m, 0), bwd = lt_cp_ring_bytes(&cp, m, 1);
-    RCHECK(ctx, fwd == (uint64_t)(n - 1) * block && bwd == (n > 1 ? (uint64_t)(2 * n - 1) * block : 0),
+    const int bwd_blocks = n == 1 ? 0 : gathered ? 2 * (n - 1) : 2 * n - 1; /* all-gather and reduce-scatter */
+    RCHECK(ctx, fwd == (uint64_t)(n - 1) * block && bwd == (uint64_t)bwd_blocks * block,
            "%s: lt_cp_ring_bytes %llu / %llu, not %d / %d blocks of %llu bytes", what, (unsigned long long)fwd,
-           (unsigned long long)bwd, n - 1, n > 1 ? 2 * n - 1 : 0, (unsigned long long)block);
+           (unsigned long long)bwd, n - 1, bwd_blocks, (unsigned long long)block);
 
     /* outputs and scratch start as NaN (all-ones bytes, in fp32 and in bf16): all must be written */
-    const size_t sb = lt_cp_attention_scratch(m);
+    const size_t sb = lt_cp_attention_scratch(&cp, m);
     void *scratch = malloc(sb), *O = malloc(to * E), *DQ = malloc(tq * E);
     float *l = malloc(tl * 4);
     memset(scratch, 0xff, sb), memset(O, 0xff, to * E), memset(DQ, 0xff, tq * E), memset(l, 0xff, tl * 4);
@@ -148,11 +151,11 @@ static double ring_checks(rank_ctx *ctx, lt_comm *c, int L, int G, float p, lt_d
     lt_comm_reset_stats(c);
     int rc = lt_cp_attention_forward(&cp, m, O, l, Q, p, key, 0, H, scratch, err, sizeof err);
     RCHECK(ctx, rc == 0, "%s: forward: %s", what, err);
-    check_stats(ctx, c, "forward", n > 1 ? 2 * (uint64_t)(n - 1) : 0, fwd);
+    check_stats(ctx, c, "forward", n == 1 ? 0 : gathered ? 1 : 2 * (uint64_t)(n - 1), fwd);
     memset(scratch, 0xff, sb); /* backward must not live on what forward left */
     rc = lt_cp_attention_backward(&cp, m, DQ, DO, Q, O, l, p, key, 0, H, scratch, err, sizeof err);
     RCHECK(ctx, rc == 0, "%s: backward: %s", what, err);
-    check_stats(ctx, c, "backward", n > 1 ? 2 * (uint64_t)(n - 1) + 2 * (uint64_t)n : 0, bwd);
+    check_stats(ctx, c, "backward", n == 1 ? 0 : gathered ? 2 : 2 * (uint64_t)(n - 1) + 2 * (uint64_t)n, bwd);
 
     /* against the reference's rows at this rank's positions, relative to the whole reference's largest */
     error eo = {0, 0}, el = {0, 0}, ed[3] = {{0, 0}, {0, 0}, {0, 0}}; /* dqkv: query, key, value heads */
@@ -196,8 +199,10 @@ static void all_checks(rank_ctx *ctx, lt_comm *c, uint64_t seed, double worst[2]
         for (int i = 0; i < 8; i++) {
             const uint64_t s = seed + 16 * (uint64_t)d + (uint64_t)i;
             worst[d] = fmax(worst[d], ring_checks(ctx, c, Ls[i & 1], Gs[(i >> 1) & 1], ps[i >> 2],
-                                                  d ? LT_BF16 : LT_F32, s));
+                                                  d ? LT_BF16 : LT_F32, 0, s));
         }
+    /* cp_comm_type "all_gather": the same results, its own traffic */
+    worst[0] = fmax(worst[0], ring_checks(ctx, c, 5, 2, 0.3f, LT_F32, 1, seed + 99));
 }
 
 static void rank_world(rank_ctx *ctx) {

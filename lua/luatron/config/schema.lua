@@ -239,6 +239,7 @@ class("GPTModelProvider", {
     { "virtual_pipeline_model_parallel_size", "posint", nil },
     { "sequence_parallel", "bool", false },
     { "context_parallel_size", "posint", 1 },
+    { "cp_comm_type", { enum = { "p2p", "all_gather" }, note = "Megatron's a2a and a2a+p2p are not built" }, "p2p" },
     { "expert_model_parallel_size", "posint", 1 },
     { "expert_tensor_parallel_size", "posint", nil, needs = "num_moe_experts" },
     { "pipeline_dtype", "dtype", nil },

@@ -162,6 +162,16 @@ describe("context parallelism on the CUDA backend (the emulated plugin)", functi
   end
 end)
 
+describe("recipes/long_context.lua", function()
+  it("trains at CP = 4 (on a shorter sequence here), each rank holding 1/4 of it", function()
+    local code, out = run(("%s launch -n 4 --timeout 120 recipes/long_context.lua model.seq_length=256 "
+      .. "dataset.sequence_length=256 train.train_iters=2"):format(q(LUATRON)))
+    assert.are.equal(0, code, out)
+    assert.is_truthy(out:find("64 of the sequence's 256 positions", 1, true), out)
+    assert.is_truthy(out:find("measured/expected 1.0000", 1, true), out)
+  end)
+end)
+
 describe("context parallelism's rules", function()
   it("refuses a sequence that does not split into 2 CP chunks, with Megatron Bridge's message", function()
     local code, out = run(("%s launch -n 2 %s model.context_parallel_size=2 model.seq_length=30 "

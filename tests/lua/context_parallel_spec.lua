@@ -134,30 +134,21 @@ for _, p in ipairs(chunk:parameters()) do
   end
   worst = math.max(worst, diff / math.max(scale, 1e-4))
 end
-print(("rank %d device %s loss %.9g cp %.9g grad_rel %.3g"):format(me, chunk:grad(chunk:parameters()[1].name):device(),
+print(("rank %d device %s loss %.9g parallel %.9g grad_rel %.3g"):format(me, chunk:grad(chunk:parameters()[1].name):device(),
   loss, sum:item() / valid, worst))
 ]]
 
 describe("context parallelism on the CUDA backend (the emulated plugin)", function()
-  local EMULATED = "tests/cuda/luatron_cuda_emulated.so"
   for _, positions in ipairs { "learned_absolute", "rope" } do
     it(("matches the CPU's single rank (CP = 2, %s)"):format(positions), function()
-      local f = io.open(EMULATED)
-      assert(f, EMULATED .. " is missing (a data dependency of this spec)")
-      f:close()
-      local dir = tmpdir()
-      h.write(dir .. "/check.lua", CUDA_CP_CHECK)
-      local code, out = run(("LUATRON_CUDA_PLUGIN=%s %s launch -n 2 %s %s"):format(q(EMULATED), q(LUATRON),
-        q(dir .. "/check.lua"), positions))
+      local code, out, rows = h.emulated_check(LUATRON, CUDA_CP_CHECK, positions, 2)
       assert.are.equal(0, code, out)
-      local seen = 0
-      for rank, device, loss, cp_loss, rel in out:gmatch("rank (%d) device (%S+) loss (%S+) cp (%S+) grad_rel (%S+)") do
-        seen = seen + 1
-        assert.are.equal("cuda", device, out)
-        assert_close(tonumber(loss), tonumber(cp_loss), "rank " .. rank .. " loss")
-        assert.is_true(tonumber(rel) <= RTOL, ("rank %s: gradients differ by %s of their scale"):format(rank, rel))
+      assert.are.equal(2, #rows, out)
+      for _, r in ipairs(rows) do
+        assert.are.equal("cuda", r.device, out)
+        assert_close(r.loss, r.parallel, "rank " .. r.rank .. " loss")
+        assert.is_true(r.rel <= RTOL, ("rank %d: gradients differ by %g of their scale"):format(r.rank, r.rel))
       end
-      assert.are.equal(2, seen, out)
     end)
   end
 end)

@@ -96,6 +96,27 @@ function h.assert_losses_close(a, b, rtol, first, last, what_a, what_b)
   end
 end
 
+-- Runs `script` (a check's source) on n ranks of `luatron launch` with the emulated CUDA plugin (a data
+-- dependency of the spec that calls it), arg its argument; each rank prints "rank R device D loss L
+-- parallel P grad_rel G". Returns the exit code, the output and those rows as {rank =, device =, loss =,
+-- parallel =, rel =} (numbers but the device).
+function h.emulated_check(luatron, script, arg, n)
+  local plugin = "tests/cuda/luatron_cuda_emulated.so"
+  local f = io.open(plugin)
+  assert(f, plugin .. " is missing (a data dependency of this spec)")
+  f:close()
+  local dir = h.tmpdir()
+  h.write(dir .. "/check.lua", script)
+  local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s launch -n %d %s %s"):format(h.q(plugin), h.q(luatron), n,
+    h.q(dir .. "/check.lua"), arg))
+  local rows = {}
+  for rank, device, loss, par, rel in out:gmatch("rank (%d) device (%S+) loss (%S+) parallel (%S+) grad_rel (%S+)") do
+    rows[#rows + 1] = { rank = tonumber(rank), device = device, loss = tonumber(loss), parallel = tonumber(par),
+      rel = tonumber(rel) }
+  end
+  return code, out, rows
+end
+
 -- A closeness check for the equivalence specs: close(a, b, what) asserts |a - b| <= rtol x max(|a|, |b|)
 -- and remembers the largest relative difference it saw (close.worst()), which a spec prints.
 function h.closeness(rtol)

@@ -298,7 +298,8 @@ local function excluding_comm(run, fn)
 end
 
 -- What a pipeline step did on this rank: its bubble and its point-to-point bytes against the
--- arithmetic (each send moves an [s, b, h] tensor, [s/TP, b, h] under sequence parallelism).
+-- arithmetic (each send moves an [s, b, h] tensor of this rank's s / CP positions, / TP under sequence
+-- parallelism).
 local function pipeline_report(run, plan, steps, wall)
   local m = run.r.model
   run.bubble = timeline.bubble(steps, wall)
@@ -312,7 +313,7 @@ local function pipeline_report(run, plan, steps, wall)
     link:reset_stats()
   end
   run.p2p_bytes = bytes
-  local s = m.sequence_parallel and m.seq_length // m.tensor_model_parallel_size or m.seq_length
+  local s = m.seq_length // m.context_parallel_size // (m.sequence_parallel and m.tensor_model_parallel_size or 1)
   run.p2p_expected = sends * s * run.r.train.micro_batch_size * m.hidden_size
     * (m.pipeline_dtype == "bf16" and 2 or 4)
 end

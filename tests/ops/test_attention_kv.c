@@ -11,6 +11,9 @@
  * broken mask index must fail the same comparison. */
 #include <math.h>
 #include <stdio.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "engine/core/tensor.h"
 #include "engine/ops/backend.h"
@@ -232,6 +235,35 @@ static void check_whole(int B, int S, int H, int G, int D, float p) {
     free(d2);
 }
 
+/* The same results, bit for bit, on 1 and on 3 threads: a ring block's rows (rank 0 of CP = 2, the
+ * second chunk's queries against the first rank's block) and its gradients (dq accumulated onto a
+ * nonzero start, dkv with GQA's group sum). */
+static void check_threads(int B, int L, int H, int G, int D, float p) {
+    const int Tl = 2 * L, rw = (H + 2 * G) * D, kw = 2 * G * D;
+    const size_t nq = (size_t)B * Tl * rw, nk = (size_t)B * Tl * kw, no = (size_t)B * Tl * H * D, nl = (size_t)B * H * Tl;
+    float *qkv = tu_new_randn(nq, 1.0f), *kv = tu_new_randn(nk, 1.0f), *dout = tu_new_randn(no, 1.0f);
+    float *dq0 = tu_new_randn(nq, 1.0f);
+    int32_t *qp = malloc(sizeof(int32_t) * Tl), *kp = malloc(sizeof(int32_t) * Tl);
+    rank_pos(qp, 2, L, 0);
+    rank_pos(kp, 2, L, 1);
+    float *o[2], *l[2], *dq[2], *dkv[2];
+    for (int k = 0; k < 2; k++) {
+#ifdef _OPENMP
+        omp_set_num_threads(k ? 3 : 1);
+#endif
+        o[k] = tu_alloc(no), l[k] = tu_alloc(nl), dq[k] = tu_copy(dq0, nq), dkv[k] = tu_alloc(nk);
+        lt_attention_kv_forward(o[k], l[k], qkv, kv, B, Tl, Tl, H, G, D, qp, kp, 4 * L, p, 11, 0, H);
+        lt_attention_kv_backward(dq[k], dkv[k], dout, qkv, kv, o[k], l[k], B, Tl, Tl, H, G, D, qp, kp, 4 * L, p, 11,
+                                 0, H);
+    }
+    const int same = !memcmp(o[0], o[1], no * 4) && !memcmp(l[0], l[1], nl * 4) && !memcmp(dq[0], dq[1], nq * 4) &&
+                     !memcmp(dkv[0], dkv[1], nk * 4);
+    TAP_CHECK(same, "B=%d Tq=Tk=%d H=%d G=%d D=%d dropout=%g: out, lse, dq, dkv bitwise equal on 1 and 3 threads", B, Tl,
+              H, G, D, p);
+    for (int k = 0; k < 2; k++) free(o[k]), free(l[k]), free(dq[k]), free(dkv[k]);
+    free(qkv), free(kv), free(dout), free(dq0), free(qp), free(kp);
+}
+
 /* attention_merge on hand-made rows: both finite, one side -inf (either), both -inf. */
 static void check_merge(void) {
     /* B = 1, T = 4, H = 1, D = 2 */
@@ -251,10 +283,15 @@ int main(void) {
     check_whole(2, 37, 4, 2, 8, 0.0f);
     check_whole(1, 70, 3, 3, 12, 0.3f);
     check_whole(2, 40, 4, 1, 6, 0.3f);
+    check_whole(1, 200, 4, 2, 16, 0.3f);
+    check_threads(1, 300, 4, 2, 8, 0.3f);
+    check_threads(2, 150, 2, 1, 8, 0.0f);
     /* B, CP, L, H, G, D, p, key */
     const ring_shape shapes[] = {
         {2, 2, 5, 2, 2, 8, 0.0f, 0},    {2, 2, 37, 4, 2, 8, 0.0f, 0},   {1, 4, 5, 4, 2, 12, 0.0f, 0},
         {2, 4, 9, 3, 3, 8, 0.3f, 1234}, {2, 2, 37, 4, 2, 8, 0.3f, 77}, {1, 4, 17, 4, 1, 16, 0.3f, 5},
+        /* blocks of 200 rows: several query blocks and key tiles, a chunk boundary inside a tile */
+        {1, 2, 100, 4, 2, 8, 0.3f, 9},  {1, 4, 100, 2, 2, 12, 0.0f, 0},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) check_ring("fp32", cpu->f32, shapes[i], 2e-6, 1e-5);
     /* the bf16 table: bf16 inputs, out rounded at every merge, dq at every block */

@@ -3,9 +3,9 @@
 # sequence per step): CP = 4 (`luatron launch -n 4`, ring attention) against the whole sequence on one
 # rank. Prints, and appends to bench/results.md, the step time, rank 0's peak memory and activations
 # per microbatch, and the ring's bytes per step beside the arithmetic with the share of its time
-# hidden behind the blocks' attention. On a 2-core machine 4 ranks share 2 cores, and the CPU's block
-# attention (attention_kv) is a plain loop where whole-sequence attention is tiled: the step times show
-# the split's cost, not a speed-up; the memory per rank is the point.
+# hidden behind the blocks' attention. On a 2-core machine 4 ranks share 2 cores (one thread each, where
+# one rank runs two): the step times show the split's cost, not a speed-up; the memory per rank is the
+# point.
 #   bench/cp_bench.sh [steps]   (default 3; the first step is not counted)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,7 +46,7 @@ echo "$table"
   echo "- CPU: $cpu ($(nproc) CPUs), load average $load before the run"
   echo "- commit $commit"
   echo "- recipes/long_context.lua (sequence 8192, fp32 on the CPU); CP = 4 over \`luatron launch -n 4\` on these"
-  echo "  cores, the CPU's block attention untiled: the step times are the split's cost; the memory per rank is the point."
+  echo "  cores (one thread per rank): the step times are the split's cost; the memory per rank is the point."
   echo
   echo "$table"
 } >> bench/results.md

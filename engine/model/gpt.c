@@ -713,6 +713,26 @@ static int embed_parallel(lt_gpt *m, lt_gpt_ctx *c, const lt_layer_scratch *sc, 
     return 0;
 }
 
+/* The maps the parallel layers need for c's microbatch: tensor parallelism's rows (also, under
+ * context parallelism, the rows' global positions for dropout), the shared key/value heads', and the
+ * ring's. -1 with err when one cannot be made. */
+static int parallel_maps(lt_gpt *m, lt_gpt_ctx *c, char *err, int errlen) {
+    const int B = c->B, T = c->T, cp = m->cp.size > 1;
+    if ((m->tp.size > 1 || cp) && !(c->rows = lt_tp_rows_new(&m->tp, B, T, err, (size_t)errlen))) return -1;
+    if (m->spec.kv_replicas > 1 && !(c->kv = lt_layer_kv_maps_new(&m->spec, B * T, err, (size_t)errlen))) return -1;
+    if (!cp) return 0;
+    c->cp = lt_cp_maps_new(&m->cp, B, T, m->spec.num_attention_heads, m->spec.num_query_groups, m->cfg.kv_channels,
+                           err, (size_t)errlen);
+    int32_t *pos = c->cp ? malloc(sizeof(int32_t) * (size_t)T) : NULL;
+    if (c->cp && !pos) lt_fail(err, (size_t)errlen, "out of host memory");
+    if (!pos) return -1;
+    for (int t = 0; t < T; t++) pos[t] = lt_cp_position(m->cp.rank, m->cp.size, T, t);
+    lt_tp_rows_set_positions(&m->tp, c->rows, pos, T * m->cp.size);
+    free(pos);
+    c->pos = c->cp->pos + (size_t)m->cp.rank * T;
+    return 0;
+}
+
 lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
                                  int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
                                  char *err, int errlen) {
@@ -754,26 +774,16 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     const size_t sc_bytes = parallel_scratch_bytes(m, B, T);
     char *sc_base = c && sc_bytes ? m->be->alloc(sc_bytes) : NULL;
     parallel_scratch(m, B, T, sc_base, &sc);
-    const int cp = m->cp.size > 1, rows = m->tp.size > 1 || cp; /* rows: dropout's positions under CP */
-    if (c && rows) c->rows = lt_tp_rows_new(&m->tp, B, T, err, (size_t)errlen);
-    if (c && m->spec.kv_replicas > 1) c->kv = lt_layer_kv_maps_new(&m->spec, N, err, (size_t)errlen);
-    if (c && cp) {
-        c->cp = lt_cp_maps_new(&m->cp, B, T, m->spec.num_attention_heads, m->spec.num_query_groups,
-                               cfg->kv_channels, err, (size_t)errlen);
-        if (c->cp && c->rows) {
-            int32_t *pos = malloc(sizeof(int32_t) * (size_t)T);
-            for (int t = 0; pos && t < T; t++) pos[t] = lt_cp_position(m->cp.rank, m->cp.size, T, t);
-            if (pos) lt_tp_rows_set_positions(&m->tp, c->rows, pos, T * m->cp.size);
-            else lt_cp_maps_free(&m->cp, c->cp), c->cp = NULL;
-            free(pos);
-        }
-        if (c->cp) c->pos = c->cp->pos + (size_t)m->cp.rank * T;
-    }
-    if (!c || (sc_bytes && !sc_base) || (rows && !c->rows) || (m->spec.kv_replicas > 1 && !c->kv) || (cp && !c->cp)) {
+    if (!c || (sc_bytes && !sc_base)) {
         if (sc_base) m->be->release(sc_base, sc_bytes);
         lt_gpt_ctx_free(c);
         lt_fail(err, (size_t)errlen, "out of %s memory for the activations of a [%d, %d] microbatch", m->be->name, B,
                 T);
+        return NULL;
+    }
+    if (parallel_maps(m, c, err, errlen)) {
+        if (sc_base) m->be->release(sc_base, sc_bytes);
+        lt_gpt_ctx_free(c);
         return NULL;
     }
     const lt_backend *be = m->be;

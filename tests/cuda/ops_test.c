@@ -1031,7 +1031,7 @@ static void test_attention_kv(const prec *P, int B, int CP, int L, int H, int G,
     void *hq = st(P, qkv, nq), *hko = st(P, kvo, nk), *hkr = st(P, kvr, nk), *hg = st(P, g, no);
     void *oa = st_new(P, no), *ob = st_new(P, no), *dqr = st(P, dq0, nq), *dkr = st(P, dk0, nk);
     float *la = fl(nl), *lb = fl(nl);
-    void *d_q = dst(P, hq, nq), *d_ko = dst(P, hko, nk), *d_kr = dst(P, hkr, nk), *d_g = dst(P, hg, no);
+    void *d_q = dst(P, hq, nq), *d_kr = dst(P, hkr, nk), *d_g = dst(P, hg, no);
     void *d_o = dst_new(P, no), *d_dq = dst(P, dqr, nq), *d_dk = dst(P, dkr, nk);
     float *d_l = dfl_new(nl);
     /* the rank's own block (a), the other rank's (b) */

@@ -166,16 +166,38 @@ end
 -- of the parameters replicated across TP whose gradient each TP rank computed from a part
 -- (self.tp_sums: sequence-parallel norms and row-parallel biases, q/k norms) summed over TP. TP
 -- ranks have the same flat layout, so under the distributed optimizer their shards hold the same
--- pieces.
+-- pieces. As Megatron, they are coalesced: one all-reduce of a buffer holding them all.
+local function sum_coalesced(tp, tensors)
+  if #tensors == 0 then return end
+  local n = 0
+  for _, t in ipairs(tensors) do n = n + t:numel() end
+  local flat <close> = core.tensor.zeros({ n }, "float32", tensors[1]:device())
+  local at = 1
+  for _, t in ipairs(tensors) do
+    flat:narrow(1, at, t:numel()):copy(t:reshape({ t:numel() }))
+    at = at + t:numel()
+  end
+  tp:all_reduce(flat, "sum")
+  at = 1
+  for _, t in ipairs(tensors) do
+    t:reshape({ t:numel() }):copy(flat:narrow(1, at, t:numel()))
+    at = at + t:numel()
+  end
+end
+
 function Replicated:sum_over_tp(tp)
-  for _, name in ipairs(self.tp_sums) do tp:all_reduce(self.model:grad(name), "sum") end
+  local grads = {}
+  for i, name in ipairs(self.tp_sums) do grads[i] = self.model:grad(name) end
+  sum_coalesced(tp, grads)
 end
 
 function Sharded:sum_over_tp(tp)
   if #self.tp_sums == 0 then return end
+  local pieces = {}
   for _, piece in ipairs(self:grad_pieces()) do
-    if self.tp_sums[piece.param] then tp:all_reduce(piece.tensor, "sum") end
+    if self.tp_sums[piece.param] then pieces[#pieces + 1] = piece.tensor end
   end
+  sum_coalesced(tp, pieces)
 end
 
 function Replicated:scale_grads(c) self.model:flat_grads():scale(c) end

@@ -435,6 +435,12 @@ function config.parse_split(s)
   return res
 end
 
+-- Megatron Bridge's MoE helpers on a GPTModelProvider (luatron.config.moe).
+local moe = require "luatron.config.moe"
+config.apply_moe_token_drop = moe.apply_moe_token_drop
+config.apply_flex_dispatcher_backend = moe.apply_flex_dispatcher_backend
+config.apply_deepep = moe.apply_deepep
+
 ------------------------------------------------------------------------------------------------
 -- Methods on objects
 ------------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ for _, name in ipairs {
   "ConfigContainer", "GPTModelProvider", "TrainingConfig", "OptimizerConfig", "SchedulerConfig",
   "DistributedDataParallelConfig", "GPTDatasetConfig", "LoggerConfig", "TokenizerConfig", "CheckpointConfig",
   "RNGConfig", "DistributedInitConfig",
+  -- Bridge's MoE helpers: lt.apply_moe_token_drop(provider, cf, pad), lt.apply_flex_dispatcher_backend(provider,
+  -- backend), lt.apply_deepep(provider) (luatron/config/moe.lua)
+  "apply_moe_token_drop", "apply_flex_dispatcher_backend", "apply_deepep",
 } do
   lt[name] = config[name]
 end

@@ -188,8 +188,10 @@ static int counts_of(const lt_moe_router_cfg *c, const float *logits, int T, int
 
 int lt_moe_aux_counts(const lt_moe_router_cfg *c, const float *logits, int T, int E, int64_t *counts, char *err,
                       size_t errlen) {
+    lt_moe_router_cfg own = *c; /* a rank's own counts are what the group's sum needs: no aux_counts yet */
+    own.tp_cp_size = 1;
     scratch w;
-    if (lt_moe_router_check(c, T, E, err, errlen) || scratch_new(&w, T, E, c->topk, 0, err, errlen)) return -1;
+    if (lt_moe_router_check(&own, T, E, err, errlen) || scratch_new(&w, T, E, c->topk, 0, err, errlen)) return -1;
     counts_of(c, logits, T, E, counts, &w);
     free(w.col);
     return 0;

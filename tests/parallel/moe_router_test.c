@@ -283,7 +283,11 @@ static void losses(void) {
         lt_moe_aux_counts(&c, l, 2, 2, counts, err, sizeof err);
         TAP_CHECK(counts[0] == 2 && counts[1] == 0 && lt_moe_aux_counts_len(&c, 2) == 2, "aux counts 2 0");
         /* summed over TP x CP of 2: T' = 4, counts 3 1: 2 c / 16 x (1.5 x 3 + .5 x 1) = 0.625 c */
-        c.tp_cp_size = 2, c.aux_counts = global;
+        c.tp_cp_size = 2;
+        counts[0] = counts[1] = -1;
+        TAP_CHECK(lt_moe_aux_counts(&c, l, 2, 2, counts, err, sizeof err) == 0 && counts[0] == 2 && counts[1] == 0,
+                  "a rank's own aux counts under TP x CP, before they are summed");
+        c.aux_counts = global;
         route(&c, l, 2, 2, &o);
         TAP_CHECK(close_to(o.aux, 0.0625, 1e-6), "aux_loss with counts over TP x CP (got %.8f)", o.aux);
         c.tp_cp_size = 1, c.aux_counts = NULL;

@@ -146,6 +146,10 @@ static int l_aux_counts(lua_State *L) {
 
 void lt_lua_open_moe(lua_State *L) {
     static const luaL_Reg fns[] = {
-        {"moe_route", l_route}, {"moe_route_backward", l_route_backward}, {"moe_aux_counts", l_aux_counts}, {NULL, NULL}};
+        {"moe_route", l_route},
+        {"moe_route_backward", l_route_backward},
+        {"moe_aux_counts", l_aux_counts},
+        {NULL, NULL},
+    };
     luaL_setfuncs(L, fns, 0);
 }

@@ -30,10 +30,12 @@ int lt_moe_router_check(const lt_moe_router_cfg *c, int T, int E, char *err, siz
                        c->load_balancing);
     if (aux_on(c) && c->load_balancing == 2 &&
         (c->seq_length < 1 || c->micro_batch_size < 1 || (int64_t)c->seq_length * c->micro_batch_size != T))
-        return lt_fail(err, errlen, "seq_aux_loss needs seq_length x micro_batch_size = the tokens (%d x %d, %d tokens)",
+        return lt_fail(err, errlen,
+                       "seq_aux_loss needs seq_length x micro_batch_size = the tokens (%d x %d, %d tokens)",
                        c->seq_length, c->micro_batch_size, T);
     if (aux_on(c) && c->tp_cp_size > 1 && !c->aux_counts)
-        return lt_fail(err, errlen, "the aux loss over a TP x CP group of %d needs the counts summed over it (aux_counts)",
+        return lt_fail(err, errlen,
+                       "the aux loss over a TP x CP group of %d needs the counts summed over it (aux_counts)",
                        c->tp_cp_size);
     return 0;
 }
@@ -156,7 +158,7 @@ struct ranked {
     int t;
 };
 
-/* Scratch of one call: floats and ints for a token, and (for dropping) a token order and a mask. */
+/* Scratch of one call: a token's floats and k indices, and (when dropping) a column to rank and the mask. */
 typedef struct {
     float *s, *sg, *p, *g;
     int *idx;
@@ -175,7 +177,7 @@ static int scratch_new(scratch *w, int T, int E, int k, int dropping, char *err,
     return 0;
 }
 
-static int counts_of(const lt_moe_router_cfg *c, const float *logits, int T, int E, int64_t *counts,
+static void counts_of(const lt_moe_router_cfg *c, const float *logits, int T, int E, int64_t *counts,
                      const scratch *w) {
     memset(counts, 0, sizeof(int64_t) * (size_t)lt_moe_aux_counts_len(c, E));
     for (int t = 0; t < T; t++) {
@@ -183,7 +185,6 @@ static int counts_of(const lt_moe_router_cfg *c, const float *logits, int T, int
         topk(w->s, NULL, E, c->topk, w->idx);
         for (int j = 0; j < c->topk; j++) counts[aux_col(c, t, w->idx[j], E)]++;
     }
-    return 0;
 }
 
 int lt_moe_aux_counts(const lt_moe_router_cfg *c, const float *logits, int T, int E, int64_t *counts, char *err,
@@ -211,7 +212,8 @@ static const int64_t *aux_counts(const lt_moe_router_cfg *c, const float *logits
 /* d(aux)/d(sum of the scores x counts): Megatron's E coeff / (k T'^2), a Python double applied to an
  * fp32 tensor (so rounded to float); seq_aux_loss then divides by B. */
 static float aux_scale(const lt_moe_router_cfg *c, int T, int E) {
-    const int64_t n = (int64_t)(c->load_balancing == 2 ? c->seq_length : T) * (c->tp_cp_size > 1 ? c->tp_cp_size : 1);
+    const int64_t n = (int64_t)(c->load_balancing == 2 ? c->seq_length : T) *
+                      (c->tp_cp_size > 1 ? c->tp_cp_size : 1);
     return (float)((double)E * c->aux_loss_coeff / (double)((int64_t)c->topk * n * n));
 }
 
@@ -221,7 +223,7 @@ static int64_t capacity_of(const lt_moe_router_cfg *c, int T, int E) {
 
 static int by_rank(const void *a, const void *b) {
     const struct ranked *x = a, *y = b;
-    return before(x->v, x->t, y->v, y->t) ? -1 : 1;
+    return x->t == y->t ? 0 : before(x->v, x->t, y->v, y->t) ? -1 : 1;
 }
 
 /* apply_router_token_dropping: per expert, the capacity mask = the top `capacity` tokens of the probs
@@ -320,7 +322,8 @@ int lt_moe_route_backward(const lt_moe_router_cfg *c, const float *logits, const
         return -1;
     }
     /* d(aux)/d(score) per unit count: daux / B (seq_aux_loss) x the scalar, in fp32 as autograd forms it */
-    const float gaux = counts ? (c->load_balancing == 2 ? daux / (float)c->micro_batch_size : daux) * aux_scale(c, T, E) : 0;
+    const float per_b = c->load_balancing == 2 ? daux / (float)c->micro_batch_size : daux;
+    const float gaux = counts ? per_b * aux_scale(c, T, E) : 0;
     const float gz = c->z_loss_coeff != 0 && dz != 0
                          ? dz * (float)(c->z_loss_coeff / (c->tp_cp_size > 1 ? c->tp_cp_size : 1)) / (float)T
                          : 0;

@@ -93,7 +93,8 @@ static void ref_route(const lt_moe_router_cfg *c, const double *logits, int T, i
             for (int j = 0; j < k; j++) v[j] = l[idx[j]];
             ref_softmax(v, k, p);
         } else {
-            for (int e = 0; e < E; e++) sc[e] = ref_sigmoid(l[e]), v[e] = sc[e] + (c->expert_bias ? c->expert_bias[e] : 0);
+            for (int e = 0; e < E; e++)
+                sc[e] = ref_sigmoid(l[e]), v[e] = sc[e] + (c->expert_bias ? c->expert_bias[e] : 0);
             ref_topk(v, E, k, idx);
             double s = 0;
             for (int j = 0; j < k; j++) s += p[j] = sc[idx[j]];
@@ -436,7 +437,8 @@ static void random_cases(void) {
           .pad_to_capacity = 1, .load_balancing = 2, .aux_loss_coeff = 0.1, .z_loss_coeff = 0.01,
           .seq_length = 8, .micro_batch_size = 2}, 16, 8},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) random_case(cases[i].name, cases[i].c, cases[i].T, cases[i].E);
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        random_case(cases[i].name, cases[i].c, cases[i].T, cases[i].E);
     /* counts over TP x CP given by the caller: the gradient uses them too */
     int64_t counts[8] = {5, 1, 3, 0, 2, 4, 6, 3};
     random_case("softmax top-2 aux_loss with TP x CP counts",

@@ -33,6 +33,7 @@ int luaopen_luatron_core(lua_State *L) {
     lt_lua_open_comm(L);
     lt_lua_open_ddp(L);
     lt_lua_open_tp(L);
+    lt_lua_open_moe(L);
     return 1;
 }
 

@@ -17,6 +17,7 @@ local lt = {
   overrides = require "luatron.overrides",
   pipeline = require "luatron.pipeline",
   schedules = require "luatron.schedules",
+  moe = require "luatron.moe", -- lt.moe.route: the MoE router on host logits
   pretrain = pretrain.pretrain,
   training = pretrain,
 }

@@ -30,6 +30,13 @@ typedef struct lt_ops {
     void (*position_embedding_forward)(void *out, const void *wpe, int B, int T, int C, const int32_t *pos);
     void (*position_embedding_backward)(float *dwpe, const void *dout, int B, int T, int C, const int32_t *pos);
 
+    /* lt_moe_combine_forward / _backward: y, out, dout, dy of the table's dtype; rows, weights (fp32) and
+     * dweights (fp32) in this backend's memory */
+    void (*moe_combine_forward)(void *out, const void *y, const int32_t *rows, const float *weights, int N, int k,
+                                int C);
+    void (*moe_combine_backward)(void *dy, float *dweights, const void *dout, const void *y, const int32_t *rows,
+                                 const float *weights, int N, int k, int M, int C);
+
     void (*layernorm_forward)(void *out, float *mean, float *rstd, const void *inp, const void *weight,
                               const void *bias, int N, int C, float eps);
     void (*layernorm_backward)(void *dinp, float *dweight, float *dbias, const void *dout, const void *inp,
@@ -96,9 +103,9 @@ typedef struct lt_ops {
  * (5: activation gradients written, not accumulated;
  * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward; 8: qk_norm_forward,
  * qk_norm_backward; 9: lt_device_comm_ops.batch_p2p; 10: positions for rope and position embeddings,
- * attention_kv_forward, attention_merge, attention_kv_backward): the loader refuses a plugin built against
- * another. */
-#define LT_BACKEND_ABI 10
+ * attention_kv_forward, attention_merge, attention_kv_backward; 11: moe_combine_forward,
+ * moe_combine_backward): the loader refuses a plugin built against another. */
+#define LT_BACKEND_ABI 11
 
 /* The backend's collectives (lt_backend.comm): engine/core/device_comm.h. */
 

@@ -26,6 +26,14 @@ static void f32_position_embedding_forward(void *out, const void *wpe, int B, in
 static void f32_position_embedding_backward(float *dwpe, const void *dout, int B, int T, int C, const int32_t *pos) {
     lt_position_embedding_backward(dwpe, dout, B, T, C, pos);
 }
+static void f32_moe_combine_forward(void *out, const void *y, const int32_t *rows, const float *weights, int N, int k,
+                                    int C) {
+    lt_moe_combine_forward(out, y, rows, weights, N, k, C);
+}
+static void f32_moe_combine_backward(void *dy, float *dweights, const void *dout, const void *y, const int32_t *rows,
+                                     const float *weights, int N, int k, int M, int C) {
+    lt_moe_combine_backward(dy, dweights, dout, y, rows, weights, N, k, M, C);
+}
 static void f32_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *w, const void *b,
                                   int N, int C, float eps) {
     lt_layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps);
@@ -130,6 +138,8 @@ static void f32_cross_entropy_backward(void *dlogits, const void *logits, const 
         .embedding_backward = prefix##_embedding_backward,                                                        \
         .position_embedding_forward = prefix##_position_embedding_forward,                                        \
         .position_embedding_backward = prefix##_position_embedding_backward,                                      \
+        .moe_combine_forward = prefix##_moe_combine_forward,                                                      \
+        .moe_combine_backward = prefix##_moe_combine_backward,                                                    \
         .layernorm_forward = prefix##_layernorm_forward, .layernorm_backward = prefix##_layernorm_backward,     \
         .rmsnorm_forward = prefix##_rmsnorm_forward, .rmsnorm_backward = prefix##_rmsnorm_backward,             \
         .linear_forward = prefix##_linear_forward, .linear_backward = prefix##_linear_backward,                 \
@@ -201,6 +211,31 @@ static void bf16_position_embedding_backward(float *dwpe, const void *dout, int 
     float *d = widen(dout, (int64_t)B * T * C);
     lt_position_embedding_backward(dwpe, d, B, T, C, pos);
     drop(d, (int64_t)B * T * C);
+}
+/* The forward does not know M: the named rows are widened into a compact copy (slot i's row at i) and the
+ * fp32 op runs on that. */
+static void bf16_moe_combine_forward(void *out, const void *y, const int32_t *rows, const float *weights, int N,
+                                     int k, int C) {
+    const int64_t NK = (int64_t)N * k, NC = (int64_t)N * C;
+    float *o = scratch(NC), *yc = scratch(NK * C);
+    int32_t *slot = lt_alloc(sizeof(int32_t) * (size_t)NK);
+    const uint16_t *h = y;
+    for (int64_t i = 0; i < NK; i++) {
+        slot[i] = rows[i] < 0 ? -1 : (int32_t)i;
+        for (int c = 0; rows[i] >= 0 && c < C; c++) yc[i * C + c] = lt_bf16_to_f32(h[(int64_t)rows[i] * C + c]);
+    }
+    lt_moe_combine_forward(o, yc, slot, weights, N, k, C);
+    drop(yc, NK * C);
+    lt_release(slot, sizeof(int32_t) * (size_t)NK);
+    narrow(out, o, NC);
+}
+static void bf16_moe_combine_backward(void *dy, float *dweights, const void *dout, const void *y, const int32_t *rows,
+                                      const float *weights, int N, int k, int M, int C) {
+    const int64_t NC = (int64_t)N * C, MC = (int64_t)M * C;
+    float *d = scratch(MC), *g = widen(dout, NC), *yf = widen(y, MC);
+    lt_moe_combine_backward(d, dweights, g, yf, rows, weights, N, k, M, C);
+    drop(g, NC), drop(yf, MC);
+    narrow(dy, d, MC);
 }
 static void bf16_layernorm_forward(void *out, float *mean, float *rstd, const void *inp, const void *w, const void *b,
                                    int N, int C, float eps) {

@@ -31,6 +31,22 @@ void lt_position_embedding_forward(float *out, const float *wpe, int B, int T, i
 /* dwpe[p(t), :] += sum_b dout[b, t, :]. The positions of one call must be distinct. */
 void lt_position_embedding_backward(float *dwpe, const float *dout, int B, int T, int C, const int32_t *pos);
 
+/* ---- mixture of experts ----
+ * Tokens reach their experts through a row gather (lt_embedding_forward with the dispatch's row ids, each
+ * expert's rows contiguous); the combine brings the experts' outputs y [M, C] back to the N tokens.
+ * rows, weights [N, k]: the y row of token n's j-th expert and its routing probability; a row of -1 is an
+ * empty slot (the token was dropped at that expert's capacity) whose weight is never read.
+ * Forward: out[n, :] = sum over j with rows[n, j] >= 0 of weights[n, j] y[rows[n, j], :], WRITTEN (zeros
+ * for a token with no rows), summed in fp32 in order j = 0 .. k-1. */
+void lt_moe_combine_forward(float *out, const float *y, const int32_t *rows, const float *weights, int N, int k,
+                            int C);
+/* dy [M, C] WRITTEN: dy[rows[n, j], :] = weights[n, j] dout[n, :], zeros in the rows that no slot names
+ * (padding to capacity); dweights [N, k] WRITTEN: dout[n, :] . y[rows[n, j], :] in fp32, 0 for an empty
+ * slot. Precondition: no y row is named by two slots (the dispatch gives each (token, expert) pair a row
+ * of its own), so every row of dy has one writer: no atomics. */
+void lt_moe_combine_backward(float *dy, float *dweights, const float *dout, const float *y, const int32_t *rows,
+                             const float *weights, int N, int k, int M, int C);
+
 /* ---- normalisation ---- */
 /* LayerNorm over the last dim. bias nullable. Saves mean[N], rstd[N] for backward. */
 void lt_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *weight,

@@ -6,6 +6,7 @@
 #include "engine/ops/cuda/elementwise.cu"
 #include "engine/ops/cuda/norm.cu"
 #include "engine/ops/cuda/embedding.cu"
+#include "engine/ops/cuda/moe.cu"
 #include "engine/ops/cuda/linear.cu"
 #include "engine/ops/cuda/attention.cu"
 #include "engine/ops/cuda/attention_tc.cu"

@@ -9,22 +9,23 @@
  *     max |cuda - cpu| / max |cpu|  over the output  <= tolerance
  *
  * fp32 table, against the CPU's fp32 ops: 0 (bit-equal) for copies, fills, add, scale, position
- * embeddings and dropout (whose masks must match the CPU's element for element); 1e-6 for
- * fill_normal, dropout backward and the optimizers; 1e-5 for the other elementwise ops, norms,
- * embeddings, rope and cross-entropy; 1e-4 for the GEMM-based linear ops and attention; 1e-9
- * (relative) for sum_squares (double sums).
+ * embeddings, the MoE combine's dy and dropout (whose masks must match the CPU's element for element);
+ * 1e-6 for fill_normal, dropout backward and the optimizers; 1e-5 for the other elementwise ops, norms,
+ * embeddings, the MoE combine's out and dweights, rope and cross-entropy; 1e-4 for the GEMM-based linear
+ * ops and attention; 1e-9 (relative) for sum_squares (double sums).
  *
  * bf16 table, against the CPU's bf16 reference (lt_backend_cpu()->bf16: widen, fp32 op, round) on
  * the same bf16 inputs: 1e-2 for every bf16 output (a one-ulp difference of bf16 rounding is 2^-8
  * relative to the value, and the fp32 sums before the rounding run in another order: the GEMMs on
  * tensor cores, the reductions in other trees); still 0 where both sides do the same float
- * operations (embedding and position-embedding forward, add, dropout forward and its mask). fp32
- * outputs of the bf16 table: the tolerance of the fp32 table where the arithmetic is the same fp32
- * arithmetic on the same (widened) inputs (norm statistics and weight gradients, lse, losses,
- * embedding gradients, dbias); 1e-2 for the GEMM weight gradient (tensor cores). Mixed-precision
- * sanity: the bf16 linear layer is also compared with the CPU's fp32 layer on the unrounded inputs
- * (2e-2: the rounding of inputs and outputs to bf16). cast_to_bf16 must equal lt_f32_to_bf16 bit
- * for bit (ties, round-ups, negatives, overflow to inf, inf, NaN payloads, subnormals, random bits).
+ * operations (embedding and position-embedding forward, the MoE combine's dy, add, dropout forward and
+ * its mask). fp32 outputs of the bf16 table: the tolerance of the fp32 table where the arithmetic is the
+ * same fp32 arithmetic on the same (widened) inputs (norm statistics and weight gradients, lse, losses,
+ * embedding gradients, the MoE combine's dweights, dbias); 1e-2 for the GEMM weight gradient (tensor
+ * cores). Mixed-precision sanity: the bf16 linear layer is also compared with the CPU's fp32 layer on the
+ * unrounded inputs (2e-2: the rounding of inputs and outputs to bf16). cast_to_bf16 must equal
+ * lt_f32_to_bf16 bit for bit (ties, round-ups, negatives, overflow to inf, inf, NaN payloads,
+ * subnormals, random bits).
  *
  * The bandwidth-bound kernels move 16-byte packs when their pointers are 16-byte aligned and fall back
  * to one element at a time otherwise: the checks run on the allocator's aligned buffers (lengths and
@@ -701,6 +702,51 @@ static void test_position_embedding(const prec *P, int B, int T, int C, int cp, 
     arena_reset();
 }
 
+/* ---------------- mixture of experts ---------------- */
+
+/* The combine at one shape: rows [N k] are distinct rows of y [M, C] (a shuffle), every hole-th slot and
+ * all of token `empty`'s slots -1 (weights NaN there: never read), the rest of the M rows padding. out, dy
+ * and dweights start as junk (written, not accumulated). dy is one product per element on both sides
+ * (bit-equal); out and dweights are fp32 sums in another order (the device's dots per lane). */
+static void test_moe_combine(const prec *P, int N, int k, int M, int C, int hole, int empty) {
+    char name[200];
+    const size_t nk = (size_t)N * k, no = (size_t)N * C, ny = (size_t)M * C;
+    int32_t *perm = hmem(sizeof(int32_t) * (size_t)M), *rows = hmem(sizeof(int32_t) * (nk ? nk : 1));
+    for (int i = 0; i < M; i++) perm[i] = i;
+    for (int i = M - 1; i > 0; i--) {
+        (void)frand(); /* a step of rng_state */
+        const int j = (int)((rng_state >> 16) % (uint64_t)(i + 1));
+        const int32_t t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    float *w = fl(nk ? nk : 1);
+    for (size_t i = 0; i < nk; i++) {
+        rows[i] = (hole > 0 && (int)(i % hole) == hole - 1) || (int)(i / k) == empty ? -1 : perm[i];
+        w[i] = rows[i] < 0 ? NAN : 0.5f + 0.45f * frand();
+    }
+    float *y = rnd(P, ny, -1, 1), *g = rnd(P, no, -1, 1);
+    void *hy = st(P, y, ny), *hg = st(P, g, no), *ref = st_new(P, no), *dyref = st_new(P, ny);
+    float *dwref = junk(nk ? nk : 1);
+    int32_t *d_rows = di32(rows, nk ? nk : 1);
+    float *d_w = dfl(w, nk ? nk : 1), *d_dw = dfl(junk(nk ? nk : 1), nk ? nk : 1);
+    void *d_y = dst(P, hy, ny), *d_g = dst(P, hg, no);
+    void *d_out = dst(P, st(P, junk(no), no), no), *d_dy = dst(P, st(P, junk(ny), ny), ny);
+    P->cpu->moe_combine_forward(ref, hy, rows, w, N, k, C);
+    P->dev->moe_combine_forward(d_out, d_y, d_rows, d_w, N, k, C);
+    snprintf(name, sizeof name, "moe_combine_forward N=%d k=%d M=%d C=%d%s%s (out written)", N, k, M, C,
+             hole > 0 ? ", empty slots" : "", empty >= 0 ? ", a token with none" : "");
+    check_st(P, name, ref, d_out, no, tol_for(P, 1e-5, 1e-2));
+    P->cpu->moe_combine_backward(dyref, dwref, hg, hy, rows, w, N, k, M, C);
+    P->dev->moe_combine_backward(d_dy, d_dw, d_g, d_y, d_rows, d_w, N, k, M, C);
+    snprintf(name, sizeof name, "moe_combine_backward N=%d k=%d M=%d C=%d: dy (written, padding rows zero)", N, k, M,
+             C);
+    check_st(P, name, dyref, d_dy, ny, 0.0);
+    snprintf(name, sizeof name, "moe_combine_backward N=%d k=%d M=%d C=%d: dweights (fp32, written, 0 when empty)", N,
+             k, M, C);
+    check_f(P, name, dwref, d_dw, nk, 1e-5);
+    arena_reset();
+}
+
 /* ---------------- norms ---------------- */
 
 static void test_layernorm(const prec *P, int N, int C, int with_bias) {
@@ -1175,6 +1221,7 @@ static void test_unaligned(const prec *P) {
     test_embedding(&U, 9, 64, 11);
     test_position_embedding(&U, 2, 5, 64, 0, -1);
     test_position_embedding(&U, 2, 6, 64, 2, 1);
+    test_moe_combine(&U, 9, 2, 22, 64, 5, 3);
     test_layernorm(&U, 9, 64, 1);
     test_rmsnorm(&U, 9, 64);
     test_qk_norm(&U, 5, 4, 2, 64, 0);
@@ -1230,6 +1277,7 @@ static void test_backend_unaligned(void) {
  * functions that issue device work. */
 static const char *const prof_ops[] = {
     "embedding_forward", "embedding_backward", "position_embedding_forward", "position_embedding_backward",
+    "moe_combine_forward", "moe_combine_backward",
     "layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "linear_forward",
     "linear_backward", "linear_gelu_forward", "linear_dgelu_backward", "attention_forward", "attention_backward",
     "attention_kv_forward", "attention_merge", "attention_kv_backward", "rope_forward", "rope_backward", "qk_norm_forward", "qk_norm_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
@@ -1491,6 +1539,13 @@ int main(int argc, char **argv) {
         test_position_embedding(P, 2, 7, 64, 0, -1); /* whole 16-byte packs per row */
         test_position_embedding(P, 2, 10, 64, 4, 1); /* context parallelism: rank 1 of 4 */
         test_position_embedding(P, 3, 34, 129, 2, 0);
+
+        /* N, k, M, C, every hole-th slot empty, the token with none */
+        test_moe_combine(P, 7, 3, 7 * 3 + 5, 37, 5, 2);
+        test_moe_combine(P, 67, 2, 67 * 2 + 20, 129, 9, 40);
+        test_moe_combine(P, 33, 4, 33 * 4 + 8, 64, 0, -1); /* whole 16-byte packs per row */
+        test_moe_combine(P, 300, 2, 700, 256, 11, 7);
+        test_moe_combine(P, 5, 1, 8, 1, 0, -1);            /* k = 1, C = 1 */
 
         test_layernorm(P, 1, 3, 1); /* not C = 1: its dinp is 0 + rounding noise * rstd (= 1/sqrt(eps)) */
         test_layernorm(P, 7, 33, 1);

@@ -42,6 +42,7 @@ static int cuda_fill_table(lt_backend *be, char *err, size_t errlen) {
     cuda_ops_bf16.dtype = LT_BF16;
     cuda_elementwise_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_embedding_ops(&cuda_ops_f32, &cuda_ops_bf16);
+    cuda_moe_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_norm_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_linear_ops(&cuda_ops_f32, &cuda_ops_bf16);
     cuda_attention_ops(&cuda_ops_f32, &cuda_ops_bf16);

@@ -100,6 +100,7 @@ void cuda_sgd_update(float *param, const float *grad, float *momentum_buf, int64
 /* ---- the op tables: each family sets its ops in both (f32: T = float, bf16: T = __nv_bfloat16) ---- */
 void cuda_elementwise_ops(lt_ops *f32, lt_ops *bf16);   /* gelu, swiglu, add, dropout */
 void cuda_embedding_ops(lt_ops *f32, lt_ops *bf16);     /* token and position embeddings */
+void cuda_moe_ops(lt_ops *f32, lt_ops *bf16);           /* mixture of experts: the combine */
 void cuda_norm_ops(lt_ops *f32, lt_ops *bf16);          /* layernorm, rmsnorm */
 int cuda_linear_open(char *err, size_t errlen);          /* the cuBLASLt handle and workspace */
 void cuda_linear_ops(lt_ops *f32, lt_ops *bf16);        /* linear (cuBLASLt) */

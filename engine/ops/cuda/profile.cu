@@ -40,6 +40,7 @@
 /* Every op of lt_ops, in any order (the static_assert below checks that none is missing). */
 #define PROF_LT_OPS(X)                                                                                   \
     X(embedding_forward) X(embedding_backward) X(position_embedding_forward) X(position_embedding_backward) \
+    X(moe_combine_forward) X(moe_combine_backward)                                                          \
     X(layernorm_forward) X(layernorm_backward) X(rmsnorm_forward) X(rmsnorm_backward) X(linear_forward)     \
     X(linear_backward) X(linear_gelu_forward) X(linear_dgelu_backward) X(attention_forward)                   \
     X(attention_backward) X(attention_kv_forward) X(attention_merge) X(attention_kv_backward) X(rope_forward) X(rope_backward) X(qk_norm_forward) X(qk_norm_backward)             \
@@ -234,6 +235,12 @@ PROF_COST(embedding_backward, 0, es * ARG(3) * ARG(4) + 8 * ARG(3) * ARG(4) + 4 
 PROF_COST(position_embedding_forward, 0, es * (2 * ARG(2) * ARG(3) * ARG(4) + ARG(3) * ARG(4)))
 /* (dwpe, dout, B, T, C, pos) */
 PROF_COST(position_embedding_backward, 0, es * ARG(2) * ARG(3) * ARG(4) + 8 * ARG(3) * ARG(4))
+/* (out, y, rows, weights, N, k, C): the k rows of each token read (at most: empty slots read none), out
+ * written, rows and weights */
+PROF_COST(moe_combine_forward, 0, es * (ARG(4) * ARG(5) + ARG(4)) * ARG(6) + 8 * ARG(4) * ARG(5))
+/* (dy, dweights, dout, y, rows, weights, N, k, M, C): dy written and y read (M rows each), dout read,
+ * rows, weights and dweights */
+PROF_COST(moe_combine_backward, 0, es * (2 * ARG(8) + ARG(6)) * ARG(9) + 12 * ARG(6) * ARG(7))
 /* (out, mean, rstd, inp, weight, bias, N, C, eps) */
 PROF_COST(layernorm_forward, 0, 2 * es * ARG(6) * ARG(7) + 8 * ARG(6))
 /* (dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C): dinp read and written, dout, inp */

@@ -76,6 +76,40 @@ static int field_bool(lua_State *L, int idx, const char *name) {
     return v;
 }
 
+/* A string field of config 1 that must be one of the NULL-terminated names: its index. */
+static int field_enum(lua_State *L, const char *name, const char *const names[]) {
+    field_get(L, 1, name);
+    const char *v = lua_tostring(L, -1);
+    for (int i = 0; v && names[i]; i++)
+        if (strcmp(v, names[i]) == 0) {
+            lua_pop(L, 1);
+            return i;
+        }
+    return luaL_error(L, "model config: %s = %s is not one the engine knows", name, v ? v : "(not a string)");
+}
+
+/* The mixture-of-experts fields (num_moe_experts 0: a dense model; the rest is then not used). */
+static void read_moe(lua_State *L, lt_gpt_config *c) {
+    static const char *const score[] = {"softmax", "sigmoid", NULL};
+    static const char *const drop[] = {"probs", "position", NULL};
+    static const char *const balance[] = {"none", "aux_loss", "seq_aux_loss", NULL};
+    c->num_moe_experts = (int)field_int(L, 1, "num_moe_experts");
+    c->moe_ffn_hidden_size = (int)field_int(L, 1, "moe_ffn_hidden_size");
+    c->moe_layer_freq = (int)field_int(L, 1, "moe_layer_freq");
+    c->moe_grouped_gemm = field_bool(L, 1, "moe_grouped_gemm");
+    lt_moe_router_cfg *r = &c->moe_router;
+    r->topk = (int)field_int(L, 1, "moe_router_topk");
+    r->sigmoid = field_enum(L, "moe_router_score_function", score);
+    r->pre_softmax = field_bool(L, 1, "moe_router_pre_softmax");
+    r->topk_scaling_factor = (float)field_num(L, 1, "moe_router_topk_scaling_factor");
+    r->capacity_factor = field_num(L, 1, "moe_expert_capacity_factor");
+    r->drop_by_position = field_enum(L, "moe_token_drop_policy", drop);
+    r->pad_to_capacity = field_bool(L, 1, "moe_pad_expert_input_to_capacity");
+    r->load_balancing = field_enum(L, "moe_router_load_balancing_type", balance);
+    r->aux_loss_coeff = field_num(L, 1, "moe_aux_loss_coeff");
+    r->z_loss_coeff = field_num(L, 1, "moe_z_loss_coeff");
+}
+
 /* A communicator field of config 1, or NULL for false. */
 static struct lt_comm *opt_comm(lua_State *L, const char *name) {
     field_get(L, 1, name);
@@ -129,6 +163,7 @@ static lt_gpt_config read_config(lua_State *L) {
         luaL_error(L, "model config: cp_comm_type must be \"p2p\" or \"all_gather\"");
     c.cp_all_gather = strcmp(cp_type, "all_gather") == 0;
     lua_pop(L, 1);
+    read_moe(L, &c);
     lua_Integer local_rank = field_int(L, 1, "local_rank");
     char err[512] = "";
     field_get(L, 1, "device");
@@ -442,6 +477,40 @@ static int m_activation_bytes(lua_State *L) {
     return 1;
 }
 
+/* model:set_moe_aux_loss_scale(s): the MoE aux and z losses' gradient scale (1 / microbatches per step). */
+static int m_set_moe_aux_loss_scale(lua_State *L) {
+    lt_gpt_set_moe_aux_loss_scale(check_gpt(L, 1), (float)luaL_checknumber(L, 2));
+    return 0;
+}
+
+/* model:take_moe_stats() → {forwards=, tokens_per_expert={...}, routed=, kept=, aux_loss=, z_loss=} of the
+ * training forwards since the last call (sums over the MoE layers and microbatches), then reset. */
+static int m_take_moe_stats(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    const int E = lt_gpt_get_config(m)->num_moe_experts;
+    int64_t *tokens = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(E > 0 ? E : 1), 0), routed, kept;
+    double aux, z;
+    const int64_t n = lt_gpt_take_moe_stats(m, tokens, &routed, &kept, &aux, &z);
+    lua_createtable(L, 0, 6);
+    lua_pushinteger(L, n);
+    lua_setfield(L, -2, "forwards");
+    lua_createtable(L, E, 0);
+    for (int e = 0; e < E; e++) {
+        lua_pushinteger(L, tokens[e]);
+        lua_rawseti(L, -2, e + 1);
+    }
+    lua_setfield(L, -2, "tokens_per_expert");
+    lua_pushinteger(L, routed);
+    lua_setfield(L, -2, "routed");
+    lua_pushinteger(L, kept);
+    lua_setfield(L, -2, "kept");
+    lua_pushnumber(L, aux);
+    lua_setfield(L, -2, "aux_loss");
+    lua_pushnumber(L, z);
+    lua_setfield(L, -2, "z_loss");
+    return 1;
+}
+
 /* model:tp() → this model's tensor-parallel rank and size (0, 1 without). */
 static int m_tp(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
@@ -559,7 +628,8 @@ void lt_lua_open_model(lua_State *L) {
         {"zero_grad", m_zero_grad},   {"init_weights", m_init_weights}, {"param", m_param},
         {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
-        {"flops_per_token", m_flops_per_token}, {"close", m_free},      {NULL, NULL}};
+        {"flops_per_token", m_flops_per_token}, {"close", m_free},
+        {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats}, {NULL, NULL}};
     static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
     lt_lua_new_type(L, GPT_MT, methods, meta);
     static const luaL_Reg chunk_methods[] = {
@@ -569,6 +639,7 @@ void lt_lua_open_model(lua_State *L) {
         {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
         {"param_runs", m_param_runs}, {"tp", m_tp}, {"activation_bytes", m_activation_bytes},
+        {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
         {"close", m_free},            {NULL, NULL}};
     lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};

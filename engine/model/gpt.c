@@ -9,6 +9,7 @@
 #include "engine/core/error.h"
 #include "engine/core/rng.h"
 #include "engine/model/layer.h"
+#include "engine/model/moe_mlp.h"
 #include "engine/parallel/vocab.h"
 
 /* Offsets (in floats) of one layer's parameters in the flat buffers; -1 when absent. qn, kn: the
@@ -16,6 +17,9 @@
 typedef struct {
     int64_t ln1_w, ln1_b, qkv_w, qkv_b, qn_w, qn_b, kn_w, kn_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
         fc2_b;
+    /* an MoE layer: the router's weight and each expert's ([num_moe_experts] arrays; -1 entries when absent) */
+    int moe;
+    int64_t router_w, *e_fc1_w, *e_fc1_b, *e_fc2_w, *e_fc2_b;
 } layer_offsets;
 
 /* A norm weight under layernorm_zero_centered_gamma: its n values at flat offset off, and where
@@ -54,6 +58,10 @@ struct lt_gpt {
     void *grad_ready_ud;
     lt_gpt_param_wait_fn param_wait;
     void *param_wait_ud;
+    lt_moe_spec moe; /* mixture of experts (num_experts 0: none) */
+    /* routing statistics of the training forwards since the last lt_gpt_take_moe_stats */
+    int64_t *moe_tokens, moe_routed, moe_kept, moe_forwards;
+    double moe_aux, moe_z;
 };
 
 struct lt_gpt_ctx {
@@ -78,6 +86,8 @@ struct lt_gpt_ctx {
     int32_t *host_tokens; /* a first stage's tokens on the host (the vocabulary-parallel embedding's) */
     void **x; /* residual stream [B, T, C] (the outer rows): x[0] the chunk's input, x[i+1] output of layer i */
     lt_layer_ctx *layers;
+    int nl;
+    lt_moe_state **moe; /* [nl]: each MoE layer's state (NULL for a dense one) */
     void *lnf, *logits;
     float *lnf_mean, *lnf_rstd, *ce_lse;
     lt_tensor *losses; /* per-token losses [B, T] (last stage with targets) */
@@ -91,6 +101,19 @@ static int ends_with(const char *s, const char *suffix) {
 
 /* The weights of every norm (input, pre-MLP, final, and the per-head q/k norms) end so. */
 static int is_norm_weight(const char *name) { return ends_with(name, "layernorm.weight"); }
+
+/* The last part of a name, and whether it is a bias ("bias", or grouped experts' "bias<e>"). */
+static const char *last_part(const char *name) {
+    const char *dot = strrchr(name, '.');
+    return dot ? dot + 1 : name;
+}
+static int is_bias(const char *name) { return strncmp(last_part(name), "bias", 4) == 0; }
+
+/* The weights Megatron initialises with output_layer_init_method (std / sqrt(2 L)): those that feed
+ * the residual, linear_proj's and every linear_fc2's (an expert's included: "...linear_fc2.weight<e>"). */
+static int is_scaled_init(const char *name) {
+    return strstr(name, "linear_proj.weight") || strstr(name, "linear_fc2.weight");
+}
 
 /* Whether replicated parameter p's gradient is a part on each TP rank (Megatron's sequence_parallel
  * attribute, and the q/k norms of finalize_model_grads). */
@@ -158,11 +181,57 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
             (c->num_attention_heads + 2 * c->num_query_groups) * c->kv_channels, TP);
     REQUIRE(c->ffn_hidden_size % TP == 0, "ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
             c->ffn_hidden_size, TP);
+    if (c->num_moe_experts > 0) {
+        const int CP = c->cp_comm ? lt_comm_size(c->cp_comm) : 1;
+        REQUIRE(TP == 1 && CP == 1, "MoE layers with tensor_model_parallel_size = %d and context_parallel_size = %d: "
+                "this build runs MoE with TP = CP = 1 only (expert and expert-tensor parallelism are not built yet)",
+                TP, CP);
+        REQUIRE(c->moe_ffn_hidden_size > 0 && c->moe_layer_freq > 0, "moe_ffn_hidden_size and moe_layer_freq must be "
+                "positive");
+        char rerr[256];
+        lt_moe_router_cfg one = c->moe_router; /* a microbatch of one token sets the shape */
+        one.seq_length = one.micro_batch_size = 1;
+        REQUIRE(lt_moe_router_check(&one, 1, c->num_moe_experts, rerr, sizeof rerr) == 0, "%s", rerr);
+    }
     REQUIRE(c->vocab_size % TP == 0, "the padded vocabulary (%d) must be a multiple of tensor_model_parallel_size "
             "(%d): pad it to a multiple of make_vocab_size_divisible_by x tensor_model_parallel_size", c->vocab_size,
             TP);
 #undef REQUIRE
     return 1;
+}
+
+/* An MoE layer's router and experts (moe_mlp.h), in Megatron's module order: with grouped experts
+ * every expert's fc1, then every fc2; else expert by expert. */
+static void add_experts(lt_gpt *m, layer_offsets *o, int l) {
+    const lt_gpt_config *c = &m->cfg;
+    const int E = c->num_moe_experts, C = c->hidden_size, F = c->moe_ffn_hidden_size, bias = c->add_bias_linear;
+    const int fc1 = (c->gated_linear_unit ? 2 : 1) * F;
+    const char *pre = "decoder.layers";
+    o->moe = 1;
+    o->router_w = add_param(m, 2, E, C, 0, LT_SPLIT_NONE, "%s.%d.mlp.router.weight", pre, l);
+    int64_t **arrays[4] = {&o->e_fc1_w, &o->e_fc1_b, &o->e_fc2_w, &o->e_fc2_b};
+    for (int k = 0; k < 4; k++) {
+        *arrays[k] = malloc(sizeof(int64_t) * (size_t)E);
+        for (int e = 0; e < E; e++) (*arrays[k])[e] = -1;
+    }
+    for (int pass = 0; pass < (c->moe_grouped_gemm ? 2 : 1); pass++)
+        for (int e = 0; e < E; e++) {
+            if (c->moe_grouped_gemm) {
+                const char *which = pass == 0 ? "linear_fc1" : "linear_fc2";
+                const int rows = pass == 0 ? fc1 : C, cols = pass == 0 ? C : F;
+                (pass == 0 ? o->e_fc1_w : o->e_fc2_w)[e] =
+                    add_param(m, 2, rows, cols, 0, LT_SPLIT_NONE, "%s.%d.mlp.experts.%s.weight%d", pre, l, which, e);
+                if (bias)
+                    (pass == 0 ? o->e_fc1_b : o->e_fc2_b)[e] =
+                        add_param(m, 1, rows, 0, 1, LT_SPLIT_NONE, "%s.%d.mlp.experts.%s.bias%d", pre, l, which, e);
+                continue;
+            }
+            const char *x = "mlp.experts.local_experts";
+            o->e_fc1_w[e] = add_param(m, 2, fc1, C, 0, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc1.weight", pre, l, x, e);
+            if (bias) o->e_fc1_b[e] = add_param(m, 1, fc1, 0, 1, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc1.bias", pre, l, x, e);
+            o->e_fc2_w[e] = add_param(m, 2, C, F, 0, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc2.weight", pre, l, x, e);
+            if (bias) o->e_fc2_b[e] = add_param(m, 1, C, 0, 1, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc2.bias", pre, l, x, e);
+        }
 }
 
 /* Zero-centred gamma: one slot per norm weight, after `widest` ones (the buffer the slots are computed
@@ -265,6 +334,11 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         m->cp = (lt_cp){cfg->cp_comm, lt_comm_rank(cfg->cp_comm), lt_comm_size(cfg->cp_comm), m->be, m->ops,
                         cfg->cp_all_gather};
     m->spec = spec_of(cfg, &m->tp, &m->cp);
+    if (cfg->num_moe_experts > 0) {
+        m->moe = (lt_moe_spec){cfg->num_moe_experts, cfg->moe_router.topk, cfg->moe_ffn_hidden_size, cfg->moe_router,
+                               1.0f};
+        m->moe_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(int64_t));
+    }
     m->E = lt_dtype_size(m->ops->dtype);
     const int C = cfg->hidden_size, V = cfg->vocab_size;
     const int D = cfg->kv_channels, HD = cfg->num_attention_heads * D; /* full sizes */
@@ -303,6 +377,11 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         o->proj_b = bias ? add_param(m, 1, C, 0, 1, NONE, "%s.%d.self_attention.linear_proj.bias", pre, l) : -1;
         o->ln2_w = add_param(m, 1, C, 0, 1, NONE, "%s.%d.pre_mlp_layernorm.weight", pre, l);
         o->ln2_b = rms ? -1 : add_param(m, 1, C, 0, 1, NONE, "%s.%d.pre_mlp_layernorm.bias", pre, l);
+        o->fc1_w = o->fc1_b = o->fc2_w = o->fc2_b = -1;
+        if (cfg->num_moe_experts > 0 && l % cfg->moe_layer_freq == 0) {
+            add_experts(m, o, l);
+            continue;
+        }
         o->fc1_w = add_param(m, 2, fc1_full, C, 0, fc1_split, "%s.%d.mlp.linear_fc1.weight", pre, l);
         o->fc1_b = bias ? add_param(m, 1, fc1_full, 0, 1, fc1_split, "%s.%d.mlp.linear_fc1.bias", pre, l) : -1;
         o->fc2_w = add_param(m, 2, C, cfg->ffn_hidden_size, 0, COLS, "%s.%d.mlp.linear_fc2.weight", pre, l);
@@ -339,9 +418,31 @@ void lt_gpt_free(lt_gpt *m) {
     lt_tensor_free(m->compute);
     lt_tensor_free(m->gamma);
     free(m->gammas);
+    for (int i = 0; m->layers && i < m->nl; i++) {
+        layer_offsets *o = &m->layers[i];
+        free(o->e_fc1_w), free(o->e_fc1_b), free(o->e_fc2_w), free(o->e_fc2_b);
+    }
     free(m->layers);
     free(m->params);
+    free(m->moe_tokens);
     free(m);
+}
+
+void lt_gpt_set_moe_aux_loss_scale(lt_gpt *m, float scale) { m->moe.aux_loss_scale = scale; }
+
+int64_t lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, int64_t *routed, int64_t *kept, double *aux_loss,
+                              double *z_loss) {
+    const int E = m->moe.num_experts;
+    if (tokens_per_expert && E) memcpy(tokens_per_expert, m->moe_tokens, sizeof(int64_t) * (size_t)E);
+    if (routed) *routed = m->moe_routed;
+    if (kept) *kept = m->moe_kept;
+    if (aux_loss) *aux_loss = m->moe_aux;
+    if (z_loss) *z_loss = m->moe_z;
+    const int64_t n = m->moe_forwards;
+    if (E) memset(m->moe_tokens, 0, sizeof(int64_t) * (size_t)E);
+    m->moe_routed = m->moe_kept = m->moe_forwards = 0;
+    m->moe_aux = m->moe_z = 0;
+    return n;
 }
 
 const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m) { return &m->cfg; }
@@ -393,10 +494,10 @@ void lt_gpt_init_weights(lt_gpt *m) {
         float *dst = w + p->offset;
         if (is_norm_weight(p->name)) {
             if (!m->cfg.layernorm_zero_centered_gamma) be->fill(dst, p->numel, 1.0f); /* else gamma - 1 = 0 */
-        } else if (ends_with(p->name, ".bias")) {
+        } else if (is_bias(p->name)) {
             /* zero */
         } else {
-            int scaled = ends_with(p->name, "linear_proj.weight") || ends_with(p->name, "linear_fc2.weight");
+            const int scaled = is_scaled_init(p->name);
             const uint64_t key = lt_rng_key(m->cfg.seed, p->name);
             for (int64_t k = 0; k < lt_gpt_param_num_runs(p, m->tp.size); k++) {
                 const lt_gpt_run r = lt_gpt_param_run(p, m->tp.rank, m->tp.size, k);
@@ -487,6 +588,26 @@ static void grads_of(lt_gpt *m, int i, lt_attention_grads *ag, lt_mlp_grads *mg)
                          PTR(g, o->fc1_b), PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
 }
 
+/* An MoE layer's weights and gradients (arrays of num_moe_experts pointers in `ptrs`: 8 of them). */
+static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **ptrs) {
+    const layer_offsets *o = &m->layers[i];
+    const int E = m->cfg.num_moe_experts;
+    float *gr = lt_tensor_data(m->grads);
+    const void **wp = (const void **)ptrs;
+    float **gp = (float **)(ptrs + 4 * (size_t)E);
+    const int64_t *offs[4] = {o->e_fc1_w, o->e_fc1_b, o->e_fc2_w, o->e_fc2_b};
+    for (int k = 0; k < 4; k++)
+        for (int e = 0; e < E; e++) {
+            wp[k * E + e] = weight(m, offs[k][e]);
+            gp[k * E + e] = PTR(gr, offs[k][e]);
+        }
+    const int bias = m->cfg.add_bias_linear;
+    *w = (lt_moe_weights){norm_weight(m, o->ln2_w), weight(m, o->ln2_b), weight(m, o->router_w), wp,
+                          bias ? wp + E : NULL, wp + 2 * E, bias ? wp + 3 * E : NULL};
+    *g = (lt_moe_grads){PTR(gr, o->ln2_w), PTR(gr, o->ln2_b), PTR(gr, o->router_w), gp, bias ? gp + E : NULL,
+                        gp + 2 * E, bias ? gp + 3 * E : NULL};
+}
+
 /* Where the chunk's layer i begins in the flat buffers (i == nl: what follows the last layer). */
 static int64_t layer_start(const lt_gpt *m, int i) {
     if (i < m->nl) return m->layers[i].ln1_w;
@@ -527,6 +648,7 @@ static void layout_ctx(const lt_gpt *m, lt_gpt_ctx *c, arena *a) {
         lc->layer = m->stage.layer_begin + i; /* global: dropout masks do not depend on the chunk */
         lc->training = c->training;
         lc->dropout_seed = c->dropout_seed;
+        lc->moe = m->layers[i].moe; /* its MLP activations live in the MoE state instead */
         lt_layer_ctx_layout(&m->spec, E, lc, a->base, &a->used);
     }
     c->lnf = c->logits = NULL;
@@ -563,6 +685,8 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t
     c->dropout_seed = dropout_seed;
     c->x = calloc((size_t)m->nl + 1, sizeof *c->x);
     c->layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *c->layers);
+    c->nl = m->nl;
+    c->moe = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *c->moe);
     arena a = {NULL, 0};
     layout_ctx(m, c, &a);
     c->arena_bytes = a.used;
@@ -570,7 +694,7 @@ static lt_gpt_ctx *ctx_new(const lt_gpt *m, int B, int T, int training, uint64_t
     c->host_targets = malloc(sizeof(int32_t) * (size_t)B * T);
     c->host_tokens = malloc(sizeof(int32_t) * (size_t)B * T);
     c->host_scratch = malloc(sizeof(float) * (size_t)B * T);
-    if (!c->arena || !c->host_targets || !c->host_tokens || !c->host_scratch) {
+    if (!c->arena || !c->host_targets || !c->host_tokens || !c->host_scratch || !c->moe) {
         lt_gpt_ctx_free(c);
         return NULL;
     }
@@ -586,6 +710,8 @@ void lt_gpt_ctx_free(lt_gpt_ctx *c) {
     if (c->rows) lt_tp_rows_free(c->tp, c->rows);
     if (c->kv) lt_layer_kv_maps_free(c->spec, c->kv);
     if (c->cp) lt_cp_maps_free(c->spec->cp, c->cp);
+    for (int i = 0; c->moe && i < c->nl; i++) lt_moe_state_free(c->spec, c->moe[i]);
+    free(c->moe);
     free(c->host_targets);
     free(c->host_tokens);
     free(c->host_scratch);
@@ -733,6 +859,14 @@ static int parallel_maps(lt_gpt *m, lt_gpt_ctx *c, char *err, int errlen) {
     return 0;
 }
 
+/* One MoE layer's training forward into the routing statistics. */
+static void count_moe(lt_gpt *m, const lt_moe_state *st) {
+    const lt_moe_stats s = lt_moe_state_stats(st);
+    for (int e = 0; e < m->moe.num_experts; e++) m->moe_tokens[e] += s.tokens_per_expert[e];
+    m->moe_routed += s.routed, m->moe_kept += s.kept, m->moe_forwards++;
+    m->moe_aux += s.aux_loss, m->moe_z += s.z_loss;
+}
+
 lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
                                  int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
                                  char *err, int errlen) {
@@ -814,13 +948,26 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
     } else {
         transpose_rows(m, c->x[0], lt_tensor_data(hidden), c->to_bsh, No);
     }
+    void **moe_ptrs = m->moe.num_experts ? malloc(sizeof(void *) * 8 * (size_t)m->moe.num_experts) : NULL;
     for (int i = 0; i < m->nl && !rc; i++) {
         weights_needed_to(m, &ready, layer_start(m, i + 1));
         lt_attention_weights aw;
         lt_mlp_weights mw;
         weights_of(m, i, &aw, &mw);
-        rc = lt_layer_forward(&m->spec, ops, &aw, &mw, &c->layers[i], c->x[i], c->x[i + 1], &sc, err, (size_t)errlen);
+        lt_layer_ctx *lc = &c->layers[i];
+        if (!m->layers[i].moe) {
+            rc = lt_layer_forward(&m->spec, ops, &aw, &mw, lc, c->x[i], c->x[i + 1], &sc, err, (size_t)errlen);
+            continue;
+        }
+        lt_moe_weights w;
+        lt_moe_grads g;
+        moe_of(m, i, &w, &g, moe_ptrs);
+        rc = lt_layer_attention_forward(&m->spec, ops, &aw, lc, c->x[i], lc->h, &sc, err, (size_t)errlen);
+        if (!rc) rc = lt_moe_mlp_forward(&m->spec, &m->moe, ops, &w, lc, lc->h, c->x[i + 1], &c->moe[i], err,
+                                         (size_t)errlen);
+        if (!rc && c->training) count_moe(m, c->moe[i]);
     }
+    free(moe_ptrs);
     weights_needed_to(m, &ready, m->total);
     if (rc) goto fail;
 
@@ -999,6 +1146,7 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
     } else {
         transpose_rows(m, dx, lt_tensor_data(grad_output), c->to_bsh, No);
     }
+    void **moe_ptrs = m->moe.num_experts ? malloc(sizeof(void *) * 8 * (size_t)m->moe.num_experts) : NULL;
     for (int i = m->nl - 1; i >= 0 && !rc; i--) {
         lt_attention_weights aw;
         lt_mlp_weights mw;
@@ -1006,9 +1154,19 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
         lt_mlp_grads mg;
         weights_of(m, i, &aw, &mw);
         grads_of(m, i, &ag, &mg);
-        rc = lt_layer_backward(&m->spec, ops, &aw, &ag, &mw, &mg, &c->layers[i], c->x[i], dx, &s, err, (size_t)errlen);
+        const lt_layer_ctx *lc = &c->layers[i];
+        if (m->layers[i].moe) {
+            lt_moe_weights w;
+            lt_moe_grads g;
+            moe_of(m, i, &w, &g, moe_ptrs);
+            rc = lt_moe_mlp_backward(&m->spec, &m->moe, ops, &w, &g, lc, c->moe[i], lc->h, dx, &s, err, (size_t)errlen);
+            if (!rc) rc = lt_layer_attention_backward(&m->spec, ops, &aw, &ag, lc, c->x[i], dx, &s, err, (size_t)errlen);
+        } else {
+            rc = lt_layer_backward(&m->spec, ops, &aw, &ag, &mw, &mg, lc, c->x[i], dx, &s, err, (size_t)errlen);
+        }
         if (!rc) grads_ready_from(m, m->layers[i].ln1_w);
     }
+    free(moe_ptrs);
 
     if (!rc && pre) {
         if (m->tp.size > 1) rc = embed_parallel_backward(m, c, dx, &s, err, errlen);

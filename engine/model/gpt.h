@@ -26,6 +26,7 @@
 #include "engine/comm/comm.h"
 #include "engine/core/tensor.h"
 #include "engine/ops/backend.h"
+#include "engine/parallel/moe_router.h"
 
 typedef struct {
     int num_layers, hidden_size, num_attention_heads, num_query_groups, kv_channels, ffn_hidden_size;
@@ -61,6 +62,13 @@ typedef struct {
      * chunk's T is then this rank's local sequence, 2 of the 2 CP chunks of seq_length. */
     lt_comm *cp_comm;
     int cp_all_gather; /* cp_comm_type "all_gather" (0: "p2p", the ring) */
+    /* Mixture of experts (engine/model/moe_mlp.h): num_moe_experts 0 for a dense model; layer l's MLP
+     * is an MoE block when l % moe_layer_freq == 0 (Megatron's integer pattern). Expert e's weights are
+     * named mlp.experts.linear_fc1.weight<e> with moe_grouped_gemm (Megatron's grouped experts), else
+     * mlp.experts.local_experts.<e>.linear_fc1.weight. The router's options as moe_router.h takes them
+     * (seq_length and micro_batch_size are set per microbatch; expert_bias and aux_counts NULL). */
+    int num_moe_experts, moe_ffn_hidden_size, moe_layer_freq, moe_grouped_gemm;
+    lt_moe_router_cfg moe_router;
 } lt_gpt_config;
 
 /* How a parameter is split across the TP ranks: rank r of TP holds */
@@ -181,6 +189,15 @@ void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud);
 /* Bytes of backend memory a forward of a [B, T] microbatch keeps for its backward (the context's
  * saved activations); 0 when the shape is invalid. */
 size_t lt_gpt_activation_bytes(const lt_gpt *m, int B, int T);
+
+/* Mixture of experts: the scale of the aux and z losses' gradients (Megatron's MoEAuxLossAutoScaler:
+ * 1 / microbatches per step; 1 until set), and the routing statistics of the training forwards since the
+ * last call (then reset): tokens each expert received, summed over the chunk's MoE layers (into
+ * tokens_per_expert[num_moe_experts] when not NULL), tokens routed before and after dropping, and the
+ * aux and z losses summed (coefficients applied). Returns the number of MoE layer forwards counted. */
+void lt_gpt_set_moe_aux_loss_scale(lt_gpt *m, float scale);
+int64_t lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, int64_t *routed, int64_t *kept, double *aux_loss,
+                              double *z_loss);
 
 /* This chunk's tensor-parallel rank and size (0 and 1 without). */
 int lt_gpt_tp_rank(const lt_gpt *m);

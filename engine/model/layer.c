@@ -118,6 +118,8 @@ void lt_layer_ctx_layout(const lt_layer_spec *s, size_t E, lt_layer_ctx *c, char
     m->ln = take(base, used, No * C * E);
     m->ln_mean = take(base, used, No * F);
     m->ln_rstd = take(base, used, No * F);
+    m->fc1 = m->act = NULL;
+    if (c->moe) return;
     m->fc1 = take(base, used, N * (size_t)lt_layer_fc1_dim(s) * E);
     m->act = take(base, used, N * (size_t)s->ffn_hidden_size * E);
 }

@@ -97,6 +97,7 @@ typedef struct {
     const lt_layer_kv_maps *kv; /* with shared key/value heads (NULL without) */
     const lt_cp_maps *cp;       /* under context parallelism: the ring's maps (NULL without) */
     const int32_t *pos;         /* the rows' global positions, device [T] (NULL: 0 .. T-1) */
+    int moe;                    /* an MoE layer: no dense MLP activations (engine/model/moe_mlp.h) */
     int training;
     uint64_t dropout_seed;
     lt_attention_acts attn;

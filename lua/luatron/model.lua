@@ -75,6 +75,21 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp)
     sequence_parallel = m.sequence_parallel,
     context_parallel = cp or false,
     cp_comm_type = m.cp_comm_type,
+    -- mixture of experts (num_moe_experts 0: dense; the engine's neutral values stand for Megatron's None)
+    num_moe_experts = m.num_moe_experts or 0,
+    moe_ffn_hidden_size = m.moe_ffn_hidden_size or m.ffn_hidden_size,
+    moe_layer_freq = m.moe_layer_freq,
+    moe_grouped_gemm = m.moe_grouped_gemm,
+    moe_router_topk = m.moe_router_topk,
+    moe_router_score_function = m.moe_router_score_function,
+    moe_router_pre_softmax = m.moe_router_pre_softmax,
+    moe_router_topk_scaling_factor = m.moe_router_topk_scaling_factor or 0,
+    moe_expert_capacity_factor = m.moe_expert_capacity_factor or -1,
+    moe_token_drop_policy = m.moe_token_drop_policy,
+    moe_pad_expert_input_to_capacity = m.moe_pad_expert_input_to_capacity,
+    moe_router_load_balancing_type = m.moe_router_load_balancing_type,
+    moe_aux_loss_coeff = m.moe_aux_loss_coeff,
+    moe_z_loss_coeff = m.moe_z_loss_coeff or 0,
   }
 end
 

@@ -90,17 +90,22 @@ static batch make_batch(int B, int T, int V, uint64_t key, int ignore_every) {
 }
 
 /* Mean loss of one forward (the context is freed). */
+/* The mean loss of a training forward, plus an MoE model's aux and z losses (what backward's gradient
+ * is of: their scale is 1 until set). */
 static float loss_of(lt_gpt *m, const batch *b, uint64_t dseed) {
     char err[256] = "";
     float loss = NAN;
     int64_t nv = 0;
+    double aux = 0, z = 0;
+    lt_gpt_take_moe_stats(m, NULL, NULL, NULL, NULL, NULL); /* what earlier forwards left */
     lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, 1, dseed, &loss, &nv, err, sizeof err);
     if (!c) {
         TAP_CHECK(0, "forward failed: %s", err);
         return NAN;
     }
+    lt_gpt_take_moe_stats(m, NULL, NULL, NULL, &aux, &z);
     lt_gpt_ctx_free(c);
-    return loss;
+    return (float)((double)loss + aux + z);
 }
 
 /* Forward + backward with grad_scale = 1 / num_valid (so the gradient is d(mean loss)), accumulating. */
@@ -894,6 +899,36 @@ static void test_flag_gradients(void) {
     c.hidden_dropout = 0.1f;
     c.attention_dropout = 0.1f;
     flag_case("(l) all three flags, gqa, rope, dropout", c, 107, 6, 8, 57, 4, 7);
+
+    /* MoE: 4 experts, top-2 softmax, aux and z losses, GELU experts with biases, every layer */
+    c = small_config();
+    c.num_moe_experts = 4;
+    c.moe_ffn_hidden_size = 24;
+    c.moe_layer_freq = 1;
+    c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 1, .aux_loss_coeff = 0.05, .z_loss_coeff = 0.01};
+    flag_case("(m) MoE: 4 experts, top-2, aux and z losses", c, 108, 0, 8, 58, 0, 0);
+
+    /* MoE every other layer, grouped-expert names, sigmoid router with a scaling factor, SwiGLU experts, no
+     * biases, seq_aux_loss, dropout, ignored targets */
+    c = small_config();
+    c.num_moe_experts = 3;
+    c.moe_ffn_hidden_size = 12;
+    c.moe_layer_freq = 2;
+    c.moe_grouped_gemm = 1;
+    c.gated_linear_unit = c.rmsnorm = c.rope = 1;
+    c.add_bias_linear = 0;
+    c.hidden_dropout = 0.1f;
+    c.moe_router = (lt_moe_router_cfg){.topk = 2, .sigmoid = 1, .topk_scaling_factor = 1.5f, .load_balancing = 2,
+                                       .aux_loss_coeff = 0.05};
+    flag_case("(n) MoE every other layer: sigmoid, seq_aux_loss, swiglu, dropout", c, 109, 0, 8, 59, 5, 9);
+
+    /* MoE with token dropping: capacity factor 1 over 16 tokens, dropping by position; pre-softmax top-1 */
+    c = small_config();
+    c.num_moe_experts = 4;
+    c.moe_ffn_hidden_size = 16;
+    c.moe_layer_freq = 1;
+    c.moe_router = (lt_moe_router_cfg){.topk = 1, .pre_softmax = 1, .capacity_factor = 1.0, .drop_by_position = 1};
+    flag_case("(o) MoE with token dropping (capacity 1.0, by position), pre-softmax top-1", c, 110, 0, 8, 60, 0, 0);
 }
 
 /* Zero-centred gamma g and ordinary gamma 1 + g are the same function: the same logits and loss, and

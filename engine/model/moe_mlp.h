@@ -1,0 +1,60 @@
+/* The MoE MLP block (Megatron-Core's MoELayer with the local spec, one rank holding every expert): in a
+ * layer of the moe_layer_freq pattern it takes the dense MLP's place after pre_mlp_layernorm.
+ *
+ *   out = h + dropout(sum_e probs[t, e] expert_e(ln_t)),   ln = pre_mlp_layernorm(h)
+ *
+ * The router (engine/parallel/moe_router.h) runs on the host over the [tokens, experts] logits of
+ * router.weight (the gating GEMM); each expert is an MLP of the dense one's form (GELU or SwiGLU) with
+ * moe_ffn_hidden_size columns. Tokens are dispatched with a row gather into expert order (each expert's
+ * rows contiguous), every expert runs its two GEMMs on its block of rows, and moe_combine sums each
+ * token's expert outputs weighted by its routing probabilities. Backward runs the same in reverse; the
+ * router's gradient includes the aux and z losses' at the scale Megatron's MoEAuxLossAutoScaler gives
+ * them (aux_loss_scale). With one rank the token dispatchers (allgather, alltoall, flex) move nothing:
+ * they are the same computation. */
+#ifndef LT_MOE_MLP_H
+#define LT_MOE_MLP_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/model/layer.h"
+#include "engine/parallel/moe_router.h"
+
+typedef struct {
+    int num_experts, topk, ffn_hidden_size; /* moe_ffn_hidden_size */
+    lt_moe_router_cfg router;               /* seq_length / micro_batch_size set per microbatch */
+    float aux_loss_scale;                   /* d(total loss)/d(aux and z losses): 1 / microbatches per step */
+} lt_moe_spec;
+
+/* Weights: the expert arrays hold expert e's at index e (biases NULL without add_bias_linear). */
+typedef struct {
+    const void *ln_w, *ln_b, *router_w;
+    const void **fc1_w, **fc1_b, **fc2_w, **fc2_b;
+} lt_moe_weights;
+typedef struct {
+    float *ln_w, *ln_b, *router_w;
+    float **fc1_w, **fc1_b, **fc2_w, **fc2_b;
+} lt_moe_grads;
+
+/* What a microbatch's MoE block keeps for backward, and what it routed (for the log). */
+typedef struct lt_moe_state lt_moe_state;
+void lt_moe_state_free(const lt_layer_spec *s, lt_moe_state *st);
+
+/* Routing statistics of one forward: tokens each expert received (after dropping and padding), the
+ * tokens routed before dropping (T topk) and after, and the aux and z losses (coefficients applied). */
+typedef struct {
+    const int64_t *tokens_per_expert;
+    int64_t routed, kept;
+    double aux_loss, z_loss;
+} lt_moe_stats;
+lt_moe_stats lt_moe_state_stats(const lt_moe_state *st);
+
+/* out = h + dropout(MoE(norm(h))) for c's microbatch; *state receives what backward needs (the
+ * caller frees it with lt_moe_state_free, or backward does). */
+int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
+                       lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, char *err, size_t errlen);
+/* dx holds d(out) on entry and d(h) on return; gradients accumulate. */
+int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
+                        const lt_moe_grads *g, const lt_layer_ctx *c, const lt_moe_state *state, const void *h,
+                        void *dx, const lt_layer_scratch *sc, char *err, size_t errlen);
+
+#endif

@@ -66,7 +66,8 @@ end
 -- with pipeline stages pipeline_bubble likewise (the measured bubble), pipeline_bubble_formula,
 -- pipeline_interleaved, p2p_bytes and p2p_expected (this rank's point-to-point bytes this step);
 -- with tensor parallelism tp_bytes, tp_expected and tp_seconds (the model's TP collectives this step);
--- with context parallelism cp_bytes, cp_expected and cp_hidden (the ring's share hidden behind compute).
+-- with context parallelism cp_bytes, cp_expected and cp_hidden (the ring's share hidden behind compute);
+-- with MoE layers moe: a function giving the routing statistics (called on logged steps, every rank).
 function M:step(r)
   local w = self.window
   w.steps, w.time, w.tokens = w.steps + 1, w.time + r.step_time, w.tokens + r.tokens
@@ -74,6 +75,7 @@ function M:step(r)
   -- on every rank, quiet or not: with pipeline stages the norm is a sum over them
   local params_norm = logged and r.params_norm and r.params_norm() or nil
   local bubble = logged and r.pipeline_bubble and r.pipeline_bubble() or nil
+  local moe = logged and r.moe and r.moe() or nil
   if self.quiet then return end
   if not logged then
     if self.tty then
@@ -108,6 +110,12 @@ function M:step(r)
     cp_bytes_per_step = r.cp_bytes,
     cp_expected_bytes = r.cp_expected,
     cp_hidden_fraction = r.cp_hidden,
+    moe_tokens_per_expert_min = moe and moe.tokens_min,
+    moe_tokens_per_expert_mean = moe and moe.tokens_mean,
+    moe_tokens_per_expert_max = moe and moe.tokens_max,
+    moe_dropped_fraction = moe and moe.dropped,
+    moe_aux_loss = moe and moe.aux_loss,
+    moe_z_loss = moe and moe.z_loss,
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
@@ -126,6 +134,12 @@ function M:step(r)
     self:info("  tensor-parallel traffic %.3f MB/step on this rank (ring formula %.3f MB, measured/expected %.4f), "
       .. "%.1f ms/step in collectives", r.tp_bytes / 1e6, r.tp_expected / 1e6, r.tp_bytes / math.max(r.tp_expected, 1),
       1000 * r.tp_seconds)
+  end
+  if moe then
+    self:info("  MoE: tokens per expert %.1f / %.1f / %.1f (min / mean / max, per layer and microbatch), %.1f%% "
+      .. "dropped, aux loss %.4g, z-loss %.4g (per layer and microbatch); dispatcher %s (one rank: nothing to "
+      .. "dispatch over)", moe.tokens_min, moe.tokens_mean, moe.tokens_max, 100 * moe.dropped, moe.aux_loss,
+      moe.z_loss, moe.dispatcher)
   end
   if r.cp_bytes then
     self:info("  context-parallel ring %.3f MB/step on this rank (arithmetic %.3f MB, measured/expected %.4f), %s",

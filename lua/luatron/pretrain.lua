@@ -64,7 +64,24 @@ function M.check_supported(m)
     end
   end
   if m.num_moe_experts then
-    error("GPTModelProvider.num_moe_experts is set: MoE layers are not implemented yet. Remove num_moe_experts", 0)
+    local tp, cp = m.tensor_model_parallel_size or 1, m.context_parallel_size or 1
+    local refused = {
+      { tp > 1 or cp > 1, ("tensor_model_parallel_size = %d, context_parallel_size = %d"):format(tp, cp),
+        "MoE layers run with TP = CP = 1 in this build (expert and expert-tensor parallelism are not built yet)" },
+      { (m.expert_tensor_parallel_size or 1) > 1, "expert_tensor_parallel_size = " .. tostring(
+        m.expert_tensor_parallel_size), "expert-tensor parallelism is not built yet" },
+      { m.moe_shared_expert_intermediate_size ~= nil or m.moe_shared_expert_overlap, "moe_shared_expert_intermediate_size "
+        .. "/ moe_shared_expert_overlap", "shared experts are not implemented yet" },
+      { m.moe_router_enable_expert_bias or (m.moe_router_bias_update_rate or 1e-3) ~= 1e-3,
+        "moe_router_enable_expert_bias / moe_router_bias_update_rate", "the expert bias (aux-loss-free balancing) "
+        .. "and its update are not implemented yet" },
+      { m.moe_router_load_balancing_type == "global_aux_loss" or m.moe_router_load_balancing_type == "sinkhorn",
+        "moe_router_load_balancing_type = " .. tostring(m.moe_router_load_balancing_type), "only aux_loss, "
+        .. "seq_aux_loss and none are implemented" },
+    }
+    for _, r in ipairs(refused) do
+      if r[1] then error(("GPTModelProvider.%s with num_moe_experts: %s. Change it"):format(r[2], r[3]), 0) end
+    end
   end
   if m.fp16 then
     error("GPTModelProvider.fp16 = true: fp16 mixed precision (with loss scaling) is not implemented; "
@@ -130,6 +147,10 @@ function M.setup(cfg, opts)
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
   if pp > 1 then run.link, run.links = pipeline_links(ps, pp, r.model.device) end
+  -- MoE: the aux and z losses' gradients at Megatron's MoEAuxLossAutoScaler scale, 1 / microbatches
+  if r.model.num_moe_experts then
+    for _, chunk in ipairs(chunks) do chunk:set_moe_aux_loss_scale(1 / r.num_microbatches) end
+  end
   if opts.trace then run.recorder = timeline.recorder() end
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size, pp_rank = ps.coords.pp_rank,
     pp_size = pp, tp = ps.groups.tp, barrier = function() ps.world:barrier() end }
@@ -524,6 +545,35 @@ local function over_model(run, fn)
   return sum_over_stages(run, x)
 end
 
+-- The routing of the training steps since the last call, over every stage's MoE layers: tokens per
+-- expert (min, mean, max, per MoE layer and microbatch), the share of routed tokens dropped, and the
+-- mean aux and z losses per MoE layer and microbatch (coefficients applied). A collective with
+-- pipeline stages (on every rank, as the parameter norm).
+local function moe_stats(run)
+  local E = run.r.model.num_moe_experts
+  local sums = {}
+  for i = 1, E + 5 do sums[i] = 0 end
+  for _, chunk in ipairs(run.chunks) do
+    local s = chunk:take_moe_stats()
+    for e = 1, E do sums[e] = sums[e] + s.tokens_per_expert[e] end
+    sums[E + 1], sums[E + 2] = sums[E + 1] + s.forwards, sums[E + 2] + s.routed
+    sums[E + 3], sums[E + 4], sums[E + 5] = sums[E + 3] + s.kept, sums[E + 4] + s.aux_loss, sums[E + 5] + s.z_loss
+  end
+  local g = run.ps.groups.pp
+  if g and g:size() > 1 then
+    local t <close> = core.tensor.from(sums, "float32")
+    sums = g:all_reduce(t, "sum"):to_table()
+  end
+  local n = math.max(sums[E + 1], 1)
+  local lo, hi, total = math.huge, 0, 0
+  for e = 1, E do
+    lo, hi, total = math.min(lo, sums[e] / n), math.max(hi, sums[e] / n), total + sums[e] / n
+  end
+  return { tokens_min = lo, tokens_mean = total / E, tokens_max = hi,
+    dropped = math.max(0, 1 - sums[E + 3] / math.max(sums[E + 2], 1)), aux_loss = sums[E + 4] / n,
+    z_loss = sums[E + 5] / n, dispatcher = run.r.model.moe_token_dispatcher_type }
+end
+
 -- "GPT(layers=2, ...)" of the whole model, and with pipeline stages what this rank's chunks hold.
 local function describe_model(run)
   local m = run.r.model
@@ -660,7 +710,8 @@ function M.pretrain(cfg, args, opts)
       pipeline_interleaved = r.model.virtual_pipeline_model_parallel_size ~= nil,
       p2p_bytes = run.p2p_bytes, p2p_expected = run.p2p_expected,
       tp_bytes = run.tp_bytes, tp_expected = run.tp_expected, tp_seconds = run.tp_seconds,
-      cp_bytes = run.cp_bytes, cp_expected = run.cp_expected, cp_hidden = run.cp_hidden }
+      cp_bytes = run.cp_bytes, cp_expected = run.cp_expected, cp_hidden = run.cp_hidden,
+      moe = r.model.num_moe_experts and function() return moe_stats(run) end or nil }
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = excluding_comm(run, function() return M.evaluate(run) end)

@@ -512,6 +512,10 @@ local ENGINE_FIELDS = {
   "rotary_base", "share_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias",
   "layernorm_zero_centered_gamma", "qk_layernorm", "init_method_std", "hidden_dropout", "attention_dropout",
   "seed", "flat_multiple", "device", "local_rank", "bf16", "tensor_parallel", "sequence_parallel", "context_parallel", "cp_comm_type",
+  "num_moe_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_grouped_gemm", "moe_router_topk",
+  "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_expert_capacity_factor",
+  "moe_token_drop_policy", "moe_pad_expert_input_to_capacity", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+  "moe_z_loss_coeff",
 }
 
 -- Every value of two models' flat weights is the same (bit for bit).

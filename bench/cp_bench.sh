@@ -9,6 +9,7 @@
 #   bench/cp_bench.sh [steps]   (default 3; the first step is not counted)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
 steps=${1:-3}
 [ -n "${LUATRON_NO_BUILD:-}" ] || bazel build --noshow_progress //:luatron >/dev/null 2>&1
 bin=bazel-bin/luatron
@@ -34,20 +35,7 @@ for name, label in (("cp1", "one rank, sequence 8192"), ("cp4", "CP = 4 (2048 po
           f"{100 * hidden:.0f}% |")
 PY
 )
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo uncommitted)
-git diff --quiet 2>/dev/null || commit="$commit (+ uncommitted changes)"
-load=$(cut -d' ' -f1 /proc/loadavg)
-echo "$table"
-{
-  echo
-  echo "## $(date -u '+%Y-%m-%d %H:%M:%S') UTC: bench/cp_bench.sh $steps"
-  echo
-  echo "- CPU: $cpu ($(nproc) CPUs), load average $load before the run"
-  echo "- commit $commit"
-  echo "- recipes/long_context.lua (sequence 8192, fp32 on the CPU); CP = 4 over \`luatron launch -n 4\` on these"
-  echo "  cores (one thread per rank): the step times are the split's cost; the memory per rank is the point."
-  echo
-  echo "$table"
-} >> bench/results.md
+record_results "bench/cp_bench.sh $steps" "$table" \
+  "- recipes/long_context.lua (sequence 8192, fp32 on the CPU); CP = 4 over \`luatron launch -n 4\` on these" \
+  "  cores (one thread per rank): the step times are the split's cost; the memory per rank is the point."
 rm -rf "$out"

@@ -10,6 +10,7 @@
 #   bench/pp_bench.sh [steps]   (default 6; the first step is not counted)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
 steps=${1:-6}
 [ -n "${LUATRON_NO_BUILD:-}" ] || bazel build --noshow_progress //:luatron >/dev/null 2>&1
 bin=bazel-bin/luatron
@@ -53,20 +54,7 @@ print(f"Rank 0's peak memory at M = 16 (at most 2 microbatches in flight under 1
       f"1F1B {peak['1f1b']:.1f} MiB, GPipe {peak['gpipe']:.1f} MiB.")
 PY
 )
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo uncommitted)
-git diff --quiet 2>/dev/null || commit="$commit (+ uncommitted changes)"
-load=$(cut -d' ' -f1 /proc/loadavg)
-echo "$table"
-{
-  echo
-  echo "## $(date -u '+%Y-%m-%d %H:%M:%S') UTC: bench/pp_bench.sh $steps"
-  echo
-  echo "- CPU: $cpu ($(nproc) CPUs), load average $load before the run"
-  echo "- commit $commit"
-  echo "- bench-small, microbatches of 2 x 256 tokens; PP = 2 is 1F1B over \`luatron launch -n 2\`; bubble = (step time -"
-  echo "  compute time) / compute time per stage, median over steps 2..$steps; p2p = bytes rank 0 sent per step"
-  echo
-  echo "$table"
-} >> bench/results.md
+record_results "bench/pp_bench.sh $steps" "$table" \
+  "- bench-small, microbatches of 2 x 256 tokens; PP = 2 is 1F1B over \`luatron launch -n 2\`; bubble = (step time -" \
+  "  compute time) / compute time per stage, median over steps 2..$steps; p2p = bytes rank 0 sent per step"
 rm -rf "$out"

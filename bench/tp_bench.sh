@@ -9,6 +9,7 @@
 #   bench/tp_bench.sh [steps]   (default 6; the first step is not counted)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
 steps=${1:-6}
 [ -n "${LUATRON_NO_BUILD:-}" ] || bazel build --noshow_progress //:luatron >/dev/null 2>&1
 bin=bazel-bin/luatron
@@ -36,20 +37,7 @@ for name, label in (("tp1", "TP = 1"), ("tp2", "TP = 2"), ("tp2_sp", "TP = 2, SP
     print(f"| {label} | {ms:.1f} | {peak:.1f} | {act.group(1) if act else '-'} | {tp:.3f} | {exp:.3f} |")
 PY
 )
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo uncommitted)
-git diff --quiet 2>/dev/null || commit="$commit (+ uncommitted changes)"
-load=$(cut -d' ' -f1 /proc/loadavg)
-echo "$table"
-{
-  echo
-  echo "## $(date -u '+%Y-%m-%d %H:%M:%S') UTC: bench/tp_bench.sh $steps"
-  echo
-  echo "- CPU: $cpu ($(nproc) CPUs), load average $load before the run"
-  echo "- commit $commit"
-  echo "- bench-small, 4 microbatches of 2 x 256 tokens per step, fp32 on the CPU; TP = 2 over \`luatron launch -n 2\`"
-  echo "  (shm collectives, one thread per rank): overhead, not speed-up, on 2 cores. Medians over steps 2..$steps."
-  echo
-  echo "$table"
-} >> bench/results.md
+record_results "bench/tp_bench.sh $steps" "$table" \
+  "- bench-small, 4 microbatches of 2 x 256 tokens per step, fp32 on the CPU; TP = 2 over \`luatron launch -n 2\`" \
+  "  (shm collectives, one thread per rank): overhead, not speed-up, on 2 cores. Medians over steps 2..$steps."
 rm -rf "$out"

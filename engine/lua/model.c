@@ -521,6 +521,15 @@ static int m_tp(lua_State *L) {
 
 static const char *const SPLIT_NAMES[] = {"none", "rows", "columns", "glu_rows"};
 
+/* Pushes {d1, ..., dn}. */
+static void push_dims(lua_State *L, const int64_t *dims, int n) {
+    lua_createtable(L, n, 0);
+    for (int d = 0; d < n; d++) {
+        lua_pushinteger(L, dims[d]);
+        lua_rawseti(L, -2, d + 1);
+    }
+}
+
 /* model:parameters() → array of {name=, shape={...}, numel=, offset=, no_weight_decay=, split=,
  * full_shape={...}, full_numel=, tp_grad_sum=} in model order: shape and numel are this rank's shard,
  * split how the parameter splits across tensor-parallel ranks ("none", "rows", "columns",
@@ -534,11 +543,7 @@ static int m_parameters(lua_State *L) {
         lua_createtable(L, 0, 5);
         lua_pushstring(L, p->name);
         lua_setfield(L, -2, "name");
-        lua_createtable(L, p->ndim, 0);
-        for (int d = 0; d < p->ndim; d++) {
-            lua_pushinteger(L, p->shape[d]);
-            lua_rawseti(L, -2, d + 1);
-        }
+        push_dims(L, p->shape, p->ndim);
         lua_setfield(L, -2, "shape");
         lua_pushinteger(L, p->numel);
         lua_setfield(L, -2, "numel");
@@ -548,11 +553,7 @@ static int m_parameters(lua_State *L) {
         lua_setfield(L, -2, "no_weight_decay");
         lua_pushstring(L, SPLIT_NAMES[p->split]);
         lua_setfield(L, -2, "split");
-        lua_createtable(L, p->ndim, 0);
-        for (int d = 0; d < p->ndim; d++) {
-            lua_pushinteger(L, p->full_shape[d]);
-            lua_rawseti(L, -2, d + 1);
-        }
+        push_dims(L, p->full_shape, p->ndim);
         lua_setfield(L, -2, "full_shape");
         lua_pushinteger(L, p->full_numel);
         lua_setfield(L, -2, "full_numel");

@@ -6,6 +6,7 @@
 local core = require "luatron.core"
 local config = require "luatron.config"
 local model_lib = require "luatron.model"
+local schema = require "luatron.config.schema"
 local scheduler = require "luatron.scheduler"
 local checkpoint = require "luatron.checkpoint"
 local logger_lib = require "luatron.logger"
@@ -55,6 +56,9 @@ local function check_writable(dir, what)
   os.remove(probe)
 end
 
+-- The expert bias's update rate by default: another value would act on the (refused) expert bias.
+local BIAS_UPDATE_RATE = schema.classes.GPTModelProvider.index.moe_router_bias_update_rate.default
+
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
   for _, f in ipairs { "expert_model_parallel_size" } do
@@ -72,7 +76,7 @@ function M.check_supported(m)
         m.expert_tensor_parallel_size), "expert-tensor parallelism is not built yet" },
       { m.moe_shared_expert_intermediate_size ~= nil or m.moe_shared_expert_overlap, "moe_shared_expert_intermediate_size "
         .. "/ moe_shared_expert_overlap", "shared experts are not implemented yet" },
-      { m.moe_router_enable_expert_bias or (m.moe_router_bias_update_rate or 1e-3) ~= 1e-3,
+      { m.moe_router_enable_expert_bias or (m.moe_router_bias_update_rate or BIAS_UPDATE_RATE) ~= BIAS_UPDATE_RATE,
         "moe_router_enable_expert_bias / moe_router_bias_update_rate", "the expert bias (aux-loss-free balancing) "
         .. "and its update are not implemented yet" },
       { m.moe_router_load_balancing_type == "global_aux_loss" or m.moe_router_load_balancing_type == "sinkhorn",
@@ -248,15 +252,20 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
       local b <close> = read_batch(data, first(m), mbs)
       local tokens <close> = b:narrow(2, 1, s):clone()
       local targets <close> = b:narrow(2, 2, s):clone()
-      local valid = 0
-      for _, row in ipairs(targets:to_table()) do
-        for _, v in ipairs(row) do valid = valid + (v >= 0 and 1 or 0) end
+      local valid -- under CP the whole sequence's valid tokens, which no rank's chunks hold alone
+      if cp > 1 then
+        valid = 0
+        for _, row in ipairs(targets:to_table()) do
+          for _, v in ipairs(row) do valid = valid + (v >= 0 and 1 or 0) end
+        end
       end
       batches[m] = { tokens = context_parallel.local_rows(tokens, cp_rank, cp),
         targets = context_parallel.local_rows(targets, cp_rank, cp), valid = valid }
     end
     return batches[m]
   end
+  -- the microbatch's valid tokens, given this rank's count n of them
+  local function valid_of(m, n) return batch(m).valid or n end
   local dtype = ({ fp32 = "float32", bf16 = "bfloat16" })[r.model.pipeline_dtype]
   local started = core.clock()
   local results, steps = pipeline_run.run(plan, {
@@ -264,7 +273,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
     tokens = function(m) return batch(m).tokens end,
     targets = function(m) return batch(m).targets end,
     seed = seed_of,
-    loss_scale = loss_scale and function(_, m) return cp * loss_scale(batch(m).valid) end,
+    loss_scale = loss_scale and function(n, m) return cp * loss_scale(valid_of(m, n)) end,
     rank = run.ps.coords.pp_rank,
     link = run.link,
     buffer = function() return core.tensor.zeros({ s_sent, mbs, r.model.hidden_size }, dtype, r.model.device) end,
@@ -276,7 +285,7 @@ local function run_plan(run, plan, data, first, seed_of, loss_scale)
   local loss_sum = 0
   for m, res in pairs(results) do
     local host <close> = res.losses:to_host()
-    loss_sum = loss_sum + cp * host:sum() / math.max(batch(m).valid, 1)
+    loss_sum = loss_sum + cp * host:sum() / math.max(valid_of(m, res.valid), 1)
     res.losses:free()
   end
   for _, b in pairs(batches) do

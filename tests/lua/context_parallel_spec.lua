@@ -13,7 +13,7 @@ local LUATRON = os.getenv("LUATRON")
 local RTOL = 1e-5
 
 local h = dofile("tests/lua/helpers.lua")
-local q, run, tmpdir, read_metrics = h.q, h.run, h.tmpdir, h.read_metrics
+local q, run, tmpdir = h.q, h.run, h.tmpdir
 
 -- A small model, 20 steps, dropout on: 4 layers, 8 heads (4 query groups), sequence 64 in 2 CP chunks
 -- of 16 (CP = 2) or 8 (CP = 4), global batch 8 in microbatches of 2.
@@ -25,10 +25,7 @@ local BASE = "recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=
   .. "logger.log_params_norm=true scheduler.lr_warmup_fraction=nil scheduler.lr_warmup_iters=2 optimizer.lr=1e-3 "
 
 local function launch(n, dir, name, extra)
-  local args = BASE:format(STEPS) .. ("logger.metrics_file=%s %s"):format(q(dir .. "/" .. name .. ".jsonl"), extra)
-  local code, out = run(("%s launch -n %d --timeout 120 %s"):format(q(LUATRON), n, args))
-  assert.are.equal(0, code, out)
-  return read_metrics(dir .. "/" .. name .. ".jsonl"), out
+  return h.launch_metrics(LUATRON, n, dir, name, BASE:format(STEPS) .. extra)
 end
 
 -- Closeness within RTOL; the largest relative difference seen is printed at the end.
@@ -36,12 +33,7 @@ local assert_close = h.closeness(RTOL)
 
 local function assert_equivalent(ref, got, label)
   assert.are.equal(#ref, #got, label .. ": number of steps")
-  for _, r in ipairs(got) do
-    local want = ref[r.iteration]
-    for _, k in ipairs { "loss", "grad_norm", "params_norm" } do
-      assert_close(want[k], r[k], ("%s %s at iteration %d"):format(label, k, r.iteration))
-    end
-  end
+  h.assert_same_steps(ref, got, assert_close, label)
 end
 
 local LAYOUTS = {

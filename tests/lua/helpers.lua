@@ -117,6 +117,28 @@ function h.emulated_check(luatron, script, arg, n)
   return code, out, rows
 end
 
+-- Runs `luatron launch -n n --timeout 120 <args> logger.metrics_file=dir/name.jsonl` and asserts it
+-- succeeded; returns the metrics records and the output.
+function h.launch_metrics(luatron, n, dir, name, args)
+  local file = dir .. "/" .. name .. ".jsonl"
+  local code, out = h.run(("%s launch -n %d --timeout 120 %s logger.metrics_file=%s"):format(h.q(luatron), n, args,
+    h.q(file)))
+  assert(code == 0, out)
+  return h.read_metrics(file), out
+end
+
+-- Every record of got has ref's loss, gradient norm and parameter norm at its iteration within
+-- `close` (an h.closeness); label names the run. ref's records are by iteration from 1.
+function h.assert_same_steps(ref, got, close, label)
+  for _, r in ipairs(got) do
+    local want = ref[r.iteration]
+    assert(want, ("%s: iteration %d is not in the reference"):format(label, r.iteration))
+    for _, k in ipairs { "loss", "grad_norm", "params_norm" } do
+      close(want[k], r[k], ("%s %s at iteration %d"):format(label, k, r.iteration))
+    end
+  end
+end
+
 -- A closeness check for the equivalence specs: close(a, b, what) asserts |a - b| <= rtol x max(|a|, |b|)
 -- and remembers the largest relative difference it saw (close.worst()), which a spec prints.
 function h.closeness(rtol)

@@ -14,7 +14,7 @@ local LUATRON = os.getenv("LUATRON")
 local RTOL = 1e-5
 
 local h = dofile("tests/lua/helpers.lua")
-local q, run, tmpdir, read_metrics = h.q, h.run, h.tmpdir, h.read_metrics
+local q, run, tmpdir = h.q, h.run, h.tmpdir
 
 -- A small model, 20 steps, dropout on: 4 layers, 8 heads, global batch 8 in microbatches of 2. The
 -- vocabulary (256) is padded to a multiple of 32 x TP, so every layout has the same one. The learning
@@ -32,10 +32,7 @@ local LLAMA = "model.normalization=RMSNorm model.activation_func=silu model.gate
   .. "model.share_embeddings_and_output_weights=false model.ffn_hidden_size=96 "
 
 local function launch(n, dir, name, extra)
-  local args = BASE:format(STEPS) .. ("logger.metrics_file=%s %s"):format(q(dir .. "/" .. name .. ".jsonl"), extra)
-  local code, out = run(("%s launch -n %d --timeout 120 %s"):format(q(LUATRON), n, args))
-  assert.are.equal(0, code, out)
-  return read_metrics(dir .. "/" .. name .. ".jsonl"), out
+  return h.launch_metrics(LUATRON, n, dir, name, BASE:format(STEPS) .. extra)
 end
 
 -- Closeness within RTOL; the largest relative difference seen is printed at the end as a TAP comment.
@@ -43,12 +40,7 @@ local assert_close = h.closeness(RTOL)
 
 local function assert_equivalent(ref, got, label)
   assert.are.equal(#ref, #got, label .. ": number of steps")
-  for _, r in ipairs(got) do
-    local want = ref[r.iteration]
-    assert_close(want.loss, r.loss, ("%s loss at iteration %d"):format(label, r.iteration))
-    assert_close(want.grad_norm, r.grad_norm, ("%s grad norm at iteration %d"):format(label, r.iteration))
-    assert_close(want.params_norm, r.params_norm, ("%s params norm at iteration %d"):format(label, r.iteration))
-  end
+  h.assert_same_steps(ref, got, assert_close, label)
 end
 
 local LAYOUTS = {

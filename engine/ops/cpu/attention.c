@@ -252,20 +252,12 @@ void lt_attention_backward(float *dqkv, const float *dout, const float *qkv, con
         free(P), free(dP), free(dQb), free(Di), free(U);
     }
     if (gkv) {
-        /* sum the heads of each group in head order: the first is stored, the others added */
 #pragma omp parallel for schedule(static) if (lt_attn_threaded(&dm))
         for (int bgt = 0; bgt < B * G * T; bgt++) {
             const int b = bgt / (G * T), g = (bgt / T) % G, t = bgt % T;
-            float *dk = dqkv + lt_k_off(&dm, b, t, g), *dv = dk + D;
+            float *dk = dqkv + lt_k_off(&dm, b, t, g);
             const size_t bh0 = (size_t)b * H + (size_t)g * hpg;
-            const float *sk0 = gkv + bh0 * 2 * kv_elems + (size_t)t * Dp, *sv0 = sk0 + kv_elems;
-#pragma omp simd
-            for (int d = 0; d < D; d++) dk[d] = sk0[d], dv[d] = sv0[d];
-            for (int hh = 1; hh < hpg; hh++) {
-                const float *sk = sk0 + (size_t)hh * 2 * kv_elems, *sv = sk + kv_elems;
-#pragma omp simd
-                for (int d = 0; d < D; d++) dk[d] += sk[d], dv[d] += sv[d];
-            }
+            lt_sum_group_heads(dk, dk + D, gkv + bh0 * 2 * kv_elems + (size_t)t * Dp, kv_elems, hpg, D);
         }
         free(gkv);
     }

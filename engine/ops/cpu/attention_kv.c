@@ -426,20 +426,12 @@ void lt_attention_kv_backward(float *dq, float *dkv, const float *dout, const fl
         lt_kv_tiles_free(&tl);
     }
     if (gkv) {
-        /* sum the heads of each group in head order: the first is stored, the others added */
 #pragma omp parallel for schedule(static) if (lt_kv_threaded(&dm))
         for (int bgt = 0; bgt < B * G * Tk; bgt++) {
             const int b = bgt / (G * Tk), g = (bgt / Tk) % G, t = bgt % Tk;
-            float *dk = dkv + lt_kv_k_off(&dm, b, t, g), *dv = dk + D;
+            float *dk = dkv + lt_kv_k_off(&dm, b, t, g);
             const size_t bh0 = (size_t)b * H + (size_t)g * hpg;
-            const float *sk0 = gkv + bh0 * 2 * kv_elems + (size_t)t * Dp, *sv0 = sk0 + kv_elems;
-#pragma omp simd
-            for (int e = 0; e < D; e++) dk[e] = sk0[e], dv[e] = sv0[e];
-            for (int hh = 1; hh < hpg; hh++) {
-                const float *sk = sk0 + (size_t)hh * 2 * kv_elems, *sv = sk + kv_elems;
-#pragma omp simd
-                for (int e = 0; e < D; e++) dk[e] += sk[e], dv[e] += sv[e];
-            }
+            lt_sum_group_heads(dk, dk + D, gkv + bh0 * 2 * kv_elems + (size_t)t * Dp, kv_elems, hpg, D);
         }
         free(gkv);
     }

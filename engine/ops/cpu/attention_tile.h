@@ -80,4 +80,18 @@ static inline float *lt_scratch(size_t n) {
     return p;
 }
 
+/* A (token, group)'s key and value gradient rows: the sum, in head order, of the group's hpg query heads'
+ * rows kept per head in a per-(b, h) buffer (head h's dK rows at sk0 + h 2 kv_elems, its dV rows
+ * kv_elems after): the first stored, the others added, so the result does not depend on threads. */
+static inline void lt_sum_group_heads(float *dk, float *dv, const float *sk0, size_t kv_elems, int hpg, int D) {
+    const float *sv0 = sk0 + kv_elems;
+#pragma omp simd
+    for (int d = 0; d < D; d++) dk[d] = sk0[d], dv[d] = sv0[d];
+    for (int hh = 1; hh < hpg; hh++) {
+        const float *sk = sk0 + (size_t)hh * 2 * kv_elems, *sv = sk + kv_elems;
+#pragma omp simd
+        for (int d = 0; d < D; d++) dk[d] += sk[d], dv[d] += sv[d];
+    }
+}
+
 #endif

@@ -9,6 +9,8 @@
 typedef struct {
     lt_ddp *d;
     lt_gpt *m;
+    lt_tensor *grads, *weights; /* views of the model's flat buffers: the range the buckets cover */
+    int hooks;                  /* the range starts the buffers: backward's and forward's hooks apply */
 } ddp_box;
 
 static ddp_box *check_ddp(lua_State *L, int idx) {
@@ -17,24 +19,31 @@ static ddp_box *check_ddp(lua_State *L, int idx) {
     return b;
 }
 
-/* core.ddp(model, communicator [, bucket_size [, sharded]]): sharded = the distributed optimizer's
- * buckets (engine/parallel/ddp.h). */
+/* core.ddp(model, communicator [, bucket_size [, sharded [, first, count]]]): sharded = the distributed
+ * optimizer's buckets (engine/parallel/ddp.h); first and count (0-based elements) a range of the flat
+ * buffers to cover instead of all of them. Only a range from 0 starts its reductions while backward runs
+ * (the model's hooks count from the buffers' start); another is reduced when the step finishes. */
 static int l_ddp_new(lua_State *L) {
     lt_gpt *m = lt_lua_check_gpt(L, 1);
     lt_comm *c = lt_lua_check_comm(L, 2);
     lua_Integer bucket = luaL_optinteger(L, 3, 0);
     int sharded = lua_toboolean(L, 4);
+    const int64_t total = lt_tensor_numel(lt_gpt_grads(m));
+    const lua_Integer first = luaL_optinteger(L, 5, 0), count = luaL_optinteger(L, 6, total - first);
+    luaL_argcheck(L, first >= 0 && count >= 0 && first + count <= total, 5, "range outside the flat buffers");
     ddp_box *b = lua_newuserdatauv(L, sizeof *b, 2);
-    b->d = NULL;
-    b->m = m;
+    *b = (ddp_box){NULL, m, NULL, NULL, first == 0};
+    b->grads = lt_tensor_narrow(lt_gpt_grads(m), 0, first, count);
+    b->weights = lt_tensor_narrow(lt_gpt_weights(m), 0, first, count);
     luaL_setmetatable(L, DDP_MT);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1);
     lua_pushvalue(L, 2);
     lua_setiuservalue(L, -2, 2);
     char err[512] = "out of memory for DDP buckets";
-    b->d = sharded ? lt_ddp_new_sharded(lt_gpt_grads(m), lt_gpt_weights(m), bucket, c, err, sizeof err)
-                   : lt_ddp_new(lt_gpt_grads(m), bucket, c);
+    if (!b->grads || !b->weights) return luaL_error(L, "%s", err);
+    b->d = sharded ? lt_ddp_new_sharded(b->grads, b->weights, bucket, c, err, sizeof err)
+                   : lt_ddp_new(b->grads, bucket, c);
     if (!b->d) return luaL_error(L, "%s", err);
     return 1;
 }
@@ -79,7 +88,7 @@ static int m_gather_params(lua_State *L) { lt_ddp_gather_params(check_sharded(L,
 
 static int m_params_finish(lua_State *L) {
     ddp_box *b = check_sharded(L, 1);
-    lt_gpt_set_param_wait_hook(b->m, NULL, NULL);
+    if (b->hooks) lt_gpt_set_param_wait_hook(b->m, NULL, NULL);
     char err[512] = "";
     if (lt_ddp_params_finish(b->d, err, sizeof err) != 0) return luaL_error(L, "%s", err);
     return 0;
@@ -87,7 +96,7 @@ static int m_params_finish(lua_State *L) {
 
 static int m_param_hook(lua_State *L) {
     ddp_box *b = check_sharded(L, 1);
-    if (lua_toboolean(L, 2)) lt_gpt_set_param_wait_hook(b->m, lt_ddp_params_needed, b->d);
+    if (lua_toboolean(L, 2) && b->hooks) lt_gpt_set_param_wait_hook(b->m, lt_ddp_params_needed, b->d);
     else lt_gpt_set_param_wait_hook(b->m, NULL, NULL);
     return 0;
 }
@@ -96,14 +105,14 @@ static int m_param_hook(lua_State *L) {
 static int m_begin(lua_State *L) {
     ddp_box *b = check_ddp(L, 1);
     lt_ddp_begin(b->d);
-    lt_gpt_set_grad_ready_hook(b->m, lt_ddp_grads_ready, b->d);
+    if (b->hooks) lt_gpt_set_grad_ready_hook(b->m, lt_ddp_grads_ready, b->d);
     return 0;
 }
 
 /* ddp:finish() → seconds spent waiting for the reductions (not hidden behind backward). */
 static int m_finish(lua_State *L) {
     ddp_box *b = check_ddp(L, 1);
-    lt_gpt_set_grad_ready_hook(b->m, NULL, NULL);
+    if (b->hooks) lt_gpt_set_grad_ready_hook(b->m, NULL, NULL);
     char err[512] = "";
     if (lt_ddp_finish(b->d, err, sizeof err) != 0) return luaL_error(L, "%s", err);
     lua_pushnumber(L, lt_ddp_wait_seconds(b->d));
@@ -117,12 +126,14 @@ static int m_num_buckets(lua_State *L) {
 
 static int m_free(lua_State *L) {
     ddp_box *b = luaL_checkudata(L, 1, DDP_MT);
-    if (b->d) {
+    if (b->d && b->hooks) {
         lt_gpt_set_grad_ready_hook(b->m, NULL, NULL);
         lt_gpt_set_param_wait_hook(b->m, NULL, NULL);
-        lt_ddp_free(b->d);
     }
-    b->d = NULL;
+    lt_ddp_free(b->d);
+    lt_tensor_free(b->grads);
+    lt_tensor_free(b->weights);
+    b->d = NULL, b->grads = b->weights = NULL;
     return 0;
 }
 

@@ -93,6 +93,7 @@ static void read_moe(lua_State *L, lt_gpt_config *c) {
     static const char *const score[] = {"softmax", "sigmoid", NULL};
     static const char *const drop[] = {"probs", "position", NULL};
     static const char *const balance[] = {"none", "aux_loss", "seq_aux_loss", NULL};
+    static const char *const dispatchers[] = {"allgather", "alltoall", "flex", NULL}; /* lt_moe_dispatcher's order */
     c->num_moe_experts = (int)field_int(L, 1, "num_moe_experts");
     c->moe_ffn_hidden_size = (int)field_int(L, 1, "moe_ffn_hidden_size");
     c->moe_layer_freq = (int)field_int(L, 1, "moe_layer_freq");
@@ -108,6 +109,7 @@ static void read_moe(lua_State *L, lt_gpt_config *c) {
     r->load_balancing = field_enum(L, "moe_router_load_balancing_type", balance);
     r->aux_loss_coeff = field_num(L, 1, "moe_aux_loss_coeff");
     r->z_loss_coeff = field_num(L, 1, "moe_z_loss_coeff");
+    c->moe_dispatcher = field_enum(L, "moe_token_dispatcher_type", dispatchers);
 }
 
 /* A communicator field of config 1, or NULL for false. */
@@ -153,10 +155,11 @@ static lt_gpt_config read_config(lua_State *L) {
     c.flat_multiple = (int)field_int(L, 1, "flat_multiple");
     c.bf16 = field_bool(L, 1, "bf16");
     c.sequence_parallel = field_bool(L, 1, "sequence_parallel");
-    /* tensor_parallel, context_parallel: the groups' communicators, or false; the model keeps them (see
-     * keep_comms) */
+    /* tensor_parallel, context_parallel, expert_parallel: the groups' communicators, or false; the model
+     * keeps them (see keep_comms) */
     c.tp_comm = opt_comm(L, "tensor_parallel");
     c.cp_comm = opt_comm(L, "context_parallel");
+    c.ep_comm = opt_comm(L, "expert_parallel");
     field_get(L, 1, "cp_comm_type");
     const char *cp_type = lua_tostring(L, -1);
     if (!cp_type || (strcmp(cp_type, "p2p") != 0 && strcmp(cp_type, "all_gather") != 0))
@@ -189,12 +192,14 @@ static void keep_comms(lua_State *L) {
     lua_setiuservalue(L, -2, 1);
     lua_getfield(L, 1, "context_parallel");
     lua_setiuservalue(L, -2, 2);
+    lua_getfield(L, 1, "expert_parallel");
+    lua_setiuservalue(L, -2, 3);
 }
 
 static int l_gpt_new(lua_State *L) {
     lt_gpt_config c = read_config(L);
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 2);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 3);
     b->m = NULL;
     luaL_setmetatable(L, GPT_MT);
     keep_comms(L);
@@ -215,7 +220,7 @@ static int l_gpt_chunk_new(lua_State *L) {
     st.pre_process = field_bool(L, 1, "pre_process");
     st.post_process = field_bool(L, 1, "post_process");
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 2);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 3);
     b->m = NULL;
     luaL_setmetatable(L, CHUNK_MT);
     keep_comms(L);
@@ -483,16 +488,17 @@ static int m_set_moe_aux_loss_scale(lua_State *L) {
     return 0;
 }
 
-/* model:take_moe_stats() → {forwards=, tokens_per_expert={...}, routed=, kept=, aux_loss=, z_loss=} of the
- * training forwards since the last call (sums over the MoE layers and microbatches), then reset. */
+/* model:take_moe_stats() → {forwards=, tokens_per_expert={...}, routed=, kept=, aux_loss=, z_loss=,
+ * rows_sent=, rows_received=, dispatch_seconds=} of the training steps since the last call (sums over the
+ * MoE layers and microbatches, see lt_gpt_moe_totals), then reset. */
 static int m_take_moe_stats(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
     const int E = lt_gpt_get_config(m)->num_moe_experts;
-    int64_t *tokens = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(E > 0 ? E : 1), 0), routed, kept;
-    double aux, z;
-    const int64_t n = lt_gpt_take_moe_stats(m, tokens, &routed, &kept, &aux, &z);
-    lua_createtable(L, 0, 6);
-    lua_pushinteger(L, n);
+    int64_t *tokens = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(E > 0 ? E : 1), 0);
+    lt_gpt_moe_totals t;
+    lt_gpt_take_moe_stats(m, tokens, &t);
+    lua_createtable(L, 0, 9);
+    lua_pushinteger(L, t.forwards);
     lua_setfield(L, -2, "forwards");
     lua_createtable(L, E, 0);
     for (int e = 0; e < E; e++) {
@@ -500,14 +506,20 @@ static int m_take_moe_stats(lua_State *L) {
         lua_rawseti(L, -2, e + 1);
     }
     lua_setfield(L, -2, "tokens_per_expert");
-    lua_pushinteger(L, routed);
+    lua_pushinteger(L, t.routed);
     lua_setfield(L, -2, "routed");
-    lua_pushinteger(L, kept);
+    lua_pushinteger(L, t.kept);
     lua_setfield(L, -2, "kept");
-    lua_pushnumber(L, aux);
+    lua_pushnumber(L, t.aux_loss);
     lua_setfield(L, -2, "aux_loss");
-    lua_pushnumber(L, z);
+    lua_pushnumber(L, t.z_loss);
     lua_setfield(L, -2, "z_loss");
+    lua_pushinteger(L, t.rows_sent);
+    lua_setfield(L, -2, "rows_sent");
+    lua_pushinteger(L, t.rows_received);
+    lua_setfield(L, -2, "rows_received");
+    lua_pushnumber(L, t.dispatch_seconds);
+    lua_setfield(L, -2, "dispatch_seconds");
     return 1;
 }
 
@@ -531,9 +543,10 @@ static void push_dims(lua_State *L, const int64_t *dims, int n) {
 }
 
 /* model:parameters() → array of {name=, shape={...}, numel=, offset=, no_weight_decay=, split=,
- * full_shape={...}, full_numel=, tp_grad_sum=} in model order: shape and numel are this rank's shard,
- * split how the parameter splits across tensor-parallel ranks ("none", "rows", "columns",
- * "glu_rows"), tp_grad_sum whether its gradient is summed over them when a step finishes. */
+ * full_shape={...}, full_numel=, tp_grad_sum=, expert=} in model order: shape and numel are this rank's
+ * shard, split how the parameter splits across tensor-parallel ranks ("none", "rows", "columns",
+ * "glu_rows"), tp_grad_sum whether its gradient is summed over them when a step finishes, expert the
+ * global number of the MoE expert it belongs to (0-based; nil for the others). */
 static int m_parameters(lua_State *L) {
     lt_gpt *m = check_gpt(L, 1);
     int n = lt_gpt_num_params(m);
@@ -559,6 +572,10 @@ static int m_parameters(lua_State *L) {
         lua_setfield(L, -2, "full_numel");
         lua_pushboolean(L, p->tp_grad_sum);
         lua_setfield(L, -2, "tp_grad_sum");
+        if (p->expert >= 0) {
+            lua_pushinteger(L, p->expert);
+            lua_setfield(L, -2, "expert");
+        }
         lua_rawseti(L, -2, i + 1);
     }
     return 1;
@@ -620,6 +637,13 @@ static int ctx_free(lua_State *L) {
     return 0;
 }
 
+/* model:expert_offset() → where the MoE experts' parameters begin in the flat buffers (0-based; the
+ * length when there are none): data parallelism reduces them over the expert-data-parallel group. */
+static int m_expert_offset(lua_State *L) {
+    lua_pushinteger(L, lt_gpt_expert_offset(check_gpt(L, 1)));
+    return 1;
+}
+
 /* The raw model pointer for other bindings (the optimizer). */
 lt_gpt *lt_lua_check_gpt(lua_State *L, int idx) { return check_gpt(L, idx); }
 
@@ -630,7 +654,8 @@ void lt_lua_open_model(lua_State *L) {
         {"grad", m_grad},             {"parameters", m_parameters},     {"flat_weights", m_flat_weights},
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
         {"flops_per_token", m_flops_per_token}, {"close", m_free},
-        {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats}, {NULL, NULL}};
+        {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
+        {"expert_offset", m_expert_offset}, {NULL, NULL}};
     static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
     lt_lua_new_type(L, GPT_MT, methods, meta);
     static const luaL_Reg chunk_methods[] = {
@@ -641,7 +666,7 @@ void lt_lua_open_model(lua_State *L) {
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
         {"param_runs", m_param_runs}, {"tp", m_tp}, {"activation_bytes", m_activation_bytes},
         {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
-        {"close", m_free},            {NULL, NULL}};
+        {"expert_offset", m_expert_offset}, {"close", m_free},            {NULL, NULL}};
     lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};
     static const luaL_Reg ctx_meta[] = {{"__gc", ctx_free}, {"__close", ctx_free}, {NULL, NULL}};

@@ -59,9 +59,10 @@ struct lt_gpt {
     lt_gpt_param_wait_fn param_wait;
     void *param_wait_ud;
     lt_moe_spec moe; /* mixture of experts (num_experts 0: none) */
-    /* routing statistics of the training forwards since the last lt_gpt_take_moe_stats */
-    int64_t *moe_tokens, moe_routed, moe_kept, moe_forwards;
-    double moe_aux, moe_z;
+    int64_t expert_offset; /* the experts' parameters lie from here to the end of the flat buffers */
+    /* routing statistics of the training steps since the last lt_gpt_take_moe_stats */
+    int64_t *moe_tokens;
+    lt_gpt_moe_totals moe_totals;
 };
 
 struct lt_gpt_ctx {
@@ -148,6 +149,7 @@ static int64_t add_param(lt_gpt *m, int ndim, int64_t d0, int64_t d1, int no_wd,
     p->offset = m->total;
     p->no_weight_decay = no_wd;
     p->tp_grad_sum = grad_sums_over_tp(m, p);
+    p->expert = -1;
     /* Keep each parameter 16-float aligned so kernels see aligned rows. */
     m->total += (p->numel + 15) / 16 * 16;
     return p->offset;
@@ -182,9 +184,13 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     REQUIRE(c->ffn_hidden_size % TP == 0, "ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
             c->ffn_hidden_size, TP);
     if (c->num_moe_experts > 0) {
-        const int CP = c->cp_comm ? lt_comm_size(c->cp_comm) : 1;
+        const int CP = c->cp_comm ? lt_comm_size(c->cp_comm) : 1, EP = c->ep_comm ? lt_comm_size(c->ep_comm) : 1;
+        REQUIRE(c->num_moe_experts % EP == 0, "num_moe_experts (%d) must be a multiple of expert_model_parallel_size "
+                "(%d)", c->num_moe_experts, EP);
+        REQUIRE(c->moe_dispatcher >= LT_MOE_ALLGATHER && c->moe_dispatcher <= LT_MOE_FLEX,
+                "moe_token_dispatcher_type must be allgather, alltoall or flex");
         REQUIRE(TP == 1 && CP == 1, "MoE layers with tensor_model_parallel_size = %d and context_parallel_size = %d: "
-                "this build runs MoE with TP = CP = 1 only (expert and expert-tensor parallelism are not built yet)",
+                "this build runs MoE with TP = CP = 1 only (expert-tensor parallelism is not built yet)",
                 TP, CP);
         REQUIRE(c->moe_ffn_hidden_size > 0 && c->moe_layer_freq > 0, "moe_ffn_hidden_size and moe_layer_freq must be "
                 "positive");
@@ -200,37 +206,47 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     return 1;
 }
 
-/* An MoE layer's router and experts (moe_mlp.h), in Megatron's module order: with grouped experts
- * every expert's fc1, then every fc2; else expert by expert. */
+/* The expert parameter just added: which expert (global number). */
+static int64_t as_expert(lt_gpt *m, int64_t offset, int e) {
+    m->params[m->num_params - 1].expert = e;
+    return offset;
+}
+
+/* An MoE layer's local experts (moe_mlp.h), global numbers e0 .. e0 + El - 1, in Megatron's module order:
+ * with grouped experts every expert's fc1, then every fc2; else expert by expert. */
 static void add_experts(lt_gpt *m, layer_offsets *o, int l) {
     const lt_gpt_config *c = &m->cfg;
-    const int E = c->num_moe_experts, C = c->hidden_size, F = c->moe_ffn_hidden_size, bias = c->add_bias_linear;
+    const int El = m->moe.num_experts / m->moe.ep_size, e0 = m->moe.ep_rank * El;
+    const int C = c->hidden_size, F = c->moe_ffn_hidden_size, bias = c->add_bias_linear;
     const int fc1 = (c->gated_linear_unit ? 2 : 1) * F;
     const char *pre = "decoder.layers";
-    o->moe = 1;
-    o->router_w = add_param(m, 2, E, C, 0, LT_SPLIT_NONE, "%s.%d.mlp.router.weight", pre, l);
+    const lt_split NONE = LT_SPLIT_NONE;
     int64_t **arrays[4] = {&o->e_fc1_w, &o->e_fc1_b, &o->e_fc2_w, &o->e_fc2_b};
     for (int k = 0; k < 4; k++) {
-        *arrays[k] = malloc(sizeof(int64_t) * (size_t)E);
-        for (int e = 0; e < E; e++) (*arrays[k])[e] = -1;
+        *arrays[k] = malloc(sizeof(int64_t) * (size_t)El);
+        for (int j = 0; j < El; j++) (*arrays[k])[j] = -1;
     }
     for (int pass = 0; pass < (c->moe_grouped_gemm ? 2 : 1); pass++)
-        for (int e = 0; e < E; e++) {
+        for (int j = 0; j < El; j++) {
+            const int e = e0 + j;
             if (c->moe_grouped_gemm) {
                 const char *which = pass == 0 ? "linear_fc1" : "linear_fc2";
                 const int rows = pass == 0 ? fc1 : C, cols = pass == 0 ? C : F;
-                (pass == 0 ? o->e_fc1_w : o->e_fc2_w)[e] =
-                    add_param(m, 2, rows, cols, 0, LT_SPLIT_NONE, "%s.%d.mlp.experts.%s.weight%d", pre, l, which, e);
+                (pass == 0 ? o->e_fc1_w : o->e_fc2_w)[j] = as_expert(
+                    m, add_param(m, 2, rows, cols, 0, NONE, "%s.%d.mlp.experts.%s.weight%d", pre, l, which, e), e);
                 if (bias)
-                    (pass == 0 ? o->e_fc1_b : o->e_fc2_b)[e] =
-                        add_param(m, 1, rows, 0, 1, LT_SPLIT_NONE, "%s.%d.mlp.experts.%s.bias%d", pre, l, which, e);
+                    (pass == 0 ? o->e_fc1_b : o->e_fc2_b)[j] = as_expert(
+                        m, add_param(m, 1, rows, 0, 1, NONE, "%s.%d.mlp.experts.%s.bias%d", pre, l, which, e), e);
                 continue;
             }
             const char *x = "mlp.experts.local_experts";
-            o->e_fc1_w[e] = add_param(m, 2, fc1, C, 0, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc1.weight", pre, l, x, e);
-            if (bias) o->e_fc1_b[e] = add_param(m, 1, fc1, 0, 1, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc1.bias", pre, l, x, e);
-            o->e_fc2_w[e] = add_param(m, 2, C, F, 0, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc2.weight", pre, l, x, e);
-            if (bias) o->e_fc2_b[e] = add_param(m, 1, C, 0, 1, LT_SPLIT_NONE, "%s.%d.%s.%d.linear_fc2.bias", pre, l, x, e);
+            o->e_fc1_w[j] =
+                as_expert(m, add_param(m, 2, fc1, C, 0, NONE, "%s.%d.%s.%d.linear_fc1.weight", pre, l, x, e), e);
+            if (bias)
+                o->e_fc1_b[j] = as_expert(m, add_param(m, 1, fc1, 0, 1, NONE, "%s.%d.%s.%d.linear_fc1.bias", pre, l, x, e), e);
+            o->e_fc2_w[j] = as_expert(m, add_param(m, 2, C, F, 0, NONE, "%s.%d.%s.%d.linear_fc2.weight", pre, l, x, e), e);
+            if (bias)
+                o->e_fc2_b[j] = as_expert(m, add_param(m, 1, C, 0, 1, NONE, "%s.%d.%s.%d.linear_fc2.bias", pre, l, x, e), e);
         }
 }
 
@@ -335,8 +351,10 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
                         cfg->cp_all_gather};
     m->spec = spec_of(cfg, &m->tp, &m->cp);
     if (cfg->num_moe_experts > 0) {
+        const int ep = cfg->ep_comm && lt_comm_size(cfg->ep_comm) > 1;
         m->moe = (lt_moe_spec){cfg->num_moe_experts, cfg->moe_router.topk, cfg->moe_ffn_hidden_size, cfg->moe_router,
-                               1.0f};
+                               1.0f, (lt_moe_dispatcher)cfg->moe_dispatcher, ep ? cfg->ep_comm : NULL,
+                               ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1};
         m->moe_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(int64_t));
     }
     m->E = lt_dtype_size(m->ops->dtype);
@@ -379,7 +397,8 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         o->ln2_b = rms ? -1 : add_param(m, 1, C, 0, 1, NONE, "%s.%d.pre_mlp_layernorm.bias", pre, l);
         o->fc1_w = o->fc1_b = o->fc2_w = o->fc2_b = -1;
         if (cfg->num_moe_experts > 0 && l % cfg->moe_layer_freq == 0) {
-            add_experts(m, o, l);
+            o->moe = 1;
+            o->router_w = add_param(m, 2, cfg->num_moe_experts, C, 0, NONE, "%s.%d.mlp.router.weight", pre, l);
             continue;
         }
         o->fc1_w = add_param(m, 2, fc1_full, C, 0, fc1_split, "%s.%d.mlp.linear_fc1.weight", pre, l);
@@ -395,7 +414,13 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         else m->out_w = add_param(m, 2, V, C, 0, ROWS, "embedding.word_embeddings.weight"); /* the tied copy */
     }
 
+    /* the experts after everything else, each part a multiple of flat_multiple (data parallelism shards
+     * each part over its own group) */
     int multiple = cfg->flat_multiple > 0 ? cfg->flat_multiple : 16;
+    m->total = (m->total + multiple - 1) / multiple * multiple;
+    m->expert_offset = m->total;
+    for (int i = 0; i < m->nl; i++)
+        if (m->layers[i].moe) add_experts(m, &m->layers[i], stage->layer_begin + i);
     m->total = (m->total + multiple - 1) / multiple * multiple;
     int64_t shape[1] = {m->total};
     m->weights = lt_backend_tensor(m->be, LT_F32, 1, shape);
@@ -430,19 +455,14 @@ void lt_gpt_free(lt_gpt *m) {
 
 void lt_gpt_set_moe_aux_loss_scale(lt_gpt *m, float scale) { m->moe.aux_loss_scale = scale; }
 
-int64_t lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, int64_t *routed, int64_t *kept, double *aux_loss,
-                              double *z_loss) {
+int64_t lt_gpt_expert_offset(const lt_gpt *m) { return m->expert_offset; }
+
+void lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, lt_gpt_moe_totals *totals) {
     const int E = m->moe.num_experts;
     if (tokens_per_expert && E) memcpy(tokens_per_expert, m->moe_tokens, sizeof(int64_t) * (size_t)E);
-    if (routed) *routed = m->moe_routed;
-    if (kept) *kept = m->moe_kept;
-    if (aux_loss) *aux_loss = m->moe_aux;
-    if (z_loss) *z_loss = m->moe_z;
-    const int64_t n = m->moe_forwards;
+    if (totals) *totals = m->moe_totals;
     if (E) memset(m->moe_tokens, 0, sizeof(int64_t) * (size_t)E);
-    m->moe_routed = m->moe_kept = m->moe_forwards = 0;
-    m->moe_aux = m->moe_z = 0;
-    return n;
+    m->moe_totals = (lt_gpt_moe_totals){0};
 }
 
 const lt_gpt_config *lt_gpt_get_config(const lt_gpt *m) { return &m->cfg; }
@@ -588,10 +608,10 @@ static void grads_of(lt_gpt *m, int i, lt_attention_grads *ag, lt_mlp_grads *mg)
                          PTR(g, o->fc1_b), PTR(g, o->fc2_w), PTR(g, o->fc2_b)};
 }
 
-/* An MoE layer's weights and gradients (arrays of num_moe_experts pointers in `ptrs`: 8 of them). */
+/* An MoE layer's weights and gradients (arrays of its local experts' pointers in `ptrs`: 8 of them). */
 static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **ptrs) {
     const layer_offsets *o = &m->layers[i];
-    const int E = m->cfg.num_moe_experts;
+    const int E = m->moe.num_experts / m->moe.ep_size;
     float *gr = lt_tensor_data(m->grads);
     const void **wp = (const void **)ptrs;
     float **gp = (float **)(ptrs + 4 * (size_t)E);
@@ -862,9 +882,10 @@ static int parallel_maps(lt_gpt *m, lt_gpt_ctx *c, char *err, int errlen) {
 /* One MoE layer's training forward into the routing statistics. */
 static void count_moe(lt_gpt *m, const lt_moe_state *st) {
     const lt_moe_stats s = lt_moe_state_stats(st);
+    lt_gpt_moe_totals *t = &m->moe_totals;
     for (int e = 0; e < m->moe.num_experts; e++) m->moe_tokens[e] += s.tokens_per_expert[e];
-    m->moe_routed += s.routed, m->moe_kept += s.kept, m->moe_forwards++;
-    m->moe_aux += s.aux_loss, m->moe_z += s.z_loss;
+    t->forwards++, t->routed += s.routed, t->kept += s.kept, t->aux_loss += s.aux_loss, t->z_loss += s.z_loss;
+    t->rows_sent += s.rows_sent, t->rows_received += s.rows_received, t->dispatch_seconds += s.dispatch_seconds;
 }
 
 lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
@@ -1160,6 +1181,7 @@ int lt_gpt_chunk_backward(lt_gpt *m, lt_gpt_ctx *c, const lt_tensor *grad_output
             lt_moe_grads g;
             moe_of(m, i, &w, &g, moe_ptrs);
             rc = lt_moe_mlp_backward(&m->spec, &m->moe, ops, &w, &g, lc, c->moe[i], lc->h, dx, &s, err, (size_t)errlen);
+            if (!rc) m->moe_totals.dispatch_seconds += lt_moe_state_stats(c->moe[i]).backward_dispatch_seconds;
             if (!rc) rc = lt_layer_attention_backward(&m->spec, ops, &aw, &ag, lc, c->x[i], dx, &s, err, (size_t)errlen);
         } else {
             rc = lt_layer_backward(&m->spec, ops, &aw, &ag, &mw, &mg, lc, c->x[i], dx, &s, err, (size_t)errlen);

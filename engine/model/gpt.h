@@ -69,6 +69,11 @@ typedef struct {
      * (seq_length and micro_batch_size are set per microbatch; expert_bias and aux_counts NULL). */
     int num_moe_experts, moe_ffn_hidden_size, moe_layer_freq, moe_grouped_gemm;
     lt_moe_router_cfg moe_router;
+    int moe_dispatcher; /* lt_moe_dispatcher: moe_token_dispatcher_type */
+    /* Expert parallelism: the EP group (NULL: one rank), whose rank p holds experts [p E / EP, (p + 1) E / EP)
+     * (named by their global number). A chunk lays its experts' parameters out after all the others, from
+     * lt_gpt_expert_offset on: their gradients are reduced over another group than the rest. */
+    lt_comm *ep_comm;
 } lt_gpt_config;
 
 /* How a parameter is split across the TP ranks: rank r of TP holds */
@@ -89,6 +94,7 @@ typedef struct {
     int64_t full_shape[2], full_numel; /* the whole parameter, as a single rank holds it */
     int tp_grad_sum; /* replicated, but each TP rank's gradient is a part (sequence-parallel norms and
                         row-parallel biases, q/k norms): summed over TP when the step finishes */
+    int expert;      /* the global number of the expert it belongs to; -1 for the others */
 } lt_gpt_param;
 
 /* A contiguous run of a shard: n elements at local element offset `local` of the shard and `full` of
@@ -191,13 +197,20 @@ void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud);
 size_t lt_gpt_activation_bytes(const lt_gpt *m, int B, int T);
 
 /* Mixture of experts: the scale of the aux and z losses' gradients (Megatron's MoEAuxLossAutoScaler:
- * 1 / microbatches per step; 1 until set), and the routing statistics of the training forwards since the
- * last call (then reset): tokens each expert received, summed over the chunk's MoE layers (into
- * tokens_per_expert[num_moe_experts] when not NULL), tokens routed before and after dropping, and the
- * aux and z losses summed (coefficients applied). Returns the number of MoE layer forwards counted. */
+ * 1 / microbatches per step; 1 until set), and the routing statistics of the training steps since the
+ * last call (then reset), summed over the chunk's MoE layers: tokens this rank sent each expert (into
+ * tokens_per_expert[num_moe_experts] when not NULL) and the totals below. */
+typedef struct {
+    int64_t forwards;              /* MoE layer forwards counted */
+    int64_t routed, kept;          /* tokens routed before and after dropping (x topk) */
+    double aux_loss, z_loss;       /* coefficients applied */
+    int64_t rows_sent, rows_received; /* the forwards' dispatch rows to and from other EP ranks */
+    double dispatch_seconds;       /* in the dispatchers' exchanges, forward and backward */
+} lt_gpt_moe_totals;
 void lt_gpt_set_moe_aux_loss_scale(lt_gpt *m, float scale);
-int64_t lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, int64_t *routed, int64_t *kept, double *aux_loss,
-                              double *z_loss);
+void lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, lt_gpt_moe_totals *totals);
+/* Where the experts' parameters begin in the flat buffers (the length when there are none). */
+int64_t lt_gpt_expert_offset(const lt_gpt *m);
 
 /* This chunk's tensor-parallel rank and size (0 and 1 without). */
 int lt_gpt_tp_rank(const lt_gpt *m);

@@ -1,5 +1,5 @@
-/* The MoE MLP block (Megatron-Core's MoELayer with the local spec, one rank holding every expert): in a
- * layer of the moe_layer_freq pattern it takes the dense MLP's place after pre_mlp_layernorm.
+/* The MoE MLP block (Megatron-Core's MoELayer with the local spec): in a layer of the moe_layer_freq
+ * pattern it takes the dense MLP's place after pre_mlp_layernorm.
  *
  *   out = h + dropout(sum_e probs[t, e] expert_e(ln_t)),   ln = pre_mlp_layernorm(h)
  *
@@ -9,23 +9,44 @@
  * rows contiguous), every expert runs its two GEMMs on its block of rows, and moe_combine sums each
  * token's expert outputs weighted by its routing probabilities. Backward runs the same in reverse; the
  * router's gradient includes the aux and z losses' at the scale Megatron's MoEAuxLossAutoScaler gives
- * them (aux_loss_scale). With one rank the token dispatchers (allgather, alltoall, flex) move nothing:
- * they are the same computation. */
+ * them (aux_loss_scale).
+ *
+ * Expert parallelism: rank p of the EP group holds experts [p El, (p + 1) El), El = E / EP, and routes
+ * its own tokens over all E. The dispatcher moves them (Megatron's token dispatchers):
+ *   allgather  every rank's normed tokens and routing are all-gathered; each rank runs its experts on
+ *              the tokens routed to them and sums their outputs weighted by the probabilities per
+ *              gathered token; a reduce-scatter returns each rank's tokens, summed over the experts;
+ *   alltoall   each (token, expert) pair is a row sent to the expert's rank (all-to-all with per-rank
+ *              counts, learnt by an all-gather of the experts' counts), regrouped there by local
+ *              expert; outputs go back the same way and are weighted and summed at the source;
+ *   flex       one row per (token, destination rank), carrying the token's probabilities for that
+ *              rank's experts (DeepEP's dispatch: a token crosses to a rank once however many of its
+ *              experts live there); the destination weights and sums its experts' outputs per row,
+ *              the source sums the rows that come back.
+ * Backward runs the same exchanges in reverse. With one rank the three move nothing and compute
+ * the same. */
 #ifndef LT_MOE_MLP_H
 #define LT_MOE_MLP_H
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/comm/comm.h"
 #include "engine/model/layer.h"
 #include "engine/parallel/moe_router.h"
+
+typedef enum { LT_MOE_ALLGATHER = 0, LT_MOE_ALLTOALL = 1, LT_MOE_FLEX = 2 } lt_moe_dispatcher;
 
 typedef struct {
     int num_experts, topk, ffn_hidden_size; /* moe_ffn_hidden_size */
     lt_moe_router_cfg router;               /* seq_length / micro_batch_size set per microbatch */
     float aux_loss_scale;                   /* d(total loss)/d(aux and z losses): 1 / microbatches per step */
+    lt_moe_dispatcher dispatcher;           /* moe_token_dispatcher_type */
+    lt_comm *ep;                            /* the expert-parallel group (NULL: one rank) */
+    int ep_rank, ep_size;
 } lt_moe_spec;
 
-/* Weights: the expert arrays hold expert e's at index e (biases NULL without add_bias_linear). */
+/* Weights: the expert arrays hold local expert j's (global ep_rank El + j) at index j (biases NULL
+ * without add_bias_linear). */
 typedef struct {
     const void *ln_w, *ln_b, *router_w;
     const void **fc1_w, **fc1_b, **fc2_w, **fc2_b;
@@ -39,12 +60,17 @@ typedef struct {
 typedef struct lt_moe_state lt_moe_state;
 void lt_moe_state_free(const lt_layer_spec *s, lt_moe_state *st);
 
-/* Routing statistics of one forward: tokens each expert received (after dropping and padding), the
- * tokens routed before dropping (T topk) and after, and the aux and z losses (coefficients applied). */
+/* Routing statistics of one forward: tokens each expert received from this rank (after dropping and
+ * padding), the tokens routed before dropping (T topk) and after, the aux and z losses (coefficients
+ * applied), and what the dispatcher exchanged: rows this rank sent to other EP ranks and received
+ * from them in the forward's dispatch (its combine sends them back the other way), and the seconds
+ * spent in the exchanges (host wall time: on a GPU the time to enqueue). */
 typedef struct {
     const int64_t *tokens_per_expert;
     int64_t routed, kept;
     double aux_loss, z_loss;
+    int64_t rows_sent, rows_received;
+    double dispatch_seconds, backward_dispatch_seconds; /* the forward's; the backward's (0 before it) */
 } lt_moe_stats;
 lt_moe_stats lt_moe_state_stats(const lt_moe_state *st);
 
@@ -54,7 +80,7 @@ int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_o
                        lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, char *err, size_t errlen);
 /* dx holds d(out) on entry and d(h) on return; gradients accumulate. */
 int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
-                        const lt_moe_grads *g, const lt_layer_ctx *c, const lt_moe_state *state, const void *h,
+                        const lt_moe_grads *g, const lt_layer_ctx *c, lt_moe_state *state, const void *h,
                         void *dx, const lt_layer_scratch *sc, char *err, size_t errlen);
 
 #endif

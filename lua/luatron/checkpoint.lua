@@ -19,10 +19,15 @@
 -- TP rank 0 writes the whole tensors (element offsets `first` of optimizer pieces count in the
 -- whole parameter); on loading, each rank copies its shard's runs (chunk:param_runs) out of them.
 --
+-- Under expert parallelism each rank holds its experts (named by their global number): on saving,
+-- the ranks of expert-data-parallel rank 0 gather them over the EP group, and data-parallel rank 0
+-- (EP rank 0) writes every expert; shards of the distributed optimizer are each rank's own.
+--
 -- A folder is written under a temporary name and renamed into place, and the tracker file is
 -- replaced the same way, so a crash never leaves a half-written checkpoint where a reader would
 -- look. In a multi-rank job, `ranks` = {rank =, barrier =, dp_rank =, dp_size =, pp_rank =,
--- pp_size =, tp =} (tp: the tensor-parallel group's communicator, needed under TP): world rank 0
+-- pp_size =, tp =, ep =, edp_rank =} (tp: the tensor-parallel group's communicator, needed under TP;
+-- ep: the expert-parallel group's, needed under EP, with this rank's expert-data-parallel rank): world rank 0
 -- writes the shared files, TP rank 0 of data-parallel rank 0 of each stage its model and replicated
 -- optimizer state, TP rank 0 of every data-parallel rank its optimizer shard.
 local core = require "luatron.core"
@@ -127,12 +132,54 @@ local function whole_tensor(p, tensor, tp)
   return ranges[1].tensor:reshape(p.full_shape)
 end
 
--- The whole parameters of chunks by name (on TP rank 0; a collective under TP, in model order).
-local function model_tensors(chunks, tp)
+-- A parameter name with its expert number replaced by e (Megatron's two namings: ...local_experts.<e>.
+-- and the grouped experts' ...weight<e> / bias<e>).
+local function renumbered(name, e)
+  local s, n = name:gsub("local_experts%.%d+%.", "local_experts." .. e .. ".", 1)
+  if n == 0 then s = name:gsub("(%a)%d+$", "%1" .. e) end
+  return s
+end
+
+-- Experts per EP rank: how many a chunk holds (the same in every MoE layer).
+local function local_experts(chunk)
+  local lo, hi = math.huge, -1
+  for _, p in ipairs(chunk:parameters()) do
+    if p.expert then lo, hi = math.min(lo, p.expert), math.max(hi, p.expert) end
+  end
+  return hi - lo + 1
+end
+
+-- Stores tensor t (of expert parameter p, or of its optimizer state) under `key(name)` into out, for
+-- every EP rank's expert in p's place: gathered over ep, the tensors land on EP rank 0 (a collective:
+-- every rank of the group calls it for the same parameters in the same order). Without ep, just t.
+local function put_expert(out, key, p, t, ep, El)
+  if not ep then
+    out[key(p.name)] = t
+    return
+  end
+  local n = t:numel()
+  local send = t:to_host():reshape({ n })
+  local recv = core.tensor.zeros({ ep:size() * n }, send:dtype())
+  ep:all_gather(send, recv)
+  if ep:rank() ~= 0 then return end
+  local j = p.expert % El
+  for r = 0, ep:size() - 1 do
+    out[key(renumbered(p.name, r * El + j))] = recv:narrow(1, r * n + 1, n):reshape(t:shape())
+  end
+end
+
+local function same(name) return name end
+
+-- The whole parameters of chunks by name (on TP rank 0, and with ep on EP rank 0; a collective under
+-- TP and EP, in model order).
+local function model_tensors(chunks, tp, ep)
   local t = {}
   for _, chunk in ipairs(chunks) do
-    local info = param_info({ chunk })
-    for _, p in ipairs(chunk:parameters()) do t[p.name] = whole_tensor(info[p.name], chunk:param(p.name), tp) end
+    local info, El = param_info({ chunk }), local_experts(chunk)
+    for _, p in ipairs(chunk:parameters()) do
+      local whole = whole_tensor(info[p.name], chunk:param(p.name), tp)
+      if p.expert then put_expert(t, same, p, whole, ep, El) else t[p.name] = whole end
+    end
   end
   return t
 end
@@ -147,12 +194,16 @@ end
 -- The tensors a file stores for pieces: whole parameters under "<state>.<param>" in their shape,
 -- parts as 1-D "<state>.<param>:<first>", first counting in the whole parameter. Under tensor
 -- parallelism the pieces of split parameters are gathered over tp (in the pieces' order, which is
--- the same on every TP rank: they have one flat layout) and TP rank 0 gets the tensors.
-local function piece_tensors(chunks, pieces, sharded, tp)
+-- the same on every TP rank: they have one flat layout) and TP rank 0 gets the tensors; whole
+-- experts' likewise over ep (the distributed optimizer's shards are each rank's own).
+local function piece_tensors(chunks, pieces, sharded, tp, ep)
   local info, t = param_info(chunks), {}
+  local El = local_experts(chunks[1])
   for _, piece in ipairs(pieces) do
     local key, p = piece.state .. "." .. piece.param, info[piece.param]
-    if not sharded then
+    if not sharded and p.expert then
+      put_expert(t, function(name) return piece.state .. "." .. name end, p, whole_tensor(p, piece.tensor, tp), ep, El)
+    elseif not sharded then
       t[key] = whole_tensor(p, piece.tensor, tp)
     elseif not p.sharded then
       t[("%s:%d"):format(key, piece.first)] = piece.tensor
@@ -218,15 +269,21 @@ function M.save(root, model, optimizer, state, config_table, ranks)
   local function save(name, tensors)
     if writes then core.save_tensors(tmp .. "/" .. name, tensors, meta) end
   end
+  -- Under EP the ranks of expert-data-parallel rank 0 gather the experts for data-parallel rank 0.
+  local ep = ranks.ep and ranks.ep:size() > 1 and ranks.ep or nil
+  local gathers = ranks.dp_rank == 0 or (ep and ranks.edp_rank == 0)
+  local function save_whole(name, tensors)
+    if ranks.dp_rank == 0 then save(name, tensors) end
+  end
   if optimizer then
     local pieces, sharded = state_pieces(chunks, optimizer)
     if sharded then
       save(file_name("optimizer", stage, ranks.dp_rank), piece_tensors(chunks, pieces, true, tp))
-    elseif ranks.dp_rank == 0 then
-      save(file_name("optimizer", stage), piece_tensors(chunks, pieces, false, tp))
+    elseif gathers then
+      save_whole(file_name("optimizer", stage), piece_tensors(chunks, pieces, false, tp, ep))
     end
   end
-  if ranks.dp_rank == 0 then save(file_name("model", stage), model_tensors(chunks, tp)) end
+  if gathers then save_whole(file_name("model", stage), model_tensors(chunks, tp, ep)) end
   if ranks.rank == 0 then
     write_file(tmp .. "/state.json", json.encode(state))
     write_file(tmp .. "/config.json", json.encode(config_table or {}))

@@ -8,6 +8,12 @@
 -- starts during the last microbatch's backward; with overlap_param_gather the next forward waits
 -- for each bucket's parameters only when it reaches them.
 --
+-- MoE experts (laid out after every other parameter of a chunk, from chunk:expert_offset()) are
+-- each held by one rank of the expert-parallel group, so their gradients are reduced over the
+-- expert-data-parallel group instead, scaled as Megatron's: 1 / (dp-cp size), summed over edp (an
+-- expert's gradient already has every token of its EP group in it). Under the distributed optimizer
+-- they are sharded over edp. Their reduction and parameter gather happen when the step finishes.
+--
 -- A rank holds one model chunk per virtual pipeline stage (one chunk without pipelining), each
 -- with its own buckets and optimizer, as Megatron wraps each chunk in its own DDP;
 -- M.over_chunks joins them into what the training loop uses: before_last_backward(chunk),
@@ -35,22 +41,104 @@ Replicated.__index = Replicated
 local Sharded = {}
 Sharded.__index = Sharded
 
+-- The communicator for buffers over `group`: the host group on the CPU, an NCCL one on a GPU (or
+-- `made`, one made over the same group for another chunk).
+local function buffer_comm(group, r, made)
+  if made or r.model.device == "cpu" then return made or group end
+  local ok, c = pcall(core.comm_nccl, group, r.model.device)
+  if not ok then
+    error(("data parallelism over %d ranks on device %q needs NCCL: %s"):format(group:size(), r.model.device, c), 0)
+  end
+  return c
+end
+
+-- The experts' part of a chunk's flat buffers, [first, first + numel): reduced over `edp` (the
+-- expert-data-parallel communicator) after scaling by edp / dp so its average is Megatron's sum / dp;
+-- under the distributed optimizer its own sharded buckets and optimizer (with one edp rank, an
+-- optimizer over the part itself).
+local Experts = {}
+Experts.__index = Experts
+
+local function new_experts(model, r, edp, dp, sharded, device_comm)
+  local first = model:expert_offset()
+  local numel = model:flat_weights():numel() - first
+  local n = edp and edp:size() or 1
+  local self = setmetatable({ model = model, first = first, numel = numel, edp = n, scale = n / dp,
+    sharded = sharded }, Experts)
+  if numel == 0 then return self end
+  self.device_comm = n > 1 and buffer_comm(edp, r, device_comm) or nil
+  if sharded and n > 1 then
+    self.ddp = core.ddp(model, self.device_comm, r.ddp.bucket_size or 0, true, first, numel)
+    self.main, self.main_grads = self.ddp:main_params(), self.ddp:main_grads()
+    local segs = {}
+    for _, piece in ipairs(self.ddp:pieces()) do
+      local lo = first + piece.flat_first
+      for _, seg in ipairs(shard_segments(model, lo, lo + piece.count)) do
+        seg.offset = seg.offset + piece.main_offset
+        segs[#segs + 1] = seg
+      end
+    end
+    self.opt = core.optimizer_over(r.optimizer, self.main, self.main_grads, segs)
+    self.ddp:weights_to_main()
+  else
+    if n > 1 then self.ddp = core.ddp(model, self.device_comm, r.ddp.bucket_size or 0, false, first, numel) end
+    if sharded then
+      self.main = model:flat_weights():narrow(1, first + 1, numel)
+      self.main_grads = model:flat_grads():narrow(1, first + 1, numel)
+      self.opt = core.optimizer_over(r.optimizer, self.main, self.main_grads, shard_segments(model, first, first + numel))
+    end
+  end
+  return self
+end
+
+function Experts:grads() return self.model:flat_grads():narrow(1, self.first + 1, self.numel) end
+
+function Experts:reduce()
+  if self.numel == 0 then return end
+  if self.scale ~= 1 then self:grads():scale(self.scale) end
+  if self.ddp then
+    self.ddp:begin()
+    self.ddp:finish()
+  end
+end
+
+-- The gradients this rank updates (its shard under the distributed optimizer) and their square sum.
+function Experts:update_grads() return self.main_grads or self:grads() end
+function Experts:sumsq()
+  if self.numel == 0 then return 0 end
+  return self:update_grads():norm() ^ 2
+end
+
+-- The distributed optimizer's: update, gather, the state pieces (the whole part with one edp rank).
+function Experts:apply(lr)
+  if not self.opt then return end
+  self.opt:step(lr)
+  if self.ddp then
+    self.ddp:gather_params()
+    self.ddp:params_finish()
+  end
+end
+
+function Experts:after_load() if self.ddp and self.sharded then self.ddp:weights_to_main() end end
+
+function Experts:num_steps(n) if self.opt then return self.opt:num_steps(n) end end
+
 -- One chunk's: model (a chunk), r (resolved config), group (the dp-cp communicator or nil for one
--- rank), device_comm (an NCCL communicator over group made for another chunk, or nil).
-local function new_part(model, r, group, device_comm)
+-- rank), device_comm (an NCCL communicator over group made for another chunk, or nil), edp (the
+-- expert-data-parallel communicator, for a model with experts) and edp_device_comm (as device_comm).
+local function new_part(model, r, group, device_comm, edp, edp_device_comm)
   local dp = group and group:size() or 1
   -- The buffers' communicator: the host group on the CPU; on a GPU an NCCL communicator over the
   -- same ranks (self.device_comm), while the host group keeps the scalars (loss, gradient norm).
-  local comm = device_comm or group
-  if dp > 1 and r.model.device ~= "cpu" and not device_comm then
-    local ok, c = pcall(core.comm_nccl, group, r.model.device)
-    if not ok then
-      error(("data parallelism over %d ranks on device %q needs NCCL: %s"):format(dp, r.model.device, c), 0)
-    end
-    comm, device_comm = c, c
+  local comm = group
+  if dp > 1 then
+    comm = buffer_comm(group, r, device_comm)
+    if r.model.device ~= "cpu" then device_comm = comm end
   end
+  local sharded = r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer
+  local experts = new_experts(model, r, edp, dp, sharded, edp_device_comm)
   local self = { model = model, r = r, group = group, dp = dp, numel = model:flat_weights():numel(),
-    device_comm = device_comm, tp_sums = {} }
+    dense = experts.first, experts = experts, device_comm = device_comm, tp_sums = {} }
   -- in model order, the same on every TP rank (collectives pair up by order)
   for _, p in ipairs(model:parameters()) do
     if p.tp_grad_sum then
@@ -58,10 +146,10 @@ local function new_part(model, r, group, device_comm)
       self.tp_sums[p.name] = true
     end
   end
-  if r.ddp.use_distributed_optimizer or r.optimizer.use_distributed_optimizer then
+  if sharded then
     assert(group, "the distributed optimizer needs a data-parallel communicator")
     setmetatable(self, Sharded)
-    self.ddp = core.ddp(model, comm, r.ddp.bucket_size or 0, true)
+    self.ddp = core.ddp(model, comm, r.ddp.bucket_size or 0, true, 0, self.dense)
     self.main = self.ddp:main_params()
     self.main_grads = self.ddp:main_grads()
     self.shard = self.main:numel()
@@ -80,7 +168,7 @@ local function new_part(model, r, group, device_comm)
     setmetatable(self, Replicated)
     self.opt = core.optimizer(model, r.optimizer)
     self.overlap_grads = r.ddp.overlap_grad_reduce
-    if dp > 1 then self.ddp = core.ddp(model, comm, r.ddp.bucket_size or 0) end
+    if dp > 1 then self.ddp = core.ddp(model, comm, r.ddp.bucket_size or 0, false, 0, self.dense) end
   end
   return self
 end
@@ -102,8 +190,13 @@ local function part_memory(self)
   local n = self.numel
   local states = #self.opt:state_names()
   if getmetatable(self) == Sharded then
-    return { params = fp32_bytes(n), grads = fp32_bytes(n), optimizer = fp32_bytes(self.shard * (states + 1)),
-      formula = fp32_bytes(n * (states + 1)) / self.dp }
+    -- the experts' shard over edp has main parameters of its own; with one edp rank they are the weights
+    local x = self.experts
+    local main = x.ddp and 1 or 0
+    local x_shard = x.ddp and x.main:numel() or x.numel
+    return { params = fp32_bytes(n), grads = fp32_bytes(n),
+      optimizer = fp32_bytes(self.shard * (states + 1) + x_shard * (states + main)),
+      formula = fp32_bytes(self.dense * (states + 1)) / self.dp + fp32_bytes(x.numel * (states + main)) / x.edp }
   end
   return { params = fp32_bytes(n), grads = fp32_bytes(n), optimizer = fp32_bytes(n * states),
     formula = fp32_bytes(n * states) }
@@ -131,35 +224,43 @@ Sharded.before_last_backward = Replicated.before_last_backward
 -- Completes the reduction of the gradients over the data-parallel ranks: every bucket averaged
 -- (DDP) or reduce-scattered into the main gradients (distributed optimizer).
 function Replicated:reduce()
-  if not self.ddp then return end
-  if not self.begun then self.ddp:begin() end
-  self.begun = false
-  local exposed = self.ddp:finish()
-  self.exposed_seconds = self.overlap_grads and exposed or nil
+  if self.ddp then
+    if not self.begun then self.ddp:begin() end
+    self.begun = false
+    local exposed = self.ddp:finish()
+    self.exposed_seconds = self.overlap_grads and exposed or nil
+  end
+  self.experts:reduce()
 end
 Sharded.reduce = Replicated.reduce
 
--- The sum of squares of the gradients this rank updates, leaving out the parameters named in the
--- set `skip` (ones another rank counts: the last stage's copy of a tied embedding, and parameters
--- replicated across TP on TP ranks other than 0, as Megatron counts them once).
--- With parameters to leave out, the counted ones are summed one by one: subtracting the others
--- from the total would cancel digits.
+-- The sums of squares of the gradients this rank updates, of the experts' and of the others',
+-- leaving out the parameters named in the set `skip` (ones another rank counts: the last stage's
+-- copy of a tied embedding, and parameters replicated across TP on TP ranks other than 0, as
+-- Megatron counts them once). With parameters to leave out, the counted ones are summed one by one:
+-- subtracting the others from the total would cancel digits.
 function Replicated:sumsq(skip)
-  if not next(skip) then return self.model:flat_grads():norm() ^ 2 end
   local s = 0
-  for _, p in ipairs(self.model:parameters()) do
-    if not skip[p.name] then s = s + self.model:grad(p.name):norm() ^ 2 end
+  if not next(skip) then
+    s = self.model:flat_grads():narrow(1, 1, self.dense):norm() ^ 2
+  else
+    for _, p in ipairs(self.model:parameters()) do
+      if p.offset < self.dense and not skip[p.name] then s = s + self.model:grad(p.name):norm() ^ 2 end
+    end
   end
-  return s
+  return s, self.experts:sumsq()
 end
 
 function Sharded:sumsq(skip)
-  if not next(skip) then return self.main_grads:norm() ^ 2 end
   local s = 0
-  for _, piece in ipairs(self:grad_pieces()) do
-    if not skip[piece.param] then s = s + piece.tensor:norm() ^ 2 end
+  if not next(skip) then
+    s = self.main_grads:norm() ^ 2
+  else
+    for _, piece in ipairs(self:grad_pieces()) do
+      if not skip[piece.param] then s = s + piece.tensor:norm() ^ 2 end
+    end
   end
-  return s
+  return s, self.experts:sumsq()
 end
 
 -- Megatron's finalize step for tensor parallelism, after the data-parallel reduction: the gradients
@@ -201,7 +302,10 @@ function Sharded:sum_over_tp(tp)
 end
 
 function Replicated:scale_grads(c) self.model:flat_grads():scale(c) end
-function Sharded:scale_grads(c) self.main_grads:scale(c) end
+function Sharded:scale_grads(c)
+  self.main_grads:scale(c)
+  if self.experts.numel > 0 then self.experts.main_grads:scale(c) end
+end
 
 function Replicated:apply(lr) self.opt:step(lr) end
 
@@ -209,6 +313,7 @@ function Replicated:apply(lr) self.opt:step(lr) end
 -- overlap_param_gather the next forward waits for each bucket only when it reaches its layers.
 function Sharded:apply(lr)
   self.opt:step(lr)
+  self.experts:apply(lr)
   self.ddp:gather_params()
   if self.overlap_params then self.ddp:param_hook(true) else self.ddp:params_finish() end
 end
@@ -235,22 +340,34 @@ end
 -- Pieces and whether they are this rank's shard only (true) or the whole state.
 function Replicated:state_pieces() return M.replicated_pieces(self.model, self.opt), false end
 
--- The distributed optimizer holds, per bucket, a slice of the flat buffer: the parts of the
--- parameters that fall in it, as 1-D views of `flat` (a tensor laid out as the main parameters).
-function Sharded:pieces_of(flat)
+-- The parts of model's parameters that fall in each span {lo =, n =, at =} of the flat buffer, as
+-- 1-D views of `flat`, which holds a span's elements from its offset `at`.
+local function span_pieces(model, spans, flat)
   local pieces = {}
-  for _, piece in ipairs(self.ddp:pieces()) do
-    local lo, hi = piece.flat_first, piece.flat_first + piece.count
-    for _, p in ipairs(self.model:parameters()) do
-      local a, b = math.max(p.offset, lo), math.min(p.offset + p.numel, hi)
+  for _, span in ipairs(spans) do
+    for _, p in ipairs(model:parameters()) do
+      local a, b = math.max(p.offset, span.lo), math.min(p.offset + p.numel, span.lo + span.n)
       if a < b then
-        pieces[#pieces + 1] = { param = p.name, first = a - p.offset,
-          tensor = flat:narrow(1, piece.main_offset + a - lo + 1, b - a) }
+        pieces[#pieces + 1] = { param = p.name, first = a - p.offset, tensor = flat:narrow(1, span.at + a - span.lo + 1,
+          b - a) }
       end
     end
   end
   return pieces
 end
+
+-- This rank's slice of each of a sharded ddp's buckets (over the flat buffers from `first`), as spans.
+local function ddp_spans(ddp, first)
+  local spans = {}
+  for _, piece in ipairs(ddp:pieces()) do
+    spans[#spans + 1] = { lo = first + piece.flat_first, n = piece.count, at = piece.main_offset }
+  end
+  return spans
+end
+
+-- The distributed optimizer holds, per bucket, a slice of the flat buffer: the parts of the
+-- parameters that fall in it, as 1-D views of `flat` (a tensor laid out as the main parameters).
+function Sharded:pieces_of(flat) return span_pieces(self.model, ddp_spans(self.ddp, 0), flat) end
 
 function Sharded:grad_pieces() return self:pieces_of(self.main_grads) end
 
@@ -262,16 +379,38 @@ function Sharded:state_pieces()
       pieces[#pieces + 1] = piece
     end
   end
+  for _, piece in ipairs(self.experts:state_pieces()) do pieces[#pieces + 1] = piece end
   return pieces, true
+end
+
+-- The experts' optimizer state (distributed optimizer) as pieces: their shards, or with one edp rank
+-- the whole parameters.
+function Experts:state_pieces()
+  local pieces = {}
+  if not self.opt then return pieces end
+  local spans = self.ddp and ddp_spans(self.ddp, self.first) or { { lo = self.first, n = self.numel, at = 0 } }
+  for _, state in ipairs(self.opt:state_names()) do
+    for _, piece in ipairs(span_pieces(self.model, spans, self.opt:state(state))) do
+      piece.state = state
+      pieces[#pieces + 1] = piece
+    end
+  end
+  return pieces
 end
 
 function Replicated:after_load() end
 
 -- After a checkpoint restored the weights: the main parameters follow them.
-function Sharded:after_load() self.ddp:weights_to_main() end
+function Sharded:after_load()
+  self.ddp:weights_to_main()
+  self.experts:after_load()
+end
 
 function Replicated:num_steps(n) return self.opt:num_steps(n) end
-Sharded.num_steps = Replicated.num_steps
+function Sharded:num_steps(n)
+  self.experts:num_steps(n)
+  return self.opt:num_steps(n)
+end
 
 ------------------------------------------------------------------------------------------------
 -- A rank's chunks together.
@@ -289,20 +428,38 @@ local function has_param(chunk, name)
   return false
 end
 
+-- A communicator of our own over the ranks of group g (so its traffic is counted apart from the
+-- group's other uses); nil for a group of one.
+local function own_comm(g, name)
+  if not g or g:size() == 1 then return nil end
+  local all = {}
+  for i = 1, g:size() do all[i] = i - 1 end
+  return g:group(all, name)
+end
+
 -- The optimizer of this rank's chunks (an array; one chunk without pipelining): r is the resolved
 -- config, group the dp-cp communicator (nil for one rank); opts.pp the pipeline group's
 -- communicator and opts.embedding the embedding group's (first and last stage), both nil without
--- pipelining; opts.tp the tensor-parallel group's (nil without).
+-- pipelining; opts.tp the tensor-parallel group's (nil without); for a model with MoE experts
+-- opts.edp and opts.ep the expert-data- and expert-parallel groups' (nil for one rank).
 function M.over_chunks(chunks, r, group, opts)
   opts = opts or {}
-  local parts, device_comm, numel = {}, nil, 0
+  local edp = r.model.num_moe_experts and own_comm(opts.edp, "edp_grads") or nil
+  local parts, device_comm, edp_device, numel, dense = {}, nil, nil, 0, 0
   for i, chunk in ipairs(chunks) do
-    parts[i] = new_part(chunk, r, group, device_comm)
-    device_comm, numel = parts[i].device_comm, numel + parts[i].numel
+    parts[i] = new_part(chunk, r, group, device_comm, edp, edp_device)
+    device_comm, edp_device = parts[i].device_comm, parts[i].experts.device_comm
+    numel, dense = numel + parts[i].numel, dense + parts[i].dense
   end
   local self = setmetatable({ parts = parts, chunks = chunks, r = r, group = group, dp = parts[1].dp,
-    device_comm = device_comm, numel = numel, sharded = getmetatable(parts[1]) == Sharded, pp = opts.pp,
-    tied = {}, copy = {}, skip = {} }, Chunks)
+    device_comm = device_comm, numel = numel, dense = dense, sharded = getmetatable(parts[1]) == Sharded,
+    pp = opts.pp, tied = {}, copy = {}, skip = {} }, Chunks)
+  -- Experts: their gradient norm summed over the experts' shards (edp, distributed optimizer) and
+  -- over the EP ranks, which hold different experts (Megatron's expert-model-parallel norm).
+  if r.model.num_moe_experts then
+    self.edp, self.ep = edp, own_comm(opts.ep, "ep_norm")
+    self.edp_device = edp_device
+  end
   -- Tensor parallelism: the sums over TP run on the device's communicator; the gradient norm counts
   -- a replicated parameter on TP rank 0 only.
   local tp = opts.tp
@@ -382,10 +539,20 @@ function Chunks:step(lr)
     for _, part in ipairs(self.parts) do part:sum_over_tp(self.tp_device) end
   end
   if not self.sharded then self:sum_tied() end
-  local sumsq = 0
-  for i, part in ipairs(self.parts) do sumsq = sumsq + part:sumsq(self.skip[i]) end
+  local sumsq, expert_sumsq = 0, 0
+  for i, part in ipairs(self.parts) do
+    local d, e = part:sumsq(self.skip[i])
+    sumsq, expert_sumsq = sumsq + d, expert_sumsq + e
+  end
   local t <close> = core.tensor.from({ sumsq }, "float32")
   if self.sharded and self.dp > 1 then self.group:all_reduce(t, "sum") end
+  if self.edp or self.ep then
+    local te <close> = core.tensor.from({ expert_sumsq }, "float32")
+    if self.sharded and self.edp then self.edp:all_reduce(te, "sum") end
+    if self.ep then self.ep:all_reduce(te, "sum") end
+    expert_sumsq = te:item()
+  end
+  t:fill(t:item() + expert_sumsq)
   if self.tp then self.tp:all_reduce(t, "sum") end
   if self.pp and self.pp:size() > 1 then self.pp:all_reduce(t, "sum") end
   local norm = math.sqrt(math.max(t:item(), 0))
@@ -425,7 +592,8 @@ function Chunks:state_pieces()
   return all, self.sharded
 end
 
-function Chunks:expected_bytes(first_step) return expected_bytes(self.numel, self.dp, self.sharded, first_step) end
+-- Over the dp-cp group: the experts' buffers go over their own (expert-data-parallel) communicator.
+function Chunks:expected_bytes(first_step) return expected_bytes(self.dense, self.dp, self.sharded, first_step) end
 
 -- Memory per rank, bytes: parameters, gradients, optimizer state (what the formulas predict).
 function Chunks:memory()

@@ -116,6 +116,9 @@ function M:step(r)
     moe_dropped_fraction = moe and moe.dropped,
     moe_aux_loss = moe and moe.aux_loss,
     moe_z_loss = moe and moe.z_loss,
+    moe_dispatch_bytes = moe and moe.dispatch and moe.dispatch.bytes, -- since the last logged step
+    moe_dispatch_expected_bytes = moe and moe.dispatch and moe.dispatch.expected,
+    moe_dispatch_time_fraction = moe and moe.dispatch and moe.dispatch.seconds / w.time,
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
@@ -137,9 +140,17 @@ function M:step(r)
   end
   if moe then
     self:info("  MoE: tokens per expert %.1f / %.1f / %.1f (min / mean / max, per layer and microbatch), %.1f%% "
-      .. "dropped, aux loss %.4g, z-loss %.4g (per layer and microbatch); dispatcher %s (one rank: nothing to "
-      .. "dispatch over)", moe.tokens_min, moe.tokens_mean, moe.tokens_max, 100 * moe.dropped, moe.aux_loss,
-      moe.z_loss, moe.dispatcher)
+      .. "dropped, aux loss %.4g, z-loss %.4g (per layer and microbatch)", moe.tokens_min, moe.tokens_mean,
+      moe.tokens_max, 100 * moe.dropped, moe.aux_loss, moe.z_loss)
+    local d = moe.dispatch
+    if d then
+      self:info("  MoE %s dispatch: %.3f MB per layer and microbatch on this rank (arithmetic %.3f MB, "
+        .. "measured/expected %.4f), %.1f%% of the step time in its exchanges and permutes", moe.dispatcher,
+        d.bytes / math.max(d.forwards, 1) / 1e6, d.expected / math.max(d.forwards, 1) / 1e6,
+        d.bytes / math.max(d.expected, 1), 100 * rec.moe_dispatch_time_fraction)
+    else
+      self:info("  MoE dispatcher %s: one expert-parallel rank, nothing to dispatch over", moe.dispatcher)
+    end
   end
   if r.cp_bytes then
     self:info("  context-parallel ring %.3f MB/step on this rank (arithmetic %.3f MB, measured/expected %.4f), %s",

@@ -36,9 +36,9 @@ end
 
 -- The engine's view of a provider (core.gpt's table): the resolved fields under the engine's names,
 -- nothing defaulted here. flat_multiple rounds the flat parameter buffer up (data parallelism shards
--- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); tp and
--- cp are the tensor- and context-parallel groups' communicators (nil: one rank).
-function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp)
+-- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); tp, cp
+-- and ep are the tensor-, context- and expert-parallel groups' communicators (nil: one rank).
+function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp, ep)
   local m = M.resolve(provider)
   if seed == nil then seed = DEFAULT_SEED end
   if flat_multiple == nil then flat_multiple = DEFAULT_FLAT_MULTIPLE end
@@ -90,6 +90,8 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp)
     moe_router_load_balancing_type = m.moe_router_load_balancing_type,
     moe_aux_loss_coeff = m.moe_aux_loss_coeff,
     moe_z_loss_coeff = m.moe_z_loss_coeff or 0,
+    moe_token_dispatcher_type = m.moe_token_dispatcher_type,
+    expert_parallel = ep or false,
   }
 end
 
@@ -149,12 +151,12 @@ function M.chunk_layers(provider, pp, vpp, pp_rank)
 end
 
 -- This rank's chunks (core.gpt_chunk objects, in vp_stage order) for one entry list of
--- M.chunk_layers; seed, flat_multiple, local_rank, tp and cp as M.engine_config.
-function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp, cp)
+-- M.chunk_layers; seed, flat_multiple, local_rank, tp, cp and ep as M.engine_config.
+function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp, cp, ep)
   local chunks = {}
   local m = M.resolve(provider)
   for i, c in ipairs(layout) do
-    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, tp, cp)
+    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, tp, cp, ep)
     cfg.layer_begin, cfg.layer_end = c.layer_begin, c.layer_end
     cfg.pre_process, cfg.post_process = c.pre_process, c.post_process
     local ok, chunk = pcall(core.gpt_chunk, cfg)
@@ -176,14 +178,15 @@ local function model_comm(g, name, device)
 end
 
 -- The chunks this rank holds of a provider's model in the job lt.parallel_state(provider) describes
--- (its pipeline stage, with virtual stages, its tensor-parallel shard and its context-parallel part
--- of the sequence); seed and flat_multiple as M.build. Returns them and the tensor- and
--- context-parallel communicators their layers use (nil for a group of one).
+-- (its pipeline stage, with virtual stages, its tensor-parallel shard, its context-parallel part
+-- of the sequence and its experts); seed and flat_multiple as M.build. Returns them and the tensor-,
+-- context- and expert-parallel communicators their layers use (nil for a group of one).
 function M.chunks(provider, ps, seed, flat_multiple)
   local m = M.resolve(provider)
   local layout = M.chunk_layers(m, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
   local tp, cp = model_comm(ps.groups.tp, "tp_model", m.device), model_comm(ps.groups.cp, "cp_model", m.device)
-  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp, cp), tp, cp
+  local ep = m.num_moe_experts and model_comm(ps.groups.ep, "ep_model", m.device) or nil
+  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp, cp, ep), tp, cp, ep
 end
 
 return M

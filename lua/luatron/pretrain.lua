@@ -16,6 +16,7 @@ local pipeline = require "luatron.pipeline"
 local pipeline_run = require "luatron.pipeline_run"
 local tensor_parallel = require "luatron.tensor_parallel"
 local context_parallel = require "luatron.context_parallel"
+local expert_parallel = require "luatron.expert_parallel"
 local timeline = require "luatron.timeline"
 local json = require "luatron.json"
 local overrides = require "luatron.overrides"
@@ -61,17 +62,11 @@ local BIAS_UPDATE_RATE = schema.classes.GPTModelProvider.index.moe_router_bias_u
 
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
-  for _, f in ipairs { "expert_model_parallel_size" } do
-    if (m[f] or 1) > 1 then
-      error(("GPTModelProvider.%s = %d: this build parallelises over data, pipeline stages, tensors and the "
-        .. "sequence only (expert parallelism is not implemented yet). Set %s = 1"):format(f, m[f], f), 0)
-    end
-  end
   if m.num_moe_experts then
     local tp, cp = m.tensor_model_parallel_size or 1, m.context_parallel_size or 1
     local refused = {
-      { tp > 1 or cp > 1, ("tensor_model_parallel_size = %d, context_parallel_size = %d"):format(tp, cp),
-        "MoE layers run with TP = CP = 1 in this build (expert and expert-tensor parallelism are not built yet)" },
+      { cp > 1, "context_parallel_size = " .. cp, "MoE under context parallelism is not built yet" },
+      { tp > 1, "tensor_model_parallel_size = " .. tp, "MoE under tensor parallelism is not built yet" },
       { (m.expert_tensor_parallel_size or 1) > 1, "expert_tensor_parallel_size = " .. tostring(
         m.expert_tensor_parallel_size), "expert-tensor parallelism is not built yet" },
       { m.moe_shared_expert_intermediate_size ~= nil or m.moe_shared_expert_overlap, "moe_shared_expert_intermediate_size "
@@ -130,7 +125,8 @@ function M.setup(cfg, opts)
   local dp_group = ps.groups["dp-cp"]
   local pp = r.model.pipeline_model_parallel_size
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local chunks, tp_comm, cp_comm = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
+  local chunks, tp_comm, cp_comm, ep_comm = model_lib.chunks(r.model, ps, seed,
+    16 * (dp_group and dp_group:size() or 1))
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
@@ -141,10 +137,12 @@ function M.setup(cfg, opts)
     data_rank = ps.coords.dp_rank, -- in the dp group: which samples this rank reads (its cp group reads the same)
     data_size = ps.grid.dp,
     chunks = chunks,
-    tp_comm = tp_comm, -- the model's tensor- and context-parallel communicators (nil without)
+    tp_comm = tp_comm, -- the model's tensor-, context- and expert-parallel communicators (nil without)
     cp_comm = cp_comm,
+    ep_comm = ep_comm,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group,
-      { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp }),
+      { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp, edp = ps.groups.edp,
+        ep = ps.groups.ep }),
     schedule = opts.schedule, -- nil: Megatron's choice for the layout (luatron.pipeline)
     plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
@@ -157,7 +155,8 @@ function M.setup(cfg, opts)
   end
   if opts.trace then run.recorder = timeline.recorder() end
   run.ranks = { rank = ps.rank, dp_rank = run.dp_rank, dp_size = run.dp_size, pp_rank = ps.coords.pp_rank,
-    pp_size = pp, tp = ps.groups.tp, barrier = function() ps.world:barrier() end }
+    pp_size = pp, tp = ps.groups.tp, ep = ep_comm and ps.groups.ep, edp_rank = ps.coords.edp_rank,
+    barrier = function() ps.world:barrier() end }
   if (r.train.eval_iters or 0) > 0 and (r.train.eval_interval or 0) > 0 then
     -- Megatron's count: every evaluation of the run reads eval_iters global batches of its own
     local evaluations = (train_iters or 0) // r.train.eval_interval + 1
@@ -314,16 +313,18 @@ local function take_comm_stats(run)
   return s
 end
 
--- Runs fn (an evaluation) without counting its traffic as the next step's.
+-- Runs fn (an evaluation) without counting its traffic as the next step's (data parallelism's, and
+-- the MoE dispatchers' over the EP group).
 local function excluding_comm(run, fn)
-  local g = run.ps.groups["dp-cp"]
-  if not g or g:size() == 1 then return fn() end
-  run.optimizer:sync_params() -- the pending all-gather belongs to the step, not to fn
+  local g, ep = run.ps.groups["dp-cp"], run.ep_comm
   local dc = run.optimizer.device_comm
   local function bytes() return g:stats().bytes + (dc and dc:stats().bytes or 0) end
-  local before = bytes()
+  local dp = g and g:size() > 1
+  if dp then run.optimizer:sync_params() end -- the pending all-gather belongs to the step, not to fn
+  local before, ep_before = dp and bytes(), ep and ep:stats().bytes
   local result = fn()
-  run.comm_excluded = (run.comm_excluded or 0) + bytes() - before
+  if dp then run.comm_excluded = (run.comm_excluded or 0) + bytes() - before end
+  if ep then run.ep_excluded = (run.ep_excluded or 0) + ep:stats().bytes - ep_before end
   return result
 end
 
@@ -537,15 +538,24 @@ end
 
 local function mib(bytes) return bytes / 2 ^ 20 end
 
--- A sum over this rank's parameters (fn(chunk, param) for each it counts, see Chunks:counts), then
--- over the tensor-parallel ranks and the pipeline stages: the whole model's.
+-- A sum over this rank's parameters (fn(chunk, param) for each it counts, see Chunks:counts), its
+-- experts' over the expert-parallel ranks, then over the tensor-parallel ranks and the pipeline
+-- stages: the whole model's.
 local function over_model(run, fn)
-  local x = 0
+  local x, experts = 0, 0
   for i, chunk in ipairs(run.chunks) do
     for _, p in ipairs(chunk:parameters()) do
-      if run.optimizer:counts(i, p.name) then x = x + fn(chunk, p) end
+      if not run.optimizer:counts(i, p.name) then -- another rank counts it
+      elseif p.expert then experts = experts + fn(chunk, p)
+      else x = x + fn(chunk, p) end
     end
   end
+  local ep = run.optimizer.ep -- the EP ranks hold different experts
+  if ep then
+    local t <close> = core.tensor.from({ experts }, "float32")
+    experts = ep:all_reduce(t, "sum"):item()
+  end
+  x = x + experts
   local tp = run.ps.groups.tp
   if tp and tp:size() > 1 then
     local t <close> = core.tensor.from({ x }, "float32")
@@ -559,14 +569,37 @@ end
 -- mean aux and z losses per MoE layer and microbatch (coefficients applied). A collective with
 -- pipeline stages (on every rank, as the parameter norm).
 local function moe_stats(run)
-  local E = run.r.model.num_moe_experts
-  local sums = {}
+  local m = run.r.model
+  local E = m.num_moe_experts
+  local sums, rows_sent, rows_received, seconds = {}, 0, 0, 0
   for i = 1, E + 5 do sums[i] = 0 end
   for _, chunk in ipairs(run.chunks) do
     local s = chunk:take_moe_stats()
     for e = 1, E do sums[e] = sums[e] + s.tokens_per_expert[e] end
     sums[E + 1], sums[E + 2] = sums[E + 1] + s.forwards, sums[E + 2] + s.routed
     sums[E + 3], sums[E + 4], sums[E + 5] = sums[E + 3] + s.kept, sums[E + 4] + s.aux_loss, sums[E + 5] + s.z_loss
+    rows_sent, rows_received, seconds = rows_sent + s.rows_sent, rows_received + s.rows_received,
+      seconds + s.dispatch_seconds
+  end
+  -- this rank's dispatch traffic against the arithmetic; for alltoall the rows come from the routing
+  -- counts (the EP group's, summed over the optimizer's EP communicator)
+  local dispatch
+  local ep = run.ep_comm
+  if ep then
+    local st = ep:stats()
+    ep:reset_stats()
+    local bytes = st.bytes - (run.ep_excluded or 0)
+    run.ep_excluded = 0
+    local sent, received = rows_sent, rows_received
+    if m.moe_token_dispatcher_type == "alltoall" then
+      local own = {}
+      for e = 1, E do own[e] = sums[e] end
+      local t <close> = core.tensor.from(own, "int64")
+      local all = run.optimizer.ep:all_reduce(t, "sum"):to_table()
+      sent, received = expert_parallel.remote_rows(own, all, run.ps.coords.ep_rank, E // ep:size())
+    end
+    dispatch = { bytes = bytes, expected = expert_parallel.expected_bytes(m, sums[E + 1], sent, received),
+      forwards = sums[E + 1], seconds = seconds }
   end
   local g = run.ps.groups.pp
   if g and g:size() > 1 then
@@ -580,7 +613,7 @@ local function moe_stats(run)
   end
   return { tokens_min = lo, tokens_mean = total / E, tokens_max = hi,
     dropped = math.max(0, 1 - sums[E + 3] / math.max(sums[E + 2], 1)), aux_loss = sums[E + 4] / n,
-    z_loss = sums[E + 5] / n, dispatcher = run.r.model.moe_token_dispatcher_type }
+    z_loss = sums[E + 5] / n, dispatcher = m.moe_token_dispatcher_type, dispatch = dispatch }
 end
 
 -- "GPT(layers=2, ...)" of the whole model, and with pipeline stages what this rank's chunks hold.

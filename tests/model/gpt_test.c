@@ -23,6 +23,7 @@
 #include "engine/core/rng.h"
 #include "engine/core/tensor.h"
 #include "engine/model/gpt.h"
+#include "engine/model/moe_mlp.h"
 #include "engine/ops/ops.h"
 #include "tests/tap.h"
 
@@ -96,16 +97,16 @@ static float loss_of(lt_gpt *m, const batch *b, uint64_t dseed) {
     char err[256] = "";
     float loss = NAN;
     int64_t nv = 0;
-    double aux = 0, z = 0;
-    lt_gpt_take_moe_stats(m, NULL, NULL, NULL, NULL, NULL); /* what earlier forwards left */
+    lt_gpt_moe_totals moe;
+    lt_gpt_take_moe_stats(m, NULL, NULL); /* what earlier forwards left */
     lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, 1, dseed, &loss, &nv, err, sizeof err);
     if (!c) {
         TAP_CHECK(0, "forward failed: %s", err);
         return NAN;
     }
-    lt_gpt_take_moe_stats(m, NULL, NULL, NULL, &aux, &z);
+    lt_gpt_take_moe_stats(m, NULL, &moe);
     lt_gpt_ctx_free(c);
-    return (float)((double)loss + aux + z);
+    return (float)((double)loss + moe.aux_loss + moe.z_loss);
 }
 
 /* Forward + backward with grad_scale = 1 / num_valid (so the gradient is d(mean loss)), accumulating. */
@@ -906,7 +907,7 @@ static void test_flag_gradients(void) {
     c.moe_ffn_hidden_size = 24;
     c.moe_layer_freq = 1;
     c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 1, .aux_loss_coeff = 0.05, .z_loss_coeff = 0.01};
-    flag_case("(m) MoE: 4 experts, top-2, aux and z losses", c, 108, 0, 8, 58, 0, 0);
+    flag_case("(m) MoE: 4 experts, top-2, aux and z losses (allgather)", c, 108, 0, 8, 58, 0, 0);
 
     /* MoE every other layer, grouped-expert names, sigmoid router with a scaling factor, SwiGLU experts, no
      * biases, seq_aux_loss, dropout, ignored targets */
@@ -920,7 +921,8 @@ static void test_flag_gradients(void) {
     c.hidden_dropout = 0.1f;
     c.moe_router = (lt_moe_router_cfg){.topk = 2, .sigmoid = 1, .topk_scaling_factor = 1.5f, .load_balancing = 2,
                                        .aux_loss_coeff = 0.05};
-    flag_case("(n) MoE every other layer: sigmoid, seq_aux_loss, swiglu, dropout", c, 109, 0, 8, 59, 5, 9);
+    c.moe_dispatcher = LT_MOE_FLEX;
+    flag_case("(n) MoE every other layer: sigmoid, seq_aux_loss, swiglu, dropout (flex)", c, 109, 0, 8, 59, 5, 9);
 
     /* MoE with token dropping: capacity factor 1 over 16 tokens, dropping by position; pre-softmax top-1 */
     c = small_config();
@@ -928,7 +930,9 @@ static void test_flag_gradients(void) {
     c.moe_ffn_hidden_size = 16;
     c.moe_layer_freq = 1;
     c.moe_router = (lt_moe_router_cfg){.topk = 1, .pre_softmax = 1, .capacity_factor = 1.0, .drop_by_position = 1};
-    flag_case("(o) MoE with token dropping (capacity 1.0, by position), pre-softmax top-1", c, 110, 0, 8, 60, 0, 0);
+    c.moe_dispatcher = LT_MOE_ALLTOALL;
+    flag_case("(o) MoE with token dropping (capacity 1.0, by position), pre-softmax top-1 (alltoall)", c, 110, 0, 8,
+              60, 0, 0);
 }
 
 /* Zero-centred gamma g and ordinary gamma 1 + g are the same function: the same logits and loss, and

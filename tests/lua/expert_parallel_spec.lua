@@ -1,0 +1,108 @@
+-- Expert parallelism: the experts split over EP ranks, tokens moved by each dispatcher (allgather,
+-- alltoall, flex), reproduce the single rank's losses, gradient norms and parameter norms over 20 steps
+-- with and without token dropping (and padding to the capacity), with expert-data parallelism
+-- (EP = 2 x DP = 2), the distributed optimizer and pipeline stages; every EP run's dispatch traffic
+-- equals the arithmetic of luatron.expert_parallel (for alltoall from the routing counts); checkpoints
+-- are layout-free (saved at EP = 2, resumed at one rank, and the other way at EP = 2 x DP = 2).
+-- Needs LUATRON (tests/lua/BUILD provides it).
+
+local LUATRON = os.getenv("LUATRON")
+local RTOL = 1e-5
+
+local h = dofile("tests/lua/helpers.lua")
+local q, tmpdir = h.q, h.tmpdir
+
+-- 2 layers of 4 experts (top-2), aux and z losses, dropout on, global batch 8 in microbatches of 2.
+local STEPS = 20
+local BASE = "recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=8 train.micro_batch_size=2 "
+  .. "model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.seq_length=32 "
+  .. "dataset.sequence_length=32 model.hidden_dropout=0.1 model.attention_dropout=0.1 train.eval_interval=100 "
+  .. "train.eval_iters=0 logger.log_interval=1 logger.log_params_norm=true scheduler.lr_warmup_fraction=nil "
+  .. "scheduler.lr_warmup_iters=2 optimizer.lr=1e-3 model.num_moe_experts=4 model.moe_router_topk=2 "
+  .. "model.moe_aux_loss_coeff=0.01 model.moe_z_loss_coeff=0.001 "
+local DROP = "model.moe_expert_capacity_factor=1.0 "
+local PAD = DROP .. "model.moe_pad_expert_input_to_capacity=true "
+
+local assert_close = h.closeness(RTOL)
+
+local function launch(n, dir, name, extra, steps)
+  return h.launch_metrics(LUATRON, n, dir, name, BASE:format(steps or STEPS) .. (extra or ""))
+end
+
+-- Every iteration from `first` is there, equal to the reference's; an EP run's dispatch bytes equal
+-- the arithmetic at every logged step.
+local function assert_equivalent(ref, got, label, first)
+  local seen = {}
+  for _, r in ipairs(got) do
+    seen[r.iteration] = true
+    if r.moe_dispatch_bytes then
+      assert.are.equal(r.moe_dispatch_expected_bytes, r.moe_dispatch_bytes, label .. ": dispatch bytes at iteration "
+        .. r.iteration)
+    end
+  end
+  for it = first or 1, STEPS do assert.is_truthy(seen[it], ("%s: no record of iteration %d"):format(label, it)) end
+  h.assert_same_steps(ref, got, assert_close, label)
+end
+
+describe("expert parallelism", function()
+  assert(LUATRON, "LUATRON is not set: point it at the luatron binary")
+  local dir = tmpdir()
+  local ck = dir .. "/ckpt_single"
+  local refs = {
+    [""] = launch(1, dir, "single", ("checkpoint.save=%s checkpoint.save_interval=10"):format(q(ck))),
+    [DROP] = launch(1, dir, "single_drop", DROP),
+    [PAD] = launch(1, dir, "single_pad", PAD),
+  }
+
+  it("the references drop and pad as asked", function()
+    for _, r in ipairs(refs[""]) do assert.are.equal(0, r.moe_dropped_fraction) end
+    local dropped = 0
+    for _, r in ipairs(refs[DROP]) do dropped = dropped + r.moe_dropped_fraction end
+    assert.is_true(dropped > 0, "capacity factor 1.0 dropped nothing")
+    -- padded: every expert gets its capacity, ceil(64 x 2 / 4) = 32 rows per layer and microbatch
+    for _, r in ipairs(refs[PAD]) do assert.are.equal(32, r.moe_tokens_per_expert_min) end
+  end)
+
+  for _, case in ipairs {
+    { "allgather", "" }, { "alltoall", "" }, { "flex", "" },
+    { "allgather", DROP }, { "alltoall", DROP }, { "flex", DROP },
+    { "allgather", PAD }, { "alltoall", PAD },
+  } do
+    local d, extra = case[1], case[2]
+    local what = extra == "" and "" or extra == DROP and ", dropping" or ", dropping and padding"
+    it(("EP = 2 with %s%s reproduces the single rank"):format(d, what), function()
+      local got, out = launch(2, dir, "ep2_" .. d .. (extra == "" and "" or extra == DROP and "_drop" or "_pad"),
+        "model.expert_model_parallel_size=2 model.moe_token_dispatcher_type=" .. d .. " " .. extra)
+      assert_equivalent(refs[extra], got, "EP = 2 " .. d .. what)
+      assert.is_truthy(out:find("MoE " .. d .. " dispatch:", 1, true), out)
+    end)
+  end
+
+  for _, case in ipairs {
+    { "EP = 2 x DP = 2 with allgather", 4, "model.moe_token_dispatcher_type=allgather" },
+    { "EP = 2 x DP = 2 with alltoall", 4, "model.moe_token_dispatcher_type=alltoall" },
+    { "EP = 2 x DP = 2 with flex", 4, "model.moe_token_dispatcher_type=flex" },
+    { "EP = 2 x DP = 2, distributed optimizer", 4, "model.moe_token_dispatcher_type=alltoall "
+      .. "ddp.use_distributed_optimizer=true" },
+    { "EP = 2, distributed optimizer", 2, "model.moe_token_dispatcher_type=flex ddp.use_distributed_optimizer=true" },
+    { "EP = 2 x PP = 2", 4, "model.moe_token_dispatcher_type=alltoall model.pipeline_model_parallel_size=2" },
+  } do
+    it(case[1] .. " reproduces the single rank", function()
+      local got = launch(case[2], dir, case[1]:gsub("%W", "_"), "model.expert_model_parallel_size=2 " .. case[3])
+      assert_equivalent(refs[""], got, case[1])
+    end)
+  end
+
+  it("checkpoints are layout-free: EP = 2 resumes at one rank, one rank at EP = 2 x DP = 2", function()
+    local ep_ck = dir .. "/ckpt_ep2"
+    launch(2, dir, "ep2_saving", ("model.expert_model_parallel_size=2 model.moe_token_dispatcher_type=alltoall "
+      .. "ddp.use_distributed_optimizer=true checkpoint.save=%s checkpoint.save_interval=10"):format(q(ep_ck)))
+    local got = launch(1, dir, "from_ep2", ("checkpoint.load=%s checkpoint.ckpt_step=10"):format(q(ep_ck)))
+    assert_equivalent(refs[""], got, "one rank from EP = 2", 11)
+    got = launch(4, dir, "to_ep2_dp2", ("model.expert_model_parallel_size=2 ddp.use_distributed_optimizer=true "
+      .. "checkpoint.load=%s checkpoint.ckpt_step=10"):format(q(ck)))
+    assert_equivalent(refs[""], got, "EP = 2 x DP = 2 from one rank", 11)
+  end)
+
+  teardown(function() print(("# largest relative difference from the single rank: %.3g"):format(assert_close.worst())) end)
+end)

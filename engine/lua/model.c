@@ -160,6 +160,7 @@ static lt_gpt_config read_config(lua_State *L) {
     c.tp_comm = opt_comm(L, "tensor_parallel");
     c.cp_comm = opt_comm(L, "context_parallel");
     c.ep_comm = opt_comm(L, "expert_parallel");
+    c.expert_tensor_parallel = field_bool(L, 1, "expert_tensor_parallel");
     field_get(L, 1, "cp_comm_type");
     const char *cp_type = lua_tostring(L, -1);
     if (!cp_type || (strcmp(cp_type, "p2p") != 0 && strcmp(cp_type, "all_gather") != 0))

@@ -122,7 +122,7 @@ static int grad_sums_over_tp(const lt_gpt *m, const lt_gpt_param *p) {
     if (m->tp.size == 1 || p->split != LT_SPLIT_NONE) return 0;
     if (strstr(p->name, "q_layernorm.") || strstr(p->name, "k_layernorm.")) return 1;
     return m->tp.sequence_parallel && (strstr(p->name, "layernorm.") || ends_with(p->name, "linear_proj.bias") ||
-                                       ends_with(p->name, "linear_fc2.bias"));
+                                       ends_with(p->name, "linear_fc2.bias") || ends_with(p->name, "router.weight"));
 }
 
 /* A parameter of full shape [d0, d1] (d1 ignored when 1-D), split across TP as `split`. */
@@ -185,13 +185,16 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
             c->ffn_hidden_size, TP);
     if (c->num_moe_experts > 0) {
         const int CP = c->cp_comm ? lt_comm_size(c->cp_comm) : 1, EP = c->ep_comm ? lt_comm_size(c->ep_comm) : 1;
-        REQUIRE(c->num_moe_experts % EP == 0, "num_moe_experts (%d) must be a multiple of expert_model_parallel_size "
-                "(%d)", c->num_moe_experts, EP);
+        const int ETP = c->expert_tensor_parallel ? TP : 1;
+        REQUIRE(EP % ETP == 0 && c->num_moe_experts % (EP / ETP) == 0, "num_moe_experts (%d) must be a multiple of "
+                "expert_model_parallel_size (%d)", c->num_moe_experts, EP / ETP);
+        REQUIRE(c->moe_ffn_hidden_size % ETP == 0, "moe_ffn_hidden_size (%d) must be a multiple of "
+                "expert_tensor_parallel_size (%d)", c->moe_ffn_hidden_size, ETP);
         REQUIRE(c->moe_dispatcher >= LT_MOE_ALLGATHER && c->moe_dispatcher <= LT_MOE_FLEX,
                 "moe_token_dispatcher_type must be allgather, alltoall or flex");
-        REQUIRE(TP == 1 && CP == 1, "MoE layers with tensor_model_parallel_size = %d and context_parallel_size = %d: "
-                "this build runs MoE with TP = CP = 1 only (expert-tensor parallelism is not built yet)",
-                TP, CP);
+        REQUIRE(CP == 1, "MoE layers with context_parallel_size = %d: this build runs MoE with CP = 1 only", CP);
+        REQUIRE(TP == 1 || c->sequence_parallel, "MoE layers with tensor_model_parallel_size = %d need "
+                "sequence_parallel (as Megatron requires in training)", TP);
         REQUIRE(c->moe_ffn_hidden_size > 0 && c->moe_layer_freq > 0, "moe_ffn_hidden_size and moe_layer_freq must be "
                 "positive");
         char rerr[256];
@@ -206,21 +209,30 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     return 1;
 }
 
-/* The expert parameter just added: which expert (global number). */
+/* The expert parameter just added: which expert (global number). Its gradient is its own, reduced over
+ * the expert-data-parallel group, never summed over TP. */
 static int64_t as_expert(lt_gpt *m, int64_t offset, int e) {
     m->params[m->num_params - 1].expert = e;
+    m->params[m->num_params - 1].tp_grad_sum = 0;
     return offset;
 }
 
+/* Local experts: how many, and the first's global number. */
+static int local_experts(const lt_gpt *m) { return m->moe.num_experts * m->moe.etp / m->moe.ep_size; }
+static int first_expert(const lt_gpt *m) { return m->moe.ep_rank / m->moe.etp * local_experts(m); }
+
 /* An MoE layer's local experts (moe_mlp.h), global numbers e0 .. e0 + El - 1, in Megatron's module order:
- * with grouped experts every expert's fc1, then every fc2; else expert by expert. */
+ * with grouped experts every expert's fc1, then every fc2; else expert by expert. Under expert-tensor
+ * parallelism they split as the dense MLP does (fc1 by rows, each SwiGLU half alike; fc2 by columns). */
 static void add_experts(lt_gpt *m, layer_offsets *o, int l) {
     const lt_gpt_config *c = &m->cfg;
-    const int El = m->moe.num_experts / m->moe.ep_size, e0 = m->moe.ep_rank * El;
+    const int El = local_experts(m), e0 = first_expert(m);
     const int C = c->hidden_size, F = c->moe_ffn_hidden_size, bias = c->add_bias_linear;
     const int fc1 = (c->gated_linear_unit ? 2 : 1) * F;
     const char *pre = "decoder.layers";
-    const lt_split NONE = LT_SPLIT_NONE;
+    const int split = m->moe.etp > 1;
+    const lt_split ROWS = !split ? LT_SPLIT_NONE : c->gated_linear_unit ? LT_SPLIT_GLU_ROWS : LT_SPLIT_ROWS;
+    const lt_split COLS = split ? LT_SPLIT_COLUMNS : LT_SPLIT_NONE, NONE = LT_SPLIT_NONE;
     int64_t **arrays[4] = {&o->e_fc1_w, &o->e_fc1_b, &o->e_fc2_w, &o->e_fc2_b};
     for (int k = 0; k < 4; k++) {
         *arrays[k] = malloc(sizeof(int64_t) * (size_t)El);
@@ -232,19 +244,21 @@ static void add_experts(lt_gpt *m, layer_offsets *o, int l) {
             if (c->moe_grouped_gemm) {
                 const char *which = pass == 0 ? "linear_fc1" : "linear_fc2";
                 const int rows = pass == 0 ? fc1 : C, cols = pass == 0 ? C : F;
+                const lt_split how = pass == 0 ? ROWS : COLS;
                 (pass == 0 ? o->e_fc1_w : o->e_fc2_w)[j] = as_expert(
-                    m, add_param(m, 2, rows, cols, 0, NONE, "%s.%d.mlp.experts.%s.weight%d", pre, l, which, e), e);
+                    m, add_param(m, 2, rows, cols, 0, how, "%s.%d.mlp.experts.%s.weight%d", pre, l, which, e), e);
                 if (bias)
                     (pass == 0 ? o->e_fc1_b : o->e_fc2_b)[j] = as_expert(
-                        m, add_param(m, 1, rows, 0, 1, NONE, "%s.%d.mlp.experts.%s.bias%d", pre, l, which, e), e);
+                        m, add_param(m, 1, rows, 0, 1, pass == 0 ? ROWS : NONE, "%s.%d.mlp.experts.%s.bias%d", pre,
+                                     l, which, e), e);
                 continue;
             }
             const char *x = "mlp.experts.local_experts";
             o->e_fc1_w[j] =
-                as_expert(m, add_param(m, 2, fc1, C, 0, NONE, "%s.%d.%s.%d.linear_fc1.weight", pre, l, x, e), e);
+                as_expert(m, add_param(m, 2, fc1, C, 0, ROWS, "%s.%d.%s.%d.linear_fc1.weight", pre, l, x, e), e);
             if (bias)
-                o->e_fc1_b[j] = as_expert(m, add_param(m, 1, fc1, 0, 1, NONE, "%s.%d.%s.%d.linear_fc1.bias", pre, l, x, e), e);
-            o->e_fc2_w[j] = as_expert(m, add_param(m, 2, C, F, 0, NONE, "%s.%d.%s.%d.linear_fc2.weight", pre, l, x, e), e);
+                o->e_fc1_b[j] = as_expert(m, add_param(m, 1, fc1, 0, 1, ROWS, "%s.%d.%s.%d.linear_fc1.bias", pre, l, x, e), e);
+            o->e_fc2_w[j] = as_expert(m, add_param(m, 2, C, F, 0, COLS, "%s.%d.%s.%d.linear_fc2.weight", pre, l, x, e), e);
             if (bias)
                 o->e_fc2_b[j] = as_expert(m, add_param(m, 1, C, 0, 1, NONE, "%s.%d.%s.%d.linear_fc2.bias", pre, l, x, e), e);
         }
@@ -351,10 +365,10 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
                         cfg->cp_all_gather};
     m->spec = spec_of(cfg, &m->tp, &m->cp);
     if (cfg->num_moe_experts > 0) {
-        const int ep = cfg->ep_comm && lt_comm_size(cfg->ep_comm) > 1;
-        m->moe = (lt_moe_spec){cfg->num_moe_experts, cfg->moe_router.topk, cfg->moe_ffn_hidden_size, cfg->moe_router,
-                               1.0f, (lt_moe_dispatcher)cfg->moe_dispatcher, ep ? cfg->ep_comm : NULL,
-                               ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1};
+        const int ep = cfg->ep_comm && lt_comm_size(cfg->ep_comm) > 1, etp = cfg->expert_tensor_parallel ? m->tp.size : 1;
+        m->moe = (lt_moe_spec){cfg->num_moe_experts, cfg->moe_router.topk, cfg->moe_ffn_hidden_size / etp,
+                               cfg->moe_router, 1.0f, (lt_moe_dispatcher)cfg->moe_dispatcher, ep ? cfg->ep_comm : NULL,
+                               ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1, etp};
         m->moe_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(int64_t));
     }
     m->E = lt_dtype_size(m->ops->dtype);
@@ -611,7 +625,7 @@ static void grads_of(lt_gpt *m, int i, lt_attention_grads *ag, lt_mlp_grads *mg)
 /* An MoE layer's weights and gradients (arrays of its local experts' pointers in `ptrs`: 8 of them). */
 static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **ptrs) {
     const layer_offsets *o = &m->layers[i];
-    const int E = m->moe.num_experts / m->moe.ep_size;
+    const int E = local_experts(m);
     float *gr = lt_tensor_data(m->grads);
     const void **wp = (const void **)ptrs;
     float **gp = (float **)(ptrs + 4 * (size_t)E);

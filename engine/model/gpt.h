@@ -70,10 +70,13 @@ typedef struct {
     int num_moe_experts, moe_ffn_hidden_size, moe_layer_freq, moe_grouped_gemm;
     lt_moe_router_cfg moe_router;
     int moe_dispatcher; /* lt_moe_dispatcher: moe_token_dispatcher_type */
-    /* Expert parallelism: the EP group (NULL: one rank), whose rank p holds experts [p E / EP, (p + 1) E / EP)
-     * (named by their global number). A chunk lays its experts' parameters out after all the others, from
+    /* Expert parallelism: the dispatch group, ETP x EP ranks (NULL: one rank), whose rank p holds the experts
+     * of EP rank p / ETP, [(p / ETP) E / EP, (p / ETP + 1) E / EP) (named by their global number). With
+     * expert_tensor_parallel (expert_tensor_parallel_size = TP > 1; else 1) each expert is split over the
+     * TP group as the dense MLP is. A chunk lays its experts' parameters out after all the others, from
      * lt_gpt_expert_offset on: their gradients are reduced over another group than the rest. */
     lt_comm *ep_comm;
+    int expert_tensor_parallel;
 } lt_gpt_config;
 
 /* How a parameter is split across the TP ranks: rank r of TP holds */

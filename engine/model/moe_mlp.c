@@ -18,13 +18,15 @@ typedef struct {
 } combine;
 
 struct lt_moe_state {
-    int N, E, El, e0, B, T, EP, me; /* tokens (rows b T + t), experts, local experts from e0, the EP group */
+    int N, E, El, e0, B, T, EP, me, etp; /* tokens (rows b T + t), experts, local experts from e0, the dispatch
+                                            group (rank p holds EP rank p / etp's experts) */
     lt_moe_dispatcher kind;
     lt_moe_router_cfg router;
     /* host, in the router's token order (token s B + b, Megatron's [s, b]) */
     float *logits, *probs;
     uint8_t *map;
-    int64_t *counts; /* [E]: tokens this rank routed to each expert */
+    int64_t *counts;     /* [E]: tokens this rank routed to each expert */
+    int64_t *aux_counts; /* under TP: the aux loss's counts summed over the TP group (router.aux_counts) */
     int64_t kept;
     double aux, z;
     /* the exchange */
@@ -32,6 +34,7 @@ struct lt_moe_state {
     int64_t *send_rows, *recv_rows; /* [EP]: rows to and from each EP rank (alltoall, flex) */
     int64_t *efirst;                /* [El + 1]: local expert j's rows of x are [efirst[j], efirst[j + 1]) */
     int32_t *sent_token;            /* flex [S]: the router token of each sent row */
+    int32_t *src_expert;            /* alltoall [N ks]: the expert of each source slot */
     int32_t *slot_expert;           /* flex, allgather [R kr]: the local expert of each expert-side slot */
     int64_t rows_sent, rows_received;
     double seconds, backward_seconds;
@@ -57,6 +60,10 @@ static double now(void) {
 
 /* Rows of the router's order and of the layer's: token s B + b is row b T + s. */
 static int layer_row(const lt_moe_state *st, int t) { return (t % st->B) * st->T + t / st->B; }
+static int router_token(const lt_moe_state *st, int r) { return (r % st->T) * st->B + r / st->T; }
+
+/* The first expert of dispatch rank r. */
+static int first_expert(const lt_moe_state *st, int r) { return r / st->etp * st->El; }
 
 static int fc1_width(const lt_layer_spec *s, const lt_moe_spec *ms) {
     return s->gated_linear_unit ? 2 * ms->ffn_hidden_size : ms->ffn_hidden_size;
@@ -65,8 +72,9 @@ static int fc1_width(const lt_layer_spec *s, const lt_moe_spec *ms) {
 void lt_moe_state_free(const lt_layer_spec *s, lt_moe_state *st) {
     if (!st) return;
     if (st->dev) s->tp->be->release(st->dev, st->dev_bytes);
-    free(st->logits), free(st->probs), free(st->map), free(st->counts);
+    free(st->logits), free(st->probs), free(st->map), free(st->counts), free(st->aux_counts);
     free(st->send_rows), free(st->recv_rows), free(st->efirst), free(st->sent_token), free(st->slot_expert);
+    free(st->src_expert);
     free(st);
 }
 
@@ -233,49 +241,51 @@ static int plan_allgather(lt_moe_state *st, const lt_moe_spec *ms, const lt_back
     return rc;
 }
 
-/* alltoall: a row per (token, expert) pair, expert by expert (so rank by rank), tokens in order. */
+/* alltoall: a row per (token, expert) pair and rank holding the expert (etp of them), rank by rank,
+ * expert by expert, tokens in order. */
 static int plan_alltoall(lt_moe_state *st, const lt_moe_spec *ms, const lt_backend *be, plan *p, char *err,
                          size_t errlen) {
-    const int N = st->N, E = st->E, EP = st->EP, El = st->El;
+    const int N = st->N, E = st->E, EP = st->EP, El = st->El, etp = st->etp;
     int ks = 1;
     for (int t = 0; t < N; t++) {
         int n = 0;
         for (int e = 0; e < E; e++) n += st->map[(size_t)t * E + e];
-        if (n > ks) ks = n;
+        if (n * etp > ks) ks = n * etp;
     }
     p->ks = ks;
-    int64_t *first = calloc((size_t)E + 1, sizeof(int64_t)), *all = malloc(sizeof(int64_t) * (size_t)EP * E);
-    if (!first || !all) {
-        free(first), free(all);
-        return lt_fail(err, errlen, "out of host memory dispatching %d tokens", N);
+    st->S = 0;
+    for (int r = 0; r < EP; r++) {
+        st->send_rows[r] = 0;
+        for (int j = 0; j < El; j++) st->send_rows[r] += st->counts[first_expert(st, r) + j];
+        st->S += st->send_rows[r];
     }
-    for (int e = 0; e < E; e++) first[e + 1] = first[e] + st->counts[e];
-    st->S = first[E];
-    for (int r = 0; r < EP; r++) st->send_rows[r] = first[(r + 1) * El] - first[r * El];
-    const double t0 = now();
-    int rc = gather_host(ms, be, st->counts, all, E, LT_I64, err, errlen);
-    st->seconds += now() - t0;
+    int64_t *all = malloc(sizeof(int64_t) * (size_t)EP * E);
     const size_t NK = (size_t)N * ks;
     p->src_rows = malloc(sizeof(int32_t) * (size_t)(st->S + 1));
     p->src_slots = malloc(sizeof(int32_t) * NK);
     p->src_w = malloc(sizeof(float) * NK);
-    if (rc || !p->src_rows || !p->src_slots || !p->src_w) {
-        free(first), free(all);
-        return rc ? rc : lt_fail(err, errlen, "out of host memory dispatching %d tokens", N);
+    st->src_expert = malloc(sizeof(int32_t) * NK);
+    int *fill = calloc((size_t)N, sizeof(int));
+    if (!all || !p->src_rows || !p->src_slots || !p->src_w || !st->src_expert || !fill) {
+        free(all), free(fill);
+        return lt_fail(err, errlen, "out of host memory dispatching %d tokens", N);
     }
-    for (size_t i = 0; i < NK; i++) p->src_slots[i] = -1, p->src_w[i] = 0.0f;
-    for (int t = 0; t < N; t++) {
-        const int r = layer_row(st, t);
-        int j = 0;
-        for (int e = 0; e < E; e++) {
-            if (!st->map[(size_t)t * E + e]) continue;
-            const int64_t m = first[e]++;
-            p->src_rows[m] = r;
-            p->src_slots[(size_t)r * ks + j] = (int32_t)m;
-            p->src_w[(size_t)r * ks + j] = st->probs[(size_t)t * E + e];
-            j++;
-        }
-    }
+    const double t0 = now();
+    int rc = gather_host(ms, be, st->counts, all, E, LT_I64, err, errlen);
+    st->seconds += now() - t0;
+    for (size_t i = 0; i < NK; i++) p->src_slots[i] = -1, p->src_w[i] = 0.0f, st->src_expert[i] = -1;
+    int64_t m = 0;
+    for (int r = 0; r < EP; r++)
+        for (int e = first_expert(st, r); e < first_expert(st, r) + El; e++)
+            for (int t = 0; t < N; t++) {
+                if (!st->map[(size_t)t * E + e]) continue;
+                const int row = layer_row(st, t), k = fill[row]++;
+                p->src_rows[m] = row;
+                p->src_slots[(size_t)row * ks + k] = (int32_t)m++;
+                p->src_w[(size_t)row * ks + k] = st->probs[(size_t)t * E + e];
+                st->src_expert[(size_t)row * ks + k] = e;
+            }
+    free(fill);
     /* received: rank by rank, within a rank its rows for our experts in order; regrouped by expert */
     st->R = 0;
     for (int s = 0; s < EP; s++) {
@@ -288,11 +298,11 @@ static int plan_alltoall(lt_moe_state *st, const lt_moe_spec *ms, const lt_backe
     p->pair_rows = malloc(sizeof(int32_t) * (size_t)(st->R + 1));
     p->exp_slots = malloc(sizeof(int32_t) * (size_t)(st->R + 1));
     p->exp_w = malloc(sizeof(float) * (size_t)(st->R + 1));
-    if (!p->pair_rows || !p->exp_slots || !p->exp_w) {
-        free(first), free(all);
-        return lt_fail(err, errlen, "out of host memory dispatching %d tokens", N);
+    if (rc || !p->pair_rows || !p->exp_slots || !p->exp_w) {
+        free(all);
+        return rc ? rc : lt_fail(err, errlen, "out of host memory dispatching %d tokens", N);
     }
-    int64_t m = 0;
+    m = 0;
     for (int j = 0; j < El; j++) {
         st->efirst[j] = m;
         int64_t base = 0;
@@ -310,7 +320,7 @@ static int plan_alltoall(lt_moe_state *st, const lt_moe_spec *ms, const lt_backe
     st->efirst[El] = m;
     st->rows_sent = st->S - st->send_rows[st->me];
     st->rows_received = st->R - st->recv_rows[st->me];
-    free(first), free(all);
+    free(all);
     return 0;
 }
 
@@ -326,7 +336,7 @@ static int plan_flex(lt_moe_state *st, const lt_moe_spec *ms, const lt_backend *
         int n = 0;
         for (int r = 0; r < EP; r++) {
             int any = 0;
-            for (int j = 0; j < El; j++) any |= st->map[(size_t)t * E + r * El + j];
+            for (int j = 0; j < El; j++) any |= st->map[(size_t)t * E + first_expert(st, r) + j];
             n += any, st->send_rows[r] += any;
         }
         if (n > ks) ks = n;
@@ -352,13 +362,13 @@ static int plan_flex(lt_moe_state *st, const lt_moe_spec *ms, const lt_backend *
     int64_t i = 0;
     for (int r = 0; r < EP; r++)
         for (int t = 0; t < N; t++) {
-            const uint8_t *mp = st->map + (size_t)t * E + r * El;
+            const uint8_t *mp = st->map + (size_t)t * E + first_expert(st, r);
             int any = 0;
             for (int j = 0; j < El; j++) any |= mp[j];
             if (!any) continue;
             const int row = layer_row(st, t);
             for (int j = 0; j < El; j++) {
-                pack[i * 2 * El + j] = st->probs[(size_t)t * E + r * El + j];
+                pack[i * 2 * El + j] = st->probs[(size_t)t * E + first_expert(st, r) + j];
                 pack[i * 2 * El + El + j] = mp[j];
             }
             p->src_rows[i] = row;
@@ -385,8 +395,26 @@ done:
 
 /* ---- forward ---- */
 
+/* The aux loss's counts summed over the TP group (Megatron's sum over TP x CP: under sequence
+ * parallelism each TP rank routes its own tokens): into st->router.aux_counts (aux, owned by the caller). */
+static int sum_aux_counts(const lt_tp *tp, lt_moe_state *st, int64_t *aux, char *err, size_t errlen) {
+    const int n = lt_moe_aux_counts_len(&st->router, st->E);
+    st->router.tp_cp_size = tp->size;
+    st->router.aux_counts = aux;
+    if (!n) return 0;
+    if (lt_moe_aux_counts(&st->router, st->logits, st->N, st->E, aux, err, errlen)) return -1;
+    const lt_backend *be = tp->be;
+    void *buf = be->alloc(sizeof(int64_t) * (size_t)n + 64);
+    if (!buf) return lt_fail(err, errlen, "out of %s memory for the aux loss's counts", be->name);
+    be->to_device(buf, aux, sizeof(int64_t) * (size_t)n);
+    int rc = lt_comm_all_reduce(tp->comm, buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
+    if (!rc) be->to_host(aux, buf, sizeof(int64_t) * (size_t)n);
+    be->release(buf, sizeof(int64_t) * (size_t)n + 64);
+    return rc;
+}
+
 /* Routes the logits (device, layer order) into st's host arrays. */
-static int route(const lt_moe_spec *ms, const lt_ops *ops, const lt_backend *be, lt_moe_state *st,
+static int route(const lt_layer_spec *s, const lt_ops *ops, const lt_backend *be, lt_moe_state *st,
                  const void *logits_dev, char *err, size_t errlen) {
     const int N = st->N, E = st->E;
     float *layer_order = malloc(sizeof(float) * (size_t)N * E);
@@ -406,6 +434,11 @@ static int route(const lt_moe_spec *ms, const lt_ops *ops, const lt_backend *be,
     for (int t = 0; t < N; t++)
         memcpy(st->logits + (size_t)t * E, layer_order + (size_t)layer_row(st, t) * E, sizeof(float) * E);
     free(layer_order);
+    if (s->tp->size > 1) {
+        st->aux_counts = calloc((size_t)lt_moe_aux_counts_len(&st->router, E) + 1, sizeof(int64_t));
+        if (!st->aux_counts) return lt_fail(err, errlen, "out of host memory routing %d tokens", N);
+        if (sum_aux_counts(s->tp, st, st->aux_counts, err, errlen)) return -1;
+    }
     if (lt_moe_route_forward(&st->router, st->logits, N, E, st->probs, st->map, st->counts, &st->aux, &st->z, err,
                              errlen))
         return -1;
@@ -495,7 +528,9 @@ static void combine_rows(const lt_ops *ops, void *out, const void *in, const com
 int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
                        lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, char *err, size_t errlen) {
     const lt_backend *be = s->tp->be;
-    const int B = c->B, T = c->T, N = B * T, C = s->hidden_size, E = ms->num_experts, EP = ms->ep_size;
+    /* under sequence parallelism a TP rank holds (and routes) its [B, T / TP] rows */
+    const int B = c->B, T = c->T, N = lt_layer_outer_rows(s, B, T), C = s->hidden_size, E = ms->num_experts;
+    const int EP = ms->ep_size, El = E * ms->etp / EP;
     const size_t Ed = lt_dtype_size(ops->dtype);
     lt_mlp_acts *a = &c->mlp;
     *state = NULL;
@@ -506,12 +541,12 @@ int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_o
         if (logits) be->release(logits, Ed * (size_t)N * E);
         return lt_fail(err, errlen, "out of %s memory for the router's logits", be->name);
     }
-    *st = (lt_moe_state){.N = N, .E = E, .El = E / EP, .e0 = ms->ep_rank * (E / EP), .B = B, .T = T, .EP = EP,
-                         .me = ms->ep_rank, .kind = ms->dispatcher, .router = ms->router};
-    st->router.seq_length = T, st->router.micro_batch_size = B;
+    *st = (lt_moe_state){.N = N, .E = E, .El = El, .e0 = ms->ep_rank / ms->etp * El, .B = B, .T = N / B, .EP = EP,
+                         .me = ms->ep_rank, .etp = ms->etp, .kind = ms->dispatcher, .router = ms->router};
+    st->router.seq_length = N / B, st->router.micro_batch_size = B;
     lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, N);
     ops->linear_forward(logits, a->ln, w->router_w, NULL, NULL, N, C, E);
-    int rc = route(ms, ops, be, st, logits, err, errlen);
+    int rc = route(s, ops, be, st, logits, err, errlen);
     be->release(logits, Ed * (size_t)N * E);
     plan p = {0};
     if (!rc) {
@@ -589,12 +624,9 @@ static int probs_grad(const lt_moe_spec *ms, const lt_backend *be, lt_moe_state 
         float *hw = malloc(sizeof(float) * (size_t)N * ks);
         if (!hw) return lt_fail(err, errlen, "out of host memory for the router's gradient");
         be->to_host(hw, dw_dev, sizeof(float) * (size_t)N * ks);
-        for (int t = 0; t < N; t++) {
-            const int r = layer_row(st, t);
-            int j = 0;
-            for (int e = 0; e < E; e++)
-                if (st->map[(size_t)t * E + e]) dprobs[(size_t)t * E + e] = hw[(size_t)r * ks + j++];
-        }
+        for (size_t i = 0; i < (size_t)N * ks; i++) /* an expert's etp partial outputs: their d(weight)s add */
+            if (st->src_expert[i] >= 0)
+                dprobs[(size_t)router_token(st, (int)(i / ks)) * E + st->src_expert[i]] += hw[i];
         free(hw);
         return 0;
     }
@@ -636,8 +668,8 @@ static int probs_grad(const lt_moe_spec *ms, const lt_backend *be, lt_moe_state 
         for (int r = 0; !rc && r < st->EP; r++)
             for (int64_t k = 0; k < st->send_rows[r]; k++, i++)
                 for (int j = 0; j < El; j++) {
-                    const size_t at = (size_t)st->sent_token[i] * E + (size_t)r * El + j;
-                    if (st->map[at]) dprobs[at] = back[i * El + j];
+                    const size_t at = (size_t)st->sent_token[i] * E + (size_t)first_expert(st, r) + j;
+                    if (st->map[at]) dprobs[at] += back[i * El + j];
                 }
     }
     st->backward_seconds += now() - t0;
@@ -650,7 +682,7 @@ int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_
                         const lt_moe_grads *g, const lt_layer_ctx *c, lt_moe_state *st, const void *h, void *dx,
                         const lt_layer_scratch *sc, char *err, size_t errlen) {
     const lt_backend *be = s->tp->be;
-    const int B = c->B, T = c->T, N = B * T, C = s->hidden_size, E = st->E, EP = st->EP;
+    const int B = c->B, T = c->T, N = st->N, C = s->hidden_size, E = st->E, EP = st->EP;
     const int F = ms->ffn_hidden_size, fc1 = fc1_width(s, ms);
     const size_t Ed = lt_dtype_size(ops->dtype), M = (size_t)st->M, S = (size_t)st->S, R = (size_t)st->R;
     const lt_mlp_acts *a = &c->mlp;

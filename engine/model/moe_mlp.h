@@ -24,7 +24,16 @@
  *              experts live there); the destination weights and sums its experts' outputs per row,
  *              the source sums the rows that come back.
  * Backward runs the same exchanges in reverse. With one rank the three move nothing and compute
- * the same. */
+ * the same.
+ *
+ * Expert-tensor parallelism (ETP > 1, the TP group): each expert is split over ETP ranks as the dense
+ * MLP is over TP (fc1 by rows, fc2 by columns), each computing a partial output. The dispatch group is
+ * then the ETP x EP ranks (Megatron's tp_ep group; rank p holds its shard of EP rank p / ETP's experts):
+ * allgather gathers over all of them and its reduce-scatter sums the shards with the experts; alltoall
+ * and flex send a row to each of the ETP ranks holding its expert and the source sums the partial
+ * outputs that come back (Megatron's alltoall all-to-alls over EP and then all-gathers over ETP: the
+ * same sums, other bytes). Under tensor parallelism (sequence parallel: each TP rank routes its own
+ * [B, T / TP] rows) the aux loss's counts are summed over the TP group. */
 #ifndef LT_MOE_MLP_H
 #define LT_MOE_MLP_H
 #include <stddef.h>
@@ -41,12 +50,13 @@ typedef struct {
     lt_moe_router_cfg router;               /* seq_length / micro_batch_size set per microbatch */
     float aux_loss_scale;                   /* d(total loss)/d(aux and z losses): 1 / microbatches per step */
     lt_moe_dispatcher dispatcher;           /* moe_token_dispatcher_type */
-    lt_comm *ep;                            /* the expert-parallel group (NULL: one rank) */
+    lt_comm *ep;                            /* the dispatch group, ETP x EP ranks (NULL: one rank) */
     int ep_rank, ep_size;
+    int etp;                                /* ranks sharing each expert (expert_tensor_parallel_size) */
 } lt_moe_spec;
 
-/* Weights: the expert arrays hold local expert j's (global ep_rank El + j) at index j (biases NULL
- * without add_bias_linear). */
+/* Weights: the expert arrays hold local expert j's (global (ep_rank / etp) El + j, El = E etp / ep_size;
+ * its shard when etp > 1) at index j (biases NULL without add_bias_linear). */
 typedef struct {
     const void *ln_w, *ln_b, *router_w;
     const void **fc1_w, **fc1_b, **fc2_w, **fc2_b;

@@ -21,7 +21,9 @@
 --
 -- Under expert parallelism each rank holds its experts (named by their global number): on saving,
 -- the ranks of expert-data-parallel rank 0 gather them over the EP group, and data-parallel rank 0
--- (EP rank 0) writes every expert; shards of the distributed optimizer are each rank's own.
+-- (EP rank 0) writes every expert; shards of the distributed optimizer are each rank's own (under TP
+-- with whole experts, ETP = 1, a TP rank t > 0 writes its experts' in optimizer..._shard_<d>_tp<t>:
+-- TP ranks hold different experts, or different shards of them).
 --
 -- A folder is written under a temporary name and renamed into place, and the tracker file is
 -- replaced the same way, so a crash never leaves a half-written checkpoint where a reader would
@@ -152,8 +154,10 @@ end
 -- Stores tensor t (of expert parameter p, or of its optimizer state) under `key(name)` into out, for
 -- every EP rank's expert in p's place: gathered over ep, the tensors land on EP rank 0 (a collective:
 -- every rank of the group calls it for the same parameters in the same order). Without ep, just t.
+-- t is nil on TP ranks but 0 for experts split over TP: the ranks of their EP group (which share the
+-- TP rank) have nothing to store.
 local function put_expert(out, key, p, t, ep, El)
-  if not ep then
+  if not ep or not t then
     out[key(p.name)] = t
     return
   end
@@ -217,10 +221,10 @@ local function piece_tensors(chunks, pieces, sharded, tp, ep)
 end
 
 -- File names: kind "model" or "optimizer"; pp_rank nil without pipeline stages, dp_rank nil
--- unless sharded.
-local function file_name(kind, pp_rank, dp_rank)
+-- unless sharded; tp_rank only for the experts' shards of TP ranks but 0.
+local function file_name(kind, pp_rank, dp_rank, tp_rank)
   return kind .. (pp_rank and ("_pp%d"):format(pp_rank) or "") .. (dp_rank and ("_shard_%d"):format(dp_rank) or "")
-    .. ".safetensors"
+    .. (tp_rank and ("_tp%d"):format(tp_rank) or "") .. ".safetensors"
 end
 
 -- The iterations of root's checkpoint folders, ascending.
@@ -279,6 +283,17 @@ function M.save(root, model, optimizer, state, config_table, ranks)
     local pieces, sharded = state_pieces(chunks, optimizer)
     if sharded then
       save(file_name("optimizer", stage, ranks.dp_rank), piece_tensors(chunks, pieces, true, tp))
+      if tp and tp:rank() > 0 then
+        local info, experts = param_info(chunks), {}
+        for _, piece in ipairs(pieces) do
+          local p = info[piece.param] -- (experts split over TP are gathered with the other split parameters)
+          if p.expert and not p.sharded then experts[#experts + 1] = piece end
+        end
+        if #experts > 0 then
+          core.save_tensors(tmp .. "/" .. file_name("optimizer", stage, ranks.dp_rank, tp:rank()),
+            piece_tensors(chunks, experts, true), meta)
+        end
+      end
     elseif gathers then
       save_whole(file_name("optimizer", stage), piece_tensors(chunks, pieces, false, tp, ep))
     end
@@ -350,6 +365,12 @@ local function kind_files(dir, kind, read)
           name, pp or 1, dp or 1), 0)
       end
       files[#files + 1] = dir .. "/" .. name
+      -- the experts' shards of the other TP ranks
+      local t = 1
+      while dp and fs.exists(dir .. "/" .. file_name(kind, pp and k, d, t)) do
+        files[#files + 1] = dir .. "/" .. file_name(kind, pp and k, d, t)
+        t = t + 1
+      end
     end
   end
   return files

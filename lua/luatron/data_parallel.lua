@@ -441,7 +441,7 @@ end
 -- config, group the dp-cp communicator (nil for one rank); opts.pp the pipeline group's
 -- communicator and opts.embedding the embedding group's (first and last stage), both nil without
 -- pipelining; opts.tp the tensor-parallel group's (nil without); for a model with MoE experts
--- opts.edp and opts.ep the expert-data- and expert-parallel groups' (nil for one rank).
+-- opts.edp and opts.ep the expert-data-parallel and the expert-tensor x expert-parallel groups'.
 function M.over_chunks(chunks, r, group, opts)
   opts = opts or {}
   local edp = r.model.num_moe_experts and own_comm(opts.edp, "edp_grads") or nil
@@ -455,7 +455,8 @@ function M.over_chunks(chunks, r, group, opts)
     device_comm = device_comm, numel = numel, dense = dense, sharded = getmetatable(parts[1]) == Sharded,
     pp = opts.pp, tied = {}, copy = {}, skip = {} }, Chunks)
   -- Experts: their gradient norm summed over the experts' shards (edp, distributed optimizer) and
-  -- over the EP ranks, which hold different experts (Megatron's expert-model-parallel norm).
+  -- over the ETP x EP ranks, which hold different experts or parts (Megatron's expert-model-parallel
+  -- norm).
   if r.model.num_moe_experts then
     self.edp, self.ep = edp, own_comm(opts.ep, "ep_norm")
     self.edp_device = edp_device
@@ -468,9 +469,9 @@ function M.over_chunks(chunks, r, group, opts)
     self.tp_device = r.model.device ~= "cpu" and core.comm_nccl(tp, r.model.device) or tp
     for i, chunk in ipairs(chunks) do
       self.skip[i] = {}
-      if tp:rank() > 0 then
+      if tp:rank() > 0 then -- (an expert is this rank's own: its norm sums over the expert groups)
         for _, p in ipairs(chunk:parameters()) do
-          if p.split == "none" then self.skip[i][p.name] = true end
+          if p.split == "none" and not p.expert then self.skip[i][p.name] = true end
         end
       end
     end
@@ -509,7 +510,8 @@ end
 
 -- Whether this rank counts parameter `name` of chunk i (1-based) in the whole model's sums (gradient
 -- norm, parameter count and norm), which count each parameter once: not the last stage's copy of
--- the tied embedding, nor on TP ranks but 0 a parameter replicated across TP.
+-- the tied embedding, nor on TP ranks but 0 a parameter replicated across TP (an expert counts on
+-- every rank; its sums go over the expert-parallel group instead of TP).
 function Chunks:counts(i, name)
   return not self.skip[i][name]
 end
@@ -552,8 +554,8 @@ function Chunks:step(lr)
     if self.ep then self.ep:all_reduce(te, "sum") end
     expert_sumsq = te:item()
   end
+  if self.tp then self.tp:all_reduce(t, "sum") end -- (not the experts': TP ranks' experts are distinct)
   t:fill(t:item() + expert_sumsq)
-  if self.tp then self.tp:all_reduce(t, "sum") end
   if self.pp and self.pp:size() > 1 then self.pp:all_reduce(t, "sum") end
   local norm = math.sqrt(math.max(t:item(), 0))
   local c = clip_coeff(norm, self.r.optimizer.clip_grad)

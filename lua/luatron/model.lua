@@ -91,7 +91,8 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp, ep)
     moe_aux_loss_coeff = m.moe_aux_loss_coeff,
     moe_z_loss_coeff = m.moe_z_loss_coeff or 0,
     moe_token_dispatcher_type = m.moe_token_dispatcher_type,
-    expert_parallel = ep or false,
+    expert_parallel = ep or false, -- the dispatch group: expert-tensor x expert-parallel ranks
+    expert_tensor_parallel = (m.expert_tensor_parallel_size or 1) > 1,
   }
 end
 
@@ -185,7 +186,7 @@ function M.chunks(provider, ps, seed, flat_multiple)
   local m = M.resolve(provider)
   local layout = M.chunk_layers(m, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
   local tp, cp = model_comm(ps.groups.tp, "tp_model", m.device), model_comm(ps.groups.cp, "cp_model", m.device)
-  local ep = m.num_moe_experts and model_comm(ps.groups.ep, "ep_model", m.device) or nil
+  local ep = m.num_moe_experts and model_comm(ps.groups["tp-ep"], "ep_model", m.device) or nil
   return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp, cp, ep), tp, cp, ep
 end
 

@@ -66,9 +66,12 @@ function M.check_supported(m)
     local tp, cp = m.tensor_model_parallel_size or 1, m.context_parallel_size or 1
     local refused = {
       { cp > 1, "context_parallel_size = " .. cp, "MoE under context parallelism is not built yet" },
-      { tp > 1, "tensor_model_parallel_size = " .. tp, "MoE under tensor parallelism is not built yet" },
-      { (m.expert_tensor_parallel_size or 1) > 1, "expert_tensor_parallel_size = " .. tostring(
-        m.expert_tensor_parallel_size), "expert-tensor parallelism is not built yet" },
+      { tp > 1 and not m.sequence_parallel, "tensor_model_parallel_size = " .. tp .. " without sequence_parallel",
+        "MoE with tensor parallelism needs sequence_parallel = true (Megatron: \"During training, performance may "
+        .. "degrade if MoE and tensor parallelism are enabled without also enabling sequence parallelism.\")" },
+      { (m.expert_tensor_parallel_size or tp) ~= 1 and (m.expert_tensor_parallel_size or tp) ~= tp,
+        "expert_tensor_parallel_size = " .. tostring(m.expert_tensor_parallel_size), "this build splits experts over "
+        .. "the TP group or not at all: set expert_tensor_parallel_size = 1 or tensor_model_parallel_size" },
       { m.moe_shared_expert_intermediate_size ~= nil or m.moe_shared_expert_overlap, "moe_shared_expert_intermediate_size "
         .. "/ moe_shared_expert_overlap", "shared experts are not implemented yet" },
       { m.moe_router_enable_expert_bias or (m.moe_router_bias_update_rate or BIAS_UPDATE_RATE) ~= BIAS_UPDATE_RATE,
@@ -142,7 +145,7 @@ function M.setup(cfg, opts)
     ep_comm = ep_comm,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group,
       { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp, edp = ps.groups.edp,
-        ep = ps.groups.ep }),
+        ep = ps.groups["tp-ep"] }),
     schedule = opts.schedule, -- nil: Megatron's choice for the layout (luatron.pipeline)
     plans = {},
     train_data = M.build_dataset(r, "train", (train_iters or 0) * gbs),
@@ -538,8 +541,8 @@ end
 
 local function mib(bytes) return bytes / 2 ^ 20 end
 
--- A sum over this rank's parameters (fn(chunk, param) for each it counts, see Chunks:counts), its
--- experts' over the expert-parallel ranks, then over the tensor-parallel ranks and the pipeline
+-- A sum over this rank's parameters (fn(chunk, param) for each it counts, see Chunks:counts) over
+-- the tensor-parallel ranks, its experts' over the expert-parallel ranks, then over the pipeline
 -- stages: the whole model's.
 local function over_model(run, fn)
   local x, experts = 0, 0
@@ -555,13 +558,12 @@ local function over_model(run, fn)
     local t <close> = core.tensor.from({ experts }, "float32")
     experts = ep:all_reduce(t, "sum"):item()
   end
-  x = x + experts
   local tp = run.ps.groups.tp
   if tp and tp:size() > 1 then
     local t <close> = core.tensor.from({ x }, "float32")
     x = tp:all_reduce(t, "sum"):item()
   end
-  return sum_over_stages(run, x)
+  return sum_over_stages(run, x + experts)
 end
 
 -- The routing of the training steps since the last call, over every stage's MoE layers: tokens per
@@ -596,7 +598,8 @@ local function moe_stats(run)
       for e = 1, E do own[e] = sums[e] end
       local t <close> = core.tensor.from(own, "int64")
       local all = run.optimizer.ep:all_reduce(t, "sum"):to_table()
-      sent, received = expert_parallel.remote_rows(own, all, run.ps.coords.ep_rank, E // ep:size())
+      sent, received = expert_parallel.remote_rows(own, all, ep:rank(), E // m.expert_model_parallel_size,
+        ep:size() // m.expert_model_parallel_size)
     end
     dispatch = { bytes = bytes, expected = expert_parallel.expected_bytes(m, sums[E + 1], sent, received),
       forwards = sums[E + 1], seconds = seconds }

@@ -17,7 +17,9 @@ local function half(tp, bytes) return (tp - 1) * bytes // tp end
 -- positions) forward, and under SP an all-gather backward. The output layer: the vocabulary-
 -- parallel cross-entropy's 3 all-reduces of N fp32, and the final norm's output gathered
 -- (twice) and its gradient reduced as a layer's. With fewer query groups than TP ranks each layer
--- also gathers linear_qkv's whole output forward and reduce-scatters its gradient backward.
+-- also gathers linear_qkv's whole output forward and reduce-scatters its gradient backward. An MoE
+-- layer (sequence parallel: its experts see each rank's own rows) has the attention block's half of
+-- those and an all-reduce of the aux loss's int64 counts (E, or micro_batch_size x E for seq_aux_loss).
 function M.expected_bytes(r, chunks, n_micro)
   local m = r.model
   local tp, sp = m.tensor_model_parallel_size, m.sequence_parallel
@@ -29,10 +31,19 @@ function M.expected_bytes(r, chunks, n_micro)
     per_layer = per_layer + 2 * half(tp, N * (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
       * (m.bf16 and 2 or 4))
   end
+  local moe_layer = per_layer - (sp and 5 * half(tp, A) or 2 * all_reduce(tp, A))
+  local aux = m.moe_router_load_balancing_type ~= "none" and (m.moe_aux_loss_coeff or 0) > 0
+  if aux then
+    local counts = m.num_moe_experts * (m.moe_router_load_balancing_type == "seq_aux_loss"
+      and r.train.micro_batch_size or 1)
+    moe_layer = moe_layer + all_reduce(tp, 8 * counts)
+  end
   local bytes = 0
   for _, chunk in ipairs(chunks) do
     local st = chunk:stage()
-    bytes = bytes + (st.layer_end - st.layer_begin) * per_layer
+    for l = st.layer_begin, st.layer_end - 1 do
+      bytes = bytes + ((m.num_moe_experts and l % m.moe_layer_freq == 0) and moe_layer or per_layer)
+    end
     if st.pre_process then
       if not sp then
         bytes = bytes + all_reduce(tp, A)

@@ -1,9 +1,12 @@
 -- Expert parallelism: the experts split over EP ranks, tokens moved by each dispatcher (allgather,
 -- alltoall, flex), reproduce the single rank's losses, gradient norms and parameter norms over 20 steps
 -- with and without token dropping (and padding to the capacity), with expert-data parallelism
--- (EP = 2 x DP = 2), the distributed optimizer and pipeline stages; every EP run's dispatch traffic
--- equals the arithmetic of luatron.expert_parallel (for alltoall from the routing counts); checkpoints
--- are layout-free (saved at EP = 2, resumed at one rank, and the other way at EP = 2 x DP = 2).
+-- (EP = 2 x DP = 2), the distributed optimizer and pipeline stages, and under tensor parallelism (TP = 2
+-- with sequence parallelism, experts whole (ETP = 1) or split over TP (ETP = 2)); every EP run's
+-- dispatch traffic equals the arithmetic of luatron.expert_parallel (for alltoall from the routing
+-- counts), and under TP the TP traffic luatron.tensor_parallel's; checkpoints are layout-free (saved at EP = 2 or TP = 2 x EP = 2, resumed at one rank, and
+-- the other way at EP = 2 x DP = 2). Under TP each rank routes its own part of the sequence, so token
+-- dropping (a capacity per rank's tokens, as Megatron's) is not compared with the single rank there.
 -- Needs LUATRON (tests/lua/BUILD provides it).
 
 local LUATRON = os.getenv("LUATRON")
@@ -21,6 +24,8 @@ local BASE = "recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=
   .. "scheduler.lr_warmup_iters=2 optimizer.lr=1e-3 model.num_moe_experts=4 model.moe_router_topk=2 "
   .. "model.moe_aux_loss_coeff=0.01 model.moe_z_loss_coeff=0.001 "
 local DROP = "model.moe_expert_capacity_factor=1.0 "
+local NO_BIAS = "model.add_bias_linear=false " -- MoE with ETP > 1 has no biases (Megatron's rule)
+local TP2 = NO_BIAS .. "model.tensor_model_parallel_size=2 model.sequence_parallel=true "
 local PAD = DROP .. "model.moe_pad_expert_input_to_capacity=true "
 
 local assert_close = h.closeness(RTOL)
@@ -39,6 +44,9 @@ local function assert_equivalent(ref, got, label, first)
       assert.are.equal(r.moe_dispatch_expected_bytes, r.moe_dispatch_bytes, label .. ": dispatch bytes at iteration "
         .. r.iteration)
     end
+    if r.tp_bytes_per_step then
+      assert.are.equal(r.tp_expected_bytes, r.tp_bytes_per_step, label .. ": TP bytes at iteration " .. r.iteration)
+    end
   end
   for it = first or 1, STEPS do assert.is_truthy(seen[it], ("%s: no record of iteration %d"):format(label, it)) end
   h.assert_same_steps(ref, got, assert_close, label)
@@ -52,6 +60,7 @@ describe("expert parallelism", function()
     [""] = launch(1, dir, "single", ("checkpoint.save=%s checkpoint.save_interval=10"):format(q(ck))),
     [DROP] = launch(1, dir, "single_drop", DROP),
     [PAD] = launch(1, dir, "single_pad", PAD),
+    [NO_BIAS] = launch(1, dir, "single_no_bias", NO_BIAS),
   }
 
   it("the references drop and pad as asked", function()
@@ -92,6 +101,32 @@ describe("expert parallelism", function()
       assert_equivalent(refs[""], got, case[1])
     end)
   end
+
+  for _, case in ipairs {
+    { "TP = 2 x EP = 2, ETP = 2, allgather", "model.moe_token_dispatcher_type=allgather" },
+    { "TP = 2 x EP = 2, ETP = 2, alltoall", "model.moe_token_dispatcher_type=alltoall" },
+    { "TP = 2 x EP = 2, ETP = 2, flex", "model.moe_token_dispatcher_type=flex" },
+    { "TP = 2 x EP = 2, ETP = 1, alltoall", "model.moe_token_dispatcher_type=alltoall model.expert_tensor_parallel_size=1" },
+    { "TP = 2 x EP = 2, ETP = 1, flex", "model.moe_token_dispatcher_type=flex model.expert_tensor_parallel_size=1" },
+  } do
+    it(case[1] .. " (sequence parallel) reproduces the single rank", function()
+      local got = launch(4, dir, case[1]:gsub("%W", "_"), TP2 .. "model.expert_model_parallel_size=2 " .. case[2])
+      assert_equivalent(refs[NO_BIAS], got, case[1])
+    end)
+  end
+
+  it("under TP the experts' optimizer shards of every TP rank are saved: TP = 2 x EP = 2 resumes at one rank",
+    function()
+      for _, etp in ipairs { 1, 2 } do
+        local tp_ck = dir .. "/ckpt_tp2_etp" .. etp
+        launch(4, dir, "tp2_saving_etp" .. etp, TP2 .. ("model.expert_model_parallel_size=2 "
+          .. "model.expert_tensor_parallel_size=%d ddp.use_distributed_optimizer=true checkpoint.save=%s "
+          .. "checkpoint.save_interval=10"):format(etp, q(tp_ck)))
+        local got = launch(1, dir, "from_tp2_etp" .. etp, NO_BIAS .. ("checkpoint.load=%s checkpoint.ckpt_step=10")
+          :format(q(tp_ck)))
+        assert_equivalent(refs[NO_BIAS], got, "one rank from TP = 2 x EP = 2, ETP = " .. etp, 11)
+      end
+    end)
 
   it("checkpoints are layout-free: EP = 2 resumes at one rank, one rank at EP = 2 x DP = 2", function()
     local ep_ck = dir .. "/ckpt_ep2"

@@ -184,7 +184,7 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
     REQUIRE(c->ffn_hidden_size % TP == 0, "ffn_hidden_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
             c->ffn_hidden_size, TP);
     if (c->num_moe_experts > 0) {
-        const int CP = c->cp_comm ? lt_comm_size(c->cp_comm) : 1, EP = c->ep_comm ? lt_comm_size(c->ep_comm) : 1;
+        const int EP = c->ep_comm ? lt_comm_size(c->ep_comm) : 1;
         const int ETP = c->expert_tensor_parallel ? TP : 1;
         REQUIRE(EP % ETP == 0 && c->num_moe_experts % (EP / ETP) == 0, "num_moe_experts (%d) must be a multiple of "
                 "expert_model_parallel_size (%d)", c->num_moe_experts, EP / ETP);
@@ -192,7 +192,6 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
                 "expert_tensor_parallel_size (%d)", c->moe_ffn_hidden_size, ETP);
         REQUIRE(c->moe_dispatcher >= LT_MOE_ALLGATHER && c->moe_dispatcher <= LT_MOE_FLEX,
                 "moe_token_dispatcher_type must be allgather, alltoall or flex");
-        REQUIRE(CP == 1, "MoE layers with context_parallel_size = %d: this build runs MoE with CP = 1 only", CP);
         REQUIRE(TP == 1 || c->sequence_parallel, "MoE layers with tensor_model_parallel_size = %d need "
                 "sequence_parallel (as Megatron requires in training)", TP);
         REQUIRE(c->moe_ffn_hidden_size > 0 && c->moe_layer_freq > 0, "moe_ffn_hidden_size and moe_layer_freq must be "

@@ -395,21 +395,25 @@ done:
 
 /* ---- forward ---- */
 
-/* The aux loss's counts summed over the TP group (Megatron's sum over TP x CP: under sequence
- * parallelism each TP rank routes its own tokens): into st->router.aux_counts (aux, owned by the caller). */
-static int sum_aux_counts(const lt_tp *tp, lt_moe_state *st, int64_t *aux, char *err, size_t errlen) {
+/* The aux loss's counts summed over the TP x CP group (Megatron's sum: under sequence and context
+ * parallelism each rank routes its own tokens), over TP then over CP: into st->router.aux_counts (aux,
+ * owned by the caller). */
+static int sum_aux_counts(const lt_layer_spec *s, lt_moe_state *st, int64_t *aux, char *err, size_t errlen) {
     const int n = lt_moe_aux_counts_len(&st->router, st->E);
-    st->router.tp_cp_size = tp->size;
+    st->router.tp_cp_size = s->tp->size * s->cp->size;
     st->router.aux_counts = aux;
     if (!n) return 0;
     if (lt_moe_aux_counts(&st->router, st->logits, st->N, st->E, aux, err, errlen)) return -1;
-    const lt_backend *be = tp->be;
-    void *buf = be->alloc(sizeof(int64_t) * (size_t)n + 64);
+    const lt_backend *be = s->tp->be;
+    const size_t bytes = sizeof(int64_t) * (size_t)n;
+    void *buf = be->alloc(bytes + 64);
     if (!buf) return lt_fail(err, errlen, "out of %s memory for the aux loss's counts", be->name);
-    be->to_device(buf, aux, sizeof(int64_t) * (size_t)n);
-    int rc = lt_comm_all_reduce(tp->comm, buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
-    if (!rc) be->to_host(aux, buf, sizeof(int64_t) * (size_t)n);
-    be->release(buf, sizeof(int64_t) * (size_t)n + 64);
+    be->to_device(buf, aux, bytes);
+    int rc = 0;
+    if (s->tp->size > 1) rc = lt_comm_all_reduce(s->tp->comm, buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
+    if (!rc && s->cp->size > 1) rc = lt_comm_all_reduce(s->cp->comm, buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
+    if (!rc) be->to_host(aux, buf, bytes);
+    be->release(buf, bytes + 64);
     return rc;
 }
 
@@ -434,10 +438,10 @@ static int route(const lt_layer_spec *s, const lt_ops *ops, const lt_backend *be
     for (int t = 0; t < N; t++)
         memcpy(st->logits + (size_t)t * E, layer_order + (size_t)layer_row(st, t) * E, sizeof(float) * E);
     free(layer_order);
-    if (s->tp->size > 1) {
+    if (s->tp->size * s->cp->size > 1) {
         st->aux_counts = calloc((size_t)lt_moe_aux_counts_len(&st->router, E) + 1, sizeof(int64_t));
         if (!st->aux_counts) return lt_fail(err, errlen, "out of host memory routing %d tokens", N);
-        if (sum_aux_counts(s->tp, st, st->aux_counts, err, errlen)) return -1;
+        if (sum_aux_counts(s, st, st->aux_counts, err, errlen)) return -1;
     }
     if (lt_moe_route_forward(&st->router, st->logits, N, E, st->probs, st->map, st->counts, &st->aux, &st->z, err,
                              errlen))

@@ -33,7 +33,8 @@
  * and flex send a row to each of the ETP ranks holding its expert and the source sums the partial
  * outputs that come back (Megatron's alltoall all-to-alls over EP and then all-gathers over ETP: the
  * same sums, other bytes). Under tensor parallelism (sequence parallel: each TP rank routes its own
- * [B, T / TP] rows) the aux loss's counts are summed over the TP group. */
+ * [B, T / TP] rows) and context parallelism (each CP rank its part of the sequence) the aux loss's
+ * counts are summed over the TP x CP group, as Megatron's. */
 #ifndef LT_MOE_MLP_H
 #define LT_MOE_MLP_H
 #include <stddef.h>

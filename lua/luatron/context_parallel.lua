@@ -33,19 +33,28 @@ end
 -- microbatch, CP - 1 key/value blocks forward and, backward, CP - 1 blocks and CP gradients of one
 -- (a block: micro_batch_size x seq_length / CP tokens x this rank's query groups x 2 x kv_channels);
 -- with cp_comm_type "all_gather" CP - 1 blocks forward, and backward an all-gather and a
--- reduce-scatter of CP - 1 each.
+-- reduce-scatter of CP - 1 each. An MoE layer also all-reduces the aux loss's int64 counts (E, or
+-- micro_batch_size x E for seq_aux_loss: a ring all-reduce sends 2 (CP - 1) / CP of them).
 function M.expected_bytes(r, chunks, n_micro)
   local m = r.model
   local cp, tp = m.context_parallel_size, m.tensor_model_parallel_size
   if cp == 1 then return 0 end
   local groups = m.num_query_groups >= tp and m.num_query_groups // tp or 1
   local block = r.train.micro_batch_size * (m.seq_length // cp) * groups * 2 * m.kv_channels * (m.bf16 and 2 or 4)
-  local layers = 0
+  local layers, moe_layers = 0, 0
   for _, chunk in ipairs(chunks) do
     local st = chunk:stage()
     layers = layers + st.layer_end - st.layer_begin
+    for l = st.layer_begin, st.layer_end - 1 do
+      if m.num_moe_experts and l % m.moe_layer_freq == 0 then moe_layers = moe_layers + 1 end
+    end
   end
-  return n_micro * layers * (m.cp_comm_type == "all_gather" and 3 * cp - 3 or 3 * cp - 2) * block
+  local counts = 0
+  if m.num_moe_experts and m.moe_router_load_balancing_type ~= "none" and (m.moe_aux_loss_coeff or 0) > 0 then
+    counts = m.num_moe_experts * (m.moe_router_load_balancing_type == "seq_aux_loss" and r.train.micro_batch_size or 1)
+  end
+  return n_micro * (layers * (m.cp_comm_type == "all_gather" and 3 * cp - 3 or 3 * cp - 2) * block
+    + moe_layers * (2 * (cp - 1) * 8 * counts // cp))
 end
 
 return M

@@ -63,9 +63,8 @@ local BIAS_UPDATE_RATE = schema.classes.GPTModelProvider.index.moe_router_bias_u
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
   if m.num_moe_experts then
-    local tp, cp = m.tensor_model_parallel_size or 1, m.context_parallel_size or 1
+    local tp = m.tensor_model_parallel_size or 1
     local refused = {
-      { cp > 1, "context_parallel_size = " .. cp, "MoE under context parallelism is not built yet" },
       { tp > 1 and not m.sequence_parallel, "tensor_model_parallel_size = " .. tp .. " without sequence_parallel",
         "MoE with tensor parallelism needs sequence_parallel = true (Megatron: \"During training, performance may "
         .. "degrade if MoE and tensor parallelism are enabled without also enabling sequence parallelism.\")" },

@@ -189,10 +189,10 @@ end)
 describe("what this build does not run yet", function()
   it("refuses a multi-rank layout and fp16 with a message that says what to change", function()
     local dir = tmpdir()
-    local code, out = luatron(tiny(dir, "model.num_moe_experts=4 model.context_parallel_size=2"))
+    local code, out = luatron(tiny(dir, "model.num_moe_experts=4 model.expert_tensor_parallel_size=2"))
     assert.are.equal(1, code)
-    assert.truthy(out:find("context_parallel_size = 2 with num_moe_experts: MoE under context parallelism is not "
-      .. "built yet", 1, true), out)
+    assert.truthy(out:find("expert_tensor_parallel_size = 2 with num_moe_experts: this build splits experts over the "
+      .. "TP group or not at all", 1, true), out)
     code, out = luatron(tiny(dir, "model.fp16=true"))
     assert.are.equal(1, code)
     assert.truthy(out:find("fp16 mixed precision (with loss scaling) is not implemented; use bf16 = true", 1, true), out)

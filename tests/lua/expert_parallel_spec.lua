@@ -4,9 +4,12 @@
 -- (EP = 2 x DP = 2), the distributed optimizer and pipeline stages, and under tensor parallelism (TP = 2
 -- with sequence parallelism, experts whole (ETP = 1) or split over TP (ETP = 2)); every EP run's
 -- dispatch traffic equals the arithmetic of luatron.expert_parallel (for alltoall from the routing
--- counts), and under TP the TP traffic luatron.tensor_parallel's; checkpoints are layout-free (saved at EP = 2 or TP = 2 x EP = 2, resumed at one rank, and
--- the other way at EP = 2 x DP = 2). Under TP each rank routes its own part of the sequence, so token
--- dropping (a capacity per rank's tokens, as Megatron's) is not compared with the single rank there.
+-- counts), and under TP and CP their traffic luatron.tensor_parallel's and luatron.context_parallel's; checkpoints are layout-free (saved at EP = 2 or TP = 2 x EP = 2, resumed at one rank, and
+-- the other way at EP = 2 x DP = 2). Under TP and CP each rank routes its own part of the sequence, so
+-- token dropping (a capacity per rank's tokens, as Megatron's) is not compared with the single rank
+-- there. Under CP = 2 (x EP = 2) the aux and z losses' gradients are, as Megatron's, each CP rank's
+-- partial losses averaged with the other gradients over DP x CP: they weigh half the single rank's, so
+-- CP = 2 is compared with one rank at half the coefficients.
 -- Needs LUATRON (tests/lua/BUILD provides it).
 
 local LUATRON = os.getenv("LUATRON")
@@ -26,6 +29,7 @@ local BASE = "recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=
 local DROP = "model.moe_expert_capacity_factor=1.0 "
 local NO_BIAS = "model.add_bias_linear=false " -- MoE with ETP > 1 has no biases (Megatron's rule)
 local TP2 = NO_BIAS .. "model.tensor_model_parallel_size=2 model.sequence_parallel=true "
+local HALF = "model.moe_aux_loss_coeff=0.005 model.moe_z_loss_coeff=0.0005 " -- (BASE's, halved)
 local PAD = DROP .. "model.moe_pad_expert_input_to_capacity=true "
 
 local assert_close = h.closeness(RTOL)
@@ -47,6 +51,9 @@ local function assert_equivalent(ref, got, label, first)
     if r.tp_bytes_per_step then
       assert.are.equal(r.tp_expected_bytes, r.tp_bytes_per_step, label .. ": TP bytes at iteration " .. r.iteration)
     end
+    if r.cp_bytes_per_step then
+      assert.are.equal(r.cp_expected_bytes, r.cp_bytes_per_step, label .. ": CP bytes at iteration " .. r.iteration)
+    end
   end
   for it = first or 1, STEPS do assert.is_truthy(seen[it], ("%s: no record of iteration %d"):format(label, it)) end
   h.assert_same_steps(ref, got, assert_close, label)
@@ -61,6 +68,7 @@ describe("expert parallelism", function()
     [DROP] = launch(1, dir, "single_drop", DROP),
     [PAD] = launch(1, dir, "single_pad", PAD),
     [NO_BIAS] = launch(1, dir, "single_no_bias", NO_BIAS),
+    [HALF] = launch(1, dir, "single_half_coefficients", HALF),
   }
 
   it("the references drop and pad as asked", function()
@@ -112,6 +120,14 @@ describe("expert parallelism", function()
     it(case[1] .. " (sequence parallel) reproduces the single rank", function()
       local got = launch(4, dir, case[1]:gsub("%W", "_"), TP2 .. "model.expert_model_parallel_size=2 " .. case[2])
       assert_equivalent(refs[NO_BIAS], got, case[1])
+    end)
+  end
+
+  for _, d in ipairs { "allgather", "alltoall", "flex" } do
+    it(("CP = 2 x EP = 2 with %s reproduces one rank at half the aux and z coefficients"):format(d), function()
+      local got = launch(4, dir, "cp2_ep2_" .. d, "model.context_parallel_size=2 model.expert_model_parallel_size=2 "
+        .. "model.moe_token_dispatcher_type=" .. d)
+      assert_equivalent(refs[HALF], got, "CP = 2 x EP = 2 " .. d)
     end)
   end
 

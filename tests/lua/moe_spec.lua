@@ -98,7 +98,6 @@ describe("mixture of experts", function()
       { "model.moe_shared_expert_intermediate_size=32", "shared experts are not implemented yet" },
       { "model.tensor_model_parallel_size=2", "MoE with tensor parallelism needs sequence_parallel = true" },
       { "model.expert_tensor_parallel_size=2", "this build splits experts over the TP group or not at all" },
-      { "model.context_parallel_size=2", "MoE under context parallelism is not built yet" },
       { "model.moe_router_load_balancing_type=sinkhorn", "only aux_loss, seq_aux_loss and none are implemented" },
     } do
       local code, out = run(("%s run %s %s"):format(q(LUATRON), BASE:format(2), case[1]))

@@ -98,6 +98,7 @@ static void read_moe(lua_State *L, lt_gpt_config *c) {
     c->moe_ffn_hidden_size = (int)field_int(L, 1, "moe_ffn_hidden_size");
     c->moe_layer_freq = (int)field_int(L, 1, "moe_layer_freq");
     c->moe_grouped_gemm = field_bool(L, 1, "moe_grouped_gemm");
+    c->moe_shared_expert_intermediate_size = (int)field_int(L, 1, "moe_shared_expert_intermediate_size");
     lt_moe_router_cfg *r = &c->moe_router;
     r->topk = (int)field_int(L, 1, "moe_router_topk");
     r->sigmoid = field_enum(L, "moe_router_score_function", score);

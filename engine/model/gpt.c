@@ -20,6 +20,7 @@ typedef struct {
     /* an MoE layer: the router's weight and each expert's ([num_moe_experts] arrays; -1 entries when absent) */
     int moe;
     int64_t router_w, *e_fc1_w, *e_fc1_b, *e_fc2_w, *e_fc2_b;
+    int64_t sh_fc1_w, sh_fc1_b, sh_fc2_w, sh_fc2_b; /* the shared experts */
 } layer_offsets;
 
 /* A norm weight under layernorm_zero_centered_gamma: its n values at flat offset off, and where
@@ -190,6 +191,9 @@ static int check_config(const lt_gpt_config *c, char *err, int errlen) {
                 "expert_model_parallel_size (%d)", c->num_moe_experts, EP / ETP);
         REQUIRE(c->moe_ffn_hidden_size % ETP == 0, "moe_ffn_hidden_size (%d) must be a multiple of "
                 "expert_tensor_parallel_size (%d)", c->moe_ffn_hidden_size, ETP);
+        REQUIRE(c->moe_shared_expert_intermediate_size >= 0 && c->moe_shared_expert_intermediate_size % TP == 0,
+                "moe_shared_expert_intermediate_size (%d) must be a multiple of tensor_model_parallel_size (%d)",
+                c->moe_shared_expert_intermediate_size, TP);
         REQUIRE(c->moe_dispatcher >= LT_MOE_ALLGATHER && c->moe_dispatcher <= LT_MOE_FLEX,
                 "moe_token_dispatcher_type must be allgather, alltoall or flex");
         REQUIRE(TP == 1 || c->sequence_parallel, "MoE layers with tensor_model_parallel_size = %d need "
@@ -367,7 +371,8 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         const int ep = cfg->ep_comm && lt_comm_size(cfg->ep_comm) > 1, etp = cfg->expert_tensor_parallel ? m->tp.size : 1;
         m->moe = (lt_moe_spec){cfg->num_moe_experts, cfg->moe_router.topk, cfg->moe_ffn_hidden_size / etp,
                                cfg->moe_router, 1.0f, (lt_moe_dispatcher)cfg->moe_dispatcher, ep ? cfg->ep_comm : NULL,
-                               ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1, etp};
+                               ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1, etp,
+                               cfg->moe_shared_expert_intermediate_size / m->tp.size};
         m->moe_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(int64_t));
     }
     m->E = lt_dtype_size(m->ops->dtype);
@@ -412,6 +417,15 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         if (cfg->num_moe_experts > 0 && l % cfg->moe_layer_freq == 0) {
             o->moe = 1;
             o->router_w = add_param(m, 2, cfg->num_moe_experts, C, 0, NONE, "%s.%d.mlp.router.weight", pre, l);
+            o->sh_fc1_w = o->sh_fc1_b = o->sh_fc2_w = o->sh_fc2_b = -1;
+            const int Fs = cfg->moe_shared_expert_intermediate_size, fc1s = (cfg->gated_linear_unit ? 2 : 1) * Fs;
+            if (Fs) { /* split over TP as the dense MLP */
+                const char *x = "mlp.shared_experts";
+                o->sh_fc1_w = add_param(m, 2, fc1s, C, 0, fc1_split, "%s.%d.%s.linear_fc1.weight", pre, l, x);
+                o->sh_fc1_b = bias ? add_param(m, 1, fc1s, 0, 1, fc1_split, "%s.%d.%s.linear_fc1.bias", pre, l, x) : -1;
+                o->sh_fc2_w = add_param(m, 2, C, Fs, 0, COLS, "%s.%d.%s.linear_fc2.weight", pre, l, x);
+                o->sh_fc2_b = bias ? add_param(m, 1, C, 0, 1, NONE, "%s.%d.%s.linear_fc2.bias", pre, l, x) : -1;
+            }
             continue;
         }
         o->fc1_w = add_param(m, 2, fc1_full, C, 0, fc1_split, "%s.%d.mlp.linear_fc1.weight", pre, l);
@@ -636,9 +650,13 @@ static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **
         }
     const int bias = m->cfg.add_bias_linear;
     *w = (lt_moe_weights){norm_weight(m, o->ln2_w), weight(m, o->ln2_b), weight(m, o->router_w), wp,
-                          bias ? wp + E : NULL, wp + 2 * E, bias ? wp + 3 * E : NULL};
+                          bias ? wp + E : NULL, wp + 2 * E, bias ? wp + 3 * E : NULL,
+                          {NULL, NULL, weight(m, o->sh_fc1_w), weight(m, o->sh_fc1_b), weight(m, o->sh_fc2_w),
+                           weight(m, o->sh_fc2_b)}};
     *g = (lt_moe_grads){PTR(gr, o->ln2_w), PTR(gr, o->ln2_b), PTR(gr, o->router_w), gp, bias ? gp + E : NULL,
-                        gp + 2 * E, bias ? gp + 3 * E : NULL};
+                        gp + 2 * E, bias ? gp + 3 * E : NULL,
+                        {NULL, NULL, PTR(gr, o->sh_fc1_w), PTR(gr, o->sh_fc1_b), PTR(gr, o->sh_fc2_w),
+                         PTR(gr, o->sh_fc2_b)}};
 }
 
 /* Where the chunk's layer i begins in the flat buffers (i == nl: what follows the last layer). */
@@ -997,7 +1015,7 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         lt_moe_grads g;
         moe_of(m, i, &w, &g, moe_ptrs);
         rc = lt_layer_attention_forward(&m->spec, ops, &aw, lc, c->x[i], lc->h, &sc, err, (size_t)errlen);
-        if (!rc) rc = lt_moe_mlp_forward(&m->spec, &m->moe, ops, &w, lc, lc->h, c->x[i + 1], &c->moe[i], err,
+        if (!rc) rc = lt_moe_mlp_forward(&m->spec, &m->moe, ops, &w, lc, lc->h, c->x[i + 1], &c->moe[i], &sc, err,
                                          (size_t)errlen);
         if (!rc && c->training) count_moe(m, c->moe[i]);
     }
@@ -1230,8 +1248,11 @@ int lt_gpt_backward(lt_gpt *m, lt_gpt_ctx *c, float grad_scale, char *err, int e
 }
 
 double lt_gpt_flops_per_token(const lt_gpt *m) {
-    double n = 0;
-    for (int i = 0; i < m->num_params; i++) n += (double)m->params[i].full_numel;
+    /* the parameters a token meets: each MoE layer's top-k experts of its local ones (the same size each) */
+    double n = 0, experts = 0;
+    for (int i = 0; i < m->num_params; i++)
+        *(m->params[i].expert >= 0 ? &experts : &n) += (double)m->params[i].full_numel;
+    if (experts > 0) n += experts * m->moe.topk / local_experts(m);
     const lt_gpt_config *c = &m->cfg;
     return 6.0 * n + 6.0 * c->num_layers * c->hidden_size * (double)c->seq_length;
 }

@@ -68,6 +68,7 @@ typedef struct {
      * mlp.experts.local_experts.<e>.linear_fc1.weight. The router's options as moe_router.h takes them
      * (seq_length and micro_batch_size are set per microbatch; expert_bias and aux_counts NULL). */
     int num_moe_experts, moe_ffn_hidden_size, moe_layer_freq, moe_grouped_gemm;
+    int moe_shared_expert_intermediate_size; /* 0: no shared experts (mlp.shared_experts.linear_fc1.weight, ...) */
     lt_moe_router_cfg moe_router;
     int moe_dispatcher; /* lt_moe_dispatcher: moe_token_dispatcher_type */
     /* Expert parallelism: the dispatch group, ETP x EP ranks (NULL: one rank), whose rank p holds the experts
@@ -219,7 +220,8 @@ int64_t lt_gpt_expert_offset(const lt_gpt *m);
 int lt_gpt_tp_rank(const lt_gpt *m);
 int lt_gpt_tp_size(const lt_gpt *m);
 
-/* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters, whole). */
+/* Model FLOPs per token by the 6N + 6LCT rule (N = non-embedding + embedding parameters, whole; of an MoE
+ * layer's experts only the top-k a token is routed to). */
 double lt_gpt_flops_per_token(const lt_gpt *m);
 
 #endif

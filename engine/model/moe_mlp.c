@@ -48,6 +48,10 @@ struct lt_moe_state {
     float *ones;        /* [max(N ks, R kr)] */
     void *x, *fc1, *act, *y; /* [M, C], [M, fc1], [M, F], [M, C] */
     void *y_src;             /* alltoall [S, C]: the outputs that came back, for the source combine's backward */
+    /* the shared experts' fc1 output and activation over the TP region's rows (one allocation) */
+    char *shared;
+    size_t shared_bytes;
+    void *sh_fc1, *sh_act;
 };
 
 static size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -72,6 +76,7 @@ static int fc1_width(const lt_layer_spec *s, const lt_moe_spec *ms) {
 void lt_moe_state_free(const lt_layer_spec *s, lt_moe_state *st) {
     if (!st) return;
     if (st->dev) s->tp->be->release(st->dev, st->dev_bytes);
+    if (st->shared) s->tp->be->release(st->shared, st->shared_bytes);
     free(st->logits), free(st->probs), free(st->map), free(st->counts), free(st->aux_counts);
     free(st->send_rows), free(st->recv_rows), free(st->efirst), free(st->sent_token), free(st->slot_expert);
     free(st->src_expert);
@@ -523,6 +528,80 @@ static void experts_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const
     }
 }
 
+/* ---- the shared experts: the dense MLP's body on the normed input, through the TP region ---- */
+
+static int shared_fc1_width(const lt_layer_spec *s, const lt_moe_spec *ms) {
+    return (s->gated_linear_unit ? 2 : 1) * ms->shared_ffn_hidden_size;
+}
+
+/* out += fc2(act(fc1(ln))) on this rank's outer rows (ln and out [No, C]); saves fc1's output and the
+ * activation over the region's N rows in st. */
+static int shared_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_mlp_weights *w,
+                          const lt_layer_ctx *c, const lt_layer_scratch *sc, lt_moe_state *st, const void *ln,
+                          void *out, char *err, size_t errlen) {
+    const lt_tp *tp = s->tp;
+    const lt_backend *be = tp->be;
+    const int N = c->B * c->T, No = st->N, C = s->hidden_size, F = ms->shared_ffn_hidden_size;
+    const int fc1 = shared_fc1_width(s, ms);
+    const size_t Ed = lt_dtype_size(ops->dtype), o_act = up64(Ed * (size_t)N * fc1);
+    const size_t o_out = o_act + up64(Ed * (size_t)N * F);
+    st->shared_bytes = o_out + Ed * (size_t)No * C + 64;
+    st->shared = be->alloc(st->shared_bytes);
+    if (!st->shared) return lt_fail(err, errlen, "out of %s memory for the shared experts", be->name);
+    st->sh_fc1 = st->shared, st->sh_act = st->shared + o_act;
+    const void *in;
+    if (lt_tp_enter(tp, c->rows, &in, ln, sc->tp_full, sc->tp_landing, C, err, errlen)) return -1;
+    if (s->gelu_tanh) {
+        ops->linear_gelu_forward(st->sh_act, st->sh_fc1, in, w->fc1_w, w->fc1_b, N, C, fc1);
+    } else {
+        ops->linear_forward(st->sh_fc1, in, w->fc1_w, w->fc1_b, NULL, N, C, fc1);
+        if (s->gated_linear_unit) ops->swiglu_forward(st->sh_act, st->sh_fc1, N, F);
+        else ops->gelu_forward(st->sh_act, st->sh_fc1, (int64_t)N * F);
+    }
+    /* fc2's partial sums, reduced over TP (scattered under SP), its bias once after */
+    void *partial = tp->sequence_parallel ? sc->tp_full : st->shared + o_out, *reduced;
+    ops->linear_forward(partial, st->sh_act, w->fc2_w, NULL, NULL, N, F, C);
+    if (lt_tp_exit(tp, c->rows, &reduced, partial, st->shared + o_out, sc->tp_landing, C, err, errlen)) return -1;
+    if (w->fc2_b) lt_tp_bias_forward(tp, reduced, w->fc2_b, No, C);
+    ops->add_forward(out, out, reduced, (int64_t)No * C);
+    return 0;
+}
+
+/* d(ln) [No, C] (written) of the shared experts from d(out) [No, C]; their gradients accumulate. tmp:
+ * shared_backward_bytes of backend memory. */
+static size_t shared_backward_bytes(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, int N) {
+    const size_t Ed = lt_dtype_size(ops->dtype);
+    return up64(Ed * (size_t)N * ms->shared_ffn_hidden_size) + up64(Ed * (size_t)N * shared_fc1_width(s, ms)) +
+           up64(Ed * (size_t)N * s->hidden_size) + 64;
+}
+
+static int shared_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_mlp_weights *w,
+                           const lt_mlp_grads *g, const lt_layer_ctx *c, const lt_layer_scratch *sc,
+                           const lt_moe_state *st, const void *ln, const void *dout, void *dln, char *tmp, char *err,
+                           size_t errlen) {
+    const lt_tp *tp = s->tp;
+    const int N = c->B * c->T, No = st->N, C = s->hidden_size, F = ms->shared_ffn_hidden_size;
+    const int fc1 = shared_fc1_width(s, ms);
+    const size_t Ed = lt_dtype_size(ops->dtype);
+    char *dact = tmp, *dfc1 = dact + up64(Ed * (size_t)N * F), *dpart = dfc1 + up64(Ed * (size_t)N * fc1);
+    const void *dinner, *in;
+    void *dx;
+    if (g->fc2_b) lt_tp_bias_backward(tp, g->fc2_b, dout, No, C); /* (this rank's rows; summed over TP later) */
+    if (lt_tp_exit_backward(tp, c->rows, &dinner, dout, sc->tp_full, sc->tp_landing, C, err, errlen)) return -1;
+    if (s->gelu_tanh) {
+        ops->linear_dgelu_backward(dfc1, g->fc2_w, NULL, dinner, st->sh_act, w->fc2_w, st->sh_fc1, N, F, C);
+    } else {
+        ops->linear_backward(dact, g->fc2_w, NULL, dinner, st->sh_act, w->fc2_w, N, F, C);
+        if (s->gated_linear_unit) ops->swiglu_backward(dfc1, dact, st->sh_fc1, N, F);
+        else ops->gelu_backward(dfc1, dact, st->sh_fc1, (int64_t)N * F);
+    }
+    if (lt_tp_enter(tp, c->rows, &in, ln, sc->tp_full, sc->tp_landing, C, err, errlen)) return -1; /* again */
+    ops->linear_backward(dpart, g->fc1_w, g->fc1_b, dfc1, in, w->fc1_w, N, C, fc1);
+    if (lt_tp_enter_backward(tp, c->rows, &dx, dpart, dln, sc->tp_landing, C, err, errlen)) return -1;
+    if (dx != dln) tp->be->copy(dln, dx, Ed * (size_t)No * C);
+    return 0;
+}
+
 /* A combine with its own weights, or with `weights` instead (the ones: a plain sum). */
 static void combine_rows(const lt_ops *ops, void *out, const void *in, const combine *cb, const float *weights,
                          int C) {
@@ -530,7 +609,8 @@ static void combine_rows(const lt_ops *ops, void *out, const void *in, const com
 }
 
 int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
-                       lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, char *err, size_t errlen) {
+                       lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, const lt_layer_scratch *sc,
+                       char *err, size_t errlen) {
     const lt_backend *be = s->tp->be;
     /* under sequence parallelism a TP rank holds (and routes) its [B, T / TP] rows */
     const int B = c->B, T = c->T, N = lt_layer_outer_rows(s, B, T), C = s->hidden_size, E = ms->num_experts;
@@ -602,6 +682,7 @@ int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_o
     }
     st->seconds += now() - t0;
     be->release(tmp, tmp_bytes);
+    if (!rc && ms->shared_ffn_hidden_size) rc = shared_forward(s, ms, ops, &w->shared, c, sc, st, a->ln, out, err, errlen);
     if (rc) {
         lt_moe_state_free(s, st);
         return -1;
@@ -705,6 +786,9 @@ int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_
     const size_t o_dact = CARVE(Ed * M * F), o_dfc1 = CARVE(Ed * M * fc1), o_dx = CARVE(Ed * M * C);
     const size_t o_dws = CARVE(sizeof(float) * NK), o_dwe = CARVE(sizeof(float) * RK);
     const size_t o_dlog = CARVE(Ed * (size_t)N * E);
+    const int shared = ms->shared_ffn_hidden_size > 0;
+    const size_t o_dsh = CARVE(shared ? Ed * (size_t)N * C : 0); /* the shared experts' d(ln) */
+    const size_t o_shtmp = CARVE(shared ? shared_backward_bytes(s, ms, ops, c->B * c->T) : 0);
 #undef CARVE
     const size_t bytes = at + 64;
     char *base = be->alloc(bytes);
@@ -716,7 +800,12 @@ int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_
         goto done;
     }
     char *d_src = base + o_dsrc, *d_recv = base + o_drecv, *dy = base + o_dy, *dact = base + o_dact;
-    char *dfc1 = base + o_dfc1, *dxe = base + o_dx, *dlog = base + o_dlog;
+    char *dfc1 = base + o_dfc1, *dxe = base + o_dx, *dlog = base + o_dlog, *dsh = base + o_dsh;
+    if (shared && shared_backward(s, ms, ops, &w->shared, &g->shared, c, sc, st, a->ln, d, dsh, base + o_shtmp, err,
+                                  errlen)) {
+        rc = -1;
+        goto done;
+    }
     float *dw_src = (float *)(base + o_dws), *dw_exp = (float *)(base + o_dwe); /* the combines' d(weights) */
     /* d(combined) to the experts' rows, the way the tokens went */
     double t0 = now();
@@ -784,6 +873,7 @@ int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_
     to_device_dtype(ops, be, dlog, layer_order, (size_t)N * E);
     ops->linear_backward(sc->d_c, g->router_w, NULL, dlog, a->ln, w->router_w, N, C, E);
     ops->add_forward(sc->d_c2, sc->d_c2, sc->d_c, (int64_t)N * C);
+    if (shared) ops->add_forward(sc->d_c2, sc->d_c2, dsh, (int64_t)N * C);
     lt_layer_norm_backward(s, ops, dx, g->ln_w, g->ln_b, sc->d_c2, h, w->ln_w, a->ln_mean, a->ln_rstd, N);
 done:
     if (base) be->release(base, bytes);

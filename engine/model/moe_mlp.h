@@ -26,6 +26,10 @@
  * Backward runs the same exchanges in reverse. With one rank the three move nothing and compute
  * the same.
  *
+ * Shared experts (moe_shared_expert_intermediate_size): a dense MLP of that width, split over TP like
+ * the dense one, runs on every token beside the routed experts and its output is added to theirs
+ * (Megatron's SharedExpertMLP, without the overlap).
+ *
  * Expert-tensor parallelism (ETP > 1, the TP group): each expert is split over ETP ranks as the dense
  * MLP is over TP (fc1 by rows, fc2 by columns), each computing a partial output. The dispatch group is
  * then the ETP x EP ranks (Megatron's tp_ep group; rank p holds its shard of EP rank p / ETP's experts):
@@ -54,6 +58,7 @@ typedef struct {
     lt_comm *ep;                            /* the dispatch group, ETP x EP ranks (NULL: one rank) */
     int ep_rank, ep_size;
     int etp;                                /* ranks sharing each expert (expert_tensor_parallel_size) */
+    int shared_ffn_hidden_size;             /* this TP rank's columns of the shared experts (0: none) */
 } lt_moe_spec;
 
 /* Weights: the expert arrays hold local expert j's (global (ep_rank / etp) El + j, El = E etp / ep_size;
@@ -61,10 +66,12 @@ typedef struct {
 typedef struct {
     const void *ln_w, *ln_b, *router_w;
     const void **fc1_w, **fc1_b, **fc2_w, **fc2_b;
+    lt_mlp_weights shared; /* the shared experts (its ln_w, ln_b unused; NULLs without) */
 } lt_moe_weights;
 typedef struct {
     float *ln_w, *ln_b, *router_w;
     float **fc1_w, **fc1_b, **fc2_w, **fc2_b;
+    lt_mlp_grads shared;
 } lt_moe_grads;
 
 /* What a microbatch's MoE block keeps for backward, and what it routed (for the log). */
@@ -88,7 +95,8 @@ lt_moe_stats lt_moe_state_stats(const lt_moe_state *st);
 /* out = h + dropout(MoE(norm(h))) for c's microbatch; *state receives what backward needs (the
  * caller frees it with lt_moe_state_free, or backward does). */
 int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
-                       lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, char *err, size_t errlen);
+                       lt_layer_ctx *c, const void *h, void *out, lt_moe_state **state, const lt_layer_scratch *sc,
+                       char *err, size_t errlen);
 /* dx holds d(out) on entry and d(h) on return; gradients accumulate. */
 int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
                         const lt_moe_grads *g, const lt_layer_ctx *c, lt_moe_state *state, const void *h,

@@ -71,8 +71,8 @@ function M.check_supported(m)
       { (m.expert_tensor_parallel_size or tp) ~= 1 and (m.expert_tensor_parallel_size or tp) ~= tp,
         "expert_tensor_parallel_size = " .. tostring(m.expert_tensor_parallel_size), "this build splits experts over "
         .. "the TP group or not at all: set expert_tensor_parallel_size = 1 or tensor_model_parallel_size" },
-      { m.moe_shared_expert_intermediate_size ~= nil or m.moe_shared_expert_overlap, "moe_shared_expert_intermediate_size "
-        .. "/ moe_shared_expert_overlap", "shared experts are not implemented yet" },
+      { m.moe_shared_expert_overlap, "moe_shared_expert_overlap = true", "overlapping the shared experts with the "
+        .. "dispatch is not built yet (they run after it, with the same result): set it false" },
       { m.moe_router_enable_expert_bias or (m.moe_router_bias_update_rate or BIAS_UPDATE_RATE) ~= BIAS_UPDATE_RATE,
         "moe_router_enable_expert_bias / moe_router_bias_update_rate", "the expert bias (aux-loss-free balancing) "
         .. "and its update are not implemented yet" },

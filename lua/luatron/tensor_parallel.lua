@@ -19,7 +19,8 @@ local function half(tp, bytes) return (tp - 1) * bytes // tp end
 -- (twice) and its gradient reduced as a layer's. With fewer query groups than TP ranks each layer
 -- also gathers linear_qkv's whole output forward and reduce-scatters its gradient backward. An MoE
 -- layer (sequence parallel: its experts see each rank's own rows) has the attention block's half of
--- those and an all-reduce of the aux loss's int64 counts (E, or micro_batch_size x E for seq_aux_loss).
+-- those (all of them with shared experts) and an all-reduce of the aux loss's int64 counts (E, or
+-- micro_batch_size x E for seq_aux_loss).
 function M.expected_bytes(r, chunks, n_micro)
   local m = r.model
   local tp, sp = m.tensor_model_parallel_size, m.sequence_parallel
@@ -31,7 +32,10 @@ function M.expected_bytes(r, chunks, n_micro)
     per_layer = per_layer + 2 * half(tp, N * (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
       * (m.bf16 and 2 or 4))
   end
-  local moe_layer = per_layer - (sp and 5 * half(tp, A) or 2 * all_reduce(tp, A))
+  local moe_layer = per_layer -- (shared experts go through the TP region as the dense MLP does)
+  if not m.moe_shared_expert_intermediate_size then
+    moe_layer = per_layer - (sp and 5 * half(tp, A) or 2 * all_reduce(tp, A))
+  end
   local aux = m.moe_router_load_balancing_type ~= "none" and (m.moe_aux_loss_coeff or 0) > 0
   if aux then
     local counts = m.num_moe_experts * (m.moe_router_load_balancing_type == "seq_aux_loss"

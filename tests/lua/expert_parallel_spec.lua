@@ -2,7 +2,8 @@
 -- alltoall, flex), reproduce the single rank's losses, gradient norms and parameter norms over 20 steps
 -- with and without token dropping (and padding to the capacity), with expert-data parallelism
 -- (EP = 2 x DP = 2), the distributed optimizer and pipeline stages, and under tensor parallelism (TP = 2
--- with sequence parallelism, experts whole (ETP = 1) or split over TP (ETP = 2)); every EP run's
+-- with sequence parallelism, experts whole (ETP = 1) or split over TP (ETP = 2)), also with shared
+-- experts; every EP run's
 -- dispatch traffic equals the arithmetic of luatron.expert_parallel (for alltoall from the routing
 -- counts), and under TP and CP their traffic luatron.tensor_parallel's and luatron.context_parallel's; checkpoints are layout-free (saved at EP = 2 or TP = 2 x EP = 2, resumed at one rank, and
 -- the other way at EP = 2 x DP = 2). Under TP and CP each rank routes its own part of the sequence, so
@@ -30,6 +31,7 @@ local DROP = "model.moe_expert_capacity_factor=1.0 "
 local NO_BIAS = "model.add_bias_linear=false " -- MoE with ETP > 1 has no biases (Megatron's rule)
 local TP2 = NO_BIAS .. "model.tensor_model_parallel_size=2 model.sequence_parallel=true "
 local HALF = "model.moe_aux_loss_coeff=0.005 model.moe_z_loss_coeff=0.0005 " -- (BASE's, halved)
+local SHARED = "model.moe_shared_expert_intermediate_size=48 "
 local PAD = DROP .. "model.moe_pad_expert_input_to_capacity=true "
 
 local assert_close = h.closeness(RTOL)
@@ -69,6 +71,8 @@ describe("expert parallelism", function()
     [PAD] = launch(1, dir, "single_pad", PAD),
     [NO_BIAS] = launch(1, dir, "single_no_bias", NO_BIAS),
     [HALF] = launch(1, dir, "single_half_coefficients", HALF),
+    [SHARED] = launch(1, dir, "single_shared", SHARED),
+    [NO_BIAS .. SHARED] = launch(1, dir, "single_shared_no_bias", NO_BIAS .. SHARED),
   }
 
   it("the references drop and pad as asked", function()
@@ -122,6 +126,15 @@ describe("expert parallelism", function()
       assert_equivalent(refs[NO_BIAS], got, case[1])
     end)
   end
+
+  it("shared experts: EP = 2 and TP = 2 x EP = 2 (ETP = 2) reproduce the single rank", function()
+    local got = launch(2, dir, "ep2_shared", SHARED .. "model.expert_model_parallel_size=2 "
+      .. "model.moe_token_dispatcher_type=alltoall")
+    assert_equivalent(refs[SHARED], got, "EP = 2 with shared experts")
+    got = launch(4, dir, "tp2_ep2_shared", TP2 .. SHARED .. "model.expert_model_parallel_size=2 "
+      .. "model.moe_token_dispatcher_type=flex")
+    assert_equivalent(refs[NO_BIAS .. SHARED], got, "TP = 2 x EP = 2 with shared experts")
+  end)
 
   for _, d in ipairs { "allgather", "alltoall", "flex" } do
     it(("CP = 2 x EP = 2 with %s reproduces one rank at half the aux and z coefficients"):format(d), function()

@@ -95,7 +95,8 @@ describe("mixture of experts", function()
 
   it("refuses what is not built yet, naming it", function()
     for _, case in ipairs {
-      { "model.moe_shared_expert_intermediate_size=32", "shared experts are not implemented yet" },
+      { "model.moe_shared_expert_intermediate_size=32 model.moe_shared_expert_overlap=true "
+        .. "model.moe_token_dispatcher_type=alltoall", "overlapping the shared experts with the dispatch is not built yet" },
       { "model.tensor_model_parallel_size=2", "MoE with tensor parallelism needs sequence_parallel = true" },
       { "model.expert_tensor_parallel_size=2", "this build splits experts over the TP group or not at all" },
       { "model.moe_router_load_balancing_type=sinkhorn", "only aux_loss, seq_aux_loss and none are implemented" },

@@ -933,6 +933,18 @@ static void test_flag_gradients(void) {
     c.moe_dispatcher = LT_MOE_ALLTOALL;
     flag_case("(o) MoE with token dropping (capacity 1.0, by position), pre-softmax top-1 (alltoall)", c, 110, 0, 8,
               60, 0, 0);
+
+    /* MoE with shared experts (SwiGLU, biases) beside 4 routed ones, dropout */
+    c = small_config();
+    c.num_moe_experts = 4;
+    c.moe_ffn_hidden_size = 8;
+    c.moe_shared_expert_intermediate_size = 12;
+    c.moe_layer_freq = 1;
+    c.gated_linear_unit = 1;
+    c.hidden_dropout = 0.1f;
+    c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 1, .aux_loss_coeff = 0.05};
+    c.moe_dispatcher = LT_MOE_ALLTOALL;
+    flag_case("(p) MoE with shared experts (swiglu, biases), dropout (alltoall)", c, 111, 0, 8, 61, 0, 11);
 }
 
 /* Zero-centred gamma g and ordinary gamma 1 + g are the same function: the same logits and loss, and

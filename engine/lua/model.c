@@ -99,6 +99,7 @@ static void read_moe(lua_State *L, lt_gpt_config *c) {
     c->moe_layer_freq = (int)field_int(L, 1, "moe_layer_freq");
     c->moe_grouped_gemm = field_bool(L, 1, "moe_grouped_gemm");
     c->moe_shared_expert_intermediate_size = (int)field_int(L, 1, "moe_shared_expert_intermediate_size");
+    c->moe_router_enable_expert_bias = field_bool(L, 1, "moe_router_enable_expert_bias");
     lt_moe_router_cfg *r = &c->moe_router;
     r->topk = (int)field_int(L, 1, "moe_router_topk");
     r->sigmoid = field_enum(L, "moe_router_score_function", score);
@@ -639,6 +640,55 @@ static int ctx_free(lua_State *L) {
     return 0;
 }
 
+/* A host fp32 tensor holding a copy of n floats. */
+static void push_floats(lua_State *L, const float *x, int n) {
+    const int64_t shape[1] = {n};
+    lt_tensor *t = lt_tensor_new(LT_F32, 1, shape);
+    if (!t) luaL_error(L, "out of memory");
+    memcpy(lt_tensor_data(t), x, sizeof(float) * (size_t)n);
+    lt_lua_push_tensor(L, t);
+}
+
+/* model:expert_biases() → array of {name=, bias=, tokens=} for each MoE layer with an expert bias
+ * (moe_router_enable_expert_bias; engine/model/gpt.h): copies, host fp32 [num_moe_experts] each. With
+ * `true`, the token counts are zeroed after the copy. */
+static int m_expert_biases(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    const int reset = lua_toboolean(L, 2), n = lt_gpt_moe_bias_layers(m);
+    const int E = lt_gpt_get_config(m)->num_moe_experts;
+    lua_createtable(L, n, 0);
+    for (int k = 0; k < n; k++) {
+        float *tokens;
+        const char *name;
+        const float *bias = lt_gpt_moe_expert_bias(m, k, &tokens, &name);
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, name);
+        lua_setfield(L, -2, "name");
+        push_floats(L, bias, E);
+        lua_setfield(L, -2, "bias");
+        push_floats(L, tokens, E);
+        lua_setfield(L, -2, "tokens");
+        lua_rawseti(L, -2, k + 1);
+        if (reset) memset(tokens, 0, sizeof(float) * (size_t)E);
+    }
+    return 1;
+}
+
+/* model:set_expert_bias(k, tensor): MoE layer k's (1-based, in expert_biases' order) expert bias from a
+ * fp32 tensor of num_moe_experts values. */
+static int m_set_expert_bias(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    const lua_Integer k = luaL_checkinteger(L, 2);
+    lt_tensor *t = lt_lua_check_tensor(L, 3);
+    const int E = lt_gpt_get_config(m)->num_moe_experts;
+    float *bias = k >= 1 && k <= lt_gpt_moe_bias_layers(m) ? lt_gpt_moe_expert_bias(m, (int)k - 1, NULL, NULL) : NULL;
+    luaL_argcheck(L, bias, 2, "no such MoE layer with an expert bias");
+    luaL_argcheck(L, t->dtype == LT_F32 && t->storage->device == LT_CPU && lt_tensor_numel(t) == E, 3,
+                  "expected a float32 host tensor of num_moe_experts values");
+    for (int e = 0; e < E; e++) bias[e] = (float)lt_tensor_get_flat(t, e);
+    return 0;
+}
+
 /* model:expert_offset() → where the MoE experts' parameters begin in the flat buffers (0-based; the
  * length when there are none): data parallelism reduces them over the expert-data-parallel group. */
 static int m_expert_offset(lua_State *L) {
@@ -657,7 +707,8 @@ void lt_lua_open_model(lua_State *L) {
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
         {"flops_per_token", m_flops_per_token}, {"close", m_free},
         {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
-        {"expert_offset", m_expert_offset}, {NULL, NULL}};
+        {"expert_offset", m_expert_offset}, {"expert_biases", m_expert_biases},
+        {"set_expert_bias", m_set_expert_bias}, {NULL, NULL}};
     static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
     lt_lua_new_type(L, GPT_MT, methods, meta);
     static const luaL_Reg chunk_methods[] = {
@@ -668,7 +719,8 @@ void lt_lua_open_model(lua_State *L) {
         {"flat_grads", m_flat_grads}, {"num_parameters", m_num_parameters},
         {"param_runs", m_param_runs}, {"tp", m_tp}, {"activation_bytes", m_activation_bytes},
         {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
-        {"expert_offset", m_expert_offset}, {"close", m_free},            {NULL, NULL}};
+        {"expert_offset", m_expert_offset}, {"expert_biases", m_expert_biases},
+        {"set_expert_bias", m_set_expert_bias}, {"close", m_free},            {NULL, NULL}};
     lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};
     static const luaL_Reg ctx_meta[] = {{"__gc", ctx_free}, {"__close", ctx_free}, {NULL, NULL}};

@@ -21,6 +21,8 @@ typedef struct {
     int moe;
     int64_t router_w, *e_fc1_w, *e_fc1_b, *e_fc2_w, *e_fc2_b;
     int64_t sh_fc1_w, sh_fc1_b, sh_fc2_w, sh_fc2_b; /* the shared experts */
+    float *expert_bias, *bias_tokens;              /* host [E] (moe_router_enable_expert_bias) */
+    char bias_name[96];
 } layer_offsets;
 
 /* A norm weight under layernorm_zero_centered_gamma: its n values at flat offset off, and where
@@ -418,6 +420,11 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
             o->moe = 1;
             o->router_w = add_param(m, 2, cfg->num_moe_experts, C, 0, NONE, "%s.%d.mlp.router.weight", pre, l);
             o->sh_fc1_w = o->sh_fc1_b = o->sh_fc2_w = o->sh_fc2_b = -1;
+            if (cfg->moe_router_enable_expert_bias) {
+                o->expert_bias = calloc((size_t)cfg->num_moe_experts, sizeof(float));
+                o->bias_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(float));
+                snprintf(o->bias_name, sizeof o->bias_name, "%s.%d.mlp.router.expert_bias", pre, l);
+            }
             const int Fs = cfg->moe_shared_expert_intermediate_size, fc1s = (cfg->gated_linear_unit ? 2 : 1) * Fs;
             if (Fs) { /* split over TP as the dense MLP */
                 const char *x = "mlp.shared_experts";
@@ -473,6 +480,7 @@ void lt_gpt_free(lt_gpt *m) {
     for (int i = 0; m->layers && i < m->nl; i++) {
         layer_offsets *o = &m->layers[i];
         free(o->e_fc1_w), free(o->e_fc1_b), free(o->e_fc2_w), free(o->e_fc2_b);
+        free(o->expert_bias), free(o->bias_tokens);
     }
     free(m->layers);
     free(m->params);
@@ -483,6 +491,27 @@ void lt_gpt_free(lt_gpt *m) {
 void lt_gpt_set_moe_aux_loss_scale(lt_gpt *m, float scale) { m->moe.aux_loss_scale = scale; }
 
 int64_t lt_gpt_expert_offset(const lt_gpt *m) { return m->expert_offset; }
+
+/* The chunk's layer holding MoE layer k's expert bias, or -1. */
+static int bias_layer(const lt_gpt *m, int k) {
+    for (int i = 0; i < m->nl; i++)
+        if (m->layers[i].expert_bias && k-- == 0) return i;
+    return -1;
+}
+
+int lt_gpt_moe_bias_layers(const lt_gpt *m) {
+    int n = 0;
+    for (int i = 0; i < m->nl; i++) n += m->layers[i].expert_bias != NULL;
+    return n;
+}
+
+float *lt_gpt_moe_expert_bias(lt_gpt *m, int k, float **tokens, const char **name) {
+    const int i = bias_layer(m, k);
+    if (i < 0) return NULL;
+    if (tokens) *tokens = m->layers[i].bias_tokens;
+    if (name) *name = m->layers[i].bias_name;
+    return m->layers[i].expert_bias;
+}
 
 void lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, lt_gpt_moe_totals *totals) {
     const int E = m->moe.num_experts;
@@ -652,7 +681,8 @@ static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **
     *w = (lt_moe_weights){norm_weight(m, o->ln2_w), weight(m, o->ln2_b), weight(m, o->router_w), wp,
                           bias ? wp + E : NULL, wp + 2 * E, bias ? wp + 3 * E : NULL,
                           {NULL, NULL, weight(m, o->sh_fc1_w), weight(m, o->sh_fc1_b), weight(m, o->sh_fc2_w),
-                           weight(m, o->sh_fc2_b)}};
+                           weight(m, o->sh_fc2_b)},
+                          o->expert_bias};
     *g = (lt_moe_grads){PTR(gr, o->ln2_w), PTR(gr, o->ln2_b), PTR(gr, o->router_w), gp, bias ? gp + E : NULL,
                         gp + 2 * E, bias ? gp + 3 * E : NULL,
                         {NULL, NULL, PTR(gr, o->sh_fc1_w), PTR(gr, o->sh_fc1_b), PTR(gr, o->sh_fc2_w),
@@ -910,9 +940,10 @@ static int parallel_maps(lt_gpt *m, lt_gpt_ctx *c, char *err, int errlen) {
     return 0;
 }
 
-/* One MoE layer's training forward into the routing statistics. */
-static void count_moe(lt_gpt *m, const lt_moe_state *st) {
+/* One MoE layer's training forward into the routing statistics (and its expert bias's token counts). */
+static void count_moe(lt_gpt *m, const lt_moe_state *st, layer_offsets *o) {
     const lt_moe_stats s = lt_moe_state_stats(st);
+    for (int e = 0; o->bias_tokens && e < m->moe.num_experts; e++) o->bias_tokens[e] += (float)s.tokens_per_expert[e];
     lt_gpt_moe_totals *t = &m->moe_totals;
     for (int e = 0; e < m->moe.num_experts; e++) m->moe_tokens[e] += s.tokens_per_expert[e];
     t->forwards++, t->routed += s.routed, t->kept += s.kept, t->aux_loss += s.aux_loss, t->z_loss += s.z_loss;
@@ -1017,7 +1048,7 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         rc = lt_layer_attention_forward(&m->spec, ops, &aw, lc, c->x[i], lc->h, &sc, err, (size_t)errlen);
         if (!rc) rc = lt_moe_mlp_forward(&m->spec, &m->moe, ops, &w, lc, lc->h, c->x[i + 1], &c->moe[i], &sc, err,
                                          (size_t)errlen);
-        if (!rc && c->training) count_moe(m, c->moe[i]);
+        if (!rc && c->training) count_moe(m, c->moe[i], &m->layers[i]);
     }
     free(moe_ptrs);
     weights_needed_to(m, &ready, m->total);

@@ -69,6 +69,7 @@ typedef struct {
      * (seq_length and micro_batch_size are set per microbatch; expert_bias and aux_counts NULL). */
     int num_moe_experts, moe_ffn_hidden_size, moe_layer_freq, moe_grouped_gemm;
     int moe_shared_expert_intermediate_size; /* 0: no shared experts (mlp.shared_experts.linear_fc1.weight, ...) */
+    int moe_router_enable_expert_bias;       /* each router keeps an expert bias (lt_gpt_moe_expert_bias) */
     lt_moe_router_cfg moe_router;
     int moe_dispatcher; /* lt_moe_dispatcher: moe_token_dispatcher_type */
     /* Expert parallelism: the dispatch group, ETP x EP ranks (NULL: one rank), whose rank p holds the experts
@@ -213,6 +214,15 @@ typedef struct {
 } lt_gpt_moe_totals;
 void lt_gpt_set_moe_aux_loss_scale(lt_gpt *m, float scale);
 void lt_gpt_take_moe_stats(lt_gpt *m, int64_t *tokens_per_expert, lt_gpt_moe_totals *totals);
+/* Aux-loss-free balancing (moe_router_enable_expert_bias, Megatron's router.expert_bias): MoE layer k of the
+ * chunk's (0 <= k < lt_gpt_moe_bias_layers) host fp32 [num_moe_experts] bias, which the sigmoid router adds
+ * to the scores it picks the top-k by, and the tokens this rank routed to each expert in the training
+ * forwards since they were last zeroed (Megatron's local_tokens_per_expert), which the caller sums over
+ * TP x DP x CP at each step to move the bias by rate x sign(mean - tokens) and zeroes. *name receives
+ * the bias's name, "decoder.layers.<l>.mlp.router.expert_bias" (a checkpoint's). */
+int lt_gpt_moe_bias_layers(const lt_gpt *m);
+float *lt_gpt_moe_expert_bias(lt_gpt *m, int k, float **tokens, const char **name);
+
 /* Where the experts' parameters begin in the flat buffers (the length when there are none). */
 int64_t lt_gpt_expert_offset(const lt_gpt *m);
 

@@ -628,6 +628,7 @@ int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_o
     *st = (lt_moe_state){.N = N, .E = E, .El = El, .e0 = ms->ep_rank / ms->etp * El, .B = B, .T = N / B, .EP = EP,
                          .me = ms->ep_rank, .etp = ms->etp, .kind = ms->dispatcher, .router = ms->router};
     st->router.seq_length = N / B, st->router.micro_batch_size = B;
+    st->router.expert_bias = w->expert_bias;
     lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, N);
     ops->linear_forward(logits, a->ln, w->router_w, NULL, NULL, N, C, E);
     int rc = route(s, ops, be, st, logits, err, errlen);

@@ -66,7 +66,8 @@ typedef struct {
 typedef struct {
     const void *ln_w, *ln_b, *router_w;
     const void **fc1_w, **fc1_b, **fc2_w, **fc2_b;
-    lt_mlp_weights shared; /* the shared experts (its ln_w, ln_b unused; NULLs without) */
+    lt_mlp_weights shared;    /* the shared experts (its ln_w, ln_b unused; NULLs without) */
+    const float *expert_bias; /* host fp32 [E]: the router's expert bias (NULL without) */
 } lt_moe_weights;
 typedef struct {
     float *ln_w, *ln_b, *router_w;

@@ -175,7 +175,7 @@ end
 local function same(name) return name end
 
 -- The whole parameters of chunks by name (on TP rank 0, and with ep on EP rank 0; a collective under
--- TP and EP, in model order).
+-- TP and EP, in model order), and the routers' expert biases (the same on every rank).
 local function model_tensors(chunks, tp, ep)
   local t = {}
   for _, chunk in ipairs(chunks) do
@@ -184,6 +184,7 @@ local function model_tensors(chunks, tp, ep)
       local whole = whole_tensor(info[p.name], chunk:param(p.name), tp)
       if p.expert then put_expert(t, same, p, whole, ep, El) else t[p.name] = whole end
     end
+    for _, b in ipairs(chunk:expert_biases()) do t[b.name] = b.bias end
   end
   return t
 end
@@ -411,7 +412,8 @@ local function read_optimizer(files, read)
 end
 
 -- The copies that fill every parameter of chunks from the stored weights, checked first: every
--- parameter must be there with its whole shape. A rank holding a shard takes its runs.
+-- parameter must be there with its whole shape. A rank holding a shard takes its runs. The routers'
+-- expert biases come back too ({ set = fn } entries).
 local function plan_model_copies(chunks, weights, where, dir)
   local copies = {}
   for _, chunk in ipairs(chunks) do
@@ -433,6 +435,15 @@ local function plan_model_copies(chunks, weights, where, dir)
         src = shard
       end
       copies[#copies + 1] = { chunk:param(name), src }
+    end
+    for k, b in ipairs(chunk:expert_biases()) do
+      local src = weights[b.name]
+      if not src then error(("checkpoint %s: missing tensor '%s'"):format(dir, b.name), 0) end
+      if src:numel() ~= b.bias:numel() then
+        error(("%s: tensor '%s' has %d values, this run expects %d"):format(where[b.name], b.name, src:numel(),
+          b.bias:numel()), 0)
+      end
+      copies[#copies + 1] = { set = function() chunk:set_expert_bias(k, src) end }
     end
   end
   return copies
@@ -513,7 +524,9 @@ function M.load(root, model, optimizer, opts)
       copies[#copies + 1] = c
     end
   end
-  for _, c in ipairs(copies) do c[1]:copy(c[2]) end
+  for _, c in ipairs(copies) do
+    if c.set then c.set() else c[1]:copy(c[2]) end
+  end
   if load_optim then optimizer:num_steps(state.optimizer_steps or iteration) end
   if optimizer and optimizer.after_load then optimizer:after_load() end
   return state, dir

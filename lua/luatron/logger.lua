@@ -119,6 +119,8 @@ function M:step(r)
     moe_dispatch_bytes = moe and moe.dispatch and moe.dispatch.bytes, -- since the last logged step
     moe_dispatch_expected_bytes = moe and moe.dispatch and moe.dispatch.expected,
     moe_dispatch_time_fraction = moe and moe.dispatch and moe.dispatch.seconds / w.time,
+    moe_expert_bias_min = moe and moe.expert_bias and moe.expert_bias[1],
+    moe_expert_bias_max = moe and moe.expert_bias and moe.expert_bias[2],
   }
   self:info("iteration %6d/%d | loss %s | lr %.3e | grad norm %.3f%s | %.0f tokens/s | %.1f ms/step | "
     .. "peak memory %.1f MiB%s (rss %.0f MiB)", rec.iteration, self.train_iters, loss_text(rec.loss), rec.lr,
@@ -140,8 +142,9 @@ function M:step(r)
   end
   if moe then
     self:info("  MoE: tokens per expert %.1f / %.1f / %.1f (min / mean / max, per layer and microbatch), %.1f%% "
-      .. "dropped, aux loss %.4g, z-loss %.4g (per layer and microbatch)", moe.tokens_min, moe.tokens_mean,
-      moe.tokens_max, 100 * moe.dropped, moe.aux_loss, moe.z_loss)
+      .. "dropped, aux loss %.4g, z-loss %.4g (per layer and microbatch)%s", moe.tokens_min, moe.tokens_mean,
+      moe.tokens_max, 100 * moe.dropped, moe.aux_loss, moe.z_loss, moe.expert_bias
+        and (", expert bias in [%.4g, %.4g]"):format(moe.expert_bias[1], moe.expert_bias[2]) or "")
     local d = moe.dispatch
     if d then
       self:info("  MoE %s dispatch: %.3f MB per layer and microbatch on this rank (arithmetic %.3f MB, "

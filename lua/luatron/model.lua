@@ -81,6 +81,7 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp, ep)
     moe_layer_freq = m.moe_layer_freq,
     moe_grouped_gemm = m.moe_grouped_gemm,
     moe_shared_expert_intermediate_size = m.moe_shared_expert_intermediate_size or 0,
+    moe_router_enable_expert_bias = m.moe_router_enable_expert_bias,
     moe_router_topk = m.moe_router_topk,
     moe_router_score_function = m.moe_router_score_function,
     moe_router_pre_softmax = m.moe_router_pre_softmax,

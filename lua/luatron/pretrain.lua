@@ -6,7 +6,6 @@
 local core = require "luatron.core"
 local config = require "luatron.config"
 local model_lib = require "luatron.model"
-local schema = require "luatron.config.schema"
 local scheduler = require "luatron.scheduler"
 local checkpoint = require "luatron.checkpoint"
 local logger_lib = require "luatron.logger"
@@ -57,9 +56,6 @@ local function check_writable(dir, what)
   os.remove(probe)
 end
 
--- The expert bias's update rate by default: another value would act on the (refused) expert bias.
-local BIAS_UPDATE_RATE = schema.classes.GPTModelProvider.index.moe_router_bias_update_rate.default
-
 -- What this build cannot run yet, said plainly before the rules about world sizes would.
 function M.check_supported(m)
   if m.num_moe_experts then
@@ -73,9 +69,6 @@ function M.check_supported(m)
         .. "the TP group or not at all: set expert_tensor_parallel_size = 1 or tensor_model_parallel_size" },
       { m.moe_shared_expert_overlap, "moe_shared_expert_overlap = true", "overlapping the shared experts with the "
         .. "dispatch is not built yet (they run after it, with the same result): set it false" },
-      { m.moe_router_enable_expert_bias or (m.moe_router_bias_update_rate or BIAS_UPDATE_RATE) ~= BIAS_UPDATE_RATE,
-        "moe_router_enable_expert_bias / moe_router_bias_update_rate", "the expert bias (aux-loss-free balancing) "
-        .. "and its update are not implemented yet" },
       { m.moe_router_load_balancing_type == "global_aux_loss" or m.moe_router_load_balancing_type == "sinkhorn",
         "moe_router_load_balancing_type = " .. tostring(m.moe_router_load_balancing_type), "only aux_loss, "
         .. "seq_aux_loss and none are implemented" },
@@ -151,6 +144,13 @@ function M.setup(cfg, opts)
     state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed },
   }
   if pp > 1 then run.link, run.links = pipeline_links(ps, pp, r.model.device) end
+  -- the expert bias's token counts are summed over TP x DP x CP, on a communicator of their own
+  local tdc = ps.groups["tp-dp-cp"]
+  if r.model.moe_router_enable_expert_bias and tdc and tdc:size() > 1 then
+    local all = {}
+    for i = 1, tdc:size() do all[i] = i - 1 end
+    run.bias_comm = tdc:group(all, "expert_bias")
+  end
   -- MoE: the aux and z losses' gradients at Megatron's MoEAuxLossAutoScaler scale, 1 / microbatches
   if r.model.num_moe_experts then
     for _, chunk in ipairs(chunks) do chunk:set_moe_aux_loss_scale(1 / r.num_microbatches) end
@@ -209,6 +209,14 @@ local function sum_over_stages(run, x)
   if not g or g:size() == 1 then return x end
   local t <close> = core.tensor.from({ x }, "float32")
   return g:all_reduce(t, "sum"):item()
+end
+
+-- The largest of a number over the pipeline stages.
+local function max_over_stages(run, x)
+  local g = run.ps.groups.pp
+  if not g or g:size() == 1 then return x end
+  local t <close> = core.tensor.from({ x }, "float32")
+  return g:all_reduce(t, "max"):item()
 end
 
 -- The mean of a number over the pipeline stages.
@@ -315,6 +323,37 @@ local function take_comm_stats(run)
   return s
 end
 
+-- Megatron's aux-loss-free balancing (finalize_model_grads' _update_router_expert_bias): each MoE
+-- layer's tokens per expert of the step, summed over TP x DP x CP, move its expert bias by
+-- moe_router_bias_update_rate x sign(mean - tokens), in fp32 as Megatron's.
+local function update_expert_bias(run)
+  local E = run.r.model.num_moe_experts
+  local layers, counts = {}, {}
+  for _, chunk in ipairs(run.chunks) do
+    for k, b in ipairs(chunk:expert_biases(true)) do
+      layers[#layers + 1] = { chunk = chunk, k = k, bias = b.bias:to_table() }
+      for _, n in ipairs(b.tokens:to_table()) do counts[#counts + 1] = n end
+    end
+  end
+  if #layers == 0 then return end -- (a stage without MoE layers: so are its TP x DP x CP peers)
+  local t <close> = core.tensor.from(counts, "float32")
+  if run.bias_comm then run.bias_comm:all_reduce(t, "sum") end
+  counts = t:to_table()
+  local function f32(x) return (string.unpack("f", string.pack("f", x))) end
+  local rate = f32(run.r.model.moe_router_bias_update_rate)
+  for i, layer in ipairs(layers) do
+    local sum = 0
+    for e = 1, E do sum = sum + counts[(i - 1) * E + e] end
+    local mean = f32(sum / E)
+    for e = 1, E do
+      local offset = mean - counts[(i - 1) * E + e]
+      layer.bias[e] = layer.bias[e] + (offset > 0 and rate or offset < 0 and -rate or 0)
+    end
+    local b <close> = core.tensor.from(layer.bias, "float32")
+    layer.chunk:set_expert_bias(layer.k, b)
+  end
+end
+
 -- Runs fn (an evaluation) without counting its traffic as the next step's (data parallelism's, and
 -- the MoE dispatchers' over the EP group).
 local function excluding_comm(run, fn)
@@ -383,6 +422,7 @@ function M.train_step(run)
   -- Gradients first: with overlap their reduction is in flight, and the loss's all-reduce on the
   -- same communicator would otherwise wait for it and hide the exposed time from the report.
   local grad_norm = run.optimizer:step(lr) -- reduces the gradients across data-parallel ranks, clips
+  if r.model.moe_router_enable_expert_bias then update_expert_bias(run) end
   local loss = dp_mean(run, sum_over_stages(run, loss_sum / n_micro))
   if loss ~= loss or grad_norm ~= grad_norm or math.abs(loss) == math.huge or grad_norm == math.huge then
     error(("NaN or infinite %s at iteration %d (loss %s, grad norm %s): stopping without saving; the last "
@@ -603,6 +643,13 @@ local function moe_stats(run)
     dispatch = { bytes = bytes, expected = expert_parallel.expected_bytes(m, sums[E + 1], sent, received),
       forwards = sums[E + 1], seconds = seconds }
   end
+  -- the expert biases' range (the same on every rank of a stage; the stages' MoE layers differ)
+  local bias_lo, bias_hi = math.huge, -math.huge
+  for _, chunk in ipairs(run.chunks) do
+    for _, b in ipairs(chunk:expert_biases()) do
+      for _, v in ipairs(b.bias:to_table()) do bias_lo, bias_hi = math.min(bias_lo, v), math.max(bias_hi, v) end
+    end
+  end
   local g = run.ps.groups.pp
   if g and g:size() > 1 then
     local t <close> = core.tensor.from(sums, "float32")
@@ -615,7 +662,9 @@ local function moe_stats(run)
   end
   return { tokens_min = lo, tokens_mean = total / E, tokens_max = hi,
     dropped = math.max(0, 1 - sums[E + 3] / math.max(sums[E + 2], 1)), aux_loss = sums[E + 4] / n,
-    z_loss = sums[E + 5] / n, dispatcher = m.moe_token_dispatcher_type, dispatch = dispatch }
+    z_loss = sums[E + 5] / n, dispatcher = m.moe_token_dispatcher_type, dispatch = dispatch,
+    expert_bias = m.moe_router_enable_expert_bias and { -max_over_stages(run, -bias_lo), max_over_stages(run, bias_hi) }
+      or nil }
 end
 
 -- "GPT(layers=2, ...)" of the whole model, and with pipeline stages what this rank's chunks hold.

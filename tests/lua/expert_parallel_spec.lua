@@ -32,6 +32,9 @@ local NO_BIAS = "model.add_bias_linear=false " -- MoE with ETP > 1 has no biases
 local TP2 = NO_BIAS .. "model.tensor_model_parallel_size=2 model.sequence_parallel=true "
 local HALF = "model.moe_aux_loss_coeff=0.005 model.moe_z_loss_coeff=0.0005 " -- (BASE's, halved)
 local SHARED = "model.moe_shared_expert_intermediate_size=48 "
+local RATE = 0.01
+local BIAS = ("model.moe_router_score_function=sigmoid model.moe_router_enable_expert_bias=true "
+  .. "model.moe_router_bias_update_rate=%g "):format(RATE)
 local PAD = DROP .. "model.moe_pad_expert_input_to_capacity=true "
 
 local assert_close = h.closeness(RTOL)
@@ -74,6 +77,9 @@ describe("expert parallelism", function()
     [SHARED] = launch(1, dir, "single_shared", SHARED),
     [NO_BIAS .. SHARED] = launch(1, dir, "single_shared_no_bias", NO_BIAS .. SHARED),
   }
+  local bias_ck = dir .. "/ckpt_bias"
+  refs[BIAS] = launch(1, dir, "single_expert_bias", BIAS .. ("checkpoint.save=%s checkpoint.save_interval=10")
+    :format(q(bias_ck)))
 
   it("the references drop and pad as asked", function()
     for _, r in ipairs(refs[""]) do assert.are.equal(0, r.moe_dropped_fraction) end
@@ -135,6 +141,35 @@ describe("expert parallelism", function()
       .. "model.moe_token_dispatcher_type=flex")
     assert_equivalent(refs[NO_BIAS .. SHARED], got, "TP = 2 x EP = 2 with shared experts")
   end)
+
+  it("the expert bias moves by the update rate, the same at EP = 2 x DP = 2 and TP = 2 x EP = 2 (ETP = 1), and "
+    .. "resumes",
+    function()
+      local lowest, highest = 0, 0
+      for _, r in ipairs(refs[BIAS]) do
+        -- each step moves a bias by -rate, 0 or +rate: whole multiples of the rate, at most one per step
+        for _, v in ipairs { r.moe_expert_bias_min, r.moe_expert_bias_max } do
+          local steps = v / RATE
+          assert.is_true(math.abs(steps - math.floor(steps + 0.5)) < 1e-4 and math.abs(steps) <= r.iteration,
+            ("iteration %d: bias %g"):format(r.iteration, v))
+        end
+        lowest, highest = math.min(lowest, r.moe_expert_bias_min), math.max(highest, r.moe_expert_bias_max)
+      end
+      assert.is_true(lowest < 0 and highest > 0, "the expert bias never moved")
+      local got = launch(4, dir, "ep2_dp2_bias", BIAS .. "model.expert_model_parallel_size=2 "
+        .. "model.moe_token_dispatcher_type=alltoall")
+      assert_equivalent(refs[BIAS], got, "EP = 2 x DP = 2 with the expert bias")
+      got = launch(4, dir, "tp2_ep2_bias", BIAS .. "model.tensor_model_parallel_size=2 model.sequence_parallel=true "
+        .. "model.expert_tensor_parallel_size=1 model.expert_model_parallel_size=2 model.moe_token_dispatcher_type=flex")
+      assert_equivalent(refs[BIAS], got, "TP = 2 x EP = 2 with the expert bias")
+      for i, r in ipairs(got) do
+        assert.are.equal(refs[BIAS][i].moe_expert_bias_min, r.moe_expert_bias_min)
+        assert.are.equal(refs[BIAS][i].moe_expert_bias_max, r.moe_expert_bias_max)
+      end
+      got = launch(2, dir, "ep2_from_bias", BIAS .. ("model.expert_model_parallel_size=2 checkpoint.load=%s "
+        .. "checkpoint.ckpt_step=10"):format(q(bias_ck)))
+      assert_equivalent(refs[BIAS], got, "EP = 2 resumed with the expert bias", 11)
+    end)
 
   for _, d in ipairs { "allgather", "alltoall", "flex" } do
     it(("CP = 2 x EP = 2 with %s reproduces one rank at half the aux and z coefficients"):format(d), function()

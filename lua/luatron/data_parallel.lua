@@ -35,6 +35,28 @@ local function shard_segments(model, lo, hi)
   return segs
 end
 
+-- This rank's slice of each of a sharded ddp's buckets (over the flat buffers from `first`), as spans
+-- {lo =, n =, at =}: n elements of the flat buffers from lo, held in the main buffers from at.
+local function ddp_spans(ddp, first)
+  local spans = {}
+  for _, piece in ipairs(ddp:pieces()) do
+    spans[#spans + 1] = { lo = first + piece.flat_first, n = piece.count, at = piece.main_offset }
+  end
+  return spans
+end
+
+-- An optimizer over main buffers holding the spans of model's flat buffers.
+local function optimizer_over_spans(model, r, main, main_grads, spans)
+  local segs = {}
+  for _, span in ipairs(spans) do
+    for _, seg in ipairs(shard_segments(model, span.lo, span.lo + span.n)) do
+      seg.offset = seg.offset + span.at
+      segs[#segs + 1] = seg
+    end
+  end
+  return core.optimizer_over(r.optimizer, main, main_grads, segs)
+end
+
 local Replicated = {}
 Replicated.__index = Replicated
 
@@ -70,22 +92,14 @@ local function new_experts(model, r, edp, dp, sharded, device_comm)
   if sharded and n > 1 then
     self.ddp = core.ddp(model, self.device_comm, r.ddp.bucket_size or 0, true, first, numel)
     self.main, self.main_grads = self.ddp:main_params(), self.ddp:main_grads()
-    local segs = {}
-    for _, piece in ipairs(self.ddp:pieces()) do
-      local lo = first + piece.flat_first
-      for _, seg in ipairs(shard_segments(model, lo, lo + piece.count)) do
-        seg.offset = seg.offset + piece.main_offset
-        segs[#segs + 1] = seg
-      end
-    end
-    self.opt = core.optimizer_over(r.optimizer, self.main, self.main_grads, segs)
+    self.opt = optimizer_over_spans(model, r, self.main, self.main_grads, ddp_spans(self.ddp, first))
     self.ddp:weights_to_main()
   else
     if n > 1 then self.ddp = core.ddp(model, self.device_comm, r.ddp.bucket_size or 0, false, first, numel) end
     if sharded then
       self.main = model:flat_weights():narrow(1, first + 1, numel)
       self.main_grads = model:flat_grads():narrow(1, first + 1, numel)
-      self.opt = core.optimizer_over(r.optimizer, self.main, self.main_grads, shard_segments(model, first, first + numel))
+      self.opt = optimizer_over_spans(model, r, self.main, self.main_grads, { { lo = first, n = numel, at = 0 } })
     end
   end
   return self
@@ -155,14 +169,7 @@ local function new_part(model, r, group, device_comm, edp, edp_device_comm)
     self.shard = self.main:numel()
     self.overlap_grads = r.ddp.overlap_grad_reduce
     self.overlap_params = r.ddp.overlap_param_gather or r.optimizer.overlap_param_gather
-    local segs = {}
-    for _, piece in ipairs(self.ddp:pieces()) do
-      for _, seg in ipairs(shard_segments(model, piece.flat_first, piece.flat_first + piece.count)) do
-        seg.offset = seg.offset + piece.main_offset
-        segs[#segs + 1] = seg
-      end
-    end
-    self.opt = core.optimizer_over(r.optimizer, self.main, self.main_grads, segs)
+    self.opt = optimizer_over_spans(model, r, self.main, self.main_grads, ddp_spans(self.ddp, 0))
     self.ddp:weights_to_main()
   else
     setmetatable(self, Replicated)
@@ -354,15 +361,6 @@ local function span_pieces(model, spans, flat)
     end
   end
   return pieces
-end
-
--- This rank's slice of each of a sharded ddp's buckets (over the flat buffers from `first`), as spans.
-local function ddp_spans(ddp, first)
-  local spans = {}
-  for _, piece in ipairs(ddp:pieces()) do
-    spans[#spans + 1] = { lo = first + piece.flat_first, n = piece.count, at = piece.main_offset }
-  end
-  return spans
 end
 
 -- The distributed optimizer holds, per bucket, a slice of the flat buffer: the parts of the

@@ -204,19 +204,12 @@ local function dp_mean(run, x)
 end
 
 -- The sum of a number over the pipeline stages (e.g. the loss, which only the last one has).
-local function sum_over_stages(run, x)
+-- (op "max": the largest)
+local function sum_over_stages(run, x, op)
   local g = run.ps.groups.pp
   if not g or g:size() == 1 then return x end
   local t <close> = core.tensor.from({ x }, "float32")
-  return g:all_reduce(t, "sum"):item()
-end
-
--- The largest of a number over the pipeline stages.
-local function max_over_stages(run, x)
-  local g = run.ps.groups.pp
-  if not g or g:size() == 1 then return x end
-  local t <close> = core.tensor.from({ x }, "float32")
-  return g:all_reduce(t, "max"):item()
+  return g:all_reduce(t, op or "sum"):item()
 end
 
 -- The mean of a number over the pipeline stages.
@@ -663,8 +656,8 @@ local function moe_stats(run)
   return { tokens_min = lo, tokens_mean = total / E, tokens_max = hi,
     dropped = math.max(0, 1 - sums[E + 3] / math.max(sums[E + 2], 1)), aux_loss = sums[E + 4] / n,
     z_loss = sums[E + 5] / n, dispatcher = m.moe_token_dispatcher_type, dispatch = dispatch,
-    expert_bias = m.moe_router_enable_expert_bias and { -max_over_stages(run, -bias_lo), max_over_stages(run, bias_hi) }
-      or nil }
+    expert_bias = m.moe_router_enable_expert_bias
+      and { -sum_over_stages(run, -bias_lo, "max"), sum_over_stages(run, bias_hi, "max") } or nil }
 end
 
 -- "GPT(layers=2, ...)" of the whole model, and with pipeline stages what this rank's chunks hold.

@@ -14,14 +14,8 @@ local RTOL = 1e-5
 local h = dofile("tests/lua/helpers.lua")
 local q, run, tmpdir = h.q, h.run, h.tmpdir
 
--- 2 layers of 4 experts (top-2), aux and z losses, dropout on, global batch 8 in microbatches of 2.
 local STEPS = 20
-local BASE = "recipes/gpt_tiny.lua train.train_iters=%d train.global_batch_size=8 train.micro_batch_size=2 "
-  .. "model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.seq_length=32 "
-  .. "dataset.sequence_length=32 model.hidden_dropout=0.1 model.attention_dropout=0.1 train.eval_interval=100 "
-  .. "train.eval_iters=0 logger.log_interval=1 logger.log_params_norm=true scheduler.lr_warmup_fraction=nil "
-  .. "scheduler.lr_warmup_iters=2 optimizer.lr=1e-3 model.num_moe_experts=4 model.moe_router_topk=2 "
-  .. "model.moe_aux_loss_coeff=0.01 model.moe_z_loss_coeff=0.001 "
+local BASE = h.MOE_BASE
 
 local function launch(n, dir, name, extra, steps)
   return h.launch_metrics(LUATRON, n, dir, name, BASE:format(steps or STEPS) .. (extra or ""))

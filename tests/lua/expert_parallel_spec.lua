@@ -58,6 +58,71 @@ local function assert_equivalent(ref, got, label, first)
   h.assert_same_steps(ref, got, assert_close, label)
 end
 
+-- The CUDA backend's MoE block under EP (the dispatch's row gathers, combines and collectives on device
+-- buffers) on the emulated plugin: each of 2 ranks builds its half of the experts on "cuda" (whose memory
+-- is the host's under the emulator, so the shm communicator carries the exchanges) and runs its own
+-- sample; against the CPU's single rank on both samples: the losses, the dense gradients summed over
+-- the ranks and each rank's experts' gradients (aux and z losses and dropout off: they are per
+-- microbatch).
+local CUDA_EP_CHECK = [[
+local lt = require "luatron"
+local core = require "luatron.core"
+local model_lib = require "luatron.model"
+local world = core.comm_world()
+local me, n, S = world:rank(), world:size(), 16
+local function provider(device, ep)
+  return lt.GPTModelProvider { num_layers = 2, hidden_size = 16, num_attention_heads = 4, seq_length = S,
+    vocab_size = 64, make_vocab_size_divisible_by = 32, hidden_dropout = 0, attention_dropout = 0, device = device,
+    num_moe_experts = 4, moe_router_topk = 2, moe_ffn_hidden_size = 24, expert_model_parallel_size = ep,
+    moe_token_dispatcher_type = arg[1], moe_shared_expert_intermediate_size = 8 }
+end
+local ref = model_lib.build(provider("cpu", 1), 3)
+local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, nil, nil, world)
+cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 0, 2, true, true
+local chunk = core.gpt_chunk(cfg)
+local tok, tgt = {}, {}
+for b = 1, n do
+  tok[b], tgt[b] = {}, {}
+  for t = 1, S do tok[b][t], tgt[b][t] = (b * 8 + t * 5) % 64, (b * 3 + t * 7) % 64 end
+end
+local tokens, targets = lt.tensor.from(tok, "int32"), lt.tensor.from(tgt, "int32")
+ref:zero_grad(); chunk:zero_grad()
+local ctx, loss, valid = ref:forward(tokens, targets, 5)
+ref:backward(ctx, 1 / valid)
+local losses, c = chunk:forward(tokens:narrow(1, me + 1, 1), targets:narrow(1, me + 1, 1), 5)
+local sum = lt.tensor.from({ losses:to_host():sum() }, "float32")
+world:all_reduce(sum, "sum")
+chunk:backward(c, 1 / valid)
+local worst = 0
+for _, p in ipairs(chunk:parameters()) do
+  local g = chunk:grad(p.name):to_host()
+  if not p.expert then world:all_reduce(g, "sum") end -- (an expert's gradient has every rank's tokens already)
+  local a, b = ref:grad(p.name):reshape({ p.numel }), g:reshape({ p.numel })
+  local scale, diff = 0, 0
+  for i = 1, p.numel do
+    scale, diff = math.max(scale, math.abs(a:get(i))), math.max(diff, math.abs(a:get(i) - b:get(i)))
+  end
+  worst = math.max(worst, diff / math.max(scale, 1e-4))
+end
+print(("rank %d device %s loss %.9g parallel %.9g grad_rel %.3g"):format(me, chunk:grad(chunk:parameters()[1].name):device(),
+  loss, sum:item() / valid, worst))
+]]
+
+describe("expert parallelism on the CUDA backend (the emulated plugin)", function()
+  for _, d in ipairs { "allgather", "alltoall", "flex" } do
+    it(("matches the CPU's single rank (EP = 2, %s, shared experts)"):format(d), function()
+      local code, out, rows = h.emulated_check(LUATRON, CUDA_EP_CHECK, d, 2)
+      assert.are.equal(0, code, out)
+      assert.are.equal(2, #rows, out)
+      for _, r in ipairs(rows) do
+        assert.are.equal("cuda", r.device, out)
+        assert_close(r.loss, r.parallel, "rank " .. r.rank .. " loss")
+        assert.is_true(r.rel <= RTOL, ("rank %d: gradients differ by %g of their scale"):format(r.rank, r.rel))
+      end
+    end)
+  end
+end)
+
 describe("expert parallelism", function()
   assert(LUATRON, "LUATRON is not set: point it at the luatron binary")
   local dir = tmpdir()

@@ -1,13 +1,16 @@
-/* core.moe_route, core.moe_route_backward, core.moe_aux_counts: the MoE router of
- * engine/parallel/moe_router.h on host tensors. lua/luatron/moe.lua (lt.moe) checks the options
- * people write and passes a table of the C fields:
+/* core.moe_route, core.moe_route_backward, core.moe_aux_counts, core.moe_global_counts_add: the MoE
+ * router of engine/parallel/moe_router.h on host tensors. lua/luatron/moe.lua (lt.moe) checks the
+ * options people write and passes a table of the C fields:
  *   { topk, sigmoid, pre_softmax, topk_scaling_factor, expert_bias (fp32 [E] or nil), capacity_factor,
- *     drop_by_position, pad_to_capacity, load_balancing (0/1/2), aux_loss_coeff, z_loss_coeff,
- *     seq_length, micro_batch_size, tp_cp_size, aux_counts (int64 [n] or nil) }
+ *     drop_by_position, pad_to_capacity, load_balancing (0..4), aux_loss_coeff, z_loss_coeff,
+ *     seq_length, micro_batch_size, tp_cp_size, aux_counts (int64 [n] or nil), tp_dp_cp_size,
+ *     global_counts (fp32 [E] or nil), eval }
  *   core.moe_route(logits [T, E] fp32, cfg) --> probs [T, E] fp32, map [T, E] int32,
  *                                              tokens_per_expert [E] int64, aux_loss, z_loss
  *   core.moe_route_backward(logits, map, cfg, dprobs [T, E] fp32, daux, dz) --> dlogits [T, E] fp32
- *   core.moe_aux_counts(logits, cfg) --> int64 [n]: this rank's counts of the aux loss */
+ *   core.moe_aux_counts(logits, cfg) --> int64 [n]: this rank's counts of the aux loss
+ *   core.moe_global_counts_add(sum fp32 [E], steps, summed int64 [E]) --> avg fp32 [E], steps + 1
+ *     (sum updated in place) */
 #include <stdlib.h>
 
 #include "engine/lua/bindings.h"
@@ -20,7 +23,8 @@ static lt_tensor *check_shaped(lua_State *L, int idx, lt_dtype dtype, int ndim, 
     if (t->dtype != dtype || t->ndim != ndim || !lt_tensor_is_contiguous(t) || (d0 >= 0 && t->shape[0] != d0) ||
         (ndim > 1 && d1 >= 0 && t->shape[1] != d1)) {
         if (ndim == 1)
-            luaL_error(L, "%s must be a contiguous %s tensor [%d]", what, lt_dtype_name(dtype), (int)d0);
+            luaL_error(L, "%s must be a contiguous %s tensor [%s]", what, lt_dtype_name(dtype),
+                       d0 >= 0 ? lua_pushfstring(L, "%d", (int)d0) : "experts");
         luaL_error(L, "%s must be a contiguous %s tensor [%s, %s]", what, lt_dtype_name(dtype),
                    d0 >= 0 ? lua_pushfstring(L, "%d", (int)d0) : "tokens",
                    d1 >= 0 ? lua_pushfstring(L, "%d", (int)d1) : "experts");
@@ -58,7 +62,7 @@ static lt_tensor *tensor_field(lua_State *L, int idx, const char *key, lt_dtype 
     return check_shaped(L, lua_gettop(L), dtype, 1, n, -1, key);
 }
 
-/* cfg from the table at idx for logits [T, E]; pushes 2 values (the tensors it points into). */
+/* cfg from the table at idx for logits [T, E]; pushes 3 values (the tensors it points into). */
 static lt_moe_router_cfg read_cfg(lua_State *L, int idx, int E) {
     luaL_checktype(L, idx, LUA_TTABLE);
     lt_moe_router_cfg c = {
@@ -75,11 +79,15 @@ static lt_moe_router_cfg read_cfg(lua_State *L, int idx, int E) {
         .seq_length = int_field(L, idx, "seq_length"),
         .micro_batch_size = int_field(L, idx, "micro_batch_size"),
         .tp_cp_size = int_field(L, idx, "tp_cp_size"),
+        .tp_dp_cp_size = int_field(L, idx, "tp_dp_cp_size"),
+        .eval = bool_field(L, idx, "eval"),
     };
     lt_tensor *bias = tensor_field(L, idx, "expert_bias", LT_F32, E);
     c.expert_bias = bias ? lt_tensor_data(bias) : NULL;
     lt_tensor *counts = tensor_field(L, idx, "aux_counts", LT_I64, lt_moe_aux_counts_len(&c, E));
     c.aux_counts = counts ? lt_tensor_data(counts) : NULL;
+    lt_tensor *global = tensor_field(L, idx, "global_counts", LT_F32, E);
+    c.global_counts = global ? lt_tensor_data(global) : NULL;
     return c;
 }
 
@@ -144,11 +152,23 @@ static int l_aux_counts(lua_State *L) {
     return 1;
 }
 
+static int l_global_counts_add(lua_State *L) {
+    lt_tensor *sum = check_shaped(L, 1, LT_F32, 1, -1, -1, "sum");
+    const int E = (int)sum->shape[0];
+    float steps = (float)luaL_checknumber(L, 2);
+    lt_tensor *summed = check_shaped(L, 3, LT_I64, 1, E, -1, "counts");
+    lt_tensor *avg = new_tensor(L, LT_F32, 1, E, 0);
+    lt_moe_global_counts_add(lt_tensor_data(sum), &steps, lt_tensor_data(summed), E, lt_tensor_data(avg));
+    lua_pushnumber(L, steps);
+    return 2;
+}
+
 void lt_lua_open_moe(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"moe_route", l_route},
         {"moe_route_backward", l_route_backward},
         {"moe_aux_counts", l_aux_counts},
+        {"moe_global_counts_add", l_global_counts_add},
         {NULL, NULL},
     };
     luaL_setfuncs(L, fns, 0);

@@ -9,7 +9,12 @@
 
 #include "engine/core/error.h"
 
-static int aux_on(const lt_moe_router_cfg *c) { return c->load_balancing && c->aux_loss_coeff > 0; }
+enum { NONE, AUX, SEQ_AUX, SINKHORN, GLOBAL_AUX };
+
+static int aux_on(const lt_moe_router_cfg *c) {
+    return (c->load_balancing == AUX || c->load_balancing == SEQ_AUX || c->load_balancing == GLOBAL_AUX) &&
+           c->aux_loss_coeff > 0;
+}
 
 int lt_moe_router_check(const lt_moe_router_cfg *c, int T, int E, char *err, size_t errlen) {
     if (T < 1 || E < 1) return lt_fail(err, errlen, "the router needs tokens and experts (got %d x %d logits)", T, E);
@@ -17,7 +22,7 @@ int lt_moe_router_check(const lt_moe_router_cfg *c, int T, int E, char *err, siz
     if (c->topk > E)
         return lt_fail(err, errlen, "moe_router_topk (%d) is larger than num_moe_experts (%d): a token cannot pick "
                        "more experts than there are", c->topk, E);
-    if (!c->sigmoid && c->topk == 1 && !c->pre_softmax)
+    if (!c->sigmoid && c->topk == 1 && !c->pre_softmax && c->load_balancing != SINKHORN)
         return lt_fail(err, errlen, "Please use --moe-router-pre-softmax when topk is 1.");
     if (c->expert_bias && !c->sigmoid)
         return lt_fail(err, errlen, "Expert bias for aux-loss-free routing only supports 'sigmoid' and 'sqrtsoftplus' "
@@ -25,18 +30,26 @@ int lt_moe_router_check(const lt_moe_router_cfg *c, int T, int E, char *err, siz
                        "or unset --moe-router-enable-expert-bias.");
     if (c->pad_to_capacity && !(c->capacity_factor > 0))
         return lt_fail(err, errlen, "moe_expert_capacity_factor must be set to use moe_pad_expert_input_to_capacity");
-    if (c->load_balancing < 0 || c->load_balancing > 2)
-        return lt_fail(err, errlen, "load_balancing must be 0 (none), 1 (aux_loss) or 2 (seq_aux_loss), got %d",
-                       c->load_balancing);
-    if (aux_on(c) && c->load_balancing == 2 &&
+    if (c->load_balancing < NONE || c->load_balancing > GLOBAL_AUX)
+        return lt_fail(err, errlen, "load_balancing must be 0 (none), 1 (aux_loss), 2 (seq_aux_loss), 3 (sinkhorn) "
+                       "or 4 (global_aux_loss), got %d", c->load_balancing);
+    if (c->load_balancing == SINKHORN && c->capacity_factor > 0) /* TransformerConfig's check */
+        return lt_fail(err, errlen, "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, "
+                       "global_aux_loss or none load balancing");
+    if (c->load_balancing == SINKHORN && c->aux_loss_coeff != 0) /* sinkhorn_load_balancing's assert */
+        return lt_fail(err, errlen, "Sinkhorn routing does not support aux loss.");
+    if (aux_on(c) && c->load_balancing == SEQ_AUX &&
         (c->seq_length < 1 || c->micro_batch_size < 1 || (int64_t)c->seq_length * c->micro_batch_size != T))
         return lt_fail(err, errlen,
                        "seq_aux_loss needs seq_length x micro_batch_size = the tokens (%d x %d, %d tokens)",
                        c->seq_length, c->micro_batch_size, T);
-    if (aux_on(c) && c->tp_cp_size > 1 && !c->aux_counts)
+    if (aux_on(c) && c->load_balancing != GLOBAL_AUX && c->tp_cp_size > 1 && !c->aux_counts)
         return lt_fail(err, errlen,
                        "the aux loss over a TP x CP group of %d needs the counts summed over it (aux_counts)",
                        c->tp_cp_size);
+    if (aux_on(c) && c->load_balancing == GLOBAL_AUX && c->tp_dp_cp_size > 1 && !c->global_counts)
+        return lt_fail(err, errlen, "the global aux loss over a TP x DP x CP group of %d needs the averaged counts "
+                       "summed over it (global_counts)", c->tp_dp_cp_size);
     return 0;
 }
 
@@ -146,11 +159,76 @@ static void aux_scores_backward(const lt_moe_router_cfg *c, const float *s, cons
 /* Column of the aux loss's counts for token t's expert e: seq_aux_loss folds the batch into the experts
  * ([S, B E] with t = s B + b). */
 static int aux_col(const lt_moe_router_cfg *c, int t, int e, int E) {
-    return c->load_balancing == 2 ? (t % c->micro_batch_size) * E + e : e;
+    return c->load_balancing == SEQ_AUX ? (t % c->micro_batch_size) * E + e : e;
 }
 
 int lt_moe_aux_counts_len(const lt_moe_router_cfg *c, int E) {
-    return !aux_on(c) ? 0 : c->load_balancing == 2 ? c->micro_batch_size * E : E;
+    return !aux_on(c) ? 0 : c->load_balancing == SEQ_AUX ? c->micro_batch_size * E : E;
+}
+
+void lt_moe_global_counts_add(float *sum, float *steps, const int64_t *summed, int E, float *avg) {
+    *steps += 1;
+    for (int e = 0; e < E; e++) {
+        sum[e] += (float)summed[e];
+        avg[e] = sum[e] / *steps;
+    }
+}
+
+#define SINKHORN_LIMIT 100000
+
+int lt_moe_sinkhorn(const float *logits, int T, int E, float *out, char *err, size_t errlen) {
+    if (T < 1 || E < 1) return lt_fail(err, errlen, "sinkhorn needs tokens and experts (got %d x %d logits)", T, E);
+    float *d0 = malloc(sizeof(float) * ((size_t)T + 2 * (size_t)E));
+    double *col = malloc(sizeof(double) * (size_t)E);
+    if (!d0 || !col) {
+        free(d0), free(col);
+        return lt_fail(err, errlen, "out of host memory in the MoE router's sinkhorn (%d x %d logits)", T, E);
+    }
+    float *d1 = d0 + T, *old = d1 + E;
+    float *cost = out; /* exp(logits), scaled in place at the end */
+    for (size_t i = 0; i < (size_t)T * E; i++) cost[i] = expf(logits[i]);
+    for (int e = 0; e < E; e++) d1[e] = old[e] = 1;
+    /* Megatron's (1 / n) * 1 / (sum + eps) is the tensor's reciprocal times the Python scalar 1 / n */
+    const float rT = (float)(1.0 / T), rE = (float)(1.0 / E), eps = 1e-8f;
+    float error = 1e9f;
+    int it = 0;
+    while (error > 1e-4f) { /* a NaN error ends it, as in Python */
+        if (++it > SINKHORN_LIMIT) {
+            free(d0), free(col);
+            return lt_fail(err, errlen, "sinkhorn did not reach Megatron's tolerance (mean change 1e-4, now %g) in %d "
+                           "iterations; Megatron's loop has no limit and would not stop", (double)error,
+                           SINKHORN_LIMIT);
+        }
+        /* sums in double: closer than a sequential float sum to torch's tree reductions over long columns */
+        for (int t = 0; t < T; t++) {
+            double sum = 0;
+            for (int e = 0; e < E; e++) sum += d1[e] * cost[(size_t)t * E + e];
+            d0[t] = 1.0f / ((float)sum + eps) * rT;
+        }
+        for (int e = 0; e < E; e++) col[e] = 0;
+        for (int t = 0; t < T; t++)
+            for (int e = 0; e < E; e++) col[e] += d0[t] * cost[(size_t)t * E + e];
+        double change = 0;
+        for (int e = 0; e < E; e++) {
+            d1[e] = 1.0f / ((float)col[e] + eps) * rE;
+            change += fabsf(old[e] - d1[e]);
+            old[e] = d1[e];
+        }
+        error = (float)change / (float)E;
+    }
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < E; e++) out[(size_t)t * E + e] = d1[e] * cost[(size_t)t * E + e] * d0[t];
+    free(d0), free(col);
+    return 0;
+}
+
+/* Sinkhorn's activation (_sinkhorn_activation): sigmoid for k = 1, else softmax over all E. */
+static void sinkhorn_act(int k, const float *l, int E, float *s) {
+    if (k > 1) {
+        softmax(l, E, s);
+        return;
+    }
+    for (int e = 0; e < E; e++) s[e] = sigmoid(l[e]);
 }
 
 struct ranked {
@@ -189,8 +267,8 @@ static void counts_of(const lt_moe_router_cfg *c, const float *logits, int T, in
 
 int lt_moe_aux_counts(const lt_moe_router_cfg *c, const float *logits, int T, int E, int64_t *counts, char *err,
                       size_t errlen) {
-    lt_moe_router_cfg own = *c; /* a rank's own counts are what the group's sum needs: no aux_counts yet */
-    own.tp_cp_size = 1;
+    lt_moe_router_cfg own = *c; /* a rank's own counts are what the group's sum needs: none summed yet */
+    own.tp_cp_size = own.tp_dp_cp_size = 1;
     scratch w;
     if (lt_moe_router_check(&own, T, E, err, errlen) || scratch_new(&w, T, E, c->topk, 0, err, errlen)) return -1;
     counts_of(c, logits, T, E, counts, &w);
@@ -198,22 +276,35 @@ int lt_moe_aux_counts(const lt_moe_router_cfg *c, const float *logits, int T, in
     return 0;
 }
 
-/* The counts the aux loss uses (the caller's or this rank's), in *owned when this function made them. */
-static const int64_t *aux_counts(const lt_moe_router_cfg *c, const float *logits, int T, int E, const scratch *w,
-                                 int64_t **owned, char *err, size_t errlen) {
-    *owned = NULL;
-    if (c->aux_counts) return c->aux_counts;
-    *owned = malloc(sizeof(int64_t) * (size_t)lt_moe_aux_counts_len(c, E));
-    if (!*owned) return lt_fail(err, errlen, "out of host memory in the MoE router"), NULL;
-    counts_of(c, logits, T, E, *owned, w);
-    return *owned;
+/* The counts the aux loss multiplies the scores by, as the fp32 tensor Megatron multiplies (the caller's
+ * sums or average, or this rank's own counts), in a new array for the caller to free. */
+static float *aux_weights(const lt_moe_router_cfg *c, const float *logits, int T, int E, const scratch *w, char *err,
+                          size_t errlen) {
+    const int n = lt_moe_aux_counts_len(c, E);
+    float *f = malloc(sizeof(float) * (size_t)n);
+    int64_t *own = NULL;
+    const int global = c->load_balancing == GLOBAL_AUX;
+    const int64_t *counts = global ? NULL : c->aux_counts;
+    if (f && global && c->global_counts) {
+        memcpy(f, c->global_counts, sizeof(float) * (size_t)n);
+        return f;
+    }
+    if (f && !counts && (own = malloc(sizeof(int64_t) * (size_t)n))) counts_of(c, logits, T, E, own, w), counts = own;
+    if (!f || !counts) {
+        free(f);
+        return lt_fail(err, errlen, "out of host memory in the MoE router"), NULL;
+    }
+    for (int i = 0; i < n; i++) f[i] = (float)counts[i];
+    free(own);
+    return f;
 }
 
 /* d(aux)/d(sum of the scores x counts): Megatron's E coeff / (k T'^2), a Python double applied to an
- * fp32 tensor (so rounded to float); seq_aux_loss then divides by B. */
+ * fp32 tensor (so rounded to float); seq_aux_loss then divides by B. T' counts the group's tokens: the
+ * TP x CP group's, or the TP x DP x CP group's for global_aux_loss. */
 static float aux_scale(const lt_moe_router_cfg *c, int T, int E) {
-    const int64_t n = (int64_t)(c->load_balancing == 2 ? c->seq_length : T) *
-                      (c->tp_cp_size > 1 ? c->tp_cp_size : 1);
+    const int group = c->load_balancing == GLOBAL_AUX ? c->tp_dp_cp_size : c->tp_cp_size;
+    const int64_t n = (int64_t)(c->load_balancing == SEQ_AUX ? c->seq_length : T) * (group > 1 ? group : 1);
     return (float)((double)E * c->aux_loss_coeff / (double)((int64_t)c->topk * n * n));
 }
 
@@ -250,6 +341,31 @@ static void drop_tokens(const lt_moe_router_cfg *c, float *probs, uint8_t *map, 
     }
 }
 
+/* sinkhorn_load_balancing: probs and map of all T tokens at once (the scaling couples them); the top-k of
+ * the sinkhorn-normalised logits in training, of the activation in eval, and the activation there. */
+static int sinkhorn_route(const lt_moe_router_cfg *c, const float *logits, int T, int E, float *probs, uint8_t *map,
+                          const scratch *w, char *err, size_t errlen) {
+    float *norm = NULL;
+    if (!c->eval) {
+        norm = malloc(sizeof(float) * (size_t)T * E);
+        if (!norm) return lt_fail(err, errlen, "out of host memory in the MoE router (%d x %d logits)", T, E);
+        if (lt_moe_sinkhorn(logits, T, E, norm, err, errlen)) {
+            free(norm);
+            return -1;
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        sinkhorn_act(c->topk, logits + (size_t)t * E, E, w->s);
+        topk(norm ? norm + (size_t)t * E : w->s, NULL, E, c->topk, w->idx);
+        for (int j = 0; j < c->topk; j++) {
+            const size_t i = (size_t)t * E + w->idx[j];
+            probs[i] = w->s[w->idx[j]], map[i] = 1;
+        }
+    }
+    free(norm);
+    return 0;
+}
+
 int lt_moe_route_forward(const lt_moe_router_cfg *c, const float *logits, int T, int E, float *probs, uint8_t *map,
                          int64_t *tokens_per_expert, double *aux_loss, double *z_loss, char *err, size_t errlen) {
     const int dropping = c->capacity_factor > 0;
@@ -267,10 +383,14 @@ int lt_moe_route_forward(const lt_moe_router_cfg *c, const float *logits, int T,
         const double coeff = c->z_loss_coeff / (c->tp_cp_size > 1 ? c->tp_cp_size : 1);
         *z_loss = (float)(sum / T) * (float)coeff;
     }
-    /* 2. top-k with the score function */
+    /* 2. top-k with the score function, or sinkhorn's */
     memset(probs, 0, sizeof(float) * (size_t)T * E);
     memset(map, 0, (size_t)T * E);
-    for (int t = 0; t < T; t++) {
+    if (c->load_balancing == SINKHORN && sinkhorn_route(c, logits, T, E, probs, map, &w, err, errlen)) {
+        free(w.col);
+        return -1;
+    }
+    for (int t = 0; c->load_balancing != SINKHORN && t < T; t++) {
         route_token(c, logits + (size_t)t * E, E, w.s, w.idx, w.p);
         for (int j = 0; j < k; j++) {
             const size_t i = (size_t)t * E + w.idx[j];
@@ -286,11 +406,10 @@ int lt_moe_route_forward(const lt_moe_router_cfg *c, const float *logits, int T,
     *aux_loss = 0;
     if (aux_on(c)) {
         const int ncol = lt_moe_aux_counts_len(c, E);
-        int64_t *owned;
-        const int64_t *counts = aux_counts(c, logits, T, E, &w, &owned, err, errlen);
+        float *counts = aux_weights(c, logits, T, E, &w, err, errlen);
         double *agg = counts ? calloc((size_t)ncol, sizeof(double)) : NULL;
         if (!agg) {
-            free(owned), free(w.col);
+            free(counts), free(w.col);
             return counts ? lt_fail(err, errlen, "out of host memory in the MoE router") : -1;
         }
         for (int t = 0; t < T; t++) {
@@ -298,10 +417,10 @@ int lt_moe_route_forward(const lt_moe_router_cfg *c, const float *logits, int T,
             for (int e = 0; e < E; e++) agg[aux_col(c, t, e, E)] += w.s[e];
         }
         double sum = 0;
-        for (int i = 0; i < ncol; i++) sum += (float)agg[i] * (float)counts[i];
+        for (int i = 0; i < ncol; i++) sum += (float)agg[i] * counts[i];
         float aux = (float)sum * aux_scale(c, T, E);
-        *aux_loss = c->load_balancing == 2 ? aux / (float)c->micro_batch_size : aux;
-        free(agg), free(owned);
+        *aux_loss = c->load_balancing == SEQ_AUX ? aux / (float)c->micro_batch_size : aux;
+        free(agg), free(counts);
     }
     free(w.col);
     return 0;
@@ -315,14 +434,13 @@ int lt_moe_route_backward(const lt_moe_router_cfg *c, const float *logits, const
     if (lt_moe_router_check(c, T, E, err, errlen) || scratch_new(&w, T, E, c->topk, 0, err, errlen)) return -1;
     const int k = c->topk;
     const float scale = c->topk_scaling_factor != 0 ? c->topk_scaling_factor : 1.0f;
-    const int64_t *counts = NULL;
-    int64_t *owned = NULL;
-    if (aux_on(c) && daux != 0 && !(counts = aux_counts(c, logits, T, E, &w, &owned, err, errlen))) {
+    float *counts = NULL;
+    if (aux_on(c) && daux != 0 && !(counts = aux_weights(c, logits, T, E, &w, err, errlen))) {
         free(w.col);
         return -1;
     }
     /* d(aux)/d(score) per unit count: daux / B (seq_aux_loss) x the scalar, in fp32 as autograd forms it */
-    const float per_b = c->load_balancing == 2 ? daux / (float)c->micro_batch_size : daux;
+    const float per_b = c->load_balancing == SEQ_AUX ? daux / (float)c->micro_batch_size : daux;
     const float gaux = counts ? per_b * aux_scale(c, T, E) : 0;
     const float gz = c->z_loss_coeff != 0 && dz != 0
                          ? dz * (float)(c->z_loss_coeff / (c->tp_cp_size > 1 ? c->tp_cp_size : 1)) / (float)T
@@ -331,16 +449,22 @@ int lt_moe_route_backward(const lt_moe_router_cfg *c, const float *logits, const
         const float *l = logits + (size_t)t * E, *dp = dprobs + (size_t)t * E;
         float *dl = dlogits + (size_t)t * E;
         memset(dl, 0, sizeof(float) * (size_t)E);
-        /* probs: the masked scatter passes dprobs to the chosen k where the final map keeps them */
-        route_token(c, l, E, w.s, w.idx, w.p);
-        for (int j = 0; j < k; j++) {
-            const size_t i = (size_t)t * E + w.idx[j];
-            w.g[j] = map[i] ? dp[w.idx[j]] * scale : 0;
+        if (c->load_balancing == SINKHORN) { /* probs = activation x map (no dropping): its backward */
+            sinkhorn_act(k, l, E, w.s);
+            float dot = 0;
+            for (int e = 0; e < E; e++) w.g[e] = map[(size_t)t * E + e] ? dp[e] : 0, dot += w.g[e] * w.s[e];
+            for (int e = 0; e < E; e++) dl[e] += k > 1 ? w.s[e] * (w.g[e] - dot) : w.g[e] * w.s[e] * (1 - w.s[e]);
+        } else { /* probs: the masked scatter passes dprobs to the chosen k where the final map keeps them */
+            route_token(c, l, E, w.s, w.idx, w.p);
+            for (int j = 0; j < k; j++) {
+                const size_t i = (size_t)t * E + w.idx[j];
+                w.g[j] = map[i] ? dp[w.idx[j]] * scale : 0;
+            }
+            route_token_backward(c, w.s, w.idx, w.p, w.g, E, dl);
         }
-        route_token_backward(c, w.s, w.idx, w.p, w.g, E, dl);
         if (gaux != 0) {
             aux_scores(c, l, E, w.s, w.sg);
-            for (int e = 0; e < E; e++) w.g[e] = gaux * (float)counts[aux_col(c, t, e, E)];
+            for (int e = 0; e < E; e++) w.g[e] = gaux * counts[aux_col(c, t, e, E)];
             aux_scores_backward(c, w.s, w.sg, w.g, E, dl);
         }
         if (gz != 0) { /* d(lse^2)/dl = 2 lse softmax(l) */
@@ -348,6 +472,6 @@ int lt_moe_route_backward(const lt_moe_router_cfg *c, const float *logits, const
             for (int e = 0; e < E; e++) dl[e] += gz * 2 * lse * w.s[e];
         }
     }
-    free(owned), free(w.col);
+    free(counts), free(w.col);
     return 0;
 }

@@ -18,7 +18,7 @@
  *     Those capacity masks count zeros too: a column with fewer routed tokens than the capacity is
  *     filled with unrouted tokens, which is what pad_to_capacity sends (map = the capacity mask, probs
  *     0 there; with capacity > T every token goes to every expert). Without padding map &= mask;
- *  4. the load-balancing loss (when load_balancing != 0 and aux_loss_coeff > 0), from the logits
+ *  4. the load-balancing loss (load_balancing 1, 2 or 4 and aux_loss_coeff > 0), from the logits
  *     again, not from step 2's or 3's map: scores = softmax over all E (softmax) or sigmoid normalised
  *     over all E (sigmoid: / (sum + 1e-20)), no expert bias, and ITS OWN top-k map
  *     (compute_routing_scores_for_aux_loss), before any dropping. With c_i that map's column counts
@@ -29,11 +29,25 @@
  *     Counts and T' are Megatron's sums over the TP x CP group: with tp_cp_size > 1 the caller passes
  *     the summed counts in aux_counts (lt_moe_aux_counts gives a rank's own, lt_moe_aux_counts_len
  *     long, to all-reduce); with tp_cp_size 1 and aux_counts NULL a rank uses its own.
+ *       global_aux_loss (_apply_global_aux_loss): the aux_loss formula with c_i = global_counts, the
+ *                     running average over the step's microbatches so far (this one included) of the
+ *                     counts summed over TP x DP x CP, and                             T' = T tp_dp_cp_size
+ *     The caller keeps Megatron's tracker (global_tokens_per_expert, ga_steps): per microbatch it sums
+ *     lt_moe_aux_counts over TP x DP x CP, lt_moe_global_counts_add gives the average, and the tracker
+ *     is zeroed when the step's gradients are final (finalize_model_grads). With tp_dp_cp_size 1 and
+ *     global_counts NULL a rank uses its own counts (Megatron's average at the step's first microbatch).
+ *
+ * Sinkhorn (load_balancing 3, sinkhorn_load_balancing) replaces step 2: the k experts are the top-k of
+ * lt_moe_sinkhorn(logits) (of the activation below when eval, as Megatron outside training), and the probs
+ * are the activation at them: sigmoid (k = 1) or softmax over all E (k > 1), nothing renormalised. Like
+ * Megatron it ignores sigmoid, pre_softmax, topk_scaling_factor and expert_bias (checks still apply) and has
+ * no aux loss; it refuses a capacity factor (and so padding) and a nonzero aux_loss_coeff with Megatron's
+ * messages. The z-loss applies as for the others.
  *
  * The losses come back as the values that enter the total loss (coefficients applied; Megatron logs
  * them divided by the coefficient). Their gradients enter as MoEAuxLossAutoScaler's: d(total)/d(aux)
  * and d(total)/d(z) are the caller's (1, or the main loss's backward scale; x local tokens x tp_cp_size
- * under calculate_per_token_loss), passed to backward as daux and dz.
+ * under calculate_per_token_loss, global_aux_loss's too), passed to backward as daux and dz.
  *
  * Functions return 0, or -1 with the reason in err (a bad configuration, out of memory). */
 #ifndef LT_MOE_ROUTER_H
@@ -52,22 +66,39 @@ typedef struct {
     double capacity_factor;
     int drop_by_position; /* moe_token_drop_policy "position" (0: "probs") */
     int pad_to_capacity;  /* moe_pad_expert_input_to_capacity (needs a capacity factor) */
-    int load_balancing;   /* 0 none, 1 aux_loss, 2 seq_aux_loss */
+    int load_balancing;   /* 0 none, 1 aux_loss, 2 seq_aux_loss, 3 sinkhorn, 4 global_aux_loss */
     double aux_loss_coeff, z_loss_coeff;
     int seq_length, micro_batch_size; /* seq_aux_loss: T = seq_length x micro_batch_size */
     int tp_cp_size;                   /* ranks of the TP x CP group (<= 1: one) */
     const int64_t *aux_counts;        /* the aux loss's counts summed over TP x CP, or NULL: this rank's */
+    /* global_aux_loss: the ranks of the TP x DP x CP group (<= 1: one) and [E] the running average of the
+     * counts summed over it (lt_moe_global_counts_add), or NULL: this rank's own (one rank, first microbatch) */
+    int tp_dp_cp_size;
+    const float *global_counts;
+    /* Megatron's router outside training: sinkhorn then picks by its activation. Only that changes: the
+     * losses, which Megatron skips there, are the caller's to ignore (and eval counts stay out of the tracker) */
+    int eval;
 } lt_moe_router_cfg;
 
 /* Checks cfg for T tokens of E experts (Megatron's messages where it has them). */
 int lt_moe_router_check(const lt_moe_router_cfg *cfg, int T, int E, char *err, size_t errlen);
 
-/* How many counts the aux loss takes: E (aux_loss), micro_batch_size x E (seq_aux_loss, column b E + i),
- * 0 when it is off. */
+/* How many counts the aux loss takes: E (aux_loss, global_aux_loss), micro_batch_size x E (seq_aux_loss,
+ * column b E + i), 0 when it is off. */
 int lt_moe_aux_counts_len(const lt_moe_router_cfg *cfg, int E);
-/* This rank's counts of the aux loss's top-k map (step 4), to sum over TP x CP into aux_counts. */
+/* This rank's counts of the aux loss's top-k map (step 4), to sum over TP x CP into aux_counts (over
+ * TP x DP x CP into lt_moe_global_counts_add for global_aux_loss). */
 int lt_moe_aux_counts(const lt_moe_router_cfg *cfg, const float *logits, int T, int E, int64_t *counts, char *err,
                       size_t errlen);
+/* global_aux_loss's tracker, in fp32 as Megatron's buffers: sum[E] += summed (the microbatch's counts summed
+ * over TP x DP x CP), *steps += 1, avg[E] = sum / *steps: the cfg's global_counts. sum and *steps start at 0
+ * each step. */
+void lt_moe_global_counts_add(float *sum, float *steps, const int64_t *summed, int E, float *avg);
+
+/* out [T, E] = moe_utils.sinkhorn(logits) in fp32: exp, then row and column scalings alternated until the
+ * mean change of the column one is <= 1e-4, Megatron's tolerance (no iteration limit there; here -1 after
+ * 100000, where Megatron would not stop). */
+int lt_moe_sinkhorn(const float *logits, int T, int E, float *out, char *err, size_t errlen);
 
 /* probs [T, E] (0 where not routed), map [T, E] (0/1), tokens_per_expert [E] (map's column sums, after
  * dropping and padding), aux_loss and z_loss (0 when off), all written. */
@@ -76,8 +107,9 @@ int lt_moe_route_forward(const lt_moe_router_cfg *cfg, const float *logits, int 
 
 /* dlogits [T, E], written: the gradient of sum(dprobs x probs) + daux aux_loss + dz z_loss with respect to
  * the logits, as autograd through Megatron's code gives it (the top-k choices, capacity masks and counts
- * carry none; a dropped entry passes none). map is forward's; probs and tokens_per_expert are not read
- * (may be NULL): everything else is recomputed from the logits, which decide it. */
+ * carry none; a dropped entry passes none; sinkhorn's scaling is under no_grad: only its activation at
+ * the map's entries passes). map is forward's; probs and tokens_per_expert are not read (may be NULL):
+ * everything else is recomputed from the logits, which decide it. */
 int lt_moe_route_backward(const lt_moe_router_cfg *cfg, const float *logits, const float *probs, const uint8_t *map,
                           const int64_t *tokens_per_expert, int T, int E, const float *dprobs, float daux, float dz,
                           float *dlogits, char *err, size_t errlen);

@@ -10,15 +10,27 @@
 --   local dlogits = lt.moe.route_backward(logits, routed, opts, dprobs [, daux [, dz]])
 --     the gradient of sum(dprobs probs) + daux aux_loss + dz z_loss (daux, dz default 1: Megatron's
 --     MoEAuxLossAutoScaler scale) with respect to the logits, fp32 [T, E].
---   lt.moe.aux_counts(logits, opts) int64: this rank's counts of the aux loss, to sum over TP x CP.
+--   lt.moe.aux_counts(logits, opts) int64: this rank's counts of the aux loss, to sum over TP x CP
+--     (over TP x DP x CP for global_aux_loss).
+--   lt.moe.global_counts_add(tracker, counts) fp32 [E]: global_aux_loss's running average (Megatron's
+--     global_tokens_per_expert / ga_steps, in fp32): tracker = { sum = lt.tensor.zeros({ E }), steps = 0 }
+--     at each step's start, counts = a microbatch's aux_counts summed over TP x DP x CP; it updates the
+--     tracker and returns the global_counts option for that microbatch.
 --
 -- Options (Megatron's names without the moe_ / moe_router_ prefix; defaults Megatron's):
 --   topk (2), score_function "softmax" | "sigmoid", pre_softmax (false), topk_scaling_factor (none),
 --   expert_bias (fp32 tensor [E], sigmoid only), capacity_factor (none; negative: none, as Megatron),
 --   drop_policy "probs" | "position", pad_to_capacity (false), load_balancing_type "aux_loss" |
---   "seq_aux_loss" | "none", aux_loss_coeff (0), z_loss_coeff (none), seq_length and micro_batch_size
---   (seq_aux_loss: token t = s B + b; default one sequence of all the tokens), tp_cp_size (1) with
---   aux_counts (int64 tensor: the aux loss's counts summed over the TP x CP group, needed when it is > 1).
+--   "seq_aux_loss" | "global_aux_loss" | "sinkhorn" | "none", aux_loss_coeff (0), z_loss_coeff (none),
+--   seq_length and micro_batch_size (seq_aux_loss: token t = s B + b; default one sequence of all the
+--   tokens), tp_cp_size (1) with aux_counts (int64 tensor: the aux loss's counts summed over the TP x CP
+--   group, needed when it is > 1), tp_dp_cp_size (1) with global_counts (global_aux_loss: fp32 [E], the
+--   running average of the counts summed over the TP x DP x CP group, from global_counts_add; needed when
+--   it is > 1; without it a rank's own counts), eval (false: Megatron's router outside training; sinkhorn
+--   then picks by its activation).
+--   sinkhorn picks each token's top-k of Megatron's sinkhorn-normalised logits and weighs them by
+--   sigmoid (topk 1) or softmax over all experts; it ignores score_function, pre_softmax,
+--   topk_scaling_factor and expert_bias, as Megatron, and refuses capacity_factor and aux_loss_coeff.
 local core = require "luatron.core"
 
 local M = {}
@@ -72,16 +84,20 @@ local CHECKS = {
   end,
   drop_policy = choice("drop_policy", { "probs", "position" }),
   pad_to_capacity = boolean("pad_to_capacity"),
-  load_balancing_type = choice("load_balancing_type", { "aux_loss", "seq_aux_loss", "none" }),
+  load_balancing_type = choice("load_balancing_type",
+    { "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none" }),
   aux_loss_coeff = number("aux_loss_coeff"),
   z_loss_coeff = number("z_loss_coeff"),
   seq_length = positive_integer("seq_length"),
   micro_batch_size = positive_integer("micro_batch_size"),
   tp_cp_size = positive_integer("tp_cp_size"),
   aux_counts = tensor("aux_counts"),
+  tp_dp_cp_size = positive_integer("tp_dp_cp_size"),
+  global_counts = tensor("global_counts"),
+  eval = boolean("eval"),
 }
 
-local BALANCING = { none = 0, aux_loss = 1, seq_aux_loss = 2 }
+local BALANCING = { none = 0, aux_loss = 1, seq_aux_loss = 2, sinkhorn = 3, global_aux_loss = 4 }
 
 -- The C fields (engine/lua/moe.c) for opts and logits [T, E]; errors name the caller (what).
 local function config(what, logits, opts)
@@ -98,7 +114,8 @@ local function config(what, logits, opts)
     table.sort(unknown)
     error(string.format("%s: unknown option%s %s (known: topk, score_function, pre_softmax, topk_scaling_factor, "
       .. "expert_bias, capacity_factor, drop_policy, pad_to_capacity, load_balancing_type, aux_loss_coeff, "
-      .. "z_loss_coeff, seq_length, micro_batch_size, tp_cp_size, aux_counts)", what, #unknown > 1 and "s" or "",
+      .. "z_loss_coeff, seq_length, micro_batch_size, tp_cp_size, aux_counts, tp_dp_cp_size, global_counts, eval)",
+      what, #unknown > 1 and "s" or "",
       table.concat(unknown, ", ")), 3)
   end
   for k, v in pairs(opts) do
@@ -124,6 +141,9 @@ local function config(what, logits, opts)
     micro_batch_size = B,
     tp_cp_size = opts.tp_cp_size,
     aux_counts = opts.aux_counts,
+    tp_dp_cp_size = opts.tp_dp_cp_size,
+    global_counts = opts.global_counts,
+    eval = opts.eval or false,
   }
 end
 
@@ -143,6 +163,16 @@ end
 
 function M.aux_counts(logits, opts)
   return core.moe_aux_counts(logits, config("moe.aux_counts", logits, opts))
+end
+
+function M.global_counts_add(tracker, counts)
+  if type(tracker) ~= "table" or not is_tensor(tracker.sum) or type(tracker.steps) ~= "number" then
+    error("moe.global_counts_add: tracker must be { sum = fp32 tensor [experts], steps = number }", 2)
+  end
+  if not is_tensor(counts) then error("moe.global_counts_add: counts must be an int64 tensor [experts]", 2) end
+  local avg, steps = core.moe_global_counts_add(tracker.sum, tracker.steps, counts)
+  tracker.steps = steps
+  return avg
 end
 
 return M

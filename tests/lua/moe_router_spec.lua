@@ -88,32 +88,86 @@ describe("lt.moe.route", function()
     near(0.01 * 2.5 * L2 * L2, z)
   end)
 
+  it("routes by sinkhorn: Megatron's balanced picks, the activation's probs, no aux loss", function()
+    -- exp(logits) = a_t K_te b_e / 3 with K doubly stochastic: sinkhorn balances it to K / 3, whose
+    -- largest entries are the diagonal, while every token's largest logit is expert 0's
+    local K, a, b = { { .6, .3, .1 }, { .1, .6, .3 }, { .3, .1, .6 } }, { 1, 2, .5 }, { 10, 1, 1 }
+    local rows = {}
+    for t = 1, 3 do
+      rows[t] = {}
+      for e = 1, 3 do rows[t][e] = math.log(a[t] * K[t][e] * b[e] / 3) end
+    end
+    local logits = T.from(rows)
+    local lg = logits:to_table() -- the fp32 logits, for the activations below
+    local function sigmoid(x) return 1 / (1 + math.exp(-x)) end
+    local r = lt.moe.route(logits, { topk = 1, load_balancing_type = "sinkhorn" }) -- no pre_softmax needed
+    assert.are.same({ { 1, 0, 0 }, { 0, 1, 0 }, { 0, 0, 1 } }, r.routing_map:to_table())
+    rows_near({ { sigmoid(lg[1][1]), 0, 0 }, { 0, sigmoid(lg[2][2]), 0 }, { 0, 0, sigmoid(lg[3][3]) } }, r.probs)
+    assert.are.equal(0, r.aux_loss)
+    r = lt.moe.route(logits, { topk = 1, load_balancing_type = "sinkhorn", eval = true }) -- by the activation
+    assert.are.same({ 3, 0, 0 }, r.tokens_per_expert:to_table())
+    r = lt.moe.route(logits, { topk = 2, load_balancing_type = "sinkhorn", score_function = "sigmoid",
+      topk_scaling_factor = 3 }) -- both ignored by sinkhorn, as Megatron
+    assert.are.same({ { 1, 1, 0 }, { 0, 1, 1 }, { 1, 0, 1 } }, r.routing_map:to_table())
+    local want = {}
+    for t = 1, 3 do
+      local z = math.exp(lg[t][1]) + math.exp(lg[t][2]) + math.exp(lg[t][3])
+      want[t] = {}
+      for e = 1, 3 do want[t][e] = r.routing_map:to_table()[t][e] * math.exp(lg[t][e]) / z end
+    end
+    rows_near(want, r.probs)
+  end)
+
+  it("computes the global aux loss from the averaged counts of its tracker", function()
+    local L3v = math.log(3)
+    local logits = T.from({ { L3v, 0 }, { L3v, 0 } }) -- softmax .75 .25 twice
+    local opts = { topk = 1, pre_softmax = true, load_balancing_type = "global_aux_loss", aux_loss_coeff = 0.1 }
+    near(0.15, lt.moe.route(logits, opts).aux_loss) -- one rank, first microbatch: the aux loss
+    assert.are.same({ 2, 0 }, lt.moe.aux_counts(logits, opts):to_table())
+    local tracker = { sum = T.zeros({ 2 }), steps = 0 }
+    local avg = lt.moe.global_counts_add(tracker, T.from({ 3, 1 }, "int64"))
+    assert.are.same({ 3, 1 }, avg:to_table())
+    avg = lt.moe.global_counts_add(tracker, T.from({ 2, 2 }, "int64"))
+    assert.are.same({ 2.5, 1.5 }, avg:to_table())
+    assert.are.equal(2, tracker.steps)
+    opts.tp_dp_cp_size, opts.global_counts = 2, avg -- 2 c / 4^2 x (1.5 x 2.5 + .5 x 1.5)
+    near(0.05625, lt.moe.route(logits, opts).aux_loss)
+  end)
+
   it("route_backward matches finite differences of route", function()
     local rows = { { 0.3, -1.2, 0.8, 0.1 }, { 1.1, 0.4, -0.5, 0.9 }, { -0.7, 0.2, 0.6, -0.1 } }
     local dp = { { 0.5, -0.3, 0.2, 0.9 }, { -0.4, 0.7, 0.1, -0.2 }, { 0.3, 0.3, -0.8, 0.6 } }
-    local opts = { topk = 2, aux_loss_coeff = 0.3, z_loss_coeff = 0.05 }
-    local daux, dz = 0.7, 1.3
-    local function loss(lg)
-      local r = lt.moe.route(T.from(lg), opts)
-      local s, p = daux * r.aux_loss + dz * r.z_loss, r.probs:to_table()
-      for i = 1, #dp do
-        for j = 1, #dp[i] do s = s + dp[i][j] * p[i][j] end
+    for _, opts in ipairs {
+      { topk = 2, aux_loss_coeff = 0.3, z_loss_coeff = 0.05 },
+      { topk = 2, load_balancing_type = "sinkhorn", z_loss_coeff = 0.05 },
+      { topk = 1, load_balancing_type = "sinkhorn" },
+      { topk = 2, load_balancing_type = "global_aux_loss", aux_loss_coeff = 0.3, tp_dp_cp_size = 3,
+        global_counts = T.from({ 4.5, 1, 2.25, 3 }) },
+    } do
+      local daux, dz = 0.7, 1.3
+      local function loss(lg)
+        local r = lt.moe.route(T.from(lg), opts)
+        local s, p = daux * r.aux_loss + dz * r.z_loss, r.probs:to_table()
+        for i = 1, #dp do
+          for j = 1, #dp[i] do s = s + dp[i][j] * p[i][j] end
+        end
+        return s
       end
-      return s
-    end
-    local logits = T.from(rows)
-    local routed = lt.moe.route(logits, opts)
-    local dl = lt.moe.route_backward(logits, routed, opts, T.from(dp), daux, dz):to_table()
-    local eps = 1e-3
-    for i = 1, #rows do
-      for j = 1, #rows[i] do
-        local keep = rows[i][j]
-        rows[i][j] = keep + eps
-        local up = loss(rows)
-        rows[i][j] = keep - eps
-        local down = loss(rows)
-        rows[i][j] = keep
-        assert(math.abs((up - down) / (2 * eps) - dl[i][j]) < 2e-3, ("dlogits[%d][%d]"):format(i, j))
+      local logits = T.from(rows)
+      local routed = lt.moe.route(logits, opts)
+      local dl = lt.moe.route_backward(logits, routed, opts, T.from(dp), daux, dz):to_table()
+      local eps = 1e-3
+      for i = 1, #rows do
+        for j = 1, #rows[i] do
+          local keep = rows[i][j]
+          rows[i][j] = keep + eps
+          local up = loss(rows)
+          rows[i][j] = keep - eps
+          local down = loss(rows)
+          rows[i][j] = keep
+          assert(math.abs((up - down) / (2 * eps) - dl[i][j]) < 2e-3,
+            ("%s: dlogits[%d][%d]"):format(opts.load_balancing_type or "aux_loss", i, j))
+        end
       end
     end
   end)
@@ -127,8 +181,22 @@ describe("lt.moe.route", function()
     assert_error_contains(function() lt.moe.route(logits, { topk = 1.5 }) end, "topk must be a positive integer")
     assert_error_contains(function() lt.moe.route(logits, { drop_policy = "random" }) end,
       "drop_policy must be one of probs, position")
-    assert_error_contains(function() lt.moe.route(logits, { load_balancing_type = "sinkhorn" }) end,
-      "load_balancing_type must be one of aux_loss, seq_aux_loss, none")
+    assert_error_contains(function() lt.moe.route(logits, { load_balancing_type = "quantile_balancing" }) end,
+      "load_balancing_type must be one of aux_loss, seq_aux_loss, global_aux_loss, sinkhorn, none")
+    assert_error_contains(function()
+      lt.moe.route(logits, { load_balancing_type = "sinkhorn", capacity_factor = 1 })
+    end, "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or none")
+    assert_error_contains(function()
+      lt.moe.route(logits, { load_balancing_type = "sinkhorn", aux_loss_coeff = 0.01 })
+    end, "Sinkhorn routing does not support aux loss.")
+    assert_error_contains(function()
+      lt.moe.route(logits, { load_balancing_type = "global_aux_loss", aux_loss_coeff = 0.01, tp_dp_cp_size = 2 })
+    end, "needs the averaged counts summed over it (global_counts)")
+    assert_error_contains(function()
+      lt.moe.route(logits, { load_balancing_type = "global_aux_loss", aux_loss_coeff = 0.01,
+        global_counts = T.from({ 1, 2 }) })
+    end, "global_counts must be a contiguous float32 tensor [3]")
+    assert_error_contains(function() lt.moe.route(logits, { eval = 1 }) end, "eval must be true or false")
     assert_error_contains(function() lt.moe.route(logits, { capacity_factor = 0 }) end,
       "capacity_factor 0 would drop every token")
     assert_error_contains(function() lt.moe.route(logits, { topk = 4 }) end,

@@ -3,6 +3,8 @@
  *   without expert bias, k = 1 and k > 1, scaling factor), ties to the lowest index, capacity and
  *   dropping by probs and by position, padding, capacity > T and = T, the capacity's double product
  *   (0.3 x 10 = 3, not 4), aux_loss, seq_aux_loss (t = s B + b), z-loss, counts summed over TP x CP;
+ *   sinkhorn (a 3 x 3 whose balanced scaling is known, Megatron's tolerance against a converged one, the
+ *   activation's probs, eval), global_aux_loss with averaged counts over TP x DP x CP and their tracker;
  * - an independent double-precision reference written from Megatron's code (router.py, moe_utils.py)
  *   with its own selection (repeated arg-max, not insertion), on random logits for many configurations:
  *   forward equal (probs 1e-6, maps and counts exactly, losses 1e-5 relative), and backward against
@@ -59,6 +61,30 @@ static void ref_softmax(const double *x, int n, double *out) {
 
 static double ref_sigmoid(double x) { return 1 / (1 + exp(-x)); }
 
+/* moe_utils.sinkhorn with tolerance tol (Megatron's: 1e-4); returns the iterations it took. */
+static int ref_sinkhorn(const double *logits, int T, int E, double tol, double *out) {
+    double d0[MAXT], d1[MAXE], old[MAXE], error = 1e9;
+    int it = 0;
+    for (int e = 0; e < E; e++) d1[e] = old[e] = 1;
+    for (; error > tol; it++) {
+        for (int t = 0; t < T; t++) {
+            double s = 0;
+            for (int e = 0; e < E; e++) s += d1[e] * exp(logits[t * E + e]);
+            d0[t] = 1.0 / T / (s + 1e-8);
+        }
+        error = 0;
+        for (int e = 0; e < E; e++) {
+            double s = 0;
+            for (int t = 0; t < T; t++) s += d0[t] * exp(logits[t * E + e]);
+            d1[e] = 1.0 / E / (s + 1e-8);
+            error += fabs(old[e] - d1[e]) / E, old[e] = d1[e];
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < E; e++) out[t * E + e] = d1[e] * exp(logits[t * E + e]) * d0[t];
+    return it;
+}
+
 typedef struct {
     double probs[MAXT * MAXE];
     uint8_t map[MAXT * MAXE];
@@ -79,8 +105,20 @@ static void ref_route(const lt_moe_router_cfg *c, const double *logits, int T, i
         zs += (m + log(s)) * (m + log(s));
     }
     r->z = zs / T * (c->z_loss_coeff / tpcp);
+    /* sinkhorn_load_balancing: top-k of sinkhorn (training) or of the activation (eval), the activation's
+     * values there */
+    double norm[MAXT * MAXE];
+    if (c->load_balancing == 3 && !c->eval) ref_sinkhorn(logits, T, E, 1e-4, norm);
+    for (int t = 0; c->load_balancing == 3 && t < T; t++) {
+        double act[MAXE];
+        int idx[MAXE];
+        if (k > 1) ref_softmax(logits + t * E, E, act);
+        for (int e = 0; k == 1 && e < E; e++) act[e] = ref_sigmoid(logits[t * E + e]);
+        ref_topk(c->eval ? act : norm + t * E, E, k, idx);
+        for (int j = 0; j < k; j++) r->probs[t * E + idx[j]] = act[idx[j]], r->map[t * E + idx[j]] = 1;
+    }
     /* topk_routing_with_score_function */
-    for (int t = 0; t < T; t++) {
+    for (int t = 0; c->load_balancing != 3 && t < T; t++) {
         const double *l = logits + t * E;
         double sc[MAXE], p[MAXE], v[MAXE];
         int idx[MAXE];
@@ -124,8 +162,9 @@ static void ref_route(const lt_moe_router_cfg *c, const double *logits, int T, i
     }
     for (int i = 0; i < T * E; i++) r->tpe[i % E] += r->map[i];
     /* compute_routing_scores_for_aux_loss + switch_load_balancing_loss_func (seq: [S, B E], / B) */
-    if (c->load_balancing && c->aux_loss_coeff > 0) {
-        const int seq = c->load_balancing == 2, B = seq ? c->micro_batch_size : 1, ncol = B * E;
+    if (c->load_balancing && c->load_balancing != 3 && c->aux_loss_coeff > 0) {
+        const int seq = c->load_balancing == 2, global = c->load_balancing == 4;
+        const int B = seq ? c->micro_batch_size : 1, ncol = B * E;
         double agg[MAXT * MAXE] = {0}, cnt[MAXT * MAXE] = {0};
         for (int t = 0; t < T; t++) {
             double sc[MAXE];
@@ -141,9 +180,12 @@ static void ref_route(const lt_moe_router_cfg *c, const double *logits, int T, i
             for (int e = 0; e < E; e++) agg[b * E + e] += sc[e];
             for (int j = 0; j < k; j++) cnt[b * E + idx[j]] += 1;
         }
-        if (c->aux_counts)
+        if (c->aux_counts && !global)
             for (int i = 0; i < ncol; i++) cnt[i] = (double)c->aux_counts[i];
-        const double n = (double)(seq ? c->seq_length : T) * tpcp;
+        if (c->global_counts && global)
+            for (int i = 0; i < ncol; i++) cnt[i] = c->global_counts[i];
+        const double n = (double)(seq ? c->seq_length : T) *
+                         (global ? (c->tp_dp_cp_size > 1 ? c->tp_dp_cp_size : 1) : tpcp);
         double s = 0;
         for (int i = 0; i < ncol; i++) s += agg[i] * cnt[i];
         r->aux = s * (E * c->aux_loss_coeff / (k * n * n)) / B;
@@ -340,6 +382,120 @@ static void losses(void) {
     }
 }
 
+/* The balanced scaling of exp(logits) = a_t K_te b_e / 3, K doubly stochastic, is K / 3 (rows and columns
+ * summing to 1/3). b pulls every token's largest logit to expert 0; sinkhorn's picks are K's. */
+static const double SK[3][3] = {{.6, .3, .1}, {.1, .6, .3}, {.3, .1, .6}};
+
+static void sinkhorn_cases(void) {
+    const double a[3] = {1, 2, .5}, b[3] = {10, 1, 1};
+    float l[9], norm[9];
+    double ld[9], want[9];
+    for (int t = 0; t < 3; t++)
+        for (int e = 0; e < 3; e++) l[t * 3 + e] = (float)log(a[t] * SK[t][e] * b[e] / 3), ld[t * 3 + e] = l[t * 3 + e];
+    char err[256] = "";
+    TAP_CHECK(lt_moe_sinkhorn(l, 3, 3, norm, err, sizeof err) == 0, "sinkhorn runs %s", err);
+    const int iters = ref_sinkhorn(ld, 3, 3, 1e-4, want);
+    double off_ref = 0, off_k = 0;
+    for (int i = 0; i < 9; i++)
+        off_ref = fmax(off_ref, fabs(norm[i] - want[i])), off_k = fmax(off_k, fabs(norm[i] - SK[i / 3][i % 3] / 3));
+    TAP_CHECK(off_ref < 2e-7, "sinkhorn = the plain loops at tolerance 1e-4 (%d iterations; off by %.2e)", iters,
+              off_ref);
+    /* stopped where Megatron stops: near K / 3 but not at it (the next iterations would move it) */
+    TAP_CHECK(off_k > 2e-6 && off_k < 1e-4, "sinkhorn balances to K / 3 within Megatron's tolerance (off by %.2e)",
+              off_k);
+    out_t o;
+    lt_moe_router_cfg c = base(1); /* top-1 softmax without pre_softmax: Megatron's check spares sinkhorn */
+    c.load_balancing = 3;
+    TAP_CHECK(route(&c, l, 3, 3, &o) == 0, "sinkhorn top-1 needs no pre_softmax");
+    double s[3];
+    for (int t = 0; t < 3; t++) {
+        double row[3] = {0};
+        row[t] = ref_sigmoid(l[t * 3 + t]);
+        row_is(&o, t, 3, row, "sinkhorn top-1: K's largest, the sigmoid of its logit");
+    }
+    TAP_CHECK(o.tpe[0] == 1 && o.tpe[1] == 1 && o.tpe[2] == 1 && o.aux == 0, "sinkhorn top-1: one token each, no aux");
+    c.eval = 1; /* outside training: the activation's top-1, expert 0 for all */
+    route(&c, l, 3, 3, &o);
+    for (int t = 0; t < 3; t++) row_is(&o, t, 3, (double[]){ref_sigmoid(l[t * 3]), 0, 0}, "sinkhorn top-1, eval");
+    c = base(2);
+    c.load_balancing = 3;
+    route(&c, l, 3, 3, &o);
+    const int pick[3][2] = {{0, 1}, {1, 2}, {2, 0}};
+    for (int t = 0; t < 3; t++) {
+        double row[3] = {0};
+        ref_softmax(ld + t * 3, 3, s);
+        for (int j = 0; j < 2; j++) row[pick[t][j]] = s[pick[t][j]];
+        row_is(&o, t, 3, row, "sinkhorn top-2: K's two largest, softmax over all three there");
+    }
+    out_t ignored; /* sinkhorn_load_balancing does not look at the score function's options */
+    const float bias[3] = {5, 0, 0};
+    c.sigmoid = 1, c.expert_bias = bias, c.topk_scaling_factor = 3, c.pre_softmax = 1;
+    route(&c, l, 3, 3, &ignored);
+    TAP_CHECK(memcmp(ignored.probs, o.probs, sizeof(float) * 9) == 0 && memcmp(ignored.map, o.map, 9) == 0,
+              "sinkhorn ignores sigmoid, expert bias, scaling factor and pre-softmax");
+    c = base(2);
+    c.z_loss_coeff = 0.01;
+    route(&c, l, 3, 3, &ignored);
+    c.load_balancing = 3;
+    route(&c, l, 3, 3, &o);
+    TAP_CHECK(o.z == ignored.z && o.z > 0, "sinkhorn keeps the z-loss (%.8f)", o.z);
+    /* backward: only the activation at the map's entries, by hand for token 0 (k = 2, softmax s):
+     * dl_e = s_e (g_e - sum g s) with g = dprobs on the map; sinkhorn's scaling passes nothing */
+    float dp[9], dl[9];
+    for (int i = 0; i < 9; i++) dp[i] = (float)(i % 4) - 1.5f;
+    c.z_loss_coeff = 0;
+    route(&c, l, 3, 3, &o);
+    lt_moe_route_backward(&c, l, NULL, o.map, NULL, 3, 3, dp, 0, 0, dl, err, sizeof err);
+    ref_softmax(ld, 3, s);
+    const double dot = dp[0] * s[0] + dp[1] * s[1];
+    TAP_CHECK(close_to(dl[0], s[0] * (dp[0] - dot), 1e-5) && close_to(dl[1], s[1] * (dp[1] - dot), 1e-5) &&
+                  close_to(dl[2], -s[2] * dot, 1e-5),
+              "sinkhorn backward by hand: %.7f %.7f %.7f", dl[0], dl[1], dl[2]);
+    c = base(1);
+    c.load_balancing = 3;
+    route(&c, l, 3, 3, &o);
+    lt_moe_route_backward(&c, l, NULL, o.map, NULL, 3, 3, dp, 0, 0, dl, err, sizeof err);
+    const double sg = ref_sigmoid(ld[0]);
+    TAP_CHECK(close_to(dl[0], dp[0] * sg * (1 - sg), 1e-5) && dl[1] == 0 && dl[2] == 0,
+              "sinkhorn top-1 backward: the sigmoid's at the chosen expert only");
+}
+
+static void global_aux_cases(void) {
+    out_t o;
+    const float L3 = (float)log(3.0), l[] = {L3, 0, L3, 0}; /* softmax .75 .25 twice: agg 1.5 .5 */
+    lt_moe_router_cfg c = base(1);
+    c.pre_softmax = 1, c.load_balancing = 4, c.aux_loss_coeff = 0.1;
+    route(&c, l, 2, 2, &o);
+    TAP_CHECK(close_to(o.aux, 0.15, 1e-6), "global_aux_loss at one rank, first microbatch = aux_loss (got %.8f)",
+              o.aux);
+    /* the tracker: counts 3 1 then 2 2 over TP x DP x CP average to 2.5 1.5 */
+    float sum[2] = {0, 0}, steps = 0, avg[2];
+    lt_moe_global_counts_add(sum, &steps, (int64_t[]){3, 1}, 2, avg);
+    TAP_CHECK(avg[0] == 3 && avg[1] == 1 && steps == 1, "tracker after one microbatch: 3 1");
+    lt_moe_global_counts_add(sum, &steps, (int64_t[]){2, 2}, 2, avg);
+    TAP_CHECK(avg[0] == 2.5f && avg[1] == 1.5f && steps == 2 && sum[0] == 5, "tracker after two: 2.5 1.5");
+    /* over TP x DP x CP of 2: T' = 4: E c / (k T'^2) (1.5 x 2.5 + .5 x 1.5) = 2 c / 16 x 4.5 = 0.5625 c;
+     * the TP x CP counts and size are not the global loss's */
+    const int64_t wrong[2] = {100, 100};
+    c.tp_dp_cp_size = 2, c.global_counts = avg, c.tp_cp_size = 4, c.aux_counts = wrong;
+    route(&c, l, 2, 2, &o);
+    TAP_CHECK(close_to(o.aux, 0.05625, 1e-6), "global_aux_loss with averaged counts over TP x DP x CP (got %.8f)",
+              o.aux);
+    int64_t counts[2] = {-1, -1};
+    char err[256] = "";
+    c.global_counts = NULL;
+    TAP_CHECK(lt_moe_aux_counts_len(&c, 2) == 2 && lt_moe_aux_counts(&c, l, 2, 2, counts, err, sizeof err) == 0 &&
+                  counts[0] == 2 && counts[1] == 0,
+              "a rank's own global aux counts, before they are summed: 2 0 %s", err);
+    c.global_counts = avg;
+    /* backward by hand: g_e = daux x 2 c / 16 x avg_e = (.03125, .01875); softmax (.75, .25): dot .028125 */
+    float dp[4] = {0}, dl[4];
+    lt_moe_route_backward(&c, l, NULL, o.map, NULL, 2, 2, dp, 1, 0, dl, err, sizeof err);
+    TAP_CHECK(close_to(dl[0], 0.00234375, 1e-5) && close_to(dl[1], -0.00234375, 1e-5) &&
+                  close_to(dl[2], 0.00234375, 1e-5),
+              "global_aux_loss backward by hand: %.8f %.8f", dl[0], dl[1]);
+}
+
 /* ---- random configurations: reference forward and finite differences ---- */
 
 /* Marks a case that takes an expert bias (random_case draws one); also what the checks refuse. */
@@ -445,6 +601,25 @@ static void random_cases(void) {
                 (lt_moe_router_cfg){.topk = 2, .load_balancing = 1, .aux_loss_coeff = 0.1, .tp_cp_size = 2,
                                     .aux_counts = counts, .z_loss_coeff = 0.01},
                 12, 8);
+    /* sinkhorn: forward = the reference's sinkhorn at Megatron's tolerance; its finite differences see only
+     * the activation (the picks are constant near the point), as no_grad gives */
+    random_case("sinkhorn top-1", (lt_moe_router_cfg){.topk = 1, .load_balancing = 3}, 12, 6);
+    random_case("sinkhorn top-2 z-loss", (lt_moe_router_cfg){.topk = 2, .load_balancing = 3, .z_loss_coeff = 0.01},
+                12, 6);
+    random_case("sinkhorn top-3, score options ignored",
+                (lt_moe_router_cfg){.topk = 3, .load_balancing = 3, .sigmoid = 1, .expert_bias = some_bias,
+                                    .topk_scaling_factor = 2}, 16, 8);
+    random_case("sinkhorn top-2 eval", (lt_moe_router_cfg){.topk = 2, .load_balancing = 3, .eval = 1}, 12, 6);
+    random_case("sinkhorn top-2 TP x CP 2, 64 tokens",
+                (lt_moe_router_cfg){.topk = 2, .load_balancing = 3, .z_loss_coeff = 0.01, .tp_cp_size = 2}, 64, 8);
+    /* global aux: the caller's averaged counts over TP x DP x CP enter the gradient too */
+    const float avg[8] = {10.5f, 3, 7.25f, 0, 4.5f, 12, 1.75f, 9};
+    random_case("softmax top-2 global_aux_loss, TP x DP x CP 4",
+                (lt_moe_router_cfg){.topk = 2, .load_balancing = 4, .aux_loss_coeff = 0.1, .tp_dp_cp_size = 4,
+                                    .global_counts = avg, .tp_cp_size = 2, .z_loss_coeff = 0.01}, 12, 8);
+    random_case("sigmoid top-2 bias global_aux_loss, drop by probs, own counts",
+                (lt_moe_router_cfg){.topk = 2, .sigmoid = 1, .expert_bias = some_bias, .load_balancing = 4,
+                                    .aux_loss_coeff = 0.05, .capacity_factor = 0.8}, 12, 6);
 }
 
 static void checks(void) {
@@ -458,7 +633,12 @@ static void checks(void) {
         {{.topk = 1}, 4, 4, "Please use --moe-router-pre-softmax when topk is 1."},
         {{.topk = 2, .expert_bias = some_bias}, 4, 4, "Expert bias for aux-loss-free routing only supports"},
         {{.topk = 2, .pad_to_capacity = 1}, 4, 4, "moe_expert_capacity_factor must be set to use"},
-        {{.topk = 2, .load_balancing = 3}, 4, 4, "load_balancing must be 0"},
+        {{.topk = 2, .load_balancing = 5}, 4, 4, "load_balancing must be 0"},
+        {{.topk = 2, .load_balancing = 3, .capacity_factor = 1}, 4, 4,
+         "moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or none"},
+        {{.topk = 2, .load_balancing = 3, .aux_loss_coeff = 0.01}, 4, 4, "Sinkhorn routing does not support aux loss."},
+        {{.topk = 2, .load_balancing = 4, .aux_loss_coeff = 1, .tp_dp_cp_size = 2}, 4, 4,
+         "needs the averaged counts summed over it (global_counts)"},
         {{.topk = 2, .load_balancing = 2, .aux_loss_coeff = 1, .seq_length = 3, .micro_batch_size = 2}, 4, 4,
          "seq_aux_loss needs seq_length x micro_batch_size"},
         {{.topk = 2, .load_balancing = 1, .aux_loss_coeff = 1, .tp_cp_size = 2}, 4, 4, "needs the counts summed"},
@@ -478,6 +658,8 @@ int main(void) {
     score_functions();
     dropping();
     losses();
+    sinkhorn_cases();
+    global_aux_cases();
     random_cases();
     checks();
     return tap_done();

@@ -92,7 +92,7 @@ static int field_enum(lua_State *L, const char *name, const char *const names[])
 static void read_moe(lua_State *L, lt_gpt_config *c) {
     static const char *const score[] = {"softmax", "sigmoid", NULL};
     static const char *const drop[] = {"probs", "position", NULL};
-    static const char *const balance[] = {"none", "aux_loss", "seq_aux_loss", NULL};
+    static const char *const balance[] = {"none", "aux_loss", "seq_aux_loss", "sinkhorn", "global_aux_loss", NULL};
     static const char *const dispatchers[] = {"allgather", "alltoall", "flex", NULL}; /* lt_moe_dispatcher's order */
     c->num_moe_experts = (int)field_int(L, 1, "num_moe_experts");
     c->moe_ffn_hidden_size = (int)field_int(L, 1, "moe_ffn_hidden_size");
@@ -157,11 +157,12 @@ static lt_gpt_config read_config(lua_State *L) {
     c.flat_multiple = (int)field_int(L, 1, "flat_multiple");
     c.bf16 = field_bool(L, 1, "bf16");
     c.sequence_parallel = field_bool(L, 1, "sequence_parallel");
-    /* tensor_parallel, context_parallel, expert_parallel: the groups' communicators, or false; the model
-     * keeps them (see keep_comms) */
+    /* tensor_parallel, context_parallel, expert_parallel, moe_global_aux: the groups' communicators, or
+     * false; the model keeps them (see keep_comms) */
     c.tp_comm = opt_comm(L, "tensor_parallel");
     c.cp_comm = opt_comm(L, "context_parallel");
     c.ep_comm = opt_comm(L, "expert_parallel");
+    c.moe_global_comm = opt_comm(L, "moe_global_aux");
     c.expert_tensor_parallel = field_bool(L, 1, "expert_tensor_parallel");
     field_get(L, 1, "cp_comm_type");
     const char *cp_type = lua_tostring(L, -1);
@@ -197,12 +198,14 @@ static void keep_comms(lua_State *L) {
     lua_setiuservalue(L, -2, 2);
     lua_getfield(L, 1, "expert_parallel");
     lua_setiuservalue(L, -2, 3);
+    lua_getfield(L, 1, "moe_global_aux");
+    lua_setiuservalue(L, -2, 4);
 }
 
 static int l_gpt_new(lua_State *L) {
     lt_gpt_config c = read_config(L);
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 3);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 4);
     b->m = NULL;
     luaL_setmetatable(L, GPT_MT);
     keep_comms(L);
@@ -223,7 +226,7 @@ static int l_gpt_chunk_new(lua_State *L) {
     st.pre_process = field_bool(L, 1, "pre_process");
     st.post_process = field_bool(L, 1, "post_process");
     char err[512] = "";
-    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 3);
+    gpt_box *b = lua_newuserdatauv(L, sizeof *b, 4);
     b->m = NULL;
     luaL_setmetatable(L, CHUNK_MT);
     keep_comms(L);

@@ -22,6 +22,7 @@ typedef struct {
     int64_t router_w, *e_fc1_w, *e_fc1_b, *e_fc2_w, *e_fc2_b;
     int64_t sh_fc1_w, sh_fc1_b, sh_fc2_w, sh_fc2_b; /* the shared experts */
     float *expert_bias, *bias_tokens;              /* host [E] (moe_router_enable_expert_bias) */
+    float *global_sum, global_steps;               /* host [E]: global_aux_loss's tracker of the step */
     char bias_name[96];
 } layer_offsets;
 
@@ -374,7 +375,9 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
         m->moe = (lt_moe_spec){cfg->num_moe_experts, cfg->moe_router.topk, cfg->moe_ffn_hidden_size / etp,
                                cfg->moe_router, 1.0f, (lt_moe_dispatcher)cfg->moe_dispatcher, ep ? cfg->ep_comm : NULL,
                                ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1, etp,
-                               cfg->moe_shared_expert_intermediate_size / m->tp.size};
+                               cfg->moe_shared_expert_intermediate_size / m->tp.size,
+                               cfg->moe_global_comm && lt_comm_size(cfg->moe_global_comm) > 1 ? cfg->moe_global_comm
+                                                                                              : NULL};
         m->moe_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(int64_t));
     }
     m->E = lt_dtype_size(m->ops->dtype);
@@ -420,6 +423,8 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
             o->moe = 1;
             o->router_w = add_param(m, 2, cfg->num_moe_experts, C, 0, NONE, "%s.%d.mlp.router.weight", pre, l);
             o->sh_fc1_w = o->sh_fc1_b = o->sh_fc2_w = o->sh_fc2_b = -1;
+            if (cfg->moe_router.load_balancing == 4)
+                o->global_sum = calloc((size_t)cfg->num_moe_experts, sizeof(float));
             if (cfg->moe_router_enable_expert_bias) {
                 o->expert_bias = calloc((size_t)cfg->num_moe_experts, sizeof(float));
                 o->bias_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(float));
@@ -480,7 +485,7 @@ void lt_gpt_free(lt_gpt *m) {
     for (int i = 0; m->layers && i < m->nl; i++) {
         layer_offsets *o = &m->layers[i];
         free(o->e_fc1_w), free(o->e_fc1_b), free(o->e_fc2_w), free(o->e_fc2_b);
-        free(o->expert_bias), free(o->bias_tokens);
+        free(o->expert_bias), free(o->bias_tokens), free(o->global_sum);
     }
     free(m->layers);
     free(m->params);
@@ -601,7 +606,14 @@ static void grads_ready_from(lt_gpt *m, int64_t offset) {
     if (m->grad_ready) m->grad_ready(m->grad_ready_ud, offset);
 }
 
-void lt_gpt_zero_grad(lt_gpt *m) { m->be->memzero(lt_tensor_data(m->grads), sizeof(float) * (size_t)m->total); }
+/* (A step begins: global_aux_loss's trackers start again, as Megatron's after each step's finalize.) */
+void lt_gpt_zero_grad(lt_gpt *m) {
+    m->be->memzero(lt_tensor_data(m->grads), sizeof(float) * (size_t)m->total);
+    for (int i = 0; i < m->nl; i++) {
+        layer_offsets *o = &m->layers[i];
+        if (o->global_sum) memset(o->global_sum, 0, sizeof(float) * (size_t)m->moe.num_experts), o->global_steps = 0;
+    }
+}
 
 #define PTR(base, off) ((off) < 0 ? NULL : (base) + (off))
 
@@ -666,7 +678,7 @@ static void grads_of(lt_gpt *m, int i, lt_attention_grads *ag, lt_mlp_grads *mg)
 
 /* An MoE layer's weights and gradients (arrays of its local experts' pointers in `ptrs`: 8 of them). */
 static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **ptrs) {
-    const layer_offsets *o = &m->layers[i];
+    layer_offsets *o = &m->layers[i];
     const int E = local_experts(m);
     float *gr = lt_tensor_data(m->grads);
     const void **wp = (const void **)ptrs;
@@ -682,7 +694,7 @@ static void moe_of(lt_gpt *m, int i, lt_moe_weights *w, lt_moe_grads *g, void **
                           bias ? wp + E : NULL, wp + 2 * E, bias ? wp + 3 * E : NULL,
                           {NULL, NULL, weight(m, o->sh_fc1_w), weight(m, o->sh_fc1_b), weight(m, o->sh_fc2_w),
                            weight(m, o->sh_fc2_b)},
-                          o->expert_bias};
+                          o->expert_bias, o->global_sum, o->global_sum ? &o->global_steps : NULL};
     *g = (lt_moe_grads){PTR(gr, o->ln2_w), PTR(gr, o->ln2_b), PTR(gr, o->router_w), gp, bias ? gp + E : NULL,
                         gp + 2 * E, bias ? gp + 3 * E : NULL,
                         {NULL, NULL, PTR(gr, o->sh_fc1_w), PTR(gr, o->sh_fc1_b), PTR(gr, o->sh_fc2_w),

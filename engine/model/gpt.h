@@ -79,6 +79,9 @@ typedef struct {
      * lt_gpt_expert_offset on: their gradients are reduced over another group than the rest. */
     lt_comm *ep_comm;
     int expert_tensor_parallel;
+    /* global_aux_loss (moe_router.load_balancing 4): the TP x DP x CP group its counts are summed over
+     * (NULL: one rank); each MoE layer keeps Megatron's running tracker, zeroed by lt_gpt_zero_grad. */
+    lt_comm *moe_global_comm;
 } lt_gpt_config;
 
 /* How a parameter is split across the TP ranks: rank r of TP holds */
@@ -145,6 +148,7 @@ lt_tensor *lt_gpt_grads(lt_gpt *m);
 
 /* (Re)initialise every parameter from the config's seed. */
 void lt_gpt_init_weights(lt_gpt *m);
+/* Zeroes the gradients, and global_aux_loss's trackers: a step begins. */
 void lt_gpt_zero_grad(lt_gpt *m);
 
 /* Whole model only (first and last): forward on tokens[B, T] with next-token targets[B, T]

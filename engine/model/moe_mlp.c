@@ -26,7 +26,8 @@ struct lt_moe_state {
     float *logits, *probs;
     uint8_t *map;
     int64_t *counts;     /* [E]: tokens this rank routed to each expert */
-    int64_t *aux_counts; /* under TP: the aux loss's counts summed over the TP group (router.aux_counts) */
+    int64_t *aux_counts; /* the aux loss's counts summed over TP x CP (router.aux_counts), or TP x DP x CP */
+    float *global_avg;   /* global_aux_loss: the step's running average of those (router.global_counts) */
     int64_t kept;
     double aux, z;
     /* the exchange */
@@ -77,7 +78,7 @@ void lt_moe_state_free(const lt_layer_spec *s, lt_moe_state *st) {
     if (!st) return;
     if (st->dev) s->tp->be->release(st->dev, st->dev_bytes);
     if (st->shared) s->tp->be->release(st->shared, st->shared_bytes);
-    free(st->logits), free(st->probs), free(st->map), free(st->counts), free(st->aux_counts);
+    free(st->logits), free(st->probs), free(st->map), free(st->counts), free(st->aux_counts), free(st->global_avg);
     free(st->send_rows), free(st->recv_rows), free(st->efirst), free(st->sent_token), free(st->slot_expert);
     free(st->src_expert);
     free(st);
@@ -400,31 +401,56 @@ done:
 
 /* ---- forward ---- */
 
-/* The aux loss's counts summed over the TP x CP group (Megatron's sum: under sequence and context
- * parallelism each rank routes its own tokens), over TP then over CP: into st->router.aux_counts (aux,
- * owned by the caller). */
-static int sum_aux_counts(const lt_layer_spec *s, lt_moe_state *st, int64_t *aux, char *err, size_t errlen) {
-    const int n = lt_moe_aux_counts_len(&st->router, st->E);
-    st->router.tp_cp_size = s->tp->size * s->cp->size;
-    st->router.aux_counts = aux;
-    if (!n) return 0;
-    if (lt_moe_aux_counts(&st->router, st->logits, st->N, st->E, aux, err, errlen)) return -1;
-    const lt_backend *be = s->tp->be;
+/* n int64 counts summed in place over each group of `groups` (NULL: none). */
+static int sum_counts(const lt_backend *be, int64_t *counts, int n, lt_comm *const *groups, int ngroups, char *err,
+                      size_t errlen) {
     const size_t bytes = sizeof(int64_t) * (size_t)n;
     void *buf = be->alloc(bytes + 64);
     if (!buf) return lt_fail(err, errlen, "out of %s memory for the aux loss's counts", be->name);
-    be->to_device(buf, aux, bytes);
+    be->to_device(buf, counts, bytes);
     int rc = 0;
-    if (s->tp->size > 1) rc = lt_comm_all_reduce(s->tp->comm, buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
-    if (!rc && s->cp->size > 1) rc = lt_comm_all_reduce(s->cp->comm, buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
-    if (!rc) be->to_host(aux, buf, bytes);
+    for (int i = 0; i < ngroups && !rc; i++)
+        if (groups[i]) rc = lt_comm_all_reduce(groups[i], buf, n, LT_I64, LT_REDUCE_SUM, err, errlen);
+    if (!rc) be->to_host(counts, buf, bytes);
     be->release(buf, bytes + 64);
     return rc;
 }
 
+/* What the router's aux losses need beyond this rank's tokens (moe_router.h): aux_loss and seq_aux_loss
+ * their counts summed over TP x CP (under sequence and context parallelism each rank routes its own
+ * tokens); global_aux_loss the running average of its counts summed over TP x DP x CP, kept in the layer's
+ * tracker during training (outside it a rank's own counts stand in: the loss is not used there). */
+static int aux_inputs(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_moe_weights *w, lt_moe_state *st,
+                      char *err, size_t errlen) {
+    lt_moe_router_cfg *r = &st->router;
+    const int n = lt_moe_aux_counts_len(r, st->E), E = st->E;
+    r->tp_cp_size = s->tp->size * s->cp->size;
+    if (!n || (r->load_balancing != 4 && r->tp_cp_size == 1)) return 0;
+    st->aux_counts = calloc((size_t)n, sizeof(int64_t));
+    if (!st->aux_counts) return lt_fail(err, errlen, "out of host memory for the aux loss's counts");
+    if (lt_moe_aux_counts(r, st->logits, st->N, E, st->aux_counts, err, errlen)) return -1;
+    if (r->load_balancing != 4) {
+        lt_comm *groups[2] = {s->tp->size > 1 ? s->tp->comm : NULL, s->cp->size > 1 ? s->cp->comm : NULL};
+        r->aux_counts = st->aux_counts;
+        return sum_counts(s->tp->be, st->aux_counts, n, groups, 2, err, errlen);
+    }
+    r->tp_dp_cp_size = ms->global ? lt_comm_size(ms->global) : 1;
+    st->global_avg = malloc(sizeof(float) * (size_t)E);
+    if (!st->global_avg) return lt_fail(err, errlen, "out of host memory for the aux loss's counts");
+    r->global_counts = st->global_avg;
+    if (r->eval || !w->global_sum) {
+        for (int e = 0; e < E; e++) st->global_avg[e] = (float)st->aux_counts[e];
+        return 0;
+    }
+    if (sum_counts(s->tp->be, st->aux_counts, n, &ms->global, 1, err, errlen)) return -1;
+    lt_moe_global_counts_add(w->global_sum, w->global_steps, st->aux_counts, E, st->global_avg);
+    return 0;
+}
+
 /* Routes the logits (device, layer order) into st's host arrays. */
-static int route(const lt_layer_spec *s, const lt_ops *ops, const lt_backend *be, lt_moe_state *st,
-                 const void *logits_dev, char *err, size_t errlen) {
+static int route(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
+                 lt_moe_state *st, const void *logits_dev, char *err, size_t errlen) {
+    const lt_backend *be = s->tp->be;
     const int N = st->N, E = st->E;
     float *layer_order = malloc(sizeof(float) * (size_t)N * E);
     st->logits = malloc(sizeof(float) * (size_t)N * E);
@@ -443,11 +469,7 @@ static int route(const lt_layer_spec *s, const lt_ops *ops, const lt_backend *be
     for (int t = 0; t < N; t++)
         memcpy(st->logits + (size_t)t * E, layer_order + (size_t)layer_row(st, t) * E, sizeof(float) * E);
     free(layer_order);
-    if (s->tp->size * s->cp->size > 1) {
-        st->aux_counts = calloc((size_t)lt_moe_aux_counts_len(&st->router, E) + 1, sizeof(int64_t));
-        if (!st->aux_counts) return lt_fail(err, errlen, "out of host memory routing %d tokens", N);
-        if (sum_aux_counts(s, st, st->aux_counts, err, errlen)) return -1;
-    }
+    if (aux_inputs(s, ms, w, st, err, errlen)) return -1;
     if (lt_moe_route_forward(&st->router, st->logits, N, E, st->probs, st->map, st->counts, &st->aux, &st->z, err,
                              errlen))
         return -1;
@@ -629,9 +651,10 @@ int lt_moe_mlp_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_o
                          .me = ms->ep_rank, .etp = ms->etp, .kind = ms->dispatcher, .router = ms->router};
     st->router.seq_length = N / B, st->router.micro_batch_size = B;
     st->router.expert_bias = w->expert_bias;
+    st->router.eval = !c->training;
     lt_layer_norm_forward(s, ops, a->ln, a->ln_mean, a->ln_rstd, h, w->ln_w, w->ln_b, N);
     ops->linear_forward(logits, a->ln, w->router_w, NULL, NULL, N, C, E);
-    int rc = route(s, ops, be, st, logits, err, errlen);
+    int rc = route(s, ms, ops, w, st, logits, err, errlen);
     be->release(logits, Ed * (size_t)N * E);
     plan p = {0};
     if (!rc) {

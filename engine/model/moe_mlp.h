@@ -59,6 +59,7 @@ typedef struct {
     int ep_rank, ep_size;
     int etp;                                /* ranks sharing each expert (expert_tensor_parallel_size) */
     int shared_ffn_hidden_size;             /* this TP rank's columns of the shared experts (0: none) */
+    lt_comm *global;                        /* global_aux_loss's TP x DP x CP group (NULL: one rank) */
 } lt_moe_spec;
 
 /* Weights: the expert arrays hold local expert j's (global (ep_rank / etp) El + j, El = E etp / ep_size;
@@ -68,6 +69,7 @@ typedef struct {
     const void **fc1_w, **fc1_b, **fc2_w, **fc2_b;
     lt_mlp_weights shared;    /* the shared experts (its ln_w, ln_b unused; NULLs without) */
     const float *expert_bias; /* host fp32 [E]: the router's expert bias (NULL without) */
+    float *global_sum, *global_steps; /* host: global_aux_loss's tracker ([E], 1; lt_moe_global_counts_add) */
 } lt_moe_weights;
 typedef struct {
     float *ln_w, *ln_b, *router_w;

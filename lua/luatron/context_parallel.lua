@@ -50,7 +50,8 @@ function M.expected_bytes(r, chunks, n_micro)
     end
   end
   local counts = 0
-  if m.num_moe_experts and m.moe_router_load_balancing_type ~= "none" and (m.moe_aux_loss_coeff or 0) > 0 then
+  local balance = m.moe_router_load_balancing_type -- (global_aux_loss sums its counts over TP x DP x CP apart)
+  if m.num_moe_experts and (balance == "aux_loss" or balance == "seq_aux_loss") and (m.moe_aux_loss_coeff or 0) > 0 then
     counts = m.num_moe_experts * (m.moe_router_load_balancing_type == "seq_aux_loss" and r.train.micro_batch_size or 1)
   end
   return n_micro * (layers * (m.cp_comm_type == "all_gather" and 3 * cp - 3 or 3 * cp - 2) * block

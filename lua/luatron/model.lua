@@ -36,9 +36,12 @@ end
 
 -- The engine's view of a provider (core.gpt's table): the resolved fields under the engine's names,
 -- nothing defaulted here. flat_multiple rounds the flat parameter buffer up (data parallelism shards
--- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); tp, cp
--- and ep are the tensor-, context- and expert-parallel groups' communicators (nil: one rank).
-function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp, ep)
+-- it evenly); local_rank picks this rank's GPU on a machine (LUATRON_CUDA_DEVICE overrides); comms
+-- holds the communicators of the groups the layers talk over (each nil for one rank): tensor (TP),
+-- context (CP), expert (the ETP x EP ranks MoE dispatches over) and global_aux (TP x DP x CP:
+-- global_aux_loss's counts).
+function M.engine_config(provider, seed, flat_multiple, local_rank, comms)
+  comms = comms or {}
   local m = M.resolve(provider)
   if seed == nil then seed = DEFAULT_SEED end
   if flat_multiple == nil then flat_multiple = DEFAULT_FLAT_MULTIPLE end
@@ -71,9 +74,9 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp, ep)
     device = m.device,
     local_rank = local_rank,
     bf16 = m.bf16,
-    tensor_parallel = tp or false,
+    tensor_parallel = comms.tensor or false,
     sequence_parallel = m.sequence_parallel,
-    context_parallel = cp or false,
+    context_parallel = comms.context or false,
     cp_comm_type = m.cp_comm_type,
     -- mixture of experts (num_moe_experts 0: dense; the engine's neutral values stand for Megatron's None)
     num_moe_experts = m.num_moe_experts or 0,
@@ -93,7 +96,8 @@ function M.engine_config(provider, seed, flat_multiple, local_rank, tp, cp, ep)
     moe_aux_loss_coeff = m.moe_aux_loss_coeff,
     moe_z_loss_coeff = m.moe_z_loss_coeff or 0,
     moe_token_dispatcher_type = m.moe_token_dispatcher_type,
-    expert_parallel = ep or false, -- the dispatch group: expert-tensor x expert-parallel ranks
+    expert_parallel = comms.expert or false,
+    moe_global_aux = comms.global_aux or false,
     expert_tensor_parallel = (m.expert_tensor_parallel_size or 1) > 1,
   }
 end
@@ -154,12 +158,12 @@ function M.chunk_layers(provider, pp, vpp, pp_rank)
 end
 
 -- This rank's chunks (core.gpt_chunk objects, in vp_stage order) for one entry list of
--- M.chunk_layers; seed, flat_multiple, local_rank, tp, cp and ep as M.engine_config.
-function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, tp, cp, ep)
+-- M.chunk_layers; seed, flat_multiple, local_rank and comms as M.engine_config.
+function M.build_chunks(provider, layout, seed, flat_multiple, local_rank, comms)
   local chunks = {}
   local m = M.resolve(provider)
   for i, c in ipairs(layout) do
-    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, tp, cp, ep)
+    local cfg = M.engine_config(m, seed, flat_multiple, local_rank, comms)
     cfg.layer_begin, cfg.layer_end = c.layer_begin, c.layer_end
     cfg.pre_process, cfg.post_process = c.pre_process, c.post_process
     local ok, chunk = pcall(core.gpt_chunk, cfg)
@@ -182,14 +186,20 @@ end
 
 -- The chunks this rank holds of a provider's model in the job lt.parallel_state(provider) describes
 -- (its pipeline stage, with virtual stages, its tensor-parallel shard, its context-parallel part
--- of the sequence and its experts); seed and flat_multiple as M.build. Returns them and the tensor-,
--- context- and expert-parallel communicators their layers use (nil for a group of one).
+-- of the sequence and its experts); seed and flat_multiple as M.build. Returns them and the
+-- communicators their layers use (M.engine_config's comms; the model's own, so their statistics count
+-- its traffic alone).
 function M.chunks(provider, ps, seed, flat_multiple)
   local m = M.resolve(provider)
   local layout = M.chunk_layers(m, ps.grid.pp, ps.grid.vpp or 1, ps.coords.pp_rank)
-  local tp, cp = model_comm(ps.groups.tp, "tp_model", m.device), model_comm(ps.groups.cp, "cp_model", m.device)
-  local ep = m.num_moe_experts and model_comm(ps.groups["tp-ep"], "ep_model", m.device) or nil
-  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, tp, cp, ep), tp, cp, ep
+  local comms = {
+    tensor = model_comm(ps.groups.tp, "tp_model", m.device),
+    context = model_comm(ps.groups.cp, "cp_model", m.device),
+    expert = m.num_moe_experts and model_comm(ps.groups["tp-ep"], "ep_model", m.device) or nil,
+    global_aux = m.moe_router_load_balancing_type == "global_aux_loss"
+      and model_comm(ps.groups["tp-dp-cp"], "moe_global_aux", m.device) or nil,
+  }
+  return M.build_chunks(m, layout, seed, flat_multiple, ps.local_rank, comms), comms
 end
 
 return M

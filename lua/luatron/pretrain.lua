@@ -69,9 +69,6 @@ function M.check_supported(m)
         .. "the TP group or not at all: set expert_tensor_parallel_size = 1 or tensor_model_parallel_size" },
       { m.moe_shared_expert_overlap, "moe_shared_expert_overlap = true", "overlapping the shared experts with the "
         .. "dispatch is not built yet (they run after it, with the same result): set it false" },
-      { m.moe_router_load_balancing_type == "global_aux_loss" or m.moe_router_load_balancing_type == "sinkhorn",
-        "moe_router_load_balancing_type = " .. tostring(m.moe_router_load_balancing_type), "only aux_loss, "
-        .. "seq_aux_loss and none are implemented" },
     }
     for _, r in ipairs(refused) do
       if r[1] then error(("GPTModelProvider.%s with num_moe_experts: %s. Change it"):format(r[2], r[3]), 0) end
@@ -120,8 +117,8 @@ function M.setup(cfg, opts)
   local dp_group = ps.groups["dp-cp"]
   local pp = r.model.pipeline_model_parallel_size
   -- The flat buffers are padded to 16 x DP elements so the distributed optimizer shards them evenly.
-  local chunks, tp_comm, cp_comm, ep_comm = model_lib.chunks(r.model, ps, seed,
-    16 * (dp_group and dp_group:size() or 1))
+  local chunks, comms = model_lib.chunks(r.model, ps, seed, 16 * (dp_group and dp_group:size() or 1))
+  local ep_comm = comms.expert
   local gbs, train_iters = r.train.global_batch_size, r.train.train_iters
   local run = {
     cfg = cfg,
@@ -132,8 +129,8 @@ function M.setup(cfg, opts)
     data_rank = ps.coords.dp_rank, -- in the dp group: which samples this rank reads (its cp group reads the same)
     data_size = ps.grid.dp,
     chunks = chunks,
-    tp_comm = tp_comm, -- the model's tensor-, context- and expert-parallel communicators (nil without)
-    cp_comm = cp_comm,
+    tp_comm = comms.tensor, -- the model's tensor-, context- and expert-parallel communicators (nil without)
+    cp_comm = comms.context,
     ep_comm = ep_comm,
     optimizer = data_parallel.over_chunks(chunks, r, dp_group,
       { pp = ps.groups.pp, embedding = ps.groups.embedding, tp = ps.groups.tp, edp = ps.groups.edp,

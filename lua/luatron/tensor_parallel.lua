@@ -36,8 +36,8 @@ function M.expected_bytes(r, chunks, n_micro)
   if not m.moe_shared_expert_intermediate_size then
     moe_layer = per_layer - (sp and 5 * half(tp, A) or 2 * all_reduce(tp, A))
   end
-  local aux = m.moe_router_load_balancing_type ~= "none" and (m.moe_aux_loss_coeff or 0) > 0
-  if aux then
+  local balance = m.moe_router_load_balancing_type -- (global_aux_loss sums its counts over TP x DP x CP apart)
+  if (balance == "aux_loss" or balance == "seq_aux_loss") and (m.moe_aux_loss_coeff or 0) > 0 then
     local counts = m.num_moe_experts * (m.moe_router_load_balancing_type == "seq_aux_loss"
       and r.train.micro_batch_size or 1)
     moe_layer = moe_layer + all_reduce(tp, 8 * counts)

@@ -515,7 +515,7 @@ local ENGINE_FIELDS = {
   "num_moe_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_grouped_gemm", "moe_router_topk",
   "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_expert_capacity_factor",
   "moe_token_drop_policy", "moe_pad_expert_input_to_capacity", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
-  "moe_z_loss_coeff", "moe_token_dispatcher_type", "expert_parallel", "expert_tensor_parallel", "moe_shared_expert_intermediate_size",
+  "moe_z_loss_coeff", "moe_token_dispatcher_type", "expert_parallel", "moe_global_aux", "expert_tensor_parallel", "moe_shared_expert_intermediate_size",
   "moe_router_enable_expert_bias",
 }
 

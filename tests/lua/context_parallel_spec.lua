@@ -99,7 +99,7 @@ local function provider(device, cp)
     device = device, context_parallel_size = cp, position_embedding_type = arg[1] }
 end
 local ref = model_lib.build(provider("cpu", 1), 3)
-local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, nil, world)
+local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, { context = world })
 cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 0, 2, true, true
 local chunk = core.gpt_chunk(cfg)
 local tok, tgt = {}, {}

@@ -26,6 +26,8 @@ local NO_BIAS = "model.add_bias_linear=false " -- MoE with ETP > 1 has no biases
 local TP2 = NO_BIAS .. "model.tensor_model_parallel_size=2 model.sequence_parallel=true "
 local HALF = "model.moe_aux_loss_coeff=0.005 model.moe_z_loss_coeff=0.0005 " -- (BASE's, halved)
 local SHARED = "model.moe_shared_expert_intermediate_size=48 "
+local SINKHORN = "model.moe_router_load_balancing_type=sinkhorn model.moe_aux_loss_coeff=0 "
+local GLOBAL = "model.moe_router_load_balancing_type=global_aux_loss "
 local RATE = 0.01
 local BIAS = ("model.moe_router_score_function=sigmoid model.moe_router_enable_expert_bias=true "
   .. "model.moe_router_bias_update_rate=%g "):format(RATE)
@@ -77,7 +79,7 @@ local function provider(device, ep)
     moe_token_dispatcher_type = arg[1], moe_shared_expert_intermediate_size = 8 }
 end
 local ref = model_lib.build(provider("cpu", 1), 3)
-local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, nil, nil, world)
+local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, { expert = world })
 cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 0, 2, true, true
 local chunk = core.gpt_chunk(cfg)
 local tok, tgt = {}, {}
@@ -135,6 +137,7 @@ describe("expert parallelism", function()
     [HALF] = launch(1, dir, "single_half_coefficients", HALF),
     [SHARED] = launch(1, dir, "single_shared", SHARED),
     [NO_BIAS .. SHARED] = launch(1, dir, "single_shared_no_bias", NO_BIAS .. SHARED),
+    [SINKHORN] = launch(1, dir, "single_sinkhorn", SINKHORN),
   }
   local bias_ck = dir .. "/ckpt_bias"
   refs[BIAS] = launch(1, dir, "single_expert_bias", BIAS .. ("checkpoint.save=%s checkpoint.save_interval=10")
@@ -229,6 +232,34 @@ describe("expert parallelism", function()
         .. "checkpoint.ckpt_step=10"):format(q(bias_ck)))
       assert_equivalent(refs[BIAS], got, "EP = 2 resumed with the expert bias", 11)
     end)
+
+  it("sinkhorn routing balances the experts, and EP = 2 x DP = 2 reproduces the single rank", function()
+    local function spread(records)
+      local sum = 0
+      for _, r in ipairs(records) do sum = sum + r.moe_tokens_per_expert_max - r.moe_tokens_per_expert_min end
+      return sum / #records
+    end
+    assert.is_true(spread(refs[SINKHORN]) < 0.5 * spread(refs[""]), ("tokens per expert spread %.1f with sinkhorn, "
+      .. "%.1f with the aux loss"):format(spread(refs[SINKHORN]), spread(refs[""])))
+    local got = launch(4, dir, "ep2_dp2_sinkhorn", SINKHORN .. "model.expert_model_parallel_size=2 "
+      .. "model.moe_token_dispatcher_type=flex")
+    assert_equivalent(refs[SINKHORN], got, "EP = 2 x DP = 2 with sinkhorn")
+  end)
+
+  it("global_aux_loss: one microbatch per step at one rank trains as aux_loss; at DP = 2, EP = 2 as EP = 1", function()
+    -- (its counts are summed over the DP ranks' concurrent microbatches: a layout of DP = 2 of its own)
+    local one = "train.global_batch_size=2 "
+    local aux = launch(1, dir, "one_aux", one, 5)
+    local global = launch(1, dir, "one_global", one .. GLOBAL, 5)
+    h.assert_same_steps(aux, global, assert_close, "global_aux_loss at one rank")
+    local dp2 = launch(2, dir, "dp2_global", GLOBAL)
+    local ep2 = launch(2, dir, "dp2_ep2_global", GLOBAL .. "model.expert_model_parallel_size=2 "
+      .. "model.moe_token_dispatcher_type=alltoall")
+    assert_equivalent(dp2, ep2, "DP = 2 x EP = 2 with global_aux_loss")
+    local differs = false
+    for i, r in ipairs(dp2) do differs = differs or r.grad_norm ~= refs[""][i].grad_norm end
+    assert.is_true(differs, "global_aux_loss at DP = 2 trains exactly as aux_loss: its counts did not reach the loss")
+  end)
 
   for _, d in ipairs { "allgather", "alltoall", "flex" } do
     it(("CP = 2 x EP = 2 with %s reproduces one rank at half the aux and z coefficients"):format(d), function()

@@ -148,7 +148,7 @@ local function provider(device, tp)
 end
 local world = core.comm_world()
 local ref = model_lib.build(provider("cpu", 1), 3)
-local cfg = model_lib.engine_config(provider("cuda", 2), 3, 16, 0, world)
+local cfg = model_lib.engine_config(provider("cuda", 2), 3, 16, 0, { tensor = world })
 cfg.layer_begin, cfg.layer_end, cfg.pre_process, cfg.post_process = 0, 2, true, true
 local chunk = core.gpt_chunk(cfg)
 local tok, tgt = {}, {}

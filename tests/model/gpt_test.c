@@ -99,6 +99,13 @@ static float loss_of(lt_gpt *m, const batch *b, uint64_t dseed) {
     int64_t nv = 0;
     lt_gpt_moe_totals moe;
     lt_gpt_take_moe_stats(m, NULL, NULL); /* what earlier forwards left */
+    /* each evaluation a step of its own (global_aux_loss's tracker starts again), the gradients kept */
+    const size_t bytes = sizeof(float) * (size_t)flat_total(m);
+    float *kept = malloc(bytes);
+    memcpy(kept, gdata(m), bytes);
+    lt_gpt_zero_grad(m);
+    memcpy(gdata(m), kept, bytes);
+    free(kept);
     lt_gpt_ctx *c = lt_gpt_forward(m, b->tokens, b->targets, b->B, b->T, 1, dseed, &loss, &nv, err, sizeof err);
     if (!c) {
         TAP_CHECK(0, "forward failed: %s", err);
@@ -945,6 +952,23 @@ static void test_flag_gradients(void) {
     c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 1, .aux_loss_coeff = 0.05};
     c.moe_dispatcher = LT_MOE_ALLTOALL;
     flag_case("(p) MoE with shared experts (swiglu, biases), dropout (alltoall)", c, 111, 0, 8, 61, 0, 11);
+
+    /* sinkhorn routing (top-2: softmax probs, gradient through the activation only) with a z-loss */
+    c = small_config();
+    c.num_moe_experts = 4;
+    c.moe_ffn_hidden_size = 8;
+    c.moe_layer_freq = 1;
+    c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 3, .z_loss_coeff = 0.01};
+    c.moe_dispatcher = LT_MOE_FLEX;
+    flag_case("(q) MoE with sinkhorn routing, top-2, z-loss (flex)", c, 112, 0, 8, 62, 0, 0);
+
+    /* global_aux_loss at one rank (its tracker's average of the step's counts), on (m)'s model */
+    c = small_config();
+    c.num_moe_experts = 4;
+    c.moe_ffn_hidden_size = 24;
+    c.moe_layer_freq = 1;
+    c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 4, .aux_loss_coeff = 0.05, .z_loss_coeff = 0.01};
+    flag_case("(r) MoE with global_aux_loss (allgather)", c, 108, 0, 8, 58, 0, 0);
 }
 
 /* Zero-centred gamma g and ordinary gamma 1 + g are the same function: the same logits and loss, and

@@ -407,6 +407,10 @@ function V.validate(c, opts, to_table)
         .. "only supported when ETP==1 (expert_tensor_parallel_size defaults to tensor_model_parallel_size). Set "
         .. "add_bias_linear = false or expert_tensor_parallel_size = 1", ETP)
     end
+    if m.moe_router_load_balancing_type == "sinkhorn" and (m.moe_aux_loss_coeff or 0) > 0 then
+      fail("moe_router_load_balancing_type = 'sinkhorn' with moe_aux_loss_coeff = %s: Sinkhorn routing does not "
+        .. "support aux loss. Set moe_aux_loss_coeff = 0", fmt(m.moe_aux_loss_coeff))
+    end
     if m.moe_router_enable_expert_bias and m.moe_router_score_function ~= "sigmoid" then
       fail("moe_router_enable_expert_bias = true with moe_router_score_function = %s: expert bias for aux-loss-free "
         .. "routing only supports the 'sigmoid' score function. Set moe_router_score_function = 'sigmoid' or "

@@ -195,6 +195,17 @@ describe("expert parallelism", function()
     end)
   end
 
+  it("EP = 2 x PP = 2 interleaved (4 layers), distributed optimizer with overlapped reduce and gather, "
+    .. "reproduces the single rank", function()
+    local four = "model.num_layers=4 "
+    local ref = launch(1, dir, "single_four_layers", four)
+    local got = launch(4, dir, "ep2_vpp", four .. "model.pipeline_model_parallel_size=2 "
+      .. "model.virtual_pipeline_model_parallel_size=2 model.overlap_p2p_comm=true model.expert_model_parallel_size=2 "
+      .. "model.moe_token_dispatcher_type=alltoall ddp.use_distributed_optimizer=true ddp.overlap_grad_reduce=true "
+      .. "ddp.overlap_param_gather=true")
+    assert_equivalent(ref, got, "EP = 2 x PP = 2 interleaved")
+  end)
+
   it("shared experts: EP = 2 and TP = 2 x EP = 2 (ETP = 2) reproduce the single rank", function()
     local got = launch(2, dir, "ep2_shared", SHARED .. "model.expert_model_parallel_size=2 "
       .. "model.moe_token_dispatcher_type=alltoall")

@@ -19,6 +19,20 @@ static int l_clock(lua_State *L) {
     return 1;
 }
 
+/* core.wall_time() → seconds since the epoch (fractional): what logs stamp records with. */
+static int l_wall_time(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec);
+    return 1;
+}
+
+/* core.pid() → this process's id. */
+static int l_pid(lua_State *L) {
+    lua_pushinteger(L, (lua_Integer)getpid());
+    return 1;
+}
+
 /* The backend named by the optional device argument at idx ("cpu" by default); raises its error. */
 static const lt_backend *opt_backend(lua_State *L, int idx) {
     char err[512];
@@ -116,7 +130,7 @@ static int l_signal_received(lua_State *L) {
 }
 
 void lt_lua_open_system(lua_State *L) {
-    static const luaL_Reg funcs[] = {{"clock", l_clock}, {"memory", l_memory}, {"reset_peak_memory", l_reset_peak_memory},
+    static const luaL_Reg funcs[] = {{"clock", l_clock}, {"wall_time", l_wall_time}, {"pid", l_pid}, {"memory", l_memory}, {"reset_peak_memory", l_reset_peak_memory},
                                      {"synchronize", l_synchronize}, {"profile_report", l_profile_report},
                                      {"profile_reset", l_profile_reset},
                                      {"isatty", l_isatty}, {"catch_signal", l_catch_signal},

@@ -1,9 +1,11 @@
 -- Progress output of a training run: a line every log_interval (step, loss, learning rate,
 -- grad norm, tokens/s, step time, peak memory), a progress bar between them when stdout is
--- a terminal, and the same figures as JSON lines for plotting.
+-- a terminal, the same figures as JSON lines for plotting, and TensorBoard scalars under
+-- Megatron's tags (luatron.tensorboard).
 local core = require "luatron.core"
 local json = require "luatron.json"
 local fs = require "luatron.fs"
+local tensorboard = require "luatron.tensorboard"
 
 local M = {}
 M.__index = M
@@ -27,7 +29,9 @@ end
 
 -- opts: log_interval, train_iters, metrics_path (nil: no file), out (default io.stdout),
 -- quiet (print nothing: the ranks other than the one that reports), device (whose memory the
--- peak figure reports: "cpu" or "cuda").
+-- peak figure reports: "cpu" or "cuda"), tensorboard_dir (nil: none) and tensorboard_log_interval
+-- (the steps whose loss, learning rate and gradient norm go to TensorBoard; the other figures go on
+-- logged steps).
 function M.new(opts)
   local self = setmetatable({
     quiet = opts.quiet,
@@ -37,7 +41,9 @@ function M.new(opts)
     out = opts.out or io.stdout,
     tty = own_terminal(),
     window = { steps = 0, time = 0, tokens = 0 },
+    tb_interval = opts.tensorboard_log_interval or 1,
   }, M)
+  if opts.tensorboard_dir and not opts.quiet then self.tb = tensorboard.writer(opts.tensorboard_dir) end
   if opts.metrics_path then
     local dir = opts.metrics_path:match("^(.*)/[^/]*$")
     if dir then fs.mkdir_p(dir) end
@@ -77,6 +83,11 @@ function M:step(r)
   local bubble = logged and r.pipeline_bubble and r.pipeline_bubble() or nil
   local moe = logged and r.moe and r.moe() or nil
   if self.quiet then return end
+  if self.tb and r.iteration % self.tb_interval == 0 then
+    self.tb:scalar("lm loss", r.loss, r.iteration)
+    self.tb:scalar("learning-rate", r.lr, r.iteration)
+    self.tb:scalar("grad-norm", r.grad_norm, r.iteration)
+  end
   if not logged then
     if self.tty then
       self.out:write("\r", bar(r.iteration, self.train_iters, 30), " loss ", loss_text(r.loss))
@@ -167,7 +178,23 @@ function M:step(r)
       (r.p2p_expected or 0) / 1e6)
   end
   self:record(rec)
+  if self.tb then
+    if rec.params_norm then self.tb:scalar("params-norm", rec.params_norm, r.iteration) end
+    self.tb:scalar("tokens-per-second", rec.tokens_per_s, r.iteration)
+    self.tb:scalar("mem-max-allocated-bytes", mem.peak, r.iteration)
+  end
   self.window = { steps = 0, time = 0, tokens = 0 }
+end
+
+-- A validation result: the log line, the metrics record and TensorBoard's "lm loss validation" and
+-- "lm loss validation ppl".
+function M:validation(iteration, loss)
+  self:info("validation at iteration %d | loss %.4f | perplexity %.2f", iteration, loss, math.exp(loss))
+  self:record { iteration = iteration, validation_loss = loss }
+  if self.tb and not self.quiet then
+    self.tb:scalar("lm loss validation", loss, iteration)
+    self.tb:scalar("lm loss validation ppl", math.exp(loss), iteration)
+  end
 end
 
 -- Writes one JSON line to the metrics file (if any).
@@ -198,6 +225,7 @@ end
 
 function M:close()
   if self.metrics then self.metrics:close() end
+  if self.tb then self.tb:close() end
 end
 
 return M

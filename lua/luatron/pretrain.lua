@@ -732,7 +732,8 @@ function M.pretrain(cfg, args, opts)
   local metrics_path = lg.metrics_file or (lg.tensorboard_dir and lg.tensorboard_dir .. "/metrics.jsonl")
     or (ck.save and ck.save .. "/metrics.jsonl")
   local log = logger_lib.new { log_interval = lg.log_interval, train_iters = train.train_iters,
-    metrics_path = lead and metrics_path or nil, quiet = not lead, device = r.model.device }
+    metrics_path = lead and metrics_path or nil, quiet = not lead, device = r.model.device,
+    tensorboard_dir = lg.tensorboard_dir, tensorboard_log_interval = lg.tensorboard_log_interval }
   local resumed, how = M.maybe_resume(run, log)
   if resumed and how ~= "finetune" then log:resumed_at(run.state.iteration) end
   if lg.save_config_filepath and lead then
@@ -744,8 +745,7 @@ function M.pretrain(cfg, args, opts)
     -- Megatron's skip_train: evaluate the (loaded) model and train nothing
     local vloss = run.valid_data and M.evaluate(run, run.state.iteration // train.eval_interval)
     if vloss then
-      log:info("validation at iteration %d | loss %.4f | perplexity %.2f", run.state.iteration, vloss, math.exp(vloss))
-      log:record { iteration = run.state.iteration, validation_loss = vloss }
+      log:validation(run.state.iteration, vloss)
     else
       log:info("train.skip_train = true and no validation (train.eval_iters / eval_interval): nothing to do")
     end
@@ -798,8 +798,7 @@ function M.pretrain(cfg, args, opts)
     local it = run.state.iteration
     if run.valid_data and it % train.eval_interval == 0 then
       local vloss = excluding_comm(run, function() return M.evaluate(run) end)
-      log:info("validation at iteration %d | loss %.4f | perplexity %.2f", it, vloss, math.exp(vloss))
-      log:record { iteration = it, validation_loss = vloss }
+      log:validation(it, vloss)
     end
     local saved = false
     if ck.save and ck.save_interval and it % ck.save_interval == 0 then

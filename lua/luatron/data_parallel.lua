@@ -19,6 +19,7 @@
 -- M.over_chunks joins them into what the training loop uses: before_last_backward(chunk),
 -- step(lr) → grad norm before clipping (over every chunk of every stage), apply(lr).
 local core = require "luatron.core"
+local parallel = require "luatron.parallel"
 
 local M = {}
 
@@ -116,11 +117,10 @@ function Experts:reduce()
   end
 end
 
--- The gradients this rank updates (its shard under the distributed optimizer) and their square sum.
-function Experts:update_grads() return self.main_grads or self:grads() end
+-- The square sum of the gradients this rank updates (its shard under the distributed optimizer).
 function Experts:sumsq()
   if self.numel == 0 then return 0 end
-  return self:update_grads():norm() ^ 2
+  return (self.main_grads or self:grads()):norm() ^ 2
 end
 
 -- The distributed optimizer's: update, gather, the state pieces (the whole part with one edp rank).
@@ -426,15 +426,6 @@ local function has_param(chunk, name)
   return false
 end
 
--- A communicator of our own over the ranks of group g (so its traffic is counted apart from the
--- group's other uses); nil for a group of one.
-local function own_comm(g, name)
-  if not g or g:size() == 1 then return nil end
-  local all = {}
-  for i = 1, g:size() do all[i] = i - 1 end
-  return g:group(all, name)
-end
-
 -- The optimizer of this rank's chunks (an array; one chunk without pipelining): r is the resolved
 -- config, group the dp-cp communicator (nil for one rank); opts.pp the pipeline group's
 -- communicator and opts.embedding the embedding group's (first and last stage), both nil without
@@ -442,22 +433,21 @@ end
 -- opts.edp and opts.ep the expert-data-parallel and the expert-tensor x expert-parallel groups'.
 function M.over_chunks(chunks, r, group, opts)
   opts = opts or {}
-  local edp = r.model.num_moe_experts and own_comm(opts.edp, "edp_grads") or nil
-  local parts, device_comm, edp_device, numel, dense = {}, nil, nil, 0, 0
+  local edp = r.model.num_moe_experts and parallel.own_group(opts.edp, "edp_grads") or nil
+  local parts, device_comm, edp_device, dense = {}, nil, nil, 0
   for i, chunk in ipairs(chunks) do
     parts[i] = new_part(chunk, r, group, device_comm, edp, edp_device)
     device_comm, edp_device = parts[i].device_comm, parts[i].experts.device_comm
-    numel, dense = numel + parts[i].numel, dense + parts[i].dense
+    dense = dense + parts[i].dense
   end
   local self = setmetatable({ parts = parts, chunks = chunks, r = r, group = group, dp = parts[1].dp,
-    device_comm = device_comm, numel = numel, dense = dense, sharded = getmetatable(parts[1]) == Sharded,
+    device_comm = device_comm, dense = dense, sharded = getmetatable(parts[1]) == Sharded,
     pp = opts.pp, tied = {}, copy = {}, skip = {} }, Chunks)
   -- Experts: their gradient norm summed over the experts' shards (edp, distributed optimizer) and
   -- over the ETP x EP ranks, which hold different experts or parts (Megatron's expert-model-parallel
   -- norm).
   if r.model.num_moe_experts then
-    self.edp, self.ep = edp, own_comm(opts.ep, "ep_norm")
-    self.edp_device = edp_device
+    self.edp, self.ep = edp, parallel.own_group(opts.ep, "ep_norm")
   end
   -- Tensor parallelism: the sums over TP run on the device's communicator; the gradient norm counts
   -- a replicated parameter on TP rank 0 only.

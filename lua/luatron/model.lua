@@ -1,6 +1,7 @@
 -- Builds the engine's GPT model (or its pipeline chunks) from a GPTModelProvider (Megatron names).
 local core = require "luatron.core"
 local config = require "luatron.config"
+local parallel = require "luatron.parallel"
 local schema = require "luatron.config.schema"
 local util = require "luatron.config.util"
 local validate = require "luatron.config.validate"
@@ -176,11 +177,8 @@ end
 -- A communicator of the model's own over the ranks of group g (NCCL on a GPU), so its statistics
 -- count the model's traffic alone; nil for a group of one.
 local function model_comm(g, name, device)
-  if not g or g:size() == 1 then return nil end
-  local all = {}
-  for i = 1, g:size() do all[i] = i - 1 end
-  local c = g:group(all, name)
-  if device ~= "cpu" then c = core.comm_nccl(c, device) end
+  local c = parallel.own_group(g, name)
+  if c and device ~= "cpu" then c = core.comm_nccl(c, device) end
   return c
 end
 

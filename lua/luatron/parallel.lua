@@ -51,6 +51,15 @@ function M.initialize(model, dist)
   return state
 end
 
+-- A communicator of its own over all the ranks of group g (a communicator), so its statistics count
+-- one use alone; nil for no group or a group of one. Every rank of g calls it, in the same order.
+function M.own_group(g, name)
+  if not g or g:size() == 1 then return nil end
+  local all = {}
+  for i = 1, g:size() do all[i] = i - 1 end
+  return g:group(all, name)
+end
+
 -- The state built by initialize (nil before).
 function M.get() return state end
 

@@ -142,11 +142,8 @@ function M.setup(cfg, opts)
   }
   if pp > 1 then run.link, run.links = pipeline_links(ps, pp, r.model.device) end
   -- the expert bias's token counts are summed over TP x DP x CP, on a communicator of their own
-  local tdc = ps.groups["tp-dp-cp"]
-  if r.model.moe_router_enable_expert_bias and tdc and tdc:size() > 1 then
-    local all = {}
-    for i = 1, tdc:size() do all[i] = i - 1 end
-    run.bias_comm = tdc:group(all, "expert_bias")
+  if r.model.moe_router_enable_expert_bias then
+    run.bias_comm = parallel.own_group(ps.groups["tp-dp-cp"], "expert_bias")
   end
   -- MoE: the aux and z losses' gradients at Megatron's MoEAuxLossAutoScaler scale, 1 / microbatches
   if r.model.num_moe_experts then

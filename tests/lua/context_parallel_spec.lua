@@ -133,14 +133,7 @@ print(("rank %d device %s loss %.9g parallel %.9g grad_rel %.3g"):format(me, chu
 describe("context parallelism on the CUDA backend (the emulated plugin)", function()
   for _, positions in ipairs { "learned_absolute", "rope" } do
     it(("matches the CPU's single rank (CP = 2, %s)"):format(positions), function()
-      local code, out, rows = h.emulated_check(LUATRON, CUDA_CP_CHECK, positions, 2)
-      assert.are.equal(0, code, out)
-      assert.are.equal(2, #rows, out)
-      for _, r in ipairs(rows) do
-        assert.are.equal("cuda", r.device, out)
-        assert_close(r.loss, r.parallel, "rank " .. r.rank .. " loss")
-        assert.is_true(r.rel <= RTOL, ("rank %d: gradients differ by %g of their scale"):format(r.rank, r.rel))
-      end
+      h.assert_emulated(LUATRON, CUDA_CP_CHECK, positions, 2, assert_close, RTOL)
     end)
   end
 end)

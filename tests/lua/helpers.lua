@@ -117,6 +117,20 @@ function h.emulated_check(luatron, script, arg, n)
   return code, out, rows
 end
 
+-- h.emulated_check on n ranks, asserted: the run succeeds, every rank reports from "cuda", its loss
+-- equals the parallel one within `close` (an h.closeness) and its gradients differ by at most rtol of
+-- their scale.
+function h.assert_emulated(luatron, script, arg, n, close, rtol)
+  local code, out, rows = h.emulated_check(luatron, script, arg, n)
+  assert(code == 0, out)
+  assert(#rows == n, out)
+  for _, r in ipairs(rows) do
+    assert(r.device == "cuda", out)
+    close(r.loss, r.parallel, "rank " .. r.rank .. " loss")
+    assert(r.rel <= rtol, ("rank %d: gradients differ by %g of their scale"):format(r.rank, r.rel))
+  end
+end
+
 -- Runs `luatron launch -n n --timeout 120 <args> logger.metrics_file=dir/name.jsonl` and asserts it
 -- succeeded; returns the metrics records and the output.
 function h.launch_metrics(luatron, n, dir, name, args)

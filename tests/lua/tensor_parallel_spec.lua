@@ -188,14 +188,7 @@ describe("tensor parallelism on the CUDA backend (the emulated plugin)", functio
   local LABEL = { tp = "", sp = ", SP", kv = ", one query group shared by both ranks, q/k norms" }
   for _, variant in ipairs { "tp", "sp", "kv" } do
     it(("matches the CPU's single rank (TP = 2%s)"):format(LABEL[variant]), function()
-      local code, out, rows = h.emulated_check(LUATRON, CUDA_TP_CHECK, variant, 2)
-      assert.are.equal(0, code, out)
-      assert.are.equal(2, #rows, out)
-      for _, r in ipairs(rows) do
-        assert.are.equal("cuda", r.device, out)
-        assert_close(r.loss, r.parallel, "rank " .. r.rank .. " loss")
-        assert.is_true(r.rel <= RTOL, ("rank %d: gradients differ by %g of their scale"):format(r.rank, r.rel))
-      end
+      h.assert_emulated(LUATRON, CUDA_TP_CHECK, variant, 2, assert_close, RTOL)
     end)
   end
 end)

@@ -217,25 +217,12 @@ static void rank_world(rank_ctx *ctx) {
 }
 
 /* 4 ranks as 2 rings of CP = 2 ({0,1}, {2,3}), each on its own data: nothing on the world */
-static void rank_groups(rank_ctx *ctx) {
-    char err[512] = "";
-    lt_comm *w = make_world(ctx, err, sizeof err);
-    RCHECK(ctx, w, "world: %s", err);
-    if (!w) return;
-    const int grp = ctx->rank / 2, ranks[2] = {2 * grp, 2 * grp + 1};
-    lt_comm *cpc = lt_comm_group(w, ranks, 2, "cp", err, sizeof err);
-    RCHECK(ctx, cpc, "cp group: %s", err);
-    if (cpc) {
-        lt_comm_reset_stats(w);
-        double worst[2] = {0, 0};
-        all_checks(ctx, cpc, 500 + 97 * (uint64_t)grp, worst);
-        ctx->out->val[0] = worst[0], ctx->out->val[1] = worst[1];
-        lt_comm_stats st = lt_comm_get_stats(w);
-        RCHECK(ctx, st.calls == 0, "the world communicator was used (%llu calls)", (unsigned long long)st.calls);
-        lt_comm_free(cpc);
-    }
-    lt_comm_free(w);
+static void pair_checks(rank_ctx *ctx, lt_comm *cpc, int grp) {
+    double worst[2] = {0, 0};
+    all_checks(ctx, cpc, 500 + 97 * (uint64_t)grp, worst);
+    ctx->out->val[0] = worst[0], ctx->out->val[1] = worst[1];
 }
+static void rank_groups(rank_ctx *ctx) { in_pairs(ctx, "cp", pair_checks); }
 
 /* The worst fp32 and bf16 differences over n ranks' results. */
 static void worst_of(int n, double w[2]) {

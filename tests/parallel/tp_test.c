@@ -340,24 +340,11 @@ static void rank_world(rank_ctx *ctx) {
 
 /* 4 ranks as 2 data-parallel replicas of TP = 2 ({0,1}, {2,3}), each on its own data: the mappings work
  * on the tp group alone and nothing goes over the world communicator */
-static void rank_groups(rank_ctx *ctx) {
-    char err[512] = "";
-    lt_comm *w = make_world(ctx, err, sizeof err);
-    RCHECK(ctx, w, "world: %s", err);
-    if (!w) return;
-    const int grp = ctx->rank / 2, ranks[2] = {2 * grp, 2 * grp + 1};
-    lt_comm *tpc = lt_comm_group(w, ranks, 2, "tp", err, sizeof err);
-    RCHECK(ctx, tpc, "tp group: %s", err);
-    if (tpc) {
-        lt_comm_reset_stats(w);
-        double worst[2] = {0, 0};
-        all_checks(ctx, tpc, ctx->arg, 500 + 7 * (uint64_t)grp, worst);
-        lt_comm_stats st = lt_comm_get_stats(w);
-        RCHECK(ctx, st.calls == 0, "the world communicator was used (%llu calls)", (unsigned long long)st.calls);
-        lt_comm_free(tpc);
-    }
-    lt_comm_free(w);
+static void pair_checks(rank_ctx *ctx, lt_comm *tpc, int grp) {
+    double worst[2] = {0, 0};
+    all_checks(ctx, tpc, ctx->arg, 500 + 7 * (uint64_t)grp, worst);
 }
+static void rank_groups(rank_ctx *ctx) { in_pairs(ctx, "tp", pair_checks); }
 
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);

@@ -1,7 +1,8 @@
-/* What the tensor-parallel tests (tp_test.c, vocab_test.c) share: a seeded generator for their data
- * (every rank draws every rank's data, so each knows what a collective must give), conversions
- * between the test's fp32 host data and an op table's dtype (the CPU backend's memory is the host's),
- * and the ring volumes a call's statistics must equal. Include after tests/comm/harness.h. */
+/* What the tensor- and context-parallel tests (tp_test.c, vocab_test.c, cp_test.c) share: a seeded
+ * generator for their data (every rank draws every rank's data, so each knows what a collective must
+ * give), conversions between the test's fp32 host data and an op table's dtype (the CPU backend's
+ * memory is the host's), the ring volumes a call's statistics must equal, and ranks run in pairs.
+ * Include after tests/comm/harness.h. */
 #ifndef LT_TESTS_PARALLEL_TP_TESTUTIL_H
 #define LT_TESTS_PARALLEL_TP_TESTUTIL_H
 
@@ -60,6 +61,26 @@ static int check_stats(rank_ctx *ctx, lt_comm *c, const char *what, uint64_t cal
            (unsigned long long)bytes);
     lt_comm_reset_stats(c);
     return st.calls == calls && st.bytes == bytes;
+}
+
+/* Ranks in pairs ({0,1}, {2,3}, ...), each pair on its own: run(ctx, pair, which) on a group `name` of
+ * the caller's pair (which: 0 for the first pair, ...), checking that nothing went over the world. */
+static void in_pairs(rank_ctx *ctx, const char *name, void (*run)(rank_ctx *, lt_comm *, int)) {
+    char err[512] = "";
+    lt_comm *w = make_world(ctx, err, sizeof err);
+    RCHECK(ctx, w, "world: %s", err);
+    if (!w) return;
+    const int which = ctx->rank / 2, ranks[2] = {2 * which, 2 * which + 1};
+    lt_comm *pair = lt_comm_group(w, ranks, 2, name, err, sizeof err);
+    RCHECK(ctx, pair, "%s group: %s", name, err);
+    if (pair) {
+        lt_comm_reset_stats(w);
+        run(ctx, pair, which);
+        lt_comm_stats st = lt_comm_get_stats(w);
+        RCHECK(ctx, st.calls == 0, "the world communicator was used (%llu calls)", (unsigned long long)st.calls);
+        lt_comm_free(pair);
+    }
+    lt_comm_free(w);
 }
 
 #endif

@@ -6,7 +6,8 @@
 #   4. the same with openai_gelu (the MLP's GEMMs with cuBLASLt's GELU epilogues),
 #   5. 6. the same with MoE layers (4 experts top-2, shared experts, aux and z losses, the alltoall
 #      dispatcher's row gathers and combines on the device), in fp32 and bf16,
-#   7. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
+#   7. 8. the same through the grouped GEMMs (moe_grouped_gemm: cublasGemmGroupedBatchedEx), in fp32 and bf16,
+#   9. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
 #      1.3B unless GPU_CHECK_QUICK=1).
 # Logs go to $OUT (or ./gpu-out) so they come back; the exit code is the number of failed parts.
 # A dry run of the script itself, without a GPU, on the emulated plugin:
@@ -66,13 +67,15 @@ n=2
 # then MoE layers in fp32 and bf16
 moe="model.num_moe_experts=4 model.moe_router_topk=2 model.moe_aux_loss_coeff=0.01 model.moe_z_loss_coeff=0.001 \
 model.moe_shared_expert_intermediate_size=64 model.moe_token_dispatcher_type=alltoall"
-for precision in fp32 bf16 bf16_openai_gelu moe_fp32 moe_bf16; do
+for precision in fp32 bf16 bf16_openai_gelu moe_fp32 moe_bf16 moe_grouped_fp32 moe_grouped_bf16; do
   echo "== $n. tiny recipe, $precision, CPU vs CUDA, 20 steps"
   case $precision in
     fp32) flag="" rtol=1e-3 ;;
     bf16) flag="model.bf16=true" rtol=1e-2 ;;
     moe_fp32) flag="$moe" rtol=1e-3 ;;
     moe_bf16) flag="$moe model.bf16=true" rtol=1e-2 ;;
+    moe_grouped_fp32) flag="$moe model.moe_grouped_gemm=true" rtol=1e-3 ;;
+    moe_grouped_bf16) flag="$moe model.moe_grouped_gemm=true model.bf16=true" rtol=1e-2 ;;
     *) flag="model.bf16=true model.openai_gelu=true" rtol=1e-2 ;;
   esac
   rm -f "$out/cpu_$precision.jsonl" "$out/cuda_$precision.jsonl" # the logger appends

@@ -377,7 +377,8 @@ lt_gpt *lt_gpt_new_chunk(const lt_gpt_config *cfg, const lt_gpt_stage *stage, ch
                                ep ? lt_comm_rank(cfg->ep_comm) : 0, ep ? lt_comm_size(cfg->ep_comm) : 1, etp,
                                cfg->moe_shared_expert_intermediate_size / m->tp.size,
                                cfg->moe_global_comm && lt_comm_size(cfg->moe_global_comm) > 1 ? cfg->moe_global_comm
-                                                                                              : NULL};
+                                                                                              : NULL,
+                               cfg->moe_grouped_gemm};
         m->moe_tokens = calloc((size_t)cfg->num_moe_experts, sizeof(int64_t));
     }
     m->E = lt_dtype_size(m->ops->dtype);

@@ -529,11 +529,22 @@ static size_t block(const lt_moe_state *st, int j, int width, size_t Ed) {
     return Ed * (size_t)st->efirst[j] * (size_t)width;
 }
 
-/* y = the local experts on x, block by block. */
+/* y = the local experts on x: with moe_grouped_gemm each GEMM one grouped call over all local experts
+ * and the activation one pass over all their rows (Megatron's GroupedMLP), else expert by expert
+ * (SequentialMLP, the tanh GELU fused into fc1). */
 static void experts_forward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_ops *ops, const lt_moe_weights *w,
                             lt_moe_state *st) {
     const int C = s->hidden_size, F = ms->ffn_hidden_size, fc1 = fc1_width(s, ms);
     const size_t Ed = lt_dtype_size(ops->dtype);
+    if (ms->grouped_gemm) {
+        const int64_t rows = st->efirst[st->El];
+        ops->grouped_linear_forward(st->fc1, st->x, w->fc1_w, w->fc1_b, st->efirst, st->El, C, fc1);
+        if (s->gated_linear_unit) ops->swiglu_forward(st->act, st->fc1, (int)rows, F);
+        else if (s->gelu_tanh) ops->gelu_tanh_forward(st->act, st->fc1, rows * F);
+        else ops->gelu_forward(st->act, st->fc1, rows * F);
+        ops->grouped_linear_forward(st->y, st->act, w->fc2_w, w->fc2_b, st->efirst, st->El, F, C);
+        return;
+    }
     for (int j = 0; j < st->El; j++) {
         const int n = (int)(st->efirst[j + 1] - st->efirst[j]);
         if (!n) continue;
@@ -851,7 +862,15 @@ int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_
     if (R)
         ops->moe_combine_backward(dy, dw_exp, dy_recv, st->y,
                                   st->expert.slots, st->expert.weights, (int)R, st->expert.k, (int)M, C);
-    for (int j = 0; j < st->El; j++) {
+    if (ms->grouped_gemm) { /* experts_forward's grouped calls, backwards */
+        const int64_t rows = st->efirst[st->El];
+        ops->grouped_linear_backward(dact, g->fc2_w, g->fc2_b, dy, st->act, w->fc2_w, st->efirst, st->El, F, C);
+        if (s->gated_linear_unit) ops->swiglu_backward(dfc1, dact, st->fc1, (int)rows, F);
+        else if (s->gelu_tanh) ops->gelu_tanh_backward(dfc1, dact, st->fc1, rows * F);
+        else ops->gelu_backward(dfc1, dact, st->fc1, rows * F);
+        ops->grouped_linear_backward(dxe, g->fc1_w, g->fc1_b, dfc1, st->x, w->fc1_w, st->efirst, st->El, C, fc1);
+    }
+    for (int j = 0; !ms->grouped_gemm && j < st->El; j++) {
         const int n = (int)(st->efirst[j + 1] - st->efirst[j]);
         if (!n) continue;
         const size_t oc = block(st, j, C, Ed), of = block(st, j, F, Ed), o1 = block(st, j, fc1, Ed);

@@ -60,6 +60,7 @@ typedef struct {
     int etp;                                /* ranks sharing each expert (expert_tensor_parallel_size) */
     int shared_ffn_hidden_size;             /* this TP rank's columns of the shared experts (0: none) */
     lt_comm *global;                        /* global_aux_loss's TP x DP x CP group (NULL: one rank) */
+    int grouped_gemm;                       /* moe_grouped_gemm: each GEMM one call over all local experts */
 } lt_moe_spec;
 
 /* Weights: the expert arrays hold local expert j's (global (ep_rank / etp) El + j, El = E etp / ep_size;

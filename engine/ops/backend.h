@@ -60,6 +60,18 @@ typedef struct lt_ops {
     void (*linear_dgelu_backward)(void *dpre, float *dweight, float *dbias, const void *dout, const void *inp,
                                   const void *weight, const void *pre, int N, int IN, int OUT);
 
+    /* The MoE experts' GEMMs, one call over all local experts (a grouped GEMM): group g's rows
+     * [first[g], first[g + 1]) of inp[first[G], IN] go through weight[g] [OUT, IN] (+ bias[g]) into the
+     * same rows of out[first[G], OUT], as linear_forward would one group at a time. first: G + 1 host
+     * offsets from 0 (empty groups allowed); weight, bias, dweight, dbias: host arrays of G pointers into
+     * this backend's memory, bias and dbias NULL or whole. Backward: dinp written (nullable), dweight[g]
+     * and dbias[g] accumulated. */
+    void (*grouped_linear_forward)(void *out, const void *inp, const void *const *weight, const void *const *bias,
+                                   const int64_t *first, int G, int IN, int OUT);
+    void (*grouped_linear_backward)(void *dinp, float *const *dweight, float *const *dbias, const void *dout,
+                                    const void *inp, const void *const *weight, const int64_t *first, int G, int IN,
+                                    int OUT);
+
     void (*attention_forward)(void *out, float *lse, const void *qkv, int B, int T, int H, int G, int D,
                               float dropout_p, uint64_t dropout_key, int head_offset, int heads_total);
     void (*attention_backward)(void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
@@ -88,6 +100,9 @@ typedef struct lt_ops {
 
     void (*gelu_forward)(void *out, const void *inp, int64_t n);
     void (*gelu_backward)(void *dinp, const void *dout, const void *inp, int64_t n);
+    /* lt_gelu_tanh_forward / _backward on their own (the grouped experts' activation: no GEMM to fuse into) */
+    void (*gelu_tanh_forward)(void *out, const void *inp, int64_t n);
+    void (*gelu_tanh_backward)(void *dinp, const void *dout, const void *inp, int64_t n);
     void (*swiglu_forward)(void *out, const void *inp, int N, int F);
     void (*swiglu_backward)(void *dinp, const void *dout, const void *inp, int N, int F);
     void (*add_forward)(void *out, const void *a, const void *b, int64_t n);
@@ -104,8 +119,9 @@ typedef struct lt_ops {
  * 6: linear_forward adds a residual; 7: linear_gelu_forward, linear_dgelu_backward; 8: qk_norm_forward,
  * qk_norm_backward; 9: lt_device_comm_ops.batch_p2p; 10: positions for rope and position embeddings,
  * attention_kv_forward, attention_merge, attention_kv_backward; 11: moe_combine_forward,
- * moe_combine_backward): the loader refuses a plugin built against another. */
-#define LT_BACKEND_ABI 11
+ * moe_combine_backward; 12: grouped_linear_forward, grouped_linear_backward, gelu_tanh_forward, gelu_tanh_backward): the loader refuses a
+ * plugin built against another. */
+#define LT_BACKEND_ABI 12
 
 /* The backend's collectives (lt_backend.comm): engine/core/device_comm.h. */
 

@@ -112,6 +112,10 @@ static void f32_gelu_forward(void *out, const void *inp, int64_t n) { lt_gelu_fo
 static void f32_gelu_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
     lt_gelu_backward(dinp, dout, inp, n);
 }
+static void f32_gelu_tanh_forward(void *out, const void *inp, int64_t n) { lt_gelu_tanh_forward(out, inp, n); }
+static void f32_gelu_tanh_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
+    lt_gelu_tanh_backward(dinp, dout, inp, n);
+}
 static void f32_swiglu_forward(void *out, const void *inp, int N, int F) { lt_swiglu_forward(out, inp, N, F); }
 static void f32_swiglu_backward(void *dinp, const void *dout, const void *inp, int N, int F) {
     lt_swiglu_backward(dinp, dout, inp, N, F);
@@ -132,6 +136,30 @@ static void f32_cross_entropy_backward(void *dlogits, const void *logits, const 
     lt_cross_entropy_backward(dlogits, logits, lse, targets, dloss, N, V);
 }
 
+/* ---- grouped linear: on the CPU the table's own linear ops, group by group (each one a multi-threaded
+ * sgemm over all of the group's rows) ---- */
+
+#define GROUPED_LINEAR(prefix, es)                                                                                  \
+    static void prefix##_grouped_linear_forward(void *out, const void *inp, const void *const *w,                 \
+                                                const void *const *b, const int64_t *first, int G, int IN,         \
+                                                int OUT) {                                                          \
+        for (int g = 0; g < G; g++)                                                                                 \
+            if (first[g + 1] > first[g])                                                                            \
+                prefix##_linear_forward((char *)out + (es) * (size_t)first[g] * OUT,                                \
+                                        (const char *)inp + (es) * (size_t)first[g] * IN, w[g], b ? b[g] : NULL,    \
+                                        NULL, (int)(first[g + 1] - first[g]), IN, OUT);                             \
+    }                                                                                                               \
+    static void prefix##_grouped_linear_backward(void *dinp, float *const *dw, float *const *db, const void *dout, \
+                                                 const void *inp, const void *const *w, const int64_t *first,      \
+                                                 int G, int IN, int OUT) {                                          \
+        for (int g = 0; g < G; g++)                                                                                 \
+            if (first[g + 1] > first[g])                                                                            \
+                prefix##_linear_backward(dinp ? (char *)dinp + (es) * (size_t)first[g] * IN : NULL, dw[g],          \
+                                         db ? db[g] : NULL, (const char *)dout + (es) * (size_t)first[g] * OUT,     \
+                                         (const char *)inp + (es) * (size_t)first[g] * IN, w[g],                    \
+                                         (int)(first[g + 1] - first[g]), IN, OUT);                                  \
+    }
+
 #define OPS_TABLE(prefix, dt)                                                                                     \
     {                                                                                                             \
         .dtype = dt, .embedding_forward = prefix##_embedding_forward,                                            \
@@ -145,18 +173,22 @@ static void f32_cross_entropy_backward(void *dlogits, const void *logits, const 
         .linear_forward = prefix##_linear_forward, .linear_backward = prefix##_linear_backward,                 \
         .linear_gelu_forward = prefix##_linear_gelu_forward,                                                      \
         .linear_dgelu_backward = prefix##_linear_dgelu_backward,                                                  \
+        .grouped_linear_forward = prefix##_grouped_linear_forward,                                                \
+        .grouped_linear_backward = prefix##_grouped_linear_backward,                                              \
         .attention_forward = prefix##_attention_forward, .attention_backward = prefix##_attention_backward,     \
         .attention_kv_forward = prefix##_attention_kv_forward, .attention_merge = prefix##_attention_merge,     \
         .attention_kv_backward = prefix##_attention_kv_backward,                                                  \
         .rope_forward = prefix##_rope_forward, .rope_backward = prefix##_rope_backward,                         \
         .qk_norm_forward = prefix##_qk_norm_forward, .qk_norm_backward = prefix##_qk_norm_backward,             \
         .gelu_forward = prefix##_gelu_forward, .gelu_backward = prefix##_gelu_backward,                         \
+        .gelu_tanh_forward = prefix##_gelu_tanh_forward, .gelu_tanh_backward = prefix##_gelu_tanh_backward,     \
         .swiglu_forward = prefix##_swiglu_forward, .swiglu_backward = prefix##_swiglu_backward,                 \
         .add_forward = prefix##_add_forward, .dropout_forward = prefix##_dropout_forward,                       \
         .dropout_backward = prefix##_dropout_backward, .cross_entropy_forward = prefix##_cross_entropy_forward, \
         .cross_entropy_backward = prefix##_cross_entropy_backward,                                                \
     }
 
+GROUPED_LINEAR(f32, sizeof(float))
 const lt_ops lt_cpu_ops_f32 = OPS_TABLE(f32, LT_F32);
 
 /* ---- bf16: widen, run the fp32 op, round ---- */
@@ -395,6 +427,18 @@ static void bf16_gelu_backward(void *dinp, const void *dout, const void *inp, in
     drop(d, n), drop(x, n);
     narrow(dinp, di, n);
 }
+static void bf16_gelu_tanh_forward(void *out, const void *inp, int64_t n) {
+    float *o = scratch(n), *x = widen(inp, n);
+    lt_gelu_tanh_forward(o, x, n);
+    drop(x, n);
+    narrow(out, o, n);
+}
+static void bf16_gelu_tanh_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
+    float *di = scratch(n), *d = widen(dout, n), *x = widen(inp, n);
+    lt_gelu_tanh_backward(di, d, x, n);
+    drop(d, n), drop(x, n);
+    narrow(dinp, di, n);
+}
 static void bf16_swiglu_forward(void *out, const void *inp, int N, int F) {
     const int64_t NF = (int64_t)N * F;
     float *o = scratch(NF), *x = widen(inp, 2 * NF);
@@ -441,4 +485,5 @@ static void bf16_cross_entropy_backward(void *dlogits, const void *logits, const
     narrow(dlogits, l, NV);
 }
 
+GROUPED_LINEAR(bf16, sizeof(uint16_t))
 const lt_ops lt_cpu_ops_bf16 = OPS_TABLE(bf16, LT_BF16);

@@ -142,6 +142,24 @@ local function renumbered(name, e)
   return s
 end
 
+-- The same expert parameter under Megatron's other naming, or nil: SequentialMLP's
+-- ...experts.local_experts.<e>.linear_fc1.weight and the grouped experts' ...experts.linear_fc1.weight<e>
+-- (a checkpoint of either resumes with or without moe_grouped_gemm, as Megatron's do).
+local function other_naming(name)
+  local head, e, tail = name:match("^(.*%.experts%.)local_experts%.(%d+)%.(.+)$")
+  if head then return head .. tail .. e end
+  head, tail, e = name:match("^(.*%.experts%.)(linear_fc%d%.%a+)(%d+)$")
+  if head then return head .. "local_experts." .. e .. "." .. tail end
+end
+
+-- t[key(name)], else t[key(name under the other expert naming)]; with the key found.
+local function stored(t, name, key)
+  key = key or function(n) return n end
+  if t[key(name)] ~= nil then return t[key(name)], key(name) end
+  local other = other_naming(name)
+  if other and t[key(other)] ~= nil then return t[key(other)], key(other) end
+end
+
 -- Experts per EP rank: how many a chunk holds (the same in every MoE layer).
 local function local_experts(chunk)
   local lo, hi = math.huge, -1
@@ -420,11 +438,11 @@ local function plan_model_copies(chunks, weights, where, dir)
     local info = param_info({ chunk })
     for _, p in ipairs(chunk:parameters()) do
       local name = p.name
-      local src = weights[name]
+      local src, found = stored(weights, name)
       if not src then error(("checkpoint %s: missing tensor '%s'"):format(dir, name), 0) end
       local a, b = table.concat(p.full_shape, "x"), table.concat(src:shape(), "x")
       if a ~= b then
-        error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(where[name], name, b, a), 0)
+        error(("%s: tensor '%s' has shape [%s], this run expects [%s]"):format(where[found], found, b, a), 0)
       end
       if info[name].sharded then
         -- gathered into a host shard first: one transfer to the device instead of one per run
@@ -459,13 +477,13 @@ local function plan_optimizer_copies(chunks, pieces, index, dir)
   local copies = {}
   for _, dst in ipairs(pieces) do
     local key, n, p = dst.state .. "." .. dst.param, dst.tensor:numel(), info[dst.param]
-    local stored = index[key]
-    if not stored then error(("checkpoint %s: missing optimizer state '%s'"):format(dir, key), 0) end
+    local pieces_of = stored(index, dst.param, function(name) return dst.state .. "." .. name end)
+    if not pieces_of then error(("checkpoint %s: missing optimizer state '%s'"):format(dir, key), 0) end
     local ranges = whole_ranges(p, dst.first, n)
     local staged = #ranges > 1
     local buffer = staged and core.tensor.zeros({ n }, dst.tensor:dtype()) or dst.tensor
     local covered = 0
-    for _, src in ipairs(stored) do
+    for _, src in ipairs(pieces_of) do
       local last = src.first + src.tensor:numel()
       if last > p.full_numel then
         error(("%s: optimizer state '%s' holds elements up to %d, but this run's %s has %d"):format(src.file, key,
@@ -519,8 +537,8 @@ function M.load(root, model, optimizer, opts)
       error(("checkpoint %s holds no optimizer state (saved with checkpoint.save_optim = false): set "
         .. "checkpoint.load_optim = false or checkpoint.finetune = true to load the model only"):format(dir), 0)
     end
-    local stored = read_optimizer(files, read)
-    for _, c in ipairs(plan_optimizer_copies(chunks, state_pieces(chunks, optimizer), stored, dir)) do
+    local index = read_optimizer(files, read)
+    for _, c in ipairs(plan_optimizer_copies(chunks, state_pieces(chunks, optimizer), index, dir)) do
       copies[#copies + 1] = c
     end
   end

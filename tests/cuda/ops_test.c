@@ -504,20 +504,26 @@ static void test_add(const prec *P, int64_t n) {
     arena_reset();
 }
 
-static void test_gelu(const prec *P, int64_t n) {
+static void test_gelu(const prec *P, int64_t n, int tanh_form) {
     char name[128];
+    const lt_ops *c = P->cpu, *d = P->dev;
+    void (*const cf)(void *, const void *, int64_t) = tanh_form ? c->gelu_tanh_forward : c->gelu_forward;
+    void (*const df)(void *, const void *, int64_t) = tanh_form ? d->gelu_tanh_forward : d->gelu_forward;
+    void (*const cb)(void *, const void *, const void *, int64_t) = tanh_form ? c->gelu_tanh_backward : c->gelu_backward;
+    void (*const db)(void *, const void *, const void *, int64_t) = tanh_form ? d->gelu_tanh_backward : d->gelu_backward;
+    const char *op = tanh_form ? "gelu_tanh" : "gelu";
     /* n = 1: a positive input, since max|cpu| of a single tiny gelu(x < -3) would measure the CPU's erf
      * approximation (5e-7 absolute) rather than the kernel */
     float *x = rnd(P, n, n == 1 ? 0.5f : -4, 4), *g = rnd(P, n, -1, 1), *dx0 = junk(n);
     void *hx = st(P, x, n), *hg = st(P, g, n), *ref = st_new(P, n), *dref = st(P, dx0, n);
     void *dx = dst(P, hx, n), *dg = dst(P, hg, n), *dy = dst_new(P, n), *ddx = dst(P, dref, n);
-    P->cpu->gelu_forward(ref, hx, n);
-    P->dev->gelu_forward(dy, dx, n);
-    snprintf(name, sizeof name, "gelu_forward n=%lld", (long long)n);
+    cf(ref, hx, n);
+    df(dy, dx, n);
+    snprintf(name, sizeof name, "%s_forward n=%lld", op, (long long)n);
     check_st(P, name, ref, dy, n, tol_for(P, 1e-5, 1e-2));
-    P->cpu->gelu_backward(dref, hg, hx, n);
-    P->dev->gelu_backward(ddx, dg, dx, n);
-    snprintf(name, sizeof name, "gelu_backward n=%lld (dinp written)", (long long)n);
+    cb(dref, hg, hx, n);
+    db(ddx, dg, dx, n);
+    snprintf(name, sizeof name, "%s_backward n=%lld (dinp written)", op, (long long)n);
     check_st(P, name, dref, ddx, n, tol_for(P, 1e-5, 1e-2));
     arena_reset();
 }
@@ -925,6 +931,54 @@ static void test_linear(const prec *P, int N, int IN, int OUT, int with_bias, in
     arena_reset();
 }
 
+/* The experts' grouped GEMMs against the CPU table (which runs linear_forward / _backward group by
+ * group): G groups of rows[g] rows (0: an empty expert), each with its own weight (and bias) buffer;
+ * dinp written over junk, dweight and dbias accumulated onto random values. */
+static void test_grouped_linear(const prec *P, int G, const int *rows, int IN, int OUT, int with_bias, int with_dinp) {
+    char name[240], shape[128];
+    int64_t first[17] = {0};
+    int len = snprintf(shape, sizeof shape, "G=%d rows=", G);
+    for (int g = 0; g < G; g++) {
+        first[g + 1] = first[g] + rows[g];
+        len += snprintf(shape + len, sizeof shape - (size_t)len, "%s%d", g ? "," : "", rows[g]);
+    }
+    snprintf(shape + len, sizeof shape - (size_t)len, " IN=%d OUT=%d%s%s", IN, OUT, with_bias ? "" : " bias NULL",
+             with_dinp ? "" : " dinp NULL");
+    const size_t N = (size_t)first[G], ni = N * IN, no = N * OUT, nw = (size_t)OUT * IN;
+    const double tol = tol_for(P, 1e-4, 1e-2);
+    void *hx = st(P, rnd(&P32, ni, -1, 1), ni), *hg = st(P, rnd(&P32, no, -1, 1), no), *y = st_new(P, no);
+    void *dxr = with_dinp ? st(P, junk(ni), ni) : NULL;
+    void *d_x = dst(P, hx, ni), *d_g = dst(P, hg, no), *d_y = dst_new(P, no);
+    void *d_dx = with_dinp ? dst(P, dxr, ni) : NULL;
+    const void *hw[16], *hb[16], *d_w[16], *d_b[16];
+    float *dwr[16], *dbr[16], *d_dw[16], *d_db[16];
+    for (int g = 0; g < G; g++) {
+        float *dw0 = rnd(&P32, nw, -1, 1), *db0 = rnd(&P32, OUT, -1, 1);
+        hw[g] = st(P, rnd(&P32, nw, -1, 1), nw), d_w[g] = dst(P, hw[g], nw);
+        hb[g] = st(P, rnd(&P32, OUT, -1, 1), OUT), d_b[g] = dst(P, hb[g], OUT);
+        dwr[g] = fcopy(dw0, nw), d_dw[g] = dfl(dw0, nw), dbr[g] = fcopy(db0, OUT), d_db[g] = dfl(db0, OUT);
+    }
+    P->cpu->grouped_linear_forward(y, hx, hw, with_bias ? hb : NULL, first, G, IN, OUT);
+    P->dev->grouped_linear_forward(d_y, d_x, d_w, with_bias ? d_b : NULL, first, G, IN, OUT);
+    snprintf(name, sizeof name, "grouped_linear_forward %s: out", shape);
+    check_st(P, name, y, d_y, no, tol);
+    P->cpu->grouped_linear_backward(dxr, dwr, with_bias ? dbr : NULL, hg, hx, hw, first, G, IN, OUT);
+    P->dev->grouped_linear_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_g, d_x, d_w, first, G, IN, OUT);
+    if (with_dinp) {
+        snprintf(name, sizeof name, "grouped_linear_backward %s: dinp (written)", shape);
+        check_st(P, name, dxr, d_dx, ni, tol);
+    }
+    for (int g = 0; g < G; g++) {
+        snprintf(name, sizeof name, "grouped_linear_backward %s: dweight[%d] (fp32 += )", shape, g);
+        check_f(P, name, dwr[g], d_dw[g], nw, tol);
+        if (with_bias) {
+            snprintf(name, sizeof name, "grouped_linear_backward %s: dbias[%d] (fp32 += )", shape, g);
+            check_f(P, name, dbr[g], d_db[g], OUT, 1e-5);
+        }
+    }
+    arena_reset();
+}
+
 /* The MLP's fused ops with the tanh GELU: fc1 (linear_gelu_forward: act and pre) and, as fc2's backward
  * on top of it, linear_dgelu_backward (dpre written over junk; dweight, dbias accumulated). The
  * backward starts from the CPU's act and pre, so it is checked on its own. OUT a multiple of 8 takes
@@ -1215,7 +1269,8 @@ static void test_unaligned(const prec *P) {
     U.tag = P->dt == LT_BF16 ? "bf16 unaligned " : "unaligned ";
     dev_skew_unit = 4;
     test_add(&U, 1001);
-    test_gelu(&U, 1003);
+    test_gelu(&U, 1003, 0);
+    test_gelu(&U, 1003, 1);
     test_swiglu(&U, 5, 16);
     test_dropout(&U, 1003, 0.1f, 5);
     test_embedding(&U, 9, 64, 11);
@@ -1279,8 +1334,9 @@ static const char *const prof_ops[] = {
     "embedding_forward", "embedding_backward", "position_embedding_forward", "position_embedding_backward",
     "moe_combine_forward", "moe_combine_backward",
     "layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "linear_forward",
-    "linear_backward", "linear_gelu_forward", "linear_dgelu_backward", "attention_forward", "attention_backward",
-    "attention_kv_forward", "attention_merge", "attention_kv_backward", "rope_forward", "rope_backward", "qk_norm_forward", "qk_norm_backward", "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
+    "linear_backward", "linear_gelu_forward", "linear_dgelu_backward", "grouped_linear_forward",
+    "grouped_linear_backward", "attention_forward", "attention_backward",
+    "attention_kv_forward", "attention_merge", "attention_kv_backward", "rope_forward", "rope_backward", "qk_norm_forward", "qk_norm_backward", "gelu_forward", "gelu_backward", "gelu_tanh_forward", "gelu_tanh_backward", "swiglu_forward", "swiglu_backward", "add_forward", "dropout_forward", "dropout_backward",
     "cross_entropy_forward", "cross_entropy_backward",
 };
 static const char *const prof_fns[] = {"fill",         "fill_normal", "sum_squares", "scale",
@@ -1523,8 +1579,9 @@ int main(int argc, char **argv) {
     for (int k = 0; k < 2; k++) {
         const prec *P = precs[k];
         test_add(P, 300007);
-        test_gelu(P, 1);
-        test_gelu(P, 1000003);
+        test_gelu(P, 1, 0);
+        test_gelu(P, 1000003, 0);
+        test_gelu(P, 1000003, 1);
         test_swiglu(P, 1, 1);
         test_swiglu(P, 37, 129);
         test_swiglu(P, 256, 1000);
@@ -1569,6 +1626,11 @@ int main(int argc, char **argv) {
         test_linear(P, 64, 128, 200, 1, 1, 0); /* tensor-core friendly leading dimensions */
         test_linear(P, 64, 128, 200, 1, 0, 2);
         test_linear(P, 256, 768, 2304, 1, 1, 0);
+        /* groups, rows per group (0: an expert without tokens), IN, OUT, bias, dinp */
+        test_grouped_linear(P, 4, (const int[]){5, 0, 17, 3}, 33, 40, 1, 1);
+        test_grouped_linear(P, 3, (const int[]){64, 1, 30}, 128, 96, 0, 1);
+        test_grouped_linear(P, 2, (const int[]){9, 12}, 24, 65, 1, 0);
+        test_grouped_linear(P, 2, (const int[]){0, 0}, 16, 8, 1, 1); /* no rows at all: nothing to do */
         test_linear_gelu(P, 37, 65, 129, 1);  /* OUT not a multiple of 8: the fallback */
         test_linear_gelu(P, 64, 48, 200, 1);  /* the GELU epilogues */
         test_linear_gelu(P, 33, 40, 64, 0);

@@ -3,8 +3,8 @@
 -- with and without token dropping (and padding to the capacity), with expert-data parallelism
 -- (EP = 2 x DP = 2), the distributed optimizer and pipeline stages, and under tensor parallelism (TP = 2
 -- with sequence parallelism, experts whole (ETP = 1) or split over TP (ETP = 2)), also with shared
--- experts; every EP run's
--- dispatch traffic equals the arithmetic of luatron.expert_parallel (for alltoall from the routing
+-- experts, and through the grouped GEMMs (moe_grouped_gemm, from a checkpoint of sequential experts);
+-- every EP run's dispatch traffic equals the arithmetic of luatron.expert_parallel (for alltoall from the routing
 -- counts), and under TP and CP their traffic luatron.tensor_parallel's and luatron.context_parallel's; checkpoints are layout-free (saved at EP = 2 or TP = 2 x EP = 2, resumed at one rank, and
 -- the other way at EP = 2 x DP = 2). Under TP and CP each rank routes its own part of the sequence, so
 -- token dropping (a capacity per rank's tokens, as Megatron's) is not compared with the single rank
@@ -76,7 +76,7 @@ local function provider(device, ep)
   return lt.GPTModelProvider { num_layers = 2, hidden_size = 16, num_attention_heads = 4, seq_length = S,
     vocab_size = 64, make_vocab_size_divisible_by = 32, hidden_dropout = 0, attention_dropout = 0, device = device,
     num_moe_experts = 4, moe_router_topk = 2, moe_ffn_hidden_size = 24, expert_model_parallel_size = ep,
-    moe_token_dispatcher_type = arg[1], moe_shared_expert_intermediate_size = 8 }
+    moe_token_dispatcher_type = arg[1], moe_shared_expert_intermediate_size = 8, moe_grouped_gemm = arg[2] == "grouped" }
 end
 local ref = model_lib.build(provider("cpu", 1), 3)
 local cfg = model_lib.engine_config(provider("cuda", n), 3, 16, 0, { expert = world })
@@ -116,6 +116,9 @@ describe("expert parallelism on the CUDA backend (the emulated plugin)", functio
       h.assert_emulated(LUATRON, CUDA_EP_CHECK, d, 2, assert_close, RTOL)
     end)
   end
+  it("matches the CPU's single rank through the grouped GEMMs (EP = 2, alltoall, moe_grouped_gemm)", function()
+    h.assert_emulated(LUATRON, CUDA_EP_CHECK, "alltoall grouped", 2, assert_close, RTOL)
+  end)
 end)
 
 describe("expert parallelism", function()
@@ -295,6 +298,21 @@ describe("expert parallelism", function()
     got = launch(4, dir, "to_ep2_dp2", ("model.expert_model_parallel_size=2 ddp.use_distributed_optimizer=true "
       .. "checkpoint.load=%s checkpoint.ckpt_step=10"):format(q(ck)))
     assert_equivalent(refs[""], got, "EP = 2 x DP = 2 from one rank", 11)
+  end)
+
+  it("moe_grouped_gemm (one grouped GEMM over the local experts) continues a checkpoint of sequential experts "
+    .. "exactly as they do, at one rank and at EP = 2; its own checkpoint resumes without it", function()
+    local grouped = "model.moe_grouped_gemm=true "
+    local got = launch(1, dir, "grouped_from_single", grouped .. ("checkpoint.load=%s checkpoint.ckpt_step=10")
+      :format(q(ck)))
+    assert_equivalent(refs[""], got, "grouped GEMMs from sequential experts", 11)
+    local grouped_ck = dir .. "/ckpt_grouped"
+    got = launch(2, dir, "grouped_ep2", grouped .. ("model.expert_model_parallel_size=2 "
+      .. "model.moe_token_dispatcher_type=flex checkpoint.load=%s checkpoint.ckpt_step=10 checkpoint.save=%s "
+      .. "checkpoint.save_interval=5"):format(q(ck), q(grouped_ck)))
+    assert_equivalent(refs[""], got, "grouped GEMMs at EP = 2 from sequential experts", 11)
+    got = launch(1, dir, "sequential_from_grouped", ("checkpoint.load=%s checkpoint.ckpt_step=15"):format(q(grouped_ck)))
+    assert_equivalent(refs[""], got, "sequential experts from the grouped run's checkpoint", 16)
   end)
 
   teardown(function() print(("# largest relative difference from the single rank: %.3g"):format(assert_close.worst())) end)

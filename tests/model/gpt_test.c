@@ -916,7 +916,11 @@ static void test_flag_gradients(void) {
     c.moe_router = (lt_moe_router_cfg){.topk = 2, .load_balancing = 1, .aux_loss_coeff = 0.05, .z_loss_coeff = 0.01};
     flag_case("(m) MoE: 4 experts, top-2, aux and z losses (allgather)", c, 108, 0, 8, 58, 0, 0);
 
-    /* MoE every other layer, grouped-expert names, sigmoid router with a scaling factor, SwiGLU experts, no
+    /* the same through the grouped GEMMs, with tanh GELU experts (their activation then not fused) */
+    c.moe_grouped_gemm = c.gelu_tanh = 1;
+    flag_case("(m2) MoE with grouped GEMMs: tanh GELU experts with biases (allgather)", c, 108, 0, 8, 58, 0, 0);
+
+    /* MoE every other layer, grouped GEMMs, sigmoid router with a scaling factor, SwiGLU experts, no
      * biases, seq_aux_loss, dropout, ignored targets */
     c = small_config();
     c.num_moe_experts = 3;

@@ -62,6 +62,12 @@ struct ew_gelu_backward_f {
         return g * (cdf + x * pdf);
     }
 };
+struct ew_gelu_tanh_forward_f {
+    __device__ float operator()(int64_t, float x, float) const { return cuda_gelu_tanh(x); }
+};
+struct ew_gelu_tanh_backward_f {
+    __device__ float operator()(int64_t, float g, float x) const { return g * cuda_gelu_tanh_grad(x); }
+};
 /* Element i dropped when uniform(key, first + i) < p (the CPU's mask, bit for bit), kept ones scaled. */
 struct ew_dropout_forward_f {
     float p, scale;
@@ -287,6 +293,20 @@ static void ew_gelu_backward(void *dinp, const void *dout, const void *inp, int6
 }
 
 template <typename T>
+static void ew_gelu_tanh_forward(void *out, const void *inp, int64_t n) {
+    if (n <= 0) return;
+    ew_map<1>((T *)out, (const T *)inp, (const T *)NULL, n, ew_gelu_tanh_forward_f{});
+    cuda_check("gelu_tanh_forward");
+}
+
+template <typename T>
+static void ew_gelu_tanh_backward(void *dinp, const void *dout, const void *inp, int64_t n) {
+    if (n <= 0) return;
+    ew_map<2>((T *)dinp, (const T *)dout, (const T *)inp, n, ew_gelu_tanh_backward_f{});
+    cuda_check("gelu_tanh_backward");
+}
+
+template <typename T>
 static void ew_swiglu_forward(void *out, const void *inp, int N, int F) {
     const int64_t nf = (int64_t)N * F;
     if (nf <= 0) return;
@@ -339,6 +359,8 @@ void cuda_elementwise_ops(lt_ops *f32, lt_ops *bf16) {
     CUDA_SET_OP(f32, bf16, add_forward, ew_add_forward);
     CUDA_SET_OP(f32, bf16, gelu_forward, ew_gelu_forward);
     CUDA_SET_OP(f32, bf16, gelu_backward, ew_gelu_backward);
+    CUDA_SET_OP(f32, bf16, gelu_tanh_forward, ew_gelu_tanh_forward);
+    CUDA_SET_OP(f32, bf16, gelu_tanh_backward, ew_gelu_tanh_backward);
     CUDA_SET_OP(f32, bf16, swiglu_forward, ew_swiglu_forward);
     CUDA_SET_OP(f32, bf16, swiglu_backward, ew_swiglu_backward);
     CUDA_SET_OP(f32, bf16, dropout_forward, ew_dropout_forward);

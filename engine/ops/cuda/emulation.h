@@ -564,6 +564,57 @@ static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc
     return CUBLAS_STATUS_SUCCESS;
 }
 
+/* ---------------- cuBLAS: the grouped GEMM ---------------- */
+
+typedef struct emu_cublas *cublasHandle_t;
+static inline const char *cublasGetStatusString(cublasStatus_t s) { return cublasLtGetStatusString(s); }
+static inline cublasStatus_t cublasCreate(cublasHandle_t *h) {
+    *h = (cublasHandle_t)(uintptr_t)0xB1A6;
+    return CUBLAS_STATUS_SUCCESS;
+}
+static inline cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
+
+/* Column-major C_p = alpha_g op(A_p) op(B_p) + beta_g C_p for problem p of group g (group_size[g] problems
+ * each, sharing the group's shape), the pointer arrays read from device memory as the library does, each
+ * problem as cublasLtMatmul computes it (fp32 sums, one rounding). Only A = B = C types with fp32 compute,
+ * the combinations cuBLAS documents for this call: bf16 inputs with an fp32 C are NOT_SUPPORTED there,
+ * so the same is answered here and the caller's fallback runs. */
+static inline cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_t ta[],
+                                                        const cublasOperation_t tb[], const int m[], const int n[],
+                                                        const int k[], const void *alpha, const void *const A[],
+                                                        cudaDataType_t at, const int lda[], const void *const B[],
+                                                        cudaDataType_t bt, const int ldb[], const void *beta,
+                                                        void *const C[], cudaDataType_t ct, const int ldc[],
+                                                        int groups, const int group_size[],
+                                                        cublasComputeType_t compute) {
+    if (compute != CUBLAS_COMPUTE_32F || at != bt || bt != ct) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (groups < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    for (int g = 0, p = 0; g < groups; p += group_size[g++]) {
+        const int rows_a = ta[g] == CUBLAS_OP_N ? m[g] : k[g], rows_b = tb[g] == CUBLAS_OP_N ? k[g] : n[g];
+        if (m[g] < 0 || n[g] < 0 || k[g] < 0 || group_size[g] < 0 || lda[g] < (rows_a > 1 ? rows_a : 1) ||
+            ldb[g] < (rows_b > 1 ? rows_b : 1) || ldc[g] < (m[g] > 1 ? m[g] : 1))
+            return CUBLAS_STATUS_INVALID_VALUE;
+        const float al = ((const float *)alpha)[g], be = ((const float *)beta)[g];
+        for (int q = p; q < p + group_size[g] && m[g] && n[g]; q++) {
+            const size_t span = (size_t)ldc[g] * (size_t)(n[g] - 1) + (size_t)m[g];
+            float *a = emu_widen_matrix(A[q], at, ta[g] == CUBLAS_OP_N ? m[g] : k[g],
+                                        ta[g] == CUBLAS_OP_N ? k[g] : m[g], lda[g]);
+            float *b = emu_widen_matrix(B[q], bt, rows_b, tb[g] == CUBLAS_OP_N ? n[g] : k[g], ldb[g]);
+            float *c = be != 0.0f ? emu_widen_matrix(C[q], ct, m[g], n[g], ldc[g]) : NULL;
+            float *prod = (float *)malloc(sizeof(float) * span);
+            if (!prod || (be != 0.0f && !c)) abort();
+            emu_sgemm(ta[g], tb[g], m[g], n[g], k[g], a, lda[g], b, ldb[g], prod, ldc[g]);
+            for (int j = 0; j < n[g]; j++)
+                for (int i = 0; i < m[g]; i++) {
+                    const size_t o = (size_t)j * ldc[g] + i;
+                    emu_store(C[q], ct, o, al * prod[o] + (be != 0.0f ? be * c[o] : 0.0f));
+                }
+            free(a), free(b), free(c), free(prod);
+        }
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 /* ---------------- threads ---------------- */
 
 enum { EMU_READY, EMU_BARRIER, EMU_SHFL, EMU_DONE };

@@ -19,14 +19,24 @@
 // in D, pre = acc + bias in the aux matrix, both rounded once), fc2's dinp GEMM with DGELU (dpre =
 // acc * gelu'(pre), the product never rounded on its own). Their fallbacks: the plain GEMM, then a
 // GELU kernel over pre (forward), or over dpre in place (backward: the product is rounded once more).
+//
+// The MoE experts' grouped ops are one cublasGemmGroupedBatchedEx per product over all local experts
+// (a problem per non-empty expert, its operand pointers uploaded with the call). That call has no
+// epilogues: a bias is broadcast into out first (beta = 1, as the CPU op) and its gradient summed by one
+// kernel over all groups. cuBLAS documents it for A = B = C types only, so bf16 weight gradients (fp32 C)
+// fall back to one cuBLASLt GEMM per expert, as linear_backward computes them, where the library refuses.
 #include <stdio.h>
 
 #include "engine/ops/cuda/internal.cuh"
 #ifndef LT_CUDA_EMULATION
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #endif
+#include <stdlib.h>
+#include <string.h>
 
 static cublasLtHandle_t lin_lt;
+static cublasHandle_t lin_blas; /* for the grouped GEMMs */
 static void *lin_workspace; /* cuBLASLt's scratch, allocated once: what Hopper's kernels ask for */
 static size_t lin_workspace_bytes;
 #define LIN_WORKSPACE_BYTES ((size_t)32 << 20)
@@ -35,6 +45,11 @@ int cuda_linear_open(char *err, size_t errlen) {
     const cublasStatus_t s = cublasLtCreate(&lin_lt);
     if (s != CUBLAS_STATUS_SUCCESS) {
         snprintf(err, errlen, "cuBLASLt: %s", cublasLtGetStatusString(s));
+        return -1;
+    }
+    const cublasStatus_t g = cublasCreate(&lin_blas);
+    if (g != CUBLAS_STATUS_SUCCESS || cublasSetStream(lin_blas, cuda_ctx.stream) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(err, errlen, "cuBLAS: %s", cublasGetStatusString(g));
         return -1;
     }
     lin_workspace = cuda_alloc(LIN_WORKSPACE_BYTES);
@@ -367,7 +382,186 @@ static void lin_dgelu_backward(void *dpre, float *dweight, float *dbias, const v
     cuda_check("linear_dgelu_backward");
 }
 
+/* ---- grouped linear (the MoE experts) ---- */
+
+/* One grouped GEMM as cublasGemmGroupedBatchedEx takes it: a problem per non-empty group (group_size
+ * 1), shapes and scalars on the host; the operand pointers, each group's extra pointer (bias or dbias)
+ * and the row offsets in one device table. */
+typedef struct {
+    int count, G;
+    int *m, *n, *k, *lda, *ldb, *ldc, *size;
+    float *alpha, *beta;
+    const void **ptr; /* host: A[count], B[count], C[count], extra[G] */
+    void *dev;        /* device: the pointers, then first[G + 1] */
+    size_t dev_bytes;
+    cublasOperation_t *tas, *tbs;
+} lin_grouped;
+
+static void lin_grouped_free(lin_grouped *b) {
+    if (b->dev) cuda_release(b->dev, b->dev_bytes);
+    free(b->m), free(b->alpha), free(b->ptr), free(b->tas);
+}
+
+/* The problems for rows first[g] .. first[g + 1] of each group: ld, op and the per-group operands come
+ * from the caller through add. Returns 0, or -1 with the error recorded for op. */
+static int lin_grouped_init(lin_grouped *b, int G, const char *op) {
+    memset(b, 0, sizeof *b);
+    b->G = G;
+    b->m = (int *)calloc((size_t)7 * G + 7, sizeof(int));
+    b->alpha = (float *)calloc((size_t)2 * G + 2, sizeof(float));
+    b->ptr = (const void **)calloc((size_t)4 * G + 4, sizeof(void *));
+    b->tas = (cublasOperation_t *)calloc((size_t)2 * G + 2, sizeof(cublasOperation_t));
+    if (!b->m || !b->alpha || !b->ptr || !b->tas) {
+        lin_grouped_free(b);
+        cuda_record(op, "out of host memory for a grouped GEMM of %d groups", G);
+        return -1;
+    }
+    b->n = b->m + G + 1, b->k = b->n + G + 1, b->lda = b->k + G + 1, b->ldb = b->lda + G + 1;
+    b->ldc = b->ldb + G + 1, b->size = b->ldc + G + 1, b->beta = b->alpha + G + 1, b->tbs = b->tas + G + 1;
+    return 0;
+}
+
+static void lin_grouped_add(lin_grouped *b, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                            const void *A, int lda, const void *B, int ldb, void *C, int ldc, float beta) {
+    const int i = b->count++;
+    b->tas[i] = ta, b->tbs[i] = tb, b->m[i] = m, b->n[i] = n, b->k[i] = k, b->lda[i] = lda, b->ldb[i] = ldb;
+    b->ldc[i] = ldc, b->size[i] = 1, b->alpha[i] = 1.0f, b->beta[i] = beta;
+    b->ptr[i] = A, b->ptr[b->G + i] = B, b->ptr[2 * b->G + i] = C;
+}
+
+/* Uploads the pointer table (A, B, C of the problems, extra[G], first[G + 1]); 0, or -1 recorded. */
+static int lin_grouped_upload(lin_grouped *b, const void *const *extra, const int64_t *first, const char *op) {
+    const size_t pointers = sizeof(void *) * (size_t)(4 * b->G);
+    b->dev_bytes = pointers + sizeof(int64_t) * (size_t)(b->G + 1);
+    b->dev = cuda_scratch(b->dev_bytes, op);
+    if (!b->dev) return -1;
+    const void **host = (const void **)malloc(b->dev_bytes);
+    if (!host) {
+        cuda_record(op, "out of host memory for a grouped GEMM's pointers");
+        return -1;
+    }
+    for (int i = 0; i < b->count; i++)
+        host[i] = b->ptr[i], host[b->G + i] = b->ptr[b->G + i], host[2 * b->G + i] = b->ptr[2 * b->G + i];
+    for (int g = 0; g < b->G; g++) host[3 * b->G + g] = extra ? extra[g] : NULL;
+    memcpy((char *)host + pointers, first, sizeof(int64_t) * (size_t)(b->G + 1));
+    /* pageable source: staged before the call returns, so the host copy can go now */
+    cuda_record_cuda(op, cudaMemcpyAsync(b->dev, host, b->dev_bytes, cudaMemcpyHostToDevice, cuda_ctx.stream));
+    free(host);
+    return 0;
+}
+static void *const *lin_grouped_dev(const lin_grouped *b, int which) { return (void *const *)b->dev + which * b->G; }
+static const int64_t *lin_grouped_first(const lin_grouped *b) {
+    return (const int64_t *)((const char *)b->dev + sizeof(void *) * (size_t)(4 * b->G));
+}
+
+static cublasStatus_t lin_grouped_run(const lin_grouped *b, cudaDataType_t ab, cudaDataType_t c) {
+    if (!b->count) return CUBLAS_STATUS_SUCCESS;
+    return cublasGemmGroupedBatchedEx(lin_blas, b->tas, b->tbs, b->m, b->n, b->k, b->alpha,
+                                      (const void *const *)lin_grouped_dev(b, 0), ab, b->lda,
+                                      (const void *const *)lin_grouped_dev(b, 1), ab, b->ldb, b->beta,
+                                      lin_grouped_dev(b, 2), c, b->ldc, b->count, b->size, CUBLAS_COMPUTE_32F);
+}
+
+/* out rows of group g = bias[g] (blockIdx.y = g). */
+template <typename T>
+__global__ void lin_grouped_bias_kernel(T *out, void *const *bias, const int64_t *first, int OUT) {
+    const int g = blockIdx.y;
+    const T *b = (const T *)bias[g];
+    T *o = out + first[g] * OUT;
+    CUDA_FOR(i, (first[g + 1] - first[g]) * OUT) o[i] = b[i % OUT];
+}
+
+/* dbias[g][j] (fp32) += column j of group g's rows of dout, summed in row order (deterministic). */
+template <typename T>
+__global__ void lin_grouped_bias_grad_kernel(void *const *dbias, const T *dout, const int64_t *first, int OUT) {
+    const int g = blockIdx.y;
+    float *db = (float *)dbias[g];
+    CUDA_FOR(j, OUT) {
+        float s = 0.0f;
+        for (int64_t r = first[g]; r < first[g + 1]; r++) s += cuda_ld(dout + r * OUT + j);
+        db[j] += s;
+    }
+}
+
+template <typename T>
+static void lin_grouped_forward(void *out, const void *inp, const void *const *weight, const void *const *bias,
+                                const int64_t *first, int G, int IN, int OUT) {
+    const char *op = "grouped_linear_forward";
+    if (G <= 0 || first[G] <= 0 || OUT <= 0) return;
+    lin_grouped b;
+    if (lin_grouped_init(&b, G, op)) return;
+    /* per group, column-major out_g^T[OUT, n] = W_g (op T) @ inp_g^T, onto the bias when there is one */
+    for (int g = 0; g < G; g++) {
+        const int n = (int)(first[g + 1] - first[g]);
+        if (n > 0 && IN > 0)
+            lin_grouped_add(&b, CUBLAS_OP_T, CUBLAS_OP_N, OUT, n, IN, weight[g], IN,
+                            (const T *)inp + first[g] * IN, IN, (T *)out + first[g] * OUT, OUT, bias ? 1.0f : 0.0f);
+    }
+    if (lin_grouped_upload(&b, (const void *const *)bias, first, op) == 0) {
+        if (bias)
+            CUDA_LAUNCH(lin_grouped_bias_kernel<T>, dim3(cuda_blocks(first[G] * OUT / G + 1, CUDA_THREADS), G),
+                        CUDA_THREADS, 0)((T *)out, lin_grouped_dev(&b, 3), lin_grouped_first(&b), OUT);
+        else if (IN <= 0)
+            cuda_memzero(out, sizeof(T) * (size_t)first[G] * OUT);
+        const cublasStatus_t s = lin_grouped_run(&b, lin_type<T>(), lin_type<T>());
+        if (s != CUBLAS_STATUS_SUCCESS) cuda_record(op, "cuBLAS grouped GEMM (%d experts): %s", b.count,
+                                                    cublasGetStatusString(s));
+    }
+    lin_grouped_free(&b);
+    cuda_check(op);
+}
+
+template <typename T>
+static void lin_grouped_backward(void *dinp, float *const *dweight, float *const *dbias, const void *dout,
+                                 const void *inp, const void *const *weight, const int64_t *first, int G, int IN,
+                                 int OUT) {
+    const char *op = "grouped_linear_backward";
+    if (G <= 0 || first[G] <= 0 || IN <= 0) return;
+    if (OUT <= 0) { /* empty products: dinp is zero, the weights get nothing */
+        if (dinp) cuda_memzero(dinp, sizeof(T) * (size_t)first[G] * IN);
+        cuda_check(op);
+        return;
+    }
+    lin_grouped di, dw;
+    if (lin_grouped_init(&di, G, op)) return;
+    if (lin_grouped_init(&dw, G, op)) {
+        lin_grouped_free(&di);
+        return;
+    }
+    for (int g = 0; g < G; g++) {
+        const int n = (int)(first[g + 1] - first[g]);
+        if (n <= 0) continue;
+        const T *dy = (const T *)dout + first[g] * OUT, *x = (const T *)inp + first[g] * IN;
+        /* dinp_g^T[IN, n] = W_g^T @ dout_g^T (op N, N); dweight_g^T[IN, OUT] += inp_g^T @ dout_g (op T on dout) */
+        if (dinp) lin_grouped_add(&di, CUBLAS_OP_N, CUBLAS_OP_N, IN, n, OUT, weight[g], IN, dy, OUT,
+                                  (T *)dinp + first[g] * IN, IN, 0.0f);
+        lin_grouped_add(&dw, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, n, x, IN, dy, OUT, dweight[g], IN, 1.0f);
+    }
+    cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
+    if (dinp && lin_grouped_upload(&di, NULL, first, op) == 0) s = lin_grouped_run(&di, lin_type<T>(), lin_type<T>());
+    if (s != CUBLAS_STATUS_SUCCESS)
+        cuda_record(op, "cuBLAS grouped GEMM (%d experts): %s", di.count, cublasGetStatusString(s));
+    if (lin_grouped_upload(&dw, (const void *const *)dbias, first, op) == 0) {
+        s = lin_grouped_run(&dw, lin_type<T>(), CUDA_R_32F);
+        if (s == CUBLAS_STATUS_SUCCESS && dbias) {
+            CUDA_LAUNCH(lin_grouped_bias_grad_kernel<T>, dim3(cuda_blocks(OUT, CUDA_THREADS), G), CUDA_THREADS, 0)(
+                lin_grouped_dev(&dw, 3), (const T *)dout, lin_grouped_first(&dw), OUT);
+        } else if (s == CUBLAS_STATUS_NOT_SUPPORTED) { /* no grouped form for this type: expert by expert */
+            for (int g = 0; g < G; g++)
+                if (first[g + 1] > first[g])
+                    lin_backward<T>(NULL, dweight[g], dbias ? dbias[g] : NULL, (const T *)dout + first[g] * OUT,
+                                    (const T *)inp + first[g] * IN, weight[g], (int)(first[g + 1] - first[g]), IN, OUT);
+        } else if (s != CUBLAS_STATUS_SUCCESS) {
+            cuda_record(op, "cuBLAS grouped GEMM (%d experts): %s", dw.count, cublasGetStatusString(s));
+        }
+    }
+    lin_grouped_free(&di), lin_grouped_free(&dw);
+    cuda_check(op);
+}
+
 void cuda_linear_ops(lt_ops *f32, lt_ops *bf16) {
+    CUDA_SET_OP(f32, bf16, grouped_linear_forward, lin_grouped_forward);
+    CUDA_SET_OP(f32, bf16, grouped_linear_backward, lin_grouped_backward);
     CUDA_SET_OP(f32, bf16, linear_forward, lin_forward);
     CUDA_SET_OP(f32, bf16, linear_backward, lin_backward);
     CUDA_SET_OP(f32, bf16, linear_gelu_forward, lin_gelu_forward);

@@ -42,9 +42,10 @@
     X(embedding_forward) X(embedding_backward) X(position_embedding_forward) X(position_embedding_backward) \
     X(moe_combine_forward) X(moe_combine_backward)                                                          \
     X(layernorm_forward) X(layernorm_backward) X(rmsnorm_forward) X(rmsnorm_backward) X(linear_forward)     \
-    X(linear_backward) X(linear_gelu_forward) X(linear_dgelu_backward) X(attention_forward)                   \
+    X(linear_backward) X(linear_gelu_forward) X(linear_dgelu_backward) X(grouped_linear_forward) X(grouped_linear_backward)    \
+    X(attention_forward)                   \
     X(attention_backward) X(attention_kv_forward) X(attention_merge) X(attention_kv_backward) X(rope_forward) X(rope_backward) X(qk_norm_forward) X(qk_norm_backward)             \
-    X(gelu_forward) X(gelu_backward) X(swiglu_forward) X(swiglu_backward) X(add_forward) X(dropout_forward) \
+    X(gelu_forward) X(gelu_backward) X(gelu_tanh_forward) X(gelu_tanh_backward) X(swiglu_forward) X(swiglu_backward) X(add_forward) X(dropout_forward) \
     X(dropout_backward) X(cross_entropy_forward) X(cross_entropy_backward)
 /* The backend's own functions that issue device work. */
 #define PROF_BACKEND_FNS(X)                                                                               \
@@ -257,6 +258,10 @@ PROF_COST(linear_backward, (PTR(0) ? 4 : 2) * ARG(6) * ARG(7) * ARG(8), 0)
 PROF_COST(linear_gelu_forward, 2 * ARG(5) * ARG(6) * ARG(7), 0)
 /* (dpre, dweight, dbias, dout, inp, weight, pre, N, IN, OUT) */
 PROF_COST(linear_dgelu_backward, 4 * ARG(7) * ARG(8) * ARG(9), 0)
+/* (out, inp, weight, bias, first, G, IN, OUT): first[G] rows in all */
+PROF_COST(grouped_linear_forward, 2 * (double)PTR(4)[PTR(5)] * ARG(6) * ARG(7), 0)
+/* (dinp, dweight, dbias, dout, inp, weight, first, G, IN, OUT): dweight always, dinp when given */
+PROF_COST(grouped_linear_backward, (PTR(0) ? 4 : 2) * (double)PTR(6)[PTR(7)] * ARG(8) * ARG(9), 0)
 /* (out, lse, qkv, B, T, H, G, D, p, key, head_offset, heads_total): 4 B H T^2 D / 2 */
 PROF_COST(attention_forward, 2 * ARG(3) * ARG(5) * ARG(4) * ARG(4) * ARG(7), 0)
 /* (dqkv, dout, qkv, out, lse, B, T, H, G, D, p, key, head_offset, heads_total): 2.5 times the forward */
@@ -280,6 +285,8 @@ PROF_COST(qk_norm_backward, 0,
 PROF_COST(gelu_forward, 0, 2 * es * ARG(2))
 /* (dinp, dout, inp, n): dinp written, not read */
 PROF_COST(gelu_backward, 0, 3 * es * ARG(3))
+PROF_COST(gelu_tanh_forward, 0, 2 * es * ARG(2))
+PROF_COST(gelu_tanh_backward, 0, 3 * es * ARG(3))
 /* (out, inp, N, F) */
 PROF_COST(swiglu_forward, 0, 3 * es * ARG(2) * ARG(3))
 /* (dinp, dout, inp, N, F): dout, inp read, dinp written */

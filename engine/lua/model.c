@@ -7,12 +7,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/core/rng.h"
 #include "engine/lua/bindings.h"
 #include "engine/model/gpt.h"
+#include "engine/model/sample.h"
 
 #define GPT_MT "luatron.GPT"
 #define CHUNK_MT "luatron.GPTChunk"
 #define CTX_MT "luatron.GPTContext"
+#define CACHE_MT "luatron.GPTCache"
 
 typedef struct {
     lt_gpt *m;
@@ -699,6 +702,173 @@ static int m_expert_offset(lua_State *L) {
     return 1;
 }
 
+/* ---- text generation ---- */
+
+typedef struct {
+    lt_gpt_cache *cache;
+    const lt_gpt *owner;
+} cache_box;
+
+/* The integer ids of array idx (0-based token ids), in a Lua-owned buffer; *n their count. */
+static int32_t *check_ids(lua_State *L, int idx, int *n) {
+    *n = (int)luaL_len(L, idx);
+    int32_t *ids = lua_newuserdatauv(L, sizeof(int32_t) * (size_t)(*n > 0 ? *n : 1), 0);
+    for (int i = 0; i < *n; i++) {
+        lua_geti(L, idx, i + 1);
+        int ok;
+        ids[i] = (int32_t)lua_tointegerx(L, -1, &ok);
+        if (!ok) luaL_argerror(L, idx, "token ids must be integers");
+        lua_pop(L, 1);
+    }
+    return ids;
+}
+
+/* model:kv_cache(max_len) -> a key/value cache for one sequence of up to max_len positions. */
+static int m_kv_cache(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    const int max_len = (int)luaL_checkinteger(L, 2);
+    char err[256];
+    cache_box *cb = lua_newuserdatauv(L, sizeof *cb, 0);
+    cb->cache = NULL;
+    luaL_setmetatable(L, CACHE_MT);
+    cb->cache = lt_gpt_cache_new(m, max_len, err, sizeof err);
+    if (!cb->cache) luaL_error(L, "kv_cache: %s", err);
+    cb->owner = m;
+    return 1;
+}
+
+static cache_box *check_cache(lua_State *L, int idx) {
+    cache_box *cb = luaL_checkudata(L, idx, CACHE_MT);
+    if (!cb->cache) luaL_argerror(L, idx, "cache was already released");
+    return cb;
+}
+
+/* model:decode(cache, tokens) -> fp32 host tensor [vocab_size]: the next-token logits after tokens (an int32
+ * tensor or an array of ids, at the cache's next positions; their keys and values join it). */
+static int m_decode(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    cache_box *cb = check_cache(L, 2);
+    if (cb->owner != m) luaL_argerror(L, 2, "cache belongs to another model");
+    int T;
+    const int32_t *ids;
+    if (lua_istable(L, 3)) {
+        ids = check_ids(L, 3, &T);
+    } else {
+        lt_tensor *t = lt_lua_check_tensor(L, 3);
+        if (t->dtype != LT_I32 || !lt_tensor_is_contiguous(t)) luaL_argerror(L, 3, "expected a contiguous int32 tensor");
+        T = (int)lt_tensor_numel(t);
+        ids = lt_tensor_data(t);
+    }
+    if (T < 1) luaL_argerror(L, 3, "no tokens to decode");
+    const int V = lt_gpt_get_config(m)->vocab_size;
+    const int64_t shape[1] = {V};
+    lt_tensor *logits = lt_tensor_new(LT_F32, 1, shape);
+    if (!logits) luaL_error(L, "out of memory");
+    char err[256];
+    if (lt_gpt_decode(m, cb->cache, ids, T, lt_tensor_data(logits), err, sizeof err)) {
+        lt_tensor_free(logits);
+        luaL_error(L, "decode: %s", err);
+    }
+    lt_lua_push_tensor(L, logits);
+    return 1;
+}
+
+static int cache_length(lua_State *L) {
+    lua_pushinteger(L, lt_gpt_cache_length(check_cache(L, 1)->cache));
+    return 1;
+}
+
+static int cache_free(lua_State *L) {
+    cache_box *cb = luaL_checkudata(L, 1, CACHE_MT);
+    lt_gpt_cache_free(cb->cache);
+    cb->cache = NULL;
+    return 0;
+}
+
+/* core.sample(logits, vocab, temperature, top_k, top_p, u) -> token id (engine/model/sample.h): logits an
+ * fp32 host tensor, only ids below vocab (<= its length) taking part. */
+static int l_sample(lua_State *L) {
+    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    if (t->dtype != LT_F32 || !lt_tensor_is_contiguous(t) || t->storage->device != LT_CPU)
+        luaL_argerror(L, 1, "expected a contiguous float32 host tensor");
+    const lua_Integer V = luaL_checkinteger(L, 2);
+    if (V < 1 || V > lt_tensor_numel(t)) luaL_argerror(L, 2, "vocabulary size outside 1 .. #logits");
+    const double u = luaL_checknumber(L, 6);
+    luaL_argcheck(L, u >= 0.0 && u < 1.0, 6, "u must be in [0, 1)");
+    lua_pushinteger(L, lt_sample_token(lt_tensor_data(t), (int)V, (float)luaL_checknumber(L, 3),
+                                       (int)luaL_checkinteger(L, 4), (float)luaL_checknumber(L, 5), (float)u));
+    return 1;
+}
+
+/* opts[name] as a number (def when absent); an error for anything else. */
+static double opt_number(lua_State *L, int idx, const char *name, double def) {
+    double v = def;
+    if (lua_getfield(L, idx, name) != LUA_TNIL) {
+        int ok;
+        v = lua_tonumberx(L, -1, &ok);
+        if (!ok) luaL_error(L, "generate: %s must be a number", name);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* model:generate(prompt_ids, { max_new_tokens =, temperature =, top_k =, top_p =, seed =, eod =, vocab = })
+ * -> the new ids: the prompt through the model once into a key/value cache, then one decode per new
+ * token, each sampled by core.sample's rule (temperature 0 or top_k 1: greedy) with u the Philox uniform
+ * of (seed, "generate") at its index, until max_new_tokens (default 32) or eod is produced; only ids below
+ * vocab (default the model's, padding included) are drawn. Unknown options are refused. */
+static int m_generate(lua_State *L) {
+    lt_gpt *m = check_gpt(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (lua_isnoneornil(L, 3)) lua_newtable(L), lua_replace(L, 3);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    static const char *const known[] = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "eod", "vocab", NULL};
+    for (lua_pushnil(L); lua_next(L, 3); lua_pop(L, 1)) {
+        int ok = 0;
+        for (int i = 0; known[i] && !ok; i++) ok = lua_type(L, -2) == LUA_TSTRING && !strcmp(lua_tostring(L, -2), known[i]);
+        if (!ok) luaL_error(L, "generate: unknown option '%s' (max_new_tokens, temperature, top_k, top_p, seed, eod, vocab)",
+                            luaL_tolstring(L, -2, NULL));
+    }
+    const int V = lt_gpt_get_config(m)->vocab_size, S = lt_gpt_get_config(m)->seq_length;
+    const double steps = opt_number(L, 3, "max_new_tokens", 32), temperature = opt_number(L, 3, "temperature", 1);
+    const double top_k = opt_number(L, 3, "top_k", 0), top_p = opt_number(L, 3, "top_p", 0);
+    const double seed = opt_number(L, 3, "seed", 0), eod = opt_number(L, 3, "eod", -1), vocab = opt_number(L, 3, "vocab", V);
+    if (steps < 0 || steps != (int)steps) luaL_error(L, "generate: max_new_tokens must be a whole number >= 0");
+    if (temperature < 0) luaL_error(L, "generate: temperature must be >= 0 (0: greedy)");
+    if (top_k < 0 || top_k != (int)top_k) luaL_error(L, "generate: top_k must be a whole number >= 0 (0: off)");
+    if (top_p < 0 || top_p > 1) luaL_error(L, "generate: top_p must be in [0, 1] (0 or 1: off)");
+    if (vocab < 1 || vocab > V || vocab != (int)vocab) luaL_error(L, "generate: vocab must be 1 .. %d", V);
+    int n;
+    int32_t *prompt = check_ids(L, 2, &n);
+    if (n < 1) luaL_argerror(L, 2, "the prompt needs at least one token");
+    if (n + (int)steps > S)
+        luaL_error(L, "generate: the prompt's %d tokens and max_new_tokens = %d exceed seq_length = %d", n, (int)steps, S);
+    char err[256];
+    lt_gpt_cache *cache = lt_gpt_cache_new(m, n + (int)steps > 0 ? n + (int)steps : 1, err, sizeof err);
+    float *logits = cache ? malloc(sizeof(float) * (size_t)V) : NULL;
+    if (!cache || !logits) {
+        lt_gpt_cache_free(cache);
+        luaL_error(L, "generate: %s", cache ? "out of memory" : err);
+    }
+    const uint64_t key = lt_rng_key((uint64_t)seed, "generate");
+    lua_createtable(L, (int)steps, 0);
+    int rc = 0;
+    const int32_t *in = prompt;
+    int32_t next;
+    for (int i = 0; i < (int)steps; i++) {
+        if ((rc = lt_gpt_decode(m, cache, in, i ? 1 : n, logits, err, sizeof err)) != 0) break;
+        next = lt_sample_token(logits, (int)vocab, (float)temperature, (int)top_k, (float)top_p, lt_rng_uniform(key, i));
+        lua_pushinteger(L, next);
+        lua_rawseti(L, -2, i + 1);
+        if (next == (int32_t)eod) break;
+        in = &next;
+    }
+    free(logits);
+    lt_gpt_cache_free(cache);
+    if (rc) luaL_error(L, "generate: %s", err);
+    return 1;
+}
+
 /* The raw model pointer for other bindings (the optimizer). */
 lt_gpt *lt_lua_check_gpt(lua_State *L, int idx) { return check_gpt(L, idx); }
 
@@ -711,7 +881,8 @@ void lt_lua_open_model(lua_State *L) {
         {"flops_per_token", m_flops_per_token}, {"close", m_free},
         {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
         {"expert_offset", m_expert_offset}, {"expert_biases", m_expert_biases},
-        {"set_expert_bias", m_set_expert_bias}, {NULL, NULL}};
+        {"set_expert_bias", m_set_expert_bias}, {"kv_cache", m_kv_cache}, {"decode", m_decode},
+        {"generate", m_generate}, {NULL, NULL}};
     static const luaL_Reg meta[] = {{"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {NULL, NULL}};
     lt_lua_new_type(L, GPT_MT, methods, meta);
     static const luaL_Reg chunk_methods[] = {
@@ -723,11 +894,17 @@ void lt_lua_open_model(lua_State *L) {
         {"param_runs", m_param_runs}, {"tp", m_tp}, {"activation_bytes", m_activation_bytes},
         {"set_moe_aux_loss_scale", m_set_moe_aux_loss_scale}, {"take_moe_stats", m_take_moe_stats},
         {"expert_offset", m_expert_offset}, {"expert_biases", m_expert_biases},
-        {"set_expert_bias", m_set_expert_bias}, {"close", m_free},            {NULL, NULL}};
+        {"set_expert_bias", m_set_expert_bias}, {"kv_cache", m_kv_cache}, {"decode", m_decode},
+        {"generate", m_generate}, {"close", m_free},            {NULL, NULL}};
     lt_lua_new_type(L, CHUNK_MT, chunk_methods, meta);
     static const luaL_Reg ctx_methods[] = {{"release", ctx_free}, {NULL, NULL}};
     static const luaL_Reg ctx_meta[] = {{"__gc", ctx_free}, {"__close", ctx_free}, {NULL, NULL}};
     lt_lua_new_type(L, CTX_MT, ctx_methods, ctx_meta);
+    static const luaL_Reg cache_methods[] = {{"length", cache_length}, {"release", cache_free}, {NULL, NULL}};
+    static const luaL_Reg cache_meta[] = {{"__gc", cache_free}, {"__close", cache_free}, {NULL, NULL}};
+    lt_lua_new_type(L, CACHE_MT, cache_methods, cache_meta);
+    lua_pushcfunction(L, l_sample);
+    lua_setfield(L, -2, "sample");
     lua_pushcfunction(L, l_gpt_new);
     lua_setfield(L, -2, "gpt");
     lua_pushcfunction(L, l_gpt_chunk_new);

@@ -963,15 +963,32 @@ static void count_moe(lt_gpt *m, const lt_moe_state *st, layer_offsets *o) {
     t->rows_sent += s.rows_sent, t->rows_received += s.rows_received, t->dispatch_seconds += s.dispatch_seconds;
 }
 
-lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
-                                 int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
-                                 char *err, int errlen) {
+/* ---- the key/value cache of text generation ---- */
+
+struct lt_gpt_cache {
+    const lt_backend *be;
+    int nl;
+    lt_layer_kv_cache *layers; /* [nl], sharing pos and kv_rows */
+    void *mem;                 /* backend memory: every layer's kv, then pos and kv_rows */
+    size_t bytes;
+};
+
+/* The chunk forward, or with a cache the decoding forward of one sequence (eval mode): rows at positions
+ * cache->len .. len + T - 1 attend to the cached ones too. */
+static lt_gpt_ctx *forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets, int B,
+                           int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
+                           lt_gpt_cache *cache, char *err, int errlen) {
     const lt_gpt_config *cfg = &m->cfg;
     const int N = B * T, C = cfg->hidden_size, V = cfg->vocab_size, Vl = (int)(m->vocab.end - m->vocab.start);
     const int pre = m->stage.pre_process, post = m->stage.post_process;
     const int sp = m->tp.size > 1 && m->tp.sequence_parallel;
     if (out) *out = NULL;
     if (num_valid) *num_valid = 0;
+    if (cache && T > cache->layers[0].max_len - cache->layers[0].len) {
+        lt_fail(err, (size_t)errlen, "%d more tokens do not fit the key/value cache: %d of its %d positions are taken", T,
+                cache->layers[0].len, cache->layers[0].max_len);
+        return NULL;
+    }
     if (B <= 0 || T <= 0 || T > cfg->seq_length) {
         lt_fail(err, (size_t)errlen, "batch shape [%d, %d] is invalid: need B > 0 and 0 < T <= seq_length (%d)", B, T,
                 cfg->seq_length);
@@ -1028,9 +1045,11 @@ lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tens
         be->to_device(c->tokens, tokens, sizeof(int32_t) * (size_t)N);
     }
     if (c->to_bsh) boundary_indices(m, c);
+    if (cache) c->pos = cache->layers[0].pos + cache->layers[0].len;
     for (int i = 0; i < m->nl; i++) {
         lt_layer_ctx *lc = &c->layers[i];
         lc->rows = c->rows, lc->kv = c->kv, lc->cp = c->cp, lc->pos = c->pos;
+        lc->cache = cache ? &cache->layers[i] : NULL;
     }
     const int No = lt_layer_outer_rows(&m->spec, B, T);
     int rc = 0;
@@ -1109,6 +1128,81 @@ fail:
     if (sc_base) be->release(sc_base, sc_bytes);
     lt_gpt_ctx_free(c);
     return NULL;
+}
+
+lt_gpt_ctx *lt_gpt_chunk_forward(lt_gpt *m, const int32_t *tokens, const lt_tensor *hidden, const int32_t *targets,
+                                 int B, int T, int training, uint64_t dropout_seed, lt_tensor **out, int64_t *num_valid,
+                                 char *err, int errlen) {
+    return forward(m, tokens, hidden, targets, B, T, training, dropout_seed, out, num_valid, NULL, err, errlen);
+}
+
+lt_gpt_cache *lt_gpt_cache_new(lt_gpt *m, int max_len, char *err, int errlen) {
+    const lt_layer_spec *s = &m->spec;
+    const int G = s->num_query_groups, D = s->kv_channels, per = s->num_attention_heads / G + 2;
+    if (!m->stage.pre_process || !m->stage.post_process || m->tp.size > 1 || m->cp.size > 1) {
+        lt_fail(err, (size_t)errlen, "text generation runs the whole model on one rank: this chunk holds layers "
+                "[%d, %d) of %d at tensor_model_parallel_size %d, context_parallel_size %d", m->stage.layer_begin,
+                m->stage.layer_end, m->cfg.num_layers, m->tp.size, m->cp.size);
+        return NULL;
+    }
+    if (max_len < 1 || max_len > m->cfg.seq_length) {
+        lt_fail(err, (size_t)errlen, "a key/value cache of %d positions: the model takes 1 to seq_length = %d", max_len,
+                m->cfg.seq_length);
+        return NULL;
+    }
+    const size_t kv = ((size_t)max_len * 2 * G * D * m->E + 255) & ~(size_t)255, rows = (size_t)max_len * 2 * G;
+    lt_gpt_cache *c = calloc(1, sizeof *c);
+    int32_t *host = malloc(sizeof(int32_t) * (max_len + rows));
+    if (c) c->layers = calloc((size_t)(m->nl > 0 ? m->nl : 1), sizeof *c->layers);
+    if (c) c->be = m->be, c->nl = m->nl, c->bytes = kv * (size_t)m->nl + sizeof(int32_t) * (max_len + rows);
+    if (c && c->layers && host) c->mem = m->be->alloc(c->bytes);
+    if (!c || !c->layers || !host || !c->mem) {
+        free(host);
+        lt_gpt_cache_free(c);
+        lt_fail(err, (size_t)errlen, "out of %s memory for a key/value cache of %d positions", m->be->name, max_len);
+        return NULL;
+    }
+    /* positions 0 .. max_len - 1, then kv row (t G + g) 2 + j <- qkv row (t G + g) per + per - 2 + j */
+    for (int t = 0; t < max_len; t++) host[t] = t;
+    for (size_t r = 0; r < rows; r++) host[max_len + r] = (int32_t)(r / 2 * per + per - 2 + r % 2);
+    int32_t *pos = (int32_t *)((char *)c->mem + kv * (size_t)m->nl);
+    m->be->to_device(pos, host, sizeof(int32_t) * (max_len + rows));
+    free(host);
+    for (int i = 0; i < m->nl; i++)
+        c->layers[i] = (lt_layer_kv_cache){(char *)c->mem + kv * (size_t)i, 0, max_len, pos, pos + max_len};
+    return c;
+}
+
+void lt_gpt_cache_free(lt_gpt_cache *c) {
+    if (!c) return;
+    if (c->mem) c->be->release(c->mem, c->bytes);
+    free(c->layers);
+    free(c);
+}
+
+int lt_gpt_cache_length(const lt_gpt_cache *c) { return c->nl ? c->layers[0].len : 0; }
+
+int lt_gpt_decode(lt_gpt *m, lt_gpt_cache *cache, const int32_t *tokens, int T, float *logits, char *err, int errlen) {
+    if (!cache->nl) return lt_fail(err, (size_t)errlen, "a model without layers has nothing to decode");
+    lt_gpt_ctx *c = forward(m, tokens, NULL, NULL, 1, T, 0, 0, NULL, NULL, cache, err, errlen);
+    if (!c) return -1;
+    const int V = m->cfg.vocab_size;
+    const size_t E = m->E, last = E * (size_t)(T - 1) * V;
+    if (m->ops->dtype == LT_F32) {
+        m->be->to_host(logits, (const char *)c->logits + last, sizeof(float) * (size_t)V);
+    } else { /* bf16: widened here */
+        uint16_t *row = malloc(sizeof(uint16_t) * (size_t)V);
+        if (!row) {
+            lt_gpt_ctx_free(c);
+            return lt_fail(err, (size_t)errlen, "out of host memory");
+        }
+        m->be->to_host(row, (const char *)c->logits + last, sizeof(uint16_t) * (size_t)V);
+        for (int v = 0; v < V; v++) logits[v] = lt_bf16_to_f32(row[v]);
+        free(row);
+    }
+    for (int i = 0; i < cache->nl; i++) cache->layers[i].len += T;
+    lt_gpt_ctx_free(c);
+    return 0;
 }
 
 lt_gpt_ctx *lt_gpt_forward(lt_gpt *m, const int32_t *tokens, const int32_t *targets, int B, int T, int training,

@@ -201,6 +201,17 @@ void lt_gpt_set_grad_ready_hook(lt_gpt *m, lt_gpt_grad_ready_fn fn, void *ud);
 typedef void (*lt_gpt_param_wait_fn)(void *ud, int64_t needed_end);
 void lt_gpt_set_param_wait_hook(lt_gpt *m, lt_gpt_param_wait_fn fn, void *ud);
 
+/* Text generation: a key/value cache for one sequence of up to max_len (<= seq_length) positions, for the
+ * whole model on one rank (NULL with err otherwise, or out of memory). lt_gpt_decode runs tokens[T] at the
+ * next T positions (eval mode), their keys and values joining the cache, and writes the last one's
+ * next-token logits [vocab_size] (padded vocabulary included, fp32) to the host's logits: the prompt in
+ * one call, then one token per call, each attending to everything before it (no recompute). */
+typedef struct lt_gpt_cache lt_gpt_cache;
+lt_gpt_cache *lt_gpt_cache_new(lt_gpt *m, int max_len, char *err, int errlen);
+void lt_gpt_cache_free(lt_gpt_cache *c);
+int lt_gpt_cache_length(const lt_gpt_cache *c); /* positions filled */
+int lt_gpt_decode(lt_gpt *m, lt_gpt_cache *cache, const int32_t *tokens, int T, float *logits, char *err, int errlen);
+
 /* Bytes of backend memory a forward of a [B, T] microbatch keeps for its backward (the context's
  * saved activations); 0 when the shape is invalid. */
 size_t lt_gpt_activation_bytes(const lt_gpt *m, int B, int T);

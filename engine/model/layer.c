@@ -220,6 +220,12 @@ int lt_layer_attention_forward(const lt_layer_spec *s, const lt_ops *ops, const 
         if (lt_cp_attention_forward(s->cp, c->cp, a->att, a->lse, a->qkv, attention_p(s, c), key, s->head_offset,
                                     s->heads_total, sc->ring, err, errlen))
             return -1;
+    } else if (c->cache) { /* decoding: these keys and values join the cache; the queries see all of it */
+        lt_layer_kv_cache *k = c->cache;
+        ops->embedding_forward((char *)k->kv + lt_dtype_size(ops->dtype) * (size_t)k->len * 2 * G * D, k->kv_rows,
+                               a->qkv, T * 2 * G, D);
+        ops->attention_kv_forward(a->att, a->lse, a->qkv, k->kv, 1, T, k->len + T, H, G, D, k->pos + k->len, k->pos,
+                                  k->max_len, 0.0f, key, s->head_offset, s->heads_total);
     } else {
         ops->attention_forward(a->att, a->lse, a->qkv, B, T, H, G, D, attention_p(s, c), key, s->head_offset,
                                s->heads_total);

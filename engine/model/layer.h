@@ -91,12 +91,23 @@ typedef struct {
 lt_layer_kv_maps *lt_layer_kv_maps_new(const lt_layer_spec *s, int N, char *err, size_t errlen);
 void lt_layer_kv_maps_free(const lt_layer_spec *s, lt_layer_kv_maps *k);
 
+/* Incremental decoding (text generation, one sequence): a layer's keys and values of the positions
+ * before this forward's, kv [max_len, G, 2, D] (per group its key head, then its value head, after the
+ * rotary embedding), len of them filled; pos 0 .. max_len - 1 and kv_rows (the qkv row of each kv row,
+ * lt_cp_maps' kv_of_qkv for B = 1) in the backend's memory. */
+typedef struct {
+    void *kv;
+    int len, max_len;
+    const int32_t *pos, *kv_rows;
+} lt_layer_kv_cache;
+
 typedef struct {
     int B, T, layer;
     const lt_tp_rows *rows; /* the microbatch for tensor parallelism (NULL without) */
     const lt_layer_kv_maps *kv; /* with shared key/value heads (NULL without) */
     const lt_cp_maps *cp;       /* under context parallelism: the ring's maps (NULL without) */
     const int32_t *pos;         /* the rows' global positions, device [T] (NULL: 0 .. T-1) */
+    lt_layer_kv_cache *cache;   /* decoding: attention over the cached positions and these (NULL without) */
     int moe;                    /* an MoE layer: no dense MLP activations (engine/model/moe_mlp.h) */
     int training;
     uint64_t dropout_seed;

@@ -291,6 +291,7 @@ static long unmap(const lt_bpe *b, const char *s, size_t n, char *out, size_t ca
 
 int lt_bpe_add_merge(lt_bpe *b, const char *a, size_t an, const char *bs, size_t bn, char *err, size_t errlen) {
     char ra[1024], rb[1024], rab[2048];
+    ra[0] = rb[0] = 0; /* an empty part never reads them, but the compiler cannot tell */
     long la = unmap(b, a, an, ra, sizeof ra), lb = unmap(b, bs, bn, rb, sizeof rb);
     if (la < 0 || lb < 0)
         return lt_fail(err, errlen, "merge \"%.*s %.*s\" has a character outside GPT-2's byte-to-unicode alphabet "
@@ -479,6 +480,11 @@ static size_t next_word(const lt_bpe *b, text_t t, size_t i) {
     case LT_BPE_PRE_QWEN2: return word_llama3(t, i, 1);
     default: return t.n;
     }
+}
+
+size_t lt_bpe_word_end(const lt_bpe *b, const char *text, size_t n, size_t i) {
+    text_t t = {(const unsigned char *)text, n};
+    return next_word(b, t, i);
 }
 
 /* ---- BPE of one word ---- */

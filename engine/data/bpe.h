@@ -63,6 +63,9 @@ int64_t lt_bpe_num_tokens(const lt_bpe *b);
 int64_t lt_bpe_id_limit(const lt_bpe *b);
 int64_t lt_bpe_num_merges(const lt_bpe *b);
 
+/* End of the pre-tokenizer's word that starts at byte i < n of text (no added tokens are looked for). */
+size_t lt_bpe_word_end(const lt_bpe *b, const char *text, size_t n, size_t i);
+
 /* Appends the ids of text[0..n) to out. */
 int lt_bpe_encode(lt_bpe *b, const char *text, size_t n, lt_token_buf *out, char *err, size_t errlen);
 /* The bytes of ids[0..n) in a malloc'd *out (NUL-terminated, *outlen without it); fails on an unknown id. */

@@ -9,8 +9,10 @@ Learns a small GPT-2 style byte-level BPE from a training text (all 256 byte tok
 then encodes the test texts with a plain implementation of GPT-2's algorithm: the pre-tokenizer is
 GPT-2's regex run by Python's `re` with \\p{L}, \\p{N} and \\s spelled as character classes built from
 `unicodedata` (not luatron's table or its hand-written matcher), and BPE is encoder.py's loop.
-Writes DIR/expected.json: {"texts": [...], "gpt2": [[ids]], "hf": [[ids]], "vocab_size": N,
-"eod": id, "sep": id}.
+DIR/tokenizer_llama3.json and DIR/tokenizer_qwen2.json hold the same vocabulary with Llama-3's and
+Qwen2's Split pre-tokenizer (and ignore_merges, as Llama-3 has), encoded here with `re` on their
+patterns. Writes DIR/expected.json: {"texts": [...], "gpt2": [[ids]], "hf": [[ids]], "llama3":
+[[ids]], "qwen2": [[ids]], "vocab_size": N, "eod": id, "sep": id}.
 """
 import json
 import re
@@ -57,6 +59,13 @@ WS = [0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680] + list(range(0x200
 S = "".join(re.escape(chr(c)) for c in WS)
 PAT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[%s]+| ?[%s]+| ?[^%s%s%s]+|[%s]+(?![^%s])|[%s]+"
                  % (L, N, S, L, N, S, S, S))
+
+def llama3_re(digits):
+    return re.compile(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n%s%s]?[%s]+|[%s]%s| ?[^%s%s%s]+[\r\n]*|[%s]*[\r\n]+|"
+                      r"[%s]+(?![^%s])|[%s]+" % (L, N, L, N, digits, S, L, N, S, S, S, S))
+
+
+LLAMA3, QWEN2 = llama3_re("{1,3}"), llama3_re("")
 
 TRAIN = ("the quick brown fox jumps over the lazy dog. the dog sleeps; the fox runs! "
          "it's the fox's den, we're here, they've gone, I'm fine, we'll see, he'd go. "
@@ -118,10 +127,11 @@ def bpe(word):
     return word
 
 
-def encode(text):
+def encode(text, pat=PAT, ignore_merges=False):
     ids = []
-    for w in PAT.findall(text):
-        ids += [encoder[t] for t in bpe("".join(B2U[b] for b in w.encode("utf-8")))]
+    for w in pat.findall(text):
+        u = "".join(B2U[b] for b in w.encode("utf-8"))
+        ids += [encoder[u]] if ignore_merges and u in encoder else [encoder[t] for t in bpe(u)]
     return ids
 
 
@@ -133,13 +143,13 @@ ADDED = {"<|endoftext|>": encoder["<|endoftext|>"], SEP: sep_id}  # tokenizer.js
 ADDED_RE = re.compile("|".join(re.escape(t) for t in sorted(ADDED, key=len, reverse=True)))
 
 
-def encode_hf(text):
+def encode_hf(text, pat=PAT, ignore_merges=False):
     """Added tokens are cut out of the text first, the pieces between them BPE-encoded."""
     ids, at = [], 0
     for m in ADDED_RE.finditer(text):
-        ids += encode(text[at:m.start()]) + [ADDED[m.group(0)]]
+        ids += encode(text[at:m.start()], pat, ignore_merges) + [ADDED[m.group(0)]]
         at = m.end()
-    return ids + encode(text[at:])
+    return ids + encode(text[at:], pat, ignore_merges)
 
 
 TEXTS = [
@@ -160,6 +170,8 @@ TEXTS = [
     " ",
     "\n",
     "x" * 300 + " " + "ab" * 200,
+    "IT'S WE'RE THEY'VE I'M WE'LL HE'D it's (parens) \"quoted\"\n\n  indented\r\n\ttab 1234567 \u0663\u0664\u0665\u0666",
+    "the fox! the dog?\n\n\nthe end  \n",
 ]
 
 with open(out + "/encoder.json", "w", encoding="utf-8") as f:
@@ -187,11 +199,27 @@ def tokenizer_json(pairs):
     }
 
 
+def split_json(pattern):
+    t = tokenizer_json(False)
+    t["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    t["model"]["ignore_merges"] = True
+    return t
+
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+with open(out + "/tokenizer_llama3.json", "w", encoding="utf-8") as f:
+    json.dump(split_json(LLAMA3_PATTERN), f, ensure_ascii=False)
+with open(out + "/tokenizer_qwen2.json", "w", encoding="utf-8") as f:
+    json.dump(split_json(LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")), f, ensure_ascii=False)
 with open(out + "/tokenizer.json", "w", encoding="utf-8") as f:
     json.dump(tokenizer_json(False), f, ensure_ascii=False, indent=1)
 with open(out + "/tokenizer_pairs.json", "w", encoding="utf-8") as f:
     json.dump(tokenizer_json(True), f, ensure_ascii=True)
 with open(out + "/expected.json", "w", encoding="utf-8") as f:
     json.dump({"texts": TEXTS, "gpt2": [encode(t) for t in TEXTS], "hf": [encode_hf(t) for t in TEXTS],
+               "llama3": [encode_hf(t, LLAMA3, True) for t in TEXTS], "qwen2": [encode_hf(t, QWEN2, True) for t in TEXTS],
                "vocab_size": len(vocab), "hf_vocab_size": len(vocab) + 1, "eod": encoder["<|endoftext|>"],
                "sep": sep_id, "merges": len(merges)}, f)

@@ -92,6 +92,20 @@ describe("HuggingFaceTokenizer", function()
     assert.are.equal(want.sep, ids[2])
   end)
 
+  it("encodes with Llama-3's and Qwen2's Split pre-tokenizer and ignore_merges as the reference", function()
+    for _, kind in ipairs({ "llama3", "qwen2" }) do
+      local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer",
+        tokenizer_model = ("%s/tokenizer_%s.json"):format(dir, kind) })
+      for i, text in ipairs(want.texts) do
+        assert.are.same(list(want[kind][i]), tok:encode(text), ("%s, text %d: %q"):format(kind, i, text))
+        assert.are.equal(text, tok:decode(tok:encode(text)))
+      end
+    end
+    -- the patterns differ where the reference says they do (digits in threes against one by one)
+    assert.are_not.same(list(want.llama3[6]), list(want.qwen2[6]))
+    assert.are_not.same(list(want.llama3[18]), list(want.hf[18]))
+  end)
+
   it("takes a folder holding tokenizer.json, with eos_token from its tokenizer_config.json", function()
     local d = h.tmpdir()
     write(d .. "/tokenizer.json", read(dir .. "/tokenizer.json"))
@@ -116,6 +130,10 @@ describe("HuggingFaceTokenizer", function()
     refused(function(c) c.model.type = "Unigram" end, "model type Unigram is not supported")
     refused(function(c) c.normalizer = { type = "NFC" } end, "normalizer {\"type\":\"NFC\"} is not supported")
     refused(function(c) c.pre_tokenizer = { type = "Whitespace" } end, "pre_tokenizer Whitespace is not supported")
+    refused(function(c)
+      c.pre_tokenizer = { type = "Sequence", pretokenizers = { { type = "Split", pattern = { Regex = "\\w+" },
+        behavior = "Isolated", invert = false }, { type = "ByteLevel", use_regex = false } } }
+    end, "pre_tokenizer {\"pretokenizers\":[{\"behavior\":\"Isolated\"", "Split on Llama-3's or Qwen2's pattern")
     refused(function(c) c.decoder = { type = "WordPiece" } end, "decoder WordPiece is not supported")
     refused(function(c) c.post_processor = { type = "TemplateProcessing" } end,
       "post_processor TemplateProcessing is not supported")
@@ -243,6 +261,22 @@ describe("TokenizerConfig with tokenizer files", function()
     assert.are.equal(want.eod, r.tokenizer_eod)
     r = validate({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir })
     assert.are.equal(want.hf_vocab_size, r.model.vocab_size)
+  end)
+
+  it("trains on GPT-2 BPE data with the vocabulary from the files", function()
+    local d = h.tmpdir()
+    local lines = {}
+    for i = 1, 120 do lines[i] = json.encode({ text = want.texts[i % 13 + 1] .. " the quick brown fox " .. i }) end
+    write(d .. "/c.jsonl", table.concat(lines, "\n") .. "\n")
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type GPT2BPETokenizer "
+      .. "--vocab-file %s --merge-file %s --append-eod"):format(q(d .. "/c.jsonl"), q(d .. "/c"), q(GPT2.vocab_file),
+      q(GPT2.merge_file)))
+    assert.are.equal(0, code, out)
+    code, out = luatron(h.tiny(d, ("train.train_iters=3 model.vocab_size=nil dataset.data_path=%s dataset.split=98,2,0 "
+      .. "tokenizer.tokenizer_type=GPT2BPETokenizer tokenizer.vocab_file=%s tokenizer.merge_file=%s")
+      :format(q(d .. "/c"), q(GPT2.vocab_file), q(GPT2.merge_file))))
+    assert.are.equal(0, code, out)
+    assert.are.equal(3, #h.read_metrics(d .. "/metrics.jsonl"))
   end)
 
   it("names a missing or corrupt file", function()

@@ -426,7 +426,10 @@ int lt_preprocess_main(int argc, char **argv) {
     job.tok = lt_tokenizer_open(&spec, err, sizeof err);
     if (!job.tok) {
         fprintf(stderr, "luatron preprocess: %s\n", err);
-        return strstr(err, "unknown tokenizer type") ? 2 : 1;
+        /* a type luatron lacks is a usage error (2), a bad or missing file a failure (1) */
+        int known = strcmp(type, "ByteLevel") == 0 || strcmp(type, "GPT2BPETokenizer") == 0 ||
+                    strcmp(type, "HuggingFaceTokenizer") == 0;
+        return known ? 1 : 2;
     }
     job.append_eod = append_eod;
     FILE *in = fopen(input, "rb");

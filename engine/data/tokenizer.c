@@ -63,6 +63,13 @@ lt_tokenizer *lt_tokenizer_open(const lt_tokenizer_spec *spec, char *err, size_t
         if (!spec->model) rc = lt_fail(err, errlen, "HuggingFaceTokenizer needs a tokenizer model: the path of a "
                                        "tokenizer.json or of a folder that holds one");
         else rc = lt_hf_tokenizer_load(t, spec->model, err, errlen);
+    } else if (strcmp(type, "NullTokenizer") == 0) {
+        rc = lt_fail(err, errlen, "NullTokenizer has no text form (its data is already token ids), so it cannot "
+                     "tokenize text; use ByteLevel, GPT2BPETokenizer or HuggingFaceTokenizer");
+    } else if (strcmp(type, "SentencePieceTokenizer") == 0 || strcmp(type, "GPTSentencePieceTokenizer") == 0 ||
+               strcmp(type, "Llama2Tokenizer") == 0) {
+        rc = lt_fail(err, errlen, "%s is not implemented (SentencePiece models); use GPT2BPETokenizer or a "
+                     "byte-level BPE tokenizer.json with HuggingFaceTokenizer", type);
     } else {
         rc = lt_fail(err, errlen, "unknown tokenizer type '%s': luatron has ByteLevel, GPT2BPETokenizer and "
                      "HuggingFaceTokenizer (tokenizer.json of the byte-level BPE kind)", type);

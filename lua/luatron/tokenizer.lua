@@ -33,7 +33,7 @@ function M.build(cfg)
   end
   local ok, tok = pcall(core.tokenizer, { tokenizer_type = kind, vocab_file = cfg.vocab_file,
     merge_file = cfg.merge_file, tokenizer_model = cfg.tokenizer_model })
-  if not ok then error(tostring(tok):gsub("^[^:]*%.lua:%d+: ", ""), 2) end
+  if not ok then error((tostring(tok):gsub("^[^:]*%.lua:%d+: ", "")), 2) end
   return tok
 end
 

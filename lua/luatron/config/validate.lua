@@ -328,7 +328,8 @@ function V.validate(c, opts, to_table)
   end
   if tt == "GPT2BPETokenizer" or tt == "HuggingFaceTokenizer" then
     -- The files decide the vocabulary (Megatron's tokenizer.vocab_size, added tokens included) and eod.
-    local t = require("luatron.tokenizer").build(tok)
+    local ok, t = pcall(require("luatron.tokenizer").build, tok)
+    if not ok then fail("%s", (tostring(t):gsub("^[^:]*%.lua:%d+: ", ""))) end -- the file's problem, not ours
     if tok.vocab_size ~= nil and tok.vocab_size < t.vocab_size then
       fail("tokenizer.vocab_size (%d) is smaller than the %s's %d tokens (%s). Leave it nil", tok.vocab_size, tt,
         t.vocab_size, t.source)

@@ -15,6 +15,7 @@ patterns. Writes DIR/expected.json: {"texts": [...], "gpt2": [[ids]], "hf": [[id
 [[ids]], "qwen2": [[ids]], "vocab_size": N, "eod": id, "sep": id}.
 """
 import json
+import random
 import re
 import sys
 import unicodedata
@@ -173,6 +174,13 @@ TEXTS = [
     "IT'S WE'RE THEY'VE I'M WE'LL HE'D it's (parens) \"quoted\"\n\n  indented\r\n\ttab 1234567 \u0663\u0664\u0665\u0666",
     "the fox! the dog?\n\n\nthe end  \n",
 ]
+
+# Random texts over the characters the pre-tokenizers treat differently (seeded: the same every run).
+POOL = (list("aZ e'sStTrRvVmMlLdD09 .,!?-\n\t\r") + [" ", " ", "  ", "'", "'s", "'LL", "\n\n", " \n"] +
+        list("\u00e9\u00df\u0301\u4e2d\u6587\u3000\u00a0\u0085\u2009\u0663\u00b2\u00bd\u2167\u00ad\u200d") +
+        ["\U0001F600", "\U0001F1EB", "\x1c", "\x00", "<|sep|>", "<|endoftext|>", "caf\u00e9", "the fox"])
+rng = random.Random(15)
+TEXTS += ["".join(rng.choice(POOL) for _ in range(rng.randint(1, 40))) for _ in range(150)]
 
 with open(out + "/encoder.json", "w", encoding="utf-8") as f:
     json.dump(encoder, f, ensure_ascii=False)

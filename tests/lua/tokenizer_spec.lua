@@ -266,7 +266,7 @@ describe("TokenizerConfig with tokenizer files", function()
   it("trains on GPT-2 BPE data with the vocabulary from the files", function()
     local d = h.tmpdir()
     local lines = {}
-    for i = 1, 120 do lines[i] = json.encode({ text = want.texts[i % 13 + 1] .. " the quick brown fox " .. i }) end
+    for i = 1, 120 do lines[i] = json.encode({ text = want.texts[i % 19 + 1] .. " the quick brown fox " .. i }) end
     write(d .. "/c.jsonl", table.concat(lines, "\n") .. "\n")
     local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type GPT2BPETokenizer "
       .. "--vocab-file %s --merge-file %s --append-eod"):format(q(d .. "/c.jsonl"), q(d .. "/c"), q(GPT2.vocab_file),

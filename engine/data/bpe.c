@@ -307,9 +307,8 @@ int lt_bpe_add_merge(lt_bpe *b, const char *a, size_t an, const char *bs, size_t
     if ((b->mcount + 1) * 2 > b->mcap && merge_grow(b) != 0) return lt_fail(err, errlen, "out of memory");
     uint64_t key = ((uint64_t)(uint32_t)ea->val << 32 | (uint32_t)eb->val) + 1;
     merge_slot *s = merge_find(b, key);
-    if (s->key) return 0; /* a repeated merge keeps its first (lowest) rank, as GPT-2's dict(zip(...)) would not:
-                             its dict keeps the last; but a repeat never changes the result, as the lower
-                             rank is always tried first */
+    /* A repeated merge takes its later rank, as GPT-2's dict(zip(merges, range(...))) and the Hugging Face
+     * BPE's map do; ranks count lines either way. */
     s->key = key;
     s->rank = (int32_t)b->mcount++;
     s->merged = (int32_t)eab->val;

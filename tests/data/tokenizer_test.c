@@ -121,6 +121,18 @@ int main(void) {
     check_words(b, "Qwen2", "abc 123", "abc| |1|2|3");
     lt_bpe_free(b);
 
+    /* a repeated merge takes its later rank (GPT-2's dict, Hugging Face's map): "h e" at 0 and 2, "e l" at 1 */
+    b = lt_bpe_new();
+    for (int i = 1; i < 256; i++) add_raw(b, (char[]){(char)i, 0}, i);
+    lt_bpe_add_token(b, "\xc4\x80", 2, 0, 0, err, sizeof err);
+    add_raw(b, "he", 256);
+    add_raw(b, "el", 257);
+    lt_bpe_add_merge(b, "h", 1, "e", 1, err, sizeof err);
+    lt_bpe_add_merge(b, "e", 1, "l", 1, err, sizeof err);
+    lt_bpe_add_merge(b, "h", 1, "e", 1, err, sizeof err);
+    TAP_CHECK(encodes_to(b, "hell", (int32_t[]){'h', 257, 'l'}, 3), "a repeated merge ranks by its last line");
+    lt_bpe_free(b);
+
     /* loaders: missing files, bad merges */
     lt_tokenizer_spec spec = {.type = "GPT2BPETokenizer", .vocab_file = tmp_path("none.json"), .merge_file = "x"};
     TAP_CHECK(!lt_tokenizer_open(&spec, err, sizeof err) && strstr(err, "none.json: cannot open"),

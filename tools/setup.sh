@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages luatron builds with (Debian 12), once: a second run costs nothing.
 set -euo pipefail
-packages=(bazel-bootstrap lua5.4 liblua5.4-dev lua-busted libopenblas-dev libopenblas0-openmp libpmix-dev openmpi-bin procps pkg-config gcc g++)
+packages=(bazel-bootstrap lua5.4 liblua5.4-dev lua-busted libopenblas-dev libopenblas0-openmp libpmix-dev openmpi-bin procps pkg-config gcc g++ python3)
+# python3 (standard library only): tests/lua/tokenizer_reference.py, the tokenizer specs' independent reference.
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

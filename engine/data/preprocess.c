@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "engine/data/indexed.h"
+#include "engine/data/tokenizer.h"
 #include "engine/io/json.h"
 
 /* ---- growable byte buffer ---- */
@@ -113,63 +114,77 @@ int lt_json_get_string(const char *text, size_t len, const char *key, char **out
 static void usage(FILE *f) {
     fputs("usage: luatron preprocess --input FILE --output-prefix PREFIX [options]\n"
           "\n"
-          "Tokenizes a corpus into a Megatron-LM indexed dataset: PREFIX.bin and PREFIX.idx\n"
-          "(MMIDIDX version 1), one sequence per document, ready for --data-path PREFIX.\n"
-          "\n"
-          "Tokenizer: byte level. Each byte of the document's UTF-8 text is one token whose id is\n"
-          "the byte value (0..255); the end-of-document token EOD is 256; vocab size 257, so train\n"
-          "with vocab_size >= 257. Tokens are stored as uint16.\n"
+          "Tokenizes a corpus into a Megatron-LM indexed dataset (MMIDIDX version 1), one sequence per\n"
+          "document, as Megatron's tools/preprocess_data.py: the same .bin/.idx bytes for the same\n"
+          "tokenizer (uint16 tokens when the vocabulary has fewer than 65500 ids, else int32).\n"
           "\n"
           "Options:\n"
           "  --input FILE           the corpus\n"
-          "  --output-prefix P      write P.bin and P.idx (via temporary files, renamed at the end)\n"
+          "  --output-prefix P      write P.bin and P.idx (via temporary files, renamed at the end);\n"
+          "                         with --json-keys, P_KEY_document.bin/.idx per key, as Megatron\n"
           "  --input-format F       text or jsonl; default: jsonl for names ending in .jsonl or\n"
           "                         .json, else text\n"
           "                           text:  documents are paragraphs separated by blank lines; a\n"
           "                                  document's lines are joined with \\n (a trailing \\r\n"
           "                                  of a CRLF line is dropped)\n"
-          "                           jsonl: one JSON object per line, the text under --json-key\n"
+          "                           jsonl: one JSON object per line, the text under the key\n"
           "                                  (escapes, \\uXXXX and surrogate pairs decoded to UTF-8);\n"
           "                                  strict JSON in valid UTF-8; blank lines are skipped\n"
-          "  --json-key K           key of the text in each JSON object (default: text)\n"
-          "  --append-eod           append EOD (256) to every non-empty document\n"
+          "  --json-key K           key of the text in each JSON object (default: text), output P\n"
+          "  --json-keys K [K ...]  Megatron's: one dataset per key, P_K_document.bin/.idx\n"
+          "  --tokenizer-type T     ByteLevel (default): id = byte value (0..255), EOD 256, vocab 257\n"
+          "                         GPT2BPETokenizer: GPT-2's byte-level BPE, needs --vocab-file\n"
+          "                           (encoder.json) and --merge-file (vocab.bpe); EOD <|endoftext|>\n"
+          "                         HuggingFaceTokenizer: --tokenizer-model, a tokenizer.json of the\n"
+          "                           byte-level BPE kind (GPT-2, Llama-3 style) or its folder; EOD the\n"
+          "                           eos_token of a tokenizer_config.json beside it, else <|endoftext|>\n"
+          "  --vocab-file F, --merge-file F, --tokenizer-model F   the tokenizer's files\n"
+          "  --append-eod           append the tokenizer's EOD to every non-empty document\n"
+          "  --workers N            accepted for Megatron's command lines: luatron tokenizes in one\n"
+          "                         thread, and the output does not depend on N\n"
+          "  --log-interval N       print progress to stderr every N documents\n"
           "  --help                 show this help\n"
           "\n"
+          "Megatron's --split-sentences, --keep-newlines, --lang, --partitions, --keep-sequential-samples,\n"
+          "--vocab-size, --vocab-extra-ids and the tiktoken options are refused (not implemented).\n"
           "A document with no tokens gets no sequence and no EOD, only its entry in the document\n"
           "index, as Megatron's preprocess_data.py. Prints the number of documents and tokens.\n",
           f);
 }
 
+#define MAX_KEYS 16
+
 typedef struct {
     lt_indexed_writer *w;
-    int append_eod;
-    int32_t *tok;
-    size_t tokcap;
+    char *prefix;
     int64_t docs, empty;
 } sink_t;
 
+typedef struct {
+    lt_tokenizer *tok;
+    int append_eod;
+    lt_token_buf ids;
+    int64_t log_interval, done;
+} job_t;
+
 /* One document. As Megatron's preprocess_data.py: an empty one gets no EOD and no sequence, only its
  * entry in the document index (IndexedDatasetBuilder.add_document with no lengths). */
-static int emit(sink_t *s, const char *bytes, size_t n, char *err, size_t errlen) {
-    if (n == 0) {
-        s->docs++;
+static int emit(job_t *j, sink_t *s, const char *bytes, size_t n, char *err, size_t errlen) {
+    j->ids.n = 0;
+    if (lt_tokenizer_encode(j->tok, bytes, n, &j->ids, err, errlen) != 0) return -1;
+    if (j->ids.n > 0 && j->append_eod && lt_token_buf_push(&j->ids, j->tok->eod) != 0)
+        return lt_fail(err, errlen, "out of memory");
+    s->docs++;
+    if (j->log_interval > 0 && ++j->done % j->log_interval == 0)
+        fprintf(stderr, "preprocess: %lld documents\n", (long long)j->done);
+    if (j->ids.n == 0) {
         s->empty++;
         return lt_indexed_writer_end_document(s->w, err, errlen);
     }
-    size_t total = n + (s->append_eod ? 1 : 0);
-    if (total > (size_t)INT32_MAX) return lt_fail(err, errlen, "document of %zu tokens is too long", total);
-    if (total > s->tokcap) {
-        int32_t *t = realloc(s->tok, total * sizeof(int32_t));
-        if (!t) return lt_fail(err, errlen, "out of memory for a document of %zu tokens", total);
-        s->tok = t;
-        s->tokcap = total;
-    }
-    for (size_t i = 0; i < n; i++) s->tok[i] = (unsigned char)bytes[i];
-    if (s->append_eod) s->tok[n] = LT_BYTE_EOD;
-    if (lt_indexed_writer_add(s->w, s->tok, (int64_t)total, err, errlen) != 0 ||
+    if (j->ids.n > (size_t)INT32_MAX) return lt_fail(err, errlen, "document of %zu tokens is too long", j->ids.n);
+    if (lt_indexed_writer_add(s->w, j->ids.ids, (int64_t)j->ids.n, err, errlen) != 0 ||
         lt_indexed_writer_end_document(s->w, err, errlen) != 0)
         return -1;
-    s->docs++;
     return 0;
 }
 
@@ -179,8 +194,8 @@ static int is_blank(const char *s, size_t n) {
     return 1;
 }
 
-static int run_text(FILE *in, const char *path, sink_t *s, char *err, size_t errlen) {
-    char *line = NULL, e2[512];
+static int run_text(FILE *in, const char *path, job_t *j, sink_t *s, char *err, size_t errlen) {
+    char *line = NULL, e2[1024];
     size_t cap = 0;
     ssize_t got;
     buf_t doc = {0};
@@ -192,7 +207,7 @@ static int run_text(FILE *in, const char *path, sink_t *s, char *err, size_t err
         if (n && line[n - 1] == '\n') n--;
         if (n && line[n - 1] == '\r') n--;
         if (is_blank(line, n)) {
-            if (have && emit(s, doc.d, doc.n, e2, sizeof e2) != 0) { rc = -1; break; }
+            if (have && emit(j, s, doc.d, doc.n, e2, sizeof e2) != 0) { rc = -1; break; }
             doc.n = 0;
             have = 0;
             continue;
@@ -205,49 +220,52 @@ static int run_text(FILE *in, const char *path, sink_t *s, char *err, size_t err
         have = 1;
     }
     if (rc == 0 && ferror(in)) { snprintf(e2, sizeof e2, "read error: %s", strerror(errno)); rc = -1; }
-    if (rc == 0 && have && emit(s, doc.d, doc.n, e2, sizeof e2) != 0) rc = -1;
+    if (rc == 0 && have && emit(j, s, doc.d, doc.n, e2, sizeof e2) != 0) rc = -1;
     if (rc != 0) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
     free(line);
     free(doc.d);
     return rc;
 }
 
-static int run_jsonl(FILE *in, const char *path, const char *key, sink_t *s, char *err, size_t errlen) {
-    char *line = NULL, *text = NULL, e2[512];
+static int run_jsonl(FILE *in, const char *path, const char **keys, int nkeys, job_t *j, sink_t *s, char *err,
+                     size_t errlen) {
+    char *line = NULL, *text = NULL, e2[1024];
     size_t cap = 0, tlen;
     ssize_t got;
     int64_t lineno = 0;
     int rc = 0;
-    while ((got = getline(&line, &cap, in)) >= 0) {
+    while (rc == 0 && (got = getline(&line, &cap, in)) >= 0) {
         lineno++;
         size_t n = (size_t)got;
         while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) n--;
         if (is_blank(line, n)) continue;
-        int found = lt_json_get_string(line, n, key, &text, &tlen, e2, sizeof e2);
-        if (found < 0) { rc = -1; break; }
-        if (found == 0) {
-            snprintf(e2, sizeof e2, "no key \"%s\" in the JSON object (see --json-key)", key);
-            rc = -1;
-            break;
+        for (int k = 0; k < nkeys && rc == 0; k++) {
+            int found = lt_json_get_string(line, n, keys[k], &text, &tlen, e2, sizeof e2);
+            if (found < 0) { rc = -1; break; }
+            if (found == 0) {
+                snprintf(e2, sizeof e2, "no key \"%s\" in the JSON object (see --json-key/--json-keys)", keys[k]);
+                rc = -1;
+                break;
+            }
+            if (emit(j, &s[k], text, tlen, e2, sizeof e2) != 0) rc = -1;
+            free(text);
+            text = NULL;
         }
-        int e = emit(s, text, tlen, e2, sizeof e2);
-        free(text);
-        text = NULL;
-        if (e != 0) { rc = -1; break; }
     }
     if (rc == 0 && ferror(in)) { snprintf(e2, sizeof e2, "read error: %s", strerror(errno)); rc = -1; }
     if (rc != 0) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
     free(line);
     return rc;
 }
-
 static int ends_with(const char *s, const char *suffix) {
     size_t a = strlen(s), b = strlen(suffix);
     return a >= b && strcmp(s + a - b, suffix) == 0;
 }
 
-static long long file_size(const char *path) {
+static long long file_size_of(const char *prefix, const char *ext) {
+    char path[4200];
     struct stat st;
+    snprintf(path, sizeof path, "%s%s", prefix, ext);
     return stat(path, &st) == 0 ? (long long)st.st_size : -1;
 }
 
@@ -270,9 +288,39 @@ static int make_parent_dirs(const char *prefix, char *err, size_t errlen) {
     return 0;
 }
 
+
+/* Megatron's preprocess_data.py flags that luatron does not implement: refused, never ignored. */
+static const char *const REFUSED[][2] = {
+    {"--split-sentences", "splitting documents into sentences (NLTK punkt) is not implemented"},
+    {"--keep-newlines", "it only applies with --split-sentences, which is not implemented"},
+    {"--lang", "it only applies with --split-sentences, which is not implemented"},
+    {"--partitions", "luatron reads the input in one pass; drop the flag (the output is the same as one partition)"},
+    {"--keep-sequential-samples", "it only orders partitions, which are not implemented"},
+    {"--vocab-size", "it is for NullTokenizer, which preprocess does not implement"},
+    {"--vocab-extra-ids", "extra ids (T5's sentinels) are not implemented"},
+    {"--tiktoken-pattern", "TikTokenizer is not implemented"},
+    {"--tiktoken-num-special-tokens", "TikTokenizer is not implemented"},
+    {"--tiktoken-special-tokens", "TikTokenizer is not implemented"},
+    {"--tokenizer-metadata", "tokenizer metadata files are not implemented"},
+    {"--tokenizer-special-tokens", "extra special tokens are not implemented"},
+};
+
+static int parse_count(const char *name, const char *v, int64_t *out) {
+    char *end;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || x < 1) {
+        fprintf(stderr, "luatron preprocess: %s must be a positive integer, not '%s'\n", name, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
 int lt_preprocess_main(int argc, char **argv) {
-    const char *input = NULL, *prefix = NULL, *format = NULL, *key = "text";
-    int append_eod = 0;
+    const char *input = NULL, *prefix = NULL, *format = NULL, *key = NULL, *workers = NULL, *log_interval = NULL;
+    const char *keys[MAX_KEYS];
+    int nkeys = 0, append_eod = 0;
+    lt_tokenizer_spec spec = {0};
     int i = 1;
     if (i < argc && argv[i] && strcmp(argv[i], "preprocess") == 0) i++;
     for (; i < argc; i++) {
@@ -289,11 +337,37 @@ int lt_preprocess_main(int argc, char **argv) {
             return 0;
         }
         if (strcmp(name, "--append-eod") == 0 && !eq) { append_eod = 1; continue; }
-        const char **dst = strcmp(name, "--input") == 0           ? &input
-                           : strcmp(name, "--output-prefix") == 0 ? &prefix
-                           : strcmp(name, "--input-format") == 0  ? &format
-                           : strcmp(name, "--json-key") == 0      ? &key
-                                                                  : NULL;
+        for (size_t r = 0; r < sizeof REFUSED / sizeof REFUSED[0]; r++)
+            if (strcmp(name, REFUSED[r][0]) == 0) {
+                fprintf(stderr, "luatron preprocess: %s is not supported: %s\n", name, REFUSED[r][1]);
+                return 2;
+            }
+        if (strcmp(name, "--json-keys") == 0) { /* Megatron's nargs='+' */
+            if (eq) keys[nkeys++] = eq + 1;
+            while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
+                if (nkeys == MAX_KEYS) {
+                    fprintf(stderr, "luatron preprocess: at most %d --json-keys\n", MAX_KEYS);
+                    return 2;
+                }
+                keys[nkeys++] = argv[++i];
+            }
+            if (nkeys == 0) {
+                fprintf(stderr, "luatron preprocess: --json-keys needs at least one key\n");
+                return 2;
+            }
+            continue;
+        }
+        const char **dst = strcmp(name, "--input") == 0             ? &input
+                           : strcmp(name, "--output-prefix") == 0   ? &prefix
+                           : strcmp(name, "--input-format") == 0    ? &format
+                           : strcmp(name, "--json-key") == 0        ? &key
+                           : strcmp(name, "--tokenizer-type") == 0  ? &spec.type
+                           : strcmp(name, "--vocab-file") == 0      ? &spec.vocab_file
+                           : strcmp(name, "--merge-file") == 0      ? &spec.merge_file
+                           : strcmp(name, "--tokenizer-model") == 0 ? &spec.model
+                           : strcmp(name, "--workers") == 0         ? &workers
+                           : strcmp(name, "--log-interval") == 0    ? &log_interval
+                                                                    : NULL;
         if (!dst) {
             fprintf(stderr, "luatron preprocess: unknown argument '%s' (see --help)\n", a);
             return 2;
@@ -310,6 +384,27 @@ int lt_preprocess_main(int argc, char **argv) {
         fprintf(stderr, "luatron preprocess: --input and --output-prefix are required (see --help)\n");
         return 2;
     }
+    if (key && nkeys) {
+        fprintf(stderr, "luatron preprocess: give --json-key (output PREFIX) or --json-keys (output "
+                        "PREFIX_KEY_document), not both\n");
+        return 2;
+    }
+    job_t job = {0};
+    int64_t nworkers = 1;
+    if ((workers && parse_count("--workers", workers, &nworkers) != 0) ||
+        (log_interval && parse_count("--log-interval", log_interval, &job.log_interval) != 0))
+        return 2;
+    const char *type = spec.type ? spec.type : "ByteLevel";
+    if (strcmp(type, "GPT2BPETokenizer") != 0 && (spec.vocab_file || spec.merge_file)) {
+        fprintf(stderr, "luatron preprocess: --vocab-file and --merge-file are for --tokenizer-type GPT2BPETokenizer, "
+                        "not %s\n", type);
+        return 2;
+    }
+    if (strcmp(type, "HuggingFaceTokenizer") != 0 && spec.model) {
+        fprintf(stderr, "luatron preprocess: --tokenizer-model is for --tokenizer-type HuggingFaceTokenizer (a "
+                        "tokenizer.json), not %s\n", type);
+        return 2;
+    }
     int jsonl;
     if (format) {
         if (strcmp(format, "jsonl") == 0 || strcmp(format, "json") == 0) jsonl = 1;
@@ -321,50 +416,68 @@ int lt_preprocess_main(int argc, char **argv) {
     } else {
         jsonl = ends_with(input, ".jsonl") || ends_with(input, ".json");
     }
+    if (!jsonl && (key || nkeys)) {
+        fprintf(stderr, "luatron preprocess: --json-key/--json-keys need JSONL input (--input-format jsonl)\n");
+        return 2;
+    }
+    int megatron_names = nkeys > 0;
+    if (!nkeys) keys[nkeys++] = key ? key : "text";
+    char err[1024];
+    job.tok = lt_tokenizer_open(&spec, err, sizeof err);
+    if (!job.tok) {
+        fprintf(stderr, "luatron preprocess: %s\n", err);
+        /* a type luatron lacks is a usage error (2), a bad or missing file a failure (1) */
+        int known = strcmp(type, "ByteLevel") == 0 || strcmp(type, "GPT2BPETokenizer") == 0 ||
+                    strcmp(type, "HuggingFaceTokenizer") == 0;
+        return known ? 1 : 2;
+    }
+    job.append_eod = append_eod;
     FILE *in = fopen(input, "rb");
     if (!in) {
         fprintf(stderr, "luatron preprocess: %s: cannot open: %s\n", input, strerror(errno));
+        lt_tokenizer_free(job.tok);
         return 1;
     }
-    char err[1024];
-    if (make_parent_dirs(prefix, err, sizeof err) != 0) {
-        fclose(in);
-        fprintf(stderr, "luatron preprocess: %s\n", err);
-        return 1;
+    sink_t sinks[MAX_KEYS] = {{0}};
+    int rc = 0, dtype = lt_indexed_optimal_dtype(job.tok->vocab_size);
+    for (int k = 0; k < nkeys && rc == 0; k++) {
+        size_t len = strlen(prefix) + strlen(keys[k]) + 16;
+        sinks[k].prefix = malloc(len);
+        if (!sinks[k].prefix) { snprintf(err, sizeof err, "out of memory"); rc = -1; break; }
+        if (megatron_names) snprintf(sinks[k].prefix, len, "%s_%s_document", prefix, keys[k]);
+        else snprintf(sinks[k].prefix, len, "%s", prefix);
+        if (make_parent_dirs(sinks[k].prefix, err, sizeof err) != 0) { rc = -1; break; }
+        sinks[k].w = lt_indexed_writer_open(sinks[k].prefix, dtype, err, sizeof err);
+        if (!sinks[k].w) rc = -1;
     }
-    sink_t s = {0};
-    s.append_eod = append_eod;
-    s.w = lt_indexed_writer_open(prefix, lt_indexed_optimal_dtype(LT_BYTE_VOCAB_SIZE), err, sizeof err);
-    if (!s.w) {
-        fclose(in);
-        fprintf(stderr, "luatron preprocess: %s\n", err);
-        return 1;
-    }
-    int rc = jsonl ? run_jsonl(in, input, key, &s, err, sizeof err) : run_text(in, input, &s, err, sizeof err);
+    if (rc == 0)
+        rc = jsonl ? run_jsonl(in, input, keys, nkeys, &job, sinks, err, sizeof err)
+                   : run_text(in, input, &job, sinks, err, sizeof err);
     fclose(in);
-    free(s.tok);
-    if (rc != 0) {
-        lt_indexed_writer_abort(s.w);
-        fprintf(stderr, "luatron preprocess: %s\n", err);
-        return 1;
+    for (int k = 0; k < nkeys; k++) {
+        if (!sinks[k].w) continue;
+        int64_t tokens = lt_indexed_writer_num_tokens(sinks[k].w);
+        if (rc != 0) {
+            lt_indexed_writer_abort(sinks[k].w);
+            continue;
+        }
+        if (lt_indexed_writer_finalize(sinks[k].w, err, sizeof err) != 0) {
+            rc = -1;
+            continue;
+        }
+        char eodtxt[64] = "";
+        if (append_eod) snprintf(eodtxt, sizeof eodtxt, ", EOD %d appended", (int)job.tok->eod);
+        printf("preprocess: %s (%s%s%s): %lld documents, %lld tokens (%s tokenizer, vocab %lld, %s%s)", input,
+               jsonl ? "jsonl, key \"" : "text", jsonl ? keys[k] : "", jsonl ? "\"" : "", (long long)sinks[k].docs,
+               (long long)tokens, job.tok->type, (long long)job.tok->vocab_size, lt_indexed_dtype_name(dtype), eodtxt);
+        if (sinks[k].empty) printf(" (%lld empty: no sequence)", (long long)sinks[k].empty);
+        printf("\nwrote %s.bin (%lld bytes) and %s.idx (%lld bytes)\n", sinks[k].prefix,
+               file_size_of(sinks[k].prefix, ".bin"), sinks[k].prefix, file_size_of(sinks[k].prefix, ".idx"));
     }
-    int64_t tokens = lt_indexed_writer_num_tokens(s.w);
-    if (lt_indexed_writer_finalize(s.w, err, sizeof err) != 0) {
-        fprintf(stderr, "luatron preprocess: %s\n", err);
-        return 1;
-    }
-    size_t plen = strlen(prefix);
-    char *bin = malloc(plen + 5), *idx = malloc(plen + 5);
-    if (bin && idx) {
-        snprintf(bin, plen + 5, "%s.bin", prefix);
-        snprintf(idx, plen + 5, "%s.idx", prefix);
-        printf("preprocess: %s (%s%s%s): %lld documents, %lld tokens (byte tokenizer, vocab %d%s)",
-               input, jsonl ? "jsonl, key \"" : "text", jsonl ? key : "", jsonl ? "\"" : "", (long long)s.docs,
-               (long long)tokens, LT_BYTE_VOCAB_SIZE, append_eod ? ", EOD 256 appended" : "");
-        if (s.empty) printf(" (%lld empty: no sequence)", (long long)s.empty);
-        printf("\nwrote %s (%lld bytes) and %s (%lld bytes)\n", bin, file_size(bin), idx, file_size(idx));
-    }
-    free(bin);
-    free(idx);
-    return 0;
+    if (rc != 0) fprintf(stderr, "luatron preprocess: %s\n", err);
+    for (int k = 0; k < nkeys; k++) free(sinks[k].prefix);
+    lt_token_buf_free(&job.ids);
+    lt_tokenizer_free(job.tok);
+    (void)nworkers;
+    return rc != 0 ? 1 : 0;
 }

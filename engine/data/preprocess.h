@@ -1,7 +1,8 @@
-/* `luatron preprocess`: text or JSONL into a Megatron indexed dataset (prefix.bin/.idx),
- * with the byte-level tokenizer: token id = byte value (0..255), EOD = 256, vocab 257
- * (stored as uint16, Megatron's choice for a vocabulary under 65500). One sequence per
- * document. Run with --help for the options. */
+/* `luatron preprocess`: text or JSONL into a Megatron indexed dataset (prefix.bin/.idx), with
+ * Megatron's tools/preprocess_data.py flags and tokenizers (engine/data/tokenizer.h): the byte-level
+ * one by default (token id = byte value, EOD = 256, vocab 257), GPT2BPETokenizer or
+ * HuggingFaceTokenizer. Tokens are stored in Megatron's best-fitting dtype (uint16 for a vocabulary
+ * under 65500, else int32). One sequence per document. Run with --help for the options. */
 #ifndef LT_DATA_PREPROCESS_H
 #define LT_DATA_PREPROCESS_H
 #include <stddef.h>

@@ -39,6 +39,7 @@ void lt_lua_open_comm(lua_State *L);
 void lt_lua_open_ddp(lua_State *L);
 void lt_lua_open_tp(lua_State *L);
 void lt_lua_open_moe(lua_State *L);
+void lt_lua_open_tokenizer(lua_State *L);
 
 /* luaopen function of the whole C core: require "luatron.core". */
 int luaopen_luatron_core(lua_State *L);

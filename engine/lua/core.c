@@ -34,6 +34,7 @@ int luaopen_luatron_core(lua_State *L) {
     lt_lua_open_ddp(L);
     lt_lua_open_tp(L);
     lt_lua_open_moe(L);
+    lt_lua_open_tokenizer(L);
     return 1;
 }
 

@@ -286,10 +286,17 @@ describe("luatron.config field checks", function()
       msg_of(function() config.GPTModelProvider({}).normalization = nil end))
   end)
 
-  it("rejects tokenizers that need downloads, with the reason", function()
-    assert_error_contains(function() config.TokenizerConfig({ tokenizer_type = "GPT2BPETokenizer" }) end,
-      "TokenizerConfig.tokenizer_type = 'GPT2BPETokenizer': must be one of 'ByteLevel', 'NullTokenizer'",
-      "need vocabulary files luatron cannot download")
+  it("refuses SentencePieceTokenizer, and the BPE tokenizers without their files, with the reason", function()
+    assert_error_contains(function() config.TokenizerConfig({ tokenizer_type = "SentencePieceTokenizer" }) end,
+      "TokenizerConfig.tokenizer_type = 'SentencePieceTokenizer': must be one of 'ByteLevel', 'NullTokenizer', "
+        .. "'GPT2BPETokenizer', 'HuggingFaceTokenizer'", "SentencePieceTokenizer is not implemented")
+    assert_error_contains(function() validate({ tokenizer = { tokenizer_type = "GPT2BPETokenizer" } }) end,
+      "tokenizer.tokenizer_type = 'GPT2BPETokenizer' needs tokenizer.vocab_file (GPT-2's encoder.json) and "
+        .. "tokenizer.merge_file (vocab.bpe)")
+    assert_error_contains(function() validate({ tokenizer = { tokenizer_type = "HuggingFaceTokenizer" } }) end,
+      "tokenizer.tokenizer_type = 'HuggingFaceTokenizer' needs tokenizer.tokenizer_model")
+    assert_error_contains(function() validate({ tokenizer = { vocab_file = "x.json" } }) end,
+      "tokenizer.vocab_file is for tokenizer_type = 'GPT2BPETokenizer', not 'ByteLevel'")
   end)
 
   it("takes Megatron's NullTokenizer for data tokenized elsewhere: vocab_size ids and end-of-document", function()

@@ -455,18 +455,16 @@ schema.TOKENIZERS = { ByteLevel = schema.BYTE_LEVEL_VOCAB_SIZE }
 
 class("TokenizerConfig", {
   fields = {
-    { "tokenizer_type", { enum = { "ByteLevel", "NullTokenizer" },
+    { "tokenizer_type", { enum = { "ByteLevel", "NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer" },
       note = "ByteLevel is luatron's preprocess tokenizer; NullTokenizer (with vocab_size) reads data tokenized "
-        .. "elsewhere; GPT2BPETokenizer, HuggingFaceTokenizer and SentencePieceTokenizer need vocabulary files "
-        .. "luatron cannot download" },
+        .. "elsewhere; GPT2BPETokenizer takes vocab_file (encoder.json) and merge_file (vocab.bpe); "
+        .. "HuggingFaceTokenizer takes tokenizer_model (a tokenizer.json of the byte-level BPE kind, or its "
+        .. "folder); SentencePieceTokenizer is not implemented" },
       "ByteLevel", into = "vocab_size" }, -- validate: the vocabulary the embedding is padded from
     { "vocab_size", "posint", nil },
-    { "tokenizer_model", "path", nil,
-      refuse = "only ByteLevel and NullTokenizer are available, and they take no model file" },
-  },
-  unsupported = {
-    vocab_file = "only ByteLevel and NullTokenizer are available, and they need no vocabulary file",
-    merge_file = "only ByteLevel and NullTokenizer are available, and they need no merge file",
+    { "vocab_file", "path", nil }, -- GPT2BPETokenizer only (validate checks the pairing)
+    { "merge_file", "path", nil },
+    { "tokenizer_model", "path", nil }, -- HuggingFaceTokenizer only
   },
 })
 

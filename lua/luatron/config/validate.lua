@@ -309,7 +309,35 @@ function V.validate(c, opts, to_table)
 
   -- tokenizer and vocabulary ----------------------------------------------------------------------
   local tok_vocab
-  if tok.tokenizer_type == "NullTokenizer" then
+  local tt = tok.tokenizer_type
+  local file_fields = { vocab_file = "GPT2BPETokenizer", merge_file = "GPT2BPETokenizer",
+    tokenizer_model = "HuggingFaceTokenizer" }
+  for _, f in ipairs({ "vocab_file", "merge_file", "tokenizer_model" }) do
+    if tok[f] ~= nil and tt ~= file_fields[f] then
+      fail("tokenizer.%s is for tokenizer_type = '%s', not '%s': remove it or change tokenizer.tokenizer_type", f,
+        file_fields[f], tt)
+    end
+  end
+  if tt == "GPT2BPETokenizer" and (tok.vocab_file == nil or tok.merge_file == nil) then
+    fail("tokenizer.tokenizer_type = 'GPT2BPETokenizer' needs tokenizer.vocab_file (GPT-2's encoder.json) and "
+      .. "tokenizer.merge_file (vocab.bpe)")
+  end
+  if tt == "HuggingFaceTokenizer" and tok.tokenizer_model == nil then
+    fail("tokenizer.tokenizer_type = 'HuggingFaceTokenizer' needs tokenizer.tokenizer_model: the path of a "
+      .. "tokenizer.json or of the folder that holds it")
+  end
+  if tt == "GPT2BPETokenizer" or tt == "HuggingFaceTokenizer" then
+    -- The files decide the vocabulary (Megatron's tokenizer.vocab_size, added tokens included) and eod.
+    local ok, t = pcall(require("luatron.tokenizer").build, tok)
+    if not ok then fail("%s", (tostring(t):gsub("^[^:]*%.lua:%d+: ", ""))) end -- the file's problem, not ours
+    if tok.vocab_size ~= nil and tok.vocab_size < t.vocab_size then
+      fail("tokenizer.vocab_size (%d) is smaller than the %s's %d tokens (%s). Leave it nil", tok.vocab_size, tt,
+        t.vocab_size, t.source)
+    end
+    tok_vocab = tok.vocab_size or t.vocab_size
+    r.tokenizer_eod = t.eod
+    t:close()
+  elseif tt == "NullTokenizer" then
     if tok.vocab_size == nil then
       fail("tokenizer.tokenizer_type = 'NullTokenizer' needs tokenizer.vocab_size: the number of token ids in the "
         .. "pre-tokenized data (ids 0 .. vocab_size - 1; the end-of-document id is vocab_size)")

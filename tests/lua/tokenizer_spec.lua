@@ -1,0 +1,292 @@
+-- Tokenizers (GPT2BPETokenizer, HuggingFaceTokenizer): core.tokenizer, luatron.tokenizer, `luatron
+-- preprocess --tokenizer-type ...` and the training config, against an independent reference
+-- (tests/lua/tokenizer_reference.py: Python's `re` with Unicode classes from unicodedata, encoder.py's
+-- BPE loop) on fixtures it learns from a text (256 byte tokens, 60 merges, <|endoftext|>; the
+-- tokenizer.json adds <|sep|>). Nothing is downloaded. Needs python3 and LUATRON (the binary).
+local core = require "luatron.core"
+local config = require "luatron.config"
+local json = require "luatron.json"
+local tokenizer = require "luatron.tokenizer"
+
+local h = dofile("tests/lua/helpers.lua")
+local q, write, luatron, assert_error_contains = h.q, h.write, h.luatron, h.assert_error_contains
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local dir = h.tmpdir()
+assert(os.execute("python3 tests/lua/tokenizer_reference.py " .. q(dir)), "the reference script failed")
+local want = json.decode(read(dir .. "/expected.json"))
+local GPT2 = { tokenizer_type = "GPT2BPETokenizer", vocab_file = dir .. "/encoder.json", merge_file = dir .. "/vocab.bpe" }
+local HF = { tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir .. "/tokenizer.json" }
+
+local function list(t) -- a decoded JSON array as a plain list, for are.same
+  local r = {}
+  for i = 1, #t do r[i] = t[i] end
+  return r
+end
+
+-- The documents of a Megatron indexed dataset (prefix.idx/.bin, MMIDIDX v1) as lists of ids.
+local function read_indexed(prefix)
+  local idx, bin = read(prefix .. ".idx"), read(prefix .. ".bin")
+  assert.are.equal("MMIDIDX\0\0", idx:sub(1, 9))
+  local version, dtype, S, D, pos = string.unpack("<I8 B I8 I8", idx, 10)
+  assert.are.equal(1, version)
+  local size = ({ [8] = 2, [4] = 4 })[dtype]
+  local lens, ptrs, docs = {}, {}, {}
+  for i = 1, S do lens[i], pos = string.unpack("<i4", idx, pos) end
+  for i = 1, S do ptrs[i], pos = string.unpack("<i8", idx, pos) end
+  for i = 1, D do docs[i], pos = string.unpack("<i8", idx, pos) end
+  local seqs = {}
+  for i = 1, S do
+    local s = {}
+    for k = 1, lens[i] do s[k] = string.unpack(dtype == 8 and "<I2" or "<i4", bin, ptrs[i] + (k - 1) * size + 1) end
+    seqs[i] = s
+  end
+  return { dtype = dtype, seqs = seqs, docs = docs }
+end
+
+describe("GPT2BPETokenizer", function()
+  local tok = tokenizer.build(GPT2)
+
+  it("has len(encoder) tokens and <|endoftext|> as eod", function()
+    assert.are.equal(want.vocab_size, tok.vocab_size)
+    assert.are.equal(want.eod, tok.eod)
+    assert.are.equal("GPT2BPETokenizer", tok.type)
+  end)
+
+  it("encodes as the reference: accents, CJK, emoji, digits, contractions, runs of spaces and newlines", function()
+    for i, text in ipairs(want.texts) do
+      assert.are.same(list(want.gpt2[i]), tok:encode(text), ("text %d: %q"):format(i, text))
+    end
+    -- the fixture's merges are in use (fewer tokens than bytes), so a BPE bug would show
+    assert.is_true(#tok:encode(want.texts[1]) < #want.texts[1])
+  end)
+
+  it("decodes back to the bytes, invalid UTF-8 included", function()
+    for _, text in ipairs(want.texts) do assert.are.equal(text, tok:decode(tok:encode(text))) end
+    local raw = "bad \xff\xfe utf-8 \xc3 and \xe2\x82 cut"
+    assert.are.equal(raw, tok:decode(tok:encode(raw)))
+    assert.are.equal("<|endoftext|>", tok:decode({ tok.eod }))
+    assert_error_contains(function() tok:decode({ 1, 99999 }) end, "id 99999 (position 2) is not in the vocabulary")
+  end)
+end)
+
+describe("HuggingFaceTokenizer", function()
+  it("encodes tokenizer.json (merges as strings or pairs) as the reference, added tokens first", function()
+    for _, model in ipairs({ dir .. "/tokenizer.json", dir .. "/tokenizer_pairs.json" }) do
+      local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = model })
+      assert.are.equal(want.hf_vocab_size, tok.vocab_size)
+      assert.are.equal(want.eod, tok.eod)
+      for i, text in ipairs(want.texts) do
+        assert.are.same(list(want.hf[i]), tok:encode(text), ("%s, text %d: %q"):format(model, i, text))
+        assert.are.equal(text, tok:decode(tok:encode(text)))
+      end
+    end
+    local tok = tokenizer.build(HF)
+    local ids = tok:encode("a<|sep|>b")
+    assert.are.equal(want.sep, ids[2])
+  end)
+
+  it("encodes with Llama-3's and Qwen2's Split pre-tokenizer and ignore_merges as the reference", function()
+    for _, kind in ipairs({ "llama3", "qwen2" }) do
+      local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer",
+        tokenizer_model = ("%s/tokenizer_%s.json"):format(dir, kind) })
+      for i, text in ipairs(want.texts) do
+        assert.are.same(list(want[kind][i]), tok:encode(text), ("%s, text %d: %q"):format(kind, i, text))
+        assert.are.equal(text, tok:decode(tok:encode(text)))
+      end
+    end
+    -- the patterns differ where the reference says they do (digits in threes against one by one)
+    assert.are_not.same(list(want.llama3[6]), list(want.qwen2[6]))
+    assert.are_not.same(list(want.llama3[18]), list(want.hf[18]))
+  end)
+
+  it("takes a folder holding tokenizer.json, with eos_token from its tokenizer_config.json", function()
+    local d = h.tmpdir()
+    write(d .. "/tokenizer.json", read(dir .. "/tokenizer.json"))
+    assert.are.equal(want.eod, tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = d }).eod)
+    write(d .. "/tokenizer_config.json", json.encode({ eos_token = { content = "<|sep|>" } }))
+    assert.are.equal(want.sep, tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = d }).eod)
+  end)
+
+  it("refuses the kinds it does not implement, naming the file and the field", function()
+    local t = json.decode(read(dir .. "/tokenizer.json"))
+    local function refused(edit, ...)
+      local d = h.tmpdir()
+      local copy = json.decode(read(dir .. "/tokenizer.json"))
+      edit(copy)
+      write(d .. "/tokenizer.json", json.encode(copy))
+      assert_error_contains(function()
+        tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = d .. "/tokenizer.json" })
+      end, d .. "/tokenizer.json", ...)
+    end
+    assert(t.model.type == "BPE")
+    refused(function(c) c.model.type = "WordPiece" end, "model type WordPiece is not supported")
+    refused(function(c) c.model.type = "Unigram" end, "model type Unigram is not supported")
+    refused(function(c) c.normalizer = { type = "NFC" } end, "normalizer {\"type\":\"NFC\"} is not supported")
+    refused(function(c) c.pre_tokenizer = { type = "Whitespace" } end, "pre_tokenizer Whitespace is not supported")
+    refused(function(c)
+      c.pre_tokenizer = { type = "Sequence", pretokenizers = { { type = "Split", pattern = { Regex = "\\w+" },
+        behavior = "Isolated", invert = false }, { type = "ByteLevel", use_regex = false } } }
+    end, "pre_tokenizer {\"pretokenizers\":[{\"behavior\":\"Isolated\"", "Split on Llama-3's or Qwen2's pattern")
+    refused(function(c) c.decoder = { type = "WordPiece" } end, "decoder WordPiece is not supported")
+    refused(function(c) c.post_processor = { type = "TemplateProcessing" } end,
+      "post_processor TemplateProcessing is not supported")
+    refused(function(c) c.model.byte_fallback = true end, "model.byte_fallback true is not supported")
+    refused(function(c) c.added_tokens[2].lstrip = true end, "lstrip = true is not supported")
+    refused(function(c) c.model.merges[1] = "zz qq" end, "model.merges[0]", "is not in the vocabulary")
+  end)
+end)
+
+describe("tokenizer errors", function()
+  it("name the file: missing, malformed, not a vocabulary, unknown kind", function()
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "GPT2BPETokenizer", vocab_file = dir .. "/nope.json", merge_file = GPT2.merge_file })
+    end, dir .. "/nope.json: cannot open")
+    local bad = h.tmpdir() .. "/encoder.json"
+    write(bad, '{"a": 0, "b": ')
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "GPT2BPETokenizer", vocab_file = bad, merge_file = GPT2.merge_file })
+    end, bad .. ": not valid JSON")
+    write(bad, '{"a": 0, "b": 1}')
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "GPT2BPETokenizer", vocab_file = bad, merge_file = GPT2.merge_file })
+    end, GPT2.merge_file .. ":2: merge")
+    local merges = h.tmpdir() .. "/vocab.bpe"
+    write(merges, "h e\n")
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "GPT2BPETokenizer", vocab_file = GPT2.vocab_file, merge_file = merges })
+    end, merges .. ":1: expected the \"#version: ...\" line")
+    write(bad, "[1, 2]")
+    assert_error_contains(function() tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = bad }) end,
+      bad .. ": expected a JSON object")
+    assert_error_contains(function() tokenizer.build({ tokenizer_type = "WordPieceTokenizer" }) end,
+      "unknown tokenizer_type 'WordPieceTokenizer'")
+    assert_error_contains(function() core.tokenizer({ tokenizer_type = "BertWordPieceLowerCase" }) end,
+      "unknown tokenizer type 'BertWordPieceLowerCase'")
+    assert_error_contains(function() tokenizer.build({ tokenizer_type = "SentencePieceTokenizer" }) end,
+      "SentencePieceTokenizer is not implemented")
+  end)
+end)
+
+describe("luatron preprocess with a tokenizer", function()
+  local corpus = dir .. "/corpus.jsonl"
+  local lines = {}
+  for i, text in ipairs(want.texts) do lines[i] = json.encode({ text = text, title = "doc " .. i }) end
+  write(corpus, table.concat(lines, "\n") .. "\n")
+
+  -- The documents Megatron's preprocess_data.py writes for these token lists: one sequence per
+  -- non-empty document (+ eod), an empty document only an index entry.
+  local function expected_docs(ids_lists, eod)
+    local seqs, docs = {}, { 0 }
+    for _, ids in ipairs(ids_lists) do
+      if #ids > 0 then
+        local s = list(ids)
+        if eod then s[#s + 1] = eod end
+        seqs[#seqs + 1] = s
+      end
+      docs[#docs + 1] = #seqs
+    end
+    return seqs, docs
+  end
+
+  it("GPT2BPETokenizer: the reference's ids, with EOD, in uint16", function()
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type GPT2BPETokenizer "
+      .. "--vocab-file %s --merge-file %s --append-eod --workers 2"):format(q(corpus), q(dir .. "/gpt2"),
+      q(GPT2.vocab_file), q(GPT2.merge_file)))
+    assert.are.equal(0, code, out)
+    local ds = read_indexed(dir .. "/gpt2")
+    local seqs, docs = expected_docs(want.gpt2, want.eod)
+    assert.are.equal(8, ds.dtype) -- uint16: vocab < 65500
+    assert.are.same(seqs, ds.seqs)
+    assert.are.same(docs, ds.docs)
+  end)
+
+  it("HuggingFaceTokenizer with Megatron's --json-keys: PREFIX_KEY_document per key", function()
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type HuggingFaceTokenizer "
+      .. "--tokenizer-model %s --json-keys text title"):format(q(corpus), q(dir .. "/hf"), q(HF.tokenizer_model)))
+    assert.are.equal(0, code, out)
+    local ds = read_indexed(dir .. "/hf_text_document")
+    local seqs, docs = expected_docs(want.hf, nil)
+    assert.are.same(seqs, ds.seqs)
+    assert.are.same(docs, ds.docs)
+    local tok = tokenizer.build(HF)
+    local titles = read_indexed(dir .. "/hf_title_document")
+    assert.are.same(tok:encode("doc 3"), titles.seqs[3])
+  end)
+
+  it("refuses Megatron flags it does not implement and tokenizer mistakes, with the reason", function()
+    local base = ("preprocess --input %s --output-prefix %s "):format(q(corpus), q(dir .. "/x"))
+    local code, out = luatron(base .. "--split-sentences")
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("--split-sentences is not supported: splitting documents into sentences", 1, true), out)
+    code, out = luatron(base .. "--partitions 2")
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("--partitions is not supported", 1, true), out)
+    code, out = luatron(base .. "--tokenizer-type BertWordPieceLowerCase")
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("unknown tokenizer type 'BertWordPieceLowerCase'", 1, true), out)
+    code, out = luatron(base .. "--tokenizer-type GPT2BPETokenizer --vocab-file " .. q(GPT2.vocab_file))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("GPT2BPETokenizer needs a vocab file (GPT-2's encoder.json) and a merge file", 1, true), out)
+    code, out = luatron(base .. "--tokenizer-model " .. q(HF.tokenizer_model))
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("--tokenizer-model is for --tokenizer-type HuggingFaceTokenizer", 1, true), out)
+    code, out = luatron(base .. "--tokenizer-type HuggingFaceTokenizer --tokenizer-model " .. q(dir .. "/none.json"))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find(dir .. "/none.json: no such file or folder", 1, true), out)
+    assert.is_nil(io.open(dir .. "/x.bin"))
+  end)
+end)
+
+describe("TokenizerConfig with tokenizer files", function()
+  local function validate(tok)
+    return config.ConfigContainer({
+      model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 16 },
+      train = { micro_batch_size = 1, global_batch_size = 1, train_iters = 1 },
+      optimizer = { lr = 1e-3 },
+      tokenizer = tok,
+    }):validate({ world_size = 1 })
+  end
+
+  it("takes the vocabulary size and eod from the files", function()
+    local r = validate(GPT2)
+    assert.are.equal(want.vocab_size, r.model.vocab_size)
+    assert.are.equal(384, r.padded_vocab_size) -- 317 rounded up to a multiple of 128
+    assert.are.equal(want.eod, r.tokenizer_eod)
+    r = validate({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir })
+    assert.are.equal(want.hf_vocab_size, r.model.vocab_size)
+  end)
+
+  it("trains on GPT-2 BPE data with the vocabulary from the files", function()
+    local d = h.tmpdir()
+    local lines = {}
+    for i = 1, 120 do lines[i] = json.encode({ text = want.texts[i % 19 + 1] .. " the quick brown fox " .. i }) end
+    write(d .. "/c.jsonl", table.concat(lines, "\n") .. "\n")
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type GPT2BPETokenizer "
+      .. "--vocab-file %s --merge-file %s --append-eod"):format(q(d .. "/c.jsonl"), q(d .. "/c"), q(GPT2.vocab_file),
+      q(GPT2.merge_file)))
+    assert.are.equal(0, code, out)
+    code, out = luatron(h.tiny(d, ("train.train_iters=3 model.vocab_size=nil dataset.data_path=%s dataset.split=98,2,0 "
+      .. "tokenizer.tokenizer_type=GPT2BPETokenizer tokenizer.vocab_file=%s tokenizer.merge_file=%s")
+      :format(q(d .. "/c"), q(GPT2.vocab_file), q(GPT2.merge_file))))
+    assert.are.equal(0, code, out)
+    assert.are.equal(3, #h.read_metrics(d .. "/metrics.jsonl"))
+  end)
+
+  it("names a missing or corrupt file", function()
+    assert_error_contains(function()
+      validate({ tokenizer_type = "GPT2BPETokenizer", vocab_file = dir .. "/missing.json", merge_file = GPT2.merge_file })
+    end, dir .. "/missing.json: cannot open")
+    assert_error_contains(function()
+      validate({ tokenizer_type = "GPT2BPETokenizer", vocab_file = GPT2.vocab_file, merge_file = GPT2.vocab_file })
+    end, GPT2.vocab_file .. ":1: expected the \"#version: ...\" line")
+    assert_error_contains(function() validate({ tokenizer_type = "GPT2BPETokenizer", vocab_file = GPT2.vocab_file,
+      merge_file = GPT2.merge_file, vocab_size = 100 }) end, "tokenizer.vocab_size (100) is smaller than")
+  end)
+end)

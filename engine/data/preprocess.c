@@ -432,6 +432,9 @@ int lt_preprocess_main(int argc, char **argv) {
         return known ? 1 : 2;
     }
     job.append_eod = append_eod;
+    if (nworkers > 1) /* said, not silently dropped: the output is the same, only the speed is not */
+        fprintf(stderr, "luatron preprocess: --workers %lld: luatron tokenizes in one thread (the output does not "
+                        "depend on it)\n", (long long)nworkers);
     FILE *in = fopen(input, "rb");
     if (!in) {
         fprintf(stderr, "luatron preprocess: %s: cannot open: %s\n", input, strerror(errno));
@@ -478,6 +481,5 @@ int lt_preprocess_main(int argc, char **argv) {
     for (int k = 0; k < nkeys; k++) free(sinks[k].prefix);
     lt_token_buf_free(&job.ids);
     lt_tokenizer_free(job.tok);
-    (void)nworkers;
     return rc != 0 ? 1 : 0;
 }

@@ -95,8 +95,11 @@ function M.main(...)
   local opts = M.parse(args)
   local model, tok = M.open(opts.load, opts.ckpt_step, opts.device)
   local ids = tok:encode(opts.prompt)
+  -- ids both know: a padded vocabulary's extra rows, or a tokenizer's beyond the model's (the mock
+  -- dataset's models), are never drawn
+  local vocab = math.min(tok.vocab_size, model:param("embedding.word_embeddings.weight"):shape()[1])
   local out = model:generate(ids, { max_new_tokens = opts.max_new_tokens, temperature = opts.temperature,
-    top_k = opts.top_k, top_p = opts.top_p, seed = opts.seed, eod = tok.eod, vocab = tok.vocab_size })
+    top_k = opts.top_k, top_p = opts.top_p, seed = opts.seed, eod = tok.eod, vocab = vocab })
   if out[#out] == tok.eod then out[#out] = nil end
   io.write(opts.prompt, tok:decode(out), "\n")
   return 0

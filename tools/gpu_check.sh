@@ -7,7 +7,8 @@
 #   5. 6. the same with MoE layers (4 experts top-2, shared experts, aux and z losses, the alltoall
 #      dispatcher's row gathers and combines on the device), in fp32 and bf16,
 #   7. 8. the same through the grouped GEMMs (moe_grouped_gemm: cublasGemmGroupedBatchedEx), in fp32 and bf16,
-#   9. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
+#   9. text generation from a checkpoint (the key/value cache) on CPU and CUDA: the same greedy text,
+#   10. the benchmarks of bench/gpu_bench.lua (124M bf16, its per-op GPU time profile, 124M fp32, then
 #      1.3B unless GPU_CHECK_QUICK=1).
 # Logs go to $OUT (or ./gpu-out) so they come back; the exit code is the number of failed parts.
 # A dry run of the script itself, without a GPU, on the emulated plugin:
@@ -87,6 +88,19 @@ for precision in fp32 bf16 bf16_openai_gelu moe_fp32 moe_bf16 moe_grouped_fp32 m
   compare "$out/cpu_$precision.jsonl" "$out/cuda_$precision.jsonl" "$rtol" || failed=$((failed + 1))
   n=$((n + 1))
 done
+
+echo "== $n. text generation: greedy continuations on CPU and CUDA from the same checkpoint (fp32)"
+gen_run=$(mktemp -d)
+"$bin" $tiny checkpoint.save="$gen_run" checkpoint.save_interval=20 > "$out/gen_train.log" 2>&1 ||
+  failed=$((failed + 1))
+for d in cpu cuda; do
+  "$bin" generate --load "$gen_run" --prompt "The " --max-new-tokens 24 --temperature 0 --device $d \
+    > "$out/gen_$d.txt" 2>&1 || failed=$((failed + 1))
+done
+if cmp -s "$out/gen_cpu.txt" "$out/gen_cuda.txt"; then echo "the same text"; else
+  echo "the texts differ:"; cat "$out/gen_cpu.txt" "$out/gen_cuda.txt"; failed=$((failed + 1)); fi
+rm -rf "$gen_run"
+n=$((n + 1))
 
 echo "== $n. benchmarks"
 if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then

@@ -29,6 +29,9 @@ static const char *usage =
     "                      (luatron launch --help)\n"
     "  preprocess ...      write Megatron indexed data (.bin/.idx) from text or JSONL\n"
     "                      (luatron preprocess --help)\n"
+    "  convert --from-hf DIR --to CKPT | --from CKPT --to-hf DIR\n"
+    "                      Hugging Face model folders to luatron checkpoints and back\n"
+    "                      (luatron convert --help)\n"
     "  --help, -h          this text\n"
     "  --version           the version\n"
     "\n"
@@ -133,6 +136,28 @@ static int run_recipe(int argc, char **argv) {
     return 0;
 }
 
+/* A command written in Lua: require(module).main(argv[2], ...), its number the exit code (nil: 0). */
+static int run_lua_command(const char *module, int argc, char **argv) {
+    lua_State *L = new_state();
+    lua_pushcfunction(L, traceback_handler);
+    lua_getglobal(L, "require");
+    lua_pushstring(L, module);
+    int status = lua_pcall(L, 1, 1, 1);
+    if (status == LUA_OK) {
+        lua_getfield(L, -1, "main");
+        for (int i = 2; i < argc; i++) lua_pushstring(L, argv[i]);
+        status = lua_pcall(L, argc - 2, 1, 1);
+    }
+    if (status != LUA_OK) {
+        fprintf(stderr, "luatron: %s\n", lua_tostring(L, -1));
+        lua_close(L);
+        return 1;
+    }
+    const int rc = (int)lua_tointeger(L, -1);
+    lua_close(L);
+    return rc;
+}
+
 static int run_repl(void) {
     lua_State *L = new_state();
     lua_pushcfunction(L, traceback_handler);
@@ -163,6 +188,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "repl") == 0) return run_repl();
     if (strcmp(argv[1], "launch") == 0) return lt_launch_main(argc - 1, argv + 1, "/proc/self/exe");
     if (strcmp(argv[1], "preprocess") == 0) return lt_preprocess_main(argc - 1, argv + 1);
+    if (strcmp(argv[1], "convert") == 0) return run_lua_command("luatron.convert", argc, argv);
     fprintf(stderr, "luatron: unknown command '%s' (see luatron --help)\n", argv[1]);
     return 2;
 }

@@ -29,15 +29,29 @@ local function write(path, bytes)
   f:close()
 end
 
--- A safetensors file of float32 tensors W[name] = { shape =, v = flat values } for names, in that order.
-local function write_safetensors(path, W, names)
+-- The bits of a float32.
+local function f32_bits(x) return (string.unpack("<I4", string.pack("<f", x))) end
+
+-- A safetensors file of tensors W[name] = { shape =, v = flat values } for names, in that order: float32,
+-- or dtype "BF16" (the values' upper 16 bits; they must be bfloat16 values), or dtype(name) per tensor.
+local function write_safetensors(path, W, names, dtype)
   local header, data, at = {}, {}, 0
   for _, name in ipairs(names) do
     local t = assert(W[name], name)
     local parts = {}
-    for i, x in ipairs(t.v) do parts[i] = string.pack("<f", x) end
+    local dt = type(dtype) == "function" and dtype(name) or dtype or "F32"
+    for i, x in ipairs(t.v) do
+      if dt == "BF16" then
+        assert(f32_bits(x) & 0xFFFF == 0, "not a bfloat16 value")
+        parts[i] = string.pack("<I2", f32_bits(x) >> 16)
+      elseif dt == "F16" then
+        parts[i] = string.pack("<I2", 0x3c00) -- 1.0 (values do not matter: the dtype is refused)
+      else
+        parts[i] = string.pack("<f", x)
+      end
+    end
     local bytes = table.concat(parts)
-    header[name] = { dtype = "F32", shape = json.array { table.unpack(t.shape) }, data_offsets = { at, at + #bytes } }
+    header[name] = { dtype = dt, shape = json.array { table.unpack(t.shape) }, data_offsets = { at, at + #bytes } }
     data[#data + 1] = bytes
     at = at + #bytes
   end
@@ -102,14 +116,18 @@ end
 
 local function f32(x) return (string.unpack("<f", string.pack("<f", x))) end
 
--- Random float32 weights W[name] = { shape =, v = }: uniform around `center` within +-scale.
-local function weights(seed)
+-- Random float32 weights W[name] = { shape =, v = }: uniform around `center` within +-scale (bfloat16
+-- values with bf16).
+local function weights(seed, bf16)
   local W, names, u = {}, {}, generator(seed)
   local function add(name, shape, scale, center)
     local n = 1
     for _, d in ipairs(shape) do n = n * d end
     local v = {}
-    for i = 1, n do v[i] = f32((center or 0) + scale * (2 * u() - 1)) end
+    for i = 1, n do
+      v[i] = f32((center or 0) + scale * (2 * u() - 1))
+      if bf16 then v[i] = string.unpack("<f", string.pack("<I4", f32_bits(v[i]) & 0xFFFF0000)) end
+    end
     W[name], names[#names + 1] = { shape = shape, v = v }, name
   end
   return W, names, add
@@ -141,7 +159,7 @@ end
 -- GPT-2's attn.bias causal-mask buffers, as older files carry).
 local function hf_weights(cfg, seed, opts)
   opts = opts or {}
-  local W, names, add = weights(seed)
+  local W, names, add = weights(seed, opts.bf16)
   if cfg.model_type == "gpt2" then
     local C, F, V, S = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd, cfg.vocab_size, cfg.n_positions
     local p = opts.no_prefix and "" or "transformer."
@@ -209,11 +227,11 @@ local function hf_folder(cfg, seed, opts)
         part[#part + 1] = names[i]
         map[names[i]] = file
       end
-      write_safetensors(dir .. "/" .. file, W, part)
+      write_safetensors(dir .. "/" .. file, W, part, opts.bf16 and "BF16")
     end
     write(dir .. "/model.safetensors.index.json", json.encode({ metadata = { total_size = 0 }, weight_map = map }))
   else
-    write_safetensors(dir .. "/model.safetensors", W, names)
+    write_safetensors(dir .. "/model.safetensors", W, names, opts.bf16 and "BF16")
   end
   return dir, W, names
 end
@@ -579,6 +597,29 @@ describe("AutoBridge.from_hf_pretrained", function()
     assert.are.equal("48", names_of(model)["decoder.layers.1.self_attention.linear_qkv.bias"]) -- (4 + 2) * 8
     local tokens, targets = batch(80)
     assert_close(hf_loss(QWEN2, W, tokens, targets), model_loss(model, tokens, targets), "Qwen2")
+  end)
+
+  it("bfloat16 tensors (as Llama and Qwen2 checkpoints hold), saved back as float32 of the same values", function()
+    local dir, W = hf_folder(QWEN2, 8, { bf16 = true, shards = 2 })
+    local bridge, _, model = import(dir)
+    local tokens, targets = batch(80)
+    assert_close(hf_loss(QWEN2, W, tokens, targets), model_loss(model, tokens, targets), "Qwen2 bf16")
+    local out = tmpdir()
+    bridge:save_hf_pretrained(model, out)
+    local saved = folder_tensors(out)
+    for name, t in pairs(W) do
+      assert.are.equal("F32", saved[name].dtype)
+      local parts = {}
+      for i, x in ipairs(t.v) do parts[i] = string.pack("<f", x) end
+      assert(saved[name].bytes == table.concat(parts), name)
+    end
+    -- float16 is refused, saying what the bridge reads
+    local f16, W16, names16 = hf_folder(QWEN2, 8)
+    write_safetensors(f16 .. "/model.safetensors", W16, names16, function(name)
+      return name == "model.norm.weight" and "F16" or "F32"
+    end)
+    assert_error_contains(function() import(f16) end, "'model.norm.weight' has dtype F16",
+      "the bridge reads float32 and bfloat16 tensors")
   end)
 
   it("Mistral without a sliding window is Llama's model", function()

@@ -711,6 +711,40 @@ describe("save_hf_pretrained", function()
   end)
 end)
 
+describe("a model on the GPU", function()
+  it("loads and saves through device memory (device 'cuda' on the emulated plugin)", function()
+    local plugin = "tests/cuda/luatron_cuda_emulated.so"
+    assert(io.open(plugin), plugin .. " is missing (a data dependency of this spec)"):close()
+    local dir, W = hf_folder(LLAMA, 41)
+    local work = tmpdir()
+    h.write(work .. "/gpu.lua", [[
+local lt = require "luatron"
+local bridge = lt.AutoBridge.from_hf_pretrained(arg[1])
+local model = lt.build_model(bridge:to_megatron_provider { device = "cuda" }, 3)
+bridge:load_hf_weights(model)
+local tokens, targets = {}, {}
+for b = 1, 2 do
+  tokens[b], targets[b] = {}, {}
+  for t = 1, 8 do
+    tokens[b][t], targets[b][t] = (b * 37 + t * 11 + t * t * 3) % 100, (b * 17 + t * 29 + 5) % 100
+  end
+end
+local ctx, loss = model:forward(lt.tensor.from(tokens, "int32"), lt.tensor.from(targets, "int32"), nil)
+ctx:release()
+print(("device %s loss %.17g"):format(model:param("output_layer.weight"):device(), loss))
+bridge:save_hf_pretrained(model, arg[2])
+]])
+    local code, out = h.run(("LUATRON_CUDA_PLUGIN=%s %s run %s %s %s"):format(q(plugin), q(h.luatron_bin()),
+      q(work .. "/gpu.lua"), q(dir), q(work .. "/hf")))
+    assert.are.equal(0, code, out)
+    local device, loss = out:match("device (%S+) loss (%S+)")
+    assert.are.equal("cuda", device, out)
+    local tokens, targets = batch(100)
+    assert_close(hf_loss(LLAMA, W, tokens, targets), tonumber(loss), "Llama on the emulated GPU")
+    assert_same_tensors(dir, work .. "/hf")
+  end)
+end)
+
 describe("luatron convert", function()
   local bin = h.luatron_bin()
 

@@ -884,6 +884,23 @@ describe("the bridge refuses", function()
     assert.are.equal(0, now:clone():add(before, -1):norm())
   end)
 
+  it("a pipeline stage (a whole model on one rank is needed); a one-stage chunk loads", function()
+    local model_lib = require "luatron.model"
+    local dir, W = hf_folder(LLAMA, 36)
+    local bridge = lt.AutoBridge.from_hf_pretrained(dir)
+    local provider = bridge:to_megatron_provider()
+    local first = model_lib.build_chunks(provider, model_lib.chunk_layers(provider, 2, nil, 0), 1)[1]
+    assert_error_contains(function() bridge:load_hf_weights(first) end, "load_hf_weights needs the whole model on one rank",
+      "pipeline_model_parallel_size = 1", "luatron convert")
+    assert_error_contains(function() bridge:save_hf_pretrained(first, tmpdir()) end, "save_hf_pretrained needs the whole model")
+    local whole = model_lib.build_chunks(provider, model_lib.chunk_layers(provider, 1, nil, 0), 1)[1]
+    bridge:load_hf_weights(whole)
+    local tokens, targets = batch(100)
+    local out, ctx, n = whole:forward(lt.tensor.from(tokens, "int32"), lt.tensor.from(targets, "int32"), nil)
+    ctx:release()
+    assert_close(hf_loss(LLAMA, W, tokens, targets), f32(out:to_host():sum() / n), "one-stage chunk")
+  end)
+
   it("a tied lm_head that is not the embedding, shards the index does not match, a model of another shape", function()
     local cfg = with(LLAMA, { tie_word_embeddings = true })
     local dir, W, names = hf_folder(cfg, 33)

@@ -61,7 +61,9 @@ local DEFAULTS = {
 
 -- HF tensors that are buffers, not weights (older files carry them): GPT-2's causal mask and Llama's
 -- rotary frequencies. They are recomputed, never loaded.
-local BUFFERS = { "^h%.%d+%.attn%.bias$", "^h%.%d+%.attn%.masked_bias$", "^model%.layers%.%d+%.self_attn%.rotary_emb%.inv_freq$" }
+local BUFFERS = {
+  "^h%.%d+%.attn%.bias$", "^h%.%d+%.attn%.masked_bias$", "^model%.layers%.%d+%.self_attn%.rotary_emb%.inv_freq$",
+}
 
 local function fail(fmt, ...) error(string.format(fmt, ...), 0) end
 
@@ -181,7 +183,9 @@ local function reader(cfg, model_type, where)
   end
   function r.bool(key)
     local v = r.get(key)
-    if type(v) ~= "boolean" then fail("%s: %s = %s must be true or false", where, key, show(v == nil and json.null or v)) end
+    if type(v) ~= "boolean" then
+      fail("%s: %s = %s must be true or false", where, key, show(v == nil and json.null or v))
+    end
     return v
   end
   function r.is_set(key) return cfg[key] ~= nil and cfg[key] ~= json.null end
@@ -253,12 +257,15 @@ local function llama_fields(r, model_type, where)
     end
   end
   local C, NH = r.int("hidden_size"), r.int("num_attention_heads")
-  local G = r.is_set("num_key_value_heads") and r.int("num_key_value_heads") or (DEFAULTS[model_type].num_key_value_heads or NH)
+  local G = r.is_set("num_key_value_heads") and r.int("num_key_value_heads")
+    or (DEFAULTS[model_type].num_key_value_heads or NH)
   local D
   if r.is_set("head_dim") then
     D = r.int("head_dim")
   else
-    if C % NH ~= 0 then fail("%s: hidden_size = %d is not divisible by num_attention_heads = %d (set head_dim)", where, C, NH) end
+    if C % NH ~= 0 then
+      fail("%s: hidden_size = %d is not divisible by num_attention_heads = %d (set head_dim)", where, C, NH)
+    end
     D = C // NH
   end
   if NH % G ~= 0 then
@@ -432,7 +439,9 @@ local function weight_files(dir)
       .. "convert pytorch_model.bin to safetensors first)", dir)
   end
   local wm = index.weight_map
-  if type(wm) ~= "table" or json.is_array(wm) then fail("%s: weight_map must be an object of tensor name -> file", index_path) end
+  if type(wm) ~= "table" or json.is_array(wm) then
+    fail("%s: weight_map must be an object of tensor name -> file", index_path)
+  end
   local by_file, order = {}, {}
   for name, file in pairs(wm) do
     if type(file) ~= "string" or file:find("/", 1, true) or file == "" then
@@ -485,7 +494,9 @@ function AutoBridge.from_hf_pretrained(dir)
   dir = dir:gsub("/+$", "")
   local cfg_path = dir .. "/config.json"
   local cfg = read_json(cfg_path)
-  if not cfg then fail("%s has no config.json: expected a Hugging Face model folder (config.json and model.safetensors)", dir) end
+  if not cfg then
+    fail("%s has no config.json: expected a Hugging Face model folder (config.json and model.safetensors)", dir)
+  end
   local arch = architecture_of(cfg, cfg_path)
   local a = ARCHITECTURES[arch]
   local r = reader(cfg, a.model_type, cfg_path)
@@ -520,7 +531,8 @@ function AutoBridge.from_megatron_provider(provider, architecture)
   need(not m.qk_layernorm, "qk_layernorm", "GPT-2, Llama, Mistral and Qwen2 have no query/key norms")
   need(not m.layernorm_zero_centered_gamma, "layernorm_zero_centered_gamma", "HF's norms multiply by the weight itself")
   local learned = m.position_embedding_type == "learned_absolute"
-  local arch = architecture or (learned and "GPT2LMHeadModel" or (m.add_qkv_bias and "Qwen2ForCausalLM" or "LlamaForCausalLM"))
+  local arch = architecture
+    or (learned and "GPT2LMHeadModel" or (m.add_qkv_bias and "Qwen2ForCausalLM" or "LlamaForCausalLM"))
   local a = ARCHITECTURES[arch]
   if not a then fail("AutoBridge.from_megatron_provider: architecture %s is not one of %s", show(arch), SUPPORTED) end
   local cfg, H, C = {}, m.num_attention_heads, m.hidden_size
@@ -541,7 +553,8 @@ function AutoBridge.from_megatron_provider(provider, architecture)
   else
     need(not learned, "position_embedding_type", arch .. " uses RoPE ('rope')")
     need(m.normalization == "RMSNorm", "normalization", arch .. " uses RMSNorm")
-    need(m.gated_linear_unit and m.activation_func == "silu", "activation_func", arch .. "'s MLP is SwiGLU ('silu' with gated_linear_unit)")
+    need(m.gated_linear_unit and m.activation_func == "silu", "activation_func",
+      arch .. "'s MLP is SwiGLU ('silu' with gated_linear_unit)")
     need(not m.add_bias_linear, "add_bias_linear", arch .. "'s linear layers have no biases")
     if a.model_type == "qwen2" then
       need(m.add_qkv_bias, "add_qkv_bias", "Qwen2ForCausalLM's q/k/v projections have biases")
@@ -666,7 +679,9 @@ end
 -- tensor the config needs is there with its shape, each tensor there is used, each parameter filled.
 function AutoBridge:load_hf_weights(model)
   local what = "load_hf_weights"
-  if not self.files then fail("%s: this bridge has no Hugging Face folder (use AutoBridge.from_hf_pretrained)", what) end
+  if not self.files then
+    fail("%s: this bridge has no Hugging Face folder (use AutoBridge.from_hf_pretrained)", what)
+  end
   local tensors, where = read_tensors(self.files)
   local prefix = ""
   if self.family == "gpt2" then

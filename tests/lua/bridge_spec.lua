@@ -700,8 +700,9 @@ describe("save_hf_pretrained", function()
 
   it("refuses what Hugging Face's architectures cannot express, naming the field", function()
     local base = { num_layers = 1, hidden_size = 16, num_attention_heads = 2, seq_length = 8, vocab_size = 32 }
-    assert_error_contains(function() lt.AutoBridge.from_megatron_provider(lt.GPTModelProvider(with(base, { qk_layernorm = true }))) end,
-      "qk_layernorm = true")
+    assert_error_contains(function()
+      lt.AutoBridge.from_megatron_provider(lt.GPTModelProvider(with(base, { qk_layernorm = true })))
+    end, "qk_layernorm = true")
     assert_error_contains(function()
       lt.AutoBridge.from_megatron_provider(lt.GPTModelProvider(with(base, { normalization = "RMSNorm" })))
     end, "normalization = \"RMSNorm\"", "GPT2LMHeadModel uses LayerNorm")
@@ -871,12 +872,10 @@ describe("the bridge refuses", function()
     rewrite(names)
     assert_error_contains(function() bridge:load_hf_weights(model) end,
       "tensor 'model.layers.1.self_attn.k_proj.weight' has shape [8, 32]", "means [16, 32]")
-    W["model.layers.1.self_attn.k_proj.weight"] = nil
-    local _, extra_names = hf_weights(LLAMA, 32)
-    W = select(1, hf_weights(LLAMA, 32))
-    W["model.layers.2.input_layernorm.weight"] = { shape = { 32 }, v = W["model.norm.weight"].v }
+    local fresh, extra_names = hf_weights(LLAMA, 32)
+    fresh["model.layers.2.input_layernorm.weight"] = { shape = { 32 }, v = fresh["model.norm.weight"].v }
     extra_names[#extra_names + 1] = "model.layers.2.input_layernorm.weight"
-    write_safetensors(dir .. "/model.safetensors", W, extra_names)
+    write_safetensors(dir .. "/model.safetensors", fresh, extra_names)
     assert_error_contains(function() bridge:load_hf_weights(model) end,
       "tensor 'model.layers.2.input_layernorm.weight' is not part of LlamaForCausalLM", "nothing was loaded")
     -- none of the failures changed the model

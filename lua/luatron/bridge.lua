@@ -583,7 +583,10 @@ function AutoBridge.from_megatron_provider(provider, architecture)
   local fields = {}
   for k, v in pairs(config.to_table(config.is_config(provider, "GPTModelProvider") and provider
     or config.GPTModelProvider(provider))) do fields[k] = v end
-  for _, k in ipairs { "num_query_groups", "kv_channels", "ffn_hidden_size" } do fields[k] = m[k] end
+  for _, k in ipairs { "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "ffn_hidden_size", "seq_length", "share_embeddings_and_output_weights", "add_qkv_bias" } do
+    fields[k] = m[k] -- what the name map reads, resolved
+  end
   fields.vocab_size = m.padded_vocab_size
   return setmetatable({ architecture = arch, family = a.family, model_type = a.model_type, hf_config = cfg,
     fields = fields, config_path = "(provider)" }, AutoBridge)

@@ -32,6 +32,9 @@ static const char *usage =
     "  generate --load DIR --prompt TEXT\n"
     "                      continue TEXT with a saved run's model and tokenizer\n"
     "                      (luatron generate --help)\n"
+    "  convert --from-hf DIR --to CKPT | --from CKPT --to-hf DIR\n"
+    "                      Hugging Face model folders to luatron checkpoints and back\n"
+    "                      (luatron convert --help)\n"
     "  --help, -h          this text\n"
     "  --version           the version\n"
     "\n"
@@ -189,6 +192,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "launch") == 0) return lt_launch_main(argc - 1, argv + 1, "/proc/self/exe");
     if (strcmp(argv[1], "preprocess") == 0) return lt_preprocess_main(argc - 1, argv + 1);
     if (strcmp(argv[1], "generate") == 0) return run_lua_command("luatron.generate", argc, argv);
+    if (strcmp(argv[1], "convert") == 0) return run_lua_command("luatron.convert", argc, argv);
     fprintf(stderr, "luatron: unknown command '%s' (see luatron --help)\n", argv[1]);
     return 2;
 }

@@ -287,6 +287,23 @@ static int m_narrow(lua_State *L) {
     return 1;
 }
 
+/* t:transpose(dim1, dim2), 1-based dims: a view with the two dimensions swapped (not contiguous; copy it
+ * into a contiguous tensor, e.g. a Conv1D weight [in, out] into a linear weight [out, in]). */
+static int m_transpose(lua_State *L) {
+    lt_tensor *t = lt_lua_check_tensor(L, 1);
+    lua_Integer a = luaL_checkinteger(L, 2), b = luaL_checkinteger(L, 3);
+    if (a < 1 || a > t->ndim) luaL_argerror(L, 2, "dimension out of range");
+    if (b < 1 || b > t->ndim) luaL_argerror(L, 3, "dimension out of range");
+    int64_t shape[LT_MAX_DIMS], stride[LT_MAX_DIMS];
+    for (int i = 0; i < t->ndim; i++) shape[i] = t->shape[i], stride[i] = t->stride[i];
+    shape[a - 1] = t->shape[b - 1], stride[a - 1] = t->stride[b - 1];
+    shape[b - 1] = t->shape[a - 1], stride[b - 1] = t->stride[a - 1];
+    lt_tensor *v = lt_tensor_view(t, t->ndim, shape, stride, t->offset);
+    if (!v) luaL_error(L, "transpose: out of memory");
+    lt_lua_push_tensor(L, v);
+    return 1;
+}
+
 static int m_sum(lua_State *L) {
     lt_tensor *t = lt_lua_check_host_tensor(L, 1);
     double s = 0;
@@ -397,7 +414,7 @@ void lt_lua_open_tensor(lua_State *L) {
         {"to_table", m_to_table}, {"get", m_get}, {"set", m_set},       {"item", m_item},   {"fill", m_fill},
         {"copy", m_copy},   {"clone", m_clone}, {"reshape", m_reshape}, {"narrow", m_narrow}, {"sum", m_sum},
         {"norm", m_norm},   {"scale", m_scale}, {"add", m_add},         {"free", m_free},
-        {"device", m_device}, {"to_host", m_to_host},   {NULL, NULL}};
+        {"device", m_device}, {"to_host", m_to_host},   {"transpose", m_transpose}, {NULL, NULL}};
     static const luaL_Reg meta[] = {
         {"__gc", m_free}, {"__close", m_free}, {"__tostring", m_tostring}, {"__len", m_len}, {NULL, NULL}};
     lt_lua_new_type(L, LT_TENSOR_MT, methods, meta);

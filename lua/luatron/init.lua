@@ -18,6 +18,7 @@ local lt = {
   pipeline = require "luatron.pipeline",
   schedules = require "luatron.schedules",
   moe = require "luatron.moe", -- lt.moe.route: the MoE router on host logits
+  bridge = require "luatron.bridge",
   pretrain = pretrain.pretrain,
   training = pretrain,
 }
@@ -32,6 +33,10 @@ for _, name in ipairs {
 } do
   lt[name] = config[name]
 end
+
+-- Hugging Face checkpoints both ways (Megatron Bridge's AutoBridge): lt.AutoBridge.from_hf_pretrained(dir),
+-- bridge:to_megatron_provider(), bridge:load_hf_weights(model), bridge:save_hf_pretrained(model, dir).
+lt.AutoBridge = lt.bridge.AutoBridge
 
 -- lt.build_model(provider [, seed]): a model from a GPTModelProvider.
 function lt.build_model(provider, seed)

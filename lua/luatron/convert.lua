@@ -1,0 +1,150 @@
+-- `luatron convert`: Hugging Face model folders to luatron checkpoints and back (luatron.bridge).
+local checkpoint = require "luatron.checkpoint"
+local config = require "luatron.config"
+local fs = require "luatron.fs"
+local json = require "luatron.json"
+local model_lib = require "luatron.model"
+local bridge_lib = require "luatron.bridge"
+
+local AutoBridge = bridge_lib.AutoBridge
+
+local M = {}
+
+M.USAGE = [[
+usage: luatron convert --from-hf DIR --to CKPT [--seq-length N] [--seed S]
+       luatron convert --from CKPT [--ckpt-step N] --to-hf DIR [--architecture A]
+
+Converts between Hugging Face model folders and luatron checkpoints, on one rank (the whole model in
+memory; a checkpoint then resumes at any parallel layout).
+
+  --from-hf DIR       a Hugging Face folder: config.json and model.safetensors (or the shards that
+                      model.safetensors.index.json lists); GPT2LMHeadModel, LlamaForCausalLM,
+                      MistralForCausalLM or Qwen2ForCausalLM, float32 or bfloat16 tensors
+  --to CKPT           the checkpoint folder to write (iteration 0: CKPT/iter_0000000, the model only;
+                      load it with checkpoint.pretrained_checkpoint or checkpoint.load + finetune)
+  --seq-length N      the sequence length of the model (default: the config's max_position_embeddings,
+                      GPT-2's n_positions, which learned positions cannot change)
+  --seed S            the seed recorded with the checkpoint (rng.seed; default 1234)
+  --from CKPT         a luatron checkpoint folder (checkpoint.save of a run, or --to of a conversion)
+  --ckpt-step N       the iteration to convert (default: the latest)
+  --to-hf DIR         the Hugging Face folder to write: config.json and model.safetensors (float32)
+  --architecture A    GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM
+                      (default: GPT-2 for learned positions, Llama for RoPE, Qwen2 with add_qkv_bias)
+
+examples:
+  luatron convert --from-hf hf/gpt2 --to runs/gpt2
+  luatron convert --from runs/gpt2 --to-hf hf/gpt2-tuned
+]]
+
+local FLAGS = {
+  ["--from-hf"] = { "from_hf", "path" }, ["--to"] = { "to", "path" }, ["--from"] = { "from", "path" },
+  ["--to-hf"] = { "to_hf", "path" }, ["--ckpt-step"] = { "ckpt_step", "integer" },
+  ["--seq-length"] = { "seq_length", "integer" }, ["--seed"] = { "seed", "integer" },
+  ["--architecture"] = { "architecture", "text" },
+}
+
+-- The options from the command line; errors say what is wrong.
+function M.parse(args)
+  local opts, i = {}, 1
+  while i <= #args do
+    local flag, value = args[i], args[i + 1]
+    local spec = FLAGS[flag]
+    if not spec then error(("unknown option '%s' (luatron convert --help)"):format(flag), 0) end
+    if value == nil then error(("%s needs a value"):format(flag), 0) end
+    if spec[2] == "integer" then
+      local n = tonumber(value)
+      if math.type(n) ~= "integer" or n < 0 then error(("%s takes a whole number, not '%s'"):format(flag, value), 0) end
+      value = n
+    end
+    opts[spec[1]] = value
+    i = i + 2
+  end
+  local hf_in, ck_in = opts.from_hf ~= nil, opts.from ~= nil
+  if hf_in == ck_in then
+    error("give either --from-hf DIR --to CKPT or --from CKPT --to-hf DIR (luatron convert --help)", 0)
+  end
+  if hf_in then
+    if not opts.to then error("--from-hf needs --to CKPT, the checkpoint folder to write", 0) end
+    for _, k in ipairs { "to_hf", "ckpt_step", "architecture" } do
+      if opts[k] then error(("--%s goes with --from CKPT, not --from-hf"):format(k:gsub("_", "-")), 0) end
+    end
+  else
+    if not opts.to_hf then error("--from needs --to-hf DIR, the Hugging Face folder to write", 0) end
+    for _, k in ipairs { "to", "seq_length", "seed" } do
+      if opts[k] then error(("--%s goes with --from-hf DIR, not --from"):format(k:gsub("_", "-")), 0) end
+    end
+  end
+  return opts
+end
+
+local function count(model)
+  local n = 0
+  for _, p in ipairs(model:parameters()) do n = n + p.numel end
+  return n
+end
+
+-- Hugging Face folder -> luatron checkpoint (iteration 0, the model only). Returns the folder written.
+function M.from_hf(dir, root, opts)
+  opts = opts or {}
+  local seed = opts.seed or 1234
+  local bridge = AutoBridge.from_hf_pretrained(dir)
+  local provider = bridge:to_megatron_provider(opts.seq_length and { seq_length = opts.seq_length } or nil)
+  local model = model_lib.build(provider, seed)
+  bridge:load_hf_weights(model)
+  local state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed }
+  local written = checkpoint.save(root, model, nil, state, { model = config.to_table(provider), rng = { seed = seed } })
+  return written, bridge, count(model)
+end
+
+-- luatron checkpoint -> Hugging Face folder. Returns the bridge used.
+function M.to_hf(root, dir, opts)
+  opts = opts or {}
+  local iteration = opts.ckpt_step or checkpoint.latest_iteration(root)
+  if not iteration then error(("%s holds no checkpoint (no latest_checkpointed_iteration.txt)"):format(root), 0) end
+  local ck = ("%s/iter_%07d"):format(root, iteration)
+  local text = fs.read(ck .. "/config.json")
+  if not text then error(("%s has no config.json (the run's config, which says what model it holds)"):format(ck), 0) end
+  local ok, cfg = pcall(json.decode, text)
+  if not ok then error(("%s/config.json is corrupt: %s"):format(ck, cfg), 0) end
+  if type(cfg.model) ~= "table" then error(("%s/config.json has no model"):format(ck), 0) end
+  local fields = {}
+  for k, v in pairs(cfg.model) do if v ~= json.null then fields[k] = v end end
+  -- one rank holds the whole model, whatever layout trained it (checkpoints are layout-free)
+  for _, k in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size" } do
+    fields[k] = 1
+  end
+  fields.virtual_pipeline_model_parallel_size, fields.expert_tensor_parallel_size = nil, nil
+  fields.sequence_parallel, fields.device = false, "cpu"
+  local provider = config.GPTModelProvider(fields)
+  local bridge = AutoBridge.from_megatron_provider(provider, opts.architecture)
+  local model = model_lib.build(provider, type(cfg.rng) == "table" and cfg.rng.seed or nil)
+  checkpoint.load(root, model, nil, { iteration = iteration, load_optim = false })
+  bridge:save_hf_pretrained(model, dir)
+  return bridge, ck, count(model)
+end
+
+function M.main(...)
+  local args = { ... }
+  for _, a in ipairs(args) do
+    if a == "--help" or a == "-h" then
+      io.write(M.USAGE)
+      return 0
+    end
+  end
+  if #args == 0 then
+    io.stderr:write(M.USAGE)
+    return 2
+  end
+  local opts = M.parse(args)
+  if opts.from_hf then
+    local written, bridge, n = M.from_hf(opts.from_hf, opts.to, opts)
+    print(("converted %s (%s, %d parameters) to %s"):format(opts.from_hf, bridge.architecture, n, written))
+  else
+    local bridge, ck, n = M.to_hf(opts.from, opts.to_hf, opts)
+    print(("converted %s (%d parameters) to %s (%s)"):format(ck, n, opts.to_hf, bridge.architecture))
+  end
+  return 0
+end
+
+return M

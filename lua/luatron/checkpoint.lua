@@ -507,6 +507,35 @@ local function plan_optimizer_copies(chunks, pieces, index, dir)
   return copies
 end
 
+-- A saved run's model on one rank, whatever layout trained it (checkpoints are layout-free): the
+-- model of iteration `step` (nil: the latest) built from its config.json with every parallel size 1 (on
+-- `device` when given) and loaded. Returns the model, its provider, the run's config table and the folder.
+function M.open_model(root, step, device)
+  local config = require "luatron.config" -- (not at the top: luatron.config's modules load this one)
+  local model_lib = require "luatron.model"
+  local iteration = step or M.latest_iteration(root)
+  if not iteration then error(("%s holds no checkpoint (no latest_checkpointed_iteration.txt)"):format(root), 0) end
+  local dir = iter_dir(root, iteration)
+  local text = fs.read(dir .. "/config.json")
+  if not text then error(("%s has no config.json (the run's config, which says what model it holds)"):format(dir), 0) end
+  local ok, cfg = pcall(json.decode, text)
+  if not ok then error(("%s/config.json is corrupt: %s"):format(dir, cfg), 0) end
+  if type(cfg.model) ~= "table" then error(("%s/config.json has no model"):format(dir), 0) end
+  local fields = {}
+  for k, v in pairs(cfg.model) do if v ~= json.null then fields[k] = v end end
+  for _, k in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size" } do
+    fields[k] = 1
+  end
+  fields.virtual_pipeline_model_parallel_size, fields.expert_tensor_parallel_size = nil, nil
+  fields.sequence_parallel = false
+  if device then fields.device = device end
+  local provider = config.GPTModelProvider(fields)
+  local model = model_lib.build(provider, type(cfg.rng) == "table" and cfg.rng.seed or nil)
+  M.load(root, model, nil, { iteration = iteration, load_optim = false })
+  return model, provider, cfg, dir
+end
+
 -- Loads the latest checkpoint of root (or opts.iteration's) into model (a model or this rank's
 -- chunks), and into optimizer unless opts.load_optim == false (a data_parallel optimizer's main
 -- weights then follow the loaded model), whatever layout saved it. Returns the saved state table

@@ -5,6 +5,7 @@ local fs = require "luatron.fs"
 local json = require "luatron.json"
 local model_lib = require "luatron.model"
 local bridge_lib = require "luatron.bridge"
+local tokenizer = require "luatron.tokenizer"
 
 local AutoBridge = bridge_lib.AutoBridge
 
@@ -92,34 +93,40 @@ function M.from_hf(dir, root, opts)
   local model = model_lib.build(provider, seed)
   bridge:load_hf_weights(model)
   local state = { iteration = 0, consumed_samples = 0, optimizer_steps = 0, seed = seed }
-  local written = checkpoint.save(root, model, nil, state, { model = config.to_table(provider), rng = { seed = seed } })
-  return written, bridge, count(model)
+  local run = { model = config.to_table(provider), rng = { seed = seed } }
+  local note = M.take_tokenizer(dir, root, run)
+  local written = checkpoint.save(root, model, nil, state, run)
+  return written, bridge, count(model), note
+end
+
+-- The folder's tokenizer.json (and tokenizer_config.json, its eos token) copied into the checkpoint's
+-- folder and named in run.tokenizer, when luatron reads it (HuggingFaceTokenizer: the byte-level BPE
+-- kind); else a note saying why the checkpoint has none.
+function M.take_tokenizer(dir, root, run)
+  if not fs.exists(dir .. "/tokenizer.json") then return "no tokenizer.json: the checkpoint names no tokenizer" end
+  local ok, tok = pcall(tokenizer.build, { tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir })
+  if not ok then return "tokenizer.json not taken (" .. tostring(tok) .. ")" end
+  local note = ("tokenizer.json taken (%d tokens, end of document %d)"):format(tok.vocab_size, tok.eod)
+  tok:close()
+  fs.mkdir_p(root .. "/tokenizer")
+  for _, f in ipairs { "tokenizer.json", "tokenizer_config.json" } do
+    local text = fs.read(dir .. "/" .. f)
+    if text then
+      local out = assert(io.open(root .. "/tokenizer/" .. f, "wb"))
+      out:write(text)
+      out:close()
+    end
+  end
+  -- relative to the checkpoint's folder (luatron generate looks there), so the folder can move
+  run.tokenizer = { tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = "tokenizer" }
+  return note
 end
 
 -- luatron checkpoint -> Hugging Face folder. Returns the bridge used.
 function M.to_hf(root, dir, opts)
   opts = opts or {}
-  local iteration = opts.ckpt_step or checkpoint.latest_iteration(root)
-  if not iteration then error(("%s holds no checkpoint (no latest_checkpointed_iteration.txt)"):format(root), 0) end
-  local ck = ("%s/iter_%07d"):format(root, iteration)
-  local text = fs.read(ck .. "/config.json")
-  if not text then error(("%s has no config.json (the run's config, which says what model it holds)"):format(ck), 0) end
-  local ok, cfg = pcall(json.decode, text)
-  if not ok then error(("%s/config.json is corrupt: %s"):format(ck, cfg), 0) end
-  if type(cfg.model) ~= "table" then error(("%s/config.json has no model"):format(ck), 0) end
-  local fields = {}
-  for k, v in pairs(cfg.model) do if v ~= json.null then fields[k] = v end end
-  -- one rank holds the whole model, whatever layout trained it (checkpoints are layout-free)
-  for _, k in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "expert_model_parallel_size" } do
-    fields[k] = 1
-  end
-  fields.virtual_pipeline_model_parallel_size, fields.expert_tensor_parallel_size = nil, nil
-  fields.sequence_parallel, fields.device = false, "cpu"
-  local provider = config.GPTModelProvider(fields)
+  local model, provider, _, ck = checkpoint.open_model(root, opts.ckpt_step, "cpu")
   local bridge = AutoBridge.from_megatron_provider(provider, opts.architecture)
-  local model = model_lib.build(provider, type(cfg.rng) == "table" and cfg.rng.seed or nil)
-  checkpoint.load(root, model, nil, { iteration = iteration, load_optim = false })
   bridge:save_hf_pretrained(model, dir)
   return bridge, ck, count(model)
 end
@@ -138,8 +145,8 @@ function M.main(...)
   end
   local opts = M.parse(args)
   if opts.from_hf then
-    local written, bridge, n = M.from_hf(opts.from_hf, opts.to, opts)
-    print(("converted %s (%s, %d parameters) to %s"):format(opts.from_hf, bridge.architecture, n, written))
+    local written, bridge, n, note = M.from_hf(opts.from_hf, opts.to, opts)
+    print(("converted %s (%s, %d parameters) to %s; %s"):format(opts.from_hf, bridge.architecture, n, written, note))
   else
     local bridge, ck, n = M.to_hf(opts.from, opts.to_hf, opts)
     print(("converted %s (%d parameters) to %s (%s)"):format(ck, n, opts.to_hf, bridge.architecture))

@@ -2,11 +2,9 @@
 -- model learned. The checkpoint's config.json gives the model (built on one rank, whatever layout
 -- trained it: checkpoints are layout-free) and the tokenizer; the prompt is encoded, continued by
 -- model:generate (a key/value cache: the prompt once, then one forward per new token) and decoded.
-local lt = require "luatron"
 local checkpoint = require "luatron.checkpoint"
 local fs = require "luatron.fs"
 local json = require "luatron.json"
-local model_lib = require "luatron.model"
 local tokenizer = require "luatron.tokenizer"
 
 local M = {}
@@ -62,26 +60,23 @@ function M.parse(args)
   return opts
 end
 
--- The saved run's model on one rank (every parallel size 1) with its weights, and its tokenizer.
+-- The saved run's model on one rank with its weights, and its tokenizer (a relative tokenizer file that
+-- is not there from here is looked for in the run's folder, where luatron convert puts one).
 function M.open(root, step, device)
-  local iteration = step or checkpoint.latest_iteration(root)
-  if not iteration then error(("%s holds no checkpoint (no latest_checkpointed_iteration.txt)"):format(root), 0) end
-  local dir = ("%s/iter_%07d"):format(root, iteration)
-  local text = fs.read(dir .. "/config.json")
-  if not text then error(("%s has no config.json"):format(dir), 0) end
-  local ok, cfg = pcall(json.decode, text)
-  if not ok then error(("%s/config.json is corrupt: %s"):format(dir, cfg), 0) end
-  local fields = cfg.model
-  for _, k in ipairs { "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "expert_model_parallel_size" } do
-    fields[k] = 1
+  local model, _, cfg, dir = checkpoint.open_model(root, step, device)
+  if type(cfg.tokenizer) ~= "table" then
+    error(("%s/config.json names no tokenizer (a converted Hugging Face folder without a tokenizer.json luatron "
+      .. "reads): generate needs one for the prompt"):format(dir), 0)
   end
-  fields.virtual_pipeline_model_parallel_size, fields.expert_tensor_parallel_size = nil, nil
-  fields.sequence_parallel = false
-  if device then fields.device = device end
-  local model = model_lib.build(lt.GPTModelProvider(fields), cfg.rng and cfg.rng.seed or 1234)
-  checkpoint.load(root, model, nil, { iteration = iteration, load_optim = false })
-  return model, tokenizer.build(cfg.tokenizer or {}), iteration
+  local tok = {}
+  for k, v in pairs(cfg.tokenizer) do if v ~= json.null then tok[k] = v end end
+  for _, f in ipairs { "vocab_file", "merge_file", "tokenizer_model" } do
+    local path = tok[f]
+    if type(path) == "string" and path:sub(1, 1) ~= "/" and not fs.exists(path) and fs.exists(root .. "/" .. path) then
+      tok[f] = root .. "/" .. path
+    end
+  end
+  return model, tokenizer.build(tok)
 end
 
 function M.main(...)

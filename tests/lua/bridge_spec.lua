@@ -822,6 +822,37 @@ lt.pretrain(lt.ConfigContainer {
     assert.are.equal(1, code)
     assert(out:find("iter_0000005", 1, true), out)
   end)
+
+  it("takes a tokenizer.json beside the weights, which luatron generate then reads prompts with", function()
+    local fixtures = tmpdir()
+    assert(os.execute("python3 tests/lua/tokenizer_reference.py " .. q(fixtures) .. " >/dev/null"),
+      "the tokenizer reference failed")
+    local tok = require("luatron.tokenizer").build { tokenizer_type = "HuggingFaceTokenizer",
+      tokenizer_model = fixtures .. "/tokenizer.json" }
+    local dir = hf_folder(with(GPT2, { vocab_size = tok.vocab_size, n_positions = 16 }), 23)
+    write(dir .. "/tokenizer.json", read(fixtures .. "/tokenizer.json"))
+    local work = tmpdir()
+    local code, out = h.run(("%s convert --from-hf %s --to %s"):format(q(bin), q(dir), q(work .. "/ck")))
+    assert.are.equal(0, code, out)
+    assert(out:find(("tokenizer.json taken (%d tokens"):format(tok.vocab_size), 1, true), out)
+    local prompt = "hello world"
+    local model = checkpoint.open_model(work .. "/ck")
+    local want = model:generate(tok:encode(prompt), { max_new_tokens = 6, temperature = 0, eod = tok.eod,
+      vocab = tok.vocab_size })
+    if want[#want] == tok.eod then want[#want] = nil end
+    code, out = h.run(("%s generate --load %s --prompt %s --max-new-tokens 6 --temperature 0"):format(q(bin),
+      q(work .. "/ck"), q(prompt)))
+    assert.are.equal(0, code, out)
+    assert.are.equal(prompt .. tok:decode(want) .. "\n", out)
+
+    -- a folder without one: the checkpoint names no tokenizer, and generate says so
+    code, out = h.run(("%s convert --from-hf %s --to %s"):format(q(bin), q(hf_folder(GPT2, 24)), q(work .. "/bare")))
+    assert.are.equal(0, code, out)
+    assert(out:find("no tokenizer.json: the checkpoint names no tokenizer", 1, true), out)
+    code, out = h.run(("%s generate --load %s --prompt hi"):format(q(bin), q(work .. "/bare")))
+    assert.are.equal(1, code, out)
+    assert(out:find("names no tokenizer", 1, true), out)
+  end)
 end)
 
 describe("the bridge refuses", function()

@@ -3,6 +3,7 @@
  * appended, which are the model's own, in what order), encoding around special pieces as the model's
  * encoding of the text between, decoding with " piece ", GPTSentencePieceTokenizer / Llama2Tokenizer,
  * and the errors. tests/lua/tokenizer_spec.lua checks whole encodings against a Python reference. */
+#define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

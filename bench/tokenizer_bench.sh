@@ -3,8 +3,10 @@
 # Zipf-distributed words from a 6000-word synthetic lexicon, with numbers, punctuation, accented and
 # CJK words, emoji and newlines), against a GPT-2 style vocabulary learned from it here (all 256 bytes,
 # MERGES merges, <|endoftext|>): nothing is downloaded. The byte-level tokenizer on the same corpus is
-# the I/O floor. Prints the figures and writes them to bench/results/tokenizer.txt.
-#   bench/tokenizer_bench.sh [MB] [MERGES]     (defaults 16 and 2000)
+# the I/O floor. SentencePieceTokenizer runs a BPE SentencePiece model (SPM_VOCAB pieces, default 8000)
+# that spm_train learns here from the same ~1 MB sample. Prints the figures and writes them to
+# bench/results/tokenizer.txt.
+#   bench/tokenizer_bench.sh [MB] [MERGES]     (defaults 16 and 2000; needs spm_train: Debian's sentencepiece)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mb=${1:-16}
@@ -72,7 +74,11 @@ for _ in range(n_merges):
 vocab.append("<|endoftext|>")
 json.dump({t: i for i, t in enumerate(vocab)}, open(out + "/encoder.json", "w"), ensure_ascii=False)
 with open(out + "/vocab.bpe", "w") as f: f.write("#version: 0.2\n" + "".join("%s %s\n" % m for m in merges))
+with open(out + "/sample.txt", "w") as f: f.write("\n".join(sample) + "\n")
 PY
+spm_vocab=${SPM_VOCAB:-8000}
+spm_train --input="$out/sample.txt" --model_prefix="$out/spm" --model_type=bpe --vocab_size="$spm_vocab" \
+  --character_coverage=1.0 --num_threads="$(nproc)" --minloglevel=2 >/dev/null 2>&1
 bytes=$(stat -c %s "$out/corpus.jsonl")
 timed() { # label, preprocess arguments...
   local label=$1
@@ -95,11 +101,13 @@ merges_n=$(($(wc -l <"$out/vocab.bpe") - 1))
   echo
   echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) CPUs); one thread (preprocess is single-threaded)"
   echo "- corpus: $(python3 -c "print('%.1f' % ($bytes / 1e6))") MB of generated JSONL; GPT-2 style vocabulary of 256 bytes + $merges_n merges + <|endoftext|>"
+  echo "- SentencePieceTokenizer: a BPE SentencePiece model of $spm_vocab pieces (spm_train on the same sample), Megatron's special tokens"
   echo "- command: bench/tokenizer_bench.sh $mb $merges (wall time of the whole command: read, tokenize, write .bin/.idx)"
   echo
   echo "| tokenizer | seconds | tokens | tokens/s | MB/s |"
   echo "|---|---:|---:|---:|---:|"
   timed GPT2BPETokenizer --tokenizer-type GPT2BPETokenizer --vocab-file "$out/encoder.json" --merge-file "$out/vocab.bpe" --append-eod
+  timed SentencePieceTokenizer --tokenizer-type SentencePieceTokenizer --tokenizer-model "$out/spm.model" --append-eod
   timed ByteLevel --tokenizer-type ByteLevel --append-eod
 } | tee "$out/table.md"
 mkdir -p bench/results

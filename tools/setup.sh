@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages luatron builds with (Debian 12), once: a second run costs nothing.
 set -euo pipefail
-packages=(bazel-bootstrap lua5.4 liblua5.4-dev lua-busted libopenblas-dev libopenblas0-openmp libpmix-dev openmpi-bin procps pkg-config gcc g++ python3)
+packages=(bazel-bootstrap lua5.4 liblua5.4-dev lua-busted libopenblas-dev libopenblas0-openmp libpmix-dev openmpi-bin procps pkg-config gcc g++ python3
+  libsentencepiece-dev sentencepiece python3-sentencepiece)
 # python3 (standard library only): tests/lua/tokenizer_reference.py, the tokenizer specs' independent reference.
+# libsentencepiece-dev: the SentencePiece tokenizers (engine/data/sentencepiece_shim.cc links it);
+# sentencepiece (spm_train, spm_encode) and python3-sentencepiece: the tests train models with them and
+# tests/lua/sentencepiece_reference.py is the SentencePiece specs' reference.
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -138,6 +138,12 @@ static void usage(FILE *f) {
           "                         HuggingFaceTokenizer: --tokenizer-model, a tokenizer.json of the\n"
           "                           byte-level BPE kind (GPT-2, Llama-3 style) or its folder; EOD the\n"
           "                           eos_token of a tokenizer_config.json beside it, else <|endoftext|>\n"
+          "                         SentencePieceTokenizer: --tokenizer-model, a SentencePiece .model file,\n"
+          "                           with Megatron's special tokens (<CLS> <SEP> <EOD> <MASK>, the pad, bos\n"
+          "                           and eos pieces) cut out of the text first; EOD <EOD>\n"
+          "                         GPTSentencePieceTokenizer: --tokenizer-model, the .model alone; EOD its eos\n"
+          "                         Llama2Tokenizer: --tokenizer-model, the .model with its bos id before each\n"
+          "                           document; EOD its eos\n"
           "  --vocab-file F, --merge-file F, --tokenizer-model F   the tokenizer's files\n"
           "  --append-eod           append the tokenizer's EOD to every non-empty document\n"
           "  --workers N            accepted for Megatron's command lines: luatron tokenizes in one\n"
@@ -400,9 +406,12 @@ int lt_preprocess_main(int argc, char **argv) {
                         "not %s\n", type);
         return 2;
     }
-    if (strcmp(type, "HuggingFaceTokenizer") != 0 && spec.model) {
+    int sentencepiece = strcmp(type, "SentencePieceTokenizer") == 0 || strcmp(type, "GPTSentencePieceTokenizer") == 0 ||
+                        strcmp(type, "Llama2Tokenizer") == 0;
+    if (strcmp(type, "HuggingFaceTokenizer") != 0 && !sentencepiece && spec.model) {
         fprintf(stderr, "luatron preprocess: --tokenizer-model is for --tokenizer-type HuggingFaceTokenizer (a "
-                        "tokenizer.json), not %s\n", type);
+                        "tokenizer.json) or a SentencePiece type (SentencePieceTokenizer, GPTSentencePieceTokenizer, "
+                        "Llama2Tokenizer: a .model file), not %s\n", type);
         return 2;
     }
     int jsonl;
@@ -428,7 +437,7 @@ int lt_preprocess_main(int argc, char **argv) {
         fprintf(stderr, "luatron preprocess: %s\n", err);
         /* a type luatron lacks is a usage error (2), a bad or missing file a failure (1) */
         int known = strcmp(type, "ByteLevel") == 0 || strcmp(type, "GPT2BPETokenizer") == 0 ||
-                    strcmp(type, "HuggingFaceTokenizer") == 0;
+                    strcmp(type, "HuggingFaceTokenizer") == 0 || sentencepiece;
         return known ? 1 : 2;
     }
     job.append_eod = append_eod;

@@ -65,14 +65,20 @@ lt_tokenizer *lt_tokenizer_open(const lt_tokenizer_spec *spec, char *err, size_t
         else rc = lt_hf_tokenizer_load(t, spec->model, err, errlen);
     } else if (strcmp(type, "NullTokenizer") == 0) {
         rc = lt_fail(err, errlen, "NullTokenizer has no text form (its data is already token ids), so it cannot "
-                     "tokenize text; use ByteLevel, GPT2BPETokenizer or HuggingFaceTokenizer");
+                     "tokenize text; use ByteLevel, GPT2BPETokenizer, HuggingFaceTokenizer or SentencePieceTokenizer");
     } else if (strcmp(type, "SentencePieceTokenizer") == 0 || strcmp(type, "GPTSentencePieceTokenizer") == 0 ||
                strcmp(type, "Llama2Tokenizer") == 0) {
-        rc = lt_fail(err, errlen, "%s is not implemented (SentencePiece models); use GPT2BPETokenizer or a "
-                     "byte-level BPE tokenizer.json with HuggingFaceTokenizer", type);
+        lt_sp_kind kind = type[0] == 'S' ? LT_SP_MEGATRON : type[0] == 'G' ? LT_SP_GPT : LT_SP_LLAMA2;
+        t->type = kind == LT_SP_MEGATRON ? "SentencePieceTokenizer"
+                  : kind == LT_SP_GPT    ? "GPTSentencePieceTokenizer"
+                                         : "Llama2Tokenizer";
+        if (!spec->model) rc = lt_fail(err, errlen, "%s needs a tokenizer model: the path of a SentencePiece .model "
+                                       "file", t->type);
+        else rc = lt_sp_tokenizer_load(t, spec->model, kind, err, errlen);
     } else {
-        rc = lt_fail(err, errlen, "unknown tokenizer type '%s': luatron has ByteLevel, GPT2BPETokenizer and "
-                     "HuggingFaceTokenizer (tokenizer.json of the byte-level BPE kind)", type);
+        rc = lt_fail(err, errlen, "unknown tokenizer type '%s': luatron has ByteLevel, GPT2BPETokenizer, "
+                     "HuggingFaceTokenizer (tokenizer.json of the byte-level BPE kind), SentencePieceTokenizer, "
+                     "GPTSentencePieceTokenizer and Llama2Tokenizer (SentencePiece .model files)", type);
     }
     if (rc != 0) {
         lt_tokenizer_free(t);
@@ -84,11 +90,13 @@ lt_tokenizer *lt_tokenizer_open(const lt_tokenizer_spec *spec, char *err, size_t
 void lt_tokenizer_free(lt_tokenizer *t) {
     if (!t) return;
     lt_bpe_free(t->bpe);
+    lt_sp_tokenizer_free(t->sp);
     free(t);
 }
 
 int lt_tokenizer_encode(lt_tokenizer *t, const char *text, size_t n, lt_token_buf *out, char *err, size_t errlen) {
     if (t->bpe) return lt_bpe_encode(t->bpe, text, n, out, err, errlen);
+    if (t->sp) return lt_sp_tokenizer_encode(t->sp, text, n, out, err, errlen);
     for (size_t i = 0; i < n; i++)
         if (lt_token_buf_push(out, (unsigned char)text[i]) != 0) return lt_fail(err, errlen, "out of memory");
     return 0;
@@ -97,6 +105,7 @@ int lt_tokenizer_encode(lt_tokenizer *t, const char *text, size_t n, lt_token_bu
 int lt_tokenizer_decode(const lt_tokenizer *t, const int32_t *ids, size_t n, char **out, size_t *outlen, char *err,
                         size_t errlen) {
     if (t->bpe) return lt_bpe_decode(t->bpe, ids, n, out, outlen, err, errlen);
+    if (t->sp) return lt_sp_tokenizer_decode(t->sp, ids, n, out, outlen, err, errlen);
     *out = malloc(n + 1);
     if (!*out) return lt_fail(err, errlen, "out of memory");
     size_t m = 0;

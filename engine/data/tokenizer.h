@@ -5,6 +5,11 @@
  *                         (gpt2_tokenizer.c)
  *   HuggingFaceTokenizer  a tokenizer.json of the byte-level BPE kind (GPT-2, Llama-3, Qwen2):
  *                         model = the file or a folder holding it (hf_tokenizer.c)
+ *   SentencePieceTokenizer     Megatron's _SentencePieceTokenizer over a SentencePiece .model file
+ *                              (model): the model's pieces plus <CLS> <SEP> <EOD> <MASK> and the pad,
+ *                              bos and eos pieces as special tokens (sentencepiece_tokenizer.c)
+ *   GPTSentencePieceTokenizer  the .model file alone, eod = its eos id
+ *   Llama2Tokenizer            the .model file, its bos id before every text, eod = its eos id
  * Every function reports failure by return value with a message in err. */
 #ifndef LT_DATA_TOKENIZER_H
 #define LT_DATA_TOKENIZER_H
@@ -17,12 +22,16 @@ typedef struct {
     const char *type;       /* one of the names above */
     const char *vocab_file; /* GPT2BPETokenizer */
     const char *merge_file; /* GPT2BPETokenizer */
-    const char *model;      /* HuggingFaceTokenizer: tokenizer.json or its folder */
+    const char *model;      /* HuggingFaceTokenizer: tokenizer.json or its folder; the SentencePiece
+                               types: the .model file */
 } lt_tokenizer_spec;
+
+typedef struct lt_sp_tokenizer lt_sp_tokenizer;
 
 typedef struct lt_tokenizer {
     const char *type;   /* static name */
-    lt_bpe *bpe;        /* NULL for ByteLevel */
+    lt_bpe *bpe;        /* the BPE types */
+    lt_sp_tokenizer *sp; /* the SentencePiece types; both NULL for ByteLevel */
     int64_t vocab_size; /* Megatron's tokenizer.vocab_size: the number of tokens, added ones included */
     int32_t eod;        /* end-of-document id */
     char source[512];   /* the files it came from, for messages */
@@ -40,6 +49,15 @@ int lt_tokenizer_decode(const lt_tokenizer *t, const int32_t *ids, size_t n, cha
 int lt_gpt2_tokenizer_load(lt_tokenizer *t, const char *vocab_file, const char *merge_file, char *err,
                            size_t errlen);
 int lt_hf_tokenizer_load(lt_tokenizer *t, const char *model, char *err, size_t errlen);
+
+/* The SentencePiece types (sentencepiece_tokenizer.c): load fills t->sp, vocab_size, eod and source. */
+typedef enum { LT_SP_MEGATRON, LT_SP_GPT, LT_SP_LLAMA2 } lt_sp_kind;
+int lt_sp_tokenizer_load(lt_tokenizer *t, const char *model, lt_sp_kind kind, char *err, size_t errlen);
+void lt_sp_tokenizer_free(lt_sp_tokenizer *sp);
+int lt_sp_tokenizer_encode(const lt_sp_tokenizer *sp, const char *text, size_t n, lt_token_buf *out, char *err,
+                           size_t errlen);
+int lt_sp_tokenizer_decode(const lt_sp_tokenizer *sp, const int32_t *ids, size_t n, char **out, size_t *outlen,
+                           char *err, size_t errlen);
 
 /* The whole file at path, malloc'd and NUL-terminated (*n without the NUL); NULL with a message naming it. */
 char *lt_read_whole_file(const char *path, size_t *n, char *err, size_t errlen);

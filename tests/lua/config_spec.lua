@@ -286,10 +286,15 @@ describe("luatron.config field checks", function()
       msg_of(function() config.GPTModelProvider({}).normalization = nil end))
   end)
 
-  it("refuses SentencePieceTokenizer, and the BPE tokenizers without their files, with the reason", function()
-    assert_error_contains(function() config.TokenizerConfig({ tokenizer_type = "SentencePieceTokenizer" }) end,
-      "TokenizerConfig.tokenizer_type = 'SentencePieceTokenizer': must be one of 'ByteLevel', 'NullTokenizer', "
-        .. "'GPT2BPETokenizer', 'HuggingFaceTokenizer'", "SentencePieceTokenizer is not implemented")
+  it("refuses an unknown tokenizer type, and the file tokenizers without their files, with the reason", function()
+    assert_error_contains(function() config.TokenizerConfig({ tokenizer_type = "BertWordPieceLowerCase" }) end,
+      "TokenizerConfig.tokenizer_type = 'BertWordPieceLowerCase': must be one of 'ByteLevel', 'NullTokenizer', "
+        .. "'GPT2BPETokenizer', 'HuggingFaceTokenizer', 'SentencePieceTokenizer', 'GPTSentencePieceTokenizer', "
+        .. "'Llama2Tokenizer'", "SentencePieceTokenizer, GPTSentencePieceTokenizer and Llama2Tokenizer take "
+        .. "tokenizer_model (a SentencePiece .model file)")
+    assert_error_contains(function() validate({ tokenizer = { tokenizer_type = "Llama2Tokenizer" } }) end,
+      "tokenizer.tokenizer_type = 'Llama2Tokenizer' needs tokenizer.tokenizer_model: the path of a SentencePiece "
+        .. ".model file")
     assert_error_contains(function() validate({ tokenizer = { tokenizer_type = "GPT2BPETokenizer" } }) end,
       "tokenizer.tokenizer_type = 'GPT2BPETokenizer' needs tokenizer.vocab_file (GPT-2's encoder.json) and "
         .. "tokenizer.merge_file (vocab.bpe)")

@@ -3,6 +3,8 @@
 -- (tests/lua/tokenizer_reference.py: Python's `re` with Unicode classes from unicodedata, encoder.py's
 -- BPE loop) on fixtures it learns from a text (256 byte tokens, 60 merges, <|endoftext|>; the
 -- tokenizer.json adds <|sep|>). Nothing is downloaded. Needs python3 and LUATRON (the binary).
+-- The SentencePiece types against tests/lua/sentencepiece_reference.py (Megatron's wrapper logic in
+-- Python over python3-sentencepiece, on models it trains here).
 local core = require "luatron.core"
 local config = require "luatron.config"
 local json = require "luatron.json"
@@ -170,7 +172,7 @@ describe("tokenizer errors", function()
     assert_error_contains(function() core.tokenizer({ tokenizer_type = "BertWordPieceLowerCase" }) end,
       "unknown tokenizer type 'BertWordPieceLowerCase'")
     assert_error_contains(function() tokenizer.build({ tokenizer_type = "SentencePieceTokenizer" }) end,
-      "SentencePieceTokenizer is not implemented")
+      "SentencePieceTokenizer needs tokenizer_model (a SentencePiece .model file)")
   end)
 end)
 
@@ -288,5 +290,243 @@ describe("TokenizerConfig with tokenizer files", function()
     end, GPT2.vocab_file .. ":1: expected the \"#version: ...\" line")
     assert_error_contains(function() validate({ tokenizer_type = "GPT2BPETokenizer", vocab_file = GPT2.vocab_file,
       merge_file = GPT2.merge_file, vocab_size = 100 }) end, "tokenizer.vocab_size (100) is smaller than")
+  end)
+end)
+
+-- SentencePiece: Megatron's _SentencePieceTokenizer, _GPTSentencePieceTokenizer and _Llama2Tokenizer
+-- against tests/lua/sentencepiece_reference.py, which trains three small models (BPE with pad/bos/eos,
+-- unigram without pad, BPE with byte fallback, user-defined <EOD>, a pad piece "<p" that prefixes the bos
+-- piece "<p>" and no eos) and runs Megatron's wrapper logic in Python over python3-sentencepiece.
+-- Debian's python3-sentencepiece is for the system Python: take the first python3 that has it.
+local PY = os.execute("python3 -c 'import sentencepiece' >/dev/null 2>&1") and "python3" or "/usr/bin/python3"
+local spdir = h.tmpdir()
+assert(os.execute(PY .. " tests/lua/sentencepiece_reference.py " .. q(spdir)),
+  "the SentencePiece reference script failed (it needs python3-sentencepiece)")
+local spwant = json.decode(read(spdir .. "/expected.json"))
+local SP_MODELS = { "bpe", "unigram", "custom" }
+
+describe("SentencePieceTokenizer", function()
+  it("has the model's pieces plus Megatron's special tokens: vocab_size and eod as the reference", function()
+    for _, name in ipairs(SP_MODELS) do
+      local w = spwant[name]
+      local tok = tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = w.model })
+      assert.are.equal("SentencePieceTokenizer", tok.type)
+      assert.are.equal(w.vocab_size, tok.vocab_size, name)
+      assert.are.equal(w.eod, tok.eod, name)
+      -- each special piece alone encodes to its id (appended, or the model's own piece), unless a special
+      -- added before it starts it (custom's "<p" before "<p>": then that one)
+      for k, pair in ipairs(w.special) do
+        local shadowed = false
+        for j = 1, k - 1 do shadowed = shadowed or pair[1]:sub(1, #w.special[j][1]) == w.special[j][1] end
+        if not shadowed then assert.are.same({ pair[2] }, tok:encode(pair[1]), name .. " " .. pair[1]) end
+      end
+    end
+    -- what the models were made to exercise: appended tokens, <PAD> for a model without pad, <EOD> a piece
+    assert.are.equal(spwant.bpe.pieces + 4, spwant.bpe.vocab_size) -- <CLS> <SEP> <EOD> <MASK>; <pad> <s> </s> exist
+    assert.are.equal(spwant.unigram.pieces + 5, spwant.unigram.vocab_size) -- and <PAD>
+    assert.are.equal(spwant.custom.pieces + 2, spwant.custom.vocab_size) -- <CLS> and <EOS> only
+    assert.is_true(spwant.custom.eod < spwant.custom.pieces)
+  end)
+
+  it("encodes every text as the reference: non-ASCII, unknown characters, special pieces anywhere", function()
+    for _, name in ipairs(SP_MODELS) do
+      local w = spwant[name]
+      local tok = tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = w.model })
+      for i, text in ipairs(spwant.texts) do
+        assert.are.same(list(w.ids[i]), tok:encode(text), ("%s, text %d: %q"):format(name, i, text))
+      end
+    end
+    -- the cases that decide it: a literal <s> is bos, the earliest special wins, and at one position the
+    -- one added first ("<p", the pad, before "<p>", the bos), not the longest
+    local bpe = tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = spwant.bpe.model })
+    assert.are.same({ spwant.bpe.bos_id }, bpe:encode("<s>"))
+    local custom = tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = spwant.custom.model })
+    local ids = custom:encode("<p>")
+    assert.are.equal(spwant.custom.pad_id, ids[1])
+    assert.are_not.equal(spwant.custom.bos_id, ids[1])
+  end)
+
+  it("decodes as Megatron's detokenize: ' piece ' for each special id between decoded runs", function()
+    for _, name in ipairs(SP_MODELS) do
+      local w = spwant[name]
+      local tok = tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = w.model })
+      for i = 1, #spwant.texts do
+        assert.are.equal(w.detokenized[i], tok:decode(list(w.ids[i])), ("%s, text %d"):format(name, i))
+      end
+      for i, ids in ipairs(w.extra_ids) do
+        assert.are.equal(w.extra_detokenized[i], tok:decode(list(ids)), ("%s, ids %d"):format(name, i))
+      end
+      assert_error_contains(function() tok:decode({ 5, w.vocab_size }) end,
+        ("id %d (position 2) is not in the vocabulary (0..%d)"):format(w.vocab_size, w.vocab_size - 1))
+      assert_error_contains(function() tok:decode({ -1 }) end, "id -1 (position 1) is not in the vocabulary")
+    end
+  end)
+
+  it("GPTSentencePieceTokenizer and Llama2Tokenizer: the model alone (Llama-2: bos first), eod = eos", function()
+    for _, name in ipairs({ "bpe", "unigram" }) do
+      local w = spwant[name]
+      for kind, key in pairs({ GPTSentencePieceTokenizer = "gpt", Llama2Tokenizer = "llama2" }) do
+        local tok = tokenizer.build({ tokenizer_type = kind, tokenizer_model = w.model })
+        local r = w[key]
+        assert.are.equal(r.vocab_size, tok.vocab_size)
+        assert.are.equal(r.eod, tok.eod)
+        for i, text in ipairs(spwant.texts) do
+          assert.are.same(list(r.ids[i]), tok:encode(text), ("%s %s, text %d: %q"):format(kind, name, i, text))
+          assert.are.equal(r.detokenized[i], tok:decode(list(r.ids[i])), ("%s %s, text %d"):format(kind, name, i))
+        end
+      end
+    end
+    assert.are_not.same(list(spwant.bpe.ids[60]), list(spwant.bpe.gpt.ids[60])) -- "<EOD>" is no special here
+    -- the custom model has no eos (and Llama-2 needs a bos): refused, saying what to change
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "GPTSentencePieceTokenizer", tokenizer_model = spwant.custom.model })
+    end, spwant.custom.model .. ": the SentencePiece model has no eos piece (eos_id = -1)", "train it with an eos_id")
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "Llama2Tokenizer", tokenizer_model = spwant.custom.model })
+    end, "has no eos piece")
+  end)
+
+  it("names a missing, corrupt or truncated model file", function()
+    local d = h.tmpdir()
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = d .. "/none.model" })
+    end, d .. "/none.model: cannot open: No such file or directory")
+    write(d .. "/bad.model", "this is not a protobuf\n")
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = d .. "/bad.model" })
+    end, d .. "/bad.model: not a SentencePiece model (libsentencepiece: ", "give the .model file that spm_train wrote")
+    write(d .. "/cut.model", read(spwant.bpe.model):sub(1, 5000))
+    assert_error_contains(function()
+      core.tokenizer({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = d .. "/cut.model" })
+    end, d .. "/cut.model: not a SentencePiece model")
+    assert_error_contains(function()
+      tokenizer.build({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = d })
+    end, d .. ": is a folder: give the SentencePiece .model file itself")
+    assert_error_contains(function() tokenizer.build({ tokenizer_type = "Llama2Tokenizer" }) end,
+      "Llama2Tokenizer needs tokenizer_model (a SentencePiece .model file)")
+  end)
+end)
+
+describe("luatron preprocess with a SentencePiece model", function()
+  local corpus = spdir .. "/corpus.jsonl"
+  local lines = {}
+  for i, text in ipairs(spwant.texts) do lines[i] = json.encode({ text = text }) end
+  write(corpus, table.concat(lines, "\n") .. "\n")
+
+  local function expected_docs(ids_lists, eod, first)
+    local seqs, docs = {}, { 0 }
+    for _, ids in ipairs(ids_lists) do
+      if #ids > 0 then
+        local s = first and { first } or {}
+        for _, id in ipairs(list(ids)) do s[#s + 1] = id end
+        if eod then s[#s + 1] = eod end
+        seqs[#seqs + 1] = s
+      end
+      docs[#docs + 1] = #seqs
+    end
+    return seqs, docs
+  end
+
+  it("--tokenizer-type SentencePieceTokenizer --tokenizer-model: the reference's ids, with <EOD>", function()
+    for _, name in ipairs(SP_MODELS) do
+      local w = spwant[name]
+      local prefix = spdir .. "/pre_" .. name
+      local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type SentencePieceTokenizer "
+        .. "--tokenizer-model %s --append-eod"):format(q(corpus), q(prefix), q(w.model)))
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find(("SentencePieceTokenizer tokenizer, vocab %d, uint16, EOD %d appended"):format(
+        w.vocab_size, w.eod), 1, true), out)
+      local ds = read_indexed(prefix)
+      local seqs, docs = expected_docs(w.ids, w.eod)
+      assert.are.equal(8, ds.dtype)
+      assert.are.same(seqs, ds.seqs)
+      assert.are.same(docs, ds.docs)
+    end
+  end)
+
+  it("GPTSentencePieceTokenizer and Llama2Tokenizer: the model's ids (after bos), eos appended", function()
+    local w = spwant.bpe
+    for kind, key in pairs({ GPTSentencePieceTokenizer = "gpt", Llama2Tokenizer = "llama2" }) do
+      local prefix = spdir .. "/pre_" .. key
+      local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type %s --tokenizer-model %s "
+        .. "--append-eod"):format(q(corpus), q(prefix), kind, q(w.model)))
+      assert.are.equal(0, code, out)
+      local ds = read_indexed(prefix)
+      local seqs, docs = expected_docs(w[key].ids, w.eos_id)
+      assert.are.same(seqs, ds.seqs)
+      assert.are.same(docs, ds.docs)
+    end
+  end)
+
+  it("refuses wrong flags and a bad model, naming it", function()
+    local base = ("preprocess --input %s --output-prefix %s "):format(q(corpus), q(spdir .. "/bad"))
+    local code, out = luatron(base .. "--tokenizer-type SentencePieceTokenizer")
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("SentencePieceTokenizer needs a tokenizer model: the path of a SentencePiece .model file",
+      1, true), out)
+    code, out = luatron(base .. "--tokenizer-type SentencePieceTokenizer --vocab-file " .. q(spwant.bpe.model))
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("--vocab-file and --merge-file are for --tokenizer-type GPT2BPETokenizer, not "
+      .. "SentencePieceTokenizer", 1, true), out)
+    code, out = luatron(base .. "--tokenizer-type SentencePieceTokenizer --tokenizer-model " .. q(spdir .. "/train.txt"))
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find(spdir .. "/train.txt: not a SentencePiece model", 1, true), out)
+    code, out = luatron(base .. "--tokenizer-type SentencePieceTokenizer --tokenizer-model " .. q(spwant.bpe.model)
+      .. " --vocab-extra-ids 100")
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("--vocab-extra-ids is not supported", 1, true), out)
+    assert.is_nil(io.open(spdir .. "/bad.bin"))
+  end)
+end)
+
+describe("TokenizerConfig with a SentencePiece model", function()
+  local function validate(tok)
+    return config.ConfigContainer({
+      model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 16 },
+      train = { micro_batch_size = 1, global_batch_size = 1, train_iters = 1 },
+      optimizer = { lr = 1e-3 },
+      tokenizer = tok,
+    }):validate({ world_size = 1 })
+  end
+
+  it("takes vocab_size and eod as Megatron computes them, and needs tokenizer_model", function()
+    for _, name in ipairs(SP_MODELS) do
+      local w = spwant[name]
+      local r = validate({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = w.model })
+      assert.are.equal(w.vocab_size, r.model.vocab_size, name)
+      assert.are.equal(w.eod, r.tokenizer_eod, name)
+      assert.are.equal((w.vocab_size + 127) // 128 * 128, r.padded_vocab_size) -- a multiple of 128
+    end
+    local r = validate({ tokenizer_type = "GPTSentencePieceTokenizer", tokenizer_model = spwant.bpe.model })
+    assert.are.equal(spwant.bpe.pieces, r.model.vocab_size)
+    assert.are.equal(spwant.bpe.eos_id, r.tokenizer_eod)
+    assert_error_contains(function() validate({ tokenizer_type = "SentencePieceTokenizer" }) end,
+      "tokenizer.tokenizer_type = 'SentencePieceTokenizer' needs tokenizer.tokenizer_model: the path of a "
+        .. "SentencePiece .model file")
+    assert_error_contains(function()
+      validate({ tokenizer_type = "SentencePieceTokenizer", tokenizer_model = spdir .. "/train.txt" })
+    end, spdir .. "/train.txt: not a SentencePiece model")
+    assert_error_contains(function() validate({ tokenizer_type = "SentencePieceTokenizer",
+      tokenizer_model = spwant.bpe.model, vocab_size = 300 }) end,
+      "tokenizer.vocab_size (300) is smaller than the SentencePieceTokenizer's 304 tokens")
+    assert_error_contains(function() validate({ tokenizer_model = spwant.bpe.model }) end,
+      "tokenizer.tokenizer_model is for tokenizer_type = 'HuggingFaceTokenizer' or a SentencePiece type, not "
+        .. "'ByteLevel'")
+  end)
+
+  it("trains on SentencePiece data with the vocabulary from the model", function()
+    local d = h.tmpdir()
+    local lines = {}
+    for i = 1, 120 do lines[i] = json.encode({ text = spwant.texts[i % 40 + 1] .. " <EOD> " .. i }) end
+    write(d .. "/c.jsonl", table.concat(lines, "\n") .. "\n")
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type SentencePieceTokenizer "
+      .. "--tokenizer-model %s --append-eod"):format(q(d .. "/c.jsonl"), q(d .. "/c"), q(spwant.unigram.model)))
+    assert.are.equal(0, code, out)
+    code, out = luatron(h.tiny(d, ("train.train_iters=3 model.vocab_size=nil dataset.data_path=%s "
+      .. "dataset.split=98,2,0 tokenizer.tokenizer_type=SentencePieceTokenizer tokenizer.tokenizer_model=%s")
+      :format(q(d .. "/c"), q(spwant.unigram.model))))
+    assert.are.equal(0, code, out)
+    assert.are.equal(3, #h.read_metrics(d .. "/metrics.jsonl"))
+    assert.truthy(out:find(("padded vocab (size: %d)"):format(spwant.unigram.vocab_size), 1, true), out)
   end)
 end)

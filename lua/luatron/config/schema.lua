@@ -455,16 +455,18 @@ schema.TOKENIZERS = { ByteLevel = schema.BYTE_LEVEL_VOCAB_SIZE }
 
 class("TokenizerConfig", {
   fields = {
-    { "tokenizer_type", { enum = { "ByteLevel", "NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer" },
+    { "tokenizer_type", { enum = { "ByteLevel", "NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer",
+      "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer" },
       note = "ByteLevel is luatron's preprocess tokenizer; NullTokenizer (with vocab_size) reads data tokenized "
         .. "elsewhere; GPT2BPETokenizer takes vocab_file (encoder.json) and merge_file (vocab.bpe); "
         .. "HuggingFaceTokenizer takes tokenizer_model (a tokenizer.json of the byte-level BPE kind, or its "
-        .. "folder); SentencePieceTokenizer is not implemented" },
+        .. "folder); SentencePieceTokenizer, GPTSentencePieceTokenizer and Llama2Tokenizer take tokenizer_model "
+        .. "(a SentencePiece .model file)" },
       "ByteLevel", into = "vocab_size" }, -- validate: the vocabulary the embedding is padded from
     { "vocab_size", "posint", nil },
     { "vocab_file", "path", nil }, -- GPT2BPETokenizer only (validate checks the pairing)
     { "merge_file", "path", nil },
-    { "tokenizer_model", "path", nil }, -- HuggingFaceTokenizer only
+    { "tokenizer_model", "path", nil }, -- HuggingFaceTokenizer and the SentencePiece types only
   },
 })
 

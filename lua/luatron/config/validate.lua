@@ -310,12 +310,13 @@ function V.validate(c, opts, to_table)
   -- tokenizer and vocabulary ----------------------------------------------------------------------
   local tok_vocab
   local tt = tok.tokenizer_type
+  local SENTENCEPIECE = { SentencePieceTokenizer = true, GPTSentencePieceTokenizer = true, Llama2Tokenizer = true }
   local file_fields = { vocab_file = "GPT2BPETokenizer", merge_file = "GPT2BPETokenizer",
     tokenizer_model = "HuggingFaceTokenizer" }
   for _, f in ipairs({ "vocab_file", "merge_file", "tokenizer_model" }) do
-    if tok[f] ~= nil and tt ~= file_fields[f] then
-      fail("tokenizer.%s is for tokenizer_type = '%s', not '%s': remove it or change tokenizer.tokenizer_type", f,
-        file_fields[f], tt)
+    if tok[f] ~= nil and tt ~= file_fields[f] and not (f == "tokenizer_model" and SENTENCEPIECE[tt]) then
+      fail("tokenizer.%s is for tokenizer_type = '%s'%s, not '%s': remove it or change tokenizer.tokenizer_type", f,
+        file_fields[f], f == "tokenizer_model" and " or a SentencePiece type" or "", tt)
     end
   end
   if tt == "GPT2BPETokenizer" and (tok.vocab_file == nil or tok.merge_file == nil) then
@@ -326,7 +327,11 @@ function V.validate(c, opts, to_table)
     fail("tokenizer.tokenizer_type = 'HuggingFaceTokenizer' needs tokenizer.tokenizer_model: the path of a "
       .. "tokenizer.json or of the folder that holds it")
   end
-  if tt == "GPT2BPETokenizer" or tt == "HuggingFaceTokenizer" then
+  if SENTENCEPIECE[tt] and tok.tokenizer_model == nil then
+    fail("tokenizer.tokenizer_type = '%s' needs tokenizer.tokenizer_model: the path of a SentencePiece .model file",
+      tt)
+  end
+  if tt == "GPT2BPETokenizer" or tt == "HuggingFaceTokenizer" or SENTENCEPIECE[tt] then
     -- The files decide the vocabulary (Megatron's tokenizer.vocab_size, added tokens included) and eod.
     local ok, t = pcall(require("luatron.tokenizer").build, tok)
     if not ok then fail("%s", (tostring(t):gsub("^[^:]*%.lua:%d+: ", ""))) end -- the file's problem, not ours

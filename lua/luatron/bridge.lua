@@ -10,8 +10,8 @@
 -- Families: GPT-2 (GPT2LMHeadModel) and Llama / Mistral / Qwen2 (LlamaForCausalLM, MistralForCausalLM,
 -- Qwen2ForCausalLM). What luatron's GPT cannot compute (rope_scaling, a sliding window shorter than the
 -- sequence, attention or MLP biases in Llama, another activation) is refused naming the config.json
--- field. The weights go into (and come from) a whole model on one rank (tensor_model_parallel_size = 1,
--- one pipeline stage); other layouts load the luatron checkpoint `luatron convert` writes from it.
+-- field. The weights go into a whole model or a rank's chunks at any layout (each rank its shards), and
+-- come from a whole model on one rank (other layouts: the checkpoint a run saves, through luatron convert).
 --
 -- Layouts. Megatron's linear_qkv holds, per query group, its H/G query heads, then its key head, then its
 -- value head (kv_channels rows each); HF keeps q_proj / k_proj / v_proj apart, and GPT-2's c_attn holds
@@ -21,6 +21,7 @@ local core = require "luatron.core"
 local config = require "luatron.config"
 local fs = require "luatron.fs"
 local json = require "luatron.json"
+local checkpoint = require "luatron.checkpoint"
 
 local M = {}
 
@@ -83,11 +84,14 @@ local function show(v)
 end
 
 -- Megatron Bridge's vocabulary rule: the largest of 128, 64, ..., 1 dividing vocab_size, so the
--- embedding is not padded and no padded row enters the softmax.
-function M.vocab_divisor(vocab_size)
+-- embedding is not padded and no padded row enters the softmax. Megatron pads to a multiple of the
+-- divisor times the tensor-parallel size: under tp the divisor is the largest d with d tp dividing it
+-- (nil when tp does not divide vocab_size: then padding cannot be avoided).
+function M.vocab_divisor(vocab_size, tp)
+  tp = tp or 1
   local d = 128
-  while vocab_size % d ~= 0 do d = d // 2 end
-  return d
+  while d >= 1 and vocab_size % (d * tp) ~= 0 do d = d // 2 end
+  return d >= 1 and d or nil
 end
 
 ------------------------------------------------------------------------------------------------
@@ -598,6 +602,15 @@ function AutoBridge:to_megatron_provider(overrides)
   local f = {}
   for k, v in pairs(self.fields) do f[k] = v end
   for k, v in pairs(overrides or {}) do f[k] = v end
+  local tp = f.tensor_model_parallel_size or 1
+  if tp > 1 and not (overrides and overrides.make_vocab_size_divisible_by) then
+    f.make_vocab_size_divisible_by = M.vocab_divisor(f.vocab_size, tp)
+    if not f.make_vocab_size_divisible_by then
+      fail("%s: vocab_size = %d does not divide over tensor_model_parallel_size = %d: Megatron would pad the vocabulary "
+        .. "and the padded rows would enter the softmax, so the model would not compute the Hugging Face model's loss; "
+        .. "use a tensor-parallel size that divides %d", self.config_path, f.vocab_size, tp, f.vocab_size)
+    end
+  end
   if overrides and overrides.seq_length and self.fields.position_embedding_type == "rope" then
     self:_check_window(overrides.seq_length)
   end
@@ -644,18 +657,41 @@ local function whole_params(model, what)
   return params
 end
 
--- The name map checked against the model: every parameter has an entry of its shape, and back.
-local function checked_map(self, model, what, prefix)
-  local params = whole_params(model, what)
+-- The parameters of model (a model, or this rank's chunks of it) by name, whatever their layout, and
+-- whether they are the whole model (one chunk with the embedding and the output layer).
+local function rank_params(model, what)
+  local chunks = type(model) == "table" and model or { model }
+  local params, whole = {}, #chunks == 1
+  for _, chunk in ipairs(chunks) do
+    if type(chunk) ~= "userdata" or not chunk.parameters then
+      fail("%s: expected a model or this rank's chunks (lt.build_model, luatron.model.chunks), got %s", what,
+        type(chunk))
+    end
+    if chunk.stage then
+      local s = chunk:stage()
+      whole = whole and s.pre_process and s.post_process
+    end
+    for _, p in ipairs(chunk:parameters()) do
+      if p.expert then fail("%s: '%s' is an MoE expert; the bridge's architectures are dense", what, p.name) end
+      params[p.name] = p
+    end
+  end
+  return params, whole
+end
+
+-- The name map checked against the model: every parameter has an entry of its shape, and back (for a
+-- whole model; a rank's chunks hold only some of the entries). model = nil: the map alone.
+local function checked_map(self, model, what, prefix, params, whole)
+  if not params then params, whole = whole_params(model, what), true end
   local map = name_map(self.family, self.fields, prefix)
   local mapped = {}
   for _, e in ipairs(map) do
     local p = params[e.mc]
-    if not p then
+    if not p and whole then
       fail("%s: the model has no parameter '%s', which %s holds: build the model from bridge:to_megatron_provider()",
         what, e.mc, self.architecture)
     end
-    if not same_shape(p.full_shape, e.mc_shape) then
+    if p and not same_shape(p.full_shape, e.mc_shape) then
       fail("%s: the model's '%s' is %s, but %s means %s: build the model from bridge:to_megatron_provider()", what,
         e.mc, shape_text(p.full_shape), self.config_path, shape_text(e.mc_shape))
     end
@@ -677,9 +713,11 @@ local function is_buffer(name)
   return false
 end
 
--- bridge:load_hf_weights(model): every HF tensor into its parameter of model (a whole model on one rank,
--- built from bridge:to_megatron_provider()). Everything is checked before anything is copied: each
--- tensor the config needs is there with its shape, each tensor there is used, each parameter filled.
+-- bridge:load_hf_weights(model): every HF tensor into its parameter of model, built from
+-- bridge:to_megatron_provider(): a whole model, or this rank's chunks at any layout (tensor, pipeline,
+-- virtual stages; luatron.model.chunks), each rank taking its shard. Everything is checked before anything
+-- is copied: each tensor the config needs is there with its shape, each tensor there is used, each of
+-- the rank's parameters filled.
 function AutoBridge:load_hf_weights(model)
   local what = "load_hf_weights"
   if not self.files then
@@ -690,7 +728,8 @@ function AutoBridge:load_hf_weights(model)
   if self.family == "gpt2" then
     for name in pairs(tensors) do if name:find("^transformer%.") then prefix = "transformer." end end
   end
-  local map = checked_map(self, model, what, prefix)
+  local params, whole = rank_params(model, what)
+  local map = checked_map(self, model, what, prefix, params, whole)
   local used = {}
   for _, e in ipairs(map) do
     for i, name in ipairs(e.hf) do
@@ -726,11 +765,15 @@ function AutoBridge:load_hf_weights(model)
     fail("%s: tensor '%s' is not part of %s as %s describes it (%d unused tensor(s)); nothing was loaded",
       where[unused[1]], unused[1], self.architecture, self.config_path, #unused)
   end
+  local weights, from = {}, {}
   for _, e in ipairs(map) do
-    local src = {}
-    for i, name in ipairs(e.hf) do src[i] = tensors[name] end
-    model:param(e.mc):copy(e.to_mc(src))
+    if params[e.mc] then
+      local src = {}
+      for i, name in ipairs(e.hf) do src[i] = tensors[name] end
+      weights[e.mc], from[e.mc] = e.to_mc(src), where[e.hf[1]]
+    end
   end
+  checkpoint.load_weights(model, weights, from, self.dir)
   return model
 end
 

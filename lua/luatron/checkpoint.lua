@@ -536,6 +536,15 @@ function M.open_model(root, step, device)
   return model, provider, cfg, dir
 end
 
+-- Fills every parameter of model (a model or this rank's chunks) from weights, {name = whole tensor in
+-- Megatron's layout} (where[name]: the file it came from, for messages), each rank taking its shard;
+-- everything is checked before anything is copied. The Hugging Face bridge loads through it.
+function M.load_weights(model, weights, where, source)
+  for _, c in ipairs(plan_model_copies(chunk_list(model), weights, where, source)) do
+    if c.set then c.set() else c[1]:copy(c[2]) end
+  end
+end
+
 -- Loads the latest checkpoint of root (or opts.iteration's) into model (a model or this rank's
 -- chunks), and into optimizer unless opts.load_optim == false (a data_parallel optimizer's main
 -- weights then follow the loaded model), whatever layout saved it. Returns the saved state table

@@ -746,6 +746,82 @@ bridge:save_hf_pretrained(model, arg[2])
   end)
 end)
 
+describe("load_hf_weights at any layout (each rank its shard)", function()
+  local model_lib = require "luatron.model"
+
+  -- The loss of tokens through chunks in pipeline order (each chunk's output the next one's input).
+  local function pipeline_loss(chunks, tokens, targets)
+    local x = lt.tensor.from(tokens, "int32")
+    for i, chunk in ipairs(chunks) do
+      local out, ctx, n = chunk:forward(x, i == #chunks and lt.tensor.from(targets, "int32") or nil, nil)
+      ctx:release()
+      if i == #chunks then return f32(out:to_host():sum() / n) end
+      x = out
+    end
+  end
+
+  for _, case in ipairs {
+    { "one stage", 1, nil }, { "two pipeline stages", 2, nil }, { "two stages of two virtual stages each", 2, 2 },
+  } do
+    it(("%s: each rank's chunks take their layers, and the forward through them has the HF loss"):format(case[1]),
+      function()
+        local cfg = with(LLAMA, { num_hidden_layers = 4 })
+        local dir, W = hf_folder(cfg, 37)
+        local bridge = lt.AutoBridge.from_hf_pretrained(dir)
+        local provider = bridge:to_megatron_provider()
+        local ranks = {}
+        for r = 0, case[2] - 1 do
+          ranks[r + 1] = model_lib.build_chunks(provider, model_lib.chunk_layers(provider, case[2], case[3], r), 1)
+          bridge:load_hf_weights(ranks[r + 1]) -- as rank r does: its chunks only
+        end
+        local order = {} -- virtual stage v of every rank, then v + 1
+        for v = 1, case[3] or 1 do
+          for r = 1, case[2] do order[#order + 1] = ranks[r][v] end
+        end
+        local tokens, targets = batch(100)
+        assert_close(hf_loss(cfg, W, tokens, targets), pipeline_loss(order, tokens, targets), case[1])
+      end)
+  end
+
+  it("tensor parallelism (2 ranks): each rank's shards, the HF loss on both", function()
+    local dir, W = hf_folder(LLAMA, 38)
+    local tokens, targets = batch(100)
+    local work = tmpdir()
+    h.write(work .. "/batch.json", json.encode({ tokens = tokens, targets = targets }))
+    h.write(work .. "/tp.lua", [[
+local lt = require "luatron"
+local json = require "luatron.json"
+local model_lib = require "luatron.model"
+local bridge = lt.AutoBridge.from_hf_pretrained(arg[1])
+local provider = bridge:to_megatron_provider { tensor_model_parallel_size = 2 }
+local ps = lt.parallel_state(provider)
+local chunks = model_lib.chunks(provider, ps, 1)
+bridge:load_hf_weights(chunks)
+local f = assert(io.open(arg[2]))
+local b = json.decode(f:read("a"))
+f:close()
+local out, ctx, n = chunks[1]:forward(lt.tensor.from(b.tokens, "int32"), lt.tensor.from(b.targets, "int32"), nil)
+ctx:release()
+local w = chunks[1]:param("decoder.layers.0.mlp.linear_fc1.weight")
+print(("tp rank %d holds %dx%d, loss %.9g"):format(chunks[1]:tp(), w:shape()[1], w:shape()[2], out:to_host():sum() / n))
+]])
+    local code, out = h.luatron(("launch -n 2 %s %s %s"):format(q(work .. "/tp.lua"), q(dir), q(work .. "/batch.json")))
+    assert.are.equal(0, code, out)
+    local ref, seen = hf_loss(LLAMA, W, tokens, targets), 0
+    for rank, rows, loss in out:gmatch("tp rank (%d) holds (%d+)x%d+, loss (%S+)") do
+      assert.are.equal(LLAMA.intermediate_size, tonumber(rows), "rank " .. rank .. ": fc1 is [gate; up] / 2 rows")
+      assert_close(ref, f32(tonumber(loss)), "TP rank " .. rank)
+      seen = seen + 1
+    end
+    assert.are.equal(2, seen, out)
+    -- a vocabulary TP does not divide would be padded, and the padding would enter the softmax
+    assert_error_contains(function()
+      lt.AutoBridge.from_hf_pretrained(hf_folder(with(LLAMA, { vocab_size = 99 }), 39))
+        :to_megatron_provider { tensor_model_parallel_size = 2 }
+    end, "vocab_size = 99 does not divide over tensor_model_parallel_size = 2", "padded rows would enter the softmax")
+  end)
+end)
+
 describe("luatron convert", function()
   local bin = h.luatron_bin()
 
@@ -914,23 +990,13 @@ describe("the bridge refuses", function()
     assert.are.equal(0, now:clone():add(before, -1):norm())
   end)
 
-  it("a pipeline stage (a whole model on one rank is needed); a one-stage chunk loads", function()
+  it("saving a pipeline stage (a whole model on one rank is needed)", function()
     local model_lib = require "luatron.model"
-    local dir, W = hf_folder(LLAMA, 36)
-    local bridge = lt.AutoBridge.from_hf_pretrained(dir)
-    local provider = bridge:to_megatron_provider()
+    local provider = lt.AutoBridge.from_hf_pretrained(hf_folder(LLAMA, 36)):to_megatron_provider()
     local first = model_lib.build_chunks(provider, model_lib.chunk_layers(provider, 2, nil, 0), 1)[1]
-    assert_error_contains(function() bridge:load_hf_weights(first) end, "load_hf_weights needs the whole model on one rank",
-      "pipeline_model_parallel_size = 1", "luatron convert")
+    local bridge = lt.AutoBridge.from_hf_pretrained(hf_folder(LLAMA, 36))
     assert_error_contains(function() bridge:save_hf_pretrained(first, tmpdir()) end, "save_hf_pretrained needs the whole model")
-    local whole = model_lib.build_chunks(provider, model_lib.chunk_layers(provider, 1, nil, 0), 1)[1]
-    bridge:load_hf_weights(whole)
-    local tokens, targets = batch(100)
-    local out, ctx, n = whole:forward(lt.tensor.from(tokens, "int32"), lt.tensor.from(targets, "int32"), nil)
-    ctx:release()
-    assert_close(hf_loss(LLAMA, W, tokens, targets), f32(out:to_host():sum() / n), "one-stage chunk")
   end)
-
   it("a tied lm_head that is not the embedding, shards the index does not match, a model of another shape", function()
     local cfg = with(LLAMA, { tie_word_embeddings = true })
     local dir, W, names = hf_folder(cfg, 33)

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "engine/core/error.h"
+#include "engine/data/unicode_nfc.h"
 #include "engine/data/unicode_tables.h"
 
 int lt_token_buf_push(lt_token_buf *b, int32_t id) {
@@ -127,6 +128,15 @@ static void smap_free(smap_t *m) {
     memset(m, 0, sizeof *m);
 }
 
+/* An added token matched in the text: its id, the bytes it is matched as (its content, or the NFC of
+ * it for a normalized token under the NFC normalizer) and whether it is matched in the normalized text. */
+typedef struct {
+    int32_t id;
+    uint32_t len;
+    uint64_t off; /* into special_bytes */
+    int normalized;
+} special_t;
+
 /* ---- merges: (left id, right id) -> (rank, merged id) ---- */
 typedef struct {
     uint64_t key; /* left << 32 | right, +1 so that 0 means empty */
@@ -143,11 +153,12 @@ struct lt_bpe {
     merge_slot *merges;
     size_t mcap, mcount;
     int32_t byte_id[256];
-    int32_t *special; /* added tokens matched in the text, longest first */
-    size_t nspecial;
-    unsigned char special_first[256];
+    special_t *special; /* added tokens matched in the text, longest first */
+    size_t nspecial, nspecial_pass[2];
+    arena_t special_bytes;             /* what each is matched as */
+    unsigned char special_first[2][256]; /* [normalized][first byte] */
     lt_bpe_pre pre;
-    int add_prefix_space, ignore_merges;
+    int add_prefix_space, ignore_merges, nfc;
     smap_t cache;         /* word bytes -> offset << 20 | count into cache_ids */
     lt_token_buf cache_ids;
     uint32_t unicode_to_byte[324]; /* bytes_to_unicode's code points are all below 324 */
@@ -210,6 +221,7 @@ void lt_bpe_free(lt_bpe *b) {
     free(b->id_bytes.d);
     free(b->merges);
     free(b->special);
+    free(b->special_bytes.d);
     lt_token_buf_free(&b->cache_ids);
     free(b);
 }
@@ -315,25 +327,37 @@ int lt_bpe_add_merge(lt_bpe *b, const char *a, size_t an, const char *bs, size_t
     return 0;
 }
 
-int lt_bpe_add_special(lt_bpe *b, int32_t id, char *err, size_t errlen) {
+int lt_bpe_add_special(lt_bpe *b, int32_t id, int normalized, char *err, size_t errlen) {
     size_t n = 0;
-    if (!lt_bpe_token_bytes(b, id, &n) || n == 0) return lt_fail(err, errlen, "added token id %d is not in the vocabulary", (int)id);
-    int32_t *s = realloc(b->special, (b->nspecial + 1) * sizeof *s);
-    if (!s) return lt_fail(err, errlen, "out of memory");
+    const char *content = lt_bpe_token_bytes(b, id, &n);
+    if (!content || n == 0) return lt_fail(err, errlen, "added token id %d is not in the vocabulary", (int)id);
+    char *norm = NULL;
+    size_t nn = 0;
+    normalized = normalized != 0;
+    if (normalized && b->nfc && lt_nfc(content, n, &norm, &nn) != 0) return lt_fail(err, errlen, "out of memory");
+    if (norm) content = norm, n = nn;
+    special_t *s = realloc(b->special, (b->nspecial + 1) * sizeof *s);
+    int64_t off = s ? arena_put(&b->special_bytes, content, n) : -1;
+    unsigned char first = (unsigned char)content[0];
+    free(norm);
+    if (!s || off < 0) {
+        if (s) b->special = s;
+        return lt_fail(err, errlen, "out of memory");
+    }
     b->special = s;
     /* Keep longest first, so the first match at a position is the longest. */
     size_t i = b->nspecial++;
-    while (i > 0) {
-        size_t m = 0;
-        lt_bpe_token_bytes(b, s[i - 1], &m);
-        if (m >= n) break;
+    while (i > 0 && s[i - 1].len < n) {
         s[i] = s[i - 1];
         i--;
     }
-    s[i] = id;
-    b->special_first[(unsigned char)b->id_bytes.d[b->id_off[id]]] = 1;
+    s[i] = (special_t){.id = id, .len = (uint32_t)n, .off = (uint64_t)off, .normalized = normalized};
+    b->nspecial_pass[normalized]++;
+    b->special_first[normalized][first] = 1;
     return 0;
 }
+
+void lt_bpe_set_nfc(lt_bpe *b, int on) { b->nfc = on != 0; }
 
 void lt_bpe_set_options(lt_bpe *b, lt_bpe_pre pre, int add_prefix_space, int ignore_merges) {
     b->pre = pre;
@@ -354,6 +378,12 @@ int lt_bpe_finish(lt_bpe *b, char *err, size_t errlen) {
 int32_t lt_bpe_token_id(const lt_bpe *b, const char *s, size_t n) {
     const smap_slot *e = smap_get(&b->vocab, s, n);
     return e ? (int32_t)e->val : -1;
+}
+
+int32_t lt_bpe_spelled_id(const lt_bpe *b, const char *s, size_t n) {
+    char raw[1024];
+    long m = unmap(b, s, n, raw, sizeof raw);
+    return m < 0 ? -1 : lt_bpe_token_id(b, raw, (size_t)m);
 }
 
 const char *lt_bpe_token_bytes(const lt_bpe *b, int32_t id, size_t *n) {
@@ -567,23 +597,52 @@ static int encode_piece(lt_bpe *b, const unsigned char *s, size_t n, lt_token_bu
     return rc;
 }
 
-int lt_bpe_encode(lt_bpe *b, const char *text, size_t n, lt_token_buf *out, char *err, size_t errlen) {
-    const unsigned char *s = (const unsigned char *)text;
-    size_t from = 0;
-    for (size_t i = 0; b->nspecial && i < n; i++) {
-        if (!b->special_first[s[i]]) continue;
+/* The leftmost (then longest) added token of one kind (normalized or not) in s[from..n): its index in
+ * b->special and position in *at, or -1. */
+static long find_special(const lt_bpe *b, const unsigned char *s, size_t n, size_t from, int normalized, size_t *at) {
+    if (!b->nspecial_pass[normalized]) return -1;
+    const unsigned char *first = b->special_first[normalized];
+    for (size_t i = from; i < n; i++) {
+        if (!first[s[i]]) continue;
         for (size_t k = 0; k < b->nspecial; k++) {
-            int32_t id = b->special[k];
-            size_t m = b->id_len[id];
-            if (m > n - i || memcmp(s + i, b->id_bytes.d + b->id_off[id], m) != 0) continue;
-            if (encode_piece(b, s + from, i - from, out) != 0 || lt_token_buf_push(out, id) != 0)
-                return lt_fail(err, errlen, "out of memory");
-            i += m - 1;
-            from = i + 1;
-            break;
+            const special_t *t = &b->special[k];
+            if (t->normalized != normalized || t->len > n - i ||
+                memcmp(s + i, b->special_bytes.d + t->off, t->len) != 0)
+                continue;
+            *at = i;
+            return (long)k;
         }
     }
-    if (encode_piece(b, s + from, n - from, out) != 0) return lt_fail(err, errlen, "out of memory");
+    return -1;
+}
+
+/* Text between the added tokens that are matched in the original text: normalized (NFC when set), then
+ * cut at the added tokens matched in the normalized text, the pieces pre-tokenized and BPE'd. */
+static int encode_gap(lt_bpe *b, const unsigned char *s, size_t n, lt_token_buf *out) {
+    char *norm = NULL;
+    size_t nn, from = 0, at;
+    if (n == 0) return 0;
+    if (b->nfc) {
+        if (lt_nfc((const char *)s, n, &norm, &nn) != 0) return -1;
+        if (norm) s = (const unsigned char *)norm, n = nn;
+    }
+    int rc = 0;
+    for (long k; rc == 0 && (k = find_special(b, s, n, from, 1, &at)) >= 0; from = at + b->special[k].len)
+        rc = encode_piece(b, s + from, at - from, out) != 0 || lt_token_buf_push(out, b->special[k].id) != 0 ? -1 : 0;
+    if (rc == 0) rc = encode_piece(b, s + from, n - from, out);
+    free(norm);
+    return rc;
+}
+
+/* As Hugging Face's added vocabulary: the added tokens that are not normalized are cut out of the text
+ * first, then each piece between them is normalized and the normalized ones are cut out of it. */
+int lt_bpe_encode(lt_bpe *b, const char *text, size_t n, lt_token_buf *out, char *err, size_t errlen) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t from = 0, at;
+    for (long k; (k = find_special(b, s, n, from, 0, &at)) >= 0; from = at + b->special[k].len)
+        if (encode_gap(b, s + from, at - from, out) != 0 || lt_token_buf_push(out, b->special[k].id) != 0)
+            return lt_fail(err, errlen, "out of memory");
+    if (encode_gap(b, s + from, n - from, out) != 0) return lt_fail(err, errlen, "out of memory");
     return 0;
 }
 

@@ -43,8 +43,13 @@ int lt_bpe_add_token(lt_bpe *b, const char *tok, size_t n, int32_t id, int raw, 
  * bytes_to_unicode alphabet); a, b and their concatenation must be in the vocabulary. */
 int lt_bpe_add_merge(lt_bpe *b, const char *a, size_t an, const char *bs, size_t bn, char *err, size_t errlen);
 /* Text equal to the content of added token `id` (raw bytes, in the vocabulary) is cut out before
- * pre-tokenization and encoded as that id (longest match at the leftmost position). */
-int lt_bpe_add_special(lt_bpe *b, int32_t id, char *err, size_t errlen);
+ * pre-tokenization and encoded as that id (longest match at the leftmost position), as Hugging Face's
+ * added vocabulary does: normalized = 0, matched in the original text first; normalized = 1, matched
+ * in the normalized pieces between those (as its content normalized: set the normalizer first). */
+int lt_bpe_add_special(lt_bpe *b, int32_t id, int normalized, char *err, size_t errlen);
+/* The normalizer: on = 1, Unicode NFC (Hugging Face's NFC normalizer), applied to the text between
+ * the added tokens matched in the original text, before pre-tokenization; on = 0, none. */
+void lt_bpe_set_nfc(lt_bpe *b, int on);
 /* Options: the pattern, add_prefix_space (a space before each piece of text that does not start with
  * one, Hugging Face's ByteLevel option), ignore_merges (a word that is in the vocabulary is one token,
  * Hugging Face's BPE option). */
@@ -56,6 +61,9 @@ int lt_bpe_finish(lt_bpe *b, char *err, size_t errlen);
 
 /* Id of the raw byte string s[0..n), or -1. */
 int32_t lt_bpe_token_id(const lt_bpe *b, const char *s, size_t n);
+/* Id of the vocabulary string s[0..n) spelled in the bytes_to_unicode alphabet (as vocabulary files
+ * spell it), or -1. */
+int32_t lt_bpe_spelled_id(const lt_bpe *b, const char *s, size_t n);
 /* Raw bytes of token `id` (*n set), or NULL when no token has that id. */
 const char *lt_bpe_token_bytes(const lt_bpe *b, int32_t id, size_t *n);
 /* Number of distinct vocabulary strings, and 1 + the largest id. */

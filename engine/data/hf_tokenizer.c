@@ -1,8 +1,12 @@
 /* HuggingFaceTokenizer: a tokenizer.json (Hugging Face `tokenizers`) of the byte-level BPE kind, as
- * GPT-2 and Llama-3 ship: model BPE (vocab, merges as "a b" strings or [a, b] pairs), no normalizer,
- * pre-tokenizer ByteLevel (GPT-2's pattern) or Split on Llama-3's / Qwen2's pattern then ByteLevel
- * without regex, decoder ByteLevel, added tokens matched before BPE. Everything else is refused with
- * the field that is not supported: a tokenizer that silently encodes differently would spoil a dataset. */
+ * GPT-2, Llama-3 and Qwen2 ship: model BPE (vocab, merges as "a b" strings or [a, b] pairs), no
+ * normalizer or NFC (Qwen2's), pre-tokenizer ByteLevel (GPT-2's pattern) or Split on Llama-3's /
+ * Qwen2's pattern then ByteLevel without regex, decoder ByteLevel, added tokens matched before BPE
+ * (those not normalized in the original text, the others in the normalized text), post-processor
+ * ByteLevel and/or TemplateProcessing (Llama-3's <|begin_of_text|> before the text), as transformers'
+ * tokenizer(text).input_ids, which Megatron's _HuggingFaceTokenizer.tokenize returns. Everything else
+ * is refused with the field that is not supported: a tokenizer that silently encodes differently would
+ * spoil a dataset. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,11 +70,104 @@ static const char *snippet(const hf_t *h, size_t node, char *buf, size_t n) {
     return buf;
 }
 
-static int check_pipeline(hf_t *h, lt_bpe *bpe, size_t root) {
-    char buf[128];
+static int is_array(const hf_t *h, size_t node) {
+    return node != LT_JSON_NONE && h->doc.nodes[node].type == LT_JSON_ARRAY;
+}
+
+/* 1 when node is the integer 0 (a template's type_id). */
+static int is_zero(const hf_t *h, size_t node) {
+    return node != LT_JSON_NONE && h->doc.nodes[node].type == LT_JSON_INT && h->doc.nodes[node].mag == 0;
+}
+
+/* The normalizer (before the added tokens: normalized ones are matched as their normalized content). */
+static int load_normalizer(hf_t *h, lt_bpe *bpe, size_t root) {
+    char buf[128], what[64];
+    const char *supported = "no normalizer, NFC, or a Sequence of NFC (NFD, NFKC, NFKD, Lowercase, Strip, Replace, "
+                            "Prepend, BertNormalizer, ... are not implemented)";
+    size_t n = member(h, root, "normalizer");
+    if (is_null(h, n)) return 0;
+    if (strcmp(type_of(h, n), "NFC") == 0) {
+        lt_bpe_set_nfc(bpe, 1);
+        return 0;
+    }
+    size_t list = member(h, n, "normalizers");
+    if (strcmp(type_of(h, n), "Sequence") != 0 || !is_array(h, list))
+        return refuse(h, "normalizer", snippet(h, n, buf, sizeof buf), supported);
+    size_t k = 0;
+    for (size_t c = h->doc.nodes[list].first; c != LT_JSON_NONE; c = h->doc.nodes[c].next, k++) {
+        snprintf(what, sizeof what, "normalizer.normalizers[%zu]", k);
+        if (strcmp(type_of(h, c), "NFC") != 0) return refuse(h, what, snippet(h, c, buf, sizeof buf), supported);
+        lt_bpe_set_nfc(bpe, 1); /* NFC twice is NFC */
+    }
+    return 0;
+}
+
+/* A TemplateProcessing post-processor (at `where`): its single template's special tokens around $A,
+ * their ids from its special_tokens map, checked against the vocabulary. The pair template is not
+ * used: Megatron's tokenize encodes one text. */
+static int load_template(hf_t *h, lt_tokenizer *t, size_t tp, const char *where) {
+    size_t single = member(h, tp, "single"), specials = member(h, tp, "special_tokens"), k = 0, seqs = 0;
+    if (!is_array(h, single))
+        return lt_fail(h->err, h->errlen, "%s: %s (TemplateProcessing) has no \"single\" template (a list): luatron "
+                       "encodes one text at a time, as Megatron's tokenize does, and a pair-only template does not "
+                       "say what to put around it", h->path, where);
+    for (size_t c = h->doc.nodes[single].first; c != LT_JSON_NONE; c = h->doc.nodes[c].next, k++) {
+        size_t st = member(h, c, "SpecialToken"), sq = member(h, c, "Sequence"), piece = st != LT_JSON_NONE ? st : sq;
+        const char *name = str_of(h, member(h, piece, "id"));
+        if ((st == LT_JSON_NONE) == (sq == LT_JSON_NONE) || !name)
+            return lt_fail(h->err, h->errlen, "%s: %s.single[%zu] is not {\"SpecialToken\": {\"id\": ...}} nor "
+                           "{\"Sequence\": {\"id\": \"A\"}}", h->path, where, k);
+        size_t type_id = member(h, piece, "type_id");
+        if (type_id != LT_JSON_NONE && !is_zero(h, type_id))
+            return lt_fail(h->err, h->errlen, "%s: %s.single[%zu]: type_id is not 0: luatron's tokens carry no token "
+                           "type (Megatron's tokenize returns the input ids only), so a single template is taken "
+                           "with type_id 0 only", h->path, where, k);
+        if (sq != LT_JSON_NONE) {
+            if (strcmp(name, "A") != 0)
+                return lt_fail(h->err, h->errlen, "%s: %s.single[%zu] is the sequence $%s: the single template "
+                               "of one text can only hold $A", h->path, where, k, name);
+            if (++seqs > 1)
+                return lt_fail(h->err, h->errlen, "%s: %s.single holds $A more than once (not implemented)", h->path,
+                               where);
+            t->post_before = t->post_n;
+            continue;
+        }
+        size_t sp = member(h, specials, name), ids = member(h, sp, "ids"), toks = member(h, sp, "tokens");
+        if (!is_array(h, ids) || !is_array(h, toks) || h->doc.nodes[ids].len != h->doc.nodes[toks].len)
+            return lt_fail(h->err, h->errlen, "%s: %s.special_tokens has no \"%s\" with \"ids\" and \"tokens\" "
+                           "lists of one length (the single template's special token %zu)", h->path, where, name, k);
+        size_t j = 0;
+        for (size_t i = h->doc.nodes[ids].first, tk = h->doc.nodes[toks].first; i != LT_JSON_NONE;
+             i = h->doc.nodes[i].next, tk = h->doc.nodes[tk].next, j++) {
+            const lt_json_node *v = &h->doc.nodes[i];
+            const char *tok = str_of(h, tk);
+            size_t len = 0;
+            const char *bytes = v->type == LT_JSON_INT && !v->neg && v->mag <= INT32_MAX
+                                    ? lt_bpe_token_bytes(t->bpe, (int32_t)v->mag, &len) : NULL;
+            if (!bytes || !tok)
+                return lt_fail(h->err, h->errlen, "%s: %s.special_tokens[\"%s\"].ids[%zu] is not the id of a token "
+                               "in the vocabulary (model.vocab or added_tokens)", h->path, where, name, j);
+            int32_t id = (int32_t)v->mag;
+            if (lt_bpe_token_id(t->bpe, tok, strlen(tok)) != id && lt_bpe_spelled_id(t->bpe, tok, strlen(tok)) != id)
+                return lt_fail(h->err, h->errlen, "%s: %s.special_tokens[\"%s\"]: id %d is \"%.*s\" in the "
+                               "vocabulary, not \"%s\"", h->path, where, name, (int)id, (int)(len > 60 ? 60 : len),
+                               bytes, tok);
+            int32_t *grown = realloc(t->post_ids, (t->post_n + 1) * sizeof *grown);
+            if (!grown) return lt_fail(h->err, h->errlen, "out of memory");
+            t->post_ids = grown;
+            t->post_ids[t->post_n++] = id;
+        }
+    }
+    if (seqs != 1)
+        return lt_fail(h->err, h->errlen, "%s: %s.single has no {\"Sequence\": {\"id\": \"A\"}}: where the text "
+                       "goes is not said", h->path, where);
+    return 0;
+}
+
+static int check_pipeline(hf_t *h, lt_tokenizer *t, size_t root) {
+    lt_bpe *bpe = t->bpe;
+    char buf[128], what[64];
     size_t n;
-    if (!is_null(h, n = member(h, root, "normalizer")))
-        return refuse(h, "normalizer", snippet(h, n, buf, sizeof buf), "no normalizer (\"normalizer\": null)");
     if (!is_null(h, n = member(h, root, "truncation")))
         return refuse(h, "truncation", snippet(h, n, buf, sizeof buf), "\"truncation\": null: documents are not cut");
     if (!is_null(h, n = member(h, root, "padding")))
@@ -79,11 +176,28 @@ static int check_pipeline(hf_t *h, lt_bpe *bpe, size_t root) {
     n = member(h, root, "decoder");
     if (!is_null(h, n) && strcmp(type_of(h, n), "ByteLevel") != 0)
         return refuse(h, "decoder", type_of(h, n), "decoder ByteLevel");
-    /* Post-processor: ByteLevel only changes offsets; anything that adds tokens is refused. */
+    /* Post-processor: ByteLevel only changes offsets; TemplateProcessing puts its single template's
+     * tokens around the text's; others (BertProcessing, RobertaProcessing, ...) are refused. */
+    const char *post = "post_processor ByteLevel, TemplateProcessing, a Sequence of them, or null (BertProcessing, "
+                       "RobertaProcessing, ... are not implemented)";
     n = member(h, root, "post_processor");
-    if (!is_null(h, n) && strcmp(type_of(h, n), "ByteLevel") != 0)
-        return refuse(h, "post_processor", type_of(h, n),
-                      "post_processor ByteLevel or null (templates that add BOS/EOS tokens are not implemented)");
+    if (!is_null(h, n) && strcmp(type_of(h, n), "ByteLevel") != 0) {
+        if (strcmp(type_of(h, n), "TemplateProcessing") == 0) {
+            if (load_template(h, t, n, "post_processor") != 0) return -1;
+        } else if (strcmp(type_of(h, n), "Sequence") == 0 && is_array(h, member(h, n, "processors"))) {
+            size_t k = 0, templates = 0;
+            for (size_t c = h->doc.nodes[member(h, n, "processors")].first; c != LT_JSON_NONE;
+                 c = h->doc.nodes[c].next, k++) {
+                snprintf(what, sizeof what, "post_processor.processors[%zu]", k);
+                if (strcmp(type_of(h, c), "ByteLevel") == 0) continue;
+                if (strcmp(type_of(h, c), "TemplateProcessing") != 0 || templates++)
+                    return refuse(h, what, type_of(h, c), post);
+                if (load_template(h, t, c, what) != 0) return -1;
+            }
+        } else {
+            return refuse(h, "post_processor", type_of(h, n), post);
+        }
+    }
     /* Pre-tokenizer. */
     size_t pre = member(h, root, "pre_tokenizer");
     const char *pt = type_of(h, pre);
@@ -191,6 +305,9 @@ static int load_added(hf_t *h, lt_bpe *bpe, size_t root) {
             h->doc.nodes[id].mag > INT32_MAX || !content || !*content)
             return lt_fail(h->err, h->errlen, "%s: added_tokens[%zu] needs an \"id\" (integer) and a non-empty "
                            "\"content\"", h->path, k);
+        /* transformers' default for a token that does not say: special ones are not normalized */
+        size_t norm = member(h, c, "normalized");
+        int normalized = norm == LT_JSON_NONE ? !is_true(h, member(h, c, "special")) : is_true(h, norm);
         const char *flags[] = {"single_word", "lstrip", "rstrip"};
         for (int f = 0; f < 3; f++)
             if (is_true(h, member(h, c, flags[f])))
@@ -198,7 +315,7 @@ static int load_added(hf_t *h, lt_bpe *bpe, size_t root) {
                                "tokens match their exact content)", h->path, k, content, flags[f]);
         int32_t tid = (int32_t)h->doc.nodes[id].mag;
         if (lt_bpe_add_token(bpe, content, strlen(content), tid, 1, msg, sizeof msg) != 0 ||
-            lt_bpe_add_special(bpe, tid, msg, sizeof msg) != 0)
+            lt_bpe_add_special(bpe, tid, normalized, msg, sizeof msg) != 0)
             return lt_fail(h->err, h->errlen, "%s: added_tokens[%zu]: %s", h->path, k, msg);
     }
     return 0;
@@ -259,7 +376,8 @@ int lt_hf_tokenizer_load(lt_tokenizer *t, const char *model, char *err, size_t e
         rc = lt_fail(err, errlen, "%s: not valid JSON (%s)", path, msg);
     else if (h.doc.nodes[0].type != LT_JSON_OBJECT)
         rc = lt_fail(err, errlen, "%s: expected a JSON object (a Hugging Face tokenizer.json)", path);
-    else if (load_model(&h, t->bpe, 0) != 0 || load_added(&h, t->bpe, 0) != 0 || check_pipeline(&h, t->bpe, 0) != 0)
+    else if (load_model(&h, t->bpe, 0) != 0 || load_normalizer(&h, t->bpe, 0) != 0 ||
+             load_added(&h, t->bpe, 0) != 0 || check_pipeline(&h, t, 0) != 0)
         rc = -1;
     else if (lt_bpe_finish(t->bpe, msg, sizeof msg) != 0)
         rc = lt_fail(err, errlen, "%s: %s", path, msg);

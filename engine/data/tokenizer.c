@@ -91,11 +91,19 @@ void lt_tokenizer_free(lt_tokenizer *t) {
     if (!t) return;
     lt_bpe_free(t->bpe);
     lt_sp_tokenizer_free(t->sp);
+    free(t->post_ids);
     free(t);
 }
 
 int lt_tokenizer_encode(lt_tokenizer *t, const char *text, size_t n, lt_token_buf *out, char *err, size_t errlen) {
-    if (t->bpe) return lt_bpe_encode(t->bpe, text, n, out, err, errlen);
+    if (t->bpe) {
+        for (size_t i = 0; i < t->post_before; i++)
+            if (lt_token_buf_push(out, t->post_ids[i]) != 0) return lt_fail(err, errlen, "out of memory");
+        if (lt_bpe_encode(t->bpe, text, n, out, err, errlen) != 0) return -1;
+        for (size_t i = t->post_before; i < t->post_n; i++)
+            if (lt_token_buf_push(out, t->post_ids[i]) != 0) return lt_fail(err, errlen, "out of memory");
+        return 0;
+    }
     if (t->sp) return lt_sp_tokenizer_encode(t->sp, text, n, out, err, errlen);
     for (size_t i = 0; i < n; i++)
         if (lt_token_buf_push(out, (unsigned char)text[i]) != 0) return lt_fail(err, errlen, "out of memory");

@@ -4,7 +4,9 @@
  *   GPT2BPETokenizer      GPT-2's byte-level BPE: vocab_file (encoder.json) + merge_file (vocab.bpe)
  *                         (gpt2_tokenizer.c)
  *   HuggingFaceTokenizer  a tokenizer.json of the byte-level BPE kind (GPT-2, Llama-3, Qwen2):
- *                         model = the file or a folder holding it (hf_tokenizer.c)
+ *                         model = the file or a folder holding it (hf_tokenizer.c); encoding is
+ *                         transformers' tokenizer(text).input_ids (Megatron's tokenize): the NFC
+ *                         normalizer and a TemplateProcessing post-processor's tokens included
  *   SentencePieceTokenizer     Megatron's _SentencePieceTokenizer over a SentencePiece .model file
  *                              (model): the model's pieces plus <CLS> <SEP> <EOD> <MASK> and the pad,
  *                              bos and eos pieces as special tokens (sentencepiece_tokenizer.c)
@@ -34,6 +36,9 @@ typedef struct lt_tokenizer {
     lt_sp_tokenizer *sp; /* the SentencePiece types; both NULL for ByteLevel */
     int64_t vocab_size; /* Megatron's tokenizer.vocab_size: the number of tokens, added ones included */
     int32_t eod;        /* end-of-document id */
+    int32_t *post_ids;  /* HuggingFaceTokenizer's TemplateProcessing: the ids its single template puts
+                           around the text's, post_ids[0..post_before) before, [post_before..post_n) after */
+    size_t post_before, post_n;
     char source[512];   /* the files it came from, for messages */
 } lt_tokenizer;
 

@@ -105,8 +105,8 @@ int main(void) {
     /* added tokens: cut out before BPE, longest first */
     lt_bpe_add_token(b, "<s>", 3, 261, 1, err, sizeof err);
     lt_bpe_add_token(b, "<s>>", 4, 262, 1, err, sizeof err);
-    lt_bpe_add_special(b, 261, err, sizeof err);
-    lt_bpe_add_special(b, 262, err, sizeof err);
+    lt_bpe_add_special(b, 261, 0, err, sizeof err);
+    lt_bpe_add_special(b, 262, 0, err, sizeof err);
     TAP_CHECK(encodes_to(b, "hello<s>> hello<s>", (int32_t[]){259, 262, 260, 261}, 4),
               "added tokens matched before BPE, the longest at a position");
 

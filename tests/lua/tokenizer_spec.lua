@@ -130,18 +130,128 @@ describe("HuggingFaceTokenizer", function()
     assert(t.model.type == "BPE")
     refused(function(c) c.model.type = "WordPiece" end, "model type WordPiece is not supported")
     refused(function(c) c.model.type = "Unigram" end, "model type Unigram is not supported")
-    refused(function(c) c.normalizer = { type = "NFC" } end, "normalizer {\"type\":\"NFC\"} is not supported")
+    refused(function(c) c.normalizer = { type = "NFD" } end, "normalizer {\"type\":\"NFD\"} is not supported",
+      "no normalizer, NFC, or a Sequence of NFC")
+    refused(function(c) c.normalizer = { type = "NFKC" } end, "normalizer {\"type\":\"NFKC\"} is not supported")
+    refused(function(c) c.normalizer = { type = "Sequence", normalizers = { { type = "NFC" }, { type = "Lowercase" } } } end,
+      "normalizer.normalizers[1] {\"type\":\"Lowercase\"} is not supported")
     refused(function(c) c.pre_tokenizer = { type = "Whitespace" } end, "pre_tokenizer Whitespace is not supported")
     refused(function(c)
       c.pre_tokenizer = { type = "Sequence", pretokenizers = { { type = "Split", pattern = { Regex = "\\w+" },
         behavior = "Isolated", invert = false }, { type = "ByteLevel", use_regex = false } } }
     end, "pre_tokenizer {\"pretokenizers\":[{\"behavior\":\"Isolated\"", "Split on Llama-3's or Qwen2's pattern")
     refused(function(c) c.decoder = { type = "WordPiece" } end, "decoder WordPiece is not supported")
-    refused(function(c) c.post_processor = { type = "TemplateProcessing" } end,
-      "post_processor TemplateProcessing is not supported")
+    refused(function(c) c.post_processor = { type = "BertProcessing", sep = { "<|sep|>", 317 } } end,
+      "post_processor BertProcessing is not supported", "ByteLevel, TemplateProcessing, a Sequence of them")
+    refused(function(c) c.post_processor = { type = "Sequence", processors = { { type = "ByteLevel" },
+      { type = "RobertaProcessing" } } } end, "post_processor.processors[1] RobertaProcessing is not supported")
+    -- templates: pair-only, $B in the single one, a type id, ids that are not the vocabulary's
+    local sep_tok = { id = "<|sep|>", ids = { want.sep }, tokens = { "<|sep|>" } }
+    local function template(single, specials)
+      return function(c)
+        c.post_processor = { type = "TemplateProcessing", single = single, special_tokens = specials or
+          { ["<|sep|>"] = sep_tok } }
+      end
+    end
+    local A, SEPT = { Sequence = { id = "A", type_id = 0 } }, { SpecialToken = { id = "<|sep|>", type_id = 0 } }
+    refused(function(c)
+      c.post_processor = { type = "TemplateProcessing", pair = { A, { Sequence = { id = "B", type_id = 1 } } },
+        special_tokens = {} }
+    end, "post_processor (TemplateProcessing) has no \"single\" template", "a pair-only template")
+    refused(template({ SEPT, { Sequence = { id = "B", type_id = 0 } } }), "post_processor.single[1] is the sequence $B")
+    refused(template({ SEPT, { Sequence = { id = "A", type_id = 1 } } }), "post_processor.single[1]: type_id is not 0")
+    refused(template({ SEPT }), "post_processor.single has no {\"Sequence\": {\"id\": \"A\"}}")
+    refused(template({ A, { SpecialToken = { id = "<|eos|>", type_id = 0 } } }),
+      "post_processor.special_tokens has no \"<|eos|>\"")
+    refused(template({ SEPT, A }, { ["<|sep|>"] = { id = "<|sep|>", ids = { want.eod }, tokens = { "<|sep|>" } } }),
+      ("post_processor.special_tokens[\"<|sep|>\"]: id %d is \"<|endoftext|>\" in the vocabulary, not \"<|sep|>\""):format(
+        want.eod))
+    refused(template({ SEPT, A }, { ["<|sep|>"] = { id = "<|sep|>", ids = { 99999 }, tokens = { "<|sep|>" } } }),
+      "post_processor.special_tokens[\"<|sep|>\"].ids[0] is not the id of a token in the vocabulary")
     refused(function(c) c.model.byte_fallback = true end, "model.byte_fallback true is not supported")
     refused(function(c) c.added_tokens[2].lstrip = true end, "lstrip = true is not supported")
     refused(function(c) c.model.merges[1] = "zz qq" end, "model.merges[0]", "is not in the vocabulary")
+  end)
+end)
+
+describe("HuggingFaceTokenizer: Llama-3's template, Qwen2's NFC normalizer", function()
+  it("Llama-3: <|begin_of_text|> before every text (empty ones too), as the reference", function()
+    local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir .. "/tokenizer_llama3_bos.json" })
+    assert.are.equal(want.hf_vocab_size + 1, tok.vocab_size)
+    for i, text in ipairs(want.texts) do
+      local ids = tok:encode(text)
+      assert.are.same(list(want.llama3_bos[i]), ids, ("text %d: %q"):format(i, text))
+      -- decode keeps the special tokens' content (transformers' decode, skip_special_tokens = False)
+      assert.are.equal("<|begin_of_text|>" .. text, tok:decode(ids))
+    end
+    assert.are.same({ want.bos }, tok:encode(""))
+    assert.are.same({ want.bos, want.bos }, tok:encode("<|begin_of_text|>")) -- the literal text is the token too
+    -- the reference's ids are the Split's with the template's before them
+    for i = 1, #want.texts do
+      local plain = list(want.llama3[i])
+      table.insert(plain, 1, want.bos)
+      if not want.texts[i]:find("<|begin_of_text|>", 1, true) then assert.are.same(plain, list(want.llama3_bos[i])) end
+    end
+  end)
+
+  it("templates alone or in a Sequence, tokens after $A and several ids per special token", function()
+    local t = json.decode(read(dir .. "/tokenizer_llama3_bos.json"))
+    local bos = "<|begin_of_text|>"
+    t.post_processor = { type = "TemplateProcessing",
+      single = { { SpecialToken = { id = bos, type_id = 0 } }, { Sequence = { id = "A", type_id = 0 } },
+        { SpecialToken = { id = "two", type_id = 0 } } },
+      special_tokens = { [bos] = { id = bos, ids = { want.bos }, tokens = { bos } },
+        two = { id = "two", ids = { want.sep, want.eod }, tokens = { "<|sep|>", "<|endoftext|>" } } } }
+    local d = h.tmpdir()
+    write(d .. "/tokenizer.json", json.encode(t))
+    local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = d })
+    for i, text in ipairs(want.texts) do
+      local ids = list(want.llama3_bos[i])
+      ids[#ids + 1], ids[#ids + 2] = want.sep, want.eod
+      assert.are.same(ids, tok:encode(text), ("text %d"):format(i))
+    end
+    -- a special token may be a model token, named as the vocabulary file spells it ("Ġ" for the space)
+    t.post_processor.special_tokens.two = { id = "two", ids = { 32 }, tokens = { "\u{120}" } }
+    write(d .. "/tokenizer.json", json.encode(t))
+    tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = d })
+    assert.are.same({ want.bos, 32 }, tok:encode(""))
+  end)
+
+  it("Qwen2 with NFC: encodes as the reference (unicodedata's NFC), decodes to the NFC text", function()
+    for _, name in ipairs({ "tokenizer_qwen2_nfc.json", "tokenizer_qwen2_nfc_seq.json" }) do
+      local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir .. "/" .. name })
+      assert.are.equal(want.hf_vocab_size + 1, tok.vocab_size)
+      local changed = 0
+      for i, text in ipairs(want.texts) do
+        local ids = tok:encode(text)
+        assert.are.same(list(want.qwen2_nfc[i]), ids, ("%s, text %d: %q"):format(name, i, text))
+        assert.are.equal(want.qwen2_nfc_decoded[i], tok:decode(ids), ("%s, text %d"):format(name, i))
+        if table.concat(ids, ",") ~= table.concat(list(want.qwen2[i]), ",") then changed = changed + 1 end
+      end
+      assert.is_true(changed > 100, "NFC changed the encodings of " .. changed .. " texts")
+    end
+    -- the normalized added token is matched as its NFC content, the composed and the decomposed spelling
+    local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir .. "/tokenizer_qwen2_nfc.json" })
+    assert.are.same({ want.cafe }, tok:encode("<|caf\u{e9}|>"))
+    assert.are.same({ want.cafe }, tok:encode("<|cafe\u{301}|>"))
+    -- bytes that are not UTF-8 stay as they are, marks after them uncomposed
+    for _, raw in ipairs({ "bad \xff\xcc\x81 x", "\xe2\x84 A\xcc\x8a \xed\xa0\x80\xcc\x81", "\xcc\x81\xcc\xa7" }) do
+      local nfc_raw = raw:gsub("A\xcc\x8a", "\xc3\x85"):gsub("\xcc\x81\xcc\xa7", "\xcc\xa7\xcc\x81")
+      assert.are.equal(nfc_raw, tok:decode(tok:encode(raw)))
+    end
+  end)
+
+  it("NFC as unicodedata's for every code point it may touch (after a base, before two marks)", function()
+    local tok = tokenizer.build({ tokenizer_type = "HuggingFaceTokenizer", tokenizer_model = dir .. "/tokenizer_qwen2_nfc.json" })
+    assert.is_true(#want.nfc_sweep >= 8) -- about 3400 code points
+    for i, pair in ipairs(want.nfc_sweep) do
+      local got = tok:decode(tok:encode(pair[1]))
+      if got ~= pair[2] then -- the first code point that differs, for the message
+        local k = 1
+        while got:sub(k, k) == pair[2]:sub(k, k) do k = k + 1 end
+        error(("sweep %d: differs at byte %d: got %q, want %q"):format(i, k, got:sub(k - 8, k + 8), pair[2]:sub(k - 8, k + 8)))
+      end
+    end
   end)
 end)
 
@@ -220,6 +330,27 @@ describe("luatron preprocess with a tokenizer", function()
     local tok = tokenizer.build(HF)
     local titles = read_indexed(dir .. "/hf_title_document")
     assert.are.same(tok:encode("doc 3"), titles.seqs[3])
+  end)
+
+  it("HuggingFaceTokenizer with Llama-3's template (eod after it) and with Qwen2's NFC: the reference's ids", function()
+    local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type HuggingFaceTokenizer "
+      .. "--tokenizer-model %s --append-eod"):format(q(corpus), q(dir .. "/bos"), q(dir .. "/tokenizer_llama3_bos.json")))
+    assert.are.equal(0, code, out)
+    local ds = read_indexed(dir .. "/bos")
+    local seqs, docs = expected_docs(want.llama3_bos, want.eod)
+    assert.are.same(seqs, ds.seqs)
+    assert.are.same(docs, ds.docs)
+    -- every document is a sequence: the empty one is <|begin_of_text|> <|endoftext|>, as Megatron's tokenize
+    assert.are.equal(#want.texts, #ds.seqs)
+    assert.are.equal("", want.texts[14])
+    assert.are.same({ want.bos, want.eod }, ds.seqs[14])
+    code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type HuggingFaceTokenizer "
+      .. "--tokenizer-model %s"):format(q(corpus), q(dir .. "/nfc"), q(dir .. "/tokenizer_qwen2_nfc.json")))
+    assert.are.equal(0, code, out)
+    ds = read_indexed(dir .. "/nfc")
+    seqs, docs = expected_docs(want.qwen2_nfc, nil)
+    assert.are.same(seqs, ds.seqs)
+    assert.are.same(docs, ds.docs)
   end)
 
   it("refuses Megatron flags it does not implement and tokenizer mistakes, with the reason", function()

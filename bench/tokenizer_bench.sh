@@ -6,6 +6,8 @@
 # the I/O floor. SentencePieceTokenizer runs a BPE SentencePiece model (SPM_VOCAB pieces, default 8000)
 # that spm_train learns here from the same ~1 MB sample. Prints the figures and writes them to
 # bench/results/tokenizer.txt.
+# HuggingFaceTokenizer reads the same vocabulary from a tokenizer.json, without and with the NFC
+# normalizer (the corpus is NFC already, as most text is: the row shows the quick check's cost).
 #   bench/tokenizer_bench.sh [MB] [MERGES]     (defaults 16 and 2000; needs spm_train: Debian's sentencepiece)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -75,6 +77,17 @@ vocab.append("<|endoftext|>")
 json.dump({t: i for i, t in enumerate(vocab)}, open(out + "/encoder.json", "w"), ensure_ascii=False)
 with open(out + "/vocab.bpe", "w") as f: f.write("#version: 0.2\n" + "".join("%s %s\n" % m for m in merges))
 with open(out + "/sample.txt", "w") as f: f.write("\n".join(sample) + "\n")
+# the same vocabulary as a tokenizer.json (GPT-2's ByteLevel pre-tokenizer), without and with Qwen2's NFC
+tj = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+      "added_tokens": [{"id": len(vocab) - 1, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                        "rstrip": False, "normalized": False, "special": True}],
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+      "post_processor": None, "decoder": {"type": "ByteLevel"},
+      "model": {"type": "BPE", "dropout": None, "vocab": {t: i for i, t in enumerate(vocab)},
+                "merges": ["%s %s" % m for m in merges]}}
+json.dump(tj, open(out + "/tokenizer.json", "w"), ensure_ascii=False)
+tj["normalizer"] = {"type": "NFC"}
+json.dump(tj, open(out + "/tokenizer_nfc.json", "w"), ensure_ascii=False)
 PY
 spm_vocab=${SPM_VOCAB:-8000}
 spm_train --input="$out/sample.txt" --model_prefix="$out/spm" --model_type=bpe --vocab_size="$spm_vocab" \
@@ -107,6 +120,8 @@ merges_n=$(($(wc -l <"$out/vocab.bpe") - 1))
   echo "| tokenizer | seconds | tokens | tokens/s | MB/s |"
   echo "|---|---:|---:|---:|---:|"
   timed GPT2BPETokenizer --tokenizer-type GPT2BPETokenizer --vocab-file "$out/encoder.json" --merge-file "$out/vocab.bpe" --append-eod
+  timed HuggingFaceTokenizer --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$out/tokenizer.json" --append-eod
+  timed HuggingFaceTokenizer+NFC --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$out/tokenizer_nfc.json" --append-eod
   timed SentencePieceTokenizer --tokenizer-type SentencePieceTokenizer --tokenizer-model "$out/spm.model" --append-eod
   timed ByteLevel --tokenizer-type ByteLevel --append-eod
 } | tee "$out/table.md"

@@ -16,18 +16,7 @@ local q, tmpdir, assert_error_contains = h.q, h.tmpdir, h.assert_error_contains
 -- Files
 ------------------------------------------------------------------------------------------------
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function write(path, bytes)
-  local f = assert(io.open(path, "wb"))
-  f:write(bytes)
-  f:close()
-end
+local read, write = h.read, h.write
 
 -- The bits of a float32.
 local function f32_bits(x) return (string.unpack("<I4", string.pack("<f", x))) end

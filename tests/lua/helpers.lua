@@ -44,9 +44,17 @@ function h.tmpdir()
 end
 
 function h.write(path, text)
-  local f = assert(io.open(path, "w"))
+  local f = assert(io.open(path, "wb"))
   f:write(text)
   f:close()
+end
+
+-- The whole file at path (bytes as they are).
+function h.read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
 end
 
 -- Runs a shell command; returns its exit code and its output (stdout and stderr).

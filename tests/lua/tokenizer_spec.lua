@@ -13,11 +13,16 @@ local tokenizer = require "luatron.tokenizer"
 local h = dofile("tests/lua/helpers.lua")
 local q, write, luatron, assert_error_contains = h.q, h.write, h.luatron, h.assert_error_contains
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
+local read = h.read
+
+-- A ConfigContainer of a tiny model with tokenizer tok, validated.
+local function validate(tok)
+  return config.ConfigContainer({
+    model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 16 },
+    train = { micro_batch_size = 1, global_batch_size = 1, train_iters = 1 },
+    optimizer = { lr = 1e-3 },
+    tokenizer = tok,
+  }):validate({ world_size = 1 })
 end
 
 local dir = h.tmpdir()
@@ -378,15 +383,6 @@ describe("luatron preprocess with a tokenizer", function()
 end)
 
 describe("TokenizerConfig with tokenizer files", function()
-  local function validate(tok)
-    return config.ConfigContainer({
-      model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 16 },
-      train = { micro_batch_size = 1, global_batch_size = 1, train_iters = 1 },
-      optimizer = { lr = 1e-3 },
-      tokenizer = tok,
-    }):validate({ world_size = 1 })
-  end
-
   it("takes the vocabulary size and eod from the files", function()
     local r = validate(GPT2)
     assert.are.equal(want.vocab_size, r.model.vocab_size)
@@ -611,15 +607,6 @@ describe("luatron preprocess with a SentencePiece model", function()
 end)
 
 describe("TokenizerConfig with a SentencePiece model", function()
-  local function validate(tok)
-    return config.ConfigContainer({
-      model = { num_layers = 1, hidden_size = 32, num_attention_heads = 2, seq_length = 16 },
-      train = { micro_batch_size = 1, global_batch_size = 1, train_iters = 1 },
-      optimizer = { lr = 1e-3 },
-      tokenizer = tok,
-    }):validate({ world_size = 1 })
-  end
-
   it("takes vocab_size and eod as Megatron computes them, and needs tokenizer_model", function()
     for _, name in ipairs(SP_MODELS) do
       local w = spwant[name]

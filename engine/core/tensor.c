@@ -132,15 +132,56 @@ lt_tensor *lt_tensor_narrow(const lt_tensor *t, int dim, int64_t start, int64_t 
     return lt_tensor_view(t, t->ndim, shape, t->stride, t->offset + start * t->stride[dim]);
 }
 
+#define LT_GATHER_TILE 32
+
+/* Rows [0, R) x columns [0, C) of a 2-D source with strides (sr, sc) into a contiguous [R, C], element
+ * size es, tile by tile. */
+#define GATHER_2D(T)                                                                                       \
+    for (int64_t r0 = 0; r0 < R; r0 += LT_GATHER_TILE)                                                     \
+        for (int64_t c0 = 0; c0 < C; c0 += LT_GATHER_TILE) {                                               \
+            const int64_t r1 = r0 + LT_GATHER_TILE < R ? r0 + LT_GATHER_TILE : R;                          \
+            const int64_t c1 = c0 + LT_GATHER_TILE < C ? c0 + LT_GATHER_TILE : C;                          \
+            for (int64_t r = r0; r < r1; r++)                                                              \
+                for (int64_t c = c0; c < c1; c++) ((T *)d)[r * C + c] = ((const T *)s)[r * sr + c * sc];   \
+        }
+static void gather_2d(char *d, const char *s, int64_t R, int64_t C, int64_t sr, int64_t sc, size_t es) {
+    if (es == 4) {
+        GATHER_2D(uint32_t)
+    } else if (es == 2) {
+        GATHER_2D(uint16_t)
+    } else {
+        GATHER_2D(uint64_t)
+    }
+}
+#undef GATHER_2D
+
+void lt_tensor_gather(lt_tensor *dst, const lt_tensor *src) {
+    const size_t es = lt_dtype_size(src->dtype);
+    const int nd = src->ndim;
+    char *d = lt_tensor_data(dst);
+    const char *s = lt_tensor_data(src);
+    if (lt_tensor_is_contiguous(src)) {
+        memcpy(d, s, (size_t)lt_tensor_numel(src) * es);
+        return;
+    }
+    if (nd < 2) { /* one strided row */
+        for (int64_t i = 0; i < lt_tensor_numel(src); i++) memcpy(d + (size_t)i * es, s + (size_t)(i * src->stride[0]) * es, es);
+        return;
+    }
+    /* an odometer over all but the last two dimensions, a tiled 2-D gather for those */
+    const int64_t R = src->shape[nd - 2], C = src->shape[nd - 1], plane = R * C;
+    int64_t idx[LT_MAX_DIMS] = {0}, planes = plane ? lt_tensor_numel(src) / plane : 0;
+    for (int64_t p = 0; p < planes; p++) {
+        int64_t off = 0;
+        for (int k = 0; k < nd - 2; k++) off += idx[k] * src->stride[k];
+        gather_2d(d + (size_t)(p * plane) * es, s + (size_t)off * es, R, C, src->stride[nd - 2], src->stride[nd - 1], es);
+        for (int k = nd - 3; k >= 0 && ++idx[k] == src->shape[k]; k--) idx[k] = 0;
+    }
+}
+
 lt_tensor *lt_tensor_clone(const lt_tensor *t) {
     lt_tensor *c = lt_tensor_new(t->dtype, t->ndim, t->shape);
-    if (!c) return NULL;
-    int64_t n = lt_tensor_numel(t);
-    if (lt_tensor_is_contiguous(t)) {
-        memcpy(lt_tensor_data(c), lt_tensor_data(t), (size_t)n * lt_dtype_size(t->dtype));
-    } else {
-        for (int64_t i = 0; i < n; i++) lt_tensor_set_flat(c, i, lt_tensor_get_flat(t, i));
-    }
+    if (c) lt_tensor_gather(c, t);
     return c;
 }
 

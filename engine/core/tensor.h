@@ -49,6 +49,9 @@ lt_tensor *lt_tensor_reshape(const lt_tensor *t, int ndim, const int64_t *shape)
 lt_tensor *lt_tensor_narrow(const lt_tensor *t, int dim, int64_t start, int64_t length);
 /* A contiguous copy. */
 lt_tensor *lt_tensor_clone(const lt_tensor *t);
+/* dst[i] = src[i] in row-major order: dst contiguous, src any strides, one dtype, both in host memory
+ * (a transposed view is copied in tiles, so both sides stay in cache). */
+void lt_tensor_gather(lt_tensor *dst, const lt_tensor *src);
 void lt_tensor_free(lt_tensor *t);
 
 int64_t lt_tensor_numel(const lt_tensor *t);

@@ -243,6 +243,8 @@ static int m_copy(lua_State *L) {
         else lt_backend_of(dst)->copy(lt_tensor_data(dst), lt_tensor_data(src), nbytes);
     } else if (same_layout)
         memmove(lt_tensor_data(dst), lt_tensor_data(src), (size_t)n * lt_dtype_size(dst->dtype));
+    else if (dst->dtype == src->dtype && lt_tensor_is_contiguous(dst) && dst->storage != src->storage)
+        lt_tensor_gather(dst, src); /* (views of one storage may overlap: element by element below) */
     else
         for (int64_t i = 0; i < n; i++) lt_tensor_set_flat(dst, i, lt_tensor_get_flat(src, i));
     lua_settop(L, 1);

@@ -106,6 +106,29 @@ static void test_tensors(void) {
               "dtype sizes and names");
     lt_tensor_free(i64);
     lt_tensor_free(bf);
+
+    /* gather: strided views of every element size into contiguous tensors, as get_flat reads them (a
+     * 3-D view with its last two dimensions swapped and narrowed, larger than one 32 x 32 tile; a 1-D
+     * strided row) */
+    const lt_dtype types[3] = {LT_F32, LT_BF16, LT_I64};
+    for (int k = 0; k < 3; k++) {
+        int64_t big[3] = {3, 70, 45};
+        lt_tensor *b = lt_tensor_new(types[k], 3, big);
+        for (int64_t i = 0; i < lt_tensor_numel(b); i++) lt_tensor_set_flat(b, i, (double)(i % 251));
+        const int64_t vshape[3] = {3, 40, 66}, vstride[3] = {b->stride[0], 1, b->stride[1]};
+        lt_tensor *v = lt_tensor_view(b, 3, vshape, vstride, 2 * b->stride[1] + 3); /* [3, 40 of 45, 66 of 70]^T */
+        lt_tensor *g = lt_tensor_new(types[k], 3, vshape);
+        lt_tensor_gather(g, v);
+        int same = 1;
+        for (int64_t i = 0; i < lt_tensor_numel(v); i++) same &= lt_tensor_get_flat(g, i) == lt_tensor_get_flat(v, i);
+        const int64_t rshape[1] = {35}, rstride[1] = {2};
+        lt_tensor *row = lt_tensor_view(b, 1, rshape, rstride, 1), *rg = lt_tensor_new(types[k], 1, rshape);
+        lt_tensor_gather(rg, row);
+        for (int64_t i = 0; i < 35; i++) same &= lt_tensor_get_flat(rg, i) == lt_tensor_get_flat(row, i);
+        TAP_CHECK(same, "gather of transposed, narrowed and strided %s views equals their elements",
+                  lt_dtype_name(types[k]));
+        lt_tensor_free(b), lt_tensor_free(v), lt_tensor_free(g), lt_tensor_free(row), lt_tensor_free(rg);
+    }
 }
 
 static void test_rng(void) {

@@ -94,13 +94,13 @@ spm_train --input="$out/sample.txt" --model_prefix="$out/spm" --model_type=bpe -
   --character_coverage=1.0 --num_threads="$(nproc)" --minloglevel=2 >/dev/null 2>&1
 bytes=$(stat -c %s "$out/corpus.jsonl")
 timed() { # label, preprocess arguments...
-  local label=$1
+  local label=$1 name=${1//[ -]/_}
   shift
   local t0 t1
   t0=$(date +%s.%N)
-  "$bin" preprocess --input "$out/corpus.jsonl" --output-prefix "$out/$label" "$@" >"$out/$label.log"
+  "$bin" preprocess --input "$out/corpus.jsonl" --output-prefix "$out/$name" "$@" >"$out/$name.log"
   t1=$(date +%s.%N)
-  python3 - "$label" "$t0" "$t1" "$bytes" "$out/$label.log" <<'PY'
+  python3 - "$label" "$t0" "$t1" "$bytes" "$out/$name.log" <<'PY'
 import re, sys
 label, t0, t1, size, log = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 tokens = int(re.search(r"(\d+) tokens", open(log).read()).group(1))
@@ -112,7 +112,7 @@ merges_n=$(($(wc -l <"$out/vocab.bpe") - 1))
 {
   echo "# luatron preprocess throughput ($(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo none))"
   echo
-  echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) CPUs); one thread (preprocess is single-threaded)"
+  echo "- CPU: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) CPUs); one worker thread unless the row says --workers"
   echo "- corpus: $(python3 -c "print('%.1f' % ($bytes / 1e6))") MB of generated JSONL; GPT-2 style vocabulary of 256 bytes + $merges_n merges + <|endoftext|>"
   echo "- SentencePieceTokenizer: a BPE SentencePiece model of $spm_vocab pieces (spm_train on the same sample), Megatron's special tokens"
   echo "- command: bench/tokenizer_bench.sh $mb $merges (wall time of the whole command: read, tokenize, write .bin/.idx)"
@@ -123,6 +123,8 @@ merges_n=$(($(wc -l <"$out/vocab.bpe") - 1))
   timed HuggingFaceTokenizer --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$out/tokenizer.json" --append-eod
   timed HuggingFaceTokenizer+NFC --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$out/tokenizer_nfc.json" --append-eod
   timed SentencePieceTokenizer --tokenizer-type SentencePieceTokenizer --tokenizer-model "$out/spm.model" --append-eod
+  timed "SentencePieceTokenizer --workers $(nproc)" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$out/spm.model" --append-eod --workers "$(nproc)"
+  timed "GPT2BPETokenizer --workers $(nproc)" --tokenizer-type GPT2BPETokenizer --vocab-file "$out/encoder.json" --merge-file "$out/vocab.bpe" --append-eod --workers "$(nproc)"
   timed ByteLevel --tokenizer-type ByteLevel --append-eod
 } | tee "$out/table.md"
 mkdir -p bench/results

@@ -139,13 +139,21 @@ static int run_recipe(int argc, char **argv) {
     return 0;
 }
 
-/* A command written in Lua: require(module).main(argv[2], ...), its number the exit code (nil: 0). */
+/* A command written in Lua: require(module).main(argv[2], ...), its number the exit code (nil: 0); with
+ * --help or -h anywhere, the module's USAGE on stdout instead. */
 static int run_lua_command(const char *module, int argc, char **argv) {
     lua_State *L = new_state();
     lua_pushcfunction(L, traceback_handler);
     lua_getglobal(L, "require");
     lua_pushstring(L, module);
-    int status = lua_pcall(L, 1, 1, 1);
+    int status = lua_pcall(L, 1, 1, 1), help = 0;
+    for (int i = 2; i < argc; i++) help |= strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0;
+    if (status == LUA_OK && help) {
+        lua_getfield(L, -1, "USAGE");
+        fputs(lua_tostring(L, -1) ? lua_tostring(L, -1) : "", stdout);
+        lua_close(L);
+        return 0;
+    }
     if (status == LUA_OK) {
         lua_getfield(L, -1, "main");
         for (int i = 2; i < argc; i++) lua_pushstring(L, argv[i]);

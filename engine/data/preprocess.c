@@ -3,6 +3,7 @@
 #include "engine/data/preprocess.h"
 
 #include <errno.h>
+#include <omp.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -149,8 +150,7 @@ static void usage(FILE *f) {
           "                           document; EOD its eos\n"
           "  --vocab-file F, --merge-file F, --tokenizer-model F   the tokenizer's files\n"
           "  --append-eod           append the tokenizer's EOD to every non-empty document\n"
-          "  --workers N            accepted for Megatron's command lines: luatron tokenizes in one\n"
-          "                         thread, and the output does not depend on N\n"
+          "  --workers N            tokenize in N threads (default 1); the output does not depend on N\n"
           "  --log-interval N       print progress to stderr every N documents\n"
           "  --help                 show this help\n"
           "\n"
@@ -169,32 +169,82 @@ typedef struct {
     int64_t docs, empty;
 } sink_t;
 
+/* A document waiting in the batch: its text (owned), where it goes and the line it ended on, then its
+ * ids and how tokenizing it went. */
 typedef struct {
-    lt_tokenizer *tok;
-    int append_eod;
+    char *text;
+    size_t n;
+    sink_t *sink;
+    int64_t line;
     lt_token_buf ids;
+    int rc;
+    char err[256];
+} doc_t;
+
+#define BATCH_DOCS 1024
+#define BATCH_BYTES ((size_t)8 << 20)
+
+typedef struct {
+    lt_tokenizer **tok; /* one per worker: a tokenizer's word cache is its own */
+    int workers, append_eod;
+    const char *path;
+    doc_t *batch; /* [BATCH_DOCS] */
+    int n;
+    size_t bytes;
     int64_t log_interval, done;
 } job_t;
 
-/* One document. As Megatron's preprocess_data.py: an empty one gets no EOD and no sequence, only its
- * entry in the document index (IndexedDatasetBuilder.add_document with no lengths). */
-static int emit(job_t *j, sink_t *s, const char *bytes, size_t n, char *err, size_t errlen) {
-    j->ids.n = 0;
-    if (lt_tokenizer_encode(j->tok, bytes, n, &j->ids, err, errlen) != 0) return -1;
-    if (j->ids.n > 0 && j->append_eod && lt_token_buf_push(&j->ids, j->tok->eod) != 0)
-        return lt_fail(err, errlen, "out of memory");
-    s->docs++;
-    if (j->log_interval > 0 && ++j->done % j->log_interval == 0)
-        fprintf(stderr, "preprocess: %lld documents\n", (long long)j->done);
-    if (j->ids.n == 0) {
-        s->empty++;
-        return lt_indexed_writer_end_document(s->w, err, errlen);
+/* One tokenized document into its sink. As Megatron's preprocess_data.py: an empty one gets no EOD and
+ * no sequence, only its entry in the document index (IndexedDatasetBuilder.add_document with no lengths). */
+static int write_doc(job_t *j, doc_t *d, char *err, size_t errlen) {
+    char e2[1024];
+    sink_t *s = d->sink;
+    int rc = d->rc;
+    if (rc) snprintf(e2, sizeof e2, "%s", d->err);
+    if (!rc) {
+        s->docs++;
+        if (j->log_interval > 0 && ++j->done % j->log_interval == 0)
+            fprintf(stderr, "preprocess: %lld documents\n", (long long)j->done);
+        if (d->ids.n == 0) {
+            s->empty++;
+            rc = lt_indexed_writer_end_document(s->w, e2, sizeof e2);
+        } else if (d->ids.n > (size_t)INT32_MAX) {
+            rc = lt_fail(e2, sizeof e2, "document of %zu tokens is too long", d->ids.n);
+        } else {
+            rc = lt_indexed_writer_add(s->w, d->ids.ids, (int64_t)d->ids.n, e2, sizeof e2) ||
+                 lt_indexed_writer_end_document(s->w, e2, sizeof e2);
+        }
     }
-    if (j->ids.n > (size_t)INT32_MAX) return lt_fail(err, errlen, "document of %zu tokens is too long", j->ids.n);
-    if (lt_indexed_writer_add(s->w, j->ids.ids, (int64_t)j->ids.n, err, errlen) != 0 ||
-        lt_indexed_writer_end_document(s->w, err, errlen) != 0)
-        return -1;
-    return 0;
+    return rc ? lt_fail(err, errlen, "%s:%lld: %s", j->path, (long long)d->line, e2) : 0;
+}
+
+/* The batch tokenized, its documents shared out over the workers, then written in input order. */
+static int flush(job_t *j, char *err, size_t errlen) {
+#pragma omp parallel for num_threads(j->workers) schedule(dynamic, 8) if (j->workers > 1)
+    for (int i = 0; i < j->n; i++) {
+        doc_t *d = &j->batch[i];
+        d->ids.n = 0;
+        d->rc = lt_tokenizer_encode(j->tok[omp_get_thread_num()], d->text, d->n, &d->ids, d->err, sizeof d->err);
+        if (!d->rc && d->ids.n > 0 && j->append_eod && lt_token_buf_push(&d->ids, j->tok[0]->eod) != 0)
+            d->rc = lt_fail(d->err, sizeof d->err, "out of memory");
+    }
+    int rc = 0;
+    for (int i = 0; i < j->n; i++) {
+        if (!rc) rc = write_doc(j, &j->batch[i], err, errlen);
+        free(j->batch[i].text);
+        j->batch[i].text = NULL;
+    }
+    j->n = 0, j->bytes = 0;
+    return rc;
+}
+
+/* Takes text (malloc'd: the batch owns it now), ended at `line`, for sink s; tokenizes and writes the
+ * batch when it is full. */
+static int queue(job_t *j, sink_t *s, char *text, size_t n, int64_t line, char *err, size_t errlen) {
+    doc_t *d = &j->batch[j->n++];
+    *d = (doc_t){.text = text, .n = n, .sink = s, .line = line, .ids = d->ids}; /* (its id buffer is reused) */
+    j->bytes += n;
+    return j->n == BATCH_DOCS || j->bytes >= BATCH_BYTES ? flush(j, err, errlen) : 0;
 }
 
 static int is_blank(const char *s, size_t n) {
@@ -203,34 +253,47 @@ static int is_blank(const char *s, size_t n) {
     return 1;
 }
 
+static void free_job(job_t *j) {
+    for (int w = 0; j->tok && w < j->workers; w++) lt_tokenizer_free(j->tok[w]);
+    for (int i = 0; j->batch && i < BATCH_DOCS; i++) free(j->batch[i].text), lt_token_buf_free(&j->batch[i].ids);
+    free(j->tok), free(j->batch);
+}
+
+/* A copy of doc's bytes for the batch. */
+static char *copy_of(const buf_t *doc) {
+    char *t = malloc(doc->n + 1);
+    if (t) memcpy(t, doc->d, doc->n);
+    return t;
+}
+
 static int run_text(FILE *in, const char *path, job_t *j, sink_t *s, char *err, size_t errlen) {
-    char *line = NULL, e2[1024];
+    char *line = NULL, *t;
     size_t cap = 0;
     ssize_t got;
     buf_t doc = {0};
     int64_t lineno = 0;
     int rc = 0, have = 0;
-    while ((got = getline(&line, &cap, in)) >= 0) {
+    while (rc == 0 && (got = getline(&line, &cap, in)) >= 0) {
         lineno++;
         size_t n = (size_t)got;
         if (n && line[n - 1] == '\n') n--;
         if (n && line[n - 1] == '\r') n--;
         if (is_blank(line, n)) {
-            if (have && emit(j, s, doc.d, doc.n, e2, sizeof e2) != 0) { rc = -1; break; }
+            if (have) rc = (t = copy_of(&doc)) ? queue(j, s, t, doc.n, lineno, err, errlen)
+                                               : lt_fail(err, errlen, "%s:%lld: out of memory", path, (long long)lineno);
             doc.n = 0;
             have = 0;
             continue;
         }
-        if ((have && buf_put(&doc, "\n", 1) != 0) || buf_put(&doc, line, n) != 0) {
-            snprintf(e2, sizeof e2, "out of memory");
-            rc = -1;
-            break;
-        }
+        if ((have && buf_put(&doc, "\n", 1) != 0) || buf_put(&doc, line, n) != 0)
+            rc = lt_fail(err, errlen, "%s:%lld: out of memory", path, (long long)lineno);
         have = 1;
     }
-    if (rc == 0 && ferror(in)) { snprintf(e2, sizeof e2, "read error: %s", strerror(errno)); rc = -1; }
-    if (rc == 0 && have && emit(j, s, doc.d, doc.n, e2, sizeof e2) != 0) rc = -1;
-    if (rc != 0) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
+    if (rc == 0 && ferror(in)) rc = lt_fail(err, errlen, "%s:%lld: read error: %s", path, (long long)lineno, strerror(errno));
+    if (rc == 0 && have)
+        rc = (t = copy_of(&doc)) ? queue(j, s, t, doc.n, lineno, err, errlen)
+                                 : lt_fail(err, errlen, "%s:%lld: out of memory", path, (long long)lineno);
+    if (rc == 0) rc = flush(j, err, errlen);
     free(line);
     free(doc.d);
     return rc;
@@ -256,13 +319,13 @@ static int run_jsonl(FILE *in, const char *path, const char **keys, int nkeys, j
                 rc = -1;
                 break;
             }
-            if (emit(j, &s[k], text, tlen, e2, sizeof e2) != 0) rc = -1;
-            free(text);
+            if (queue(j, &s[k], text, tlen, lineno, err, errlen) != 0) rc = -2; /* err is whole already */
             text = NULL;
         }
     }
     if (rc == 0 && ferror(in)) { snprintf(e2, sizeof e2, "read error: %s", strerror(errno)); rc = -1; }
-    if (rc != 0) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
+    if (rc == -1) lt_fail(err, errlen, "%s:%lld: %s", path, (long long)lineno, e2);
+    if (rc == 0) rc = flush(j, err, errlen);
     free(line);
     return rc;
 }
@@ -435,26 +498,37 @@ int lt_preprocess_main(int argc, char **argv) {
     int megatron_names = nkeys > 0;
     if (!nkeys) keys[nkeys++] = key ? key : "text";
     char err[1024];
-    job.tok = lt_tokenizer_open(&spec, err, sizeof err);
-    if (!job.tok) {
-        fprintf(stderr, "luatron preprocess: %s\n", err);
-        /* a type luatron lacks is a usage error (2), a bad or missing file a failure (1) */
-        int known = strcmp(type, "ByteLevel") == 0 || strcmp(type, "GPT2BPETokenizer") == 0 ||
-                    strcmp(type, "HuggingFaceTokenizer") == 0 || sentencepiece;
-        return known ? 1 : 2;
+    if (nworkers > 256) {
+        fprintf(stderr, "luatron preprocess: --workers %lld: at most 256 threads\n", (long long)nworkers);
+        return 2;
     }
-    job.append_eod = append_eod;
-    if (nworkers > 1) /* said, not silently dropped: the output is the same, only the speed is not */
-        fprintf(stderr, "luatron preprocess: --workers %lld: luatron tokenizes in one thread (the output does not "
-                        "depend on it)\n", (long long)nworkers);
+    job.workers = (int)nworkers, job.append_eod = append_eod, job.path = input;
+    job.tok = calloc((size_t)job.workers, sizeof *job.tok);
+    job.batch = calloc(BATCH_DOCS, sizeof *job.batch);
+    if (!job.tok || !job.batch) {
+        fprintf(stderr, "luatron preprocess: out of memory\n");
+        free(job.tok), free(job.batch);
+        return 1;
+    }
+    for (int w = 0; w < job.workers; w++) {
+        job.tok[w] = lt_tokenizer_open(&spec, err, sizeof err);
+        if (!job.tok[w]) {
+            fprintf(stderr, "luatron preprocess: %s\n", err);
+            free_job(&job);
+            /* a type luatron lacks is a usage error (2), a bad or missing file a failure (1) */
+            int known = strcmp(type, "ByteLevel") == 0 || strcmp(type, "GPT2BPETokenizer") == 0 ||
+                        strcmp(type, "HuggingFaceTokenizer") == 0 || sentencepiece;
+            return known ? 1 : 2;
+        }
+    }
     FILE *in = fopen(input, "rb");
     if (!in) {
         fprintf(stderr, "luatron preprocess: %s: cannot open: %s\n", input, strerror(errno));
-        lt_tokenizer_free(job.tok);
+        free_job(&job);
         return 1;
     }
     sink_t sinks[MAX_KEYS] = {{0}};
-    int rc = 0, dtype = lt_indexed_optimal_dtype(job.tok->vocab_size);
+    int rc = 0, dtype = lt_indexed_optimal_dtype(job.tok[0]->vocab_size);
     for (int k = 0; k < nkeys && rc == 0; k++) {
         size_t len = strlen(prefix) + strlen(keys[k]) + 16;
         sinks[k].prefix = malloc(len);
@@ -481,17 +555,16 @@ int lt_preprocess_main(int argc, char **argv) {
             continue;
         }
         char eodtxt[64] = "";
-        if (append_eod) snprintf(eodtxt, sizeof eodtxt, ", EOD %d appended", (int)job.tok->eod);
+        if (append_eod) snprintf(eodtxt, sizeof eodtxt, ", EOD %d appended", (int)job.tok[0]->eod);
         printf("preprocess: %s (%s%s%s): %lld documents, %lld tokens (%s tokenizer, vocab %lld, %s%s)", input,
                jsonl ? "jsonl, key \"" : "text", jsonl ? keys[k] : "", jsonl ? "\"" : "", (long long)sinks[k].docs,
-               (long long)tokens, job.tok->type, (long long)job.tok->vocab_size, lt_indexed_dtype_name(dtype), eodtxt);
+               (long long)tokens, job.tok[0]->type, (long long)job.tok[0]->vocab_size, lt_indexed_dtype_name(dtype), eodtxt);
         if (sinks[k].empty) printf(" (%lld empty: no sequence)", (long long)sinks[k].empty);
         printf("\nwrote %s.bin (%lld bytes) and %s.idx (%lld bytes)\n", sinks[k].prefix,
                file_size_of(sinks[k].prefix, ".bin"), sinks[k].prefix, file_size_of(sinks[k].prefix, ".idx"));
     }
     if (rc != 0) fprintf(stderr, "luatron preprocess: %s\n", err);
     for (int k = 0; k < nkeys; k++) free(sinks[k].prefix);
-    lt_token_buf_free(&job.ids);
-    lt_tokenizer_free(job.tok);
+    free_job(&job);
     return rc != 0 ? 1 : 0;
 }

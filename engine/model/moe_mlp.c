@@ -869,21 +869,23 @@ int lt_moe_mlp_backward(const lt_layer_spec *s, const lt_moe_spec *ms, const lt_
         else if (s->gelu_tanh) ops->gelu_tanh_backward(dfc1, dact, st->fc1, rows * F);
         else ops->gelu_backward(dfc1, dact, st->fc1, rows * F);
         ops->grouped_linear_backward(dxe, g->fc1_w, g->fc1_b, dfc1, st->x, w->fc1_w, st->efirst, st->El, C, fc1);
-    }
-    for (int j = 0; !ms->grouped_gemm && j < st->El; j++) {
-        const int n = (int)(st->efirst[j + 1] - st->efirst[j]);
-        if (!n) continue;
-        const size_t oc = block(st, j, C, Ed), of = block(st, j, F, Ed), o1 = block(st, j, fc1, Ed);
-        float *gb2 = g->fc2_b ? g->fc2_b[j] : NULL, *gb1 = g->fc1_b ? g->fc1_b[j] : NULL;
-        if (s->gelu_tanh) {
-            ops->linear_dgelu_backward(dfc1 + o1, g->fc2_w[j], gb2, dy + oc, (char *)st->act + of, w->fc2_w[j],
-                                       (char *)st->fc1 + o1, n, F, C);
-        } else {
-            ops->linear_backward(dact + of, g->fc2_w[j], gb2, dy + oc, (char *)st->act + of, w->fc2_w[j], n, F, C);
-            if (s->gated_linear_unit) ops->swiglu_backward(dfc1 + o1, dact + of, (char *)st->fc1 + o1, n, F);
-            else ops->gelu_backward(dfc1 + o1, dact + of, (char *)st->fc1 + o1, (int64_t)n * F);
+    } else {
+        for (int j = 0; j < st->El; j++) {
+            const int n = (int)(st->efirst[j + 1] - st->efirst[j]);
+            if (!n) continue;
+            const size_t oc = block(st, j, C, Ed), of = block(st, j, F, Ed), o1 = block(st, j, fc1, Ed);
+            float *gb2 = g->fc2_b ? g->fc2_b[j] : NULL, *gb1 = g->fc1_b ? g->fc1_b[j] : NULL;
+            if (s->gelu_tanh) {
+                ops->linear_dgelu_backward(dfc1 + o1, g->fc2_w[j], gb2, dy + oc, (char *)st->act + of, w->fc2_w[j],
+                                           (char *)st->fc1 + o1, n, F, C);
+            } else {
+                ops->linear_backward(dact + of, g->fc2_w[j], gb2, dy + oc, (char *)st->act + of, w->fc2_w[j], n, F,
+                                     C);
+                if (s->gated_linear_unit) ops->swiglu_backward(dfc1 + o1, dact + of, (char *)st->fc1 + o1, n, F);
+                else ops->gelu_backward(dfc1 + o1, dact + of, (char *)st->fc1 + o1, (int64_t)n * F);
+            }
+            ops->linear_backward(dxe + oc, g->fc1_w[j], gb1, dfc1 + o1, (char *)st->x + oc, w->fc1_w[j], n, C, fc1);
         }
-        ops->linear_backward(dxe + oc, g->fc1_w[j], gb1, dfc1 + o1, (char *)st->x + oc, w->fc1_w[j], n, C, fc1);
     }
     /* d(ln) from the experts: each received row's expert rows summed (weights 1), back to the tokens */
     t0 = now();

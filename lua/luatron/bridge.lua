@@ -632,31 +632,6 @@ end
 -- Weights
 ------------------------------------------------------------------------------------------------
 
--- The model's parameters by name, refusing what is not a whole model on one rank.
-local function whole_params(model, what)
-  if type(model) ~= "userdata" or not model.parameters then
-    fail("%s: expected a model (lt.build_model(bridge:to_megatron_provider())), got %s", what, type(model))
-  end
-  if model.stage then
-    local s = model:stage()
-    if not (s.pre_process and s.post_process) then
-      fail("%s needs the whole model on one rank, not a pipeline stage: build it with pipeline_model_parallel_size = 1 "
-        .. "(other layouts load the checkpoint `luatron convert` writes)", what)
-    end
-  end
-  local params = {}
-  for _, p in ipairs(model:parameters()) do
-    if not same_shape(p.shape, p.full_shape) then
-      fail("%s needs the whole model on one rank, but '%s' is a tensor-parallel shard %s of %s: build it with "
-        .. "tensor_model_parallel_size = 1 (other layouts load the checkpoint `luatron convert` writes)", what,
-        p.name, shape_text(p.shape), shape_text(p.full_shape))
-    end
-    if p.expert then fail("%s: '%s' is an MoE expert; the bridge's architectures are dense", what, p.name) end
-    params[p.name] = p
-  end
-  return params
-end
-
 -- The parameters of model (a model, or this rank's chunks of it) by name, whatever their layout, and
 -- whether they are the whole model (one chunk with the embedding and the output layer).
 local function rank_params(model, what)
@@ -677,6 +652,27 @@ local function rank_params(model, what)
     end
   end
   return params, whole
+end
+
+-- The model's parameters by name, refusing what is not a whole model on one rank.
+local function whole_params(model, what)
+  local params, whole = rank_params(model, what)
+  if not whole then
+    fail("%s needs the whole model on one rank, not a pipeline stage: build it with pipeline_model_parallel_size = 1 "
+      .. "(other layouts load the checkpoint `luatron convert` writes)", what)
+  end
+  local names = {}
+  for name in pairs(params) do names[#names + 1] = name end
+  table.sort(names) -- (the same parameter named each time)
+  for _, name in ipairs(names) do
+    local p = params[name]
+    if not same_shape(p.shape, p.full_shape) then
+      fail("%s needs the whole model on one rank, but '%s' is a tensor-parallel shard %s of %s: build it with "
+        .. "tensor_model_parallel_size = 1 (other layouts load the checkpoint `luatron convert` writes)", what,
+        p.name, shape_text(p.shape), shape_text(p.full_shape))
+    end
+  end
+  return params
 end
 
 -- The name map checked against the model: every parameter has an entry of its shape, and back (for a

@@ -132,13 +132,7 @@ function M.to_hf(root, dir, opts)
 end
 
 function M.main(...)
-  local args = { ... }
-  for _, a in ipairs(args) do
-    if a == "--help" or a == "-h" then
-      io.write(M.USAGE)
-      return 0
-    end
-  end
+  local args = { ... } -- (--help: luatron prints M.USAGE without calling main)
   if #args == 0 then
     io.stderr:write(M.USAGE)
     return 2

@@ -80,13 +80,7 @@ function M.open(root, step, device)
 end
 
 function M.main(...)
-  local args = { ... }
-  for _, a in ipairs(args) do
-    if a == "--help" or a == "-h" then
-      io.write(M.USAGE)
-      return 0
-    end
-  end
+  local args = { ... } -- (--help: luatron prints M.USAGE without calling main)
   local opts = M.parse(args)
   local model, tok = M.open(opts.load, opts.ckpt_step, opts.device)
   local ids = tok:encode(opts.prompt)

@@ -37,6 +37,23 @@ local function list(t) -- a decoded JSON array as a plain list, for are.same
   return r
 end
 
+-- The documents Megatron's preprocess_data.py writes for these token lists: one sequence per non-empty
+-- document (first, if given, before its ids; eod after), an empty document only an index entry.
+local function expected_docs(ids_lists, eod, first)
+  local seqs, docs = {}, { 0 }
+  for _, ids in ipairs(ids_lists) do
+    if #ids > 0 then
+      local s = first and { first } or {}
+      for _, id in ipairs(list(ids)) do s[#s + 1] = id end
+      if eod then s[#s + 1] = eod end
+      seqs[#seqs + 1] = s
+    end
+    docs[#docs + 1] = #seqs
+  end
+  return seqs, docs
+end
+
+
 -- The documents of a Megatron indexed dataset (prefix.idx/.bin, MMIDIDX v1) as lists of ids.
 local function read_indexed(prefix)
   local idx, bin = read(prefix .. ".idx"), read(prefix .. ".bin")
@@ -297,21 +314,6 @@ describe("luatron preprocess with a tokenizer", function()
   for i, text in ipairs(want.texts) do lines[i] = json.encode({ text = text, title = "doc " .. i }) end
   write(corpus, table.concat(lines, "\n") .. "\n")
 
-  -- The documents Megatron's preprocess_data.py writes for these token lists: one sequence per
-  -- non-empty document (+ eod), an empty document only an index entry.
-  local function expected_docs(ids_lists, eod)
-    local seqs, docs = {}, { 0 }
-    for _, ids in ipairs(ids_lists) do
-      if #ids > 0 then
-        local s = list(ids)
-        if eod then s[#s + 1] = eod end
-        seqs[#seqs + 1] = s
-      end
-      docs[#docs + 1] = #seqs
-    end
-    return seqs, docs
-  end
-
   it("GPT2BPETokenizer: the reference's ids, with EOD, in uint16", function()
     local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type GPT2BPETokenizer "
       .. "--vocab-file %s --merge-file %s --append-eod --workers 2"):format(q(corpus), q(dir .. "/gpt2"),
@@ -322,6 +324,24 @@ describe("luatron preprocess with a tokenizer", function()
     assert.are.equal(8, ds.dtype) -- uint16: vocab < 65500
     assert.are.same(seqs, ds.seqs)
     assert.are.same(docs, ds.docs)
+  end)
+
+  it("--workers 3 writes the same bytes as one worker, over several batches of documents", function()
+    local texts, big = {}, dir .. "/many.jsonl"
+    for i = 1, 2500 do -- more documents than one batch (1024), some empty, in 3 threads
+      texts[i] = json.encode({ text = i % 97 == 0 and "" or want.texts[i % #want.texts + 1] .. " #" .. i })
+    end
+    h.write(big, table.concat(texts, "\n") .. "\n")
+    for _, w in ipairs { 1, 3 } do
+      local code, out = luatron(("preprocess --input %s --output-prefix %s --tokenizer-type GPT2BPETokenizer "
+        .. "--vocab-file %s --merge-file %s --append-eod --workers %d"):format(q(big), q(dir .. "/many_w" .. w),
+        q(GPT2.vocab_file), q(GPT2.merge_file), w))
+      assert.are.equal(0, code, out)
+    end
+    for _, ext in ipairs { ".bin", ".idx" } do
+      assert.are.equal(read(dir .. "/many_w1" .. ext), read(dir .. "/many_w3" .. ext), ext)
+    end
+    assert.are.equal(2500, #read_indexed(dir .. "/many_w3").docs - 1)
   end)
 
   it("HuggingFaceTokenizer with Megatron's --json-keys: PREFIX_KEY_document per key", function()
@@ -539,20 +559,6 @@ describe("luatron preprocess with a SentencePiece model", function()
   local lines = {}
   for i, text in ipairs(spwant.texts) do lines[i] = json.encode({ text = text }) end
   write(corpus, table.concat(lines, "\n") .. "\n")
-
-  local function expected_docs(ids_lists, eod, first)
-    local seqs, docs = {}, { 0 }
-    for _, ids in ipairs(ids_lists) do
-      if #ids > 0 then
-        local s = first and { first } or {}
-        for _, id in ipairs(list(ids)) do s[#s + 1] = id end
-        if eod then s[#s + 1] = eod end
-        seqs[#seqs + 1] = s
-      end
-      docs[#docs + 1] = #seqs
-    end
-    return seqs, docs
-  end
 
   it("--tokenizer-type SentencePieceTokenizer --tokenizer-model: the reference's ids, with <EOD>", function()
     for _, name in ipairs(SP_MODELS) do

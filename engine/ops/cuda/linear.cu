@@ -391,7 +391,7 @@ typedef struct {
     int count, G;
     int *m, *n, *k, *lda, *ldb, *ldc, *size;
     float *alpha, *beta;
-    const void **ptr; /* host: A[count], B[count], C[count], extra[G] */
+    const void **ptr; /* host: the device table's contents (lin_grouped_table_bytes) */
     void *dev;        /* device: the pointers, then first[G + 1] */
     size_t dev_bytes;
     cublasOperation_t *tas, *tbs;
@@ -404,12 +404,15 @@ static void lin_grouped_free(lin_grouped *b) {
 
 /* The problems for rows first[g] .. first[g + 1] of each group: ld, op and the per-group operands come
  * from the caller through add. Returns 0, or -1 with the error recorded for op. */
+/* The device table's bytes: the pointers A[G], B[G], C[G], extra[G], then first[G + 1]. */
+static size_t lin_grouped_table_bytes(int G) { return sizeof(void *) * (size_t)(4 * G) + sizeof(int64_t) * (size_t)(G + 1); }
+
 static int lin_grouped_init(lin_grouped *b, int G, const char *op) {
     memset(b, 0, sizeof *b);
     b->G = G;
     b->m = (int *)calloc((size_t)7 * G + 7, sizeof(int));
     b->alpha = (float *)calloc((size_t)2 * G + 2, sizeof(float));
-    b->ptr = (const void **)calloc((size_t)4 * G + 4, sizeof(void *));
+    b->ptr = (const void **)calloc(1, lin_grouped_table_bytes(G));
     b->tas = (cublasOperation_t *)calloc((size_t)2 * G + 2, sizeof(cublasOperation_t));
     if (!b->m || !b->alpha || !b->ptr || !b->tas) {
         lin_grouped_free(b);
@@ -429,24 +432,15 @@ static void lin_grouped_add(lin_grouped *b, cublasOperation_t ta, cublasOperatio
     b->ptr[i] = A, b->ptr[b->G + i] = B, b->ptr[2 * b->G + i] = C;
 }
 
-/* Uploads the pointer table (A, B, C of the problems, extra[G], first[G + 1]); 0, or -1 recorded. */
+/* Uploads the table (A, B, C of the problems, extra[G], first[G + 1]); 0, or -1 recorded. */
 static int lin_grouped_upload(lin_grouped *b, const void *const *extra, const int64_t *first, const char *op) {
-    const size_t pointers = sizeof(void *) * (size_t)(4 * b->G);
-    b->dev_bytes = pointers + sizeof(int64_t) * (size_t)(b->G + 1);
+    b->dev_bytes = lin_grouped_table_bytes(b->G);
     b->dev = cuda_scratch(b->dev_bytes, op);
     if (!b->dev) return -1;
-    const void **host = (const void **)malloc(b->dev_bytes);
-    if (!host) {
-        cuda_record(op, "out of host memory for a grouped GEMM's pointers");
-        return -1;
-    }
-    for (int i = 0; i < b->count; i++)
-        host[i] = b->ptr[i], host[b->G + i] = b->ptr[b->G + i], host[2 * b->G + i] = b->ptr[2 * b->G + i];
-    for (int g = 0; g < b->G; g++) host[3 * b->G + g] = extra ? extra[g] : NULL;
-    memcpy((char *)host + pointers, first, sizeof(int64_t) * (size_t)(b->G + 1));
-    /* pageable source: staged before the call returns, so the host copy can go now */
-    cuda_record_cuda(op, cudaMemcpyAsync(b->dev, host, b->dev_bytes, cudaMemcpyHostToDevice, cuda_ctx.stream));
-    free(host);
+    for (int g = 0; g < b->G; g++) b->ptr[3 * b->G + g] = extra ? extra[g] : NULL;
+    memcpy(b->ptr + 4 * b->G, first, sizeof(int64_t) * (size_t)(b->G + 1));
+    /* pageable source: staged before the call returns, so the host table can change or go after it */
+    cuda_record_cuda(op, cudaMemcpyAsync(b->dev, b->ptr, b->dev_bytes, cudaMemcpyHostToDevice, cuda_ctx.stream));
     return 0;
 }
 static void *const *lin_grouped_dev(const lin_grouped *b, int which) { return (void *const *)b->dev + which * b->G; }
